@@ -1,0 +1,3 @@
+from camlens.cli import main
+
+main()

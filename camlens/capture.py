@@ -1,0 +1,193 @@
+"""Capture the features at one place of a forward pass, without leaving a trace.
+
+Three places can be captured:
+
+* ``"output"`` of a module (a forward hook),
+* ``"input"`` of a module (a forward pre-hook),
+* ``"pool"``: the input of the *last global pooling call* of the forward pass, whether the
+  pooling is a module (``nn.AdaptiveAvgPool2d``) or a functional call (``F.adaptive_avg_pool2d``
+  in torchvision's DenseNet, ``x.mean((2, 3))``) — seen through a :class:`TorchFunctionMode`.
+
+**Cutting the graph below the layer.** Layer methods (CAM, Grad-CAM…) only need gradients
+from the score down to the captured features. With ``cut=True`` the forward starts with
+autograd off; at the capture the features are replaced by a fresh leaf tensor that requires
+grad, and recording starts there. Grad-CAM then costs about one inference forward plus a
+backward through the head only. When a module runs several times and the *last* call is
+wanted, every call is cut: the last call's output never feeds another call of the module,
+so its gradient is exact. The value handed on is a clone of the leaf so that in-place
+operations after the layer (``ReLU(inplace=True)``) never modify the captured tensor.
+
+Hooks and the function mode are removed in ``finally`` blocks, and the caller's grad mode
+is restored, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import InputError
+
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+def _is_one(size) -> bool:
+    if isinstance(size, int):
+        return size == 1
+    if isinstance(size, (tuple, list)):
+        return all(s == 1 for s in size)
+    return False
+
+
+def global_pool_input(func, args, kwargs) -> torch.Tensor | None:
+    """If ``func(*args, **kwargs)`` pools a 4-D tensor to 1x1 (global pooling), its input."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
+        return None
+    x = args[0]
+    if func in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        return x if _is_one(size) else None
+    if func in (F.avg_pool2d, F.max_pool2d):
+        k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
+        k = (k, k) if isinstance(k, int) else tuple(k)
+        return x if k == tuple(x.shape[-2:]) else None
+    if func in (torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            return None
+        dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
+        return x if dims == {2, 3} else None
+    return None
+
+
+@dataclass
+class CaptureSpec:
+    """Where to capture: ``module`` (None for ``"pool"``), its dotted ``name``, ``capture`` kind
+    (``"output"``, ``"input"`` or ``"pool"``) and which ``call`` (0-based; -1 for the last)."""
+
+    module: nn.Module | None
+    name: str
+    capture: str = "output"
+    call: int = -1
+
+    def describe(self) -> str:
+        where = {"output": "output of", "input": "input of", "pool": "input of global pooling"}[self.capture]
+        call = "" if self.call == -1 else f", call {self.call}"
+        return f"{where} {self.name}{call}"
+
+
+@dataclass
+class Captured:
+    """What a capture saw: the features (a leaf when cut), how many calls matched, and for
+    ``"pool"`` captures the pooling module (if any) that made the last call."""
+
+    value: torch.Tensor | None = None
+    calls: int = 0
+    pool_module: str | None = None
+    _current_pool_module: list[str] = field(default_factory=list)
+
+
+class _PoolMode(TorchFunctionMode):
+    def __init__(self, on_pool) -> None:
+        super().__init__()
+        self.on_pool = on_pool
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = global_pool_input(func, args, kwargs)
+        if x is not None:
+            args = (self.on_pool(x), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _pop_pool(out: Captured):
+    def post(module, args, output) -> None:
+        out._current_pool_module.pop()
+
+    return post
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    spec: CaptureSpec,
+    *,
+    cut: bool = False,
+    need_grad: bool = True,
+) -> Iterator[Captured]:
+    """Context manager: while active, a forward of ``model`` records the features at ``spec``.
+
+    Args:
+        cut: start the forward with autograd off and record only from the capture on
+            (layer methods). With ``cut=False`` the graph below the layer is kept (pixel methods).
+        need_grad: whether the captured features must require grad (False: CAM, Score-CAM).
+    """
+    out = Captured()
+    target = spec.call
+    handles: list = []
+    prev_grad = torch.is_grad_enabled()
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
+                "(`camlens layers MODEL` lists candidates) or capture='input'"
+            )
+        idx = out.calls
+        out.calls += 1
+        if target >= 0 and idx != target:
+            return t
+        if out._current_pool_module:
+            out.pool_module = out._current_pool_module[-1]
+        if cut:
+            leaf = t.detach().requires_grad_(need_grad)
+            out.value = leaf
+            torch.set_grad_enabled(need_grad)
+            return leaf.clone() if need_grad else leaf
+        out.value = t
+        return t.clone()
+
+    try:
+        if cut:
+            torch.set_grad_enabled(False)
+        if spec.capture == "output":
+            handles.append(spec.module.register_forward_hook(lambda m, a, o: take(o)))
+        elif spec.capture == "input":
+
+            def pre(m, args):
+                if not args:
+                    raise InputError(f"{spec.name} was called without positional input; use capture='output'")
+                return (take(args[0]), *args[1:])
+
+            handles.append(spec.module.register_forward_pre_hook(pre))
+        elif spec.capture == "pool":
+            for name, m in model.named_modules():
+                if isinstance(m, _POOL_MODULES):
+                    handles.append(m.register_forward_pre_hook(
+                        lambda m, a, n=name: out._current_pool_module.append(n)))
+                    handles.append(m.register_forward_hook(_pop_pool(out)))
+            mode = _PoolMode(take)
+            with mode:
+                yield out
+            return
+        else:
+            raise InputError(f"capture must be 'output', 'input' or 'pool', not {spec.capture!r}")
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(prev_grad)
+
+
+def count_calls(model: nn.Module, spec: CaptureSpec, x: torch.Tensor) -> int:
+    """How many times ``spec`` fires in one forward of ``x`` (inference only)."""
+    probe = CaptureSpec(spec.module, spec.name, spec.capture, -1)
+    with torch.inference_mode(), capture(model, probe, cut=False, need_grad=False) as c:
+        model(x)
+    return c.calls

@@ -1,0 +1,52 @@
+"""The ``camlens`` command line. Each sub-command lives in its own module and is imported lazily,
+so ``camlens --help`` is fast and one broken command cannot break the others."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: sub-command name -> "module:attribute" (modules under camlens.cli)
+COMMANDS = {
+    "explain": "explain:explain_cmd",
+    "localize": "localize:localize_cmd",
+    "models": "info:models_cmd",
+    "methods": "info:methods_cmd",
+    "layers": "info:layers_cmd",
+    "finetune": "finetune:finetune_cmd",
+    "evaluate": "evaluate:evaluate_cmd",
+    "bench": "bench:bench_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(n for n in COMMANDS if self._load(n) is not None)
+
+    def get_command(self, ctx, name):
+        return self._load(name)
+
+    @staticmethod
+    def _load(name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        mod, attr = target.split(":")
+        try:
+            module = importlib.import_module(f"camlens.cli.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"camlens.cli.{mod}":
+                return None
+            raise
+        return getattr(module, attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="camlens")
+def main() -> None:
+    """camlens: where does a CNN look when it decides?"""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

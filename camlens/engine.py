@@ -1,0 +1,128 @@
+"""One shared forward pass, and the gradients the requested methods need from it.
+
+:class:`ForwardPass` runs the model once with the right autograd set-up:
+
+* only CAM / Score-CAM / Eigen-CAM: no graph at all;
+* layer-gradient methods: the graph is cut at the captured layer (see :mod:`camlens.capture`),
+  so the backward only runs through the head;
+* pixel methods: the input is a leaf requiring grad and the whole graph is kept; with
+  ``rules`` the forward runs under :func:`camlens.rules.relu_rules`, so one graph serves the
+  plain gradient, Deconvnet and Guided Backprop (the rule is switched per backward pass).
+
+Gradients for the ``K`` target classes come from ``K`` calls of ``torch.autograd.grad`` on one
+retained graph; they flow only to the tensors asked for, never into parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .capture import CaptureSpec, capture
+from .targets import Targets, TargetSpec, resolve_targets
+
+
+class ForwardPass:
+    """Runs ``model(x)`` once and lazily computes what the methods ask for.
+
+    Attributes:
+        model, x: the model (in eval mode while the pass lives) and the input batch.
+        spec: where the features were captured (``None`` if no method needs them).
+        logits: ``(N, num_classes)`` model output.
+        features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut).
+        targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        spec: CaptureSpec | None,
+        targets: TargetSpec,
+        class_names=None,
+        *,
+        needs: frozenset = frozenset(),
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.needs = needs
+        self.class_names = class_names
+        self._layer_grads: torch.Tensor | None = None
+        self._input_grads: dict[str, torch.Tensor] = {}
+        self.switch = None
+        self.pool_module: str | None = None
+        pixel = "input_grads" in needs
+        layer_grad = "layer_grads" in needs
+        self.x = x.detach().requires_grad_(True) if pixel else x.detach()
+        stack = contextlib.ExitStack()
+        with stack:
+            if "rules" in needs:
+                from .rules import relu_rules
+
+                self.switch = stack.enter_context(relu_rules(model))
+            cap = None
+            if spec is not None:
+                cap = stack.enter_context(
+                    capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
+            stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
+            logits = model(self.x)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            from .errors import InputError
+
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise InputError(
+                f"the model must return logits of shape (N, num_classes); it returned {shape}. "
+                "Wrap it so that forward() returns one tensor of class scores."
+            )
+        self.logits = logits
+        self.features = cap.value if cap is not None else None
+        self.calls = cap.calls if cap is not None else 0
+        if cap is not None:
+            self.pool_module = cap.pool_module
+        self.targets: Targets = resolve_targets(targets, logits, class_names)
+        self.scores = self.targets.scores(logits) if (pixel or layer_grad) else \
+            self.targets.scores(logits.detach())
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.targets.k
+
+    def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
+        """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
+        out = []
+        with torch.enable_grad():
+            for k in range(self.k):
+                (g,) = torch.autograd.grad(self.scores[:, k].sum(), wrt, retain_graph=True,
+                                           allow_unused=True)
+                out.append(torch.zeros_like(wrt) if g is None else g)
+        return torch.stack(out, dim=1)
+
+    def layer_grads(self) -> torch.Tensor:
+        """``(N, K, C, h, w)``: gradient of each target score w.r.t. the captured features."""
+        if self._layer_grads is None:
+            if self.features is None or not self.features.requires_grad:
+                raise RuntimeError("layer gradients were not prepared for this pass")
+            if self.switch is not None:
+                with self.switch.use("backprop"):
+                    self._layer_grads = self._grads(self.features)
+            else:
+                self._layer_grads = self._grads(self.features)
+        return self._layer_grads
+
+    def input_grads(self, rule: str = "backprop") -> torch.Tensor:
+        """``(N, K, C, H, W)``: gradient of each target score w.r.t. the input under a ReLU rule
+        (``"backprop"``: the true gradient; ``"deconvnet"``; ``"guided"``)."""
+        if rule not in self._input_grads:
+            if not self.x.requires_grad:
+                raise RuntimeError("input gradients were not prepared for this pass")
+            if rule != "backprop" and self.switch is None:
+                raise RuntimeError("ReLU rules were not prepared for this pass")
+            if self.switch is not None:
+                with self.switch.use(rule):
+                    self._input_grads[rule] = self._grads(self.x)
+            else:
+                self._input_grads[rule] = self._grads(self.x)
+        return self._input_grads[rule]

@@ -1,0 +1,42 @@
+"""Exceptions raised by camlens. Every message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class CamlensError(Exception):
+    """Base class of every error camlens raises on purpose."""
+
+
+class LayerNotFoundError(CamlensError, KeyError):
+    """A layer name that is not a module of the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class TargetError(CamlensError, ValueError):
+    """A class index, name or target spec that does not fit the model's output."""
+
+
+class InputError(CamlensError, ValueError):
+    """An input that is not an image or an image batch the model can take."""
+
+
+class ImageLoadError(InputError):
+    """An image file that cannot be read (missing, corrupt, unsupported or too large)."""
+
+
+class HeadError(CamlensError, ValueError):
+    """A network head that cannot give a CAM (not global average pooling + linear)."""
+
+
+class MethodError(CamlensError, ValueError):
+    """An unknown method or a bad method option."""
+
+
+class WeightsNotFoundError(CamlensError, FileNotFoundError):
+    """Pretrained weights that are not on disk (camlens never downloads at run time)."""
+
+
+class CheckpointError(CamlensError, ValueError):
+    """A checkpoint that is missing, truncated, tampered with or for another architecture."""

@@ -1,0 +1,126 @@
+"""The :class:`Explanation` returned by :func:`camlens.explain`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
+
+    ``(m - min) / (max - min)`` where ``max - min > eps``, else ``0`` (never NaN).
+    """
+    flat = maps.flatten(-2).float()
+    lo = flat.amin(-1, keepdim=True)
+    rng = flat.amax(-1, keepdim=True) - lo
+    out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
+    return torch.nan_to_num(out, nan=0.0).view_as(maps)
+
+
+@dataclass
+class Explanation:
+    """Maps for ``N`` images x ``K`` target classes, plus what produced them.
+
+    Attributes:
+        maps: float32 ``(N, K, H, W)`` at input resolution, un-normalized.
+        raw: the method's unreduced output: ``(N, K, h, w)`` at feature resolution for layer
+            methods (CAM family), ``(N, K, C, H, W)`` for pixel methods.
+        classes: ``(N, K)`` class ids (``-1`` for a callable target).
+        scores: ``(N, K)`` target logits (or callable scores).
+        probs: ``(N, K)`` softmax probabilities of those classes (NaN for callable targets).
+        method: registered method name.
+        layer: description of the captured layer (``None`` for pixel methods without one).
+        class_names: all class names of the model, if known.
+        images: the original RGB uint8 images when ``inputs`` were images (for overlays).
+        sources: a name per image (file stem, or ``image0``…), used to name output files.
+        model_name: the model's zoo name, if known.
+        extras: method-specific results (e.g. Integrated Gradients' completeness error).
+    """
+
+    maps: torch.Tensor
+    raw: torch.Tensor
+    classes: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+    method: str
+    layer: str | None = None
+    class_names: list[str] | None = None
+    images: list[np.ndarray] | None = None
+    sources: list[str] | None = None
+    model_name: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.maps.shape)
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+    def __repr__(self) -> str:
+        n, k, h, w = self.maps.shape
+        return (f"Explanation(method={self.method!r}, layer={self.layer!r}, N={n}, K={k}, maps={h}x{w}, "
+                f"classes={self.labels()})")
+
+    def normalized(self, eps: float = 1e-8) -> torch.Tensor:
+        """Maps min-max normalized per map to [0, 1]; constant maps -> zeros (no NaN)."""
+        return minmax(self.maps, eps)
+
+    def labels(self) -> list[list[str]]:
+        """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""
+        out = []
+        for row in self.classes.tolist():
+            out.append([
+                "custom" if c < 0 else (self.class_names[c] if self.class_names and c < len(self.class_names)
+                                        else str(c))
+                for c in row
+            ])
+        return out
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """A copy with tensors on ``device``."""
+        return replace(self, maps=self.maps.to(device), raw=self.raw.to(device),
+                       classes=self.classes.to(device), scores=self.scores.to(device),
+                       probs=self.probs.to(device))
+
+    def cpu(self) -> Explanation:
+        return self.to("cpu")
+
+    def select(self, index) -> Explanation:
+        """A sub-explanation for some images: ``exp.select([0, 2])`` or ``exp.select(slice(0, 4))``."""
+        idx = [index] if isinstance(index, int) else index
+        pick = (lambda t: t[idx]) if not isinstance(idx, slice) else (lambda t: t[idx])
+        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
+        return replace(
+            self, maps=pick(self.maps), raw=pick(self.raw), classes=pick(self.classes),
+            scores=pick(self.scores), probs=pick(self.probs),
+            images=[self.images[i] for i in rows] if self.images else None,
+            sources=[self.sources[i] for i in rows] if self.sources else None,
+        )
+
+    # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
+    def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
+        """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
+        from .localize import localize
+
+        kw = dict(kwargs)
+        if threshold is not None:
+            kw["threshold"] = threshold
+        return localize(self.maps, **kw)
+
+    def show(self, **kwargs):
+        """Display overlays in a notebook (returns the matplotlib figure)."""
+        from .viz import explanation_figure
+
+        return explanation_figure(self, **kwargs)
+
+    def save(self, directory: str | Path, **kwargs) -> list[Path]:
+        """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""
+        from .viz import save_explanation
+
+        return save_explanation(self, directory, **kwargs)

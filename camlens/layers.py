@@ -1,0 +1,140 @@
+"""Resolve the ``layer=`` argument: a dotted module name, a module, or ``None`` (automatic).
+
+Automatic choice: the features that *enter the final global pooling* of the network, found
+during the forward pass itself (see :mod:`camlens.capture`), whether that pooling is a module
+or a functional call. Networks without global pooling (e.g. torchvision's VGG, which flattens
+a 7x7 map into an MLP) fall back to the output of the last module that produces a spatial
+``(N, C, h, w)`` map with ``h, w > 1``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from .capture import CaptureSpec
+from .errors import LayerNotFoundError
+
+AUTO_NAME = "auto"
+
+
+def module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; a misspelt name raises an error listing the closest names."""
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    names = module_names(model)
+    close = difflib.get_close_matches(name, names, n=6, cutoff=0.4)
+    if not close:
+        close = [n for n in names if name.split(".")[-1] in n][:6]
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise LayerNotFoundError(
+        f"the model has no layer named {name!r}.{hint} "
+        "List them with `camlens layers MODEL` or camlens.layers.candidate_layers(model)."
+    )
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n or "<model>"
+    raise LayerNotFoundError(
+        f"the given {type(module).__name__} module is not part of this model; pass one of its submodules "
+        "or a dotted name"
+    )
+
+
+def resolve_layer(
+    model: nn.Module,
+    layer: str | nn.Module | None,
+    capture: str = "output",
+    call: int = -1,
+) -> CaptureSpec:
+    """Turn ``layer``/``capture``/``call`` into a :class:`CaptureSpec`."""
+    if capture not in ("output", "input"):
+        raise ValueError(f"capture must be 'output' or 'input', not {capture!r}")
+    if layer is None or layer == AUTO_NAME:
+        return CaptureSpec(None, AUTO_NAME, "pool", call)
+    if isinstance(layer, nn.Module):
+        return CaptureSpec(layer, module_name(model, layer), capture, call)
+    if isinstance(layer, str):
+        return CaptureSpec(find_module(model, layer), layer, capture, call)
+    raise TypeError(f"layer must be a dotted module name, a module or None, not {type(layer).__name__}")
+
+
+def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224, 224)) -> list[dict]:
+    """Modules whose output is a spatial map ``(N, C, h, w)``, in execution order, with shapes.
+
+    Runs one inference forward on ``x`` (default: a zero image of ``size``).
+    """
+    if x is None:
+        p = next(model.parameters(), None)
+        x = torch.zeros(1, 3, *size, device=p.device if p is not None else "cpu")
+    rows: list[dict] = []
+    handles = []
+
+    def hook(name):
+        def fn(m, a, o):
+            if isinstance(o, torch.Tensor) and o.dim() == 4:
+                rows.append({"name": name, "type": type(m).__name__, "shape": tuple(o.shape[1:])})
+
+        return fn
+
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(hook(name)))
+    was = [mm.training for mm in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for mm, t in zip(model.modules(), was):
+            mm.training = t
+    seen, out = set(), []
+    for r in rows:  # keep the last call of reused modules, in order of first appearance
+        if r["name"] not in seen:
+            seen.add(r["name"])
+            out.append(r)
+    return out
+
+
+def fallback_layer(model: nn.Module, x: torch.Tensor) -> CaptureSpec:
+    """For networks without global pooling: the last module (execution order) with a spatial
+    output ``h, w > 1`` that is not a fixed-size adaptive pooling adapter."""
+    last = None
+    handles = []
+
+    def hook(name):
+        def fn(m, a, o):
+            nonlocal last
+            if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-1] > 1 and o.shape[-2] > 1 \
+                    and not isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) \
+                    and not list(m.children()):
+                last = (name, m)
+
+        return fn
+
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if last is None:
+        raise LayerNotFoundError(
+            "could not choose a layer automatically: no module produces a spatial (N, C, h, w) map; "
+            "pass layer= explicitly"
+        )
+    return CaptureSpec(last[1], last[0], "output", -1)

@@ -1,0 +1,93 @@
+r"""Score-CAM — Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional
+Neural Networks", CVPRW 2020.
+
+Each channel :math:`A_k` of the features is upsampled to the input size and min-max normalized
+to a mask :math:`H_k \in [0, 1]`; the masked input :math:`x \odot H_k` is scored by the model, and
+
+.. math:: M_c = \mathrm{ReLU}\Big(\sum_k s_k^c A_k\Big),\qquad s_k^c = \mathrm{softmax}(f(x \odot H_k))_c
+
+(``weighting="prob"``, the paper). ``weighting="channel_softmax"`` uses
+:math:`s^c = \mathrm{softmax}_k(f_c(x \odot H_k))` over channels instead (the weighting of
+pytorch-grad-cam), ``weighting="logit"`` the raw logit. Callable targets use their own score.
+
+Speed: masked forwards run batched under ``torch.inference_mode()`` (``batch_size`` masked images
+per forward, across images). Channels whose normalized masks coincide — in particular the
+all-zero channels that a ReLU leaves, which all give the mask 0 — share one forward
+(``dedupe=True``; exact, since the normalized low-resolution maps are compared bit for bit and
+upsampling then normalizing is the same affine-invariant operation). ``max_channels=m`` keeps only
+the ``m`` channels with the largest mean activation (the others get weight 0) for a further
+speed-up at some cost in fidelity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MethodError
+from .registry import MethodOutput, register
+
+EPS = 1e-8
+
+
+def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
+    lo = t.amin(dim=1, keepdim=True)
+    rng = t.amax(dim=1, keepdim=True) - lo
+    return torch.where(rng > EPS, (t - lo) / rng.clamp_min(EPS), torch.zeros_like(t))
+
+
+@register("scorecam", paper="Wang et al., Score-CAM, CVPR Workshops 2020",
+          summary="channels weighted by the class score of the input masked by each channel",
+          needs=("features",))
+def scorecam(ctx, *, batch_size: int = 64, max_channels: int | None = None, weighting: str = "prob",
+             dedupe: bool = True) -> MethodOutput:
+    if weighting not in ("prob", "channel_softmax", "logit"):
+        raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
+    if batch_size < 1:
+        raise MethodError("batch_size must be >= 1")
+    A = ctx.features.detach()
+    x = ctx.x.detach()
+    N, C, h, w = A.shape
+    H, W = x.shape[-2:]
+    # Per image: which channels, and the unique normalized low-res masks among them.
+    jobs = []  # (image index, unique keys (U, h*w), inverse (C',), channel ids (C',))
+    for n in range(N):
+        ch = torch.arange(C, device=A.device)
+        if max_channels is not None and max_channels < C:
+            if max_channels < 1:
+                raise MethodError("max_channels must be >= 1")
+            ch = A[n].mean(dim=(1, 2)).topk(max_channels).indices.sort().values
+        keys = _minmax_rows(A[n, ch].flatten(1))
+        if dedupe:
+            uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
+        else:
+            uniq, inv = keys, torch.arange(len(ch), device=A.device)
+        jobs.append((n, uniq, inv, ch))
+    # All masked forwards, batched across images.
+    flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
+    scores_per_job = [[] for _ in jobs]
+    with torch.inference_mode():
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start:start + batch_size]
+            keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
+            masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
+            masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
+            imgs = x[[n for n, _ in chunk]] * masks
+            logits = ctx.model(imgs)
+            if ctx.targets.fn is not None:
+                s = ctx.targets.fn(logits)[:, None]
+            else:
+                cls = ctx.targets.classes.to(logits.device)[[n for n, _ in chunk]]
+                src = logits.softmax(dim=1) if weighting == "prob" else logits
+                s = src.gather(1, cls)
+            for (n, _), row in zip(chunk, s):
+                scores_per_job[n].append(row)
+    raw = torch.zeros(N, ctx.k, h, w, device=A.device, dtype=A.dtype)
+    n_forwards = []
+    for (n, uniq, inv, ch), rows in zip(jobs, scores_per_job):
+        s = torch.stack(rows)[inv].to(A.dtype)  # (C', K)
+        if weighting == "channel_softmax":
+            s = s.softmax(dim=0)
+        raw[n] = torch.einsum("ck,chw->khw", s, A[n, ch]).relu()
+        n_forwards.append(len(uniq))
+    return MethodOutput(raw, extras={"forwards": n_forwards})
