@@ -40,3 +40,7 @@ class WeightsNotFoundError(CamlensError, FileNotFoundError):
 
 class CheckpointError(CamlensError, ValueError):
     """A checkpoint that is missing, truncated, tampered with or for another architecture."""
+
+
+class OutputExistsError(CamlensError, FileExistsError):
+    """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""

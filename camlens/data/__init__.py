@@ -1,0 +1,5 @@
+"""Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask."""
+
+from .synthetic import SHAPES, SyntheticArrays, SyntheticDataset, shape_mask, synthetic, synthetic_arrays
+
+__all__ = ["SHAPES", "SyntheticArrays", "SyntheticDataset", "shape_mask", "synthetic", "synthetic_arrays"]
