@@ -16,6 +16,7 @@ retained graph; they flow only to the tensors asked for, never into parameters' 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -126,3 +127,41 @@ class ForwardPass:
             else:
                 self._input_grads[rule] = self._grads(self.x)
         return self._input_grads[rule]
+
+
+class GradPass(NamedTuple):
+    """Result of :func:`gradient_pass`: ``grads`` ``(B, K, C, H, W)``, detached ``scores`` ``(B, K)``
+    and how many ReLU calls the rule replaced (``-1`` when the plain gradient needed no rules)."""
+
+    grads: torch.Tensor
+    scores: torch.Tensor
+    relu_calls: int
+
+
+def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop") -> GradPass:
+    """One extra forward of a new batch ``x`` ``(B, C, H, W)`` and ``K`` backward passes to it.
+
+    For methods that need gradients at inputs other than the explained one (SmoothGrad's noisy
+    copies, Integrated Gradients' path points). ``targets`` must have one row of classes per
+    row of ``x`` (or a callable acting row-wise). Under ``rule != "backprop"`` the forward runs
+    inside :func:`camlens.rules.relu_rules`. Gradients flow to ``x`` only (never to parameters);
+    the graph is freed before returning. The caller keeps the model in eval mode.
+    """
+    xb = x.detach().requires_grad_(True)
+    with contextlib.ExitStack() as stack:
+        switch = None
+        if rule != "backprop":
+            from .rules import relu_rules
+
+            switch = stack.enter_context(relu_rules(model))
+        stack.enter_context(torch.enable_grad())
+        logits = model(xb)
+        scores = targets.scores(logits)
+        if switch is not None:
+            stack.enter_context(switch.use(rule))
+        out = []
+        for k in range(targets.k):
+            (g,) = torch.autograd.grad(scores[:, k].sum(), xb, retain_graph=k < targets.k - 1,
+                                       allow_unused=True)
+            out.append(torch.zeros_like(xb) if g is None else g)
+    return GradPass(torch.stack(out, dim=1), scores.detach(), switch.relu_calls if switch else -1)
