@@ -1,0 +1,262 @@
+"""Heatmap -> bounding box: weakly supervised localization as in the CAM paper.
+
+For each map ``s`` of shape ``(H, W)``:
+
+1. threshold at a fraction ``t`` of the map's maximum: ``M = {p : s(p) > t * max(s)}``
+   (strict ``>``, like OpenCV's ``THRESH_BINARY`` in the notebooks; pixels with ``s <= 0`` are
+   never selected, so negative evidence does not count);
+2. split ``M`` into connected components with **8-connectivity** (a pixel touches its 8 neighbours,
+   as OpenCV's outer contours do);
+3. keep the largest component (pixel count) — or, with ``mode="all"``, every component of at least
+   ``min_area`` pixels — and return its bounding rectangle ``(x0, y0, x1, y1)``, ``x1``/``y1``
+   **exclusive** (``M[y0:y1, x0:x1]`` holds the component).
+
+A map whose maximum is ``<= 0`` (empty, all zeros, all negative) or that is not finite gives
+``(-1, -1, -1, -1)``.
+
+Default threshold: :data:`DEFAULT_THRESHOLD` = 0.2 of the max, the value of the CAM paper (Zhou et al.,
+CVPR 2016). Grad-CAM (Selvaraju et al., ICCV 2017) used 0.15 and the tutorial notebooks 0.3; a
+threshold calibrated on your own validation set with :func:`camlens.loceval.calibrate_threshold`
+is better than any of them (Choe et al., CVPR 2020).
+
+Ties between components of equal area are broken by the larger sum of map values inside them,
+then by raster order (the component whose first pixel comes first row by row).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+
+#: fraction of each map's maximum used to binarize it (CAM paper: 20%)
+DEFAULT_THRESHOLD = 0.2
+#: 8-connectivity structuring element
+_STRUCTURE = np.ones((3, 3), dtype=bool)
+EMPTY_BOX = (-1, -1, -1, -1)
+
+
+def _as_numpy(maps) -> np.ndarray:
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().float().cpu().numpy()
+    arr = np.asarray(maps)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"maps must be a numeric array or tensor, not {arr.dtype}")
+    if arr.ndim < 2:
+        raise InputError(f"maps must have shape (..., H, W); got {arr.shape}")
+    return arr
+
+
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not 0.0 <= t < 1.0:
+        raise InputError(
+            f"threshold={threshold} is not a fraction of the map's maximum in [0, 1); try 0.2 (CAM paper)"
+        )
+    return t
+
+
+def components(mask: np.ndarray, weights: np.ndarray | None = None) -> list[tuple[int, float, tuple]]:
+    """8-connected components of a 2-D boolean mask, largest first.
+
+    Returns ``[(area, mass, (x0, y0, x1, y1)), …]`` sorted by area, then mass (sum of ``weights``),
+    then raster order.
+    """
+    labels, n = ndimage.label(mask, structure=_STRUCTURE)
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    if weights is not None:
+        mass = np.bincount(labels.ravel(), weights=weights.ravel().astype(np.float64), minlength=n + 1)[1:]
+    else:
+        mass = areas.astype(np.float64)
+    slices = ndimage.find_objects(labels)
+    out = []
+    for i, a, m, sl in zip(idx, areas, mass, slices, strict=True):
+        ys, xs = sl
+        out.append((int(a), float(m), (xs.start, ys.start, xs.stop, ys.stop), int(i)))
+    out.sort(key=lambda r: (-r[0], -r[1], r[3]))  # label order == raster order of first pixels
+    return [r[:3] for r in out]
+
+
+def box_of_map(m: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, mode: str = "largest",
+               min_area: int = 1) -> np.ndarray:
+    """Boxes of one ``(H, W)`` map: ``(4,)`` for ``mode="largest"``, ``(M, 4)`` for ``mode="all"``."""
+    m = np.asarray(m, dtype=np.float64)
+    peak = m.max() if m.size else 0.0
+    if not np.isfinite(m).all() or peak <= 0:
+        comps = []
+    else:
+        comps = components(m > threshold * peak, m)
+        comps = [c for c in comps if c[0] >= min_area]
+    if mode == "largest":
+        return np.array(comps[0][2] if comps else EMPTY_BOX, dtype=np.int64)
+    return np.array([c[2] for c in comps], dtype=np.int64).reshape(-1, 4)
+
+
+def localize(
+    maps,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    mode: str = "largest",
+    min_area: int = 1,
+) -> np.ndarray:
+    """Bounding boxes of heatmaps: ``(..., H, W)`` -> int64 ``(..., 4)`` as ``(x0, y0, x1, y1)``.
+
+    Args:
+        maps: array or tensor ``(..., H, W)`` (any device; un-normalized maps are fine, only the
+            ratio to each map's own maximum matters).
+        threshold: keep pixels ``> threshold * max`` of their map; in ``[0, 1)``. Default
+            :data:`DEFAULT_THRESHOLD` (0.2, CAM paper).
+        mode: ``"largest"``: the largest 8-connected component's box, shape ``(..., 4)``;
+            ``"all"``: the boxes of every component with at least ``min_area`` pixels, largest
+            first, shape ``(..., M, 4)`` where ``M`` is the most any map has (at least 1) and
+            missing rows are ``-1``.
+        min_area: components smaller than this (pixels) are ignored; a map with none left gives -1.
+
+    Returns:
+        int64 numpy array; empty or non-positive maps give ``(-1, -1, -1, -1)``.
+        Coordinates are in the maps' pixel frame: use :func:`scale_boxes` for the original image.
+    """
+    if mode not in ("largest", "all"):
+        raise InputError(f"mode must be 'largest' or 'all', not {mode!r}")
+    if int(min_area) < 1:
+        raise InputError(f"min_area must be at least 1 pixel, got {min_area}")
+    t = _check_threshold(threshold)
+    arr = _as_numpy(maps)
+    lead = arr.shape[:-2]
+    flat = arr.reshape(-1, *arr.shape[-2:])
+    per = [box_of_map(m, t, mode=mode, min_area=int(min_area)) for m in flat]
+    if mode == "largest":
+        return np.stack(per).reshape(*lead, 4) if per else np.zeros((*lead, 4), dtype=np.int64)
+    most = max([len(b) for b in per] + [1])
+    out = np.full((len(per), most, 4), -1, dtype=np.int64)
+    for i, b in enumerate(per):
+        out[i, : len(b)] = b
+    return out.reshape(*lead, most, 4)
+
+
+def box_area(boxes) -> np.ndarray:
+    """Areas of ``(..., 4)`` boxes (exclusive ends); empty (-1) boxes have area 0."""
+    b = np.asarray(boxes, dtype=np.float64)
+    w = np.clip(b[..., 2] - b[..., 0], 0, None)
+    h = np.clip(b[..., 3] - b[..., 1], 0, None)
+    valid = (b >= 0).all(-1)
+    return np.where(valid, w * h, 0.0)
+
+
+def iou(a, b) -> np.ndarray:
+    """Intersection over union of boxes ``(..., 4)``, broadcasting over the leading dimensions.
+
+    ``IoU = |A ∩ B| / |A ∪ B|`` with exclusive ends; any empty box (``-1``) gives 0.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape[-1:] != (4,) or b.shape[-1:] != (4,):
+        raise InputError(f"boxes must have shape (..., 4); got {a.shape} and {b.shape}")
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    valid = (a >= 0).all(-1) & (b >= 0).all(-1)
+    inter = np.where(valid, iw * ih, 0.0)
+    union = box_area(a) + box_area(b) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def scale_boxes(boxes, from_size: Sequence[int], to_size: Sequence[int]) -> np.ndarray:
+    """Map boxes from a ``(H, W)`` frame (the model input / maps) to another ``(H, W)`` (the image).
+
+    With camlens' default *stretch* preprocessing each axis scales by its own factor:
+    ``x' = x * W'/W``, ``y' = y * H'/H``; starts are floored and ends ceiled (the scaled box
+    covers the original pixels), then clipped to the image. ``-1`` boxes stay ``-1``.
+    (For ``resize="center_crop"`` preprocessing this is not valid: the crop discards borders.)
+    """
+    b = np.asarray(boxes)
+    (h0, w0), (h1, w1) = from_size, to_size
+    sx, sy = w1 / w0, h1 / h0
+    out = np.empty(b.shape, dtype=np.int64)
+    out[..., 0] = np.floor(b[..., 0] * sx + 1e-9)
+    out[..., 1] = np.floor(b[..., 1] * sy + 1e-9)
+    out[..., 2] = np.ceil(b[..., 2] * sx - 1e-9)
+    out[..., 3] = np.ceil(b[..., 3] * sy - 1e-9)
+    out[..., 0::2] = out[..., 0::2].clip(0, w1)
+    out[..., 1::2] = out[..., 1::2].clip(0, h1)
+    empty = (b < 0).any(-1)
+    out[empty] = -1
+    return out
+
+
+def image_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> list[np.ndarray]:
+    """Boxes of an :class:`~camlens.Explanation` in each *original* image's pixel frame.
+
+    Returns one ``(K, 4)`` (or ``(K, M, 4)`` with ``mode="all"``) array per image. Without
+    original images (tensor inputs) the boxes stay in the maps' frame.
+    """
+    b = localize(exp.maps, threshold, **kwargs)
+    size = tuple(exp.maps.shape[-2:])
+    if not exp.images:
+        return list(b)
+    return [scale_boxes(bi, size, img.shape[:2]) for bi, img in zip(b, exp.images, strict=True)]
+
+
+def centre_box(size: Sequence[int], fraction: float = 0.5) -> np.ndarray:
+    """The box centred in an ``(H, W)`` frame spanning ``fraction`` of each side."""
+    h, w = size
+    bw, bh = w * fraction, h * fraction
+    return np.array([round((w - bw) / 2), round((h - bh) / 2), round((w + bw) / 2), round((h + bh) / 2)],
+                    dtype=np.int64)
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes,
+    *,
+    color: tuple[int, int, int] | Sequence[tuple[int, int, int]] = (0, 255, 0),
+    width: int | None = None,
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """A copy of an ``(H, W, 3)`` uint8 image with rectangles drawn (``-1`` boxes are skipped).
+
+    The rectangle's outer edge follows the box exactly: pixels ``x0`` and ``x1 - 1`` are on it.
+    """
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    bs = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    if width is None:
+        width = max(1, round(max(img.size) / 150))
+    colors = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
+    for i, b in enumerate(bs):
+        if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
+            continue
+        c = tuple(int(v) for v in colors[i % len(colors)])
+        draw.rectangle([int(b[0]), int(b[1]), int(b[2]) - 1, int(b[3]) - 1], outline=c, width=width)
+        if labels is not None and i < len(labels) and labels[i]:
+            draw.text((int(b[0]) + width + 1, int(b[1]) + width), str(labels[i]), fill=c)
+    return np.asarray(img)
+
+
+__all__ = ["DEFAULT_THRESHOLD", "box_area", "box_of_map", "centre_box", "components", "draw_boxes",
+           "image_boxes", "iou", "localize", "scale_boxes"]
+
+
+class _CallableModule(types.ModuleType):
+    """``camlens.localize`` is both this module and the function: once the submodule is imported,
+    Python rebinds the package attribute ``camlens.localize`` to the module, so the module itself
+    must stay callable for ``camlens.localize(maps)`` to keep working."""
+
+    def __call__(self, maps, threshold: float | None = None, **kwargs) -> np.ndarray:
+        return localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
