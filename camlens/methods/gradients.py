@@ -1,0 +1,279 @@
+r"""Pixel attributions from input gradients: saliency, input × gradient, SmoothGrad, Integrated Gradients.
+
+For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or a callable target):
+
+* ``saliency`` — Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", ICLRW 2014:
+  :math:`A = \partial f_c / \partial x`.
+* ``input_x_gradient`` — Shrikumar et al., "Not Just a Black Box", arXiv 1605.01713, 2016:
+  :math:`A = x \odot \partial f_c / \partial x` (in the preprocessed input space).
+* ``smoothgrad`` — Smilkov et al., "SmoothGrad: removing noise by adding noise", ICMLW 2017:
+  :math:`\hat A(x) = \frac1n \sum_{j=1}^n A(x + \epsilon_j)`, :math:`\epsilon_j \sim \mathcal N(0, \sigma^2)`,
+  :math:`\sigma = \text{noise\_level}\cdot(\max x - \min x)` per image (over all channels of the
+  preprocessed input). ``base=`` picks the wrapped method :math:`A`: ``saliency`` (default),
+  ``deconvnet``, ``guided_backprop``, ``input_x_gradient`` (:math:`(x+\epsilon)\odot\nabla f(x+\epsilon)`)
+  or ``integrated_gradients`` (each noisy copy integrated from the baseline).
+  ``batch_size`` noisy images run per forward, across images. The noise of sample :math:`j` is drawn
+  from a generator seeded with ``(seed, j)`` (one ``(C, H, W)`` draw shared by all images, scaled by
+  each image's :math:`\sigma`), so an image's result does not depend on the rest of the batch and is
+  reproducible; ``seed=None`` draws a fresh seed.
+* ``integrated_gradients`` — Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks",
+  ICML 2017: :math:`A = (x - x') \odot \int_0^1 \nabla f_c(x' + \alpha (x - x'))\,d\alpha`, with the
+  integral by ``quadrature="gauss_legendre"`` (default; ``steps`` Gauss–Legendre nodes on [0, 1],
+  exact for polynomials of degree ``2·steps−1``) or ``"trapezoid"`` (``steps`` equally spaced
+  points including both ends). ``steps·N`` path points run ``batch_size`` per forward.
+  Baselines :math:`x'`: ``None``/``"zeros"`` (zeros *in the preprocessed space*: the dataset
+  mean colour for mean/std normalization), a float (constant), ``"blur"`` (the input blurred by a
+  Gaussian of :math:`\sigma = \max(H, W)/20` pixels, after Sturmfels et al., Distill 2020), or a
+  tensor broadcastable to the input ``(N, C, H, W)``. Completeness
+  :math:`\sum_i A_i = f_c(x) - f_c(x')` holds up to the quadrature error, reported as
+  ``extras["completeness_error"]`` (``(N, K)``: :math:`\sum A - (f(x) - f(x'))`) and
+  ``extras["relative_completeness_error"]`` (divided by :math:`|f(x) - f(x')|`). Gauss–Legendre
+  is the default because, measured on EfficientNet-Lite0, it reaches a given completeness error
+  with fewer steps than the trapezoid rule (the integrand is piecewise smooth along the path).
+
+**Output.** ``raw`` is the input-shaped attribution ``(N, K, C, H, W)``; ``maps`` ``(N, K, H, W)``
+reduces the channels by ``reduce=``: ``"absmax"`` :math:`\max_c |A_c|` (Simonyan et al.; the
+default for gradient-like methods), ``"sum"`` :math:`\sum_c A_c` (the default for
+``input_x_gradient`` and ``integrated_gradients``, so that the map still sums to the attribution
+total), ``"abssum"`` :math:`\sum_c |A_c|`, ``"l2"`` :math:`\sqrt{\sum_c A_c^2}`, ``"max"``
+:math:`\max_c A_c`.
+
+Gradients flow to the input only (``torch.autograd.grad``), never into parameters' ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import gradient_pass
+from ..errors import MethodError
+from ..targets import Targets
+from .registry import MethodOutput, get_method, register
+
+REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
+QUADRATURES = ("gauss_legendre", "trapezoid")
+#: The pixel methods SmoothGrad can wrap -> the ReLU rule of their gradient.
+SMOOTHABLE = {"saliency": "backprop", "deconvnet": "deconvnet", "guided_backprop": "guided",
+              "input_x_gradient": "backprop", "integrated_gradients": "backprop"}
+DEFAULT_REDUCE = {"input_x_gradient": "sum", "integrated_gradients": "sum"}
+
+
+def reduce_channels(a: torch.Tensor, how: str = "absmax") -> torch.Tensor:
+    """Reduce ``(N, K, C, H, W)`` attributions to ``(N, K, H, W)`` maps (see the module docstring)."""
+    if how == "absmax":
+        return a.abs().amax(dim=2)
+    if how == "abssum":
+        return a.abs().sum(dim=2)
+    if how == "sum":
+        return a.sum(dim=2)
+    if how == "l2":
+        return a.pow(2).sum(dim=2).sqrt()
+    if how == "max":
+        return a.amax(dim=2)
+    raise MethodError(f"reduce must be one of {', '.join(REDUCTIONS)}, not {how!r}")
+
+
+def pixel_output(raw: torch.Tensor, reduce: str | None, method: str,
+                 extras: dict[str, Any] | None = None) -> MethodOutput:
+    """``MethodOutput`` with ``maps`` reduced from ``raw`` by ``reduce`` (or the method's default)."""
+    how = reduce if reduce is not None else DEFAULT_REDUCE.get(method, "absmax")
+    return MethodOutput(raw, reduce_channels(raw, how).float(), extras or {})
+
+
+def require_relus(relu_calls: int, method: str, model: torch.nn.Module) -> None:
+    """Raise when a ReLU-rule method ran on a forward pass where no ReLU call was seen."""
+    if relu_calls != 0:
+        return
+    acts = sorted({type(m).__name__ for m in model.modules()
+                   if type(m).__module__ == "torch.nn.modules.activation"
+                   or "swish" in type(m).__name__.lower()})
+    seen = f" (activation modules found: {', '.join(acts)})" if acts else ""
+    raise MethodError(
+        f"{method} changes how ReLUs back-propagate, but no ReLU ran in this model's forward pass{seen}: "
+        "the result would silently equal the plain gradient. camlens intercepts nn.ReLU, F.relu, torch.relu, "
+        "relu_, ReLU6/relu6 and hardtanh(0, u); for other activations use method='saliency', "
+        "'integrated_gradients' or 'smoothgrad'."
+    )
+
+
+def _check_positive(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise MethodError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return int(value)
+
+
+def _chunks(n_images: int, n_per_image: int, batch_size: int):
+    """Rows ``r = j * N + n`` (sample/step-major) in chunks: yields ``(image ids, sample ids)``."""
+    total = n_images * n_per_image
+    for start in range(0, total, batch_size):
+        r = torch.arange(start, min(start + batch_size, total))
+        yield r % n_images, r // n_images
+
+
+def _row_targets(ctx, n: torch.Tensor) -> Targets:
+    return Targets(ctx.targets.classes[n], ctx.targets.fn)
+
+
+# ---------------------------------------------------------------------------------------------
+@register("saliency", paper="Simonyan et al., Deep Inside Convolutional Networks, ICLR Workshops 2014",
+          summary="gradient of the class score w.r.t. the input pixels", kind="pixel",
+          needs=("input_grads",))
+def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
+    return pixel_output(ctx.input_grads("backprop"), reduce, "saliency")
+
+
+@register("input_x_gradient", paper="Shrikumar et al., Not Just a Black Box, arXiv 1605.01713, 2016",
+          summary="input times its gradient (first-order Taylor contribution of each pixel)", kind="pixel",
+          needs=("input_grads",))
+def input_x_gradient(ctx, *, reduce: str | None = None) -> MethodOutput:
+    raw = ctx.x.detach()[:, None] * ctx.input_grads("backprop")
+    return pixel_output(raw, reduce, "input_x_gradient")
+
+
+# ---------------------------------------------------------------------------------------------
+def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator(device=like.device).manual_seed((seed * 1_000_003 + j) % (2**63 - 1))
+    return torch.randn(shape, generator=g, device=like.device, dtype=like.dtype)
+
+
+@register("smoothgrad",
+          paper="Smilkov et al., SmoothGrad: removing noise by adding noise, ICML Workshops 2017",
+          summary="a pixel method averaged over noisy copies of the input", kind="pixel", needs=())
+def smoothgrad(ctx, *, base: str = "saliency", n_samples: int = 50, noise_level: float = 0.15,
+               batch_size: int = 32, seed: int | None = 0, steps: int = 64, baseline: Any = None,
+               quadrature: str = "gauss_legendre", reduce: str | None = None) -> MethodOutput:
+    base_name = get_method(base).name
+    if base_name not in SMOOTHABLE:
+        raise MethodError(f"smoothgrad cannot wrap {base!r}; base must be one of {', '.join(SMOOTHABLE)}")
+    S = _check_positive("n_samples", n_samples)
+    bs = _check_positive("batch_size", batch_size)
+    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
+        raise MethodError(
+            f"noise_level must be a finite fraction >= 0 of the input range, not {noise_level!r}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    x = ctx.x.detach()
+    N = x.shape[0]
+    sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (N,)
+    total = torch.zeros((N, ctx.k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    extras: dict[str, Any] = {"base": base_name, "n_samples": S, "noise_sigma": sigma.cpu(), "seed": seed}
+    if base_name == "integrated_gradients":
+        errs = []
+        for j in range(S):
+            xj = x + sigma.view(-1, 1, 1, 1) * _noise(seed, j, tuple(x.shape[1:]), x)
+            a, ex = _integrated(ctx, xj, baseline, steps, quadrature, bs)
+            total += a
+            errs.append(ex["completeness_error"])
+        extras["completeness_error"] = torch.stack(errs).mean(0)
+    else:
+        rule = SMOOTHABLE[base_name]
+        for n, j in _chunks(N, S, bs):
+            cache: dict[int, torch.Tensor] = {}
+            eps = torch.stack([cache.setdefault(int(jj), _noise(seed, int(jj), tuple(x.shape[1:]), x))
+                               for jj in j])
+            nd = n.to(x.device)
+            xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
+            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule)
+            if rule != "backprop":
+                require_relus(gp.relu_calls, f"smoothgrad(base={base_name!r})", ctx.model)
+            a = gp.grads * xb[:, None] if base_name == "input_x_gradient" else gp.grads
+            total.index_add_(0, nd, a)
+    return pixel_output(total / S, reduce, base_name, extras)
+
+
+# ---------------------------------------------------------------------------------------------
+def quadrature_rule(name: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``alpha`` in [0, 1] and weights (summing to 1) of the path integral's quadrature."""
+    steps = _check_positive("steps", steps)
+    if name == "gauss_legendre":
+        t, w = np.polynomial.legendre.leggauss(steps)
+        return (t + 1) / 2, w / 2
+    if name == "trapezoid":
+        if steps < 2:
+            raise MethodError("the trapezoid rule needs steps >= 2")
+        w = np.full(steps, 1.0 / (steps - 1))
+        w[[0, -1]] /= 2
+        return np.linspace(0.0, 1.0, steps), w
+    raise MethodError(f"quadrature must be one of {', '.join(QUADRATURES)}, not {name!r}")
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` (replicate padding, radius ``ceil(3 sigma)``)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    y = F.pad(x, (r, r, 0, 0), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    y = F.pad(y, (0, 0, r, r), mode="replicate")
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def resolve_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
+    """The Integrated Gradients baseline ``(N, C, H, W)`` for ``x`` (see the module docstring)."""
+    if baseline is None or (isinstance(baseline, str) and baseline == "zeros"):
+        return torch.zeros_like(x)
+    if isinstance(baseline, str):
+        if baseline == "blur":
+            return gaussian_blur(x, max(x.shape[-2:]) / 20)
+        raise MethodError(f"baseline must be None, 'zeros', 'blur', a float or a tensor, not {baseline!r}")
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline))
+    if isinstance(baseline, (torch.Tensor, np.ndarray)):
+        b = torch.as_tensor(baseline).to(device=x.device, dtype=x.dtype)
+        try:
+            return torch.broadcast_to(b, x.shape).clone()
+        except RuntimeError:
+            raise MethodError(
+                f"baseline of shape {tuple(b.shape)} does not broadcast to the input {tuple(x.shape)}; "
+                "give (C, H, W), (1, C, H, W) or (N, C, H, W)"
+            ) from None
+    raise MethodError(
+        f"baseline must be None, 'zeros', 'blur', a float or a tensor, not {type(baseline).__name__}")
+
+
+def _integrated(ctx, x: torch.Tensor, baseline: Any, steps: int, quadrature: str, batch_size: int,
+                f_x: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """IG of the batch ``x`` (one row per image of ``ctx``) -> attributions and completeness
+    (``f_x``: the target scores of ``x`` when already known)."""
+    alphas, weights = quadrature_rule(quadrature, steps)
+    xb0 = resolve_baseline(baseline, x)
+    if not torch.isfinite(xb0).all():
+        raise MethodError("the baseline contains NaN or infinite values")
+    alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
+    weight = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+    N = x.shape[0]
+    diff = x - xb0
+    total = torch.zeros((N, ctx.k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    for n, j in _chunks(N, len(alphas), batch_size):
+        nd, jd = n.to(x.device), j.to(x.device)
+        pts = xb0[nd] + alpha[jd].view(-1, 1, 1, 1) * diff[nd]
+        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n))
+        total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
+    attr = total * diff[:, None]
+    with torch.no_grad():
+        f_base = ctx.targets.scores(ctx.model(xb0)).detach()
+        if f_x is None:
+            f_x = ctx.targets.scores(ctx.model(x)).detach()
+    delta = f_x - f_base
+    err = attr.flatten(2).sum(-1) - delta
+    rel = err.abs() / delta.abs().clamp_min(1e-12)
+    return attr, {"completeness_error": err, "relative_completeness_error": rel, "baseline_scores": f_base,
+                  "steps": len(alphas), "quadrature": quadrature}
+
+
+@register("integrated_gradients",
+          paper="Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017",
+          summary="gradients integrated along the straight path from a baseline (completeness)",
+          kind="pixel", needs=())
+def integrated_gradients(ctx, *, baseline: Any = None, steps: int = 64, quadrature: str = "gauss_legendre",
+                         batch_size: int = 32, reduce: str | None = None) -> MethodOutput:
+    bs = _check_positive("batch_size", batch_size)
+    attr, extras = _integrated(ctx, ctx.x.detach(), baseline, steps, quadrature, bs, ctx.scores.detach())
+    return pixel_output(attr, reduce, "integrated_gradients", extras)

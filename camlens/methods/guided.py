@@ -1,0 +1,91 @@
+r"""Pixel attributions under modified ReLU backward rules, and their products with a class map.
+
+All of them reuse the shared forward pass: it runs under :func:`camlens.rules.relu_rules`, so
+the same graph gives the true gradient, Deconvnet and Guided Backprop (one backward each).
+
+* ``deconvnet`` — Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV
+  2014: back-propagate with every ReLU's backward replaced by :math:`g\,[g > 0]`.
+* ``guided_backprop`` — Springenberg et al., "Striving for Simplicity: The All Convolutional
+  Net", ICLRW 2015: every ReLU back-propagates :math:`g\,[x > 0]\,[g > 0]`.
+* ``guided_gradcam`` — Selvaraju et al., "Grad-CAM", ICCV 2017:
+  :math:`A = \mathrm{GB} \odot \mathrm{up}(M_{\text{Grad-CAM}})`, guided backprop times the
+  Grad-CAM map (ReLU, true gradients at the layer) bilinearly upsampled to the input size
+  (``align_corners=False``, as :func:`camlens.explain` upsamples Grad-CAM), broadcast over
+  channels. Exact product, no normalization; ``extras["cam"]`` holds the upsampled map. With
+  the default ``reduce="absmax"`` and a CAM :math:`\ge 0`, ``maps`` also factorises:
+  :math:`\max_c |A_c| = \mathrm{up}(M)\,\max_c |\mathrm{GB}_c|`.
+* ``gradient_x_cam`` — the notebooks' saliency × CAM display:
+  :math:`A_c = \partial f/\partial x_c \cdot \hat M`, with :math:`\hat M` the upsampled Grad-CAM
+  min-max normalized to [0, 1] per map. As in the notebooks the class map is the *signed* one
+  (``cam_relu=False``; ``True`` applies the ReLU first). ``extras["rgb"]`` ``(N, K, H, W, C)``
+  reproduces the notebooks' picture exactly (without its uint8 rounding): the gradient min-max
+  normalized over all channels, times :math:`\hat M`, then min-max normalized per channel.
+
+ReLU-rule methods on a model whose forward ran no ReLU (e.g. a SiLU/GELU network) raise
+:class:`~camlens.errors.MethodError`: the result would silently equal the plain gradient.
+``maps`` reduces channels with ``reduce=`` (default ``"absmax"``, :math:`\max_c |A_c|`; see
+:mod:`camlens.methods.gradients`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .gradcam import gradcam
+from .gradients import pixel_output, require_relus
+from .registry import MethodOutput, register
+
+_RULE_NEEDS = ("input_grads", "rules")
+
+
+def _ruled_grads(ctx, rule: str, method: str) -> torch.Tensor:
+    g = ctx.input_grads(rule)
+    require_relus(ctx.switch.relu_calls, method, ctx.model)
+    return g
+
+
+def _upsampled_cam(ctx, relu: bool) -> torch.Tensor:
+    cam = gradcam(ctx, relu=relu).raw  # (N, K, h, w), gradients by the ordinary backprop rule
+    return F.interpolate(cam, size=tuple(ctx.x.shape[-2:]), mode="bilinear", align_corners=False)
+
+
+def _minmax(t: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> torch.Tensor:
+    lo = t.amin(dim=dims, keepdim=True)
+    rng = t.amax(dim=dims, keepdim=True) - lo
+    return torch.where(rng > eps, (t - lo) / rng.clamp_min(eps), torch.zeros_like(t))
+
+
+@register("deconvnet",
+          paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
+          summary="gradient with every ReLU passing only positive gradient (g*[g>0])", kind="pixel",
+          needs=_RULE_NEEDS)
+def deconvnet(ctx, *, reduce: str | None = None) -> MethodOutput:
+    return pixel_output(_ruled_grads(ctx, "deconvnet", "deconvnet"), reduce, "deconvnet")
+
+
+@register("guided_backprop", paper="Springenberg et al., Striving for Simplicity, ICLR Workshops 2015",
+          summary="gradient with every ReLU passing positive gradient at positive input (g*[x>0]*[g>0])",
+          kind="pixel", needs=_RULE_NEEDS)
+def guided_backprop(ctx, *, reduce: str | None = None) -> MethodOutput:
+    return pixel_output(_ruled_grads(ctx, "guided", "guided_backprop"), reduce, "guided_backprop")
+
+
+@register("guided_gradcam", paper="Selvaraju et al., Grad-CAM, ICCV 2017",
+          summary="guided backprop times the upsampled Grad-CAM map", kind="pixel",
+          needs=("features", "layer_grads", *_RULE_NEEDS))
+def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
+    gb = _ruled_grads(ctx, "guided", "guided_gradcam")
+    cam = _upsampled_cam(ctx, relu=True)
+    return pixel_output(gb * cam[:, :, None], reduce, "guided_gradcam", {"cam": cam.detach()})
+
+
+@register("gradient_x_cam", paper="the notebooks: input gradient per channel x normalized Grad-CAM",
+          summary="input gradient per channel times the [0, 1]-normalized class map", kind="pixel",
+          needs=("features", "layer_grads", "input_grads"))
+def gradient_x_cam(ctx, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
+    g = ctx.input_grads("backprop")
+    cam01 = _minmax(_upsampled_cam(ctx, relu=cam_relu), dims=(2, 3))[:, :, None]  # (N, K, 1, H, W)
+    rgb = _minmax(_minmax(g, dims=(2, 3, 4)) * cam01, dims=(3, 4))
+    return pixel_output(g * cam01, reduce, "gradient_x_cam",
+                        {"cam": cam01[:, :, 0].detach(), "rgb": rgb.permute(0, 1, 3, 4, 2).float()})
