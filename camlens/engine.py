@@ -83,8 +83,8 @@ class ForwardPass:
         if cap is not None:
             self.pool_module = cap.pool_module
         self.targets: Targets = resolve_targets(targets, logits, class_names)
-        self.scores = self.targets.scores(logits) if (pixel or layer_grad) else \
-            self.targets.scores(logits.detach())
+        with torch.set_grad_enabled(pixel or layer_grad):  # also when the caller is under no_grad
+            self.scores = self.targets.scores(logits if (pixel or layer_grad) else logits.detach())
 
     # ------------------------------------------------------------------------------------------
     @property

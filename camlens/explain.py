@@ -164,7 +164,8 @@ def explain(
     card = card_of(model)
     classes = list(class_names) if class_names is not None else (card.class_names if card else None)
 
-    x, images, sources = prepare_inputs(inputs, model, preprocess)
+    with torch.inference_mode(False):
+        x, images, sources = prepare_inputs(inputs, model, preprocess)
     spec: CaptureSpec | None = None
     if "features" in needs or "layer_grads" in needs:
         if layer is None and card is not None and card.layer is not None:
@@ -172,7 +173,7 @@ def explain(
         else:
             spec = resolve_layer(model, layer, capture, call)
 
-    with eval_mode(model):
+    with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
         if spec is not None and spec.call < -1:
             total = count_calls(model, spec, x[:1])
             if total + spec.call < 0:

@@ -94,11 +94,10 @@ class Explanation:
     def select(self, index) -> Explanation:
         """A sub-explanation for some images: ``exp.select([0, 2])`` or ``exp.select(slice(0, 4))``."""
         idx = [index] if isinstance(index, int) else index
-        pick = (lambda t: t[idx]) if not isinstance(idx, slice) else (lambda t: t[idx])
         rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
         return replace(
-            self, maps=pick(self.maps), raw=pick(self.raw), classes=pick(self.classes),
-            scores=pick(self.scores), probs=pick(self.probs),
+            self, maps=self.maps[idx], raw=self.raw[idx], classes=self.classes[idx],
+            scores=self.scores[idx], probs=self.probs[idx],
             images=[self.images[i] for i in rows] if self.images else None,
             sources=[self.sources[i] for i in rows] if self.sources else None,
         )

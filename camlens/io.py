@@ -10,14 +10,13 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError, InputError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 #: Largest image accepted, in pixels (about 16k x 16k). PIL's own bomb guard is kept below it.
 MAX_PIXELS = 16384 * 16384

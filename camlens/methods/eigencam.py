@@ -23,7 +23,7 @@ from .registry import MethodOutput, register
           needs=("features",))
 def eigencam(ctx, *, center: bool = False) -> MethodOutput:
     A = ctx.features.detach()
-    N, C, h, w = A.shape
+    N, _, h, w = A.shape
     M = A.flatten(2).transpose(1, 2).double()  # (N, hw, C)
     if center:
         M = M - M.mean(dim=1, keepdim=True)
