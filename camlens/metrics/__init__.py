@@ -1,0 +1,66 @@
+"""Are the maps faithful? Quantitative evaluation of explanation maps.
+
+Per-image metrics share one contract, ``metric(model, inputs, maps, targets, **options) -> (N,)``:
+
+=========================== ======================================= ================ ==========
+metric                      paper                                   value            better
+=========================== ======================================= ================ ==========
+``deletion``                Petsiuk et al., RISE, BMVC 2018         AUC in [0, 1]    lower
+``insertion``               Petsiuk et al., RISE, BMVC 2018         AUC in [0, 1]    higher
+``average_drop``            Chattopadhyay et al., Grad-CAM++ 2018   % in [0, 100]    lower
+``increase_in_confidence``  Chattopadhyay et al., Grad-CAM++ 2018   0 or 100         higher
+``road`` (``order=morf``)   Rong et al., ROAD, ICML 2022            mean probability lower
+``road`` (``order=lerf``)   Rong et al., ROAD, ICML 2022            mean probability higher
+``pointing_game``           Zhang et al., Excitation Backprop 2016  1 hit / 0 miss   higher
+``energy_pointing_game``    Wang et al., Score-CAM 2020             share in [0, 1]  higher
+``class_sensitivity``       (two classes, same image)               similarity       lower
+=========================== ======================================= ================ ==========
+
+``sanity_randomization(model, inputs, method=..., targets=...)`` (Adebayo et al., NeurIPS 2018)
+returns a per-step table instead. ``maps`` may be an ``(N, H, W)`` tensor, an Explanation, a
+registered method name (computed with :func:`camlens.explain`), ``"random"`` (the random-map
+baseline) or ``"centre"``. Scores are softmax probabilities of the target class. See
+:mod:`camlens.metrics._common` for the shared conventions (ties, substrates, memory).
+"""
+
+from ._common import baseline_maps, gaussian_blur, make_substrate, pixel_order, pixel_rank
+from .confidence import average_drop, confidence_pair, increase_in_confidence
+from .perturbation import Curve, auc, deletion, deletion_curve, insertion, insertion_curve
+from .pointing import centre_baseline, energy_pointing_game, gt_masks, pointing_game
+from .road import RoadResult, noisy_linear_imputation, road, road_curves
+from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
+from .similarity import class_sensitivity, pearson, similarity, spearman, ssim
+
+__all__ = [
+    "Curve",
+    "RoadResult",
+    "SanityResult",
+    "auc",
+    "average_drop",
+    "baseline_maps",
+    "centre_baseline",
+    "class_sensitivity",
+    "confidence_pair",
+    "deletion",
+    "deletion_curve",
+    "energy_pointing_game",
+    "gaussian_blur",
+    "gt_masks",
+    "increase_in_confidence",
+    "insertion",
+    "insertion_curve",
+    "make_substrate",
+    "noisy_linear_imputation",
+    "pearson",
+    "pixel_order",
+    "pixel_rank",
+    "plot_sanity",
+    "pointing_game",
+    "randomization_layers",
+    "road",
+    "road_curves",
+    "sanity_randomization",
+    "similarity",
+    "spearman",
+    "ssim",
+]

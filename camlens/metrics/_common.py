@@ -1,0 +1,381 @@
+"""Shared plumbing for the metrics: inputs, maps, targets, pixel ranking, substrates, batched scoring.
+
+Conventions used by every metric in :mod:`camlens.metrics`:
+
+* **Model output.** The score of an image is the *softmax probability* of its target class,
+  :math:`p_c(x) = \\mathrm{softmax}(f(x))_c`, computed in float32 under
+  :func:`torch.inference_mode` with every module in eval mode (the user's flags are restored).
+* **Targets.** ``None`` means the top-1 class of the *unperturbed* image; an int, ``N`` ints, class
+  names or ``"top1"`` are accepted (see :mod:`camlens.targets`); only the first target per image
+  is used. Callable targets have no class probability and are refused.
+* **Maps.** ``(N, H, W)`` (or ``(N, 1, H, W)``) at input resolution, a NumPy array or tensor; a map
+  of another size is resized bilinearly. Also accepted: an :class:`~camlens.Explanation` (its
+  first target; its classes become the default targets), a registered method name
+  (``"gradcam"``…: computed with :func:`camlens.explain` for the targets), ``"random"`` (a smooth
+  random map, the random-map baseline for CAMs), ``"random_pixels"`` (i.i.d. per-pixel noise, the
+  baseline for pixel attributions) or ``"centre"`` (decreasing with the distance to the image
+  centre, the centre baseline of the pointing game); see :func:`baseline_maps`.
+* **Ranking and ties.** Pixels are ranked by decreasing map value. Ties (constant or all-zero maps,
+  plateaus after ReLU) are broken by a random permutation drawn from ``seed``: the order is the
+  stable sort of the randomly permuted pixels, so a constant map behaves exactly like a random map
+  and results are reproducible. No metric divides by a map's range, so no map gives NaN.
+* **Memory.** Perturbed images are built and scored ``batch_size`` at a time: memory does not grow
+  with the number of steps. Results are CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, TargetError
+from ..explain import eval_mode, explain, prepare_inputs
+from ..explanation import Explanation
+from ..models.zoo import card_of
+from ..targets import resolve_targets
+
+MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
+Substrate = Union[str, float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # noqa: UP007
+
+#: map names that are baselines rather than registered methods
+BASELINES = ("random", "random_pixels", "centre", "center")
+
+
+def _is_baseline(name: str) -> bool:
+    return name.strip().lower() in BASELINES
+
+
+# --------------------------------------------------------------------------------------------
+# model scoring
+# --------------------------------------------------------------------------------------------
+def _check_logits(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(
+            f"the model must return logits of shape (N, num_classes); it returned {shape}. "
+            "Wrap it so that forward() returns one tensor of class scores."
+        )
+    return out
+
+
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``model(x)`` in eval mode and inference mode, ``batch_size`` images at a time (float32)."""
+    outs = []
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            outs.append(_check_logits(model(x[i:i + batch_size])).float())
+    return torch.cat(outs)
+
+
+def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor,
+                batch_size: int = 32) -> torch.Tensor:
+    """Softmax probability of ``classes[i]`` for image ``x[i]``, ``(N,)`` on the CPU."""
+    out = []
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            p = _check_logits(model(x[i:i + batch_size])).float().softmax(dim=1)
+            c = classes[i:i + batch_size].to(p.device)
+            out.append(p.gather(1, c[:, None])[:, 0].cpu())
+    return torch.cat(out)
+
+
+def scored_batches(
+    model: nn.Module,
+    items: Sequence[tuple[int, Any]],
+    make: Callable[[list[tuple[int, Any]]], torch.Tensor],
+    classes: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Score many perturbed images without holding them all: ``items`` are ``(image index, step)``
+    pairs, ``make(chunk)`` builds the ``(B, C, H, W)`` batch of one chunk; returns ``(len(items),)``
+    target-class probabilities on the CPU."""
+    out = torch.empty(len(items))
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, len(items), batch_size):
+            chunk = list(items[i:i + batch_size])
+            xb = make(chunk)
+            p = _check_logits(model(xb)).float().softmax(dim=1)
+            c = classes[[n for n, _ in chunk]].to(p.device)
+            out[i:i + len(chunk)] = p.gather(1, c[:, None])[:, 0].cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# inputs, targets and maps
+# --------------------------------------------------------------------------------------------
+def check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    return int(batch_size)
+
+
+def resolve_classes(model: nn.Module | None, x: torch.Tensor, targets: Any,
+                    batch_size: int = 32, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets -> ``(N,)`` long class ids (first target of each image), on the CPU.
+
+    With a model, ``None`` / ``"top1"`` / names are resolved on the model's output for ``x`` (one
+    batched inference pass) and ids are checked against its number of classes.
+    """
+    if isinstance(targets, torch.Tensor) and targets.dim() == 2 and targets.shape[1] > 1:
+        targets = targets[:, :1]
+    if model is None:
+        if targets is None or isinstance(targets, str):
+            raise InputError("targets=None (the top-1 class) or class names need the model; pass model=")
+        logits = torch.empty(x.shape[0], 2**31 - 1, device="meta")  # shape only: ids are not range-checked
+        t = resolve_targets(targets, logits)
+    else:
+        if logits is None:
+            logits = logits_of(model, x, batch_size)
+        card = card_of(model)
+        t = resolve_targets(targets, logits, card.class_names if card else None)
+    if t.fn is not None:
+        raise TargetError(
+            "metrics need class ids (they score the softmax probability of a class); a callable target "
+            "has no class probability: pass class indices or names"
+        )
+    return t.classes[:, 0].cpu()
+
+
+def as_maps(maps: Any, n: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Array-like maps -> float32 ``(N, H, W)`` tensor on ``device`` at ``size`` (bilinear resize)."""
+    if isinstance(maps, Explanation):
+        maps = maps.maps[:, 0]
+    if isinstance(maps, np.ndarray):
+        maps = torch.from_numpy(np.ascontiguousarray(maps))
+    if not isinstance(maps, torch.Tensor):
+        raise InputError(
+            f"maps must be an (N, H, W) tensor or array, an Explanation, a method name or 'random'; "
+            f"got {type(maps).__name__}"
+        )
+    m = maps.detach()
+    if m.dim() == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    elif m.dim() == 2 and n == 1:
+        m = m[None]
+    if m.dim() != 3:
+        fix = " Pick one target with maps[:, k]." if m.dim() == 4 else ""
+        raise InputError(f"maps must have shape (N, H, W); got {tuple(m.shape)}.{fix}")
+    if m.shape[0] != n:
+        raise InputError(f"{m.shape[0]} maps for {n} images: give one map per image")
+    if m.dtype == torch.bool or not m.is_floating_point():
+        m = m.float()
+    m = m.to(device=device, dtype=torch.float32)
+    if not torch.isfinite(m).all():
+        raise InputError("maps contain NaN or infinite values; clean them first (torch.nan_to_num)")
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return m
+
+
+def baseline_maps(name: str, n: int, size: tuple[int, int], device: torch.device,
+                  seed: int = 0, cell: int = 32) -> torch.Tensor:
+    """Baseline maps ``(N, H, W)``.
+
+    * ``"random"``: a smooth random map, like a random CAM: i.i.d. U(0, 1) values on a coarse grid
+      of ``ceil(H / cell) x ceil(W / cell)`` cells (``cell=32``, the stride of the last feature map
+      of most ImageNet CNNs), upsampled bilinearly to ``(H, W)``. This is the fair null for
+      class-activation maps: an i.i.d. per-pixel map removes scattered pixels, which destroys the
+      image much faster than removing any region does.
+    * ``"random_pixels"``: i.i.d. U(0, 1) per pixel (the null for pixel-attribution methods).
+    * ``"centre"``: ``1 - d / d_max`` with ``d`` the distance of a pixel to the image centre
+      ``((H-1)/2, (W-1)/2)``.
+
+    Random maps are drawn on the CPU from ``seed`` (the same maps on every device).
+    """
+    h, w = size
+    key = name.strip().lower()
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    if key == "random":
+        gh, gw = max(1, math.ceil(h / cell)), max(1, math.ceil(w / cell))
+        coarse = torch.rand(n, 1, gh, gw, generator=g)
+        return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[:, 0].to(device)
+    if key == "random_pixels":
+        return torch.rand(n, h, w, generator=g).to(device)
+    if key in ("centre", "center"):
+        yy = torch.arange(h, dtype=torch.float32)[:, None] - (h - 1) / 2
+        xx = torch.arange(w, dtype=torch.float32)[None, :] - (w - 1) / 2
+        d = (yy.pow(2) + xx.pow(2)).sqrt()
+        m = 1 - d / d.max().clamp_min(1e-12)
+        return m.expand(n, h, w).clone().to(device)
+    raise InputError(f"unknown baseline {name!r}; use 'random', 'random_pixels' or 'centre'")
+
+
+class Prepared:
+    """``x`` ``(N, C, H, W)``, ``maps`` ``(N, H, W)`` float32 on ``x.device``, ``classes`` ``(N,)``."""
+
+    def __init__(self, x: torch.Tensor, maps: torch.Tensor | None, classes: torch.Tensor | None,
+                 images: list[np.ndarray] | None = None) -> None:
+        self.x, self.maps, self.classes, self.images = x, maps, classes, images
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.x.shape[-2]), int(self.x.shape[-1])
+
+
+def explain_maps(model: nn.Module, x: torch.Tensor, method: str, classes: torch.Tensor, batch_size: int,
+                 options: dict[str, Any] | None = None) -> torch.Tensor:
+    """Maps of ``method`` for ``classes`` ``(N,)`` (or ``(N, K)``), computed ``batch_size`` images at
+    a time with :func:`camlens.explain`; ``(N, H, W)`` (or ``(N, K, H, W)``) float32."""
+    out = []
+    cls = classes if classes.dim() == 2 else classes[:, None]
+    for i in range(0, x.shape[0], batch_size):
+        e = explain(model, x[i:i + batch_size], method=method, targets=cls[i:i + batch_size],
+                    **(options or {}))
+        out.append(e.maps.detach().float())
+    m = torch.cat(out)
+    return m if classes.dim() == 2 else m[:, 0]
+
+
+def prepare(
+    model: nn.Module | None,
+    inputs: Any,
+    maps: MapsLike | None,
+    targets: Any = None,
+    *,
+    preprocess=None,
+    batch_size: int = 32,
+    seed: int = 0,
+    explain_options: dict[str, Any] | None = None,
+    need_classes: bool = True,
+) -> Prepared:
+    """Resolve ``inputs``, ``targets`` and ``maps`` of a metric call (see the module docstring)."""
+    batch_size = check_batch_size(batch_size)
+    if isinstance(model, str):
+        from ..models.zoo import load_model
+
+        model = load_model(model)
+    if model is not None and not isinstance(model, nn.Module):
+        raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
+    if model is None:
+        if not isinstance(inputs, torch.Tensor):
+            raise InputError("image inputs need the model (for its preprocessing); pass model=")
+        x, images = inputs, None
+    else:
+        x, images, _ = prepare_inputs(inputs, model, preprocess)
+    x = x.detach()
+    if isinstance(maps, Explanation) and targets is None:
+        targets = maps.classes[:, 0]
+    classes = None
+    if need_classes or (isinstance(maps, str) and not _is_baseline(maps)):
+        if model is None and targets is None:
+            raise InputError("metrics with targets=None (the top-1 class) need the model")
+        classes = resolve_classes(model, x, targets, batch_size)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if maps is None:
+        m = None
+    elif isinstance(maps, str):
+        if _is_baseline(maps):
+            m = baseline_maps(maps, x.shape[0], size, x.device, seed)
+        else:
+            if model is None:
+                raise InputError(f"maps={maps!r} names a method: pass the model to compute its maps")
+            m = explain_maps(model, x, maps, classes, batch_size, explain_options)
+    else:
+        m = as_maps(maps, x.shape[0], size, x.device)
+    return Prepared(x, m, classes, images)
+
+
+# --------------------------------------------------------------------------------------------
+# ranking
+# --------------------------------------------------------------------------------------------
+def pixel_order(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> torch.Tensor:
+    """Pixel indices ``(N, H*W)`` from the most to the least important (``descending=True``).
+
+    Ties are broken by a uniformly random permutation drawn from ``seed`` (independent of the
+    device): ``order = perm[stable_argsort(map[perm])]``.
+    """
+    flat = maps.flatten(1)
+    n, p = flat.shape
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.rand(n, p, generator=g).argsort(dim=1).to(flat.device)
+    idx = flat.gather(1, perm).argsort(dim=1, descending=descending, stable=True)
+    return perm.gather(1, idx)
+
+
+def pixel_rank(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> torch.Tensor:
+    """Rank of every pixel ``(N, H*W)`` in :func:`pixel_order` (0 = most important)."""
+    order = pixel_order(maps, seed, descending)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
+    return rank
+
+
+# --------------------------------------------------------------------------------------------
+# substrates (what removed pixels become)
+# --------------------------------------------------------------------------------------------
+def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    r = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
+    k = torch.exp(-0.5 * (r / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding.
+
+    The defaults (11 taps, :math:`\\sigma = 5`) are those of the RISE insertion metric
+    (Petsiuk et al., BMVC 2018) for 224 x 224 inputs.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise InputError(f"kernel_size must be a positive odd integer, not {kernel_size}")
+    c = x.shape[1]
+    k = gaussian_kernel1d(kernel_size, sigma, x.device, x.dtype)
+    pad = kernel_size // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    y = F.pad(x, (pad, pad, 0, 0), mode=mode)
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+    y = F.pad(y, (0, 0, pad, pad), mode=mode)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:
+    """What a removed pixel becomes, ``(N, C, H, W)`` like ``x``.
+
+    ``"zero"``: 0 in the model's input space (the dataset mean colour for mean/std-normalized
+    inputs; RISE's deletion); ``"blur"``: :func:`gaussian_blur` of the image (RISE's insertion);
+    ``"mean"``: each image's per-channel mean; a float: that constant; a tensor broadcastable to
+    ``x``; or a callable ``x -> substrate``.
+    """
+    if isinstance(substrate, str):
+        key = substrate.strip().lower()
+        if key in ("zero", "zeros", "black"):
+            return torch.zeros_like(x)
+        if key == "blur":
+            return gaussian_blur(x)
+        if key == "mean":
+            return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+        raise InputError(f"unknown substrate {substrate!r}; use 'zero', 'blur', 'mean', a number, a tensor "
+                         "or a callable x -> tensor")
+    if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
+        return torch.full_like(x, float(substrate))
+    if isinstance(substrate, torch.Tensor):
+        try:
+            return substrate.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
+        except RuntimeError:
+            raise InputError(f"substrate of shape {tuple(substrate.shape)} does not broadcast to the "
+                             f"inputs {tuple(x.shape)}") from None
+    if callable(substrate):
+        s = substrate(x)
+        if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+            raise InputError("a substrate callable must return a tensor shaped like its input")
+        return s.detach().to(x.dtype)
+    raise InputError(f"cannot use {type(substrate).__name__} as a substrate")
+
+
+def removed_counts(num_pixels: int, fractions: torch.Tensor) -> torch.Tensor:
+    """``round(f * num_pixels)`` for each fraction, as ints."""
+    return torch.round(fractions.double() * num_pixels).long()
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

@@ -1,0 +1,172 @@
+r"""The pointing game and its energy-based form.
+
+* ``pointing_game`` — Zhang, Lin, Brandt, Shen & Sclaroff, "Top-down Neural Attention by
+  Excitation Backprop", ECCV 2016: a *hit* when the maximum of the map lies on the object, with a
+  tolerance of ``tolerance`` pixels (15 in the paper): hit iff
+  :math:`\min_{q \in \mathrm{GT}} \lVert p^\ast - q \rVert_2 \le \mathrm{tolerance}`, where
+  :math:`p^\ast` is the arg-max pixel (ties broken at random from ``seed``, so a constant map
+  points at a random pixel). Accuracy = hits / (hits + misses) = the mean of the per-image values
+  (1.0 hit, 0.0 miss). The paper's *centre baseline* always points at the image centre:
+  ``maps="centre"`` or :func:`centre_baseline`.
+* ``energy_pointing_game`` — Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
+  Convolutional Neural Networks", CVPR workshops 2020: the share of the map's energy inside the
+  ground truth, :math:`\sum_{p \in \mathrm{GT}} E(p) / \sum_p E(p)` with :math:`E = \max(m, 0)`.
+  A map with no positive energy (all zeros) counts as uniform: its value is the area fraction
+  of the ground truth (the value of a constant map), never NaN.
+
+Ground truth ``gt``: ``(N, H, W)`` masks (non-zero = object), ``(N, 4)`` boxes, or a list with
+one entry per image, each a box ``(4,)``, several boxes ``(M, 4)`` (their union) or a mask.
+Boxes are ``(x0, y0, x1, y1)`` in input pixels with exclusive ``x1, y1`` (like
+:func:`camlens.localize`); they are clipped to the image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ._common import MapsLike, baseline_maps, pixel_order, prepare
+
+
+def _boxes_to_mask(boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    m = torch.zeros(h, w, dtype=torch.bool)
+    for b in np.atleast_2d(boxes):
+        if len(b) != 4:
+            raise InputError(f"a box must be (x0, y0, x1, y1); got {list(b)}")
+        x0, y0, x1, y1 = (float(v) for v in b)
+        if not all(np.isfinite([x0, y0, x1, y1])) or x1 < x0 or y1 < y0:
+            raise InputError(f"invalid box {list(b)}: need x0 <= x1 and y0 <= y1 (exclusive ends)")
+        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+        c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+        if c1 > c0 and r1 > r0:
+            m[r0:r1, c0:c1] = True
+    return m
+
+
+def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
+    """Ground truth (masks, boxes or a per-image list of them) -> ``(N, H, W)`` bool on the CPU."""
+    if gt is None:
+        raise InputError("the pointing game needs ground truth: pass gt= boxes (N, 4) or masks (N, H, W)")
+    h, w = size
+    if isinstance(gt, torch.Tensor):
+        gt = gt.detach().cpu().numpy()
+    if isinstance(gt, np.ndarray) and gt.dtype != object:
+        if gt.ndim == 3 and gt.shape[1:] == (h, w):
+            if gt.shape[0] != n:
+                raise InputError(f"{gt.shape[0]} ground-truth masks for {n} images")
+            return torch.from_numpy(gt != 0)
+        if gt.ndim == 2 and gt.shape == (h, w) and n == 1:
+            return torch.from_numpy(gt != 0)[None]
+        if gt.ndim == 2 and gt.shape[1] == 4:
+            if gt.shape[0] != n:
+                raise InputError(f"{gt.shape[0]} ground-truth boxes for {n} images: give one per image, "
+                                 "or a list with several boxes per image")
+            return torch.stack([_boxes_to_mask(b, size) for b in gt])
+        raise InputError(
+            f"ground truth of shape {gt.shape} fits neither (N, 4) boxes nor (N, {h}, {w}) masks at the "
+            "input resolution"
+        )
+    items = list(gt)
+    if len(items) != n:
+        raise InputError(f"{len(items)} ground-truth entries for {n} images")
+    out = []
+    for k, g in enumerate(items):
+        a = g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
+        if a.ndim == 2 and a.shape == (h, w):
+            out.append(torch.from_numpy(a != 0))
+        elif a.size and a.shape[-1] == 4 and a.ndim <= 2:
+            out.append(_boxes_to_mask(a.astype(np.float64), size))
+        else:
+            raise InputError(f"ground truth of image {k} has shape {a.shape}: give boxes (M, 4) or an "
+                             f"({h}, {w}) mask")
+    return torch.stack(out)
+
+
+def _check_nonempty(masks: torch.Tensor) -> None:
+    empty = (~masks.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"image(s) {empty} have an empty ground truth (no object pixel inside the image); "
+                         "drop them from the pointing game")
+
+
+def _hits(points: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``points`` ``(N, 2)`` (row, col); hit iff the distance to the nearest GT pixel <= tolerance."""
+    n, h, w = masks.shape
+    yy = torch.arange(h, dtype=torch.float64)[:, None]
+    xx = torch.arange(w, dtype=torch.float64)[None, :]
+    out = torch.empty(n)
+    for i in range(n):
+        d2 = (yy - float(points[i, 0])) ** 2 + (xx - float(points[i, 1])) ** 2
+        best = d2[masks[i]].min()
+        out[i] = float(best <= float(tolerance) ** 2 + 1e-9)
+    return out
+
+
+def pointing_game(
+    model: nn.Module | None,
+    inputs: Any,
+    maps: MapsLike,
+    targets: Any = None,
+    *,
+    gt: Any = None,
+    tolerance: float = 15,
+    seed: int = 0,
+    batch_size: int = 32,
+    preprocess=None,
+    explain_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Pointing game hits per image, ``(N,)`` of 1.0 (hit) / 0.0 (miss); the mean is the accuracy.
+
+    ``gt``: ground truth at input resolution (see the module docstring); ``tolerance`` in pixels
+    (0: the maximum must fall inside the object). ``model`` may be ``None`` when ``maps`` is a
+    tensor and ``inputs`` the preprocessed batch (only its size is used).
+    """
+    if tolerance < 0:
+        raise InputError(f"tolerance must be >= 0 pixels, not {tolerance}")
+    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
+                   explain_options=explain_options, need_classes=False)
+    masks = gt_masks(gt, prep.n, prep.size)
+    _check_nonempty(masks)
+    top = pixel_order(prep.maps, seed)[:, 0].cpu()
+    points = torch.stack([top // prep.size[1], top % prep.size[1]], dim=1)
+    return _hits(points, masks, tolerance)
+
+
+def centre_baseline(gt: Any, size: tuple[int, int], n: int | None = None, *, tolerance: float = 15,
+                    seed: int = 0) -> torch.Tensor:
+    """Hits ``(N,)`` of the centre baseline (always point at the image centre) for ``gt``."""
+    if n is None:
+        n = len(gt)
+    m = baseline_maps("centre", n, size, torch.device("cpu"))
+    return pointing_game(None, torch.zeros(n, 1, *size), m, gt=gt, tolerance=tolerance, seed=seed)
+
+
+def energy_pointing_game(
+    model: nn.Module | None,
+    inputs: Any,
+    maps: MapsLike,
+    targets: Any = None,
+    *,
+    gt: Any = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    preprocess=None,
+    explain_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Share of the map's positive energy inside the ground truth, ``(N,)`` in [0, 1] (higher is
+    better). Arguments as :func:`pointing_game`."""
+    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
+                   explain_options=explain_options, need_classes=False)
+    masks = gt_masks(gt, prep.n, prep.size)
+    _check_nonempty(masks)
+    e = prep.maps.double().clamp_min(0).flatten(1).cpu()
+    inside = masks.flatten(1).double()
+    total = e.sum(dim=1)
+    share = (e * inside).sum(dim=1) / total.clamp_min(1e-300)
+    area = inside.mean(dim=1)
+    return torch.where(total > 0, share, area).float()

@@ -1,0 +1,237 @@
+r"""ROAD: RemOve And Debias (Rong, Leemann, Borisov, Kasneci & Kasneci, "A Consistent and Efficient
+Evaluation Strategy for Attribution Methods", ICML 2022).
+
+Removing pixels by setting them to a constant leaks the shape of the removed region to the
+model (the mask itself becomes evidence). ROAD instead *imputes* the removed pixels with the
+**noisy linear imputation**: every removed pixel :math:`i` is the weighted average of its eight
+neighbours :math:`N(i)` inside the image (direct neighbours weight :math:`1/6`, diagonal
+neighbours :math:`1/12`), removed neighbours being unknowns too:
+
+.. math:: \sum_{j \in N(i)} w_{ij}\,(v_i - v_j) = 0 \quad \text{for every removed } i,
+
+a sparse symmetric linear system (one right-hand side per channel) solved with SciPy's sparse
+LU; Gaussian noise of standard deviation ``noise`` (in the model's input space) is then added
+to the imputed pixels. A tiny ridge :math:`\varepsilon (v_i - \mu)` (:math:`\varepsilon = 10^{-8}`,
+:math:`\mu` the mean of the kept pixels, 0 if none) keeps the system solvable when a removed region
+touches no kept pixel (e.g. 100 % removal) and is otherwise negligible.
+
+For each percentage :math:`p`, **MoRF** (most relevant first) removes the :math:`p` most relevant
+pixels and **LeRF** (least relevant first) the :math:`p` least relevant, ranked by the map (ties
+broken at random, see :mod:`camlens.metrics._common`). The score is the softmax probability of
+the target class on the imputed image. A faithful map gives a *low* MoRF curve (removing what it
+points at hurts) and a *high* LeRF curve (removing what it ignores does not). :func:`road`
+averages a curve over the percentages; ``order="combined"`` gives :math:`(\mathrm{LeRF} -
+\mathrm{MoRF})/2`, higher is better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ._common import MapsLike, pixel_rank, prepare, removed_counts, scored_batches
+
+#: (dy, dx, weight) of the eight neighbours: direct 1/6, diagonal 1/12 (they sum to 1)
+NEIGHBOURS = ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+              (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12))
+RIDGE = 1e-8
+DEFAULT_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _impute_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Linear imputation of one ``(C, H, W)`` float64 image; ``removed`` ``(H, W)`` bool."""
+    c, h, w = img.shape
+    miss = removed.reshape(-1)
+    n = int(miss.sum())
+    out = img.reshape(c, -1).copy()
+    if n == 0:
+        return out.reshape(c, h, w)
+    unknown = np.nonzero(miss)[0]
+    index = np.full(h * w, -1, dtype=np.int64)
+    index[unknown] = np.arange(n)
+    ys, xs = np.divmod(unknown, w)
+    known = ~miss
+    mu = out[:, known].mean(axis=1) if known.any() else np.zeros(c)
+    diag = np.full(n, RIDGE)
+    rhs = np.tile(RIDGE * mu, (n, 1))  # (n, C)
+    rows, cols, vals = [], [], []
+    for dy, dx, wt in NEIGHBOURS:
+        yy, xx = ys + dy, xs + dx
+        ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        i = np.nonzero(ok)[0]
+        j = yy[ok] * w + xx[ok]
+        diag[i] += wt
+        unk = miss[j]
+        rows.append(i[unk])
+        cols.append(index[j[unk]])
+        vals.append(np.full(int(unk.sum()), -wt))
+        kn = ~unk
+        np.add.at(rhs, i[kn], wt * out[:, j[kn]].T)
+    rows.append(np.arange(n))
+    cols.append(np.arange(n))
+    vals.append(diag)
+    a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    sol = spla.splu(a).solve(np.ascontiguousarray(rhs))
+    out[:, unknown] = sol.T
+    return out.reshape(c, h, w)
+
+
+def noisy_linear_imputation(
+    x: torch.Tensor,
+    removed: torch.Tensor,
+    *,
+    noise: float = 0.01,
+    seed: int | torch.Generator = 0,
+) -> torch.Tensor:
+    """Impute the ``removed`` pixels of ``x`` (see the module docstring).
+
+    Args:
+        x: ``(N, C, H, W)`` (or ``(C, H, W)``) images in the model's input space.
+        removed: ``(N, H, W)`` (or ``(H, W)``) bool, True where a pixel is removed (all channels).
+        noise: standard deviation of the Gaussian noise added to the imputed pixels (0: none).
+        seed: seed or CPU generator of that noise.
+
+    Returns:
+        A new tensor like ``x``: kept pixels unchanged, removed ones imputed.
+    """
+    single = x.dim() == 3
+    xb = x[None] if single else x
+    rb = removed[None] if removed.dim() == 2 else removed
+    if xb.dim() != 4 or rb.shape != (xb.shape[0], *xb.shape[-2:]):
+        raise InputError(f"removed mask {tuple(removed.shape)} does not match images {tuple(x.shape)}")
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    imgs = xb.detach().double().cpu().numpy()
+    masks = rb.detach().bool().cpu().numpy()
+    out = np.stack([_impute_one(im, m) for im, m in zip(imgs, masks, strict=True)])
+    res = torch.from_numpy(out)
+    if noise:
+        eps = torch.randn(res.shape, generator=g, dtype=torch.float64) * float(noise)
+        res = res + eps * torch.from_numpy(masks)[:, None]
+    res = res.to(device=x.device, dtype=x.dtype)
+    return res[0] if single else res
+
+
+@dataclass
+class RoadResult:
+    """ROAD curves of ``N`` images.
+
+    Attributes:
+        percentages: ``(P,)`` fractions of pixels removed.
+        morf: ``(N, P)`` target probability after removing the most relevant pixels.
+        lerf: ``(N, P)`` after removing the least relevant pixels.
+        classes: ``(N,)`` target classes.
+    """
+
+    percentages: torch.Tensor
+    morf: torch.Tensor
+    lerf: torch.Tensor
+    classes: torch.Tensor
+
+    def score(self, order: str = "morf") -> torch.Tensor:
+        """Per-image mean over the percentages of ``"morf"`` (lower is better), ``"lerf"`` (higher is
+        better) or ``"combined"`` = (LeRF - MoRF) / 2 (higher is better), ``(N,)``."""
+        key = order.strip().lower()
+        if key == "morf":
+            return self.morf.mean(dim=1)
+        if key == "lerf":
+            return self.lerf.mean(dim=1)
+        if key == "combined":
+            return ((self.lerf - self.morf) / 2).mean(dim=1)
+        raise InputError(f"unknown ROAD order {order!r}; use 'morf', 'lerf' or 'combined'")
+
+    def plot(self, ax=None, label: str | None = None):
+        """MoRF (solid) and LeRF (dashed) mean curves on ``ax``; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 4))
+        p = self.percentages.numpy() * 100
+        (line,) = ax.plot(p, self.morf.mean(0).numpy(), "-o", ms=3, label=f"{label or ''} MoRF".strip())
+        ax.plot(p, self.lerf.mean(0).numpy(), "--o", ms=3, color=line.get_color(),
+                label=f"{label or ''} LeRF".strip())
+        ax.set_xlabel("% of pixels removed (noisy linear imputation)")
+        ax.set_ylabel("probability of the target class")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("ROAD")
+        ax.legend(fontsize=8)
+        return ax
+
+
+def _check_percentages(percentages) -> torch.Tensor:
+    p = torch.as_tensor(list(percentages), dtype=torch.float64)
+    if p.dim() != 1 or p.numel() == 0 or not torch.all((p >= 0) & (p <= 1)):
+        raise InputError(f"percentages must be fractions in [0, 1], e.g. (0.1, 0.2, ..., 0.9); "
+                         f"got {percentages}")
+    return p
+
+
+def road_curves(
+    model: nn.Module,
+    inputs: Any,
+    maps: MapsLike,
+    targets: Any = None,
+    *,
+    percentages=DEFAULT_PERCENTAGES,
+    orders: tuple[str, ...] = ("morf", "lerf"),
+    noise: float = 0.01,
+    batch_size: int = 32,
+    seed: int = 0,
+    preprocess=None,
+    explain_options: dict[str, Any] | None = None,
+) -> RoadResult:
+    """MoRF and LeRF curves with noisy linear imputation, ``percentages`` as fractions in [0, 1].
+
+    ``orders`` may restrict the work to ``("morf",)`` or ``("lerf",)`` (the other curve then has
+    shape ``(N, 0)``). Other arguments as :func:`camlens.metrics.deletion_curve`.
+    """
+    if model is None:
+        raise InputError("ROAD needs the model to score the imputed images")
+    pct = _check_percentages(percentages)
+    orders = tuple(o.strip().lower() for o in orders)
+    if not orders or set(orders) - {"morf", "lerf"}:
+        raise InputError(f"orders must be a subset of ('morf', 'lerf'), not {orders}")
+    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
+                   explain_options=explain_options)
+    x, classes = prep.x, prep.classes
+    n, _, h, w = x.shape
+    counts = removed_counts(h * w, pct)
+    rank = pixel_rank(prep.maps, seed).view(n, h, w).cpu()
+    items = [(i, (o, j)) for i in range(n) for o in orders for j in range(len(pct))]
+
+    def make(chunk):
+        masks = []
+        for i, (o, j) in chunk:
+            k = int(counts[j])
+            masks.append(rank[i] < k if o == "morf" else rank[i] >= h * w - k)
+        idx = [i for i, _ in chunk]
+        out = []
+        for b, (i, (o, j)) in enumerate(chunk):
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i * 7919 + (o == "lerf") * 104_729 + j)
+            out.append(noisy_linear_imputation(x[idx[b]], masks[b], noise=noise, seed=g))
+        return torch.stack(out)
+
+    probs = scored_batches(model, items, make, classes, batch_size)
+    probs = probs.view(n, len(orders), len(pct))
+    empty = torch.zeros(n, 0)
+    morf = probs[:, orders.index("morf")] if "morf" in orders else empty
+    lerf = probs[:, orders.index("lerf")] if "lerf" in orders else empty
+    return RoadResult(pct.float(), morf, lerf, classes)
+
+
+def road(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, *, order: str = "morf",
+         **options: Any) -> torch.Tensor:
+    """ROAD score per image, ``(N,)``: the mean target probability over the percentages for
+    ``order="morf"`` (lower is better) or ``"lerf"`` (higher is better), or ``"combined"``
+    (LeRF - MoRF) / 2 (higher is better). Options: :func:`road_curves`."""
+    key = order.strip().lower()
+    orders = ("morf", "lerf") if key == "combined" else (key,)
+    if key not in ("morf", "lerf", "combined"):
+        raise InputError(f"unknown ROAD order {order!r}; use 'morf', 'lerf' or 'combined'")
+    return road_curves(model, inputs, maps, targets, orders=orders, **options).score(key)
