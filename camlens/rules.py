@@ -186,6 +186,11 @@ _CANDIDATES = frozenset(
 )
 
 
+def _leaf_or_leaf_view(x: torch.Tensor) -> bool:
+    """In place on these is an autograd error: let the native op raise it, before any change."""
+    return x.is_leaf or (x._base is not None and x._base.is_leaf)
+
+
 class _RuleMode(TorchFunctionMode):
     def __init__(self, switch: RuleSwitch) -> None:
         super().__init__()
@@ -198,7 +203,7 @@ class _RuleMode(TorchFunctionMode):
             if parsed is not None:
                 x, upper, inplace, kind = parsed
                 if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad \
-                        and torch.is_grad_enabled():
+                        and torch.is_grad_enabled() and not (inplace and _leaf_or_leaf_view(x)):
                     self.switch.relu_calls += 1
                     self.switch.kinds[kind] += 1
                     return _RuleReLU.apply(x, upper, inplace, self.switch)

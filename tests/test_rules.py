@@ -203,3 +203,11 @@ def test_graph_outlives_the_context_with_ordinary_gradient():
 def test_unknown_rule_is_a_clear_error():
     with relu_rules() as switch, pytest.raises(MethodError, match="deconvnet"), switch.use("lrp"):
         pass
+
+
+def test_inplace_on_a_leaf_raises_the_native_error_without_modifying_it():
+    x = torch.tensor(X, requires_grad=True)
+    for f in (lambda: x.relu_(), lambda: F.relu(x[:2], inplace=True)):
+        with pytest.raises(RuntimeError, match="leaf Variable"), relu_rules():
+            f()
+    assert x.tolist() == X
