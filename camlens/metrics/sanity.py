@@ -192,7 +192,8 @@ def plot_sanity(result: SanityResult, metric: str = "spearman_abs", ax=None):
     ax.set_xticks(xs)
     ax.set_xticklabels(result.steps, rotation=90, fontsize=7)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_ylim(-0.2 if metric != "spearman" else -1.05, 1.05)
+    lowest = min(float(result.values[metric][m].mean(dim=1).min()) for m in result.methods)
+    ax.set_ylim(min(-0.2, lowest - 0.1), 1.05)
     ax.set_ylabel({"spearman_abs": "rank correlation (|map|)", "spearman": "rank correlation",
                    "ssim": "SSIM"}[metric])
     ax.set_xlabel(f"{result.mode} randomization, top layer first")

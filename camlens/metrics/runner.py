@@ -1,0 +1,444 @@
+"""Run several metrics for several methods over many images, a chunk at a time (bounded memory).
+
+:func:`evaluate` is what ``camlens evaluate`` calls. Images are loaded ``chunk_size`` at a time,
+explained once per method, scored by every requested metric, and only scalars (and running sums
+of the curves) are kept, so a folder of any size runs in constant memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, MethodError
+from ..explain import prepare_inputs
+from ..io import load_image
+from ..methods.registry import get_method
+from ..models.zoo import card_of
+from ._common import baseline_maps, check_batch_size, explain_maps, resolve_classes
+from .confidence import confidence_pair
+from .perturbation import deletion_curve, insertion_curve
+from .pointing import energy_pointing_game, pointing_game
+from .road import DEFAULT_PERCENTAGES, road_curves
+from .sanity import METRICS as SANITY_METRICS
+from .sanity import SanityResult, plot_sanity, sanity_randomization
+from .similarity import class_sensitivity
+
+#: metric name -> (columns it writes, True if higher is better for each column)
+METRIC_COLUMNS: dict[str, dict[str, bool]] = {
+    "deletion": {"deletion": False},
+    "insertion": {"insertion": True},
+    "average_drop": {"average_drop": False},
+    "increase_in_confidence": {"increase_in_confidence": True},
+    "road": {"road_morf": False, "road_lerf": True},
+    "pointing_game": {"pointing_game": True},
+    "energy_pointing_game": {"energy_pointing_game": True},
+    "class_sensitivity": {"class_sensitivity": False},
+    "sanity": {},
+}
+ALIASES = {"increase": "increase_in_confidence", "drop": "average_drop", "pointing": "pointing_game",
+           "energy_pointing": "energy_pointing_game", "sanity_randomization": "sanity",
+           "randomization": "sanity"}
+DEFAULT_METRICS = ("deletion", "insertion", "average_drop", "increase_in_confidence", "sanity")
+#: metrics that get a random-map baseline row; the pointing games get the centre baseline
+RANDOM_BASELINE = ("deletion", "insertion", "average_drop", "increase_in_confidence", "road")
+CENTRE_BASELINE = ("pointing_game", "energy_pointing_game")
+
+
+def resolve_metrics(names: Sequence[str] | str) -> list[str]:
+    """Metric names (comma-separated strings allowed, ``"all"``) -> canonical names, in order."""
+    items = [names] if isinstance(names, str) else list(names)
+    out: list[str] = []
+    for item in items:
+        for raw in str(item).split(","):
+            key = raw.strip().lower().replace("-", "_")
+            if not key:
+                continue
+            if key == "all":
+                cands = list(METRIC_COLUMNS)
+            else:
+                key = ALIASES.get(key, key)
+                if key not in METRIC_COLUMNS:
+                    import difflib
+
+                    close = difflib.get_close_matches(key, list(METRIC_COLUMNS), n=3)
+                    hint = f" Did you mean {', '.join(close)}?" if close else ""
+                    raise InputError(f"unknown metric {raw.strip()!r}.{hint} Choose from: "
+                                     f"{', '.join(METRIC_COLUMNS)}, or all")
+                cands = [key]
+            out += [c for c in cands if c not in out]
+    if not out:
+        raise InputError("no metric given")
+    return out
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        rows: one dict per (image, method): ``image``, ``method``, ``target``, ``target_name`` and
+            one column per metric value (see :data:`METRIC_COLUMNS`).
+        curves: ``{(method, "deletion"|"insertion"): (fractions, mean curve)}``.
+        road: ``{method: (percentages, mean MoRF, mean LeRF)}``.
+        sanity: the merged :class:`SanityResult` over all images (``None`` if not requested).
+        settings: the options used.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    road: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sanity: SanityResult | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.rows))
+
+    @property
+    def columns(self) -> list[str]:
+        cols: list[str] = []
+        for r in self.rows:
+            cols += [k for k in r if k not in ("image", "method", "target", "target_name") and k not in cols]
+        return cols
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (method, metric column): ``mean``, ``std``, ``n`` over the images that have a value."""
+        out = []
+        for m in self.methods:
+            for c in self.columns:
+                v = np.array([r[c] for r in self.rows if r["method"] == m and r.get(c) is not None], float)
+                if v.size == 0:
+                    continue
+                higher = next((cols[c] for cols in METRIC_COLUMNS.values() if c in cols), True)
+                out.append({"method": m, "metric": c, "mean": float(v.mean()),
+                            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size),
+                            "better": "higher" if higher else "lower"})
+        return out
+
+    def table(self) -> str:
+        """The summary as a fixed-width text table (methods x metric means, arrows: better way)."""
+        cols = self.columns
+        summ = {(s["method"], s["metric"]): s for s in self.summary()}
+        heads = []
+        for c in cols:
+            higher = next((cl[c] for cl in METRIC_COLUMNS.values() if c in cl), True)
+            heads.append(f"{c} {'↑' if higher else '↓'}")
+        w0 = max([len("method"), *(len(m) for m in self.methods)])
+        widths = [max(len(h), 9) for h in heads]
+        lines = ["  ".join([f"{'method':<{w0}}", *(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True))])]
+        for m in self.methods:
+            cells = []
+            for c, w in zip(cols, widths, strict=True):
+                s = summ.get((m, c))
+                cells.append(f"{'-':>{w}}" if s is None else f"{s['mean']:>{w}.3f}")
+            lines.append("  ".join([f"{m:<{w0}}", *cells]))
+        if self.sanity is not None:
+            last = self.sanity.steps[-1]
+            lines.append("")
+            lines.append(f"sanity check ({self.sanity.mode} randomization), rank correlation of |maps| "
+                         "with the original (lower = the map depends on the weights):")
+            picks = list(dict.fromkeys([self.sanity.steps[min(1, len(self.sanity.steps) - 1)],
+                                        self.sanity.steps[min(3, len(self.sanity.steps) - 1)], last]))
+            lines.append("  ".join([f"{'method':<{w0}}", *(f"{p:>12}" for p in picks)]))
+            for m in self.sanity.methods:
+                vals = [float(self.sanity.at(p, m).mean()) for p in picks]
+                lines.append("  ".join([f"{m:<{w0}}", *(f"{v:>12.3f}" for v in vals)]))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"settings": self.settings, "summary": self.summary(), "per_image": self.rows}
+        d["curves"] = {f"{m}/{k}": {"fractions": f.tolist(), "mean": c.tolist()}
+                       for (m, k), (f, c) in self.curves.items()}
+        d["road"] = {m: {"percentages": p.tolist(), "morf": a.tolist(), "lerf": b.tolist()}
+                     for m, (p, a, b) in self.road.items()}
+        if self.sanity is not None:
+            d["sanity"] = self.sanity.table()
+        return d
+
+
+def merge_sanity(parts: list[SanityResult]) -> SanityResult:
+    """Concatenate the images of several :class:`SanityResult` with the same steps and methods."""
+    first = parts[0]
+    values = {metric: {m: torch.cat([p.values[metric][m] for p in parts], dim=1) for m in first.methods}
+              for metric in SANITY_METRICS}
+    return SanityResult(first.methods, first.steps, first.mode, values, torch.cat([p.classes for p in parts]))
+
+
+def _boxes_to_input(boxes: Any, shape: tuple[int, int], size: tuple[int, int], resize: str) -> np.ndarray:
+    """Boxes in original-image pixels -> input pixels (``stretch`` or ``center_crop`` preprocessing)."""
+    b = np.atleast_2d(np.asarray(boxes, dtype=np.float64))
+    if b.shape[-1] != 4:
+        raise InputError(f"boxes must be [x0, y0, x1, y1] lists; got shape {b.shape}")
+    (H, W), (h, w) = shape, size
+    if resize == "center_crop":
+        s = max(h / H, w / W)
+        nh, nw = max(h, round(H * s)), max(w, round(W * s))
+        top, left = (nh - h) // 2, (nw - w) // 2
+        return b * [nw / W, nh / H, nw / W, nh / H] - [left, top, left, top]
+    return b * [w / W, h / H, w / W, h / H]
+
+
+def _gt_to_input(gt: Any, shape: tuple[int, int], size: tuple[int, int], resize: str) -> Any:
+    """One image's ground truth (boxes or a mask array at image resolution) at input resolution."""
+    arr = np.asarray(gt) if not isinstance(gt, torch.Tensor) else gt.cpu().numpy()
+    if arr.ndim == 2 and arr.shape == tuple(shape) and arr.shape[-1] != 4:
+        t = torch.from_numpy((arr != 0).astype(np.float32))[None, None]
+        if resize == "center_crop":
+            raise InputError("mask ground truth with center_crop preprocessing is not supported; use boxes")
+        return (F.interpolate(t, size=size, mode="nearest")[0, 0] > 0.5).numpy()
+    return _boxes_to_input(arr, shape, size, resize)
+
+
+def evaluate(
+    model: nn.Module,
+    images: Sequence[Any],
+    methods: Sequence[str] = ("gradcam",),
+    metrics: Sequence[str] | str = DEFAULT_METRICS,
+    *,
+    names: Sequence[str] | None = None,
+    gt: Sequence[Any] | None = None,
+    steps: int = 20,
+    percentages: Sequence[float] = DEFAULT_PERCENTAGES,
+    tolerance: float = 15,
+    baseline: bool = True,
+    batch_size: int = 32,
+    chunk_size: int = 8,
+    seed: int = 0,
+    preprocess=None,
+    explain_options: dict[str, Any] | None = None,
+    sanity_layers: int | Sequence[str] | None = None,
+    progress: bool = False,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> EvaluationReport:
+    """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
+
+    Args:
+        model: the classifier (left untouched).
+        images: paths, PIL images or RGB arrays (loaded ``chunk_size`` at a time).
+        methods: registered method names.
+        metrics: names from :data:`METRIC_COLUMNS` (or ``"all"``).
+        names: a name per image (default: file stems, else ``image<i>``).
+        gt: per-image ground truth for the pointing games, in *original image* pixels: boxes
+            ``[[x0, y0, x1, y1], ...]`` or an ``(H, W)`` mask; ``None`` entries skip that image.
+        steps: deletion/insertion steps; percentages: ROAD fractions; tolerance: pointing game.
+        baseline: add the ``random`` map baseline (``centre`` for the pointing games).
+        batch_size: images per forward pass; chunk_size: images loaded at once.
+        seed: tie-break, random-baseline and randomization seed.
+        explain_options: keyword arguments for :func:`camlens.explain` (``layer=``…).
+        sanity_layers: an int ``k`` (randomize only the top ``k`` units) or unit names.
+        progress: show a tqdm progress bar.
+    """
+    batch_size = check_batch_size(batch_size)
+    chunk_size = check_batch_size(chunk_size)
+    wanted = resolve_metrics(metrics)
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise MethodError("no method given")
+    for m in methods:
+        get_method(m)
+    images = list(images)
+    if not images:
+        raise InputError("no images to evaluate")
+    if names is None:
+        names = [Path(s).stem if isinstance(s, (str, os.PathLike)) else f"image{i}" for i, s in enumerate(images)]
+    names = list(names)
+    if len(names) != len(images):
+        raise InputError(f"{len(names)} names for {len(images)} images")
+    pointing = [m for m in wanted if m in CENTRE_BASELINE]
+    if pointing and gt is None:
+        raise InputError(f"{', '.join(pointing)} need ground truth: pass gt= (boxes or masks per image; "
+                         "on the command line --gt FILE.json)")
+    if gt is not None and len(gt) != len(images):
+        raise InputError(f"{len(gt)} ground-truth entries for {len(images)} images")
+    card = card_of(model)
+    class_names = card.class_names if card else None
+    pp = preprocess or (card.preprocess if card else None)
+    options = dict(explain_options or {})
+    layers = sanity_layers
+    report = EvaluationReport(settings={
+        "methods": methods, "metrics": wanted, "steps": steps, "percentages": list(percentages),
+        "tolerance": tolerance, "baseline": baseline, "seed": seed, "images": len(images),
+        "model": card.name if card else type(model).__name__,
+        "probability": "softmax probability of the target class (top-1 of the clean image)",
+    })
+    curve_sums: dict[tuple[str, str], list] = {}
+    road_sums: dict[str, list] = {}
+    sanity_parts: list[SanityResult] = []
+    rows_by_key: dict[tuple[int, str], dict[str, Any]] = {}
+    per_map = [m for m in wanted if m not in ("sanity", "class_sensitivity")]
+    map_methods = methods + (["random"] if baseline and any(m in RANDOM_BASELINE for m in wanted) else []) \
+        + (["centre"] if baseline and pointing else [])
+    n_chunks = math.ceil(len(images) / chunk_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        per_image = len(methods) * (bool(per_map) + ("class_sensitivity" in wanted)) + ("sanity" in wanted)
+        bar = tqdm(total=len(images) * per_image, desc="evaluate", unit="step")
+    try:
+        for ci in range(n_chunks):
+            sl = slice(ci * chunk_size, min(len(images), (ci + 1) * chunk_size))
+            arrs = [load_image(s) for s in images[sl]]
+            x, _, _ = prepare_inputs(arrs, model, pp)
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            classes = resolve_classes(model, x, None, batch_size)
+            idx = list(range(sl.start, sl.stop))
+            gts = None
+            if gt is not None:
+                resize = getattr(pp, "resize", "stretch")
+                gts = [None if gt[i] is None else _gt_to_input(gt[i], a.shape[:2], size, resize)
+                       for i, a in zip(idx, arrs, strict=True)]
+            for meth in map_methods:
+                is_base = meth in ("random", "centre")
+                mine = [w for w in per_map if (not is_base) or
+                        (meth == "random" and w in RANDOM_BASELINE) or (meth == "centre" and w in CENTRE_BASELINE)]
+                if is_base and not mine:
+                    continue
+                for j, i in enumerate(idx):
+                    c = int(classes[j])
+                    rows_by_key.setdefault((i, meth), {
+                        "image": names[i], "method": meth, "target": c,
+                        "target_name": class_names[c] if class_names and c < len(class_names) else str(c)})
+                if not mine:
+                    continue
+                if is_base:
+                    maps = baseline_maps(meth, x.shape[0], size, x.device, seed + ci)
+                else:
+                    maps = explain_maps(model, x, meth, classes, batch_size, options)
+                common = {"batch_size": batch_size, "seed": seed}
+                for w in mine:
+                    vals: dict[str, torch.Tensor] = {}
+                    if w in ("deletion", "insertion"):
+                        fn = deletion_curve if w == "deletion" else insertion_curve
+                        cur = fn(model, x, maps, classes, steps=steps, **common)
+                        vals[w] = cur.auc
+                        s = curve_sums.setdefault((meth, w), [cur.fractions.numpy(), 0.0, 0])
+                        s[1] = s[1] + cur.probs.sum(0).numpy()
+                        s[2] += cur.probs.shape[0]
+                    elif w in ("average_drop", "increase_in_confidence"):
+                        if w == "increase_in_confidence" and "average_drop" in mine:
+                            continue  # computed with average_drop (one masked forward for both)
+                        y, o = confidence_pair(model, x, maps, classes, **common)
+                        if "average_drop" in mine:
+                            vals["average_drop"] = 100.0 * (y - o).clamp_min(0) / y.clamp_min(1e-12)
+                        if "increase_in_confidence" in mine:
+                            vals["increase_in_confidence"] = 100.0 * (o > y).float()
+                    elif w == "road":
+                        r = road_curves(model, x, maps, classes, percentages=percentages, **common)
+                        vals["road_morf"], vals["road_lerf"] = r.score("morf"), r.score("lerf")
+                        s = road_sums.setdefault(meth, [r.percentages.numpy(), 0.0, 0.0, 0])
+                        s[1] = s[1] + r.morf.sum(0).numpy()
+                        s[2] = s[2] + r.lerf.sum(0).numpy()
+                        s[3] += r.morf.shape[0]
+                    elif w in CENTRE_BASELINE:
+                        keep = [j for j in range(len(idx)) if gts[j] is not None]
+                        if keep:
+                            fn = pointing_game if w == "pointing_game" else energy_pointing_game
+                            kw = {"tolerance": tolerance} if w == "pointing_game" else {}
+                            v = fn(None, x[keep], maps[keep], gt=[gts[j] for j in keep], seed=seed, **kw)
+                            full = torch.full((len(idx),), float("nan"))
+                            full[keep] = v
+                            vals[w] = full
+                    for col, v in vals.items():
+                        for j, i in enumerate(idx):
+                            val = float(v[j])
+                            rows_by_key[(i, meth)][col] = None if math.isnan(val) else val
+                if bar is not None and not is_base and per_map:
+                    bar.update(len(idx))
+            if "class_sensitivity" in wanted:
+                for meth in methods:
+                    v = class_sensitivity(model, x, meth, classes, batch_size=batch_size,
+                                          explain_options=options)
+                    for j, i in enumerate(idx):
+                        rows_by_key[(i, meth)]["class_sensitivity"] = float(v[j])
+                    if bar is not None:
+                        bar.update(len(idx))
+            if "sanity" in wanted:
+                lay = layers
+                if isinstance(layers, int):
+                    from .sanity import randomization_layers
+
+                    lay = randomization_layers(model, x)[:layers]
+                sanity_parts.append(sanity_randomization(
+                    model, x, method=methods, targets=classes, layers=lay, seed=seed,
+                    batch_size=batch_size, explain_options=options))
+                if bar is not None:
+                    bar.update(len(idx))
+            if on_chunk is not None:
+                on_chunk(ci + 1, n_chunks)
+    finally:
+        if bar is not None:
+            bar.close()
+    order = {m: k for k, m in enumerate(map_methods)}
+    report.rows = [rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))]
+    report.curves = {k: (f, s / n) for k, (f, s, n) in curve_sums.items()}
+    report.road = {m: (p, a / n, b / n) for m, (p, a, b, n) in road_sums.items()}
+    if sanity_parts:
+        report.sanity = merge_sanity(sanity_parts)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+def curves_figure(report: EvaluationReport, method: str):
+    """Deletion and insertion mean curves of ``method`` (and of the random baseline, dashed)."""
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("deletion", "insertion") if (method, k) in report.curves]
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5 * max(1, len(kinds)), 4), squeeze=False)
+    summ = {(s["method"], s["metric"]): s["mean"] for s in report.summary()}
+    for ax, kind in zip(axes[0], kinds, strict=False):
+        for m, style in ((method, "-"), ("random", "--")):
+            if (m, kind) not in report.curves:
+                continue
+            f, c = report.curves[(m, kind)]
+            ax.plot(f, c, style, label=f"{m} (AUC {summ.get((m, kind), float('nan')):.3f})")
+        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("probability of the target class")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{method}: mean over {report.settings.get('images', '?')} images")
+    fig.tight_layout()
+    return fig
+
+
+def road_figure(report: EvaluationReport):
+    """ROAD MoRF (solid) and LeRF (dashed) mean curves, one colour per method."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, (p, a, b) in report.road.items():
+        (line,) = ax.plot(p * 100, a, "-o", ms=3, label=f"{m} MoRF")
+        ax.plot(p * 100, b, "--o", ms=3, color=line.get_color(), label=f"{m} LeRF")
+    ax.set_xlabel("% of pixels removed (noisy linear imputation)")
+    ax.set_ylabel("probability of the target class")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("ROAD: MoRF low and LeRF high is better")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_figure(result: SanityResult):
+    """Rank correlation of |maps| and SSIM against the randomization steps, all methods."""
+    import matplotlib.pyplot as plt
+
+    width = max(7, 0.35 * len(result.steps) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 4.5))
+    plot_sanity(result, "spearman_abs", axes[0])
+    plot_sanity(result, "ssim", axes[1])
+    fig.tight_layout()
+    return fig
