@@ -72,7 +72,7 @@ def test_threshold_is_a_strict_fraction_of_the_max():
     assert localize(m, 0.0).tolist() == [1, 0, 10, 3]
     # scale invariance: only the ratio to the map's own max matters
     assert localize(m * 1e-6, 0.5).tolist() == localize(m * 1e6, 0.5).tolist()
-    assert DEFAULT_THRESHOLD == 0.2
+    assert DEFAULT_THRESHOLD == 0.3
     with pytest.raises(InputError, match="fraction"):
         localize(m, 1.0)
     with pytest.raises(InputError, match="fraction"):

@@ -13,6 +13,7 @@ the object's mask (``mask[y0:y1, x0:x1]`` holds every object pixel).
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,21 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
     return classes
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(yy, xx)`` of a ``size x size`` image (read-only, cached)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    yy.setflags(write=False)
+    xx.setflags(write=False)
+    return yy, xx
+
+
 def shape_mask(shape: str, size: int, cx: float, cy: float, s: float) -> np.ndarray:
     """Boolean ``(size, size)`` mask of ``shape`` centred at ``(cx, cy)`` with side ``s`` (pixels).
 
     A pixel ``(x, y)`` is inside when its centre ``(x + 0.5, y + 0.5)`` is inside the shape.
     """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    yy, xx = _grid(size)
     dx, dy = xx - cx, yy - cy
     h = s / 2.0
     if shape == "circle":
@@ -124,7 +134,7 @@ def _background(rng: np.random.Generator, size: int, textured: bool) -> np.ndarr
     base = rng.uniform(70, 185, size=3)
     img = np.broadcast_to(base, (size, size, 3)).astype(np.float64).copy()
     if textured:
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+        yy, xx = (g / size for g in _grid(size))
         for _ in range(3):  # oriented stripes at random frequencies, tinted per channel
             theta = rng.uniform(0, np.pi)
             freq = rng.uniform(2.0, 9.0)

@@ -1,0 +1,224 @@
+import json
+
+import numpy as np
+import pytest
+
+from camlens.errors import InputError, OutputExistsError
+from camlens.localize import localize
+from camlens.loceval import (
+    SWEEP,
+    GroundTruthError,
+    calibrate_threshold,
+    centre_map,
+    evaluate_maps,
+    load_threshold,
+    pointing_hit,
+    read_boxes,
+    save_threshold,
+    sweep_components,
+)
+
+
+# ---------------------------------------------------------------- reading ground truth
+def test_read_csv_groups_rows_per_image(tmp_path):
+    (tmp_path / "boxes.csv").write_text(
+        "path,class,x0,y0,x1,y1\n"
+        "a/img1.png,cat,1,2,10,20\n"
+        "a/img1.png,dog,5,5,7,9\n"
+        "img2.png,cat,0,0,4,4\n"
+    )
+    gt = read_boxes(tmp_path / "boxes.csv")
+    assert [g.path for g in gt] == [tmp_path / "a/img1.png", tmp_path / "img2.png"]
+    assert gt[0].boxes().tolist() == [[1, 2, 10, 20], [5, 5, 7, 9]]
+    assert gt[0].boxes("dog").tolist() == [[5, 5, 7, 9]]
+    assert gt[0].classes == ["cat", "dog"] and gt[0].main_class == "cat"  # largest box
+    assert read_boxes(tmp_path / "boxes.csv", root="/data")[1].path.as_posix() == "/data/img2.png"
+
+
+def test_read_csv_errors(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("file,x,y\nfoo,1,2\n")
+    with pytest.raises(GroundTruthError, match="path,class,x0,y0,x1,y1"):
+        read_boxes(p)
+    p.write_text("path,class,x0,y0,x1,y1\nfoo,c,5,5,5,9\n")
+    with pytest.raises(GroundTruthError, match="line 2: empty box"):
+        read_boxes(p)
+    with pytest.raises(GroundTruthError, match="not found"):
+        read_boxes(tmp_path / "nope.csv")
+    (tmp_path / "b.txt").write_text("x")
+    with pytest.raises(GroundTruthError, match="unknown boxes format"):
+        read_boxes(tmp_path / "b.txt")
+
+
+VOC = """<annotation><folder>VOC</folder><filename>{name}</filename>
+<size><width>500</width><height>375</height><depth>3</depth></size>
+<object><name>cat</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>100</xmax><ymax>200</ymax></bndbox></object>
+<object><name>person</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_read_voc_folder_one_based_inclusive(tmp_path):
+    ann = tmp_path / "VOC" / "Annotations"
+    ann.mkdir(parents=True)
+    (tmp_path / "VOC" / "JPEGImages").mkdir()
+    (tmp_path / "VOC" / "JPEGImages" / "x.jpg").write_bytes(b"")
+    (ann / "x.xml").write_text(VOC.format(name="x.jpg"))
+    (ann / "y.xml").write_text(VOC.format(name="y.jpg"))
+    gt = read_boxes(tmp_path / "VOC")  # finds Annotations/
+    assert len(gt) == 2
+    # xmin=11 (1-based, inclusive) -> x0=10; xmax=100 inclusive -> x1=100 exclusive
+    assert gt[0].boxes("cat").tolist() == [[10, 20, 100, 200]]
+    assert gt[0].boxes("person").tolist() == [[0, 0, 50, 60]]
+    assert gt[0].size == (375, 500)
+    assert gt[0].path == tmp_path / "VOC" / "JPEGImages" / "x.jpg"  # resolved to the images folder
+    assert read_boxes(ann / "y.xml")[0].path == ann / "y.jpg"
+    (ann / "bad.xml").write_text("<annotation><filename>")
+    with pytest.raises(GroundTruthError, match="not valid Pascal VOC"):
+        read_boxes(ann / "bad.xml")
+
+
+def test_read_coco(tmp_path):
+    coco = {
+        "images": [{"id": 7, "file_name": "im/a.jpg", "width": 64, "height": 48},
+                   {"id": 8, "file_name": "im/empty.jpg", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10.2, 5.0, 20.5, 10.0], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [0, 0, 64, 48], "iscrowd": 1},
+        ],
+        "categories": [{"id": 3, "name": "cup"}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    gt = read_boxes(tmp_path / "c.json")
+    assert len(gt) == 1  # images without (non-crowd) annotations are left out
+    assert gt[0].path == tmp_path / "im/a.jpg" and gt[0].size == (48, 64)
+    # floor(10.2)=10, ceil(10.2+20.5)=31
+    assert gt[0].objects[0][0] == "cup" and gt[0].boxes().tolist() == [[10, 5, 31, 15]]
+    (tmp_path / "d.json").write_text('{"x": 1}')
+    with pytest.raises(GroundTruthError, match="COCO"):
+        read_boxes(tmp_path / "d.json")
+
+
+# ---------------------------------------------------------------- metrics on hand-built maps
+def _box_map(size, box, value=1.0):
+    m = np.zeros(size)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def test_perfect_and_half_maps():
+    gt = np.array([[10, 10, 30, 30]])
+    perfect = _box_map((50, 50), gt[0])
+    half = _box_map((50, 50), (10, 10, 20, 30))  # IoU 0.5 exactly
+    quarter = _box_map((50, 50), (10, 10, 20, 20))  # IoU 0.25
+    r = evaluate_maps([perfect, half, quarter], [gt, gt, gt], correct=[True, False, True], tolerance=0)
+    assert r.per_image_iou.tolist() == pytest.approx([1.0, 0.5, 0.25])
+    assert r.metrics["gt_known_loc"] == pytest.approx(2 / 3)
+    assert r.metrics["top1_loc"] == pytest.approx(1 / 3)  # the half map's class was wrong
+    assert r.metrics["mean_iou"] == pytest.approx(1.75 / 3)
+    assert r.metrics["pointing_game"] == 1.0  # every peak lies in the box
+    assert r.metrics["maxboxacc"] == pytest.approx(2 / 3)
+    # V2: IoU>=0.3 -> 2/3, >=0.5 -> 2/3, >=0.7 -> 1/3
+    assert r.metrics["maxboxacc_v2"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+    assert "centre baseline" in r.table() and "MaxBoxAccV2" in r.table()
+    d = r.to_dict()
+    assert d["metrics"]["gt_known_loc"] == pytest.approx(2 / 3) and len(d["thresholds"]) == len(SWEEP)
+
+
+def test_maxboxacc_finds_the_right_threshold():
+    # object at 1.0 inside a halo of 0.4: any cut below 0.4 of the max boxes the halo
+    gt = np.array([[20, 20, 30, 30]])
+    m = _box_map((60, 60), (5, 5, 55, 55), 0.4)
+    m[20:30, 20:30] = 1.0
+    r = evaluate_maps([m], [gt])
+    assert r.metrics["gt_known_loc"] == 0.0  # default threshold 0.2 keeps the halo
+    assert r.metrics["maxboxacc"] == 1.0
+    assert r.best_threshold == pytest.approx(0.4)  # strict >: at 0.4 * max the halo drops out
+    assert calibrate_threshold([m], [gt]) == pytest.approx(0.4)
+    curve = r.curve_v1[:, 1]
+    assert (curve[SWEEP < 0.4] == 0).all() and (curve[SWEEP >= 0.4] == 1).all()
+
+
+def test_v2_counts_every_component_v1_only_the_largest():
+    gt = np.array([[40, 40, 48, 48]])
+    m = _box_map((64, 64), (0, 0, 20, 20), 1.0)  # big wrong blob
+    m[40:48, 40:48] = 1.0  # small right blob
+    r = evaluate_maps([m], [gt])
+    assert r.metrics["maxboxacc"] == 0.0 and r.metrics["gt_known_loc"] == 0.0
+    assert r.metrics["maxboxacc_v2"] == 1.0
+
+
+def test_sweep_matches_localize_at_every_threshold():
+    rng = np.random.default_rng(0)
+    import torch
+    import torch.nn.functional as F
+
+    for seed in range(3):
+        m = F.interpolate(torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed)),
+                          size=(40, 30), mode="bilinear")[0, 0].double().numpy()
+        m = m - 0.3 * rng.random()  # some negative values
+        ts = SWEEP[::7]
+        boxes, tidx, largest = sweep_components(m, ts)
+        for j, t in enumerate(ts):
+            want = localize(m, t, mode="all")
+            got = boxes[tidx == j]
+            assert sorted(got.tolist()) == sorted(r for r in want.tolist() if r != [-1] * 4)
+            lg = boxes[(tidx == j) & largest]
+            assert lg.tolist() == ([localize(m, t).tolist()] if want[0, 0] >= 0 else [])
+
+
+def test_empty_maps_and_scaling_to_the_image():
+    gt = [np.array([[10, 4, 30, 12]]), np.array([[0, 0, 5, 5]])]
+    m = _box_map((10, 10), (5, 2, 10, 6))  # x2 horizontally, x2 vertically -> (10,4,20,12)
+    r = evaluate_maps([m, np.zeros((10, 10))], gt, image_sizes=[(20, 20), (20, 20)])
+    assert r.per_image_iou.tolist() == pytest.approx([80 / 160, 0.0])
+    r2 = evaluate_maps([_box_map((10, 10), (5, 2, 10, 6))], [np.array([[20, 4, 40, 12]])],
+                       image_sizes=[(20, 40)])
+    assert r2.per_image_iou.tolist() == [1.0]
+
+
+def test_pointing_game_tolerance():
+    box = np.array([[10, 10, 20, 20]])
+    assert pointing_hit((15, 15), box, 0)
+    assert not pointing_hit((30, 15), box, 5) and pointing_hit((30, 15), box, 10)
+    assert pointing_hit((23, 24), box, 5) and not pointing_hit((23, 24), box, 4.9)  # corner: 3-4-5
+    m = np.zeros((40, 40))
+    m[15, 32] = 1.0  # peak centre (32.5, 15.5): 12.5 px right of the box
+    assert evaluate_maps([m], [box], tolerance=15).metrics["pointing_game"] == 1.0
+    assert evaluate_maps([m], [box], tolerance=10).metrics["pointing_game"] == 0.0
+
+
+def test_centre_baseline_is_centre_box_at_default_threshold():
+    c = centre_map((60, 80))
+    assert localize(c).tolist() == [20, 15, 60, 45]  # the central half of each side
+    gt = [np.array([[20, 15, 60, 45]]), np.array([[0, 0, 10, 10]])]
+    r = evaluate_maps([np.ones((60, 80)), np.ones((60, 80))], gt, correct=[True, True], tolerance=0)
+    assert r.baseline["gt_known_loc"] == 0.5 and r.baseline["top1_loc"] == 0.5
+    assert r.baseline["pointing_game"] == 0.5  # the centre is in the first box only
+    assert r.baseline["maxboxacc"] == 0.5
+
+
+def test_threshold_save_load(tmp_path):
+    p = save_threshold(tmp_path / "cal" / "thr.json", 0.35, method="gradcam", metrics={"maxboxacc": 0.9})
+    assert json.loads(p.read_text())["method"] == "gradcam"
+    assert load_threshold(p) == 0.35 and load_threshold("0.25") == 0.25 and load_threshold(0.1) == 0.1
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        save_threshold(p, 0.5)
+    save_threshold(p, 0.5, overwrite=True)
+    assert load_threshold(str(p)) == 0.5
+    with pytest.raises(InputError):
+        load_threshold("1.5")
+    with pytest.raises(InputError, match="neither a number"):
+        load_threshold(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(InputError, match="threshold"):
+        load_threshold(tmp_path / "x.json")
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError):
+        evaluate_maps(np.zeros((2, 5, 5)), [np.zeros((1, 4))])
+    with pytest.raises(InputError):
+        evaluate_maps(np.zeros((5, 5)), [np.zeros((1, 4))])
+    with pytest.raises(InputError):
+        evaluate_maps([], [])
