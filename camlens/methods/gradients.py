@@ -27,9 +27,12 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   tensor broadcastable to the input ``(N, C, H, W)``. Completeness
   :math:`\sum_i A_i = f_c(x) - f_c(x')` holds up to the quadrature error, reported as
   ``extras["completeness_error"]`` (``(N, K)``: :math:`\sum A - (f(x) - f(x'))`) and
-  ``extras["relative_completeness_error"]`` (divided by :math:`|f(x) - f(x')|`). Gauss–Legendre
-  is the default because, measured on EfficientNet-Lite0, it reaches a given completeness error
-  with fewer steps than the trapezoid rule (the integrand is piecewise smooth along the path).
+  ``extras["relative_completeness_error"]`` (divided by :math:`|f(x) - f(x')|`). For a ReLU
+  network the integrand is piecewise constant along the path (a jump at every ReLU/ReLU6 kink),
+  so no rule converges smoothly; measured on EfficientNet-Lite0 (4 photos, zero baseline, 96–224
+  px) Gauss–Legendre gave a median relative error of 1.4 % at 128 steps (worst 6.5 %) against
+  5.4 % (worst 25 %) for the trapezoid rule, hence the default. Check the reported error and
+  raise ``steps`` if needed (the paper: "between 20 and 300 steps", within 5 %).
 
 **Output.** ``raw`` is the input-shaped attribution ``(N, K, C, H, W)``; ``maps`` ``(N, K, H, W)``
 reduces the channels by ``reduce=``: ``"absmax"`` :math:`\max_c |A_c|` (Simonyan et al.; the
@@ -145,7 +148,7 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
           paper="Smilkov et al., SmoothGrad: removing noise by adding noise, ICML Workshops 2017",
           summary="a pixel method averaged over noisy copies of the input", kind="pixel", needs=())
 def smoothgrad(ctx, *, base: str = "saliency", n_samples: int = 50, noise_level: float = 0.15,
-               batch_size: int = 32, seed: int | None = 0, steps: int = 64, baseline: Any = None,
+               batch_size: int = 32, seed: int | None = 0, steps: int = 128, baseline: Any = None,
                quadrature: str = "gauss_legendre", reduce: str | None = None) -> MethodOutput:
     base_name = get_method(base).name
     if base_name not in SMOOTHABLE:
@@ -272,7 +275,7 @@ def _integrated(ctx, x: torch.Tensor, baseline: Any, steps: int, quadrature: str
           paper="Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017",
           summary="gradients integrated along the straight path from a baseline (completeness)",
           kind="pixel", needs=())
-def integrated_gradients(ctx, *, baseline: Any = None, steps: int = 64, quadrature: str = "gauss_legendre",
+def integrated_gradients(ctx, *, baseline: Any = None, steps: int = 128, quadrature: str = "gauss_legendre",
                          batch_size: int = 32, reduce: str | None = None) -> MethodOutput:
     bs = _check_positive("batch_size", batch_size)
     attr, extras = _integrated(ctx, ctx.x.detach(), baseline, steps, quadrature, bs, ctx.scores.detach())
