@@ -11,6 +11,8 @@
 
 Gradients for the ``K`` target classes come from ``K`` calls of ``torch.autograd.grad`` on one
 retained graph; they flow only to the tensors asked for, never into parameters' ``.grad``.
+:func:`gradient_pass` does the same on a new batch (SmoothGrad's noisy copies, Integrated
+Gradients' path points), optionally under a ReLU rule.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   preprocessed input). ``base=`` picks the wrapped method :math:`A`: ``saliency`` (default),
   ``deconvnet``, ``guided_backprop``, ``input_x_gradient`` (:math:`(x+\epsilon)\odot\nabla f(x+\epsilon)`)
   or ``integrated_gradients`` (each noisy copy integrated from the baseline).
-  ``batch_size`` noisy images run per forward, across images. The noise of sample :math:`j` is drawn
+  ``batch_size`` noisy images run per forward, across images (with ``base="integrated_gradients"``,
+  ``extras["completeness_error"]`` is the mean over the noisy copies). The noise of sample :math:`j` is drawn
   from a generator seeded with ``(seed, j)`` (one ``(C, H, W)`` draw shared by all images, scaled by
   each image's :math:`\sigma`), so an image's result does not depend on the rest of the batch and is
   reproducible; ``seed=None`` draws a fresh seed.
@@ -176,9 +177,8 @@ def smoothgrad(ctx, *, base: str = "saliency", n_samples: int = 50, noise_level:
     else:
         rule = SMOOTHABLE[base_name]
         for n, j in _chunks(N, S, bs):
-            cache: dict[int, torch.Tensor] = {}
-            eps = torch.stack([cache.setdefault(int(jj), _noise(seed, int(jj), tuple(x.shape[1:]), x))
-                               for jj in j])
+            draws = {jj: _noise(seed, jj, tuple(x.shape[1:]), x) for jj in j.unique().tolist()}
+            eps = torch.stack([draws[jj] for jj in j.tolist()])
             nd = n.to(x.device)
             xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
             gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule)
