@@ -23,7 +23,7 @@ def test_all_methods_match_cpu(tiny, tiny_x, device):
     for name in camlens.methods():
         opts = FAST_OPTIONS.get(name, {})
         if name == "smoothgrad":
-            opts = {**opts, "noise": 0.0}
+            opts = {**opts, "noise_level": 0.0}
         cpu = camlens.explain(tiny, tiny_x, method=name, targets="top2", **opts)
         dev = camlens.explain(gpu, tiny_x.to(device), method=name, targets="top2", **opts)
         assert dev.maps.device.type == device, name

@@ -15,8 +15,8 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   ``batch_size`` noisy images run per forward, across images (with ``base="integrated_gradients"``,
   ``extras["completeness_error"]`` is the mean over the noisy copies). The noise of sample :math:`j` is drawn
   from a generator seeded with ``(seed, j)`` (one ``(C, H, W)`` draw shared by all images, scaled by
-  each image's :math:`\sigma`), so an image's result does not depend on the rest of the batch and is
-  reproducible; ``seed=None`` draws a fresh seed.
+  each image's :math:`\sigma`; drawn on the CPU), so an image's result does not depend on the rest
+  of the batch and is reproducible across devices; ``seed=None`` draws a fresh seed.
 * ``integrated_gradients`` — Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks",
   ICML 2017: :math:`A = (x - x') \odot \int_0^1 \nabla f_c(x' + \alpha (x - x'))\,d\alpha`, with the
   integral by ``quadrature="gauss_legendre"`` (default; ``steps`` Gauss–Legendre nodes on [0, 1],
@@ -141,8 +141,10 @@ def input_x_gradient(ctx, *, reduce: str | None = None) -> MethodOutput:
 
 # ---------------------------------------------------------------------------------------------
 def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator(device=like.device).manual_seed((seed * 1_000_003 + j) % (2**63 - 1))
-    return torch.randn(shape, generator=g, device=like.device, dtype=like.dtype)
+    """Standard normal noise of sample ``j``: drawn on the CPU in float64 from a generator seeded
+    with ``(seed, j)``, so that it is the same on every device and dtype."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + j) % (2**63 - 1))
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
 @register("smoothgrad",
