@@ -1,0 +1,592 @@
+"""Figures and files: normalize, colorize, overlay, top-k / batch / pixel figures, and export.
+
+Everything here builds :class:`matplotlib.figure.Figure` objects directly (no pyplot, no global
+figure list, no display needed) and saves through the Agg canvas. In a notebook, a returned figure
+displays itself as the cell's result.
+
+* :func:`normalize` — per-map min–max to [0, 1] with an epsilon (constant maps -> 0, never NaN).
+* :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
+* :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
+* :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
+  :func:`explanation_figure` — the layouts; :func:`save_explanation` — PNG, ``.npy`` and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from .errors import InputError, OutputExistsError
+from .explanation import Explanation, minmax
+
+#: colours (matplotlib names) used for boxes: predicted, ground truth
+BOX_COLOR = "lime"
+GT_COLOR = "white"
+_ORD = {1: "1st", 2: "2nd", 3: "3rd"}
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays
+# --------------------------------------------------------------------------------------------
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def normalize(maps, eps: float = 1e-8):
+    """Min–max normalize each ``(..., H, W)`` map to [0, 1]: ``(m - min) / (max - min)``, or 0 where
+    ``max - min <= eps`` (see :func:`camlens.explanation.minmax`). Returns the input's type."""
+    if isinstance(maps, torch.Tensor):
+        return minmax(maps, eps)
+    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), eps).numpy()
+
+
+def resize_map(m, size: Sequence[int]) -> np.ndarray:
+    """Resize one ``(h, w)`` map to ``size = (H, W)`` (bilinear, ``align_corners=False``)."""
+    t = m.detach().float().cpu() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m, np.float32))
+    if t.dim() != 2:
+        raise InputError(f"expected one (H, W) map, got shape {tuple(t.shape)}")
+    if tuple(t.shape) == tuple(size):
+        return t.numpy().astype(np.float32, copy=True)
+    return F.interpolate(t[None, None], size=tuple(int(s) for s in size), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
+def colorize(m, cmap: str = "jet", *, normalized: bool = False) -> np.ndarray:
+    """An ``(H, W)`` map -> ``(H, W, 3)`` uint8 RGB through a matplotlib colormap.
+
+    The map is min–max normalized first unless ``normalized=True`` (then values are clipped to [0, 1]).
+    """
+    import matplotlib
+
+    try:
+        cm = matplotlib.colormaps[cmap]
+    except KeyError:
+        raise InputError(f"unknown matplotlib colormap {cmap!r}; try 'jet', 'viridis', 'inferno'") from None
+    v = np.clip(_np(m), 0, 1) if normalized else normalize(_np(m).astype(np.float32))
+    return (cm(v)[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, m, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a heatmap over an ``(H, W, 3)`` uint8 image: ``(1 - α) · image + α · colorize(map)``.
+
+    The map (any resolution) is resized bilinearly to the image and min–max normalized.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise InputError(f"overlay needs an (H, W, 3) RGB image, got shape {img.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    heat = colorize(resize_map(m, img.shape[:2]), cmap)
+    out = (1.0 - alpha) * img.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def attribution_rgb(attr, percentile: float = 99.5) -> np.ndarray:
+    """A pixel attribution ``(3, H, W)`` -> ``(H, W, 3)`` float in [0, 1] shown as colour:
+    ``clip(0.5 + 0.5 · a / q, 0, 1)`` with ``q`` the ``percentile`` of ``|a|`` (grey = 0; the sign and
+    the channel stay visible; a few extreme pixels do not wash the rest out)."""
+    a = _np(attr).astype(np.float64)
+    if a.ndim != 3:
+        raise InputError(f"expected a (C, H, W) attribution, got shape {a.shape}")
+    if a.shape[0] == 1:
+        a = np.repeat(a, 3, axis=0)
+    a = a[:3].transpose(1, 2, 0)
+    peak = np.percentile(np.abs(a), percentile) if percentile < 100 else np.abs(a).max()
+    if not peak > 0:
+        peak = np.abs(a).max()
+    return np.clip(0.5 + 0.5 * a / peak, 0, 1) if peak > 0 else np.full(a.shape, 0.5)
+
+
+def attribution_heat(attr, percentile: float = 99.5) -> np.ndarray:
+    """A pixel attribution ``(C, H, W)`` -> ``(H, W)`` heat: ``Σ_c |a_c|`` (or a ready ``(H, W)`` map),
+    clipped at its ``percentile`` and min–max normalized to [0, 1]."""
+    a = _np(attr).astype(np.float32)
+    if a.ndim == 3:
+        a = np.abs(a).sum(0)
+    elif a.ndim != 2:
+        raise InputError(f"expected a (C, H, W) attribution or an (H, W) map, got shape {a.shape}")
+    if percentile < 100 and a.size:
+        lo, hi = np.percentile(a, [100 - percentile, percentile])
+        if hi > lo:
+            a = np.clip(a, lo, hi)
+    return normalize(a)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+def _short(name: str, n: int = 28) -> str:
+    name = name.split(",")[0].strip()  # ImageNet names: "tabby, tabby cat" -> "tabby"
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def target_label(exp: Explanation, i: int, k: int, *, rank: bool = True) -> str:
+    """``"1st: tabby (45.1%)"`` for image ``i``, target ``k`` (probability of that class)."""
+    c = int(exp.classes[i, k])
+    name = _short(exp.labels()[i][k])
+    p = float(exp.probs[i, k])
+    what = f"{name} ({p:.1%})" if p == p else f"{name} (score {float(exp.scores[i, k]):.3g})"
+    if c < 0:
+        what = f"custom target (score {float(exp.scores[i, k]):.3g})"
+    return f"{_ORD.get(k + 1, f'{k + 1}th')}: {what}" if rank else what
+
+
+def _label(v, class_names: Sequence[str] | None) -> str:
+    if isinstance(v, (int, np.integer)) or (isinstance(v, torch.Tensor) and v.dim() == 0):
+        v = int(v)
+        return _short(class_names[v]) if class_names and 0 <= v < len(class_names) else str(v)
+    return _short(str(v))
+
+
+def _add_boxes(ax, boxes, color: str = BOX_COLOR, lw: float = 2.0, kind: str = "pred") -> None:
+    """Rectangles in image pixel coordinates (pixel centres at integers, so edges sit at ``x0 - 0.5``)."""
+    from matplotlib.patches import Rectangle
+
+    for b in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
+        if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
+            continue
+        r = Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, edgecolor=color,
+                      linewidth=lw, label=kind)
+        r.set_gid(f"{kind}:{b[0]},{b[1]},{b[2]},{b[3]}")
+        ax.add_patch(r)
+
+
+def patch_boxes(ax, kind: str = "pred") -> list[list[int]]:
+    """The boxes drawn on an axes by this module, as ``[[x0, y0, x1, y1], …]`` (for tests and tools)."""
+    out = []
+    for p in ax.patches:
+        gid = p.get_gid() or ""
+        if gid.startswith(kind + ":"):
+            out.append([int(v) for v in gid.split(":", 1)[1].split(",")])
+    return out
+
+
+def _panel(ax, image, title: str | None = None, *, color=None, fontsize: float = 10) -> None:
+    ax.imshow(image, interpolation="nearest" if image.shape[0] < 200 else "antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=fontsize, **({"color": color} if color else {}))
+
+
+def _grid(n: int, ncols: int, cell: float, aspect: float, extra_h: float = 0.45) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(cell * ncols, (cell * aspect + extra_h) * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+def _image_of(exp: Explanation, i: int) -> np.ndarray:
+    if exp.images:
+        return exp.images[i]
+    # tensor inputs: show the map alone on a grey background at map resolution
+    h, w = exp.maps.shape[-2:]
+    return np.full((h, w, 3), 128, dtype=np.uint8)
+
+
+def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
+    from .localize import DEFAULT_THRESHOLD, image_boxes
+
+    return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
+
+
+def topk_figure(exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet",
+                boxes: bool = False, threshold: float | None = None, show_image: bool = True,
+                cell: float = 3.2) -> Figure:
+    """One image's ``K`` target classes side by side, each overlay titled ``"1st: name (p%)"``
+    (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``."""
+    img = _image_of(exp, index)
+    k = exp.maps.shape[1]
+    fig, axes = _grid(k + int(show_image), k + int(show_image), cell, img.shape[0] / img.shape[1])
+    if show_image:
+        _panel(axes[0], img, (exp.sources or [f"image{index}"])[index] if exp.sources else "image")
+        axes = axes[1:]
+    bx = _image_boxes(exp, threshold)[index] if boxes else None
+    for j, ax in enumerate(axes):
+        _panel(ax, overlay(img, exp.maps[index, j], alpha, cmap), target_label(exp, index, j))
+        if bx is not None:
+            _add_boxes(ax, bx[j])
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+def _method_title(exp: Explanation) -> str:
+    from .methods.registry import methods
+
+    info = methods().get(exp.method)
+    pretty = {"gradcam": "Grad-CAM", "cam": "CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
+              "eigencam": "Eigen-CAM", "layercam": "LayerCAM", "xgradcam": "XGrad-CAM",
+              "hirescam": "HiResCAM"}.get(exp.method, exp.method)
+    parts = [pretty]
+    if exp.model_name:
+        parts.append(exp.model_name)
+    if exp.layer and info is not None and info.kind == "layer":
+        parts.append(exp.layer)
+    return " · ".join(parts)
+
+
+def batch_grid(
+    images: Sequence[np.ndarray],
+    maps=None,
+    true_labels: Sequence | None = None,
+    pred_labels: Sequence | None = None,
+    probs: Sequence[float] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    ncols: int = 4,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    boxes=None,
+    gt_boxes=None,
+    title: str | None = None,
+    cell: float = 2.8,
+) -> Figure:
+    """A grid of a batch: each image (with its heatmap when ``maps`` is given) titled
+    ``"true: cat / pred: dog (87.1%)"``, green when right and red when wrong — the notebooks'
+    validation-batch figure.
+
+    Args:
+        images: ``N`` RGB uint8 ``(H, W, 3)`` arrays (sizes may differ).
+        maps: ``None`` or ``N`` maps ``(h, w)`` (any resolution; resized to each image).
+        true_labels, pred_labels: ``N`` class ids (named with ``class_names``) or names; either may
+            be ``None``.
+        probs: ``N`` probabilities of the predicted class.
+        boxes: ``N`` predicted boxes ``(4,)`` or ``(M, 4)`` in image pixels (``-1`` = none);
+        gt_boxes: ``N`` ground-truth boxes, drawn in white.
+    """
+    n = len(images)
+    if n == 0:
+        raise InputError("batch_grid needs at least one image")
+    for name, seq in (("maps", maps), ("true_labels", true_labels), ("pred_labels", pred_labels),
+                      ("probs", probs), ("boxes", boxes), ("gt_boxes", gt_boxes)):
+        if seq is not None and len(seq) != n:
+            raise InputError(f"{n} images but {len(seq)} {name}; give one per image")
+    first = np.asarray(images[0])
+    fig, axes = _grid(n, ncols, cell, first.shape[0] / first.shape[1], extra_h=0.6)
+    for i, ax in enumerate(axes):
+        img = np.asarray(images[i])
+        shown = overlay(img, maps[i], alpha, cmap) if maps is not None else img
+        lines, color = [], None
+        t = _label(true_labels[i], class_names) if true_labels is not None else None
+        p = _label(pred_labels[i], class_names) if pred_labels is not None else None
+        if t is not None:
+            lines.append(f"true: {t}")
+        if p is not None:
+            q = f" ({float(probs[i]):.1%})" if probs is not None else ""
+            lines.append(f"pred: {p}{q}")
+        if t is not None and p is not None:
+            color = "tab:green" if t == p else "tab:red"
+        _panel(ax, shown, "\n".join(lines) or None, color=color, fontsize=9)
+        if gt_boxes is not None:
+            _add_boxes(ax, gt_boxes[i], GT_COLOR, kind="gt")
+        if boxes is not None:
+            _add_boxes(ax, boxes[i])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def pixel_figure(exp: Explanation, index: int = 0, *, cmap: str = "jet", channel_order: str = "RGB",
+                 show_image: bool = True, cell: float = 3.0) -> Figure:
+    """Pixel attributions of one image: for each target, the attribution as colour
+    (:func:`attribution_rgb`) and as heat (``exp.maps``, the method's own channel reduction)."""
+    if exp.raw.dim() != 5:
+        raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); "
+                         "use topk_figure")
+    img = _image_of(exp, index)
+    k = exp.maps.shape[1]
+    n = 2 * k + int(show_image)
+    fig, axes = _grid(n, n, cell, img.shape[0] / img.shape[1])
+    if show_image:
+        _panel(axes[0], img, (exp.sources or ["image"])[index] if exp.sources else "image")
+        axes = axes[1:]
+    size = img.shape[:2]
+    for j in range(k):
+        a = exp.raw[index, j].detach().float().cpu()
+        if channel_order == "BGR":
+            a = a.flip(0)
+        a = torch.from_numpy(np.stack([resize_map(c, size) for c in a]))
+        label = target_label(exp, index, j)
+        _panel(axes[2 * j], attribution_rgb(a), f"{label}\nRGB", fontsize=9)
+        heat = attribution_heat(resize_map(exp.maps[index, j], size))
+        _panel(axes[2 * j + 1], colorize(heat, cmap, normalized=True), f"{label}\nheat", fontsize=9)
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+def boxes_figure(image: np.ndarray, boxes, *, gt_boxes=None, title: str | None = None,
+                 labels: Sequence[str] | None = None, cell: float = 5.0) -> Figure:
+    """An image with predicted boxes (green) and optional ground-truth boxes (white)."""
+    img = np.asarray(image)
+    fig, (ax,) = _grid(1, 1, cell, img.shape[0] / img.shape[1])
+    _panel(ax, img, title)
+    if gt_boxes is not None:
+        _add_boxes(ax, gt_boxes, GT_COLOR, kind="gt")
+    _add_boxes(ax, boxes)
+    if labels:
+        for b, lab in zip(np.asarray(boxes).reshape(-1, 4), labels, strict=False):
+            if (b >= 0).all():
+                ax.text(b[0], b[1] - 2, lab, color=BOX_COLOR, fontsize=9, va="bottom")
+    return fig
+
+
+def explanation_figure(exp: Explanation, index: int | Sequence[int] | None = None, *, alpha: float = 0.5,
+                       cmap: str = "jet", boxes: bool = False, threshold: float | None = None,
+                       max_images: int = 8, cell: float = 3.0, **kwargs: Any) -> Figure:
+    """The default figure of an :class:`~camlens.Explanation` (``exp.show()``): one row per image
+    (at most ``max_images``), the original then one overlay per target class titled with its name
+    and probability; pixel methods show each target as colour and as heat."""
+    n = len(exp)
+    rows = list(range(min(n, max_images))) if index is None else \
+        ([index] if isinstance(index, int) else list(index))
+    for r in rows:
+        if not -n <= r < n:
+            raise InputError(f"index {r} out of range for an explanation of {n} image(s)")
+    pixel = exp.raw.dim() == 5
+    if len(rows) == 1:
+        if pixel:
+            return pixel_figure(exp, rows[0], cmap=cmap, cell=cell, **kwargs)
+        return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold,
+                           cell=cell, **kwargs)
+    k = exp.maps.shape[1]
+    per = 2 * k if pixel else k
+    img0 = _image_of(exp, rows[0])
+    ncols = per + 1
+    fig, axes = _grid(len(rows) * ncols, ncols, cell, img0.shape[0] / img0.shape[1])
+    bxs = _image_boxes(exp, threshold) if boxes and not pixel else None
+    for r, i in enumerate(rows):
+        img = _image_of(exp, i)
+        ax_row = axes[r * ncols:(r + 1) * ncols]
+        _panel(ax_row[0], img, exp.sources[i] if exp.sources else f"image{i}", fontsize=9)
+        for j in range(k):
+            label = target_label(exp, i, j)
+            if pixel:
+                a = exp.raw[i, j].detach().float().cpu()
+                a = torch.from_numpy(np.stack([resize_map(c, img.shape[:2]) for c in a]))
+                _panel(ax_row[1 + 2 * j], attribution_rgb(a), f"{label} RGB", fontsize=8)
+                heat = attribution_heat(resize_map(exp.maps[i, j], img.shape[:2]))
+                _panel(ax_row[2 + 2 * j], colorize(heat, cmap, normalized=True), f"{label} heat", fontsize=8)
+            else:
+                _panel(ax_row[1 + j], overlay(img, exp.maps[i, j], alpha, cmap), label, fontsize=9)
+                if bxs is not None:
+                    _add_boxes(ax_row[1 + j], bxs[i][j])
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_name(s: str) -> str:
+    """A file-name-safe version of ``s`` (runs of other characters become ``_``)."""
+    return _SAFE.sub("_", str(s)).strip("._") or "image"
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Make names unique by appending ``-2``, ``-3``… to repeats (``cat``, ``cat-2``)."""
+    seen: dict[str, int] = {}
+    taken = set(names)
+    out = []
+    for n in names:
+        if n not in seen:
+            seen[n] = 1
+            out.append(n)
+            continue
+        j = seen[n]
+        while True:
+            j += 1
+            cand = f"{n}-{j}"
+            if cand not in taken:
+                break
+        seen[n] = j
+        taken.add(cand)
+        out.append(cand)
+    return out
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None,
+                **kwargs: Any) -> Path:
+    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    p = Path(path)
+    fig.savefig(p, dpi=dpi, metadata=metadata, **kwargs)
+    return p
+
+
+def overlay_figure(image: np.ndarray, m, title: str, *, alpha: float = 0.5, cmap: str = "jet",
+                   boxes=None, min_width: int = 320, dpi: int = 100) -> Figure:
+    """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide)
+    with a title band on top: the saved PNG is ``W·s`` x ``(H + band)·s`` pixels, ``s`` the upscale."""
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    s = max(1.0, min_width / w)
+    band = 30
+    W, H = w * s, (h + band) * s
+    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax.imshow(overlay(img, m, alpha, cmap), interpolation="nearest" if s > 1 else "antialiased")
+    ax.set_axis_off()
+    if boxes is not None:
+        _add_boxes(ax, boxes, lw=2.0)
+    # font size that fits the width: average glyph ≈ 0.55 em, 1 pt = dpi/72 px
+    fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
+    fig.text(0.5, 1 - (band * s / 2) / H, title, ha="center", va="center", fontsize=fs)
+    return fig
+
+
+def _versions() -> dict[str, str]:
+    import camlens
+
+    return {"camlens": camlens.__version__, "torch": torch.__version__}
+
+
+def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in extras.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, torch.Tensor) and v.numel() <= 64:
+            out[k] = v.detach().cpu().tolist()
+    return out
+
+
+def save_explanation(
+    exp: Explanation,
+    directory: str | Path,
+    *,
+    formats: Sequence[str] | str = ("png", "npy", "json"),
+    overwrite: bool = False,
+    threshold: float | None = None,
+    boxes: bool = False,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    suffix: str = "rank",
+    dpi: int = 100,
+) -> list[Path]:
+    """Write an explanation to ``directory`` (created when missing); returns the written paths.
+
+    Per image ``stem`` (``exp.sources``, made unique) and method ``m``:
+
+    * ``png``: ``{stem}_{m}_top{k}.png`` — the overlay on the original image, titled with the method,
+      rank, class name and probability (also in the PNG's ``Title`` text field); the box at
+      ``threshold`` is drawn when ``boxes=True`` (or a ``threshold`` is given). With
+      ``suffix="class"`` the file is named after the class instead (``{stem}_{m}_Egyptian_cat.png``).
+    * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size.
+    * ``json``: ``{stem}_{m}.json`` — classes, class names, scores (logits), probabilities, boxes
+      (image and map pixels, at ``threshold``), method, layer, model, camlens and torch versions.
+
+    Existing files are never replaced unless ``overwrite=True``: all names are checked before
+    anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
+    """
+    from .localize import DEFAULT_THRESHOLD, localize, scale_boxes
+
+    fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
+    bad = [f for f in fmts if f not in ("png", "npy", "json")]
+    if bad or not fmts:
+        raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
+    if suffix not in ("rank", "class"):
+        raise InputError(f"suffix must be 'rank' or 'class', not {suffix!r}")
+    thr = DEFAULT_THRESHOLD if threshold is None else threshold
+    draw = boxes or threshold is not None
+    out = Path(directory)
+    n, k = exp.maps.shape[:2]
+    stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
+    meth = safe_name(exp.method)
+    labels = exp.labels()
+
+    def png_name(i: int, j: int) -> str:
+        tag = f"top{j + 1}" if suffix == "rank" else safe_name(_short(labels[i][j], 60))
+        return f"{stems[i]}_{meth}_{tag}.png"
+
+    plan: list[Path] = []
+    for i in range(n):
+        if "png" in fmts:
+            plan += [out / png_name(i, j) for j in range(k)]
+        if "npy" in fmts:
+            plan.append(out / f"{stems[i]}_{meth}.npy")
+        if "json" in fmts:
+            plan.append(out / f"{stems[i]}_{meth}.json")
+    if len(set(plan)) != len(plan):
+        raise InputError("two outputs would get the same file name; use suffix='rank'")
+    if not overwrite:
+        clash = [p for p in plan if p.exists()]
+        if clash:
+            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+            raise OutputExistsError(f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
+                                    "to replace it, or choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
+    size = tuple(exp.maps.shape[-2:])
+    written: list[Path] = []
+    title0 = _method_title(exp)
+    for i in range(n):
+        img = _image_of(exp, i)
+        img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
+        if "png" in fmts:
+            for j in range(k):
+                title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
+                fig = overlay_figure(img, exp.maps[i, j], title, alpha=alpha, cmap=cmap,
+                                     boxes=img_boxes[j] if draw else None, dpi=dpi)
+                p = out / png_name(i, j)
+                save_figure(fig, p, dpi=dpi, metadata={
+                    "Title": title, "Software": f"camlens {_versions()['camlens']}",
+                    "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
+                                   f"({labels[i][j]}) for {stems[i]}"})
+                written.append(p)
+        if "npy" in fmts:
+            p = out / f"{stems[i]}_{meth}.npy"
+            np.save(p, exp.maps[i].detach().float().cpu().numpy())
+            written.append(p)
+        if "json" in fmts:
+            p = out / f"{stems[i]}_{meth}.json"
+            summary = {
+                "source": exp.sources[i] if exp.sources else stems[i],
+                "method": exp.method,
+                "layer": exp.layer,
+                "model": exp.model_name,
+                "image_size": list(img.shape[:2]) if exp.images else None,
+                "map_size": list(size),
+                "classes": [int(c) for c in exp.classes[i].tolist()],
+                "class_names": labels[i],
+                "scores": [float(v) for v in exp.scores[i].tolist()],
+                "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
+                "threshold": float(thr),
+                "boxes": img_boxes.tolist(),
+                "boxes_map": map_boxes[i].tolist(),
+                "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
+                "extras": _scalar_extras(exp.extras),
+                "versions": _versions(),
+            }
+            p.write_text(json.dumps(summary, indent=2) + "\n")
+            written.append(p)
+    return written
+
+
+__all__ = ["attribution_heat", "attribution_rgb", "batch_grid", "boxes_figure", "colorize",
+           "explanation_figure", "normalize", "overlay", "overlay_figure", "patch_boxes", "pixel_figure",
+           "resize_map", "safe_name", "save_explanation", "save_figure", "target_label", "topk_figure",
+           "unique_names"]
