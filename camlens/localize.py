@@ -231,7 +231,7 @@ def draw_boxes(
 
     The rectangle's outer edge follows the box exactly: pixels ``x0`` and ``x1 - 1`` are on it.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(img)
@@ -239,13 +239,24 @@ def draw_boxes(
     if width is None:
         width = max(1, round(max(img.size) / 150))
     colors = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
+    font = None
+    if labels is not None:
+        try:
+            font = ImageFont.load_default(size=max(10, round(max(img.size) / 32)))
+        except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+            font = ImageFont.load_default()
     for i, b in enumerate(bs):
         if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
             continue
         c = tuple(int(v) for v in colors[i % len(colors)])
         draw.rectangle([int(b[0]), int(b[1]), int(b[2]) - 1, int(b[3]) - 1], outline=c, width=width)
         if labels is not None and i < len(labels) and labels[i]:
-            draw.text((int(b[0]) + width + 1, int(b[1]) + width), str(labels[i]), fill=c)
+            # the label on a filled tab inside the box's top-left corner, dark or light text by contrast
+            x, y = int(b[0]) + width, int(b[1]) + width
+            _, _, r, bt = draw.textbbox((x + 2, y + 1), str(labels[i]), font=font)
+            draw.rectangle([x, y, r + 2, bt + 2], fill=c)
+            ink = (0, 0, 0) if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] > 140 else (255, 255, 255)
+            draw.text((x + 2, y + 1), str(labels[i]), fill=ink, font=font)
     return np.asarray(img)
 
 

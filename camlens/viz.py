@@ -473,6 +473,23 @@ def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def output_paths(directory: str | Path, stems: Sequence[str], method: str, labels: Sequence[Sequence[str]],
+                 formats: Sequence[str] = ("png", "npy", "json"), suffix: str = "rank") -> list[dict[str, list[Path]]]:
+    """The files :func:`save_explanation` writes, per image ``{"png": [...], "npy": [...], "json": [...]}``
+    (for checking them before any work). ``labels``: per image the ``K`` class names."""
+    out = Path(directory)
+    meth = safe_name(method)
+    plan = []
+    for stem, labs in zip(stems, labels, strict=True):
+        tags = [f"top{j + 1}" if suffix == "rank" else safe_name(_short(lab, 60)) for j, lab in enumerate(labs)]
+        plan.append({
+            "png": [out / f"{stem}_{meth}_{t}.png" for t in tags] if "png" in formats else [],
+            "npy": [out / f"{stem}_{meth}.npy"] if "npy" in formats else [],
+            "json": [out / f"{stem}_{meth}.json"] if "json" in formats else [],
+        })
+    return plan
+
+
 def save_explanation(
     exp: Explanation,
     directory: str | Path,
@@ -512,27 +529,15 @@ def save_explanation(
     thr = DEFAULT_THRESHOLD if threshold is None else threshold
     draw = boxes or threshold is not None
     out = Path(directory)
-    n, k = exp.maps.shape[:2]
+    n = len(exp)
     stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
-    meth = safe_name(exp.method)
     labels = exp.labels()
-
-    def png_name(i: int, j: int) -> str:
-        tag = f"top{j + 1}" if suffix == "rank" else safe_name(_short(labels[i][j], 60))
-        return f"{stems[i]}_{meth}_{tag}.png"
-
-    plan: list[Path] = []
-    for i in range(n):
-        if "png" in fmts:
-            plan += [out / png_name(i, j) for j in range(k)]
-        if "npy" in fmts:
-            plan.append(out / f"{stems[i]}_{meth}.npy")
-        if "json" in fmts:
-            plan.append(out / f"{stems[i]}_{meth}.json")
-    if len(set(plan)) != len(plan):
+    plan = output_paths(out, stems, exp.method, labels, fmts, suffix)
+    flat = [p for per in plan for ps in per.values() for p in ps]
+    if len(set(flat)) != len(flat):
         raise InputError("two outputs would get the same file name; use suffix='rank'")
     if not overwrite:
-        clash = [p for p in plan if p.exists()]
+        clash = [p for p in flat if p.exists()]
         if clash:
             more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
             raise OutputExistsError(f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
@@ -547,22 +552,21 @@ def save_explanation(
         img = _image_of(exp, i)
         img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
         if "png" in fmts:
-            for j in range(k):
+            for j, p in enumerate(plan[i]["png"]):
                 title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
                 fig = overlay_figure(img, exp.maps[i, j], title, alpha=alpha, cmap=cmap,
                                      boxes=img_boxes[j] if draw else None, dpi=dpi)
-                p = out / png_name(i, j)
                 save_figure(fig, p, dpi=dpi, metadata={
                     "Title": title, "Software": f"camlens {_versions()['camlens']}",
                     "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
                                    f"({labels[i][j]}) for {stems[i]}"})
                 written.append(p)
         if "npy" in fmts:
-            p = out / f"{stems[i]}_{meth}.npy"
+            p = plan[i]["npy"][0]
             np.save(p, exp.maps[i].detach().float().cpu().numpy())
             written.append(p)
         if "json" in fmts:
-            p = out / f"{stems[i]}_{meth}.json"
+            p = plan[i]["json"][0]
             summary = {
                 "source": exp.sources[i] if exp.sources else stems[i],
                 "method": exp.method,
@@ -587,6 +591,6 @@ def save_explanation(
 
 
 __all__ = ["attribution_heat", "attribution_rgb", "batch_grid", "boxes_figure", "colorize",
-           "explanation_figure", "normalize", "overlay", "overlay_figure", "patch_boxes", "pixel_figure",
-           "resize_map", "safe_name", "save_explanation", "save_figure", "target_label", "topk_figure",
+           "explanation_figure", "normalize", "output_paths", "overlay", "overlay_figure", "patch_boxes",
+           "pixel_figure", "resize_map", "safe_name", "save_explanation", "save_figure", "target_label", "topk_figure",
            "unique_names"]

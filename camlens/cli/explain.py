@@ -1,57 +1,162 @@
-"""``camlens explain``: classify images, print the top classes, write overlays (minimal version)."""
+"""``camlens explain``: classify images, print their top classes, write overlays, maps and summaries."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
+
+from .common import (
+    EXIT_FAILED,
+    batches,
+    check_overwrite,
+    common_model_options,
+    echo,
+    echo_err,
+    expand_inputs,
+    load_model_opts,
+    load_source,
+    parse_classes,
+    parse_formats,
+    parse_threshold,
+    progress,
+    table,
+)
+
+DEFAULT_METHODS = ("gradcam", "cam")
 
 
 @click.command("explain")
 @click.argument("images", nargs=-1)
-@click.option("--model", default="efficientnet_lite0", show_default=True, help="zoo name")
-@click.option("--weights", default=None, help="weights file, 'random', or a torchvision weights name")
-@click.option("--layer", default=None, help="dotted layer name (default: features entering global pooling)")
-@click.option("--method", "methods", multiple=True, default=("gradcam", "cam"), show_default=True)
-@click.option("--topk", default=2, show_default=True, help="explain the top-k classes")
-@click.option("--out", default="camlens-out", show_default=True, type=click.Path())
+@common_model_options
+@click.option("--method", "methods", multiple=True,
+              help="method name, repeatable (`camlens methods`) [default: gradcam and cam]")
+@click.option("--topk", default=2, show_default=True, type=click.IntRange(1, 100),
+              help="explain the k most probable classes of each image")
+@click.option("--class", "classes", multiple=True,
+              help="explain these classes instead of the top-k (ids or names, repeatable)")
+@click.option("--out", default="camlens-out", show_default=True, type=click.Path(file_okay=False),
+              help="output folder (created when missing)")
+@click.option("--format", "formats", default="png,npy,json", show_default=True,
+              help="comma-separated: png (overlays), npy (maps), json (summary)")
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
-def explain_cmd(images, model, weights, layer, methods, topk, out, overwrite):
-    """Explain IMAGES (default: the bundled cat photo) and write overlays to --out."""
-    import matplotlib
+@click.option("--threshold", default=None,
+              help="box threshold (fraction of the map's max, or a calibrated JSON); also draws the boxes")
+@click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
+@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
+@click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
+@click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
+def explain_cmd(images, model, weights, checkpoint, layer, device, methods, topk, classes, out, formats,
+                overwrite, threshold, boxes, batch_size, alpha, cmap, recursive, quiet):
+    """Explain IMAGES (files, folders or glob patterns; default: the bundled cat photo).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Prints each image's top-5 classes and writes, per image (named after its file stem) and method,
+    PNG overlays of the explained classes (e.g. chelsea_gradcam_top1.png), the maps (.npy) and a JSON
+    summary. Unreadable images are reported and skipped; the exit code is 1 if any input failed.
 
+    \b
+    Examples:
+      camlens explain                                  # the cat photo, Grad-CAM and CAM, top-2
+      camlens explain photos/ --method gradcam++ --topk 3 --out results
+      camlens explain 'data/**/*.jpg' --class "tabby cat" --format png
+    """
+    from camlens.errors import CamlensError
+    from camlens.methods.registry import get_method
+    from camlens.models.zoo import card_of
+    from camlens.viz import output_paths
+
+    fmts = parse_formats(formats, ("png", "npy", "json"))
+    thr = parse_threshold(threshold)
+    defaulted = not methods
+    try:
+        names = list(dict.fromkeys(get_method(m).name for m in (methods or DEFAULT_METHODS)))
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+
+    inputs = expand_inputs(images, recursive=recursive)
+    failed = len(inputs.problems)
+    for msg in inputs.problems:
+        echo_err(f"error: {msg}")
+    if not inputs.sources:
+        raise click.ClickException("no images to explain" + (" (see the errors above)" if failed else ""))
+
+    # every output is checked before any work, so nothing is half-written when one already exists
+    # (with --class the file names carry class names, known once the model is loaded)
+    def check(labels: list[str]) -> None:
+        suffix = "class" if classes else "rank"
+        plan = [p for m in names
+                for per in output_paths(out, inputs.names, m, [labels] * len(inputs.names), fmts, suffix)
+                for ps in per.values() for p in ps]
+        check_overwrite(plan, overwrite)
+
+    if not classes:
+        check([""] * topk)
+    net = load_model_opts(model, weights, checkpoint, device)
+    card = card_of(net)
+    class_names = card.class_names if card else None
+    targets = parse_classes(classes, class_names) if classes else None
+    k = len(targets) if targets else topk
+    if targets is not None:
+        check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
+
+    written = 0
+    items = list(zip(inputs.sources, inputs.names, strict=True))
+    bar = progress(len(items), "explain")
+    try:
+        for chunk in batches(items, batch_size):
+            imgs, stems = [], []
+            for src, stem in chunk:
+                try:
+                    imgs.append(load_source(src))
+                    stems.append(stem)
+                except CamlensError as exc:
+                    failed += 1
+                    echo_err(f"error: {exc}", bar)
+            if imgs:
+                try:
+                    written += _explain_batch(net, imgs, stems, names, targets, k, layer, out, fmts, overwrite,
+                                              thr, boxes, alpha, cmap, quiet, defaulted, bar)
+                except CamlensError as exc:
+                    failed += len(imgs)
+                    echo_err(f"error: {', '.join(stems)}: {exc}", bar)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    n_ok = len(items) - failed + len(inputs.problems)
+    click.echo(f"explained {n_ok} of {len(items)} image(s) with {', '.join(names)}; wrote {written} file(s) "
+               f"to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _explain_batch(net, imgs, stems, names, targets, k, layer, out, fmts, overwrite, thr, boxes, alpha, cmap,
+                   quiet, defaulted, bar) -> int:
+    """Explain one batch with every method (one shared forward); returns the number of files written.
+    With the default methods, a head that is not GAP + linear drops CAM (with a note) instead of failing."""
     import camlens
-    from camlens.explanation import minmax
-    from camlens.io import sample_image
+    from camlens.errors import HeadError
+    from camlens.viz import save_explanation
 
-    net = camlens.load_model(model, weights)
-    sources = list(images) or [sample_image("chelsea")]
-    names = [Path(s).stem for s in images] or ["chelsea"]
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    for src, name in zip(sources, names):
-        for cid, cname, p in camlens.predict(net, src, topk=5)[0]:
-            click.echo(f"{name}: {p:7.2%}  {cname} ({cid})")
-        res = camlens.explain(net, src, method=list(methods), targets=f"top{topk}", layer=layer)
-        for meth, e in res.items():
-            img = e.images[0]
-            for k in range(e.maps.shape[1]):
-                path = outdir / f"{name}_{meth}_top{k + 1}.png"
-                if path.exists() and not overwrite:
-                    click.echo(f"{path} exists; pass --overwrite to replace it", err=True)
-                    sys.exit(1)
-                import torch.nn.functional as F
-
-                m = F.interpolate(e.maps[:, k:k + 1], size=img.shape[:2], mode="bilinear")[0, 0]
-                fig, ax = plt.subplots(figsize=(5, 5))
-                ax.imshow(img)
-                ax.imshow(minmax(m).cpu().numpy(), cmap="jet", alpha=0.5)
-                ax.set_title(f"{meth} top-{k + 1}: {e.labels()[0][k]} ({float(e.probs[0, k]):.1%})")
-                ax.axis("off")
-                fig.savefig(path, bbox_inches="tight", dpi=100)
-                plt.close(fig)
-                click.echo(f"wrote {path}")
+    if not quiet:
+        for stem, top in zip(stems, camlens.predict(net, imgs, topk=5), strict=True):
+            rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
+            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), bar)
+    spec = [targets] * len(imgs) if targets is not None else f"top{k}"
+    todo = list(names)
+    try:
+        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer)
+    except HeadError as exc:
+        if not (defaulted and "cam" in todo):
+            raise
+        echo_err(f"note: CAM skipped ({exc})", bar)
+        names.remove("cam")  # for the next batches too
+        todo = list(names)
+        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer)
+    count = 0
+    for exp in res.values():
+        exp.sources = list(stems)
+        count += len(save_explanation(exp, out, formats=fmts, overwrite=overwrite, threshold=thr, boxes=boxes,
+                                      alpha=alpha, cmap=cmap, suffix="class" if targets is not None else "rank"))
+    return count

@@ -1,0 +1,249 @@
+"""Helpers shared by the ``camlens`` commands: inputs (files, folders, globs), output names,
+overwrite checks, model loading, thresholds and small tables.
+
+Failures of single inputs are *collected*, not raised, so a command can report them by name, go on
+with the rest and exit non-zero at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: file suffixes treated as images when a folder or a glob is expanded
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".ico")
+#: the photo used when no image is given (skimage's "chelsea" the cat)
+DEFAULT_PHOTO = "chelsea"
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+@dataclass
+class Inputs:
+    """Expanded inputs: ``sources`` (paths, or ``"skimage:NAME"`` for a bundled photo), ``names``
+    (unique, file-name safe output stems, one per source) and ``problems`` (messages)."""
+
+    sources: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def _is_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def _images_in(folder: Path, recursive: bool) -> list[str]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(str(f) for f in it if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def expand_inputs(items: Sequence[str], *, recursive: bool = False, default: str | None = DEFAULT_PHOTO) -> Inputs:
+    """Files, folders (their image files, sorted; ``recursive`` for sub-folders) and glob patterns
+    (``**`` allowed) -> :class:`Inputs`. A path that does not exist, an empty folder and a glob that
+    matches nothing become ``problems``. No items at all -> the bundled ``default`` photo.
+
+    A file named explicitly is kept whatever its suffix (a corrupt file is reported when read);
+    folders and globs keep only image suffixes (:data:`IMAGE_EXTENSIONS`). Duplicates are dropped.
+    """
+    out = Inputs()
+    if not items:
+        if default:
+            out.sources.append(f"skimage:{default}")
+            out.names.append(default)
+        return out
+    paths: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = _images_in(p, recursive)
+            if not found:
+                out.problems.append(f"{item}: folder has no image files ({', '.join(IMAGE_EXTENSIONS[:6])}…)"
+                                    + ("" if recursive else "; use --recursive for sub-folders"))
+            paths += found
+        elif p.exists():
+            paths.append(str(p))
+        elif _is_glob(item):
+            found = sorted(f for f in glob.glob(item, recursive=True)
+                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                out.problems.append(f"{item}: no image file matches this pattern")
+            paths += found
+        else:
+            out.problems.append(f"{item}: no such file or folder")
+    out.sources = list(dict.fromkeys(paths))
+    out.names = output_stems(out.sources)
+    return out
+
+
+def output_stems(paths: Sequence[str]) -> list[str]:
+    """Output name stems for input paths: the file stem (``cat.jpg`` -> ``cat``), made file-name safe;
+    when two inputs share a stem, the parent folder is prefixed (``a_cat``, ``b_cat``), then
+    ``-2``, ``-3``… if still ambiguous."""
+    from camlens.viz import safe_name, unique_names
+
+    stems = [safe_name(Path(p).stem) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    named = [safe_name(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
+             for p, s in zip(paths, stems, strict=True)]
+    return unique_names(named)
+
+
+def load_source(source: str):
+    """Read one input as an RGB uint8 array (``skimage:NAME`` -> a bundled photo)."""
+    from camlens.io import load_image, sample_image
+
+    if source.startswith("skimage:"):
+        return sample_image(source.split(":", 1)[1])
+    return load_image(source)
+
+
+def parse_formats(value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """``"png,npy"`` (or repeated values) -> ``["png", "npy"]``; unknown names are a usage error."""
+    items = value.split(",") if isinstance(value, str) else [v for x in value for v in x.split(",")]
+    fmts = list(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
+    bad = [f for f in fmts if f not in allowed]
+    if bad or not fmts:
+        raise click.BadParameter(f"unknown format(s) {', '.join(bad) or '(none)'}; choose from "
+                                 f"{', '.join(allowed)}", param_hint="--format")
+    return fmts
+
+
+def parse_threshold(value: str | None) -> float | None:
+    """``--threshold``: a fraction of the max in [0, 1), or a calibrated-threshold JSON file."""
+    if value is None:
+        return None
+    from camlens.errors import CamlensError
+    from camlens.loceval import load_threshold
+
+    try:
+        return load_threshold(value)
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--threshold") from None
+
+
+def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
+    """Refuse (exit 1, nothing written) when any planned output exists and ``--overwrite`` is not set."""
+    if overwrite:
+        return
+    clash = [p for p in paths if Path(p).exists()]
+    if clash:
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+        raise click.ClickException(f"{clash[0]} already exists{more}; pass --overwrite to replace existing "
+                                   "files, or choose another --out folder")
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model_opts(model: str, weights: str | None, checkpoint: str | None, device: str | None):
+    """``--model/--weights/--checkpoint/--device`` -> a loaded model; camlens errors exit 1 with
+    their message (which names the fix)."""
+    import camlens
+    from camlens.errors import CamlensError
+
+    try:
+        return camlens.load_model(model, weights, checkpoint=checkpoint, device=resolve_device(device))
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
+    """``--class`` values (ids or names, case-insensitive) -> class ids."""
+    ids = []
+    low = [c.lower() for c in class_names] if class_names else []
+    for v in values:
+        for part in (x.strip() for x in v.split(",")):
+            if not part:
+                continue
+            if part.lstrip("-").isdigit():
+                c = int(part)
+                if class_names and not 0 <= c < len(class_names):
+                    raise click.BadParameter(f"class id {c} is out of range 0..{len(class_names) - 1}",
+                                             param_hint="--class")
+                ids.append(c)
+            elif part.lower() in low:
+                ids.append(low.index(part.lower()))
+            else:
+                import difflib
+
+                close = difflib.get_close_matches(part, list(class_names or []), n=4, cutoff=0.6)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+                    ("" if class_names else "; this model has no class names, pass ids")
+                raise click.BadParameter(f"unknown class {part!r}{hint}", param_hint="--class")
+    return ids
+
+
+def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), max(1, size)):
+        yield seq[i:i + max(1, size)]
+
+
+def progress(total: int, desc: str, enabled: bool | None = None):
+    """A tqdm bar on stderr for ``total`` items (shown for 4 or more items unless told)."""
+    from tqdm import tqdm
+
+    show = total >= 4 if enabled is None else enabled
+    return tqdm(total=total, desc=desc, unit="img", disable=not show, file=sys.stderr, leave=False)
+
+
+def echo_err(msg: str, bar=None) -> None:
+    """An error/warning line on stderr that does not break a progress bar."""
+    if bar is not None and not bar.disable:
+        bar.write(msg, file=sys.stderr)
+    else:
+        click.echo(msg, err=True)
+
+
+def echo(msg: str, bar=None) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(msg)
+    else:
+        click.echo(msg)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, indent: str = "") -> str:
+    """A plain left-aligned text table."""
+    cells = [[str(c) for c in r] for r in ([header] if header else []) + list(rows)]
+    if not cells:
+        return ""
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(len(r) for r in cells))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(indent + ln for ln in lines)
+
+
+def common_model_options(f: Callable) -> Callable:
+    """``--model --weights --checkpoint --layer --device`` shared by explain and localize."""
+    opts = [
+        click.option("--model", default="efficientnet_lite0", show_default=True,
+                     help="zoo name (`camlens models`)"),
+        click.option("--weights", default=None,
+                     help="weights file (.pth/.safetensors), 'random', or a torchvision weights name"),
+        click.option("--checkpoint", default=None, type=click.Path(),
+                     help="a `camlens finetune` output folder or checkpoint (replaces --model)"),
+        click.option("--layer", default=None,
+                     help="dotted layer name (default: the features entering global pooling; "
+                          "`camlens layers MODEL` lists them)"),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available)"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
