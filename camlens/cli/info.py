@@ -1,0 +1,87 @@
+"""``camlens models``, ``camlens methods`` and ``camlens layers MODEL``: what is available."""
+
+from __future__ import annotations
+
+import click
+
+from .common import load_model_opts, table
+
+
+def _weights_status(name: str) -> str:
+    if name == "efficientnet_lite0":
+        return "ImageNet, bundled"
+    if name == "vgg16_cam":
+        return "weights=FILE (notebooks' VGG16-CAM)"
+    try:
+        from camlens.models.zoo import _torchvision_weights_file
+
+        path, _ = _torchvision_weights_file(name, None)
+        return f"ImageNet, cached ({path.name})" if path.exists() else "random or weights=FILE"
+    except Exception:  # no pretrained weights known, or not on disk
+        return "random or weights=FILE"
+
+
+@click.command("models")
+@click.argument("pattern", required=False)
+def models_cmd(pattern):
+    """List the model names `--model` accepts (optionally those containing PATTERN) and where their
+    pretrained weights come from. camlens never downloads weights at run time."""
+    import camlens
+
+    names = [n for n in camlens.available_models() if not pattern or pattern.lower() in n.lower()]
+    if not names:
+        raise click.ClickException(f"no model name contains {pattern!r}; `camlens models` lists them all")
+    rows = [(n, _weights_status(n)) for n in names]
+    click.echo(table(rows, ("model", "pretrained weights")))
+    click.echo(f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
+               "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model.")
+
+
+@click.command("methods")
+@click.option("-v", "--verbose", is_flag=True, help="also show each method's summary and options")
+def methods_cmd(verbose):
+    """List the explanation methods with their kind and paper."""
+    import camlens
+
+    ms = camlens.methods()
+    rows = [(n, i.kind, i.paper) for n, i in ms.items()]
+    click.echo(table(rows, ("method", "kind", "paper")))
+    if verbose:
+        click.echo("")
+        for n, i in ms.items():
+            opts = ", ".join(f"{k}={v!r}" for k, v in i.options().items()) or "none"
+            click.echo(f"{n}: {i.summary}\n    options: {opts}")
+    click.echo("\nkind: layer = a map from a conv layer's features (CAM family); pixel = an attribution per "
+               "input pixel (gradients).")
+
+
+@click.command("layers")
+@click.argument("model", default="efficientnet_lite0")
+@click.option("--weights", default="random", show_default=True,
+              help="weights to load (shapes do not depend on them; 'random' is fastest)")
+@click.option("--checkpoint", default=None, type=click.Path(), help="a `camlens finetune` checkpoint instead")
+@click.option("--size", default=None, type=int, help="input side in pixels (default: the model's input size)")
+def layers_cmd(model, weights, checkpoint, size):
+    """List MODEL's candidate target layers (modules with a spatial (C, h, w) output) with their output
+    shapes, in execution order, and the layer chosen by default. Pass a name to --layer."""
+    import torch
+
+    import camlens
+    from camlens.layers import candidate_layers
+    from camlens.models.zoo import card_of
+
+    net = load_model_opts(model, weights, checkpoint, "cpu")
+    card = card_of(net)
+    hw = (size, size) if size else (tuple(card.preprocess.size) if card else (224, 224))
+    rows = candidate_layers(net, size=hw)
+    if not rows:
+        raise click.ClickException(f"{model} has no module with a spatial (N, C, h, w) output")
+    click.echo(table([(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
+                     ("layer", "type", "output (C x h x w)")))
+    try:
+        exp = camlens.explain(net, torch.zeros(1, 3, *hw), method="eigencam")
+        h, w = exp.raw.shape[-2:]
+        click.echo(f"\ndefault layer: {exp.layer} ({h}x{w} map at {hw[0]}x{hw[1]} input)")
+    except Exception as exc:  # report, do not fail the listing
+        click.echo(f"\ndefault layer: could not be determined ({exc})")
+    click.echo(f"{len(rows)} candidate layer(s); choose one with --layer NAME.")
