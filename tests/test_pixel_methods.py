@@ -312,9 +312,10 @@ OPTIONS = {"smoothgrad": dict(n_samples=3, noise_level=0.2, batch_size=4),
 @pytest.mark.parametrize("method", PIXEL)
 def test_batch_times_topk_equals_per_image_per_class_calls(net, xs, method):
     kw = OPTIONS.get(method, {})
+    xs = xs[:2]
     exp = camlens.explain(net, xs, method, targets="top2", **kw)
-    assert exp.raw.shape == (3, 2, 3, 10, 10) and exp.maps.shape == (3, 2, 10, 10)
-    for n in range(3):
+    assert exp.raw.shape == (2, 2, 3, 10, 10) and exp.maps.shape == (2, 2, 10, 10)
+    for n in range(2):
         for k in range(2):
             one = camlens.explain(net, xs[n:n + 1], method, targets=int(exp.classes[n, k]), **kw)
             torch.testing.assert_close(one.raw[0, 0], exp.raw[n, k], rtol=1e-9, atol=1e-12)
