@@ -16,9 +16,10 @@ Conventions used by every metric in :mod:`camlens.metrics`:
   baseline for pixel attributions) or ``"centre"`` (decreasing with the distance to the image
   centre, the centre baseline of the pointing game); see :func:`baseline_maps`.
 * **Ranking and ties.** Pixels are ranked by decreasing map value. Ties (constant or all-zero maps,
-  plateaus after ReLU) are broken by a random permutation drawn from ``seed``: the order is the
-  stable sort of the randomly permuted pixels, so a constant map behaves exactly like a random map
-  and results are reproducible. No metric divides by a map's range, so no map gives NaN.
+  plateaus after ReLU) are broken by a random permutation of the pixels drawn from ``seed``: the
+  order is the stable sort of the randomly permuted pixels, so a constant map behaves like a
+  random pixel order and results are reproducible (independent of device and batching). No metric
+  divides by a map's range, so no map gives NaN.
 * **Memory.** Perturbed images are built and scored ``batch_size`` at a time: memory does not grow
   with the number of steps. Results are CPU tensors.
 """
@@ -291,13 +292,14 @@ def prepare(
 def pixel_order(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> torch.Tensor:
     """Pixel indices ``(N, H*W)`` from the most to the least important (``descending=True``).
 
-    Ties are broken by a uniformly random permutation drawn from ``seed`` (independent of the
-    device): ``order = perm[stable_argsort(map[perm])]``.
+    Ties are broken by a uniformly random permutation of the pixels drawn from ``seed`` (on the
+    CPU, the same for every image of the batch, so results do not depend on the device or on how
+    images are batched): ``order = perm[stable_argsort(map[perm])]``.
     """
     flat = maps.flatten(1)
     n, p = flat.shape
     g = torch.Generator().manual_seed(int(seed))
-    perm = torch.rand(n, p, generator=g).argsort(dim=1).to(flat.device)
+    perm = torch.rand(p, generator=g).argsort().to(flat.device).expand(n, p)
     idx = flat.gather(1, perm).argsort(dim=1, descending=descending, stable=True)
     return perm.gather(1, idx)
 

@@ -206,15 +206,13 @@ def road_curves(
     items = [(i, (o, j)) for i in range(n) for o in orders for j in range(len(pct))]
 
     def make(chunk):
-        masks = []
+        out = []
         for i, (o, j) in chunk:
             k = int(counts[j])
-            masks.append(rank[i] < k if o == "morf" else rank[i] >= h * w - k)
-        idx = [i for i, _ in chunk]
-        out = []
-        for b, (i, (o, j)) in enumerate(chunk):
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i * 7919 + (o == "lerf") * 104_729 + j)
-            out.append(noisy_linear_imputation(x[idx[b]], masks[b], noise=noise, seed=g))
+            removed = rank[i] < k if o == "morf" else rank[i] >= h * w - k
+            # the noise depends on (seed, order, percentage), not on the image's place in the batch
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + (o == "lerf") * 104_729 + j)
+            out.append(noisy_linear_imputation(x[i], removed, noise=noise, seed=g))
         return torch.stack(out)
 
     probs = scored_batches(model, items, make, classes, batch_size)

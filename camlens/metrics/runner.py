@@ -312,7 +312,8 @@ def evaluate(
                 if not mine:
                     continue
                 if is_base:
-                    maps = baseline_maps(meth, x.shape[0], size, x.device, seed + ci)
+                    # one draw per image, seeded by its index: independent of the chunking
+                    maps = torch.cat([baseline_maps(meth, 1, size, x.device, seed + 7919 * i) for i in idx])
                 else:
                     maps = explain_maps(model, x, meth, classes, batch_size, options)
                 common = {"batch_size": batch_size, "seed": seed}

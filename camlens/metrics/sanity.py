@@ -217,7 +217,9 @@ def _maps(model: nn.Module, x: torch.Tensor, methods: list[str], classes: torch.
 
 
 def _compare(orig: torch.Tensor, new: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"spearman_abs": spearman(orig, new, absolute=True), "spearman": spearman(orig, new),
+    rho_abs = spearman(orig, new, absolute=True)
+    nonneg = bool((orig >= 0).all()) and bool((new >= 0).all())  # then |m| = m: same ranks
+    return {"spearman_abs": rho_abs, "spearman": rho_abs.clone() if nonneg else spearman(orig, new),
             "ssim": ssim(orig.abs(), new.abs())}
 
 

@@ -46,15 +46,21 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks ``1..P`` of each row of ``(N, P)``, ties sharing their mean rank."""
+    """Ranks ``1..P`` of each row of ``(N, P)``, ties sharing their mean rank (vectorized)."""
     n, p = v.shape
+    sv, order = v.sort(dim=1, stable=True)
+    pos = torch.arange(p, device=v.device).expand(n, p)
+    new_group = torch.ones(n, p, dtype=torch.bool, device=v.device)
+    new_group[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    # first and last sorted position of each element's tie group
+    start = torch.where(new_group, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    last_of_group = torch.ones(n, p, dtype=torch.bool, device=v.device)
+    last_of_group[:, :-1] = new_group[:, 1:]
+    end_marks = torch.where(last_of_group, pos, torch.full_like(pos, p))
+    end = end_marks.flip(1).cummin(dim=1).values.flip(1)
+    mean_rank = (start + end).double() / 2 + 1
     out = torch.empty(n, p, dtype=torch.float64, device=v.device)
-    for i in range(n):
-        sv, order = v[i].sort(stable=True)
-        _, inv, counts = torch.unique_consecutive(sv, return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).double()
-        mean_rank = ends - (counts.double() - 1) / 2  # ranks start at 1
-        out[i, order] = mean_rank[inv]
+    out.scatter_(1, order, mean_rank)
     return out
 
 
@@ -94,18 +100,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True, window: in
         a, b = minmax(a).double(), minmax(b).double()
     h, w = a.shape[-2:]
     kh, kw = min(window, h), min(window, w)
-    gy = gaussian_kernel1d(kh, sigma, a.device, torch.float64)
-    gx = gaussian_kernel1d(kw, sigma, a.device, torch.float64)
-    k = (gy[:, None] * gx[None, :])[None, None]
-
-    def filt(t):
-        return F.conv2d(t[:, None], k)[:, 0]
-
+    gy = gaussian_kernel1d(kh, sigma, a.device, torch.float64).view(1, 1, -1, 1)
+    gx = gaussian_kernel1d(kw, sigma, a.device, torch.float64).view(1, 1, 1, -1)
+    # the five local statistics in one batch of separable "valid" convolutions
+    stack = torch.stack([a, b, a * a, b * b, a * b], dim=1).flatten(0, 1)[:, None]
+    f = F.conv2d(F.conv2d(stack, gy), gx)[:, 0].view(a.shape[0], 5, h - kh + 1, w - kw + 1)
+    mu_a, mu_b = f[:, 0], f[:, 1]
+    saa = f[:, 2] - mu_a**2
+    sbb = f[:, 3] - mu_b**2
+    sab = f[:, 4] - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = filt(a), filt(b)
-    saa = filt(a * a) - mu_a**2
-    sbb = filt(b * b) - mu_b**2
-    sab = filt(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
     return s.flatten(1).mean(dim=1).float().cpu()
 
