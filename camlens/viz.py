@@ -234,7 +234,10 @@ def _method_title(exp: Explanation) -> str:
     info = methods().get(exp.method)
     pretty = {"gradcam": "Grad-CAM", "cam": "CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
               "eigencam": "Eigen-CAM", "layercam": "LayerCAM", "xgradcam": "XGrad-CAM",
-              "hirescam": "HiResCAM"}.get(exp.method, exp.method)
+              "hirescam": "HiResCAM", "saliency": "Saliency", "deconvnet": "Deconvnet",
+              "guided_backprop": "Guided Backprop", "guided_gradcam": "Guided Grad-CAM",
+              "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
+              "input_x_gradient": "Input x Gradient"}.get(exp.method, exp.method)
     parts = [pretty]
     if exp.model_name:
         parts.append(exp.model_name)
@@ -553,8 +556,11 @@ def save_explanation(
         img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
-                title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
-                fig = overlay_figure(img, exp.maps[i, j], title, alpha=alpha, cmap=cmap,
+                title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j, rank=suffix == 'rank')}"
+                m = exp.maps[i, j]
+                if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
+                    m = attribution_heat(resize_map(m, img.shape[:2]))
+                fig = overlay_figure(img, m, title, alpha=alpha, cmap=cmap,
                                      boxes=img_boxes[j] if draw else None, dpi=dpi)
                 save_figure(fig, p, dpi=dpi, metadata={
                     "Title": title, "Software": f"camlens {_versions()['camlens']}",

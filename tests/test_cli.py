@@ -156,6 +156,7 @@ def test_expand_inputs_folders_globs_and_names(tmp_path):
     assert parse_classes(["Tiger cat", "3"], ["a", "b", "tiger cat", "d"]) == [2, 3]
 
 
+@pytest.mark.slow
 def test_localize_eval_calibrate_then_use_the_threshold(tmp_path):
     from camlens.data import synthetic
 

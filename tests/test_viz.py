@@ -226,6 +226,8 @@ def test_save_explanation_formats_suffix_and_duplicate_sources(tmp_path):
     paths = e.save(tmp_path, formats="png", suffix="class")
     assert sorted(p.name for p in paths) == ["same-2_gradcam_bird.png", "same-2_gradcam_fish.png",
                                              "same_gradcam_cat.png", "same_gradcam_dog.png"]
+    with Image.open(tmp_path / "same-2_gradcam_fish.png") as im:
+        assert im.text["Title"] == "Grad-CAM · fish (25.0%)"  # explicit classes: no rank in the title
     with pytest.raises(InputError, match="format"):
         save_explanation(e, tmp_path, formats=("gif",))
     assert unique_names(["a", "a", "a-2", "b"]) == ["a", "a-3", "a-2", "b"]
