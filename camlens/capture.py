@@ -17,6 +17,15 @@ wanted, every call is cut: the last call's output never feeds another call of th
 so its gradient is exact. The value handed on is a clone of the leaf so that in-place
 operations after the layer (``ReLU(inplace=True)``) never modify the captured tensor.
 
+**Cheap automatic capture.** The function mode costs a Python call for every torch function of
+the forward (a few percent of a batch-1 forward). With ``CaptureSpec(lazy_pool=True)`` (what
+:func:`camlens.explain` uses for the last call) and a model that has a global pooling *module*
+(``nn.AdaptiveAvgPool2d(1)``…), the pooling modules are hooked directly and the function mode
+is switched on only after the first global pooling module has run: any global pooling before
+that call is followed by a later one, so the *last* call is found exactly as with the function
+mode from the start. If no pooling module ran, nothing was captured and
+:func:`needs_full_scan` tells the caller to run again with the function mode from the start.
+
 Hooks and the function mode are removed in ``finally`` blocks, and the caller's grad mode
 is restored, also when the forward raises.
 """
@@ -75,6 +84,9 @@ class CaptureSpec:
     name: str
     capture: str = "output"
     call: int = -1
+    #: ``"pool"`` with ``call=-1`` only: hook global pooling modules and watch function calls only
+    #: after the first one ran (see the module docstring)
+    lazy_pool: bool = False
 
     def describe(self) -> str:
         where = {"output": "output of", "input": "input of", "pool": "input of global pooling"}[self.capture]
@@ -91,6 +103,39 @@ class Captured:
     calls: int = 0
     pool_module: str | None = None
     _current_pool_module: list[str] = field(default_factory=list)
+
+
+def _is_global_pool_module(module: nn.Module) -> bool:
+    """A pooling module that pools any 4-D input to 1x1 (``nn.AdaptiveAvgPool2d(1)`` and friends)."""
+    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and _is_one(module.output_size)
+
+
+def _module_pools_globally(module: nn.Module, x) -> bool:
+    """Whether ``module(x)`` is a global pooling call, judged as :func:`global_pool_input` judges
+    the functional call the module makes."""
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        func, arg = F.adaptive_avg_pool2d, module.output_size
+    elif isinstance(module, nn.AdaptiveMaxPool2d):
+        func, arg = F.adaptive_max_pool2d, module.output_size
+    elif isinstance(module, nn.AvgPool2d):
+        func, arg = F.avg_pool2d, module.kernel_size
+    elif isinstance(module, nn.MaxPool2d):
+        func, arg = F.max_pool2d, module.kernel_size
+    else:
+        return False
+    return global_pool_input(func, (x, arg), {}) is not None
+
+
+def uses_lazy_pool(model: nn.Module, spec: CaptureSpec) -> bool:
+    """Whether :func:`capture` watches function calls only after a pooling module ran."""
+    return (spec.capture == "pool" and spec.lazy_pool and spec.call == -1
+            and any(_is_global_pool_module(m) for m in model.modules()))
+
+
+def needs_full_scan(model: nn.Module, spec: CaptureSpec, captured_value) -> bool:
+    """After a forward under :func:`capture`: nothing was captured, but a global pooling function
+    call may have gone unseen (no pooling module ran): run again with ``lazy_pool=False``."""
+    return captured_value is None and uses_lazy_pool(model, spec)
 
 
 class _PoolMode(TorchFunctionMode):
@@ -167,12 +212,38 @@ def capture(
 
             handles.append(spec.module.register_forward_pre_hook(pre))
         elif spec.capture == "pool":
+            mode = _PoolMode(take)
+            if uses_lazy_pool(model, spec):
+                active = []  # [True] once the function mode is on
+
+                def pre_lazy(m, args, n):
+                    out._current_pool_module.append(n)
+                    if not active and args and _module_pools_globally(m, args[0]):
+                        return (take(args[0]), *args[1:])
+                    return None
+
+                def post_lazy(m, args, output):
+                    out._current_pool_module.pop()
+                    if not active and args and _module_pools_globally(m, args[0]):
+                        mode.__enter__()
+                        active.append(True)
+
+                for name, m in model.named_modules():
+                    if isinstance(m, _POOL_MODULES):
+                        handles.append(m.register_forward_pre_hook(
+                            lambda m, a, n=name: pre_lazy(m, a, n)))
+                        handles.append(m.register_forward_hook(post_lazy))
+                try:
+                    yield out
+                finally:
+                    if active:
+                        mode.__exit__(None, None, None)
+                return
             for name, m in model.named_modules():
                 if isinstance(m, _POOL_MODULES):
                     handles.append(m.register_forward_pre_hook(
                         lambda m, a, n=name: out._current_pool_module.append(n)))
                     handles.append(m.register_forward_hook(_pop_pool(out)))
-            mode = _PoolMode(take)
             with mode:
                 yield out
             return

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .capture import CaptureSpec, count_calls
+from .capture import CaptureSpec, count_calls, needs_full_scan
 from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
@@ -37,14 +38,21 @@ from .targets import TargetSpec
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode; restore each module's own flag afterwards (even on error)."""
+    """Put every module in eval mode; restore each module's own flag afterwards (even on error).
+
+    A model already in eval mode everywhere (the usual case) costs one pass over its modules:
+    ``model.eval()`` (a recursive ``__setattr__`` per module) only runs when a module is training,
+    and only flags that differ afterwards are written back.
+    """
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        if any(t for _, t in flags):
+            model.eval()
         yield model
     finally:
         for m, t in flags:
-            m.training = t
+            if m.training != t:
+                m.training = t
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -179,7 +187,12 @@ def explain(
             if total + spec.call < 0:
                 raise InputError(f"{spec.name} runs {total} times per forward; call={spec.call} does not exist")
             spec = CaptureSpec(spec.module, spec.name, spec.capture, total + spec.call)
+        if spec is not None and spec.capture == "pool" and spec.call == -1:
+            spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
         ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+        if spec is not None and needs_full_scan(model, spec, ctx.features):
+            spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
+            ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
         if spec is not None and ctx.features is None:
             if spec.capture == "pool":  # no global pooling: fall back to the last spatial module
                 spec = fallback_layer(model, x)

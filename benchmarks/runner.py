@@ -1,0 +1,362 @@
+"""``python -m benchmarks``: camlens against Captum, pytorch-grad-cam and TorchCAM, in one run.
+
+Method. For each model and batch size, every contender (the inference forward pass, camlens,
+the peers) is called in turn, round after round, so that all of them see the same machine load;
+after ``--warmup`` untimed calls each, a round times every contender once with
+``time.perf_counter`` (the garbage collector run before each round and paused during it, the
+rotation order shifted each round). Rounds continue until ``--min-reps`` rounds are done and ``--budget`` seconds have
+passed, or ``--max-reps`` rounds are done. The table reports medians, and ratios of medians
+against the same run's forward pass. ``torch.set_num_threads(--threads)`` is set before anything
+runs and recorded with the machine. Peak memory comes from a child process (see
+:mod:`benchmarks.memory`).
+
+Score-CAM is measured at batch 1 on EfficientNet-Lite0 and ResNet-50 only (thousands of masked
+forwards per image), with ``--scorecam-reps`` rounds at most.
+
+Results go to ``benchmarks/results/bench-<time>.json`` (git-ignored) and, for full runs, to
+``BENCHMARKS.md``. ``--merge A.json B.json`` rebuilds the report from earlier runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int, device: str) -> dict[str, Any]:
+    import camlens
+
+    from . import peers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "threads_requested": threads,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "camlens": camlens.__version__,
+        "commit": commit,
+        "peers": peers.peer_versions(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return info
+
+
+# ------------------------------------------------------------------------------------ timing
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_round_robin(contenders: Sequence, *, warmup: int, min_reps: int, max_reps: int, budget_s: float,
+                     device: str = "cpu", log=print) -> dict[str, list[float]]:
+    """Seconds per call for each contender, interleaved round by round (see the module docstring)."""
+    times: dict[str, list[float]] = {c.key: [] for c in contenders}
+    for _ in range(warmup):
+        for c in contenders:
+            c.fn()
+    _sync(device)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
+        order = list(contenders[rounds % len(contenders):]) + list(contenders[:rounds % len(contenders)])
+        gc.collect()
+        gc.disable()
+        try:
+            for c in order:
+                t = time.perf_counter()
+                c.fn()
+                _sync(device)
+                times[c.key].append(time.perf_counter() - t)
+        finally:
+            gc.enable()
+        rounds += 1
+    log(f"    {rounds} rounds in {time.perf_counter() - start:.1f} s")
+    return times
+
+
+def _agreement(contenders: Sequence) -> dict[str, float]:
+    """Pearson correlation of each contender's maps with its reference contender's maps."""
+    from .cases import maps_of, pearson
+
+    outs: dict[str, Any] = {}
+    for c in contenders:
+        if c.task != "forward":
+            outs[c.key] = maps_of(c.fn())
+    agree = {}
+    for c in contenders:
+        ref = f"{c.task}|{c.ref}" if c.ref else None
+        if ref in outs and c.key in outs and outs[ref].shape == outs[c.key].shape:
+            agree[c.key] = pearson(outs[c.key], outs[ref])
+    return agree
+
+
+def _rows(contenders: Sequence, times: dict[str, list[float]], agree: dict[str, float],
+          model: str, batch: int, layer: str, peaks: dict[str, float] | None) -> list[dict[str, Any]]:
+    fwd = statistics.median(times["forward|torch"]) * 1000
+    rows = []
+    for c in contenders:
+        ts = times[c.key]
+        ms = statistics.median(ts) * 1000 * c.scale
+        rows.append({
+            "task": c.task, "impl": c.impl, "model": model, "batch": batch, "layer": layer,
+            "ms": ms, "reps": len(ts), "ms_min": min(ts) * 1000 * c.scale,
+            "ms_all": [round(t * 1000 * c.scale, 3) for t in ts],
+            "forward_ms": fwd, "ratio_to_forward": ms / fwd,
+            "pearson_vs_ref": agree.get(c.key), "ref": c.ref, "note": c.note,
+            "peak_mb": None if peaks is None else peaks.get(c.key),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------ groups
+def run_gradient_group(name: str, batch: int, args, log=print) -> list[dict[str, Any]]:
+    from .cases import MODELS, gradient_contenders, load_bench_model, make_batch
+    from .memory import group_peaks
+
+    log(f"[{name} batch {batch}] {', '.join(args.tasks_grad)}")
+    model = load_bench_model(name, args.device)
+    x, classes = make_batch(model, batch, args.size)
+    conts = gradient_contenders(name, model, x, classes, args.tasks_grad, not args.no_peers)
+    try:
+        agree = _agreement(conts)
+        times = time_round_robin(conts, warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps,
+                                 budget_s=args.budget, device=args.device, log=log)
+    finally:
+        for c in conts:
+            c.close()
+    peaks = None
+    if args.memory and args.device == "cpu":
+        spec = {"model": name, "batch": batch, "size": args.size, "tasks": list(args.tasks_grad),
+                "threads": args.threads, "peers": not args.no_peers}
+        try:
+            peaks = group_peaks(spec, list(times))
+        except Exception as exc:  # memory is informative; a failure must not lose the timings
+            log(f"    memory measurement failed: {exc}")
+    rows = _rows(conts, times, agree, name, batch, MODELS[name].layer, peaks)
+    _log_rows(rows, log)
+    return rows
+
+
+def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
+    from .cases import MODELS, load_bench_model, make_batch, scorecam_contenders
+
+    log(f"[{name} batch 1] scorecam")
+    model = load_bench_model(name, args.device)
+    x, classes = make_batch(model, 1, args.size)
+    with torch.inference_mode():  # warm the batch shapes the contenders use (64, 32, 16)
+        for b in (64, 32, 16):
+            model(x.expand(b, -1, -1, -1))
+    conts = scorecam_contenders(name, model, x, classes, tuple(args.scorecam_channels), not args.no_peers)
+    extras: dict[str, Any] = {}
+    try:
+        outs = {}
+        for c in conts:  # the untimed first call of each is its warm-up and gives its maps
+            if c.task != "forward":
+                outs[c.key] = c.fn()
+        from .cases import maps_of, pearson
+
+        maps = {k: maps_of(v) for k, v in outs.items()}
+        agree = {}
+        for c in conts:
+            ref = f"{c.task}|{c.ref}" if c.ref else None
+            if ref in maps and c.key in maps:
+                agree[c.key] = pearson(maps[c.key], maps[ref])
+        pgc = "scorecam|pytorch-grad-cam"
+        for k, v in maps.items():
+            if pgc in maps and k.startswith("scorecam|camlens channel_softmax"):
+                extras.setdefault("pearson_vs_pytorch_grad_cam", {})[k.split("|", 1)[1]] = pearson(v, maps[pgc])
+        full = outs.get("scorecam|camlens")
+        feats = _features(model, x, MODELS[name].layer)
+        extras["channels"] = int(feats.shape[1])
+        extras["all_zero_channels"] = int((feats.flatten(2).amax(2) == 0).sum())
+        if full is not None:
+            extras["camlens_forwards"] = full.extras.get("forwards")
+        times = time_round_robin(conts, warmup=0, min_reps=1, max_reps=args.scorecam_reps,
+                                 budget_s=args.budget, device=args.device, log=log)
+    finally:
+        for c in conts:
+            c.close()
+    rows = _rows(conts, times, agree, name, 1, MODELS[name].layer, None)
+    for r in rows:
+        if r["task"] == "scorecam":
+            r["scorecam"] = extras
+    _log_rows(rows, log)
+    return rows
+
+
+def _features(model, x, layer: str) -> torch.Tensor:
+    feats = []
+    h = model.get_submodule(layer).register_forward_hook(lambda m, a, o: feats.append(o.detach().clone()))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        h.remove()
+    return feats[-1]
+
+
+def _log_rows(rows: list[dict[str, Any]], log=print) -> None:
+    for r in rows:
+        agree = "" if r["pearson_vs_ref"] is None else f"  r={r['pearson_vs_ref']:.4f}"
+        mem = "" if r.get("peak_mb") is None else f"  peak {r['peak_mb']:.0f} MB"
+        log(f"    {r['task']:<16} {r['impl']:<44} {r['ms']:10.1f} ms  x{r['ratio_to_forward']:.3f}"
+            f"  (n={r['reps']}){agree}{mem}")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _csv(kind):
+    def parse(s: str):
+        items = [t.strip() for t in s.split(",") if t.strip()]
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cases import MODELS, TASKS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=_csv(str), default=list(MODELS), help="comma list (default: all)")
+    p.add_argument("--tasks", type=_csv(str), default=list(TASKS),
+                   help=f"comma list of {', '.join(TASKS)} (default: all)")
+    p.add_argument("--batches", type=_csv(int), default=[1, 16], help="batch sizes (default: 1,16)")
+    p.add_argument("--size", type=int, default=224, help="input size (default 224)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender (default 2)")
+    p.add_argument("--min-reps", type=int, default=5, help="timed rounds at least (default 5)")
+    p.add_argument("--max-reps", type=int, default=21, help="timed rounds at most (default 21)")
+    p.add_argument("--budget", type=float, default=45.0,
+                   help="seconds of timed rounds per group once --min-reps are done (default 45)")
+    p.add_argument("--scorecam-models", type=_csv(str), default=["efficientnet_lite0", "resnet50"])
+    p.add_argument("--scorecam-channels", type=_csv(int), default=[512, 256, 128],
+                   help="max_channels caps to time (default 512,256,128)")
+    p.add_argument("--scorecam-reps", type=int, default=3, help="timed Score-CAM rounds at most (default 3)")
+    p.add_argument("--no-peers", action="store_true", help="camlens only")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory children")
+    p.add_argument("--leak", action="store_true", help="run only the leak check")
+    p.add_argument("--no-leak", dest="with_leak", action="store_false", help="skip the leak check")
+    p.add_argument("--leak-calls", type=int, default=1000)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: EfficientNet-Lite0, batch 1, Grad-CAM/top-5/all, 2 rounds, no peers, "
+                        "no memory, no leak, no BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/bench-TIME.json)")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="report file (default BENCHMARKS.md for full runs; none for --quick)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="rebuild the report from these JSON results instead of measuring")
+    return p
+
+
+def _apply_quick(args) -> None:
+    args.models, args.batches = ["efficientnet_lite0"], [1]
+    args.tasks = ["gradcam", "top5", "all"]
+    args.warmup, args.min_reps, args.max_reps, args.budget = 1, 2, 2, 0.0
+    args.no_peers, args.memory, args.with_leak = True, False, False
+
+
+def run(args, log=print) -> dict[str, Any]:
+    """Measure what ``args`` selects; return the result document (also written as JSON)."""
+    from .cases import MODELS, TASKS
+
+    torch.set_num_threads(args.threads)
+    bad = [m for m in args.models if m not in MODELS] + [t for t in args.tasks if t not in TASKS]
+    if bad:
+        raise SystemExit(f"unknown model/task: {', '.join(bad)}; models: {', '.join(MODELS)}; "
+                         f"tasks: {', '.join(TASKS)}")
+    args.tasks_grad = tuple(t for t in args.tasks if t != "scorecam")
+    doc: dict[str, Any] = {"machine": machine_info(args.threads, args.device),
+                           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                      if k not in ("merge",)},
+                           "results": [], "leak": None}
+    t0 = time.perf_counter()
+    if not args.leak:
+        for name in args.models:
+            if args.tasks_grad:
+                for b in args.batches:
+                    doc["results"] += run_gradient_group(name, b, args, log)
+            if "scorecam" in args.tasks and name in args.scorecam_models:
+                doc["results"] += run_scorecam_group(name, args, log)
+    if args.leak or (args.with_leak and args.device == "cpu"):
+        from .memory import run_child
+
+        log(f"[leak] {args.leak_calls} Grad-CAM calls, EfficientNet-Lite0, batch 1")
+        doc["leak"] = run_child({"mode": "leak", "model": "efficientnet_lite0", "calls": args.leak_calls,
+                                 "sample_every": 50, "size": args.size, "threads": args.threads})
+        lk = doc["leak"]
+        log(f"    RSS growth {lk['growth_mb']:+.1f} MB over {lk['calls']} calls "
+            f"(max-min {lk['max_minus_min_mb']:.1f} MB); hooks left {lk['hooks_left']}, "
+            f".grad left {lk['grads_left']}")
+    doc["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    doc["machine"]["wall_s"] = time.perf_counter() - t0
+    return doc
+
+
+def main(argv: Sequence[str] | None = None, log=print) -> int:
+    from .report import write_markdown
+
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        docs = [json.loads(p.read_text()) for p in args.merge]
+        write_markdown(docs, args.markdown or ROOT / "BENCHMARKS.md")
+        log(f"wrote {args.markdown or ROOT / 'BENCHMARKS.md'}")
+        return 0
+    if args.quick:
+        _apply_quick(args)
+    doc = run(args, log)
+    out = args.out or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    log(f"wrote {out}")
+    md = args.markdown if args.markdown is not None else (None if args.quick or args.leak else ROOT / "BENCHMARKS.md")
+    if md is not None:
+        write_markdown([doc], md)
+        log(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Smoke run of the benchmark runner (``python -m benchmarks --quick``) and checks of its arithmetic.
+
+No timing is asserted here: timings belong to BENCHMARKS.md, never to the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+bench_runner = pytest.importorskip("benchmarks.runner")
+from benchmarks.cases import Contender, pearson  # noqa: E402
+from benchmarks.report import evaluate_targets, markdown  # noqa: E402
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    logs: list[str] = []
+    rc = bench_runner.main(["--quick", "--size", "64", "--out", str(out), "--markdown", str(md)], log=logs.append)
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["torch_threads"] == 2 and doc["machine"]["torch"] == torch.__version__
+    rows = {(r["task"], r["impl"]): r for r in doc["results"]}
+    assert set(rows) == {("forward", "torch"), ("gradcam", "camlens"), ("gradcam", "camlens (auto layer)"),
+                         ("top5", "camlens"), ("all", "camlens")}
+    fwd = rows["forward", "torch"]["ms"]
+    for r in rows.values():
+        assert r["reps"] == 2 and len(r["ms_all"]) == 2 and r["ms"] > 0
+        assert r["ms"] == pytest.approx(float(np.median(r["ms_all"])), rel=1e-3, abs=1e-3)
+        assert r["ratio_to_forward"] == pytest.approx(r["ms"] / fwd)
+    # the automatic layer of EfficientNet-Lite0 is the explicit benchmark layer: same maps
+    assert rows["gradcam", "camlens (auto layer)"]["pearson_vs_ref"] == pytest.approx(1.0, abs=1e-5)
+    text = md.read_text()
+    assert "## Targets" in text and "| efficientnet_lite0 | 1 |" in text and "Grad-CAM ≤ 1.15 × forward" in text
+
+
+def test_round_robin_counts_and_rotates():
+    calls: list[str] = []
+    conts = [Contender("t", name, (lambda n=name: calls.append(n))) for name in "abc"]
+    times = bench_runner.time_round_robin(conts, warmup=1, min_reps=3, max_reps=3, budget_s=0.0, log=lambda s: None)
+    assert {k: len(v) for k, v in times.items()} == {"t|a": 3, "t|b": 3, "t|c": 3}
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+
+
+def test_pearson_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 50)), rng.normal(size=(3, 50))
+    b[1] = 2 * a[1] + 1
+    expected = min(np.corrcoef(a[i], b[i])[0, 1] for i in range(3))
+    assert pearson(torch.tensor(a), torch.tensor(b)) == pytest.approx(expected)
+    assert pearson(torch.tensor(a[1:2]), torch.tensor(b[1:2])) == pytest.approx(1.0)
+
+
+def _row(task, impl, ms, batch=16, model="m", **kw):
+    return {"task": task, "impl": impl, "model": model, "batch": batch, "ms": ms, "reps": 3,
+            "forward_ms": 100.0, "ratio_to_forward": ms / 100.0, **kw}
+
+
+def test_targets_are_judged_from_the_numbers():
+    rows = [_row("forward", "torch", 100), _row("gradcam", "camlens", 110), _row("gradcam", "pytorch-grad-cam", 230),
+            _row("gradcam", "Captum", 105), _row("top5", "camlens", 170), _row("all", "camlens", 140),
+            _row("guided_backprop", "camlens", 300), _row("guided_backprop", "pytorch-grad-cam", 1600),
+            _row("scorecam", "camlens", 1000, batch=1,
+                 scorecam={"pearson_vs_pytorch_grad_cam": {"camlens channel_softmax": 0.995}}),
+            _row("scorecam", "pytorch-grad-cam", 1900, batch=1)]
+    leak = {"model": "m", "calls": 1000, "growth_mb": 7.0, "hooks_left": 0, "grads_left": 0}
+    verdicts = [(t["value"], t["ok"]) for t in evaluate_targets(rows, leak)]
+    assert verdicts == [("1.100×", True), ("2.09×", True), ("0.95×", False), ("1.55×", False), ("1.27×", True),
+                        ("1.90×", False), ("r = 0.9950", True), ("5.33×", True), ("+7.0 MB", False)]
+    text = markdown([{"machine": {"cpu": "x", "cpus_available": 2, "logical_cpus": 2, "torch": "t",
+                                  "torch_threads": 2, "torch_interop_threads": 2, "device": "cpu",
+                                  "python": "3", "camlens": "0", "peers": {}, "date": "d"},
+                      "results": rows, "leak": None}])
+    assert text.count("❌") == 3 and text.count("✅") == 5
