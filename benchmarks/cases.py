@@ -123,6 +123,17 @@ def forward_contender(model: nn.Module, x: torch.Tensor) -> Contender:
     return Contender("forward", "torch", fwd, note="inference_mode forward")
 
 
+def no_grad_forward_contender(model: nn.Module, x: torch.Tensor) -> Contender:
+    """The forward under ``torch.no_grad()``: what the part below a cut layer costs (camlens runs it
+    without recording, but not as inference tensors: those must never reach the model's state)."""
+
+    def fwd():
+        with torch.no_grad():
+            return model(x)
+
+    return Contender("forward", "torch no_grad", fwd, note="no_grad forward")
+
+
 def _peer(task: str, dist: str, adapter, byname: bool, model: nn.Module, layer: str, x, classes,
           *, scale: float = 1.0, ref: str = "camlens") -> Contender | None:
     mine = copy.deepcopy(model)
@@ -140,7 +151,7 @@ def gradient_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: l
     spec = MODELS[name]
     layer = spec.layer
     n = x.shape[0]
-    out = [forward_contender(model, x)]
+    out = [forward_contender(model, x), no_grad_forward_contender(model, x)]
     if "gradcam" in tasks:
         out.append(Contender("gradcam", "camlens",
                              lambda: camlens.explain(model, x, "gradcam", classes, layer=layer)))

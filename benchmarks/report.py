@@ -84,7 +84,7 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
             add("guided backprop ≥ 5× pytorch-grad-cam's per-image throughput (batch 16)", f"{model}, batch {b}",
                 f"{s:.2f}×", "≥ 5", s >= 5)
     if leak:
-        add("no leak: RSS flat over 1,000 calls", f"{leak['model']}, batch 1, {leak['calls']} calls",
+        add(f"no leak: RSS flat over {leak['calls']:,} calls", f"{leak['model']}, batch 1, {leak['calls']} calls",
             f"{leak['growth_mb']:+.1f} MB", f"within ±{LEAK_MB:.0f} MB",
             abs(leak["growth_mb"]) <= LEAK_MB and not leak["hooks_left"] and not leak["grads_left"])
     return out
@@ -163,14 +163,16 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     if groups:
         L += ["## Grad-CAM at the last convolutional layer", "",
               "Time per call (× the same run's forward pass).", "",
-              "| model | batch | forward | camlens | camlens (auto layer) | pytorch-grad-cam | Captum | TorchCAM |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | batch | forward | forward (no_grad) | camlens | camlens (auto layer) | pytorch-grad-cam "
+              "| Captum | TorchCAM |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for model, b in groups:
             f = _find(rows, "forward", "torch", model, b)
             fms = f["ms"] if f else None
             cells = [_cell(_find(rows, "gradcam", i, model, b), fms)
                      for i in ("camlens", "camlens (auto layer)", *PEER_NAMES)]
-            L.append(f"| {model} | {b} | {_fmt_ms(fms)} | " + " | ".join(cells) + " |")
+            ng = _cell(_find(rows, "forward", "torch no_grad", model, b), fms)
+            L.append(f"| {model} | {b} | {_fmt_ms(fms)} | {ng} | " + " | ".join(cells) + " |")
         L.append("")
     groups = _groups(rows, "top5") + [g for g in _groups(rows, "all") if g not in _groups(rows, "top5")]
     if groups:
@@ -193,23 +195,25 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
               "(`weighting=\"prob\"`) and `weighting=\"channel_softmax\"` is the peers' weighting. "
               "Pearson correlations of the maps: *r vs pgc* with pytorch-grad-cam's, *r vs channel_softmax* "
               "with camlens' uncapped `weighting=\"channel_softmax\"` map.", "",
-              "| model | contender | time | × forward | speed-up vs pytorch-grad-cam | r vs pgc | "
+              "| model | contender | masked forwards | time | × forward | speed-up vs pytorch-grad-cam | r vs pgc | "
               "r vs channel_softmax |",
-              "|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|"]
         for model, b in groups:
             pgc = _find(rows, "scorecam", "pytorch-grad-cam", model, b)
             ex = next((r.get("scorecam") for r in rows if r["task"] == "scorecam" and r["model"] == model
                        and r.get("scorecam")), {}) or {}
             vs = ex.get("pearson_vs_pytorch_grad_cam", {})
+            fw = ex.get("camlens_forwards") or {}
             for r in [r for r in rows if r["task"] == "scorecam" and r["model"] == model and r["batch"] == b]:
                 sp = f"{pgc['ms'] / r['ms']:.2f}×" if pgc else "–"
                 rp, rc = vs.get(r["impl"]), r.get("pearson_vs_ref")
-                L.append(f"| {model} | {r['impl']} | {_fmt_ms(r['ms'])} (n={r['reps']}) | "
+                n = fw.get(r["impl"])
+                n = n[0] if n else (ex.get("channels", "?") if r["impl"] in PEER_NAMES else "")
+                L.append(f"| {model} | {r['impl']} | {n} | {_fmt_ms(r['ms'])} (n={r['reps']}) | "
                          f"{r['ratio_to_forward']:.0f}× | {sp} | {'' if rp is None else f'{rp:.4f}'} | "
                          f"{'' if rc is None else f'{rc:.4f}'} |")
-            fw = ex.get("camlens_forwards")
-            L.append(f"| {model} | *{ex.get('channels', '?')} channels, {ex.get('all_zero_channels', '?')} "
-                     f"all zero; camlens ran {fw[0] if fw else '?'} masked forwards* | | | | | |")
+            L.append(f"| {model} | *{ex.get('channels', '?')} channels, {ex.get('all_zero_channels', '?')} of "
+                     "them all zero on this image* | | | | | | |")
         L.append("")
     groups = _groups(rows, "guided_backprop")
     if groups:

@@ -90,19 +90,27 @@ def _sync(device: str) -> None:
 
 
 def time_round_robin(contenders: Sequence, *, warmup: int, min_reps: int, max_reps: int, budget_s: float,
-                     device: str = "cpu", log=print) -> dict[str, list[float]]:
-    """Seconds per call for each contender, interleaved round by round (see the module docstring)."""
-    times: dict[str, list[float]] = {c.key: [] for c in contenders}
+                     device: str = "cpu", log=print,
+                     times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call for each contender, interleaved round by round (see the module docstring).
+
+    After ``warmup`` untimed rounds, rounds run while fewer than ``min_reps`` are done, or while
+    another round (as long as the last one) still fits in ``budget_s``; never more than
+    ``max_reps``. ``times`` may hold rounds already timed (they count).
+    """
+    times = times if times is not None else {c.key: [] for c in contenders}
     for _ in range(warmup):
         for c in contenders:
             c.fn()
     _sync(device)
     start = time.perf_counter()
-    rounds = 0
-    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
+    rounds = min(len(v) for v in times.values())
+    last = 0.0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start + last <= budget_s):
         order = list(contenders[rounds % len(contenders):]) + list(contenders[:rounds % len(contenders)])
         gc.collect()
         gc.disable()
+        t_round = time.perf_counter()
         try:
             for c in order:
                 t = time.perf_counter()
@@ -111,24 +119,36 @@ def time_round_robin(contenders: Sequence, *, warmup: int, min_reps: int, max_re
                 times[c.key].append(time.perf_counter() - t)
         finally:
             gc.enable()
+        last = time.perf_counter() - t_round
         rounds += 1
-    log(f"    {rounds} rounds in {time.perf_counter() - start:.1f} s")
+    log(f"    {rounds} timed rounds, {time.perf_counter() - start:.1f} s")
     return times
 
 
-def _agreement(contenders: Sequence) -> dict[str, float]:
+def first_round(contenders: Sequence, device: str = "cpu") -> tuple[dict[str, Any], dict[str, float]]:
+    """Call every contender once: its result and its time (a warm-up round, or Score-CAM's first)."""
+    outs: dict[str, Any] = {}
+    secs: dict[str, float] = {}
+    for c in contenders:
+        t = time.perf_counter()
+        out = c.fn()
+        _sync(device)
+        secs[c.key] = time.perf_counter() - t
+        if c.task != "forward":
+            outs[c.key] = out
+    return outs, secs
+
+
+def agreement(contenders: Sequence, outs: dict[str, Any]) -> dict[str, float]:
     """Pearson correlation of each contender's maps with its reference contender's maps."""
     from .cases import maps_of, pearson
 
-    outs: dict[str, Any] = {}
-    for c in contenders:
-        if c.task != "forward":
-            outs[c.key] = maps_of(c.fn())
+    maps = {k: maps_of(v) for k, v in outs.items()}
     agree = {}
     for c in contenders:
         ref = f"{c.task}|{c.ref}" if c.ref else None
-        if ref in outs and c.key in outs and outs[ref].shape == outs[c.key].shape:
-            agree[c.key] = pearson(outs[c.key], outs[ref])
+        if ref in maps and c.key in maps and maps[ref].shape == maps[c.key].shape:
+            agree[c.key] = pearson(maps[c.key], maps[ref])
     return agree
 
 
@@ -160,8 +180,12 @@ def run_gradient_group(name: str, batch: int, args, log=print) -> list[dict[str,
     x, classes = make_batch(model, batch, args.size)
     conts = gradient_contenders(name, model, x, classes, args.tasks_grad, not args.no_peers)
     try:
-        agree = _agreement(conts)
-        times = time_round_robin(conts, warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps,
+        outs, secs = first_round(conts, args.device)
+        agree = agreement(conts, outs)
+        del outs
+        # long rounds (big models at batch 16): the first round was warm-up enough
+        warmup = args.warmup if sum(secs.values()) < args.long_round else 0
+        times = time_round_robin(conts, warmup=warmup, min_reps=args.min_reps, max_reps=args.max_reps,
                                  budget_s=args.budget, device=args.device, log=log)
     finally:
         for c in conts:
@@ -191,30 +215,26 @@ def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
     conts = scorecam_contenders(name, model, x, classes, tuple(args.scorecam_channels), not args.no_peers)
     extras: dict[str, Any] = {}
     try:
-        outs = {}
-        for c in conts:  # the untimed first call of each is its warm-up and gives its maps
-            if c.task != "forward":
-                outs[c.key] = c.fn()
+        outs, secs = first_round(conts, args.device)  # the first round is timed: thousands of forwards each
+        agree = agreement(conts, outs)
         from .cases import maps_of, pearson
 
-        maps = {k: maps_of(v) for k, v in outs.items()}
-        agree = {}
-        for c in conts:
-            ref = f"{c.task}|{c.ref}" if c.ref else None
-            if ref in maps and c.key in maps:
-                agree[c.key] = pearson(maps[c.key], maps[ref])
         pgc = "scorecam|pytorch-grad-cam"
-        for k, v in maps.items():
-            if pgc in maps and k.startswith("scorecam|camlens channel_softmax"):
-                extras.setdefault("pearson_vs_pytorch_grad_cam", {})[k.split("|", 1)[1]] = pearson(v, maps[pgc])
-        full = outs.get("scorecam|camlens")
+        if pgc in outs:
+            ref = maps_of(outs[pgc])
+            for k, v in outs.items():
+                if k.startswith("scorecam|camlens"):
+                    extras.setdefault("pearson_vs_pytorch_grad_cam", {})[k.split("|", 1)[1]] = \
+                        pearson(maps_of(v), ref)
         feats = _features(model, x, MODELS[name].layer)
         extras["channels"] = int(feats.shape[1])
         extras["all_zero_channels"] = int((feats.flatten(2).amax(2) == 0).sum())
-        if full is not None:
-            extras["camlens_forwards"] = full.extras.get("forwards")
-        times = time_round_robin(conts, warmup=0, min_reps=1, max_reps=args.scorecam_reps,
-                                 budget_s=args.budget, device=args.device, log=log)
+        for k, v in outs.items():
+            if k.startswith("scorecam|camlens"):
+                extras.setdefault("camlens_forwards", {})[k.split("|", 1)[1]] = v.extras.get("forwards")
+        del outs
+        times = time_round_robin(conts, warmup=0, min_reps=1, max_reps=args.scorecam_reps, budget_s=args.budget,
+                                 device=args.device, log=log, times={k: [v] for k, v in secs.items()})
     finally:
         for c in conts:
             c.close()
@@ -266,15 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="input size (default 224)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender (default 2)")
-    p.add_argument("--min-reps", type=int, default=5, help="timed rounds at least (default 5)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed rounds after the first (untimed) round that checks the maps (default 1)")
+    p.add_argument("--long-round", type=float, default=20.0,
+                   help="no extra warm-up when the first round took longer than this many seconds (default 20)")
+    p.add_argument("--min-reps", type=int, default=3, help="timed rounds at least (default 3)")
     p.add_argument("--max-reps", type=int, default=21, help="timed rounds at most (default 21)")
     p.add_argument("--budget", type=float, default=45.0,
-                   help="seconds of timed rounds per group once --min-reps are done (default 45)")
+                   help="seconds of timed rounds per group: another round runs if it fits (default 45)")
     p.add_argument("--scorecam-models", type=_csv(str), default=["efficientnet_lite0", "resnet50"])
-    p.add_argument("--scorecam-channels", type=_csv(int), default=[512, 256, 128],
-                   help="max_channels caps to time (default 512,256,128)")
-    p.add_argument("--scorecam-reps", type=int, default=3, help="timed Score-CAM rounds at most (default 3)")
+    p.add_argument("--scorecam-channels", type=_csv(int), default=[512, 256, 128, 64],
+                   help="max_channels caps to time (default 512,256,128,64)")
+    p.add_argument("--scorecam-reps", type=int, default=2,
+                   help="timed Score-CAM rounds at most, the first one included (default 2)")
     p.add_argument("--no-peers", action="store_true", help="camlens only")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory children")
     p.add_argument("--leak", action="store_true", help="run only the leak check")
@@ -286,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/bench-TIME.json)")
     p.add_argument("--markdown", type=Path, default=None,
                    help="report file (default BENCHMARKS.md for full runs; none for --quick)")
+    p.add_argument("--no-markdown", action="store_true", help="write the JSON only")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="rebuild the report from these JSON results instead of measuring")
     return p
@@ -294,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _apply_quick(args) -> None:
     args.models, args.batches = ["efficientnet_lite0"], [1]
     args.tasks = ["gradcam", "top5", "all"]
-    args.warmup, args.min_reps, args.max_reps, args.budget = 1, 2, 2, 0.0
+    args.warmup, args.min_reps, args.max_reps, args.budget = 0, 2, 2, 0.0
     args.no_peers, args.memory, args.with_leak = True, False, False
 
 
@@ -352,6 +377,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     out.write_text(json.dumps(doc, indent=1))
     log(f"wrote {out}")
     md = args.markdown if args.markdown is not None else (None if args.quick or args.leak else ROOT / "BENCHMARKS.md")
+    if args.no_markdown:
+        md = None
     if md is not None:
         write_markdown([doc], md)
         log(f"wrote {md}")

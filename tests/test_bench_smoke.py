@@ -37,7 +37,8 @@ def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     doc = json.loads(out.read_text())
     assert doc["machine"]["torch_threads"] == 2 and doc["machine"]["torch"] == torch.__version__
     rows = {(r["task"], r["impl"]): r for r in doc["results"]}
-    assert set(rows) == {("forward", "torch"), ("gradcam", "camlens"), ("gradcam", "camlens (auto layer)"),
+    assert set(rows) == {("forward", "torch"), ("forward", "torch no_grad"), ("gradcam", "camlens"),
+                         ("gradcam", "camlens (auto layer)"),
                          ("top5", "camlens"), ("all", "camlens")}
     fwd = rows["forward", "torch"]["ms"]
     for r in rows.values():
@@ -88,3 +89,15 @@ def test_targets_are_judged_from_the_numbers():
                                   "python": "3", "camlens": "0", "peers": {}, "date": "d"},
                       "results": rows, "leak": None}])
     assert text.count("❌") == 3 and text.count("✅") == 5
+
+
+def test_cli_bench_is_registered_and_never_overwrites(tmp_path):
+    from click.testing import CliRunner
+
+    from camlens.cli import main
+
+    existing = tmp_path / "report.md"
+    existing.write_text("mine")
+    res = CliRunner().invoke(main, ["bench", "--quick", "--markdown", str(existing)])
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    assert existing.read_text() == "mine"
