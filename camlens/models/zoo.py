@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, CamlensError, WeightsNotFoundError
+from ..errors import CamlensError, CheckpointError, WeightsNotFoundError
 from .classes import imagenet_classes
 from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess
 
