@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .capture import CaptureSpec, count_calls, needs_full_scan
+from .capture import CaptureSpec, capture, count_calls, needs_full_scan
 from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
@@ -123,6 +123,13 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
     return per
 
 
+def _captures(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> bool:
+    """Whether a plain forward of ``x`` (one image: a cheap probe) reaches the capture ``spec``."""
+    with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
+        model(x)
+    return cap.value is not None
+
+
 def explain(
     model: nn.Module | str,
     inputs: Any,
@@ -192,7 +199,8 @@ def explain(
         ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
         if spec is not None and needs_full_scan(model, spec, ctx.features):
             spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
-            ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+            if len(x) == 1 or _captures(model, x[:1], spec):  # probe one image before the batch
+                ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
         if spec is not None and ctx.features is None:
             if spec.capture == "pool":  # no global pooling: fall back to the last spatial module
                 spec = fallback_layer(model, x)

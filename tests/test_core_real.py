@@ -84,6 +84,10 @@ def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
     assert e.layer == "output of features.20"  # the last max-pool: VGG's flatten+MLP has no GAP
     with pytest.raises(camlens.errors.HeadError, match="gradcam"):
         camlens.explain(model, torch.randn(1, 3, 64, 64), method="cam")
+    x = torch.randn(3, 3, 64, 64)  # a batch: the pooling probe runs on one image, then the batch
+    auto, named = (camlens.explain(model, x, method="gradcam", layer=layer) for layer in (None, "features.20"))
+    assert auto.layer == named.layer
+    torch.testing.assert_close(auto.maps, named.maps)
 
 
 def test_resnet_named_layer_equals_auto(lite0):
