@@ -102,7 +102,20 @@ class Captured:
     value: torch.Tensor | None = None
     calls: int = 0
     pool_module: str | None = None
+    #: ``"pool"`` captures watching every call: the last module (execution order) whose output
+    #: :func:`is_spatial_fallback` accepts, as ``(name, module)`` — the fallback layer when no
+    #: global pooling ran, known without another forward
+    last_spatial: tuple[str, nn.Module] | None = None
     _current_pool_module: list[str] = field(default_factory=list)
+
+
+def is_spatial_fallback(module: nn.Module, output) -> bool:
+    """Whether ``module``'s ``output`` can serve as the fallback layer of a network without global
+    pooling: a leaf module with a spatial ``(N, C, h, w)`` output, ``h, w > 1``, that is not a
+    fixed-size adaptive pooling adapter (VGG's ``avgpool``)."""
+    return (isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] > 1
+            and output.shape[-2] > 1 and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+            and next(iter(module.children()), None) is None)
 
 
 def _is_global_pool_module(module: nn.Module) -> bool:
@@ -154,6 +167,14 @@ class _PoolMode(TorchFunctionMode):
 def _pop_pool(out: Captured):
     def post(module, args, output) -> None:
         out._current_pool_module.pop()
+
+    return post
+
+
+def _note_spatial(out: Captured, name: str):
+    def post(module, args, output) -> None:
+        if is_spatial_fallback(module, output):
+            out.last_spatial = (name, module)
 
     return post
 
@@ -244,6 +265,8 @@ def capture(
                     handles.append(m.register_forward_pre_hook(
                         lambda m, a, n=name: out._current_pool_module.append(n)))
                     handles.append(m.register_forward_hook(_pop_pool(out)))
+                if name and next(iter(m.children()), None) is None:
+                    handles.append(m.register_forward_hook(_note_spatial(out, name)))
             with mode:
                 yield out
             return

@@ -56,6 +56,7 @@ class ForwardPass:
         self._input_grads: dict[str, torch.Tensor] = {}
         self.switch = None
         self.pool_module: str | None = None
+        self.last_spatial = None
         pixel = "input_grads" in needs
         layer_grad = "layer_grads" in needs
         self.x = x.detach().requires_grad_(True) if pixel else x.detach()
@@ -84,6 +85,7 @@ class ForwardPass:
         self.calls = cap.calls if cap is not None else 0
         if cap is not None:
             self.pool_module = cap.pool_module
+            self.last_spatial = cap.last_spatial
         self.targets: Targets = resolve_targets(targets, logits, class_names)
         with torch.set_grad_enabled(pixel or layer_grad):  # also when the caller is under no_grad
             self.scores = self.targets.scores(logits if (pixel or layer_grad) else logits.detach())

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .capture import CaptureSpec, capture, count_calls, needs_full_scan
+from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
 from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
 from .io import load_images
-from .layers import fallback_layer, resolve_layer
+from .layers import fallback_layer, fallback_spec, resolve_layer
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import IMAGENET, Preprocess
 from .models.zoo import card_of, load_model
@@ -123,11 +123,11 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
     return per
 
 
-def _captures(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> bool:
-    """Whether a plain forward of ``x`` (one image: a cheap probe) reaches the capture ``spec``."""
+def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
+    """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
     with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
         model(x)
-    return cap.value is not None
+    return cap
 
 
 def explain(
@@ -197,13 +197,21 @@ def explain(
         if spec is not None and spec.capture == "pool" and spec.call == -1:
             spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
         ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+        last_spatial = ctx.last_spatial
         if spec is not None and needs_full_scan(model, spec, ctx.features):
             spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
-            if len(x) == 1 or _captures(model, x[:1], spec):  # probe one image before the batch
+            if len(x) == 1:
                 ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+                last_spatial = ctx.last_spatial
+            else:  # probe one image before re-running the batch
+                probe = _probe(model, x[:1], spec)
+                last_spatial = probe.last_spatial
+                if probe.value is not None:
+                    ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
         if spec is not None and ctx.features is None:
-            if spec.capture == "pool":  # no global pooling: fall back to the last spatial module
-                spec = fallback_layer(model, x)
+            if spec.capture == "pool":  # no global pooling: fall back to the last spatial module,
+                # already seen by the pass that watched every call (else found by a probe)
+                spec = fallback_spec(last_spatial) if last_spatial is not None else fallback_layer(model, x)
                 ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
             else:
                 raise InputError(

@@ -14,7 +14,7 @@ import difflib
 import torch
 from torch import nn
 
-from .capture import CaptureSpec
+from .capture import CaptureSpec, is_spatial_fallback
 from .errors import LayerNotFoundError
 
 AUTO_NAME = "auto"
@@ -109,16 +109,15 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
 
 def fallback_layer(model: nn.Module, x: torch.Tensor) -> CaptureSpec:
     """For networks without global pooling: the last module (execution order) with a spatial
-    output ``h, w > 1`` that is not a fixed-size adaptive pooling adapter."""
+    output ``h, w > 1`` that is not a fixed-size adaptive pooling adapter (one inference forward
+    of the first image; :func:`camlens.explain` usually knows it already from its first pass)."""
     last = None
     handles = []
 
     def hook(name):
         def fn(m, a, o):
             nonlocal last
-            if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-1] > 1 and o.shape[-2] > 1 \
-                    and not isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) \
-                    and not list(m.children()):
+            if is_spatial_fallback(m, o):
                 last = (name, m)
 
         return fn
@@ -132,6 +131,11 @@ def fallback_layer(model: nn.Module, x: torch.Tensor) -> CaptureSpec:
     finally:
         for h in handles:
             h.remove()
+    return fallback_spec(last)
+
+
+def fallback_spec(last: tuple[str, nn.Module] | None) -> CaptureSpec:
+    """The capture of the fallback layer ``(name, module)`` found during a forward pass."""
     if last is None:
         raise LayerNotFoundError(
             "could not choose a layer automatically: no module produces a spatial (N, C, h, w) map; "

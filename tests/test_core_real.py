@@ -90,6 +90,26 @@ def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
     torch.testing.assert_close(auto.maps, named.maps)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_vgg_auto_layer_costs_two_forwards(n):
+    """No global pooling: the pass that looked for it also saw the last spatial module, so the
+    fallback needs no extra probe: one watching pass + the final pass, at any batch size."""
+    from camlens.layers import fallback_layer
+
+    torch.manual_seed(0)
+    model = camlens.load_model("vgg11", weights="random")
+    x = torch.randn(n, 3, 64, 64)
+    expected = fallback_layer(model, x).name
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    try:
+        e = camlens.explain(model, x, method="gradcam")
+    finally:
+        h.remove()
+    assert e.layer == f"output of {expected}" and calls == [n, n]
+    torch.testing.assert_close(e.maps, camlens.explain(model, x, method="gradcam", layer=expected).maps)
+
+
 def test_resnet_named_layer_equals_auto(lite0):
     torch.manual_seed(0)
     model = camlens.load_model("resnet18", weights="random")
