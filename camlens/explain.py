@@ -196,23 +196,29 @@ def explain(
             spec = CaptureSpec(spec.module, spec.name, spec.capture, total + spec.call)
         if spec is not None and spec.capture == "pool" and spec.call == -1:
             spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
-        ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+        # one method asks for at most one layer and one input gradient: the last backward may free the graph
+        backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
+
+        def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
+            return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
+
+        ctx = forward_pass(spec)
         last_spatial = ctx.last_spatial
         if spec is not None and needs_full_scan(model, spec, ctx.features):
             spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
             if len(x) == 1:
-                ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+                ctx = forward_pass(spec)
                 last_spatial = ctx.last_spatial
             else:  # probe one image before re-running the batch
                 probe = _probe(model, x[:1], spec)
                 last_spatial = probe.last_spatial
                 if probe.value is not None:
-                    ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+                    ctx = forward_pass(spec)
         if spec is not None and ctx.features is None:
             if spec.capture == "pool":  # no global pooling: fall back to the last spatial module,
                 # already seen by the pass that watched every call (else found by a probe)
                 spec = fallback_spec(last_spatial) if last_spatial is not None else fallback_layer(model, x)
-                ctx = ForwardPass(model, x, spec, targets, classes, needs=needs)
+                ctx = forward_pass(spec)
             else:
                 raise InputError(
                     f"{spec.describe()} was never called in the forward pass"

@@ -160,3 +160,30 @@ def test_eval_mode_fast_path_and_restore():
     with eval_mode(model):
         pass
     assert not any(m.training for m in model.modules())
+
+
+def test_planned_backwards_free_the_graph_and_give_the_same_gradients():
+    """``backwards=`` (one method: the last backward frees the graph) gives the gradients of a
+    pass that keeps its graph; a request beyond the plan is a clear error, not autograd's."""
+    from camlens.engine import ForwardPass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 6)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    needs = frozenset({"features", "layer_grads", "input_grads", "rules"})
+    spec = CaptureSpec(model[2], "2", "output")
+    keep = ForwardPass(model, x, spec, "top2", needs=needs)
+    plan = ForwardPass(model, x, spec, "top2", needs=needs, backwards=2)
+    torch.testing.assert_close(plan.layer_grads(), keep.layer_grads())
+    torch.testing.assert_close(plan.input_grads("guided"), keep.input_grads("guided"))
+    torch.testing.assert_close(plan.input_grads("guided"), keep.input_grads("guided"))  # cached, no backward
+    with pytest.raises(RuntimeError, match="planned 2 gradient request"):
+        plan.input_grads("deconvnet")
+    keep.input_grads("deconvnet")  # the unplanned pass still has its graph
+    # explain plans one method's requests: guided Grad-CAM (layer + guided input) equals its parts
+    res = camlens.explain(model, x, ["gradcam", "guided_backprop"], targets="top2", layer="2")
+    gg = camlens.explain(model, x, "guided_gradcam", targets="top2", layer="2")
+    cam = F.interpolate(res["gradcam"].raw, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    assert torch.isfinite(gg.maps).all() and gg.raw.shape == res["guided_backprop"].raw.shape
+    torch.testing.assert_close(gg.raw, res["guided_backprop"].raw * cam[:, :, None])
