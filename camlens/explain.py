@@ -29,7 +29,7 @@ from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
 from .io import load_images
-from .layers import fallback_layer, fallback_spec, resolve_layer
+from .layers import fallback_spec, resolve_layer
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import IMAGENET, Preprocess
 from .models.zoo import card_of, load_model
@@ -216,8 +216,8 @@ def explain(
                     ctx = forward_pass(spec)
         if spec is not None and ctx.features is None:
             if spec.capture == "pool":  # no global pooling: fall back to the last spatial module,
-                # already seen by the pass that watched every call (else found by a probe)
-                spec = fallback_spec(last_spatial) if last_spatial is not None else fallback_layer(model, x)
+                # which the pass (or probe) that watched every call has seen
+                spec = fallback_spec(last_spatial)
                 ctx = forward_pass(spec)
             else:
                 raise InputError(

@@ -14,7 +14,7 @@ import difflib
 import torch
 from torch import nn
 
-from .capture import CaptureSpec, is_spatial_fallback
+from .capture import CaptureSpec, capture
 from .errors import LayerNotFoundError
 
 AUTO_NAME = "auto"
@@ -109,29 +109,13 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
 
 def fallback_layer(model: nn.Module, x: torch.Tensor) -> CaptureSpec:
     """For networks without global pooling: the last module (execution order) with a spatial
-    output ``h, w > 1`` that is not a fixed-size adaptive pooling adapter (one inference forward
-    of the first image; :func:`camlens.explain` usually knows it already from its first pass)."""
-    last = None
-    handles = []
-
-    def hook(name):
-        def fn(m, a, o):
-            nonlocal last
-            if is_spatial_fallback(m, o):
-                last = (name, m)
-
-        return fn
-
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.inference_mode():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return fallback_spec(last)
+    output ``h, w > 1`` that is not a fixed-size adaptive pooling adapter
+    (:func:`camlens.capture.is_spatial_fallback`), seen by one inference forward of the first image
+    under the capture that watches for global pooling (:func:`camlens.explain` gets it from the
+    pass it runs anyway)."""
+    with torch.inference_mode(), capture(model, CaptureSpec(None, AUTO_NAME, "pool")) as cap:
+        model(x[:1])
+    return fallback_spec(cap.last_spatial)
 
 
 def fallback_spec(last: tuple[str, nn.Module] | None) -> CaptureSpec:

@@ -180,6 +180,8 @@ def test_planned_backwards_free_the_graph_and_give_the_same_gradients():
     torch.testing.assert_close(plan.input_grads("guided"), keep.input_grads("guided"))  # cached, no backward
     with pytest.raises(RuntimeError, match="planned 2 gradient request"):
         plan.input_grads("deconvnet")
+    with pytest.raises(RuntimeError, match="second time"):  # the planned pass really freed its graph
+        torch.autograd.grad(plan.scores.sum(), plan.x)
     keep.input_grads("deconvnet")  # the unplanned pass still has its graph
     # explain plans one method's requests: guided Grad-CAM (layer + guided input) equals its parts
     res = camlens.explain(model, x, ["gradcam", "guided_backprop"], targets="top2", layer="2")
