@@ -134,8 +134,19 @@ def no_grad_forward_contender(model: nn.Module, x: torch.Tensor) -> Contender:
     return Contender("forward", "torch no_grad", fwd, note="no_grad forward")
 
 
-def _peer(task: str, dist: str, adapter, byname: bool, model: nn.Module, layer: str, x, classes,
-          *, scale: float = 1.0, ref: str = "camlens") -> Contender | None:
+def _peer(
+    task: str,
+    dist: str,
+    adapter,
+    byname: bool,
+    model: nn.Module,
+    layer: str,
+    x,
+    classes,
+    *,
+    scale: float = 1.0,
+    ref: str = "camlens",
+) -> Contender | None:
     mine = copy.deepcopy(model)
     try:
         call = adapter(mine, layer if byname else (mine.get_submodule(layer) if layer else None), x, classes)
@@ -144,8 +155,9 @@ def _peer(task: str, dist: str, adapter, byname: bool, model: nn.Module, layer: 
     return Contender(task, P.PEERS[dist], call.run, scale=scale, note=call.note, ref=ref, close=call.close)
 
 
-def gradient_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: list[int],
-                        tasks: tuple[str, ...], with_peers: bool = True) -> list[Contender]:
+def gradient_contenders(
+    name: str, model: nn.Module, x: torch.Tensor, classes: list[int], tasks: tuple[str, ...], with_peers: bool = True
+) -> list[Contender]:
     """Forward, Grad-CAM (camlens, its automatic layer, the peers), top-5, all layer methods, and
     guided backprop (when camlens has it registered) on one batch."""
     spec = MODELS[name]
@@ -153,33 +165,47 @@ def gradient_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: l
     n = x.shape[0]
     out = [forward_contender(model, x), no_grad_forward_contender(model, x)]
     if "gradcam" in tasks:
-        out.append(Contender("gradcam", "camlens",
-                             lambda: camlens.explain(model, x, "gradcam", classes, layer=layer)))
-        out.append(Contender("gradcam", "camlens (auto layer)",
-                             lambda: camlens.explain(model, x, "gradcam", classes), ref="camlens",
-                             note="layer=None: the features entering the global pooling"))
+        out.append(Contender("gradcam", "camlens", lambda: camlens.explain(model, x, "gradcam", classes, layer=layer)))
+        out.append(
+            Contender(
+                "gradcam",
+                "camlens (auto layer)",
+                lambda: camlens.explain(model, x, "gradcam", classes),
+                ref="camlens",
+                note="layer=None: the features entering the global pooling",
+            )
+        )
         if with_peers:
             for dist, adapter, byname in P.ADAPTERS["gradcam"]:
                 c = _peer("gradcam", dist, adapter, byname, model, layer, x, classes)
                 if c is not None:
                     out.append(c)
     if "top5" in tasks:
-        out.append(Contender("top5", "camlens",
-                             lambda: camlens.explain(model, x, "gradcam", "top5", layer=layer),
-                             note="Grad-CAM of the 5 best classes, one call"))
+        out.append(
+            Contender(
+                "top5",
+                "camlens",
+                lambda: camlens.explain(model, x, "gradcam", "top5", layer=layer),
+                note="Grad-CAM of the 5 best classes, one call",
+            )
+        )
     if "all" in tasks:
         meths = [m for m in ALL_LAYER_METHODS if spec.cam_ok or m != "cam"]
-        out.append(Contender("all", "camlens",
-                             lambda: camlens.explain(model, x, meths, classes, layer=layer),
-                             note=", ".join(meths)))
+        out.append(
+            Contender(
+                "all", "camlens", lambda: camlens.explain(model, x, meths, classes, layer=layer), note=", ".join(meths)
+            )
+        )
     if "guided_backprop" in tasks and "guided_backprop" in camlens.methods():
-        out.append(Contender("guided_backprop", "camlens",
-                             lambda: camlens.explain(model, x, "guided_backprop", classes)))
+        out.append(
+            Contender("guided_backprop", "camlens", lambda: camlens.explain(model, x, "guided_backprop", classes))
+        )
         if with_peers:
             for dist, adapter, byname in P.ADAPTERS["guided_backprop"]:
                 if dist == "grad-cam":  # one image per call: time one image, count it N times
-                    c = _peer("guided_backprop", dist, adapter, byname, model, "", x[:1], classes[:1],
-                              scale=n, ref=None)
+                    c = _peer(
+                        "guided_backprop", dist, adapter, byname, model, "", x[:1], classes[:1], scale=n, ref=None
+                    )
                     if c is not None:
                         c.note = f"one image per call; {n} x the time of one image"
                 else:
@@ -189,8 +215,14 @@ def gradient_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: l
     return out
 
 
-def scorecam_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: list[int],
-                        channels: tuple[int, ...] = (), with_peers: bool = True) -> list[Contender]:
+def scorecam_contenders(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    classes: list[int],
+    channels: tuple[int, ...] = (),
+    with_peers: bool = True,
+) -> list[Contender]:
     """Score-CAM on one batch: camlens (default weighting; pytorch-grad-cam's weighting; and the
     ``max_channels`` caps), pytorch-grad-cam's ScoreCAM and TorchCAM's ScoreCAM (defaults)."""
     layer = MODELS[name].layer
@@ -200,16 +232,27 @@ def scorecam_contenders(name: str, model: nn.Module, x: torch.Tensor, classes: l
         return lambda: camlens.explain(model, x, "scorecam", classes, layer=layer, **kw)
 
     out.append(Contender("scorecam", "camlens", cl(), note="weighting='prob' (the paper)"))
-    out.append(Contender("scorecam", "camlens channel_softmax", cl(weighting="channel_softmax"),
-                         note="weighting='channel_softmax' (the peers' weighting)"))
+    out.append(
+        Contender(
+            "scorecam",
+            "camlens channel_softmax",
+            cl(weighting="channel_softmax"),
+            note="weighting='channel_softmax' (the peers' weighting)",
+        )
+    )
     for m in channels:
-        out.append(Contender("scorecam", f"camlens channel_softmax max_channels={m}",
-                             cl(weighting="channel_softmax", max_channels=m),
-                             ref="camlens channel_softmax", note=f"top {m} channels by mean activation"))
+        out.append(
+            Contender(
+                "scorecam",
+                f"camlens channel_softmax max_channels={m}",
+                cl(weighting="channel_softmax", max_channels=m),
+                ref="camlens channel_softmax",
+                note=f"top {m} channels by mean activation",
+            )
+        )
     if with_peers:
         for dist, adapter, byname in P.ADAPTERS["scorecam"]:
-            c = _peer("scorecam", dist, adapter, byname, model, layer, x, classes,
-                      ref="camlens channel_softmax")
+            c = _peer("scorecam", dist, adapter, byname, model, layer, x, classes, ref="camlens channel_softmax")
             if c is not None:
                 out.append(c)
     return out

@@ -111,14 +111,18 @@ def _leak(spec: dict[str, Any]) -> dict[str, Any]:
         if i % every == 0:
             samples.append((i, rss_mb()))
     seconds = time.perf_counter() - t0
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                for m in model.modules())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     grads = sum(p.grad is not None for p in model.parameters())
     result: dict[str, Any] = {
-        "model": spec["model"], "calls": calls, "warmup": warm, "samples": samples, "seconds": seconds,
+        "model": spec["model"],
+        "calls": calls,
+        "warmup": warm,
+        "samples": samples,
+        "seconds": seconds,
         "growth_mb": samples[-1][1] - samples[0][1],
         "max_minus_min_mb": max(s[1] for s in samples) - min(s[1] for s in samples),
-        "hooks_left": hooks, "grads_left": grads,
+        "hooks_left": hooks,
+        "grads_left": grads,
     }
     if spec.get("batch64", True) and can_reset_peak():
         x64, cls64 = make_batch(model, 64, spec["size"])
@@ -132,8 +136,11 @@ def _leak(spec: dict[str, Any]) -> dict[str, Any]:
             camlens.explain(model, x64, "gradcam")
 
         fwd(), gc()
-        result["batch64"] = {"forward_peak_mb": peak_mb(fwd), "gradcam_peak_mb": peak_mb(gc),
-                             "input_mb": x64.numel() * x64.element_size() / 2**20}
+        result["batch64"] = {
+            "forward_peak_mb": peak_mb(fwd),
+            "gradcam_peak_mb": peak_mb(gc),
+            "input_mb": x64.numel() * x64.element_size() / 2**20,
+        }
     return result
 
 
@@ -150,11 +157,18 @@ def run_child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     env = {**os.environ, **CHILD_ENV}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
-            return json.loads(line[len("@@RESULT@@"):])
+            return json.loads(line[len("@@RESULT@@") :])
     raise RuntimeError(f"memory child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 

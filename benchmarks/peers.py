@@ -71,8 +71,7 @@ def pgc_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: li
 
     cam = GradCAM(model=model, target_layers=[layer])
     targets = [ClassifierOutputTarget(c) for c in classes]
-    return PeerCall(lambda: torch.from_numpy(cam(input_tensor=x, targets=targets)),
-                    cam.activations_and_grads.release)
+    return PeerCall(lambda: torch.from_numpy(cam(input_tensor=x, targets=targets)), cam.activations_and_grads.release)
 
 
 def pgc_scorecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> PeerCall:
@@ -96,7 +95,7 @@ def pgc_guided(model: nn.Module, layer: nn.Module | None, x: torch.Tensor, class
     gb = GuidedBackpropReLUModel(model, device=x.device)
 
     def run() -> torch.Tensor:
-        outs = [gb(x[i:i + 1].clone(), target_category=c) for i, c in enumerate(classes)]
+        outs = [gb(x[i : i + 1].clone(), target_category=c) for i, c in enumerate(classes)]
         return torch.from_numpy(np.stack(outs))
 
     return PeerCall(run, note="one image per call")
@@ -155,8 +154,11 @@ def torchcam_scorecam(model: nn.Module, layer_name: str, x: torch.Tensor, classe
 
 #: task -> [(peer distribution, adapter, takes the layer by name)]
 ADAPTERS: dict[str, list[tuple[str, Callable[..., PeerCall], bool]]] = {
-    "gradcam": [("grad-cam", pgc_gradcam, False), ("captum", captum_gradcam, False),
-                ("torchcam", torchcam_gradcam, True)],
+    "gradcam": [
+        ("grad-cam", pgc_gradcam, False),
+        ("captum", captum_gradcam, False),
+        ("torchcam", torchcam_gradcam, True),
+    ],
     "scorecam": [("grad-cam", pgc_scorecam, False), ("torchcam", torchcam_scorecam, True)],
     "guided_backprop": [("grad-cam", pgc_guided, False), ("captum", captum_guided, False)],
 }

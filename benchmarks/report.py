@@ -46,13 +46,23 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
         me = _find(rows, "gradcam", "camlens", model, b)
         if me is None:
             continue
-        add("Grad-CAM ≤ 1.15 × forward", f"{model}, batch {b}", f"{me['ratio_to_forward']:.3f}×", "≤ 1.15",
-            me["ratio_to_forward"] <= 1.15)
+        add(
+            "Grad-CAM ≤ 1.15 × forward",
+            f"{model}, batch {b}",
+            f"{me['ratio_to_forward']:.3f}×",
+            "≤ 1.15",
+            me["ratio_to_forward"] <= 1.15,
+        )
         pgc = _find(rows, "gradcam", "pytorch-grad-cam", model, b)
         if pgc is not None and b >= 16:
             s = pgc["ms"] / me["ms"]
-            add("Grad-CAM ≥ 2× faster than pytorch-grad-cam (batch 16)", f"{model}, batch {b}", f"{s:.2f}×",
-                "≥ 2", s >= 2)
+            add(
+                "Grad-CAM ≥ 2× faster than pytorch-grad-cam (batch 16)",
+                f"{model}, batch {b}",
+                f"{s:.2f}×",
+                "≥ 2",
+                s >= 2,
+            )
         cap = _find(rows, "gradcam", "Captum", model, b)
         if cap is not None:
             s = cap["ms"] / me["ms"]
@@ -64,8 +74,7 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
         allm = _find(rows, "all", "camlens", model, b)
         if allm is not None:
             s = allm["ms"] / me["ms"]
-            add("all layer methods in one call ≤ 1.3 × Grad-CAM", f"{model}, batch {b}", f"{s:.2f}×", "≤ 1.3",
-                s <= 1.3)
+            add("all layer methods in one call ≤ 1.3 × Grad-CAM", f"{model}, batch {b}", f"{s:.2f}×", "≤ 1.3", s <= 1.3)
     for model, b in _groups(rows, "scorecam"):
         me = _find(rows, "scorecam", "camlens", model, b)
         pgc = _find(rows, "scorecam", "pytorch-grad-cam", model, b)
@@ -74,19 +83,33 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
             add("Score-CAM ≥ 2× faster than pytorch-grad-cam", f"{model}, batch {b}", f"{s:.2f}×", "≥ 2", s >= 2)
             r = ((me.get("scorecam") or {}).get("pearson_vs_pytorch_grad_cam") or {}).get("camlens channel_softmax")
             if r is not None:
-                add("Score-CAM maps agree with pytorch-grad-cam (same weighting)", f"{model}, batch {b}",
-                    f"r = {r:.4f}", "≥ 0.99", r >= 0.99)
+                add(
+                    "Score-CAM maps agree with pytorch-grad-cam (same weighting)",
+                    f"{model}, batch {b}",
+                    f"r = {r:.4f}",
+                    "≥ 0.99",
+                    r >= 0.99,
+                )
     for model, b in _groups(rows, "guided_backprop"):
         me = _find(rows, "guided_backprop", "camlens", model, b)
         pgc = _find(rows, "guided_backprop", "pytorch-grad-cam", model, b)
         if me is not None and pgc is not None and b >= 16:
             s = pgc["ms"] / me["ms"]
-            add("guided backprop ≥ 5× pytorch-grad-cam's per-image throughput (batch 16)", f"{model}, batch {b}",
-                f"{s:.2f}×", "≥ 5", s >= 5)
+            add(
+                "guided backprop ≥ 5× pytorch-grad-cam's per-image throughput (batch 16)",
+                f"{model}, batch {b}",
+                f"{s:.2f}×",
+                "≥ 5",
+                s >= 5,
+            )
     if leak:
-        add(f"no leak: RSS flat over {leak['calls']:,} calls", f"{leak['model']}, batch 1, {leak['calls']} calls",
-            f"{leak['growth_mb']:+.1f} MB", f"within ±{LEAK_MB:.0f} MB",
-            abs(leak["growth_mb"]) <= LEAK_MB and not leak["hooks_left"] and not leak["grads_left"])
+        add(
+            f"no leak: RSS flat over {leak['calls']:,} calls",
+            f"{leak['model']}, batch 1, {leak['calls']} calls",
+            f"{leak['growth_mb']:+.1f} MB",
+            f"within ±{LEAK_MB:.0f} MB",
+            abs(leak["growth_mb"]) <= LEAK_MB and not leak["hooks_left"] and not leak["grads_left"],
+        )
     return out
 
 
@@ -97,8 +120,13 @@ def _machine_lines(docs) -> list[str]:
         peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items() if v) or "none installed"
         la = m.get("loadavg_start")
         la_end = m.get("loadavg_end")
-        load = "" if la is None else f"; load average {la[0]:.2f} at start, {la_end[0]:.2f} at end" \
-            if la_end else f"; load average {la[0]:.2f} at start"
+        load = (
+            ""
+            if la is None
+            else f"; load average {la[0]:.2f} at start, {la_end[0]:.2f} at end"
+            if la_end
+            else f"; load average {la[0]:.2f} at start"
+        )
         tag = f"Run {i + 1}: " if len(docs) > 1 else ""
         lines.append(
             f"- {tag}**{m['cpu']}**, {m['cpus_available']} of {m['logical_cpus']} logical CPUs available, "
@@ -129,79 +157,110 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     rows = [r for d in docs for r in d["results"]]
     leak = next((d["leak"] for d in docs if d.get("leak")), None)
     targets = evaluate_targets(rows, leak)
-    L = ["# camlens benchmarks", "",
-         "Generated by `python -m benchmarks` (`make bench`); do not edit by hand. Peers come from "
-         "`requirements-bench.txt` only.", ""]
+    L = [
+        "# camlens benchmarks",
+        "",
+        "Generated by `python -m benchmarks` (`make bench`); do not edit by hand. Peers come from "
+        "`requirements-bench.txt` only.",
+        "",
+    ]
     L += ["## Machine", "", *_machine_lines(docs), ""]
-    L += ["## How it is measured", "",
-          "- Inputs: 224×224 real photos (scikit-image's chelsea, coffee, astronaut, rocket, cycled to the batch), "
-          "each model's own preprocessing; the explained class is each image's top-1 class, given to every "
-          "library explicitly. EfficientNet-Lite0 has its bundled ImageNet weights; ResNet-50 and VGG-16 random "
-          "weights.",
-          "- Layer: the same for every library (EfficientNet-Lite0: the features entering the global pooling, "
-          "exposed as `_avg_pooling.features` by an `nn.Identity`; ResNet-50: `layer4`; VGG-16: `features.29`). "
-          "*camlens (auto layer)* is the default call `explain(model, x, \"gradcam\")`, which finds the layer "
-          "itself (VGG-16 has no global pooling: it falls back to the last spatial module, `features.30`).",
-          "- Every contender returns maps at input resolution (Captum and TorchCAM stop at the layer's "
-          "resolution: their time includes the same bilinear upsampling camlens does).",
-          "- Timing: warm-up calls, then round-robin rounds (every contender once per round, the order rotated, "
-          "the garbage collector run before a round and paused during it); the median per contender; ratios "
-          "are ratios of medians within the same run. *forward* is `model(x)` under `torch.inference_mode()`.",
-          "- Peak memory: a child process per model and batch; the peak resident set size (VmHWM, reset through "
-          "`/proc/self/clear_refs`) minus the resident set size just before the call, after one warm-up call, "
-          "with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensor buffers leave the process (`tracemalloc` "
-          "does not see PyTorch's allocations).",
-          "- Agreement: where a cell shows `r=`, the smallest per-image Pearson correlation of its maps with "
-          "camlens' maps is below 0.999 (otherwise the maps agree to r ≥ 0.999).", ""]
+    L += [
+        "## How it is measured",
+        "",
+        "- Inputs: 224×224 real photos (scikit-image's chelsea, coffee, astronaut, rocket, cycled to the batch), "
+        "each model's own preprocessing; the explained class is each image's top-1 class, given to every "
+        "library explicitly. EfficientNet-Lite0 has its bundled ImageNet weights; ResNet-50 and VGG-16 random "
+        "weights.",
+        "- Layer: the same for every library (EfficientNet-Lite0: the features entering the global pooling, "
+        "exposed as `_avg_pooling.features` by an `nn.Identity`; ResNet-50: `layer4`; VGG-16: `features.29`). "
+        '*camlens (auto layer)* is the default call `explain(model, x, "gradcam")`, which finds the layer '
+        "itself (VGG-16 has no global pooling: it falls back to the last spatial module, `features.30`).",
+        "- Every contender returns maps at input resolution (Captum and TorchCAM stop at the layer's "
+        "resolution: their time includes the same bilinear upsampling camlens does).",
+        "- Timing: warm-up calls, then round-robin rounds (every contender once per round, the order rotated, "
+        "the garbage collector run before a round and paused during it); the median per contender; ratios "
+        "are ratios of medians within the same run. *forward* is `model(x)` under `torch.inference_mode()`.",
+        "- Peak memory: a child process per model and batch; the peak resident set size (VmHWM, reset through "
+        "`/proc/self/clear_refs`) minus the resident set size just before the call, after one warm-up call, "
+        "with `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensor buffers leave the process (`tracemalloc` "
+        "does not see PyTorch's allocations).",
+        "- Agreement: where a cell shows `r=`, the smallest per-image Pearson correlation of its maps with "
+        "camlens' maps is below 0.999 (otherwise the maps agree to r ≥ 0.999).",
+        "",
+    ]
     if targets:
         L += ["## Targets", "", "| target | where | measured | limit | |", "|---|---|---|---|---|"]
         for t in targets:
-            L.append(f"| {t['target']} | {t['where']} | {t['value']} | {t['limit']} | "
-                     f"{'✅' if t['ok'] else '❌'} |")
+            L.append(f"| {t['target']} | {t['where']} | {t['value']} | {t['limit']} | {'✅' if t['ok'] else '❌'} |")
         L.append("")
     groups = _groups(rows, "gradcam")
     if groups:
-        L += ["## Grad-CAM at the last convolutional layer", "",
-              "Time per call (× the same run's forward pass).", "",
-              "| model | batch | forward | forward (no_grad) | camlens | camlens (auto layer) | pytorch-grad-cam "
-              "| Captum | TorchCAM |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## Grad-CAM at the last convolutional layer",
+            "",
+            "Time per call (× the same run's forward pass).",
+            "",
+            "| model | batch | forward | forward (no_grad) | camlens | camlens (auto layer) | pytorch-grad-cam "
+            "| Captum | TorchCAM |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for model, b in groups:
             f = _find(rows, "forward", "torch", model, b)
             fms = f["ms"] if f else None
-            cells = [_cell(_find(rows, "gradcam", i, model, b), fms)
-                     for i in ("camlens", "camlens (auto layer)", *PEER_NAMES)]
+            cells = [
+                _cell(_find(rows, "gradcam", i, model, b), fms)
+                for i in ("camlens", "camlens (auto layer)", *PEER_NAMES)
+            ]
             ng = _cell(_find(rows, "forward", "torch no_grad", model, b), fms)
             L.append(f"| {model} | {b} | {_fmt_ms(fms)} | {ng} | " + " | ".join(cells) + " |")
         L.append("")
     groups = _groups(rows, "top5") + [g for g in _groups(rows, "all") if g not in _groups(rows, "top5")]
     if groups:
-        L += ["## Several classes or methods from one call", "",
-              "| model | batch | Grad-CAM, 1 class | Grad-CAM, top-5 classes | all layer methods | methods |",
-              "|---|---|---|---|---|---|"]
+        L += [
+            "## Several classes or methods from one call",
+            "",
+            "| model | batch | Grad-CAM, 1 class | Grad-CAM, top-5 classes | all layer methods | methods |",
+            "|---|---|---|---|---|---|",
+        ]
         for model, b in groups:
             g = _find(rows, "gradcam", "camlens", model, b)
             gms = g["ms"] if g else None
             t5 = _find(rows, "top5", "camlens", model, b)
             al = _find(rows, "all", "camlens", model, b)
-            L.append(f"| {model} | {b} | {_fmt_ms(gms)} | {_cell(t5, gms, r_ok=False)} | "
-                     f"{_cell(al, gms, r_ok=False)} | {al.get('note', '') if al else ''} |")
+            L.append(
+                f"| {model} | {b} | {_fmt_ms(gms)} | {_cell(t5, gms, r_ok=False)} | "
+                f"{_cell(al, gms, r_ok=False)} | {al.get('note', '') if al else ''} |"
+            )
         L += ["", "Ratios are against Grad-CAM of one class in the same run.", ""]
     groups = _groups(rows, "scorecam")
     if groups:
-        L += ["## Score-CAM (batch 1)", "",
-              "pytorch-grad-cam and TorchCAM weight channel k by the softmax over channels of the class logit "
-              "of the masked input; camlens' default is the paper's softmax probability "
-              "(`weighting=\"prob\"`) and `weighting=\"channel_softmax\"` is the peers' weighting. "
-              "Pearson correlations of the maps: *r vs pgc* with pytorch-grad-cam's, *r vs channel_softmax* "
-              "with camlens' uncapped `weighting=\"channel_softmax\"` map.", "",
-              "| model | contender | masked forwards | time | × forward | speed-up vs pytorch-grad-cam | r vs pgc | "
-              "r vs channel_softmax |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## Score-CAM (batch 1)",
+            "",
+            "pytorch-grad-cam and TorchCAM weight channel k by the softmax over channels of the class logit "
+            "of the masked input; camlens' default is the paper's softmax probability "
+            '(`weighting="prob"`) and `weighting="channel_softmax"` is the peers\' weighting. '
+            "Pearson correlations of the maps: *r vs pgc* with pytorch-grad-cam's, *r vs channel_softmax* "
+            'with camlens\' uncapped `weighting="channel_softmax"` map.',
+            "",
+            "| model | contender | masked forwards | time | × forward | speed-up vs pytorch-grad-cam | r vs pgc | "
+            "r vs channel_softmax |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for model, b in groups:
             pgc = _find(rows, "scorecam", "pytorch-grad-cam", model, b)
-            ex = next((r.get("scorecam") for r in rows if r["task"] == "scorecam" and r["model"] == model
-                       and r.get("scorecam")), {}) or {}
+            ex = (
+                next(
+                    (
+                        r.get("scorecam")
+                        for r in rows
+                        if r["task"] == "scorecam" and r["model"] == model and r.get("scorecam")
+                    ),
+                    {},
+                )
+                or {}
+            )
             vs = ex.get("pearson_vs_pytorch_grad_cam", {})
             fw = ex.get("camlens_forwards") or {}
             for r in [r for r in rows if r["task"] == "scorecam" and r["model"] == model and r["batch"] == b]:
@@ -209,27 +268,37 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                 rp, rc = vs.get(r["impl"]), r.get("pearson_vs_ref")
                 n = fw.get(r["impl"])
                 n = n[0] if n else (ex.get("channels", "?") if r["impl"] in PEER_NAMES else "")
-                L.append(f"| {model} | {r['impl']} | {n} | {_fmt_ms(r['ms'])} (n={r['reps']}) | "
-                         f"{r['ratio_to_forward']:.0f}× | {sp} | {'' if rp is None else f'{rp:.4f}'} | "
-                         f"{'' if rc is None else f'{rc:.4f}'} |")
-            L.append(f"| {model} | *{ex.get('channels', '?')} channels, {ex.get('all_zero_channels', '?')} of "
-                     "them all zero on this image* | | | | | | |")
+                L.append(
+                    f"| {model} | {r['impl']} | {n} | {_fmt_ms(r['ms'])} (n={r['reps']}) | "
+                    f"{r['ratio_to_forward']:.0f}× | {sp} | {'' if rp is None else f'{rp:.4f}'} | "
+                    f"{'' if rc is None else f'{rc:.4f}'} |"
+                )
+            L.append(
+                f"| {model} | *{ex.get('channels', '?')} channels, {ex.get('all_zero_channels', '?')} of "
+                "them all zero on this image* | | | | | | |"
+            )
         L.append("")
     groups = _groups(rows, "guided_backprop")
     if groups:
-        L += ["## Guided backprop", "",
-              "pytorch-grad-cam's `GuidedBackpropReLUModel` takes one image per call: its batch time is N × "
-              "the time of one image, timed in the same run. Captum's `GuidedBackprop` only changes `nn.ReLU` "
-              "modules (on EfficientNet-Lite0, whose activations are `ReLU6`, it returns the plain gradient: "
-              "see r).", "",
-              "| model | batch | camlens | Captum | pytorch-grad-cam | camlens images/s | pgc images/s |",
-              "|---|---|---|---|---|---|---|"]
+        L += [
+            "## Guided backprop",
+            "",
+            "pytorch-grad-cam's `GuidedBackpropReLUModel` takes one image per call: its batch time is N × "
+            "the time of one image, timed in the same run. Captum's `GuidedBackprop` only changes `nn.ReLU` "
+            "modules (on EfficientNet-Lite0, whose activations are `ReLU6`, it returns the plain gradient: "
+            "see r).",
+            "",
+            "| model | batch | camlens | Captum | pytorch-grad-cam | camlens images/s | pgc images/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for model, b in groups:
             me = _find(rows, "guided_backprop", "camlens", model, b)
             cap = _find(rows, "guided_backprop", "Captum", model, b)
             pgc = _find(rows, "guided_backprop", "pytorch-grad-cam", model, b)
-            L.append(f"| {model} | {b} | {_cell(me)} | {_cell(cap, me['ms'] if me else None, speed=True)} | "
-                     f"{_cell(pgc, me['ms'] if me else None, speed=True)} | {_ips(me, b)} | {_ips(pgc, b)} |")
+            L.append(
+                f"| {model} | {b} | {_cell(me)} | {_cell(cap, me['ms'] if me else None, speed=True)} | "
+                f"{_cell(pgc, me['ms'] if me else None, speed=True)} | {_ips(me, b)} | {_ips(pgc, b)} |"
+            )
         L.append("")
     mem = [r for r in rows if r.get("peak_mb") is not None]
     if mem:
@@ -238,9 +307,14 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             k = (r["task"], r["impl"])
             if k not in impls:
                 impls.append(k)
-        L += ["## Peak memory", "", "MiB above the resident set size before the call.", "",
-              "| model | batch | " + " | ".join(f"{t}: {i}" for t, i in impls) + " |",
-              "|---|---|" + "---|" * len(impls)]
+        L += [
+            "## Peak memory",
+            "",
+            "MiB above the resident set size before the call.",
+            "",
+            "| model | batch | " + " | ".join(f"{t}: {i}" for t, i in impls) + " |",
+            "|---|---|" + "---|" * len(impls),
+        ]
         for model, b in _groups(mem, "forward"):
             cells = []
             for t, i in impls:
@@ -250,18 +324,24 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
         L.append("")
     if leak:
         s = leak["samples"]
-        L += ["## Leak check", "",
-              f"{leak['calls']} calls of `explain(model, x, \"gradcam\")` on {leak['model']}, batch 1, after "
-              f"{leak['warmup']} warm-up calls ({leak['seconds']:.0f} s). Resident set size every "
-              f"{s[1][0] - s[0][0] if len(s) > 1 else '?'} calls (MiB): "
-              + ", ".join(f"{v:.0f}" for _, v in s) + ".", "",
-              f"Growth {leak['growth_mb']:+.1f} MiB (largest minus smallest sample "
-              f"{leak['max_minus_min_mb']:.1f} MiB); hooks left on the model: {leak['hooks_left']}; parameters "
-              f"with `.grad`: {leak['grads_left']}."]
+        L += [
+            "## Leak check",
+            "",
+            f'{leak["calls"]} calls of `explain(model, x, "gradcam")` on {leak["model"]}, batch 1, after '
+            f"{leak['warmup']} warm-up calls ({leak['seconds']:.0f} s). Resident set size every "
+            f"{s[1][0] - s[0][0] if len(s) > 1 else '?'} calls (MiB): " + ", ".join(f"{v:.0f}" for _, v in s) + ".",
+            "",
+            f"Growth {leak['growth_mb']:+.1f} MiB (largest minus smallest sample "
+            f"{leak['max_minus_min_mb']:.1f} MiB); hooks left on the model: {leak['hooks_left']}; parameters "
+            f"with `.grad`: {leak['grads_left']}.",
+        ]
         b64 = leak.get("batch64")
         if b64:
-            L += ["", f"Batch of 64 ({b64['input_mb']:.0f} MiB input): peak {b64['gradcam_peak_mb']:.0f} MiB for "
-                  f"Grad-CAM, {b64['forward_peak_mb']:.0f} MiB for the inference forward alone."]
+            L += [
+                "",
+                f"Batch of 64 ({b64['input_mb']:.0f} MiB input): peak {b64['gradcam_peak_mb']:.0f} MiB for "
+                f"Grad-CAM, {b64['forward_peak_mb']:.0f} MiB for the inference forward alone.",
+            ]
         L.append("")
     return "\n".join(L) + "\n"
 

@@ -57,8 +57,12 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
     from . import peers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     info = {
@@ -89,9 +93,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_round_robin(contenders: Sequence, *, warmup: int, min_reps: int, max_reps: int, budget_s: float,
-                     device: str = "cpu", log=print,
-                     times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+def time_round_robin(
+    contenders: Sequence,
+    *,
+    warmup: int,
+    min_reps: int,
+    max_reps: int,
+    budget_s: float,
+    device: str = "cpu",
+    log=print,
+    times: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call for each contender, interleaved round by round (see the module docstring).
 
     After ``warmup`` untimed rounds, rounds run while fewer than ``min_reps`` are done, or while
@@ -107,7 +119,7 @@ def time_round_robin(contenders: Sequence, *, warmup: int, min_reps: int, max_re
     rounds = min(len(v) for v in times.values())
     last = 0.0
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start + last <= budget_s):
-        order = list(contenders[rounds % len(contenders):]) + list(contenders[:rounds % len(contenders)])
+        order = list(contenders[rounds % len(contenders) :]) + list(contenders[: rounds % len(contenders)])
         gc.collect()
         gc.disable()
         t_round = time.perf_counter()
@@ -152,21 +164,39 @@ def agreement(contenders: Sequence, outs: dict[str, Any]) -> dict[str, float]:
     return agree
 
 
-def _rows(contenders: Sequence, times: dict[str, list[float]], agree: dict[str, float],
-          model: str, batch: int, layer: str, peaks: dict[str, float] | None) -> list[dict[str, Any]]:
+def _rows(
+    contenders: Sequence,
+    times: dict[str, list[float]],
+    agree: dict[str, float],
+    model: str,
+    batch: int,
+    layer: str,
+    peaks: dict[str, float] | None,
+) -> list[dict[str, Any]]:
     fwd = statistics.median(times["forward|torch"]) * 1000
     rows = []
     for c in contenders:
         ts = times[c.key]
         ms = statistics.median(ts) * 1000 * c.scale
-        rows.append({
-            "task": c.task, "impl": c.impl, "model": model, "batch": batch, "layer": layer,
-            "ms": ms, "reps": len(ts), "ms_min": min(ts) * 1000 * c.scale,
-            "ms_all": [round(t * 1000 * c.scale, 3) for t in ts],
-            "forward_ms": fwd, "ratio_to_forward": ms / fwd,
-            "pearson_vs_ref": agree.get(c.key), "ref": c.ref, "note": c.note,
-            "peak_mb": None if peaks is None else peaks.get(c.key),
-        })
+        rows.append(
+            {
+                "task": c.task,
+                "impl": c.impl,
+                "model": model,
+                "batch": batch,
+                "layer": layer,
+                "ms": ms,
+                "reps": len(ts),
+                "ms_min": min(ts) * 1000 * c.scale,
+                "ms_all": [round(t * 1000 * c.scale, 3) for t in ts],
+                "forward_ms": fwd,
+                "ratio_to_forward": ms / fwd,
+                "pearson_vs_ref": agree.get(c.key),
+                "ref": c.ref,
+                "note": c.note,
+                "peak_mb": None if peaks is None else peaks.get(c.key),
+            }
+        )
     return rows
 
 
@@ -185,15 +215,28 @@ def run_gradient_group(name: str, batch: int, args, log=print) -> list[dict[str,
         del outs
         # long rounds (big models at batch 16): the first round was warm-up enough
         warmup = args.warmup if sum(secs.values()) < args.long_round else 0
-        times = time_round_robin(conts, warmup=warmup, min_reps=args.min_reps, max_reps=args.max_reps,
-                                 budget_s=args.budget, device=args.device, log=log)
+        times = time_round_robin(
+            conts,
+            warmup=warmup,
+            min_reps=args.min_reps,
+            max_reps=args.max_reps,
+            budget_s=args.budget,
+            device=args.device,
+            log=log,
+        )
     finally:
         for c in conts:
             c.close()
     peaks = None
     if args.memory and args.device == "cpu":
-        spec = {"model": name, "batch": batch, "size": args.size, "tasks": list(args.tasks_grad),
-                "threads": args.threads, "peers": not args.no_peers}
+        spec = {
+            "model": name,
+            "batch": batch,
+            "size": args.size,
+            "tasks": list(args.tasks_grad),
+            "threads": args.threads,
+            "peers": not args.no_peers,
+        }
         try:
             peaks = group_peaks(spec, list(times))
         except Exception as exc:  # memory is informative; a failure must not lose the timings
@@ -224,8 +267,7 @@ def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
             ref = maps_of(outs[pgc])
             for k, v in outs.items():
                 if k.startswith("scorecam|camlens"):
-                    extras.setdefault("pearson_vs_pytorch_grad_cam", {})[k.split("|", 1)[1]] = \
-                        pearson(maps_of(v), ref)
+                    extras.setdefault("pearson_vs_pytorch_grad_cam", {})[k.split("|", 1)[1]] = pearson(maps_of(v), ref)
         feats = _features(model, x, MODELS[name].layer)
         extras["channels"] = int(feats.shape[1])
         extras["all_zero_channels"] = int((feats.flatten(2).amax(2) == 0).sum())
@@ -233,8 +275,16 @@ def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
             if k.startswith("scorecam|camlens"):
                 extras.setdefault("camlens_forwards", {})[k.split("|", 1)[1]] = v.extras.get("forwards")
         del outs
-        times = time_round_robin(conts, warmup=0, min_reps=1, max_reps=args.scorecam_reps, budget_s=args.budget,
-                                 device=args.device, log=log, times={k: [v] for k, v in secs.items()})
+        times = time_round_robin(
+            conts,
+            warmup=0,
+            min_reps=1,
+            max_reps=args.scorecam_reps,
+            budget_s=args.budget,
+            device=args.device,
+            log=log,
+            times={k: [v] for k, v in secs.items()},
+        )
     finally:
         for c in conts:
             c.close()
@@ -261,8 +311,10 @@ def _log_rows(rows: list[dict[str, Any]], log=print) -> None:
     for r in rows:
         agree = "" if r["pearson_vs_ref"] is None else f"  r={r['pearson_vs_ref']:.4f}"
         mem = "" if r.get("peak_mb") is None else f"  peak {r['peak_mb']:.0f} MB"
-        log(f"    {r['task']:<16} {r['impl']:<44} {r['ms']:10.1f} ms  x{r['ratio_to_forward']:.3f}"
-            f"  (n={r['reps']}){agree}{mem}")
+        log(
+            f"    {r['task']:<16} {r['impl']:<44} {r['ms']:10.1f} ms  x{r['ratio_to_forward']:.3f}"
+            f"  (n={r['reps']}){agree}{mem}"
+        )
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -277,42 +329,78 @@ def _csv(kind):
 def build_parser() -> argparse.ArgumentParser:
     from .cases import MODELS, TASKS
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", type=_csv(str), default=list(MODELS), help="comma list (default: all)")
-    p.add_argument("--tasks", type=_csv(str), default=list(TASKS),
-                   help=f"comma list of {', '.join(TASKS)} (default: all)")
+    p.add_argument(
+        "--tasks", type=_csv(str), default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default: all)"
+    )
     p.add_argument("--batches", type=_csv(int), default=[1, 16], help="batch sizes (default: 1,16)")
     p.add_argument("--size", type=int, default=224, help="input size (default 224)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed rounds after the first (untimed) round that checks the maps (default 1)")
-    p.add_argument("--long-round", type=float, default=20.0,
-                   help="no extra warm-up when the first round took longer than this many seconds (default 20)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds after the first (untimed) round that checks the maps (default 1)",
+    )
+    p.add_argument(
+        "--long-round",
+        type=float,
+        default=20.0,
+        help="no extra warm-up when the first round took longer than this many seconds (default 20)",
+    )
     p.add_argument("--min-reps", type=int, default=3, help="timed rounds at least (default 3)")
     p.add_argument("--max-reps", type=int, default=21, help="timed rounds at most (default 21)")
-    p.add_argument("--budget", type=float, default=45.0,
-                   help="seconds of timed rounds per group: another round runs if it fits (default 45)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=45.0,
+        help="seconds of timed rounds per group: another round runs if it fits (default 45)",
+    )
     p.add_argument("--scorecam-models", type=_csv(str), default=["efficientnet_lite0", "resnet50"])
-    p.add_argument("--scorecam-channels", type=_csv(int), default=[512, 256, 128, 64],
-                   help="max_channels caps to time (default 512,256,128,64)")
-    p.add_argument("--scorecam-reps", type=int, default=2,
-                   help="timed Score-CAM rounds at most, the first one included (default 2)")
+    p.add_argument(
+        "--scorecam-channels",
+        type=_csv(int),
+        default=[512, 256, 128, 64],
+        help="max_channels caps to time (default 512,256,128,64)",
+    )
+    p.add_argument(
+        "--scorecam-reps",
+        type=int,
+        default=2,
+        help="timed Score-CAM rounds at most, the first one included (default 2)",
+    )
     p.add_argument("--no-peers", action="store_true", help="camlens only")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory children")
     p.add_argument("--leak", action="store_true", help="run only the leak check")
     p.add_argument("--no-leak", dest="with_leak", action="store_false", help="skip the leak check")
     p.add_argument("--leak-calls", type=int, default=1000)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: EfficientNet-Lite0, batch 1, Grad-CAM/top-5/all, 2 rounds, no peers, "
-                        "no memory, no leak, no BENCHMARKS.md")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: EfficientNet-Lite0, batch 1, Grad-CAM/top-5/all, 2 rounds, no peers, "
+        "no memory, no leak, no BENCHMARKS.md",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/bench-TIME.json)")
-    p.add_argument("--markdown", type=Path, default=None,
-                   help="report file (default BENCHMARKS.md for full runs; none for --quick)")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="report file (default BENCHMARKS.md for full runs; none for --quick)",
+    )
     p.add_argument("--no-markdown", action="store_true", help="write the JSON only")
-    p.add_argument("--merge", type=Path, nargs="+", default=None,
-                   help="rebuild the report from these JSON results instead of measuring")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="rebuild the report from these JSON results instead of measuring",
+    )
     return p
 
 
@@ -330,13 +418,16 @@ def run(args, log=print) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     bad = [m for m in args.models if m not in MODELS] + [t for t in args.tasks if t not in TASKS]
     if bad:
-        raise SystemExit(f"unknown model/task: {', '.join(bad)}; models: {', '.join(MODELS)}; "
-                         f"tasks: {', '.join(TASKS)}")
+        raise SystemExit(
+            f"unknown model/task: {', '.join(bad)}; models: {', '.join(MODELS)}; tasks: {', '.join(TASKS)}"
+        )
     args.tasks_grad = tuple(t for t in args.tasks if t != "scorecam")
-    doc: dict[str, Any] = {"machine": machine_info(args.threads, args.device),
-                           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                      if k not in ("merge",)},
-                           "results": [], "leak": None}
+    doc: dict[str, Any] = {
+        "machine": machine_info(args.threads, args.device),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("merge",)},
+        "results": [],
+        "leak": None,
+    }
     t0 = time.perf_counter()
     if not args.leak:
         for name in args.models:
@@ -349,12 +440,22 @@ def run(args, log=print) -> dict[str, Any]:
         from .memory import run_child
 
         log(f"[leak] {args.leak_calls} Grad-CAM calls, EfficientNet-Lite0, batch 1")
-        doc["leak"] = run_child({"mode": "leak", "model": "efficientnet_lite0", "calls": args.leak_calls,
-                                 "sample_every": 50, "size": args.size, "threads": args.threads})
+        doc["leak"] = run_child(
+            {
+                "mode": "leak",
+                "model": "efficientnet_lite0",
+                "calls": args.leak_calls,
+                "sample_every": 50,
+                "size": args.size,
+                "threads": args.threads,
+            }
+        )
         lk = doc["leak"]
-        log(f"    RSS growth {lk['growth_mb']:+.1f} MB over {lk['calls']} calls "
+        log(
+            f"    RSS growth {lk['growth_mb']:+.1f} MB over {lk['calls']} calls "
             f"(max-min {lk['max_minus_min_mb']:.1f} MB); hooks left {lk['hooks_left']}, "
-            f".grad left {lk['grads_left']}")
+            f".grad left {lk['grads_left']}"
+        )
     doc["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc["machine"]["wall_s"] = time.perf_counter() - t0
     return doc

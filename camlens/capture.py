@@ -113,9 +113,14 @@ def is_spatial_fallback(module: nn.Module, output) -> bool:
     """Whether ``module``'s ``output`` can serve as the fallback layer of a network without global
     pooling: a leaf module with a spatial ``(N, C, h, w)`` output, ``h, w > 1``, that is not a
     fixed-size adaptive pooling adapter (VGG's ``avgpool``)."""
-    return (isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] > 1
-            and output.shape[-2] > 1 and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
-            and next(iter(module.children()), None) is None)
+    return (
+        isinstance(output, torch.Tensor)
+        and output.dim() == 4
+        and output.shape[-1] > 1
+        and output.shape[-2] > 1
+        and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+        and next(iter(module.children()), None) is None
+    )
 
 
 def _is_global_pool_module(module: nn.Module) -> bool:
@@ -141,8 +146,12 @@ def _module_pools_globally(module: nn.Module, x) -> bool:
 
 def uses_lazy_pool(model: nn.Module, spec: CaptureSpec) -> bool:
     """Whether :func:`capture` watches function calls only after a pooling module ran."""
-    return (spec.capture == "pool" and spec.lazy_pool and spec.call == -1
-            and any(_is_global_pool_module(m) for m in model.modules()))
+    return (
+        spec.capture == "pool"
+        and spec.lazy_pool
+        and spec.call == -1
+        and any(_is_global_pool_module(m) for m in model.modules())
+    )
 
 
 def needs_full_scan(model: nn.Module, spec: CaptureSpec, captured_value) -> bool:
@@ -251,8 +260,7 @@ def capture(
 
                 for name, m in model.named_modules():
                     if isinstance(m, _POOL_MODULES):
-                        handles.append(m.register_forward_pre_hook(
-                            lambda m, a, n=name: pre_lazy(m, a, n)))
+                        handles.append(m.register_forward_pre_hook(lambda m, a, n=name: pre_lazy(m, a, n)))
                         handles.append(m.register_forward_hook(post_lazy))
                 try:
                     yield out
@@ -262,8 +270,7 @@ def capture(
                 return
             for name, m in model.named_modules():
                 if isinstance(m, _POOL_MODULES):
-                    handles.append(m.register_forward_pre_hook(
-                        lambda m, a, n=name: out._current_pool_module.append(n)))
+                    handles.append(m.register_forward_pre_hook(lambda m, a, n=name: out._current_pool_module.append(n)))
                     handles.append(m.register_forward_hook(_pop_pool(out)))
                 if name and next(iter(m.children()), None) is None:
                     handles.append(m.register_forward_hook(_note_spatial(out, name)))

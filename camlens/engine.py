@@ -75,8 +75,7 @@ class ForwardPass:
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
-                cap = stack.enter_context(
-                    capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
+                cap = stack.enter_context(capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
             logits = model(self.x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -105,15 +104,18 @@ class ForwardPass:
     def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
         """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
         if self._backwards is not None and self._served >= self._backwards:
-            raise RuntimeError(f"ForwardPass planned {self._backwards} gradient request(s) and freed its graph; "
-                               "pass backwards=None to keep it")
+            raise RuntimeError(
+                f"ForwardPass planned {self._backwards} gradient request(s) and freed its graph; "
+                "pass backwards=None to keep it"
+            )
         self._served += 1
         last = self._backwards is not None and self._served == self._backwards
         out = []
         with torch.enable_grad():
             for k in range(self.k):
-                (g,) = torch.autograd.grad(self.scores[:, k].sum(), wrt, retain_graph=not (last and k == self.k - 1),
-                                           allow_unused=True)
+                (g,) = torch.autograd.grad(
+                    self.scores[:, k].sum(), wrt, retain_graph=not (last and k == self.k - 1), allow_unused=True
+                )
                 out.append(torch.zeros_like(wrt) if g is None else g)
         return torch.stack(out, dim=1)
 
@@ -177,7 +179,6 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
             stack.enter_context(switch.use(rule))
         out = []
         for k in range(targets.k):
-            (g,) = torch.autograd.grad(scores[:, k].sum(), xb, retain_graph=k < targets.k - 1,
-                                       allow_unused=True)
+            (g,) = torch.autograd.grad(scores[:, k].sum(), xb, retain_graph=k < targets.k - 1, allow_unused=True)
             out.append(torch.zeros_like(xb) if g is None else g)
     return GradPass(torch.stack(out, dim=1), scores.detach(), switch.relu_calls if switch else -1)

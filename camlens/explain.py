@@ -96,8 +96,11 @@ def prepare_inputs(
     images = load_images(items)
     names = []
     for i, item in enumerate(items):
-        names.append(Path(item).stem if isinstance(item, (str, os.PathLike)) else
-                     Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}")
+        names.append(
+            Path(item).stem
+            if isinstance(item, (str, os.PathLike))
+            else Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}"
+        )
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)
     x = pp(images, device=device).to(_model_dtype(model))
@@ -232,8 +235,11 @@ def explain(
             )
         layer_name = None
         if spec is not None:
-            layer_name = spec.describe() if spec.capture != "pool" else \
-                f"input of global pooling ({ctx.pool_module or 'functional call'})"
+            layer_name = (
+                spec.describe()
+                if spec.capture != "pool"
+                else f"input of global pooling ({ctx.pool_module or 'functional call'})"
+            )
         with torch.no_grad():
             probs = ctx.logits.detach().float().softmax(dim=1)
             if ctx.targets.fn is None:
@@ -246,8 +252,7 @@ def explain(
             raw = out.raw.detach()
             maps = out.maps
             if maps is None:
-                maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear",
-                                     align_corners=False)
+                maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,
@@ -268,8 +273,14 @@ def explain(
     return {n: results[i.name] for n, i in zip(names, infos)}
 
 
-def predict(model: nn.Module | str, inputs: Any, topk: int = 5, *, preprocess: Preprocess | None = None,
-            class_names: Sequence[str] | None = None) -> list[list[tuple[int, str, float]]]:
+def predict(
+    model: nn.Module | str,
+    inputs: Any,
+    topk: int = 5,
+    *,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[list[tuple[int, str, float]]]:
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
@@ -279,8 +290,10 @@ def predict(model: nn.Module | str, inputs: Any, topk: int = 5, *, preprocess: P
     with eval_mode(model), torch.inference_mode():
         p = model(x).float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
-    return [[(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]
-            for vr, ir in zip(v.tolist(), i.tolist())]
+    return [
+        [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]
+        for vr, ir in zip(v.tolist(), i.tolist())
+    ]
 
 
 __all__ = ["eval_mode", "explain", "predict", "prepare_inputs"]

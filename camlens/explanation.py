@@ -64,8 +64,10 @@ class Explanation:
 
     def __repr__(self) -> str:
         n, k, h, w = self.maps.shape
-        return (f"Explanation(method={self.method!r}, layer={self.layer!r}, N={n}, K={k}, maps={h}x{w}, "
-                f"classes={self.labels()})")
+        return (
+            f"Explanation(method={self.method!r}, layer={self.layer!r}, N={n}, K={k}, maps={h}x{w}, "
+            f"classes={self.labels()})"
+        )
 
     def normalized(self, eps: float = 1e-8) -> torch.Tensor:
         """Maps min-max normalized per map to [0, 1]; constant maps -> zeros (no NaN)."""
@@ -75,18 +77,26 @@ class Explanation:
         """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""
         out = []
         for row in self.classes.tolist():
-            out.append([
-                "custom" if c < 0 else (self.class_names[c] if self.class_names and c < len(self.class_names)
-                                        else str(c))
-                for c in row
-            ])
+            out.append(
+                [
+                    "custom"
+                    if c < 0
+                    else (self.class_names[c] if self.class_names and c < len(self.class_names) else str(c))
+                    for c in row
+                ]
+            )
         return out
 
     def to(self, device: torch.device | str) -> Explanation:
         """A copy with tensors on ``device``."""
-        return replace(self, maps=self.maps.to(device), raw=self.raw.to(device),
-                       classes=self.classes.to(device), scores=self.scores.to(device),
-                       probs=self.probs.to(device))
+        return replace(
+            self,
+            maps=self.maps.to(device),
+            raw=self.raw.to(device),
+            classes=self.classes.to(device),
+            scores=self.scores.to(device),
+            probs=self.probs.to(device),
+        )
 
     def cpu(self) -> Explanation:
         return self.to("cpu")
@@ -96,8 +106,12 @@ class Explanation:
         idx = [index] if isinstance(index, int) else index
         rows = list(range(len(self)))[idx] if isinstance(idx, slice) else list(idx)
         return replace(
-            self, maps=self.maps[idx], raw=self.raw[idx], classes=self.classes[idx],
-            scores=self.scores[idx], probs=self.probs[idx],
+            self,
+            maps=self.maps[idx],
+            raw=self.raw[idx],
+            classes=self.classes[idx],
+            scores=self.scores[idx],
+            probs=self.probs[idx],
             images=[self.images[i] for i in rows] if self.images else None,
             sources=[self.sources[i] for i in rows] if self.sources else None,
         )

@@ -91,8 +91,9 @@ def components(mask: np.ndarray, weights: np.ndarray | None = None) -> list[tupl
     return [r[:3] for r in out]
 
 
-def box_of_map(m: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, mode: str = "largest",
-               min_area: int = 1) -> np.ndarray:
+def box_of_map(
+    m: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, mode: str = "largest", min_area: int = 1
+) -> np.ndarray:
     """Boxes of one ``(H, W)`` map: ``(4,)`` for ``mode="largest"``, ``(M, 4)`` for ``mode="all"``."""
     m = np.asarray(m, dtype=np.float64)
     peak = m.max() if m.size else 0.0
@@ -215,8 +216,9 @@ def centre_box(size: Sequence[int], fraction: float = 0.5) -> np.ndarray:
     """The box centred in an ``(H, W)`` frame spanning ``fraction`` of each side."""
     h, w = size
     bw, bh = w * fraction, h * fraction
-    return np.array([round((w - bw) / 2), round((h - bh) / 2), round((w + bw) / 2), round((h + bh) / 2)],
-                    dtype=np.int64)
+    return np.array(
+        [round((w - bw) / 2), round((h - bh) / 2), round((w + bw) / 2), round((h + bh) / 2)], dtype=np.int64
+    )
 
 
 def draw_boxes(
@@ -260,8 +262,18 @@ def draw_boxes(
     return np.asarray(img)
 
 
-__all__ = ["DEFAULT_THRESHOLD", "box_area", "box_of_map", "centre_box", "components", "draw_boxes",
-           "image_boxes", "iou", "localize", "scale_boxes"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "box_area",
+    "box_of_map",
+    "centre_box",
+    "components",
+    "draw_boxes",
+    "image_boxes",
+    "iou",
+    "localize",
+    "scale_boxes",
+]
 
 
 class _CallableModule(types.ModuleType):

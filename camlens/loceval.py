@@ -124,11 +124,9 @@ def _read_csv(path: Path, root: Path | None) -> list[GTImage]:
             try:
                 box = np.array([round(float(row[k])) for k in ("x0", "y0", "x1", "y1")], dtype=np.int64)
             except ValueError:
-                raise GroundTruthError(
-                    f"{path}, line {line}: box coordinates must be numbers: {row}") from None
+                raise GroundTruthError(f"{path}, line {line}: box coordinates must be numbers: {row}") from None
             if box[2] <= box[0] or box[3] <= box[1]:
-                raise GroundTruthError(
-                    f"{path}, line {line}: empty box {box.tolist()} (need x1 > x0, y1 > y0)")
+                raise GroundTruthError(f"{path}, line {line}: empty box {box.tolist()} (need x1 > x0, y1 > y0)")
             key = row["path"]
             gt = out.setdefault(key, GTImage(_resolve(path.parent, key, root)))
             gt.objects.append((row.get("class") or None, box))
@@ -241,8 +239,7 @@ def _peak(m: np.ndarray, from_size, to_size) -> tuple[float, float]:
     return (x + 0.5) * w1 / w0, (y + 0.5) * h1 / h0
 
 
-def pointing_hit(point: tuple[float, float], boxes: np.ndarray,
-                 tolerance: float = POINTING_TOLERANCE) -> bool:
+def pointing_hit(point: tuple[float, float], boxes: np.ndarray, tolerance: float = POINTING_TOLERANCE) -> bool:
     """Whether ``(x, y)`` lies within ``tolerance`` pixels (Euclidean) of any box ``(x0, y0, x1, y1)``."""
     x, y = point
     for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
@@ -350,14 +347,20 @@ class LocalizationReport:
             if k == "pointing_game":
                 label = f"pointing game (tol. {self.tolerance:g} px)"
             a, b = self.metrics[k], self.baseline[k]
-            fmt = (lambda v: "n/a" if v != v else f"{v:.3f}") if k == "mean_iou" else \
-                (lambda v: "n/a" if v != v else f"{100 * v:.1f}%")
+            fmt = (
+                (lambda v: "n/a" if v != v else f"{v:.3f}")
+                if k == "mean_iou"
+                else (lambda v: "n/a" if v != v else f"{100 * v:.1f}%")
+            )
             rows.append((label, fmt(a), fmt(b)))
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(self.name), 8)
         head = f"{'metric':<{w0}}  {self.name:>{w1}}  {'centre baseline':>15}"
-        lines = [f"{self.n} images, threshold {self.threshold:g} of the max "
-                 f"(best for MaxBoxAcc: {self.best_threshold:g})", head, "-" * len(head)]
+        lines = [
+            f"{self.n} images, threshold {self.threshold:g} of the max (best for MaxBoxAcc: {self.best_threshold:g})",
+            head,
+            "-" * len(head),
+        ]
         lines += [f"{a:<{w0}}  {b:>{w1}}  {c:>15}" for a, b, c in rows]
         return "\n".join(lines)
 
@@ -369,13 +372,18 @@ class LocalizationReport:
             return {k: (None if v != v else float(v)) for k, v in d.items()}
 
         return {
-            "n": self.n, "name": self.name, "threshold": self.threshold,
-            "best_threshold": self.best_threshold, "pointing_tolerance": self.tolerance,
-            "metrics": clean(self.metrics), "centre_baseline": clean(self.baseline),
+            "n": self.n,
+            "name": self.name,
+            "threshold": self.threshold,
+            "best_threshold": self.best_threshold,
+            "pointing_tolerance": self.tolerance,
+            "metrics": clean(self.metrics),
+            "centre_baseline": clean(self.baseline),
             "iou_thresholds_v2": list(V2_IOUS),
             "thresholds": [float(t) for t in self.thresholds],
             "boxacc_v1_iou0.5": [float(v) for v in self.curve_v1[:, 1]],
-            "boxacc_v2": self.curve.tolist(), "baseline_boxacc_v2": self.baseline_curve.tolist(),
+            "boxacc_v2": self.curve.tolist(),
+            "baseline_boxacc_v2": self.baseline_curve.tolist(),
         }
 
 
@@ -479,9 +487,20 @@ def evaluate_maps(
     by_shape: dict = {}
     base_maps = [by_shape.setdefault(m.shape, centre_map(m.shape)) for m in ms]
     base, _, bacc2, _, _ = _scores(base_maps, gts, sizes, correct, t, ts, tolerance, shared=True)
-    return LocalizationReport(n=n, threshold=t, metrics=mine, baseline=base, best_threshold=best,
-                              thresholds=ts, curve=acc2, baseline_curve=bacc2, curve_v1=acc1,
-                              tolerance=tolerance, name=name, per_image_iou=ious)
+    return LocalizationReport(
+        n=n,
+        threshold=t,
+        metrics=mine,
+        baseline=base,
+        best_threshold=best,
+        thresholds=ts,
+        curve=acc2,
+        baseline_curve=bacc2,
+        curve_v1=acc1,
+        tolerance=tolerance,
+        name=name,
+        per_image_iou=ious,
+    )
 
 
 def calibrate_threshold(
@@ -534,7 +553,7 @@ def load_threshold(source: str | Path | float) -> float:
         data = json.loads(p.read_text())
         return _check_threshold(data["threshold"] if "threshold" in data else data["best_threshold"])
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise InputError(f"{p}: not a calibrated-threshold JSON (needs a top-level \"threshold\")") from None
+        raise InputError(f'{p}: not a calibrated-threshold JSON (needs a top-level "threshold")') from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,7 +616,7 @@ def evaluate_model(
 
         batches = tqdm(batches, desc="evaluate", unit="batch")
     for s in batches:
-        chunk = items[s:s + batch_size]
+        chunk = items[s : s + batch_size]
         imgs = [im for _, im in chunk]
         top1 = [p[0][0] for p in predict(model, imgs, topk=1, class_names=names)]
         targets, cls_names = [], []
@@ -612,10 +631,31 @@ def evaluate_model(
             maps.append(exp.maps[j, 0].float().cpu().numpy())
             gts.append(g.boxes(cname))
             sizes.append(im.shape[:2])
-    return evaluate_maps(maps, gts, image_sizes=sizes, correct=correct, threshold=threshold,
-                         thresholds=thresholds, tolerance=tolerance, name=method)
+    return evaluate_maps(
+        maps,
+        gts,
+        image_sizes=sizes,
+        correct=correct,
+        threshold=threshold,
+        thresholds=thresholds,
+        tolerance=tolerance,
+        name=method,
+    )
 
 
-__all__ = ["POINTING_TOLERANCE", "SWEEP", "V2_IOUS", "GTImage", "GroundTruthError", "LocalizationReport",
-           "calibrate_threshold", "centre_map", "evaluate_maps", "evaluate_model", "load_threshold",
-           "pointing_hit", "read_boxes", "save_threshold"]
+__all__ = [
+    "POINTING_TOLERANCE",
+    "SWEEP",
+    "V2_IOUS",
+    "GTImage",
+    "GroundTruthError",
+    "LocalizationReport",
+    "calibrate_threshold",
+    "centre_map",
+    "evaluate_maps",
+    "evaluate_model",
+    "load_threshold",
+    "pointing_hit",
+    "read_boxes",
+    "save_threshold",
+]

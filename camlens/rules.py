@@ -164,8 +164,7 @@ def _parse(func, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool, 
         hi = _arg(args, kwargs, 2, "max_val", 1.0)
         if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor) or lo != 0 or not hi > 0:
             return None
-        inplace = func is _NN_HARDTANH_ or (
-            func is F.hardtanh and bool(_arg(args, kwargs, 3, "inplace", False)))
+        inplace = func is _NN_HARDTANH_ or (func is F.hardtanh and bool(_arg(args, kwargs, 3, "inplace", False)))
         return x, float(hi), inplace, "relu6" if hi == 6 else "hardtanh"
     if func in _THRESHOLDS:
         th = _arg(args, kwargs, 1, "threshold", None)
@@ -182,8 +181,22 @@ _NN_HARDTANH = getattr(torch._C._nn, "hardtanh", None)
 _NN_HARDTANH_ = getattr(torch._C._nn, "hardtanh_", None)
 _THRESHOLDS = tuple(f for f in (F.threshold, getattr(F, "_threshold", None)) if f is not None)
 _CANDIDATES = frozenset(
-    f for f in (F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_, F.relu6, _NN_RELU6,
-                _NN_RELU6_, F.hardtanh, _NN_HARDTANH, _NN_HARDTANH_, *_THRESHOLDS) if f is not None
+    f
+    for f in (
+        F.relu,
+        torch.relu,
+        torch.Tensor.relu,
+        torch.relu_,
+        torch.Tensor.relu_,
+        F.relu6,
+        _NN_RELU6,
+        _NN_RELU6_,
+        F.hardtanh,
+        _NN_HARDTANH,
+        _NN_HARDTANH_,
+        *_THRESHOLDS,
+    )
+    if f is not None
 )
 
 
@@ -203,8 +216,13 @@ class _RuleMode(TorchFunctionMode):
             parsed = _parse(func, args, kwargs)
             if parsed is not None:
                 x, upper, inplace, kind = parsed
-                if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad \
-                        and torch.is_grad_enabled() and not (inplace and _leaf_or_leaf_view(x)):
+                if (
+                    isinstance(x, torch.Tensor)
+                    and x.is_floating_point()
+                    and x.requires_grad
+                    and torch.is_grad_enabled()
+                    and not (inplace and _leaf_or_leaf_view(x))
+                ):
                     self.switch.relu_calls += 1
                     self.switch.kinds[kind] += 1
                     return _RuleReLU.apply(x, upper, inplace, self.switch)

@@ -57,8 +57,9 @@ def resize_map(m, size: Sequence[int]) -> np.ndarray:
         raise InputError(f"expected one (H, W) map, got shape {tuple(t.shape)}")
     if tuple(t.shape) == tuple(size):
         return t.numpy().astype(np.float32, copy=True)
-    return F.interpolate(t[None, None], size=tuple(int(s) for s in size), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    return F.interpolate(t[None, None], size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
 def colorize(m, cmap: str = "jet", *, normalized: bool = False) -> np.ndarray:
@@ -155,8 +156,9 @@ def _add_boxes(ax, boxes, color: str = BOX_COLOR, lw: float = 2.0, kind: str = "
     for b in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
         if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
             continue
-        r = Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, edgecolor=color,
-                      linewidth=lw, label=kind)
+        r = Rectangle(
+            (b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, edgecolor=color, linewidth=lw, label=kind
+        )
         r.set_gid(f"{kind}:{b[0]},{b[1]},{b[2]},{b[3]}")
         ax.add_patch(r)
 
@@ -208,9 +210,17 @@ def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
     return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
 
 
-def topk_figure(exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet",
-                boxes: bool = False, threshold: float | None = None, show_image: bool = True,
-                cell: float = 3.2) -> Figure:
+def topk_figure(
+    exp: Explanation,
+    index: int = 0,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    boxes: bool = False,
+    threshold: float | None = None,
+    show_image: bool = True,
+    cell: float = 3.2,
+) -> Figure:
     """One image's ``K`` target classes side by side, each overlay titled ``"1st: name (p%)"``
     (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``."""
     img = _image_of(exp, index)
@@ -232,12 +242,23 @@ def _method_title(exp: Explanation) -> str:
     from .methods.registry import methods
 
     info = methods().get(exp.method)
-    pretty = {"gradcam": "Grad-CAM", "cam": "CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
-              "eigencam": "Eigen-CAM", "layercam": "LayerCAM", "xgradcam": "XGrad-CAM",
-              "hirescam": "HiResCAM", "saliency": "Saliency", "deconvnet": "Deconvnet",
-              "guided_backprop": "Guided Backprop", "guided_gradcam": "Guided Grad-CAM",
-              "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
-              "input_x_gradient": "Input x Gradient"}.get(exp.method, exp.method)
+    pretty = {
+        "gradcam": "Grad-CAM",
+        "cam": "CAM",
+        "gradcam++": "Grad-CAM++",
+        "scorecam": "Score-CAM",
+        "eigencam": "Eigen-CAM",
+        "layercam": "LayerCAM",
+        "xgradcam": "XGrad-CAM",
+        "hirescam": "HiResCAM",
+        "saliency": "Saliency",
+        "deconvnet": "Deconvnet",
+        "guided_backprop": "Guided Backprop",
+        "guided_gradcam": "Guided Grad-CAM",
+        "integrated_gradients": "Integrated Gradients",
+        "smoothgrad": "SmoothGrad",
+        "input_x_gradient": "Input x Gradient",
+    }.get(exp.method, exp.method)
     parts = [pretty]
     if exp.model_name:
         parts.append(exp.model_name)
@@ -278,8 +299,14 @@ def batch_grid(
     n = len(images)
     if n == 0:
         raise InputError("batch_grid needs at least one image")
-    for name, seq in (("maps", maps), ("true_labels", true_labels), ("pred_labels", pred_labels),
-                      ("probs", probs), ("boxes", boxes), ("gt_boxes", gt_boxes)):
+    for name, seq in (
+        ("maps", maps),
+        ("true_labels", true_labels),
+        ("pred_labels", pred_labels),
+        ("probs", probs),
+        ("boxes", boxes),
+        ("gt_boxes", gt_boxes),
+    ):
         if seq is not None and len(seq) != n:
             raise InputError(f"{n} images but {len(seq)} {name}; give one per image")
     first = np.asarray(images[0])
@@ -307,13 +334,19 @@ def batch_grid(
     return fig
 
 
-def pixel_figure(exp: Explanation, index: int = 0, *, cmap: str = "jet", channel_order: str = "RGB",
-                 show_image: bool = True, cell: float = 3.0) -> Figure:
+def pixel_figure(
+    exp: Explanation,
+    index: int = 0,
+    *,
+    cmap: str = "jet",
+    channel_order: str = "RGB",
+    show_image: bool = True,
+    cell: float = 3.0,
+) -> Figure:
     """Pixel attributions of one image: for each target, the attribution as colour
     (:func:`attribution_rgb`) and as heat (``exp.maps``, the method's own channel reduction)."""
     if exp.raw.dim() != 5:
-        raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); "
-                         "use topk_figure")
+        raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); use topk_figure")
     img = _image_of(exp, index)
     k = exp.maps.shape[1]
     n = 2 * k + int(show_image)
@@ -335,8 +368,15 @@ def pixel_figure(exp: Explanation, index: int = 0, *, cmap: str = "jet", channel
     return fig
 
 
-def boxes_figure(image: np.ndarray, boxes, *, gt_boxes=None, title: str | None = None,
-                 labels: Sequence[str] | None = None, cell: float = 5.0) -> Figure:
+def boxes_figure(
+    image: np.ndarray,
+    boxes,
+    *,
+    gt_boxes=None,
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+    cell: float = 5.0,
+) -> Figure:
     """An image with predicted boxes (green) and optional ground-truth boxes (white)."""
     img = np.asarray(image)
     fig, (ax,) = _grid(1, 1, cell, img.shape[0] / img.shape[1])
@@ -351,15 +391,23 @@ def boxes_figure(image: np.ndarray, boxes, *, gt_boxes=None, title: str | None =
     return fig
 
 
-def explanation_figure(exp: Explanation, index: int | Sequence[int] | None = None, *, alpha: float = 0.5,
-                       cmap: str = "jet", boxes: bool = False, threshold: float | None = None,
-                       max_images: int = 8, cell: float = 3.0, **kwargs: Any) -> Figure:
+def explanation_figure(
+    exp: Explanation,
+    index: int | Sequence[int] | None = None,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    boxes: bool = False,
+    threshold: float | None = None,
+    max_images: int = 8,
+    cell: float = 3.0,
+    **kwargs: Any,
+) -> Figure:
     """The default figure of an :class:`~camlens.Explanation` (``exp.show()``): one row per image
     (at most ``max_images``), the original then one overlay per target class titled with its name
     and probability; pixel methods show each target as colour and as heat."""
     n = len(exp)
-    rows = list(range(min(n, max_images))) if index is None else \
-        ([index] if isinstance(index, int) else list(index))
+    rows = list(range(min(n, max_images))) if index is None else ([index] if isinstance(index, int) else list(index))
     for r in rows:
         if not -n <= r < n:
             raise InputError(f"index {r} out of range for an explanation of {n} image(s)")
@@ -367,8 +415,7 @@ def explanation_figure(exp: Explanation, index: int | Sequence[int] | None = Non
     if len(rows) == 1:
         if pixel:
             return pixel_figure(exp, rows[0], cmap=cmap, cell=cell, **kwargs)
-        return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold,
-                           cell=cell, **kwargs)
+        return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold, cell=cell, **kwargs)
     k = exp.maps.shape[1]
     per = 2 * k if pixel else k
     img0 = _image_of(exp, rows[0])
@@ -377,7 +424,7 @@ def explanation_figure(exp: Explanation, index: int | Sequence[int] | None = Non
     bxs = _image_boxes(exp, threshold) if boxes and not pixel else None
     for r, i in enumerate(rows):
         img = _image_of(exp, i)
-        ax_row = axes[r * ncols:(r + 1) * ncols]
+        ax_row = axes[r * ncols : (r + 1) * ncols]
         _panel(ax_row[0], img, exp.sources[i] if exp.sources else f"image{i}", fontsize=9)
         for j in range(k):
             label = target_label(exp, i, j)
@@ -428,8 +475,9 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None,
-                **kwargs: Any) -> Path:
+def save_figure(
+    fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None, **kwargs: Any
+) -> Path:
     """Save a figure through the Agg canvas (no display needed); PNG text metadata if given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -439,8 +487,17 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict
     return p
 
 
-def overlay_figure(image: np.ndarray, m, title: str, *, alpha: float = 0.5, cmap: str = "jet",
-                   boxes=None, min_width: int = 320, dpi: int = 100) -> Figure:
+def overlay_figure(
+    image: np.ndarray,
+    m,
+    title: str,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    boxes=None,
+    min_width: int = 320,
+    dpi: int = 100,
+) -> Figure:
     """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide)
     with a title band on top: the saved PNG is ``W·s`` x ``(H + band)·s`` pixels, ``s`` the upscale."""
     img = np.asarray(image)
@@ -476,8 +533,14 @@ def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def output_paths(directory: str | Path, stems: Sequence[str], method: str, labels: Sequence[Sequence[str]],
-                 formats: Sequence[str] = ("png", "npy", "json"), suffix: str = "rank") -> list[dict[str, list[Path]]]:
+def output_paths(
+    directory: str | Path,
+    stems: Sequence[str],
+    method: str,
+    labels: Sequence[Sequence[str]],
+    formats: Sequence[str] = ("png", "npy", "json"),
+    suffix: str = "rank",
+) -> list[dict[str, list[Path]]]:
     """The files :func:`save_explanation` writes, per image ``{"png": [...], "npy": [...], "json": [...]}``
     (for checking them before any work). ``labels``: per image the ``K`` class names."""
     out = Path(directory)
@@ -485,11 +548,13 @@ def output_paths(directory: str | Path, stems: Sequence[str], method: str, label
     plan = []
     for stem, labs in zip(stems, labels, strict=True):
         tags = [f"top{j + 1}" if suffix == "rank" else safe_name(_short(lab, 60)) for j, lab in enumerate(labs)]
-        plan.append({
-            "png": [out / f"{stem}_{meth}_{t}.png" for t in tags] if "png" in formats else [],
-            "npy": [out / f"{stem}_{meth}.npy"] if "npy" in formats else [],
-            "json": [out / f"{stem}_{meth}.json"] if "json" in formats else [],
-        })
+        plan.append(
+            {
+                "png": [out / f"{stem}_{meth}_{t}.png" for t in tags] if "png" in formats else [],
+                "npy": [out / f"{stem}_{meth}.npy"] if "npy" in formats else [],
+                "json": [out / f"{stem}_{meth}.json"] if "json" in formats else [],
+            }
+        )
     return plan
 
 
@@ -543,8 +608,10 @@ def save_explanation(
         clash = [p for p in flat if p.exists()]
         if clash:
             more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-            raise OutputExistsError(f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
-                                    "to replace it, or choose another output folder")
+            raise OutputExistsError(
+                f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
+                "to replace it, or choose another output folder"
+            )
     out.mkdir(parents=True, exist_ok=True)
 
     map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
@@ -560,12 +627,20 @@ def save_explanation(
                 m = exp.maps[i, j]
                 if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
                     m = attribution_heat(resize_map(m, img.shape[:2]))
-                fig = overlay_figure(img, m, title, alpha=alpha, cmap=cmap,
-                                     boxes=img_boxes[j] if draw else None, dpi=dpi)
-                save_figure(fig, p, dpi=dpi, metadata={
-                    "Title": title, "Software": f"camlens {_versions()['camlens']}",
-                    "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
-                                   f"({labels[i][j]}) for {stems[i]}"})
+                fig = overlay_figure(
+                    img, m, title, alpha=alpha, cmap=cmap, boxes=img_boxes[j] if draw else None, dpi=dpi
+                )
+                save_figure(
+                    fig,
+                    p,
+                    dpi=dpi,
+                    metadata={
+                        "Title": title,
+                        "Software": f"camlens {_versions()['camlens']}",
+                        "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
+                        f"({labels[i][j]}) for {stems[i]}",
+                    },
+                )
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
@@ -596,7 +671,24 @@ def save_explanation(
     return written
 
 
-__all__ = ["attribution_heat", "attribution_rgb", "batch_grid", "boxes_figure", "colorize",
-           "explanation_figure", "normalize", "output_paths", "overlay", "overlay_figure", "patch_boxes",
-           "pixel_figure", "resize_map", "safe_name", "save_explanation", "save_figure", "target_label", "topk_figure",
-           "unique_names"]
+__all__ = [
+    "attribution_heat",
+    "attribution_rgb",
+    "batch_grid",
+    "boxes_figure",
+    "colorize",
+    "explanation_figure",
+    "normalize",
+    "output_paths",
+    "overlay",
+    "overlay_figure",
+    "patch_boxes",
+    "pixel_figure",
+    "resize_map",
+    "safe_name",
+    "save_explanation",
+    "save_figure",
+    "target_label",
+    "topk_figure",
+    "unique_names",
+]

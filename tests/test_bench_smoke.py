@@ -37,9 +37,14 @@ def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     doc = json.loads(out.read_text())
     assert doc["machine"]["torch_threads"] == 2 and doc["machine"]["torch"] == torch.__version__
     rows = {(r["task"], r["impl"]): r for r in doc["results"]}
-    assert set(rows) == {("forward", "torch"), ("forward", "torch no_grad"), ("gradcam", "camlens"),
-                         ("gradcam", "camlens (auto layer)"),
-                         ("top5", "camlens"), ("all", "camlens")}
+    assert set(rows) == {
+        ("forward", "torch"),
+        ("forward", "torch no_grad"),
+        ("gradcam", "camlens"),
+        ("gradcam", "camlens (auto layer)"),
+        ("top5", "camlens"),
+        ("all", "camlens"),
+    }
     fwd = rows["forward", "torch"]["ms"]
     for r in rows.values():
         assert r["reps"] == 2 and len(r["ms_all"]) == 2 and r["ms"] > 0
@@ -69,25 +74,72 @@ def test_pearson_matches_numpy():
 
 
 def _row(task, impl, ms, batch=16, model="m", **kw):
-    return {"task": task, "impl": impl, "model": model, "batch": batch, "ms": ms, "reps": 3,
-            "forward_ms": 100.0, "ratio_to_forward": ms / 100.0, **kw}
+    return {
+        "task": task,
+        "impl": impl,
+        "model": model,
+        "batch": batch,
+        "ms": ms,
+        "reps": 3,
+        "forward_ms": 100.0,
+        "ratio_to_forward": ms / 100.0,
+        **kw,
+    }
 
 
 def test_targets_are_judged_from_the_numbers():
-    rows = [_row("forward", "torch", 100), _row("gradcam", "camlens", 110), _row("gradcam", "pytorch-grad-cam", 230),
-            _row("gradcam", "Captum", 105), _row("top5", "camlens", 170), _row("all", "camlens", 140),
-            _row("guided_backprop", "camlens", 300), _row("guided_backprop", "pytorch-grad-cam", 1600),
-            _row("scorecam", "camlens", 1000, batch=1,
-                 scorecam={"pearson_vs_pytorch_grad_cam": {"camlens channel_softmax": 0.995}}),
-            _row("scorecam", "pytorch-grad-cam", 1900, batch=1)]
+    rows = [
+        _row("forward", "torch", 100),
+        _row("gradcam", "camlens", 110),
+        _row("gradcam", "pytorch-grad-cam", 230),
+        _row("gradcam", "Captum", 105),
+        _row("top5", "camlens", 170),
+        _row("all", "camlens", 140),
+        _row("guided_backprop", "camlens", 300),
+        _row("guided_backprop", "pytorch-grad-cam", 1600),
+        _row(
+            "scorecam",
+            "camlens",
+            1000,
+            batch=1,
+            scorecam={"pearson_vs_pytorch_grad_cam": {"camlens channel_softmax": 0.995}},
+        ),
+        _row("scorecam", "pytorch-grad-cam", 1900, batch=1),
+    ]
     leak = {"model": "m", "calls": 1000, "growth_mb": 7.0, "hooks_left": 0, "grads_left": 0}
     verdicts = [(t["value"], t["ok"]) for t in evaluate_targets(rows, leak)]
-    assert verdicts == [("1.100×", True), ("2.09×", True), ("0.95×", False), ("1.55×", False), ("1.27×", True),
-                        ("1.90×", False), ("r = 0.9950", True), ("5.33×", True), ("+7.0 MB", False)]
-    text = markdown([{"machine": {"cpu": "x", "cpus_available": 2, "logical_cpus": 2, "torch": "t",
-                                  "torch_threads": 2, "torch_interop_threads": 2, "device": "cpu",
-                                  "python": "3", "camlens": "0", "peers": {}, "date": "d"},
-                      "results": rows, "leak": None}])
+    assert verdicts == [
+        ("1.100×", True),
+        ("2.09×", True),
+        ("0.95×", False),
+        ("1.55×", False),
+        ("1.27×", True),
+        ("1.90×", False),
+        ("r = 0.9950", True),
+        ("5.33×", True),
+        ("+7.0 MB", False),
+    ]
+    text = markdown(
+        [
+            {
+                "machine": {
+                    "cpu": "x",
+                    "cpus_available": 2,
+                    "logical_cpus": 2,
+                    "torch": "t",
+                    "torch_threads": 2,
+                    "torch_interop_threads": 2,
+                    "device": "cpu",
+                    "python": "3",
+                    "camlens": "0",
+                    "peers": {},
+                    "date": "d",
+                },
+                "results": rows,
+                "leak": None,
+            }
+        ]
+    )
     assert text.count("❌") == 3 and text.count("✅") == 5
 
 

@@ -30,8 +30,11 @@ def test_vgg16_cam_layer_shapes_at_224_are_the_notebooks():
     with torch.device("meta"):
         m = vgg16_cam(num_classes=7, weights="random")
     shapes = {}
-    hooks = [mod.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
-             for n, mod in m.named_modules() if n]
+    hooks = [
+        mod.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+        for n, mod in m.named_modules()
+        if n
+    ]
     try:
         logits = m(torch.empty(2, 3, 224, 224, device="meta"))
     finally:
@@ -120,9 +123,13 @@ def test_imagenet_names_for_1000_classes():
 
 
 # ------------------------------------------------------------------------------------------------ other families
-FAMILIES = ["resnet18", "mobilenet_v3_small", "convnext_tiny",
-            pytest.param("efficientnet_b0", marks=pytest.mark.slow),
-            pytest.param("densenet121", marks=pytest.mark.slow)]
+FAMILIES = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "convnext_tiny",
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+    pytest.param("densenet121", marks=pytest.mark.slow),
+]
 _CONVERTED: dict = {}
 
 

@@ -33,8 +33,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _bomb(path: Path, side: int = 30000) -> None:
     """A tiny PNG file whose header claims side x side pixels."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b""))
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_help_on_every_command():
@@ -53,8 +57,9 @@ def test_default_explain_writes_titled_pngs_and_refuses_to_overwrite(tmp_path):
     assert r.exit_code == 0, r.output
     assert "Egyptian cat" in r.stdout and "tiger cat" in r.stdout and "78.8%" in r.stdout  # top-5 table
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"chelsea_{m}{s}" for m in ("gradcam", "cam")
-                           for s in ("_top1.png", "_top2.png", ".json", ".npy"))
+    assert names == sorted(
+        f"chelsea_{m}{s}" for m in ("gradcam", "cam") for s in ("_top1.png", "_top2.png", ".json", ".npy")
+    )
     for m in ("gradcam", "cam"):
         for k, cls in ((1, "Egyptian cat"), (2, "tiger cat")):
             with Image.open(out / f"chelsea_{m}_top{k}.png") as im:
@@ -110,8 +115,21 @@ def test_bad_inputs_reported_by_name_others_converted(tmp_path):
     (d / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
     _bomb(d / "bomb.png")
     out = tmp_path / "out"
-    r = run("explain", d, tmp_path / "missing.jpg", tmp_path / "nothing*.png", *FAST, "--out", out,
-            "--format", "json", "--method", "gradcam", "--topk", "1")
+    r = run(
+        "explain",
+        d,
+        tmp_path / "missing.jpg",
+        tmp_path / "nothing*.png",
+        *FAST,
+        "--out",
+        out,
+        "--format",
+        "json",
+        "--method",
+        "gradcam",
+        "--topk",
+        "1",
+    )
     assert r.exit_code == 1
     err = r.stderr
     for name in ("notes.png", "truncated.jpg", "bomb.png", "missing.jpg", "nothing*.png"):
@@ -151,8 +169,11 @@ def test_expand_inputs_folders_globs_and_names(tmp_path):
     e = expand_inputs([str(tmp_path / "zz*.png"), str(tmp_path / "b/deep/../../none")])
     assert not e.sources and len(e.problems) == 2
     assert expand_inputs([]).sources == ["skimage:chelsea"] and expand_inputs([]).names == ["chelsea"]
-    assert output_stems(["x/my photo.jpg", "y/my photo.jpg", "my photo.png"]) == \
-        ["x_my_photo", "y_my_photo", "my_photo"]
+    assert output_stems(["x/my photo.jpg", "y/my photo.jpg", "my photo.png"]) == [
+        "x_my_photo",
+        "y_my_photo",
+        "my_photo",
+    ]
     assert parse_classes(["Tiger cat", "3"], ["a", "b", "tiger cat", "d"]) == [2, 3]
 
 
@@ -164,8 +185,20 @@ def test_localize_eval_calibrate_then_use_the_threshold(tmp_path):
     with open(ds.csv, "a") as fh:
         fh.write("missing/gone.png,circle,1,1,10,10\n")
     out = tmp_path / "ev"
-    r = run("localize", "--eval", ds.csv, *FAST, "--out", out, "--calibrate", tmp_path / "thr.json",
-            "--sweep-step", "0.1", "--tolerance", "0")
+    r = run(
+        "localize",
+        "--eval",
+        ds.csv,
+        *FAST,
+        "--out",
+        out,
+        "--calibrate",
+        tmp_path / "thr.json",
+        "--sweep-step",
+        "0.1",
+        "--tolerance",
+        "0",
+    )
     assert r.exit_code == 1, r.output  # the missing image is reported, the rest evaluated
     assert "gone.png" in r.stderr
     for text in ("MaxBoxAcc", "MaxBoxAccV2", "centre baseline", "pointing game", "GT-known", "8 images"):
@@ -176,8 +209,19 @@ def test_localize_eval_calibrate_then_use_the_threshold(tmp_path):
     thr = load_threshold(tmp_path / "thr.json")
     assert thr == pytest.approx(m["best_threshold"])
     # the calibrated file is accepted as --threshold; the boxes CSV is a valid ground-truth file
-    r2 = run("localize", ds.root / "circle", *FAST, "--threshold", tmp_path / "thr.json", "--out",
-             tmp_path / "lb", "--format", "csv,json", "--mode", "all")
+    r2 = run(
+        "localize",
+        ds.root / "circle",
+        *FAST,
+        "--threshold",
+        tmp_path / "thr.json",
+        "--out",
+        tmp_path / "lb",
+        "--format",
+        "csv,json",
+        "--mode",
+        "all",
+    )
     assert r2.exit_code == 0, r2.output
     assert json.loads((tmp_path / "lb" / "boxes.json").read_text())["threshold"] == pytest.approx(thr)
     gt = read_boxes(tmp_path / "lb" / "boxes.csv")

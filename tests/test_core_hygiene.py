@@ -21,8 +21,12 @@ def snapshot(model: nn.Module) -> dict:
         "grads": [p.grad for p in model.parameters()],
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-             len(getattr(m, "_backward_pre_hooks", {})))
+            (
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(getattr(m, "_backward_pre_hooks", {})),
+            )
             for m in model.modules()
         ],
     }
@@ -53,7 +57,7 @@ class BNNet(TinyCNN):
 def bnnet():
     torch.manual_seed(0)
     m = BNNet()
-    m.train()            # a model in training mode, with a mix: one submodule in eval
+    m.train()  # a model in training mode, with a mix: one submodule in eval
     m.conv2.eval()
     m.conv1.weight.requires_grad_(False)  # a partly frozen model
     return m

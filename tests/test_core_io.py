@@ -139,7 +139,7 @@ def test_explanation_helpers(tiny, tiny_x):
     e = camlens.explain(tiny, tiny_x, method="gradcam", targets="top2", class_names=list("abcd"))
     n = e.normalized()
     assert n.shape == e.maps.shape and n.min() >= 0 and n.max() <= 1
-    assert e.labels()[0] == [ "abcd"[c] for c in e.classes[0].tolist()]
+    assert e.labels()[0] == ["abcd"[c] for c in e.classes[0].tolist()]
     sub = e.select([2, 0])
     torch.testing.assert_close(sub.maps, e.maps[[2, 0]])
     assert sub.sources == ["image2", "image0"] and "gradcam" in repr(e)

@@ -20,7 +20,7 @@ def reference(model, x, classes):
     logits = model.fc(model.pool(model.act2(A)).flatten(1))
     G = []
     for k in range(classes.shape[1]):
-        s = logits.gather(1, classes[:, k:k + 1]).sum()
+        s = logits.gather(1, classes[:, k : k + 1]).sum()
         G.append(torch.autograd.grad(s, A, retain_graph=True)[0])
     return A.detach().numpy(), torch.stack(G, 1).numpy(), logits.detach()
 
@@ -35,7 +35,7 @@ def np_methods(A, G):
     out = {}
     w = G.mean(axis=(3, 4))
     out["gradcam"] = relu(np.einsum("nkc,nchw->nkhw", w, A))
-    g2, g3 = G ** 2, G ** 3
+    g2, g3 = G**2, G**3
     denom = 2 * g2 + A.sum(axis=(2, 3))[:, None, :, None, None] * g3
     alpha = np.divide(g2, denom, out=np.zeros_like(g2), where=denom != 0)
     out["gradcam++"] = relu(np.einsum("nkc,nchw->nkhw", (alpha * relu(G)).sum(axis=(3, 4)), A))
@@ -72,7 +72,7 @@ def test_gradient_closed_form_on_tiny(tiny, tiny_x):
 def test_gradcam_rms_option_and_no_relu(tiny, tiny_x):
     classes = torch.tensor([[2], [2], [2]])
     A, G, _ = reference(tiny, tiny_x, classes)
-    Gn = G / (np.sqrt((G ** 2).mean(axis=(2, 3, 4), keepdims=True)) + 1e-5)
+    Gn = G / (np.sqrt((G**2).mean(axis=(2, 3, 4), keepdims=True)) + 1e-5)
     ref = np.einsum("nkc,nchw->nkhw", Gn.mean(axis=(3, 4)), A)
     exp = camlens.explain(tiny, tiny_x, method="gradcam", targets=2, layer=LAYER, grad_norm="rms", relu=False)
     np.testing.assert_allclose(exp.raw.numpy(), ref, rtol=1e-9, atol=1e-12)
@@ -109,11 +109,11 @@ def scorecam_reference(model, x, A, classes, weighting="prob"):
     for n in range(N):
         s = np.zeros((C, classes.shape[1]))
         for c in range(C):
-            m = F.interpolate(A[n:n + 1, c:c + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            m = F.interpolate(A[n : n + 1, c : c + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)
             lo, hi = m.min(), m.max()
             m = (m - lo) / (hi - lo) if hi - lo > 1e-8 else torch.zeros_like(m)
             with torch.no_grad():
-                logits = model(x[n:n + 1] * m)[0]
+                logits = model(x[n : n + 1] * m)[0]
             src = logits.softmax(0) if weighting == "prob" else logits
             s[c] = src[classes[n]].numpy()
         if weighting == "channel_softmax":
@@ -128,8 +128,16 @@ def test_scorecam_matches_unbatched_reference(tiny, tiny_x, weighting):
     A = tiny.act2(tiny.conv2(tiny.act1(tiny.conv1(tiny_x)))).detach()
     ref = scorecam_reference(tiny, tiny_x, A, classes, weighting)
     for bs, dedupe in [(1, False), (7, True), (64, True)]:
-        exp = camlens.explain(tiny, tiny_x, method="scorecam", targets=classes, layer="act2",
-                              batch_size=bs, dedupe=dedupe, weighting=weighting)
+        exp = camlens.explain(
+            tiny,
+            tiny_x,
+            method="scorecam",
+            targets=classes,
+            layer="act2",
+            batch_size=bs,
+            dedupe=dedupe,
+            weighting=weighting,
+        )
         np.testing.assert_allclose(exp.raw.numpy(), ref, rtol=1e-9, atol=1e-12)
 
 
@@ -151,7 +159,7 @@ def test_scorecam_max_channels_keeps_top_channels(tiny, tiny_x):
     # only the kept channels are masked, scored and summed; the others get weight 0
     s = []
     for c in keep.tolist():
-        m = F.interpolate(A[:1, c:c + 1], size=(12, 12), mode="bilinear", align_corners=False)
+        m = F.interpolate(A[:1, c : c + 1], size=(12, 12), mode="bilinear", align_corners=False)
         m = (m - m.min()) / (m.max() - m.min())
         with torch.no_grad():
             s.append(tiny(tiny_x[:1] * m).softmax(1)[0, 0])
@@ -173,7 +181,7 @@ def test_batch_equals_per_image_calls(tiny, tiny_x):
     methods = ["cam", "gradcam", "gradcam++", "layercam", "scorecam", "eigencam"]
     batch = camlens.explain(tiny, tiny_x, method=methods, targets="top2")
     for n in range(tiny_x.shape[0]):
-        one = camlens.explain(tiny, tiny_x[n:n + 1], method=methods, targets="top2")
+        one = camlens.explain(tiny, tiny_x[n : n + 1], method=methods, targets="top2")
         for m in methods:
             torch.testing.assert_close(batch[m].raw[n], one[m].raw[0], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(batch[m].maps[n], one[m].maps[0])
@@ -189,8 +197,7 @@ def test_method_list_equals_separate_calls(tiny, tiny_x):
 
 def test_callable_target(tiny, tiny_x):
     """A callable score (here: logit 1 + logit 3) is explained like a class: Grad-CAM is linear in it."""
-    e = camlens.explain(tiny, tiny_x, method="gradcam", targets=lambda z: z[:, 1] + z[:, 3], layer=LAYER,
-                        relu=False)
+    e = camlens.explain(tiny, tiny_x, method="gradcam", targets=lambda z: z[:, 1] + z[:, 3], layer=LAYER, relu=False)
     a = camlens.explain(tiny, tiny_x, method="gradcam", targets=[[1, 3]] * 3, layer=LAYER, relu=False)
     torch.testing.assert_close(e.raw[:, 0], a.raw[:, 0] + a.raw[:, 1])
     assert e.classes.tolist() == [[-1]] * 3 and torch.isnan(e.probs).all()

@@ -42,8 +42,9 @@ def _square(a: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
 
 
-@pytest.mark.parametrize("method", ["cam", "gradcam", "xgradcam", "hirescam",
-                                    pytest.param("scorecam", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method", ["cam", "gradcam", "xgradcam", "hirescam", pytest.param("scorecam", marks=pytest.mark.slow)]
+)
 def test_class_discriminative_on_a_collage(lite0, method):
     """Cat | rocket side by side: each photo's own class puts most of its map energy on that photo."""
     cat, rocket = sample_image("chelsea"), sample_image("rocket")

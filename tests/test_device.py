@@ -10,8 +10,12 @@ import torch
 
 import camlens
 
-DEVICES = [d for d in ("cuda", "mps") if (d == "cuda" and torch.cuda.is_available())
-           or (d == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())]
+DEVICES = [
+    d
+    for d in ("cuda", "mps")
+    if (d == "cuda" and torch.cuda.is_available())
+    or (d == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+]
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no accelerator on this machine")
 
 FAST_OPTIONS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8}}

@@ -57,7 +57,7 @@ def make_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 
             img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
             cy, cx = corners[ci % 4]
             h = size // 2
-            img[cy * h:(cy + 1) * h, cx * h:(cx + 1) * h] = 230
+            img[cy * h : (cy + 1) * h, cx * h : (cx + 1) * h] = 230
             Image.fromarray(img).save(d / f"{name}_{j:03d}.png")
     return root
 
@@ -78,8 +78,15 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ the objective
 def test_decay_covers_conv_and_linear_weights_only():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1, bias=False),
-                        nn.Flatten(), nn.LayerNorm(5 * 4 * 4), nn.Linear(80, 3))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 1, bias=False),
+        nn.Flatten(),
+        nn.LayerNorm(5 * 4 * 4),
+        nn.Linear(80, 3),
+    )
     names = [n for n, _ in decayed_parameters(net)]
     assert names == ["0.weight", "3.weight", "6.weight"]
     net[3].weight.requires_grad_(False)  # frozen weights are not regularized (TF's trainable variables)
@@ -102,8 +109,9 @@ def test_decay_covers_conv_and_linear_weights_only():
     torch.testing.assert_close(total, ce_ref + lam * pen_ref)
     torch.testing.assert_close(l2_penalty(net), pen_ref)
     # gradients: the penalty adds λW to weights and nothing to biases / norm parameters
-    gp = torch.autograd.grad(lam * l2_penalty(net), [net[0].weight, net[0].bias, net[1].weight, net[5].bias],
-                             allow_unused=True)
+    gp = torch.autograd.grad(
+        lam * l2_penalty(net), [net[0].weight, net[0].bias, net[1].weight, net[5].bias], allow_unused=True
+    )
     torch.testing.assert_close(gp[0], lam * net[0].weight)
     assert all(g is None for g in gp[1:])
     total0, ce0, _ = regularized_loss(logits, y, net, 0.0)
@@ -118,8 +126,18 @@ def test_one_sgd_step_by_hand(folder, tmp_path):
 
     lr, lam = 0.5, 0.05
     net = _no_dropout(tiny_net())
-    res = finetune(folder, model=net, out=tmp_path / "o", epochs=1, lr=lr, weight_decay=lam, momentum=0.9,
-                   augment=False, seed=3, **{**FAST, "batch_size": 64})
+    res = finetune(
+        folder,
+        model=net,
+        out=tmp_path / "o",
+        epochs=1,
+        lr=lr,
+        weight_decay=lam,
+        momentum=0.9,
+        augment=False,
+        seed=3,
+        **{**FAST, "batch_size": 64},
+    )
     after = _state(tmp_path / "o" / "last.safetensors")
 
     data = scan_image_folder(folder)
@@ -138,8 +156,7 @@ def test_one_sgd_step_by_hand(folder, tmp_path):
     # biases and BatchNorm parameters got no decay: their update is the plain cross-entropy gradient
     plain = torch.autograd.grad(F.cross_entropy(ref(x), y), [ref.fc.bias, ref.bn.weight])
     torch.testing.assert_close(after["fc.bias"], (ref.fc.bias - lr * plain[0]).detach(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(after["bn.weight"], (ref.bn.weight - lr * plain[1]).detach(), rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(after["bn.weight"], (ref.bn.weight - lr * plain[1]).detach(), rtol=1e-4, atol=1e-6)
     assert res.history[0]["epoch"] == 1
     assert res.history[0]["train_loss"] == pytest.approx(float(loss), rel=1e-5)
     torch.testing.assert_close(net.conv1.weight, tiny_net().conv1.weight)  # the user's network is untouched
@@ -183,10 +200,29 @@ def test_outputs_cards_and_load_model(folder, tmp_path):
     """A zoo model (random ResNet-18): files, metrics, the JSON card, load_model(checkpoint=…) with the
     class names in ImageFolder order, explain on image paths, the validation grid."""
     out = tmp_path / "run"
-    res = finetune(folder, model="resnet18", weights="random", out=out, epochs=2, lr=0.05, seed=0,
-                   **{**FAST, "image_size": 32, "grid": True})
-    for f in ("config.json", "best.safetensors", "best.json", "last.safetensors", "last.json", "metrics.csv",
-              "metrics.json", "curves.png", "val_grid.png", "train_state.json", "train_state.safetensors"):
+    res = finetune(
+        folder,
+        model="resnet18",
+        weights="random",
+        out=out,
+        epochs=2,
+        lr=0.05,
+        seed=0,
+        **{**FAST, "image_size": 32, "grid": True},
+    )
+    for f in (
+        "config.json",
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "metrics.csv",
+        "metrics.json",
+        "curves.png",
+        "val_grid.png",
+        "train_state.json",
+        "train_state.safetensors",
+    ):
         assert (out / f).is_file(), f
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",")[:6] == ["epoch", "train_loss", "train_ce", "train_acc", "val_loss", "val_acc"]
@@ -224,8 +260,16 @@ def test_cam_ready_option_and_frozen_backbone(folder, tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = torchvision.models.resnet18(weights=None)
-    res = finetune(folder, model=net, cam_ready=True, freeze_backbone=True, out=tmp_path / "f", epochs=1,
-                   lr=0.1, **{**FAST, "image_size": 32})
+    res = finetune(
+        folder,
+        model=net,
+        cam_ready=True,
+        freeze_backbone=True,
+        out=tmp_path / "f",
+        epochs=1,
+        lr=0.1,
+        **{**FAST, "image_size": 32},
+    )
     m = res.model
     assert m.camlens.extra["cam_ready"] and m.camlens.extra["head"] == ["fc"]
     for k, v in net.state_dict().items():
@@ -259,8 +303,9 @@ def test_bad_data(tmp_path):
         finetune(small, model=tiny_net(), out=tmp_path / "o3", **FAST)
     val = make_folder(tmp_path / "v", {"a": 2, "c": 2})
     with pytest.raises(DataError, match="missing: b"):
-        finetune(make_folder(tmp_path / "t", {"a": 3, "b": 3}), model=tiny_net(), val_dir=val,
-                 out=tmp_path / "o4", **FAST)
+        finetune(
+            make_folder(tmp_path / "t", {"a": 3, "b": 3}), model=tiny_net(), val_dir=val, out=tmp_path / "o4", **FAST
+        )
     assert not (tmp_path / "o4" / "best.safetensors").exists()
 
 
@@ -319,9 +364,28 @@ def test_cli_finetune(folder, tmp_path):
     from camlens.cli import main
 
     out = tmp_path / "cli"
-    args = ["finetune", str(folder), "--model", "resnet18", "--weights", "random", "--image-size", "32",
-            "--epochs", "1", "--batch-size", "8", "--val-split", "0.25", "--out", str(out), "--quiet", "--no-grid",
-            "--lr", "0.05"]
+    args = [
+        "finetune",
+        str(folder),
+        "--model",
+        "resnet18",
+        "--weights",
+        "random",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--val-split",
+        "0.25",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-grid",
+        "--lr",
+        "0.05",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "best: epoch 1" in r.output and "classes: left, right" in r.output
@@ -345,8 +409,19 @@ def test_lite0_on_synthetic_shapes_learns_and_localizes(tmp_path):
     ds = synthetic(tmp_path / "shapes", n_per_class=50, image_size=96, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", WarningSkippedImages)
-        res = finetune(ds.root, model="efficientnet_lite0", epochs=1, lr=0.01, batch_size=16, image_size=192,
-                       freeze_backbone=True, out=tmp_path / "run", seed=0, progress=False, grid_size=8)
+        res = finetune(
+            ds.root,
+            model="efficientnet_lite0",
+            epochs=1,
+            lr=0.01,
+            batch_size=16,
+            image_size=192,
+            freeze_backbone=True,
+            out=tmp_path / "run",
+            seed=0,
+            progress=False,
+            grid_size=8,
+        )
     acc = res.best["val_acc"]
     print(f"\nval acc {acc:.3f} (chance 0.25)")
     assert acc >= 0.8

@@ -199,8 +199,15 @@ def test_draw_boxes_outline_on_exact_pixels():
 
 def _exp_from_maps(maps, images=None):
     n, k = maps.shape[:2]
-    return Explanation(maps=maps, raw=maps, classes=torch.zeros(n, k, dtype=torch.long),
-                       scores=torch.zeros(n, k), probs=torch.zeros(n, k), method="cam", images=images)
+    return Explanation(
+        maps=maps,
+        raw=maps,
+        classes=torch.zeros(n, k, dtype=torch.long),
+        scores=torch.zeros(n, k),
+        probs=torch.zeros(n, k),
+        method="cam",
+        images=images,
+    )
 
 
 def test_explanation_boxes_and_image_frame():

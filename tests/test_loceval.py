@@ -23,10 +23,7 @@ from camlens.loceval import (
 # ---------------------------------------------------------------- reading ground truth
 def test_read_csv_groups_rows_per_image(tmp_path):
     (tmp_path / "boxes.csv").write_text(
-        "path,class,x0,y0,x1,y1\n"
-        "a/img1.png,cat,1,2,10,20\n"
-        "a/img1.png,dog,5,5,7,9\n"
-        "img2.png,cat,0,0,4,4\n"
+        "path,class,x0,y0,x1,y1\na/img1.png,cat,1,2,10,20\na/img1.png,dog,5,5,7,9\nimg2.png,cat,0,0,4,4\n"
     )
     gt = read_boxes(tmp_path / "boxes.csv")
     assert [g.path for g in gt] == [tmp_path / "a/img1.png", tmp_path / "img2.png"]
@@ -80,8 +77,10 @@ def test_read_voc_folder_one_based_inclusive(tmp_path):
 
 def test_read_coco(tmp_path):
     coco = {
-        "images": [{"id": 7, "file_name": "im/a.jpg", "width": 64, "height": 48},
-                   {"id": 8, "file_name": "im/empty.jpg", "width": 64, "height": 48}],
+        "images": [
+            {"id": 7, "file_name": "im/a.jpg", "width": 64, "height": 48},
+            {"id": 8, "file_name": "im/empty.jpg", "width": 64, "height": 48},
+        ],
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10.2, 5.0, 20.5, 10.0], "iscrowd": 0},
             {"id": 2, "image_id": 7, "category_id": 3, "bbox": [0, 0, 64, 48], "iscrowd": 1},
@@ -155,8 +154,13 @@ def test_sweep_matches_localize_at_every_threshold():
     import torch.nn.functional as F
 
     for seed in range(3):
-        m = F.interpolate(torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed)),
-                          size=(40, 30), mode="bilinear")[0, 0].double().numpy()
+        m = (
+            F.interpolate(
+                torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed)), size=(40, 30), mode="bilinear"
+            )[0, 0]
+            .double()
+            .numpy()
+        )
         m = m - 0.3 * rng.random()  # some negative values
         ts = SWEEP[::7]
         boxes, tidx, largest = sweep_components(m, ts)
@@ -173,8 +177,7 @@ def test_empty_maps_and_scaling_to_the_image():
     m = _box_map((10, 10), (5, 2, 10, 6))  # x2 horizontally, x2 vertically -> (10,4,20,12)
     r = evaluate_maps([m, np.zeros((10, 10))], gt, image_sizes=[(20, 20), (20, 20)])
     assert r.per_image_iou.tolist() == pytest.approx([80 / 160, 0.0])
-    r2 = evaluate_maps([_box_map((10, 10), (5, 2, 10, 6))], [np.array([[20, 4, 40, 12]])],
-                       image_sizes=[(20, 40)])
+    r2 = evaluate_maps([_box_map((10, 10), (5, 2, 10, 6))], [np.array([[20, 4, 40, 12]])], image_sizes=[(20, 40)])
     assert r2.per_image_iou.tolist() == [1.0]
 
 
@@ -247,8 +250,16 @@ def _train_tiny_cnn(arr, pp, epochs=10, seed=1):
     def block(i, o):
         return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
 
-    net = nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.MaxPool2d(2), block(16, 32),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(arr.classes)))
+    net = nn.Sequential(
+        block(3, 8),
+        nn.MaxPool2d(2),
+        block(8, 16),
+        nn.MaxPool2d(2),
+        block(16, 32),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, len(arr.classes)),
+    )
     x, y = pp(list(arr.images)), torch.from_numpy(arr.labels)
     opt = torch.optim.Adam(net.parameters(), 5e-3)
     g = torch.Generator().manual_seed(seed)
@@ -256,7 +267,7 @@ def _train_tiny_cnn(arr, pp, epochs=10, seed=1):
         net.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 32):
-            idx = perm[i:i + 32]
+            idx = perm[i : i + 32]
             loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -311,8 +322,7 @@ def test_cam_and_gradcam_localize_synthetic_objects_better_than_the_centre(tmp_p
     exp = camlens.explain(net, imgs, method="cam", targets=ids)
     with torch.no_grad():
         top1 = net(pp(imgs)).argmax(1).numpy()
-    direct = evaluate_maps(exp.maps[:, 0], [b[None] for b in ds.boxes], correct=top1 == np.array(ids),
-                           tolerance=0)
+    direct = evaluate_maps(exp.maps[:, 0], [b[None] for b in ds.boxes], correct=top1 == np.array(ids), tolerance=0)
     assert rep.n == 16
     for k in direct.metrics:
         assert rep.metrics[k] == pytest.approx(direct.metrics[k]), k

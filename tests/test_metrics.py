@@ -157,12 +157,18 @@ def test_deletion_batches_are_bounded(lin):
 
 def test_constant_and_zero_maps_never_nan(lin, x22):
     for maps in (torch.zeros(1, 2, 2), torch.full((1, 2, 2), 7.0)):
-        vals = [M.deletion(lin, x22, maps, 0, steps=4), M.insertion(lin, x22, maps, 0, steps=4),
-                M.average_drop(lin, x22, maps, 0), M.increase_in_confidence(lin, x22, maps, 0),
-                M.road(lin, x22, maps, 0, percentages=(0.5,)),
-                M.pointing_game(None, x22, maps, gt=[[0, 0, 1, 1]]),
-                M.energy_pointing_game(None, x22, maps, gt=[[0, 0, 1, 1]]),
-                M.spearman(maps, maps), M.ssim(maps, maps), M.spearman(maps, x22[:, 0].float())]
+        vals = [
+            M.deletion(lin, x22, maps, 0, steps=4),
+            M.insertion(lin, x22, maps, 0, steps=4),
+            M.average_drop(lin, x22, maps, 0),
+            M.increase_in_confidence(lin, x22, maps, 0),
+            M.road(lin, x22, maps, 0, percentages=(0.5,)),
+            M.pointing_game(None, x22, maps, gt=[[0, 0, 1, 1]]),
+            M.energy_pointing_game(None, x22, maps, gt=[[0, 0, 1, 1]]),
+            M.spearman(maps, maps),
+            M.ssim(maps, maps),
+            M.spearman(maps, x22[:, 0].float()),
+        ]
         for v in vals:
             assert torch.isfinite(v).all()
     # a constant map ranks pixels exactly like its seeded random order
@@ -301,8 +307,9 @@ def test_road_morf_lerf_by_hand():
     # LeRF 25%: pixel 0 -> its only neighbour 4; 50%: pixels 0, 3 -> 4 and 2
     assert r.morf[0].tolist() == pytest.approx([sig(1 + 1.5 + 2 + 1), sig(1 + 1 + 1 + 1)], abs=1e-5)
     assert r.lerf[0].tolist() == pytest.approx([sig(4 + 4 + 2 + 1), sig(4 + 4 + 2 + 2)], abs=1e-5)
-    assert float(M.road(lin, x, maps, 0, order="morf", percentages=(0.25, 0.5), noise=0)[0]) == \
-        pytest.approx(float(r.morf.mean()), abs=1e-6)
+    assert float(M.road(lin, x, maps, 0, order="morf", percentages=(0.25, 0.5), noise=0)[0]) == pytest.approx(
+        float(r.morf.mean()), abs=1e-6
+    )
     comb = M.road(lin, x, maps, 0, order="combined", percentages=(0.25, 0.5), noise=0)
     assert float(comb[0]) == pytest.approx(float((r.lerf - r.morf).mean() / 2), abs=1e-6)
     with pytest.raises(InputError):
@@ -377,7 +384,8 @@ def test_spearman_matches_scipy_with_ties():
     z = torch.zeros(1, 6, 7)
     assert M.spearman(z, z).tolist() == [1.0] and M.spearman(z, a[:1]).tolist() == [0.0]
     assert float(M.pearson(a[:1], b[:1])[0]) == pytest.approx(
-        np.corrcoef(a[0].flatten(), b[0].flatten())[0, 1], abs=1e-6)
+        np.corrcoef(a[0].flatten(), b[0].flatten())[0, 1], abs=1e-6
+    )
 
 
 def test_ssim_matches_skimage():
@@ -390,8 +398,9 @@ def test_ssim_matches_skimage():
     b[:, 0, 0], b[:, -1, -1] = 0.0, 1.0
     got = M.ssim(a, b)
     for i in range(2):
-        ref = structural_similarity(a[i].numpy(), b[i].numpy(), data_range=1.0, gaussian_weights=True,
-                                    sigma=1.5, use_sample_covariance=False)
+        ref = structural_similarity(
+            a[i].numpy(), b[i].numpy(), data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         assert float(got[i]) == pytest.approx(ref, abs=1e-5)
     assert M.ssim(a, a).tolist() == pytest.approx([1.0, 1.0])
     assert M.ssim(torch.zeros(1, 5, 5), torch.zeros(1, 5, 5)).tolist() == pytest.approx([1.0])
@@ -434,9 +443,17 @@ def test_randomization_layers_and_cascade(tiny, tiny_x):
         new = camlens.explain(work, tiny_x, "cam", targets=1).maps[:, 0]
         assert torch.allclose(res.at(unit, "cam"), M.spearman(orig, new, absolute=True))
         assert torch.allclose(res.values["ssim"]["cam"][k + 1], M.ssim(orig.abs(), new.abs()))
-    assert res.table()[0] == {"step": 0, "layer": "original", "method": "cam", "spearman_abs": 1.0,
-                              "spearman_abs_std": 0.0, "spearman": 1.0, "spearman_std": 0.0,
-                              "ssim": pytest.approx(1.0), "ssim_std": 0.0}
+    assert res.table()[0] == {
+        "step": 0,
+        "layer": "original",
+        "method": "cam",
+        "spearman_abs": 1.0,
+        "spearman_abs_std": 0.0,
+        "spearman": 1.0,
+        "spearman_std": 0.0,
+        "ssim": pytest.approx(1.0),
+        "ssim_std": 0.0,
+    }
     # independent randomization: the last step has only conv1 random, unlike the cascade
     ind = M.sanity_randomization(tiny, tiny_x, "cam", targets=1, mode="independent")
     work = copy.deepcopy(tiny)

@@ -30,8 +30,7 @@ def arrays():
 
 def test_resolve_metrics():
     assert resolve_metrics("deletion, insertion") == ["deletion", "insertion"]
-    assert resolve_metrics(["increase", "drop", "deletion"]) == ["increase_in_confidence", "average_drop",
-                                                                  "deletion"]
+    assert resolve_metrics(["increase", "drop", "deletion"]) == ["increase_in_confidence", "average_drop", "deletion"]
     assert len(resolve_metrics("all")) == 9
     with pytest.raises(InputError, match="deletion"):
         resolve_metrics("deleton")
@@ -39,30 +38,41 @@ def test_resolve_metrics():
 
 def test_runner_matches_metric_functions_and_chunking(tiny, arrays):
     pp = Preprocess(size=(12, 12))
-    wanted = ["deletion", "insertion", "average_drop", "increase_in_confidence", "road", "pointing_game",
-              "class_sensitivity", "sanity"]
+    wanted = [
+        "deletion",
+        "insertion",
+        "average_drop",
+        "increase_in_confidence",
+        "road",
+        "pointing_game",
+        "class_sensitivity",
+        "sanity",
+    ]
     gt = [[[0, 0, 10, 12]], None, [[5, 0, 18, 9]]]  # original-image pixels; image 1 has none
     kw = {"metrics": wanted, "steps": 3, "percentages": (0.5,), "preprocess": pp, "gt": gt, "batch_size": 5}
     chunks = []
-    rep = evaluate(tiny, arrays, ["gradcam", "cam"], chunk_size=2, on_chunk=lambda i, n: chunks.append((i, n)),
-                   **kw)
+    rep = evaluate(tiny, arrays, ["gradcam", "cam"], chunk_size=2, on_chunk=lambda i, n: chunks.append((i, n)), **kw)
     assert chunks == [(1, 2), (2, 2)]
     rep1 = evaluate(tiny, arrays, ["gradcam", "cam"], chunk_size=8, **kw)
     assert rep.rows == rep1.rows  # chunking does not change any value
     assert [(r["image"], r["method"]) for r in rep.rows] == [
-        (f"image{i}", m) for m in ("gradcam", "cam", "random", "centre") for i in range(3)]
+        (f"image{i}", m) for m in ("gradcam", "cam", "random", "centre") for i in range(3)
+    ]
     # each value equals the metric function applied directly
     x, _, _ = prepare_inputs(arrays, tiny, pp)
     e = camlens.explain(tiny, x, "gradcam")
     cls = e.classes[:, 0]
     g = e.maps[:, 0]
     rows = {(r["image"], r["method"]): r for r in rep.rows}
-    direct = {"deletion": M.deletion(tiny, x, g, cls, steps=3), "insertion": M.insertion(tiny, x, g, cls, steps=3),
-              "average_drop": M.average_drop(tiny, x, g, cls),
-              "increase_in_confidence": M.increase_in_confidence(tiny, x, g, cls),
-              "road_morf": M.road(tiny, x, g, cls, percentages=(0.5,)),
-              "road_lerf": M.road(tiny, x, g, cls, order="lerf", percentages=(0.5,)),
-              "class_sensitivity": M.class_sensitivity(tiny, x, "gradcam", cls)}
+    direct = {
+        "deletion": M.deletion(tiny, x, g, cls, steps=3),
+        "insertion": M.insertion(tiny, x, g, cls, steps=3),
+        "average_drop": M.average_drop(tiny, x, g, cls),
+        "increase_in_confidence": M.increase_in_confidence(tiny, x, g, cls),
+        "road_morf": M.road(tiny, x, g, cls, percentages=(0.5,)),
+        "road_lerf": M.road(tiny, x, g, cls, order="lerf", percentages=(0.5,)),
+        "class_sensitivity": M.class_sensitivity(tiny, x, "gradcam", cls),
+    }
     for col, v in direct.items():
         got = [rows[(f"image{i}", "gradcam")][col] for i in range(3)]
         assert got == pytest.approx(v.tolist(), abs=1e-6), col
@@ -89,8 +99,17 @@ def test_runner_bounded_batches(tiny, arrays):
     seen = []
     h = tiny.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        evaluate(tiny, arrays * 3, ["cam"], ["deletion", "road"], steps=4, percentages=(0.3, 0.6),
-                 preprocess=Preprocess(size=(12, 12)), batch_size=4, chunk_size=2)
+        evaluate(
+            tiny,
+            arrays * 3,
+            ["cam"],
+            ["deletion", "road"],
+            steps=4,
+            percentages=(0.3, 0.6),
+            preprocess=Preprocess(size=(12, 12)),
+            batch_size=4,
+            chunk_size=2,
+        )
     finally:
         h.remove()
     assert max(seen) <= 4
@@ -112,18 +131,47 @@ def test_cli_evaluate_writes_tables_and_plots(tmp_path):
     data = tmp_path / "data"
     _write_photos(data)
     out = tmp_path / "out"
-    args = ["evaluate", str(data), "--size", "64", "--steps", "2", "--percentages", "50", "--device", "cpu",
-            "--metrics", "deletion,insertion,average_drop,increase,road", "--metrics", "sanity",
-            "--sanity-layers", "2", "--out", str(out), "--quiet"]
+    args = [
+        "evaluate",
+        str(data),
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--percentages",
+        "50",
+        "--device",
+        "cpu",
+        "--metrics",
+        "deletion,insertion,average_drop,increase,road",
+        "--metrics",
+        "sanity",
+        "--sanity-layers",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "gradcam" in r.output and "random" in r.output and "deletion ↓" in r.output
     files = {p.name for p in out.iterdir()}
-    assert {"per_image.csv", "summary.csv", "summary.json", "sanity.csv", "curves_gradcam.png", "road.png",
-            "sanity.png"} <= files
+    assert {
+        "per_image.csv",
+        "summary.csv",
+        "summary.json",
+        "sanity.csv",
+        "curves_gradcam.png",
+        "road.png",
+        "sanity.png",
+    } <= files
     rows = _read_csv(out / "per_image.csv")
-    assert [(r["image"], r["method"]) for r in rows] == [("camera", "gradcam"), ("coffee", "gradcam"),
-                                                          ("camera", "random"), ("coffee", "random")]
+    assert [(r["image"], r["method"]) for r in rows] == [
+        ("camera", "gradcam"),
+        ("coffee", "gradcam"),
+        ("camera", "random"),
+        ("coffee", "random"),
+    ]
     for row in rows:
         for col in ("deletion", "insertion", "road_morf", "road_lerf"):
             assert 0.0 <= float(row[col]) <= 1.0
@@ -146,14 +194,28 @@ def test_cli_pointing_with_gt_and_overwrite(tmp_path):
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps({"camera": [[20, 5, 60, 60]], "coffee": [[10, 10, 80, 50]]}))
     out = tmp_path / "out"
-    args = ["evaluate", str(data / "*.png"), "--size", "32", "--device", "cpu", "--gt", str(gt),
-            "--metrics", "pointing_game,energy_pointing_game", "--method", "cam", "--out", str(out), "--quiet"]
+    args = [
+        "evaluate",
+        str(data / "*.png"),
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--gt",
+        str(gt),
+        "--metrics",
+        "pointing_game,energy_pointing_game",
+        "--method",
+        "cam",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     rows = _read_csv(out / "per_image.csv")
     assert {r["method"] for r in rows} == {"cam", "centre"}
-    assert all(float(r["pointing_game"]) in (0.0, 1.0) and 0 <= float(r["energy_pointing_game"]) <= 1
-               for r in rows)
+    assert all(float(r["pointing_game"]) in (0.0, 1.0) and 0 <= float(r["energy_pointing_game"]) <= 1 for r in rows)
     assert CliRunner().invoke(main, args).exit_code != 0
     r = CliRunner().invoke(main, [*args, "--overwrite"])
     assert r.exit_code == 0, r.output
@@ -164,8 +226,10 @@ def test_cli_errors(tmp_path):
     assert r.exit_code != 0 and "no such file" in r.output
     r = CliRunner().invoke(main, ["evaluate", "--metrics", "deleton", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "deletion" in r.output
-    r = CliRunner().invoke(main, ["evaluate", "--metrics", "pointing_game", "--size", "32", "--device", "cpu",
-                                  "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        main,
+        ["evaluate", "--metrics", "pointing_game", "--size", "32", "--device", "cpu", "--out", str(tmp_path / "o")],
+    )
     assert r.exit_code != 0 and "--gt" in r.output
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
@@ -174,8 +238,23 @@ def test_cli_errors(tmp_path):
 
 def test_cli_default_photos(tmp_path):
     out = tmp_path / "o"
-    r = CliRunner().invoke(main, ["evaluate", "--metrics", "average_drop", "--size", "32", "--device", "cpu",
-                                  "--no-plots", "--no-baseline", "--out", str(out), "--quiet"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--metrics",
+            "average_drop",
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--no-baseline",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = _read_csv(out / "per_image.csv")
     assert [r["image"] for r in rows] == ["chelsea", "coffee", "astronaut"]

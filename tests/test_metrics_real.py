@@ -34,10 +34,14 @@ def photos(lite0):
 def test_deletion_insertion_order_gradcam_random_inverted(lite0, photos):
     x, g, cls = photos
     opts = {"steps": 6, "batch_size": 64}
-    d = {name: float(M.deletion(lite0, x, m, cls, **opts).mean())
-         for name, m in (("gradcam", g), ("random", "random"), ("inverted", -g))}
-    i = {name: float(M.insertion(lite0, x, m, cls, **opts).mean())
-         for name, m in (("gradcam", g), ("random", "random"), ("inverted", -g))}
+    d = {
+        name: float(M.deletion(lite0, x, m, cls, **opts).mean())
+        for name, m in (("gradcam", g), ("random", "random"), ("inverted", -g))
+    }
+    i = {
+        name: float(M.insertion(lite0, x, m, cls, **opts).mean())
+        for name, m in (("gradcam", g), ("random", "random"), ("inverted", -g))
+    }
     assert d["gradcam"] < d["random"] < d["inverted"], d
     assert i["gradcam"] > i["random"] > i["inverted"], i
 
@@ -53,8 +57,9 @@ def test_road_morf_below_lerf(lite0, photos):
 def test_sanity_check_reproduces_adebayo(lite0, photos):
     x, _, cls = photos
     state = {k: v.clone() for k, v in lite0.state_dict().items()}
-    res = M.sanity_randomization(lite0, x, ["gradcam", "guided_backprop", "saliency"], cls,
-                                 layers=["_fc", "_bn1", "_conv_head"])
+    res = M.sanity_randomization(
+        lite0, x, ["gradcam", "guided_backprop", "saliency"], cls, layers=["_fc", "_bn1", "_conv_head"]
+    )
     top = {m: float(res.values["spearman_abs"][m][1:].mean()) for m in res.methods}
     # classifier and head random: Guided Backprop barely changes, Grad-CAM and the gradient do
     assert top["guided_backprop"] > 0.95, top

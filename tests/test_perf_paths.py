@@ -168,8 +168,15 @@ def test_planned_backwards_free_the_graph_and_give_the_same_gradients():
     from camlens.engine import ForwardPass
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 6)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 6),
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     needs = frozenset({"features", "layer_grads", "input_grads", "rules"})
     spec = CaptureSpec(model[2], "2", "output")

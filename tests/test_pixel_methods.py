@@ -13,8 +13,16 @@ import camlens
 from camlens.errors import InputError, MethodError
 from camlens.explain import prepare_inputs
 
-PIXEL = ["saliency", "deconvnet", "guided_backprop", "guided_gradcam", "input_x_gradient", "smoothgrad",
-         "integrated_gradients", "gradient_x_cam"]
+PIXEL = [
+    "saliency",
+    "deconvnet",
+    "guided_backprop",
+    "guided_gradcam",
+    "input_x_gradient",
+    "smoothgrad",
+    "integrated_gradients",
+    "gradient_x_cam",
+]
 
 
 # --- reference ReLU rules, written independently of camlens.rules (mask from the saved input) ---
@@ -89,14 +97,15 @@ def ref_grads(model, x, classes, rule="backprop", relu=None, relu6=None):
     logits = model(x, relu=relu, relu6=relu6)
     out = []
     for k in range(classes.shape[1]):
-        (g,) = torch.autograd.grad(logits.gather(1, classes[:, k:k + 1]).sum(), x, retain_graph=True)
+        (g,) = torch.autograd.grad(logits.gather(1, classes[:, k : k + 1]).sum(), x, retain_graph=True)
         out.append(g)
     return torch.stack(out, 1), logits.detach()
 
 
 # --- the ReLU-rule methods --------------------------------------------------------------------
-@pytest.mark.parametrize(("method", "rule"), [("saliency", "backprop"), ("deconvnet", "deconvnet"),
-                                              ("guided_backprop", "guided")])
+@pytest.mark.parametrize(
+    ("method", "rule"), [("saliency", "backprop"), ("deconvnet", "deconvnet"), ("guided_backprop", "guided")]
+)
 def test_rule_methods_match_explicit_reference(net, xs, method, rule):
     exp = camlens.explain(net, xs, method, targets=CLASSES)
     ref, logits = ref_grads(net, xs, CLASSES, rule)
@@ -128,8 +137,13 @@ def test_input_x_gradient(net, xs):
 def test_channel_reductions(net, xs, how):
     exp = camlens.explain(net, xs, "guided_backprop", targets=CLASSES, reduce=how)
     a = exp.raw.numpy()
-    ref = {"absmax": np.abs(a).max(2), "abssum": np.abs(a).sum(2), "sum": a.sum(2),
-           "l2": np.sqrt((a ** 2).sum(2)), "max": a.max(2)}[how]
+    ref = {
+        "absmax": np.abs(a).max(2),
+        "abssum": np.abs(a).sum(2),
+        "sum": a.sum(2),
+        "l2": np.sqrt((a**2).sum(2)),
+        "max": a.max(2),
+    }[how]
     np.testing.assert_allclose(exp.maps.numpy(), ref.astype(np.float32), rtol=1e-6)
 
 
@@ -175,8 +189,16 @@ def ref_ig(model, x, classes, baseline, alphas, weights):
 def test_integrated_gradients_matches_hand_written_quadrature(net, xs, quadrature):
     steps = 7
     base = torch.full((3, 10, 10), 0.25, dtype=torch.float64)  # (C, H, W): broadcast to the batch
-    exp = camlens.explain(net, xs, "integrated_gradients", targets=CLASSES, steps=steps,
-                          quadrature=quadrature, baseline=base, batch_size=5)
+    exp = camlens.explain(
+        net,
+        xs,
+        "integrated_gradients",
+        targets=CLASSES,
+        steps=steps,
+        quadrature=quadrature,
+        baseline=base,
+        batch_size=5,
+    )
     if quadrature == "gauss_legendre":
         t, w = np.polynomial.legendre.leggauss(steps)
         alphas, weights = (t + 1) / 2, w / 2
@@ -239,8 +261,7 @@ def test_smoothgrad_without_noise_equals_its_base(net, xs, base):
 
 
 def test_smoothgrad_of_integrated_gradients_without_noise(net, xs):
-    sg = camlens.explain(net, xs, "smoothgrad", targets=CLASSES, base="ig", noise_level=0.0, n_samples=2,
-                         steps=5)
+    sg = camlens.explain(net, xs, "smoothgrad", targets=CLASSES, base="ig", noise_level=0.0, n_samples=2, steps=5)
     ref = camlens.explain(net, xs, "integrated_gradients", targets=CLASSES, steps=5)
     torch.testing.assert_close(sg.raw, ref.raw, rtol=1e-12, atol=1e-14)
 
@@ -264,7 +285,7 @@ def test_smoothgrad_noise_has_the_documented_scale():
     exp = camlens.explain(HalfSquare(), x, "smoothgrad", n_samples=n, noise_level=0.2, batch_size=5)
     sigma = 0.2 * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     torch.testing.assert_close(exp.extras["noise_sigma"], sigma)
-    z = (exp.raw[:, 0] - x) / sigma.view(2, 1, 1, 1) * n ** 0.5
+    z = (exp.raw[:, 0] - x) / sigma.view(2, 1, 1, 1) * n**0.5
     assert abs(float(z.mean())) < 0.1 and 0.9 < float(z.std()) < 1.1
 
 
@@ -305,8 +326,10 @@ def test_smoothgrad_bad_options(net, xs):
 
 
 # --- batch x top-k ------------------------------------------------------------------------------
-OPTIONS = {"smoothgrad": dict(n_samples=3, noise_level=0.2, batch_size=4),
-           "integrated_gradients": dict(steps=6, batch_size=7)}
+OPTIONS = {
+    "smoothgrad": dict(n_samples=3, noise_level=0.2, batch_size=4),
+    "integrated_gradients": dict(steps=6, batch_size=7),
+}
 
 
 @pytest.mark.parametrize("method", PIXEL)
@@ -317,7 +340,7 @@ def test_batch_times_topk_equals_per_image_per_class_calls(net, xs, method):
     assert exp.raw.shape == (2, 2, 3, 10, 10) and exp.maps.shape == (2, 2, 10, 10)
     for n in range(2):
         for k in range(2):
-            one = camlens.explain(net, xs[n:n + 1], method, targets=int(exp.classes[n, k]), **kw)
+            one = camlens.explain(net, xs[n : n + 1], method, targets=int(exp.classes[n, k]), **kw)
             torch.testing.assert_close(one.raw[0, 0], exp.raw[n, k], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(one.maps[0, 0], exp.maps[n, k])
             for key in ("completeness_error", "baseline_scores"):
@@ -328,8 +351,11 @@ def test_batch_times_topk_equals_per_image_per_class_calls(net, xs, method):
 # --- errors and a model left untouched -----------------------------------------------------------
 def snapshot(model):
     return {
-        "hooks": sum(len(d) for m in model.modules() for d in (
-            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)),
+        "hooks": sum(
+            len(d)
+            for m in model.modules()
+            for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+        ),
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "grads": [p.grad for p in model.parameters()],
@@ -386,8 +412,12 @@ class SiLUNet(nn.Module):
         return self.fc(self.act(self.conv(x)).mean((2, 3)))
 
 
-NO_RELU_CASES = [("deconvnet", {}), ("guided_backprop", {}), ("guided_gradcam", {}),
-                 ("smoothgrad", {"base": "guided_backprop", "n_samples": 2})]
+NO_RELU_CASES = [
+    ("deconvnet", {}),
+    ("guided_backprop", {}),
+    ("guided_gradcam", {}),
+    ("smoothgrad", {"base": "guided_backprop", "n_samples": 2}),
+]
 
 
 @pytest.mark.parametrize(("method", "kw"), NO_RELU_CASES)

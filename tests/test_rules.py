@@ -115,7 +115,7 @@ def test_inplace_flavours_stay_in_place():
         u = x * 1
         ptr = u.data_ptr()
         v = u.relu_()
-        w = (x * 1 + 3)
+        w = x * 1 + 3
         F.relu6(w, inplace=True)
     assert v is u and u.data_ptr() == ptr and u.min() >= 0
     assert w.max() <= 6 and w.min() >= 0  # the side effect happened

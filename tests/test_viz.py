@@ -36,14 +36,23 @@ def _exp(n=2, k=2, size=(16, 16), img_sizes=((30, 40), (20, 20)), pixel=False, m
     maps = torch.zeros(n, k, h, w)
     for i in range(n):
         for j in range(k):
-            maps[i, j, 2 + i:6 + i, 3 + 2 * j:9 + 2 * j] = 1.0 + j
+            maps[i, j, 2 + i : 6 + i, 3 + 2 * j : 9 + 2 * j] = 1.0 + j
     imgs = [np.full((*img_sizes[i % len(img_sizes)], 3), 40 * (i + 1), np.uint8) for i in range(n)]
     raw = torch.randn(n, k, 3, h, w, generator=torch.Generator().manual_seed(0)) if pixel else maps[:, :, ::4, ::4]
     classes = torch.tensor([[0, 1], [2, 3]])[:n, :k]
-    return Explanation(maps=maps, raw=raw, classes=classes, scores=torch.ones(n, k),
-                       probs=torch.tensor([[0.7, 0.2], [0.55, 0.25]])[:n, :k], method=method,
-                       layer="layer4", class_names=NAMES, images=imgs, sources=["img_a", "img_b"][:n],
-                       model_name="toy")
+    return Explanation(
+        maps=maps,
+        raw=raw,
+        classes=classes,
+        scores=torch.ones(n, k),
+        probs=torch.tensor([[0.7, 0.2], [0.55, 0.25]])[:n, :k],
+        method=method,
+        layer="layer4",
+        class_names=NAMES,
+        images=imgs,
+        sources=["img_a", "img_b"][:n],
+        model_name="toy",
+    )
 
 
 # ---------------------------------------------------------------- arrays
@@ -119,8 +128,17 @@ def test_topk_figure_titles_images_and_boxes():
 def test_batch_grid_titles_colours_and_boxes():
     imgs = [np.zeros((10, 12, 3), np.uint8), np.zeros((8, 8, 3), np.uint8), np.zeros((10, 10, 3), np.uint8)]
     maps = [np.eye(5), np.ones((4, 4)), np.zeros((3, 3))]
-    fig = batch_grid(imgs, maps, [0, 1, "bird"], [0, 2, "bird"], [0.9, 0.51, 0.333], class_names=NAMES,
-                     ncols=2, boxes=[[1, 2, 5, 6], [-1, -1, -1, -1], [0, 0, 3, 3]], gt_boxes=[[0, 0, 4, 4]] * 3)
+    fig = batch_grid(
+        imgs,
+        maps,
+        [0, 1, "bird"],
+        [0, 2, "bird"],
+        [0.9, 0.51, 0.333],
+        class_names=NAMES,
+        ncols=2,
+        boxes=[[1, 2, 5, 6], [-1, -1, -1, -1], [0, 0, 3, 3]],
+        gt_boxes=[[0, 0, 4, 4]] * 3,
+    )
     axes = [a for a in fig.axes if a.get_visible()]
     assert len(axes) == 3 and len(fig.axes) == 4  # 2x2 grid, last cell hidden
     assert axes[0].get_title() == "true: cat\npred: cat (90.0%)"
@@ -142,8 +160,13 @@ def test_pixel_figure_rgb_and_heat_panels():
     e = _exp(pixel=True, method="guided_backprop")
     fig = pixel_figure(e, 1)
     axes = [a for a in fig.axes if a.get_visible()]
-    assert [a.get_title() for a in axes] == ["img_b", "1st: bird (55.0%)\nRGB", "1st: bird (55.0%)\nheat",
-                                             "2nd: fish (25.0%)\nRGB", "2nd: fish (25.0%)\nheat"]
+    assert [a.get_title() for a in axes] == [
+        "img_b",
+        "1st: bird (55.0%)\nRGB",
+        "1st: bird (55.0%)\nheat",
+        "2nd: fish (25.0%)\nRGB",
+        "2nd: fish (25.0%)\nheat",
+    ]
     rgb = axes[1].images[0].get_array()
     assert rgb.shape == (20, 20, 3) and rgb.min() >= 0 and rgb.max() <= 1
     with pytest.raises(InputError, match="not a pixel method"):
@@ -155,8 +178,14 @@ def test_explanation_figure_rows_and_show_delegation():
     fig = explanation_figure(e, boxes=True)
     axes = [a for a in fig.axes if a.get_visible()]
     assert len(axes) == 6  # 2 rows x (image + 2 classes)
-    assert [a.get_title() for a in axes] == ["img_a", "1st: cat (70.0%)", "2nd: dog (20.0%)",
-                                             "img_b", "1st: bird (55.0%)", "2nd: fish (25.0%)"]
+    assert [a.get_title() for a in axes] == [
+        "img_a",
+        "1st: cat (70.0%)",
+        "2nd: dog (20.0%)",
+        "img_b",
+        "1st: bird (55.0%)",
+        "2nd: fish (25.0%)",
+    ]
     want = scale_boxes(localize(e.maps[1, 0]), (16, 16), (20, 20)).tolist()
     assert patch_boxes(axes[4]) == [want]
     one = e.show(index=1)
@@ -193,9 +222,18 @@ def test_save_explanation_files_content_and_no_overwrite(tmp_path):
     e = _exp()
     paths = save_explanation(e, tmp_path / "out", threshold=0.5)
     names = sorted(p.name for p in paths)
-    assert names == sorted(["img_a_gradcam_top1.png", "img_a_gradcam_top2.png", "img_a_gradcam.npy",
-                            "img_a_gradcam.json", "img_b_gradcam_top1.png", "img_b_gradcam_top2.png",
-                            "img_b_gradcam.npy", "img_b_gradcam.json"])
+    assert names == sorted(
+        [
+            "img_a_gradcam_top1.png",
+            "img_a_gradcam_top2.png",
+            "img_a_gradcam.npy",
+            "img_a_gradcam.json",
+            "img_b_gradcam_top1.png",
+            "img_b_gradcam_top2.png",
+            "img_b_gradcam.npy",
+            "img_b_gradcam.json",
+        ]
+    )
     out = tmp_path / "out"
     with Image.open(out / "img_a_gradcam_top2.png") as im:
         im.load()
@@ -224,8 +262,12 @@ def test_save_explanation_formats_suffix_and_duplicate_sources(tmp_path):
     e = _exp()
     e.sources = ["same", "same"]
     paths = e.save(tmp_path, formats="png", suffix="class")
-    assert sorted(p.name for p in paths) == ["same-2_gradcam_bird.png", "same-2_gradcam_fish.png",
-                                             "same_gradcam_cat.png", "same_gradcam_dog.png"]
+    assert sorted(p.name for p in paths) == [
+        "same-2_gradcam_bird.png",
+        "same-2_gradcam_fish.png",
+        "same_gradcam_cat.png",
+        "same_gradcam_dog.png",
+    ]
     with Image.open(tmp_path / "same-2_gradcam_fish.png") as im:
         assert im.text["Title"] == "Grad-CAM · fish (25.0%)"  # explicit classes: no rank in the title
     with pytest.raises(InputError, match="format"):

@@ -63,7 +63,7 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
             f()
         for r in range(rounds):
             names = list(calls)
-            for k in names[r % len(names):] + names[:r % len(names)]:
+            for k in names[r % len(names) :] + names[: r % len(names)]:
                 t = time.perf_counter()
                 calls[k]()
                 times[k].append(time.perf_counter() - t)
@@ -95,16 +95,23 @@ def bench_cmd(quick, models, tasks, batches, threads, no_peers, leak, out, markd
     runner = None if builtin else _benchmarks_runner()
     if runner is None:
         if leak or out or markdown or tasks:
-            raise click.UsageError("--leak, --out, --markdown and --tasks need the benchmarks/ folder of a "
-                                   "camlens source checkout; without it only the built-in timing runs")
+            raise click.UsageError(
+                "--leak, --out, --markdown and --tasks need the benchmarks/ folder of a "
+                "camlens source checkout; without it only the built-in timing runs"
+            )
         names = models.split(",") if models else ["efficientnet_lite0"]
         sizes = [int(b) for b in batches.split(",")] if batches else ([1] if quick else [1, 16])
         for name in names:
             builtin_bench(name.strip(), sizes, threads, rounds=2 if quick else 7)
         return
     argv = ["--threads", str(threads)]
-    for flag, value in (("--models", models), ("--tasks", tasks), ("--batches", batches), ("--out", out),
-                        ("--markdown", markdown)):
+    for flag, value in (
+        ("--models", models),
+        ("--tasks", tasks),
+        ("--batches", batches),
+        ("--out", out),
+        ("--markdown", markdown),
+    ):
         if value:
             argv += [flag, str(value)]
     if quick:

@@ -17,8 +17,21 @@ from typing import Any
 import click
 
 #: file suffixes treated as images when a folder or a glob is expanded
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                    ".pbm", ".pnm", ".ico")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".ico",
+)
 #: the photo used when no image is given (skimage's "chelsea" the cat)
 DEFAULT_PHOTO = "chelsea"
 
@@ -67,14 +80,19 @@ def expand_inputs(items: Sequence[str], *, recursive: bool = False, default: str
         if p.is_dir():
             found = _images_in(p, recursive)
             if not found:
-                out.problems.append(f"{item}: folder has no image files ({', '.join(IMAGE_EXTENSIONS[:6])}…)"
-                                    + ("" if recursive else "; use --recursive for sub-folders"))
+                out.problems.append(
+                    f"{item}: folder has no image files ({', '.join(IMAGE_EXTENSIONS[:6])}…)"
+                    + ("" if recursive else "; use --recursive for sub-folders")
+                )
             paths += found
         elif p.exists():
             paths.append(str(p))
         elif _is_glob(item):
-            found = sorted(f for f in glob.glob(item, recursive=True)
-                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                f
+                for f in glob.glob(item, recursive=True)
+                if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
                 out.problems.append(f"{item}: no image file matches this pattern")
             paths += found
@@ -95,8 +113,10 @@ def output_stems(paths: Sequence[str]) -> list[str]:
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    named = [safe_name(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
-             for p, s in zip(paths, stems, strict=True)]
+    named = [
+        safe_name(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
+        for p, s in zip(paths, stems, strict=True)
+    ]
     return unique_names(named)
 
 
@@ -115,8 +135,9 @@ def parse_formats(value: str | Sequence[str], allowed: Sequence[str]) -> list[st
     fmts = list(dict.fromkeys(f.strip().lower() for f in items if f.strip()))
     bad = [f for f in fmts if f not in allowed]
     if bad or not fmts:
-        raise click.BadParameter(f"unknown format(s) {', '.join(bad) or '(none)'}; choose from "
-                                 f"{', '.join(allowed)}", param_hint="--format")
+        raise click.BadParameter(
+            f"unknown format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}", param_hint="--format"
+        )
     return fmts
 
 
@@ -140,8 +161,10 @@ def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
     clash = [p for p in paths if Path(p).exists()]
     if clash:
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-        raise click.ClickException(f"{clash[0]} already exists{more}; pass --overwrite to replace existing "
-                                   "files, or choose another --out folder")
+        raise click.ClickException(
+            f"{clash[0]} already exists{more}; pass --overwrite to replace existing "
+            "files, or choose another --out folder"
+        )
 
 
 def resolve_device(device: str | None) -> str:
@@ -175,8 +198,9 @@ def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> l
             if part.lstrip("-").isdigit():
                 c = int(part)
                 if class_names and not 0 <= c < len(class_names):
-                    raise click.BadParameter(f"class id {c} is out of range 0..{len(class_names) - 1}",
-                                             param_hint="--class")
+                    raise click.BadParameter(
+                        f"class id {c} is out of range 0..{len(class_names) - 1}", param_hint="--class"
+                    )
                 ids.append(c)
             elif part.lower() in low:
                 ids.append(low.index(part.lower()))
@@ -184,15 +208,18 @@ def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> l
                 import difflib
 
                 close = difflib.get_close_matches(part, list(class_names or []), n=4, cutoff=0.6)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
-                    ("" if class_names else "; this model has no class names, pass ids")
+                hint = (
+                    f"; did you mean {', '.join(repr(c) for c in close)}?"
+                    if close
+                    else ("" if class_names else "; this model has no class names, pass ids")
+                )
                 raise click.BadParameter(f"unknown class {part!r}{hint}", param_hint="--class")
     return ids
 
 
 def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), max(1, size)):
-        yield seq[i:i + max(1, size)]
+        yield seq[i : i + max(1, size)]
 
 
 def progress(total: int, desc: str, enabled: bool | None = None):
@@ -233,15 +260,21 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, in
 def common_model_options(f: Callable) -> Callable:
     """``--model --weights --checkpoint --layer --device`` shared by explain and localize."""
     opts = [
-        click.option("--model", default="efficientnet_lite0", show_default=True,
-                     help="zoo name (`camlens models`)"),
-        click.option("--weights", default=None,
-                     help="weights file (.pth/.safetensors), 'random', or a torchvision weights name"),
-        click.option("--checkpoint", default=None, type=click.Path(),
-                     help="a `camlens finetune` output folder or checkpoint (replaces --model)"),
-        click.option("--layer", default=None,
-                     help="dotted layer name (default: the features entering global pooling; "
-                          "`camlens layers MODEL` lists them)"),
+        click.option("--model", default="efficientnet_lite0", show_default=True, help="zoo name (`camlens models`)"),
+        click.option(
+            "--weights", default=None, help="weights file (.pth/.safetensors), 'random', or a torchvision weights name"
+        ),
+        click.option(
+            "--checkpoint",
+            default=None,
+            type=click.Path(),
+            help="a `camlens finetune` output folder or checkpoint (replaces --model)",
+        ),
+        click.option(
+            "--layer",
+            default=None,
+            help="dotted layer name (default: the features entering global pooling; `camlens layers MODEL` lists them)",
+        ),
         click.option("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available)"),
     ]
     for o in reversed(opts):

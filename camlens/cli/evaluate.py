@@ -25,8 +25,11 @@ def expand_data(items: tuple[str, ...]) -> list[str]:
                 raise click.UsageError(f"folder {item} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
             out += found
         elif any(ch in item for ch in "*?["):
-            found = sorted(f for f in glob.glob(item, recursive=True)
-                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                f
+                for f in glob.glob(item, recursive=True)
+                if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
                 raise click.UsageError(f"no image file matches {item!r}")
             out += found
@@ -85,22 +88,44 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -
 @click.option("--weights", default=None, help="weights file, 'random', or a torchvision weights name")
 @click.option("--checkpoint", default=None, type=click.Path(), help="a camlens fine-tuning checkpoint")
 @click.option("--layer", default=None, help="dotted layer name for layer methods (default: automatic)")
-@click.option("--method", "methods", multiple=True, default=("gradcam",), show_default=True,
-              help="explanation method (repeatable)")
-@click.option("--metrics", "metrics", multiple=True,
-              default=("deletion,insertion,average_drop,increase_in_confidence,sanity",), show_default=True,
-              help="comma-separated (repeatable): deletion, insertion, average_drop, increase_in_confidence, "
-                   "road, pointing_game, energy_pointing_game, class_sensitivity, sanity, or all")
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    default=("gradcam",),
+    show_default=True,
+    help="explanation method (repeatable)",
+)
+@click.option(
+    "--metrics",
+    "metrics",
+    multiple=True,
+    default=("deletion,insertion,average_drop,increase_in_confidence,sanity",),
+    show_default=True,
+    help="comma-separated (repeatable): deletion, insertion, average_drop, increase_in_confidence, "
+    "road, pointing_game, energy_pointing_game, class_sensitivity, sanity, or all",
+)
 @click.option("--steps", default=20, show_default=True, help="deletion/insertion steps")
-@click.option("--percentages", default="10,20,30,40,50,60,70,80,90", show_default=True,
-              help="ROAD: % of pixels removed")
-@click.option("--gt", "gt_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help='pointing games: JSON {"image stem": [[x0, y0, x1, y1], ...] or "mask.png"} in image pixels')
+@click.option(
+    "--percentages", default="10,20,30,40,50,60,70,80,90", show_default=True, help="ROAD: % of pixels removed"
+)
+@click.option(
+    "--gt",
+    "gt_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help='pointing games: JSON {"image stem": [[x0, y0, x1, y1], ...] or "mask.png"} in image pixels',
+)
 @click.option("--tolerance", default=15.0, show_default=True, help="pointing game tolerance (input pixels)")
-@click.option("--sanity-layers", default=None, type=int,
-              help="sanity check: randomize only the top N layers (default: all)")
-@click.option("--baseline/--no-baseline", default=True, show_default=True,
-              help="add a random-map baseline (centre baseline for the pointing games)")
+@click.option(
+    "--sanity-layers", default=None, type=int, help="sanity check: randomize only the top N layers (default: all)"
+)
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_default=True,
+    help="add a random-map baseline (centre baseline for the pointing games)",
+)
 @click.option("--size", default=None, type=int, help="resize inputs to SIZE x SIZE (default: the model's)")
 @click.option("--batch-size", default=32, show_default=True, help="images per forward pass")
 @click.option("--chunk", "chunk_size", default=8, show_default=True, help="images loaded at a time")
@@ -110,9 +135,30 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -
 @click.option("--overwrite", is_flag=True, help="replace existing output files in --out")
 @click.option("--no-plots", is_flag=True, help="write tables only")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def evaluate_cmd(data, model, weights, checkpoint, layer, methods, metrics, steps, percentages, gt_file,
-                 tolerance, sanity_layers, baseline, size, batch_size, chunk_size, seed, device, out, overwrite,
-                 no_plots, quiet):
+def evaluate_cmd(
+    data,
+    model,
+    weights,
+    checkpoint,
+    layer,
+    methods,
+    metrics,
+    steps,
+    percentages,
+    gt_file,
+    tolerance,
+    sanity_layers,
+    baseline,
+    size,
+    batch_size,
+    chunk_size,
+    seed,
+    device,
+    out,
+    overwrite,
+    no_plots,
+    quiet,
+):
     """Score explanation METHODs on DATA (image files, folders or globs; default: three bundled
     photos) with faithfulness METRICS; print a table and write per_image.csv, summary.csv,
     summary.json, sanity.csv and plots to --out.
@@ -159,7 +205,8 @@ def evaluate_cmd(data, model, weights, checkpoint, layer, methods, metrics, step
     if existing and not overwrite:
         raise click.ClickException(
             f"{len(existing)} output file(s) already exist in {outdir} ({', '.join(existing[:3])}"
-            f"{'…' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose another --out")
+            f"{'…' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose another --out"
+        )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -171,10 +218,24 @@ def evaluate_cmd(data, model, weights, checkpoint, layer, methods, metrics, step
                 raise click.UsageError("--size must be at least 8 pixels")
             pp = dataclasses.replace(card.preprocess, size=(size, size)) if card else None
         report = runner.evaluate(
-            net, images, methods, wanted, names=names, gt=gt, steps=steps, percentages=pct,
-            tolerance=tolerance, baseline=baseline, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
-            preprocess=pp, explain_options={"layer": layer} if layer else None,
-            sanity_layers=sanity_layers, progress=not quiet)
+            net,
+            images,
+            methods,
+            wanted,
+            names=names,
+            gt=gt,
+            steps=steps,
+            percentages=pct,
+            tolerance=tolerance,
+            baseline=baseline,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            seed=seed,
+            preprocess=pp,
+            explain_options={"layer": layer} if layer else None,
+            sanity_layers=sanity_layers,
+            progress=not quiet,
+        )
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     outdir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +244,9 @@ def evaluate_cmd(data, model, weights, checkpoint, layer, methods, metrics, step
     cols = ["image", "method", "target", "target_name", *report.columns]
     _write_csv(outdir / "per_image.csv", report.rows, cols)
     _write_csv(outdir / "summary.csv", report.summary(), ["method", "metric", "mean", "std", "n", "better"])
-    report.settings.update({"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device,
-                            "layer": layer, "size": size})
+    report.settings.update(
+        {"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device, "layer": layer, "size": size}
+    )
     (outdir / "summary.json").write_text(json.dumps(report.to_dict(), indent=2))
     written += ["per_image.csv", "summary.csv", "summary.json"]
     if report.sanity is not None:

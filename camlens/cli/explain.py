@@ -29,27 +29,66 @@ DEFAULT_METHODS = ("gradcam", "cam")
 @click.command("explain")
 @click.argument("images", nargs=-1)
 @common_model_options
-@click.option("--method", "methods", multiple=True,
-              help="method name, repeatable (`camlens methods`) [default: gradcam and cam]")
-@click.option("--topk", default=2, show_default=True, type=click.IntRange(1, 100),
-              help="explain the k most probable classes of each image")
-@click.option("--class", "classes", multiple=True,
-              help="explain these classes instead of the top-k (ids or names, repeatable)")
-@click.option("--out", default="camlens-out", show_default=True, type=click.Path(file_okay=False),
-              help="output folder (created when missing)")
-@click.option("--format", "formats", default="png,npy,json", show_default=True,
-              help="comma-separated: png (overlays), npy (maps), json (summary)")
+@click.option(
+    "--method", "methods", multiple=True, help="method name, repeatable (`camlens methods`) [default: gradcam and cam]"
+)
+@click.option(
+    "--topk",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="explain the k most probable classes of each image",
+)
+@click.option(
+    "--class", "classes", multiple=True, help="explain these classes instead of the top-k (ids or names, repeatable)"
+)
+@click.option(
+    "--out",
+    default="camlens-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="output folder (created when missing)",
+)
+@click.option(
+    "--format",
+    "formats",
+    default="png,npy,json",
+    show_default=True,
+    help="comma-separated: png (overlays), npy (maps), json (summary)",
+)
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
-@click.option("--threshold", default=None,
-              help="box threshold (fraction of the map's max, or a calibrated JSON); also draws the boxes")
+@click.option(
+    "--threshold",
+    default=None,
+    help="box threshold (fraction of the map's max, or a calibrated JSON); also draws the boxes",
+)
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
-def explain_cmd(images, model, weights, checkpoint, layer, device, methods, topk, classes, out, formats,
-                overwrite, threshold, boxes, batch_size, alpha, cmap, recursive, quiet):
+def explain_cmd(
+    images,
+    model,
+    weights,
+    checkpoint,
+    layer,
+    device,
+    methods,
+    topk,
+    classes,
+    out,
+    formats,
+    overwrite,
+    threshold,
+    boxes,
+    batch_size,
+    alpha,
+    cmap,
+    recursive,
+    quiet,
+):
     """Explain IMAGES (files, folders or glob patterns; default: the bundled cat photo).
 
     Prints each image's top-5 classes and writes, per image (named after its file stem) and method,
@@ -86,9 +125,13 @@ def explain_cmd(images, model, weights, checkpoint, layer, device, methods, topk
     # (with --class the file names carry class names, known once the model is loaded)
     def check(labels: list[str]) -> None:
         suffix = "class" if classes else "rank"
-        plan = [p for m in names
-                for per in output_paths(out, inputs.names, m, [labels] * len(inputs.names), fmts, suffix)
-                for ps in per.values() for p in ps]
+        plan = [
+            p
+            for m in names
+            for per in output_paths(out, inputs.names, m, [labels] * len(inputs.names), fmts, suffix)
+            for ps in per.values()
+            for p in ps
+        ]
         check_overwrite(plan, overwrite)
 
     if not classes:
@@ -116,8 +159,25 @@ def explain_cmd(images, model, weights, checkpoint, layer, device, methods, topk
                     echo_err(f"error: {exc}", bar)
             if imgs:
                 try:
-                    written += _explain_batch(net, imgs, stems, names, targets, k, layer, out, fmts, overwrite,
-                                              thr, boxes, alpha, cmap, quiet, defaulted, bar)
+                    written += _explain_batch(
+                        net,
+                        imgs,
+                        stems,
+                        names,
+                        targets,
+                        k,
+                        layer,
+                        out,
+                        fmts,
+                        overwrite,
+                        thr,
+                        boxes,
+                        alpha,
+                        cmap,
+                        quiet,
+                        defaulted,
+                        bar,
+                    )
                 except CamlensError as exc:
                     failed += len(imgs)
                     echo_err(f"error: {', '.join(stems)}: {exc}", bar)
@@ -125,14 +185,17 @@ def explain_cmd(images, model, weights, checkpoint, layer, device, methods, topk
     finally:
         bar.close()
     n_ok = len(items) - failed + len(inputs.problems)
-    click.echo(f"explained {n_ok} of {len(items)} image(s) with {', '.join(names)}; wrote {written} file(s) "
-               f"to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+    click.echo(
+        f"explained {n_ok} of {len(items)} image(s) with {', '.join(names)}; wrote {written} file(s) "
+        f"to {out}" + (f"; {failed} input(s) failed" if failed else "")
+    )
     if failed:
         sys.exit(EXIT_FAILED)
 
 
-def _explain_batch(net, imgs, stems, names, targets, k, layer, out, fmts, overwrite, thr, boxes, alpha, cmap,
-                   quiet, defaulted, bar) -> int:
+def _explain_batch(
+    net, imgs, stems, names, targets, k, layer, out, fmts, overwrite, thr, boxes, alpha, cmap, quiet, defaulted, bar
+) -> int:
     """Explain one batch with every method (one shared forward); returns the number of files written.
     With the default methods, a head that is not GAP + linear drops CAM (with a note) instead of failing."""
     import camlens
@@ -157,6 +220,17 @@ def _explain_batch(net, imgs, stems, names, targets, k, layer, out, fmts, overwr
     count = 0
     for exp in res.values():
         exp.sources = list(stems)
-        count += len(save_explanation(exp, out, formats=fmts, overwrite=overwrite, threshold=thr, boxes=boxes,
-                                      alpha=alpha, cmap=cmap, suffix="class" if targets is not None else "rank"))
+        count += len(
+            save_explanation(
+                exp,
+                out,
+                formats=fmts,
+                overwrite=overwrite,
+                threshold=thr,
+                boxes=boxes,
+                alpha=alpha,
+                cmap=cmap,
+                suffix="class" if targets is not None else "rank",
+            )
+        )
     return count

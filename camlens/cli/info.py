@@ -33,8 +33,10 @@ def models_cmd(pattern):
         raise click.ClickException(f"no model name contains {pattern!r}; `camlens models` lists them all")
     rows = [(n, _weights_status(n)) for n in names]
     click.echo(table(rows, ("model", "pretrained weights")))
-    click.echo(f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
-               "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model.")
+    click.echo(
+        f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
+        "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model."
+    )
 
 
 @click.command("methods")
@@ -51,14 +53,20 @@ def methods_cmd(verbose):
         for n, i in ms.items():
             opts = ", ".join(f"{k}={v!r}" for k, v in i.options().items()) or "none"
             click.echo(f"{n}: {i.summary}\n    options: {opts}")
-    click.echo("\nkind: layer = a map from a conv layer's features (CAM family); pixel = an attribution per "
-               "input pixel (gradients).")
+    click.echo(
+        "\nkind: layer = a map from a conv layer's features (CAM family); pixel = an attribution per "
+        "input pixel (gradients)."
+    )
 
 
 @click.command("layers")
 @click.argument("model", default="efficientnet_lite0")
-@click.option("--weights", default="random", show_default=True,
-              help="weights to load (shapes do not depend on them; 'random' is fastest)")
+@click.option(
+    "--weights",
+    default="random",
+    show_default=True,
+    help="weights to load (shapes do not depend on them; 'random' is fastest)",
+)
 @click.option("--checkpoint", default=None, type=click.Path(), help="a `camlens finetune` checkpoint instead")
 @click.option("--size", default=None, type=int, help="input side in pixels (default: the model's input size)")
 def layers_cmd(model, weights, checkpoint, size):
@@ -76,8 +84,12 @@ def layers_cmd(model, weights, checkpoint, size):
     rows = candidate_layers(net, size=hw)
     if not rows:
         raise click.ClickException(f"{model} has no module with a spatial (N, C, h, w) output")
-    click.echo(table([(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
-                     ("layer", "type", "output (C x h x w)")))
+    click.echo(
+        table(
+            [(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
+            ("layer", "type", "output (C x h x w)"),
+        )
+    )
     try:
         exp = camlens.explain(net, torch.zeros(1, 3, *hw), method="eigencam")
         h, w = exp.raw.shape[-2:]

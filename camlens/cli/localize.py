@@ -32,39 +32,107 @@ CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "ran
 @click.command("localize")
 @click.argument("images", nargs=-1)
 @common_model_options
-@click.option("--method", "methods", multiple=True,
-              help="method name, repeatable (`camlens methods`) [default: gradcam]")
-@click.option("--threshold", default=None,
-              help="fraction of each map's max in [0, 1) (default 0.3), or a calibrated-threshold JSON file")
+@click.option(
+    "--method", "methods", multiple=True, help="method name, repeatable (`camlens methods`) [default: gradcam]"
+)
+@click.option(
+    "--threshold",
+    default=None,
+    help="fraction of each map's max in [0, 1) (default 0.3), or a calibrated-threshold JSON file",
+)
 @click.option("--topk", default=1, show_default=True, type=click.IntRange(1, 100), help="boxes for the top-k classes")
 @click.option("--class", "classes", multiple=True, help="box these classes instead (ids or names, repeatable)")
-@click.option("--mode", type=click.Choice(["largest", "all"]), default="largest", show_default=True,
-              help="the largest connected region's box, or one box per region")
-@click.option("--min-area", default=1, show_default=True, type=click.IntRange(1),
-              help="ignore regions smaller than this (map pixels)")
-@click.option("--out", default="camlens-out", show_default=True, type=click.Path(file_okay=False),
-              help="output folder (created when missing)")
-@click.option("--format", "formats", default="json,csv,png", show_default=True,
-              help="comma-separated: json and csv (boxes.json / boxes.csv), png (drawn images)")
+@click.option(
+    "--mode",
+    type=click.Choice(["largest", "all"]),
+    default="largest",
+    show_default=True,
+    help="the largest connected region's box, or one box per region",
+)
+@click.option(
+    "--min-area",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="ignore regions smaller than this (map pixels)",
+)
+@click.option(
+    "--out",
+    default="camlens-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="output folder (created when missing)",
+)
+@click.option(
+    "--format",
+    "formats",
+    default="json,csv,png",
+    show_default=True,
+    help="comma-separated: json and csv (boxes.json / boxes.csv), png (drawn images)",
+)
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
-@click.option("--eval", "eval_boxes", default=None, type=click.Path(),
-              help="evaluate against ground-truth boxes: a CSV (path,class,x0,y0,x1,y1), a COCO JSON, "
-                   "a Pascal VOC XML or folder")
-@click.option("--root", default=None, type=click.Path(file_okay=False),
-              help="with --eval: folder the image paths are relative to (default: the boxes file's)")
-@click.option("--tolerance", default=15.0, show_default=True, type=click.FloatRange(0),
-              help="with --eval: pointing-game tolerance in pixels")
-@click.option("--sweep-step", default=0.01, show_default=True, type=click.FloatRange(0.001, 0.5),
-              help="with --eval: threshold step of the MaxBoxAcc sweep")
-@click.option("--calibrate", default=None, type=click.Path(dir_okay=False),
-              help="with --eval: save the threshold that maximizes MaxBoxAcc to this JSON file "
-                   "(use it later as --threshold FILE)")
+@click.option(
+    "--eval",
+    "eval_boxes",
+    default=None,
+    type=click.Path(),
+    help="evaluate against ground-truth boxes: a CSV (path,class,x0,y0,x1,y1), a COCO JSON, a Pascal VOC XML or folder",
+)
+@click.option(
+    "--root",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="with --eval: folder the image paths are relative to (default: the boxes file's)",
+)
+@click.option(
+    "--tolerance",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="with --eval: pointing-game tolerance in pixels",
+)
+@click.option(
+    "--sweep-step",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0.001, 0.5),
+    help="with --eval: threshold step of the MaxBoxAcc sweep",
+)
+@click.option(
+    "--calibrate",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="with --eval: save the threshold that maximizes MaxBoxAcc to this JSON file "
+    "(use it later as --threshold FILE)",
+)
 @click.option("-q", "--quiet", is_flag=True, help="print only errors and the final line")
-def localize_cmd(images, model, weights, checkpoint, layer, device, methods, threshold, topk, classes, mode,
-                 min_area, out, formats, overwrite, batch_size, recursive, eval_boxes, root, tolerance,
-                 sweep_step, calibrate, quiet):
+def localize_cmd(
+    images,
+    model,
+    weights,
+    checkpoint,
+    layer,
+    device,
+    methods,
+    threshold,
+    topk,
+    classes,
+    mode,
+    min_area,
+    out,
+    formats,
+    overwrite,
+    batch_size,
+    recursive,
+    eval_boxes,
+    root,
+    tolerance,
+    sweep_step,
+    calibrate,
+    quiet,
+):
     """Boxes around what the model looks at, for IMAGES (files, folders, globs; default: the cat photo).
 
     The map (Grad-CAM by default) is cut at a fraction of its maximum, the largest 8-connected region
@@ -95,8 +163,23 @@ def localize_cmd(images, model, weights, checkpoint, layer, device, methods, thr
     if eval_boxes is not None:
         if images:
             raise click.UsageError("give either IMAGES or --eval BOXES (the images come from the boxes file)")
-        _evaluate(eval_boxes, root, model, weights, checkpoint, layer, device, names, thr, tolerance,
-                  sweep_step, calibrate, out, overwrite, batch_size)
+        _evaluate(
+            eval_boxes,
+            root,
+            model,
+            weights,
+            checkpoint,
+            layer,
+            device,
+            names,
+            thr,
+            tolerance,
+            sweep_step,
+            calibrate,
+            out,
+            overwrite,
+            batch_size,
+        )
         return
     if calibrate:
         raise click.UsageError("--calibrate needs --eval BOXES")
@@ -138,8 +221,7 @@ def localize_cmd(images, model, weights, checkpoint, layer, device, methods, thr
                     echo_err(f"error: {exc}", bar)
             if imgs:
                 try:
-                    recs = _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mode,
-                                           min_area)
+                    recs = _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mode, min_area)
                 except CamlensError as exc:
                     failed += len(imgs)
                     echo_err(f"error: {', '.join(stems)}: {exc}", bar)
@@ -149,8 +231,11 @@ def localize_cmd(images, model, weights, checkpoint, layer, device, methods, thr
                     if not quiet:
                         first = rec["boxes"][0] if rec["boxes"] else None
                         if first:
-                            echo(f"{rec['name']}: {rec['method']} {first['class_name']} ({first['prob']:.1%}) "
-                                 f"box {tuple(first['box'])}", bar)
+                            echo(
+                                f"{rec['name']}: {rec['method']} {first['class_name']} ({first['prob']:.1%}) "
+                                f"box {tuple(first['box'])}",
+                                bar,
+                            )
                     if "png" in fmts:
                         outdir.mkdir(parents=True, exist_ok=True)
                         written.append(_draw(img, rec, outdir / f"{rec['name']}_{rec['method']}_boxes.png"))
@@ -161,9 +246,19 @@ def localize_cmd(images, model, weights, checkpoint, layer, device, methods, thr
         outdir.mkdir(parents=True, exist_ok=True)
     if "json" in fmts and records:
         p = outdir / "boxes.json"
-        p.write_text(json.dumps({"threshold": thr, "mode": mode, "min_area": min_area,
-                                 "box_format": "x0,y0,x1,y1 image pixels, x1/y1 exclusive",
-                                 "images": records}, indent=2) + "\n")
+        p.write_text(
+            json.dumps(
+                {
+                    "threshold": thr,
+                    "mode": mode,
+                    "min_area": min_area,
+                    "box_format": "x0,y0,x1,y1 image pixels, x1/y1 exclusive",
+                    "images": records,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         written.append(p)
     if "csv" in fmts and records:
         p = outdir / "boxes.csv"
@@ -172,12 +267,24 @@ def localize_cmd(images, model, weights, checkpoint, layer, device, methods, thr
             w.writerow(CSV_COLUMNS)
             for rec in records:
                 for b in rec["boxes"]:
-                    w.writerow([rec["path"], b["class_name"], *b["box"], b["class"], f"{b['prob']:.6f}",
-                                b["rank"], rec["method"], thr])
+                    w.writerow(
+                        [
+                            rec["path"],
+                            b["class_name"],
+                            *b["box"],
+                            b["class"],
+                            f"{b['prob']:.6f}",
+                            b["rank"],
+                            rec["method"],
+                            thr,
+                        ]
+                    )
         written.append(p)
     n_ok = len(items) - failed + len(inputs.problems)
-    click.echo(f"localized {n_ok} of {len(items)} image(s) at threshold {thr:g}; wrote {len(written)} file(s) "
-               f"to {out}" + (f"; {failed} input(s) failed" if failed else ""))
+    click.echo(
+        f"localized {n_ok} of {len(items)} image(s) at threshold {thr:g}; wrote {len(written)} file(s) "
+        f"to {out}" + (f"; {failed} input(s) failed" if failed else "")
+    )
     if failed:
         sys.exit(EXIT_FAILED)
 
@@ -199,11 +306,29 @@ def _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mo
                 for b in rows:
                     if (b < 0).any():
                         continue
-                    boxes.append({"rank": j + 1, "class": int(exp.classes[i, j]), "class_name": labels[i][j],
-                                  "prob": float(exp.probs[i, j]), "box": [int(v) for v in b]})
+                    boxes.append(
+                        {
+                            "rank": j + 1,
+                            "class": int(exp.classes[i, j]),
+                            "class_name": labels[i][j],
+                            "prob": float(exp.probs[i, j]),
+                            "box": [int(v) for v in b],
+                        }
+                    )
             src = srcs[i]
-            out.append(({"name": stems[i], "path": src, "method": m, "layer": exp.layer,
-                         "image_size": list(img.shape[:2]), "boxes": boxes}, img))
+            out.append(
+                (
+                    {
+                        "name": stems[i],
+                        "path": src,
+                        "method": m,
+                        "layer": exp.layer,
+                        "image_size": list(img.shape[:2]),
+                        "boxes": boxes,
+                    },
+                    img,
+                )
+            )
     return out
 
 
@@ -218,8 +343,23 @@ def _draw(img, rec, path: Path) -> Path:
     return path
 
 
-def _evaluate(boxes_file, root, model, weights, checkpoint, layer, device, names, thr, tolerance, sweep_step,
-              calibrate, out, overwrite, batch_size):
+def _evaluate(
+    boxes_file,
+    root,
+    model,
+    weights,
+    checkpoint,
+    layer,
+    device,
+    names,
+    thr,
+    tolerance,
+    sweep_step,
+    calibrate,
+    out,
+    overwrite,
+    batch_size,
+):
     import numpy as np
 
     from camlens.errors import CamlensError
@@ -245,25 +385,46 @@ def _evaluate(boxes_file, root, model, weights, checkpoint, layer, device, names
     reports = {}
     for m in names:
         try:
-            rep = evaluate_model(net, gt, method=m, layer=layer, threshold=thr, thresholds=sweep,
-                                 tolerance=tolerance, batch_size=batch_size, on_error=on_error,
-                                 progress=len(gt) >= 4)
+            rep = evaluate_model(
+                net,
+                gt,
+                method=m,
+                layer=layer,
+                threshold=thr,
+                thresholds=sweep,
+                tolerance=tolerance,
+                batch_size=batch_size,
+                on_error=on_error,
+                progress=len(gt) >= 4,
+            )
         except CamlensError as exc:
             raise click.ClickException(f"{m}: {exc}") from None
         reports[m] = rep
         click.echo(f"\n{m}\n{rep.table()}")
     outdir.mkdir(parents=True, exist_ok=True)
-    payload = {"boxes": str(boxes_file), "model": getattr(getattr(net, "camlens", None), "name", model),
-               "methods": {m: r.to_dict() for m, r in reports.items()}}
+    payload = {
+        "boxes": str(boxes_file),
+        "model": getattr(getattr(net, "camlens", None), "name", model),
+        "methods": {m: r.to_dict() for m, r in reports.items()},
+    }
     metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
     click.echo(f"\nwrote {metrics_path}")
     if calibrate:
         m, rep = next(iter(reports.items()))
-        p = save_threshold(calibrate, rep.best_threshold, overwrite=overwrite, method=m, layer=layer,
-                           model=payload["model"], boxes=str(boxes_file), n_images=rep.n,
-                           maxboxacc=rep.metrics["maxboxacc"])
-        click.echo(f"calibrated threshold for {m}: {rep.best_threshold:g} (MaxBoxAcc "
-                   f"{rep.metrics['maxboxacc']:.1%}) -> {p}")
+        p = save_threshold(
+            calibrate,
+            rep.best_threshold,
+            overwrite=overwrite,
+            method=m,
+            layer=layer,
+            model=payload["model"],
+            boxes=str(boxes_file),
+            n_images=rep.n,
+            maxboxacc=rep.metrics["maxboxacc"],
+        )
+        click.echo(
+            f"calibrated threshold for {m}: {rep.best_threshold:g} (MaxBoxAcc {rep.metrics['maxboxacc']:.1%}) -> {p}"
+        )
     if failed:
         click.echo(f"{len(failed)} image(s) could not be read", err=True)
         sys.exit(EXIT_FAILED)

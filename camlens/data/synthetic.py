@@ -223,8 +223,9 @@ def synthetic(
     root = Path(root)
     if int(n_per_class) < 1:
         raise InputError(f"n_per_class must be >= 1, got {n_per_class}")
-    arr = synthetic_arrays(int(n_per_class) * len(classes), classes=classes, image_size=image_size,
-                           seed=seed, textured=textured)
+    arr = synthetic_arrays(
+        int(n_per_class) * len(classes), classes=classes, image_size=image_size, seed=seed, textured=textured
+    )
     counters = dict.fromkeys(classes, 0)
     rel_paths = []
     for lab in arr.labels:
@@ -250,5 +251,11 @@ def synthetic(
             w.writerow([rel.as_posix(), classes[lab], *(int(v) for v in b)])
     order = sorted(classes)  # ImageFolder's label order
     labels = np.array([order.index(classes[lab]) for lab in arr.labels], dtype=np.int64)
-    return SyntheticDataset(root=root, classes=order, paths=[(root / r).resolve() for r in rel_paths],
-                            labels=labels, boxes=arr.boxes.copy(), csv=csv_path)
+    return SyntheticDataset(
+        root=root,
+        classes=order,
+        paths=[(root / r).resolve() for r in rel_paths],
+        labels=labels,
+        boxes=arr.boxes.copy(),
+        csv=csv_path,
+    )

@@ -27,8 +27,10 @@ def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | N
     if head is None:
         found = last_linear(model)
         if found is None:
-            raise HeadError("cam needs a linear classifier after global average pooling, and this model has "
-                            "no nn.Linear; use method='gradcam' (it works on any head)")
+            raise HeadError(
+                "cam needs a linear classifier after global average pooling, and this model has "
+                "no nn.Linear; use method='gradcam' (it works on any head)"
+            )
         name, mod = found
         return mod.weight, mod.bias, name
     if isinstance(head, str):
@@ -48,9 +50,11 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
     W = W.detach().to(A.device, A.dtype)
     b = None if b is None else b.detach().to(A.device, A.dtype)
     C = A.shape[1]
-    hint = ("CAM needs a network whose features go through global average pooling straight into one "
-            "linear layer (ResNet, DenseNet, EfficientNet, MobileNet, the VGG16-CAM network). "
-            "Use method='gradcam', which works on any head")
+    hint = (
+        "CAM needs a network whose features go through global average pooling straight into one "
+        "linear layer (ResNet, DenseNet, EfficientNet, MobileNet, the VGG16-CAM network). "
+        "Use method='gradcam', which works on any head"
+    )
     if W.dim() != 2 or W.shape[1] != C or W.shape[0] != ctx.logits.shape[1]:
         raise HeadError(
             f"the captured features ({ctx.spec.describe()}) have {C} channels but the last linear layer "
@@ -71,9 +75,12 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
     return W, b
 
 
-@register("cam", paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016",
-          summary="class activation map: head weights x last conv features (GAP + linear heads)",
-          needs=("features",))
+@register(
+    "cam",
+    paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016",
+    summary="class activation map: head weights x last conv features (GAP + linear heads)",
+    needs=("features",),
+)
 def cam(ctx, *, head=None, check_head: bool = True) -> MethodOutput:
     """``M_c = sum_k W[c, k] A_k`` (no ReLU, no bias); see the module docstring."""
     if ctx.targets.fn is not None:

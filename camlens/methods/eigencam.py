@@ -18,9 +18,12 @@ import torch
 from .registry import MethodOutput, register
 
 
-@register("eigencam", paper="Muhammad & Yeasin, Eigen-CAM, IJCNN 2020",
-          summary="projection of the features on their first principal component (class-agnostic)",
-          needs=("features",))
+@register(
+    "eigencam",
+    paper="Muhammad & Yeasin, Eigen-CAM, IJCNN 2020",
+    summary="projection of the features on their first principal component (class-agnostic)",
+    needs=("features",),
+)
 def eigencam(ctx, *, center: bool = False) -> MethodOutput:
     A = ctx.features.detach()
     N, _, h, w = A.shape

@@ -38,8 +38,11 @@ def _combine(w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkc,nchw->nkhw", w, A)
 
 
-@register("gradcam", paper="Selvaraju et al., Grad-CAM, ICCV 2017",
-          summary="gradient averaged per channel weights the feature maps; ReLU")
+@register(
+    "gradcam",
+    paper="Selvaraju et al., Grad-CAM, ICCV 2017",
+    summary="gradient averaged per channel weights the feature maps; ReLU",
+)
 def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
     G = ctx.layer_grads()
     if grad_norm == "rms":
@@ -50,21 +53,28 @@ def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOu
     return MethodOutput(raw.relu() if relu else raw)
 
 
-@register("gradcam++", paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
-          summary="second-order pixel weights of positive gradients")
+@register(
+    "gradcam++",
+    paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
+    summary="second-order pixel weights of positive gradients",
+)
 def gradcam_pp(ctx) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     g2, g3 = G.pow(2), G.pow(3)
     denom = 2 * g2 + A.sum(dim=(2, 3))[:, None, :, None, None] * g3
-    alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                        torch.zeros_like(denom))
+    alpha = torch.where(
+        denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom)
+    )
     w = (alpha * G.relu()).sum(dim=(3, 4))
     return MethodOutput(_combine(w, A).relu())
 
 
-@register("xgradcam", paper="Fu et al., Axiom-based Grad-CAM (XGrad-CAM), BMVC 2020",
-          summary="gradients weighted by normalized activations")
+@register(
+    "xgradcam",
+    paper="Fu et al., Axiom-based Grad-CAM (XGrad-CAM), BMVC 2020",
+    summary="gradients weighted by normalized activations",
+)
 def xgradcam(ctx) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
@@ -72,16 +82,22 @@ def xgradcam(ctx) -> MethodOutput:
     return MethodOutput(_combine(w, A).relu())
 
 
-@register("layercam", paper="Jiang et al., LayerCAM, IEEE TIP 2021",
-          summary="element-wise positive gradient x activation, summed over channels")
+@register(
+    "layercam",
+    paper="Jiang et al., LayerCAM, IEEE TIP 2021",
+    summary="element-wise positive gradient x activation, summed over channels",
+)
 def layercam(ctx) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     return MethodOutput((G.relu() * A[:, None]).sum(dim=2).relu())
 
 
-@register("hirescam", paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv 2011.08891",
-          summary="element-wise gradient x activation, summed over channels (no averaging)")
+@register(
+    "hirescam",
+    paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv 2011.08891",
+    summary="element-wise gradient x activation, summed over channels (no averaging)",
+)
 def hirescam(ctx) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()

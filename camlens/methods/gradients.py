@@ -62,8 +62,13 @@ from .registry import MethodOutput, get_method, register
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
 QUADRATURES = ("gauss_legendre", "trapezoid")
 #: The pixel methods SmoothGrad can wrap -> the ReLU rule of their gradient.
-SMOOTHABLE = {"saliency": "backprop", "deconvnet": "deconvnet", "guided_backprop": "guided",
-              "input_x_gradient": "backprop", "integrated_gradients": "backprop"}
+SMOOTHABLE = {
+    "saliency": "backprop",
+    "deconvnet": "deconvnet",
+    "guided_backprop": "guided",
+    "input_x_gradient": "backprop",
+    "integrated_gradients": "backprop",
+}
 DEFAULT_REDUCE = {"input_x_gradient": "sum", "integrated_gradients": "sum"}
 
 
@@ -82,8 +87,9 @@ def reduce_channels(a: torch.Tensor, how: str = "absmax") -> torch.Tensor:
     raise MethodError(f"reduce must be one of {', '.join(REDUCTIONS)}, not {how!r}")
 
 
-def pixel_output(raw: torch.Tensor, reduce: str | None, method: str,
-                 extras: dict[str, Any] | None = None) -> MethodOutput:
+def pixel_output(
+    raw: torch.Tensor, reduce: str | None, method: str, extras: dict[str, Any] | None = None
+) -> MethodOutput:
     """``MethodOutput`` with ``maps`` reduced from ``raw`` by ``reduce`` (or the method's default)."""
     how = reduce if reduce is not None else DEFAULT_REDUCE.get(method, "absmax")
     return MethodOutput(raw, reduce_channels(raw, how).float(), extras or {})
@@ -93,9 +99,13 @@ def require_relus(relu_calls: int, method: str, model: torch.nn.Module) -> None:
     """Raise when a ReLU-rule method ran on a forward pass where no ReLU call was seen."""
     if relu_calls != 0:
         return
-    acts = sorted({type(m).__name__ for m in model.modules()
-                   if type(m).__module__ == "torch.nn.modules.activation"
-                   or "swish" in type(m).__name__.lower()})
+    acts = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if type(m).__module__ == "torch.nn.modules.activation" or "swish" in type(m).__name__.lower()
+        }
+    )
     seen = f" (activation modules found: {', '.join(acts)})" if acts else ""
     raise MethodError(
         f"{method} changes how ReLUs back-propagate, but no ReLU ran in this model's forward pass{seen}: "
@@ -124,16 +134,24 @@ def _row_targets(ctx, n: torch.Tensor) -> Targets:
 
 
 # ---------------------------------------------------------------------------------------------
-@register("saliency", paper="Simonyan et al., Deep Inside Convolutional Networks, ICLR Workshops 2014",
-          summary="gradient of the class score w.r.t. the input pixels", kind="pixel",
-          needs=("input_grads",))
+@register(
+    "saliency",
+    paper="Simonyan et al., Deep Inside Convolutional Networks, ICLR Workshops 2014",
+    summary="gradient of the class score w.r.t. the input pixels",
+    kind="pixel",
+    needs=("input_grads",),
+)
 def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(ctx.input_grads("backprop"), reduce, "saliency")
 
 
-@register("input_x_gradient", paper="Shrikumar et al., Not Just a Black Box, arXiv 1605.01713, 2016",
-          summary="input times its gradient (first-order Taylor contribution of each pixel)", kind="pixel",
-          needs=("input_grads",))
+@register(
+    "input_x_gradient",
+    paper="Shrikumar et al., Not Just a Black Box, arXiv 1605.01713, 2016",
+    summary="input times its gradient (first-order Taylor contribution of each pixel)",
+    kind="pixel",
+    needs=("input_grads",),
+)
 def input_x_gradient(ctx, *, reduce: str | None = None) -> MethodOutput:
     raw = ctx.x.detach()[:, None] * ctx.input_grads("backprop")
     return pixel_output(raw, reduce, "input_x_gradient")
@@ -147,20 +165,33 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
-@register("smoothgrad",
-          paper="Smilkov et al., SmoothGrad: removing noise by adding noise, ICML Workshops 2017",
-          summary="a pixel method averaged over noisy copies of the input", kind="pixel", needs=())
-def smoothgrad(ctx, *, base: str = "saliency", n_samples: int = 50, noise_level: float = 0.15,
-               batch_size: int = 32, seed: int | None = 0, steps: int = 128, baseline: Any = None,
-               quadrature: str = "gauss_legendre", reduce: str | None = None) -> MethodOutput:
+@register(
+    "smoothgrad",
+    paper="Smilkov et al., SmoothGrad: removing noise by adding noise, ICML Workshops 2017",
+    summary="a pixel method averaged over noisy copies of the input",
+    kind="pixel",
+    needs=(),
+)
+def smoothgrad(
+    ctx,
+    *,
+    base: str = "saliency",
+    n_samples: int = 50,
+    noise_level: float = 0.15,
+    batch_size: int = 32,
+    seed: int | None = 0,
+    steps: int = 128,
+    baseline: Any = None,
+    quadrature: str = "gauss_legendre",
+    reduce: str | None = None,
+) -> MethodOutput:
     base_name = get_method(base).name
     if base_name not in SMOOTHABLE:
         raise MethodError(f"smoothgrad cannot wrap {base!r}; base must be one of {', '.join(SMOOTHABLE)}")
     S = _check_positive("n_samples", n_samples)
     bs = _check_positive("batch_size", batch_size)
     if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
-        raise MethodError(
-            f"noise_level must be a finite fraction >= 0 of the input range, not {noise_level!r}")
+        raise MethodError(f"noise_level must be a finite fraction >= 0 of the input range, not {noise_level!r}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     x = ctx.x.detach()
@@ -239,12 +270,12 @@ def resolve_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
                 f"baseline of shape {tuple(b.shape)} does not broadcast to the input {tuple(x.shape)}; "
                 "give (C, H, W), (1, C, H, W) or (N, C, H, W)"
             ) from None
-    raise MethodError(
-        f"baseline must be None, 'zeros', 'blur', a float or a tensor, not {type(baseline).__name__}")
+    raise MethodError(f"baseline must be None, 'zeros', 'blur', a float or a tensor, not {type(baseline).__name__}")
 
 
-def _integrated(ctx, x: torch.Tensor, baseline: Any, steps: int, quadrature: str, batch_size: int,
-                f_x: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def _integrated(
+    ctx, x: torch.Tensor, baseline: Any, steps: int, quadrature: str, batch_size: int, f_x: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """IG of the batch ``x`` (one row per image of ``ctx``) -> attributions and completeness
     (``f_x``: the target scores of ``x`` when already known)."""
     alphas, weights = quadrature_rule(quadrature, steps)
@@ -269,16 +300,31 @@ def _integrated(ctx, x: torch.Tensor, baseline: Any, steps: int, quadrature: str
     delta = f_x - f_base
     err = attr.flatten(2).sum(-1) - delta
     rel = err.abs() / delta.abs().clamp_min(1e-12)
-    return attr, {"completeness_error": err, "relative_completeness_error": rel, "baseline_scores": f_base,
-                  "steps": len(alphas), "quadrature": quadrature}
+    return attr, {
+        "completeness_error": err,
+        "relative_completeness_error": rel,
+        "baseline_scores": f_base,
+        "steps": len(alphas),
+        "quadrature": quadrature,
+    }
 
 
-@register("integrated_gradients",
-          paper="Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017",
-          summary="gradients integrated along the straight path from a baseline (completeness)",
-          kind="pixel", needs=())
-def integrated_gradients(ctx, *, baseline: Any = None, steps: int = 128, quadrature: str = "gauss_legendre",
-                         batch_size: int = 32, reduce: str | None = None) -> MethodOutput:
+@register(
+    "integrated_gradients",
+    paper="Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017",
+    summary="gradients integrated along the straight path from a baseline (completeness)",
+    kind="pixel",
+    needs=(),
+)
+def integrated_gradients(
+    ctx,
+    *,
+    baseline: Any = None,
+    steps: int = 128,
+    quadrature: str = "gauss_legendre",
+    batch_size: int = 32,
+    reduce: str | None = None,
+) -> MethodOutput:
     bs = _check_positive("batch_size", batch_size)
     attr, extras = _integrated(ctx, ctx.x.detach(), baseline, steps, quadrature, bs, ctx.scores.detach())
     return pixel_output(attr, reduce, "integrated_gradients", extras)

@@ -56,36 +56,52 @@ def _minmax(t: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> torch
     return torch.where(rng > eps, (t - lo) / rng.clamp_min(eps), torch.zeros_like(t))
 
 
-@register("deconvnet",
-          paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
-          summary="gradient with every ReLU passing only positive gradient (g*[g>0])", kind="pixel",
-          needs=_RULE_NEEDS)
+@register(
+    "deconvnet",
+    paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
+    summary="gradient with every ReLU passing only positive gradient (g*[g>0])",
+    kind="pixel",
+    needs=_RULE_NEEDS,
+)
 def deconvnet(ctx, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "deconvnet", "deconvnet"), reduce, "deconvnet")
 
 
-@register("guided_backprop", paper="Springenberg et al., Striving for Simplicity, ICLR Workshops 2015",
-          summary="gradient with every ReLU passing positive gradient at positive input (g*[x>0]*[g>0])",
-          kind="pixel", needs=_RULE_NEEDS)
+@register(
+    "guided_backprop",
+    paper="Springenberg et al., Striving for Simplicity, ICLR Workshops 2015",
+    summary="gradient with every ReLU passing positive gradient at positive input (g*[x>0]*[g>0])",
+    kind="pixel",
+    needs=_RULE_NEEDS,
+)
 def guided_backprop(ctx, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "guided", "guided_backprop"), reduce, "guided_backprop")
 
 
-@register("guided_gradcam", paper="Selvaraju et al., Grad-CAM, ICCV 2017",
-          summary="guided backprop times the upsampled Grad-CAM map", kind="pixel",
-          needs=("features", "layer_grads", *_RULE_NEEDS))
+@register(
+    "guided_gradcam",
+    paper="Selvaraju et al., Grad-CAM, ICCV 2017",
+    summary="guided backprop times the upsampled Grad-CAM map",
+    kind="pixel",
+    needs=("features", "layer_grads", *_RULE_NEEDS),
+)
 def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
     gb = _ruled_grads(ctx, "guided", "guided_gradcam")
     cam = _upsampled_cam(ctx, relu=True)
     return pixel_output(gb * cam[:, :, None], reduce, "guided_gradcam", {"cam": cam.detach()})
 
 
-@register("gradient_x_cam", paper="the notebooks: input gradient per channel x normalized Grad-CAM",
-          summary="input gradient per channel times the [0, 1]-normalized class map", kind="pixel",
-          needs=("features", "layer_grads", "input_grads"))
+@register(
+    "gradient_x_cam",
+    paper="the notebooks: input gradient per channel x normalized Grad-CAM",
+    summary="input gradient per channel times the [0, 1]-normalized class map",
+    kind="pixel",
+    needs=("features", "layer_grads", "input_grads"),
+)
 def gradient_x_cam(ctx, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
     g = ctx.input_grads("backprop")
     cam01 = _minmax(_upsampled_cam(ctx, relu=cam_relu), dims=(2, 3))[:, :, None]  # (N, K, 1, H, W)
     rgb = _minmax(_minmax(g, dims=(2, 3, 4)) * cam01, dims=(3, 4))
-    return pixel_output(g * cam01, reduce, "gradient_x_cam",
-                        {"cam": cam01[:, :, 0].detach(), "rgb": rgb.permute(0, 1, 3, 4, 2).float()})
+    return pixel_output(
+        g * cam01, reduce, "gradient_x_cam", {"cam": cam01[:, :, 0].detach(), "rgb": rgb.permute(0, 1, 3, 4, 2).float()}
+    )

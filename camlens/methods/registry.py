@@ -55,16 +55,29 @@ class MethodInfo:
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
-_ALIASES = {"grad-cam": "gradcam", "gradcampp": "gradcam++", "gradcam_pp": "gradcam++",
-            "grad-cam++": "gradcam++", "score-cam": "scorecam", "eigen-cam": "eigencam",
-            "layer-cam": "layercam", "xgrad-cam": "xgradcam", "hires-cam": "hirescam",
-            "hirescam++": "hirescam", "guided": "guided_backprop", "guided-backprop": "guided_backprop",
-            "guided-gradcam": "guided_gradcam", "ig": "integrated_gradients", "vanilla": "saliency",
-            "gradient": "saliency"}
+_ALIASES = {
+    "grad-cam": "gradcam",
+    "gradcampp": "gradcam++",
+    "gradcam_pp": "gradcam++",
+    "grad-cam++": "gradcam++",
+    "score-cam": "scorecam",
+    "eigen-cam": "eigencam",
+    "layer-cam": "layercam",
+    "xgrad-cam": "xgradcam",
+    "hires-cam": "hirescam",
+    "hirescam++": "hirescam",
+    "guided": "guided_backprop",
+    "guided-backprop": "guided_backprop",
+    "guided-gradcam": "guided_gradcam",
+    "ig": "integrated_gradients",
+    "vanilla": "saliency",
+    "gradient": "saliency",
+}
 
 
-def register(name: str, *, paper: str, summary: str, kind: str = "layer",
-             needs: tuple[str, ...] = ("features", "layer_grads")):
+def register(
+    name: str, *, paper: str, summary: str, kind: str = "layer", needs: tuple[str, ...] = ("features", "layer_grads")
+):
     """Decorator registering a method under ``name``."""
     bad = set(needs) - NEEDS
     if bad:

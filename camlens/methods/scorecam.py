@@ -59,8 +59,11 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
             try:
                 alt = model(imgs[:k].contiguous(memory_format=torch.channels_last))
                 ref = logits[:k]
-                ok = isinstance(alt, torch.Tensor) and alt.shape == ref.shape and bool(torch.allclose(
-                    alt, ref, rtol=1e-4, atol=1e-4 * (1 + float(ref.abs().max()))))
+                ok = (
+                    isinstance(alt, torch.Tensor)
+                    and alt.shape == ref.shape
+                    and bool(torch.allclose(alt, ref, rtol=1e-4, atol=1e-4 * (1 + float(ref.abs().max()))))
+                )
             except RuntimeError:
                 ok = False
         layout["channels_last"] = ok
@@ -70,11 +73,15 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     return model(imgs)
 
 
-@register("scorecam", paper="Wang et al., Score-CAM, CVPR Workshops 2020",
-          summary="channels weighted by the class score of the input masked by each channel",
-          needs=("features",))
-def scorecam(ctx, *, batch_size: int | None = None, max_channels: int | None = None, weighting: str = "prob",
-             dedupe: bool = True) -> MethodOutput:
+@register(
+    "scorecam",
+    paper="Wang et al., Score-CAM, CVPR Workshops 2020",
+    summary="channels weighted by the class score of the input masked by each channel",
+    needs=("features",),
+)
+def scorecam(
+    ctx, *, batch_size: int | None = None, max_channels: int | None = None, weighting: str = "prob", dedupe: bool = True
+) -> MethodOutput:
     if weighting not in ("prob", "channel_softmax", "logit"):
         raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
     A = ctx.features.detach()
@@ -105,7 +112,7 @@ def scorecam(ctx, *, batch_size: int | None = None, max_channels: int | None = N
     layout: dict[str, bool] = {}
     with torch.inference_mode():
         for start in range(0, len(flat), batch_size):
-            chunk = flat[start:start + batch_size]
+            chunk = flat[start : start + batch_size]
             keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
             masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)

@@ -70,18 +70,17 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.
     outs = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            outs.append(_check_logits(model(x[i:i + batch_size])).float())
+            outs.append(_check_logits(model(x[i : i + batch_size])).float())
     return torch.cat(outs)
 
 
-def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor,
-                batch_size: int = 32) -> torch.Tensor:
+def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Softmax probability of ``classes[i]`` for image ``x[i]``, ``(N,)`` on the CPU."""
     out = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            p = _check_logits(model(x[i:i + batch_size])).float().softmax(dim=1)
-            c = classes[i:i + batch_size].to(p.device)
+            p = _check_logits(model(x[i : i + batch_size])).float().softmax(dim=1)
+            c = classes[i : i + batch_size].to(p.device)
             out.append(p.gather(1, c[:, None])[:, 0].cpu())
     return torch.cat(out)
 
@@ -99,11 +98,11 @@ def scored_batches(
     out = torch.empty(len(items))
     with eval_mode(model), torch.inference_mode():
         for i in range(0, len(items), batch_size):
-            chunk = list(items[i:i + batch_size])
+            chunk = list(items[i : i + batch_size])
             xb = make(chunk)
             p = _check_logits(model(xb)).float().softmax(dim=1)
             c = classes[[n for n, _ in chunk]].to(p.device)
-            out[i:i + len(chunk)] = p.gather(1, c[:, None])[:, 0].cpu()
+            out[i : i + len(chunk)] = p.gather(1, c[:, None])[:, 0].cpu()
     return out
 
 
@@ -116,8 +115,9 @@ def check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
-def resolve_classes(model: nn.Module | None, x: torch.Tensor, targets: Any,
-                    batch_size: int = 32, logits: torch.Tensor | None = None) -> torch.Tensor:
+def resolve_classes(
+    model: nn.Module | None, x: torch.Tensor, targets: Any, batch_size: int = 32, logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """Targets -> ``(N,)`` long class ids (first target of each image), on the CPU.
 
     With a model, ``None`` / ``"top1"`` / names are resolved on the model's output for ``x`` (one
@@ -174,8 +174,9 @@ def as_maps(maps: Any, n: int, size: tuple[int, int], device: torch.device) -> t
     return m
 
 
-def baseline_maps(name: str, n: int, size: tuple[int, int], device: torch.device,
-                  seed: int = 0, cell: int = 32) -> torch.Tensor:
+def baseline_maps(
+    name: str, n: int, size: tuple[int, int], device: torch.device, seed: int = 0, cell: int = 32
+) -> torch.Tensor:
     """Baseline maps ``(N, H, W)``.
 
     * ``"random"``: a smooth random map, like a random CAM: i.i.d. U(0, 1) values on a coarse grid
@@ -210,8 +211,13 @@ def baseline_maps(name: str, n: int, size: tuple[int, int], device: torch.device
 class Prepared:
     """``x`` ``(N, C, H, W)``, ``maps`` ``(N, H, W)`` float32 on ``x.device``, ``classes`` ``(N,)``."""
 
-    def __init__(self, x: torch.Tensor, maps: torch.Tensor | None, classes: torch.Tensor | None,
-                 images: list[np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        maps: torch.Tensor | None,
+        classes: torch.Tensor | None,
+        images: list[np.ndarray] | None = None,
+    ) -> None:
         self.x, self.maps, self.classes, self.images = x, maps, classes, images
 
     @property
@@ -223,15 +229,20 @@ class Prepared:
         return int(self.x.shape[-2]), int(self.x.shape[-1])
 
 
-def explain_maps(model: nn.Module, x: torch.Tensor, method: str, classes: torch.Tensor, batch_size: int,
-                 options: dict[str, Any] | None = None) -> torch.Tensor:
+def explain_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str,
+    classes: torch.Tensor,
+    batch_size: int,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """Maps of ``method`` for ``classes`` ``(N,)`` (or ``(N, K)``), computed ``batch_size`` images at
     a time with :func:`camlens.explain`; ``(N, H, W)`` (or ``(N, K, H, W)``) float32."""
     out = []
     cls = classes if classes.dim() == 2 else classes[:, None]
     for i in range(0, x.shape[0], batch_size):
-        e = explain(model, x[i:i + batch_size], method=method, targets=cls[i:i + batch_size],
-                    **(options or {}))
+        e = explain(model, x[i : i + batch_size], method=method, targets=cls[i : i + batch_size], **(options or {}))
         out.append(e.maps.detach().float())
     m = torch.cat(out)
     return m if classes.dim() == 2 else m[:, 0]
@@ -355,16 +366,18 @@ def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:
             return gaussian_blur(x)
         if key == "mean":
             return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
-        raise InputError(f"unknown substrate {substrate!r}; use 'zero', 'blur', 'mean', a number, a tensor "
-                         "or a callable x -> tensor")
+        raise InputError(
+            f"unknown substrate {substrate!r}; use 'zero', 'blur', 'mean', a number, a tensor or a callable x -> tensor"
+        )
     if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
         return torch.full_like(x, float(substrate))
     if isinstance(substrate, torch.Tensor):
         try:
             return substrate.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
         except RuntimeError:
-            raise InputError(f"substrate of shape {tuple(substrate.shape)} does not broadcast to the "
-                             f"inputs {tuple(x.shape)}") from None
+            raise InputError(
+                f"substrate of shape {tuple(substrate.shape)} does not broadcast to the inputs {tuple(x.shape)}"
+            ) from None
     if callable(substrate):
         s = substrate(x)
         if not isinstance(s, torch.Tensor) or s.shape != x.shape:

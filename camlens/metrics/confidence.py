@@ -41,8 +41,16 @@ def confidence_pair(
     """``(Y, O)``: target-class probabilities on the images and on the map-masked images, ``(N,)`` each."""
     if model is None:
         raise InputError("average drop / increase in confidence need the model")
-    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
-                   explain_options=explain_options)
+    prep = prepare(
+        model,
+        inputs,
+        maps,
+        targets,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        seed=seed,
+        explain_options=explain_options,
+    )
     x, classes = prep.x, prep.classes
     m = minmax(prep.maps)[:, None].to(x.dtype)
     y = class_probs(model, x, classes, batch_size)
@@ -57,16 +65,16 @@ def confidence_pair(
     return y, o
 
 
-def average_drop(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None,
-                 **options: Any) -> torch.Tensor:
+def average_drop(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, **options: Any) -> torch.Tensor:
     r"""Per-image drop in confidence, :math:`100\max(0, Y_c - O_c)/Y_c`, ``(N,)`` in [0, 100];
     the mean is the paper's Average Drop % (lower is better). Options: :func:`confidence_pair`."""
     y, o = confidence_pair(model, inputs, maps, targets, **options)
     return 100.0 * (y - o).clamp_min(0) / y.clamp_min(1e-12)
 
 
-def increase_in_confidence(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None,
-                           **options: Any) -> torch.Tensor:
+def increase_in_confidence(
+    model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, **options: Any
+) -> torch.Tensor:
     r"""Per-image increase indicator, :math:`100\,[Y_c < O_c]`, ``(N,)`` with values 0 or 100; the
     mean is the paper's % Increase in Confidence (higher is better). Options: :func:`confidence_pair`."""
     y, o = confidence_pair(model, inputs, maps, targets, **options)

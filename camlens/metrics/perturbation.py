@@ -33,8 +33,7 @@ from ..errors import InputError
 from ._common import MapsLike, Substrate, make_substrate, pixel_rank, prepare, removed_counts, scored_batches
 
 
-def auc(y: torch.Tensor | np.ndarray | list,
-        x: torch.Tensor | np.ndarray | list | None = None) -> torch.Tensor:
+def auc(y: torch.Tensor | np.ndarray | list, x: torch.Tensor | np.ndarray | list | None = None) -> torch.Tensor:
     r"""Normalized trapezoid area under ``y`` over its last axis:
     :math:`\frac{1}{x_S - x_0}\sum_k (x_k - x_{k-1})(y_{k-1} + y_k)/2`; ``x`` defaults to evenly
     spaced points (then the area is :math:`(\sum_k y_k - (y_0 + y_S)/2)/S`). A single point gives
@@ -103,13 +102,22 @@ def _check_steps(steps: int) -> int:
     return int(steps)
 
 
-def _curve(kind: str, model, inputs, maps, targets, *, steps, substrate, batch_size, seed, preprocess,
-           explain_options) -> Curve:
+def _curve(
+    kind: str, model, inputs, maps, targets, *, steps, substrate, batch_size, seed, preprocess, explain_options
+) -> Curve:
     if model is None:
         raise InputError(f"{kind} needs the model to score the perturbed images")
     steps = _check_steps(steps)
-    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
-                   explain_options=explain_options)
+    prep = prepare(
+        model,
+        inputs,
+        maps,
+        targets,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        seed=seed,
+        explain_options=explain_options,
+    )
     x, classes = prep.x, prep.classes
     n, _, h, w = x.shape
     fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -158,8 +166,19 @@ def deletion_curve(
         preprocess: preprocessing for image inputs (default: the model's).
         explain_options: keyword arguments for :func:`camlens.explain` when ``maps`` is a method name.
     """
-    return _curve("deletion", model, inputs, maps, targets, steps=steps, substrate=substrate,
-                  batch_size=batch_size, seed=seed, preprocess=preprocess, explain_options=explain_options)
+    return _curve(
+        "deletion",
+        model,
+        inputs,
+        maps,
+        targets,
+        steps=steps,
+        substrate=substrate,
+        batch_size=batch_size,
+        seed=seed,
+        preprocess=preprocess,
+        explain_options=explain_options,
+    )
 
 
 def insertion_curve(
@@ -177,17 +196,26 @@ def insertion_curve(
 ) -> Curve:
     """Insertion curves (RISE): start from the blurred image and insert the most important pixels
     first. Arguments as :func:`deletion_curve`."""
-    return _curve("insertion", model, inputs, maps, targets, steps=steps, substrate=substrate,
-                  batch_size=batch_size, seed=seed, preprocess=preprocess, explain_options=explain_options)
+    return _curve(
+        "insertion",
+        model,
+        inputs,
+        maps,
+        targets,
+        steps=steps,
+        substrate=substrate,
+        batch_size=batch_size,
+        seed=seed,
+        preprocess=preprocess,
+        explain_options=explain_options,
+    )
 
 
-def deletion(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None,
-             **options: Any) -> torch.Tensor:
+def deletion(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, **options: Any) -> torch.Tensor:
     """Deletion AUC per image, ``(N,)`` in [0, 1]; lower is better. Options: :func:`deletion_curve`."""
     return deletion_curve(model, inputs, maps, targets, **options).auc
 
 
-def insertion(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None,
-              **options: Any) -> torch.Tensor:
+def insertion(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, **options: Any) -> torch.Tensor:
     """Insertion AUC per image, ``(N,)`` in [0, 1]; higher is better. Options: :func:`insertion_curve`."""
     return insertion_curve(model, inputs, maps, targets, **options).auc

@@ -64,8 +64,10 @@ def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
             return torch.from_numpy(gt != 0)[None]
         if gt.ndim == 2 and gt.shape[1] == 4:
             if gt.shape[0] != n:
-                raise InputError(f"{gt.shape[0]} ground-truth boxes for {n} images: give one per image, "
-                                 "or a list with several boxes per image")
+                raise InputError(
+                    f"{gt.shape[0]} ground-truth boxes for {n} images: give one per image, "
+                    "or a list with several boxes per image"
+                )
             return torch.stack([_boxes_to_mask(b, size) for b in gt])
         raise InputError(
             f"ground truth of shape {gt.shape} fits neither (N, 4) boxes nor (N, {h}, {w}) masks at the "
@@ -82,16 +84,17 @@ def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
         elif a.size and a.shape[-1] == 4 and a.ndim <= 2:
             out.append(_boxes_to_mask(a.astype(np.float64), size))
         else:
-            raise InputError(f"ground truth of image {k} has shape {a.shape}: give boxes (M, 4) or an "
-                             f"({h}, {w}) mask")
+            raise InputError(f"ground truth of image {k} has shape {a.shape}: give boxes (M, 4) or an ({h}, {w}) mask")
     return torch.stack(out)
 
 
 def _check_nonempty(masks: torch.Tensor) -> None:
     empty = (~masks.flatten(1).any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise InputError(f"image(s) {empty} have an empty ground truth (no object pixel inside the image); "
-                         "drop them from the pointing game")
+        raise InputError(
+            f"image(s) {empty} have an empty ground truth (no object pixel inside the image); "
+            "drop them from the pointing game"
+        )
 
 
 def _hits(points: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -128,8 +131,17 @@ def pointing_game(
     """
     if tolerance < 0:
         raise InputError(f"tolerance must be >= 0 pixels, not {tolerance}")
-    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
-                   explain_options=explain_options, need_classes=False)
+    prep = prepare(
+        model,
+        inputs,
+        maps,
+        targets,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        seed=seed,
+        explain_options=explain_options,
+        need_classes=False,
+    )
     masks = gt_masks(gt, prep.n, prep.size)
     _check_nonempty(masks)
     top = pixel_order(prep.maps, seed)[:, 0].cpu()
@@ -137,8 +149,9 @@ def pointing_game(
     return _hits(points, masks, tolerance)
 
 
-def centre_baseline(gt: Any, size: tuple[int, int], n: int | None = None, *, tolerance: float = 15,
-                    seed: int = 0) -> torch.Tensor:
+def centre_baseline(
+    gt: Any, size: tuple[int, int], n: int | None = None, *, tolerance: float = 15, seed: int = 0
+) -> torch.Tensor:
     """Hits ``(N,)`` of the centre baseline (always point at the image centre) for ``gt``."""
     if n is None:
         n = len(gt)
@@ -160,8 +173,17 @@ def energy_pointing_game(
 ) -> torch.Tensor:
     """Share of the map's positive energy inside the ground truth, ``(N,)`` in [0, 1] (higher is
     better). Arguments as :func:`pointing_game`."""
-    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
-                   explain_options=explain_options, need_classes=False)
+    prep = prepare(
+        model,
+        inputs,
+        maps,
+        targets,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        seed=seed,
+        explain_options=explain_options,
+        need_classes=False,
+    )
     masks = gt_masks(gt, prep.n, prep.size)
     _check_nonempty(masks)
     e = prep.maps.double().clamp_min(0).flatten(1).cpu()

@@ -39,8 +39,16 @@ from ..errors import InputError
 from ._common import MapsLike, pixel_rank, prepare, removed_counts, scored_batches
 
 #: (dy, dx, weight) of the eight neighbours: direct 1/6, diagonal 1/12 (they sum to 1)
-NEIGHBOURS = ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
-              (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12))
+NEIGHBOURS = (
+    (-1, 0, 1 / 6),
+    (1, 0, 1 / 6),
+    (0, -1, 1 / 6),
+    (0, 1, 1 / 6),
+    (-1, -1, 1 / 12),
+    (-1, 1, 1 / 12),
+    (1, -1, 1 / 12),
+    (1, 1, 1 / 12),
+)
 RIDGE = 1e-8
 DEFAULT_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -154,8 +162,7 @@ class RoadResult:
             _, ax = plt.subplots(figsize=(5, 4))
         p = self.percentages.numpy() * 100
         (line,) = ax.plot(p, self.morf.mean(0).numpy(), "-o", ms=3, label=f"{label or ''} MoRF".strip())
-        ax.plot(p, self.lerf.mean(0).numpy(), "--o", ms=3, color=line.get_color(),
-                label=f"{label or ''} LeRF".strip())
+        ax.plot(p, self.lerf.mean(0).numpy(), "--o", ms=3, color=line.get_color(), label=f"{label or ''} LeRF".strip())
         ax.set_xlabel("% of pixels removed (noisy linear imputation)")
         ax.set_ylabel("probability of the target class")
         ax.set_ylim(0, 1.02)
@@ -167,8 +174,7 @@ class RoadResult:
 def _check_percentages(percentages) -> torch.Tensor:
     p = torch.as_tensor(list(percentages), dtype=torch.float64)
     if p.dim() != 1 or p.numel() == 0 or not torch.all((p >= 0) & (p <= 1)):
-        raise InputError(f"percentages must be fractions in [0, 1], e.g. (0.1, 0.2, ..., 0.9); "
-                         f"got {percentages}")
+        raise InputError(f"percentages must be fractions in [0, 1], e.g. (0.1, 0.2, ..., 0.9); got {percentages}")
     return p
 
 
@@ -197,8 +203,16 @@ def road_curves(
     orders = tuple(o.strip().lower() for o in orders)
     if not orders or set(orders) - {"morf", "lerf"}:
         raise InputError(f"orders must be a subset of ('morf', 'lerf'), not {orders}")
-    prep = prepare(model, inputs, maps, targets, preprocess=preprocess, batch_size=batch_size, seed=seed,
-                   explain_options=explain_options)
+    prep = prepare(
+        model,
+        inputs,
+        maps,
+        targets,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        seed=seed,
+        explain_options=explain_options,
+    )
     x, classes = prep.x, prep.classes
     n, _, h, w = x.shape
     counts = removed_counts(h * w, pct)
@@ -223,8 +237,9 @@ def road_curves(
     return RoadResult(pct.float(), morf, lerf, classes)
 
 
-def road(model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, *, order: str = "morf",
-         **options: Any) -> torch.Tensor:
+def road(
+    model: nn.Module, inputs: Any, maps: MapsLike, targets: Any = None, *, order: str = "morf", **options: Any
+) -> torch.Tensor:
     """ROAD score per image, ``(N,)``: the mean target probability over the percentages for
     ``order="morf"`` (lower is better) or ``"lerf"`` (higher is better), or ``"combined"``
     (LeRF - MoRF) / 2 (higher is better). Options: :func:`road_curves`."""

@@ -45,9 +45,14 @@ METRIC_COLUMNS: dict[str, dict[str, bool]] = {
     "class_sensitivity": {"class_sensitivity": False},
     "sanity": {},
 }
-ALIASES = {"increase": "increase_in_confidence", "drop": "average_drop", "pointing": "pointing_game",
-           "energy_pointing": "energy_pointing_game", "sanity_randomization": "sanity",
-           "randomization": "sanity"}
+ALIASES = {
+    "increase": "increase_in_confidence",
+    "drop": "average_drop",
+    "pointing": "pointing_game",
+    "energy_pointing": "energy_pointing_game",
+    "sanity_randomization": "sanity",
+    "randomization": "sanity",
+}
 DEFAULT_METRICS = ("deletion", "insertion", "average_drop", "increase_in_confidence", "sanity")
 #: metrics that get a random-map baseline row; the pointing games get the centre baseline
 RANDOM_BASELINE = ("deletion", "insertion", "average_drop", "increase_in_confidence", "road")
@@ -72,8 +77,9 @@ def resolve_metrics(names: Sequence[str] | str) -> list[str]:
 
                     close = difflib.get_close_matches(key, list(METRIC_COLUMNS), n=3)
                     hint = f" Did you mean {', '.join(close)}?" if close else ""
-                    raise InputError(f"unknown metric {raw.strip()!r}.{hint} Choose from: "
-                                     f"{', '.join(METRIC_COLUMNS)}, or all")
+                    raise InputError(
+                        f"unknown metric {raw.strip()!r}.{hint} Choose from: {', '.join(METRIC_COLUMNS)}, or all"
+                    )
                 cands = [key]
             out += [c for c in cands if c not in out]
     if not out:
@@ -120,9 +126,16 @@ class EvaluationReport:
                 if v.size == 0:
                     continue
                 higher = next((cols[c] for cols in METRIC_COLUMNS.values() if c in cols), True)
-                out.append({"method": m, "metric": c, "mean": float(v.mean()),
-                            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size),
-                            "better": "higher" if higher else "lower"})
+                out.append(
+                    {
+                        "method": m,
+                        "metric": c,
+                        "mean": float(v.mean()),
+                        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                        "n": int(v.size),
+                        "better": "higher" if higher else "lower",
+                    }
+                )
         return out
 
     def table(self) -> str:
@@ -145,10 +158,19 @@ class EvaluationReport:
         if self.sanity is not None:
             last = self.sanity.steps[-1]
             lines.append("")
-            lines.append(f"sanity check ({self.sanity.mode} randomization), rank correlation of |maps| "
-                         "with the original (lower = the map depends on the weights):")
-            picks = list(dict.fromkeys([self.sanity.steps[min(1, len(self.sanity.steps) - 1)],
-                                        self.sanity.steps[min(3, len(self.sanity.steps) - 1)], last]))
+            lines.append(
+                f"sanity check ({self.sanity.mode} randomization), rank correlation of |maps| "
+                "with the original (lower = the map depends on the weights):"
+            )
+            picks = list(
+                dict.fromkeys(
+                    [
+                        self.sanity.steps[min(1, len(self.sanity.steps) - 1)],
+                        self.sanity.steps[min(3, len(self.sanity.steps) - 1)],
+                        last,
+                    ]
+                )
+            )
             lines.append("  ".join([f"{'method':<{w0}}", *(f"{p:>12}" for p in picks)]))
             for m in self.sanity.methods:
                 vals = [float(self.sanity.at(p, m).mean()) for p in picks]
@@ -157,10 +179,12 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"settings": self.settings, "summary": self.summary(), "per_image": self.rows}
-        d["curves"] = {f"{m}/{k}": {"fractions": f.tolist(), "mean": c.tolist()}
-                       for (m, k), (f, c) in self.curves.items()}
-        d["road"] = {m: {"percentages": p.tolist(), "morf": a.tolist(), "lerf": b.tolist()}
-                     for m, (p, a, b) in self.road.items()}
+        d["curves"] = {
+            f"{m}/{k}": {"fractions": f.tolist(), "mean": c.tolist()} for (m, k), (f, c) in self.curves.items()
+        }
+        d["road"] = {
+            m: {"percentages": p.tolist(), "morf": a.tolist(), "lerf": b.tolist()} for m, (p, a, b) in self.road.items()
+        }
         if self.sanity is not None:
             d["sanity"] = self.sanity.table()
         return d
@@ -169,8 +193,10 @@ class EvaluationReport:
 def merge_sanity(parts: list[SanityResult]) -> SanityResult:
     """Concatenate the images of several :class:`SanityResult` with the same steps and methods."""
     first = parts[0]
-    values = {metric: {m: torch.cat([p.values[metric][m] for p in parts], dim=1) for m in first.methods}
-              for metric in SANITY_METRICS}
+    values = {
+        metric: {m: torch.cat([p.values[metric][m] for p in parts], dim=1) for m in first.methods}
+        for metric in SANITY_METRICS
+    }
     return SanityResult(first.methods, first.steps, first.mode, values, torch.cat([p.classes for p in parts]))
 
 
@@ -256,8 +282,10 @@ def evaluate(
         raise InputError(f"{len(names)} names for {len(images)} images")
     pointing = [m for m in wanted if m in CENTRE_BASELINE]
     if pointing and gt is None:
-        raise InputError(f"{', '.join(pointing)} need ground truth: pass gt= (boxes or masks per image; "
-                         "on the command line --gt FILE.json)")
+        raise InputError(
+            f"{', '.join(pointing)} need ground truth: pass gt= (boxes or masks per image; "
+            "on the command line --gt FILE.json)"
+        )
     if gt is not None and len(gt) != len(images):
         raise InputError(f"{len(gt)} ground-truth entries for {len(images)} images")
     card = card_of(model)
@@ -265,19 +293,30 @@ def evaluate(
     pp = preprocess or (card.preprocess if card else None)
     options = dict(explain_options or {})
     layers = sanity_layers
-    report = EvaluationReport(settings={
-        "methods": methods, "metrics": wanted, "steps": steps, "percentages": list(percentages),
-        "tolerance": tolerance, "baseline": baseline, "seed": seed, "images": len(images),
-        "model": card.name if card else type(model).__name__,
-        "probability": "softmax probability of the target class (top-1 of the clean image)",
-    })
+    report = EvaluationReport(
+        settings={
+            "methods": methods,
+            "metrics": wanted,
+            "steps": steps,
+            "percentages": list(percentages),
+            "tolerance": tolerance,
+            "baseline": baseline,
+            "seed": seed,
+            "images": len(images),
+            "model": card.name if card else type(model).__name__,
+            "probability": "softmax probability of the target class (top-1 of the clean image)",
+        }
+    )
     curve_sums: dict[tuple[str, str], list] = {}
     road_sums: dict[str, list] = {}
     sanity_parts: list[SanityResult] = []
     rows_by_key: dict[tuple[int, str], dict[str, Any]] = {}
     per_map = [m for m in wanted if m not in ("sanity", "class_sensitivity")]
-    map_methods = methods + (["random"] if baseline and any(m in RANDOM_BASELINE for m in wanted) else []) \
+    map_methods = (
+        methods
+        + (["random"] if baseline and any(m in RANDOM_BASELINE for m in wanted) else [])
         + (["centre"] if baseline and pointing else [])
+    )
     n_chunks = math.ceil(len(images) / chunk_size)
     bar = None
     if progress:
@@ -296,19 +335,32 @@ def evaluate(
             gts = None
             if gt is not None:
                 resize = getattr(pp, "resize", "stretch")
-                gts = [None if gt[i] is None else _gt_to_input(gt[i], a.shape[:2], size, resize)
-                       for i, a in zip(idx, arrs, strict=True)]
+                gts = [
+                    None if gt[i] is None else _gt_to_input(gt[i], a.shape[:2], size, resize)
+                    for i, a in zip(idx, arrs, strict=True)
+                ]
             for meth in map_methods:
                 is_base = meth in ("random", "centre")
-                mine = [w for w in per_map if (not is_base) or
-                        (meth == "random" and w in RANDOM_BASELINE) or (meth == "centre" and w in CENTRE_BASELINE)]
+                mine = [
+                    w
+                    for w in per_map
+                    if (not is_base)
+                    or (meth == "random" and w in RANDOM_BASELINE)
+                    or (meth == "centre" and w in CENTRE_BASELINE)
+                ]
                 if is_base and not mine:
                     continue
                 for j, i in enumerate(idx):
                     c = int(classes[j])
-                    rows_by_key.setdefault((i, meth), {
-                        "image": names[i], "method": meth, "target": c,
-                        "target_name": class_names[c] if class_names and c < len(class_names) else str(c)})
+                    rows_by_key.setdefault(
+                        (i, meth),
+                        {
+                            "image": names[i],
+                            "method": meth,
+                            "target": c,
+                            "target_name": class_names[c] if class_names and c < len(class_names) else str(c),
+                        },
+                    )
                 if not mine:
                     continue
                 if is_base:
@@ -358,8 +410,7 @@ def evaluate(
                     bar.update(len(idx))
             if "class_sensitivity" in wanted:
                 for meth in methods:
-                    v = class_sensitivity(model, x, meth, classes, batch_size=batch_size,
-                                          explain_options=options)
+                    v = class_sensitivity(model, x, meth, classes, batch_size=batch_size, explain_options=options)
                     for j, i in enumerate(idx):
                         rows_by_key[(i, meth)]["class_sensitivity"] = float(v[j])
                     if bar is not None:
@@ -370,9 +421,18 @@ def evaluate(
                     from .sanity import randomization_layers
 
                     lay = randomization_layers(model, x)[:layers]
-                sanity_parts.append(sanity_randomization(
-                    model, x, method=methods, targets=classes, layers=lay, seed=seed,
-                    batch_size=batch_size, explain_options=options))
+                sanity_parts.append(
+                    sanity_randomization(
+                        model,
+                        x,
+                        method=methods,
+                        targets=classes,
+                        layers=lay,
+                        seed=seed,
+                        batch_size=batch_size,
+                        explain_options=options,
+                    )
+                )
                 if bar is not None:
                     bar.update(len(idx))
             if on_chunk is not None:

@@ -80,8 +80,10 @@ def randomization_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
     first: dict[str, int] = {}
     handles = []
     for name in units:
+
         def pre(_m, _a, name=name):
             first.setdefault(name, len(first))
+
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
     try:
         with eval_mode(model), torch.inference_mode():
@@ -115,11 +117,13 @@ def randomize_(module: nn.Module, generator: torch.Generator, init: str = "norma
                 if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
                     cpu = copy.deepcopy(m).cpu()  # draw on the (forked, seeded) CPU generator only
                     cpu.reset_parameters()
-                    for (_, dst), (_, src) in zip(m.named_parameters(recurse=False),
-                                                  cpu.named_parameters(recurse=False), strict=True):
+                    for (_, dst), (_, src) in zip(
+                        m.named_parameters(recurse=False), cpu.named_parameters(recurse=False), strict=True
+                    ):
                         dst.copy_(src.to(dst.device, dst.dtype))
-                    for (_, dst), (_, src) in zip(m.named_buffers(recurse=False),
-                                                  cpu.named_buffers(recurse=False), strict=True):
+                    for (_, dst), (_, src) in zip(
+                        m.named_buffers(recurse=False), cpu.named_buffers(recurse=False), strict=True
+                    ):
                         if dst.is_floating_point() or dst.dtype == src.dtype:
                             dst.copy_(src.to(dst.device, dst.dtype))
     else:
@@ -194,8 +198,7 @@ def plot_sanity(result: SanityResult, metric: str = "spearman_abs", ax=None):
     ax.axhline(0, color="grey", lw=0.5)
     lowest = min(float(result.values[metric][m].mean(dim=1).min()) for m in result.methods)
     ax.set_ylim(min(-0.2, lowest - 0.1), 1.05)
-    ax.set_ylabel({"spearman_abs": "rank correlation (|map|)", "spearman": "rank correlation",
-                   "ssim": "SSIM"}[metric])
+    ax.set_ylabel({"spearman_abs": "rank correlation (|map|)", "spearman": "rank correlation", "ssim": "SSIM"}[metric])
     ax.set_xlabel(f"{result.mode} randomization, top layer first")
     ax.set_title("sanity check (Adebayo et al. 2018)")
     ax.legend(fontsize=8)
@@ -205,12 +208,19 @@ def plot_sanity(result: SanityResult, metric: str = "spearman_abs", ax=None):
 # --------------------------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------------------------
-def _maps(model: nn.Module, x: torch.Tensor, methods: list[str], classes: torch.Tensor, batch_size: int,
-          options: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    methods: list[str],
+    classes: torch.Tensor,
+    batch_size: int,
+    options: dict[str, Any],
+) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for i in range(0, x.shape[0], batch_size):
-        res = explain(model, x[i:i + batch_size], method=list(methods),
-                      targets=classes[i:i + batch_size, None], **options)
+        res = explain(
+            model, x[i : i + batch_size], method=list(methods), targets=classes[i : i + batch_size, None], **options
+        )
         for m in methods:
             out[m].append(res[m].maps[:, 0].detach().float())
     return {m: torch.cat(v) for m, v in out.items()}
@@ -219,8 +229,11 @@ def _maps(model: nn.Module, x: torch.Tensor, methods: list[str], classes: torch.
 def _compare(orig: torch.Tensor, new: torch.Tensor) -> dict[str, torch.Tensor]:
     rho_abs = spearman(orig, new, absolute=True)
     nonneg = bool((orig >= 0).all()) and bool((new >= 0).all())  # then |m| = m: same ranks
-    return {"spearman_abs": rho_abs, "spearman": rho_abs.clone() if nonneg else spearman(orig, new),
-            "ssim": ssim(orig.abs(), new.abs())}
+    return {
+        "spearman_abs": rho_abs,
+        "spearman": rho_abs.clone() if nonneg else spearman(orig, new),
+        "ssim": ssim(orig.abs(), new.abs()),
+    }
 
 
 def sanity_randomization(
@@ -279,8 +292,9 @@ def sanity_randomization(
             try:
                 work.get_submodule(u)
             except AttributeError:
-                raise LayerNotFoundError(f"no module named {u!r} to randomize; see "
-                                         "camlens.metrics.randomization_layers(model, x)") from None
+                raise LayerNotFoundError(
+                    f"no module named {u!r} to randomize; see camlens.metrics.randomization_layers(model, x)"
+                ) from None
     original = _maps(work, x, methods, classes, batch_size, options)
     values = {metric: {m: [] for m in methods} for metric in METRICS}
     for m in methods:

@@ -40,8 +40,9 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if b.dim() == 2:
         b = b[None]
     if a.shape != b.shape or a.dim() != 3:
-        raise InputError(f"maps to compare must both be (N, H, W) with equal shapes; got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise InputError(
+            f"maps to compare must both be (N, H, W) with equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return a.double(), b.to(a.device).double()
 
 
@@ -91,8 +92,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor, absolute: bool = False) -> torch.
     return _pearson(ra, rb).float().cpu()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True, window: int = 11,
-         sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True, window: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """SSIM of each map pair ``(N, H, W)`` -> ``(N,)`` (see the module docstring). ``normalize``:
     min-max normalize each map to [0, 1] first (constant maps become zeros)."""
     a, b = _pair(a, b)
@@ -179,8 +181,9 @@ def class_sensitivity(
         a, b = (torch.as_tensor(m) for m in maps)
         return similarity(a, b, similarity_kind)
     if not isinstance(maps, str):
-        raise InputError("class_sensitivity needs maps for two classes: pass a method name, or a pair "
-                         "(maps_target, maps_other)")
+        raise InputError(
+            "class_sensitivity needs maps for two classes: pass a method name, or a pair (maps_target, maps_other)"
+        )
     if model is None:
         raise InputError("class_sensitivity with a method name needs the model")
     x, _, _ = prepare_inputs(inputs, model, preprocess)

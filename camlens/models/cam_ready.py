@@ -76,8 +76,10 @@ class CAMNet(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels % groups or channels % groups:
-            raise CamlensError(f"groups={groups} must divide the {in_channels} input and {channels} output "
-                               "channels of the CAM convolution; use groups=1 or 2")
+            raise CamlensError(
+                f"groups={groups} must divide the {in_channels} input and {channels} output "
+                "channels of the CAM convolution; use groups=1 or 2"
+            )
         self.features = features
         self.cam_conv = nn.Conv2d(in_channels, channels, kernel_size=3, stride=1, padding=1, groups=groups)
         self.cam_relu = nn.ReLU()
@@ -138,14 +140,16 @@ def _convert_head(model: nn.Module, num_classes: int, bias: bool | None) -> list
         drops = [m for m in model.classifier if isinstance(m, nn.Dropout)]
         p = drops[0].p if drops else 0.0
         model.classifier = nn.Sequential(
-            nn.Dropout(p), _new_linear(lins[0].in_features, num_classes, bias is not False, model))
+            nn.Dropout(p), _new_linear(lins[0].in_features, num_classes, bias is not False, model)
+        )
         return ["classifier.1"]
     if isinstance(model, tvm.ConvNeXt):
         norm = model.classifier[0]
         lin = model.classifier[-1]
         model.avgpool = nn.Sequential(OrderedDict(norm=norm, pool=nn.AdaptiveAvgPool2d(1)))
         model.classifier = nn.Sequential(
-            nn.Flatten(1), _new_linear(lin.in_features, num_classes, bias is not False, model))
+            nn.Flatten(1), _new_linear(lin.in_features, num_classes, bias is not False, model)
+        )
         return ["classifier.1"]
     found = last_linear(model)
     if found is None:
@@ -168,8 +172,11 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
     from ..layers import resolve_layer
 
     card = card_of(model)
-    spec = (resolve_layer(model, card.layer, card.capture) if card is not None and card.layer
-            else CaptureSpec(None, "auto", "pool"))
+    spec = (
+        resolve_layer(model, card.layer, card.capture)
+        if card is not None and card.layer
+        else CaptureSpec(None, "auto", "pool")
+    )
     p = next(model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, size, size, generator=g).to(p.device, p.dtype)
@@ -183,15 +190,19 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
             m.training = t
     lin = last_linear(model)
     if cap.value is None or lin is None or cap.value.dim() != 4 or cap.value.shape[1] != lin[1].in_features:
-        raise HeadError(f"{type(model).__name__}: the features entering the global pooling do not feed the "
-                        "last linear layer; this network is not CAM-ready")
+        raise HeadError(
+            f"{type(model).__name__}: the features entering the global pooling do not feed the "
+            "last linear layer; this network is not CAM-ready"
+        )
     W, b = lin[1].weight, lin[1].bias
     with torch.no_grad():
         pred = cap.value.mean((2, 3)) @ W.T + (0 if b is None else b)
         err = float((pred - logits).abs().max())
     if not err <= tol * (1 + float(logits.abs().max())):
-        raise HeadError(f"{type(model).__name__}: logits differ from GAP + linear by {err:.3g} after the "
-                        "conversion; this network's head is not supported by cam_ready (use Grad-CAM)")
+        raise HeadError(
+            f"{type(model).__name__}: logits differ from GAP + linear by {err:.3g} after the "
+            "conversion; this network's head is not supported by cam_ready (use Grad-CAM)"
+        )
     return err
 
 
@@ -261,8 +272,7 @@ def cam_ready(
         list(class_names) if class_names is not None else None,
         layer=layer,
         capture=capture,
-        extra={**(card.extra if card is not None else {}), **extra, "head": head, "cam_ready": True,
-               "base": base},
+        extra={**(card.extra if card is not None else {}), **extra, "head": head, "cam_ready": True, "base": base},
     )
     attach_card(model, new_card)
     model.eval()
@@ -326,14 +336,34 @@ def vgg16_cam(
     else:
         feats = {k: v for k, v in state.items() if k.startswith("features.")}
         if not feats:
-            raise CheckpointError(f"{source}: expected a torchvision VGG16 state dict (features.*) or a VGG16-CAM "
-                                  "one (features.*, cam_conv.*, fc.*); found neither")
-        _load_into(model.features, {k.removeprefix("features."): v for k, v in feats.items()}, source,
-                   "a torchvision VGG16 state dict")
+            raise CheckpointError(
+                f"{source}: expected a torchvision VGG16 state dict (features.*) or a VGG16-CAM "
+                "one (features.*, cam_conv.*, fc.*); found neither"
+            )
+        _load_into(
+            model.features,
+            {k.removeprefix("features."): v for k, v in feats.items()},
+            source,
+            "a torchvision VGG16 state dict",
+        )
     classes = imagenet_classes() if num_classes == 1000 else None
-    attach_card(model, ModelCard("vgg16_cam", IMAGENET, classes, layer="cam_relu", capture="output",
-                                 extra={"head": ["cam_conv", "fc"], "cam_ready": True, "base": "vgg16",
-                                        "cam_channels": channels, "cam_groups": groups}))
+    attach_card(
+        model,
+        ModelCard(
+            "vgg16_cam",
+            IMAGENET,
+            classes,
+            layer="cam_relu",
+            capture="output",
+            extra={
+                "head": ["cam_conv", "fc"],
+                "cam_ready": True,
+                "base": "vgg16",
+                "cam_channels": channels,
+                "cam_groups": groups,
+            },
+        ),
+    )
     return model.eval()
 
 

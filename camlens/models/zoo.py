@@ -127,8 +127,11 @@ def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int 
     model = torchvision.models.get_model(name, weights=None)
     classes = None
     if weights != "random":
-        if weights is not None and (Path(str(weights)).exists() or os.sep in str(weights)
-                                    or str(weights).endswith((".pth", ".pt", ".safetensors"))):
+        if weights is not None and (
+            Path(str(weights)).exists()
+            or os.sep in str(weights)
+            or str(weights).endswith((".pth", ".pt", ".safetensors"))
+        ):
             load_weights_file(model, weights)
             classes = imagenet_classes() if _out_features(model) == 1000 else None
         else:

@@ -65,9 +65,14 @@ def versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"camlens": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version()}
+    return {
+        "camlens": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
@@ -102,8 +107,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{path}: expected a state dict (names -> tensors), found {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors), found {type(state).__name__}")
     return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
@@ -119,8 +123,7 @@ def _tensors_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> str:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write tensors atomically; return the SHA-256 of the written file."""
     from safetensors.torch import save
 
@@ -151,8 +154,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
         for stem in ("best", "last"):
             if (p / f"{stem}.safetensors").is_file():
                 return resolve_checkpoint(p / f"{stem}.safetensors")
-        raise CheckpointError(f"{p} holds no best.safetensors or last.safetensors; pass a camlens finetune "
-                              "output folder or a checkpoint file")
+        raise CheckpointError(
+            f"{p} holds no best.safetensors or last.safetensors; pass a camlens finetune "
+            "output folder or a checkpoint file"
+        )
     if p.suffix == ".json":
         if not p.is_file():
             raise CheckpointError(f"checkpoint card not found: {p}")
@@ -163,8 +168,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
             cand = p.with_name(p.name + suffix)
             if cand.is_file():
                 return resolve_checkpoint(cand)
-        raise CheckpointError(f"checkpoint not found: {p} (nor {p.name}.safetensors); pass a camlens "
-                              "finetune output folder, DIR/best, or a .safetensors/.pth file")
+        raise CheckpointError(
+            f"checkpoint not found: {p} (nor {p.name}.safetensors); pass a camlens "
+            "finetune output folder, DIR/best, or a .safetensors/.pth file"
+        )
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     card = p.with_suffix(".json")
@@ -175,8 +182,10 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: the checkpoint card is not valid JSON ({exc}); it was truncated or "
-                              "edited by hand. Restore it or fine-tune again.") from None
+        raise CheckpointError(
+            f"{path}: the checkpoint card is not valid JSON ({exc}); it was truncated or "
+            "edited by hand. Restore it or fine-tune again."
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: the checkpoint card must be a JSON object")
     return obj
@@ -264,9 +273,15 @@ def model_card(card: dict[str, Any], weights: Path, card_path: Path | None = Non
         class_names=list(names) if names else None,
         layer=card.get("layer"),
         capture=card.get("capture") or "output",
-        extra={"checkpoint": str(weights), "architecture": arch, "image_size": card.get("image_size"),
-               "metrics": card.get("metrics"), "epoch": card.get("epoch"), "head": arch.get("head_modules"),
-               "cam_ready": arch.get("head") == "cam_ready"},
+        extra={
+            "checkpoint": str(weights),
+            "architecture": arch,
+            "image_size": card.get("image_size"),
+            "metrics": card.get("metrics"),
+            "epoch": card.get("epoch"),
+            "head": arch.get("head_modules"),
+            "cam_ready": arch.get("head") == "cam_ready",
+        },
     )
 
 
@@ -293,8 +308,7 @@ def load_checkpoint(
     weights, card_path = resolve_checkpoint(path)
     card = read_card(weights if card_path is None else card_path)
     if card.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{card_path or weights}: not a camlens checkpoint card (format={card.get('format')!r})")
+        raise CheckpointError(f"{card_path or weights}: not a camlens checkpoint card (format={card.get('format')!r})")
     if not weights.is_file():
         raise CheckpointError(f"{weights}: the weights file named by the card is missing")
     expected = card.get("sha256") if card_path is not None else None
@@ -308,8 +322,7 @@ def load_checkpoint(
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"{weights}: the weights do not fit the architecture in its card:\n{exc}") from None
+        raise CheckpointError(f"{weights}: the weights do not fit the architecture in its card:\n{exc}") from None
     attach_card(net, model_card(card, weights, card_path))
     net.eval()
     if device is not None:
@@ -330,21 +343,23 @@ def save_train_state(out: Path, optimizer: torch.optim.Optimizer, info: dict[str
             else:
                 meta.setdefault(str(idx), {})[key] = val
     digest = write_safetensors(out / "train_state.safetensors", tensors)
-    atomic_write_json(out / "train_state.json", {
-        **info, "optimizer": {"param_groups": sd["param_groups"], "state": meta},
-        "tensors_sha256": digest})
+    atomic_write_json(
+        out / "train_state.json",
+        {**info, "optimizer": {"param_groups": sd["param_groups"], "state": meta}, "tensors_sha256": digest},
+    )
 
 
 def load_train_state(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(info, optimizer state dict)`` saved by :func:`save_train_state`."""
     jpath, tpath = out / "train_state.json", out / "train_state.safetensors"
     if not jpath.is_file() or not tpath.is_file():
-        raise CheckpointError(f"{out} has no training state to resume (train_state.json/.safetensors); "
-                              "start a new run (pass overwrite=True / --overwrite to replace the folder)")
+        raise CheckpointError(
+            f"{out} has no training state to resume (train_state.json/.safetensors); "
+            "start a new run (pass overwrite=True / --overwrite to replace the folder)"
+        )
     info = _read_json(jpath)
     if info.get("tensors_sha256") and sha256_file(tpath) != info["tensors_sha256"]:
-        raise CheckpointError(
-            f"{tpath}: does not match train_state.json (modified or truncated); cannot resume")
+        raise CheckpointError(f"{tpath}: does not match train_state.json (modified or truncated); cannot resume")
     from safetensors.torch import load_file
 
     try:

@@ -67,16 +67,16 @@ class ImageFolderData:
     def subset(self, idx: np.ndarray) -> ImageFolderData:
         idx = np.asarray(idx, dtype=np.int64)
         arrays = [self.arrays[i] for i in idx] if self.arrays else []
-        return ImageFolderData(self.root, self.classes, [self.paths[i] for i in idx], self.labels[idx],
-                               [], arrays)
+        return ImageFolderData(self.root, self.classes, [self.paths[i] for i in idx], self.labels[idx], [], arrays)
 
 
 def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def scan_image_folder(root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20,
-                      min_classes: int = 2) -> ImageFolderData:
+def scan_image_folder(
+    root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20, min_classes: int = 2
+) -> ImageFolderData:
     """Scan ``root/<class>/**/<image>``, decode each image once, skip unreadable ones.
 
     Raises :class:`DataError` when ``root`` is missing, has no class folders, a class folder has
@@ -88,8 +88,11 @@ def scan_image_folder(root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if _is_image(p)][:3]
-        extra = (f" It holds images directly ({', '.join(loose)}…): move them into one sub-folder per class."
-                 if loose else "")
+        extra = (
+            f" It holds images directly ({', '.join(loose)}…): move them into one sub-folder per class."
+            if loose
+            else ""
+        )
         raise DataError(f"{root} has no class sub-folders; the layout must be root/<class>/<image>.{extra}")
     paths: list[Path] = []
     labels: list[int] = []
@@ -98,8 +101,9 @@ def scan_image_folder(root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20
     empty: list[str] = []
     used = 0
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.rglob("*") if _is_image(p) and
-                       not any(part.startswith(".") for part in p.relative_to(d).parts))
+        files = sorted(
+            p for p in d.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(d).parts)
+        )
         good = 0
         for p in files:
             try:
@@ -127,8 +131,9 @@ def scan_image_folder(root: str | os.PathLike, *, cache_bytes: int = 512 * 2**20
             f"{root} has only {len(class_dirs)} class folder ({class_dirs[0].name}); a classifier needs at "
             f"least {min_classes} classes: add one sub-folder of images per class"
         )
-    return ImageFolderData(root, [d.name for d in class_dirs], paths, np.asarray(labels, dtype=np.int64),
-                           skipped, arrays)
+    return ImageFolderData(
+        root, [d.name for d in class_dirs], paths, np.asarray(labels, dtype=np.int64), skipped, arrays
+    )
 
 
 def stratified_split(data: ImageFolderData, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +149,9 @@ def stratified_split(data: ImageFolderData, val_split: float, seed: int) -> tupl
         idx = np.flatnonzero(data.labels == c)
         n_val = round(len(idx) * val_split)
         if n_val == 0 or n_val == len(idx):
-            bad.append(f"{name} ({len(idx)} image{'s' if len(idx) != 1 else ''} -> "
-                       f"{len(idx) - n_val} train / {n_val} val)")
+            bad.append(
+                f"{name} ({len(idx)} image{'s' if len(idx) != 1 else ''} -> {len(idx) - n_val} train / {n_val} val)"
+            )
             continue
         idx = rng.permutation(idx)
         val.append(idx[:n_val])
@@ -170,8 +176,9 @@ def check_same_classes(train: ImageFolderData, val: ImageFolderData) -> None:
         )
 
 
-def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.6, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    h: int, w: int, rng: np.random.Generator, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """``(top, left, height, width)`` of a random crop covering ``scale`` of the area with aspect
     ratio in ``ratio`` (log-uniform); the whole image if ten draws fail."""
     area = h * w
@@ -204,7 +211,7 @@ class FolderDataset(torch.utils.data.Dataset):
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             top, left, ch, cw = random_resized_crop_box(*img.shape[:2], rng)
-            img = img[top:top + ch, left:left + cw]
+            img = img[top : top + ch, left : left + cw]
             if rng.random() < 0.5:
                 img = img[:, ::-1]
         t = self.pp.resize_image(np.ascontiguousarray(img))
@@ -221,8 +228,12 @@ def loader(ds: FolderDataset, batch_size: int, order: list[int] | None = None, n
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, not {batch_size}")
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, sampler=order if order is not None else range(len(ds)),
-        num_workers=num_workers, drop_last=False)
+        ds,
+        batch_size=batch_size,
+        sampler=order if order is not None else range(len(ds)),
+        num_workers=num_workers,
+        drop_last=False,
+    )
 
 
 __all__ = [

@@ -63,13 +63,37 @@ from .data import (
 from .losses import regularized_loss
 
 #: files a run writes (the only ones ``overwrite=True`` removes)
-OUTPUT_FILES = ("config.json", "best.safetensors", "best.json", "last.safetensors", "last.json",
-                "train_state.safetensors", "train_state.json", "metrics.csv", "metrics.json", "curves.png",
-                "val_grid.png")
+OUTPUT_FILES = (
+    "config.json",
+    "best.safetensors",
+    "best.json",
+    "last.safetensors",
+    "last.json",
+    "train_state.safetensors",
+    "train_state.json",
+    "metrics.csv",
+    "metrics.json",
+    "curves.png",
+    "val_grid.png",
+)
 
 #: options that define a run; ``resume=True`` takes them from the saved run
-RUN_OPTIONS = ("model", "weights", "cam_ready", "lr", "momentum", "weight_decay", "batch_size", "image_size",
-               "val_split", "val_dir", "freeze_backbone", "seed", "optimizer", "augment")
+RUN_OPTIONS = (
+    "model",
+    "weights",
+    "cam_ready",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "image_size",
+    "val_split",
+    "val_dir",
+    "freeze_backbone",
+    "seed",
+    "optimizer",
+    "augment",
+)
 
 
 class WarningSkippedImages(UserWarning):
@@ -106,17 +130,19 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     was); return ``[its name]``."""
     found = last_linear(model)
     if found is None:
-        raise CamlensError(f"{type(model).__name__} has no nn.Linear classifier to replace; pass a model "
-                           "whose last layer is linear, or use cam_ready=True")
+        raise CamlensError(
+            f"{type(model).__name__} has no nn.Linear classifier to replace; pass a model "
+            "whose last layer is linear, or use cam_ready=True"
+        )
     name, old = found
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device,
-                                                                                 old.weight.dtype)
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
     set_submodule(model, name, new)
     return [name]
 
 
-def prepare_model(model: str | nn.Module, weights: Any, cam: bool, num_classes: int,
-                  classes: list[str]) -> tuple[nn.Module, dict[str, Any], ModelCard]:
+def prepare_model(
+    model: str | nn.Module, weights: Any, cam: bool, num_classes: int, classes: list[str]
+) -> tuple[nn.Module, dict[str, Any], ModelCard]:
     """The network to train (a private copy), its architecture record and its card."""
     from ..models.cam_ready import CAM_CHANNELS, cam_ready
     from ..models.zoo import load_model
@@ -176,8 +202,10 @@ def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Opt
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "train_state.json").is_file():
-            raise CheckpointError(f"nothing to resume in {out}: it holds no train_state.json from an earlier "
-                                  "run. Start a new run (without resume).")
+            raise CheckpointError(
+                f"nothing to resume in {out}: it holds no train_state.json from an earlier "
+                "run. Start a new run (without resume)."
+            )
         return
     ours = [out / f for f in OUTPUT_FILES if (out / f).exists()]
     if out.exists() and not out.is_dir():
@@ -200,8 +228,10 @@ def _resume_config(saved: dict, given: dict, defaults: dict) -> dict:
     clash = [k for k in RUN_OPTIONS if given[k] != defaults[k] and given[k] != saved.get(k)]
     if clash:
         diffs = ", ".join(f"{k}={given[k]!r} (run: {saved.get(k)!r})" for k in clash)
-        raise CamlensError(f"resume continues the saved run with its own options, but these differ: {diffs}. "
-                           "Drop them, or start a new run in another folder (or with overwrite).")
+        raise CamlensError(
+            f"resume continues the saved run with its own options, but these differ: {diffs}. "
+            "Drop them, or start a new run in another folder (or with overwrite)."
+        )
     return {k: saved.get(k, given[k]) for k in RUN_OPTIONS}
 
 
@@ -260,8 +290,9 @@ def _better(row: dict, best: dict | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- grid
-def validation_grid(net: nn.Module, val: ImageFolderData, pp, path: Path, method: str = "gradcam",
-                    n: int = 16, title: str | None = None) -> tuple[Path, str]:
+def validation_grid(
+    net: nn.Module, val: ImageFolderData, pp, path: Path, method: str = "gradcam", n: int = 16, title: str | None = None
+) -> tuple[Path, str]:
     """Explain the first ``n`` validation images with ``method`` and save the grid figure."""
     from ..explain import explain
     from .report import save_grid
@@ -346,11 +377,22 @@ def finetune(
     from tqdm.auto import tqdm
 
     out = Path(out)
-    given = dict(model=model if isinstance(model, str) else None,
-                 weights=None if weights is None else str(weights), cam_ready=cam_ready, lr=lr,
-                 momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, image_size=image_size,
-                 val_split=val_split, val_dir=None if val_dir is None else str(val_dir),
-                 freeze_backbone=freeze_backbone, seed=seed, optimizer=optimizer, augment=augment)
+    given = dict(
+        model=model if isinstance(model, str) else None,
+        weights=None if weights is None else str(weights),
+        cam_ready=cam_ready,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        image_size=image_size,
+        val_split=val_split,
+        val_dir=None if val_dir is None else str(val_dir),
+        freeze_backbone=freeze_backbone,
+        seed=seed,
+        optimizer=optimizer,
+        augment=augment,
+    )
     defaults = {k: p.default for k, p in inspect.signature(finetune).parameters.items() if k in RUN_OPTIONS}
     if epochs < 1:
         raise CamlensError(f"epochs must be >= 1, not {epochs}")
@@ -389,13 +431,15 @@ def finetune(
         train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
     classes = train_all.classes
     if skipped:
-        msg = (f"skipped {len(skipped)} unreadable image(s): "
-               + "; ".join(f"{p} ({r})" for p, r in skipped[:5]) + (" …" if len(skipped) > 5 else ""))
+        msg = (
+            f"skipped {len(skipped)} unreadable image(s): "
+            + "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+            + (" …" if len(skipped) > 5 else "")
+        )
         warnings.warn(msg, WarningSkippedImages, stacklevel=2)
         echo(msg)
     if saved_info is not None and saved_info.get("classes") != classes:
-        raise CamlensError(
-            f"resume: the data's classes {classes} differ from the run's {saved_info.get('classes')}")
+        raise CamlensError(f"resume: the data's classes {classes} differ from the run's {saved_info.get('classes')}")
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -446,8 +490,13 @@ def finetune(
             "layer": card.layer,
             "capture": card.capture,
         }
-        run_info = {"classes": classes, "config": cfg, "data": str(Path(data)),
-                    "counts": {"train": train.counts(), "val": val.counts()}, "skipped": skipped}
+        run_info = {
+            "classes": classes,
+            "config": cfg,
+            "data": str(Path(data)),
+            "counts": {"train": train.counts(), "val": val.counts()},
+            "skipped": skipped,
+        }
         if saved_info is None:
             atomic_write_json(out / "config.json", {**run_info, "architecture": arch, "versions": versions()})
         files = {"config": out / "config.json"}
@@ -460,14 +509,26 @@ def finetune(
                 order = order[:-1]  # a batch of one breaks BatchNorm in training mode
             dl = loader(ds_train, cfg["batch_size"], order, num_workers)
             row: dict[str, Any] = {"epoch": epoch + 1}
-            row.update(_train_epoch(net, dl, opt, cfg["weight_decay"], dev, heads, cfg["freeze_backbone"],
-                                    f"epoch {epoch + 1}/{epochs}", progress))
+            row.update(
+                _train_epoch(
+                    net,
+                    dl,
+                    opt,
+                    cfg["weight_decay"],
+                    dev,
+                    heads,
+                    cfg["freeze_backbone"],
+                    f"epoch {epoch + 1}/{epochs}",
+                    progress,
+                )
+            )
             row.update(evaluate(net, dl_val, dev, progress=progress))
             improved = _better(row, best)
             if improved:
                 best = dict(row)
-            row.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"], lr=cfg["lr"],
-                       seconds=time.perf_counter() - t0)
+            row.update(
+                best_epoch=best["epoch"], best_val_acc=best["val_acc"], lr=cfg["lr"], seconds=time.perf_counter() - t0
+            )
             if improved:
                 best = dict(row)
             history.append(row)
@@ -478,9 +539,11 @@ def finetune(
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             save_train_state(out, opt, {**run_info, "epoch": epoch + 1, "history": history, "best": best})
             write_metrics_files(out, history, best, run_info)
-            echo(f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
-                 f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.2%}  "
-                 f"best {best['val_acc']:.2%} (epoch {best['epoch']})  {row['seconds']:.1f}s")
+            echo(
+                f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
+                f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.2%}  "
+                f"best {best['val_acc']:.2%} (epoch {best['epoch']})  {row['seconds']:.1f}s"
+            )
 
     # the result is the best checkpoint, exactly as load_model(checkpoint=out) gives it
     from .checkpoint import model_card, read_card
@@ -491,13 +554,16 @@ def finetune(
     for p in net.parameters():
         p.requires_grad_(True)
     best_model = attach_card(net.eval(), model_card(read_card(out / "best.json"), out / "best.safetensors"))
-    files.update(best=out / "best.safetensors", last=out / "last.safetensors",
-                 metrics_csv=out / "metrics.csv", metrics_json=out / "metrics.json", curves=out / "curves.png")
+    files.update(
+        best=out / "best.safetensors",
+        last=out / "last.safetensors",
+        metrics_csv=out / "metrics.csv",
+        metrics_json=out / "metrics.json",
+        curves=out / "curves.png",
+    )
     if grid:
-        title = (f"{best_model.camlens.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} "
-                 f"({grid_method})")
-        files["grid"], _ = validation_grid(best_model, val, pp, out / "val_grid.png", grid_method, grid_size,
-                                           title)
+        title = f"{best_model.camlens.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} ({grid_method})"
+        files["grid"], _ = validation_grid(best_model, val, pp, out / "val_grid.png", grid_method, grid_size, title)
     return FinetuneResult(best_model, out, history, best, classes, skipped, files)
 
 

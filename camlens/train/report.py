@@ -15,8 +15,18 @@ import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
 
-COLUMNS = ("epoch", "train_loss", "train_ce", "train_acc", "val_loss", "val_acc", "best_epoch",
-           "best_val_acc", "lr", "seconds")
+COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_ce",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "best_epoch",
+    "best_val_acc",
+    "lr",
+    "seconds",
+)
 
 
 def write_metrics(out: Path, history: list[dict], extra: dict) -> tuple[Path, Path]:
@@ -69,9 +79,18 @@ def _minmax(m: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo) if hi > lo + 1e-12 else np.zeros_like(m)
 
 
-def fallback_batch_grid(images: Sequence[np.ndarray], maps: np.ndarray, true_labels: Sequence[str],
-                        pred_labels: Sequence[str], probs: Sequence[float], *, cols: int = 4,
-                        alpha: float = 0.45, cmap: str = "jet", title: str | None = None):
+def fallback_batch_grid(
+    images: Sequence[np.ndarray],
+    maps: np.ndarray,
+    true_labels: Sequence[str],
+    pred_labels: Sequence[str],
+    probs: Sequence[float],
+    *,
+    cols: int = 4,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+    title: str | None = None,
+):
     """A grid of overlays titled "true / predicted (probability)" (green if right, red if wrong).
 
     Used when :func:`camlens.viz.batch_grid` is not available.
@@ -88,18 +107,24 @@ def fallback_batch_grid(images: Sequence[np.ndarray], maps: np.ndarray, true_lab
     for i in range(n):
         ax = axes[i]
         ax.imshow(images[i])
-        ax.imshow(_minmax(np.asarray(maps[i], dtype=np.float64)), cmap=cmap, alpha=alpha,
-                  extent=(-0.5, images[i].shape[1] - 0.5, images[i].shape[0] - 0.5, -0.5))
+        ax.imshow(
+            _minmax(np.asarray(maps[i], dtype=np.float64)),
+            cmap=cmap,
+            alpha=alpha,
+            extent=(-0.5, images[i].shape[1] - 0.5, images[i].shape[0] - 0.5, -0.5),
+        )
         ok = true_labels[i] == pred_labels[i]
-        ax.set_title(f"true: {true_labels[i]}\npred: {pred_labels[i]} ({float(probs[i]):.2f})",
-                     fontsize=9, color="green" if ok else "red")
+        ax.set_title(
+            f"true: {true_labels[i]}\npred: {pred_labels[i]} ({float(probs[i]):.2f})",
+            fontsize=9,
+            color="green" if ok else "red",
+        )
     if title:
         fig.suptitle(title)
     return fig
 
 
-def save_grid(images, maps, true_labels, pred_labels, probs, path: Path,
-              title: str | None = None) -> tuple[Path, str]:
+def save_grid(images, maps, true_labels, pred_labels, probs, path: Path, title: str | None = None) -> tuple[Path, str]:
     """Draw the validation grid with ``camlens.viz.batch_grid`` if it exists, else the fallback.
     Returns ``(path, which)``."""
     which = "fallback"
@@ -110,8 +135,7 @@ def save_grid(images, maps, true_labels, pred_labels, probs, path: Path,
         batch_grid = None
     if batch_grid is not None:
         try:
-            fig = batch_grid(list(images), maps, list(true_labels), list(pred_labels), list(probs),
-                             title=title)
+            fig = batch_grid(list(images), maps, list(true_labels), list(pred_labels), list(probs), title=title)
             which = "camlens.viz.batch_grid"
         except TypeError:
             fig = None
