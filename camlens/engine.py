@@ -28,16 +28,19 @@ import torch
 from torch import nn
 
 from .capture import CaptureSpec, capture
-from .targets import Targets, TargetSpec, resolve_targets
+from .targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
 
 
 class ForwardPass:
     """Runs ``model(x)`` once and lazily computes what the methods ask for.
 
     Attributes:
-        model, x: the model (in eval mode while the pass lives) and the input batch.
+        model, x: the model (in eval mode while the pass lives) and the input batch (a tensor,
+            or a list of ``(C, H, W)`` tensors of different sizes for a detector).
         spec: where the features were captured (``None`` if no method needs them).
-        logits: ``(N, num_classes)`` model output.
+        output: the model's raw output (a target object scores this).
+        logits: ``(N, num_classes)`` model output (``None`` when a target object is given and
+            the output is not such a table).
         features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut).
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
     """
@@ -45,7 +48,7 @@ class ForwardPass:
     def __init__(
         self,
         model: nn.Module,
-        x: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
         spec: CaptureSpec | None,
         targets: TargetSpec,
         class_names=None,
@@ -66,7 +69,10 @@ class ForwardPass:
         self.last_spatial = None
         pixel = "input_grads" in needs
         layer_grad = "layer_grads" in needs
-        self.x = x.detach().requires_grad_(True) if pixel else x.detach()
+        if isinstance(x, (list, tuple)):  # a detector's list of images of different sizes
+            self.x = [t.detach().requires_grad_(True) if pixel else t.detach() for t in x]
+        else:
+            self.x = x.detach().requires_grad_(True) if pixel else x.detach()
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
@@ -78,7 +84,11 @@ class ForwardPass:
                 cap = stack.enter_context(capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
             logits = model(self.x)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        self.output = logits
+        obj = is_target_object(targets)
+        if obj and not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
+            logits = None
+        elif not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             from .errors import InputError
 
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -92,9 +102,16 @@ class ForwardPass:
         if cap is not None:
             self.pool_module = cap.pool_module
             self.last_spatial = cap.last_spatial
-        self.targets: Targets = resolve_targets(targets, logits, class_names)
-        with torch.set_grad_enabled(pixel or layer_grad):  # also when the caller is under no_grad
-            self.scores = self.targets.scores(logits if (pixel or layer_grad) else logits.detach())
+        grad = pixel or layer_grad
+        if obj:  # a target object scores the raw output (detections, segmentation logits, embeddings)
+            self.targets: Targets = bind_target(targets, self.output, model)
+            with torch.set_grad_enabled(grad):
+                scores = self.targets.scores(self.output)
+            self.scores = scores if grad else scores.detach()
+        else:
+            self.targets = resolve_targets(targets, logits, class_names)
+            with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
+                self.scores = self.targets.scores(logits if grad else logits.detach())
 
     # ------------------------------------------------------------------------------------------
     @property

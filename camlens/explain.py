@@ -32,8 +32,9 @@ from .io import load_images
 from .layers import fallback_spec, resolve_layer
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import IMAGENET, Preprocess
+from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, load_model
-from .targets import TargetSpec
+from .targets import Detection, Segmentation, TargetSpec
 
 
 @contextlib.contextmanager
@@ -72,8 +73,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def prepare_inputs(
     inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
-) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
-    """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
+) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str]]:
+    """Inputs -> ``(x, original images or None, source names)`` on the model's device; ``x`` is a
+    list of ``(C, H, W)`` tensors for images of different sizes given to a detector."""
     device = model_device(model)
     if isinstance(inputs, torch.Tensor):
         x = inputs
@@ -92,6 +94,14 @@ def prepare_inputs(
                 x = x.clone()
         x = x.to(device=device, dtype=_model_dtype(model))
         return x, None, [f"image{i}" for i in range(x.shape[0])]
+    if (
+        isinstance(inputs, (list, tuple))
+        and inputs
+        and all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() for t in inputs)
+    ):  # a detector's list of (C, H, W) images, as torchvision detectors take them
+        ts = [t.detach().to(device=device, dtype=_model_dtype(model)) for t in inputs]
+        xs = torch.stack(ts) if len({tuple(t.shape) for t in ts}) == 1 else ts
+        return xs, None, [f"image{i}" for i in range(len(ts))]
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     images = load_images(items)
     names = []
@@ -103,6 +113,8 @@ def prepare_inputs(
         )
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)
+    if pp.resize == "none" and len({im.shape[:2] for im in images}) > 1:  # a detector's list of images
+        return [pp([im], device=device)[0].to(_model_dtype(model)) for im in images], images, names
     x = pp(images, device=device).to(_model_dtype(model))
     return x, images, names
 
@@ -181,9 +193,21 @@ def explain(
     needs = frozenset().union(*(i.needs for i in infos))
     card = card_of(model)
     classes = list(class_names) if class_names is not None else (card.class_names if card else None)
+    task = card.extra.get("task") if card else None
+    if targets is None and task == "detection":
+        targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
+    elif targets is None and task == "segmentation":
+        targets = Segmentation(None)  # each image's largest predicted non-background class
 
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
+    if isinstance(x, list):
+        bad = [i.name for i in infos if i.kind != "layer"]
+        if bad:
+            raise InputError(
+                f"{', '.join(bad)} need(s) images of one size; these differ in size "
+                f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
+            )
     spec: CaptureSpec | None = None
     if "features" in needs or "layer_grads" in needs:
         if layer is None and card is not None and card.layer is not None:
@@ -202,8 +226,12 @@ def explain(
         # one method asks for at most one layer and one input gradient: the last backward may free the graph
         backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
 
+        frames = Frames()
+
         def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-            return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
+            nonlocal frames
+            with record_frames(model) as frames:  # a detector's resize + pad (see camlens.models.tasks)
+                return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
 
         ctx = forward_pass(spec)
         last_spatial = ctx.last_spatial
@@ -241,18 +269,21 @@ def explain(
                 else f"input of global pooling ({ctx.pool_module or 'functional call'})"
             )
         with torch.no_grad():
-            probs = ctx.logits.detach().float().softmax(dim=1)
-            if ctx.targets.fn is None:
-                probs = probs.gather(1, ctx.targets.classes.to(probs.device))
+            if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
+                probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
             else:
-                probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
+                probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
-            if maps is None:
+            if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
+                maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
+            elif maps is None:
                 maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
+            extras.update(out.extras)
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,
@@ -265,7 +296,7 @@ def explain(
                 images=images,
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
-                extras=dict(out.extras),
+                extras=extras,
             )
         del ctx
     if isinstance(method, str):

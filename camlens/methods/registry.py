@@ -112,7 +112,7 @@ def methods() -> dict[str, MethodInfo]:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("cam", "gradcam", "scorecam", "eigencam", "gradients", "guided"):
+    for mod in ("cam", "gradcam", "scorecam", "eigencam", "gradients", "guided", "perturbation"):
         try:
             importlib.import_module(f"camlens.methods.{mod}")
         except ModuleNotFoundError as exc:

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import CamlensError, CheckpointError, WeightsNotFoundError
 from .classes import imagenet_classes
 from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess
+from .tasks import build_task_model, task_of
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -127,11 +128,7 @@ def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int 
     model = torchvision.models.get_model(name, weights=None)
     classes = None
     if weights != "random":
-        if weights is not None and (
-            Path(str(weights)).exists()
-            or os.sep in str(weights)
-            or str(weights).endswith((".pth", ".pt", ".safetensors"))
-        ):
+        if weights is not None and _is_weights_path(weights):
             load_weights_file(model, weights)
             classes = imagenet_classes() if _out_features(model) == 1000 else None
         else:
@@ -145,6 +142,12 @@ def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int 
         replace_classifier(model, num_classes)
         classes = None
     return model, classes
+
+
+def _is_weights_path(weights: Any) -> bool:
+    """Whether ``weights`` names a file (rather than a torchvision weights name like ``IMAGENET1K_V2``)."""
+    s = str(weights)
+    return Path(s).exists() or os.sep in s or s.endswith((".pth", ".pt", ".safetensors"))
 
 
 def _out_features(model: nn.Module) -> int | None:
@@ -171,6 +174,7 @@ def load_model(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     preprocess: Preprocess | str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Load a classifier by name, in eval mode, with ``model.camlens`` (a :class:`ModelCard`).
 
@@ -185,6 +189,8 @@ def load_model(
         num_classes: replace the classifier with a fresh one of this many classes.
         device: where to put the model.
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
+        **kwargs: detectors and segmenters only (:mod:`camlens.models.tasks`): options of the
+            torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
     """
     if checkpoint is not None:
         from ..train.checkpoint import load_checkpoint
@@ -192,7 +198,19 @@ def load_model(
         model = load_checkpoint(checkpoint)
     else:
         key = name.lower().replace("-", "_")
-        if key == DEFAULT_MODEL:
+        if kwargs and task_of(key) is None:
+            raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
+        if task_of(key) is not None:  # a torchvision detector or segmenter
+            model, fields = build_task_model(key, weights != "random", num_classes=num_classes, **kwargs)
+            if weights != "random":
+                if weights is not None and _is_weights_path(weights):
+                    load_weights_file(model, weights)
+                else:
+                    path, cats = _torchvision_weights_file(key, None if weights is None else str(weights))
+                    load_weights_file(model, path)
+                    fields["class_names"] = cats or fields["class_names"]
+            card = ModelCard(key, **fields)
+        elif key == DEFAULT_MODEL:
             model = _efficientnet_lite0(weights, num_classes)
             classes = imagenet_classes() if num_classes in (None, 1000) else None
             card = ModelCard(DEFAULT_MODEL, EFFICIENTNET_LITE, classes, layer="_avg_pooling", capture="input")
