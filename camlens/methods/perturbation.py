@@ -13,7 +13,10 @@ embedding models), including models whose gradients are unusable.
 
   (a Monte-Carlo estimate of :math:`E[f_k \mid \text{pixel kept}]`). Classification targets use
   the softmax probability (``weighting="prob"``, the paper) or the logit; target objects and
-  callables their own score.
+  callables their own score. ``center=True`` uses :math:`f_k - \bar f_k` (the mean over the
+  masks) in place of :math:`f_k`: the same map less the constant :math:`\bar f_k\,\bar M/p`
+  (the paper's estimator carries the mean score everywhere), which leaves only what the masks'
+  covariance with the score explains — the form whose energy measures localization.
 * ``drise`` — Petsiuk et al., "Black-box Explanation of Object Detectors via Saliency Maps",
   CVPR 2021. The same masks; the weight of mask :math:`i` for target box :math:`d_t` is the best
   similarity between :math:`d_t` and the masked image's detections :math:`d_j`:
@@ -118,8 +121,11 @@ def _bar(total: int, desc: str, progress: bool | None):
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=None if progress is None else not progress)
 
 
-def _masked_sum(ctx, *, n_masks, cell, p, seed, baseline, batch_size, progress, weighting, desc, target=None):
-    """``sum_i f(x_n * M_i) M_i / (N p)`` for every image ``n``, batched across images and masks."""
+def _masked_sum(
+    ctx, *, n_masks, cell, p, seed, baseline, batch_size, progress, weighting, desc, center=False, target=None
+):
+    """``sum_i f(x_n * M_i) M_i / (N p)`` for every image ``n``, batched across images and masks
+    (``center``: with ``f - mean(f)`` in place of ``f``)."""
     x = ctx.x.detach()
     if not isinstance(x, torch.Tensor):
         raise MethodError(f"{desc} needs a batch of images of one size")
@@ -127,6 +133,8 @@ def _masked_sum(ctx, *, n_masks, cell, p, seed, baseline, batch_size, progress, 
     bs = _batch_size(batch_size, x)
     get = rise_masks(n_masks, (H, W), cell=cell, p=p, seed=seed, device=x.device)
     acc = torch.zeros(N, ctx.k, H, W, device=x.device, dtype=torch.float32)
+    fsum = torch.zeros(N, ctx.k, device=x.device)
+    msum = torch.zeros(H, W, device=x.device)
     jobs = [(n, i) for i in range(n_masks) for n in range(N)]  # mask-major: one mask serves every image
     bar = _bar(len(jobs), desc, progress)
     try:
@@ -140,10 +148,15 @@ def _masked_sum(ctx, *, n_masks, cell, p, seed, baseline, batch_size, progress, 
                 imgs = x[rows] * m + baseline * (1 - m)
                 out = ctx.model(imgs)
                 s = (target(out, rows) if target is not None else _class_scores(ctx, out, rows, weighting)).float()
-                acc.index_add_(0, torch.tensor(rows, device=x.device), s[:, :, None, None] * m)
+                idx = torch.tensor(rows, device=x.device)
+                acc.index_add_(0, idx, s[:, :, None, None] * m)
+                fsum.index_add_(0, idx, s)
+                msum += masks.sum(dim=(0, 1))
                 bar.update(len(chunk))
     finally:
         bar.close()
+    if center:  # sum_i (f_i - mean f) M_i = sum_i f_i M_i - mean(f) sum_i M_i
+        acc = acc - (fsum / n_masks)[:, :, None, None] * msum
     return acc / (n_masks * p)
 
 
@@ -164,6 +177,7 @@ def rise(
     baseline: float = 0.0,
     batch_size: int | None = None,
     weighting: str = "prob",
+    center: bool = False,
     progress: bool | None = None,
 ) -> MethodOutput:
     _check_weighting(weighting)
@@ -178,6 +192,7 @@ def rise(
         progress=progress,
         weighting=weighting,
         desc="rise",
+        center=center,
     )
     return MethodOutput(sal, maps=sal, extras={"forwards": n_masks * sal.shape[0]})
 
@@ -198,6 +213,7 @@ def drise(
     seed: int = 0,
     baseline: float = 0.0,
     batch_size: int | None = None,
+    center: bool = False,
     progress: bool | None = None,
 ) -> MethodOutput:
     det = ctx.targets.obj
@@ -222,6 +238,7 @@ def drise(
         progress=progress,
         weighting="logit",
         desc="drise",
+        center=center,
         target=score,
     )
     return MethodOutput(sal, maps=sal, extras={"forwards": n_masks * sal.shape[0]})
