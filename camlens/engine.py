@@ -22,7 +22,7 @@ Gradients' path points), optionally under a ReLU rule.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class ForwardPass:
         self.last_spatial = None
         pixel = "input_grads" in needs
         layer_grad = "layer_grads" in needs
+        self.x: Any
         if isinstance(x, (list, tuple)):  # a detector's list of images of different sizes
             self.x = [t.detach().requires_grad_(True) if pixel else t.detach() for t in x]
         else:

@@ -199,6 +199,7 @@ def explain(
     elif targets is None and task == "segmentation":
         targets = Segmentation(None)  # each image's largest predicted non-background class
 
+    x: Any  # a batch tensor, or a detector's list of (C, H, W) images of different sizes
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
     if isinstance(x, list):

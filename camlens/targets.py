@@ -541,6 +541,11 @@ class Segmentation(Target):
         out._cats, out._masks = cats.cpu(), masks
         return out
 
+    @property
+    def extras(self) -> dict[str, Any]:
+        """``"masks"``: the explained regions ``(N, K, H, W)`` (bool) in the logits' frame."""
+        return {} if self._masks is None else {"masks": (self._masks > 0).cpu().numpy()}
+
     def take(self, rows: Sequence[int]) -> Segmentation:
         if self._masks is None or self._cats is None:
             raise TargetError("this Segmentation target is not bound to a forward pass yet (call .bind(output))")

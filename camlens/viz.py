@@ -258,6 +258,9 @@ def _method_title(exp: Explanation) -> str:
         "integrated_gradients": "Integrated Gradients",
         "smoothgrad": "SmoothGrad",
         "input_x_gradient": "Input x Gradient",
+        "rise": "RISE",
+        "drise": "D-RISE",
+        "occlusion": "Occlusion",
     }.get(exp.method, exp.method)
     parts = [pretty]
     if exp.model_name:
@@ -412,6 +415,10 @@ def explanation_figure(
         if not -n <= r < n:
             raise InputError(f"index {r} out of range for an explanation of {n} image(s)")
     pixel = exp.raw.dim() == 5
+    if len(rows) == 1 and "boxes" in exp.extras:  # a detector: one panel per explained box
+        return detection_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
+    if len(rows) == 1 and "masks" in exp.extras:  # a segmenter: the explained region's outline
+        return segmentation_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1:
         if pixel:
             return pixel_figure(exp, rows[0], cmap=cmap, cell=cell, **kwargs)
@@ -438,6 +445,62 @@ def explanation_figure(
                 _panel(ax_row[1 + j], overlay(img, exp.maps[i, j], alpha, cmap), label, fontsize=9)
                 if bxs is not None:
                     _add_boxes(ax_row[1 + j], bxs[i][j])
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Detection and segmentation figures
+# --------------------------------------------------------------------------------------------
+def _task_title(exp: Explanation, i: int, k: int) -> str:
+    """``"person 0.87"``: the target's label (``"any"`` for a label-free box) and its score."""
+    c = int(exp.classes[i, k])
+    name = _label(c, exp.class_names) if c >= 0 else "any"
+    return f"{name} {float(exp.scores[i, k]):.3g}"
+
+
+def _task_panels(exp: Explanation, index: int, keep: list[int], cell: float):
+    img = _image_of(exp, index)
+    fig, axes = _grid(max(len(keep), 1), max(len(keep), 1), cell, img.shape[0] / img.shape[1])
+    return img, fig, axes
+
+
+def detection_figure(
+    exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", cell: float = 3.2
+) -> Figure:
+    """One panel per explained box of image ``index``: the box drawn over its map, titled with the
+    box's label and score (``exp.extras["boxes"]``, original-image pixels; padding boxes skipped)."""
+    boxes = np.asarray(exp.extras["boxes"])[index]  # (K, 4), NaN rows: padding
+    keep = [k for k in range(boxes.shape[0]) if np.isfinite(boxes[k]).all()]
+    img, fig, axes = _task_panels(exp, index, keep, cell)
+    h, w = img.shape[:2]
+    for ax, k in zip(axes, keep):
+        m = exp.maps[index, k]
+        if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
+            m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
+        _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
+        b = boxes[k]
+        _add_boxes(ax, np.array([np.floor(b[0]), np.floor(b[1]), np.ceil(b[2]), np.ceil(b[3])]))
+    if not keep:
+        _panel(axes[0], img, "no box to explain")
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+def segmentation_figure(
+    exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", cell: float = 3.2
+) -> Figure:
+    """One panel per explained region of image ``index``: the map with the region's outline
+    (``exp.extras["masks"]``, resized nearest to the image), titled with the class and score."""
+    masks = np.asarray(exp.extras["masks"])[index]  # (K, h, w)
+    keep = list(range(masks.shape[0]))
+    img, fig, axes = _task_panels(exp, index, keep, cell)
+    for ax, k in zip(axes, keep):
+        _panel(ax, overlay(img, exp.maps[index, k], alpha, cmap), _task_title(exp, index, k))
+        mk = torch.from_numpy(masks[k].astype(np.float32))[None, None]
+        mk = F.interpolate(mk, size=img.shape[:2], mode="nearest")[0, 0].numpy()
+        if mk.max() > 0.5 > mk.min():
+            ax.contour(mk, levels=[0.5], colors=[BOX_COLOR], linewidths=1.5)
     fig.suptitle(_method_title(exp), fontsize=11)
     return fig
 
@@ -627,9 +690,10 @@ def save_explanation(
                 m = exp.maps[i, j]
                 if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
                     m = attribution_heat(resize_map(m, img.shape[:2]))
-                fig = overlay_figure(
-                    img, m, title, alpha=alpha, cmap=cmap, boxes=img_boxes[j] if draw else None, dpi=dpi
-                )
+                bx = img_boxes[j] if draw else None
+                if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
+                    bx = np.round(ref)  # a detector's explained box, in the image's pixels
+                fig = overlay_figure(img, m, title, alpha=alpha, cmap=cmap, boxes=bx, dpi=dpi)
                 save_figure(
                     fig,
                     p,
@@ -677,6 +741,7 @@ __all__ = [
     "batch_grid",
     "boxes_figure",
     "colorize",
+    "detection_figure",
     "explanation_figure",
     "normalize",
     "output_paths",
@@ -688,6 +753,7 @@ __all__ = [
     "safe_name",
     "save_explanation",
     "save_figure",
+    "segmentation_figure",
     "target_label",
     "topk_figure",
     "unique_names",

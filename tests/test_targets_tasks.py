@@ -327,3 +327,28 @@ def test_segmenters_explain_by_default():
         c = int(e["gradcam"].classes[0, 0])
         assert c > 0  # the largest predicted non-background class
         assert torch.isfinite(e["hirescam"].maps).all()
+
+
+def test_detection_and_segmentation_figures(frcnn):
+    from camlens.viz import patch_boxes
+
+    img = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    e = camlens.explain(frcnn, img, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=2))
+    fig = e.show()
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert len(axes) == 2  # one panel per box
+    for k, ax in enumerate(axes):
+        want = np.asarray(e.extras["boxes"][0, k])
+        assert patch_boxes(ax) == [
+            [int(np.floor(want[0])), int(np.floor(want[1])), int(np.ceil(want[2])), int(np.ceil(want[3]))]
+        ]
+        assert ax.get_title() == f"{e.class_names[int(e.classes[0, k])]} {float(e.scores[0, k]):.3g}"
+    m = TinyFCN().eval()
+    s = camlens.explain(m, torch.randn(1, 3, 8, 8), "gradcam", targets=Segmentation([1, 2]), layer="features")
+    fig = s.show()
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert len(axes) == 2
+    assert s.extras["masks"].shape == (1, 2, 8, 8)
+    drawn = [bool(ax.collections) for ax in axes]  # the outline is a contour set
+    has_region = [bool(s.extras["masks"][0, k].any() and not s.extras["masks"][0, k].all()) for k in range(2)]
+    assert drawn == has_region
