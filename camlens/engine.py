@@ -128,6 +128,8 @@ class ForwardPass:
             )
         self._served += 1
         last = self._backwards is not None and self._served == self._backwards
+        if not self.scores.requires_grad:  # scores that do not depend on anything (a detector found no box)
+            return torch.zeros((wrt.shape[0], self.k, *wrt.shape[1:]), dtype=wrt.dtype, device=wrt.device)
         out = []
         with torch.enable_grad():
             for k in range(self.k):

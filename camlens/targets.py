@@ -320,6 +320,10 @@ class Detection(Target):
             raise TargetError(f"iou must be in [0, 1], not {iou}")
         if max_boxes < 1:
             raise TargetError("max_boxes must be >= 1")
+        if boxes is not None:  # check early: a bad box is the caller's error, not the forward pass's
+            per_image = isinstance(boxes, (list, tuple)) and len(boxes) and all(np.ndim(b) == 2 for b in boxes)
+            for b in boxes if per_image else [boxes]:
+                self._as_boxes(b)
         self.boxes = boxes
         self.label_spec = labels
         self.iou = float(iou)

@@ -728,6 +728,15 @@ def save_explanation(
                 "boxes_map": map_boxes[i].tolist(),
                 "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
                 "extras": _scalar_extras(exp.extras),
+                **(
+                    {
+                        "explained_boxes": [
+                            None if b[0] != b[0] else [float(v) for v in b] for b in exp.extras["boxes"][i]
+                        ]
+                    }
+                    if "boxes" in exp.extras
+                    else {}
+                ),
                 "versions": _versions(),
             }
             p.write_text(json.dumps(summary, indent=2) + "\n")

@@ -108,6 +108,15 @@ def build_task_model(name: str, pretrained: bool, **kwargs: Any) -> tuple[nn.Mod
     return model, card
 
 
+def keep_all_detections(model: nn.Module) -> nn.Module:
+    """Set a torchvision detector's score threshold to 0 (in place) so that its top-k boxes are
+    always reported, however low their scores (the CLI ranks them and prints the scores)."""
+    for holder in (getattr(model, "roi_heads", None), model):
+        if holder is not None and isinstance(getattr(holder, "score_thresh", None), float):
+            holder.score_thresh = 0.0
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # The detector frame
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +185,7 @@ __all__ = [
     "build_task_model",
     "default_layer",
     "frame_maps",
+    "keep_all_detections",
     "record_frames",
     "task_of",
 ]
