@@ -225,6 +225,15 @@ class Target:
         return {}
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached tensor that autograd may save (a clone of an inference-mode tensor)."""
+    t = t.detach()
+    if t.is_inference():
+        with torch.inference_mode(False):
+            t = t.clone()
+    return t
+
+
 def is_target_object(t: Any) -> bool:
     """Whether ``t`` follows the :class:`Target` protocol (it receives the raw model output)."""
     return isinstance(t, Target) or (callable(t) and getattr(t, "raw_output", False) is True)
@@ -336,8 +345,8 @@ class Detection(Target):
     # -- references -------------------------------------------------------------------------
     @staticmethod
     def _as_boxes(b: Any) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(b, dtype=np.float64) if not isinstance(b, torch.Tensor) else b)
-        t = t.detach().float().reshape(-1, 4) if t.numel() else t.detach().float().reshape(0, 4)
+        t = _plain(torch.as_tensor(np.asarray(b, dtype=np.float64) if not isinstance(b, torch.Tensor) else b))
+        t = t.float().reshape(-1, 4) if t.numel() else t.float().reshape(0, 4)
         if t.numel() and not bool((t[:, 2:] > t[:, :2]).all()):
             raise TargetError(f"boxes must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {t.tolist()}")
         return t
@@ -533,7 +542,7 @@ class Segmentation(Target):
             masks = (pred[:, None] == cats[:, :, None, None]).to(logits.dtype)
         else:
             m = torch.as_tensor(np.asarray(self.mask) if not isinstance(self.mask, torch.Tensor) else self.mask)
-            m = m.detach().to(logits.device, logits.dtype)
+            m = _plain(m).to(logits.device, logits.dtype)
             if m.dim() == 2:
                 m = m[None].expand(n, -1, -1)
             if m.dim() != 3 or m.shape[0] != n:
@@ -601,9 +610,10 @@ class Similarity(Target):
             raise TargetError(
                 f"reference must be an embedding (D,)/(K, D) or images (3,H,W)/(K,3,H,W); got {tuple(r.shape)}"
             )
-        self.reference = r.detach()
+        r = _plain(r)
+        self.reference = r
         # embeddings are used as given; images are embedded by bind()
-        self._ref: torch.Tensor | None = {1: r.detach()[None], 2: r.detach()}.get(r.dim())
+        self._ref: torch.Tensor | None = {1: r[None], 2: r}.get(r.dim())
 
     @property
     def k(self) -> int:
