@@ -352,3 +352,18 @@ def test_detection_and_segmentation_figures(frcnn):
     drawn = [bool(ax.collections) for ax in axes]  # the outline is a contour set
     has_region = [bool(s.extras["masks"][0, k].any() and not s.extras["masks"][0, k].all()) for k in range(2)]
     assert drawn == has_region
+
+
+def test_references_made_under_inference_mode(frcnn):
+    """Reference boxes / embeddings computed under inference_mode (the natural way to get them)
+    used to raise 'Inference tensors cannot be saved for backward'."""
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        out = frcnn(x)
+    e = camlens.explain(frcnn, x, "gradcam", targets=Detection(out[0]["boxes"][:1], out[0]["labels"][:1]))
+    assert float(e.scores[0, 0]) > 0
+    m = TinyEmbed().eval()
+    with torch.inference_mode():
+        ref = m(x[:, :, :8, :8])[0]
+    e2 = camlens.explain(m, x[:, :, :8, :8], "saliency", targets=Similarity(ref))
+    assert float(e2.scores[0, 0]) == pytest.approx(1.0, abs=1e-5)
