@@ -165,10 +165,17 @@ def explain(
             (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
+            Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
+            images of different sizes (one batched forward; layer methods only); their maps are in
+            each image's original pixels, zero-padded to the largest (``extras["image_sizes"]``).
         method: a registered method name (see :func:`camlens.methods`) or a list of names, computed
             from one shared forward pass and returned as ``{name: Explanation}``.
         targets: ``None`` (top-1), an int, N ints, an ``(N, K)`` table, ``"topK"``, class names,
-            or a callable ``logits -> (N,)`` scores. See :mod:`camlens.targets`.
+            or a callable ``logits -> (N,)`` scores; or a target object that scores the model's
+            raw output: :class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+            :class:`~camlens.targets.Similarity` or your own :class:`~camlens.targets.Target`.
+            A zoo detector defaults to ``Detection()`` (its own detections), a zoo segmenter to
+            ``Segmentation(None)`` (its largest predicted class). See :mod:`camlens.targets`.
         layer: dotted module name, module, or ``None``: the features entering the final global
             pooling (a module or a functional call), else the last spatial module output.
         capture: ``"output"`` or ``"input"`` of ``layer``.
@@ -285,6 +292,8 @@ def explain(
                 maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
             extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
             extras.update(out.extras)
+            if isinstance(x, list):
+                extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,

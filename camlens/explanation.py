@@ -39,7 +39,10 @@ class Explanation:
         images: the original RGB uint8 images when ``inputs`` were images (for overlays).
         sources: a name per image (file stem, or ``image0``…), used to name output files.
         model_name: the model's zoo name, if known.
-        extras: method-specific results (e.g. Integrated Gradients' completeness error).
+        extras: method-specific results (e.g. Integrated Gradients' completeness error), and what
+            a target object adds: ``"boxes"`` ``(N, K, 4)`` explained boxes of a detector (original
+            pixels, NaN rows: padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
+            segmenter, ``"image_sizes"`` for a batch of different-size images.
     """
 
     maps: torch.Tensor

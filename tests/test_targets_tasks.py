@@ -118,6 +118,7 @@ def test_explain_detector_gradcam_and_hygiene(frcnn):
     e2 = camlens.explain(frcnn, imgs, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=1))
     assert e2.maps.shape == (2, 1, 80, 96)
     assert float(e2.maps[0, :, 64:].abs().sum()) == 0.0  # beyond image 0
+    assert e2.extras["image_sizes"] == [(64, 96), (80, 80)]
     with pytest.raises(InputError, match="one size"):
         camlens.explain(frcnn, imgs, "saliency", targets=Detection(score_threshold=0.0))
 
