@@ -204,3 +204,23 @@ def test_drise_matches_rise_with_the_iou0_detection_target():
     torch.testing.assert_close(d.maps, r.maps)
     assert float(d.maps.abs().sum()) > 0
     np.testing.assert_allclose(d.extras["boxes"][0, 0], [3, 3, 12, 12])
+
+
+def test_black_box_hygiene_and_errors():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    m.train()
+    x = torch.randn(1, 3, 12, 12)
+    x0 = x.clone()
+    a = camlens.explain(m, x, ["rise", "occlusion"], n_masks=8, window=4, stride=4, progress=False)
+    b = camlens.explain(m, x, ["rise", "occlusion"], n_masks=8, window=4, stride=4, progress=False)
+    assert m.training and all(mod.training for mod in m.modules())  # restored
+    torch.testing.assert_close(a["rise"].maps, b["rise"].maps)  # eval held: dropout off, deterministic
+    assert all(p.grad is None for p in m.parameters()) and torch.equal(x, x0)
+    assert not m._forward_hooks and not m._forward_pre_hooks
+    with pytest.raises(MethodError, match="window"):
+        camlens.explain(m, x, "occlusion", window=0)
+    with pytest.raises(MethodError, match="n_masks"):
+        camlens.explain(m, x, "rise", n_masks=0)

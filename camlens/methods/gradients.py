@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ..engine import gradient_pass
 from ..errors import MethodError
-from ..targets import Targets
+from ..targets import Targets, take_rows
 from .registry import MethodOutput, get_method, register
 
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
@@ -130,7 +130,8 @@ def _chunks(n_images: int, n_per_image: int, batch_size: int):
 
 
 def _row_targets(ctx, n: torch.Tensor) -> Targets:
-    return Targets(ctx.targets.classes[n], ctx.targets.fn)
+    obj = ctx.targets.obj
+    return Targets(ctx.targets.classes[n], ctx.targets.fn, None if obj is None else take_rows(obj, n.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MethodError
+from ..targets import take_rows
 from .registry import MethodOutput, register
 
 EPS = 1e-8
@@ -54,7 +55,13 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     if "channels_last" not in layout:
         logits = model(imgs)
         ok = False
-        if imgs.device.type == "cpu" and imgs.dtype == torch.float32 and imgs.dim() == 4 and len(imgs) > 1:
+        if (
+            isinstance(logits, torch.Tensor)  # a tensor output (not a detector's list or a dict)
+            and imgs.device.type == "cpu"
+            and imgs.dtype == torch.float32
+            and imgs.dim() == 4
+            and len(imgs) > 1
+        ):
             k = min(len(imgs), 4)
             try:
                 alt = model(imgs[:k].contiguous(memory_format=torch.channels_last))
@@ -118,7 +125,9 @@ def scorecam(
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
             logits = _masked_logits(ctx.model, imgs, layout)
-            if ctx.targets.fn is not None:
+            if ctx.targets.obj is not None:  # a target object scores the raw output of its own images
+                s = take_rows(ctx.targets.obj, [n for n, _ in chunk])(logits)
+            elif ctx.targets.fn is not None:
                 s = ctx.targets.fn(logits)[:, None]
             else:
                 cls = ctx.targets.classes.to(logits.device)[[n for n, _ in chunk]]
