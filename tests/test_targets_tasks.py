@@ -400,3 +400,31 @@ def test_smoothgrad_and_ig_with_a_target_object():
     torch.testing.assert_close(sg.raw, sal.raw, rtol=1e-5, atol=1e-7)
     ig = camlens.explain(m, x, "integrated_gradients", targets=Similarity(r), steps=16)
     assert ig.raw.shape == sal.raw.shape and torch.isfinite(ig.raw).all()
+
+
+def test_pixel_method_on_a_detector(frcnn):
+    x = torch.rand(1, 3, 64, 96)
+    e = camlens.explain(frcnn, x, "saliency", targets=Detection(score_threshold=0.0, max_boxes=1))
+    assert e.raw.shape == (1, 1, 3, 64, 96) and float(e.raw.abs().sum()) > 0
+    assert all(p.grad is None for p in frcnn.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_targets_and_black_box_on_cuda():
+    torch.manual_seed(0)
+    m = load_model("fasterrcnn_mobilenet_v3_large_320_fpn", "random", device="cuda", **FRCNN_KW)
+    x = torch.rand(2, 3, 64, 96, device="cuda")
+    for method in ("gradcam", "drise"):
+        e = (
+            camlens.explain(m, x, method, targets=Detection(score_threshold=0.0, max_boxes=2), n_masks=16)
+            if (method == "drise")
+            else camlens.explain(m, x, method, targets=Detection(score_threshold=0.0, max_boxes=2))
+        )
+        assert e.maps.device.type == "cuda" and torch.isfinite(e.maps).all()
+    seg = TinyFCN().cuda().eval()
+    e = camlens.explain(seg, torch.randn(1, 3, 8, 8, device="cuda"), "rise", targets=Segmentation(1), n_masks=16)
+    assert e.maps.device.type == "cuda"
+    emb = TinyEmbed().cuda().eval()
+    xe = torch.randn(1, 3, 8, 8, device="cuda")
+    e = camlens.explain(emb, xe, "gradcam", targets=Similarity(xe[0].cpu()), layer="conv")
+    assert float(e.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
