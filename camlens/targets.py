@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import eval_mode, model_device, model_dtype
 from .errors import TargetError
 
 TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable
@@ -625,15 +626,8 @@ class Similarity(Target):
         if model is None:
             raise TargetError("a Similarity reference image needs the model to embed it")
         imgs = self.reference if self.reference.dim() == 4 else self.reference[None]
-        p = next(model.parameters(), None)
-        flags = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
-            with torch.inference_mode():
-                emb = _embedding(model(imgs.to(p.device if p is not None else "cpu"))).clone()
-        finally:
-            for m, t in flags:
-                m.training = t
+        with eval_mode(model), torch.no_grad():
+            emb = _embedding(model(imgs.to(model_device(model), model_dtype(model)))).detach()
         out = Similarity(self.reference)
         out._ref = emb.float()
         return out

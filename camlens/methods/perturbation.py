@@ -166,6 +166,7 @@ def _masked_sum(
     summary="score-weighted average of random masks (black-box, no gradients)",
     kind="pixel",
     needs=(),
+    title="RISE",
 )
 def rise(
     ctx,
@@ -203,6 +204,8 @@ def rise(
     summary="random masks weighted by box x class x objectness similarity to the target detection",
     kind="pixel",
     needs=(),
+    title="D-RISE",
+    aliases=("d-rise",),
 )
 def drise(
     ctx,
@@ -257,6 +260,7 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     summary="score drop when a sliding patch is replaced by a baseline (black-box)",
     kind="pixel",
     needs=(),
+    title="Occlusion",
 )
 def occlusion(
     ctx,
