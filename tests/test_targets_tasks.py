@@ -190,7 +190,6 @@ def test_segmentation_target_closed_form_on_tiny_fcn():
         Segmentation(5).bind(out)
 
 
-@pytest.mark.slow
 def test_gradcam_on_fcn_resnet50_equals_autograd_reference():
     torch.manual_seed(0)
     m = load_model("fcn_resnet50", "random")
@@ -300,7 +299,6 @@ def test_zoo_task_models_default_layers_and_no_download():
         load_model("resnet18", "random", min_size=3)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,kw",
     [
