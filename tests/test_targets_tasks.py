@@ -426,3 +426,17 @@ def test_targets_and_black_box_on_cuda():
     xe = torch.randn(1, 3, 8, 8, device="cuda")
     e = camlens.explain(emb, xe, "gradcam", targets=Similarity(xe[0].cpu()), layer="conv")
     assert float(e.scores[0, 0]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_task_model_weights_from_a_file(tmp_path):
+    torch.manual_seed(0)
+    a = load_model("lraspp_mobilenet_v3_large", "random")
+    path = tmp_path / "seg.pth"
+    torch.save(a.state_dict(), path)
+    torch.manual_seed(1)
+    b = load_model("lraspp_mobilenet_v3_large", str(path))
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert "fasterrcnn_mobilenet_v3_large_320_fpn" in camlens.models.zoo.available_models()
+    with pytest.raises(camlens.errors.CheckpointError):
+        load_model("deeplabv3_mobilenet_v3_large", str(path))  # another architecture

@@ -82,8 +82,8 @@ def default_layer(model: nn.Module, task: str) -> str:
 def build_task_model(name: str, pretrained: bool, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """An untrained torchvision detector or segmenter (nothing downloaded: ``weights=None`` and
     ``weights_backbone=None``) and its card fields; :func:`camlens.models.zoo.load_model` then
-    loads the weights. ``pretrained``: weights will be loaded (segmenters then get the aux head
-    their published weights hold)."""
+    loads the weights. ``pretrained``: weights will be loaded (FCN and DeepLabV3 then get the aux
+    head their published weights hold; ``aux_loss=False`` for a file without it)."""
     import torchvision  # heavy: only when a detector or segmenter is asked for
     from torchvision.models import get_model_weights
 
@@ -91,7 +91,7 @@ def build_task_model(name: str, pretrained: bool, **kwargs: Any) -> tuple[nn.Mod
     if task is None:
         raise CamlensError(f"{name!r} is not a detector or segmenter camlens knows")
     categories = list(get_model_weights(name).DEFAULT.meta.get("categories") or []) or None
-    if pretrained and task == "segmentation" and "aux_loss" not in kwargs:
+    if pretrained and name.startswith(("fcn_", "deeplabv3_")) and "aux_loss" not in kwargs:
         kwargs["aux_loss"] = True
     if kwargs.get("num_classes") is not None:
         categories = None

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CamlensError, CheckpointError, WeightsNotFoundError
 from .classes import imagenet_classes
 from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess
-from .tasks import build_task_model, task_of
+from .tasks import DETECTORS, SEGMENTERS, build_task_model, task_of
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -163,7 +163,7 @@ def available_models() -> list[str]:
     import torchvision
 
     tv = torchvision.models.list_models(module=torchvision.models)
-    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv)]
+    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv), *DETECTORS, *SEGMENTERS]
 
 
 def load_model(
