@@ -23,7 +23,7 @@ from .capture import CaptureSpec
 from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
-from .inputs import prepare_inputs
+from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import Preprocess
@@ -147,7 +147,7 @@ def explain(
 
     x: Any  # a batch tensor, or a detector's list of (C, H, W) images of different sizes
     with torch.inference_mode(False):
-        x, images, sources = prepare_inputs(inputs, model, preprocess)
+        x, images, sources = prepare_batch(inputs, model, preprocess)
     if isinstance(x, list):
         bad = [i.name for i in infos if i.kind != "layer"]
         if bad:

@@ -20,10 +20,23 @@ from .models.zoo import card_of
 
 def prepare_inputs(
     inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
+) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
+    """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
+    x, images, names = prepare_batch(inputs, model, preprocess)
+    if isinstance(x, list):
+        raise InputError(
+            f"these images differ in size ({sorted({tuple(t.shape[-2:]) for t in x})}) and this needs one "
+            "batch tensor: resize them, or pass them one at a time"
+        )
+    return x, images, names
+
+
+def prepare_batch(
+    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str]]:
-    """Inputs -> ``(x, original images or None, source names)`` on the model's device; ``x`` is a
-    list of ``(C, H, W)`` tensors for images of different sizes given to a detector (whose
-    preprocessing keeps each image's size, ``resize="none"``)."""
+    """As :func:`prepare_inputs`, but images of different sizes given to a detector (whose
+    preprocessing keeps each image's size, ``resize="none"``), or a list of ``(C, H, W)`` tensors
+    of different sizes, come back as a list of ``(C, H, W)`` tensors (its list-of-images input)."""
     device = model_device(model)
     if isinstance(inputs, torch.Tensor):
         x = inputs

@@ -477,8 +477,8 @@ def segmentation_figure(
     img, fig, axes = _task_panels(exp, index, keep, cell)
     for ax, k in zip(axes, keep):
         _panel(ax, overlay(img, exp.maps[index, k], alpha, cmap), _task_title(exp, index, k))
-        mk = torch.from_numpy(masks[k].astype(np.float32))[None, None]
-        mk = F.interpolate(mk, size=img.shape[:2], mode="nearest")[0, 0].numpy()
+        mt = torch.from_numpy(masks[k].astype(np.float32))[None, None]
+        mk = F.interpolate(mt, size=img.shape[:2], mode="nearest")[0, 0].numpy()
         if mk.max() > 0.5 > mk.min():
             ax.contour(mk, levels=[0.5], colors=[BOX_COLOR], linewidths=1.5)
     fig.suptitle(_method_title(exp), fontsize=11)

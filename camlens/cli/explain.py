@@ -301,12 +301,16 @@ def _explain_batch(
     first = next(iter(res.values()))
     if not quiet and "boxes" in first.extras:  # a detector: the boxes explained
         for i, stem in enumerate(stems):
-            rows = [
-                (k + 1, first.labels()[i][k], f"{float(first.scores[i, k]):.3g}", ",".join(f"{v:.0f}" for v in b))
+            box_rows = [
+                (str(k + 1), first.labels()[i][k], f"{float(first.scores[i, k]):.3g}", ",".join(f"{v:.0f}" for v in b))
                 for k, b in enumerate(first.extras["boxes"][i])
                 if b[0] == b[0]
             ]
-            echo(f"{stem}\n" + (table(rows, ("#", "label", "score", "box"), indent="  ") if rows else "  no box"), bar)
+            echo(
+                f"{stem}\n"
+                + (table(box_rows, ("#", "label", "score", "box"), indent="  ") if box_rows else "  no box"),
+                bar,
+            )
     count = 0
     for exp in res.values():
         exp.sources = list(stems)
