@@ -425,6 +425,9 @@ def explanation_figure(
                 _panel(ax_row[1 + j], overlay(img, exp.maps[i, j], alpha, cmap), label, fontsize=9)
                 if bxs is not None:
                     _add_boxes(ax_row[1 + j], bxs[i][j])
+                ref = np.asarray(exp.extras["boxes"])[i, j] if "boxes" in exp.extras else None
+                if ref is not None and np.isfinite(ref).all():  # a detector's explained box
+                    _add_boxes(ax_row[1 + j], np.round(ref))
     fig.suptitle(_method_title(exp), fontsize=11)
     return fig
 
@@ -459,8 +462,7 @@ def detection_figure(
         if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
             m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
         _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
-        b = boxes[k]
-        _add_boxes(ax, np.array([np.floor(b[0]), np.floor(b[1]), np.ceil(b[2]), np.ceil(b[3])]))
+        _add_boxes(ax, np.round(boxes[k]))
     if not keep:
         _panel(axes[0], img, "no box to explain")
     fig.suptitle(_method_title(exp), fontsize=11)

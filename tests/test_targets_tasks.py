@@ -112,6 +112,7 @@ def test_explain_detector_gradcam_and_hygiene(frcnn):
     assert e.layer == "output of backbone.body.16"
     assert e.extras["boxes"].shape == (2, 2, 4)
     assert all(p.grad is None for p in frcnn.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in frcnn.modules())  # transform hook removed
     assert torch.isnan(e.probs).all() and (e.scores > 0).all()
     # a list of images of different sizes: one batched forward, maps in each image's pixels
     imgs = [torch.rand(3, 64, 96), torch.rand(3, 80, 80)]
@@ -337,10 +338,8 @@ def test_detection_and_segmentation_figures(frcnn):
     axes = [a for a in fig.axes if a.get_visible()]
     assert len(axes) == 2  # one panel per box
     for k, ax in enumerate(axes):
-        want = np.asarray(e.extras["boxes"][0, k])
-        assert patch_boxes(ax) == [
-            [int(np.floor(want[0])), int(np.floor(want[1])), int(np.ceil(want[2])), int(np.ceil(want[3]))]
-        ]
+        want = [int(v) for v in np.round(e.extras["boxes"][0, k])]
+        assert patch_boxes(ax) == [want]
         assert ax.get_title() == f"{e.class_names[int(e.classes[0, k])]} {float(e.scores[0, k]):.3g}"
     m = TinyFCN().eval()
     s = camlens.explain(m, torch.randn(1, 3, 8, 8), "gradcam", targets=Segmentation([1, 2]), layer="features")
@@ -440,3 +439,14 @@ def test_task_model_weights_from_a_file(tmp_path):
     assert "fasterrcnn_mobilenet_v3_large_320_fpn" in camlens.models.zoo.available_models()
     with pytest.raises(camlens.errors.CheckpointError):
         load_model("deeplabv3_mobilenet_v3_large", str(path))  # another architecture
+
+
+def test_detection_batch_figure_draws_each_explained_box(frcnn):
+    from camlens.viz import patch_boxes
+
+    x = torch.rand(2, 3, 64, 96)
+    e = camlens.explain(frcnn, x, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=1))
+    fig = e.show()
+    drawn = [patch_boxes(ax) for ax in fig.axes if ax.get_visible() and patch_boxes(ax)]
+    want = [[[int(v) for v in np.round(e.extras["boxes"][i, 0])]] for i in range(2)]
+    assert drawn == want
