@@ -450,3 +450,18 @@ def test_detection_batch_figure_draws_each_explained_box(frcnn):
     drawn = [patch_boxes(ax) for ax in fig.axes if ax.get_visible() and patch_boxes(ax)]
     want = [[[int(v) for v in np.round(e.extras["boxes"][i, 0])]] for i in range(2)]
     assert drawn == want
+
+
+def test_detection_with_probability_vectors_is_drise_similarity():
+    """With "probs" (D, C) and "objectness" (D,), the score is IoU x cos(one-hot, p) x objectness."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0]])
+    probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]])
+    obj = torch.tensor([0.9, 0.6])
+    out = [
+        {"boxes": boxes, "labels": probs.argmax(1), "scores": probs.max(1).values, "probs": probs, "objectness": obj}
+    ]
+    ref = torch.tensor([[0.0, 0.0, 10.0, 12.0]])
+    t = Detection(ref, [2], iou=0.0).bind(out)
+    iou = tv_box_iou(ref, boxes)[0]
+    cos = probs[:, 2] / probs.norm(dim=1)
+    assert float(t(out)[0, 0]) == pytest.approx(float((iou * cos * obj).max()), rel=1e-6)
