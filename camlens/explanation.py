@@ -24,6 +24,10 @@ def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.nan_to_num(out, nan=0.0).view_as(maps)
 
 
+#: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
+PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes")
+
+
 @dataclass
 class Explanation:
     """Maps for ``N`` images x ``K`` target classes, plus what produced them.
@@ -119,6 +123,10 @@ class Explanation:
             probs=self.probs[idx],
             images=[self.images[i] for i in rows] if self.images else None,
             sources=[self.sources[i] for i in rows] if self.sources else None,
+            extras={
+                k: ([v[i] for i in rows] if isinstance(v, list) else v[rows]) if k in PER_IMAGE_EXTRAS else v
+                for k, v in self.extras.items()
+            },
         )
 
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------

@@ -450,6 +450,9 @@ def test_detection_batch_figure_draws_each_explained_box(frcnn):
     drawn = [patch_boxes(ax) for ax in fig.axes if ax.get_visible() and patch_boxes(ax)]
     want = [[[int(v) for v in np.round(e.extras["boxes"][i, 0])]] for i in range(2)]
     assert drawn == want
+    one = e.select([1])
+    assert one.extras["boxes"].shape == (1, 1, 4)
+    np.testing.assert_array_equal(one.extras["boxes"][0], e.extras["boxes"][1])
 
 
 def test_detection_with_probability_vectors_is_drise_similarity():
