@@ -8,7 +8,10 @@ passes they need:
 * ``"layer_grads"``: ``ctx.layer_grads()``, d score / d features, ``(N, K, C, h, w)``;
 * ``"input_grads"``: ``ctx.input_grads(rule)``, d score / d input, ``(N, K, C, H, W)``;
 * ``"rules"``: the forward runs under :func:`camlens.rules.relu_rules` so that the ReLU
-  backward rule can be switched per backward pass (Deconvnet, Guided Backprop).
+  backward rule can be switched per backward pass (Deconvnet, Guided Backprop);
+* ``"attention"``: ``ctx.attention()``, every self-attention matrix ``(N, heads, T, T)``;
+* ``"attention_grads"``: ``ctx.attention_grads()``, d score / d each attention matrix (the whole
+  forward keeps its graph).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from ..errors import MethodError
 
-NEEDS = frozenset({"features", "layer_grads", "input_grads", "rules"})
+NEEDS = frozenset({"features", "layer_grads", "input_grads", "rules", "attention", "attention_grads"})
 
 
 @dataclass
@@ -76,9 +79,16 @@ _ALIASES = {
 
 
 def register(
-    name: str, *, paper: str, summary: str, kind: str = "layer", needs: tuple[str, ...] = ("features", "layer_grads")
+    name: str,
+    *,
+    paper: str,
+    summary: str,
+    kind: str = "layer",
+    needs: tuple[str, ...] = ("features", "layer_grads"),
+    title: str | None = None,
+    aliases: tuple[str, ...] = (),
 ):
-    """Decorator registering a method under ``name``."""
+    """Decorator registering a method under ``name`` (and its ``aliases``)."""
     bad = set(needs) - NEEDS
     if bad:
         raise ValueError(f"unknown needs {bad}")
@@ -87,6 +97,8 @@ def register(
 
     def deco(fn):
         _REGISTRY[name] = MethodInfo(name, paper, summary, kind, frozenset(needs), fn)
+        for a in aliases:
+            _ALIASES[a] = name
         return fn
 
     return deco
@@ -112,7 +124,7 @@ def methods() -> dict[str, MethodInfo]:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("cam", "gradcam", "scorecam", "eigencam", "gradients", "guided"):
+    for mod in ("cam", "gradcam", "scorecam", "eigencam", "gradients", "guided", "attention"):
         try:
             importlib.import_module(f"camlens.methods.{mod}")
         except ModuleNotFoundError as exc:

