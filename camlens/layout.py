@@ -175,8 +175,11 @@ def infer_layout(
             p, h, w = (int(v) for v in reshape)
         else:
             raise LayoutError("reshape= as a tuple is (h, w) or (prefix, h, w)")
-        if h < 1 or w < 1 or p < 0 or p + h * w != T:
-            raise LayoutError(f"reshape={tuple(reshape)} does not fit {T} tokens (prefix + h*w must equal {T})")
+        if h < 1 or w < 1 or p < 0 or p + h * w != T or (len(reshape) == 2 and p > MAX_PREFIX):
+            raise LayoutError(
+                f"reshape={tuple(reshape)} does not fit {T} tokens (prefix + h*w must equal {T}, and (h, w) "
+                f"leaves at most {MAX_PREFIX} prefix tokens; give (prefix, h, w) for more)"
+            )
         return Layout("tokens", p, (h, w), how=f"reshape={tuple(reshape)}")
     if reshape is not None:
         raise LayoutError(f"reshape= must be None, a layout name or a tuple, not {type(reshape).__name__}")
