@@ -185,7 +185,8 @@ def capture_attention(model: nn.Module, *, grads: bool = False) -> Iterator[list
         def pre(mod, args, kwargs):
             with torch.no_grad():
                 q, k, v = fam.qkv(mod, args, kwargs)
-                A = (q @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
+                wide = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
+                A = (q @ k.transpose(-2, -1)).to(wide).softmax(dim=-1).to(q.dtype)
             if grads:
                 A = A.requires_grad_(True)
                 pending.setdefault(id(mod), []).append((A, v))

@@ -279,7 +279,7 @@ def explain(
                 scores=ctx.scores.detach().clone(),
                 probs=probs,
                 method=info.name,
-                layer=layer_name if info.kind == "layer" or "features" in info.needs else None,
+                layer=layer_name if "features" in info.needs else None,
                 class_names=classes,
                 images=images,
                 sources=sources,
