@@ -141,7 +141,8 @@ def is_attention(module: nn.Module) -> bool:
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORMS) or type(module).__name__ in ("LayerNorm", "LayerNorm2d", "RMSNorm")
+    """A normalization module (torch's LayerNorm/GroupNorm/RMSNorm, timm's ``RmsNorm``, …)."""
+    return isinstance(module, _NORMS) or "norm" in type(module).__name__.lower()
 
 
 def _note_norm(out: Captured, name: str):

@@ -70,8 +70,10 @@ def methods_cmd(verbose):
 @click.option("--checkpoint", default=None, type=click.Path(), help="a `camlens finetune` checkpoint instead")
 @click.option("--size", default=None, type=int, help="input side in pixels (default: the model's input size)")
 def layers_cmd(model, weights, checkpoint, size):
-    """List MODEL's candidate target layers (modules with a spatial (C, h, w) output) with their output
-    shapes, in execution order, and the layer chosen by default. Pass a name to --layer."""
+    """List MODEL's candidate target layers (modules with a spatial (C, h, w) output, and for
+    transformers token (T, D) or channels-last (h, w, C) outputs, with the grid the layer methods see)
+    with their output shapes, in execution order, and the layer chosen by default. Pass a name to
+    --layer."""
     import torch
 
     import camlens
@@ -84,10 +86,15 @@ def layers_cmd(model, weights, checkpoint, size):
     rows = candidate_layers(net, size=hw)
     if not rows:
         raise click.ClickException(f"{model} has no module with a spatial (N, C, h, w) output")
+    tokens = any(r["layout"] for r in rows)
     click.echo(
         table(
-            [(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
-            ("layer", "type", "output (C x h x w)"),
+            [(r["name"], r["type"], "x".join(str(s) for s in r["shape"]), r["layout"] or "-") for r in rows]
+            if tokens
+            else [(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
+            ("layer", "type", "output", "layout (seen as C x h x w)")
+            if tokens
+            else ("layer", "type", "output (C x h x w)"),
         )
     )
     try:
