@@ -130,12 +130,10 @@ def reference_chefer(net: TinyAttnNet, x, classes):
         N, T, E = q.shape
         H = m.num_heads
 
-        def split(z):
-            return z.reshape(N, T, H, E // H).transpose(1, 2)
-
-        A = (split(q) @ split(k).transpose(-1, -2) / (E // H) ** 0.5).softmax(-1)
+        qh, kh, vh = (z.reshape(N, T, H, E // H).transpose(1, 2) for z in (q, k, v))
+        A = (qh @ kh.transpose(-1, -2) / (E // H) ** 0.5).softmax(-1)
         As.append(A)
-        o = (A @ split(v)).transpose(1, 2).reshape(N, T, E)
+        o = (A @ vh).transpose(1, 2).reshape(N, T, E)
         t = t + m.out_proj(o)
         t = t + blk.mlp(blk.ln2(t))
     logits = net.head(net.norm(t[:, 0]))
@@ -219,9 +217,7 @@ def test_huggingface_attention_weights_and_gradients_match_eager_outputs():
 
 
 def _no_trace(model: nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m) for m in model.modules()
-    )
+    return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m) for m in model.modules())
 
 
 def _vit_b_16():
