@@ -29,8 +29,10 @@ from torch import nn
 
 from .attention import capture_attention
 from .capture import CaptureSpec, capture
+from .errors import LayoutError, MethodError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
 from .outputs import OutputSpec, select_output
+from .rules import relu_rules
 from .targets import Targets, TargetSpec, resolve_targets
 
 
@@ -80,12 +82,10 @@ class ForwardPass:
         attn_grad = "attention_grads" in needs  # gradients at every attention matrix: no cut graph
         full = pixel or attn_grad
         self.x = x.detach().requires_grad_(True) if full else x.detach()
-        self.layout_request = LayoutRequest(tuple(x.shape[-2:]), model, reshape)
+        self.layout_request = LayoutRequest((int(x.shape[-2]), int(x.shape[-1])), model, reshape)
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
-                from .rules import relu_rules
-
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
@@ -116,6 +116,20 @@ class ForwardPass:
     @property
     def k(self) -> int:
         return self.targets.k
+
+    @property
+    def layer_features(self) -> torch.Tensor:
+        """The captured ``(N, C, h, w)`` features; methods that declare ``"features"`` always have them."""
+        if self.features is None:
+            raise RuntimeError("layer features were not captured for this pass (declare needs=('features', ...))")
+        return self.features
+
+    @property
+    def layer_spec(self) -> CaptureSpec:
+        """Where the features were captured (see :attr:`layer_features`)."""
+        if self.spec is None:
+            raise RuntimeError("no layer was captured for this pass")
+        return self.spec
 
     def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
         """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
@@ -151,8 +165,6 @@ class ForwardPass:
         """The attention matrices of every global self-attention call, in execution order, each
         ``(N, heads, T, T)`` (rows: queries; detached). See :mod:`camlens.attention`."""
         if not self.attention_weights:
-            from .errors import MethodError
-
             raise MethodError(
                 "no global self-attention module ran in the forward pass (supported: nn.MultiheadAttention, "
                 "timm Attention, Hugging Face ViT-style attention; windowed attention such as Swin's is not); "
@@ -183,8 +195,7 @@ class ForwardPass:
                         )
                     )
             self._attention_grads = [
-                torch.stack([torch.zeros_like(a) if g[i] is None else g[i] for g in per_k], dim=1)
-                for i, a in enumerate(weights)
+                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1) for i, a in enumerate(weights)
             ]
         return self._attention_grads
 
@@ -193,10 +204,8 @@ class ForwardPass:
         honouring a ``reshape=`` given as ``(h, w)`` or ``(prefix, h, w)``."""
         lay = self.layout_request.layout((self.x.shape[0], T, 1), "the attention's tokens")
         if lay.kind != "tokens":
-            got = token_grid(T, tuple(self.x.shape[-2:]), self.layout_request.patch())
+            got = token_grid(T, (int(self.x.shape[-2]), int(self.x.shape[-1])), self.layout_request.patch())
             if got is None:
-                from .errors import LayoutError
-
                 raise LayoutError(f"no patch grid fits {T} tokens; pass reshape=(h, w)")
             return got
         h, w = lay.grid  # type: ignore[misc]
@@ -216,6 +225,10 @@ class ForwardPass:
             else:
                 self._input_grads[rule] = self._grads(self.x)
         return self._input_grads[rule]
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
 
 
 class GradPass(NamedTuple):
@@ -241,8 +254,6 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
     with contextlib.ExitStack() as stack:
         switch = None
         if rule != "backprop":
-            from .rules import relu_rules
-
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
         logits = model(xb)

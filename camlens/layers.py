@@ -19,6 +19,7 @@ import difflib
 import torch
 from torch import nn
 
+from ._util import eval_mode
 from .capture import CaptureSpec, capture, is_attention, is_norm
 from .errors import LayerNotFoundError, LayoutError
 from .layout import LayoutRequest, grid_fits
@@ -88,7 +89,7 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
         x = torch.zeros(1, 3, *size, device=p.device if p is not None else "cpu")
     rows: list[dict] = []
     handles = []
-    request = LayoutRequest(tuple(x.shape[-2:]), model)
+    request = LayoutRequest((int(x.shape[-2]), int(x.shape[-1])), model)
 
     def hook(name):
         def fn(m, a, o):
@@ -101,11 +102,11 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
             if lay.kind == "tokens":  # transformers: the norms and the blocks, not every linear inside
                 if not (is_norm(m) or any(is_attention(c) for c in m.children())):
                     return
-                h, w = lay.grid  # type: ignore[misc]
+                h, w = lay.grid or (0, 0)
                 desc = f"tokens: {lay.prefix} prefix + {h}x{w}"
             elif lay.kind == "nhwc":
                 desc = "channels-last"
-            elif o.dim() == 4 and grid_fits(o.shape[2], o.shape[3], *request.input_hw):  # type: ignore[misc]
+            elif o.dim() == 4 and grid_fits(o.shape[2], o.shape[3], *(request.input_hw or (0, 0))):
                 desc = ""
             else:  # (N, heads, T, d) inside attention and other non-maps
                 return
@@ -116,16 +117,12 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
     for name, m in model.named_modules():
         if name:
             handles.append(m.register_forward_hook(hook(name)))
-    was = [mm.training for mm in model.modules()]
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for mm, t in zip(model.modules(), was):
-            mm.training = t
     seen, out = set(), []
     for r in rows:  # keep the last call of reused modules, in order of first appearance
         if r["name"] not in seen:

@@ -181,7 +181,7 @@ def _timm(name: str, weights: str | os.PathLike | None, num_classes: int | None)
     if weights != "random":
         load_weights_file(model, weights)
     if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
+        model.reset_classifier(num_classes)  # type: ignore[operator]
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
     pp = Preprocess(
