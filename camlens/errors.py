@@ -46,7 +46,7 @@ class OutputExistsError(CamlensError, FileExistsError):
     """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""
 
 
-class OutputError(CamlensError, ValueError):
+class OutputError(InputError):
     """A model output whose class scores cannot be found (pass output= to choose them)."""
 
 

@@ -9,10 +9,10 @@ choice can be stated in :attr:`camlens.Explanation.extras` (key ``"output"``).
 ``output=`` (the argument of :func:`camlens.explain`):
 
 * ``None`` (automatic): a tensor is the logits; a ``ModelOutput`` or any object with a tensor
-  ``.logits`` attribute gives ``.logits``; a dict gives its ``"logits"`` entry, else its only
-  ``(N, C)`` tensor; a tuple/list gives its first ``(N, C)`` tensor. Anything else, or a dict with
-  several candidates and no ``"logits"`` key, raises :class:`~camlens.errors.OutputError` listing
-  what was found and how to choose.
+  ``.logits`` attribute gives ``.logits``; a dict gives its ``"logits"`` entry; a tuple/list gives
+  its first ``(N, C)`` tensor (``(logits, aux)``). Anything else — a dict without a ``"logits"``
+  key included (one ``(N, C)`` entry may as well be an embedding) — raises
+  :class:`~camlens.errors.OutputError` listing what was found and how to choose.
 * a string: a dict key or an attribute name (``output="logits_distilled"``);
 * an int: an index into a tuple or list (``output=1``);
 * a callable ``raw -> (N, C) tensor`` (``output=lambda out: out["logits"]``).
@@ -62,7 +62,7 @@ def _check(t: Any, what: str, raw: Any) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise OutputError(
-            f"{what} is {got}, not class scores of shape (N, num_classes). The model returned "
+            f"{what} is {got}, not class scores: logits of shape (N, num_classes). The model returned "
             f"{describe_output(raw)}; choose the scores with output=KEY, output=INDEX or output=callable"
         )
     return t
@@ -120,23 +120,23 @@ def select_output(raw: Any, output: OutputSpec = None, n: int | None = None) -> 
         return _check(logits, f"the {where}", raw), f"{where} of {type(raw).__name__}"
     if isinstance(raw, Mapping):
         found = [k for k, v in raw.items() if _is_logits(v, n)]
-        if len(found) == 1:
-            return raw[found[0]], f"{found[0]!r} entry (the only (N, C) tensor of the {type(raw).__name__})"
-        why = "no (N, C) tensor" if not found else f"several (N, C) tensors ({', '.join(map(repr, found))})"
+        why = "no (N, C) tensor" if not found else f"(N, C) tensor(s) {', '.join(map(repr, found))}"
         raise OutputError(
-            f"the model returned {describe_output(raw)}: {why} and no 'logits' entry, so the class scores "
-            "are ambiguous. Choose them with output='KEY' or output=lambda out: ..."
+            f"the model returned {describe_output(raw)}: {why} but no 'logits' entry, so which are the class "
+            "scores (logits of shape (N, num_classes)) is not obvious. Choose them with output='KEY' or "
+            "output=lambda out: ..."
         )
     if isinstance(raw, (tuple, list)):
         for i, v in enumerate(raw):
             if _is_logits(v, n):
                 return v, f"element {i} of the {_describe(raw)} (its first (N, C) tensor)"
         raise OutputError(
-            f"the model returned {describe_output(raw)} with no (N, C) tensor of class scores; "
-            "choose them with output=INDEX or output=lambda out: ..."
+            f"the model returned {describe_output(raw)} with no (N, C) tensor of class scores (logits of shape "
+            "(N, num_classes)); choose them with output=INDEX or output=lambda out: ..."
         )
     raise OutputError(
-        f"the model returned {describe_output(raw)}, not class scores; choose them with output=lambda out: ..."
+        f"the model returned {describe_output(raw)}, not class scores (logits of shape (N, num_classes)); "
+        "choose them with output=lambda out: ..."
     )
 
 

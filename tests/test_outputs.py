@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import CamlensError, OutputError
+from camlens.errors import CamlensError, InputError, OutputError
 from camlens.outputs import select_output
 from tests.conftest import TinyCNN
 from tests.test_core_hygiene import assert_untouched, snapshot
@@ -54,7 +54,8 @@ def test_select_output_forms():
     assert t is aux and "element 2" in d
     t, d = select_output({"logits": aux, "other": y})
     assert t is aux and "logits" in d
-    assert select_output({"x": torch.randn(3, 3, 4, 4), "s": y})[0] is y
+    with pytest.raises(OutputError, match="'s': tensor \\(3, 5\\).*no 'logits' entry"):
+        select_output({"x": torch.randn(3, 3, 4, 4), "s": y})  # one (N, C) entry may be an embedding
     assert select_output((y, aux), output=1)[0] is aux
     assert select_output({"a": y, "b": aux}, output="b")[0] is aux
     t, d = select_output({"a": y}, output=lambda o: o["a"] * 2)
@@ -65,7 +66,7 @@ def test_select_output_forms():
 
 def test_select_output_errors_list_what_was_found():
     y = torch.randn(3, 5)
-    with pytest.raises(OutputError, match=r"'a': tensor \(3, 5\).*'b': tensor \(3, 2\).*ambiguous"):
+    with pytest.raises(OutputError, match=r"'a': tensor \(3, 5\).*'b': tensor \(3, 2\).*not obvious"):
         select_output({"a": y, "b": y[:, :2]})
     with pytest.raises(OutputError, match="no \\(N, C\\) tensor"):
         select_output({"maps": torch.randn(3, 1, 4, 4)})
@@ -81,7 +82,7 @@ def test_select_output_errors_list_what_was_found():
         select_output({"a": y}, output=lambda o: o["zz"])
     with pytest.raises(OutputError, match=r"\(3, 5, 1\)"):
         select_output(torch.randn(3, 5, 1))
-    assert issubclass(OutputError, CamlensError)
+    assert issubclass(OutputError, CamlensError) and issubclass(OutputError, InputError)
 
 
 def test_huggingface_model_output():
@@ -93,7 +94,7 @@ def test_huggingface_model_output():
     assert t is y and "ImageClassifierOutput" in d
 
 
-@pytest.mark.parametrize("kind", ["tuple", "aux_first", "list", "dict", "dict_one", "hf"])
+@pytest.mark.parametrize("kind", ["tuple", "aux_first", "list", "dict", "hf"])
 @pytest.mark.parametrize("method", ["gradcam", "cam", "scorecam", "saliency"])
 def test_explained_with_no_options_like_the_plain_model(kind, method, tiny_x):
     _same_as_plain(kind, method, tiny_x)
@@ -123,6 +124,8 @@ def test_dict_without_logits_is_a_clear_error(tiny_x):
     before = snapshot(model)
     with pytest.raises(OutputError, match="'a'.*'b'.*output="):
         camlens.explain(model, tiny_x)
+    with pytest.raises(OutputError, match="'scores'.*no 'logits' entry"):
+        camlens.explain(Wrapped("dict_one").eval(), tiny_x)
     assert_untouched(model, before)
     exp = camlens.explain(model, tiny_x, output="b")
     assert exp.extras["output"] == "'b' entry" and exp.scores.shape == (3, 1)
