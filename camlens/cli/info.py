@@ -35,7 +35,8 @@ def models_cmd(pattern):
     click.echo(table(rows, ("model", "pretrained weights")))
     click.echo(
         f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
-        "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model."
+        "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model. Any timm model: "
+        "--model timm:NAME (e.g. timm:deit_tiny_patch16_224 --weights random)."
     )
 
 
@@ -54,7 +55,8 @@ def methods_cmd(verbose):
             opts = ", ".join(f"{k}={v!r}" for k, v in i.options().items()) or "none"
             click.echo(f"{n}: {i.summary}\n    options: {opts}")
     click.echo(
-        "\nkind: layer = a map from a conv layer's features (CAM family); pixel = an attribution per "
+        "\nkind: layer = a map from a layer's features (CAM family; transformer tokens are seen as a grid) "
+        "or from the attention matrices (attention_rollout, generic_attention); pixel = an attribution per "
         "input pixel (gradients)."
     )
 
