@@ -31,12 +31,14 @@ Supported modules (by structure, see :func:`attention_family`):
   ``query/key/value`` self-attention (transformers 4), without relative position biases.
 
 Windowed attention (Swin, MaxViT) is not global self-attention and is not captured.
-Hooks are removed in ``finally``, also when the forward raises.
+Hooks are removed in ``finally``, also when the forward raises. The hooks act only for the thread
+that opened the capture: another thread's forward of the same model passes through untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -180,9 +182,12 @@ def capture_attention(model: nn.Module, *, grads: bool = False) -> Iterator[list
     found: list[torch.Tensor] = []
     handles = []
     pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    owner = threading.get_ident()
 
     def make(m: nn.Module, fam: _Family):
         def pre(mod, args, kwargs):
+            if threading.get_ident() != owner:
+                return
             with torch.no_grad():
                 q, k, v = fam.qkv(mod, args, kwargs)
                 wide = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
@@ -193,7 +198,7 @@ def capture_attention(model: nn.Module, *, grads: bool = False) -> Iterator[list
             found.append(A)
 
         def post(mod, args, kwargs, output):
-            if not grads:
+            if not grads or threading.get_ident() != owner:
                 return None
             A, v = pending[id(mod)].pop()
             with torch.enable_grad():

@@ -303,3 +303,25 @@ def test_tv_vit_auto_layer_and_rollout_maps_at_input_resolution():
     exp = camlens.explain(model, x, ["attention_rollout", "generic_attention", "gradcam"])
     assert all(e.maps.shape == (1, 1, 32, 32) for e in exp.values())
     assert exp["attention_rollout"].layer is None and "ln_1" in exp["gradcam"].layer
+
+
+def test_capture_ignores_other_threads_forwards(net, x8):
+    """A forward of the same model in another thread while a capture is open records nothing and
+    gets the plain output."""
+    import threading
+
+    with torch.no_grad():
+        plain = net(x8)
+    seen = {}
+    with capture_attention(net, grads=True) as found, torch.enable_grad():
+
+        def other():
+            with torch.no_grad():
+                seen["out"] = net(x8)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert found == []
+        net(x8)
+    assert len(found) == 2 and torch.equal(seen["out"], plain)
