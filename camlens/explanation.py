@@ -119,7 +119,7 @@ class Explanation:
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
     def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
         """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
-        from .localize import localize
+        from .localization import localize
 
         kw = dict(kwargs)
         if threshold is not None:

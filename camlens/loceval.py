@@ -7,7 +7,7 @@ COCO JSON file (``bbox = [x, y, w, h]`` in 0-based continuous coordinates; ``x0 
 ``x1 = ceil(x + w)``).
 
 Metrics for ``N`` images, using the map of the ground-truth class (*GT-known*) unless noted; a box
-``b`` is the box :func:`camlens.localize.localize` gives at the threshold, scaled to the image, and
+``b`` is the box :func:`camlens.localization.localize` gives at the threshold, scaled to the image, and
 ``IoU(b, B) = max`` over the image's ground-truth boxes ``B`` of that class:
 
 * **top-1 localization accuracy** (ILSVRC, used by CAM and Grad-CAM): the top-1 predicted class is the
@@ -55,7 +55,7 @@ import torch
 from scipy import ndimage
 
 from .errors import CamlensError, InputError, OutputExistsError
-from .localize import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
+from .localization import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
 
 #: threshold sweep τ = 0, 0.01, …, 0.99 (fractions of each map's max)
 SWEEP = np.round(np.arange(0.0, 1.0, 0.01), 2)
@@ -257,7 +257,7 @@ def sweep_components(m: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray,
     element that is 8-connected inside a slice and does not connect slices, so one C call labels
     every threshold. Returns ``(boxes (L, 4), threshold index (L,), largest (L,) bool)`` where
     ``largest`` marks each threshold's largest component (ties: more mass, then raster order), the
-    same choice as :func:`camlens.localize.localize`.
+    same choice as :func:`camlens.localization.localize`.
     """
     empty = np.zeros((0, 4), np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     peak = m.max() if m.size else 0.0
@@ -593,7 +593,7 @@ def evaluate_model(
     class the model does not know are explained for their top-1 class and left out of top-1
     localization accuracy. Unreadable images are passed to ``on_error`` (default: raise).
     """
-    from .explain import explain, predict
+    from .explainer import explain, predict
     from .io import load_image
     from .models.zoo import card_of
 

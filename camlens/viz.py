@@ -205,7 +205,7 @@ def _image_of(exp: Explanation, i: int) -> np.ndarray:
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
-    from .localize import DEFAULT_THRESHOLD, image_boxes
+    from .localization import DEFAULT_THRESHOLD, image_boxes
 
     return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
 
@@ -242,23 +242,7 @@ def _method_title(exp: Explanation) -> str:
     from .methods.registry import methods
 
     info = methods().get(exp.method)
-    pretty = {
-        "gradcam": "Grad-CAM",
-        "cam": "CAM",
-        "gradcam++": "Grad-CAM++",
-        "scorecam": "Score-CAM",
-        "eigencam": "Eigen-CAM",
-        "layercam": "LayerCAM",
-        "xgradcam": "XGrad-CAM",
-        "hirescam": "HiResCAM",
-        "saliency": "Saliency",
-        "deconvnet": "Deconvnet",
-        "guided_backprop": "Guided Backprop",
-        "guided_gradcam": "Guided Grad-CAM",
-        "integrated_gradients": "Integrated Gradients",
-        "smoothgrad": "SmoothGrad",
-        "input_x_gradient": "Input x Gradient",
-    }.get(exp.method, exp.method)
+    pretty = info.title if info is not None else exp.method
     parts = [pretty]
     if exp.model_name:
         parts.append(exp.model_name)
@@ -586,7 +570,7 @@ def save_explanation(
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
     """
-    from .localize import DEFAULT_THRESHOLD, localize, scale_boxes
+    from .localization import DEFAULT_THRESHOLD, localize, scale_boxes
 
     fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
     bad = [f for f in fmts if f not in ("png", "npy", "json")]

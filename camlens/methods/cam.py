@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine import ForwardPass
 from ..errors import HeadError, MethodError
 from ..models.heads import last_linear
 from .registry import MethodOutput, register
@@ -43,7 +44,7 @@ def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | N
     raise MethodError("head= must be None, a dotted module name, an nn.Linear or a (weight, bias) pair")
 
 
-def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's ``(num_classes, C)`` weight and bias, verified against the pass's logits."""
     A = ctx.features
     W, b, name = _head_params(ctx.model, head)
@@ -80,8 +81,9 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
     paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016",
     summary="class activation map: head weights x last conv features (GAP + linear heads)",
     needs=("features",),
+    title="CAM",
 )
-def cam(ctx, *, head=None, check_head: bool = True) -> MethodOutput:
+def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput:
     """``M_c = sum_k W[c, k] A_k`` (no ReLU, no bias); see the module docstring."""
     if ctx.targets.fn is not None:
         raise MethodError("cam needs class indices as targets, not a callable; use gradcam for custom scores")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine import ForwardPass
 from ..errors import MethodError
 from .registry import MethodOutput, register
 
@@ -42,8 +43,10 @@ def _combine(w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     "gradcam",
     paper="Selvaraju et al., Grad-CAM, ICCV 2017",
     summary="gradient averaged per channel weights the feature maps; ReLU",
+    title="Grad-CAM",
+    aliases=("grad-cam",),
 )
-def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
+def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
     G = ctx.layer_grads()
     if grad_norm == "rms":
         G = G / (G.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 1e-5)
@@ -57,8 +60,10 @@ def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOu
     "gradcam++",
     paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
     summary="second-order pixel weights of positive gradients",
+    title="Grad-CAM++",
+    aliases=("gradcampp", "gradcam_pp", "grad-cam++"),
 )
-def gradcam_pp(ctx) -> MethodOutput:
+def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     g2, g3 = G.pow(2), G.pow(3)
@@ -74,8 +79,10 @@ def gradcam_pp(ctx) -> MethodOutput:
     "xgradcam",
     paper="Fu et al., Axiom-based Grad-CAM (XGrad-CAM), BMVC 2020",
     summary="gradients weighted by normalized activations",
+    title="XGrad-CAM",
+    aliases=("xgrad-cam",),
 )
-def xgradcam(ctx) -> MethodOutput:
+def xgradcam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     w = (G * A[:, None]).sum(dim=(3, 4)) / (A.sum(dim=(2, 3))[:, None] + EPS)
@@ -86,8 +93,10 @@ def xgradcam(ctx) -> MethodOutput:
     "layercam",
     paper="Jiang et al., LayerCAM, IEEE TIP 2021",
     summary="element-wise positive gradient x activation, summed over channels",
+    title="LayerCAM",
+    aliases=("layer-cam",),
 )
-def layercam(ctx) -> MethodOutput:
+def layercam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     return MethodOutput((G.relu() * A[:, None]).sum(dim=2).relu())
@@ -97,8 +106,10 @@ def layercam(ctx) -> MethodOutput:
     "hirescam",
     paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv 2011.08891",
     summary="element-wise gradient x activation, summed over channels (no averaging)",
+    title="HiResCAM",
+    aliases=("hires-cam", "hirescam++"),
 )
-def hirescam(ctx) -> MethodOutput:
+def hirescam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
     A = ctx.features.detach()
     return MethodOutput((G * A[:, None]).sum(dim=2).relu())

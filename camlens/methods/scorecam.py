@@ -78,6 +78,8 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     paper="Wang et al., Score-CAM, CVPR Workshops 2020",
     summary="channels weighted by the class score of the input masked by each channel",
     needs=("features",),
+    title="Score-CAM",
+    aliases=("score-cam",),
 )
 def scorecam(
     ctx, *, batch_size: int | None = None, max_channels: int | None = None, weighting: str = "prob", dedupe: bool = True

@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import eval_mode
+from .._util import gaussian_blur as _blur
 from ..errors import InputError, TargetError
-from ..explain import eval_mode, explain, prepare_inputs
+from ..explainer import explain
 from ..explanation import Explanation
+from ..inputs import prepare_inputs
 from ..models.zoo import card_of
 from ..targets import resolve_targets
 
@@ -326,28 +329,16 @@ def pixel_rank(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> to
 # --------------------------------------------------------------------------------------------
 # substrates (what removed pixels become)
 # --------------------------------------------------------------------------------------------
-def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    r = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
-    k = torch.exp(-0.5 * (r / sigma) ** 2)
-    return k / k.sum()
-
-
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding.
+    """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding
+    (:func:`camlens._util.gaussian_blur`).
 
     The defaults (11 taps, :math:`\\sigma = 5`) are those of the RISE insertion metric
     (Petsiuk et al., BMVC 2018) for 224 x 224 inputs.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise InputError(f"kernel_size must be a positive odd integer, not {kernel_size}")
-    c = x.shape[1]
-    k = gaussian_kernel1d(kernel_size, sigma, x.device, x.dtype)
-    pad = kernel_size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    y = F.pad(x, (pad, pad, 0, 0), mode=mode)
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    y = F.pad(y, (0, 0, pad, pad), mode=mode)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+    return _blur(x, sigma, kernel_size=kernel_size, mode="reflect")
 
 
 def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:

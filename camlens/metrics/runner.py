@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, MethodError
-from ..explain import prepare_inputs
+from ..inputs import prepare_inputs
 from ..io import load_image
 from ..methods.registry import get_method
 from ..models.zoo import card_of

@@ -35,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import eval_mode
 from ..errors import InputError, LayerNotFoundError
-from ..explain import eval_mode, explain, prepare_inputs
+from ..explainer import explain
+from ..inputs import prepare_inputs
 from ._common import check_batch_size, resolve_classes
 from .similarity import spearman, ssim
 

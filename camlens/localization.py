@@ -28,8 +28,6 @@ then by raster order (the component whose first pixel comes first row by row).
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -274,15 +272,3 @@ __all__ = [
     "localize",
     "scale_boxes",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``camlens.localize`` is both this module and the function: once the submodule is imported,
-    Python rebinds the package attribute ``camlens.localize`` to the module, so the module itself
-    must stay callable for ``camlens.localize(maps)`` to keep working."""
-
-    def __call__(self, maps, threshold: float | None = None, **kwargs) -> np.ndarray:
-        return localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
