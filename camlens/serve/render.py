@@ -111,7 +111,7 @@ def figure_png(result: Result, *, alpha: float = 0.5, threshold: float = 0.3, cm
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..localize import draw_boxes
+    from ..localization import draw_boxes
 
     if not 0 <= alpha <= 1:
         raise ServeError(f"alpha must be in [0, 1], not {alpha}", 400)
@@ -169,7 +169,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
     cost and box at ``threshold`` (display and original-image pixels), plus any curves computed."""
     import camlens
 
-    from ..localize import localize, scale_boxes
+    from ..localization import localize, scale_boxes
 
     ti = threshold_index(threshold)
     img = result.image

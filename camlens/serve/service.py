@@ -353,38 +353,16 @@ def is_signed(m: np.ndarray) -> bool:
 
 
 def method_title(name: str) -> str:
-    """The display name of a registered method (the registry's ``title`` when it has one)."""
+    """The display name of a registered method (its registry ``title``: ``"Grad-CAM"``)."""
     from ..methods.registry import get_method
 
-    info = get_method(name)
-    title = getattr(info, "title", None)
-    return str(title) if title else _TITLES.get(info.name, info.name)
-
-
-_TITLES = {
-    "cam": "CAM",
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "xgradcam": "XGrad-CAM",
-    "layercam": "LayerCAM",
-    "hirescam": "HiResCAM",
-    "scorecam": "Score-CAM",
-    "eigencam": "Eigen-CAM",
-    "saliency": "Saliency",
-    "deconvnet": "Deconvnet",
-    "guided_backprop": "Guided Backprop",
-    "guided_gradcam": "Guided Grad-CAM",
-    "input_x_gradient": "Input × Gradient",
-    "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "Integrated Gradients",
-    "gradient_x_cam": "Gradient × CAM",
-}
+    return get_method(name).title
 
 
 def display_boxes(m: np.ndarray, display_hw: Sequence[int]) -> list[list[int]]:
     """The box of ``m`` (model frame) at every threshold of :data:`THRESHOLDS` with
     :func:`camlens.localize`, scaled to the display image (``-1`` = no box)."""
-    from ..localize import localize, scale_boxes
+    from ..localization import localize, scale_boxes
 
     boxes = np.stack([localize(m, t) for t in THRESHOLDS])
     return scale_boxes(boxes, m.shape[-2:], tuple(display_hw)).tolist()
