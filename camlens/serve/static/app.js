@@ -332,14 +332,14 @@ async function runCurves(res, p, box, button) {
 }
 
 function plotCurves(c) {
-  const W = 300, H = 170, L = 34, R = 8, T = 10, B = 28;
+  const W = 300, H = 200, L = 34, R = 8, T = 8, B = 58;
   const s = svg("svg", { viewBox: `0 0 ${W} ${H}` });
   const x = (f) => L + f * (W - L - R), y = (p) => H - B - p * (H - T - B);
   s.append(svg("line", { class: "axis", x1: L, y1: y(0), x2: W - R, y2: y(0) }), svg("line", { class: "axis", x1: L, y1: y(0), x2: L, y2: y(1) }));
   for (const v of [0, 0.5, 1]) {
     const t = svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }); t.textContent = v; s.append(t);
   }
-  const xl = svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" });
+  const xl = svg("text", { x: (L + W - R) / 2, y: H - B + 16, "text-anchor": "middle" });
   xl.textContent = "fraction of pixels, most important first";
   s.append(xl);
   const line = (curve, cls) => svg("polyline", { class: cls, points: curve.fractions.map((f, i) => `${x(f).toFixed(1)},${y(curve.probs[i]).toFixed(1)}`).join(" ") });
@@ -349,8 +349,9 @@ function plotCurves(c) {
     ["ins", `insertion AUC ${c.insertion.map.auc.toFixed(3)} (random ${c.insertion.random.auc.toFixed(3)})`],
   ];
   legend.forEach(([cls, text], i) => {
-    s.append(svg("line", { class: cls, x1: L + 6, x2: L + 20, y1: T + 6 + 12 * i, y2: T + 6 + 12 * i }));
-    const t = svg("text", { x: L + 24, y: T + 9 + 12 * i }); t.textContent = text; s.append(t);
+    const ly = H - B + 30 + 13 * i;
+    s.append(svg("line", { class: cls, x1: L + 6, x2: L + 20, y1: ly, y2: ly }));
+    const t = svg("text", { x: L + 24, y: ly + 3 }); t.textContent = text; s.append(t);
   });
   return s;
 }
