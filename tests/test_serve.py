@@ -244,6 +244,54 @@ def test_a_full_queue_answers_503_then_serves(photo):
     assert results[0].status_code == 200  # the waiting request got its turn
 
 
+def test_waiting_requests_are_served_in_arrival_order():
+    from camlens.serve.service import FifoLock
+
+    lock, order = FifoLock(), []
+    lock.acquire()
+    threads = []
+    for i in range(5):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        while lock.waiting != i + 1:  # each thread queued before the next starts
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_model_choice_one_model_per_name_loaded_once(photo):
+    loads = []
+
+    def load_b():
+        loads.append("b")
+        torch.manual_seed(5)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+        )
+
+    def broken():
+        raise camlens.CamlensError("the weights file is not on this machine")
+
+    a = Net().eval()
+    svc = Service(ModelPool({"a": a, "b": load_b, "broken": broken}))
+    client = TestClient(create_app(svc))
+    assert [m["loaded"] for m in client.get("/api/info").json()["models"]] == [True, False, False]
+    iid = _upload(client, _png(photo)).json()["id"]
+    for _ in range(2):
+        rb = client.post("/api/explain", json={"image_id": iid, "model": "b", "methods": ["gradcam"], "explain": 1})
+        assert rb.status_code == 200 and rb.json()["model"] == "b"
+    assert loads == ["b"]  # loaded on first use, then kept
+    net_b = svc.pool.entry("b").model
+    assert rb.json()["predictions"][0]["id"] == camlens.predict(net_b, photo, topk=1)[0][0][0]
+    ra = client.post("/api/explain", json={"image_id": iid, "methods": ["gradcam"], "explain": 1}).json()
+    assert ra["model"] == "a" and len(ra["predictions"]) == 5  # the default model; b has 3 classes
+    r = client.post("/api/explain", json={"image_id": iid, "model": "broken", "methods": ["gradcam"]})
+    assert r.status_code == 409 and "not on this machine" in r.json()["error"]
+
+
 def _panel(m: np.ndarray, pixel: bool = False) -> Panel:
     return Panel(
         "x", 0, "c", 0.5, 1.0, m.astype(np.float32), np.zeros((3, *m.shape)) if pixel else None, None, {}, 1.0, 1, []
@@ -336,3 +384,30 @@ def test_cli_binds_loopback_by_default_and_warns_for_all_interfaces(monkeypatch)
     assert seen["addr"][0] == "0.0.0.0" and "warning: bound to 0.0.0.0" in r.stderr
     r = CliRunner().invoke(main, ["serve", "--model", "resnet18", "--port", "0"])
     assert r.exit_code == 1 and "never downloads" in r.output
+
+
+def test_cli_offers_a_checkpoint_as_the_default_model(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import camlens.cli.serve as cli_serve
+    from camlens.cli import main
+
+    ckpt = tmp_path / "runs" / "shapes"
+    ckpt.mkdir(parents=True)
+    net = Net().eval()
+    calls = []
+
+    def fake_load(name="efficientnet_lite0", weights=None, *, checkpoint=None, device=None):
+        calls.append((name, checkpoint))
+        return net if checkpoint else Net().eval()
+
+    seen = {}
+    monkeypatch.setattr(camlens, "load_model", fake_load)
+    monkeypatch.setattr(cli_serve, "_run", lambda app, sock: seen.setdefault("app", app))
+    r = CliRunner().invoke(main, ["serve", "--checkpoint", str(ckpt), "--model", "efficientnet_lite0", "--port", "0"])
+    assert r.exit_code == 0, r.output
+    assert "models: checkpoint:shapes, efficientnet_lite0 (default checkpoint:shapes" in r.stdout
+    assert calls == [("efficientnet_lite0", str(ckpt))]  # the zoo model loads on first use only
+    info = TestClient(seen["app"], base_url="http://127.0.0.1").get("/api/info").json()
+    assert info["default_model"] == "checkpoint:shapes"
+    assert [m["name"] for m in info["models"]] == ["checkpoint:shapes", "efficientnet_lite0"]

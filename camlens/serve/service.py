@@ -106,13 +106,41 @@ class LRU:
 # --------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------
+class FifoLock:
+    """A lock granted in arrival order (a ticket queue): the requests waiting for a model are served
+    first come, first served (:class:`threading.Lock` promises no order)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket that holds the lock
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued behind the holder."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+
 @dataclass
 class ModelEntry:
     name: str
     model: nn.Module
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FifoLock = field(default_factory=FifoLock)
     waiting: int = 0
-    busy_calls: int = 0
+    calls: int = 0
 
 
 ModelSource = nn.Module | Callable[[], nn.Module]
@@ -175,7 +203,7 @@ class ModelPool:
             with self._count_lock:
                 e.waiting -= 1
         try:
-            e.busy_calls += 1
+            e.calls += 1
             yield e.model
         finally:
             e.lock.release()
@@ -379,9 +407,10 @@ class Service:
         self.pool = pool
         self.limits = limits or Limits()
         self.default_model = default_model or pool.names[0]
+        # bounded memory: a panel holds one map (and a pixel method's C x H x W attribution)
         self.images = LRU(32)
-        self.results = LRU(64)
-        self._panels = LRU(512)
+        self.results = LRU(16)
+        self._panels = LRU(256)
         self._predictions = LRU(256)
 
     # --- images -------------------------------------------------------------------------------
@@ -470,9 +499,9 @@ class Service:
             key = (img.id, name)
             preds = self._predictions.get(key)
             t0 = time.perf_counter()
-            if preds is None or len(preds) < topk:
+            if preds is None:  # the most classes a request may ask for, once per image and model
                 try:
-                    top = camlens.predict(net, [img.rgb], topk=max(topk, 5))[0]
+                    top = camlens.predict(net, [img.rgb], topk=self.limits.max_classes)[0]
                 except CamlensError as exc:
                     raise ServeError(f"{name} cannot classify this image: {exc}", 422) from None
                 preds = [{"id": c, "name": n, "prob": p, "rank": r + 1} for r, (c, n, p) in enumerate(top)]
