@@ -234,10 +234,6 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
     with Image.open(done[0]) as im:
         assert im.format == "PNG" and im.size[0] > 600
 
-    # nothing was fetched from anywhere but this server
-    urls = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-    assert urls and all(u.startswith(server) for u in urls), urls
-
     d.execute_script("window.scrollTo(0, 0)")
     out = tmp_path / "serve.png"
     d.save_screenshot(str(out))
@@ -246,3 +242,32 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(out, dest / "serve.png")
     print(f"screenshot: {out}")
+
+    # the other downloads: the maps as .npy (K, 224, 224) and the JSON summary with the box shown
+    npy_head = d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(document.querySelector('#download-npy a[data-method=gradcam]').href)"
+        ".then(r => r.arrayBuffer()).then(b => done(String.fromCharCode(...new Uint8Array(b.slice(0, 128)))));"
+    )
+    assert npy_head.startswith("\x93NUMPY") and "'shape': (3, 224, 224)" in npy_head
+    summary = d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(document.getElementById('download-json').href).then(r => r.json()).then(done);"
+    )
+    assert summary["threshold"] == 0.7 and summary["predictions"][0]["name"] == "Egyptian cat"
+    assert next(m for m in summary["maps"] if m["class"] == 285)["box_display"] == at_070
+
+    # drag and drop: a file dropped on the drop zone is uploaded like a chosen one
+    d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('api/image/sample-coffee.png').then(r => r.blob()).then(b => {"
+        "  const dt = new DataTransfer(); dt.items.add(new File([b], 'dropped.png', {type: 'image/png'}));"
+        "  document.getElementById('drop-zone').dispatchEvent("
+        "    new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); done(); });"
+    )
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "ready")
+    assert d.find_element(By.ID, "photo-caption").text == "dropped.png · 600×400"
+
+    # nothing was fetched from anywhere but this server
+    urls = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(server) for u in urls), urls

@@ -104,6 +104,7 @@ function wireUpload() {
   const input = $("#file-input");
   input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); input.value = ""; });
   const zone = $("#drop-zone");
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => {
@@ -229,9 +230,10 @@ function renderPredictions(res) {
     const explained = res.classes.includes(p.id);
     const bar = el("div", { class: "bar" });
     bar.style.width = Math.max(1, Math.round(120 * p.prob)) + "px";
-    const tr = el("tr", { class: "pred" + (explained ? " explained" : ""), "data-class": p.id,
-      title: explained ? "explained below" : "click to explain this class",
-      onclick: () => { if (!state.result.classes.includes(p.id)) runExplain([...state.result.classes, p.id]); } },
+    const pick = () => { if (!state.result.classes.includes(p.id)) runExplain([...state.result.classes, p.id]); };
+    const tr = el("tr", { class: "pred" + (explained ? " explained" : ""), "data-class": p.id, tabindex: 0,
+      title: explained ? "explained below" : "click to explain this class", onclick: pick,
+      onkeydown: (e) => { if (e.key === "Enter") pick(); } },
     el("td", { text: "#" + p.rank }), el("td", { class: "name", text: p.name }),
     el("td", { class: "prob", text: fmtPct(p.prob) }), el("td", { class: "barcell" }, bar));
     tbody.append(tr);
