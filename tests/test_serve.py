@@ -292,6 +292,24 @@ def test_model_choice_one_model_per_name_loaded_once(photo):
     assert r.status_code == 409 and "not on this machine" in r.json()["error"]
 
 
+def test_a_method_that_fails_on_this_model_is_reported_beside_the_others(photo):
+    torch.manual_seed(0)
+    mlp_head = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3),
+    ).eval()  # fmt: skip
+    client = TestClient(create_app(Service(ModelPool({"mlp": mlp_head}))))
+    iid = _upload(client, _png(photo)).json()["id"]
+    r = client.post("/api/explain", json={"image_id": iid, "methods": ["cam", "gradcam"]})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    by = {m["name"]: m for m in res["methods"]}
+    assert by["cam"]["error"] and "gradcam" in by["cam"]["error"] and by["gradcam"]["error"] is None
+    assert {p["method"] for p in res["panels"]} == {"gradcam"}
+    only_cam = client.post("/api/explain", json={"image_id": iid, "methods": ["cam"]})
+    assert only_cam.status_code == 400 and "cam:" in only_cam.json()["error"]
+
+
 def _panel(m: np.ndarray, pixel: bool = False) -> Panel:
     return Panel(
         "x", 0, "c", 0.5, 1.0, m.astype(np.float32), np.zeros((3, *m.shape)) if pixel else None, None, {}, 1.0, 1, []

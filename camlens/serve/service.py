@@ -515,8 +515,13 @@ class Service:
                 raise ServeError(f"class id {bad[0]} is out of range 0..{n_classes - 1} for {name}", 400)
             order = card.preprocess.channel_order if card else "RGB"
             fresh: list[tuple[str, Explanation, float]] = []
+            have: dict[tuple[str, int], Panel] = {}  # cached panels, held here so no eviction loses them
             for m in meths:
-                missing = [c for c in classes if self._panels.get((img.id, name, m, c)) is None]
+                for c in classes:
+                    got = self._panels.get((img.id, name, m, c))
+                    if got is not None:
+                        have[(m, c)] = got
+                missing = [c for c in classes if (m, c) not in have]
                 if not missing:
                     cost[m] = None  # everything cached
                     continue
@@ -533,15 +538,8 @@ class Service:
         # boxes and splitting need no model: outside the lock
         for m, exp, ms in fresh:
             for panel in _panels_of(exp, m, ms, names, img.display.shape[:2]):
-                self._panels.put((img.id, name, m, panel.cls), panel)
-        panels = {}
-        for m in meths:
-            if m in errors:
-                continue
-            for c in classes:
-                p = self._panels.get((img.id, name, m, c))
-                if p is not None:
-                    panels[(m, c)] = p
+                have[(m, panel.cls)] = self._panels.put((img.id, name, m, panel.cls), panel)
+        panels = {(m, c): have[(m, c)] for m in meths if m not in errors for c in classes}
         if not panels:
             raise ServeError("; ".join(f"{m}: {e}" for m, e in errors.items()) or "nothing to explain", 400)
         res = Result(
