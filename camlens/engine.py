@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from .capture import CaptureSpec, capture
+from .errors import InputError
+from .rules import relu_rules
 from .targets import Targets, TargetSpec, resolve_targets
 
 
@@ -70,8 +72,6 @@ class ForwardPass:
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
-                from .rules import relu_rules
-
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
@@ -79,8 +79,6 @@ class ForwardPass:
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
             logits = model(self.x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            from .errors import InputError
-
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputError(
                 f"the model must return logits of shape (N, num_classes); it returned {shape}. "
@@ -169,8 +167,6 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
     with contextlib.ExitStack() as stack:
         switch = None
         if rule != "backprop":
-            from .rules import relu_rules
-
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
         logits = model(xb)

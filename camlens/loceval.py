@@ -55,7 +55,10 @@ import torch
 from scipy import ndimage
 
 from .errors import CamlensError, InputError, OutputExistsError
+from .explainer import explain, predict
+from .io import load_image
 from .localization import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
+from .models.zoo import card_of
 
 #: threshold sweep τ = 0, 0.01, …, 0.99 (fractions of each map's max)
 SWEEP = np.round(np.arange(0.0, 1.0, 0.01), 2)
@@ -593,10 +596,6 @@ def evaluate_model(
     class the model does not know are explained for their top-1 class and left out of top-1
     localization accuracy. Unreadable images are passed to ``on_error`` (default: raise).
     """
-    from .explainer import explain, predict
-    from .io import load_image
-    from .models.zoo import card_of
-
     card = card_of(model)
     names = list(class_names) if class_names is not None else (card.class_names if card else None)
     maps, gts, sizes, correct = [], [], [], []

@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from ._version import __version__
 from .errors import InputError, OutputExistsError
 from .explanation import Explanation, minmax
+from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
+from .methods.registry import methods
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -205,8 +208,6 @@ def _image_of(exp: Explanation, i: int) -> np.ndarray:
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
-    from .localization import DEFAULT_THRESHOLD, image_boxes
-
     return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
 
 
@@ -239,8 +240,6 @@ def topk_figure(
 
 
 def _method_title(exp: Explanation) -> str:
-    from .methods.registry import methods
-
     info = methods().get(exp.method)
     pretty = info.title if info is not None else exp.method
     parts = [pretty]
@@ -502,9 +501,7 @@ def overlay_figure(
 
 
 def _versions() -> dict[str, str]:
-    import camlens
-
-    return {"camlens": camlens.__version__, "torch": torch.__version__}
+    return {"camlens": __version__, "torch": torch.__version__}
 
 
 def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
@@ -570,8 +567,6 @@ def save_explanation(
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
     """
-    from .localization import DEFAULT_THRESHOLD, localize, scale_boxes
-
     fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
     bad = [f for f in fmts if f not in ("png", "npy", "json")]
     if bad or not fmts:

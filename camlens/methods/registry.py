@@ -32,6 +32,7 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from ..errors import MethodError
@@ -179,8 +180,6 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED.append(True)
-    from . import __path__ as here  # the package's own folder
-
-    for mod in pkgutil.iter_modules(here):
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name != "registry" and not mod.name.startswith("_"):
             importlib.import_module(f"{__package__}.{mod.name}")

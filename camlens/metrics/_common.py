@@ -41,7 +41,7 @@ from ..errors import InputError, TargetError
 from ..explainer import explain
 from ..explanation import Explanation
 from ..inputs import prepare_inputs
-from ..models.zoo import card_of
+from ..models.zoo import card_of, load_model
 from ..targets import resolve_targets
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
@@ -266,8 +266,6 @@ def prepare(
     """Resolve ``inputs``, ``targets`` and ``maps`` of a metric call (see the module docstring)."""
     batch_size = check_batch_size(batch_size)
     if isinstance(model, str):
-        from ..models.zoo import load_model
-
         model = load_model(model)
     if model is not None and not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
