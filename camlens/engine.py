@@ -99,6 +99,20 @@ class ForwardPass:
     def k(self) -> int:
         return self.targets.k
 
+    @property
+    def layer_features(self) -> torch.Tensor:
+        """The captured ``(N, C, h, w)`` features; methods that declare ``"features"`` always have them."""
+        if self.features is None:
+            raise RuntimeError("layer features were not captured for this pass (declare needs=('features', ...))")
+        return self.features
+
+    @property
+    def layer_spec(self) -> CaptureSpec:
+        """Where the features were captured (see :attr:`layer_features`)."""
+        if self.spec is None:
+            raise RuntimeError("no layer was captured for this pass")
+        return self.spec
+
     def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
         """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
         if self._backwards is not None and self._served >= self._backwards:

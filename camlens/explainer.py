@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,38 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
             f"valid options: {', '.join(valid) or 'none'}"
         )
     return per
+
+
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: str = "gradcam",
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> Explanation: ...
+
+
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: Sequence[str],
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> dict[str, Explanation]: ...
 
 
 def explain(

@@ -29,6 +29,7 @@ then by raster order (the component whose first pixel comes first row by row).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ def draw_boxes(
     bs = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     if width is None:
         width = max(1, round(max(img.size) / 150))
-    colors = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
+    colors: list[Any] = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
     font = None
     if labels is not None:
         try:

@@ -160,7 +160,7 @@ def _read_voc_file(path: Path, root: Path | None) -> GTImage:
         if bb is None:
             continue
         try:
-            xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            xmin, ymin, xmax, ymax = (float(bb.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError):
             raise GroundTruthError(f"{path}: <bndbox> needs numeric xmin, ymin, xmax, ymax") from None
         box = np.array([math.floor(xmin) - 1, math.floor(ymin) - 1, math.ceil(xmax), math.ceil(ymax)])
@@ -450,7 +450,7 @@ def evaluate_maps(
     gt_boxes: Sequence[np.ndarray],
     *,
     image_sizes: Sequence[tuple[int, int]] | None = None,
-    correct: Sequence[bool] | np.ndarray | None = None,
+    correct: Sequence[bool | float | None] | np.ndarray | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     thresholds: Sequence[float] | None = None,
     tolerance: float = POINTING_TOLERANCE,

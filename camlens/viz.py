@@ -505,7 +505,7 @@ def _versions() -> dict[str, str]:
 
 
 def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in extras.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
@@ -603,7 +603,7 @@ def save_explanation(
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
                 title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j, rank=suffix == 'rank')}"
-                m = exp.maps[i, j]
+                m: Any = exp.maps[i, j]
                 if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
                     m = attribution_heat(resize_map(m, img.shape[:2]))
                 fig = overlay_figure(

@@ -35,8 +35,7 @@ def toy():
         aliases=("toy-sum",),
     )
     def toysum(ctx: ForwardPass, *, scale: float = 1.0) -> MethodOutput:
-        assert ctx.features is not None
-        m = ctx.features.sum(1, keepdim=True) * scale  # (N, 1, h, w)
+        m = ctx.layer_features.sum(1, keepdim=True) * scale  # (N, 1, h, w)
         return MethodOutput(m.expand(-1, ctx.k, -1, -1))
 
     yield toysum

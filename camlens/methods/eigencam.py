@@ -28,7 +28,7 @@ from .registry import MethodOutput, register
     aliases=("eigen-cam",),
 )
 def eigencam(ctx: ForwardPass, *, center: bool = False) -> MethodOutput:
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     N, _, h, w = A.shape
     M = A.flatten(2).transpose(1, 2).double()  # (N, hw, C)
     if center:

@@ -52,7 +52,7 @@ def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True
         G = G / (G.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 1e-5)
     elif grad_norm is not None:
         raise MethodError(f"grad_norm must be None or 'rms', not {grad_norm!r}")
-    raw = _combine(G.mean(dim=(3, 4)), ctx.features.detach())
+    raw = _combine(G.mean(dim=(3, 4)), ctx.layer_features.detach())
     return MethodOutput(raw.relu() if relu else raw)
 
 
@@ -65,7 +65,7 @@ def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True
 )
 def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     g2, g3 = G.pow(2), G.pow(3)
     denom = 2 * g2 + A.sum(dim=(2, 3))[:, None, :, None, None] * g3
     alpha = torch.where(
@@ -84,7 +84,7 @@ def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
 )
 def xgradcam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     w = (G * A[:, None]).sum(dim=(3, 4)) / (A.sum(dim=(2, 3))[:, None] + EPS)
     return MethodOutput(_combine(w, A).relu())
 
@@ -98,7 +98,7 @@ def xgradcam(ctx: ForwardPass) -> MethodOutput:
 )
 def layercam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     return MethodOutput((G.relu() * A[:, None]).sum(dim=2).relu())
 
 
@@ -111,5 +111,5 @@ def layercam(ctx: ForwardPass) -> MethodOutput:
 )
 def hirescam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     return MethodOutput((G * A[:, None]).sum(dim=2).relu())

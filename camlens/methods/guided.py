@@ -42,6 +42,7 @@ _RULE_NEEDS: tuple[Need, ...] = ("input_grads", "rules")
 
 def _ruled_grads(ctx: ForwardPass, rule: str, method: str) -> torch.Tensor:
     g = ctx.input_grads(rule)
+    assert ctx.switch is not None  # methods with "rules" in their needs always have the switch
     require_relus(ctx.switch.relu_calls, method, ctx.model)
     return g
 

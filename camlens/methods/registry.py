@@ -16,7 +16,7 @@ Example (a complete method; put it in any module of :mod:`camlens.methods`, or i
               aliases=("grad-mean",))
     def gradmean(ctx: ForwardPass, *, relu: bool = True) -> MethodOutput:
         w = ctx.layer_grads().mean((-2, -1), keepdim=True)          # (N, K, C, 1, 1)
-        m = (w * ctx.features[:, None]).sum(2)                      # (N, K, h, w)
+        m = (w * ctx.layer_features[:, None]).sum(2)                # (N, K, h, w)
         return MethodOutput(m.clamp_min(0) if relu else m)
 
 Every module of this package (but ``registry`` and private ``_*`` modules) is imported on first

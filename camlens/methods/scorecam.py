@@ -86,7 +86,7 @@ def scorecam(
 ) -> MethodOutput:
     if weighting not in ("prob", "channel_softmax", "logit"):
         raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     if batch_size is None:
         batch_size = CPU_BATCH if A.device.type == "cpu" else ACCEL_BATCH
     if batch_size < 1:
@@ -110,7 +110,7 @@ def scorecam(
         jobs.append((n, uniq, inv, ch))
     # All masked forwards, batched across images.
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
-    scores_per_job = [[] for _ in jobs]
+    scores_per_job: list[list[torch.Tensor]] = [[] for _ in jobs]
     layout: dict[str, bool] = {}
     with torch.inference_mode():
         for start in range(0, len(flat), batch_size):

@@ -221,7 +221,22 @@ class Prepared:
         classes: torch.Tensor | None,
         images: list[np.ndarray] | None = None,
     ) -> None:
-        self.x, self.maps, self.classes, self.images = x, maps, classes, images
+        self.x, self.images = x, images
+        self._maps, self._classes = maps, classes
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """The ``(N, H, W)`` maps (every metric that reads them asked :func:`prepare` for them)."""
+        if self._maps is None:
+            raise InputError("this metric needs maps: pass maps= (a method name, 'random', or an array)")
+        return self._maps
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """The ``(N,)`` explained classes."""
+        if self._classes is None:
+            raise InputError("this metric needs the explained classes: pass targets= or the model")
+        return self._classes
 
     @property
     def n(self) -> int:
@@ -292,6 +307,7 @@ def prepare(
         else:
             if model is None:
                 raise InputError(f"maps={maps!r} names a method: pass the model to compute its maps")
+            assert classes is not None  # resolved above for method maps
             m = explain_maps(model, x, maps, classes, batch_size, explain_options)
     else:
         m = as_maps(maps, x.shape[0], size, x.device)
