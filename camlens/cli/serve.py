@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 import click
 
@@ -35,7 +36,7 @@ def bind_message(host: str, port: int) -> tuple[str, str | None]:
     )
 
 
-def _run(app, sock: socket.socket) -> None:  # pragma: no cover - blocks until Ctrl-C; tests replace it
+def _run(app: Any, sock: socket.socket) -> None:  # pragma: no cover - blocks until Ctrl-C; tests replace it
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -63,7 +64,15 @@ def _run(app, sock: socket.socket) -> None:  # pragma: no cover - blocks until C
     type=click.IntRange(1),
     help="largest image accepted, in pixels (checked before decoding)",
 )
-def serve_cmd(models, checkpoint, host, port, device, max_upload_mb, max_pixels):
+def serve_cmd(
+    models: tuple[str, ...],
+    checkpoint: str | None,
+    host: str,
+    port: int,
+    device: str | None,
+    max_upload_mb: float,
+    max_pixels: int,
+) -> None:
     """Start a local web app to explain your own images in the browser.
 
     Upload an image (or pick a bundled photo), choose the model and methods, and compare the maps of
@@ -90,7 +99,7 @@ def serve_cmd(models, checkpoint, host, port, device, max_upload_mb, max_pixels)
 
     dev = resolve_device(device)
     names = list(dict.fromkeys(models)) if models else offline_zoo_models()
-    sources: dict = {}
+    sources: dict[str, Any] = {}
     for n in names:
         sources[n] = lambda n=n: camlens.load_model(n, device=dev)
     default = None

@@ -212,7 +212,7 @@ class ModelPool:
 def offline_zoo_models() -> list[str]:
     """Zoo names whose weights are on this machine: the bundled EfficientNet-Lite0, and the torchvision
     classifiers whose weight file is in the torch hub cache (camlens never downloads)."""
-    import torchvision  # type: ignore[import-untyped]
+    import torchvision
 
     from ..models.zoo import DEFAULT_MODEL
 
