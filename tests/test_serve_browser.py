@@ -69,11 +69,11 @@ def server(lite0):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never try to download a driver
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

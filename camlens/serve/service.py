@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -527,8 +527,7 @@ class Service:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    # one method name -> one Explanation
-                    exp = cast(Explanation, camlens.explain(net, [img.rgb], method=m, targets=[missing]))
+                    exp = camlens.explain(net, [img.rgb], method=m, targets=[missing])
                 except CamlensError as exc:
                     errors[m] = str(exc)
                     continue
