@@ -429,3 +429,38 @@ def test_cli_offers_a_checkpoint_as_the_default_model(monkeypatch, tmp_path):
     info = TestClient(seen["app"], base_url="http://127.0.0.1").get("/api/info").json()
     assert info["default_model"] == "checkpoint:shapes"
     assert [m["name"] for m in info["models"]] == ["checkpoint:shapes", "efficientnet_lite0"]
+
+
+@pytest.mark.slow
+def test_the_command_serves_until_stopped(tmp_path):
+    """The real `camlens serve` process: it prints where it listens, answers, and stops on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "camlens", "serve", "--port", "0", "--model", "efficientnet_lite0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "loopback only" in line, line + proc.stderr.read()
+        url = line.split()[2]
+        info = httpx.get(url + "api/info", timeout=30).json()
+        assert info["models"] == [{"name": "efficientnet_lite0", "loaded": True}]
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "camlens" in page.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert list(tmp_path.iterdir()) == []  # nothing written

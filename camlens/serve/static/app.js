@@ -194,7 +194,8 @@ function render(res) {
   panels.replaceChildren();
   for (const m of res.methods) {
     const row = el("div", { class: "method-row", "data-method": m.name });
-    const head = el("h3", { text: m.title });
+    const first = res.panels.find((q) => q.method === m.name);
+    const head = el("h3", { text: m.title, title: first && first.layer ? `layer: ${first.layer}` : m.kind + " method" });
     if (m.error) {
       row.append(head, el("div", { class: "error", text: m.error }));
       panels.append(row);
