@@ -402,6 +402,13 @@ def test_cli_binds_loopback_by_default_and_warns_for_all_interfaces(monkeypatch)
     assert seen["addr"][0] == "0.0.0.0" and "warning: bound to 0.0.0.0" in r.stderr
     r = CliRunner().invoke(main, ["serve", "--model", "resnet18", "--port", "0"])
     assert r.exit_code == 1 and "never downloads" in r.output
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = CliRunner().invoke(main, ["serve", "--port", str(taken.getsockname()[1])])
+    assert r.exit_code == 1 and "cannot bind 127.0.0.1" in r.output and "--port 0" in r.output
 
 
 def test_cli_offers_a_checkpoint_as_the_default_model(monkeypatch, tmp_path):

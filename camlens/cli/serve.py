@@ -92,6 +92,42 @@ def serve_cmd(
         raise click.ClickException(
             f"camlens serve needs the web extra ({exc.name} is missing): pip install 'camlens[serve]'"
         ) from None
+    sock = _bind(host, port)  # first: a taken port is reported before the (slow) model load
+    try:
+        app, line = _build(models, checkpoint, host, sock, device, max_upload_mb, max_pixels)
+        click.echo(line)
+        warning = bind_message(host, sock.getsockname()[1])[1]
+        if warning:
+            click.echo(warning, err=True)
+        _run(app, sock)
+    finally:
+        sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        hint = "; choose another --port (or --port 0 for any free one)" if port else ""
+        raise click.ClickException(f"cannot bind {host}:{port}: {exc.strerror or exc}{hint}") from None
+    sock.listen(128)
+    return sock
+
+
+def _build(
+    models: tuple[str, ...],
+    checkpoint: str | None,
+    host: str,
+    sock: socket.socket,
+    device: str | None,
+    max_upload_mb: float,
+    max_pixels: int,
+) -> tuple[Any, str]:
+    """The app (with the default model loaded) and the lines to print."""
     import camlens
     from camlens.errors import CamlensError
     from camlens.serve.app import create_app
@@ -122,22 +158,5 @@ def serve_cmd(
     service = Service(pool, limits, default_model=first)
     app = create_app(service, allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None)
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as exc:
-        sock.close()
-        hint = "; choose another --port (or --port 0 for any free one)" if port else ""
-        raise click.ClickException(f"cannot bind {host}:{port}: {exc.strerror or exc}{hint}") from None
-    sock.listen(128)
-    line, warning = bind_message(host, sock.getsockname()[1])
-    click.echo(line)
-    click.echo(f"models: {', '.join(pool.names)} (default {first}, on {dev}); Ctrl-C to stop")
-    if warning:
-        click.echo(warning, err=True)
-    try:
-        _run(app, sock)
-    finally:
-        sock.close()
+    line = bind_message(host, sock.getsockname()[1])[0]
+    return app, f"{line}\nmodels: {', '.join(pool.names)} (default {first}, on {dev}); Ctrl-C to stop"

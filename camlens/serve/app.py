@@ -2,6 +2,12 @@
 and one static page (``static/``: plain HTML, CSS and JavaScript; no CDN, no web fonts, no telemetry;
 the page's Content-Security-Policy only allows this server as a source).
 
+Why FastAPI and a static page rather than Gradio (the field's convention for model demos): Gradio
+is a large dependency tree whose page loads web fonts and, by default, reports usage analytics, and
+whose components do not offer what this page needs (a box that follows a slider without a round trip,
+heat layers composited by opacity, per-panel curves). FastAPI, uvicorn and python-multipart are small,
+pinned, and the page is three files that work with no network.
+
 Every error answers JSON ``{"error": message}`` with a 4xx status (5xx only for a bug); the server
 keeps serving. Routes (all under ``/api`` except the page)::
 
