@@ -325,3 +325,23 @@ def test_capture_ignores_other_threads_forwards(net, x8):
         assert found == []
         net(x8)
     assert len(found) == 2 and torch.equal(seen["out"], plain)
+
+
+@pytest.mark.parametrize("family", ["timm", "hf", "mha"])
+def test_logits_bit_identical_with_capture_in_every_family(family, net, x8):
+    from tests.test_transformer_models import tiny_hf_vit
+
+    if family == "timm":
+        model, x = tiny_timm_vit(reg_tokens=4).float(), torch.randn(2, 3, 48, 64)
+    elif family == "hf":
+        model, x = tiny_hf_vit(), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = net, x8
+    for needs, grad in (("attention", False), ("attention_grads", True)):
+        with torch.set_grad_enabled(grad):
+            plain = model(x)
+            plain = getattr(plain, "logits", plain)
+        ctx = ForwardPass(model, x, None, None, needs=frozenset({needs}))
+        assert torch.equal(ctx.logits.detach(), plain.detach()), (family, needs)
+        assert len(ctx.attention()) == 2
+    assert _no_trace(model)
