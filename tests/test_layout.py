@@ -204,3 +204,28 @@ def test_no_prefix_tokens_model():
     assert "prefix" not in exp.extras["layout"] and "6x8" in exp.extras["layout"]
     ref = reference_gradcam(model, x, "blocks.1.norm1", 0, 6, 8, exp.classes[:, 0].tolist())
     torch.testing.assert_close(exp.raw[:, 0].double(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_convnext_channels_last_norm_inside_a_block():
+    """torchvision's CNBlock normalises in (N, h, w, C): detected when unambiguous, forced with
+    reshape='nhwc' when C equals the grid side (8 channels on an 8x8 map is both layouts)."""
+    from tests.test_transformer_models import tiny_convnext
+
+    model = tiny_convnext().double()
+    before = snapshot(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    exp = camlens.explain(model, x, "gradcam", targets=[0, 1], layer="features.3.0.block.2")  # (N, 4, 4, 16)
+    assert exp.extras["layout"].startswith("channels-last") and exp.raw.shape[-2:] == (4, 4)
+    ref = reference_gradcam(model, x, "features.3.0.block.2", 0, 4, 4, [0, 1], tokens=False)
+    torch.testing.assert_close(exp.raw[:, 0], ref, rtol=1e-9, atol=1e-12)
+    forced = camlens.explain(model, x, "gradcam", targets=[0, 1], layer="features.1.0.block.2", reshape="nhwc")
+    ref = reference_gradcam(model, x, "features.1.0.block.2", 0, 8, 8, [0, 1], tokens=False)
+    torch.testing.assert_close(forced.raw[:, 0], ref, rtol=1e-9, atol=1e-12)
+    assert_untouched(model, before)
+
+
+def test_reshape_none_on_tokens_is_a_clear_error():
+    model = tiny_timm_vit(reg_tokens=0)
+    x = torch.randn(1, 3, 48, 64, dtype=torch.float64)
+    with pytest.raises(CamlensError, match=r"not \(N, C, h, w\).*reshape="):
+        camlens.explain(model, x, "gradcam", layer="blocks.1.norm1", reshape="none")
