@@ -103,10 +103,11 @@ def _class_scores(ctx, out, rows: list[int], weighting: str) -> torch.Tensor:
     t = ctx.targets
     if t.obj is not None:
         return take_rows(t.obj, rows)(out)
+    logits = ctx.select(out)  # classification targets see the selected logits (camlens.outputs)
     if t.fn is not None:
-        return t.fn(out)[:, None]
-    cls = t.classes.to(out.device)[rows]
-    src = out.softmax(dim=1) if weighting == "prob" else out
+        return t.fn(logits)[:, None]
+    cls = t.classes.to(logits.device)[rows]
+    src = logits.softmax(dim=1) if weighting == "prob" else logits
     return src.gather(1, cls)
 
 

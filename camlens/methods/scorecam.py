@@ -126,7 +126,7 @@ def scorecam(
             masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
-            logits = _masked_logits(ctx.model, imgs, layout)
+            logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
             if ctx.targets.obj is not None:  # a target object scores the raw output of its own images
                 s = take_rows(ctx.targets.obj, [n for n, _ in chunk])(logits)
             elif ctx.targets.fn is not None:
