@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
-from .engine import ForwardPass
+from .engine import ForwardPass, wants_layer_grads
 from .errors import InputError, MethodError
 from .explanation import Explanation
 from .io import load_images
@@ -185,7 +185,7 @@ def explain(
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
     spec: CaptureSpec | None = None
-    if "features" in needs or "layer_grads" in needs:
+    if "features" in needs or wants_layer_grads(needs):
         if layer is None and card is not None and card.layer is not None:
             spec = resolve_layer(model, card.layer, card.capture, call)
         else:
@@ -200,7 +200,7 @@ def explain(
         if spec is not None and spec.capture == "pool" and spec.call == -1:
             spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
         # one method asks for at most one layer and one input gradient: the last backward may free the graph
-        backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
+        backwards = wants_layer_grads(needs) + ("input_grads" in needs) if len(infos) == 1 else None
 
         def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
             return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)

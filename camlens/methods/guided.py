@@ -83,7 +83,7 @@ def guided_backprop(ctx, *, reduce: str | None = None) -> MethodOutput:
     paper="Selvaraju et al., Grad-CAM, ICCV 2017",
     summary="guided backprop times the upsampled Grad-CAM map",
     kind="pixel",
-    needs=("features", "layer_grads", *_RULE_NEEDS),
+    needs=("features", "layer_grads:mean", *_RULE_NEEDS),
 )
 def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
     gb = _ruled_grads(ctx, "guided", "guided_gradcam")
@@ -96,7 +96,7 @@ def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
     paper="the notebooks: input gradient per channel x normalized Grad-CAM",
     summary="input gradient per channel times the [0, 1]-normalized class map",
     kind="pixel",
-    needs=("features", "layer_grads", "input_grads"),
+    needs=("features", "layer_grads:mean", "input_grads"),
 )
 def gradient_x_cam(ctx, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
     g = ctx.input_grads("backprop")
