@@ -39,7 +39,6 @@ Gradients' path points), optionally under a ReLU rule.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -172,7 +171,7 @@ def class_grads(
 
 def stacked_grads(scores: torch.Tensor, wrt: torch.Tensor, **kwargs) -> torch.Tensor:
     """All of :func:`class_grads` as one ``(N, K, *wrt.shape[1:])`` tensor."""
-    n, k = scores.shape
+    k = scores.shape[1]
     out = torch.empty((wrt.shape[0], k, *wrt.shape[1:]), dtype=wrt.dtype, device=wrt.device)
     for k0, g in class_grads(scores, wrt, **kwargs):
         out[:, k0 : k0 + g.shape[1]] = g

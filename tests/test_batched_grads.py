@@ -217,6 +217,5 @@ def test_class_grads_chunks_free_the_graph_and_handle_unused_inputs():
     # the memory budget sets the chunk: at most GRAD_CHUNK_BYTES of gradients per backward
     assert engine.chunk_size(100, torch.empty(16, 1280, 7, 7)) == engine.GRAD_CHUNK_BYTES // (16 * 1280 * 49 * 4)
     assert engine.chunk_size(3, torch.empty(1, 1)) == 3
-    with pytest.raises(ValueError):
-        with grad_batching(True, chunk=0):
-            pass
+    with pytest.raises(ValueError), grad_batching(True, chunk=0):
+        pass
