@@ -246,6 +246,7 @@ def explain(
                 probs = probs.gather(1, ctx.targets.classes.to(probs.device))
             else:
                 probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
+        logits = ctx.logits.detach()  # kept whole: Explanation.top(k) needs no second forward
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
@@ -266,6 +267,7 @@ def explain(
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
                 extras=dict(out.extras),
+                logits=logits,
             )
         del ctx
     if isinstance(method, str):

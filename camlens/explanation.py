@@ -40,6 +40,8 @@ class Explanation:
         sources: a name per image (file stem, or ``image0``…), used to name output files.
         model_name: the model's zoo name, if known.
         extras: method-specific results (e.g. Integrated Gradients' completeness error).
+        logits: the model's ``(N, num_classes)`` logits from the same forward pass (``None`` when
+            unknown), so that :meth:`top` needs no second forward.
     """
 
     maps: torch.Tensor
@@ -54,6 +56,7 @@ class Explanation:
     sources: list[str] | None = None
     model_name: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -87,6 +90,26 @@ class Explanation:
             )
         return out
 
+    def top(self, k: int = 5) -> list[list[tuple[int, str, float]]]:
+        """The model's ``k`` most probable classes per image, over all its logits (not only the
+        explained targets): ``[[(class_id, name, probability), …], …]``, as :func:`camlens.predict`
+        returns them, from the logits of the explaining forward pass (no second forward)."""
+        if self.logits is None:
+            from .errors import InputError
+
+            raise InputError("this explanation carries no logits; use camlens.predict(model, images, topk=k)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            from .errors import InputError
+
+            raise InputError(f"k must be an integer >= 1, not {k!r}")
+        p = self.logits.detach().float().softmax(dim=1)
+        v, i = p.topk(min(k, p.shape[1]), dim=1)
+        names = self.class_names
+        return [
+            [(int(c), names[c] if names and c < len(names) else str(int(c)), float(q)) for q, c in zip(vr, ir)]
+            for vr, ir in zip(v.tolist(), i.tolist())
+        ]
+
     def to(self, device: torch.device | str) -> Explanation:
         """A copy with tensors on ``device``."""
         return replace(
@@ -96,6 +119,7 @@ class Explanation:
             classes=self.classes.to(device),
             scores=self.scores.to(device),
             probs=self.probs.to(device),
+            logits=None if self.logits is None else self.logits.to(device),
         )
 
     def cpu(self) -> Explanation:
@@ -112,6 +136,7 @@ class Explanation:
             classes=self.classes[idx],
             scores=self.scores[idx],
             probs=self.probs[idx],
+            logits=None if self.logits is None else self.logits[idx],
             images=[self.images[i] for i in rows] if self.images else None,
             sources=[self.sources[i] for i in rows] if self.sources else None,
         )

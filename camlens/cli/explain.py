@@ -202,10 +202,6 @@ def _explain_batch(
     from camlens.errors import HeadError
     from camlens.viz import save_explanation
 
-    if not quiet:
-        for stem, top in zip(stems, camlens.predict(net, imgs, topk=5), strict=True):
-            rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
-            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), bar)
     spec = [targets] * len(imgs) if targets is not None else f"top{k}"
     todo = list(names)
     try:
@@ -217,6 +213,10 @@ def _explain_batch(
         names.remove("cam")  # for the next batches too
         todo = list(names)
         res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer)
+    if not quiet:  # the top-5 table from the explaining forward's own logits (no second forward)
+        for stem, top in zip(stems, next(iter(res.values())).top(5), strict=True):
+            rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
+            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), bar)
     count = 0
     for exp in res.values():
         exp.sources = list(stems)
