@@ -11,7 +11,13 @@ runs and recorded with the machine. Peak memory comes from a child process (see
 :mod:`benchmarks.memory`).
 
 Score-CAM is measured at batch 1 on EfficientNet-Lite0 and ResNet-50 only (thousands of masked
-forwards per image), with ``--scorecam-reps`` rounds at most.
+forwards per image), with ``--scorecam-reps`` rounds at most, on ``--scorecam-photos`` photos
+one after the other (the speed-up depends on the photo: camlens shares one forward between
+channels whose masks coincide, e.g. all-zero channels), reported as the median and range over
+the photos, and as the cost per masked forward.
+
+The ``topk`` task times Grad-CAM of the K best classes in one call for K = 1, 5, 20, 100 (and
+the per-class loop, ``grad_batching(False)``, at K = 20 and 100), with their peak memory.
 
 Results go to ``benchmarks/results/bench-<time>.json`` (git-ignored) and, for full runs, to
 ``BENCHMARKS.md``. ``--merge A.json B.json`` rebuilds the report from earlier runs.
@@ -195,6 +201,7 @@ def _rows(
                 "ref": c.ref,
                 "note": c.note,
                 "peak_mb": None if peaks is None else peaks.get(c.key),
+                "different_work": getattr(c, "different_work", "") or None,
             }
         )
     return rows
@@ -247,11 +254,19 @@ def run_gradient_group(name: str, batch: int, args, log=print) -> list[dict[str,
 
 
 def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
-    from .cases import MODELS, load_bench_model, make_batch, scorecam_contenders
+    """Score-CAM at batch 1 on each of ``args.scorecam_photos`` photos (rows carry ``photo``)."""
+    rows: list[dict[str, Any]] = []
+    for i in range(max(1, args.scorecam_photos)):
+        rows += _scorecam_photo(name, args, i, log)
+    return rows
 
-    log(f"[{name} batch 1] scorecam")
+
+def _scorecam_photo(name: str, args, photo: int, log=print) -> list[dict[str, Any]]:
+    from .cases import MODELS, PHOTOS, load_bench_model, make_batch, scorecam_contenders
+
+    log(f"[{name} batch 1, photo {PHOTOS[photo % len(PHOTOS)]}] scorecam")
     model = load_bench_model(name, args.device)
-    x, classes = make_batch(model, 1, args.size)
+    x, classes = make_batch(model, 1, args.size, offset=photo)
     with torch.inference_mode():  # warm the batch shapes the contenders use (64, 32, 16)
         for b in (64, 32, 16):
             model(x.expand(b, -1, -1, -1))
@@ -290,6 +305,7 @@ def run_scorecam_group(name: str, args, log=print) -> list[dict[str, Any]]:
             c.close()
     rows = _rows(conts, times, agree, name, 1, MODELS[name].layer, None)
     for r in rows:
+        r["photo"] = PHOTOS[photo % len(PHOTOS)]
         if r["task"] == "scorecam":
             r["scorecam"] = extras
     _log_rows(rows, log)
@@ -368,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv(int),
         default=[512, 256, 128, 64],
         help="max_channels caps to time (default 512,256,128,64)",
+    )
+    p.add_argument(
+        "--scorecam-photos",
+        type=int,
+        default=4,
+        help="Score-CAM on this many photos, one at a time (default 4: chelsea, coffee, astronaut, rocket)",
     )
     p.add_argument(
         "--scorecam-reps",
