@@ -415,7 +415,8 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             if sp:
                 L.append(
                     f"| {model} | **median of {len(sp)}** (range) | | | | | | **{_median(sp):.2f}×** "
-                    f"({min(sp):.2f}–{max(sp):.2f}) | {_median(cf):.1f} | {_median(pf) if pf else float('nan'):.1f} |"
+                    f"({min(sp):.2f}–{max(sp):.2f}) | {_median(cf) if cf else float('nan'):.1f} | "
+                    f"{_median(pf) if pf else float('nan'):.1f} |"
                 )
         L.append("")
     groups = _groups(rows, "guided_backprop")
