@@ -39,6 +39,7 @@ def measure(batch: int = 8, reps: int = 3, threads: int = 2) -> dict[str, list[f
     model = camlens.load_model("efficientnet_lite0")
     imgs = [sample_image(PHOTOS[i % len(PHOTOS)]) for i in range(batch)]
     exp = camlens.explain(model, imgs, "gradcam", targets="top2")
+    assert isinstance(exp, camlens.Explanation)
     exp.sources = [f"img{i}" for i in range(batch)]
     tmp = Path(tempfile.mkdtemp(prefix="camlens-bench-"))
 

@@ -39,6 +39,7 @@ Gradients' path points), optionally under a ReLU rule.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -155,6 +156,13 @@ def class_grads(
             batched = False
             info.mode, info.chunk = "loop", 1
             info.reason = f"batched backward failed, per-class loop used: {type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"camlens: the {k} class gradients could not be computed in one batched backward "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); using one backward per class "
+                "(same result, slower). camlens.engine.grad_batching(False) skips the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             break
         tried = True
         if g is None:

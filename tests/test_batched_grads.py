@@ -179,7 +179,7 @@ def test_reductions_equal_the_full_tensor_formulas():
 def test_fallback_to_the_loop_when_the_backward_cannot_be_vmapped(monkeypatch):
     net, x = _data(no_vmap=True)
     spec = CaptureSpec(net.c2, "c2", "output")
-    with grad_batching(True, chunk=3):
+    with grad_batching(True, chunk=3), pytest.warns(RuntimeWarning, match="one backward per class"):
         ctx = ForwardPass(net, x, spec, "top5", needs=frozenset({"features", "layer_grads:mean", "input_grads"}))
         g_in = ctx.input_grads()
     info = ctx.grad_info
@@ -190,7 +190,7 @@ def test_fallback_to_the_loop_when_the_backward_cannot_be_vmapped(monkeypatch):
         assert ref.grad_info.reason == "grad_batching(False)"
     # through explain, for a layer and a pixel method, with a planned (graph-freeing) backward
     for method in ("gradcam", "saliency"):
-        with grad_batching(True, chunk=2):
+        with grad_batching(True, chunk=2), pytest.warns(RuntimeWarning):
             a = camlens.explain(net, x, method, targets="top5", layer="c2")
         with grad_batching(False):
             b = camlens.explain(net, x, method, targets="top5", layer="c2")
