@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import layer_grad_reduction
+from ..engine import ForwardPass, layer_grad_reduction
 from ..errors import MethodError
 from .registry import MethodOutput, register
 
@@ -75,14 +75,16 @@ def _layercam_sum(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     paper="Selvaraju et al., Grad-CAM, ICCV 2017",
     summary="gradient averaged per channel weights the feature maps; ReLU",
     needs=("features", "layer_grads:mean"),
+    title="Grad-CAM",
+    aliases=("grad-cam",),
 )
-def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
+def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
     w = ctx.layer_grad_sums("mean")  # (N, K, C) spatial means of the gradient
     if grad_norm == "rms":  # G / (sqrt(mean G^2) + 1e-5) per image and class, then averaged
         w = w / (ctx.layer_grad_sums("sqmean").sqrt() + 1e-5)[:, :, None]
     elif grad_norm is not None:
         raise MethodError(f"grad_norm must be None or 'rms', not {grad_norm!r}")
-    raw = _combine(w, ctx.features.detach())
+    raw = _combine(w, ctx.layer_features.detach())
     return MethodOutput(raw.relu() if relu else raw)
 
 
@@ -91,9 +93,11 @@ def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOu
     paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
     summary="second-order pixel weights of positive gradients",
     needs=("features", "layer_grads:gradcam++"),
+    title="Grad-CAM++",
+    aliases=("gradcampp", "gradcam_pp", "grad-cam++"),
 )
-def gradcam_pp(ctx) -> MethodOutput:
-    return MethodOutput(_combine(ctx.layer_grad_sums("gradcam++"), ctx.features.detach()).relu())
+def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
+    return MethodOutput(_combine(ctx.layer_grad_sums("gradcam++"), ctx.layer_features.detach()).relu())
 
 
 @register(
@@ -101,9 +105,11 @@ def gradcam_pp(ctx) -> MethodOutput:
     paper="Fu et al., Axiom-based Grad-CAM (XGrad-CAM), BMVC 2020",
     summary="gradients weighted by normalized activations",
     needs=("features", "layer_grads:xgradcam"),
+    title="XGrad-CAM",
+    aliases=("xgrad-cam",),
 )
-def xgradcam(ctx) -> MethodOutput:
-    return MethodOutput(_combine(ctx.layer_grad_sums("xgradcam"), ctx.features.detach()).relu())
+def xgradcam(ctx: ForwardPass) -> MethodOutput:
+    return MethodOutput(_combine(ctx.layer_grad_sums("xgradcam"), ctx.layer_features.detach()).relu())
 
 
 @register(
@@ -111,8 +117,10 @@ def xgradcam(ctx) -> MethodOutput:
     paper="Jiang et al., LayerCAM, IEEE TIP 2021",
     summary="element-wise positive gradient x activation, summed over channels",
     needs=("features", "layer_grads:layercam"),
+    title="LayerCAM",
+    aliases=("layer-cam",),
 )
-def layercam(ctx) -> MethodOutput:
+def layercam(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(ctx.layer_grad_sums("layercam").relu())
 
 
@@ -121,6 +129,8 @@ def layercam(ctx) -> MethodOutput:
     paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv 2011.08891",
     summary="element-wise gradient x activation, summed over channels (no averaging)",
     needs=("features", "layer_grads:hirescam"),
+    title="HiResCAM",
+    aliases=("hires-cam", "hirescam++"),
 )
-def hirescam(ctx) -> MethodOutput:
+def hirescam(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(ctx.layer_grad_sums("hirescam").relu())
