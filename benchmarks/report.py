@@ -189,6 +189,9 @@ def _machine_lines(docs) -> list[str]:
             else f"; load average {la[0]:.2f} at start"
         )
         tag = f"Run {i + 1}: " if len(docs) > 1 else ""
+        clock = (d.get("config") or {}).get("clock", "wall")
+        if clock == "cpu":
+            tag += "(**CPU time** of the process, `--clock cpu`, not wall time) "
         lines.append(
             f"- {tag}**{m['cpu']}**, {m['cpus_available']} of {m['logical_cpus']} logical CPUs available, "
             f"**torch {m['torch']}** with **{m['torch_threads']} threads** (interop {m['torch_interop_threads']}), "
