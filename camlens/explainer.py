@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from typing import Any, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._util import eval_mode
 from .capture import CaptureSpec
 from .engine import ForwardPass, wants_layer_grads
 from .errors import InputError, MethodError
-from .explanation import Explanation
+from .explanation import Explanation, upsample
 from .inputs import prepare_inputs
 from .layers import resolve_layer
 from .methods.registry import MethodInfo, get_method
@@ -163,7 +162,7 @@ def explain(
             raw = out.raw.detach()
             maps = out.maps
             if maps is None:
-                maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,

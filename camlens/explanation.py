@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .localization import localize
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)``: 1-D linear interpolation with ``align_corners=False`` as a matrix (column
+    ``j`` is :func:`torch.nn.functional.interpolate` of the unit impulse at ``j``)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    r"""Bilinear resize of float32 ``(..., h, w)`` maps to ``size = (H, W)`` (``align_corners=False``).
+
+    The same numbers as ``F.interpolate(..., mode="bilinear", align_corners=False)`` (to float
+    rounding), computed as :math:`W_y\,M\,W_x^	op` with the two 1-D interpolation matrices: two
+    small matrix products instead of a gather per output pixel (EfficientNet-Lite0, 16 images x
+    100 classes, 7x7 -> 224x224, CPU, 1 thread: 140 ms instead of 230 ms).
+    """
+    m = maps.float()
+    h, w = m.shape[-2:]
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return m.clone()
+    wy = _interp_matrix(h, H).to(device=m.device, dtype=m.dtype)
+    wx = _interp_matrix(w, W).to(device=m.device, dtype=m.dtype)
+    return torch.matmul(torch.matmul(wy, m), wx.T)
 
 
 def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

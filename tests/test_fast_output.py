@@ -128,3 +128,16 @@ def test_save_png_boxes_metadata_and_compression(tmp_path):
     assert lime[4, 5:15].all() and lime[11, 5:15].all() and lime[4:12, 5].all() and lime[4:12, 14].all()
     assert not lime[5:11, 6:14].any() and lime.sum() == 2 * 10 + 2 * 6
     assert (a == [0, 255, 0]).all(-1).sum() > lime.sum()  # width 2 (default)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [((7, 7), (224, 224)), ((5, 3), (17, 40)), ((30, 20), (12, 7)), ((4, 4), (4, 4))]
+)
+def test_upsample_equals_bilinear_interpolate(src, dst):
+    from camlens.explanation import upsample
+
+    m = torch.randn(2, 3, *src, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(m, size=dst, mode="bilinear", align_corners=False)
+    got = upsample(m, dst)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
