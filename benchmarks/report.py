@@ -247,13 +247,13 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     loaded = [
         d
         for d in docs
-        if d["machine"].get("loadavg_start")
-        and d["machine"]["loadavg_start"][0] > (d["machine"].get("cpus_available") or 1) + 0.5
+        if max((d["machine"].get(k) or [0.0])[0] for k in ("loadavg_start", "loadavg_end"))
+        > (d["machine"].get("cpus_available") or 1) + 0.5
     ]
     if loaded:
         L += [
             f"**{len(loaded)} of {len(docs)} run(s) measured on a loaded machine** (load average above the number "
-            "of CPUs at the start): absolute times are unreliable there; the ratios within one run (every "
+            "of CPUs at the start or the end): absolute times are unreliable there; the ratios within one run (every "
             "contender interleaved round by round) are what to read. Rerun on an idle machine for the record.",
             "",
         ]
