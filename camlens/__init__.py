@@ -6,6 +6,8 @@ The public API::
     camlens.load_model(name, weights=None)
     camlens.methods()
     camlens.localize(maps, threshold=...)
+    camlens.explain_dataset(model, dataset, method="gradcam", out="store", batch_size=16, num_workers=4)
+    camlens.open_results("store")
     camlens.Explanation
 """
 
@@ -27,14 +29,30 @@ def localize(maps, threshold=None, **kwargs):
     return _localize(maps, **kwargs)
 
 
+def explain_dataset(model, dataset, method="gradcam", out="camlens-store", **kwargs):
+    """A whole dataset into a resumable result store; see :func:`camlens.pipeline.explain_dataset`."""
+    from .pipeline import explain_dataset as _explain_dataset  # pyarrow/zarr only when used
+
+    return _explain_dataset(model, dataset, method, out, **kwargs)
+
+
+def open_results(directory):
+    """A result store as a pandas table and lazy maps; see :func:`camlens.pipeline.open_results`."""
+    from .pipeline import open_results as _open_results
+
+    return _open_results(directory)
+
+
 __all__ = [
     "CamlensError",
     "Explanation",
     "__version__",
     "available_models",
     "explain",
+    "explain_dataset",
     "load_model",
     "localize",
     "methods",
+    "open_results",
     "predict",
 ]
