@@ -99,3 +99,17 @@ def dataset_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def load_model_seeded(model: str, weights: str | None, checkpoint: str | None, device: str | None):
+    """:func:`load_model_opts`, with ``--weights random`` drawn from a fixed seed: every torchrun rank
+    gets the same network, and a rerun the same checksum (so it can resume)."""
+    import torch
+
+    from .common import load_model_opts
+
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return load_model_opts(model, weights, checkpoint, device)
+    return load_model_opts(model, weights, checkpoint, device)

@@ -12,14 +12,13 @@ from .common import (
     common_model_options,
     echo,
     echo_err,
-    load_model_opts,
     parse_classes,
     parse_formats,
     parse_threshold,
     resolve_device,
     table,
 )
-from .dataset import collect, dataset_options
+from .dataset import collect, dataset_options, load_model_seeded
 
 DEFAULT_METHODS = ("gradcam", "cam")
 
@@ -170,7 +169,7 @@ def explain_cmd(
     try:
         if not classes:
             check([""] * topk)
-        net = load_model_opts(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
         card = card_of(net)
         class_names = card.class_names if card else None
         targets = parse_classes(classes, class_names) if classes else None

@@ -356,7 +356,7 @@ def model_checksum(model: nn.Module) -> str:
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -471,6 +471,13 @@ def run_store(
         "batch_size": batch_size,
         "argv": list(argv) if argv is not None else None,
     }
+    sigs = ctx.gather(sig)
+    if any(s != sigs[0] for s in sigs):
+        bad = sorted({k for s in sigs for k in s if s.get(k) != sigs[0].get(k)})
+        raise InputError(
+            f"the {ctx.world} ranks disagree about the run ({', '.join(bad)} differ): every rank must load the same "
+            "model and see the same dataset"
+        )
     store = ResultStore(out, sig, info, map_dtype=map_dtype)
     status: Any = None
     if ctx.is_main:

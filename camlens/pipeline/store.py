@@ -195,6 +195,8 @@ class ResultStore:
                 elif p.is_dir():
                     shutil.rmtree(p)
         (self.root / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (self.root / CHUNKS_DIR).glob(".part-*.tmp"):  # a killed writer's temporary file
+            stale.unlink(missing_ok=True)
         prev = json.loads(run.read_text()).get("info", {}) if run.exists() else {}
         runs = [*prev.get("runs", []), self.info]
         atomic_write_json(run, {"signature": self.signature, "info": {**self.info, "runs": runs}})
