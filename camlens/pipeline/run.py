@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import queue
 import sys
@@ -407,7 +408,7 @@ def run_signature(
 ) -> dict[str, Any]:
     """The arguments that decide a store's content: a rerun with the same signature resumes."""
     card = card_of(model)
-    return {
+    sig = {
         "n_images": len(dataset),
         "sources_sha256": sources_digest(dataset),
         "methods": list(methods),
@@ -421,6 +422,7 @@ def run_signature(
         "preprocess": preprocess.to_dict() if preprocess is not None else None,
         "options": {k: repr(v) for k, v in sorted(options.items())},
     }
+    return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
 
 def run_store(
@@ -461,7 +463,7 @@ def run_store(
         capture=capture,
         threshold=threshold,
         map_dtype=map_dtype,
-        preprocess=preprocess,
+        preprocess=preprocess if preprocess is not None else getattr(ds, "preprocess", None),
         options=options,
     )
     info = {
