@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,7 @@ def stream(
         prefetch_factor=2 if workers > 0 else None,
     )
     say = on_error or (lambda msg: print(msg, file=sys.stderr))
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     bar = tqdm(
         total=len(ids),
@@ -345,7 +346,7 @@ class FilesSink(Sink):
                     scores=e.scores[:, : self.top],
                     probs=e.probs[:, : self.top],
                 )
-            self.written += len(save_explanation(e, self.directory, formats=self.formats, **self.kw))
+            self.written += len(save_explanation(e, Path(self.directory), formats=self.formats, **self.kw))
 
 
 # ----------------------------------------------------------------------------------------------

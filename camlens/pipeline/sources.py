@@ -160,7 +160,7 @@ def read_list(
                 q = Path(r["path"])
                 out.append((str(q if q.is_absolute() else base / q), r.get("label") or r.get("class") or None))
             return out, None
-    gt = read_boxes(p, root=root)
+    gt = read_boxes(p, root=Path(root) if root is not None else None)
     return [(str(g.path), g.main_class) for g in gt], gt
 
 

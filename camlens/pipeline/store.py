@@ -74,8 +74,8 @@ class StoreMismatchError(OutputExistsError):
 
 
 def _pa():
-    import pyarrow as pa  # optional heavy dependency (the "store" extra)
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]  # optional heavy dependency (the "store" extra)
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     return pa, pq
 
@@ -309,7 +309,7 @@ class Results:
             )
         self.run = json.loads(run.read_text())
         ip = self.root / INDEX_FILE
-        self.index = json.loads(ip.read_text()) if ip.exists() else {"complete": False, "failed": []}
+        self.index: dict[str, Any] = json.loads(ip.read_text()) if ip.exists() else {"complete": False, "failed": []}
         self._table = None
 
     @property
