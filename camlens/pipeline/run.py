@@ -533,9 +533,11 @@ def run_store(
         **options,
     )
     stats.skipped = len(done)
-    failed = sorted((f for part in ctx.gather(stats.failed) for f in part), key=lambda f: f["image_id"])
+    parts = ctx.gather((stats.failed, stats.seconds, stats.computed))
+    failed = sorted((f for part, _, _ in parts for f in part), key=lambda f: f["image_id"])
     if ctx.is_main:
-        store.finalize(len(ds), failed, complete=True)
+        timing = {"seconds": max(t for _, t, _ in parts), "computed": sum(c for _, _, c in parts), "ranks": ctx.world}
+        store.finalize(len(ds), failed, complete=True, timing=timing)
     ctx.barrier()
     stats.failed = failed
     return Results(out), stats

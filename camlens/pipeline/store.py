@@ -264,7 +264,9 @@ class ResultStore:
         return path
 
     # --- the merged index (rank 0) ---------------------------------------------------------------
-    def finalize(self, n_images: int, failed: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    def finalize(
+        self, n_images: int, failed: list[dict[str, Any]], complete: bool, timing: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Merge the chunks into ``results.parquet`` (streamed chunk by chunk, so memory stays at
         one chunk) and write ``index.json``."""
         _, pq = _pa()
@@ -290,6 +292,7 @@ class ResultStore:
             "n_rows": rows,
             "failed": failed,
             "chunks": [f.name for f in files],
+            "last_run": timing or {},
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         atomic_write_json(self.root / INDEX_FILE, index)
