@@ -277,7 +277,8 @@ def _job(out, n, *extra, torchrun=False, timeout=240):
 
 
 @pytest.mark.slow
-def test_sigkill_half_way_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_half_way_then_resume_equals_uninterrupted(tmp_path, sig):
     n = 24
     proc = subprocess.Popen(
         [PY, str(HERE / "pipeline_job.py"), str(tmp_path / "st"), str(n), "--sleep", "0.1", "--batch", "2"],
@@ -291,8 +292,8 @@ def test_sigkill_half_way_then_resume_equals_uninterrupted(tmp_path):
         if chunks.is_dir() and len(list(chunks.glob("part-*.parquet"))) >= 4:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)
     import pyarrow.parquet as pq
 
     done = set()
@@ -365,3 +366,44 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
     # the peak RSS is the interpreter, torch and a few batches: 10x the images must not add more than
     # a few MiB, while holding the results would add 900 x 2 methods x 2 maps x 96 x 96 x 4 B = 130 MiB
     assert large["peak_mib"] - small["peak_mib"] < 40, (small, large)
+
+
+@pytest.mark.slow
+def test_torchrun_evaluate_deletion_means_equal_single_process_exactly(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from camlens.io import sample_image
+
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(sample_image(name)[::4, ::4]).save(photos / f"{name}.png")
+    base = [
+        "-m",
+        "camlens",
+        "evaluate",
+        str(photos),
+        "--model",
+        "resnet18",
+        "--weights",
+        "random",
+        "--metrics",
+        "deletion,insertion,average_drop",
+        "--steps",
+        "5",
+        "--size",
+        "64",
+        "--chunk",
+        "1",
+        "--no-plots",
+        "--quiet",
+    ]
+    port = str(29900 + os.getpid() % 90)
+    for name, pre in (("one", [PY]), ("two", [*TORCHRUN, "--nproc-per-node=2", "--master-port", port])):
+        p = subprocess.run(
+            [*pre, *base, "--out", str(tmp_path / name)], env=ENV, capture_output=True, text=True, timeout=300
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert len(one["per_image"]) == 2 * 3  # gradcam and the random baseline, three photos
+    assert two["summary"] == one["summary"] and two["per_image"] == one["per_image"]  # bit for bit
+    assert two["settings"]["images"] == 3 and two["settings"]["ranks"] == 2
