@@ -109,7 +109,7 @@ def test_store_rows_and_maps_equal_direct_explain(tmp_path):
             assert r.prob == pytest.approx(float(exp.probs[i, k]), abs=1e-6)
             h, w = Image.open(paths[i]).size[::-1]
             assert (r.height, r.width) == (h, w)
-            from camlens.localize import scale_boxes
+            from camlens.localization import scale_boxes
 
             want = scale_boxes(boxes[i, k], (24, 24), (h, w))
             assert [r.x0, r.y0, r.x1, r.y1] == want.tolist()

@@ -238,7 +238,7 @@ def _run(
 
     import camlens
     from camlens.errors import CamlensError
-    from camlens.localize import DEFAULT_THRESHOLD
+    from camlens.localization import DEFAULT_THRESHOLD
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist

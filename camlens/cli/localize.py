@@ -155,7 +155,7 @@ def localize_cmd(
       camlens localize test/ --threshold thr.json
     """
     from camlens.errors import CamlensError
-    from camlens.localize import DEFAULT_THRESHOLD
+    from camlens.localization import DEFAULT_THRESHOLD
     from camlens.methods.registry import get_method
 
     thr = parse_threshold(threshold)
@@ -280,7 +280,7 @@ class _LocalizeSink:
         self.records: list[tuple[int, dict]] = []
 
     def write(self, res) -> None:
-        from camlens.localize import localize, scale_boxes
+        from camlens.localization import localize, scale_boxes
 
         b = res.batch
         for m, exp in res.explanations.items():
@@ -365,7 +365,7 @@ def _localize_stream(
 def _draw(img, rec, path: Path) -> Path:
     from PIL import Image
 
-    from camlens.localize import draw_boxes
+    from camlens.localization import draw_boxes
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..localize import box_of_map, iou, scale_boxes
+from ..localization import box_of_map, iou, scale_boxes
 from ..loceval import (
     POINTING_TOLERANCE,
     SWEEP,

@@ -170,7 +170,7 @@ def stream(
     int, a list of class ids meant for every image) or a callable ``(batch, x) -> spec``.
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
-    from ..explain import explain
+    from ..explainer import explain
 
     stats = RunStats(methods=list(methods))
     names = list(methods)
@@ -257,7 +257,7 @@ def stream(
 # ----------------------------------------------------------------------------------------------
 def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
-    from ..localize import localize, scale_boxes
+    from ..localization import localize, scale_boxes
 
     b = localize(exp.maps, threshold)
     size = tuple(exp.maps.shape[-2:])
@@ -585,7 +585,7 @@ def explain_dataset(
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
     :class:`~camlens.pipeline.store.Results` (with ``.stats``: computed / skipped / failed).
     """
-    from ..localize import DEFAULT_THRESHOLD
+    from ..localization import DEFAULT_THRESHOLD
 
     if isinstance(model, str):
         model = load_model(model)
