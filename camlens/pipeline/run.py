@@ -189,7 +189,7 @@ def stream(
         prefetch_factor=2 if workers > 0 else None,
     )
     say = on_error or (lambda msg: print(msg, file=sys.stderr))
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     bar = tqdm(
         total=len(ids),

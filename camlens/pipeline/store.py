@@ -74,8 +74,8 @@ class StoreMismatchError(OutputExistsError):
 
 
 def _pa():
-    import pyarrow as pa  # type: ignore[import-untyped]  # optional heavy dependency (the "store" extra)
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow as pa  # optional heavy dependency (the "store" extra)
+    import pyarrow.parquet as pq
 
     return pa, pq
 
