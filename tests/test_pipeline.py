@@ -407,3 +407,80 @@ def test_torchrun_evaluate_deletion_means_equal_single_process_exactly(tmp_path)
     assert len(one["per_image"]) == 2 * 3  # gradcam and the random baseline, three photos
     assert two["summary"] == one["summary"] and two["per_image"] == one["per_image"]  # bit for bit
     assert two["settings"]["images"] == 3 and two["settings"]["ranks"] == 2
+
+
+def test_cli_named_files_keep_loose_outputs_and_overlay_limits_only_the_pngs(tmp_path):
+    paths = _images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    args = [
+        "explain",
+        *map(str, paths),
+        "--model",
+        "resnet18",
+        "--weights",
+        "random",
+        "--method",
+        "gradcam",
+        "--out",
+        str(out),
+        "--figures",
+        "overlay",
+        "-q",
+        "--workers",
+        "0",
+    ]
+    r = CliRunner().invoke(cli_main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"img{i:02d}_gradcam{s}" for i in range(2) for s in ("_top1.png", ".npy", ".json")
+    )
+    assert np.load(out / "img00_gradcam.npy").shape == (2, 224, 224)  # both targets kept in the maps
+    assert len(json.loads((out / "img01_gradcam.json").read_text())["classes"]) == 2
+
+
+def test_cli_localize_eval_equals_evaluate_model(tmp_path):
+    """``localize --eval`` (streamed, batches of 4, per-image GT targets) against the in-memory
+    :func:`camlens.loceval.evaluate_model` on the same seeded network."""
+    from camlens.data import synthetic
+    from camlens.loceval import evaluate_model, read_boxes
+
+    ds = synthetic(tmp_path / "ds", 2, image_size=48, seed=7)
+    # ImageNet names for the shapes: every image is explained for its own ground-truth class
+    text = Path(ds.csv).read_text()
+    for shape, name in zip(
+        sorted({ln.split(",")[1] for ln in text.splitlines()[1:]}), ("goldfish", "tabby cat", "tench", "jay", "ostrich")
+    ):
+        text = text.replace(f",{shape},", f",{name},")
+    Path(ds.csv).write_text(text)
+    r = CliRunner().invoke(
+        cli_main,
+        [
+            "localize",
+            "--eval",
+            str(ds.csv),
+            "--model",
+            "resnet18",
+            "--weights",
+            "random",
+            "--batch-size",
+            "4",
+            "--sweep-step",
+            "0.1",
+            "--out",
+            str(tmp_path / "ev"),
+            "--workers",
+            "0",
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "ev" / "localization_metrics.json").read_text())["methods"]["gradcam"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = camlens.load_model("resnet18", weights="random")
+    ref = evaluate_model(net, read_boxes(ds.csv), thresholds=np.round(np.arange(0, 1, 0.1), 6), batch_size=4)
+    assert got["n"] == ref.n == 8
+    for k, v in ref.metrics.items():
+        assert (got["metrics"][k] is None and v != v) or got["metrics"][k] == pytest.approx(v, abs=1e-9), k
+    np.testing.assert_allclose(got["boxacc_v2"], ref.curve, atol=1e-12)
+    assert got["metrics"]["top1_loc"] is not None  # the classes were known

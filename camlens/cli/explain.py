@@ -21,6 +21,8 @@ from .common import (
 from .dataset import collect, dataset_options, load_model_seeded
 
 DEFAULT_METHODS = ("gradcam", "cam")
+#: more named files than this (e.g. `photos/*.jpg` expanded by the shell) make a dataset run
+MAX_NAMED_FILES = 32
 
 
 @click.command("explain")
@@ -98,12 +100,13 @@ def explain_cmd(
     stem) and method, PNG overlays of the explained classes (e.g. chelsea_gradcam_top1.png), the
     maps (.npy) and a JSON summary.
 
-    Folders, globs and lists (a dataset run): images are decoded in --workers processes, explained
-    in batches across files, and written to a result store in OUT: results.parquet (one row per
-    image x class x method: source, size, class, score, probability, box, method, layer, model) and
-    maps.zarr; camlens.open_results(OUT) reads it back. A rerun with the same arguments resumes,
-    computing only the missing images; other arguments are refused unless --overwrite. Under
-    `torchrun --nproc-per-node=N -m camlens explain DATA --out OUT` the ranks share the images.
+    Folders, globs and lists, or more than 32 named files (a dataset run): images are decoded in
+    --workers processes, explained in batches across files, and written to a result store in OUT:
+    results.parquet (one row per image x class x method: source, size, class, score, probability,
+    box, method, layer, model) and maps.zarr; camlens.open_results(OUT) reads it back. A rerun with
+    the same arguments resumes, computing only the missing images; other arguments are refused
+    unless --overwrite. Under `torchrun --nproc-per-node=N -m camlens explain DATA --out OUT` the
+    ranks share the images.
 
     Unreadable images are reported by name and skipped; the exit code is 1 if any input failed.
 
@@ -128,7 +131,8 @@ def explain_cmd(
         raise click.BadParameter(str(exc), param_hint="--method") from None
 
     inputs = collect(images, recursive=recursive)
-    dataset_run = inputs.dataset or dist.launched()
+    # a folder, glob or list, torchrun, or many named files (a shell-expanded glob) is a dataset run
+    dataset_run = inputs.dataset or dist.launched() or len(inputs.records) > MAX_NAMED_FILES
     if formats == "auto":
         fmts = ["store"] if dataset_run else ["npy", "json"]
         fig = figures if figures != "auto" else ("none" if dataset_run else "all")

@@ -167,7 +167,8 @@ def stream(
     batches and hand the results to ``sinks`` in a writer thread.
 
     ``targets``: anything :func:`camlens.explain` takes for every image of a batch (``"top2"``, an
-    int, a list of class ids meant for every image) or a callable ``(batch, x) -> spec``.
+    int, a list of class ids meant for every image) or a callable ``(batch, x) -> spec`` whose spec
+    is passed on as is (e.g. one class id per image).
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
     from ..explainer import explain
@@ -213,9 +214,12 @@ def stream(
                 x = batch.x.to(device, non_blocking=accel)
                 if before is not None:
                     before(batch, x)
-                spec = targets(batch, x) if callable(targets) else targets
-                if isinstance(spec, (list, tuple)) and spec and not isinstance(spec[0], (list, tuple)):
-                    spec = [list(spec)] * len(batch)  # the same classes for every image
+                if callable(targets):
+                    spec = targets(batch, x)  # per-image targets decided by the caller
+                elif isinstance(targets, (list, tuple)) and targets and not isinstance(targets[0], (list, tuple)):
+                    spec = [list(targets)] * len(batch)  # the same classes for every image
+                else:
+                    spec = targets
                 while True:
                     try:
                         res = explain(
@@ -336,17 +340,19 @@ class FilesSink(Sink):
         from ..viz import save_explanation
 
         b = res.batch
+        pngs = [f for f in self.formats if f == "png"]
+        data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
             e = replace(exp, images=b.images, sources=list(b.names))
-            if self.top is not None:
-                e = replace(
-                    e,
-                    maps=e.maps[:, : self.top],
-                    classes=e.classes[:, : self.top],
-                    scores=e.scores[:, : self.top],
-                    probs=e.probs[:, : self.top],
-                )
-            self.written += len(save_explanation(e, Path(self.directory), formats=self.formats, **self.kw))
+            if data:  # maps and summaries keep every target
+                self.written += len(save_explanation(e, Path(self.directory), formats=data, **self.kw))
+            if pngs:
+                if self.top is not None:  # --figures overlay: the top target's overlay only
+                    t = self.top
+                    e = replace(
+                        e, maps=e.maps[:, :t], classes=e.classes[:, :t], scores=e.scores[:, :t], probs=e.probs[:, :t]
+                    )
+                self.written += len(save_explanation(e, Path(self.directory), formats=pngs, **self.kw))
 
 
 # ----------------------------------------------------------------------------------------------
