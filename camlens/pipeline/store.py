@@ -223,25 +223,20 @@ class ResultStore:
         full = (n, *shape)
         try:
             arr = zarr.open_array(str(path), mode="r+")
-        except (
-            FileNotFoundError,
-            KeyError,
-            ValueError,
-            zarr.errors.ArrayNotFoundError,
-            zarr.errors.NodeTypeValidationError,
-        ):
-            arr = None
-        if arr is None:
-            # several ranks may get here at once: the metadata they write is identical and the
-            # store writes it atomically, so the last writer wins with the same content
-            arr = zarr.create_array(
-                store=str(path),
-                shape=full,
-                chunks=(1, *shape),
-                dtype=self.map_dtype,
-                fill_value=float("nan"),
-                overwrite=True,
-            )
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            # several ranks may get here at once: never overwrite (another rank may already have
+            # written chunks); the metadata they write is identical and written atomically
+            try:
+                arr = zarr.create_array(
+                    store=str(path),
+                    shape=full,
+                    chunks=(1, *shape),
+                    dtype=self.map_dtype,
+                    fill_value=float("nan"),
+                    overwrite=False,
+                )
+            except zarr.errors.ContainsArrayError:
+                arr = zarr.open_array(str(path), mode="r+")
         if tuple(arr.shape) != full:
             raise StoreMismatchError(
                 f"{path} holds maps of shape {tuple(arr.shape)}, this run makes {full}; pass --overwrite"
