@@ -187,6 +187,7 @@ def test_workers_and_float16_maps(tmp_path):
     assert a.table[["image_id", "class_id", "x0", "y1"]].equals(b.table[["image_id", "class_id", "x0", "y1"]])
 
 
+@pytest.mark.slow
 def test_cli_dataset_run_reports_bad_files_and_resumes(tmp_path):
     _images(tmp_path / "in", 4, bad=2)
     args = [
@@ -439,6 +440,7 @@ def test_cli_named_files_keep_loose_outputs_and_overlay_limits_only_the_pngs(tmp
     assert len(json.loads((out / "img01_gradcam.json").read_text())["classes"]) == 2
 
 
+@pytest.mark.slow
 def test_cli_localize_eval_equals_evaluate_model(tmp_path):
     """``localize --eval`` (streamed, batches of 4, per-image GT targets) against the in-memory
     :func:`camlens.loceval.evaluate_model` on the same seeded network."""
