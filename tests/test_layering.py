@@ -3,7 +3,7 @@
 Layers (a module may import its own layer and the ones below, never above)::
 
     0 base      errors, _version, _util, io, ops, fsio, localization, models.{classes,preprocess,heads,weights}
-    1 core      capture, layers, targets, rules, outputs, layout, resolve, inputs, engine, models.*
+    1 core      capture, layers, targets, rules, outputs, layout, attention, resolve, inputs, engine, models.*
     2 methods   methods.*
     3 explain   explanation, explainer
     4 analysis  viz, loceval, metrics.*, data.*
@@ -42,7 +42,22 @@ RANKS: list[tuple[int, tuple[str, ...]]] = [
             "models.weights",
         ),
     ),
-    (1, ("capture", "layers", "targets", "rules", "outputs", "layout", "resolve", "inputs", "engine", "models")),
+    (
+        1,
+        (
+            "capture",
+            "layers",
+            "targets",
+            "rules",
+            "outputs",
+            "layout",
+            "attention",
+            "resolve",
+            "inputs",
+            "engine",
+            "models",
+        ),
+    ),
     (2, ("methods",)),
     (3, ("explanation", "explainer")),
     (4, ("viz", "loceval", "metrics", "data", "figures")),
@@ -195,6 +210,7 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     assert _rank("camlens.models.weights") == 0 and _rank("camlens.models.zoo") == 1
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     """Import each module (sorted: no accidental order dependence) in one new process."""
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
