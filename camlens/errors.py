@@ -44,3 +44,8 @@ class CheckpointError(CamlensError, ValueError):
 
 class OutputExistsError(CamlensError, FileExistsError):
     """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""
+
+
+class OutputError(CamlensError, OSError):
+    """An output that cannot be written: no space left, permission denied, a parent that is not a
+    folder, a symbolic link where a file should be written, a read-only file system."""

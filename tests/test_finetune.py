@@ -233,7 +233,8 @@ def test_outputs_cards_and_load_model(folder, tmp_path):
     assert card["class_names"] == ["left", "right"] and card["image_size"] == [32, 32]
     assert card["architecture"]["base"] == "resnet18" and card["architecture"]["head"] == "replace"
     assert card["preprocess"]["name"] == "imagenet" and card["preprocess"]["size"] == [32, 32]
-    assert {"torch", "camlens", "safetensors"} <= set(card["versions"]) and len(card["sha256"]) == 64
+    assert {"torch", "camlens", "safetensors"} <= set(card["versions"]) and len(card["weights_sha256"]) == 64
+    assert len(card["checksum"]) == 64
     assert card["epoch"] == res.best["epoch"]
     best_acc = max(r["val_acc"] for r in res.history)
     assert res.best["val_acc"] == best_acc

@@ -52,6 +52,7 @@ from ..errors import CamlensError, CheckpointError, HeadError
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
 from .preprocess import IMAGENET
+from .weights import read_state_dict
 from .zoo import ModelCard, attach_card, card_of
 
 #: Channels of the CAM convolution (the paper's 1024).
@@ -315,7 +316,6 @@ def vgg16_cam(
     """
     from torchvision.models.vgg import cfgs, make_layers
 
-    from ..train.checkpoint import read_state_dict
     from .zoo import _torchvision_weights_file
 
     state: dict | None = None

@@ -17,7 +17,9 @@ from torch import nn
 
 from ..errors import CamlensError, CheckpointError, WeightsNotFoundError
 from .classes import imagenet_classes
+from .heads import replace_classifier
 from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess
+from .weights import load_weights_file, read_checkpoint
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -90,37 +92,6 @@ def _torchvision_weights_file(name: str, weights: str | None) -> tuple[Path, lis
     return path, list(w.meta.get("categories") or []) or None
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load a state dict from ``.safetensors`` or ``.pth`` (``weights_only=True``, no pickled code)."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot read weights ({type(exc).__name__}: {exc}). The file may be truncated or "
-            "tampered with; camlens only loads safetensors or weights-only .pth files."
-        ) from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit this architecture:\n{exc}") from None
-
-
 def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int | None):
     import torchvision
 
@@ -140,8 +111,6 @@ def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int 
     elif _out_features(model) == 1000:
         classes = imagenet_classes()
     if num_classes is not None:
-        from .heads import replace_classifier
-
         replace_classifier(model, num_classes)
         classes = None
     return model, classes
@@ -161,6 +130,101 @@ def available_models() -> list[str]:
 
     tv = torchvision.models.list_models(module=torchvision.models)
     return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv)]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def build_model(arch: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """An untrained network of a checkpoint's architecture (weights are loaded afterwards).
+
+    ``arch``: ``{"base": zoo name or None, "head": "cam_ready" | "replace" | "keep",
+    "num_classes": C, "cam": {...}}`` (validated by :func:`camlens.models.weights.validate_card`).
+    For a custom base network pass ``model`` (an instance of the same class; it is not modified).
+    """
+    import copy
+
+    from .cam_ready import cam_ready  # cam_ready itself loads zoo names: the zoo <-> cam_ready pair
+
+    head = arch.get("head")
+    num_classes = arch.get("num_classes")
+    if head not in ("cam_ready", "replace", "keep") or not isinstance(num_classes, int):
+        raise CheckpointError(f"the checkpoint card's architecture is incomplete: {arch!r}")
+    with torch.random.fork_rng(devices=[]):  # random initializations must not consume the caller's RNG
+        if model is None:
+            base = arch.get("base")
+            if not isinstance(base, str) or base.lower() not in available_models():
+                raise CheckpointError(
+                    f"the checkpoint was trained from a custom network ({arch.get('base_class') or base}); "
+                    "camlens cannot rebuild it from JSON. Pass an instance: "
+                    "camlens.train.load_checkpoint(PATH, model=MyNet())"
+                )
+            net = load_model(base, weights="random")
+        else:
+            net = copy.deepcopy(model)
+        if head == "cam_ready":
+            net = cam_ready(net, num_classes, check=False, **(arch.get("cam") or {}))
+        elif head == "replace":
+            replace_classifier(net, num_classes)
+    return net
+
+
+def checkpoint_card(card: dict[str, Any], weights: Path, card_path: Path | None = None) -> ModelCard:
+    """The :class:`ModelCard` described by a (validated) checkpoint card."""
+    try:
+        pp = Preprocess.from_dict(card["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{card_path or weights}: bad preprocessing in the card ({exc})") from None
+    names = card.get("class_names")
+    arch = card.get("architecture") or {}
+    return ModelCard(
+        name=str(card.get("name") or arch.get("base") or "finetuned"),
+        preprocess=pp,
+        class_names=list(names) if names else None,
+        layer=card.get("layer"),
+        capture=card.get("capture") or "output",
+        extra={
+            "checkpoint": str(weights),
+            "architecture": arch,
+            "image_size": card.get("image_size"),
+            "metrics": card.get("metrics"),
+            "epoch": card.get("epoch"),
+            "head": arch.get("head_modules"),
+            "cam_ready": arch.get("head") == "cam_ready",
+        },
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a ``camlens finetune`` checkpoint as a ready-to-explain model (eval mode).
+
+    The card is validated (schema, bounds, the weights' shapes) and card + weights are checked against
+    the card's checksums before anything is built (:func:`camlens.models.weights.read_checkpoint`).
+
+    Args:
+        path: the output folder (its ``best`` checkpoint), ``DIR/best`` or ``DIR/last``, a
+            ``.json`` card, or a ``.safetensors`` / ``.pth`` weights file with its card.
+        model: for checkpoints of a custom network, an instance of the base network.
+        device: where to put the model.
+
+    Returns:
+        The network with ``model.camlens`` (class names in ImageFolder order, preprocessing at the
+        training image size, the target layer, and ``extra["metrics"]``).
+    """
+    ck = read_checkpoint(path)
+    net = build_model(ck.card["architecture"], model)
+    try:
+        net.load_state_dict(ck.state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ck.weights}: the weights do not fit the architecture in its card:\n{exc}") from None
+    attach_card(net, checkpoint_card(ck.card, ck.weights, ck.card_path))
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return net
 
 
 def load_model(
@@ -187,8 +251,6 @@ def load_model(
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
     """
     if checkpoint is not None:
-        from ..train.checkpoint import load_checkpoint
-
         model = load_checkpoint(checkpoint)
     else:
         key = name.lower().replace("-", "_")
