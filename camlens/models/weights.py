@@ -126,6 +126,17 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return save(_tensors_for_saving(tensors), metadata=metadata)
 
 
+def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The safetensors file ``data`` with its ``__metadata__`` replaced by ``metadata`` (the tensors'
+    bytes are reused: offsets are relative to the data section, so only the header changes)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
 def tensors_digest(data: bytes | memoryview) -> str:
     """SHA-256 of a safetensors file's tensors: the header without ``__metadata__`` (canonical JSON:
     names, dtypes, shapes, offsets), then the data bytes. Independent of the metadata (the card)."""
@@ -234,7 +245,7 @@ def prepare_checkpoint(
     card.setdefault("versions", versions())
     data = safetensors_bytes(state)  # the digest is of the tensors only: compute it, then embed the card
     sealed = seal_card(card, tensors_digest(data))
-    return PreparedCheckpoint(weights, path, safetensors_bytes(state, {CARD_KEY: json.dumps(sealed)}), sealed)
+    return PreparedCheckpoint(weights, path, with_metadata(data, {CARD_KEY: json.dumps(sealed)}), sealed)
 
 
 def save_checkpoint(
@@ -548,5 +559,6 @@ __all__ = [
     "tensors_digest",
     "validate_card",
     "versions",
+    "with_metadata",
     "write_safetensors",
 ]

@@ -43,6 +43,7 @@ from ..models.weights import (
     save_checkpoint,
     tensors_digest,
     versions,
+    with_metadata,
 )
 from ..models.zoo import build_model, checkpoint_card, load_checkpoint
 
@@ -62,9 +63,10 @@ def save_train_state(out: Path, net: nn.Module, optimizer: torch.optim.Optimizer
                 tensors[f"optim/{idx}/{key}"] = val
             else:
                 meta.setdefault(str(idx), {})[key] = val
-    digest = tensors_digest(safetensors_bytes(tensors))
+    data = safetensors_bytes(tensors)
+    digest = tensors_digest(data)
     body = {**info, "optimizer": {"param_groups": sd["param_groups"], "state": meta}, "tensors_sha256": digest}
-    data = safetensors_bytes(tensors, {STATE_KEY: json.dumps(body)})
+    data = with_metadata(data, {STATE_KEY: json.dumps(body)})
     atomic_write(Path(out) / STATE_FILE, data, overwrite=True)
     return digest
 
@@ -128,7 +130,7 @@ def reconcile_checkpoints(out: Path, info: dict[str, Any], net: nn.Module) -> li
     cards = info.get("cards") or {}
     fixed = []
     def rewrite(stem: str, card: dict[str, Any]) -> None:
-        data = safetensors_bytes(net.state_dict(), {CARD_KEY: json.dumps(card)})
+        data = with_metadata(safetensors_bytes(net.state_dict()), {CARD_KEY: json.dumps(card)})
         if tensors_digest(data) != card.get("weights_sha256"):
             raise CheckpointError(f"{out}: the committed {stem} card does not match the committed weights")
         PreparedCheckpoint(out / f"{stem}.safetensors", out / f"{stem}.json", data, card).write()

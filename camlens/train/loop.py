@@ -183,7 +183,17 @@ def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Opt
 
 
 # ---------------------------------------------------------------------------------------------- output folder
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of our outputs left by a killed run (``.NAME.XXXX.tmp``: never complete)."""
+    if out.is_dir():
+        for f in OUTPUT_FILES:
+            for tmp in out.glob(f".{f}.*.tmp"):
+                remove_output(tmp)
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume or overwrite:
+        _remove_stale_temporaries(out)
     if resume:
         if not (out / STATE_FILE).is_file():
             raise CheckpointError(
@@ -230,7 +240,10 @@ def _train_epoch(net, dl, opt, weight_decay, device, heads, freeze, desc, progre
         logits = net(x)
         loss, ce, _pen = regularized_loss(logits, y, net, weight_decay)
         if not torch.isfinite(loss):
-            raise CamlensError(f"the training loss became {float(loss)}; lower the learning rate (lr)")
+            raise CamlensError(
+                f"the training loss became {float(loss.detach())}; lower the learning rate (lr), or check the "
+                "model's weights and the data for NaN/Inf values"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -503,6 +516,9 @@ def finetune(
                 out / "config.json", {**run_info, "architecture": arch, "versions": versions()}, overwrite=True
             )
         files = {"config": out / "config.json"}
+        if saved_info is not None:  # an interruption after the commit may have left them one epoch behind
+            write_state_summary(out, saved_info)
+            write_metrics_files(out, history, best, run_info)
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             torch.manual_seed(int(np.random.default_rng([cfg["seed"], epoch, 0xD0]).integers(2**62)))
