@@ -49,3 +49,6 @@ class OutputExistsError(CamlensError, FileExistsError):
 class OutputError(CamlensError, OSError):
     """An output that cannot be written: no space left, permission denied, a parent that is not a
     folder, a symbolic link where a file should be written, a read-only file system."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] …" once errno/filename are set
+        return str(self.args[0]) if self.args else ""

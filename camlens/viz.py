@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError
 from .explanation import Explanation, minmax
+from .fsio import atomic_write, check_targets, safe_out_dir
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -476,14 +477,23 @@ def unique_names(names: Sequence[str]) -> list[str]:
 
 
 def save_figure(
-    fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None, **kwargs: Any
+    fig: Figure,
+    path: str | Path,
+    *,
+    dpi: int = 100,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+    **kwargs: Any,
 ) -> Path:
-    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given."""
+    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given. Written
+    atomically (:func:`camlens.fsio.atomic_write`); ``overwrite=False`` refuses an existing file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     p = Path(path)
-    fig.savefig(p, dpi=dpi, metadata=metadata, **kwargs)
+    fmt = kwargs.pop("format", None) or (p.suffix.lstrip(".").lower() or "png")
+    # atomic and symlink-safe (camlens.fsio): complete or absent, a link is replaced, never followed
+    atomic_write(p, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata, **kwargs), overwrite=overwrite)
     return p
 
 
@@ -604,15 +614,8 @@ def save_explanation(
     flat = [p for per in plan for ps in per.values() for p in ps]
     if len(set(flat)) != len(flat):
         raise InputError("two outputs would get the same file name; use suffix='rank'")
-    if not overwrite:
-        clash = [p for p in flat if p.exists()]
-        if clash:
-            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-            raise OutputExistsError(
-                f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
-                "to replace it, or choose another output folder"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+    check_targets(flat, overwrite)  # files and links (even dangling ones) are in the way without overwrite
+    safe_out_dir(out)
 
     map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
     size = tuple(exp.maps.shape[-2:])
@@ -634,6 +637,7 @@ def save_explanation(
                     fig,
                     p,
                     dpi=dpi,
+                    overwrite=overwrite,
                     metadata={
                         "Title": title,
                         "Software": f"camlens {_versions()['camlens']}",
@@ -644,7 +648,8 @@ def save_explanation(
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
-            np.save(p, exp.maps[i].detach().float().cpu().numpy())
+            arr = exp.maps[i].detach().float().cpu().numpy()
+            atomic_write(p, lambda f, a=arr: np.save(f, a), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
             p = plan[i]["json"][0]
@@ -666,7 +671,7 @@ def save_explanation(
                 "extras": _scalar_extras(exp.extras),
                 "versions": _versions(),
             }
-            p.write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
             written.append(p)
     return written
 

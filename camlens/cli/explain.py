@@ -101,7 +101,7 @@ def explain_cmd(
       camlens explain photos/ --method gradcam++ --topk 3 --out results
       camlens explain 'data/**/*.jpg' --class "tabby cat" --format png
     """
-    from camlens.errors import CamlensError
+    from camlens.errors import CamlensError, OutputError
     from camlens.methods.registry import get_method
     from camlens.models.zoo import card_of
     from camlens.viz import output_paths
@@ -178,6 +178,8 @@ def explain_cmd(
                         defaulted,
                         bar,
                     )
+                except OutputError as exc:  # a full disk or an unwritable --out: stop, say why
+                    raise click.ClickException(str(exc)) from None
                 except CamlensError as exc:
                     failed += len(imgs)
                     echo_err(f"error: {', '.join(stems)}: {exc}", bar)

@@ -4,11 +4,14 @@ ground-truth boxes (CSV, Pascal VOC, COCO) with the localization metrics and an 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import click
+
+from camlens.fsio import atomic_write, safe_out_dir
 
 from .common import (
     EXIT_FAILED,
@@ -237,16 +240,17 @@ def localize_cmd(
                                 bar,
                             )
                     if "png" in fmts:
-                        outdir.mkdir(parents=True, exist_ok=True)
-                        written.append(_draw(img, rec, outdir / f"{rec['name']}_{rec['method']}_boxes.png"))
+                        safe_out_dir(outdir)
+                        written.append(_draw(img, rec, outdir / f"{rec['name']}_{rec['method']}_boxes.png", overwrite))
             bar.update(len(chunk))
     finally:
         bar.close()
     if records:
-        outdir.mkdir(parents=True, exist_ok=True)
+        safe_out_dir(outdir)
     if "json" in fmts and records:
         p = outdir / "boxes.json"
-        p.write_text(
+        atomic_write(
+            p,
             json.dumps(
                 {
                     "threshold": thr,
@@ -257,28 +261,30 @@ def localize_cmd(
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
+            overwrite=overwrite,
         )
         written.append(p)
     if "csv" in fmts and records:
         p = outdir / "boxes.csv"
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(CSV_COLUMNS)
-            for rec in records:
-                for b in rec["boxes"]:
-                    w.writerow(
-                        [
-                            rec["path"],
-                            b["class_name"],
-                            *b["box"],
-                            b["class"],
-                            f"{b['prob']:.6f}",
-                            b["rank"],
-                            rec["method"],
-                            thr,
-                        ]
-                    )
+        fh = io.StringIO(newline="")  # the table is built in memory, then written atomically
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for rec in records:
+            for b in rec["boxes"]:
+                w.writerow(
+                    [
+                        rec["path"],
+                        b["class_name"],
+                        *b["box"],
+                        b["class"],
+                        f"{b['prob']:.6f}",
+                        b["rank"],
+                        rec["method"],
+                        thr,
+                    ]
+                )
+        atomic_write(p, fh.getvalue(), overwrite=overwrite)
         written.append(p)
     n_ok = len(items) - failed + len(inputs.problems)
     click.echo(
@@ -332,14 +338,15 @@ def _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mo
     return out
 
 
-def _draw(img, rec, path: Path) -> Path:
+def _draw(img, rec, path: Path, overwrite: bool = False) -> Path:
     from PIL import Image
 
     from camlens.localize import draw_boxes
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]
-    Image.fromarray(draw_boxes(img, boxes, labels=labels)).save(path)
+    im = Image.fromarray(draw_boxes(img, boxes, labels=labels))
+    atomic_write(path, lambda f: im.save(f, format="PNG"), overwrite=overwrite)
     return path
 
 
@@ -401,13 +408,13 @@ def _evaluate(
             raise click.ClickException(f"{m}: {exc}") from None
         reports[m] = rep
         click.echo(f"\n{m}\n{rep.table()}")
-    outdir.mkdir(parents=True, exist_ok=True)
+    safe_out_dir(outdir)
     payload = {
         "boxes": str(boxes_file),
         "model": getattr(getattr(net, "camlens", None), "name", model),
         "methods": {m: r.to_dict() for m, r in reports.items()},
     }
-    metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(metrics_path, json.dumps(payload, indent=2) + "\n", overwrite=overwrite)
     click.echo(f"\nwrote {metrics_path}")
     if calibrate:
         m, rep = next(iter(reports.items()))

@@ -220,6 +220,12 @@ def load_checkpoint(
         net.load_state_dict(ck.state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{ck.weights}: the weights do not fit the architecture in its card:\n{exc}") from None
+    layer = ck.card.get("layer")
+    if layer and layer not in dict(net.named_modules()):
+        raise CheckpointError(
+            f"{ck.card_path or ck.weights}: the checkpoint card field layer names {layer!r}, which is not a "
+            "module of the network; restore the card or fine-tune again"
+        )
     attach_card(net, checkpoint_card(ck.card, ck.weights, ck.card_path))
     net.eval()
     if device is not None:

@@ -129,6 +129,7 @@ def reconcile_checkpoints(out: Path, info: dict[str, Any], net: nn.Module) -> li
     out = Path(out)
     cards = info.get("cards") or {}
     fixed = []
+
     def rewrite(stem: str, card: dict[str, Any]) -> None:
         data = with_metadata(safetensors_bytes(net.state_dict()), {CARD_KEY: json.dumps(card)})
         if tensors_digest(data) != card.get("weights_sha256"):
