@@ -52,3 +52,8 @@ class OutputError(CamlensError, OSError):
 
     def __str__(self) -> str:  # OSError would print "[Errno N] …" once errno/filename are set
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(CamlensError, ValueError):
+    """NaN or Inf in an input, the model's output (e.g. from NaN weights) or a map: never a plausible
+    but meaningless explanation."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
 from .engine import ForwardPass
-from .errors import InputError, MethodError
+from .errors import InputError, MethodError, NonFiniteError
 from .explanation import Explanation
 from .io import load_images
 from .layers import fallback_spec, resolve_layer
@@ -253,6 +253,11 @@ def explain(
             maps = out.maps
             if maps is None:
                 maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
+                raise NonFiniteError(
+                    f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
+                    f"{x.dtype}); run the model in float32 or choose another layer"
+                )
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,
