@@ -70,3 +70,36 @@ def test_a_nan_map_from_finite_logits_is_refused():
 
 def test_non_finite_error_is_a_camlens_error():
     assert issubclass(NonFiniteError, CamlensError) and issubclass(NonFiniteError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------ dtype tolerance
+def test_bf16_cam_head_check_fits_the_dtype():
+    """Issue 17.8: a bf16 GAP + linear network is CAM-ready (its logits carry bf16 rounding); the
+    map equals the float32 one to bf16 precision; a LayerNorm-after-pooling head is still refused."""
+    import torchvision
+
+    from camlens.errors import HeadError
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():  # logits of a trained network's size (|y| ~ 10): bf16 rounding ~ 0.06-0.25
+        net.fc.weight.mul_(30)
+    x = torch.randn(2, 3, 64, 64)
+    ref = camlens.explain(net, x, method="cam", layer="layer4", targets=[[3], [7]])
+    e = camlens.explain(net.to(torch.bfloat16), x.to(torch.bfloat16), method="cam", layer="layer4", targets=[[3], [7]])
+    scale = ref.raw.abs().max()
+    assert (e.raw.float() - ref.raw).abs().max() < 0.05 * scale
+
+    class NormHead(torch.nn.Module):  # GAP -> LayerNorm -> linear: not CAM-ready in any dtype
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = torch.nn.LayerNorm(8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.norm(torch.relu(self.conv(x)).mean((2, 3))))
+
+    bad = NormHead().eval().to(torch.bfloat16)
+    with pytest.raises(HeadError, match="max difference"):
+        camlens.explain(bad, torch.randn(1, 3, 16, 16, dtype=torch.bfloat16), method="cam", layer="conv")

@@ -164,10 +164,11 @@ def _convert_head(model: nn.Module, num_classes: int, bias: bool | None) -> list
     return [name]
 
 
-def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> float:
+def check_cam_ready(model: nn.Module, size: int = 64, tol: float | None = None) -> float:
     """Probe ``model`` once and verify ``logits == mean(A) @ W.T + b`` for the features ``A``
     entering its last global pooling and its last linear layer. Returns the max difference;
-    raises :class:`~camlens.errors.HeadError` when the identity fails.
+    raises :class:`~camlens.errors.HeadError` when the identity fails. ``tol`` (relative to
+    ``1 + max|logits|``) defaults to ``max(1e-3, 16 eps)`` of the model's dtype (bf16: 0.125).
     """
     from ..capture import CaptureSpec, capture
     from ..layers import resolve_layer
@@ -196,8 +197,11 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
             "last linear layer; this network is not CAM-ready"
         )
     W, b = lin[1].weight, lin[1].bias
+    if tol is None:
+        tol = max(1e-3, 16 * torch.finfo(p.dtype).eps) if p.is_floating_point() else 1e-3
     with torch.no_grad():
-        pred = cap.value.mean((2, 3)) @ W.T + (0 if b is None else b)
+        pred = cap.value.float().mean((2, 3)) @ W.float().T + (0 if b is None else b.float())
+        logits = logits.float()
         err = float((pred - logits).abs().max())
     if not err <= tol * (1 + float(logits.abs().max())):
         raise HeadError(
