@@ -179,7 +179,7 @@ def versions() -> dict[str, str]:
     """Versions of camlens and its numeric stack (recorded on every card)."""
     import numpy
     import safetensors
-    import torchvision
+    import torchvision  # type: ignore[import-untyped]
 
     from .. import __version__
 
@@ -291,8 +291,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
         )
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    card = p.with_suffix(".json")
-    return p, card if card.is_file() else None
+    card_path = p.with_suffix(".json")
+    return p, card_path if card_path.is_file() else None
 
 
 def _read_json(path: Path) -> dict:
