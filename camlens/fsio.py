@@ -37,6 +37,7 @@ write into a :class:`io.BytesIO` through the callable form instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -176,15 +177,17 @@ def _fsync_dir(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool = False, fsync: bool = True) -> Path:
     """Write ``path`` atomically and symlink-safely (see the module docstring); return ``path``.
+
+    ``fsync=False`` skips the flush to the disk (for many small files, e.g. a generated dataset): the
+    file is still complete or absent after a crash of the process, only not after a power loss.
 
     Raises :class:`OutputExistsError` when something is at ``path`` and ``overwrite`` is false,
     :class:`OutputError` for every OS error (naming the path and the cause). The folder must exist
@@ -202,13 +205,12 @@ def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool 
     try:
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # mkstemp creates 0600; give the usual permissions
             os.chmod(tmp, 0o666 & ~_umask())
-        except OSError:
-            pass
         if overwrite:
             os.replace(tmp, p)
         else:
@@ -232,11 +234,10 @@ def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool 
         raise os_error(exc, p) from None
     finally:
         if not done:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
-    _fsync_dir(folder)
+    if fsync:
+        _fsync_dir(folder)
     return p
 
 

@@ -181,3 +181,13 @@ def test_random_mutations_give_checkpoint_errors_or_load(saved, tmp_path):
         except CheckpointError:
             outcomes["refused"] += 1
     assert outcomes["refused"] >= 20, outcomes
+
+
+def test_nan_weights_in_a_checkpoint_are_refused(saved, tmp_path):
+    root, state, card = saved
+    bad = {k: v.clone() for k, v in state.items()}
+    name = next(k for k, v in bad.items() if v.is_floating_point() and v.dim() == 4)
+    bad[name].view(-1)[0] = float("nan")
+    W.save_checkpoint(bad, tmp_path / "nan", card)  # consistently sealed: only the finiteness check stops it
+    with pytest.raises(CheckpointError, match=rf"NaN/Inf values \({name}"):
+        camlens.load_model(checkpoint=tmp_path / "nan")

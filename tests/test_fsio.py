@@ -253,3 +253,23 @@ def test_unusable_out_folders_are_clear_errors(tmp_path):
         assert r.exit_code in (1, 2) and "error" in r.output.lower(), r.output
         assert r.exception is None or isinstance(r.exception, SystemExit), r.output  # no traceback
         assert str(out) in r.output and any(w in r.output for w in ("not a folder", "is a file", "cannot")), r.output
+
+
+def test_finetune_on_a_full_disk_leaves_no_temporary_and_resumes(tmp_path, full_disk):
+    """The disk fills during the resumed run: a clear OutputError naming the file, no .tmp left, and
+    the folder still resumes to the end (the last commit is intact)."""
+    from test_finetune import FAST, make_folder, tiny_net
+
+    from camlens.train import finetune
+
+    full_disk["limit"] = 10**12
+    data = make_folder(tmp_path / "d", {"a": 4, "b": 4})
+    out = tmp_path / "run"
+    finetune(data, model=tiny_net(), out=out, epochs=1, **FAST)
+    full_disk["limit"], full_disk["written"] = 5000, 0  # the disk fills during the resumed run's writes
+    with pytest.raises(OutputError, match=r"run/[\w.]+: no space left on the device"):
+        finetune(data, model=tiny_net(), out=out, epochs=2, resume=True, **FAST)
+    assert no_temporaries(out)
+    full_disk["limit"] = 10**12
+    res = finetune(data, model=tiny_net(), out=out, epochs=2, resume=True, **FAST)
+    assert [h["epoch"] for h in res.history] == [1, 2]

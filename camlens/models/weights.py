@@ -534,6 +534,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     state = read_state_dict(weights)
     validate_card(card, state, where)  # the card's sizes are the weights' own: nothing huge is built
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{weights}: the weights hold NaN/Inf values ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}): "
+            "the training diverged before this checkpoint was saved. Use an earlier checkpoint or fine-tune "
+            "again with a lower learning rate."
+        )
     return Checkpoint(card, state, weights, card_path)
 
 
