@@ -171,7 +171,7 @@ def _mutations(rng: random.Random, card: dict, n: int):
 
 def test_random_mutations_give_checkpoint_errors_or_load(saved, tmp_path):
     """40 random field mutations (re-sealed): each loads or raises CheckpointError, nothing else."""
-    root, state, card = saved
+    _, state, card = saved
     outcomes = {"loaded": 0, "refused": 0}
     for i, bad in enumerate(_mutations(random.Random(0), card, 40)):
         stem = _save(tmp_path, state, bad, f"m{i}")
@@ -184,7 +184,7 @@ def test_random_mutations_give_checkpoint_errors_or_load(saved, tmp_path):
 
 
 def test_nan_weights_in_a_checkpoint_are_refused(saved, tmp_path):
-    root, state, card = saved
+    _, state, card = saved
     bad = {k: v.clone() for k, v in state.items()}
     name = next(k for k, v in bad.items() if v.is_floating_point() and v.dim() == 4)
     bad[name].view(-1)[0] = float("nan")

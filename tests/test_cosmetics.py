@@ -26,7 +26,7 @@ def test_unicode_names_are_kept():
     assert viz.safe_name("chat_été") == "chat_été"
     assert viz.safe_name("猫の写真") == "猫の写真"
     assert viz.safe_name("🐱 cat") == "🐱_cat"
-    assert viz.safe_name("a/b\\c:d*e?f|g<h>\"i") == "a_b_c_d_e_f_g_h_i"
+    assert viz.safe_name('a/b\\c:d*e?f|g<h>"i') == "a_b_c_d_e_f_g_h_i"
     assert viz.safe_name("../../etc/passwd") == "etc_passwd"
     assert viz.safe_name("tab\there\x00nul\u200bzw") == "tab_here_nul_zw"
     assert viz.safe_name("e\u0301t\u00e9") == "\u00e9t\u00e9"  # NFC: one code point per letter
