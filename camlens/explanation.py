@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .localization import localize
+
 
 def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
@@ -119,8 +121,6 @@ class Explanation:
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
     def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
         """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
-        from .localize import localize
-
         kw = dict(kwargs)
         if threshold is not None:
             kw["threshold"] = threshold
@@ -128,12 +128,12 @@ class Explanation:
 
     def show(self, **kwargs):
         """Display overlays in a notebook (returns the matplotlib figure)."""
-        from .viz import explanation_figure
+        from .viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
 
         return explanation_figure(self, **kwargs)
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""
-        from .viz import save_explanation
+        from .viz import save_explanation  # lazy: figure code (matplotlib) only when asked for
 
         return save_explanation(self, directory, **kwargs)

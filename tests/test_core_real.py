@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import camlens
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 
 

@@ -17,7 +17,7 @@ import torch
 
 import camlens
 from camlens import metrics as M
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 
 pytestmark = pytest.mark.slow
