@@ -50,11 +50,12 @@ from torch import nn
 
 from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, HeadError
+from .builders import build_named, torchvision_weights_file
+from .card import ModelCard, attach_card, card_of
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
 from .preprocess import IMAGENET
 from .weights import read_state_dict
-from .zoo import ModelCard, attach_card, card_of
 
 #: Channels of the CAM convolution (the paper's 1024).
 CAM_CHANNELS = 1024
@@ -237,14 +238,13 @@ def cam_ready(
         lists the new modules (the ones :func:`camlens.train.finetune` trains when the backbone
         is frozen).
     """
-    from .zoo import load_model
-
     if num_classes < 1:
         raise CamlensError(f"num_classes must be >= 1, not {num_classes}")
     if class_names is not None and len(class_names) != num_classes:
         raise CamlensError(f"{len(class_names)} class names for {num_classes} classes")
     if isinstance(backbone, str):
-        backbone = load_model(backbone, weights)
+        key = backbone.lower().replace("-", "_")
+        backbone = vgg16_cam(weights=weights) if key == "vgg16_cam" else build_named(backbone, weights).eval()
     elif not isinstance(backbone, nn.Module):
         raise CamlensError(f"backbone must be an nn.Module or a zoo name, not {type(backbone).__name__}")
     card = card_of(backbone)
@@ -315,12 +315,10 @@ def vgg16_cam(
     """
     from torchvision.models.vgg import cfgs, make_layers
 
-    from .zoo import _torchvision_weights_file
-
     state: dict | None = None
     source = weights
     if weights is None or str(weights) in ("DEFAULT", "IMAGENET1K_V1"):
-        source, _ = _torchvision_weights_file("vgg16", None if weights is None else str(weights))
+        source, _ = torchvision_weights_file("vgg16", None if weights is None else str(weights))
     if weights != "random":
         state = read_state_dict(source)
     trunk, c_in = _vgg_trunk(make_layers(cfgs["D"], batch_norm=False))
