@@ -13,6 +13,7 @@ displays itself as the cell's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -507,8 +508,9 @@ def _font_fallback(fig: Figure) -> None:
     fallback fonts; when none has them, one notice per process says so (and matplotlib's per-glyph
     warnings are silenced, since the notice already says it)."""
     global _FALLBACKS, _COVERED, _NOTICE_GIVEN
-    texts = [t for t in fig.findobj(lambda o: hasattr(o, "get_text") and hasattr(o, "set_fontfamily"))]
-    texts = [t for t in texts if not t.get_text().isascii()]
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if isinstance(t, Text) and not t.get_text().isascii()]
     if not texts:
         return
     from matplotlib import font_manager
@@ -522,7 +524,8 @@ def _font_fallback(fig: Figure) -> None:
             path = font_manager.findfont(font_manager.FontProperties(family=fam))
             covered |= set(FT2Font(path).get_charmap())
         _COVERED = covered
-    missing = {ch for t in texts for ch in t.get_text() if ord(ch) not in _COVERED and not ch.isspace()}
+    known: set[int] = _COVERED or set()
+    missing = {ch for t in texts for ch in t.get_text() if ord(ch) not in known and not ch.isspace()}
     if _FALLBACKS:
         for t in texts:
             t.set_fontfamily([*t.get_fontfamily(), *_FALLBACKS])
@@ -689,7 +692,7 @@ def save_explanation(
         if "npy" in fmts:
             p = plan[i]["npy"][0]
             arr = exp.maps[i].detach().float().cpu().numpy()
-            atomic_write(p, lambda f, a=arr: np.save(f, a), overwrite=overwrite)
+            atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
             p = plan[i]["json"][0]

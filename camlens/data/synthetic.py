@@ -246,8 +246,8 @@ def synthetic(
     for c in classes:
         safe_out_dir(root / c)
     for rel, img in zip(rel_paths, arr.images, strict=True):  # atomic, never through a link
-        im = Image.fromarray(img)
-        atomic_write(root / rel, lambda f, im=im: im.save(f, format="PNG"), overwrite=overwrite, fsync=False)
+        save = functools.partial(Image.fromarray(img).save, format="PNG")
+        atomic_write(root / rel, save, overwrite=overwrite, fsync=False)
     fh = io.StringIO(newline="")
     w = csv.writer(fh)
     w.writerow(["path", "class", "x0", "y0", "x1", "y1"])

@@ -179,7 +179,7 @@ def versions() -> dict[str, str]:
     """Versions of camlens and its numeric stack (recorded on every card)."""
     import numpy
     import safetensors
-    import torchvision  # type: ignore[import-untyped]
+    import torchvision
 
     from .. import __version__
 
