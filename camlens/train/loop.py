@@ -473,6 +473,7 @@ def finetune(
         best_state: dict[str, torch.Tensor] | None = None
         start = 0
         if saved_info is not None:
+            assert saved_model is not None and saved_opt is not None  # loaded with saved_info
             try:  # weights and optimizer come from the same committed file: the same epoch
                 net.load_state_dict(saved_model, strict=True)
                 opt.load_state_dict(saved_opt)
@@ -551,7 +552,7 @@ def finetune(
             ck = {**base_card, "epoch": epoch + 1, "metrics": row, "best": best}
             last_ck = prepare_checkpoint(net, out / "last", ck)
             best_ck = prepare_checkpoint(net, out / "best", ck) if improved else None
-            if improved:
+            if best_ck is not None:
                 best_card = best_ck.card
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             info = {**run_info, "epoch": epoch + 1, "history": history, "best": best}
