@@ -194,6 +194,7 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     assert _rank("camlens.models.weights") == 0 and _rank("camlens.models.zoo") == 1
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     """Import each module (sorted: no accidental order dependence) in one new process."""
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
