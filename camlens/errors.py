@@ -46,7 +46,7 @@ class OutputExistsError(CamlensError, FileExistsError):
     """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""
 
 
-class OutputError(CamlensError, OSError):
+class WriteError(CamlensError, OSError):
     """An output that cannot be written: no space left, permission denied, a parent that is not a
     folder, a symbolic link where a file should be written, a read-only file system."""
 
@@ -57,3 +57,11 @@ class OutputError(CamlensError, OSError):
 class NonFiniteError(CamlensError, ValueError):
     """NaN or Inf in an input, the model's output (e.g. from NaN weights) or a map: never a plausible
     but meaningless explanation."""
+
+
+class OutputError(InputError):
+    """A model output whose class scores cannot be found (pass output= to choose them)."""
+
+
+class LayoutError(CamlensError, ValueError):
+    """Captured features whose layout (tokens, channels-last) cannot be turned into a grid."""

@@ -25,9 +25,11 @@ from .errors import InputError, MethodError, NonFiniteError
 from .explanation import Explanation
 from .inputs import prepare_inputs
 from .layers import resolve_layer
+from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import Preprocess
-from .models.zoo import card_of, load_model
+from .models.zoo import card_of, class_names_of, load_model
+from .outputs import OutputSpec, select_output
 from .resolve import run_resolved
 from .targets import TargetSpec
 
@@ -63,6 +65,8 @@ def explain(
     call: int = -1,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
     **options: Any,
 ) -> Explanation: ...
 
@@ -79,6 +83,8 @@ def explain(
     call: int = -1,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
     **options: Any,
 ) -> dict[str, Explanation]: ...
 
@@ -94,6 +100,8 @@ def explain(
     call: int = -1,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
     **options: Any,
 ) -> Explanation | dict[str, Explanation]:
     """Explain a classifier's decision for a batch of images.
@@ -108,11 +116,21 @@ def explain(
         targets: ``None`` (top-1), an int, N ints, an ``(N, K)`` table, ``"topK"``, class names,
             or a callable ``logits -> (N,)`` scores. See :mod:`camlens.targets`.
         layer: dotted module name, module, or ``None``: the features entering the final global
-            pooling (a module or a functional call), else the last spatial module output.
+            pooling (a module or a functional call); for a transformer without global pooling the
+            norm before the last block's attention (the token features the class token reads);
+            else the last spatial module output.
         capture: ``"output"`` or ``"input"`` of ``layer``.
         call: which call of a module that runs several times per forward (default: the last).
         preprocess: override the preprocessing applied to image inputs.
-        class_names: class names for a plain ``nn.Module`` (zoo models carry theirs).
+        class_names: class names for a plain ``nn.Module`` (zoo models carry theirs; Hugging Face
+            models give their ``config.id2label``).
+        output: which part of the model's output holds the class scores: ``None`` (a tensor,
+            ``.logits``, a dict's ``"logits"``, a tuple's first ``(N, C)`` tensor), a key, an index
+            or a callable; see :mod:`camlens.outputs`. The choice is stated in ``extras["output"]``.
+        reshape: layout of token ``(N, T, D)`` or channels-last ``(N, h, w, D)`` features:
+            ``None`` detects it (prefix tokens from the count, the grid from the input size and
+            patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
+            :mod:`camlens.layout`. What was done is stated in ``extras["layout"]``.
         **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
             ``steps=``, ``n_samples=``.
 
@@ -130,7 +148,7 @@ def explain(
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
     card = card_of(model)
-    classes = list(class_names) if class_names is not None else (card.class_names if card else None)
+    classes = list(class_names) if class_names is not None else class_names_of(model)
 
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
@@ -141,11 +159,15 @@ def explain(
         else:
             spec = resolve_layer(model, layer, capture, call)
 
-    # one method asks for at most one layer and one input gradient: the last backward may free the graph
-    backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
+    # one method asks for at most one layer, one input and one attention gradient: the last backward
+    # may free the graph
+    n_grads = ("layer_grads" in needs) + ("input_grads" in needs) + ("attention_grads" in needs)
+    backwards = n_grads if len(infos) == 1 else None
 
     def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-        return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
+        return ForwardPass(
+            model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
+        )
 
     with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
         resolved = run_resolved(model, x, spec, forward_pass)
@@ -175,17 +197,25 @@ def explain(
                 scores=ctx.scores.detach().clone(),
                 probs=probs,
                 method=info.name,
-                layer=layer_name if info.kind == "layer" or "features" in info.needs else None,
+                layer=layer_name if "features" in info.needs else None,
                 class_names=classes,
                 images=images,
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
-                extras=dict(out.extras),
+                extras=_common_extras(ctx, info) | dict(out.extras),
             )
         del ctx, resolved  # free the graph before returning
     if isinstance(method, str):
         return results[infos[0].name]
     return {n: results[i.name] for n, i in zip(names, infos)}
+
+
+def _common_extras(ctx: ForwardPass, info: MethodInfo) -> dict[str, Any]:
+    """What explain() chose for every method: the output part taken as logits, the layout adapter."""
+    extras: dict[str, Any] = {"output": ctx.output_choice}
+    if ctx.layout is not None and ctx.layout.adapted and "features" in info.needs:
+        extras["layout"] = ctx.layout.describe()
+    return extras
 
 
 def predict(
@@ -195,15 +225,15 @@ def predict(
     *,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
 ) -> list[list[tuple[int, str, float]]]:
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
-    card = card_of(model)
-    names = list(class_names) if class_names is not None else (card.class_names if card else None)
+    names = list(class_names) if class_names is not None else class_names_of(model)
     with eval_mode(model), torch.inference_mode():
-        p = model(x).float().softmax(dim=1)
+        p = select_output(model(x), output, n=x.shape[0])[0].float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [
         [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]

@@ -15,7 +15,7 @@ The guarantees, for every file camlens writes into an output folder:
   is neither created nor modified. A folder in the way is always refused. Without ``overwrite`` the
   final step is ``os.link`` (fails if anything appeared meanwhile), so a racing writer cannot be
   clobbered either.
-* **Clear errors.** Every ``OSError`` becomes :class:`~camlens.errors.OutputError` naming the path and
+* **Clear errors.** Every ``OSError`` becomes :class:`~camlens.errors.WriteError` naming the path and
   the cause in words (no space left on the device, permission denied, a parent that is not a folder,
   a read-only file system, …) and the fix.
 
@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError, OutputExistsError
+from .errors import OutputExistsError, WriteError
 
 #: what a writer accepts: the bytes, a text (UTF-8), or a function writing into a binary file object
 Data = bytes | bytearray | memoryview | str | Callable[[IO[bytes]], Any]
@@ -75,10 +75,10 @@ def describe_os_error(exc: OSError) -> str:
     return cause[0] if cause else (exc.strerror or type(exc).__name__)
 
 
-def os_error(exc: OSError, path: str | os.PathLike, action: str = "write") -> OutputError:
-    """An :class:`OutputError` for ``exc`` that names ``path``, the cause and the fix."""
+def os_error(exc: OSError, path: str | os.PathLike, action: str = "write") -> WriteError:
+    """An :class:`WriteError` for ``exc`` that names ``path``, the cause and the fix."""
     cause, fix = _CAUSES.get(exc.errno or -1, (exc.strerror or type(exc).__name__, "check the path"))
-    err = OutputError(f"cannot {action} {os.fspath(path)}: {cause} [errno {exc.errno}]; {fix}")
+    err = WriteError(f"cannot {action} {os.fspath(path)}: {cause} [errno {exc.errno}]; {fix}")
     err.errno = exc.errno
     err.filename = os.fspath(path)
     return err
@@ -103,7 +103,7 @@ def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if st is None:
         return p
     if stat.S_ISDIR(st.st_mode):
-        raise OutputError(f"cannot write {p}: it is a folder; remove it or choose another output name")
+        raise WriteError(f"cannot write {p}: it is a folder; remove it or choose another output name")
     if not overwrite:
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
         raise OutputExistsError(
@@ -121,7 +121,7 @@ def check_targets(paths: Iterable[str | os.PathLike], overwrite: bool = False) -
     for p in paths:
         try:
             check_target(p, overwrite)
-        except (OutputExistsError, OutputError) as exc:
+        except (OutputExistsError, WriteError) as exc:
             first = first or exc
             clash.append(Path(p))
     if first is not None:
@@ -132,7 +132,7 @@ def check_targets(paths: Iterable[str | os.PathLike], overwrite: bool = False) -
 
 def safe_out_dir(path: str | os.PathLike, create: bool = True) -> Path:
     """An output folder: created with its parents when missing; an existing non-folder, a parent that
-    is a file, or an unwritable place gives :class:`OutputError` naming the cause."""
+    is a file, or an unwritable place gives :class:`WriteError` naming the cause."""
     p = Path(path)
     try:
         if create:
@@ -140,11 +140,11 @@ def safe_out_dir(path: str | os.PathLike, create: bool = True) -> Path:
         if not p.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(p))
     except FileExistsError:
-        raise OutputError(f"cannot use {p} as an output folder: it exists and is not a folder") from None
+        raise WriteError(f"cannot use {p} as an output folder: it exists and is not a folder") from None
     except NotADirectoryError:
         if p.exists() and not p.is_dir():
-            raise OutputError(f"cannot use {p} as an output folder: it exists and is not a folder") from None
-        raise OutputError(
+            raise WriteError(f"cannot use {p} as an output folder: it exists and is not a folder") from None
+        raise WriteError(
             f"cannot create the output folder {p}: a parent of it is not a folder; choose another --out"
         ) from None
     except OSError as exc:
@@ -190,7 +190,7 @@ def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool 
     file is still complete or absent after a crash of the process, only not after a power loss.
 
     Raises :class:`OutputExistsError` when something is at ``path`` and ``overwrite`` is false,
-    :class:`OutputError` for every OS error (naming the path and the cause). The folder must exist
+    :class:`WriteError` for every OS error (naming the path and the cause). The folder must exist
     (see :func:`safe_out_dir`).
     """
     p = Path(path)
@@ -229,7 +229,7 @@ def atomic_write(path: str | os.PathLike, data_or_writer: Data, overwrite: bool 
                 os.unlink(tmp)
         done = True
     except OSError as exc:
-        if isinstance(exc, (OutputError, OutputExistsError)):
+        if isinstance(exc, (WriteError, OutputExistsError)):
             raise
         raise os_error(exc, p) from None
     finally:
@@ -269,7 +269,7 @@ def remove_output(path: str | os.PathLike) -> None:
     except OSError as exc:
         raise os_error(exc, p, "remove") from None
     if stat.S_ISDIR(st.st_mode):
-        raise OutputError(f"cannot remove {p}: it is a folder")
+        raise WriteError(f"cannot remove {p}: it is a folder")
     try:
         os.unlink(p)
     except OSError as exc:

@@ -10,8 +10,9 @@ pass; :func:`run_resolved` runs it (through the caller's ``forward_pass`` factor
    hooked and the function mode only starts after one ran (see :mod:`camlens.capture`);
 3. no pooling module ran: run again watching every function call (a batch of one image directly,
    a larger batch only after a probe of its first image found a functional global pooling);
-4. no global pooling at all (VGG): fall back to the last spatial module, which the pass that watched
-   every call has seen — no extra probe;
+4. no global pooling at all: a transformer (ViT, DeiT: the head reads the class token) falls back to
+   the norm that ran before the last attention module; other networks (VGG) to the last spatial
+   module. The pass that watched every call has seen both — no extra probe;
 5. a layer never called, or features that are not ``(N, C, h, w)``: a clear :class:`InputError`.
 
 Every pass runs inside the caller's eval-mode context; nothing here touches the model otherwise.
@@ -38,6 +39,7 @@ class CapturingPass(Protocol):
     calls: int
     pool_module: str | None
     last_spatial: tuple[str, nn.Module] | None
+    token_norm: tuple[str, nn.Module] | None
 
 
 P = TypeVar("P", bound=CapturingPass)
@@ -76,15 +78,15 @@ def run_resolved(
         spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
 
     ctx = forward_pass(spec)
-    last_spatial = ctx.last_spatial
+    last_spatial = ctx.token_norm or ctx.last_spatial  # a transformer's norm before the last attention first
     if spec is not None and needs_full_scan(model, spec, ctx.features):
         spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
         if len(x) == 1:
             ctx = forward_pass(spec)
-            last_spatial = ctx.last_spatial
+            last_spatial = ctx.token_norm or ctx.last_spatial
         else:  # probe one image before re-running the batch
             probe = _probe(model, x[:1], spec)
-            last_spatial = probe.last_spatial
+            last_spatial = probe.token_norm or probe.last_spatial
             if probe.value is not None:
                 ctx = forward_pass(spec)
     if spec is not None and ctx.features is None:
@@ -94,13 +96,15 @@ def run_resolved(
                 + (f" (it ran {ctx.calls} times)" if ctx.calls else "")
                 + "; choose another layer (`camlens layers MODEL`)"
             )
-        # no global pooling: the last spatial module, seen by the pass (or probe) that watched every call
+        # no global pooling: the norm before the last attention (transformers) or the last spatial
+        # module, seen by the pass (or probe) that watched every call
         spec = fallback_spec(last_spatial)
         ctx = forward_pass(spec)
     if spec is not None and ctx.features is not None and ctx.features.dim() != 4:
         raise InputError(
             f"the {spec.describe()} has shape {tuple(ctx.features.shape)}, not (N, C, h, w); "
-            "layer methods need a convolutional feature map: choose another layer"
+            "layer methods need a convolutional feature map (token and channels-last layouts are adapted; "
+            "see reshape=): choose another layer"
         )
     layer_name = None
     if spec is not None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from camlens import fsio
 from camlens.cli import main
-from camlens.errors import OutputError, OutputExistsError
+from camlens.errors import OutputExistsError, WriteError
 
 
 def listing(folder: Path) -> dict[str, bytes | str]:
@@ -68,7 +68,7 @@ def test_atomic_write_kinds_and_overwrite(tmp_path):
     assert np.load(p).tolist() == [0, 1, 2]
     fsio.atomic_write_json(tmp_path / "x.json", {"k": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"k": [1, 2]}
-    with pytest.raises(OutputError, match="is a folder"):
+    with pytest.raises(WriteError, match="is a folder"):
         fsio.atomic_write(tmp_path, b"x", overwrite=True)
     assert no_temporaries(tmp_path)
 
@@ -96,13 +96,13 @@ def test_links_are_refused_or_replaced_never_followed(tmp_path):
 def test_full_disk_leaves_no_truncated_file_and_keeps_the_old_one(tmp_path, full_disk):
     p = tmp_path / "big.bin"
     full_disk["limit"] = 1000
-    with pytest.raises(OutputError, match=r"big\.bin: no space left on the device"):
+    with pytest.raises(WriteError, match=r"big\.bin: no space left on the device"):
         fsio.atomic_write(p, b"x" * 5000)
     assert not p.exists() and no_temporaries(tmp_path)
     full_disk["limit"], full_disk["written"] = 10**9, 0
     fsio.atomic_write(p, b"old")
     full_disk["limit"], full_disk["written"] = 2, 0
-    with pytest.raises(OutputError, match="no space left"):
+    with pytest.raises(WriteError, match="no space left"):
         fsio.atomic_write(p, b"new content", overwrite=True)
     assert p.read_bytes() == b"old" and no_temporaries(tmp_path)
 
@@ -120,20 +120,20 @@ def test_interrupt_inside_a_writer_leaves_nothing(tmp_path):
 def test_unusable_folders_give_the_cause(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(OutputError, match="not a folder"):
+    with pytest.raises(WriteError, match="not a folder"):
         fsio.safe_out_dir(f)
-    with pytest.raises(OutputError, match="parent of it is not a folder"):
+    with pytest.raises(WriteError, match="parent of it is not a folder"):
         fsio.safe_out_dir(f / "sub")
-    with pytest.raises(OutputError, match="not a folder"):
+    with pytest.raises(WriteError, match="not a folder"):
         fsio.atomic_write(f / "x.png", b"1")
-    with pytest.raises(OutputError, match=r"/proc/camlens-x"):
+    with pytest.raises(WriteError, match=r"/proc/camlens-x"):
         fsio.safe_out_dir("/proc/camlens-x")
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
-            with pytest.raises(OutputError, match="permission denied"):
+            with pytest.raises(WriteError, match="permission denied"):
                 fsio.atomic_write(ro / "x.png", b"1")
         finally:
             ro.chmod(0o700)
@@ -256,7 +256,7 @@ def test_unusable_out_folders_are_clear_errors(tmp_path):
 
 
 def test_finetune_on_a_full_disk_leaves_no_temporary_and_resumes(tmp_path, full_disk):
-    """The disk fills during the resumed run: a clear OutputError naming the file, no .tmp left, and
+    """The disk fills during the resumed run: a clear WriteError naming the file, no .tmp left, and
     the folder still resumes to the end (the last commit is intact)."""
     from test_finetune import FAST, make_folder, tiny_net
 
@@ -267,7 +267,7 @@ def test_finetune_on_a_full_disk_leaves_no_temporary_and_resumes(tmp_path, full_
     out = tmp_path / "run"
     finetune(data, model=tiny_net(), out=out, epochs=1, **FAST)
     full_disk["limit"], full_disk["written"] = 5000, 0  # the disk fills during the resumed run's writes
-    with pytest.raises(OutputError, match=r"run/[\w.]+: no space left on the device"):
+    with pytest.raises(WriteError, match=r"run/[\w.]+: no space left on the device"):
         finetune(data, model=tiny_net(), out=out, epochs=2, resume=True, **FAST)
     assert no_temporaries(out)
     full_disk["limit"] = 10**12

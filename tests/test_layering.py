@@ -3,7 +3,7 @@
 Layers (a module may import its own layer and the ones below, never above)::
 
     0 base      errors, _version, _util, io, ops, fsio, localization, models.{classes,preprocess,heads,weights}
-    1 core      capture, layers, targets, rules, outputs, layout, resolve, inputs, engine, models.*
+    1 core      capture, layers, targets, rules, outputs, layout, attention, resolve, inputs, engine, models.*
     2 methods   methods.*
     3 explain   explanation, explainer
     4 analysis  viz, loceval, metrics.*, data.*
@@ -42,7 +42,22 @@ RANKS: list[tuple[int, tuple[str, ...]]] = [
             "models.weights",
         ),
     ),
-    (1, ("capture", "layers", "targets", "rules", "outputs", "layout", "resolve", "inputs", "engine", "models")),
+    (
+        1,
+        (
+            "capture",
+            "layers",
+            "targets",
+            "rules",
+            "outputs",
+            "layout",
+            "attention",
+            "resolve",
+            "inputs",
+            "engine",
+            "models",
+        ),
+    ),
     (2, ("methods",)),
     (3, ("explanation", "explainer")),
     (4, ("viz", "loceval", "metrics", "data", "figures")),

@@ -29,11 +29,11 @@ class LazyGroup(click.Group):
         return self._load(name)
 
     def invoke(self, ctx):
-        from camlens.errors import OutputError  # light: no torch
+        from camlens.errors import WriteError  # light: no torch
 
         try:
             return super().invoke(ctx)
-        except OutputError as exc:  # a full disk, a read-only or unusable --out: the cause, no traceback
+        except WriteError as exc:  # a full disk, a read-only or unusable --out: the cause, no traceback
             raise click.ClickException(str(exc)) from None
 
     @staticmethod

@@ -101,7 +101,7 @@ def explain_cmd(
       camlens explain photos/ --method gradcam++ --topk 3 --out results
       camlens explain 'data/**/*.jpg' --class "tabby cat" --format png
     """
-    from camlens.errors import CamlensError, OutputError
+    from camlens.errors import CamlensError, WriteError
     from camlens.methods.registry import get_method
     from camlens.models.zoo import card_of
     from camlens.viz import output_paths
@@ -178,7 +178,7 @@ def explain_cmd(
                         defaulted,
                         bar,
                     )
-                except OutputError as exc:  # a full disk or an unwritable --out: stop, say why
+                except WriteError as exc:  # a full disk or an unwritable --out: stop, say why
                     raise click.ClickException(str(exc)) from None
                 except CamlensError as exc:
                     failed += len(imgs)

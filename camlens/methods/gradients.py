@@ -218,7 +218,7 @@ def smoothgrad(
             eps = torch.stack([draws[jj] for jj in j.tolist()])
             nd = n.to(x.device)
             xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
-            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule)
+            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule, select=ctx.select)
             if rule != "backprop":
                 require_relus(gp.relu_calls, f"smoothgrad(base={base_name!r})", ctx.model)
             a = gp.grads * xb[:, None] if base_name == "input_x_gradient" else gp.grads
@@ -281,13 +281,13 @@ def _integrated(
     for n, j in _chunks(N, len(alphas), batch_size):
         nd, jd = n.to(x.device), j.to(x.device)
         pts = xb0[nd] + alpha[jd].view(-1, 1, 1, 1) * diff[nd]
-        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n))
+        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n), select=ctx.select)
         total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
     attr = total * diff[:, None]
     with torch.no_grad():
-        f_base = ctx.targets.scores(ctx.model(xb0)).detach()
+        f_base = ctx.targets.scores(ctx.select(ctx.model(xb0))).detach()
         if f_x is None:
-            f_x = ctx.targets.scores(ctx.model(x)).detach()
+            f_x = ctx.targets.scores(ctx.select(ctx.model(x))).detach()
     delta = f_x - f_base
     err = attr.flatten(2).sum(-1) - delta
     rel = err.abs() / delta.abs().clamp_min(1e-12)

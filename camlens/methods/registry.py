@@ -8,7 +8,10 @@ forward and only the backward passes they need:
 * ``"layer_grads"``: ``ctx.layer_grads()``, d score / d features, ``(N, K, C, h, w)``;
 * ``"input_grads"``: ``ctx.input_grads(rule)``, d score / d input, ``(N, K, C, H, W)``;
 * ``"rules"``: the forward runs under :func:`camlens.rules.relu_rules` so that the ReLU
-  backward rule can be switched per backward pass (Deconvnet, Guided Backprop).
+  backward rule can be switched per backward pass (Deconvnet, Guided Backprop);
+* ``"attention"``: ``ctx.attention()``, every self-attention matrix ``(N, heads, T, T)``;
+* ``"attention_grads"``: ``ctx.attention_grads()``, d score / d each attention matrix (the whole
+  forward keeps its graph).
 
 Example (a complete method; put it in any module of :mod:`camlens.methods`, or in your own code)::
 
@@ -42,7 +45,7 @@ if TYPE_CHECKING:  # typing only: `import camlens` loads this registry without i
 
     from ..engine import ForwardPass
 
-Need = Literal["features", "layer_grads", "input_grads", "rules"]
+Need = Literal["features", "layer_grads", "input_grads", "rules", "attention", "attention_grads"]
 Kind = Literal["layer", "pixel"]
 NEEDS: frozenset[str] = frozenset(get_args(Need))
 KINDS: frozenset[str] = frozenset(get_args(Kind))

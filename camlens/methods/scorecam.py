@@ -119,7 +119,7 @@ def scorecam(
             masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
-            logits = _masked_logits(ctx.model, imgs, layout)
+            logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
             if ctx.targets.fn is not None:
                 s = ctx.targets.fn(logits)[:, None]
             else:

@@ -42,6 +42,7 @@ from ..explainer import explain
 from ..explanation import Explanation
 from ..inputs import prepare_inputs
 from ..models.zoo import card_of, load_model
+from ..outputs import select_output
 from ..targets import resolve_targets
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
@@ -59,13 +60,9 @@ def _is_baseline(name: str) -> bool:
 # model scoring
 # --------------------------------------------------------------------------------------------
 def _check_logits(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(
-            f"the model must return logits of shape (N, num_classes); it returned {shape}. "
-            "Wrap it so that forward() returns one tensor of class scores."
-        )
-    return out
+    """The ``(N, num_classes)`` logits in a model output (a tensor, ``(logits, aux)``, a dict, a Hugging
+    Face ``ModelOutput``…; see :func:`camlens.outputs.select_output`)."""
+    return select_output(out)[0]
 
 
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:

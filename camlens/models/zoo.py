@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .builders import DEFAULT_MODEL, available_models, build_named, torchvision_weights_file
+from .builders import (
+    DEFAULT_MODEL,
+    HF_PREFIX,
+    TIMM_PREFIX,
+    available_models,
+    build_named,
+    class_names_of,
+    torchvision_weights_file,
+)
 from .cam_ready import cam_ready, vgg16_cam
 from .card import ModelCard, attach_card, card_of
 from .heads import replace_classifier
@@ -139,8 +147,10 @@ def load_model(
 
     Args:
         name: ``"efficientnet_lite0"`` (bundled ImageNet weights), ``"vgg16_cam"`` (the notebooks'
-            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), or any torchvision
-            classifier name (``"resnet50"``, ``"vgg16"``, ``"densenet121"``, …).
+            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), any torchvision
+            classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
+            ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
+            ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network, a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
             weights name such as ``"IMAGENET1K_V2"``.
@@ -168,12 +178,15 @@ def load_model(
 
 __all__ = [  # the card, the builders' names and the weights reader are re-exported (camlens 0.1 names)
     "DEFAULT_MODEL",
+    "HF_PREFIX",
+    "TIMM_PREFIX",
     "ModelCard",
     "attach_card",
     "available_models",
     "build_model",
     "card_of",
     "checkpoint_card",
+    "class_names_of",
     "load_checkpoint",
     "load_model",
     "load_weights_file",
