@@ -169,7 +169,8 @@ def load_model(
         model = build_named(name, weights, num_classes)
     if preprocess is not None:
         pp = PRESETS[preprocess] if isinstance(preprocess, str) else preprocess
-        attach_card(model, replace(card_of(model), preprocess=pp))
+        card = card_of(model) or ModelCard(type(model).__name__)
+        attach_card(model, replace(card, preprocess=pp))
     model.eval()
     if device is not None:
         model.to(device)
