@@ -233,35 +233,59 @@ def evaluate_cmd(
         raise click.ClickException(f"{exc}; or choose another --out") from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from camlens.pipeline import dist
+
+    device = dist.local_device(device)
+    ctx = dist.setup(device)  # under torchrun: each rank scores a contiguous block of the images
+    lo, hi = len(images) * ctx.rank // ctx.world, len(images) * (ctx.rank + 1) // ctx.world
+    if ctx.active:
+        images, names = images[lo:hi], names[lo:hi]
+        gt = gt[lo:hi] if gt is not None else None
     try:
-        net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        if weights == "random":  # the same random network on every rank and in every run
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        else:
+            net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
         card = getattr(net, "camlens", None)
         pp = None
         if size is not None:
             if size < 8:
                 raise click.UsageError("--size must be at least 8 pixels")
             pp = dataclasses.replace(card.preprocess, size=(size, size)) if card else None
-        report = runner.evaluate(
-            net,
-            images,
-            methods,
-            wanted,
-            names=names,
-            gt=gt,
-            steps=steps,
-            percentages=pct,
-            tolerance=tolerance,
-            baseline=baseline,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            seed=seed,
-            preprocess=pp,
-            explain_options={"layer": layer} if layer else None,
-            sanity_layers=sanity_layers,
-            progress=not quiet,
+        report = (
+            runner.evaluate(
+                net,
+                images,
+                methods,
+                wanted,
+                names=names,
+                gt=gt,
+                steps=steps,
+                percentages=pct,
+                tolerance=tolerance,
+                baseline=baseline,
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+                seed=seed,
+                preprocess=pp,
+                explain_options={"layer": layer} if layer else None,
+                sanity_layers=sanity_layers,
+                progress=not quiet and ctx.is_main,
+                index_offset=lo,
+            )
+            if images
+            else runner.EvaluationReport()
         )
+        if ctx.active:
+            report = _merge_reports(ctx, report)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        return
     safe_out_dir(outdir)
     click.echo(report.table())
     written = []
@@ -301,3 +325,47 @@ def evaluate_cmd(
     if failed:
         click.echo(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}", err=True)
         sys.exit(1)
+
+
+def _merge_reports(ctx, report):
+    """Every rank's report -> the dataset's, on every rank (``all_gather_object``).
+
+    Per-image rows are concatenated in rank order, which is image order (contiguous shards), then
+    ordered by method like :func:`~camlens.metrics.runner.evaluate` does, so the
+    summary means (deletion / insertion AUC, average drop, pointing games…) are computed from the
+    very rows a single process has: the same figures, bit for bit. Mean curves are recombined as
+    ``Σ n_r · mean_r / Σ n_r`` (equal to float rounding); sanity results are concatenated.
+    """
+    import numpy as np
+
+    from camlens.metrics import runner
+
+    def count(rows, m):
+        return sum(1 for r in rows if r["method"] == m)
+
+    mine = {
+        "rows": report.rows,
+        "curves": {k: (f, c, count(report.rows, k[0])) for k, (f, c) in report.curves.items()},
+        "road": {m: (p, a, b, count(report.rows, m)) for m, (p, a, b) in report.road.items()},
+        "sanity": report.sanity,
+        "settings": report.settings,
+    }
+    parts = ctx.gather(mine)
+    out = runner.EvaluationReport()
+    rows = [r for p in parts for r in p["rows"]]  # rank order = image order
+    order = {m: k for k, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    out.rows = sorted(rows, key=lambda r: order[r["method"]])  # stable: (method, image), as one process
+    for key in dict.fromkeys(k for p in parts for k in p["curves"]):
+        got = [p["curves"][key] for p in parts if key in p["curves"]]
+        n = sum(g[2] for g in got)
+        out.curves[key] = (got[0][0], sum(np.asarray(g[1]) * g[2] for g in got) / max(n, 1))
+    for m in dict.fromkeys(k for p in parts for k in p["road"]):
+        got = [p["road"][m] for p in parts if m in p["road"]]
+        n = sum(g[3] for g in got)
+        out.road[m] = (got[0][0], sum(g[1] * g[3] for g in got) / max(n, 1), sum(g[2] * g[3] for g in got) / max(n, 1))
+    sanity = [p["sanity"] for p in parts if p["sanity"] is not None]
+    out.sanity = runner.merge_sanity(sanity) if sanity else None
+    out.settings = dict(next((p["settings"] for p in parts if p["settings"]), {}))
+    out.settings["images"] = sum(p["settings"].get("images", 0) for p in parts)
+    out.settings["ranks"] = ctx.world
+    return out
