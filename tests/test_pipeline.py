@@ -487,3 +487,30 @@ def test_cli_localize_eval_equals_evaluate_model(tmp_path):
         assert (got["metrics"][k] is None and v != v) or got["metrics"][k] == pytest.approx(v, abs=1e-9), k
     np.testing.assert_allclose(got["boxacc_v2"], ref.curve, atol=1e-12)
     assert got["metrics"]["top1_loc"] is not None  # the classes were known
+
+
+def test_store_never_writes_through_a_link_in_the_output_folder(tmp_path):
+    """Issue 17's guarantee for the store: links planted at the store's file names are replaced,
+    never followed — nothing outside the output folder is created or modified."""
+    net = tiny_model()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "kept.json").write_text("precious")
+    st = tmp_path / "st"
+    st.mkdir()
+    os.symlink(outside / "created.json", st / "index.json")  # dangling
+    os.symlink(outside / "kept.json", st / "results.parquet")  # live
+    kw = dict(method="gradcam", batch_size=4, num_workers=0, preprocess=PP, progress=False)
+    os.symlink(outside / "created2.json", st / "run.json")  # dangling: refused like a file
+    with pytest.raises(StoreMismatchError, match="--overwrite"):
+        camlens.explain_dataset(net, Synthetic(5), out=st, **kw)
+    (st / "run.json").unlink()
+    (st / "results.parquet").unlink()
+    with pytest.raises(StoreMismatchError, match="index.json"):  # only the dangling index.json is left
+        camlens.explain_dataset(net, Synthetic(5), out=st, **kw)
+    os.symlink(outside / "kept.json", st / "results.parquet")
+    res = camlens.explain_dataset(net, Synthetic(5), out=st, overwrite=True, **kw)
+    assert res.stats.computed == 5 and len(open_results(st).table) == 5
+    assert sorted(p.name for p in outside.iterdir()) == ["kept.json"]
+    assert (outside / "kept.json").read_text() == "precious"
+    assert not (st / "index.json").is_symlink() and not (st / "results.parquet").is_symlink()

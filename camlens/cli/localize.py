@@ -4,11 +4,14 @@ ground-truth boxes (CSV, Pascal VOC, COCO) with the localization metrics and an 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import click
+
+from camlens.fsio import atomic_write, safe_out_dir
 
 from .common import (
     EXIT_FAILED,
@@ -226,10 +229,12 @@ def localize_cmd(
     failed += n_failed
     written = [outdir / f"{r['name']}_{r['method']}_boxes.png" for r in records] if "png" in fmts else []
     if records:
-        outdir.mkdir(parents=True, exist_ok=True)
+        safe_out_dir(outdir)
+    # outputs were checked before any work (check_overwrite): written atomically, a link replaced, never followed
     if "json" in fmts and records:
         p = outdir / "boxes.json"
-        p.write_text(
+        atomic_write(
+            p,
             json.dumps(
                 {
                     "threshold": thr,
@@ -240,28 +245,30 @@ def localize_cmd(
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
+            overwrite=True,
         )
         written.append(p)
     if "csv" in fmts and records:
         p = outdir / "boxes.csv"
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(CSV_COLUMNS)
-            for rec in records:
-                for b in rec["boxes"]:
-                    w.writerow(
-                        [
-                            rec["path"],
-                            b["class_name"],
-                            *b["box"],
-                            b["class"],
-                            f"{b['prob']:.6f}",
-                            b["rank"],
-                            rec["method"],
-                            thr,
-                        ]
-                    )
+        fh = io.StringIO(newline="")  # the table is built in memory, then written atomically
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for rec in records:
+            for b in rec["boxes"]:
+                w.writerow(
+                    [
+                        rec["path"],
+                        b["class_name"],
+                        *b["box"],
+                        b["class"],
+                        f"{b['prob']:.6f}",
+                        b["rank"],
+                        rec["method"],
+                        thr,
+                    ]
+                )
+        atomic_write(p, fh.getvalue(), overwrite=True)
         written.append(p)
     n_ok = n - n_failed
     click.echo(
@@ -316,7 +323,7 @@ class _LocalizeSink:
                     first = boxes[0]
                     echo(f"{rec['name']}: {m} {first['class_name']} ({first['prob']:.1%}) box {tuple(first['box'])}")
                 if self.outdir is not None and b.images is not None:
-                    self.outdir.mkdir(parents=True, exist_ok=True)
+                    safe_out_dir(self.outdir)
                     _draw(b.images[i], rec, self.outdir / f"{rec['name']}_{m}_boxes.png")
 
     def close(self) -> None:
@@ -369,7 +376,8 @@ def _draw(img, rec, path: Path) -> Path:
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]
-    Image.fromarray(draw_boxes(img, boxes, labels=labels)).save(path)
+    im = Image.fromarray(draw_boxes(img, boxes, labels=labels))
+    atomic_write(path, lambda f: im.save(f, format="PNG"), overwrite=True)  # checked before any work
     return path
 
 
@@ -486,13 +494,13 @@ def _evaluate(
     reports = {m: a.report() for m, a in accs.items()}
     for m, rep in reports.items():
         click.echo(f"\n{m}\n{rep.table()}")
-    outdir.mkdir(parents=True, exist_ok=True)
+    safe_out_dir(outdir)
     payload = {
         "boxes": str(boxes_file),
         "model": getattr(getattr(net, "camlens", None), "name", model),
         "methods": {m: r.to_dict() for m, r in reports.items()},
     }
-    metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(metrics_path, json.dumps(payload, indent=2) + "\n", overwrite=True)  # checked before any work
     click.echo(f"\nwrote {metrics_path}")
     if calibrate:
         m, rep = next(iter(reports.items()))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CamlensError, InputError, OutputExistsError
+from ..fsio import atomic_write, check_target
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
@@ -86,25 +86,16 @@ def _zarr():
     return zarr
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``
-    (a reader sees the old file or the new one, never half of one). Kept private to the store so
-    it can switch to :mod:`camlens.fsio` once that lands."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically with :func:`camlens.fsio.atomic_write` (a temporary file
+    in the same folder, then a rename): a reader sees the old file or the new one, never half of one,
+    and a symbolic link planted at ``path`` is replaced, never followed. Chunks skip ``fsync`` (bulk
+    writes: atomic, not durable through a power loss); the run record and the index keep it."""
+    atomic_write(path, data, overwrite=True, fsync=fsync)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), fsync=True)
 
 
 def _table_bytes(table) -> bytes:
@@ -182,7 +173,7 @@ class ResultStore:
                     "(overwrite=True) to replace it, or choose another --out folder"
                 )
         elif not run.exists() and not overwrite:
-            clash = [e for e in STORE_ENTRIES if (self.root / e).exists()]
+            clash = [e for e in STORE_ENTRIES if os.path.lexists(self.root / e)]  # a dangling link too
             if clash:
                 raise StoreMismatchError(
                     f"{self.root / clash[0]} exists but {run} does not; pass --overwrite to replace it"
@@ -277,7 +268,8 @@ class ResultStore:
                     ids.update(t.column("image_id").to_pylist())
                     rows += t.num_rows
                     w.write_table(t)
-            os.replace(tmp, self.root / RESULTS_FILE)
+            check_target(self.root / RESULTS_FILE, overwrite=True)  # a folder in the way is refused
+            os.replace(tmp, self.root / RESULTS_FILE)  # replaces a link at the name, never follows it
         finally:
             tmp.unlink(missing_ok=True)
         index = {
