@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from typing import Any, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._util import eval_mode
 from .capture import CaptureSpec
-from .engine import ForwardPass
-from .errors import InputError, MethodError
-from .explanation import Explanation
+from .engine import ForwardPass, wants_layer_grads
+from .errors import InputError, MethodError, NonFiniteError
+from .explanation import Explanation, upsample
 from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
@@ -174,7 +173,7 @@ def explain(
                 f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
             )
     spec: CaptureSpec | None = None
-    if "features" in needs or "layer_grads" in needs:
+    if "features" in needs or wants_layer_grads(needs):
         if layer is None and card is not None and card.layer is not None:
             spec = resolve_layer(model, card.layer, card.capture, call)
         else:
@@ -182,7 +181,7 @@ def explain(
 
     # one method asks for at most one layer, one input and one attention gradient: the last backward
     # may free the graph
-    n_grads = ("layer_grads" in needs) + ("input_grads" in needs) + ("attention_grads" in needs)
+    n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
     backwards = n_grads if len(infos) == 1 else None
 
     frames = Frames()
@@ -202,6 +201,8 @@ def explain(
                 probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
             else:
                 probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
+        # kept whole: Explanation.top(k) needs no second forward (None: a target object's raw output)
+        logits = ctx.logits.detach() if ctx.logits is not None else None
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
@@ -210,7 +211,12 @@ def explain(
             if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
                 maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
             elif maps is None:
-                maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
+            if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
+                raise NonFiniteError(
+                    f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
+                    f"{maps.dtype}); run the model in float32 or choose another layer"
+                )
             extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
             extras.update(out.extras)
             if isinstance(x, list):
@@ -228,6 +234,7 @@ def explain(
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
                 extras=_common_extras(ctx, info) | extras,
+                logits=logits,
             )
         del ctx, resolved  # free the graph before returning
     if isinstance(method, str):

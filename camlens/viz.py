@@ -13,8 +13,11 @@ displays itself as the cell's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from ._version import __version__
-from .errors import InputError, OutputExistsError
+from .errors import InputError
 from .explanation import Explanation, minmax
+from .fsio import atomic_write, check_targets, safe_out_dir
 from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
 from .methods.registry import methods
 
@@ -65,34 +69,61 @@ def resize_map(m, size: Sequence[int]) -> np.ndarray:
     ].numpy()
 
 
-def colorize(m, cmap: str = "jet", *, normalized: bool = False) -> np.ndarray:
-    """An ``(H, W)`` map -> ``(H, W, 3)`` uint8 RGB through a matplotlib colormap.
-
-    The map is min–max normalized first unless ``normalized=True`` (then values are clipped to [0, 1]).
-    """
+@functools.lru_cache(maxsize=64)
+def colormap_lut(cmap: str = "jet") -> np.ndarray:
+    """The ``(256, 3)`` uint8 table of a matplotlib colormap: entry ``i`` is ``cmap(i)`` rounded, so
+    ``lut[min(int(v · 256), 255)]`` is exactly ``colorize`` of ``v`` in [0, 1] (matplotlib's own
+    quantization of a float to its 256 colours)."""
     import matplotlib
 
     try:
         cm = matplotlib.colormaps[cmap]
     except KeyError:
         raise InputError(f"unknown matplotlib colormap {cmap!r}; try 'jet', 'viridis', 'inferno'") from None
-    v = np.clip(_np(m), 0, 1) if normalized else normalize(_np(m).astype(np.float32))
-    return (cm(v)[..., :3] * 255 + 0.5).astype(np.uint8)
+    lut = (cm(np.arange(cm.N))[:, :3] * 255 + 0.5).astype(np.uint8)
+    if len(lut) != 256:  # a colormap with another number of colours: sample it at 256 levels
+        lut = (cm(np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def _lut_index(v: np.ndarray) -> np.ndarray:
+    """Float32 values in [0, 1] -> colour indices ``min(int(v · 256), 255)`` (NaN -> 0)."""
+    x = np.nan_to_num(np.asarray(v, dtype=np.float32), nan=0.0) * np.float32(256)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
+
+
+def colorize(m, cmap: str = "jet", *, normalized: bool = False) -> np.ndarray:
+    """An ``(H, W)`` map -> ``(H, W, 3)`` uint8 RGB through a matplotlib colormap (a lookup table,
+    :func:`colormap_lut`, equal to calling the colormap).
+
+    The map is min–max normalized first unless ``normalized=True`` (then values are clipped to [0, 1]).
+    """
+    lut = colormap_lut(cmap)
+    v = np.clip(_np(m).astype(np.float32), 0, 1) if normalized else normalize(_np(m).astype(np.float32))
+    return lut[_lut_index(v)]
 
 
 def overlay(image: np.ndarray, m, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a heatmap over an ``(H, W, 3)`` uint8 image: ``(1 - α) · image + α · colorize(map)``.
 
-    The map (any resolution) is resized bilinearly to the image and min–max normalized.
+    The map (any resolution) is min–max normalized **at its own resolution** (cheap on a small
+    map; bilinear resizing keeps values in [0, 1] and the image corners exact), then resized
+    bilinearly to the image and coloured through a lookup table: NumPy only, no figure.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise InputError(f"overlay needs an (H, W, 3) RGB image, got shape {img.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
-    heat = colorize(resize_map(m, img.shape[:2]), cmap)
-    out = (1.0 - alpha) * img.astype(np.float32) + alpha * heat.astype(np.float32)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    lut = colormap_lut(cmap)
+    small = normalize(_np(m).astype(np.float32))
+    heat = lut[_lut_index(resize_map(small, img.shape[:2]))]
+    out = np.multiply(heat, np.float32(alpha), dtype=np.float32)
+    out += np.multiply(img, np.float32(1.0 - alpha), dtype=np.float32)
+    out += np.float32(0.5)
+    return out.astype(np.uint8)  # a convex blend of uint8 values: within [0.5, 255.5) before truncation
 
 
 def attribution_rgb(attr, percentile: float = 99.5) -> np.ndarray:
@@ -490,12 +521,24 @@ def segmentation_figure(
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
 
-def safe_name(s: str) -> str:
-    """A file-name-safe version of ``s`` (runs of other characters become ``_``)."""
-    return _SAFE.sub("_", str(s)).strip("._") or "image"
+def _keep(ch: str) -> bool:
+    if ch.isascii():
+        return ch in _SAFE_ASCII
+    return unicodedata.category(ch)[0] not in "CZ"  # letters, marks, digits, symbols (CJK, emoji) stay
+
+
+def safe_name(s: str, max_bytes: int = 200) -> str:
+    """A file-name-safe version of ``s``: Unicode letters, digits and symbols are kept (``chat_été``,
+    ``猫``), ASCII other than ``A-Za-z0-9._+-``, spaces and control characters become ``_`` (so ``/``,
+    ``\\``, ``:``, ``*``… never reach the file system); NFC-normalized, at most ``max_bytes`` UTF-8 bytes."""
+    text = unicodedata.normalize("NFC", str(s))
+    out = re.sub(r"_+", "_", "".join(ch if _keep(ch) else "_" for ch in text)).strip("._")
+    while len(out.encode("utf-8")) > max_bytes:
+        out = out[:-1]
+    return out or "image"
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -520,16 +563,114 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
+#: zlib level of the PNGs camlens writes: 1 encodes several times faster than PIL's default 6 for
+#: files about a fifth larger on photo overlays (the encode was the largest single cost of saving).
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_figure(
-    fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None, **kwargs: Any
+    fig: Figure,
+    path: str | Path,
+    *,
+    dpi: int = 100,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+    compress_level: int | None = None,
+    **kwargs: Any,
 ) -> Path:
-    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given."""
+    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given. Written
+    atomically (:func:`camlens.fsio.atomic_write`); ``overwrite=False`` refuses an existing file.
+    ``compress_level`` (0–9) sets a PNG's zlib level (default: matplotlib's)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     p = Path(path)
-    fig.savefig(p, dpi=dpi, metadata=metadata, **kwargs)
+    fmt = kwargs.pop("format", None) or (p.suffix.lstrip(".").lower() or "png")
+    if compress_level is not None and fmt == "png":
+        kwargs["pil_kwargs"] = {**kwargs.get("pil_kwargs", {}), "compress_level": int(compress_level)}
+    _font_fallback(fig)
+    # atomic and symlink-safe (camlens.fsio): complete or absent, a link is replaced, never followed
+    atomic_write(p, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata, **kwargs), overwrite=overwrite)
     return p
+
+
+def save_png(
+    rgb: np.ndarray,
+    path: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    compress_level: int = PNG_COMPRESS_LEVEL,
+    boxes=None,
+    box_color: tuple[int, int, int] = (0, 255, 0),
+    box_width: int = 2,
+    overwrite: bool = True,
+) -> Path:
+    """Write an ``(H, W, 3)`` uint8 array as a PNG with PIL (no matplotlib): text ``metadata`` as
+    PNG text chunks, ``boxes`` ``(M, 4)`` ``x0, y0, x1, y1`` (exclusive; ``-1``: none) drawn as
+    rectangles on the pixels ``x0 .. x1 - 1``, zlib level ``compress_level``. Written atomically
+    (:func:`camlens.fsio.atomic_write`); ``overwrite=False`` refuses an existing file."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
+    if boxes is not None:
+        draw = ImageDraw.Draw(im)
+        for b in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
+            if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
+                continue
+            draw.rectangle((int(b[0]), int(b[1]), int(b[2]) - 1, int(b[3]) - 1), outline=box_color, width=box_width)
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, v)
+    p = Path(path)
+    atomic_write(
+        p, lambda f: im.save(f, format="PNG", pnginfo=info, compress_level=int(compress_level)), overwrite=overwrite
+    )
+    return p
+
+
+#: fonts that cover CJK / emoji, used as fallbacks when installed (matplotlib >= 3.6 falls back per glyph)
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans JP", "WenQuanYi Zen Hei", "Droid Sans Fallback")
+_FALLBACKS: list[str] | None = None
+_COVERED: set[int] | None = None
+_NOTICE_GIVEN = False
+
+
+def _font_fallback(fig: Figure) -> None:
+    """Texts of ``fig`` with characters the default font lacks (CJK, emoji…) get the installed
+    fallback fonts; when none has them, one notice per process says so (and matplotlib's per-glyph
+    warnings are silenced, since the notice already says it)."""
+    global _FALLBACKS, _COVERED, _NOTICE_GIVEN
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if isinstance(t, Text) and not t.get_text().isascii()]
+    if not texts:
+        return
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    if _FALLBACKS is None:
+        have = {f.name for f in font_manager.fontManager.ttflist}
+        _FALLBACKS = [f for f in FALLBACK_FONTS if f in have]
+        covered: set[int] = set()
+        for fam in [None, *_FALLBACKS]:
+            path = font_manager.findfont(font_manager.FontProperties(family=fam))
+            covered |= set(FT2Font(path).get_charmap())
+        _COVERED = covered
+    known: set[int] = _COVERED or set()
+    missing = {ch for t in texts for ch in t.get_text() if ord(ch) not in known and not ch.isspace()}
+    if _FALLBACKS:
+        for t in texts:
+            t.set_fontfamily([*t.get_fontfamily(), *_FALLBACKS])
+    if missing and not _NOTICE_GIVEN:
+        _NOTICE_GIVEN = True
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        warnings.warn(
+            f"some characters of the titles ({''.join(sorted(missing))[:20]}) are not in the installed fonts "
+            "and are drawn as empty boxes in the figures; install a font that has them (e.g. fonts-noto-cjk) "
+            "and camlens uses it. File names and JSON keep the names intact. (Said once.)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def overlay_figure(
@@ -541,24 +682,27 @@ def overlay_figure(
     cmap: str = "jet",
     boxes=None,
     min_width: int = 320,
+    max_side: int = 4096,
     dpi: int = 100,
 ) -> Figure:
-    """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide)
-    with a title band on top: the saved PNG is ``W·s`` x ``(H + band)·s`` pixels, ``s`` the upscale."""
+    """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide, no
+    side beyond ``max_side`` from the upscale) with a title band on top: the saved PNG is ``W·s`` x
+    ``H·s + 30·min(s, 5)`` pixels, ``s`` the upscale."""
     img = np.asarray(image)
     h, w = img.shape[:2]
     s = max(1.0, min_width / w)
-    band = 30
-    W, H = w * s, (h + band) * s
+    s = min(s, max(1.0, max_side / h))  # a 1-pixel-wide strip is not blown up to 320 x 100 000
+    band = 30 * min(s, 5.0)  # the title band grows with the upscale, up to 150 px (a 1x1 image: 320 x 470)
+    W, H = w * s, h * s + band
     fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax = fig.add_axes((0, 0, 1, h * s / H))
     ax.imshow(overlay(img, m, alpha, cmap), interpolation="nearest" if s > 1 else "antialiased")
     ax.set_axis_off()
     if boxes is not None:
         _add_boxes(ax, boxes, lw=2.0)
     # font size that fits the width: average glyph ≈ 0.55 em, 1 pt = dpi/72 px
     fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
-    fig.text(0.5, 1 - (band * s / 2) / H, title, ha="center", va="center", fontsize=fs)
+    fig.text(0.5, 1 - (band / 2) / H, title, ha="center", va="center", fontsize=fs)
     return fig
 
 
@@ -613,6 +757,8 @@ def save_explanation(
     cmap: str = "jet",
     suffix: str = "rank",
     dpi: int = 100,
+    title: bool = True,
+    compress_level: int = PNG_COMPRESS_LEVEL,
 ) -> list[Path]:
     """Write an explanation to ``directory`` (created when missing); returns the written paths.
 
@@ -622,6 +768,9 @@ def save_explanation(
       rank, class name and probability (also in the PNG's ``Title`` text field); the box at
       ``threshold`` is drawn when ``boxes=True`` (or a ``threshold`` is given). With
       ``suffix="class"`` the file is named after the class instead (``{stem}_{m}_Egyptian_cat.png``).
+      ``title=False``: the overlay alone at the image's own resolution, written by NumPy + PIL
+      without matplotlib (the fast path; the title stays in the ``Title`` text field).
+      ``compress_level``: the PNGs' zlib level (default :data:`PNG_COMPRESS_LEVEL`, for speed).
     * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size.
     * ``json``: ``{stem}_{m}.json`` — classes, class names, scores (logits), probabilities, boxes
       (image and map pixels, at ``threshold``), method, layer, model, camlens and torch versions.
@@ -645,15 +794,8 @@ def save_explanation(
     flat = [p for per in plan for ps in per.values() for p in ps]
     if len(set(flat)) != len(flat):
         raise InputError("two outputs would get the same file name; use suffix='rank'")
-    if not overwrite:
-        clash = [p for p in flat if p.exists()]
-        if clash:
-            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-            raise OutputExistsError(
-                f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
-                "to replace it, or choose another output folder"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+    check_targets(flat, overwrite)  # files and links (even dangling ones) are in the way without overwrite
+    safe_out_dir(out)
 
     map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
     size = tuple(exp.maps.shape[-2:])
@@ -664,29 +806,36 @@ def save_explanation(
         img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
-                title = f"{title0.split(' · ')[0]} · {target_label(exp, i, j, rank=suffix == 'rank')}"
+                heading = f"{title0.split(' · ')[0]} · {target_label(exp, i, j, rank=suffix == 'rank')}"
                 m: Any = exp.maps[i, j]
                 if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
                     m = attribution_heat(resize_map(m, img.shape[:2]))
+                meta = {
+                    "Title": heading,
+                    "Software": f"camlens {_versions()['camlens']}",
+                    "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
+                    f"({labels[i][j]}) for {stems[i]}",
+                }
                 bx = img_boxes[j] if draw else None
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
                     bx = np.round(ref)  # a detector's explained box, in the image's pixels
-                fig = overlay_figure(img, m, title, alpha=alpha, cmap=cmap, boxes=bx, dpi=dpi)
-                save_figure(
-                    fig,
-                    p,
-                    dpi=dpi,
-                    metadata={
-                        "Title": title,
-                        "Software": f"camlens {_versions()['camlens']}",
-                        "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
-                        f"({labels[i][j]}) for {stems[i]}",
-                    },
-                )
+                if title:
+                    fig = overlay_figure(img, m, heading, alpha=alpha, cmap=cmap, boxes=bx, dpi=dpi)
+                    save_figure(fig, p, dpi=dpi, overwrite=overwrite, metadata=meta, compress_level=compress_level)
+                else:
+                    save_png(
+                        overlay(img, m, alpha, cmap),
+                        p,
+                        metadata=meta,
+                        compress_level=compress_level,
+                        boxes=bx,
+                        overwrite=overwrite,
+                    )
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
-            np.save(p, exp.maps[i].detach().float().cpu().numpy())
+            arr = exp.maps[i].detach().float().cpu().numpy()
+            atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
             p = plan[i]["json"][0]
@@ -717,7 +866,7 @@ def save_explanation(
                 ),
                 "versions": _versions(),
             }
-            p.write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
             written.append(p)
     return written
 
@@ -728,6 +877,7 @@ __all__ = [
     "batch_grid",
     "boxes_figure",
     "colorize",
+    "colormap_lut",
     "detection_figure",
     "explanation_figure",
     "normalize",
@@ -740,6 +890,7 @@ __all__ = [
     "safe_name",
     "save_explanation",
     "save_figure",
+    "save_png",
     "segmentation_figure",
     "target_label",
     "topk_figure",

@@ -50,10 +50,12 @@ from torch import nn
 
 from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, HeadError
+from .builders import build_named, torchvision_weights_file
+from .card import ModelCard, attach_card, card_of
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
 from .preprocess import IMAGENET
-from .zoo import ModelCard, attach_card, card_of
+from .weights import read_state_dict
 
 #: Channels of the CAM convolution (the paper's 1024).
 CAM_CHANNELS = 1024
@@ -88,7 +90,8 @@ class CAMNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes, bias=bias)
         # torchvision's VGG initialization for the new layers
         nn.init.kaiming_normal_(self.cam_conv.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.cam_conv.bias)
+        if self.cam_conv.bias is not None:
+            nn.init.zeros_(self.cam_conv.bias)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         if self.fc.bias is not None:
             nn.init.zeros_(self.fc.bias)
@@ -164,10 +167,11 @@ def _convert_head(model: nn.Module, num_classes: int, bias: bool | None) -> list
     return [name]
 
 
-def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> float:
+def check_cam_ready(model: nn.Module, size: int = 64, tol: float | None = None) -> float:
     """Probe ``model`` once and verify ``logits == mean(A) @ W.T + b`` for the features ``A``
     entering its last global pooling and its last linear layer. Returns the max difference;
-    raises :class:`~camlens.errors.HeadError` when the identity fails.
+    raises :class:`~camlens.errors.HeadError` when the identity fails. ``tol`` (relative to
+    ``1 + max|logits|``) defaults to ``max(1e-3, 16 eps)`` of the model's dtype (bf16: 0.125).
     """
     from ..capture import CaptureSpec, capture
     from ..layers import resolve_layer
@@ -190,8 +194,11 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
             "last linear layer; this network is not CAM-ready"
         )
     W, b = lin[1].weight, lin[1].bias
+    if tol is None:
+        tol = max(1e-3, 16 * torch.finfo(p.dtype).eps) if p.is_floating_point() else 1e-3
     with torch.no_grad():
-        pred = cap.value.mean((2, 3)) @ W.T + (0 if b is None else b)
+        pred = cap.value.float().mean((2, 3)) @ W.float().T + (0 if b is None else b.float())
+        logits = logits.float()
         err = float((pred - logits).abs().max())
     if not err <= tol * (1 + float(logits.abs().max())):
         raise HeadError(
@@ -232,26 +239,28 @@ def cam_ready(
         lists the new modules (the ones :func:`camlens.train.finetune` trains when the backbone
         is frozen).
     """
-    from .zoo import load_model
-
     if num_classes < 1:
         raise CamlensError(f"num_classes must be >= 1, not {num_classes}")
     if class_names is not None and len(class_names) != num_classes:
         raise CamlensError(f"{len(class_names)} class names for {num_classes} classes")
     if isinstance(backbone, str):
-        backbone = load_model(backbone, weights)
+        key = backbone.lower().replace("-", "_")
+        backbone = vgg16_cam(weights=weights) if key == "vgg16_cam" else build_named(backbone, weights).eval()
     elif not isinstance(backbone, nn.Module):
         raise CamlensError(f"backbone must be an nn.Module or a zoo name, not {type(backbone).__name__}")
     card = card_of(backbone)
     base = _base_name(backbone)
     if _is_vgg(backbone):
-        trunk, c_in = _vgg_trunk(backbone.features)
+        features = backbone.features
+        assert isinstance(features, nn.Module)
+        trunk, c_in = _vgg_trunk(features)
         trunk = copy.deepcopy(trunk)
         ref = next(trunk.parameters())
         model: nn.Module = CAMNet(trunk, num_classes, c_in, channels, groups, bias=bool(bias))
         model.cam_conv.to(ref.device, ref.dtype)
         model.fc.to(ref.device, ref.dtype)
-        head, layer, capture = ["cam_conv", "fc"], "cam_relu", "output"
+        layer: str | None = "cam_relu"
+        head, capture = ["cam_conv", "fc"], "output"
         name = f"{base}_cam" if not base.endswith("_cam") else base
         extra = {"cam_channels": channels, "cam_groups": groups}
     else:
@@ -310,14 +319,12 @@ def vgg16_cam(
     """
     from torchvision.models.vgg import cfgs, make_layers
 
-    from ..train.checkpoint import read_state_dict
-    from .zoo import _torchvision_weights_file
-
     state: dict | None = None
     source = weights
     if weights is None or str(weights) in ("DEFAULT", "IMAGENET1K_V1"):
-        source, _ = _torchvision_weights_file("vgg16", None if weights is None else str(weights))
+        source, _ = torchvision_weights_file("vgg16", None if weights is None else str(weights))
     if weights != "random":
+        assert source is not None
         state = read_state_dict(source)
     trunk, c_in = _vgg_trunk(make_layers(cfgs["D"], batch_norm=False))
     model = CAMNet(trunk, num_classes, c_in, channels, groups, bias=False)
@@ -325,7 +332,8 @@ def vgg16_cam(
         for m in trunk.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
     elif any(k.startswith("cam_conv.") for k in state):
         _load_into(model, state, source, f"a VGG16-CAM state dict with {num_classes} classes and groups={groups}")
     else:
