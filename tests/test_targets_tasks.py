@@ -468,3 +468,10 @@ def test_detection_with_probability_vectors_is_drise_similarity():
     iou = tv_box_iou(ref, boxes)[0]
     cos = probs[:, 2] / probs.norm(dim=1)
     assert float(t(out)[0, 0]) == pytest.approx(float((iou * cos * obj).max()), rel=1e-6)
+
+
+def test_cam_on_a_detector_or_segmenter_is_a_clear_error(frcnn):
+    with pytest.raises(camlens.errors.HeadError, match="logits"):  # a detector has linear layers, no classifier
+        camlens.explain(frcnn, torch.rand(1, 3, 64, 96), "cam", targets=Detection(score_threshold=0.0))
+    with pytest.raises(camlens.errors.HeadError, match="gradcam"):
+        camlens.explain(TinyFCN().eval(), torch.randn(1, 3, 8, 8), "cam", targets=Segmentation(1), layer="features")
