@@ -32,7 +32,6 @@ def test_parse_targets():
         parse_targets(["box:5,2,3,4"], names, "detection", 2)
 
 
-@pytest.mark.slow
 def test_explain_detector_top_detections_and_boxes(tmp_path):
     img = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "photo.png")

@@ -277,7 +277,6 @@ def test_user_target_protocol_and_classic_forms_still_work():
         camlens.explain(m, x, "gradcam", targets=Bad())
 
 
-@pytest.mark.slow
 def test_zoo_task_models_default_layers_and_no_download():
     expected = {
         "fasterrcnn_mobilenet_v3_large_320_fpn": "backbone.body.16",
