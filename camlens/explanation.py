@@ -9,17 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
-
-    ``(m - min) / (max - min)`` where ``max - min > eps``, else ``0`` (never NaN).
-    """
-    flat = maps.flatten(-2).float()
-    lo = flat.amin(-1, keepdim=True)
-    rng = flat.amax(-1, keepdim=True) - lo
-    out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
-    return torch.nan_to_num(out, nan=0.0).view_as(maps)
+from .ops import ULPS, minmax
 
 
 @dataclass
@@ -69,9 +59,10 @@ class Explanation:
             f"classes={self.labels()})"
         )
 
-    def normalized(self, eps: float = 1e-8) -> torch.Tensor:
-        """Maps min-max normalized per map to [0, 1]; constant maps -> zeros (no NaN)."""
-        return minmax(self.maps, eps)
+    def normalized(self, *, ulps: float = ULPS) -> torch.Tensor:
+        """Maps min-max normalized per map to [0, 1] by :func:`camlens.ops.minmax`: a map constant up
+        to rounding (range within ``ulps`` float32 units of its magnitude) -> zeros; never NaN."""
+        return minmax(self.maps.float(), ulps=ulps)
 
     def labels(self) -> list[list[str]]:
         """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""

@@ -4,7 +4,8 @@ Everything here builds :class:`matplotlib.figure.Figure` objects directly (no py
 figure list, no display needed) and saves through the Agg canvas. In a notebook, a returned figure
 displays itself as the cell's result.
 
-* :func:`normalize` — per-map min–max to [0, 1] with an epsilon (constant maps -> 0, never NaN).
+* :func:`normalize` — per-map min–max to [0, 1] by :func:`camlens.ops.minmax` (maps constant up to
+  rounding -> 0, never NaN): the function behind every overlay and colour map.
 * :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
 * :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from .errors import InputError, OutputExistsError
-from .explanation import Explanation, minmax
+from .explanation import Explanation
+from .ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -42,12 +44,13 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def normalize(maps, eps: float = 1e-8):
+def normalize(maps, *, ulps: float = ULPS):
     """Min–max normalize each ``(..., H, W)`` map to [0, 1]: ``(m - min) / (max - min)``, or 0 where
-    ``max - min <= eps`` (see :func:`camlens.explanation.minmax`). Returns the input's type."""
+    the map is constant up to rounding (see :func:`camlens.ops.minmax`). Returns the input's type
+    (arrays as float32)."""
     if isinstance(maps, torch.Tensor):
-        return minmax(maps, eps)
-    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), eps).numpy()
+        return minmax(maps, ulps=ulps)
+    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), ulps=ulps).numpy()
 
 
 def resize_map(m, size: Sequence[int]) -> np.ndarray:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..explain import prepare_inputs
-from ..explanation import minmax
+from ..ops import minmax
 from ._common import check_batch_size, explain_maps, gaussian_kernel1d, logits_of, resolve_classes
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..ops import minmax
 from .checkpoint import atomic_write_bytes, atomic_write_json
 
 COLUMNS = (
@@ -75,8 +77,8 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 
 def _minmax(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo + 1e-12 else np.zeros_like(m)
+    """:func:`camlens.ops.minmax` of one map (its dtype's rounding decides what is constant)."""
+    return minmax(torch.from_numpy(np.ascontiguousarray(m))).numpy()
 
 
 def fallback_batch_grid(
@@ -108,7 +110,7 @@ def fallback_batch_grid(
         ax = axes[i]
         ax.imshow(images[i])
         ax.imshow(
-            _minmax(np.asarray(maps[i], dtype=np.float64)),
+            _minmax(np.asarray(maps[i], dtype=np.float32)),
             cmap=cmap,
             alpha=alpha,
             extent=(-0.5, images[i].shape[1] - 0.5, images[i].shape[0] - 0.5, -0.5),
