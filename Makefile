@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint format wheel-check bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,21 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check camlens tests benchmarks
+	$(VENV)/bin/ruff format --check camlens tests benchmarks
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format camlens tests benchmarks
+	$(VENV)/bin/ruff check --fix camlens tests benchmarks
+
+# Build the wheel, install it (and nothing else from this checkout) into a fresh venv that borrows
+# the dev venv's third-party packages, and run the default explanation from outside the repo.
+wheel-check: $(STAMP)
+	bash .ci/wheel-check
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) camlens-out .pytest_cache
+	rm -rf $(VENV) camlens-out .pytest_cache build dist

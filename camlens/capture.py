@@ -36,8 +36,9 @@ is restored, also when the forward raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,8 @@ def _is_global_pool_module(module: nn.Module) -> bool:
 def _module_pools_globally(module: nn.Module, x) -> bool:
     """Whether ``module(x)`` is a global pooling call, judged as :func:`global_pool_input` judges
     the functional call the module makes."""
+    func: Callable[..., Any]
+    arg: Any
     if isinstance(module, nn.AdaptiveAvgPool2d):
         func, arg = F.adaptive_avg_pool2d, module.output_size
     elif isinstance(module, nn.AdaptiveMaxPool2d):
@@ -236,7 +239,10 @@ def capture(
     try:
         if cut:
             torch.set_grad_enabled(False)
+        if spec.capture in ("output", "input") and spec.module is None:
+            raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
         if spec.capture == "output":
+            assert spec.module is not None
             handles.append(spec.module.register_forward_hook(lambda m, a, o: take(o)))
         elif spec.capture == "input":
 
@@ -245,11 +251,12 @@ def capture(
                     raise InputError(f"{spec.name} was called without positional input; use capture='output'")
                 return (take(args[0]), *args[1:])
 
+            assert spec.module is not None
             handles.append(spec.module.register_forward_pre_hook(pre))
         elif spec.capture == "pool":
             mode = _PoolMode(take)
             if uses_lazy_pool(model, spec):
-                active = []  # [True] once the function mode is on
+                active: list[bool] = []  # [True] once the function mode is on
 
                 def pre_lazy(m, args, n):
                     out._current_pool_module.append(n)

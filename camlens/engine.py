@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from .capture import CaptureSpec, capture
+from .errors import InputError
+from .rules import relu_rules
 from .targets import Targets, TargetSpec, resolve_targets
 
 
@@ -70,8 +72,6 @@ class ForwardPass:
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
-                from .rules import relu_rules
-
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
@@ -79,8 +79,6 @@ class ForwardPass:
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
             logits = model(self.x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            from .errors import InputError
-
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputError(
                 f"the model must return logits of shape (N, num_classes); it returned {shape}. "
@@ -100,6 +98,20 @@ class ForwardPass:
     @property
     def k(self) -> int:
         return self.targets.k
+
+    @property
+    def layer_features(self) -> torch.Tensor:
+        """The captured ``(N, C, h, w)`` features; methods that declare ``"features"`` always have them."""
+        if self.features is None:
+            raise RuntimeError("layer features were not captured for this pass (declare needs=('features', ...))")
+        return self.features
+
+    @property
+    def layer_spec(self) -> CaptureSpec:
+        """Where the features were captured (see :attr:`layer_features`)."""
+        if self.spec is None:
+            raise RuntimeError("no layer was captured for this pass")
+        return self.spec
 
     def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
         """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
@@ -169,8 +181,6 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
     with contextlib.ExitStack() as stack:
         switch = None
         if rule != "backprop":
-            from .rules import relu_rules
-
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
         logits = model(xb)

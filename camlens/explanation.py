@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .localization import localize
 from .ops import ULPS, minmax
 
 
@@ -110,8 +111,6 @@ class Explanation:
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
     def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
         """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
-        from .localize import localize
-
         kw = dict(kwargs)
         if threshold is not None:
             kw["threshold"] = threshold
@@ -119,12 +118,12 @@ class Explanation:
 
     def show(self, **kwargs):
         """Display overlays in a notebook (returns the matplotlib figure)."""
-        from .viz import explanation_figure
+        from .viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
 
         return explanation_figure(self, **kwargs)
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""
-        from .viz import save_explanation
+        from .viz import save_explanation  # lazy: figure code (matplotlib) only when asked for
 
         return save_explanation(self, directory, **kwargs)

@@ -14,6 +14,7 @@ import difflib
 import torch
 from torch import nn
 
+from ._util import eval_mode
 from .capture import CaptureSpec, capture
 from .errors import LayerNotFoundError
 
@@ -89,16 +90,12 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
     for name, m in model.named_modules():
         if name:
             handles.append(m.register_forward_hook(hook(name)))
-    was = [mm.training for mm in model.modules()]
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for mm, t in zip(model.modules(), was):
-            mm.training = t
     seen, out = set(), []
     for r in rows:  # keep the last call of reused modules, in order of first appearance
         if r["name"] not in seen:

@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..engine import gradient_pass
+from .._util import gaussian_blur
+from ..engine import ForwardPass, gradient_pass
 from ..errors import MethodError
 from ..targets import Targets
 from .registry import MethodOutput, get_method, register
@@ -129,7 +129,7 @@ def _chunks(n_images: int, n_per_image: int, batch_size: int):
         yield r % n_images, r // n_images
 
 
-def _row_targets(ctx, n: torch.Tensor) -> Targets:
+def _row_targets(ctx: ForwardPass, n: torch.Tensor) -> Targets:
     return Targets(ctx.targets.classes[n], ctx.targets.fn)
 
 
@@ -140,8 +140,10 @@ def _row_targets(ctx, n: torch.Tensor) -> Targets:
     summary="gradient of the class score w.r.t. the input pixels",
     kind="pixel",
     needs=("input_grads",),
+    title="Saliency",
+    aliases=("vanilla", "gradient"),
 )
-def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
+def saliency(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(ctx.input_grads("backprop"), reduce, "saliency")
 
 
@@ -151,8 +153,9 @@ def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
     summary="input times its gradient (first-order Taylor contribution of each pixel)",
     kind="pixel",
     needs=("input_grads",),
+    title="Input x Gradient",
 )
-def input_x_gradient(ctx, *, reduce: str | None = None) -> MethodOutput:
+def input_x_gradient(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     raw = ctx.x.detach()[:, None] * ctx.input_grads("backprop")
     return pixel_output(raw, reduce, "input_x_gradient")
 
@@ -171,9 +174,10 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
     summary="a pixel method averaged over noisy copies of the input",
     kind="pixel",
     needs=(),
+    title="SmoothGrad",
 )
 def smoothgrad(
-    ctx,
+    ctx: ForwardPass,
     *,
     base: str = "saliency",
     n_samples: int = 50,
@@ -236,19 +240,6 @@ def quadrature_rule(name: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
         w[[0, -1]] /= 2
         return np.linspace(0.0, 1.0, steps), w
     raise MethodError(f"quadrature must be one of {', '.join(QUADRATURES)}, not {name!r}")
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` (replicate padding, radius ``ceil(3 sigma)``)."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    C = x.shape[1]
-    y = F.pad(x, (r, r, 0, 0), mode="replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    y = F.pad(y, (0, 0, r, r), mode="replicate")
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def resolve_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
@@ -315,9 +306,11 @@ def _integrated(
     summary="gradients integrated along the straight path from a baseline (completeness)",
     kind="pixel",
     needs=(),
+    title="Integrated Gradients",
+    aliases=("ig",),
 )
 def integrated_gradients(
-    ctx,
+    ctx: ForwardPass,
     *,
     baseline: Any = None,
     steps: int = 128,

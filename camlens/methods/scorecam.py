@@ -77,13 +77,15 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     paper="Wang et al., Score-CAM, CVPR Workshops 2020",
     summary="channels weighted by the class score of the input masked by each channel",
     needs=("features",),
+    title="Score-CAM",
+    aliases=("score-cam",),
 )
 def scorecam(
     ctx, *, batch_size: int | None = None, max_channels: int | None = None, weighting: str = "prob", dedupe: bool = True
 ) -> MethodOutput:
     if weighting not in ("prob", "channel_softmax", "logit"):
         raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     if batch_size is None:
         batch_size = CPU_BATCH if A.device.type == "cpu" else ACCEL_BATCH
     if batch_size < 1:
@@ -107,7 +109,7 @@ def scorecam(
         jobs.append((n, uniq, inv, ch))
     # All masked forwards, batched across images.
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
-    scores_per_job = [[] for _ in jobs]
+    scores_per_job: list[list[torch.Tensor]] = [[] for _ in jobs]
     layout: dict[str, bool] = {}
     with torch.inference_mode():
         for start in range(0, len(flat), batch_size):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, MethodError
-from ..explain import prepare_inputs
+from ..inputs import prepare_inputs
 from ..io import load_image
 from ..methods.registry import get_method
 from ..models.zoo import card_of
@@ -30,7 +30,7 @@ from .perturbation import deletion_curve, insertion_curve
 from .pointing import energy_pointing_game, pointing_game
 from .road import DEFAULT_PERCENTAGES, road_curves
 from .sanity import METRICS as SANITY_METRICS
-from .sanity import SanityResult, plot_sanity, sanity_randomization
+from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
 from .similarity import class_sensitivity
 
 #: metric name -> (columns it writes, True if higher is better for each column)
@@ -418,8 +418,6 @@ def evaluate(
             if "sanity" in wanted:
                 lay = layers
                 if isinstance(layers, int):
-                    from .sanity import randomization_layers
-
                     lay = randomization_layers(model, x)[:layers]
                 sanity_parts.append(
                     sanity_randomization(

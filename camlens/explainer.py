@@ -10,101 +10,26 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
+from ._util import eval_mode
+from .capture import CaptureSpec
 from .engine import ForwardPass
 from .errors import InputError, MethodError
 from .explanation import Explanation
-from .io import load_images
-from .layers import fallback_spec, resolve_layer
+from .inputs import prepare_inputs
+from .layers import resolve_layer
 from .methods.registry import MethodInfo, get_method
-from .models.preprocess import IMAGENET, Preprocess
+from .models.preprocess import Preprocess
 from .models.zoo import card_of, load_model
+from .resolve import run_resolved
 from .targets import TargetSpec
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode; restore each module's own flag afterwards (even on error).
-
-    A model already in eval mode everywhere (the usual case) costs one pass over its modules:
-    ``model.eval()`` (a recursive ``__setattr__`` per module) only runs when a module is training,
-    and only flags that differ afterwards are written back.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if any(t for _, t in flags):
-            model.eval()
-        yield model
-    finally:
-        for m, t in flags:
-            if m.training != t:
-                m.training = t
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def prepare_inputs(
-    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
-) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
-    """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
-    device = model_device(model)
-    if isinstance(inputs, torch.Tensor):
-        x = inputs
-        if x.dim() != 4:
-            fix = " Add a batch dimension: x.unsqueeze(0)." if x.dim() == 3 else ""
-            raise InputError(f"expected an image batch of shape (N, C, H, W); got {tuple(x.shape)}.{fix}")
-        if not x.is_floating_point():
-            raise InputError(
-                f"input tensor has dtype {x.dtype}; explanations need a floating-point, preprocessed tensor "
-                "(convert with x.float() and normalize, or pass the images themselves)"
-            )
-        if x.shape[0] == 0 or x.shape[-1] < 1 or x.shape[-2] < 1:
-            raise InputError(f"empty input batch of shape {tuple(x.shape)}")
-        with torch.inference_mode(False):
-            if x.is_inference():
-                x = x.clone()
-        x = x.to(device=device, dtype=_model_dtype(model))
-        return x, None, [f"image{i}" for i in range(x.shape[0])]
-    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    images = load_images(items)
-    names = []
-    for i, item in enumerate(items):
-        names.append(
-            Path(item).stem
-            if isinstance(item, (str, os.PathLike))
-            else Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}"
-        )
-    card = card_of(model)
-    pp = preprocess or (card.preprocess if card else IMAGENET)
-    x = pp(images, device=device).to(_model_dtype(model))
-    return x, images, names
 
 
 def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -126,11 +51,36 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
     return per
 
 
-def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
-    """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
-    with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
-        model(x)
-    return cap
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: str = "gradcam",
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> Explanation: ...
+
+
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: Sequence[str],
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> dict[str, Explanation]: ...
 
 
 def explain(
@@ -191,55 +141,15 @@ def explain(
         else:
             spec = resolve_layer(model, layer, capture, call)
 
+    # one method asks for at most one layer and one input gradient: the last backward may free the graph
+    backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
+
+    def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
+        return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
+
     with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
-        if spec is not None and spec.call < -1:
-            total = count_calls(model, spec, x[:1])
-            if total + spec.call < 0:
-                raise InputError(f"{spec.name} runs {total} times per forward; call={spec.call} does not exist")
-            spec = CaptureSpec(spec.module, spec.name, spec.capture, total + spec.call)
-        if spec is not None and spec.capture == "pool" and spec.call == -1:
-            spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
-        # one method asks for at most one layer and one input gradient: the last backward may free the graph
-        backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
-
-        def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-            return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
-
-        ctx = forward_pass(spec)
-        last_spatial = ctx.last_spatial
-        if spec is not None and needs_full_scan(model, spec, ctx.features):
-            spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
-            if len(x) == 1:
-                ctx = forward_pass(spec)
-                last_spatial = ctx.last_spatial
-            else:  # probe one image before re-running the batch
-                probe = _probe(model, x[:1], spec)
-                last_spatial = probe.last_spatial
-                if probe.value is not None:
-                    ctx = forward_pass(spec)
-        if spec is not None and ctx.features is None:
-            if spec.capture == "pool":  # no global pooling: fall back to the last spatial module,
-                # which the pass (or probe) that watched every call has seen
-                spec = fallback_spec(last_spatial)
-                ctx = forward_pass(spec)
-            else:
-                raise InputError(
-                    f"{spec.describe()} was never called in the forward pass"
-                    + (f" (it ran {ctx.calls} times)" if ctx.calls else "")
-                    + "; choose another layer (`camlens layers MODEL`)"
-                )
-        if ctx.features is not None and ctx.features.dim() != 4:
-            raise InputError(
-                f"the {spec.describe()} has shape {tuple(ctx.features.shape)}, not (N, C, h, w); "
-                "layer methods need a convolutional feature map: choose another layer"
-            )
-        layer_name = None
-        if spec is not None:
-            layer_name = (
-                spec.describe()
-                if spec.capture != "pool"
-                else f"input of global pooling ({ctx.pool_module or 'functional call'})"
-            )
+        resolved = run_resolved(model, x, spec, forward_pass)
+        ctx, layer_name = resolved.ctx, resolved.layer_name
         with torch.no_grad():
             probs = ctx.logits.detach().float().softmax(dim=1)
             if ctx.targets.fn is None:
@@ -267,7 +177,7 @@ def explain(
                 model_name=card.name if card else type(model).__name__,
                 extras=dict(out.extras),
             )
-        del ctx
+        del ctx, resolved  # free the graph before returning
     if isinstance(method, str):
         return results[infos[0].name]
     return {n: results[i.name] for n, i in zip(names, infos)}
@@ -296,5 +206,4 @@ def predict(
     ]
 
 
-__all__ = ["eval_mode", "explain", "predict", "prepare_inputs"]
-_ = Image  # PIL images are accepted inputs (see camlens.io)
+__all__ = ["explain", "predict"]
