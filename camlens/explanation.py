@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .localization import localize
+from .ops import ULPS, minmax
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,7 +28,7 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     r"""Bilinear resize of float32 ``(..., h, w)`` maps to ``size = (H, W)`` (``align_corners=False``).
 
     The same numbers as ``F.interpolate(..., mode="bilinear", align_corners=False)`` (to float
-    rounding), computed as :math:`W_y\,M\,W_x^	op` with the two 1-D interpolation matrices: two
+    rounding), computed as :math:`W_y\,M\,W_x^T` with the two 1-D interpolation matrices: two
     small matrix products instead of a gather per output pixel (EfficientNet-Lite0, 16 images x
     100 classes, 7x7 -> 224x224, CPU, 1 thread: 140 ms instead of 230 ms).
     """
@@ -39,18 +40,6 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     wy = _interp_matrix(h, H).to(device=m.device, dtype=m.dtype)
     wx = _interp_matrix(w, W).to(device=m.device, dtype=m.dtype)
     return torch.matmul(torch.matmul(wy, m), wx.T)
-
-
-def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
-
-    ``(m - min) / (max - min)`` where ``max - min > eps``, else ``0`` (never NaN).
-    """
-    flat = maps.flatten(-2).float()
-    lo = flat.amin(-1, keepdim=True)
-    rng = flat.amax(-1, keepdim=True) - lo
-    out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
-    return torch.nan_to_num(out, nan=0.0).view_as(maps)
 
 
 #: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
@@ -110,9 +99,10 @@ class Explanation:
             f"classes={self.labels()})"
         )
 
-    def normalized(self, eps: float = 1e-8) -> torch.Tensor:
-        """Maps min-max normalized per map to [0, 1]; constant maps -> zeros (no NaN)."""
-        return minmax(self.maps, eps)
+    def normalized(self, *, ulps: float = ULPS) -> torch.Tensor:
+        """Maps min-max normalized per map to [0, 1] by :func:`camlens.ops.minmax`: a map constant up
+        to rounding (range within ``ulps`` float32 units of its magnitude) -> zeros; never NaN."""
+        return minmax(self.maps.float(), ulps=ulps)
 
     def labels(self) -> list[list[str]]:
         """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""

@@ -4,7 +4,8 @@ Everything here builds :class:`matplotlib.figure.Figure` objects directly (no py
 figure list, no display needed) and saves through the Agg canvas. In a notebook, a returned figure
 displays itself as the cell's result.
 
-* :func:`normalize` — per-map min–max to [0, 1] with an epsilon (constant maps -> 0, never NaN).
+* :func:`normalize` — per-map min–max to [0, 1] by :func:`camlens.ops.minmax` (maps constant up to
+  rounding -> 0, never NaN): the function behind every overlay and colour map.
 * :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
 * :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
@@ -29,10 +30,11 @@ from matplotlib.figure import Figure
 
 from ._version import __version__
 from .errors import InputError
-from .explanation import Explanation, minmax
+from .explanation import Explanation
 from .fsio import atomic_write, check_targets, safe_out_dir
 from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
 from .methods.registry import methods
+from .ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -49,12 +51,13 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def normalize(maps, eps: float = 1e-8):
+def normalize(maps, *, ulps: float = ULPS):
     """Min–max normalize each ``(..., H, W)`` map to [0, 1]: ``(m - min) / (max - min)``, or 0 where
-    ``max - min <= eps`` (see :func:`camlens.explanation.minmax`). Returns the input's type."""
+    the map is constant up to rounding (see :func:`camlens.ops.minmax`). Returns the input's type
+    (arrays as float32)."""
     if isinstance(maps, torch.Tensor):
-        return minmax(maps, eps)
-    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), eps).numpy()
+        return minmax(maps, ulps=ulps)
+    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), ulps=ulps).numpy()
 
 
 def resize_map(m, size: Sequence[int]) -> np.ndarray:

@@ -2,7 +2,8 @@ r"""Score-CAM — Wang et al., "Score-CAM: Score-Weighted Visual Explanations fo
 Neural Networks", CVPRW 2020.
 
 Each channel :math:`A_k` of the features is upsampled to the input size and min-max normalized
-to a mask :math:`H_k \in [0, 1]`; the masked input :math:`x \odot H_k` is scored by the model, and
+to a mask :math:`H_k \in [0, 1]` (:func:`camlens.ops.minmax`: a channel constant up to rounding gives
+the mask 0); the masked input :math:`x \odot H_k` is scored by the model, and
 
 .. math:: M_c = \mathrm{ReLU}\Big(\sum_k s_k^c A_k\Big),\qquad s_k^c = \mathrm{softmax}(f(x \odot H_k))_c
 
@@ -28,18 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MethodError
+from ..ops import minmax
 from ..targets import take_rows
 from .registry import MethodOutput, register
 
-EPS = 1e-8
 CPU_BATCH = 8  # masked images per forward on CPU (cache-friendly)
 ACCEL_BATCH = 64  # ... on GPUs and other accelerators
 
 
 def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
-    lo = t.amin(dim=1, keepdim=True)
-    rng = t.amax(dim=1, keepdim=True) - lo
-    return torch.where(rng > EPS, (t - lo) / rng.clamp_min(EPS), torch.zeros_like(t))
+    return minmax(t, dims=1)
 
 
 def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.Tensor:
