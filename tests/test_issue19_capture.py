@@ -22,7 +22,7 @@ INFOS = camlens.methods()
 METHODS = sorted(INFOS)
 PAIRS = list(itertools.combinations(METHODS, 2))
 #: keep the slow methods cheap (each option goes only to the methods that take it)
-OPTIONS = {"steps": 2, "n_samples": 1, "max_channels": 3}
+OPTIONS = {"steps": 2, "n_samples": 1, "max_channels": 3, "n_masks": 6, "cell": 4, "window": 8, "stride": 8}
 
 
 def inplace_net() -> nn.Module:
