@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format wheel-check bench clean browser
+.PHONY: constraints setup demo test test-fast lint format wheel-check bench clean browser
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -39,7 +39,7 @@ wheel-check: $(STAMP)
 	bash .ci/wheel-check
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt -c constraints-dev.txt
 	$(PY) -m benchmarks
 
 # Debian's Chromium and chromedriver for the real-browser test of `camlens serve` (tests/test_serve_browser.py).
@@ -54,3 +54,7 @@ browser:
 
 clean:
 	rm -rf $(VENV) camlens-out .pytest_cache build dist
+
+# the full pinned environment (pip constraints) from the current .venv
+constraints: $(STAMP)
+	{ head -3 constraints-dev.txt; $(PY) -m pip freeze | grep -v '^-e\|^camlens\|@ file'; } > constraints-dev.tmp && mv constraints-dev.tmp constraints-dev.txt
