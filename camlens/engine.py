@@ -31,6 +31,14 @@ from .capture import CaptureSpec, capture
 from .targets import Targets, TargetSpec, resolve_targets
 
 
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """What camlens hands the model for an input ``x`` it must keep intact: a copy (in the autograd
+    graph when ``x`` requires grad). Never the caller's tensor, never a leaf that requires grad —
+    so in-place operations at the start of ``forward`` are harmless and exact. A copy of one batch
+    costs far less than the forward it feeds."""
+    return x.clone()
+
+
 class ForwardPass:
     """Runs ``model(x)`` once and lazily computes what the methods ask for.
 
@@ -66,6 +74,10 @@ class ForwardPass:
         self.last_spatial = None
         pixel = "input_grads" in needs
         layer_grad = "layer_grads" in needs
+        # ``self.x`` is camlens' own leaf; the model gets a copy of it: an in-place first layer
+        # (``nn.ReLU(inplace=True)`` on the input, an in-place normalization in ``forward``) then
+        # modifies neither the leaf (autograd forbids that when it requires grad), nor the
+        # caller's tensor, nor ``self.x`` that Score-CAM and input x gradient read afterwards
         self.x = x.detach().requires_grad_(True) if pixel else x.detach()
         stack = contextlib.ExitStack()
         with stack:
@@ -77,7 +89,7 @@ class ForwardPass:
             if spec is not None:
                 cap = stack.enter_context(capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
-            logits = model(self.x)
+            logits = model(model_input(self.x))
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             from .errors import InputError
 
@@ -173,7 +185,7 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
 
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
-        logits = model(xb)
+        logits = model(model_input(xb))
         scores = targets.scores(logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))

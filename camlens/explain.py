@@ -25,7 +25,8 @@ from PIL import Image
 from torch import nn
 
 from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
-from .engine import ForwardPass
+from .concurrency import model_lock
+from .engine import ForwardPass, model_input
 from .errors import InputError, MethodError
 from .explanation import Explanation
 from .io import load_images
@@ -43,16 +44,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     A model already in eval mode everywhere (the usual case) costs one pass over its modules:
     ``model.eval()`` (a recursive ``__setattr__`` per module) only runs when a module is training,
     and only flags that differ afterwards are written back.
+
+    The block holds the model's camlens lock (:func:`camlens.concurrency.model_lock`): camlens
+    calls on one model from several threads run one after the other, each seeing only its own
+    forward passes, hooks and train/eval flags.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if any(t for _, t in flags):
-            model.eval()
-        yield model
-    finally:
-        for m, t in flags:
-            if m.training != t:
-                m.training = t
+    with model_lock(model):
+        flags = [(m, m.training) for m in model.modules()]
+        try:
+            if any(t for _, t in flags):
+                model.eval()
+            yield model
+        finally:
+            for m, t in flags:
+                if m.training != t:
+                    m.training = t
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -129,7 +135,7 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
 def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
     """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
     with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
-        model(x)
+        model(model_input(x))
     return cap
 
 
@@ -288,7 +294,7 @@ def predict(
     card = card_of(model)
     names = list(class_names) if class_names is not None else (card.class_names if card else None)
     with eval_mode(model), torch.inference_mode():
-        p = model(x).float().softmax(dim=1)
+        p = model(model_input(x)).float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [
         [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import gradient_pass
+from ..engine import gradient_pass, model_input
 from ..errors import MethodError
 from ..targets import Targets
 from .registry import MethodOutput, get_method, register
@@ -294,9 +294,9 @@ def _integrated(
         total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
     attr = total * diff[:, None]
     with torch.no_grad():
-        f_base = ctx.targets.scores(ctx.model(xb0)).detach()
+        f_base = ctx.targets.scores(ctx.model(model_input(xb0))).detach()
         if f_x is None:
-            f_x = ctx.targets.scores(ctx.model(x)).detach()
+            f_x = ctx.targets.scores(ctx.model(model_input(x))).detach()
     delta = f_x - f_base
     err = attr.flatten(2).sum(-1) - delta
     rel = err.abs() / delta.abs().clamp_min(1e-12)

@@ -52,12 +52,15 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     tensors (``.view`` on a feature map, custom kernels) thus keeps the default layout.
     """
     if "channels_last" not in layout:
+        check = imgs.device.type == "cpu" and imgs.dtype == torch.float32 and imgs.dim() == 4 and len(imgs) > 1
+        k = min(len(imgs), 4)
+        # the same images for the check, copied before an in-place first layer may change them
+        alt_in = imgs[:k].contiguous(memory_format=torch.channels_last) if check else None
         logits = model(imgs)
         ok = False
-        if imgs.device.type == "cpu" and imgs.dtype == torch.float32 and imgs.dim() == 4 and len(imgs) > 1:
-            k = min(len(imgs), 4)
+        if alt_in is not None:
             try:
-                alt = model(imgs[:k].contiguous(memory_format=torch.channels_last))
+                alt = model(alt_in)
                 ref = logits[:k]
                 ok = (
                     isinstance(alt, torch.Tensor)

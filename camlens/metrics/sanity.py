@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import model_input
 from ..errors import InputError, LayerNotFoundError
 from ..explain import eval_mode, explain, prepare_inputs
 from ._common import check_batch_size, resolve_classes
@@ -87,7 +88,7 @@ def randomization_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
     try:
         with eval_mode(model), torch.inference_mode():
-            model(x[:1])
+            model(model_input(x[:1]))
     finally:
         for h in handles:
             h.remove()
