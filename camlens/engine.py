@@ -22,12 +22,14 @@ Gradients' path points), optionally under a ReLU rule.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .capture import CaptureSpec, capture
+from .errors import InputError
 from .targets import Targets, TargetSpec, resolve_targets
 
 
@@ -37,6 +39,64 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
     so in-place operations at the start of ``forward`` are harmless and exact. A copy of one batch
     costs far less than the forward it feeds."""
     return x.clone()
+
+
+def _first_conv(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m
+    return None
+
+
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+_TOO_SMALL = (
+    "Kernel size can't be greater than actual input size",
+    "Output size is too small",
+    "input image is smaller than kernel",
+    "Padding size should be less than the corresponding input dimension",
+)
+
+
+def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException) -> InputError | None:
+    """An :class:`InputError` naming the problem and the fix when ``model(x)`` failed because of
+    the input's shape (wrong channel count, image too small); ``None`` when it is something else
+    (then the model's own exception must reach the caller unchanged)."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    msg = str(exc)
+    conv = _first_conv(model)
+    m = _CHANNELS.search(msg)
+    want = int(m.group(1)) if m else (conv.in_channels if conv is not None else None)
+    got = x.shape[1]
+    if m or (want is not None and want != got and "channels" in msg):
+        fix = (
+            " Convert grayscale with x.expand(-1, 3, -1, -1) (or x.repeat(1, 3, 1, 1)); drop an alpha channel with "
+            "x[:, :3]; or pass the images themselves (paths, PIL images, arrays), which camlens converts to RGB"
+            if want == 3
+            else ""
+        )
+        return InputError(
+            f"the model takes {want}-channel images but the input has {got} channel(s) (shape {tuple(x.shape)}).{fix}"
+        )
+    if any(s in msg for s in _TOO_SMALL):
+        return InputError(
+            f"the input images ({x.shape[-2]}x{x.shape[-1]} px) are too small for this model: a convolution "
+            "or pooling window is larger than its feature map. Resize them (e.g. to 224x224 for ImageNet "
+            "models), or pass the images themselves and let the model's preprocessing resize them"
+        )
+    return None
+
+
+def forward(model: nn.Module, x: torch.Tensor):
+    """``model(model_input(x))``; a failure caused by the input's shape becomes an :class:`InputError`
+    (chained to the original), anything else the model raises propagates unchanged."""
+    try:
+        return model(model_input(x))
+    except RuntimeError as exc:
+        err = diagnose_forward_error(model, x, exc)
+        if err is None:
+            raise
+        raise err from exc
 
 
 class ForwardPass:
@@ -89,10 +149,8 @@ class ForwardPass:
             if spec is not None:
                 cap = stack.enter_context(capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
             stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
-            logits = model(model_input(self.x))
+            logits = forward(model, self.x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            from .errors import InputError
-
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputError(
                 f"the model must return logits of shape (N, num_classes); it returned {shape}. "
@@ -185,7 +243,7 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
 
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
-        logits = model(model_input(xb))
+        logits = forward(model, xb)
         scores = targets.scores(logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))

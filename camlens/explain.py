@@ -26,7 +26,7 @@ from torch import nn
 
 from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
 from .concurrency import model_lock
-from .engine import ForwardPass, model_input
+from .engine import ForwardPass, forward
 from .errors import InputError, MethodError
 from .explanation import Explanation
 from .io import load_images
@@ -113,6 +113,31 @@ def prepare_inputs(
     return x, images, names
 
 
+def method_names(method: Any) -> list[str]:
+    """``method=`` as a non-empty list of names; anything else is a :class:`MethodError`."""
+    if isinstance(method, str):
+        return [method]
+    if isinstance(method, (list, tuple)) and method and all(isinstance(m, str) for m in method):
+        return list(method)
+    if isinstance(method, (list, tuple)) and not method:
+        raise MethodError("no method given: pass a name such as method='gradcam' or a list of names")
+    raise MethodError(
+        f"method must be a method name (e.g. method='gradcam') or a list of names, not {method!r}; "
+        "camlens.methods() lists them"
+    )
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A model whose parameters are on the ``meta`` device has no values to explain."""
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise InputError(
+            "the model's parameters are on the 'meta' device (shapes without values, e.g. built under "
+            "torch.device('meta') or with init_empty_weights); load real weights first: "
+            "model.to_empty(device='cpu') then model.load_state_dict(state), or "
+            "model.load_state_dict(state, assign=True)"
+        )
+
+
 def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     per: dict[str, dict[str, Any]] = {}
     used: set[str] = set()
@@ -135,7 +160,7 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
 def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
     """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
     with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
-        model(model_input(x))
+        forward(model, x)
     return cap
 
 
@@ -179,9 +204,10 @@ def explain(
         model = load_model(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
-        raise MethodError("no method given")
+    check_materialized(model)
+    names = method_names(method)
+    if capture not in ("output", "input"):
+        resolve_layer(model, None, capture)  # raises the error that names the valid choices
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
@@ -290,11 +316,12 @@ def predict(
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
+    check_materialized(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     card = card_of(model)
     names = list(class_names) if class_names is not None else (card.class_names if card else None)
     with eval_mode(model), torch.inference_mode():
-        p = model(model_input(x)).float().softmax(dim=1)
+        p = forward(model, x).float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [
         [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]

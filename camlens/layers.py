@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .capture import CaptureSpec, capture
-from .errors import LayerNotFoundError
+from .errors import InputError, LayerNotFoundError
 
 AUTO_NAME = "auto"
 
@@ -58,14 +58,21 @@ def resolve_layer(
 ) -> CaptureSpec:
     """Turn ``layer``/``capture``/``call`` into a :class:`CaptureSpec`."""
     if capture not in ("output", "input"):
-        raise ValueError(f"capture must be 'output' or 'input', not {capture!r}")
+        close = difflib.get_close_matches(str(capture), ["output", "input"], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(
+            f"capture must be 'output' or 'input' (the layer's output or its input), not {capture!r}{hint}"
+        )
     if layer is None or layer == AUTO_NAME:
         return CaptureSpec(None, AUTO_NAME, "pool", call)
     if isinstance(layer, nn.Module):
         return CaptureSpec(layer, module_name(model, layer), capture, call)
     if isinstance(layer, str):
         return CaptureSpec(find_module(model, layer), layer, capture, call)
-    raise TypeError(f"layer must be a dotted module name, a module or None, not {type(layer).__name__}")
+    raise InputError(
+        f"layer must be a dotted module name (e.g. 'layer4'), one of the model's modules or None (automatic), "
+        f"not {type(layer).__name__}"
+    )
 
 
 def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224, 224)) -> list[dict]:

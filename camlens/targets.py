@@ -46,6 +46,13 @@ class Targets:
                 raise TargetError(
                     f"a callable target must return one score per image, shape ({logits.shape[0]},); got {shape}"
                 )
+            if logits.requires_grad and torch.is_grad_enabled() and not s.requires_grad:
+                raise TargetError(
+                    "the callable target returned scores that do not depend on the logits through autograd "
+                    "(detached: .detach(), .item(), .numpy(), torch.no_grad() or a new tensor built from "
+                    "values); compute them with torch operations on the logits it receives, e.g. "
+                    "lambda logits: logits[:, [3, 7]].sum(1)"
+                )
             return s[:, None]
         idx = self.classes.to(logits.device)
         if idx.shape[0] != logits.shape[0]:  # repeated batches (smoothgrad, IG, Score-CAM)
@@ -92,6 +99,13 @@ def resolve_targets(
         return Targets(ids)
     if isinstance(targets, (bool, np.bool_)):
         raise TargetError("targets must be class indices, names, 'topK' or a callable, not a bool")
+    if isinstance(targets, (float, np.floating)):
+        if not (np.isfinite(targets) and float(targets).is_integer()):
+            raise TargetError(
+                f"class index {targets!r} is not an integer; pass an int class id (e.g. targets=3), a class "
+                "name, 'topK' or a callable"
+            )
+        targets = int(targets)  # an integral float (3.0), as integral float arrays are accepted
     if isinstance(targets, (int, np.integer)):
         arr = np.full((n, 1), int(targets))
     else:
