@@ -117,14 +117,20 @@ class Explanation:
         )
 
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
-    def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
-        """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
-        from .localize import localize
+    def boxes(self, threshold: float | None = None, *, frame: str = "auto", **kwargs) -> np.ndarray:
+        """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`.
+
+        In **original-image pixels** when the images are known (inputs given as paths, PIL images or
+        arrays), else in model-input pixels; ``frame="input"`` asks for model-input (map) pixels,
+        ``frame="image"`` insists on image pixels. The result is a :class:`camlens.localize.Boxes`
+        array whose ``.frame`` says which (``"image"`` or ``"input"``) and ``.sizes`` the frame sizes.
+        """
+        from .localize import explanation_boxes
 
         kw = dict(kwargs)
         if threshold is not None:
             kw["threshold"] = threshold
-        return localize(self.maps, **kw)
+        return explanation_boxes(self, frame=frame, **kw)
 
     def show(self, **kwargs):
         """Display overlays in a notebook (returns the matplotlib figure)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .classnames import class_id
 from .errors import TargetError
 
 TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable
@@ -61,19 +62,7 @@ class Targets:
 
 
 def _name_to_id(name: str, class_names: Sequence[str] | None) -> int:
-    if not class_names:
-        raise TargetError(
-            f"class name {name!r} given but the model has no class names; pass class indices, or "
-            "class_names=[...] to explain()"
-        )
-    lowered = [c.lower() for c in class_names]
-    if name.lower() in lowered:
-        return lowered.index(name.lower())
-    import difflib
-
-    close = difflib.get_close_matches(name.lower(), lowered, n=5, cutoff=0.5)
-    hint = f" Closest: {', '.join(repr(class_names[lowered.index(c)]) for c in close)}." if close else ""
-    raise TargetError(f"unknown class name {name!r}.{hint}")
+    return class_id(name, class_names)
 
 
 def resolve_targets(

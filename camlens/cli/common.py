@@ -188,9 +188,12 @@ def load_model_opts(model: str, weights: str | None, checkpoint: str | None, dev
 
 
 def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
-    """``--class`` values (ids or names, case-insensitive) -> class ids."""
+    """``--class`` values (ids, or names and their synonyms, case-insensitive: ``"tabby cat"`` finds
+    ImageNet's ``"tabby"``; see :mod:`camlens.classnames`) -> class ids, duplicates dropped."""
+    from camlens.classnames import class_id
+    from camlens.errors import TargetError
+
     ids = []
-    low = [c.lower() for c in class_names] if class_names else []
     for v in values:
         for part in (x.strip() for x in v.split(",")):
             if not part:
@@ -202,19 +205,16 @@ def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> l
                         f"class id {c} is out of range 0..{len(class_names) - 1}", param_hint="--class"
                     )
                 ids.append(c)
-            elif part.lower() in low:
-                ids.append(low.index(part.lower()))
-            else:
-                import difflib
-
-                close = difflib.get_close_matches(part, list(class_names or []), n=4, cutoff=0.6)
-                hint = (
-                    f"; did you mean {', '.join(repr(c) for c in close)}?"
-                    if close
-                    else ("" if class_names else "; this model has no class names, pass ids")
+                continue
+            if not class_names:
+                raise click.BadParameter(
+                    f"unknown class {part!r}; this model has no class names, pass ids", param_hint="--class"
                 )
-                raise click.BadParameter(f"unknown class {part!r}{hint}", param_hint="--class")
-    return ids
+            try:
+                ids.append(class_id(part, class_names))
+            except TargetError as exc:
+                raise click.BadParameter(str(exc), param_hint="--class") from None
+    return list(dict.fromkeys(ids))
 
 
 def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
