@@ -33,7 +33,11 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.4)
     if not close:
         close = [n for n in names if name.split(".")[-1] in n][:6]
-    hint = f" Closest names: {', '.join(close)}." if close else ""
+    if close:
+        hint = f" Closest names: {', '.join(close)}."
+    else:  # nothing alike (e.g. ResNet's 'layer4' on EfficientNet): the blocks nearest the output
+        top = [n for n in names if n.count(".") <= 1 and next(iter(modules[n].children()), None) is not None]
+        hint = f" Blocks near the output: {', '.join((top or names)[-5:])}; or leave the layer out (automatic)."
     raise LayerNotFoundError(
         f"the model has no layer named {name!r}.{hint} "
         "List them with `camlens layers MODEL` or camlens.layers.candidate_layers(model)."

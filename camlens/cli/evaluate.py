@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from pathlib import Path
 
 import click
+
+from .common import check_layer, method_option, parse_method_options, resolve_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: bundled skimage photos used when DATA is empty
@@ -82,6 +85,15 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
 
 
+def _write_rows_so_far(path: Path, rows: list[dict]) -> None:
+    """``per_image.csv`` rewritten after each chunk (temporary file + rename, never half-written):
+    an interrupted run keeps every image it finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_csv(tmp, rows)
+    os.replace(tmp, path)
+
+
 @click.command("evaluate")
 @click.argument("data", nargs=-1)
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="zoo name")
@@ -135,6 +147,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -
 @click.option("--overwrite", is_flag=True, help="replace existing output files in --out")
 @click.option("--no-plots", is_flag=True, help="write tables only")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@method_option
 def evaluate_cmd(
     data,
     model,
@@ -158,6 +171,7 @@ def evaluate_cmd(
     overwrite,
     no_plots,
     quiet,
+    method_options,
 ):
     """Score explanation METHODs on DATA (image files, folders or globs; default: three bundled
     photos) with faithfulness METRICS; print a table and write per_image.csv, summary.csv,
@@ -168,12 +182,11 @@ def evaluate_cmd(
     """
     import dataclasses
 
-    import torch
-
     import camlens
     from camlens.errors import CamlensError
     from camlens.metrics import runner
 
+    options = parse_method_options(method_options, methods) if method_options else {}
     try:
         wanted = runner.resolve_metrics(metrics)
         pct = [float(p) / 100 for p in percentages.split(",") if p.strip()]
@@ -207,10 +220,10 @@ def evaluate_cmd(
             f"{len(existing)} output file(s) already exist in {outdir} ({', '.join(existing[:3])}"
             f"{'…' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose another --out"
         )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     try:
         net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        check_layer(net, layer)
         card = getattr(net, "camlens", None)
         pp = None
         if size is not None:
@@ -232,9 +245,10 @@ def evaluate_cmd(
             chunk_size=chunk_size,
             seed=seed,
             preprocess=pp,
-            explain_options={"layer": layer} if layer else None,
+            explain_options={**({"layer": layer} if layer else {}), **options} or None,
             sanity_layers=sanity_layers,
             progress=not quiet,
+            on_rows=lambda rows: _write_rows_so_far(outdir / "per_image.csv", rows),
         )
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None

@@ -9,6 +9,7 @@ import click
 from .common import (
     EXIT_FAILED,
     batches,
+    check_layer,
     check_overwrite,
     common_model_options,
     echo,
@@ -16,8 +17,10 @@ from .common import (
     expand_inputs,
     load_model_opts,
     load_source,
+    method_option,
     parse_classes,
     parse_formats,
+    parse_method_options,
     parse_threshold,
     progress,
     table,
@@ -68,6 +71,7 @@ DEFAULT_METHODS = ("gradcam", "cam")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
+@method_option
 def explain_cmd(
     images,
     model,
@@ -88,6 +92,7 @@ def explain_cmd(
     cmap,
     recursive,
     quiet,
+    method_options,
 ):
     """Explain IMAGES (files, folders or glob patterns; default: the bundled cat photo).
 
@@ -113,6 +118,7 @@ def explain_cmd(
         names = list(dict.fromkeys(get_method(m).name for m in (methods or DEFAULT_METHODS)))
     except CamlensError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
+    options = parse_method_options(method_options, names)
 
     inputs = expand_inputs(images, recursive=recursive)
     failed = len(inputs.problems)
@@ -137,6 +143,7 @@ def explain_cmd(
     if not classes:
         check([""] * topk)
     net = load_model_opts(model, weights, checkpoint, device)
+    check_layer(net, layer)
     card = card_of(net)
     class_names = card.class_names if card else None
     targets = parse_classes(classes, class_names) if classes else None
@@ -157,7 +164,9 @@ def explain_cmd(
                 except CamlensError as exc:
                     failed += 1
                     echo_err(f"error: {exc}", bar)
+            bar.update(len(chunk) - len(imgs))  # unreadable ones: done
             if imgs:
+                done_before = bar.n
                 try:
                     written += _explain_batch(
                         net,
@@ -177,11 +186,12 @@ def explain_cmd(
                         quiet,
                         defaulted,
                         bar,
+                        options,
                     )
                 except CamlensError as exc:
                     failed += len(imgs)
                     echo_err(f"error: {', '.join(stems)}: {exc}", bar)
-            bar.update(len(chunk))
+                    bar.update(done_before + len(imgs) - bar.n)  # the batch's images are done, written or not
     finally:
         bar.close()
     n_ok = len(items) - failed + len(inputs.problems)
@@ -194,7 +204,24 @@ def explain_cmd(
 
 
 def _explain_batch(
-    net, imgs, stems, names, targets, k, layer, out, fmts, overwrite, thr, boxes, alpha, cmap, quiet, defaulted, bar
+    net,
+    imgs,
+    stems,
+    names,
+    targets,
+    k,
+    layer,
+    out,
+    fmts,
+    overwrite,
+    thr,
+    boxes,
+    alpha,
+    cmap,
+    quiet,
+    defaulted,
+    bar,
+    options=None,
 ) -> int:
     """Explain one batch with every method (one shared forward); returns the number of files written.
     With the default methods, a head that is not GAP + linear drops CAM (with a note) instead of failing."""
@@ -209,28 +236,31 @@ def _explain_batch(
     spec = [targets] * len(imgs) if targets is not None else f"top{k}"
     todo = list(names)
     try:
-        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer)
+        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer, **(options or {}))
     except HeadError as exc:
         if not (defaulted and "cam" in todo):
             raise
         echo_err(f"note: CAM skipped ({exc})", bar)
         names.remove("cam")  # for the next batches too
         todo = list(names)
-        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer)
+        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer, **(options or {}))
     count = 0
     for exp in res.values():
         exp.sources = list(stems)
-        count += len(
-            save_explanation(
-                exp,
-                out,
-                formats=fmts,
-                overwrite=overwrite,
-                threshold=thr,
-                boxes=boxes,
-                alpha=alpha,
-                cmap=cmap,
-                suffix="class" if targets is not None else "rank",
+    for i in range(len(stems)):  # image by image, so the bar counts images as they are written
+        for exp in res.values():
+            count += len(
+                save_explanation(
+                    exp.select(i),
+                    out,
+                    formats=fmts,
+                    overwrite=overwrite,
+                    threshold=thr,
+                    boxes=boxes,
+                    alpha=alpha,
+                    cmap=cmap,
+                    suffix="class" if targets is not None else "rank",
+                )
             )
-        )
+        bar.update(1)
     return count

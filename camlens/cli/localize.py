@@ -13,6 +13,7 @@ import click
 from .common import (
     EXIT_FAILED,
     batches,
+    check_layer,
     check_overwrite,
     common_model_options,
     echo,
@@ -201,6 +202,7 @@ def localize_cmd(
     check_overwrite(plan, overwrite)
 
     net = load_model_opts(model, weights, checkpoint, device)
+    check_layer(net, layer)
     from camlens.models.zoo import card_of
 
     card = card_of(net)
@@ -374,6 +376,7 @@ def _evaluate(
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     net = load_model_opts(model, weights, checkpoint, device)
+    check_layer(net, layer)
     failed: list[str] = []
 
     def on_error(g, exc):

@@ -220,5 +220,7 @@ def load_model(
         attach_card(model, replace(card_of(model), preprocess=pp))
     model.eval()
     if device is not None:
-        model.to(device)
+        from ..devices import parse_device
+
+        model.to(parse_device(device))
     return model
