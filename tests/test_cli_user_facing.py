@@ -174,8 +174,11 @@ def test_evaluate_writes_rows_as_it_goes(tmp_path, monkeypatch):
             "1",
             "--no-plots",
             "--quiet",
-        ]
-        + ["--out", str(out), "--size", "64"],
+            "--out",
+            str(out),
+            "--size",
+            "64",
+        ],
     )
     assert res.exit_code != 0  # interrupted
     rows = list(csv.DictReader((out / "per_image.csv").open()))
