@@ -278,6 +278,12 @@ def explain(
                 probs = probs.gather(1, ctx.targets.classes.to(probs.device))
             else:
                 probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
+        ranks = None
+        if ctx.targets.fn is None:
+            with torch.no_grad():  # 1 + the number of classes whose logit is higher than the target's
+                lg = ctx.logits.detach()
+                tl = lg.gather(1, ctx.targets.classes.to(lg.device))
+                ranks = (1 + (lg[:, None, :] > tl[:, :, None]).sum(-1)).cpu()
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
@@ -298,6 +304,9 @@ def explain(
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
                 extras=dict(out.extras),
+                ranks=ranks,
+                inputs=x.detach() if images is None else None,
+                preprocess=preprocess or (card.preprocess if card else (IMAGENET if images is not None else None)),
             )
         del ctx
     if isinstance(method, str):

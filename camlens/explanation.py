@@ -39,7 +39,15 @@ class Explanation:
         images: the original RGB uint8 images when ``inputs`` were images (for overlays).
         sources: a name per image (file stem, or ``image0``…), used to name output files.
         model_name: the model's zoo name, if known.
-        extras: method-specific results (e.g. Integrated Gradients' completeness error).
+        extras: method-specific results (e.g. Integrated Gradients' completeness error); the flags
+            ``extras["signed"]`` (the map's sign carries meaning: CAM, Integrated Gradients…) and
+            ``extras["class_agnostic"]`` (Eigen-CAM: one map whatever the class) steer the figures.
+        ranks: ``(N, K)`` 1-based rank of each target's logit among all classes (``1``: the top
+            class), ``None`` when unknown (callable targets, hand-built explanations). Titles and
+            file names claim a rank only from here.
+        inputs: for tensor inputs, the input batch (a reference, no copy): figures show it
+            de-normalized with ``preprocess`` (the model's, when known) instead of a grey panel.
+        preprocess: the preprocessing the input went through, if known.
     """
 
     maps: torch.Tensor
@@ -54,6 +62,21 @@ class Explanation:
     sources: list[str] | None = None
     model_name: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    ranks: torch.Tensor | None = None
+    inputs: torch.Tensor | None = field(default=None, repr=False)
+    preprocess: Any = field(default=None, repr=False)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the maps are signed: the method says so (``extras["signed"]``: the sign carries
+        meaning, e.g. CAM of an absent class is negative), or a map has negative values anyway.
+        Signed maps are drawn with a diverging colormap centred at zero; unsigned ones with jet."""
+        return bool(self.extras.get("signed", False)) or bool((self.maps < 0).any())
+
+    @property
+    def class_agnostic(self) -> bool:
+        """One map whatever the target class (Eigen-CAM): figures name no class."""
+        return bool(self.extras.get("class_agnostic", False))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,6 +119,7 @@ class Explanation:
             classes=self.classes.to(device),
             scores=self.scores.to(device),
             probs=self.probs.to(device),
+            ranks=None if self.ranks is None else self.ranks.to(device),
         )
 
     def cpu(self) -> Explanation:
@@ -112,7 +136,9 @@ class Explanation:
             classes=self.classes[idx],
             scores=self.scores[idx],
             probs=self.probs[idx],
+            ranks=None if self.ranks is None else self.ranks[idx],
             images=[self.images[i] for i in rows] if self.images else None,
+            inputs=None if self.inputs is None else self.inputs[idx],
             sources=[self.sources[i] for i in rows] if self.sources else None,
         )
 
@@ -132,11 +158,38 @@ class Explanation:
             kw["threshold"] = threshold
         return explanation_boxes(self, frame=frame, **kw)
 
-    def show(self, **kwargs):
-        """Display overlays in a notebook (returns the matplotlib figure)."""
+    def figure(self, **kwargs):
+        """The overlays as a :class:`matplotlib.figure.Figure` (no display); see
+        :func:`camlens.viz.explanation_figure` for the options."""
         from .viz import explanation_figure
 
         return explanation_figure(self, **kwargs)
+
+    def show(self, **kwargs) -> None:
+        """Display the overlays now: inline in Jupyter/IPython (also when ``show()`` is not the
+        cell's last expression, e.g. ``exp.show(); exp.save("out/")``), in a window in a script
+        with an interactive matplotlib backend; with a non-interactive backend (Agg) there is
+        nothing to display. Returns ``None``; :meth:`figure` returns the figure itself."""
+        from .viz import display_figure, explanation_figure
+
+        display_figure(explanation_figure(self, **kwargs))
+
+    def _repr_png_(self) -> bytes:
+        """The figure as PNG bytes (IPython shows an ``Explanation`` as its overlays)."""
+        from .viz import figure_png
+
+        return figure_png(self.figure(max_images=4))
+
+    def _repr_html_(self) -> str:
+        """A summary line and the figure, for notebooks."""
+        import base64
+        import html
+
+        png = base64.b64encode(self._repr_png_()).decode("ascii")
+        return (
+            f"<div><code>{html.escape(repr(self))}</code><br>"
+            f'<img src="data:image/png;base64,{png}" style="max-width:100%"/></div>'
+        )
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""

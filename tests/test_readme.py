@@ -53,15 +53,14 @@ def readme_examples(text: str) -> list[tuple[str, str, str | None, int]]:
 
 
 EXAMPLES = readme_examples(README.read_text(encoding="utf-8"))
-SLOW_WORDS = ("evaluate", "finetune", "bench", "scorecam", "--calibrate", "--checkpoint")
 
 
 def _param(ex):
-    kind, code, reason, line = ex
-    marks = [pytest.mark.slow] if kind == "python" or any(w in code for w in SLOW_WORDS) else []
+    kind, _code, reason, line = ex
+    marks = [pytest.mark.slow]  # each loads a model and writes figures: seconds, not milliseconds
     if reason:
         marks.append(pytest.mark.skip(reason=f"README line {line}: {reason}"))
-    return pytest.param(kind, code, id=f"L{line}-{kind}", marks=marks)
+    return pytest.param(kind, _code, id=f"L{line}-{kind}", marks=marks)
 
 
 @pytest.fixture(scope="session")

@@ -34,4 +34,4 @@ def eigencam(ctx, *, center: bool = False) -> MethodOutput:
     proj = (M @ Vh[:, 0, :, None]).view(N, h, w)
     sign = torch.where(proj.sum(dim=(1, 2)) < 0, -1.0, 1.0).to(proj)
     raw = (proj * sign[:, None, None]).relu().to(A.dtype)
-    return MethodOutput(raw[:, None].expand(N, ctx.k, h, w).contiguous())
+    return MethodOutput(raw[:, None].expand(N, ctx.k, h, w).contiguous(), extras={"class_agnostic": True})

@@ -50,7 +50,7 @@ def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOu
     elif grad_norm is not None:
         raise MethodError(f"grad_norm must be None or 'rms', not {grad_norm!r}")
     raw = _combine(G.mean(dim=(3, 4)), ctx.features.detach())
-    return MethodOutput(raw.relu() if relu else raw)
+    return MethodOutput(raw.relu() if relu else raw, extras={} if relu else {"signed": True})
 
 
 @register(

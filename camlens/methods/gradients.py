@@ -69,6 +69,7 @@ SMOOTHABLE = {
     "input_x_gradient": "backprop",
     "integrated_gradients": "backprop",
 }
+SIGNED_REDUCTIONS = ("sum", "max")
 DEFAULT_REDUCE = {"input_x_gradient": "sum", "integrated_gradients": "sum"}
 
 
@@ -92,7 +93,9 @@ def pixel_output(
 ) -> MethodOutput:
     """``MethodOutput`` with ``maps`` reduced from ``raw`` by ``reduce`` (or the method's default)."""
     how = reduce if reduce is not None else DEFAULT_REDUCE.get(method, "absmax")
-    return MethodOutput(raw, reduce_channels(raw, how).float(), extras or {})
+    # "sum" and "max" keep the sign (input x gradient, Integrated Gradients); |.| reductions do not
+    flags = {"signed": how in SIGNED_REDUCTIONS}
+    return MethodOutput(raw, reduce_channels(raw, how).float(), {**(extras or {}), **flags})
 
 
 def require_relus(relu_calls: int, method: str, model: torch.nn.Module) -> None:
