@@ -97,6 +97,14 @@ DIVERGING_CMAP = "RdBu_r"
 PIXEL_PERCENTILE = 99.5
 
 
+def _opacity(u: np.ndarray, alpha: float, pixel: bool, gamma: float = 1.0) -> np.ndarray:
+    """Per-pixel opacity from a magnitude ``u`` in [0, 1]: ``α·u`` for layer maps, ``min(1, 2α)·u^γ``
+    for sparse pixel maps (0 always stays untinted; ``γ = 1/2`` for signed pixel maps, whose values
+    split between two colours, keeps their mid-strength attributions visible)."""
+    op = np.minimum(1.0, 2 * alpha) * u**gamma if pixel else alpha * u
+    return op[..., None]
+
+
 def render_map(
     image: np.ndarray,
     m,
@@ -114,14 +122,15 @@ def render_map(
 
     * **signed** maps (CAM, Integrated Gradients, input x gradient…): a diverging colormap centred at
       zero with symmetric limits ``±L`` (``L`` = max ``|m|``; for pixel maps its
-      :data:`PIXEL_PERCENTILE` percentile), blended with opacity ``α · |m| / L``: zero leaves the
+      :data:`PIXEL_PERCENTILE` percentile), blended with opacity ``α · |m| / L`` (pixel maps:
+      ``min(1, 2α) · √(|m| / L)``): zero leaves the
       photo as it is, positive evidence turns red, negative blue. Min–max jet would paint the map's
       most negative value dark blue and its *least negative* value red — on CAM of an absent class
       (negative everywhere) the whole photo turned red.
     * **unsigned layer maps** (Grad-CAM family, Score-CAM): min–max normalized jet blended with a
       uniform opacity ``α`` (the notebooks' look).
     * **unsigned pixel maps** (saliency, guided backprop…): clipped at the percentile, min–max
-      normalized, jet blended with opacity ``α · value``: the many near-zero pixels leave the photo
+      normalized, jet blended with opacity ``min(1, 2α) · value``: the many near-zero pixels leave the photo
       untinted (a uniform blend tinted the whole photo blue).
 
     A fine checkerboard in pixel maps is not a rendering artifact: gradients through strided
@@ -152,7 +161,7 @@ def render_map(
                 f"unknown matplotlib colormap {diverging_cmap!r}; try 'RdBu_r', 'bwr', 'coolwarm'"
             ) from None
         heat = cm((u + 1) / 2)[..., :3] * 255
-        op = alpha * np.abs(u)[..., None]
+        op = _opacity(np.abs(u), alpha, pixel, gamma=0.5)
         scale = (-lim, lim, diverging_cmap)
     else:
         if pixel:
@@ -161,7 +170,7 @@ def render_map(
         lo, hi = float(v.min()), float(v.max())
         u = (v - lo) / (hi - lo) if hi - lo > 1e-8 else np.zeros_like(v)
         heat = colorize(u, cmap, normalized=True).astype(np.float64)
-        op = alpha * u[..., None] if pixel else np.full((*u.shape, 1), alpha)
+        op = _opacity(u, alpha, pixel) if pixel else np.full((*u.shape, 1), alpha)
         scale = (lo, hi if hi > lo else lo + 1.0, cmap)
     out = (1.0 - op) * base + op * heat
     return np.clip(out + 0.5, 0, 255).astype(np.uint8), scale
@@ -345,7 +354,7 @@ def _colorbar(fig: Figure, ax, scale: tuple[float, float, str], signed: bool) ->
     cb.ax.tick_params(labelsize=7)
     if signed:
         cb.set_ticks([lo, 0.0, hi])
-        cb.set_label("− evidence against · 0 · for +", fontsize=7)
+        cb.set_label("signed: 0 = none", fontsize=7)
     else:
         cb.set_ticks([lo, hi])
 
@@ -406,6 +415,7 @@ def _method_title(exp: Explanation) -> str:
         "integrated_gradients": "Integrated Gradients",
         "smoothgrad": "SmoothGrad",
         "input_x_gradient": "Input x Gradient",
+        "gradient_x_cam": "Gradient x CAM",
     }.get(exp.method, exp.method)
     parts = [pretty]
     if exp.model_name:
