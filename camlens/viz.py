@@ -685,11 +685,12 @@ def overlay_figure(
 
 
 def is_topk(exp: Explanation) -> bool:
-    """Whether the targets are exactly each image's top-K classes in order (ranks 1..K)."""
+    """Whether the targets are each image's top-K classes in order: target ``j`` ranks ``j + 1`` (or
+    better, when logits tie: ranks count the classes with a strictly higher logit)."""
     if exp.ranks is None:
         return False
     k = exp.ranks.shape[1]
-    return bool((exp.ranks.cpu() == torch.arange(1, k + 1)).all())
+    return bool((exp.ranks.cpu() <= torch.arange(1, k + 1)).all())
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
