@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint format wheel-check bench clean browser
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/camlens explain --out camlens-out --overwrite
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -n 2 -q
 
 test-fast: $(STAMP)
@@ -26,10 +26,31 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check camlens tests benchmarks
+	$(VENV)/bin/ruff format --check camlens tests benchmarks
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format camlens tests benchmarks
+	$(VENV)/bin/ruff check --fix camlens tests benchmarks
+
+# Build the wheel, install it (and nothing else from this checkout) into a fresh venv that borrows
+# the dev venv's third-party packages, and run the default explanation from outside the repo.
+wheel-check: $(STAMP)
+	bash .ci/wheel-check
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m benchmarks
 
+# Debian's Chromium and chromedriver for the real-browser test of `camlens serve` (tests/test_serve_browser.py).
+# Instant when installed; CI runs as root on a fresh machine. Where they cannot be installed (no apt, not
+# root) this says so and the browser test is skipped with the reason.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+		|| echo "note: could not install Chromium; the browser test will be skipped"; \
+	else echo "note: Chromium not installed (needs root and apt-get); the browser test will be skipped"; fi
+
 clean:
-	rm -rf $(VENV) camlens-out .pytest_cache
+	rm -rf $(VENV) camlens-out .pytest_cache build dist

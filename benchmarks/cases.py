@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 from camlens.models.zoo import card_of
 

@@ -1,30 +1,80 @@
-"""camlens: where does a convolutional image classifier look when it decides?
+"""camlens: where does a vision model look when it decides?
 
 The public API::
 
     camlens.explain(model, inputs, method="gradcam", targets=None, layer=None, capture="output")
+    camlens.predict(model, inputs, topk=5)
     camlens.load_model(name, weights=None)
-    camlens.methods()
-    camlens.localize(maps, threshold=...)
+    camlens.methods()                       # the registered methods
+    camlens.localize(maps, threshold=...)   # heatmaps -> boxes
     camlens.Explanation
+
+and the sub-packages ``camlens.metrics``, ``camlens.viz``, ``camlens.data``, ``camlens.train``,
+``camlens.loceval``, ``camlens.models``, ``camlens.targets``.
+
+Everything is imported on first use (PEP 562 module ``__getattr__``), so ``import camlens`` and
+``camlens --version`` do not import torch. Only the method registry (no torch) is imported eagerly:
+``camlens.methods`` is both that package and the listing function, and binding the function here,
+after the package is loaded, keeps ``camlens.methods()`` callable whatever is imported later.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import CamlensError
-from .explain import explain, predict
-from .explanation import Explanation
 from .methods.registry import methods
-from .models.zoo import available_models, load_model
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
+    import numpy as np
+
+    from . import data, loceval, metrics, models, targets, train, viz
+    from .explainer import explain, predict
+    from .explanation import Explanation
+    from .models.zoo import available_models, load_model
+
+#: public name -> (module, attribute or None for the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "explain": ("camlens.explainer", "explain"),
+    "predict": ("camlens.explainer", "predict"),
+    "Explanation": ("camlens.explanation", "Explanation"),
+    "load_model": ("camlens.models.zoo", "load_model"),
+    "available_models": ("camlens.models.zoo", "available_models"),
+    "data": ("camlens.data", None),
+    "loceval": ("camlens.loceval", None),
+    "localization": ("camlens.localization", None),
+    "metrics": ("camlens.metrics", None),
+    "models": ("camlens.models", None),
+    "targets": ("camlens.targets", None),
+    "train": ("camlens.train", None),
+    "viz": ("camlens.viz", None),
+}
 
 
-def localize(maps, threshold=None, **kwargs):
-    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.localize.localize`."""
-    from .localize import localize as _localize
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'camlens' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
 
-    if threshold is not None:
-        kwargs["threshold"] = threshold
-    return _localize(maps, **kwargs)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.ndarray:
+    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.localization.localize`."""
+    from .localization import DEFAULT_THRESHOLD
+    from .localization import localize as _localize
+
+    return _localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
 
 
 __all__ = [
@@ -32,9 +82,16 @@ __all__ = [
     "Explanation",
     "__version__",
     "available_models",
+    "data",
     "explain",
     "load_model",
     "localize",
+    "loceval",
     "methods",
+    "metrics",
+    "models",
     "predict",
+    "targets",
+    "train",
+    "viz",
 ]

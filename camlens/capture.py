@@ -33,8 +33,9 @@ is restored, also when the forward raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError
+from .layout import Layout, LayoutRequest
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
@@ -106,7 +108,14 @@ class Captured:
     #: :func:`is_spatial_fallback` accepts, as ``(name, module)`` — the fallback layer when no
     #: global pooling ran, known without another forward
     last_spatial: tuple[str, nn.Module] | None = None
+    #: ``"pool"`` captures watching every call: the last norm module with a token output
+    #: ``(N, T, D)`` that ran before the last attention module (:func:`is_attention`): the
+    #: automatic layer of a transformer without global pooling
+    token_norm: tuple[str, nn.Module] | None = None
+    #: the layout adapter applied to the captured tensor (``None``: none was asked for)
+    layout: Layout | None = None
     _current_pool_module: list[str] = field(default_factory=list)
+    _last_norm: tuple[str, nn.Module] | None = None
 
 
 def is_spatial_fallback(module: nn.Module, output) -> bool:
@@ -123,6 +132,36 @@ def is_spatial_fallback(module: nn.Module, output) -> bool:
     )
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention module: ``nn.MultiheadAttention`` or a class named ``*Attention``
+    (timm ``Attention``, Hugging Face ``ViTAttention``/``ViTSelfAttention``, …)."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization module (torch's LayerNorm/GroupNorm/RMSNorm, timm's ``RmsNorm``, …)."""
+    return isinstance(module, _NORMS) or "norm" in type(module).__name__.lower()
+
+
+def _note_norm(out: Captured, name: str):
+    def post(module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 3:
+            out._last_norm = (name, module)
+
+    return post
+
+
+def _note_attention(out: Captured):
+    def pre(module, args) -> None:
+        if out._last_norm is not None:
+            out.token_norm = out._last_norm
+
+    return pre
+
+
 def _is_global_pool_module(module: nn.Module) -> bool:
     """A pooling module that pools any 4-D input to 1x1 (``nn.AdaptiveAvgPool2d(1)`` and friends)."""
     return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and _is_one(module.output_size)
@@ -131,6 +170,8 @@ def _is_global_pool_module(module: nn.Module) -> bool:
 def _module_pools_globally(module: nn.Module, x) -> bool:
     """Whether ``module(x)`` is a global pooling call, judged as :func:`global_pool_input` judges
     the functional call the module makes."""
+    func: Callable[..., Any]
+    arg: Any
     if isinstance(module, nn.AdaptiveAvgPool2d):
         func, arg = F.adaptive_avg_pool2d, module.output_size
     elif isinstance(module, nn.AdaptiveMaxPool2d):
@@ -195,6 +236,7 @@ def capture(
     *,
     cut: bool = False,
     need_grad: bool = True,
+    layout: LayoutRequest | None = None,
 ) -> Iterator[Captured]:
     """Context manager: while active, a forward of ``model`` records the features at ``spec``.
 
@@ -202,6 +244,10 @@ def capture(
         cut: start the forward with autograd off and record only from the capture on
             (layer methods). With ``cut=False`` the graph below the layer is kept (pixel methods).
         need_grad: whether the captured features must require grad (False: CAM, Score-CAM).
+        layout: adapt token ``(N, T, D)`` and channels-last ``(N, h, w, D)`` captures of a module's
+            output or input to ``(N, D, h, w)`` (see :mod:`camlens.layout`): the captured value is the
+            ``(N, D, h, w)`` tensor (the leaf when cut) and the model goes on with the same values
+            rebuilt from it, so gradients are taken with respect to the reshaped features.
     """
     out = Captured()
     target = spec.call
@@ -220,6 +266,17 @@ def capture(
             return t
         if out._current_pool_module:
             out.pool_module = out._current_pool_module[-1]
+        if layout is not None and spec.capture != "pool":
+            lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
+            out.layout = lay
+            if lay.adapted:
+                feats, prefix = lay.to_nchw(t)
+                if cut:
+                    feats = feats.detach().requires_grad_(need_grad)
+                    prefix = prefix.detach() if prefix is not None else None
+                    torch.set_grad_enabled(need_grad)
+                out.value = feats
+                return lay.from_nchw(feats, prefix)
         if cut:
             leaf = t.detach().requires_grad_(need_grad)
             out.value = leaf
@@ -231,7 +288,10 @@ def capture(
     try:
         if cut:
             torch.set_grad_enabled(False)
+        if spec.capture in ("output", "input") and spec.module is None:
+            raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
         if spec.capture == "output":
+            assert spec.module is not None
             handles.append(spec.module.register_forward_hook(lambda m, a, o: take(o)))
         elif spec.capture == "input":
 
@@ -240,11 +300,12 @@ def capture(
                     raise InputError(f"{spec.name} was called without positional input; use capture='output'")
                 return (take(args[0]), *args[1:])
 
+            assert spec.module is not None
             handles.append(spec.module.register_forward_pre_hook(pre))
         elif spec.capture == "pool":
             mode = _PoolMode(take)
             if uses_lazy_pool(model, spec):
-                active = []  # [True] once the function mode is on
+                active: list[bool] = []  # [True] once the function mode is on
 
                 def pre_lazy(m, args, n):
                     out._current_pool_module.append(n)
@@ -274,6 +335,10 @@ def capture(
                     handles.append(m.register_forward_hook(_pop_pool(out)))
                 if name and next(iter(m.children()), None) is None:
                     handles.append(m.register_forward_hook(_note_spatial(out, name)))
+                    if is_norm(m):
+                        handles.append(m.register_forward_hook(_note_norm(out, name)))
+                if name and is_attention(m):
+                    handles.append(m.register_forward_pre_hook(_note_attention(out)))
             with mode:
                 yield out
             return

@@ -11,7 +11,7 @@ can put a module back in training mode while another thread's forward runs throu
 Keying the captures to their call (a context variable checked in every hook) would fix the
 first two but not the third: the train/eval flags and the module-level patches are global to
 the model. So camlens serializes its calls per model with :func:`model_lock`, taken by
-:func:`camlens.explain.eval_mode` — the context every model-touching camlens function enters.
+:func:`camlens._util.eval_mode` — the context every model-touching camlens function enters.
 Calls on *different* models still run in parallel; the lock is re-entrant, so nested camlens
 calls on one model in one thread (``explain`` inside a metric) do not deadlock. Its cost is an
 uncontended ``RLock`` acquire (well under a microsecond) per call.

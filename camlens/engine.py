@@ -28,8 +28,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .attention import capture_attention
 from .capture import CaptureSpec, capture
-from .errors import InputError
+from .errors import InputError, LayoutError, MethodError
+from .layout import LayoutRequest, ReshapeSpec, token_grid
+from .outputs import OutputSpec, select_output
+from .rules import relu_rules
 from .targets import Targets, TargetSpec, resolve_targets
 
 
@@ -105,8 +109,11 @@ class ForwardPass:
     Attributes:
         model, x: the model (in eval mode while the pass lives) and the input batch.
         spec: where the features were captured (``None`` if no method needs them).
-        logits: ``(N, num_classes)`` model output.
-        features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut).
+        output: the model's raw output, whatever it is (target objects consume it).
+        logits: ``(N, num_classes)`` class scores selected from it (:func:`camlens.outputs.select_output`);
+            ``output_choice`` says which part was taken.
+        features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut), after
+            the layout adapter (:mod:`camlens.layout`) described by ``layout``.
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
     """
 
@@ -120,6 +127,8 @@ class ForwardPass:
         *,
         needs: frozenset = frozenset(),
         backwards: int | None = None,
+        output: OutputSpec = None,
+        reshape: ReshapeSpec = None,
     ) -> None:
         self.model = model
         self._backwards = backwards  # gradient requests to expect; None: unknown, keep the graph
@@ -132,44 +141,66 @@ class ForwardPass:
         self.switch = None
         self.pool_module: str | None = None
         self.last_spatial = None
+        self.reshape = reshape
+        self.attention_weights: list[torch.Tensor] = []
+        self._attention_grads: list[torch.Tensor] | None = None
         pixel = "input_grads" in needs
         layer_grad = "layer_grads" in needs
+        attn_grad = "attention_grads" in needs  # gradients at every attention matrix: no cut graph
+        full = pixel or attn_grad
         # ``self.x`` is camlens' own leaf; the model gets a copy of it: an in-place first layer
         # (``nn.ReLU(inplace=True)`` on the input, an in-place normalization in ``forward``) then
         # modifies neither the leaf (autograd forbids that when it requires grad), nor the
         # caller's tensor, nor ``self.x`` that Score-CAM and input x gradient read afterwards
-        self.x = x.detach().requires_grad_(True) if pixel else x.detach()
+        self.x = x.detach().requires_grad_(True) if full else x.detach()
+        self.layout_request = LayoutRequest((int(x.shape[-2]), int(x.shape[-1])), model, reshape)
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
-                from .rules import relu_rules
-
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
-                cap = stack.enter_context(capture(model, spec, cut=not pixel, need_grad=pixel or layer_grad))
-            stack.enter_context(torch.set_grad_enabled(pixel or (layer_grad and spec is None)))
-            logits = forward(model, self.x)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise InputError(
-                f"the model must return logits of shape (N, num_classes); it returned {shape}. "
-                "Wrap it so that forward() returns one tensor of class scores."
-            )
+                cap = stack.enter_context(
+                    capture(model, spec, cut=not full, need_grad=full or layer_grad, layout=self.layout_request)
+                )
+            if "attention" in needs or attn_grad:
+                self.attention_weights = stack.enter_context(capture_attention(model, grads=attn_grad))
+            stack.enter_context(torch.set_grad_enabled(full or (layer_grad and spec is None)))
+            raw = forward(model, self.x)
+        self.output = raw
+        logits, self.output_choice = select_output(raw, output, n=x.shape[0])
+        self.select = lambda out: select_output(out, output)[0]  # for the extra forwards of some methods
         self.logits = logits
         self.features = cap.value if cap is not None else None
         self.calls = cap.calls if cap is not None else 0
+        self.layout = cap.layout if cap is not None else None
+        self.token_norm = None
         if cap is not None:
             self.pool_module = cap.pool_module
             self.last_spatial = cap.last_spatial
+            self.token_norm = cap.token_norm
         self.targets: Targets = resolve_targets(targets, logits, class_names)
-        with torch.set_grad_enabled(pixel or layer_grad):  # also when the caller is under no_grad
-            self.scores = self.targets.scores(logits if (pixel or layer_grad) else logits.detach())
+        with torch.set_grad_enabled(full or layer_grad):  # also when the caller is under no_grad
+            self.scores = self.targets.scores(logits if (full or layer_grad) else logits.detach())
 
     # ------------------------------------------------------------------------------------------
     @property
     def k(self) -> int:
         return self.targets.k
+
+    @property
+    def layer_features(self) -> torch.Tensor:
+        """The captured ``(N, C, h, w)`` features; methods that declare ``"features"`` always have them."""
+        if self.features is None:
+            raise RuntimeError("layer features were not captured for this pass (declare needs=('features', ...))")
+        return self.features
+
+    @property
+    def layer_spec(self) -> CaptureSpec:
+        """Where the features were captured (see :attr:`layer_features`)."""
+        if self.spec is None:
+            raise RuntimeError("no layer was captured for this pass")
+        return self.spec
 
     def _grads(self, wrt: torch.Tensor) -> torch.Tensor:
         """d scores[:, k] / d wrt for each k, stacked as ``(N, K, *wrt.shape[1:])``."""
@@ -201,6 +232,56 @@ class ForwardPass:
                 self._layer_grads = self._grads(self.features)
         return self._layer_grads
 
+    def attention(self) -> list[torch.Tensor]:
+        """The attention matrices of every global self-attention call, in execution order, each
+        ``(N, heads, T, T)`` (rows: queries; detached). See :mod:`camlens.attention`."""
+        if not self.attention_weights:
+            raise MethodError(
+                "no global self-attention module ran in the forward pass (supported: nn.MultiheadAttention, "
+                "timm Attention, Hugging Face ViT-style attention; windowed attention such as Swin's is not); "
+                "use a layer method such as gradcam"
+            )
+        return [a.detach() for a in self.attention_weights]
+
+    def attention_grads(self) -> list[torch.Tensor]:
+        """``[(N, K, heads, T, T)]``: gradient of each target score w.r.t. each attention matrix."""
+        if self._attention_grads is None:
+            weights = self.attention_weights
+            self.attention()  # raises if none
+            if not weights[0].requires_grad:
+                raise RuntimeError("attention gradients were not prepared for this pass")
+            if self._backwards is not None and self._served >= self._backwards:
+                raise RuntimeError(f"ForwardPass planned {self._backwards} gradient request(s) and freed its graph")
+            self._served += 1
+            last = self._backwards is not None and self._served == self._backwards
+            per_k: list[tuple[torch.Tensor | None, ...]] = []
+            with torch.enable_grad():
+                for k in range(self.k):
+                    per_k.append(
+                        torch.autograd.grad(
+                            self.scores[:, k].sum(),
+                            weights,
+                            retain_graph=not (last and k == self.k - 1),
+                            allow_unused=True,
+                        )
+                    )
+            self._attention_grads = [
+                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1) for i, a in enumerate(weights)
+            ]
+        return self._attention_grads
+
+    def token_grid(self, T: int) -> tuple[int, int, int]:
+        """``(prefix, h, w)`` of a sequence of ``T`` tokens of this input (see :mod:`camlens.layout`),
+        honouring a ``reshape=`` given as ``(h, w)`` or ``(prefix, h, w)``."""
+        lay = self.layout_request.layout((self.x.shape[0], T, 1), "the attention's tokens")
+        if lay.kind != "tokens":
+            got = token_grid(T, (int(self.x.shape[-2]), int(self.x.shape[-1])), self.layout_request.patch())
+            if got is None:
+                raise LayoutError(f"no patch grid fits {T} tokens; pass reshape=(h, w)")
+            return got
+        h, w = lay.grid  # type: ignore[misc]
+        return lay.prefix, h, w
+
     def input_grads(self, rule: str = "backprop") -> torch.Tensor:
         """``(N, K, C, H, W)``: gradient of each target score w.r.t. the input under a ReLU rule
         (``"backprop"``: the true gradient; ``"deconvnet"``; ``"guided"``)."""
@@ -217,6 +298,10 @@ class ForwardPass:
         return self._input_grads[rule]
 
 
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
 class GradPass(NamedTuple):
     """Result of :func:`gradient_pass`: ``grads`` ``(B, K, C, H, W)``, detached ``scores`` ``(B, K)``
     and how many ReLU calls the rule replaced (``-1`` when the plain gradient needed no rules)."""
@@ -226,25 +311,24 @@ class GradPass(NamedTuple):
     relu_calls: int
 
 
-def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop") -> GradPass:
+def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop", select=None) -> GradPass:
     """One extra forward of a new batch ``x`` ``(B, C, H, W)`` and ``K`` backward passes to it.
 
     For methods that need gradients at inputs other than the explained one (SmoothGrad's noisy
     copies, Integrated Gradients' path points). ``targets`` must have one row of classes per
     row of ``x`` (or a callable acting row-wise). Under ``rule != "backprop"`` the forward runs
     inside :func:`camlens.rules.relu_rules`. Gradients flow to ``x`` only (never to parameters);
-    the graph is freed before returning. The caller keeps the model in eval mode.
+    the graph is freed before returning. The caller keeps the model in eval mode. ``select``
+    (``ctx.select``) picks the logits from a model output that is not one tensor.
     """
     xb = x.detach().requires_grad_(True)
     with contextlib.ExitStack() as stack:
         switch = None
         if rule != "backprop":
-            from .rules import relu_rules
-
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
         logits = forward(model, xb)
-        scores = targets.scores(logits)
+        scores = targets.scores(select(logits) if select is not None else logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))
         out = []

@@ -44,3 +44,11 @@ class CheckpointError(CamlensError, ValueError):
 
 class OutputExistsError(CamlensError, FileExistsError):
     """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""
+
+
+class OutputError(InputError):
+    """A model output whose class scores cannot be found (pass output= to choose them)."""
+
+
+class LayoutError(CamlensError, ValueError):
+    """Captured features whose layout (tokens, channels-last) cannot be turned into a grid."""

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .localization import explanation_boxes
+
 
 def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
@@ -148,11 +150,9 @@ class Explanation:
 
         In **original-image pixels** when the images are known (inputs given as paths, PIL images or
         arrays), else in model-input pixels; ``frame="input"`` asks for model-input (map) pixels,
-        ``frame="image"`` insists on image pixels. The result is a :class:`camlens.localize.Boxes`
+        ``frame="image"`` insists on image pixels. The result is a :class:`camlens.localization.Boxes`
         array whose ``.frame`` says which (``"image"`` or ``"input"``) and ``.sizes`` the frame sizes.
         """
-        from .localize import explanation_boxes
-
         kw = dict(kwargs)
         if threshold is not None:
             kw["threshold"] = threshold
@@ -161,7 +161,7 @@ class Explanation:
     def figure(self, **kwargs):
         """The overlays as a :class:`matplotlib.figure.Figure` (no display); see
         :func:`camlens.viz.explanation_figure` for the options."""
-        from .viz import explanation_figure
+        from .viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
 
         return explanation_figure(self, **kwargs)
 
@@ -170,13 +170,13 @@ class Explanation:
         cell's last expression, e.g. ``exp.show(); exp.save("out/")``), in a window in a script
         with an interactive matplotlib backend; with a non-interactive backend (Agg) there is
         nothing to display. Returns ``None``; :meth:`figure` returns the figure itself."""
-        from .viz import display_figure, explanation_figure
+        from .viz import display_figure, explanation_figure  # lazy: matplotlib only when asked for
 
         display_figure(explanation_figure(self, **kwargs))
 
     def _repr_png_(self) -> bytes:
         """The figure as PNG bytes (IPython shows an ``Explanation`` as its overlays)."""
-        from .viz import figure_png
+        from .viz import figure_png  # lazy: matplotlib only when asked for
 
         return figure_png(self.figure(max_images=4))
 
@@ -193,6 +193,6 @@ class Explanation:
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""
-        from .viz import save_explanation
+        from .viz import save_explanation  # lazy: figure code (matplotlib) only when asked for
 
         return save_explanation(self, directory, **kwargs)

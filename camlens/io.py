@@ -125,7 +125,7 @@ def load_images(sources: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
         if not sources:
             raise InputError("empty list of images")
         return [load_image(s) for s in sources]
-    return [load_image(sources)]
+    return [load_image(sources)]  # type: ignore[arg-type]  # one image (a str is not a list here)
 
 
 def sample_image(name: str = "chelsea") -> np.ndarray:

@@ -2,9 +2,14 @@
 
 Automatic choice: the features that *enter the final global pooling* of the network, found
 during the forward pass itself (see :mod:`camlens.capture`), whether that pooling is a module
-or a functional call. Networks without global pooling (e.g. torchvision's VGG, which flattens
-a 7x7 map into an MLP) fall back to the output of the last module that produces a spatial
-``(N, C, h, w)`` map with ``h, w > 1``.
+or a functional call (CNNs, Swin, ConvNeXt, MaxViT). Transformers without global pooling (ViT,
+DeiT: the head reads the class token) get the output of the norm that runs before the last
+attention module — the last block's ``ln_1`` / ``norm1`` / ``layernorm_before``: the patch
+tokens there still reach the class token through that attention, so their gradients are
+non-zero and class-specific, whereas at the last block's output they are exactly zero (only the
+class token feeds the head). Other networks without global pooling (e.g. torchvision's VGG,
+which flattens a 7x7 map into an MLP) fall back to the output of the last module that produces
+a spatial ``(N, C, h, w)`` map with ``h, w > 1``.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import difflib
 import torch
 from torch import nn
 
-from .capture import CaptureSpec, capture
-from .errors import InputError, LayerNotFoundError
+from ._util import eval_mode
+from .capture import CaptureSpec, capture, is_attention, is_norm
+from .errors import InputError, LayerNotFoundError, LayoutError
+from .layout import LayoutRequest, grid_fits
 
 AUTO_NAME = "auto"
 
@@ -80,7 +87,11 @@ def resolve_layer(
 
 
 def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224, 224)) -> list[dict]:
-    """Modules whose output is a spatial map ``(N, C, h, w)``, in execution order, with shapes.
+    """Modules whose output is a spatial map ``(N, C, h, w)``, a channels-last map ``(N, h, w, C)``
+    or a token sequence ``(N, T, D)`` with a patch grid (norms and attention blocks only), in
+    execution order, with shapes and the
+    ``layout`` the layer methods will see (:mod:`camlens.layout`: ``"tokens: 1 prefix + 14x14"``,
+    ``"channels-last"``, or ``""`` for a plain map).
 
     Runs one inference forward on ``x`` (default: a zero image of ``size``).
     """
@@ -89,27 +100,40 @@ def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224,
         x = torch.zeros(1, 3, *size, device=p.device if p is not None else "cpu")
     rows: list[dict] = []
     handles = []
+    request = LayoutRequest((int(x.shape[-2]), int(x.shape[-1])), model)
 
     def hook(name):
         def fn(m, a, o):
-            if isinstance(o, torch.Tensor) and o.dim() == 4:
-                rows.append({"name": name, "type": type(m).__name__, "shape": tuple(o.shape[1:])})
+            if not isinstance(o, torch.Tensor) or o.dim() not in (3, 4):
+                return
+            try:
+                lay = request.layout(tuple(o.shape))
+            except LayoutError:  # a sequence that is not a patch grid
+                return
+            if lay.kind == "tokens":  # transformers: the norms and the blocks, not every linear inside
+                if not (is_norm(m) or any(is_attention(c) for c in m.children())):
+                    return
+                h, w = lay.grid or (0, 0)
+                desc = f"tokens: {lay.prefix} prefix + {h}x{w}"
+            elif lay.kind == "nhwc":
+                desc = "channels-last"
+            elif o.dim() == 4 and grid_fits(o.shape[2], o.shape[3], *(request.input_hw or (0, 0))):
+                desc = ""
+            else:  # (N, heads, T, d) inside attention and other non-maps
+                return
+            rows.append({"name": name, "type": type(m).__name__, "shape": tuple(o.shape[1:]), "layout": desc})
 
         return fn
 
     for name, m in model.named_modules():
         if name:
             handles.append(m.register_forward_hook(hook(name)))
-    was = [mm.training for mm in model.modules()]
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for mm, t in zip(model.modules(), was):
-            mm.training = t
     seen, out = set(), []
     for r in rows:  # keep the last call of reused modules, in order of first appearance
         if r["name"] not in seen:

@@ -7,7 +7,7 @@ COCO JSON file (``bbox = [x, y, w, h]`` in 0-based continuous coordinates; ``x0 
 ``x1 = ceil(x + w)``).
 
 Metrics for ``N`` images, using the map of the ground-truth class (*GT-known*) unless noted; a box
-``b`` is the box :func:`camlens.localize.localize` gives at the threshold, scaled to the image, and
+``b`` is the box :func:`camlens.localization.localize` gives at the threshold, scaled to the image, and
 ``IoU(b, B) = max`` over the image's ground-truth boxes ``B`` of that class:
 
 * **top-1 localization accuracy** (ILSVRC, used by CAM and Grad-CAM): the top-1 predicted class is the
@@ -55,7 +55,10 @@ import torch
 from scipy import ndimage
 
 from .errors import CamlensError, InputError, OutputExistsError
-from .localize import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
+from .explainer import explain, predict
+from .io import load_image
+from .localization import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
+from .models.zoo import card_of
 
 #: threshold sweep τ = 0, 0.01, …, 0.99 (fractions of each map's max)
 SWEEP = np.round(np.arange(0.0, 1.0, 0.01), 2)
@@ -157,7 +160,7 @@ def _read_voc_file(path: Path, root: Path | None) -> GTImage:
         if bb is None:
             continue
         try:
-            xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            xmin, ymin, xmax, ymax = (float(bb.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError):
             raise GroundTruthError(f"{path}: <bndbox> needs numeric xmin, ymin, xmax, ymax") from None
         box = np.array([math.floor(xmin) - 1, math.floor(ymin) - 1, math.ceil(xmax), math.ceil(ymax)])
@@ -257,7 +260,7 @@ def sweep_components(m: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray,
     element that is 8-connected inside a slice and does not connect slices, so one C call labels
     every threshold. Returns ``(boxes (L, 4), threshold index (L,), largest (L,) bool)`` where
     ``largest`` marks each threshold's largest component (ties: more mass, then raster order), the
-    same choice as :func:`camlens.localize.localize`.
+    same choice as :func:`camlens.localization.localize`.
     """
     empty = np.zeros((0, 4), np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     peak = m.max() if m.size else 0.0
@@ -447,7 +450,7 @@ def evaluate_maps(
     gt_boxes: Sequence[np.ndarray],
     *,
     image_sizes: Sequence[tuple[int, int]] | None = None,
-    correct: Sequence[bool] | np.ndarray | None = None,
+    correct: Sequence[bool | float | None] | np.ndarray | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     thresholds: Sequence[float] | None = None,
     tolerance: float = POINTING_TOLERANCE,
@@ -593,10 +596,6 @@ def evaluate_model(
     class the model does not know are explained for their top-1 class and left out of top-1
     localization accuracy. Unreadable images are passed to ``on_error`` (default: raise).
     """
-    from .explain import explain, predict
-    from .io import load_image
-    from .models.zoo import card_of
-
     card = card_of(model)
     names = list(class_names) if class_names is not None else (card.class_names if card else None)
     maps, gts, sizes, correct = [], [], [], []

@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .errors import MethodError
+
 RULES = ("backprop", "deconvnet", "guided")
 
 
@@ -86,8 +88,6 @@ class RuleSwitch:
     def use(self, rule: str) -> Iterator[RuleSwitch]:
         """Apply ``rule`` in every backward run inside the block; restore the previous rule after."""
         if rule not in RULES:
-            from .errors import MethodError
-
             raise MethodError(f"unknown ReLU rule {rule!r}; choose one of {', '.join(RULES)}")
         prev = self.rule
         self.rule = rule

@@ -24,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from ._version import __version__
 from .errors import InputError, OutputExistsError
 from .explanation import Explanation, minmax
+from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
+from .methods.registry import methods
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -360,8 +363,6 @@ def _colorbar(fig: Figure, ax, scale: tuple[float, float, str], signed: bool) ->
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
-    from .localize import DEFAULT_THRESHOLD, image_boxes
-
     return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
 
 
@@ -396,27 +397,8 @@ def topk_figure(
 
 
 def _method_title(exp: Explanation) -> str:
-    from .methods.registry import methods
-
     info = methods().get(exp.method)
-    pretty = {
-        "gradcam": "Grad-CAM",
-        "cam": "CAM",
-        "gradcam++": "Grad-CAM++",
-        "scorecam": "Score-CAM",
-        "eigencam": "Eigen-CAM",
-        "layercam": "LayerCAM",
-        "xgradcam": "XGrad-CAM",
-        "hirescam": "HiResCAM",
-        "saliency": "Saliency",
-        "deconvnet": "Deconvnet",
-        "guided_backprop": "Guided Backprop",
-        "guided_gradcam": "Guided Grad-CAM",
-        "integrated_gradients": "Integrated Gradients",
-        "smoothgrad": "SmoothGrad",
-        "input_x_gradient": "Input x Gradient",
-        "gradient_x_cam": "Gradient x CAM",
-    }.get(exp.method, exp.method)
+    pretty = info.title if info is not None else exp.method
     parts = [pretty]
     if exp.model_name:
         parts.append(exp.model_name)
@@ -751,13 +733,11 @@ def display_figure(fig: Figure) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import camlens
-
-    return {"camlens": camlens.__version__, "torch": torch.__version__}
+    return {"camlens": __version__, "torch": torch.__version__}
 
 
 def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in extras.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
@@ -825,8 +805,6 @@ def save_explanation(
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
     """
-    from .localize import DEFAULT_THRESHOLD, localize, scale_boxes
-
     fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
     bad = [f for f in fmts if f not in ("png", "npy", "json")]
     if bad or not fmts:

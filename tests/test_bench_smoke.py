@@ -29,6 +29,7 @@ def keep_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     logs: list[str] = []
@@ -56,6 +57,7 @@ def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     assert "## Targets" in text and "| efficientnet_lite0 | 1 |" in text and "Grad-CAM ≤ 1.15 × forward" in text
 
 
+@pytest.mark.slow
 def test_round_robin_counts_and_rotates():
     calls: list[str] = []
     conts = [Contender("t", name, (lambda n=name: calls.append(n))) for name in "abc"]

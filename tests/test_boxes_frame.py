@@ -11,7 +11,7 @@ import torch
 
 import camlens
 from camlens.errors import InputError
-from camlens.localize import Boxes, localize, scale_boxes
+from camlens.localization import Boxes, localize, scale_boxes
 
 
 def test_boxes_in_image_pixels_match_the_saved_summary(lite0, cat, tmp_path):

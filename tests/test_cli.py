@@ -11,7 +11,7 @@ from PIL import Image
 
 from camlens.cli import main
 from camlens.cli.common import expand_inputs, output_stems, parse_classes
-from camlens.localize import iou
+from camlens.localization import iou
 from camlens.loceval import load_threshold, read_boxes
 
 FAST = ["--model", "resnet18", "--weights", "random"]

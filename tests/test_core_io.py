@@ -97,6 +97,7 @@ def test_zoo_card_and_random_weights(lite0):
     assert "resnet50" in camlens.available_models()
 
 
+@pytest.mark.slow
 def test_weights_files_round_trip_and_tamper(tmp_path):
     from safetensors.torch import save_file
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import camlens
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 
 
@@ -78,6 +78,7 @@ def test_densenet121_functional_relu_and_pool():
     assert torch.isfinite(e.maps).all() and e.maps.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
     torch.manual_seed(0)
     model = camlens.load_model("vgg11", weights="random")
@@ -92,6 +93,7 @@ def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
 
 
 @pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.slow
 def test_vgg_auto_layer_costs_two_forwards(n):
     """No global pooling: the pass that looked for it also saw the last spatial module, so the
     fallback needs no extra probe: one watching pass + the final pass, at any batch size."""

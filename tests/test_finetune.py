@@ -168,6 +168,7 @@ def _no_dropout(net: TinyNet) -> TinyNet:
 
 
 # ------------------------------------------------------------------------------------------------ reproducibility
+@pytest.mark.slow
 def test_deterministic_and_resume_equals_uninterrupted(folder, tmp_path):
     """Same seed -> same weights (augmentation and dropout on); epochs 1 + resume to 2 == 2 epochs; the
     caller's global RNG is untouched."""
@@ -196,6 +197,7 @@ def test_deterministic_and_resume_equals_uninterrupted(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+@pytest.mark.slow
 def test_outputs_cards_and_load_model(folder, tmp_path):
     """A zoo model (random ResNet-18): files, metrics, the JSON card, load_model(checkpoint=…) with the
     class names in ImageFolder order, explain on image paths, the validation grid."""
@@ -252,6 +254,7 @@ def test_outputs_cards_and_load_model(folder, tmp_path):
     assert last.camlens.extra["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_cam_ready_option_and_frozen_backbone(folder, tmp_path):
     """--cam-ready on ResNet-18 with a frozen backbone: only the new head moves, BatchNorm statistics
     stay as they were."""
@@ -346,6 +349,7 @@ def test_output_folder_is_protected(folder, tmp_path):
         finetune(folder, model=tiny_net(), out=tmp_path / "x", optimizer="rmsprop", **FAST)
 
 
+@pytest.mark.slow
 def test_adamw_runs_and_resumes(folder, tmp_path):
     kw = dict(model=tiny_net(), optimizer="adamw", lr=0.01, seed=1, **FAST)
     a = finetune(folder, out=tmp_path / "a", epochs=2, **kw)
@@ -358,6 +362,7 @@ def test_adamw_runs_and_resumes(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_cli_finetune(folder, tmp_path):
     from click.testing import CliRunner
 

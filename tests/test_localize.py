@@ -7,7 +7,7 @@ import torch
 import camlens
 from camlens.errors import InputError
 from camlens.explanation import Explanation
-from camlens.localize import (
+from camlens.localization import (
     DEFAULT_THRESHOLD,
     centre_box,
     draw_boxes,
@@ -148,7 +148,7 @@ def test_batched_tensor_matches_independent_flood_fill():
 
 
 def test_camlens_localize_stays_callable_after_submodule_import():
-    import camlens.localize as mod
+    import camlens.localization as mod
 
     m = np.zeros((4, 4))
     m[1, 2] = 1

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from camlens.errors import InputError, OutputExistsError
-from camlens.localize import localize
+from camlens.localization import localize
 from camlens.loceval import (
     SWEEP,
     GroundTruthError,

@@ -16,7 +16,7 @@ import camlens
 from camlens import metrics as M
 from camlens.cli import main
 from camlens.errors import InputError
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 from camlens.metrics.runner import evaluate, resolve_metrics
 from camlens.models.preprocess import Preprocess

@@ -17,7 +17,7 @@ import torch
 
 import camlens
 from camlens import metrics as M
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 from camlens.io import sample_image
 
 pytestmark = pytest.mark.slow
@@ -31,6 +31,7 @@ def photos(lite0):
     return x, e.maps[:, 0], e.classes[:, 0]
 
 
+@pytest.mark.slow
 def test_deletion_insertion_order_gradcam_random_inverted(lite0, photos):
     x, g, cls = photos
     opts = {"steps": 6, "batch_size": 64}
@@ -46,6 +47,7 @@ def test_deletion_insertion_order_gradcam_random_inverted(lite0, photos):
     assert i["gradcam"] > i["random"] > i["inverted"], i
 
 
+@pytest.mark.slow
 def test_road_morf_below_lerf(lite0, photos):
     x, g, cls = photos
     r = M.road_curves(lite0, x, g, cls, percentages=(0.2, 0.5, 0.8), batch_size=64)
@@ -54,6 +56,7 @@ def test_road_morf_below_lerf(lite0, photos):
     assert float(r.score("combined").mean()) > 0.1
 
 
+@pytest.mark.slow
 def test_sanity_check_reproduces_adebayo(lite0, photos):
     x, _, cls = photos
     state = {k: v.clone() for k, v in lite0.state_dict().items()}

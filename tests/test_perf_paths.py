@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
+from camlens._util import eval_mode
 from camlens.capture import CaptureSpec, capture, needs_full_scan, uses_lazy_pool
-from camlens.explain import eval_mode
 
 
 def _stack_depth() -> int:

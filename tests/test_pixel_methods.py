@@ -11,7 +11,7 @@ from torch import nn
 
 import camlens
 from camlens.errors import InputError, MethodError
-from camlens.explain import prepare_inputs
+from camlens.inputs import prepare_inputs
 
 PIXEL = [
     "saliency",

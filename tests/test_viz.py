@@ -8,7 +8,7 @@ from PIL import Image
 
 from camlens.errors import InputError, OutputExistsError
 from camlens.explanation import Explanation
-from camlens.localize import localize, scale_boxes
+from camlens.localization import localize, scale_boxes
 from camlens.viz import (
     attribution_heat,
     attribution_rgb,

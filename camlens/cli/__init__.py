@@ -17,6 +17,7 @@ COMMANDS = {
     "finetune": "finetune:finetune_cmd",
     "evaluate": "evaluate:evaluate_cmd",
     "bench": "bench:bench_cmd",
+    "serve": "serve:serve_cmd",
 }
 
 

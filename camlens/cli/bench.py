@@ -38,7 +38,7 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
     import torch
 
     import camlens
-    from camlens.explain import prepare_inputs
+    from camlens.inputs import prepare_inputs
     from camlens.io import sample_image
 
     torch.set_num_threads(threads)

@@ -234,7 +234,7 @@ def parse_method_options(values: Sequence[str], methods: Sequence[str]) -> dict[
     import typing
 
     from camlens.errors import CamlensError
-    from camlens.explain import _split_options
+    from camlens.explainer import _split_options
     from camlens.methods.registry import get_method
 
     infos = [get_method(m) for m in methods]

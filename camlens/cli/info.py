@@ -35,7 +35,8 @@ def models_cmd(pattern):
     click.echo(table(rows, ("model", "pretrained weights")))
     click.echo(
         f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
-        "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model."
+        "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model. Any timm model: "
+        "--model timm:NAME (e.g. timm:deit_tiny_patch16_224 --weights random)."
     )
 
 
@@ -54,7 +55,8 @@ def methods_cmd(verbose):
             opts = ", ".join(f"{k}={v!r}" for k, v in i.options().items()) or "none"
             click.echo(f"{n}: {i.summary}\n    options: {opts}")
     click.echo(
-        "\nkind: layer = a map from a conv layer's features (CAM family); pixel = an attribution per "
+        "\nkind: layer = a map from a layer's features (CAM family; transformer tokens are seen as a grid) "
+        "or from the attention matrices (attention_rollout, generic_attention); pixel = an attribution per "
         "input pixel (gradients)."
     )
 
@@ -70,8 +72,10 @@ def methods_cmd(verbose):
 @click.option("--checkpoint", default=None, type=click.Path(), help="a `camlens finetune` checkpoint instead")
 @click.option("--size", default=None, type=int, help="input side in pixels (default: the model's input size)")
 def layers_cmd(model, weights, checkpoint, size):
-    """List MODEL's candidate target layers (modules with a spatial (C, h, w) output) with their output
-    shapes, in execution order, and the layer chosen by default. Pass a name to --layer."""
+    """List MODEL's candidate target layers (modules with a spatial (C, h, w) output, and for
+    transformers token (T, D) or channels-last (h, w, C) outputs, with the grid the layer methods see)
+    with their output shapes, in execution order, and the layer chosen by default. Pass a name to
+    --layer."""
     import torch
 
     import camlens
@@ -84,10 +88,15 @@ def layers_cmd(model, weights, checkpoint, size):
     rows = candidate_layers(net, size=hw)
     if not rows:
         raise click.ClickException(f"{model} has no module with a spatial (N, C, h, w) output")
+    tokens = any(r["layout"] for r in rows)
     click.echo(
         table(
-            [(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
-            ("layer", "type", "output (C x h x w)"),
+            [(r["name"], r["type"], "x".join(str(s) for s in r["shape"]), r["layout"] or "-") for r in rows]
+            if tokens
+            else [(r["name"], r["type"], "x".join(str(s) for s in r["shape"])) for r in rows],
+            ("layer", "type", "output", "layout (seen as C x h x w)")
+            if tokens
+            else ("layer", "type", "output (C x h x w)"),
         )
     )
     try:

@@ -152,7 +152,7 @@ def localize_cmd(
       camlens localize test/ --threshold thr.json
     """
     from camlens.errors import CamlensError
-    from camlens.localize import DEFAULT_THRESHOLD
+    from camlens.localization import DEFAULT_THRESHOLD
     from camlens.methods.registry import get_method
 
     thr = parse_threshold(threshold)
@@ -293,7 +293,7 @@ def localize_cmd(
 
 def _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mode, min_area):
     import camlens
-    from camlens.localize import image_boxes
+    from camlens.localization import image_boxes
 
     spec = [targets] * len(imgs) if targets is not None else f"top{topk}"
     res = camlens.explain(net, imgs, method=names, targets=spec, layer=layer)
@@ -337,7 +337,7 @@ def _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mo
 def _draw(img, rec, path: Path) -> Path:
     from PIL import Image
 
-    from camlens.localize import draw_boxes
+    from camlens.localization import draw_boxes
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]

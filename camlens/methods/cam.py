@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine import ForwardPass
 from ..errors import HeadError, MethodError
 from ..models.heads import last_linear
 from .registry import MethodOutput, register
@@ -34,8 +35,12 @@ def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | N
         name, mod = found
         return mod.weight, mod.bias, name
     if isinstance(head, str):
-        mod = model.get_submodule(head)
-        return mod.weight, getattr(mod, "bias", None), head
+        sub = model.get_submodule(head)
+        if not isinstance(getattr(sub, "weight", None), torch.Tensor):
+            raise MethodError(f"head={head!r} is a {type(sub).__name__} without a weight; name the linear layer")
+        weight, bias = sub.weight, getattr(sub, "bias", None)
+        assert isinstance(weight, torch.Tensor)
+        return weight, bias if isinstance(bias, torch.Tensor) else None, head
     if isinstance(head, nn.Linear):
         return head.weight, head.bias, type(head).__name__
     if isinstance(head, (tuple, list)) and len(head) == 2:
@@ -43,9 +48,9 @@ def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | N
     raise MethodError("head= must be None, a dotted module name, an nn.Linear or a (weight, bias) pair")
 
 
-def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's ``(num_classes, C)`` weight and bias, verified against the pass's logits."""
-    A = ctx.features
+    A = ctx.layer_features
     W, b, name = _head_params(ctx.model, head)
     W = W.detach().to(A.device, A.dtype)
     b = None if b is None else b.detach().to(A.device, A.dtype)
@@ -57,7 +62,7 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
     )
     if W.dim() != 2 or W.shape[1] != C or W.shape[0] != ctx.logits.shape[1]:
         raise HeadError(
-            f"the captured features ({ctx.spec.describe()}) have {C} channels but the last linear layer "
+            f"the captured features ({ctx.layer_spec.describe()}) have {C} channels but the last linear layer "
             f"{name!r} maps {W.shape[-1]} -> {W.shape[0]}. {hint}."
         )
     if check:
@@ -68,7 +73,7 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
             err = (pred - logits).abs().max()
         if not torch.isfinite(err) or err > tol:
             raise HeadError(
-                f"the logits are not global-average-pooled {ctx.spec.describe()} through the linear layer "
+                f"the logits are not global-average-pooled {ctx.layer_spec.describe()} through the linear layer "
                 f"{name!r} (max difference {float(err):.3g}). {hint}, or capture the features that enter "
                 "the pooling (layer=None chooses them)."
             )
@@ -80,12 +85,13 @@ def cam_weights(ctx, head=None, check: bool = True) -> tuple[torch.Tensor, torch
     paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016",
     summary="class activation map: head weights x last conv features (GAP + linear heads)",
     needs=("features",),
+    title="CAM",
 )
-def cam(ctx, *, head=None, check_head: bool = True) -> MethodOutput:
+def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput:
     """``M_c = sum_k W[c, k] A_k`` (no ReLU, no bias); see the module docstring."""
     if ctx.targets.fn is not None:
         raise MethodError("cam needs class indices as targets, not a callable; use gradcam for custom scores")
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     W, b = cam_weights(ctx, head, check_head)
     w = W[ctx.targets.classes.to(A.device)]  # (N, K, C)
     raw = torch.einsum("nkc,nchw->nkhw", w, A)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine import ForwardPass
 from .registry import MethodOutput, register
 
 
@@ -23,9 +24,11 @@ from .registry import MethodOutput, register
     paper="Muhammad & Yeasin, Eigen-CAM, IJCNN 2020",
     summary="projection of the features on their first principal component (class-agnostic)",
     needs=("features",),
+    title="Eigen-CAM",
+    aliases=("eigen-cam",),
 )
-def eigencam(ctx, *, center: bool = False) -> MethodOutput:
-    A = ctx.features.detach()
+def eigencam(ctx: ForwardPass, *, center: bool = False) -> MethodOutput:
+    A = ctx.layer_features.detach()
     N, _, h, w = A.shape
     M = A.flatten(2).transpose(1, 2).double()  # (N, hw, C)
     if center:

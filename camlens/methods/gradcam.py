@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine import ForwardPass
 from ..errors import MethodError
 from .registry import MethodOutput, register
 
@@ -42,14 +43,16 @@ def _combine(w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     "gradcam",
     paper="Selvaraju et al., Grad-CAM, ICCV 2017",
     summary="gradient averaged per channel weights the feature maps; ReLU",
+    title="Grad-CAM",
+    aliases=("grad-cam",),
 )
-def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
+def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
     G = ctx.layer_grads()
     if grad_norm == "rms":
         G = G / (G.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 1e-5)
     elif grad_norm is not None:
         raise MethodError(f"grad_norm must be None or 'rms', not {grad_norm!r}")
-    raw = _combine(G.mean(dim=(3, 4)), ctx.features.detach())
+    raw = _combine(G.mean(dim=(3, 4)), ctx.layer_features.detach())
     return MethodOutput(raw.relu() if relu else raw, extras={} if relu else {"signed": True})
 
 
@@ -57,10 +60,12 @@ def gradcam(ctx, *, grad_norm: str | None = None, relu: bool = True) -> MethodOu
     "gradcam++",
     paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
     summary="second-order pixel weights of positive gradients",
+    title="Grad-CAM++",
+    aliases=("gradcampp", "gradcam_pp", "grad-cam++"),
 )
-def gradcam_pp(ctx) -> MethodOutput:
+def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     g2, g3 = G.pow(2), G.pow(3)
     denom = 2 * g2 + A.sum(dim=(2, 3))[:, None, :, None, None] * g3
     alpha = torch.where(
@@ -74,10 +79,12 @@ def gradcam_pp(ctx) -> MethodOutput:
     "xgradcam",
     paper="Fu et al., Axiom-based Grad-CAM (XGrad-CAM), BMVC 2020",
     summary="gradients weighted by normalized activations",
+    title="XGrad-CAM",
+    aliases=("xgrad-cam",),
 )
-def xgradcam(ctx) -> MethodOutput:
+def xgradcam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     w = (G * A[:, None]).sum(dim=(3, 4)) / (A.sum(dim=(2, 3))[:, None] + EPS)
     return MethodOutput(_combine(w, A).relu())
 
@@ -86,10 +93,12 @@ def xgradcam(ctx) -> MethodOutput:
     "layercam",
     paper="Jiang et al., LayerCAM, IEEE TIP 2021",
     summary="element-wise positive gradient x activation, summed over channels",
+    title="LayerCAM",
+    aliases=("layer-cam",),
 )
-def layercam(ctx) -> MethodOutput:
+def layercam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     return MethodOutput((G.relu() * A[:, None]).sum(dim=2).relu())
 
 
@@ -97,8 +106,10 @@ def layercam(ctx) -> MethodOutput:
     "hirescam",
     paper="Draelos & Carin, Use HiResCAM instead of Grad-CAM, arXiv 2011.08891",
     summary="element-wise gradient x activation, summed over channels (no averaging)",
+    title="HiResCAM",
+    aliases=("hires-cam", "hirescam++"),
 )
-def hirescam(ctx) -> MethodOutput:
+def hirescam(ctx: ForwardPass) -> MethodOutput:
     G = ctx.layer_grads()
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     return MethodOutput((G * A[:, None]).sum(dim=2).relu())

@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..engine import gradient_pass, model_input
+from .._util import gaussian_blur
+from ..engine import ForwardPass, gradient_pass, model_input
 from ..errors import MethodError
 from ..targets import Targets
 from .registry import MethodOutput, get_method, register
@@ -132,7 +132,7 @@ def _chunks(n_images: int, n_per_image: int, batch_size: int):
         yield r % n_images, r // n_images
 
 
-def _row_targets(ctx, n: torch.Tensor) -> Targets:
+def _row_targets(ctx: ForwardPass, n: torch.Tensor) -> Targets:
     return Targets(ctx.targets.classes[n], ctx.targets.fn)
 
 
@@ -143,8 +143,10 @@ def _row_targets(ctx, n: torch.Tensor) -> Targets:
     summary="gradient of the class score w.r.t. the input pixels",
     kind="pixel",
     needs=("input_grads",),
+    title="Saliency",
+    aliases=("vanilla", "gradient"),
 )
-def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
+def saliency(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(ctx.input_grads("backprop"), reduce, "saliency")
 
 
@@ -154,8 +156,9 @@ def saliency(ctx, *, reduce: str | None = None) -> MethodOutput:
     summary="input times its gradient (first-order Taylor contribution of each pixel)",
     kind="pixel",
     needs=("input_grads",),
+    title="Input x Gradient",
 )
-def input_x_gradient(ctx, *, reduce: str | None = None) -> MethodOutput:
+def input_x_gradient(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     raw = ctx.x.detach()[:, None] * ctx.input_grads("backprop")
     return pixel_output(raw, reduce, "input_x_gradient")
 
@@ -174,9 +177,10 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
     summary="a pixel method averaged over noisy copies of the input",
     kind="pixel",
     needs=(),
+    title="SmoothGrad",
 )
 def smoothgrad(
-    ctx,
+    ctx: ForwardPass,
     *,
     base: str = "saliency",
     n_samples: int = 50,
@@ -217,7 +221,7 @@ def smoothgrad(
             eps = torch.stack([draws[jj] for jj in j.tolist()])
             nd = n.to(x.device)
             xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
-            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule)
+            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule, select=ctx.select)
             if rule != "backprop":
                 require_relus(gp.relu_calls, f"smoothgrad(base={base_name!r})", ctx.model)
             a = gp.grads * xb[:, None] if base_name == "input_x_gradient" else gp.grads
@@ -239,19 +243,6 @@ def quadrature_rule(name: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
         w[[0, -1]] /= 2
         return np.linspace(0.0, 1.0, steps), w
     raise MethodError(f"quadrature must be one of {', '.join(QUADRATURES)}, not {name!r}")
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` (replicate padding, radius ``ceil(3 sigma)``)."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    C = x.shape[1]
-    y = F.pad(x, (r, r, 0, 0), mode="replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    y = F.pad(y, (0, 0, r, r), mode="replicate")
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def resolve_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
@@ -293,13 +284,13 @@ def _integrated(
     for n, j in _chunks(N, len(alphas), batch_size):
         nd, jd = n.to(x.device), j.to(x.device)
         pts = xb0[nd] + alpha[jd].view(-1, 1, 1, 1) * diff[nd]
-        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n))
+        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n), select=ctx.select)
         total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
     attr = total * diff[:, None]
     with torch.no_grad():
-        f_base = ctx.targets.scores(ctx.model(model_input(xb0))).detach()
+        f_base = ctx.targets.scores(ctx.select(ctx.model(model_input(xb0)))).detach()
         if f_x is None:
-            f_x = ctx.targets.scores(ctx.model(model_input(x))).detach()
+            f_x = ctx.targets.scores(ctx.select(ctx.model(model_input(x)))).detach()
     delta = f_x - f_base
     err = attr.flatten(2).sum(-1) - delta
     rel = err.abs() / delta.abs().clamp_min(1e-12)
@@ -318,9 +309,11 @@ def _integrated(
     summary="gradients integrated along the straight path from a baseline (completeness)",
     kind="pixel",
     needs=(),
+    title="Integrated Gradients",
+    aliases=("ig",),
 )
 def integrated_gradients(
-    ctx,
+    ctx: ForwardPass,
     *,
     baseline: Any = None,
     steps: int = 128,

@@ -32,20 +32,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine import ForwardPass
 from .gradcam import gradcam
 from .gradients import pixel_output, require_relus
-from .registry import MethodOutput, register
+from .registry import MethodOutput, Need, register
 
-_RULE_NEEDS = ("input_grads", "rules")
+_RULE_NEEDS: tuple[Need, ...] = ("input_grads", "rules")
 
 
-def _ruled_grads(ctx, rule: str, method: str) -> torch.Tensor:
+def _ruled_grads(ctx: ForwardPass, rule: str, method: str) -> torch.Tensor:
     g = ctx.input_grads(rule)
+    assert ctx.switch is not None  # methods with "rules" in their needs always have the switch
     require_relus(ctx.switch.relu_calls, method, ctx.model)
     return g
 
 
-def _upsampled_cam(ctx, relu: bool) -> torch.Tensor:
+def _upsampled_cam(ctx: ForwardPass, relu: bool) -> torch.Tensor:
     cam = gradcam(ctx, relu=relu).raw  # (N, K, h, w), gradients by the ordinary backprop rule
     return F.interpolate(cam, size=tuple(ctx.x.shape[-2:]), mode="bilinear", align_corners=False)
 
@@ -62,8 +64,9 @@ def _minmax(t: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> torch
     summary="gradient with every ReLU passing only positive gradient (g*[g>0])",
     kind="pixel",
     needs=_RULE_NEEDS,
+    title="Deconvnet",
 )
-def deconvnet(ctx, *, reduce: str | None = None) -> MethodOutput:
+def deconvnet(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "deconvnet", "deconvnet"), reduce, "deconvnet")
 
 
@@ -73,8 +76,10 @@ def deconvnet(ctx, *, reduce: str | None = None) -> MethodOutput:
     summary="gradient with every ReLU passing positive gradient at positive input (g*[x>0]*[g>0])",
     kind="pixel",
     needs=_RULE_NEEDS,
+    title="Guided Backprop",
+    aliases=("guided", "guided-backprop"),
 )
-def guided_backprop(ctx, *, reduce: str | None = None) -> MethodOutput:
+def guided_backprop(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "guided", "guided_backprop"), reduce, "guided_backprop")
 
 
@@ -84,8 +89,10 @@ def guided_backprop(ctx, *, reduce: str | None = None) -> MethodOutput:
     summary="guided backprop times the upsampled Grad-CAM map",
     kind="pixel",
     needs=("features", "layer_grads", *_RULE_NEEDS),
+    title="Guided Grad-CAM",
+    aliases=("guided-gradcam",),
 )
-def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
+def guided_gradcam(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     gb = _ruled_grads(ctx, "guided", "guided_gradcam")
     cam = _upsampled_cam(ctx, relu=True)
     return pixel_output(gb * cam[:, :, None], reduce, "guided_gradcam", {"cam": cam.detach()})
@@ -97,8 +104,9 @@ def guided_gradcam(ctx, *, reduce: str | None = None) -> MethodOutput:
     summary="input gradient per channel times the [0, 1]-normalized class map",
     kind="pixel",
     needs=("features", "layer_grads", "input_grads"),
+    title="Gradient x CAM",
 )
-def gradient_x_cam(ctx, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
+def gradient_x_cam(ctx: ForwardPass, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
     g = ctx.input_grads("backprop")
     cam01 = _minmax(_upsampled_cam(ctx, relu=cam_relu), dims=(2, 3))[:, :, None]  # (N, K, 1, H, W)
     rgb = _minmax(_minmax(g, dims=(2, 3, 4)) * cam01, dims=(3, 4))

@@ -85,6 +85,8 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     paper="Wang et al., Score-CAM, CVPR Workshops 2020",
     summary="channels weighted by the class score of the input masked by each channel",
     needs=("features",),
+    title="Score-CAM",
+    aliases=("score-cam",),
 )
 def scorecam(
     ctx,
@@ -99,7 +101,7 @@ def scorecam(
     when there are more than :data:`PROGRESS_MIN` of them (a few seconds of work or more)."""
     if weighting not in ("prob", "channel_softmax", "logit"):
         raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
-    A = ctx.features.detach()
+    A = ctx.layer_features.detach()
     if batch_size is None:
         batch_size = CPU_BATCH if A.device.type == "cpu" else ACCEL_BATCH
     if batch_size < 1:
@@ -123,7 +125,7 @@ def scorecam(
         jobs.append((n, uniq, inv, ch))
     # All masked forwards, batched across images.
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
-    scores_per_job = [[] for _ in jobs]
+    scores_per_job: list[list[torch.Tensor]] = [[] for _ in jobs]
     layout: dict[str, bool] = {}
     show = len(flat) > PROGRESS_MIN if progress is None else bool(progress)
     bar = tqdm(total=len(flat), desc="scorecam", unit="fwd", disable=not show, file=sys.stderr, leave=False)
@@ -134,7 +136,7 @@ def scorecam(
             masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
-            logits = _masked_logits(ctx.model, imgs, layout)
+            logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
             if ctx.targets.fn is not None:
                 s = ctx.targets.fn(logits)[:, None]
             else:

@@ -35,11 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import eval_mode
+from .._util import gaussian_blur as _blur
 from ..engine import model_input
 from ..errors import InputError, TargetError
-from ..explain import eval_mode, explain, prepare_inputs
+from ..explainer import explain
 from ..explanation import Explanation
-from ..models.zoo import card_of
+from ..inputs import prepare_inputs
+from ..models.zoo import card_of, load_model
+from ..outputs import select_output
 from ..targets import resolve_targets
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
@@ -57,13 +61,9 @@ def _is_baseline(name: str) -> bool:
 # model scoring
 # --------------------------------------------------------------------------------------------
 def _check_logits(out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(
-            f"the model must return logits of shape (N, num_classes); it returned {shape}. "
-            "Wrap it so that forward() returns one tensor of class scores."
-        )
-    return out
+    """The ``(N, num_classes)`` logits in a model output (a tensor, ``(logits, aux)``, a dict, a Hugging
+    Face ``ModelOutput``…; see :func:`camlens.outputs.select_output`)."""
+    return select_output(out)[0]
 
 
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -219,7 +219,22 @@ class Prepared:
         classes: torch.Tensor | None,
         images: list[np.ndarray] | None = None,
     ) -> None:
-        self.x, self.maps, self.classes, self.images = x, maps, classes, images
+        self.x, self.images = x, images
+        self._maps, self._classes = maps, classes
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """The ``(N, H, W)`` maps (every metric that reads them asked :func:`prepare` for them)."""
+        if self._maps is None:
+            raise InputError("this metric needs maps: pass maps= (a method name, 'random', or an array)")
+        return self._maps
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """The ``(N,)`` explained classes."""
+        if self._classes is None:
+            raise InputError("this metric needs the explained classes: pass targets= or the model")
+        return self._classes
 
     @property
     def n(self) -> int:
@@ -264,8 +279,6 @@ def prepare(
     """Resolve ``inputs``, ``targets`` and ``maps`` of a metric call (see the module docstring)."""
     batch_size = check_batch_size(batch_size)
     if isinstance(model, str):
-        from ..models.zoo import load_model
-
         model = load_model(model)
     if model is not None and not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
@@ -292,6 +305,7 @@ def prepare(
         else:
             if model is None:
                 raise InputError(f"maps={maps!r} names a method: pass the model to compute its maps")
+            assert classes is not None  # resolved above for method maps
             m = explain_maps(model, x, maps, classes, batch_size, explain_options)
     else:
         m = as_maps(maps, x.shape[0], size, x.device)
@@ -327,28 +341,16 @@ def pixel_rank(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> to
 # --------------------------------------------------------------------------------------------
 # substrates (what removed pixels become)
 # --------------------------------------------------------------------------------------------
-def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    r = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
-    k = torch.exp(-0.5 * (r / sigma) ** 2)
-    return k / k.sum()
-
-
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding.
+    """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding
+    (:func:`camlens._util.gaussian_blur`).
 
     The defaults (11 taps, :math:`\\sigma = 5`) are those of the RISE insertion metric
     (Petsiuk et al., BMVC 2018) for 224 x 224 inputs.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise InputError(f"kernel_size must be a positive odd integer, not {kernel_size}")
-    c = x.shape[1]
-    k = gaussian_kernel1d(kernel_size, sigma, x.device, x.dtype)
-    pad = kernel_size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    y = F.pad(x, (pad, pad, 0, 0), mode=mode)
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    y = F.pad(y, (0, 0, pad, pad), mode=mode)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+    return _blur(x, sigma, kernel_size=kernel_size, mode="reflect")
 
 
 def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, MethodError
-from ..explain import explain, prepare_inputs
+from ..explainer import explain
+from ..inputs import prepare_inputs
 from ..io import load_image
 from ..methods.registry import get_method
 from ..models.zoo import card_of
@@ -31,7 +32,7 @@ from .perturbation import deletion_curve, insertion_curve
 from .pointing import energy_pointing_game, pointing_game
 from .road import DEFAULT_PERCENTAGES, road_curves
 from .sanity import METRICS as SANITY_METRICS
-from .sanity import SanityResult, plot_sanity, sanity_randomization
+from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
 from .similarity import class_sensitivity
 
 #: metric name -> (columns it writes, True if higher is better for each column)
@@ -432,8 +433,6 @@ def evaluate(
             if "sanity" in wanted:
                 lay = layers
                 if isinstance(layers, int):
-                    from .sanity import randomization_layers
-
                     lay = randomization_layers(model, x)[:layers]
                 if bar is not None:
                     bar.set_postfix_str("sanity", refresh=True)

@@ -35,9 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import eval_mode
 from ..engine import model_input
 from ..errors import InputError, LayerNotFoundError
-from ..explain import eval_mode, explain, prepare_inputs
+from ..explainer import explain
+from ..inputs import prepare_inputs
 from ._common import check_batch_size, resolve_classes
 from .similarity import spearman, ssim
 
@@ -297,7 +299,7 @@ def sanity_randomization(
                     f"no module named {u!r} to randomize; see camlens.metrics.randomization_layers(model, x)"
                 ) from None
     original = _maps(work, x, methods, classes, batch_size, options)
-    values = {metric: {m: [] for m in methods} for metric in METRICS}
+    values: dict[str, dict[str, list[torch.Tensor]]] = {metric: {m: [] for m in methods} for metric in METRICS}
     for m in methods:
         for metric, v in _compare(original[m], original[m]).items():
             values[metric][m].append(v)
@@ -310,6 +312,7 @@ def sanity_randomization(
     pristine = copy.deepcopy(model) if mode == "independent" else None
     for k, unit in enumerate(it):
         if mode == "independent":
+            assert pristine is not None
             work = copy.deepcopy(pristine)
         randomize_(work.get_submodule(unit), _generator(seed, k), init)
         new = _maps(work, x, methods, classes, batch_size, options)

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import gaussian_kernel1d
 from ..errors import InputError
-from ..explain import prepare_inputs
 from ..explanation import minmax
-from ._common import check_batch_size, explain_maps, gaussian_kernel1d, logits_of, resolve_classes
+from ..inputs import prepare_inputs
+from ._common import check_batch_size, explain_maps, logits_of, resolve_classes
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")
 

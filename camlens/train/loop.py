@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, OutputExistsError
 from ..models.heads import last_linear, set_submodule
 from ..models.preprocess import IMAGENET
@@ -267,9 +268,7 @@ def evaluate(net: nn.Module, dl, device, desc: str = "validate", progress: bool 
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    was = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with eval_mode(net):
         ce_sum = correct = n = 0.0
         for x, y, _ in tqdm(dl, desc=desc, leave=False, disable=not progress, file=sys.stderr, unit="batch"):
             x, y = x.to(device), y.to(device)
@@ -277,9 +276,6 @@ def evaluate(net: nn.Module, dl, device, desc: str = "validate", progress: bool 
             ce_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += float((logits.argmax(1) == y).sum())
             n += y.shape[0]
-    finally:
-        for m, t in was:
-            m.training = t
     return {"val_loss": ce_sum / n, "val_acc": correct / n}
 
 
@@ -294,7 +290,7 @@ def validation_grid(
     net: nn.Module, val: ImageFolderData, pp, path: Path, method: str = "gradcam", n: int = 16, title: str | None = None
 ) -> tuple[Path, str]:
     """Explain the first ``n`` validation images with ``method`` and save the grid figure."""
-    from ..explain import explain
+    from ..explainer import explain
     from .report import save_grid
 
     idx = np.linspace(0, len(val) - 1, num=min(n, len(val))).round().astype(int)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..viz import batch_grid
 from .checkpoint import atomic_write_bytes, atomic_write_json
 
 COLUMNS = (
@@ -79,70 +79,11 @@ def _minmax(m: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo) if hi > lo + 1e-12 else np.zeros_like(m)
 
 
-def fallback_batch_grid(
-    images: Sequence[np.ndarray],
-    maps: np.ndarray,
-    true_labels: Sequence[str],
-    pred_labels: Sequence[str],
-    probs: Sequence[float],
-    *,
-    cols: int = 4,
-    alpha: float = 0.45,
-    cmap: str = "jet",
-    title: str | None = None,
-):
-    """A grid of overlays titled "true / predicted (probability)" (green if right, red if wrong).
-
-    Used when :func:`camlens.viz.batch_grid` is not available.
-    """
-    from matplotlib.figure import Figure
-
-    n = len(images)
-    cols = max(1, min(cols, n))
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(3 * cols, 3.3 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for i in range(n):
-        ax = axes[i]
-        ax.imshow(images[i])
-        ax.imshow(
-            _minmax(np.asarray(maps[i], dtype=np.float64)),
-            cmap=cmap,
-            alpha=alpha,
-            extent=(-0.5, images[i].shape[1] - 0.5, images[i].shape[0] - 0.5, -0.5),
-        )
-        ok = true_labels[i] == pred_labels[i]
-        ax.set_title(
-            f"true: {true_labels[i]}\npred: {pred_labels[i]} ({float(probs[i]):.2f})",
-            fontsize=9,
-            color="green" if ok else "red",
-        )
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
 def save_grid(images, maps, true_labels, pred_labels, probs, path: Path, title: str | None = None) -> tuple[Path, str]:
-    """Draw the validation grid with ``camlens.viz.batch_grid`` if it exists, else the fallback.
-    Returns ``(path, which)``."""
-    which = "fallback"
-    fig = None
-    try:
-        from ..viz import batch_grid  # written by another part of camlens
-    except ImportError:
-        batch_grid = None
-    if batch_grid is not None:
-        try:
-            fig = batch_grid(list(images), maps, list(true_labels), list(pred_labels), list(probs), title=title)
-            which = "camlens.viz.batch_grid"
-        except TypeError:
-            fig = None
-    if fig is None or not hasattr(fig, "savefig"):
-        fig = fallback_batch_grid(images, maps, true_labels, pred_labels, probs, title=title)
-        which = "fallback"
-    return _save(fig, path), which
+    """Draw the validation grid (true / pred / prob titles) with :func:`camlens.viz.batch_grid` and save
+    it. Returns ``(path, which)``."""
+    fig = batch_grid(list(images), maps, list(true_labels), list(pred_labels), list(probs), title=title)
+    return _save(fig, path), "camlens.viz.batch_grid"
 
 
-__all__ = ["fallback_batch_grid", "plot_curves", "save_grid", "write_metrics"]
+__all__ = ["plot_curves", "save_grid", "write_metrics"]

@@ -10,107 +10,28 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
-from .concurrency import model_lock
+from ._util import eval_mode
+from .capture import CaptureSpec
 from .engine import ForwardPass, forward
 from .errors import InputError, MethodError
 from .explanation import Explanation
-from .io import load_images
-from .layers import fallback_spec, resolve_layer
+from .inputs import prepare_inputs
+from .layers import resolve_layer
+from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import IMAGENET, Preprocess
-from .models.zoo import card_of, load_model
+from .models.zoo import card_of, class_names_of, load_model
+from .outputs import OutputSpec, select_output
+from .resolve import run_resolved
 from .targets import TargetSpec
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode; restore each module's own flag afterwards (even on error).
-
-    A model already in eval mode everywhere (the usual case) costs one pass over its modules:
-    ``model.eval()`` (a recursive ``__setattr__`` per module) only runs when a module is training,
-    and only flags that differ afterwards are written back.
-
-    The block holds the model's camlens lock (:func:`camlens.concurrency.model_lock`): camlens
-    calls on one model from several threads run one after the other, each seeing only its own
-    forward passes, hooks and train/eval flags.
-    """
-    with model_lock(model):
-        flags = [(m, m.training) for m in model.modules()]
-        try:
-            if any(t for _, t in flags):
-                model.eval()
-            yield model
-        finally:
-            for m, t in flags:
-                if m.training != t:
-                    m.training = t
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def prepare_inputs(
-    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
-) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
-    """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
-    device = model_device(model)
-    if isinstance(inputs, torch.Tensor):
-        x = inputs
-        if x.dim() != 4:
-            fix = " Add a batch dimension: x.unsqueeze(0)." if x.dim() == 3 else ""
-            raise InputError(f"expected an image batch of shape (N, C, H, W); got {tuple(x.shape)}.{fix}")
-        if not x.is_floating_point():
-            raise InputError(
-                f"input tensor has dtype {x.dtype}; explanations need a floating-point, preprocessed tensor "
-                "(convert with x.float() and normalize, or pass the images themselves)"
-            )
-        if x.shape[0] == 0 or x.shape[-1] < 1 or x.shape[-2] < 1:
-            raise InputError(f"empty input batch of shape {tuple(x.shape)}")
-        with torch.inference_mode(False):
-            if x.is_inference():
-                x = x.clone()
-        x = x.to(device=device, dtype=_model_dtype(model))
-        return x, None, [f"image{i}" for i in range(x.shape[0])]
-    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    images = load_images(items)
-    names = []
-    for i, item in enumerate(items):
-        names.append(
-            Path(item).stem
-            if isinstance(item, (str, os.PathLike))
-            else Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}"
-        )
-    card = card_of(model)
-    pp = preprocess or (card.preprocess if card else IMAGENET)
-    x = pp(images, device=device).to(_model_dtype(model))
-    return x, images, names
 
 
 def method_names(method: Any) -> list[str]:
@@ -138,6 +59,15 @@ def check_materialized(model: nn.Module) -> None:
         )
 
 
+def target_ranks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` 1-based rank of each target class among all logits: 1 + the number of classes whose
+    logit is strictly higher (tied classes share a rank)."""
+    with torch.no_grad():
+        lg = logits.detach()
+        tl = lg.gather(1, classes.to(lg.device))
+        return (1 + (lg[:, None, :] > tl[:, :, None]).sum(-1)).cpu()
+
+
 def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     per: dict[str, dict[str, Any]] = {}
     used: set[str] = set()
@@ -157,11 +87,40 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
     return per
 
 
-def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
-    """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
-    with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
-        forward(model, x)
-    return cap
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: str = "gradcam",
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
+    **options: Any,
+) -> Explanation: ...
+
+
+@overload
+def explain(
+    model: nn.Module | str,
+    inputs: Any,
+    method: Sequence[str],
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
+    **options: Any,
+) -> dict[str, Explanation]: ...
 
 
 def explain(
@@ -175,6 +134,8 @@ def explain(
     call: int = -1,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
     **options: Any,
 ) -> Explanation | dict[str, Explanation]:
     """Explain a classifier's decision for a batch of images.
@@ -189,11 +150,21 @@ def explain(
         targets: ``None`` (top-1), an int, N ints, an ``(N, K)`` table, ``"topK"``, class names,
             or a callable ``logits -> (N,)`` scores. See :mod:`camlens.targets`.
         layer: dotted module name, module, or ``None``: the features entering the final global
-            pooling (a module or a functional call), else the last spatial module output.
+            pooling (a module or a functional call); for a transformer without global pooling the
+            norm before the last block's attention (the token features the class token reads);
+            else the last spatial module output.
         capture: ``"output"`` or ``"input"`` of ``layer``.
         call: which call of a module that runs several times per forward (default: the last).
         preprocess: override the preprocessing applied to image inputs.
-        class_names: class names for a plain ``nn.Module`` (zoo models carry theirs).
+        class_names: class names for a plain ``nn.Module`` (zoo models carry theirs; Hugging Face
+            models give their ``config.id2label``).
+        output: which part of the model's output holds the class scores: ``None`` (a tensor,
+            ``.logits``, a dict's ``"logits"``, a tuple's first ``(N, C)`` tensor), a key, an index
+            or a callable; see :mod:`camlens.outputs`. The choice is stated in ``extras["output"]``.
+        reshape: layout of token ``(N, T, D)`` or channels-last ``(N, h, w, D)`` features:
+            ``None`` detects it (prefix tokens from the count, the grid from the input size and
+            patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
+            :mod:`camlens.layout`. What was done is stated in ``extras["layout"]``.
         **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
             ``steps=``, ``n_samples=``.
 
@@ -212,7 +183,7 @@ def explain(
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
     card = card_of(model)
-    classes = list(class_names) if class_names is not None else (card.class_names if card else None)
+    classes = list(class_names) if class_names is not None else class_names_of(model)
 
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
@@ -223,67 +194,27 @@ def explain(
         else:
             spec = resolve_layer(model, layer, capture, call)
 
+    # one method asks for at most one layer, one input and one attention gradient: the last backward
+    # may free the graph
+    n_grads = ("layer_grads" in needs) + ("input_grads" in needs) + ("attention_grads" in needs)
+    backwards = n_grads if len(infos) == 1 else None
+
+    def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
+        return ForwardPass(
+            model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
+        )
+
     with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
-        if spec is not None and spec.call < -1:
-            total = count_calls(model, spec, x[:1])
-            if total + spec.call < 0:
-                raise InputError(f"{spec.name} runs {total} times per forward; call={spec.call} does not exist")
-            spec = CaptureSpec(spec.module, spec.name, spec.capture, total + spec.call)
-        if spec is not None and spec.capture == "pool" and spec.call == -1:
-            spec = replace(spec, lazy_pool=True)  # hook pooling modules; see camlens.capture
-        # one method asks for at most one layer and one input gradient: the last backward may free the graph
-        backwards = ("layer_grads" in needs) + ("input_grads" in needs) if len(infos) == 1 else None
-
-        def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-            return ForwardPass(model, x, spec, targets, classes, needs=needs, backwards=backwards)
-
-        ctx = forward_pass(spec)
-        last_spatial = ctx.last_spatial
-        if spec is not None and needs_full_scan(model, spec, ctx.features):
-            spec = replace(spec, lazy_pool=False)  # no pooling module ran: watch every call
-            if len(x) == 1:
-                ctx = forward_pass(spec)
-                last_spatial = ctx.last_spatial
-            else:  # probe one image before re-running the batch
-                probe = _probe(model, x[:1], spec)
-                last_spatial = probe.last_spatial
-                if probe.value is not None:
-                    ctx = forward_pass(spec)
-        if spec is not None and ctx.features is None:
-            if spec.capture == "pool":  # no global pooling: fall back to the last spatial module,
-                # which the pass (or probe) that watched every call has seen
-                spec = fallback_spec(last_spatial)
-                ctx = forward_pass(spec)
-            else:
-                raise InputError(
-                    f"{spec.describe()} was never called in the forward pass"
-                    + (f" (it ran {ctx.calls} times)" if ctx.calls else "")
-                    + "; choose another layer (`camlens layers MODEL`)"
-                )
-        if ctx.features is not None and ctx.features.dim() != 4:
-            raise InputError(
-                f"the {spec.describe()} has shape {tuple(ctx.features.shape)}, not (N, C, h, w); "
-                "layer methods need a convolutional feature map: choose another layer"
-            )
-        layer_name = None
-        if spec is not None:
-            layer_name = (
-                spec.describe()
-                if spec.capture != "pool"
-                else f"input of global pooling ({ctx.pool_module or 'functional call'})"
-            )
+        resolved = run_resolved(model, x, spec, forward_pass)
+        ctx, layer_name = resolved.ctx, resolved.layer_name
         with torch.no_grad():
             probs = ctx.logits.detach().float().softmax(dim=1)
             if ctx.targets.fn is None:
                 probs = probs.gather(1, ctx.targets.classes.to(probs.device))
             else:
                 probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
-        ranks = None
-        if ctx.targets.fn is None:
-            with torch.no_grad():  # 1 + the number of classes whose logit is higher than the target's
-                lg = ctx.logits.detach()
-                tl = lg.gather(1, ctx.targets.classes.to(lg.device))
-                ranks = (1 + (lg[:, None, :] > tl[:, :, None]).sum(-1)).cpu()
+        ranks = target_ranks(ctx.logits, ctx.targets.classes) if ctx.targets.fn is None else None
+        pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
@@ -298,20 +229,28 @@ def explain(
                 scores=ctx.scores.detach().clone(),
                 probs=probs,
                 method=info.name,
-                layer=layer_name if info.kind == "layer" or "features" in info.needs else None,
+                layer=layer_name if "features" in info.needs else None,
                 class_names=classes,
                 images=images,
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
-                extras=dict(out.extras),
+                extras=_common_extras(ctx, info) | dict(out.extras),
                 ranks=ranks,
                 inputs=x.detach() if images is None else None,
-                preprocess=preprocess or (card.preprocess if card else (IMAGENET if images is not None else None)),
+                preprocess=pp,
             )
-        del ctx
+        del ctx, resolved  # free the graph before returning
     if isinstance(method, str):
         return results[infos[0].name]
     return {n: results[i.name] for n, i in zip(names, infos)}
+
+
+def _common_extras(ctx: ForwardPass, info: MethodInfo) -> dict[str, Any]:
+    """What explain() chose for every method: the output part taken as logits, the layout adapter."""
+    extras: dict[str, Any] = {"output": ctx.output_choice}
+    if ctx.layout is not None and ctx.layout.adapted and "features" in info.needs:
+        extras["layout"] = ctx.layout.describe()
+    return extras
 
 
 def predict(
@@ -321,16 +260,16 @@ def predict(
     *,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
 ) -> list[list[tuple[int, str, float]]]:
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
     check_materialized(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
-    card = card_of(model)
-    names = list(class_names) if class_names is not None else (card.class_names if card else None)
+    names = list(class_names) if class_names is not None else class_names_of(model)
     with eval_mode(model), torch.inference_mode():
-        p = forward(model, x).float().softmax(dim=1)
+        p = select_output(forward(model, x), output, n=x.shape[0])[0].float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [
         [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]
@@ -338,5 +277,4 @@ def predict(
     ]
 
 
-__all__ = ["eval_mode", "explain", "predict", "prepare_inputs"]
-_ = Image  # PIL images are accepted inputs (see camlens.io)
+__all__ = ["explain", "predict"]

@@ -28,9 +28,8 @@ then by raster order (the component whose first pixel comes first row by row).
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -293,7 +292,7 @@ def draw_boxes(
     bs = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     if width is None:
         width = max(1, round(max(img.size) / 150))
-    colors = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
+    colors: list[Any] = [color] * len(bs) if isinstance(color[0], (int, np.integer)) else list(color)
     font = None
     if labels is not None:
         try:
@@ -327,15 +326,3 @@ __all__ = [
     "localize",
     "scale_boxes",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``camlens.localize`` is both this module and the function: once the submodule is imported,
-    Python rebinds the package attribute ``camlens.localize`` to the module, so the module itself
-    must stay callable for ``camlens.localize(maps)`` to keep working."""
-
-    def __call__(self, maps, threshold: float | None = None, **kwargs) -> np.ndarray:
-        return localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,55 @@
+"""Inputs to explanations: a preprocessed tensor, or images (paths, PIL images, arrays) that are read
+and preprocessed with the model's own preprocessing (resize without cropping, normalise)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._util import model_device, model_dtype
+from .errors import InputError
+from .io import load_images
+from .models.preprocess import IMAGENET, Preprocess
+from .models.zoo import card_of
+
+
+def prepare_inputs(
+    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
+) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
+    """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
+    device = model_device(model)
+    if isinstance(inputs, torch.Tensor):
+        x = inputs
+        if x.dim() != 4:
+            fix = " Add a batch dimension: x.unsqueeze(0)." if x.dim() == 3 else ""
+            raise InputError(f"expected an image batch of shape (N, C, H, W); got {tuple(x.shape)}.{fix}")
+        if not x.is_floating_point():
+            raise InputError(
+                f"input tensor has dtype {x.dtype}; explanations need a floating-point, preprocessed tensor "
+                "(convert with x.float() and normalize, or pass the images themselves)"
+            )
+        if x.shape[0] == 0 or x.shape[-1] < 1 or x.shape[-2] < 1:
+            raise InputError(f"empty input batch of shape {tuple(x.shape)}")
+        with torch.inference_mode(False):
+            if x.is_inference():
+                x = x.clone()
+        x = x.to(device=device, dtype=model_dtype(model))
+        return x, None, [f"image{i}" for i in range(x.shape[0])]
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    images = load_images(items)
+    names = []
+    for i, item in enumerate(items):
+        names.append(
+            Path(item).stem
+            if isinstance(item, (str, os.PathLike))
+            else Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}"
+        )
+    card = card_of(model)
+    pp = preprocess or (card.preprocess if card else IMAGENET)
+    x = pp(images, device=device).to(model_dtype(model))
+    return x, images, names

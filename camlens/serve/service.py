@@ -1,0 +1,646 @@
+"""What ``camlens serve`` does, without the web framework: models, uploads, explanations, curves.
+
+* :class:`ModelPool` keeps **one model per name** in memory (loaded on first use) and serializes the
+  work on each model with a lock: a second request for the same model waits its turn (up to
+  ``max_queue`` waiting requests; more get a clear "busy" error), requests for different models run
+  side by side. camlens' captures are per call, but a model's hooks fire for every thread's forward,
+  so one call at a time per model is what makes concurrent requests give the sequential results.
+* :func:`decode_upload` checks an upload's size and its pixel count (read from the header, before
+  any decoding: a decompression bomb is refused without being decoded), then reads it with
+  :func:`camlens.io.load_image` — the same reader as the library and the CLI.
+* :class:`Service` explains with :func:`camlens.explain`, caches each (image, model, method, class)
+  map so that clicking one more class only computes that class, and precomputes each map's box at
+  every threshold of :data:`THRESHOLDS` with :func:`camlens.localize` (so the page's threshold
+  slider shows exactly the box the library and ``camlens localize`` give, with no JavaScript copy
+  of the algorithm and no round trip per slider step).
+
+Nothing is written to disk except an upload's temporary file while it is decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from ..errors import CamlensError
+from ..explanation import Explanation
+
+#: box thresholds offered by the page's slider (fractions of each map's maximum)
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
+#: photos bundled with scikit-image offered on the page
+SAMPLES: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")
+#: methods whose default settings take many passes (the page marks them)
+SLOW_METHODS = frozenset({"scorecam", "smoothgrad", "integrated_gradients"})
+#: a pixel-method map clipped at this percentile of |m| before colouring (as camlens.viz does)
+PIXEL_PERCENTILE = 99.5
+
+
+class ServeError(CamlensError):
+    """A request the server refuses, with the HTTP status to answer and a message naming the fix."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits: upload bytes, image pixels (checked before decoding), waiting requests per
+    model, classes and methods per request, and the longest side of the images the page shows."""
+
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_queue: int = 8
+    max_classes: int = 10
+    max_methods: int = 8
+    display_side: int = 640
+
+
+# --------------------------------------------------------------------------------------------
+# small LRU cache
+# --------------------------------------------------------------------------------------------
+class LRU:
+    """A thread-safe dict that keeps the ``capacity`` most recently used entries."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._d:
+                return None
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def put(self, key: Any, value: Any) -> Any:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+class FifoLock:
+    """A lock granted in arrival order (a ticket queue): the requests waiting for a model are served
+    first come, first served (:class:`threading.Lock` promises no order)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket that holds the lock
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued behind the holder."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    model: nn.Module
+    lock: FifoLock = field(default_factory=FifoLock)
+    waiting: int = 0
+    calls: int = 0
+
+
+ModelSource = nn.Module | Callable[[], nn.Module]
+
+
+class ModelPool:
+    """Named models, each loaded once (on first use, or given ready) and used by one call at a time.
+
+    ``sources`` maps a name to a loaded ``nn.Module`` or to a zero-argument loader.
+    """
+
+    def __init__(self, sources: dict[str, ModelSource], max_queue: int = 8) -> None:
+        if not sources:
+            raise ServeError("no model to serve", 500)
+        self._sources = dict(sources)
+        self._entries: dict[str, ModelEntry] = {
+            n: ModelEntry(n, m) for n, m in sources.items() if isinstance(m, nn.Module)
+        }
+        self._load_locks = {n: threading.Lock() for n in sources}
+        self._count_lock = threading.Lock()
+        self.max_queue = max_queue
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def loaded(self, name: str) -> bool:
+        return name in self._entries
+
+    def entry(self, name: str) -> ModelEntry:
+        """The model named ``name``, loading it the first time (one load at a time per name)."""
+        if name not in self._sources:
+            raise ServeError(f"unknown model {name!r}; this server offers: {', '.join(self._sources)}", 400)
+        if name in self._entries:
+            return self._entries[name]
+        with self._load_locks[name]:
+            if name not in self._entries:
+                src = self._sources[name]
+                try:
+                    model = src if isinstance(src, nn.Module) else src()
+                except CamlensError as exc:
+                    raise ServeError(f"cannot load model {name!r}: {exc}", 409) from None
+                self._entries[name] = ModelEntry(name, model)
+        return self._entries[name]
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[nn.Module]:
+        """Hold model ``name`` for one call; waits while another request uses it (a queue of at most
+        ``max_queue`` waiting requests: more get a 503 asking to retry)."""
+        e = self.entry(name)
+        with self._count_lock:
+            if e.waiting >= self.max_queue:
+                raise ServeError(
+                    f"the server is busy: {e.waiting} requests are waiting for {name}; try again in a moment", 503
+                )
+            e.waiting += 1
+        try:
+            e.lock.acquire()
+        finally:
+            with self._count_lock:
+                e.waiting -= 1
+        try:
+            e.calls += 1
+            yield e.model
+        finally:
+            e.lock.release()
+
+
+def offline_zoo_models() -> list[str]:
+    """Zoo names whose weights are on this machine: the bundled EfficientNet-Lite0, and the torchvision
+    classifiers whose weight file is in the torch hub cache (camlens never downloads)."""
+    import torchvision
+
+    from ..models.zoo import DEFAULT_MODEL
+
+    found = [DEFAULT_MODEL]
+    ckpt = Path(torch.hub.get_dir()) / "checkpoints"
+    files = [f.name for f in ckpt.iterdir()] if ckpt.is_dir() else []
+    if files:
+        for name in torchvision.models.list_models(module=torchvision.models):
+            if any(f.startswith(f"{name}-") for f in files):
+                found.append(name)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ImageEntry:
+    """An image the page can explain: ``rgb`` the full image, ``display`` at most ``display_side``
+    pixels on its longest side (what the page shows and the maps are resized to)."""
+
+    id: str
+    name: str
+    rgb: np.ndarray
+    display: np.ndarray
+
+    def info(self) -> dict[str, Any]:
+        h, w = self.rgb.shape[:2]
+        dh, dw = self.display.shape[:2]
+        return {
+            "id": self.id,
+            "name": self.name,
+            "width": w,
+            "height": h,
+            "display_width": dw,
+            "display_height": dh,
+            "url": f"api/image/{self.id}.png",
+        }
+
+
+def display_copy(rgb: np.ndarray, side: int) -> np.ndarray:
+    """``rgb`` downscaled (Lanczos) so that its longest side is at most ``side`` pixels."""
+    h, w = rgb.shape[:2]
+    s = side / max(h, w)
+    if s >= 1:
+        return rgb
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 MiB``, ``48 KiB``."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def _safe_filename(name: str | None) -> str:
+    base = os.path.basename((name or "").replace("\\", "/")).strip() or "upload"
+    return "".join(ch if ch.isprintable() else "_" for ch in base)[:120]
+
+
+def decode_upload(data: bytes, filename: str | None, limits: Limits) -> np.ndarray:
+    """An uploaded file -> RGB uint8 array, or a :class:`ServeError`: 400 for an empty upload, 413 for
+    one over ``limits.max_upload_bytes`` or an image over ``limits.max_pixels`` pixels (read from the
+    header, so a decompression bomb is never decoded), 415 for a file that is not a readable image."""
+    from ..io import load_image
+
+    name = _safe_filename(filename)
+    if not data:
+        raise ServeError(f"{name}: the upload is empty; choose an image file", 400)
+    if len(data) > limits.max_upload_bytes:
+        raise ServeError(
+            f"{name}: the upload is {format_bytes(len(data))}, more than this server's limit of "
+            f"{format_bytes(limits.max_upload_bytes)}; downscale or recompress the image (or start the server "
+            "with a larger --max-upload-mb)",
+            413,
+        )
+    suffix = Path(name).suffix.lower()[:8] if Path(name).suffix.isascii() else ""
+    fd, tmp = tempfile.mkstemp(prefix="camlens-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(tmp) as im:
+                    w, h = im.size
+        except Image.DecompressionBombError as exc:  # PIL refuses to even open it: its message has the count
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            w, h = (int(found.group(1)), 1) if found else (-1, -1)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise ServeError(
+                f"{name}: not an image file camlens can read (corrupt, or not an image despite its name); "
+                "upload a JPEG, PNG, WebP, BMP, GIF or TIFF image",
+                415,
+            ) from None
+        if w < 0 or w * h > limits.max_pixels:
+            size = "far too many pixels" if w < 0 else f"{w * h:,} pixels" if h == 1 else f"{w}x{h} = {w * h:,} pixels"
+            raise ServeError(
+                f"{name}: {size}, more than this server's limit of {limits.max_pixels:,} pixels "
+                "(possibly a decompression bomb); downscale the image first",
+                413,
+            )
+        try:
+            return load_image(tmp)
+        except CamlensError as exc:
+            msg = str(exc).replace(tmp, name)
+            raise ServeError(msg, 413 if "too large" in msg or "pixel" in msg else 415) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# explanations
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    """One map: ``method`` for class ``cls`` of one image, as computed by :func:`camlens.explain`.
+
+    ``map`` is the ``(H, W)`` map at the model's input resolution (``Explanation.maps``), ``raw`` the
+    pixel attribution ``(C, H, W)`` for pixel methods (else ``None``), ``ms`` the wall time of the
+    ``explain`` call that computed it (shared by the ``n_in_call`` classes of that call),
+    ``boxes`` the box at each of :data:`THRESHOLDS` in the display image's pixels."""
+
+    method: str
+    cls: int
+    name: str
+    prob: float
+    score: float
+    map: np.ndarray
+    raw: np.ndarray | None
+    layer: str | None
+    extras: dict[str, Any]
+    ms: float
+    n_in_call: int
+    boxes: list[list[int]]
+
+
+@dataclass
+class Result:
+    """The answer to one explain request (immutable once built)."""
+
+    id: str
+    image: ImageEntry
+    model: str
+    predictions: list[dict[str, Any]]
+    classes: list[int]
+    methods: list[str]
+    panels: dict[tuple[str, int], Panel]
+    errors: dict[str, str]
+    cost_ms: dict[str, float | None]
+    predict_ms: float
+    channel_order: str = "RGB"
+    curves: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    def signed(self, method: str) -> bool:
+        """Whether ``method``'s maps here take both signs (then a diverging colormap centred at 0 is used)."""
+        return any(is_signed(p.map) for (m, _), p in self.panels.items() if m == method)
+
+
+def is_signed(m: np.ndarray) -> bool:
+    """A map with negative values that matter (below -1% of its largest magnitude): it is then drawn
+    with a diverging colormap centred at zero."""
+    lo = float(np.min(m)) if m.size else 0.0
+    return lo < 0 and -lo > 1e-2 * float(np.max(np.abs(m)))
+
+
+def method_title(name: str) -> str:
+    """The display name of a registered method (its registry ``title``: ``"Grad-CAM"``)."""
+    from ..methods.registry import get_method
+
+    return get_method(name).title
+
+
+def display_boxes(m: np.ndarray, display_hw: Sequence[int]) -> list[list[int]]:
+    """The box of ``m`` (model frame) at every threshold of :data:`THRESHOLDS` with
+    :func:`camlens.localize`, scaled to the display image (``-1`` = no box)."""
+    from ..localization import localize, scale_boxes
+
+    boxes = np.stack([localize(m, t) for t in THRESHOLDS])
+    return scale_boxes(boxes, m.shape[-2:], tuple(display_hw)).tolist()
+
+
+def _class_name(names: Sequence[str] | None, c: int) -> str:
+    return names[c] if names and 0 <= c < len(names) else str(c)
+
+
+class Service:
+    """The server's state and work; the web app (:mod:`camlens.serve.app`) only translates HTTP."""
+
+    def __init__(self, pool: ModelPool, limits: Limits | None = None, *, default_model: str | None = None) -> None:
+        self.pool = pool
+        self.limits = limits or Limits()
+        self.default_model = default_model or pool.names[0]
+        # bounded memory: a panel holds one map (and a pixel method's C x H x W attribution)
+        self.images = LRU(32)
+        self.results = LRU(16)
+        self._panels = LRU(256)
+        self._predictions = LRU(256)
+
+    # --- images -------------------------------------------------------------------------------
+    def _add_image(self, image_id: str, name: str, rgb: np.ndarray) -> ImageEntry:
+        e = ImageEntry(image_id, name, rgb, display_copy(rgb, self.limits.display_side))
+        return self.images.put(image_id, e)
+
+    def upload(self, data: bytes, filename: str | None) -> ImageEntry:
+        rgb = decode_upload(data, filename, self.limits)
+        digest = hashlib.sha256(data).hexdigest()[:20]
+        return self._add_image(f"u{digest}", _safe_filename(filename), rgb)
+
+    def sample(self, name: str) -> ImageEntry:
+        if name not in SAMPLES:
+            raise ServeError(f"no bundled photo {name!r}; choose one of {', '.join(SAMPLES)}", 404)
+        got = self.images.get(f"sample-{name}")
+        if got is not None:
+            return got
+        from ..io import sample_image
+
+        return self._add_image(f"sample-{name}", name, sample_image(name))
+
+    def image(self, image_id: str) -> ImageEntry:
+        if image_id.startswith("sample-"):
+            return self.sample(image_id.removeprefix("sample-"))
+        got = self.images.get(image_id)
+        if got is None:
+            raise ServeError(f"unknown or expired image {image_id!r}; upload it again", 404)
+        return got
+
+    def result(self, result_id: str) -> Result:
+        got = self.results.get(result_id)
+        if got is None:
+            raise ServeError(f"unknown or expired result {result_id!r}; explain the image again", 404)
+        return got
+
+    # --- explanations -------------------------------------------------------------------------
+    def _check_methods(self, methods: Sequence[str]) -> list[str]:
+        from ..methods.registry import get_method
+
+        if not methods:
+            raise ServeError("choose at least one method", 400)
+        if len(methods) > self.limits.max_methods:
+            raise ServeError(f"{len(methods)} methods in one request; at most {self.limits.max_methods}", 400)
+        out = []
+        for m in methods:
+            if not isinstance(m, str):
+                raise ServeError(f"a method name must be a string, not {m!r}", 400)
+            try:
+                out.append(get_method(m).name)
+            except CamlensError as exc:
+                raise ServeError(str(exc), 400) from None
+        return list(dict.fromkeys(out))
+
+    def explain(
+        self,
+        image_id: str,
+        model: str | None,
+        methods: Sequence[str],
+        *,
+        topk: int = 5,
+        n_explain: int = 2,
+        classes: Sequence[int] | None = None,
+    ) -> Result:
+        """Predict the top-``topk`` classes and explain ``classes`` (default: the ``n_explain`` most
+        probable) with every method; panels already computed for this image and model are reused."""
+        import camlens
+
+        from ..models.zoo import card_of
+
+        name = model or self.default_model
+        meths = self._check_methods(methods)
+        lim = self.limits.max_classes
+        if not 1 <= topk <= lim or not 1 <= n_explain <= lim:
+            raise ServeError(f"topk and the number of classes to explain must be in 1..{lim}", 400)
+        if classes is not None:
+            classes = list(dict.fromkeys(int(c) for c in classes))
+            if not classes or len(classes) > lim:
+                raise ServeError(f"explain between 1 and {lim} classes at once", 400)
+        img = self.image(image_id)
+        cost: dict[str, float | None] = {}
+        errors: dict[str, str] = {}
+        with self.pool.use(name) as net:
+            card = card_of(net)
+            names = card.class_names if card else None
+            key = (img.id, name)
+            preds = self._predictions.get(key)
+            t0 = time.perf_counter()
+            if preds is None:  # the most classes a request may ask for, once per image and model
+                try:
+                    top = camlens.predict(net, [img.rgb], topk=self.limits.max_classes)[0]
+                except CamlensError as exc:
+                    raise ServeError(f"{name} cannot classify this image: {exc}", 422) from None
+                preds = [{"id": c, "name": n, "prob": p, "rank": r + 1} for r, (c, n, p) in enumerate(top)]
+                self._predictions.put(key, preds)
+            predict_ms = (time.perf_counter() - t0) * 1e3
+            n_classes = _num_classes(net, names)
+            if classes is None:
+                classes = [p["id"] for p in preds[:n_explain]]
+            bad = [c for c in classes if not 0 <= c < n_classes]
+            if bad:
+                raise ServeError(f"class id {bad[0]} is out of range 0..{n_classes - 1} for {name}", 400)
+            order = card.preprocess.channel_order if card else "RGB"
+            fresh: list[tuple[str, Explanation, float]] = []
+            have: dict[tuple[str, int], Panel] = {}  # cached panels, held here so no eviction loses them
+            for m in meths:
+                for c in classes:
+                    got = self._panels.get((img.id, name, m, c))
+                    if got is not None:
+                        have[(m, c)] = got
+                missing = [c for c in classes if (m, c) not in have]
+                if not missing:
+                    cost[m] = None  # everything cached
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    exp = camlens.explain(net, [img.rgb], method=m, targets=[missing])
+                except CamlensError as exc:
+                    errors[m] = str(exc)
+                    continue
+                ms = (time.perf_counter() - t0) * 1e3
+                cost[m] = ms
+                fresh.append((m, exp, ms))
+        # boxes and splitting need no model: outside the lock
+        for m, exp, ms in fresh:
+            for panel in _panels_of(exp, m, ms, names, img.display.shape[:2]):
+                have[(m, panel.cls)] = self._panels.put((img.id, name, m, panel.cls), panel)
+        panels = {(m, c): have[(m, c)] for m in meths if m not in errors for c in classes}
+        if not panels:
+            raise ServeError("; ".join(f"{m}: {e}" for m, e in errors.items()) or "nothing to explain", 400)
+        res = Result(
+            id=uuid.uuid4().hex[:16],
+            image=img,
+            model=name,
+            predictions=preds[:topk],
+            classes=list(classes),
+            methods=[m for m in meths if m not in errors],
+            panels=panels,
+            errors=errors,
+            cost_ms=cost,
+            predict_ms=predict_ms,
+            channel_order=order,
+        )
+        return self.results.put(res.id, res)
+
+    def faithfulness(self, result_id: str, method: str, cls: int, steps: int = 20) -> dict[str, Any]:
+        """Deletion and insertion curves (Petsiuk et al., BMVC 2018; :mod:`camlens.metrics`) of one
+        shown map, beside the same curves for a smooth random map (the metrics' baseline)."""
+        from ..metrics import deletion_curve, insertion_curve
+
+        res = self.result(result_id)
+        panel = res.panels.get((method, int(cls)))
+        if panel is None:
+            raise ServeError(f"result {result_id} has no {method} map of class {cls}", 404)
+        got = res.curves.get((method, int(cls)))
+        if got is not None:
+            return got
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"method": method, "cls": int(cls), "steps": steps}
+        with self.pool.use(res.model) as net:
+            for kind, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+                for which, maps in (("map", torch.from_numpy(panel.map)[None]), ("random", "random")):
+                    c = fn(net, [res.image.rgb], maps, [int(cls)], steps=steps, batch_size=steps + 1)
+                    out.setdefault(kind, {})[which] = {
+                        "fractions": [round(float(f), 4) for f in c.fractions],
+                        "probs": [float(p) for p in c.probs[0]],
+                        "auc": float(c.auc[0]),
+                    }
+        out["ms"] = (time.perf_counter() - t0) * 1e3
+        res.curves[(method, int(cls))] = out
+        return out
+
+
+def _num_classes(net: nn.Module, names: Sequence[str] | None) -> int:
+    if names:
+        return len(names)
+    last = None
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else 10**9
+
+
+def _panels_of(
+    exp: Explanation, method: str, ms: float, names: Sequence[str] | None, display_hw: Sequence[int]
+) -> list[Panel]:
+    out = []
+    k = exp.maps.shape[1]
+    for j in range(k):
+        c = int(exp.classes[0, j])
+        m = exp.maps[0, j].detach().float().cpu().numpy()
+        raw = exp.raw[0, j].detach().float().cpu().numpy() if exp.raw.dim() == 5 else None
+        extras = {
+            key: (v if isinstance(v, (int, float, str, bool)) else v.detach().cpu().tolist())
+            for key, v in exp.extras.items()
+            if isinstance(v, (int, float, str, bool)) or (isinstance(v, torch.Tensor) and v.numel() <= 16)
+        }
+        out.append(
+            Panel(
+                method=method,
+                cls=c,
+                name=_class_name(names, c),
+                prob=float(exp.probs[0, j]),
+                score=float(exp.scores[0, j]),
+                map=m,
+                raw=raw,
+                layer=exp.layer,
+                extras=extras,
+                ms=ms,
+                n_in_call=k,
+                boxes=display_boxes(m, display_hw),
+            )
+        )
+    return out
+
+
+__all__ = [
+    "SAMPLES",
+    "THRESHOLDS",
+    "ImageEntry",
+    "Limits",
+    "ModelPool",
+    "Panel",
+    "Result",
+    "ServeError",
+    "Service",
+    "decode_upload",
+    "display_boxes",
+    "format_bytes",
+    "is_signed",
+    "method_title",
+    "offline_zoo_models",
+]

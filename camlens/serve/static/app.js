@@ -1,0 +1,362 @@
+// camlens serve: the page. Plain JavaScript, no libraries, talks only to this server.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const SVG = "http://www.w3.org/2000/svg";
+const state = { info: null, image: null, result: null, thresholds: [] };
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c) e.append(c);
+  return e;
+}
+
+function svg(tag, attrs = {}) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+function showError(message, status) {
+  const m = $("#message");
+  m.textContent = message;
+  m.dataset.status = status || "";
+  m.hidden = false;
+  setStatus("error", status ? `error ${status}` : "error");
+}
+
+function clearError() {
+  const m = $("#message");
+  m.hidden = true;
+  m.textContent = "";
+  m.dataset.status = "";
+}
+
+function setStatus(s, text) {
+  const st = $("#status");
+  st.dataset.state = s;
+  st.textContent = text;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, options);
+  let body = null;
+  const type = r.headers.get("content-type") || "";
+  if (type.includes("application/json")) body = await r.json();
+  if (!r.ok) {
+    const msg = body && body.error ? body.error : `the server answered ${r.status}`;
+    const err = new Error(msg);
+    err.status = r.status;
+    throw err;
+  }
+  return body;
+}
+
+function fmtPct(p) { return (100 * p).toFixed(1) + "%"; }
+function fmtMs(ms) { return ms === null || ms === undefined ? "cached" : ms < 10 ? ms.toFixed(1) + " ms" : Math.round(ms) + " ms"; }
+
+// ---------------------------------------------------------------------------------------- setup
+async function init() {
+  try {
+    state.info = await api("api/info");
+  } catch (e) {
+    showError("cannot reach the camlens server: " + e.message);
+    return;
+  }
+  const info = state.info;
+  state.thresholds = info.thresholds;
+  $("#server-info").textContent = `camlens ${info.version}`;
+  const sel = $("#model");
+  for (const m of info.models) sel.append(el("option", { value: m.name, text: m.name, selected: m.name === info.default_model }));
+  const box = $("#methods");
+  for (const kind of ["layer", "pixel"]) {
+    box.append(el("div", { class: "kind", text: kind === "layer" ? "layer (CAM family)" : "pixel" }));
+    for (const m of info.methods.filter((x) => x.kind === kind)) {
+      const cb = el("input", { type: "checkbox", id: "method-" + m.name, value: m.name, checked: m.name === "gradcam" });
+      box.append(el("label", { title: `${m.paper}: ${m.summary}` }, cb, " " + m.title,
+        m.slow ? el("span", { class: "slow", text: " slow" }) : null));
+    }
+  }
+  const cm = $("#cmap");
+  for (const c of info.colormaps) cm.append(el("option", { value: c, text: c }));
+  const samples = $("#samples");
+  for (const s of info.samples) {
+    samples.append(el("button", { type: "button", "data-sample": s, title: s, onclick: () => pickSample(s) },
+      el("img", { src: `api/image/sample-${s}.png?max_side=96`, alt: s })));
+  }
+  wireUpload();
+  $("#explain-btn").addEventListener("click", () => runExplain(null));
+  $("#opacity").addEventListener("input", updateOpacity);
+  $("#threshold").addEventListener("input", updateBoxes);
+  $("#show-box").addEventListener("change", updateBoxes);
+  $("#cmap").addEventListener("change", updateHeat);
+  updateOpacity();
+  updateBoxes();
+}
+
+function wireUpload() {
+  const input = $("#file-input");
+  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); input.value = ""; });
+  const zone = $("#drop-zone");
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------- image
+async function upload(file) {
+  clearError();
+  setStatus("busy", `uploading ${file.name}…`);
+  try {
+    const info = await api("api/image", {
+      method: "POST",
+      body: file,
+      headers: { "Content-Type": file.type || "application/octet-stream", "X-Filename": encodeURIComponent(file.name) },
+    });
+    setImage(info);
+  } catch (e) {
+    showError(e.message, e.status);
+  }
+}
+
+async function pickSample(name) {
+  clearError();
+  try {
+    setImage(await api(`api/sample/${name}`));
+  } catch (e) {
+    showError(e.message, e.status);
+  }
+}
+
+function setImage(info) {
+  state.image = info;
+  state.result = null;
+  $("#photo").src = info.url;
+  $("#photo").dataset.imageId = info.id;
+  $("#photo-caption").textContent = `${info.name} · ${info.width}×${info.height}`;
+  $("#photo-box").hidden = false;
+  $("#predictions-box").hidden = true;
+  $("#panels").replaceChildren();
+  $("#downloads").hidden = true;
+  $("#explain-btn").disabled = false;
+  setStatus("ready", `${info.name} ready: choose methods and press Explain.`);
+}
+
+// ---------------------------------------------------------------------------------------- explain
+function chosenMethods() {
+  return [...document.querySelectorAll("#methods input:checked")].map((c) => c.value);
+}
+
+async function runExplain(classes) {
+  if (!state.image) return;
+  clearError();
+  const methods = chosenMethods();
+  if (!methods.length) { showError("choose at least one method"); return; }
+  const body = {
+    image_id: state.image.id,
+    model: $("#model").value,
+    methods,
+    topk: 5,
+    explain: Math.max(1, Math.min(5, parseInt($("#n-explain").value, 10) || 2)),
+    classes,
+  };
+  setStatus("busy", `explaining with ${methods.join(", ")}… (a request waits while the model is busy)`);
+  $("#explain-btn").disabled = true;
+  const t0 = performance.now();
+  try {
+    const res = await api("api/explain", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    state.result = res;
+    render(res);
+    const total = res.methods.reduce((s, m) => s + (m.cost_ms || 0), 0);
+    setStatus("done", `done: ${res.model}, ${res.methods.length} method(s), ${res.classes.length} class(es); ` +
+      `compute ${fmtMs(total)}, round trip ${Math.round(performance.now() - t0)} ms`);
+  } catch (e) {
+    showError(e.message, e.status);
+  } finally {
+    $("#explain-btn").disabled = false;
+  }
+}
+
+function render(res) {
+  renderPredictions(res);
+  const panels = $("#panels");
+  panels.replaceChildren();
+  for (const m of res.methods) {
+    const row = el("div", { class: "method-row", "data-method": m.name });
+    const first = res.panels.find((q) => q.method === m.name);
+    const head = el("h3", { text: m.title, title: first && first.layer ? `layer: ${first.layer}` : m.kind + " method" });
+    if (m.error) {
+      row.append(head, el("div", { class: "error", text: m.error }));
+      panels.append(row);
+      continue;
+    }
+    const cost = m.cost_ms === null ? "cached (no new work)" : `${fmtMs(m.cost_ms)} for this request`;
+    head.append(el("span", { class: "cost", "data-ms": m.cost_ms === null ? "" : m.cost_ms,
+      text: `${cost}${m.signed ? " · signed map: diverging colours centred at 0" : ""}` }));
+    row.append(head);
+    const cells = el("div", { class: "cells" });
+    for (const c of res.classes) {
+      const p = res.panels.find((q) => q.method === m.name && q.cls === c);
+      if (p) cells.append(renderPanel(res, m, p));
+    }
+    row.append(cells);
+    panels.append(row);
+  }
+  const npy = $("#download-npy");
+  npy.replaceChildren();
+  for (const m of res.methods) {
+    if (m.npy_url) npy.append(el("a", { href: m.npy_url, download: "", "data-method": m.name, text: `${m.title} maps (NPY)` }));
+  }
+  $("#downloads").hidden = false;
+  updateOpacity();
+  updateHeat();
+  updateBoxes();
+}
+
+function renderPredictions(res) {
+  const tbody = $("#predictions tbody");
+  tbody.replaceChildren();
+  for (const p of res.predictions) {
+    const explained = res.classes.includes(p.id);
+    const bar = el("div", { class: "bar" });
+    bar.style.width = Math.max(1, Math.round(120 * p.prob)) + "px";
+    const pick = () => { if (!state.result.classes.includes(p.id)) runExplain([...state.result.classes, p.id]); };
+    const tr = el("tr", { class: "pred" + (explained ? " explained" : ""), "data-class": p.id, tabindex: 0,
+      title: explained ? "explained below" : "click to explain this class", onclick: pick,
+      onkeydown: (e) => { if (e.key === "Enter") pick(); } },
+    el("td", { text: "#" + p.rank }), el("td", { class: "name", text: p.name }),
+    el("td", { class: "prob", text: fmtPct(p.prob) }), el("td", { class: "barcell" }, bar));
+    tbody.append(tr);
+  }
+  $("#predictions-box").hidden = false;
+}
+
+function renderPanel(res, m, p) {
+  const w = res.image.display_width, h = res.image.display_height;
+  const box = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none" });
+  box.append(svg("rect", { class: "box" }));
+  const stack = el("div", { class: "stack" },
+    el("img", { class: "photo", src: res.image.url, alt: "photo" }),
+    el("img", { class: "heat", "data-src": p.heat_url, alt: `${m.title} map of ${p.name}` }), box);
+  const panel = el("div", { class: "panel", "data-method": p.method, "data-class": p.cls }, stack,
+    el("div", { class: "caption" }, el("b", { text: p.title }),
+      el("span", { text: ` · logit ${p.score.toFixed(2)}` + (p.classes_in_call > 1 ? ` · ${fmtMs(p.ms)} for ${p.classes_in_call} classes` : ` · ${fmtMs(p.ms)}`) })));
+  panel._boxes = p.boxes;
+  if (p.detail_url) panel.append(el("img", { class: "detail", src: p.detail_url, alt: `${m.title} pixel detail` }),
+    el("div", { class: "caption", text: "pixel detail: the attribution as colour (grey = 0)" }));
+  const faith = el("div", { class: "faith" });
+  panel.append(el("button", { class: "small faith-btn", type: "button", text: "deletion / insertion curves",
+    onclick: (e) => runCurves(res, p, faith, e.target) }), faith);
+  return panel;
+}
+
+// ---------------------------------------------------------------------------------------- controls
+function updateOpacity() {
+  const a = parseFloat($("#opacity").value);
+  $("#opacity-value").textContent = a.toFixed(2);
+  for (const img of document.querySelectorAll(".stack img.heat")) img.style.opacity = a;
+  updateDownloads();
+}
+
+function thresholdIndex() {
+  const t = parseFloat($("#threshold").value);
+  let best = 0;
+  state.thresholds.forEach((v, i) => { if (Math.abs(v - t) < Math.abs(state.thresholds[best] - t)) best = i; });
+  return best;
+}
+
+function updateBoxes() {
+  const t = parseFloat($("#threshold").value);
+  $("#threshold-value").textContent = t.toFixed(2);
+  const show = $("#show-box").checked;
+  const i = thresholdIndex();
+  for (const panel of document.querySelectorAll(".panel")) {
+    const rect = $("rect.box", panel);
+    const b = panel._boxes ? panel._boxes[i] : null;
+    if (!b || !show || b[0] < 0) {
+      rect.setAttribute("visibility", "hidden");
+      rect.dataset.box = b ? b.join(",") : "";
+      continue;
+    }
+    rect.setAttribute("x", b[0]);
+    rect.setAttribute("y", b[1]);
+    rect.setAttribute("width", b[2] - b[0]);
+    rect.setAttribute("height", b[3] - b[1]);
+    rect.setAttribute("visibility", "visible");
+    rect.dataset.box = b.join(",");
+  }
+  updateDownloads();
+}
+
+function updateHeat() {
+  const cmap = $("#cmap").value;
+  for (const img of document.querySelectorAll(".stack img.heat")) img.src = `${img.dataset.src}?cmap=${encodeURIComponent(cmap)}`;
+  updateDownloads();
+}
+
+function updateDownloads() {
+  const res = state.result;
+  if (!res) return;
+  const q = new URLSearchParams({ alpha: $("#opacity").value, threshold: state.thresholds[thresholdIndex()], cmap: $("#cmap").value });
+  $("#download-figure").href = `${res.figure_url}?${q}`;
+  $("#download-json").href = `${res.summary_url}?threshold=${state.thresholds[thresholdIndex()]}`;
+}
+
+// ---------------------------------------------------------------------------------------- curves
+async function runCurves(res, p, box, button) {
+  clearError();
+  button.disabled = true;
+  box.textContent = "computing deletion and insertion curves…";
+  try {
+    const c = await api("api/faithfulness", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ result_id: res.id, method: p.method, cls: p.cls }) });
+    box.replaceChildren(plotCurves(c), el("div", { class: "caption",
+      text: `probability of ${p.name} as pixels are deleted (red; lower AUC = more faithful) or inserted into a ` +
+        `blurred copy (blue; higher = more faithful); dashed: a random map · ${fmtMs(c.ms)}` }));
+    box.dataset.deletionAuc = c.deletion.map.auc;
+    box.dataset.insertionAuc = c.insertion.map.auc;
+  } catch (e) {
+    box.textContent = "";
+    showError(e.message, e.status);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function plotCurves(c) {
+  const W = 300, H = 200, L = 34, R = 8, T = 8, B = 58;
+  const s = svg("svg", { viewBox: `0 0 ${W} ${H}` });
+  const x = (f) => L + f * (W - L - R), y = (p) => H - B - p * (H - T - B);
+  s.append(svg("line", { class: "axis", x1: L, y1: y(0), x2: W - R, y2: y(0) }), svg("line", { class: "axis", x1: L, y1: y(0), x2: L, y2: y(1) }));
+  for (const v of [0, 0.5, 1]) {
+    const t = svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }); t.textContent = v; s.append(t);
+  }
+  const xl = svg("text", { x: (L + W - R) / 2, y: H - B + 16, "text-anchor": "middle" });
+  xl.textContent = "fraction of pixels, most important first";
+  s.append(xl);
+  const line = (curve, cls) => svg("polyline", { class: cls, points: curve.fractions.map((f, i) => `${x(f).toFixed(1)},${y(curve.probs[i]).toFixed(1)}`).join(" ") });
+  s.append(line(c.deletion.random, "del rand"), line(c.insertion.random, "ins rand"), line(c.deletion.map, "del"), line(c.insertion.map, "ins"));
+  const legend = [
+    ["del", `deletion AUC ${c.deletion.map.auc.toFixed(3)} (random ${c.deletion.random.auc.toFixed(3)})`],
+    ["ins", `insertion AUC ${c.insertion.map.auc.toFixed(3)} (random ${c.insertion.random.auc.toFixed(3)})`],
+  ];
+  legend.forEach(([cls, text], i) => {
+    const ly = H - B + 30 + 13 * i;
+    s.append(svg("line", { class: cls, x1: L + 6, x2: L + 20, y1: ly, y2: ly }));
+    const t = svg("text", { x: L + 24, y: ly + 3 }); t.textContent = text; s.append(t);
+  });
+  return s;
+}
+
+document.addEventListener("DOMContentLoaded", init);
