@@ -347,4 +347,6 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
 
 
 def write_markdown(docs: Sequence[dict[str, Any]], path: str | Path) -> None:
-    Path(path).write_text(markdown(docs))
+    from camlens.fsio import atomic_write
+
+    atomic_write(path, markdown(docs), overwrite=True)  # atomic; a link is replaced, never followed

@@ -474,8 +474,10 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
         _apply_quick(args)
     doc = run(args, log)
     out = args.out or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    from camlens.fsio import atomic_write, safe_out_dir
+
+    safe_out_dir(out.parent)
+    atomic_write(out, json.dumps(doc, indent=1), overwrite=True)  # `camlens bench` checked --overwrite
     log(f"wrote {out}")
     md = args.markdown if args.markdown is not None else (None if args.quick or args.leak else ROOT / "BENCHMARKS.md")
     if args.no_markdown:

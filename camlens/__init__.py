@@ -7,6 +7,8 @@ The public API::
     camlens.load_model(name, weights=None)
     camlens.methods()                       # the registered methods
     camlens.localize(maps, threshold=...)   # heatmaps -> boxes
+    camlens.explain_dataset(model, dataset, method="gradcam", out="store")  # a dataset -> result store
+    camlens.open_results("store")           # the store as a pandas table + lazy Zarr maps
     camlens.Explanation
 
 and the sub-packages ``camlens.metrics``, ``camlens.viz``, ``camlens.data``, ``camlens.train``,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     from .explainer import explain, predict
     from .explanation import Explanation
     from .models.zoo import available_models, load_model
+    from .pipeline import explain_dataset, open_results
 
 #: public name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -50,6 +53,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "targets": ("camlens.targets", None),
     "train": ("camlens.train", None),
     "viz": ("camlens.viz", None),
+    "pipeline": ("camlens.pipeline", None),
+    "explain_dataset": ("camlens.pipeline", "explain_dataset"),
+    "open_results": ("camlens.pipeline", "open_results"),
 }
 
 
@@ -84,12 +90,14 @@ __all__ = [
     "available_models",
     "data",
     "explain",
+    "explain_dataset",
     "load_model",
     "localize",
     "loceval",
     "methods",
     "metrics",
     "models",
+    "open_results",
     "predict",
     "targets",
     "train",

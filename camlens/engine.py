@@ -30,7 +30,7 @@ from torch import nn
 
 from .attention import capture_attention
 from .capture import CaptureSpec, capture
-from .errors import InputError, LayoutError, MethodError
+from .errors import InputError, LayoutError, MethodError, NonFiniteError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
 from .outputs import OutputSpec, select_output
 from .rules import relu_rules
@@ -170,6 +170,7 @@ class ForwardPass:
         self.output = raw
         logits, self.output_choice = select_output(raw, output, n=x.shape[0])
         self.select = lambda out: select_output(out, output)[0]  # for the extra forwards of some methods
+        check_finite(model, self.x, logits)
         self.logits = logits
         self.features = cap.value if cap is not None else None
         self.calls = cap.calls if cap is not None else 0
@@ -309,6 +310,35 @@ class GradPass(NamedTuple):
     grads: torch.Tensor
     scores: torch.Tensor
     relu_calls: int
+
+
+def check_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> None:
+    """One ``isfinite().all()`` over the input and the logits (a single device sync); on failure,
+    say which images and whether the input or the model (its weights) is to blame."""
+    ok = torch.isfinite(logits).all()
+    if x.is_floating_point():
+        ok = ok & torch.isfinite(x).all()
+    if bool(ok):
+        return
+
+    def rows(t: torch.Tensor) -> str:
+        bad = (~torch.isfinite(t.detach().flatten(1))).any(1).nonzero().flatten().tolist()
+        return ", ".join(map(str, bad[:8])) + (" …" if len(bad) > 8 else "")
+
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            f"the input holds NaN or Inf values (image(s) {rows(x)}): every logit of such an image is NaN, "
+            "so its classes and maps would be meaningless. Clean the input (e.g. torch.nan_to_num) or drop it."
+        )
+    params = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    params += [n for n, b in model.named_buffers() if b.is_floating_point() and not bool(torch.isfinite(b).all())]
+    cause = (
+        f"its weights hold NaN/Inf ({', '.join(params[:4])}{' …' if len(params) > 4 else ''}): a diverged "
+        "training or a damaged checkpoint; load other weights"
+        if params
+        else f"its activations overflow in {logits.dtype} (try float32) or it computes NaN itself"
+    )
+    raise NonFiniteError(f"the model returned NaN/Inf logits for image(s) {rows(logits)} from a finite input: {cause}")
 
 
 def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop", select=None) -> GradPass:

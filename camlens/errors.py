@@ -46,6 +46,19 @@ class OutputExistsError(CamlensError, FileExistsError):
     """An output file that already exists (pass overwrite=True / --overwrite to replace it)."""
 
 
+class WriteError(CamlensError, OSError):
+    """An output that cannot be written: no space left, permission denied, a parent that is not a
+    folder, a symbolic link where a file should be written, a read-only file system."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] …" once errno/filename are set
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(CamlensError, ValueError):
+    """NaN or Inf in an input, the model's output (e.g. from NaN weights) or a map: never a plausible
+    but meaningless explanation."""
+
+
 class OutputError(InputError):
     """A model output whose class scores cannot be found (pass output= to choose them)."""
 

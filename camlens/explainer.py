@@ -21,7 +21,7 @@ from torch import nn
 from ._util import eval_mode
 from .capture import CaptureSpec
 from .engine import ForwardPass, forward
-from .errors import InputError, MethodError
+from .errors import InputError, MethodError, NonFiniteError
 from .explanation import Explanation
 from .inputs import prepare_inputs
 from .layers import resolve_layer
@@ -222,6 +222,11 @@ def explain(
             maps = out.maps
             if maps is None:
                 maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
+                raise NonFiniteError(
+                    f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
+                    f"{x.dtype}); run the model in float32 or choose another layer"
+                )
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,

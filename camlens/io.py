@@ -2,6 +2,11 @@
 
 Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB. Images above
 :data:`MAX_PIXELS` pixels are refused (decompression-bomb guard) instead of being decoded.
+
+**EXIF orientation is applied** (files and PIL images): a JPEG whose EXIF ``Orientation`` tag says
+"rotate 90°" (e.g. a phone photo taken upright) is returned upright, as every image viewer shows it,
+so maps, overlays and boxes are in the displayed frame and ``image_size`` in the JSON outputs is the
+displayed ``[height, width]``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, InputError
 
@@ -59,7 +64,10 @@ def array_to_rgb(arr: np.ndarray) -> np.ndarray:
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """Convert any PIL image mode (L, LA, P, RGBA, I;16, I, F, CMYK…) to an RGB uint8 array."""
+    """Convert any PIL image mode (L, LA, P, RGBA, I;16, I, F, CMYK…) to an RGB uint8 array, upright
+    (its EXIF orientation applied)."""
+    if img.getexif().get(0x0112, 1) != 1:  # Orientation: 1 = as stored
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .errors import CamlensError, InputError, OutputExistsError
+from .errors import CamlensError, InputError
 from .explainer import explain, predict
 from .io import load_image
 from .localization import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
@@ -520,13 +520,12 @@ def calibrate_threshold(
 
 def save_threshold(path: str | Path, threshold: float, *, overwrite: bool = False, **info: Any) -> Path:
     """Write a calibrated threshold as JSON ``{"threshold": τ, …info}`` (method, model, metrics…)."""
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise OutputExistsError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from .fsio import atomic_write, check_target, safe_out_dir
+
+    p = check_target(path, overwrite)  # a file or a link (even dangling) is in the way without overwrite
+    safe_out_dir(p.parent)
     payload = {"threshold": float(_check_threshold(threshold)), **info}
-    p.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    return p
+    return atomic_write(p, json.dumps(payload, indent=2, default=_json_default) + "\n", overwrite=overwrite)
 
 
 def _json_default(o):

@@ -13,8 +13,11 @@ displays itself as the cell's result.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from ._version import __version__
-from .errors import InputError, OutputExistsError
+from .errors import InputError
 from .explanation import Explanation, minmax
+from .fsio import atomic_write, check_targets, safe_out_dir
 from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
 from .methods.registry import methods
 
@@ -590,12 +594,24 @@ def explanation_figure(
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
 
-def safe_name(s: str) -> str:
-    """A file-name-safe version of ``s`` (runs of other characters become ``_``)."""
-    return _SAFE.sub("_", str(s)).strip("._") or "image"
+def _keep(ch: str) -> bool:
+    if ch.isascii():
+        return ch in _SAFE_ASCII
+    return unicodedata.category(ch)[0] not in "CZ"  # letters, marks, digits, symbols (CJK, emoji) stay
+
+
+def safe_name(s: str, max_bytes: int = 200) -> str:
+    """A file-name-safe version of ``s``: Unicode letters, digits and symbols are kept (``chat_été``,
+    ``猫``), ASCII other than ``A-Za-z0-9._+-``, spaces and control characters become ``_`` (so ``/``,
+    ``\\``, ``:``, ``*``… never reach the file system); NFC-normalized, at most ``max_bytes`` UTF-8 bytes."""
+    text = unicodedata.normalize("NFC", str(s))
+    out = re.sub(r"_+", "_", "".join(ch if _keep(ch) else "_" for ch in text)).strip("._")
+    while len(out.encode("utf-8")) > max_bytes:
+        out = out[:-1]
+    return out or "image"
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -621,15 +637,70 @@ def unique_names(names: Sequence[str]) -> list[str]:
 
 
 def save_figure(
-    fig: Figure, path: str | Path, *, dpi: int = 100, metadata: dict[str, str] | None = None, **kwargs: Any
+    fig: Figure,
+    path: str | Path,
+    *,
+    dpi: int = 100,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
+    **kwargs: Any,
 ) -> Path:
-    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given."""
+    """Save a figure through the Agg canvas (no display needed); PNG text metadata if given. Written
+    atomically (:func:`camlens.fsio.atomic_write`); ``overwrite=False`` refuses an existing file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     p = Path(path)
-    fig.savefig(p, dpi=dpi, metadata=metadata, **kwargs)
+    fmt = kwargs.pop("format", None) or (p.suffix.lstrip(".").lower() or "png")
+    _font_fallback(fig)
+    # atomic and symlink-safe (camlens.fsio): complete or absent, a link is replaced, never followed
+    atomic_write(p, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata, **kwargs), overwrite=overwrite)
     return p
+
+
+#: fonts that cover CJK / emoji, used as fallbacks when installed (matplotlib >= 3.6 falls back per glyph)
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans JP", "WenQuanYi Zen Hei", "Droid Sans Fallback")
+_FALLBACKS: list[str] | None = None
+_COVERED: set[int] | None = None
+_NOTICE_GIVEN = False
+
+
+def _font_fallback(fig: Figure) -> None:
+    """Texts of ``fig`` with characters the default font lacks (CJK, emoji…) get the installed
+    fallback fonts; when none has them, one notice per process says so (and matplotlib's per-glyph
+    warnings are silenced, since the notice already says it)."""
+    global _FALLBACKS, _COVERED, _NOTICE_GIVEN
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if isinstance(t, Text) and not t.get_text().isascii()]
+    if not texts:
+        return
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    if _FALLBACKS is None:
+        have = {f.name for f in font_manager.fontManager.ttflist}
+        _FALLBACKS = [f for f in FALLBACK_FONTS if f in have]
+        covered: set[int] = set()
+        for fam in [None, *_FALLBACKS]:
+            path = font_manager.findfont(font_manager.FontProperties(family=fam))
+            covered |= set(FT2Font(path).get_charmap())
+        _COVERED = covered
+    known: set[int] = _COVERED or set()
+    missing = {ch for t in texts for ch in t.get_text() if ord(ch) not in known and not ch.isspace()}
+    if _FALLBACKS:
+        for t in texts:
+            t.set_fontfamily([*t.get_fontfamily(), *_FALLBACKS])
+    if missing and not _NOTICE_GIVEN:
+        _NOTICE_GIVEN = True
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        warnings.warn(
+            f"some characters of the titles ({''.join(sorted(missing))[:20]}) are not in the installed fonts "
+            "and are drawn as empty boxes in the figures; install a font that has them (e.g. fonts-noto-cjk) "
+            "and camlens uses it. File names and JSON keep the names intact. (Said once.)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def overlay_figure(
@@ -641,20 +712,23 @@ def overlay_figure(
     cmap: str = "jet",
     boxes=None,
     min_width: int = 320,
+    max_side: int = 4096,
     dpi: int = 100,
     signed: bool = False,
     pixel: bool = False,
 ) -> Figure:
-    """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide)
-    with a title band on top: the saved PNG is ``W·s`` x ``(H + band)·s`` pixels, ``s`` the upscale.
-    The overlay is :func:`render_map`'s, as in ``show()``."""
+    """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide, no
+    side beyond ``max_side`` from the upscale) with a title band on top: the saved PNG is ``W·s`` x
+    ``H·s + 30·min(s, 5)`` pixels, ``s`` the upscale. The overlay is :func:`render_map`'s, as in
+    ``show()``."""
     img = np.asarray(image)
     h, w = img.shape[:2]
     s = max(1.0, min_width / w)
-    band = 30
-    W, H = w * s, (h + band) * s
+    s = min(s, max(1.0, max_side / h))  # a 1-pixel-wide strip is not blown up to 320 x 100 000
+    band = 30 * min(s, 5.0)  # the title band grows with the upscale, up to 150 px (a 1x1 image: 320 x 470)
+    W, H = w * s, h * s + band
     fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax = fig.add_axes((0, 0, 1, h * s / H))
     shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
     ax.imshow(shown, interpolation="nearest" if s > 1 else "antialiased")
     ax.set_axis_off()
@@ -662,7 +736,7 @@ def overlay_figure(
         _add_boxes(ax, boxes, lw=2.0)
     # font size that fits the width: average glyph ≈ 0.55 em, 1 pt = dpi/72 px
     fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
-    fig.text(0.5, 1 - (band * s / 2) / H, title, ha="center", va="center", fontsize=fs)
+    fig.text(0.5, 1 - (band / 2) / H, title, ha="center", va="center", fontsize=fs)
     return fig
 
 
@@ -830,15 +904,8 @@ def save_explanation(
     flat = [p for per in plan for ps in per.values() for p in ps]
     if len(set(flat)) != len(flat):
         raise InputError("two outputs would get the same file name; use suffix='rank'")
-    if not overwrite:
-        clash = [p for p in flat if p.exists()]
-        if clash:
-            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-            raise OutputExistsError(
-                f"{clash[0]} already exists{more}; pass --overwrite (overwrite=True) "
-                "to replace it, or choose another output folder"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+    check_targets(flat, overwrite)  # files and links (even dangling ones) are in the way without overwrite
+    safe_out_dir(out)
 
     map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
     size = tuple(exp.maps.shape[-2:])
@@ -867,6 +934,7 @@ def save_explanation(
                     fig,
                     p,
                     dpi=dpi,
+                    overwrite=overwrite,
                     metadata={
                         "Title": title,
                         "Software": f"camlens {_versions()['camlens']}",
@@ -877,7 +945,8 @@ def save_explanation(
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
-            np.save(p, exp.maps[i].detach().float().cpu().numpy())
+            arr = exp.maps[i].detach().float().cpu().numpy()
+            atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
             p = plan[i]["json"][0]
@@ -901,7 +970,7 @@ def save_explanation(
                 "extras": _scalar_extras(exp.extras),
                 "versions": _versions(),
             }
-            p.write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
             written.append(p)
     return written
 

@@ -146,3 +146,27 @@ def test_explanation_helpers(tiny, tiny_x):
     assert sub.sources == ["image2", "image0"] and "gradcam" in repr(e)
     probs = torch.softmax(tiny(tiny_x), 1).gather(1, e.classes).float()
     torch.testing.assert_close(e.probs, probs)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """Issue 17.5: a JPEG stored sideways with Orientation=6 ("rotate 90° clockwise to display") is
+    loaded upright. Oracle: the stored pixels rotated by numpy."""
+    from PIL import Image
+
+    from camlens.io import load_image
+
+    stored = np.zeros((40, 60, 3), np.uint8)  # stored 60 wide x 40 high
+    stored[:, :20] = (255, 0, 0)  # a red band on the stored left
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "six.jpg", exif=exif.tobytes(), quality=95)
+    im.save(tmp_path / "plain.jpg", quality=95)
+    up = load_image(tmp_path / "six.jpg")
+    assert up.shape == (60, 40, 3)  # displayed: 40 wide x 60 high
+    expect = np.rot90(stored, k=-1)  # 90° clockwise: the stored left band becomes the top
+    assert np.abs(up.astype(int) - expect.astype(int)).mean() < 4
+    assert up[:15].mean(axis=(0, 1))[0] > 200 and up[-15:].mean(axis=(0, 1))[0] < 60
+    assert load_image(tmp_path / "plain.jpg").shape == (40, 60, 3)
+    with Image.open(tmp_path / "six.jpg") as pil:  # a PIL image with the tag: the same
+        assert load_image(pil).shape == (60, 40, 3)

@@ -188,7 +188,6 @@ def test_every_module_has_a_layer():
     assert not unranked, f"add these modules to a layer in RANKS: {unranked}"
 
 
-@pytest.mark.xfail(strict=True, reason="models <-> train cycle: removed with models/weights.py (issue 17 branch)")
 def test_no_import_cycle_even_through_function_level_imports():
     assert _cycles(_graph(include_lazy=True)) == []
 

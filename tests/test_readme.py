@@ -9,7 +9,7 @@ without touching this file:
 * ``python`` blocks: each block is one example, executed in a fresh namespace.
 
 Each example runs in its own copy of a sandbox folder holding the files the README names:
-``cat.jpg``, ``photos/`` (one photo), ``data/**/*.jpg``, ``val/`` (synthetic shapes with
+``cat.jpg``, ``dog.jpg``, ``photos/`` (one photo), ``data/**/*.jpg``, ``val/`` (synthetic shapes with
 ``val/boxes.csv``), ``shapes/`` (a synthetic ImageFolder), ``new_image.png`` and ``runs/shapes``
 (a small fine-tuned checkpoint). An example that needs more files adds them to :func:`sandbox`.
 
@@ -74,6 +74,7 @@ def sandbox(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     cat = sample_image("chelsea")
     Image.fromarray(cat).save(root / "cat.jpg")
+    Image.fromarray(sample_image("astronaut")[::2, ::2].copy()).save(root / "dog.jpg")  # any photo will do
     (root / "photos").mkdir()
     Image.fromarray(sample_image("coffee")[::2, ::2].copy()).save(root / "photos" / "coffee.jpg")
     (root / "data" / "pets").mkdir(parents=True)

@@ -28,6 +28,14 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         return self._load(name)
 
+    def invoke(self, ctx):
+        from camlens.errors import WriteError  # light: no torch
+
+        try:
+            return super().invoke(ctx)
+        except WriteError as exc:  # a full disk, a read-only or unusable --out: the cause, no traceback
+            raise click.ClickException(str(exc)) from None
+
     @staticmethod
     def _load(name):
         target = COMMANDS.get(name)

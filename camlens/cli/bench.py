@@ -94,9 +94,13 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
 @click.option("--builtin", is_flag=True, help="camlens-only timing, even from a source checkout")
 def bench_cmd(quick, models, tasks, batches, threads, no_peers, leak, out, markdown, overwrite, builtin):
     """Time explanations against the forward pass (and the peer libraries, from a source checkout)."""
-    for path in (out, markdown):
-        if path and Path(path).exists() and not overwrite:
-            raise click.UsageError(f"{path} exists; pass --overwrite to replace it")
+    from camlens.errors import CamlensError
+    from camlens.fsio import check_targets
+
+    try:  # a file or a link (even a dangling one) is in the way without --overwrite
+        check_targets([p for p in (out, markdown) if p], overwrite)
+    except CamlensError as exc:
+        raise click.UsageError(str(exc)) from None
     runner = None if builtin else _benchmarks_runner()
     if runner is None:
         if leak or out or markdown or tasks:

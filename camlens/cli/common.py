@@ -155,16 +155,15 @@ def parse_threshold(value: str | None) -> float | None:
 
 
 def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
-    """Refuse (exit 1, nothing written) when any planned output exists and ``--overwrite`` is not set."""
-    if overwrite:
-        return
-    clash = [p for p in paths if Path(p).exists()]
-    if clash:
-        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-        raise click.ClickException(
-            f"{clash[0]} already exists{more}; pass --overwrite to replace existing "
-            "files, or choose another --out folder"
-        )
+    """Refuse (exit 1, nothing written) when any planned output exists — a file or a symbolic link,
+    even a dangling one (:func:`camlens.fsio.check_targets`) — and ``--overwrite`` is not set."""
+    from camlens.errors import CamlensError
+    from camlens.fsio import check_targets
+
+    try:
+        check_targets(paths, overwrite)
+    except CamlensError as exc:
+        raise click.ClickException(f"{exc}; or choose another --out folder") from None
 
 
 def resolve_device(device: str | None) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
-import os
+import sys
 from pathlib import Path
 
 import click
+
+from camlens.fsio import atomic_write, check_targets, safe_out_dir
 
 from .common import check_layer, method_option, parse_method_options, resolve_device
 
@@ -76,22 +79,32 @@ def _load_gt(path: str, names: list[str]) -> list:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None, overwrite: bool = False) -> None:
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    fh = io.StringIO(newline="")  # built in memory, written atomically
+    w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write(path, fh.getvalue(), overwrite=overwrite)
 
 
-def _write_rows_so_far(path: Path, rows: list[dict]) -> None:
-    """``per_image.csv`` rewritten after each chunk (temporary file + rename, never half-written):
-    an interrupted run keeps every image it finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_csv(tmp, rows)
-    os.replace(tmp, path)
+def _readable(paths: list[str], names: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Drop the images that cannot be read (named on stderr, like explain and localize do)."""
+    from camlens.errors import ImageLoadError
+    from camlens.io import load_image
+
+    keep, kept_names, bad = [], [], []
+    for p, n in zip(paths, names, strict=True):
+        try:
+            load_image(p)  # decoded once more by the runner; negligible next to the metrics' forwards
+        except ImageLoadError as exc:
+            click.echo(f"error: {exc}", err=True)
+            bad.append(p)
+            continue
+        keep.append(p)
+        kept_names.append(n)
+    return keep, kept_names, bad
 
 
 @click.command("evaluate")
@@ -182,19 +195,23 @@ def evaluate_cmd(
     """
     import dataclasses
 
+    import torch
+
     import camlens
     from camlens.errors import CamlensError
     from camlens.metrics import runner
 
-    options = parse_method_options(method_options, methods) if method_options else {}
     try:
         wanted = runner.resolve_metrics(metrics)
         pct = [float(p) / 100 for p in percentages.split(",") if p.strip()]
     except (CamlensError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    failed: list[str] = []
     if data:
         paths = expand_data(data)
-        images, names = paths, _image_names(paths)
+        images, names, failed = _readable(paths, _image_names(paths))
+        if not images:
+            raise click.ClickException("no readable image to evaluate (see the errors above)")
     else:
         from camlens.io import sample_image
 
@@ -214,15 +231,35 @@ def evaluate_cmd(
             planned.append(outdir / "road.png")
         if "sanity" in wanted:
             planned.append(outdir / "sanity.png")
-    existing = [str(p) for p in planned if p.exists()]
-    if existing and not overwrite:
-        raise click.ClickException(
-            f"{len(existing)} output file(s) already exist in {outdir} ({', '.join(existing[:3])}"
-            f"{'…' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose another --out"
-        )
+    try:  # files and links (even dangling ones) are in the way without --overwrite
+        check_targets(planned, overwrite)
+    except CamlensError as exc:
+        raise click.ClickException(f"{exc}; or choose another --out") from None
+    options = parse_method_options(method_options, methods) if method_options else {}
     device = resolve_device(device)
+    from camlens.pipeline import dist
+
+    device = dist.local_device(device)
+    ctx = dist.setup(device)  # under torchrun: each rank scores a contiguous block of the images
+    lo, hi = len(images) * ctx.rank // ctx.world, len(images) * (ctx.rank + 1) // ctx.world
+    if ctx.active:
+        images, names = images[lo:hi], names[lo:hi]
+        gt = gt[lo:hi] if gt is not None else None
+    partial = []
+
+    def write_so_far(rows: list[dict]) -> None:
+        """per_image.csv rewritten (atomically) after each chunk: an interrupted run keeps its rows."""
+        safe_out_dir(outdir)
+        _write_csv(outdir / "per_image.csv", rows, None, overwrite=True)  # checked free (or --overwrite) above
+        partial.append(True)
+
     try:
-        net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        if weights == "random":  # the same random network on every rank and in every run
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        else:
+            net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
         check_layer(net, layer)
         card = getattr(net, "camlens", None)
         pp = None
@@ -230,41 +267,54 @@ def evaluate_cmd(
             if size < 8:
                 raise click.UsageError("--size must be at least 8 pixels")
             pp = dataclasses.replace(card.preprocess, size=(size, size)) if card else None
-        report = runner.evaluate(
-            net,
-            images,
-            methods,
-            wanted,
-            names=names,
-            gt=gt,
-            steps=steps,
-            percentages=pct,
-            tolerance=tolerance,
-            baseline=baseline,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            seed=seed,
-            preprocess=pp,
-            explain_options={**({"layer": layer} if layer else {}), **options} or None,
-            sanity_layers=sanity_layers,
-            progress=not quiet,
-            on_rows=lambda rows: _write_rows_so_far(outdir / "per_image.csv", rows),
+        report = (
+            runner.evaluate(
+                net,
+                images,
+                methods,
+                wanted,
+                names=names,
+                gt=gt,
+                steps=steps,
+                percentages=pct,
+                tolerance=tolerance,
+                baseline=baseline,
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+                seed=seed,
+                preprocess=pp,
+                explain_options={**({"layer": layer} if layer else {}), **options} or None,
+                sanity_layers=sanity_layers,
+                progress=not quiet and ctx.is_main,
+                on_rows=None if ctx.active else write_so_far,
+                index_offset=lo,
+            )
+            if images
+            else runner.EvaluationReport()
         )
+        if ctx.active:
+            report = _merge_reports(ctx, report)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
-    outdir.mkdir(parents=True, exist_ok=True)
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        return
+    safe_out_dir(outdir)
     click.echo(report.table())
     written = []
     cols = ["image", "method", "target", "target_name", *report.columns]
-    _write_csv(outdir / "per_image.csv", report.rows, cols)
-    _write_csv(outdir / "summary.csv", report.summary(), ["method", "metric", "mean", "std", "n", "better"])
+    _write_csv(outdir / "per_image.csv", report.rows, cols, overwrite or bool(partial))
+    _write_csv(outdir / "summary.csv", report.summary(), ["method", "metric", "mean", "std", "n", "better"], overwrite)
     report.settings.update(
         {"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device, "layer": layer, "size": size}
     )
-    (outdir / "summary.json").write_text(json.dumps(report.to_dict(), indent=2))
+    if failed:
+        report.settings["skipped"] = failed
+    atomic_write(outdir / "summary.json", json.dumps(report.to_dict(), indent=2), overwrite=overwrite)
     written += ["per_image.csv", "summary.csv", "summary.json"]
     if report.sanity is not None:
-        _write_csv(outdir / "sanity.csv", report.sanity.table())
+        _write_csv(outdir / "sanity.csv", report.sanity.table(), None, overwrite)
         written.append("sanity.csv")
     if not no_plots:
         import matplotlib
@@ -280,7 +330,56 @@ def evaluate_cmd(
         if report.sanity is not None:
             figs.append(("sanity.png", runner.sanity_figure(report.sanity)))
         for name, fig in figs:
-            fig.savefig(outdir / name, dpi=100, bbox_inches="tight")
+            atomic_write(
+                outdir / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), overwrite
+            )
             plt.close(fig)
             written.append(name)
     click.echo(f"\nwrote {', '.join(written)} to {outdir}")
+    if failed:
+        click.echo(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}", err=True)
+        sys.exit(1)
+
+
+def _merge_reports(ctx, report):
+    """Every rank's report -> the dataset's, on every rank (``all_gather_object``).
+
+    Per-image rows are concatenated in rank order, which is image order (contiguous shards), then
+    ordered by method like :func:`~camlens.metrics.runner.evaluate` does, so the
+    summary means (deletion / insertion AUC, average drop, pointing games…) are computed from the
+    very rows a single process has: the same figures, bit for bit. Mean curves are recombined as
+    ``Σ n_r · mean_r / Σ n_r`` (equal to float rounding); sanity results are concatenated.
+    """
+    import numpy as np
+
+    from camlens.metrics import runner
+
+    def count(rows, m):
+        return sum(1 for r in rows if r["method"] == m)
+
+    mine = {
+        "rows": report.rows,
+        "curves": {k: (f, c, count(report.rows, k[0])) for k, (f, c) in report.curves.items()},
+        "road": {m: (p, a, b, count(report.rows, m)) for m, (p, a, b) in report.road.items()},
+        "sanity": report.sanity,
+        "settings": report.settings,
+    }
+    parts = ctx.gather(mine)
+    out = runner.EvaluationReport()
+    rows = [r for p in parts for r in p["rows"]]  # rank order = image order
+    order = {m: k for k, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    out.rows = sorted(rows, key=lambda r: order[r["method"]])  # stable: (method, image), as one process
+    for key in dict.fromkeys(k for p in parts for k in p["curves"]):
+        got = [p["curves"][key] for p in parts if key in p["curves"]]
+        n = sum(g[2] for g in got)
+        out.curves[key] = (got[0][0], sum(np.asarray(g[1]) * g[2] for g in got) / max(n, 1))
+    for m in dict.fromkeys(k for p in parts for k in p["road"]):
+        got = [p["road"][m] for p in parts if m in p["road"]]
+        n = sum(g[3] for g in got)
+        out.road[m] = (got[0][0], sum(g[1] * g[3] for g in got) / max(n, 1), sum(g[2] * g[3] for g in got) / max(n, 1))
+    sanity = [p["sanity"] for p in parts if p["sanity"] is not None]
+    out.sanity = runner.merge_sanity(sanity) if sanity else None
+    out.settings = dict(next((p["settings"] for p in parts if p["settings"]), {}))
+    out.settings["images"] = sum(p["settings"].get("images", 0) for p in parts)
+    out.settings["ranks"] = ctx.world
+    return out

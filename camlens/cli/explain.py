@@ -8,25 +8,24 @@ import click
 
 from .common import (
     EXIT_FAILED,
-    batches,
     check_layer,
     check_overwrite,
     common_model_options,
     echo,
     echo_err,
-    expand_inputs,
-    load_model_opts,
-    load_source,
     method_option,
     parse_classes,
     parse_formats,
     parse_method_options,
     parse_threshold,
-    progress,
+    resolve_device,
     table,
 )
+from .dataset import collect, dataset_options, load_model_seeded
 
 DEFAULT_METHODS = ("gradcam", "cam")
+#: more named files than this (e.g. `photos/*.jpg` expanded by the shell) make a dataset run
+MAX_NAMED_FILES = 32
 
 
 @click.command("explain")
@@ -55,11 +54,12 @@ DEFAULT_METHODS = ("gradcam", "cam")
 @click.option(
     "--format",
     "formats",
-    default="png,npy,json",
+    default="auto",
     show_default=True,
-    help="comma-separated: png (overlays), npy (maps), json (summary)",
+    help="comma-separated: png (overlays), npy (maps), json (summary) per image, store (Parquet table + Zarr "
+    "maps, resumable); auto = png,npy,json for named files, store for folders, globs and lists",
 )
-@click.option("--overwrite", is_flag=True, help="replace existing output files")
+@click.option("--overwrite", is_flag=True, help="replace existing output files (or a store with other arguments)")
 @click.option(
     "--threshold",
     default=None,
@@ -67,6 +67,7 @@ DEFAULT_METHODS = ("gradcam", "cam")
 )
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
+@dataset_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
@@ -88,30 +89,45 @@ def explain_cmd(
     threshold,
     boxes,
     batch_size,
+    workers,
+    figures,
+    map_dtype,
     alpha,
     cmap,
     recursive,
     quiet,
     method_options,
 ):
-    """Explain IMAGES (files, folders or glob patterns; default: the bundled cat photo).
+    """Explain IMAGES (files, folders, glob patterns, ImageFolder trees, CSV/COCO/VOC/TXT lists;
+    default: the bundled cat photo).
 
-    Prints each image's top-5 classes and writes, per image (named after its file stem) and method,
-    PNG overlays of the explained classes (e.g. chelsea_gradcam_top1.png), the maps (.npy) and a JSON
-    summary. Unreadable images are reported and skipped; the exit code is 1 if any input failed.
+    Named files: prints each image's top-5 classes and writes, per image (named after its file
+    stem) and method, PNG overlays of the explained classes (e.g. chelsea_gradcam_top1.png), the
+    maps (.npy) and a JSON summary.
+
+    Folders, globs and lists, or more than 32 named files (a dataset run): images are decoded in
+    --workers processes, explained in batches across files, and written to a result store in OUT:
+    results.parquet (one row per image x class x method: source, size, class, score, probability,
+    box, method, layer, model) and maps.zarr; camlens.open_results(OUT) reads it back. A rerun with
+    the same arguments resumes, computing only the missing images; other arguments are refused
+    unless --overwrite. Under `torchrun --nproc-per-node=N -m camlens explain DATA --out OUT` the
+    ranks share the images.
+
+    Unreadable images are reported by name and skipped; the exit code is 1 if any input failed.
 
     \b
     Examples:
       camlens explain                                  # the cat photo, Grad-CAM and CAM, top-2
       camlens explain photos/ --method gradcam++ --topk 3 --out results
-      camlens explain 'data/**/*.jpg' --class "tabby cat" --format png
+      camlens explain 'data/**/*.jpg' --class "tabby cat" --figures overlay
+      torchrun --nproc-per-node=2 -m camlens explain val/ --out store
     """
     from camlens.errors import CamlensError
     from camlens.methods.registry import get_method
     from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
     from camlens.viz import output_paths
 
-    fmts = parse_formats(formats, ("png", "npy", "json"))
     thr = parse_threshold(threshold)
     defaulted = not methods
     try:
@@ -120,147 +136,206 @@ def explain_cmd(
         raise click.BadParameter(str(exc), param_hint="--method") from None
     options = parse_method_options(method_options, names)
 
-    inputs = expand_inputs(images, recursive=recursive)
+    inputs = collect(images, recursive=recursive)
+    # a folder, glob or list, torchrun, or many named files (a shell-expanded glob) is a dataset run
+    dataset_run = inputs.dataset or dist.launched() or len(inputs.records) > MAX_NAMED_FILES
+    if formats == "auto":
+        fmts = ["store"] if dataset_run else ["npy", "json"]
+        fig = figures if figures != "auto" else ("none" if dataset_run else "all")
+    else:
+        fmts = parse_formats(formats, ("png", "npy", "json", "store"))
+        fig = figures if figures != "auto" else ("all" if "png" in fmts else "none")
+        fmts = [f for f in fmts if f != "png"]
+    store = "store" in fmts
+    loose = [f for f in fmts if f in ("npy", "json")]
+    if fig != "none" and not store:
+        loose.append("png")
+    ctx = dist.setup(dist.local_device(resolve_device(device)))
     failed = len(inputs.problems)
-    for msg in inputs.problems:
-        echo_err(f"error: {msg}")
-    if not inputs.sources:
+    if ctx.is_main:
+        for msg in inputs.problems:
+            echo_err(f"error: {msg}")
+    if not inputs.records:
         raise click.ClickException("no images to explain" + (" (see the errors above)" if failed else ""))
+    stems = [r.name for r in inputs.records]
+    suffix = "class" if classes else "rank"
 
-    # every output is checked before any work, so nothing is half-written when one already exists
-    # (with --class the file names carry class names, known once the model is loaded)
+    # every loose output is checked before any work, so nothing is half-written when one already
+    # exists (with --class the file names carry class names, known once the model is loaded)
     def check(labels: list[str]) -> None:
-        suffix = "class" if classes else "rank"
+        if not loose:
+            return
         plan = [
             p
             for m in names
-            for per in output_paths(out, inputs.names, m, [labels] * len(inputs.names), fmts, suffix)
+            for per in output_paths(
+                out, stems, m, [labels[:1] if fig == "overlay" else labels] * len(stems), loose, suffix
+            )
             for ps in per.values()
             for p in ps
         ]
         check_overwrite(plan, overwrite)
 
-    if not classes:
-        check([""] * topk)
-    net = load_model_opts(model, weights, checkpoint, device)
-    check_layer(net, layer)
-    card = card_of(net)
-    class_names = card.class_names if card else None
-    targets = parse_classes(classes, class_names) if classes else None
-    k = len(targets) if targets else topk
-    if targets is not None:
-        check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
-
-    written = 0
-    items = list(zip(inputs.sources, inputs.names, strict=True))
-    bar = progress(len(items), "explain")
     try:
-        for chunk in batches(items, batch_size):
-            imgs, stems = [], []
-            for src, stem in chunk:
-                try:
-                    imgs.append(load_source(src))
-                    stems.append(stem)
-                except CamlensError as exc:
-                    failed += 1
-                    echo_err(f"error: {exc}", bar)
-            bar.update(len(chunk) - len(imgs))  # unreadable ones: done
-            if imgs:
-                done_before = bar.n
-                try:
-                    written += _explain_batch(
-                        net,
-                        imgs,
-                        stems,
-                        names,
-                        targets,
-                        k,
-                        layer,
-                        out,
-                        fmts,
-                        overwrite,
-                        thr,
-                        boxes,
-                        alpha,
-                        cmap,
-                        quiet,
-                        defaulted,
-                        bar,
-                        options,
-                    )
-                except CamlensError as exc:
-                    failed += len(imgs)
-                    echo_err(f"error: {', '.join(stems)}: {exc}", bar)
-                    bar.update(done_before + len(imgs) - bar.n)  # the batch's images are done, written or not
+        if not classes:
+            check([""] * topk)
+        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
+        card = card_of(net)
+        class_names = card.class_names if card else None
+        targets = parse_classes(classes, class_names) if classes else None
+        k = len(targets) if targets else topk
+        if targets is not None:
+            check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
+        spec = targets if targets is not None else f"top{k}"
+        code = _run(
+            net,
+            inputs,
+            names,
+            spec,
+            layer,
+            out,
+            fmts,
+            loose,
+            fig,
+            store,
+            overwrite,
+            thr,
+            boxes,
+            alpha,
+            cmap,
+            suffix,
+            batch_size,
+            workers,
+            map_dtype,
+            quiet or dataset_run,
+            defaulted,
+            failed,
+            ctx,
+            options,
+        )
     finally:
-        bar.close()
-    n_ok = len(items) - failed + len(inputs.problems)
-    click.echo(
-        f"explained {n_ok} of {len(items)} image(s) with {', '.join(names)}; wrote {written} file(s) "
-        f"to {out}" + (f"; {failed} input(s) failed" if failed else "")
-    )
-    if failed:
-        sys.exit(EXIT_FAILED)
+        ctx.close()
+    if code:
+        sys.exit(code)
 
 
-def _explain_batch(
+def _run(
     net,
-    imgs,
-    stems,
+    inputs,
     names,
-    targets,
-    k,
+    spec,
     layer,
     out,
     fmts,
+    loose,
+    fig,
+    store,
     overwrite,
     thr,
     boxes,
     alpha,
     cmap,
+    suffix,
+    batch_size,
+    workers,
+    map_dtype,
     quiet,
     defaulted,
-    bar,
+    failed,
+    ctx,
     options=None,
 ) -> int:
-    """Explain one batch with every method (one shared forward); returns the number of files written.
-    With the default methods, a head that is not GAP + linear drops CAM (with a note) instead of failing."""
-    import camlens
-    from camlens.errors import HeadError
-    from camlens.viz import save_explanation
+    """Stream the records through the pipeline into the store and/or the loose files."""
+    import sys as _sys
 
-    if not quiet:
-        for stem, top in zip(stems, camlens.predict(net, imgs, topk=5), strict=True):
+    import camlens
+    from camlens.errors import CamlensError
+    from camlens.localization import DEFAULT_THRESHOLD
+    from camlens.models.preprocess import IMAGENET
+    from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
+    from camlens.pipeline.run import FilesSink, run_store, stream
+    from camlens.pipeline.sources import ImageFiles
+
+    card = card_of(net)
+    pp = card.preprocess if card else IMAGENET
+    keep = bool(loose) or fig != "none"
+    ds = ImageFiles(inputs.records, pp, keep_images=keep)
+    sinks = []
+    files = None
+    if loose:
+        files = FilesSink(
+            out,
+            loose,
+            top=1 if fig == "overlay" else None,
+            overwrite=overwrite,
+            threshold=thr,
+            boxes=boxes,
+            alpha=alpha,
+            cmap=cmap,
+            suffix=suffix,
+        )
+        sinks.append(files)
+
+    def before(batch, x):
+        for stem, top in zip(batch.names, camlens.predict(net, x, topk=5), strict=True):
             rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
-            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), bar)
-    spec = [targets] * len(imgs) if targets is not None else f"top{k}"
-    todo = list(names)
+            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
+
+    opts = dict(
+        methods=names,
+        targets=spec,
+        layer=layer,
+        capture="output",
+        batch_size=batch_size,
+        num_workers=workers,
+        optional=("cam",) if defaulted else (),
+        before=None if quiet else before,
+        on_error=lambda msg: echo_err(msg),
+        **(options or {}),  # --option KEY=VALUE, typed by the methods' signatures
+    )
     try:
-        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer, **(options or {}))
-    except HeadError as exc:
-        if not (defaulted and "cam" in todo):
-            raise
-        echo_err(f"note: CAM skipped ({exc})", bar)
-        names.remove("cam")  # for the next batches too
-        todo = list(names)
-        res = camlens.explain(net, imgs, method=todo, targets=spec, layer=layer, **(options or {}))
-    count = 0
-    for exp in res.values():
-        exp.sources = list(stems)
-    for i in range(len(stems)):  # image by image, so the bar counts images as they are written
-        for exp in res.values():
-            count += len(
-                save_explanation(
-                    exp.select(i),
-                    out,
-                    formats=fmts,
-                    overwrite=overwrite,
-                    threshold=thr,
-                    boxes=boxes,
-                    alpha=alpha,
-                    cmap=cmap,
-                    suffix="class" if targets is not None else "rank",
-                )
+        if store:
+            res, stats = run_store(
+                net,
+                ds,
+                out,
+                threshold=DEFAULT_THRESHOLD if thr is None else thr,
+                map_dtype=map_dtype,
+                figures=fig,
+                overwrite=overwrite,
+                preprocess=None,
+                progress=True,
+                ctx=ctx,
+                extra_sinks=sinks,
+                argv=_sys.argv[1:],
+                **opts,
             )
-        bar.update(1)
-    return count
+        else:
+            ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+            stats = stream(
+                net, ds, ids, sinks, progress=ctx.is_main and len(ds) >= 4, world=ctx.world, desc="explain", **opts
+            )
+            stats.failed = [f for part in ctx.gather(stats.failed) for f in part]
+            res = None
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+    n_bad = failed + len(stats.failed)
+    computed = int(ctx.sum_ints([stats.computed])[0])
+    written = int(ctx.sum_ints([files.written if files else 0])[0])
+    if ctx.is_main:
+        n = len(ds)
+        ok = n - len(stats.failed)
+        line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
+        if res is not None:
+            line += (
+                f" ({computed} now, {stats.skipped} already in the store); store {out} "
+                f"({len(res.table)} rows: results.parquet, maps.zarr)"
+            )
+            if files:
+                line += f"; wrote {written} file(s)"
+        else:
+            line += f"; wrote {written} file(s) to {out}"
+        click.echo(line + (f"; {n_bad} input(s) failed" if n_bad else ""))
+    return EXIT_FAILED if n_bad else 0

@@ -4,28 +4,28 @@ ground-truth boxes (CSV, Pascal VOC, COCO) with the localization metrics and an 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import click
 
+from camlens.fsio import atomic_write, safe_out_dir
+
 from .common import (
     EXIT_FAILED,
-    batches,
     check_layer,
     check_overwrite,
     common_model_options,
     echo,
     echo_err,
-    expand_inputs,
-    load_model_opts,
-    load_source,
     parse_classes,
     parse_formats,
     parse_threshold,
-    progress,
+    resolve_device,
 )
+from .dataset import collect, load_model_seeded
 
 CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "rank", "method", "threshold"]
 
@@ -73,6 +73,12 @@ CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "ran
 )
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(0),
+    help="DataLoader processes decoding images [default: up to 4 for more than two batches]",
+)
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option(
     "--eval",
@@ -126,6 +132,7 @@ def localize_cmd(
     formats,
     overwrite,
     batch_size,
+    workers,
     recursive,
     eval_boxes,
     root,
@@ -180,16 +187,19 @@ def localize_cmd(
             out,
             overwrite,
             batch_size,
+            workers,
         )
         return
     if calibrate:
         raise click.UsageError("--calibrate needs --eval BOXES")
     fmts = parse_formats(formats, ("json", "csv", "png"))
-    inputs = expand_inputs(images, recursive=recursive)
+    from camlens.pipeline import dist
+
+    inputs = collect(images, recursive=recursive)
     failed = len(inputs.problems)
     for msg in inputs.problems:
         echo_err(f"error: {msg}")
-    if not inputs.sources:
+    if not inputs.records:
         raise click.ClickException("no images to localize" + (" (see the errors above)" if failed else ""))
     outdir = Path(out)
     plan = []
@@ -198,57 +208,35 @@ def localize_cmd(
     if "csv" in fmts:
         plan.append(outdir / "boxes.csv")
     if "png" in fmts:
-        plan += [outdir / f"{s}_{m}_boxes.png" for s in inputs.names for m in names]
+        plan += [outdir / f"{r.name}_{m}_boxes.png" for r in inputs.records for m in names]
     check_overwrite(plan, overwrite)
 
-    net = load_model_opts(model, weights, checkpoint, device)
-    check_layer(net, layer)
-    from camlens.models.zoo import card_of
-
-    card = card_of(net)
-    targets = parse_classes(classes, card.class_names if card else None) if classes else None
-    records, written = [], []
-    items = list(zip(inputs.sources, inputs.names, strict=True))
-    bar = progress(len(items), "localize")
+    ctx = dist.setup(dist.local_device(resolve_device(device)))
     try:
-        for chunk in batches(items, batch_size):
-            imgs, srcs, stems = [], [], []
-            for src, stem in chunk:
-                try:
-                    imgs.append(load_source(src))
-                    srcs.append(src)
-                    stems.append(stem)
-                except CamlensError as exc:
-                    failed += 1
-                    echo_err(f"error: {exc}", bar)
-            if imgs:
-                try:
-                    recs = _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mode, min_area)
-                except CamlensError as exc:
-                    failed += len(imgs)
-                    echo_err(f"error: {', '.join(stems)}: {exc}", bar)
-                    recs = []
-                for rec, img in recs:
-                    records.append(rec)
-                    if not quiet:
-                        first = rec["boxes"][0] if rec["boxes"] else None
-                        if first:
-                            echo(
-                                f"{rec['name']}: {rec['method']} {first['class_name']} ({first['prob']:.1%}) "
-                                f"box {tuple(first['box'])}",
-                                bar,
-                            )
-                    if "png" in fmts:
-                        outdir.mkdir(parents=True, exist_ok=True)
-                        written.append(_draw(img, rec, outdir / f"{rec['name']}_{rec['method']}_boxes.png"))
-            bar.update(len(chunk))
+        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
+        from camlens.models.zoo import card_of
+
+        card = card_of(net)
+        targets = parse_classes(classes, card.class_names if card else None) if classes else None
+        records, n_failed, n = _localize_stream(
+            net, inputs, names, targets, topk, layer, thr, mode, min_area, fmts, outdir, quiet, batch_size, workers, ctx
+        )
     finally:
-        bar.close()
+        ctx.close()
+    if not ctx.is_main:
+        if failed + n_failed:
+            sys.exit(EXIT_FAILED)
+        return
+    failed += n_failed
+    written = [outdir / f"{r['name']}_{r['method']}_boxes.png" for r in records] if "png" in fmts else []
     if records:
-        outdir.mkdir(parents=True, exist_ok=True)
+        safe_out_dir(outdir)
+    # outputs were checked before any work (check_overwrite): written atomically, a link replaced, never followed
     if "json" in fmts and records:
         p = outdir / "boxes.json"
-        p.write_text(
+        atomic_write(
+            p,
             json.dumps(
                 {
                     "threshold": thr,
@@ -259,79 +247,128 @@ def localize_cmd(
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
+            overwrite=True,
         )
         written.append(p)
     if "csv" in fmts and records:
         p = outdir / "boxes.csv"
-        with p.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(CSV_COLUMNS)
-            for rec in records:
-                for b in rec["boxes"]:
-                    w.writerow(
-                        [
-                            rec["path"],
-                            b["class_name"],
-                            *b["box"],
-                            b["class"],
-                            f"{b['prob']:.6f}",
-                            b["rank"],
-                            rec["method"],
-                            thr,
-                        ]
-                    )
+        fh = io.StringIO(newline="")  # the table is built in memory, then written atomically
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for rec in records:
+            for b in rec["boxes"]:
+                w.writerow(
+                    [
+                        rec["path"],
+                        b["class_name"],
+                        *b["box"],
+                        b["class"],
+                        f"{b['prob']:.6f}",
+                        b["rank"],
+                        rec["method"],
+                        thr,
+                    ]
+                )
+        atomic_write(p, fh.getvalue(), overwrite=True)
         written.append(p)
-    n_ok = len(items) - failed + len(inputs.problems)
+    n_ok = n - n_failed
     click.echo(
-        f"localized {n_ok} of {len(items)} image(s) at threshold {thr:g}; wrote {len(written)} file(s) "
+        f"localized {n_ok} of {n} image(s) at threshold {thr:g}; wrote {len(written)} file(s) "
         f"to {out}" + (f"; {failed} input(s) failed" if failed else "")
     )
     if failed:
         sys.exit(EXIT_FAILED)
 
 
-def _localize_batch(net, imgs, srcs, stems, names, targets, topk, layer, thr, mode, min_area):
-    import camlens
-    from camlens.localization import image_boxes
+class _LocalizeSink:
+    """Box records per image and method (writer thread); drawn PNGs when asked."""
 
-    spec = [targets] * len(imgs) if targets is not None else f"top{topk}"
-    res = camlens.explain(net, imgs, method=names, targets=spec, layer=layer)
-    out = []
-    for m, exp in res.items():
-        per = image_boxes(exp, thr, mode=mode, min_area=min_area)
-        labels = exp.labels()
-        for i, img in enumerate(imgs):
-            boxes = []
-            for j in range(exp.maps.shape[1]):
-                rows = per[i][j].reshape(-1, 4)
-                for b in rows:
-                    if (b < 0).any():
-                        continue
-                    boxes.append(
-                        {
-                            "rank": j + 1,
-                            "class": int(exp.classes[i, j]),
-                            "class_name": labels[i][j],
-                            "prob": float(exp.probs[i, j]),
-                            "box": [int(v) for v in b],
-                        }
-                    )
-            src = srcs[i]
-            out.append(
-                (
-                    {
-                        "name": stems[i],
-                        "path": src,
-                        "method": m,
-                        "layer": exp.layer,
-                        "image_size": list(img.shape[:2]),
-                        "boxes": boxes,
-                    },
-                    img,
-                )
-            )
-    return out
+    def __init__(self, thr, mode, min_area, outdir: Path | None, quiet: bool):
+        self.thr, self.mode, self.min_area, self.outdir, self.quiet = thr, mode, min_area, outdir, quiet
+        self.records: list[tuple[int, dict]] = []
+
+    def write(self, res) -> None:
+        from camlens.localization import localize, scale_boxes
+
+        b = res.batch
+        for m, exp in res.explanations.items():
+            raw = localize(exp.maps, self.thr, mode=self.mode, min_area=self.min_area)
+            size = tuple(exp.maps.shape[-2:])
+            labels = exp.labels()
+            for i in range(len(b)):
+                per = scale_boxes(raw[i], size, b.sizes[i])
+                boxes = []
+                for j in range(exp.maps.shape[1]):
+                    for box in per[j].reshape(-1, 4):
+                        if (box < 0).any():
+                            continue
+                        boxes.append(
+                            {
+                                "rank": j + 1,
+                                "class": int(exp.classes[i, j]),
+                                "class_name": labels[i][j],
+                                "prob": float(exp.probs[i, j]),
+                                "box": [int(v) for v in box],
+                            }
+                        )
+                rec = {
+                    "name": b.names[i],
+                    "path": b.sources[i],
+                    "method": m,
+                    "layer": exp.layer,
+                    "image_size": list(b.sizes[i]),
+                    "boxes": boxes,
+                }
+                self.records.append((b.indices[i], rec))
+                if not self.quiet and boxes:
+                    first = boxes[0]
+                    echo(f"{rec['name']}: {m} {first['class_name']} ({first['prob']:.1%}) box {tuple(first['box'])}")
+                if self.outdir is not None and b.images is not None:
+                    safe_out_dir(self.outdir)
+                    _draw(b.images[i], rec, self.outdir / f"{rec['name']}_{m}_boxes.png")
+
+    def close(self) -> None:
+        pass
+
+
+def _localize_stream(
+    net, inputs, names, targets, topk, layer, thr, mode, min_area, fmts, outdir, quiet, batch_size, workers, ctx
+):
+    """Records (image order, then method order) gathered on rank 0, failures, number of images."""
+    from camlens.errors import CamlensError
+    from camlens.models.preprocess import IMAGENET
+    from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
+    from camlens.pipeline.run import stream
+    from camlens.pipeline.sources import ImageFiles
+
+    card = card_of(net)
+    ds = ImageFiles(inputs.records, card.preprocess if card else IMAGENET, keep_images="png" in fmts)
+    sink = _LocalizeSink(thr, mode, min_area, outdir if "png" in fmts else None, quiet)
+    ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+    try:
+        stats = stream(
+            net,
+            ds,
+            ids,
+            [sink],
+            methods=names,
+            targets=targets if targets is not None else f"top{topk}",
+            layer=layer,
+            batch_size=batch_size,
+            num_workers=workers,
+            progress=ctx.is_main and len(ds) >= 4,
+            desc="localize",
+            on_error=echo_err,
+            world=ctx.world,
+        )
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+    order = {m: k for k, m in enumerate(names)}
+    recs = sorted((r for part in ctx.gather(sink.records) for r in part), key=lambda r: (r[0], order[r[1]["method"]]))
+    n_failed = int(ctx.sum_ints([len(stats.failed)])[0])
+    return [r for _, r in recs], n_failed, len(ds)
 
 
 def _draw(img, rec, path: Path) -> Path:
@@ -341,7 +378,8 @@ def _draw(img, rec, path: Path) -> Path:
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]
-    Image.fromarray(draw_boxes(img, boxes, labels=labels)).save(path)
+    im = Image.fromarray(draw_boxes(img, boxes, labels=labels))
+    atomic_write(path, lambda f: im.save(f, format="PNG"), overwrite=True)  # checked before any work
     return path
 
 
@@ -361,11 +399,21 @@ def _evaluate(
     out,
     overwrite,
     batch_size,
+    workers=None,
 ):
+    """``--eval``: stream the ground-truth images once for all methods; the metrics come from
+    per-rank accumulators reduced exactly (:mod:`camlens.pipeline.locmetrics`)."""
     import numpy as np
+    import torch
 
     from camlens.errors import CamlensError
-    from camlens.loceval import evaluate_model, read_boxes, save_threshold
+    from camlens.loceval import _class_id, read_boxes, save_threshold
+    from camlens.models.preprocess import IMAGENET
+    from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
+    from camlens.pipeline.locmetrics import LocalizationAccumulator
+    from camlens.pipeline.run import stream
+    from camlens.pipeline.sources import ImageFiles, records_for
 
     outdir = Path(out)
     metrics_path = outdir / "localization_metrics.json"
@@ -375,42 +423,87 @@ def _evaluate(
         gt = read_boxes(boxes_file, root=root)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
-    net = load_model_opts(model, weights, checkpoint, device)
-    check_layer(net, layer)
-    failed: list[str] = []
+    ctx = dist.setup(dist.local_device(resolve_device(device)))
+    try:
+        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
+        card = card_of(net)
+        class_names = card.class_names if card else None
+        ds = ImageFiles(
+            records_for([(str(g.path), g.main_class) for g in gt], list(range(len(gt)))),
+            card.preprocess if card else IMAGENET,
+        )
+        sweep = np.round(np.arange(0.0, 1.0, sweep_step), 6)
+        accs = {m: LocalizationAccumulator(thr, sweep, tolerance, name=m) for m in names}
+        correct: dict[int, float] = {}
 
-    def on_error(g, exc):
-        if str(g.path) not in failed:
-            failed.append(str(g.path))
-            echo_err(f"error: {exc}")
+        def targets(batch, x):
+            with torch.no_grad():
+                top1 = net(x).argmax(1).tolist()
+            out = []
+            for i, t1 in zip(batch.indices, top1, strict=True):
+                cid = _class_id(gt[i].main_class, class_names)
+                correct[i] = float("nan") if cid is None else float(cid == t1)
+                out.append(cid if cid is not None else t1)
+            return out
 
-    sweep = np.round(np.arange(0.0, 1.0, sweep_step), 6)
-    reports = {}
-    for m in names:
+        class _Sink:
+            def write(self, res):
+                b = res.batch
+                for m, exp in res.explanations.items():
+                    for j, i in enumerate(b.indices):
+                        g = gt[i]
+                        cid = _class_id(g.main_class, class_names)
+                        accs[m].add(
+                            exp.maps[j, 0].numpy(),
+                            g.boxes(g.main_class if cid is not None else None),
+                            b.sizes[j],
+                            correct.pop(i, None) if m == names[-1] else correct.get(i),
+                        )
+
+            def close(self):
+                pass
+
+        ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
         try:
-            rep = evaluate_model(
+            stats = stream(
                 net,
-                gt,
-                method=m,
+                ds,
+                ids,
+                [_Sink()],
+                methods=names,
+                targets=targets,
                 layer=layer,
-                threshold=thr,
-                thresholds=sweep,
-                tolerance=tolerance,
                 batch_size=batch_size,
-                on_error=on_error,
-                progress=len(gt) >= 4,
+                num_workers=workers,
+                progress=ctx.is_main and len(ds) >= 4,
+                desc="evaluate",
+                on_error=echo_err,
+                world=ctx.world,
             )
         except CamlensError as exc:
-            raise click.ClickException(f"{m}: {exc}") from None
-        reports[m] = rep
+            raise click.ClickException(str(exc)) from None
+        for a in accs.values():
+            a.reduce(ctx)
+        n_failed = int(ctx.sum_ints([len(stats.failed)])[0])
+        if accs[names[0]].mine.n == 0:
+            raise click.ClickException("none of the ground-truth images could be read")
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        if n_failed:
+            sys.exit(EXIT_FAILED)
+        return
+    reports = {m: a.report() for m, a in accs.items()}
+    for m, rep in reports.items():
         click.echo(f"\n{m}\n{rep.table()}")
-    outdir.mkdir(parents=True, exist_ok=True)
+    safe_out_dir(outdir)
     payload = {
         "boxes": str(boxes_file),
         "model": getattr(getattr(net, "camlens", None), "name", model),
         "methods": {m: r.to_dict() for m, r in reports.items()},
     }
-    metrics_path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(metrics_path, json.dumps(payload, indent=2) + "\n", overwrite=True)  # checked before any work
     click.echo(f"\nwrote {metrics_path}")
     if calibrate:
         m, rep = next(iter(reports.items()))
@@ -428,6 +521,6 @@ def _evaluate(
         click.echo(
             f"calibrated threshold for {m}: {rep.best_threshold:g} (MaxBoxAcc {rep.metrics['maxboxacc']:.1%}) -> {p}"
         )
-    if failed:
-        click.echo(f"{len(failed)} image(s) could not be read", err=True)
+    if n_failed:
+        click.echo(f"{n_failed} image(s) could not be read", err=True)
         sys.exit(EXIT_FAILED)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputExistsError
+from ..fsio import atomic_write, safe_out_dir
 
 #: Shapes this generator can draw (any subset, in any order, can be asked for).
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "hbar", "vbar")
@@ -234,21 +237,23 @@ def synthetic(
         counters[c] += 1
     csv_path = root / "boxes.csv"
     if not overwrite:
-        clash = [p for p in [csv_path, *(root / r for r in rel_paths)] if p.exists()]
+        clash = [p for p in [csv_path, *(root / r for r in rel_paths)] if os.path.lexists(p)]
         if clash:
             raise OutputExistsError(
                 f"{root} already holds a dataset ({clash[0]} exists); pass overwrite=True to replace it "
                 "or choose another folder"
             )
     for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-    for rel, img in zip(rel_paths, arr.images, strict=True):
-        Image.fromarray(img).save(root / rel)
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "class", "x0", "y0", "x1", "y1"])
-        for rel, lab, b in zip(rel_paths, arr.labels, arr.boxes, strict=True):
-            w.writerow([rel.as_posix(), classes[lab], *(int(v) for v in b)])
+        safe_out_dir(root / c)
+    for rel, img in zip(rel_paths, arr.images, strict=True):  # atomic, never through a link
+        save = functools.partial(Image.fromarray(img).save, format="PNG")
+        atomic_write(root / rel, save, overwrite=overwrite, fsync=False)
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["path", "class", "x0", "y0", "x1", "y1"])
+    for rel, lab, b in zip(rel_paths, arr.labels, arr.boxes, strict=True):
+        w.writerow([rel.as_posix(), classes[lab], *(int(v) for v in b)])
+    atomic_write(csv_path, fh.getvalue(), overwrite=overwrite)
     order = sorted(classes)  # ImageFolder's label order
     labels = np.array([order.index(classes[lab]) for lab in arr.labels], dtype=np.int64)
     return SyntheticDataset(

@@ -67,9 +67,12 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
         )
     if check:
         with torch.no_grad():
-            pred = A.detach().mean((2, 3)) @ W.T + (0 if b is None else b)
-            logits = ctx.logits.detach()
-            tol = 1e-3 * (1 + logits.abs().max())
+            # in float32 against the model's own logits; the tolerance fits the model's dtype (the
+            # logits carry its rounding: bf16 has 8 mantissa bits), structural mismatches are O(1)
+            pred = A.detach().float().mean((2, 3)) @ W.float().T + (0 if b is None else b.float())
+            logits = ctx.logits.detach().float()
+            eps = torch.finfo(A.dtype).eps if A.is_floating_point() else 0.0
+            tol = max(1e-3, 16 * eps) * (1 + logits.abs().max())
             err = (pred - logits).abs().max()
         if not torch.isfinite(err) or err > tol:
             raise HeadError(

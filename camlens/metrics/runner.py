@@ -248,6 +248,7 @@ def evaluate(
     progress: bool = False,
     on_chunk: Callable[[int, int], None] | None = None,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    index_offset: int = 0,
 ) -> EvaluationReport:
     """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
 
@@ -270,6 +271,8 @@ def evaluate(
         explain_options: keyword arguments for :func:`camlens.explain` (``layer=``…).
         sanity_layers: an int ``k`` (randomize only the top ``k`` units) or unit names.
         progress: show a tqdm progress bar.
+        index_offset: position of ``images[0]`` in the whole dataset (a ``torchrun`` rank's shard),
+            so the random baseline of each image is the one a single process draws.
     """
     batch_size = check_batch_size(batch_size)
     chunk_size = check_batch_size(chunk_size)
@@ -372,7 +375,9 @@ def evaluate(
                     continue
                 if is_base:
                     # one draw per image, seeded by its index: independent of the chunking
-                    maps = torch.cat([baseline_maps(meth, 1, size, x.device, seed + 7919 * i) for i in idx])
+                    maps = torch.cat(
+                        [baseline_maps(meth, 1, size, x.device, seed + 7919 * (index_offset + i)) for i in idx]
+                    )
                 else:
                     if bar is not None:
                         bar.set_postfix_str(f"{meth}: maps", refresh=True)

@@ -51,10 +51,12 @@ from torch import nn
 
 from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
+from .builders import build_named, torchvision_weights_file
+from .card import ModelCard, attach_card, card_of
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
 from .preprocess import IMAGENET
-from .zoo import ModelCard, attach_card, card_of
+from .weights import read_state_dict
 
 #: torchvision's ImageNet VGG16 weights file (``VGG16_Weights.IMAGENET1K_V1``) in the torch hub cache
 VGG16_FILE = "vgg16-397923af.pth"
@@ -168,10 +170,11 @@ def _convert_head(model: nn.Module, num_classes: int, bias: bool | None) -> list
     return [name]
 
 
-def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> float:
+def check_cam_ready(model: nn.Module, size: int = 64, tol: float | None = None) -> float:
     """Probe ``model`` once and verify ``logits == mean(A) @ W.T + b`` for the features ``A``
     entering its last global pooling and its last linear layer. Returns the max difference;
-    raises :class:`~camlens.errors.HeadError` when the identity fails.
+    raises :class:`~camlens.errors.HeadError` when the identity fails. ``tol`` (relative to
+    ``1 + max|logits|``) defaults to ``max(1e-3, 16 eps)`` of the model's dtype (bf16: 0.125).
     """
     from ..capture import CaptureSpec, capture
     from ..layers import resolve_layer
@@ -194,8 +197,11 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float = 1e-3) -> floa
             "last linear layer; this network is not CAM-ready"
         )
     W, b = lin[1].weight, lin[1].bias
+    if tol is None:
+        tol = max(1e-3, 16 * torch.finfo(p.dtype).eps) if p.is_floating_point() else 1e-3
     with torch.no_grad():
-        pred = cap.value.mean((2, 3)) @ W.T + (0 if b is None else b)
+        pred = cap.value.float().mean((2, 3)) @ W.float().T + (0 if b is None else b.float())
+        logits = logits.float()
         err = float((pred - logits).abs().max())
     if not err <= tol * (1 + float(logits.abs().max())):
         raise HeadError(
@@ -236,14 +242,13 @@ def cam_ready(
         lists the new modules (the ones :func:`camlens.train.finetune` trains when the backbone
         is frozen).
     """
-    from .zoo import load_model
-
     if num_classes < 1:
         raise CamlensError(f"num_classes must be >= 1, not {num_classes}")
     if class_names is not None and len(class_names) != num_classes:
         raise CamlensError(f"{len(class_names)} class names for {num_classes} classes")
     if isinstance(backbone, str):
-        backbone = load_model(backbone, weights)
+        key = backbone.lower().replace("-", "_")
+        backbone = vgg16_cam(weights=weights) if key == "vgg16_cam" else build_named(backbone, weights).eval()
     elif not isinstance(backbone, nn.Module):
         raise CamlensError(f"backbone must be an nn.Module or a zoo name, not {type(backbone).__name__}")
     card = card_of(backbone)
@@ -314,13 +319,10 @@ def vgg16_cam(
     """
     from torchvision.models.vgg import cfgs, make_layers
 
-    from ..train.checkpoint import read_state_dict
-    from .zoo import _torchvision_weights_file
-
     state: dict | None = None
     source = weights
     if weights is None or str(weights) in ("DEFAULT", "IMAGENET1K_V1"):
-        source, _ = _torchvision_weights_file("vgg16", None if weights is None else str(weights))
+        source, _ = torchvision_weights_file("vgg16", None if weights is None else str(weights))
     elif weights != "random" and not Path(weights).exists():
         raise WeightsNotFoundError(
             f"weights file not found: {weights}. For torchvision's ImageNet VGG16 backbone, run once on a "

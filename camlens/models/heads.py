@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import HeadError
+
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     """The last ``nn.Linear`` in module registration order, as ``(dotted_name, module)``."""
@@ -20,12 +22,19 @@ def set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def replace_classifier(model: nn.Module, num_classes: int, bias: bool = True) -> nn.Linear:
-    """Swap the last linear layer for a freshly initialized one with ``num_classes`` outputs."""
+def replace_classifier(model: nn.Module, num_classes: int, bias: bool | None = None) -> str:
+    """Swap the last ``nn.Linear`` (in registration order) for a freshly initialized one with
+    ``num_classes`` outputs, on the old layer's device and dtype; ``bias=None`` keeps a bias if the old
+    layer had one. Returns the replaced module's dotted name. The new layer draws its initialization
+    from the global RNG (callers that need determinism fork and seed it)."""
     found = last_linear(model)
     if found is None:
-        raise ValueError("the model has no nn.Linear classifier to replace")
+        raise HeadError(
+            f"{type(model).__name__} has no nn.Linear classifier to replace; pass a model whose last "
+            "layer is linear, or use cam_ready=True"
+        )
     name, old = found
-    new = nn.Linear(old.in_features, num_classes, bias=bias).to(old.weight.device, old.weight.dtype)
+    keep = old.bias is not None if bias is None else bias
+    new = nn.Linear(old.in_features, num_classes, bias=keep).to(old.weight.device, old.weight.dtype)
     set_submodule(model, name, new)
-    return new
+    return name

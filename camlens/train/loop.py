@@ -41,16 +41,18 @@ from torch import nn
 
 from .._util import eval_mode
 from ..errors import CamlensError, CheckpointError, OutputExistsError
-from ..models.heads import last_linear, set_submodule
+from ..fsio import atomic_write_json, remove_output, safe_out_dir
+from ..models.cam_ready import CAM_CHANNELS, cam_ready
+from ..models.heads import last_linear, replace_classifier
 from ..models.preprocess import IMAGENET
-from ..models.zoo import ModelCard, attach_card, card_of
+from ..models.weights import prepare_checkpoint, read_state_dict, versions
+from ..models.zoo import ModelCard, attach_card, card_of, checkpoint_card, load_model
 from .checkpoint import (
-    atomic_write_json,
+    STATE_FILE,
     load_train_state,
-    read_state_dict,
-    save_checkpoint,
+    reconcile_checkpoints,
     save_train_state,
-    versions,
+    write_state_summary,
 )
 from .data import (
     FolderDataset,
@@ -126,28 +128,10 @@ class FinetuneResult:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def replace_head(model: nn.Module, num_classes: int) -> list[str]:
-    """Swap the last ``nn.Linear`` for a fresh one with ``num_classes`` outputs (bias kept as it
-    was); return ``[its name]``."""
-    found = last_linear(model)
-    if found is None:
-        raise CamlensError(
-            f"{type(model).__name__} has no nn.Linear classifier to replace; pass a model "
-            "whose last layer is linear, or use cam_ready=True"
-        )
-    name, old = found
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
-    set_submodule(model, name, new)
-    return [name]
-
-
 def prepare_model(
     model: str | nn.Module, weights: Any, cam: bool, num_classes: int, classes: list[str]
 ) -> tuple[nn.Module, dict[str, Any], ModelCard]:
     """The network to train (a private copy), its architecture record and its card."""
-    from ..models.cam_ready import CAM_CHANNELS, cam_ready
-    from ..models.zoo import load_model
-
     if isinstance(model, str):
         base, base_class = model.lower().replace("-", "_"), None
         net = load_model(base, weights)
@@ -168,7 +152,7 @@ def prepare_model(
         if base is None and lin is not None and lin[1].out_features == num_classes:
             arch.update(head="keep", head_modules=[lin[0]])
         else:
-            arch.update(head="replace", head_modules=replace_head(net, num_classes))
+            arch.update(head="replace", head_modules=[replace_classifier(net, num_classes)])
         card = replace(card0, class_names=classes)
     return net, arch, card
 
@@ -200,16 +184,25 @@ def _optimizer(kind: str, params, lr: float, momentum: float) -> torch.optim.Opt
 
 
 # ---------------------------------------------------------------------------------------------- output folder
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of our outputs left by a killed run (``.NAME.XXXX.tmp``: never complete)."""
+    if out.is_dir():
+        for f in OUTPUT_FILES:
+            for tmp in out.glob(f".{f}.*.tmp"):
+                remove_output(tmp)
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume or overwrite:
+        _remove_stale_temporaries(out)
     if resume:
-        if not (out / "train_state.json").is_file():
+        if not (out / STATE_FILE).is_file():
             raise CheckpointError(
-                f"nothing to resume in {out}: it holds no train_state.json from an earlier "
-                "run. Start a new run (without resume)."
+                f"nothing to resume in {out}: it holds no {STATE_FILE} from an earlier "
+                "run (an interrupted first epoch saves nothing). Start a new run (without resume)."
             )
         return
-    ours = [out / f for f in OUTPUT_FILES if (out / f).exists()]
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -217,11 +210,11 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
                 f"the output folder {out} already exists and is not empty; pass overwrite=True (--overwrite) "
                 "to replace its results, resume=True (--resume) to continue its run, or choose another folder"
             )
-        for f in ours:
-            f.unlink()
-        if (out / "val_grid").is_dir():
+        for f in OUTPUT_FILES:
+            remove_output(out / f)  # a link is removed, never what it points to
+        if (out / "val_grid").is_dir() and not (out / "val_grid").is_symlink():
             shutil.rmtree(out / "val_grid")
-    out.mkdir(parents=True, exist_ok=True)
+    safe_out_dir(out)
 
 
 def _resume_config(saved: dict, given: dict, defaults: dict) -> dict:
@@ -248,7 +241,10 @@ def _train_epoch(net, dl, opt, weight_decay, device, heads, freeze, desc, progre
         logits = net(x)
         loss, ce, _pen = regularized_loss(logits, y, net, weight_decay)
         if not torch.isfinite(loss):
-            raise CamlensError(f"the training loss became {float(loss)}; lower the learning rate (lr)")
+            raise CamlensError(
+                f"the training loss became {float(loss.detach())}; lower the learning rate (lr), or check the "
+                "model's weights and the data for NaN/Inf values"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -277,6 +273,20 @@ def evaluate(net: nn.Module, dl, device, desc: str = "validate", progress: bool 
             correct += float((logits.argmax(1) == y).sum())
             n += y.shape[0]
     return {"val_loss": ce_sum / n, "val_acc": correct / n}
+
+
+def _check_finite(net: nn.Module, row: dict, epoch: int) -> None:
+    """Refuse to save (and to go on) once the losses or the weights are NaN/Inf: nothing of this epoch
+    is written, so the last committed epoch stays the last good one."""
+    bad_rows = [k for k in ("train_loss", "train_ce", "val_loss") if not np.isfinite(row.get(k, 0.0))]
+    bad = [n for n, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad_rows or bad:
+        what = ", ".join(bad_rows + bad[:3]) + (" …" if len(bad) > 3 else "")
+        raise CamlensError(
+            f"training diverged in epoch {epoch}: non-finite values in {what}. Nothing of this epoch was "
+            "saved; lower the learning rate (lr) or check the data for NaN/Inf pixels, then start again "
+            "(or resume from the last good epoch)."
+        )
 
 
 def _better(row: dict, best: dict | None) -> bool:
@@ -401,9 +411,9 @@ def finetune(
     echo = log or ((lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None))
 
     _prepare_out(out, resume, overwrite)
-    saved_info = saved_opt = None
+    saved_info = saved_model = saved_opt = None
     if resume:
-        saved_info, saved_opt = load_train_state(out)
+        saved_info, saved_model, saved_opt = load_train_state(out)
         cfg = _resume_config(saved_info.get("config", {}), given, defaults)
         if isinstance(model, str) and cfg["model"] != given["model"]:
             raise CamlensError(f"resume: the run trained {cfg['model']!r}, not {given['model']!r}")
@@ -459,17 +469,22 @@ def finetune(
 
         history: list[dict] = []
         best: dict | None = None
+        best_card: dict | None = None
         best_state: dict[str, torch.Tensor] | None = None
         start = 0
         if saved_info is not None:
-            state = read_state_dict(out / "last.safetensors")
-            try:
-                net.load_state_dict(state, strict=True)
+            assert saved_model is not None and saved_opt is not None  # loaded with saved_info
+            try:  # weights and optimizer come from the same committed file: the same epoch
+                net.load_state_dict(saved_model, strict=True)
                 opt.load_state_dict(saved_opt)
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"{out}: the saved run does not fit this model ({exc})") from None
+            fixed = reconcile_checkpoints(out, saved_info, net)
+            if fixed:
+                echo(f"{out}: rewrote {' and '.join(fixed)} from the committed epoch {saved_info.get('epoch')}")
             history = list(saved_info.get("history", []))
             best = saved_info.get("best")
+            best_card = (saved_info.get("cards") or {}).get("best")
             start = int(saved_info.get("epoch", 0))
             if start >= epochs:
                 echo(f"{out}: already trained {start} epoch(s); pass a larger epochs to continue")
@@ -494,8 +509,13 @@ def finetune(
             "skipped": skipped,
         }
         if saved_info is None:
-            atomic_write_json(out / "config.json", {**run_info, "architecture": arch, "versions": versions()})
+            atomic_write_json(
+                out / "config.json", {**run_info, "architecture": arch, "versions": versions()}, overwrite=True
+            )
         files = {"config": out / "config.json"}
+        if saved_info is not None:  # an interruption after the commit may have left them one epoch behind
+            write_state_summary(out, saved_info)
+            write_metrics_files(out, history, best, run_info)
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             torch.manual_seed(int(np.random.default_rng([cfg["seed"], epoch, 0xD0]).integers(2**62)))
@@ -528,12 +548,20 @@ def finetune(
             if improved:
                 best = dict(row)
             history.append(row)
+            _check_finite(net, row, epoch + 1)
             ck = {**base_card, "epoch": epoch + 1, "metrics": row, "best": best}
-            save_checkpoint(net, out / "last", ck)
-            if improved:
-                save_checkpoint(net, out / "best", ck)
+            last_ck = prepare_checkpoint(net, out / "last", ck)
+            best_ck = prepare_checkpoint(net, out / "best", ck) if improved else None
+            if best_ck is not None:
+                best_card = best_ck.card
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            save_train_state(out, opt, {**run_info, "epoch": epoch + 1, "history": history, "best": best})
+            info = {**run_info, "epoch": epoch + 1, "history": history, "best": best}
+            info["cards"] = {"last": last_ck.card, "best": best_card}
+            save_train_state(out, net, opt, info)  # the commit: epoch + 1 is done
+            if best_ck is not None:
+                best_ck.write()
+            last_ck.write()
+            write_state_summary(out, info)
             write_metrics_files(out, history, best, run_info)
             echo(
                 # the cross-entropies side by side (the train loss also holds the L2 term, which the
@@ -545,14 +573,12 @@ def finetune(
             )
 
     # the result is the best checkpoint, exactly as load_model(checkpoint=out) gives it
-    from .checkpoint import model_card, read_card
-
     if best_state is None:  # the best epoch came before a resume
         best_state = read_state_dict(out / "best.safetensors")
     net.load_state_dict(best_state)
     for p in net.parameters():
         p.requires_grad_(True)
-    best_model = attach_card(net.eval(), model_card(read_card(out / "best.json"), out / "best.safetensors"))
+    best_model = attach_card(net.eval(), checkpoint_card(best_card or {}, out / "best.safetensors", out / "best.json"))
     files.update(
         best=out / "best.safetensors",
         last=out / "last.safetensors",
@@ -573,4 +599,4 @@ def write_metrics_files(out: Path, history: list[dict], best: dict | None, run_i
     plot_curves(history, out / "curves.png")
 
 
-__all__ = ["FinetuneResult", "evaluate", "finetune", "prepare_model", "replace_head", "validation_grid"]
+__all__ = ["FinetuneResult", "evaluate", "finetune", "prepare_model", "validation_grid"]

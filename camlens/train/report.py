@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsio import atomic_write, atomic_write_json
 from ..viz import batch_grid
-from .checkpoint import atomic_write_bytes, atomic_write_json
 
 COLUMNS = (
     "epoch",
@@ -37,15 +37,13 @@ def write_metrics(out: Path, history: list[dict], extra: dict) -> tuple[Path, Pa
     for row in history:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     csv_path, json_path = out / "metrics.csv", out / "metrics.json"
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
-    atomic_write_json(json_path, {"history": history, **extra})
+    atomic_write(csv_path, buf.getvalue(), overwrite=True)
+    atomic_write_json(json_path, {"history": history, **extra}, overwrite=True)
     return csv_path, json_path
 
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), overwrite=True)
     return path
 
 

@@ -1,0 +1,246 @@
+"""Dataset throughput: ``camlens explain DIR --method gradcam`` against the forward-only ceiling and
+the loops users write with the peers.
+
+    python -m benchmarks.pipeline --images 500 --batch-size 32 --workers 4 --procs 1,2 --out bench-pipeline
+    python -m benchmarks.pipeline --quick          # 24 images, batch 8: a smoke run
+
+Every contender reads the same JPEG files (``--images`` photos made from the scikit-image sample
+photos by random crops, flips and resizes, written once) and delivers Grad-CAM maps of the top-1
+class at input resolution for every image:
+
+* ``forward only``: the same DataLoader (workers, batch size, camlens preprocessing) and one
+  ``torch.inference_mode`` forward per batch — the ceiling a Grad-CAM pipeline can approach;
+* ``camlens explain`` (1 and 2 processes): the command itself, ``--figures none``, the result
+  store written; images/s from the run's own loop time (``index.json``) and from the wall clock
+  (which adds interpreter start, model load and the final merge);
+* ``pytorch-grad-cam loop``: the loop of its README — per file: PIL open, preprocess, one
+  ``GradCAM(...)(input_tensor)`` call (top-1 target by default), maps kept as NumPy;
+* ``Captum + DataLoader``: batched ``LayerGradCam`` over the same DataLoader, a forward for the
+  top-1 class first, bilinear upsampling with ``LayerAttribution.interpolate``.
+
+Results: a JSON file and a Markdown table (images/s, ratio to the ceiling) in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  #: bundled with scikit-image (no download)
+
+
+def make_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` distinct JPEG photos (random crop 50-100 %, flip, resize to 200-500 px wide)."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(folder.glob("*.jpg"))
+    if len(have) >= n:
+        return have[:n]
+    rng = np.random.default_rng(seed)
+    srcs = []
+    for name in PHOTOS:
+        fn = getattr(skimage.data, name, None)
+        if fn is None:
+            continue
+        try:
+            a = np.asarray(fn())
+        except Exception:  # a sample photo that is not there is skipped
+            continue
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, 2)
+        srcs.append(np.ascontiguousarray(a[..., :3]).astype(np.uint8))
+    out = []
+    for i in range(n):
+        a = srcs[i % len(srcs)]
+        h, w = a.shape[:2]
+        f = rng.uniform(0.5, 1.0)
+        ch, cw = int(h * f), int(w * f)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = a[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        im = Image.fromarray(np.ascontiguousarray(crop))
+        nw = int(rng.integers(200, 501))
+        im = im.resize((nw, max(16, round(nw * ch / cw))))
+        p = folder / f"photo{i:05d}.jpg"
+        im.save(p, quality=90)
+        out.append(p)
+    return out
+
+
+def _loader(paths, model, batch_size: int, workers: int, device: str = "cpu"):
+    from torch.utils.data import DataLoader
+
+    from camlens.models.zoo import card_of
+    from camlens.pipeline.sources import ImageFiles, collate, records_for
+
+    ds = ImageFiles(records_for([(str(p), None) for p in paths]), card_of(model).preprocess)
+    return DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=device.startswith("cuda")
+    )
+
+
+def forward_only(paths, model_name: str, batch_size: int, workers: int, device: str) -> float:
+    import camlens
+
+    model = camlens.load_model(model_name, device=device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in _loader(paths, model, batch_size, workers, device):
+            model(b.x.to(device, non_blocking=True)).cpu()
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def camlens_cli(
+    paths, folder: Path, out: Path, model_name: str, batch_size: int, workers: int, procs: int, device: str
+) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if procs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // procs))
+        pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}", "-m", "camlens"]
+    else:
+        pre = [sys.executable, "-m", "camlens"]
+    cmd = [
+        *pre,
+        "explain",
+        str(folder),
+        "--model",
+        model_name,
+        "--method",
+        "gradcam",
+        "--topk",
+        "1",
+        "--figures",
+        "none",
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+        "--out",
+        str(out),
+        "--overwrite",
+        "-q",
+    ]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    idx = json.loads((out / "index.json").read_text())
+    loop = idx["last_run"]["seconds"]
+    return {"images_per_s": len(paths) / loop, "wall_images_per_s": len(paths) / wall, "loop_s": loop, "wall_s": wall}
+
+
+def pgc_loop(paths, model_name: str, device: str) -> float | None:
+    try:
+        from pytorch_grad_cam import GradCAM
+    except ImportError:
+        return None
+    from benchmarks.cases import MODELS, load_bench_model
+    from camlens.io import load_image
+    from camlens.models.zoo import card_of
+
+    model = load_bench_model(model_name, device)
+    pp = card_of(model).preprocess
+    cam = GradCAM(model=model, target_layers=[model.get_submodule(MODELS[model_name].layer)])
+    t0 = time.perf_counter()
+    for p in paths:
+        x = pp([load_image(p)], device=device)
+        cam(input_tensor=x, targets=None)  # None: the top-1 class; maps at input size, NumPy
+    cam.activations_and_grads.release()
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def captum_loop(paths, model_name: str, batch_size: int, workers: int, device: str) -> float | None:
+    try:
+        from captum.attr import LayerAttribution, LayerGradCam
+    except ImportError:
+        return None
+    from benchmarks.cases import MODELS, load_bench_model
+
+    model = load_bench_model(model_name, device)
+    lgc = LayerGradCam(model, model.get_submodule(MODELS[model_name].layer))
+    t0 = time.perf_counter()
+    for b in _loader(paths, model, batch_size, workers, device):
+        x = b.x.to(device, non_blocking=True)
+        with torch.no_grad():
+            top1 = model(x).argmax(1)
+        a = lgc.attribute(x, target=top1, relu_attributions=True)
+        LayerAttribution.interpolate(a.detach(), tuple(x.shape[-2:]), "bilinear").cpu().numpy()
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--procs", default="1,2", help="process counts for camlens explain (torchrun for > 1)")
+    ap.add_argument("--out", default="bench-pipeline")
+    ap.add_argument("--quick", action="store_true", help="24 images, batch 8, 1 worker")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--device", default=None, help="cpu, cuda… (default: cuda if available)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.images, a.batch_size, a.workers = 24, 8, 1
+    out = Path(a.out)
+    photos = make_photos(out / "photos", a.images)
+    folder = out / "photos"
+    for p in photos:  # the files in the OS cache before the first contender
+        p.read_bytes()
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {"forward only (ceiling)": {"images_per_s": forward_only(photos, a.model, a.batch_size, a.workers, dev)}}
+    for n in (int(v) for v in a.procs.split(",") if v.strip()):
+        rows[f"camlens explain, {n} process{'es' if n > 1 else ''}"] = camlens_cli(
+            photos, folder, out / f"store-{n}", a.model, a.batch_size, a.workers, n, dev
+        )
+    if not a.skip_peers:
+        v = pgc_loop(photos, a.model, dev)
+        if v is not None:
+            rows["pytorch-grad-cam loop (one image per call)"] = {"images_per_s": v}
+        v = captum_loop(photos, a.model, a.batch_size, a.workers, dev)
+        if v is not None:
+            rows["Captum LayerGradCam + DataLoader"] = {"images_per_s": v}
+    ceiling = rows["forward only (ceiling)"]["images_per_s"]
+    for r in rows.values():
+        r["vs_ceiling"] = r["images_per_s"] / ceiling
+    meta = {
+        "images": len(photos),
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "workers": a.workers,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "device": dev,
+    }
+    (out / "pipeline.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"{len(photos)} JPEG photos, {a.model}, batch {a.batch_size}, {a.workers} workers, "
+        f"{meta['cpus']} CPUs, device {dev}",
+        "",
+        "| contender | images/s | vs forward-only | wall images/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for k, r in rows.items():
+        wall = f"{r['wall_images_per_s']:.1f}" if "wall_images_per_s" in r else ""
+        lines.append(f"| {k} | {r['images_per_s']:.1f} | {r['vs_ceiling']:.0%} | {wall} |")
+    (out / "pipeline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Inputs and options shared by the commands that stream a dataset (``explain``, ``localize``):
+files, folders, globs, ImageFolder trees and list files (CSV / COCO / VOC / TXT) -> records;
+``--workers``, ``--figures``; and the ``torchrun`` context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from .common import _is_glob, expand_inputs
+
+
+@dataclass
+class DatasetInputs:
+    """``records`` to run, ``problems`` (inputs that named nothing) and ``dataset``: whether any
+    input was a folder, glob or list (a dataset run: the store by default, no figures)."""
+
+    records: list = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    dataset: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def collect(items: Sequence[str], *, recursive: bool = False) -> DatasetInputs:
+    """Every CLI input -> records, in the order given, duplicates dropped; names as the loose-file
+    outputs have always been named (file stem, parent folder prefixed on clashes)."""
+    from camlens.errors import CamlensError
+    from camlens.pipeline.sources import (
+        image_folder_records,
+        is_image_folder_tree,
+        is_list_file,
+        read_list,
+        records_for,
+    )
+
+    out = DatasetInputs()
+    pairs: list[tuple[str, str | None]] = []
+    if not items:
+        inp = expand_inputs([])
+        pairs = [(s, None) for s in inp.sources]
+    for item in items:
+        p = Path(item)
+        if is_list_file(p):
+            out.dataset = True
+            try:
+                got, _ = read_list(p)
+            except CamlensError as exc:
+                out.problems.append(str(exc))
+                continue
+            pairs += got
+        elif p.is_dir() and is_image_folder_tree(p):
+            out.dataset = True
+            pairs += image_folder_records(p)
+        else:
+            out.dataset = out.dataset or p.is_dir() or (not p.exists() and _is_glob(item))
+            inp = expand_inputs([item], recursive=recursive)
+            out.problems += inp.problems
+            pairs += [(s, None) for s in inp.sources]
+    seen: set[str] = set()
+    uniq = []
+    for s, lab in pairs:
+        if s not in seen:
+            seen.add(s)
+            uniq.append((s, lab))
+    out.records = records_for(uniq)
+    return out
+
+
+def dataset_options(f: Callable) -> Callable:
+    """``--workers --figures --map-dtype`` for the streaming commands."""
+    opts = [
+        click.option(
+            "--workers",
+            default=None,
+            type=click.IntRange(0),
+            help="DataLoader processes decoding images [default: up to 4 for more than two batches]",
+        ),
+        click.option(
+            "--figures",
+            type=click.Choice(["auto", "none", "overlay", "all"]),
+            default="auto",
+            show_default=True,
+            help="PNG overlays: none, overlay (top-1 per image), all (every class); auto = all for "
+            "named files, none for a dataset run (PNG encoding would dominate it)",
+        ),
+        click.option(
+            "--map-dtype",
+            type=click.Choice(["float32", "float16"]),
+            default="float32",
+            show_default=True,
+            help="dtype of the maps in the result store (maps.zarr)",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_model_seeded(model: str, weights: str | None, checkpoint: str | None, device: str | None):
+    """:func:`load_model_opts`, with ``--weights random`` drawn from a fixed seed: every torchrun rank
+    gets the same network, and a rerun the same checksum (so it can resume)."""
+    import torch
+
+    from .common import load_model_opts
+
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return load_model_opts(model, weights, checkpoint, device)
+    return load_model_opts(model, weights, checkpoint, device)

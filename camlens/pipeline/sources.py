@@ -1,0 +1,356 @@
+"""Dataset inputs for the streaming pipeline: folders, globs, ImageFolder trees, CSV / COCO / VOC
+lists, explicit path lists and any ``torch.utils.data.Dataset``.
+
+Every input becomes a map-style dataset whose item ``i`` is a plain ``dict`` decoded and
+preprocessed *in the DataLoader worker*: ``x`` (the normalized ``(3, h, w)`` network input), the
+original image size, the source, an output stem, an optional label, and ``error`` — a bad file is
+not an exception that kills the workers but an item that says what went wrong, so the run reports
+it by name, skips it and goes on. :func:`collate` keeps the good items and the failures apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import CamlensError, InputError
+from ..models.preprocess import IMAGENET, Preprocess
+
+#: file suffixes treated as images when a folder or a glob is expanded (same list as the CLI's)
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".ico",
+)
+#: list files read as datasets
+LIST_SUFFIXES = (".csv", ".json", ".xml", ".txt")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset: ``source`` (a path or ``skimage:NAME``), ``name`` (a unique output
+    stem), ``label`` (the class from an ImageFolder tree or a list file, if any) and ``gt`` (the
+    position in a ground-truth list, for ``localize --eval``)."""
+
+    source: str
+    name: str
+    label: str | None = None
+    gt: int | None = None
+
+
+@dataclass
+class Batch:
+    """A collated batch: the good items stacked in ``x`` and ``failed`` ``(index, source, message)``."""
+
+    x: torch.Tensor | None
+    indices: list[int]
+    sources: list[str]
+    names: list[str]
+    sizes: list[tuple[int, int]]
+    labels: list[str | None]
+    gts: list[int | None]
+    images: list[np.ndarray] | None
+    failed: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this on custom batches
+        if self.x is not None:
+            self.x = self.x.pin_memory()
+        return self
+
+
+def _safe_stem(s: str) -> str:
+    from ..viz import safe_name
+
+    return safe_name(s)
+
+
+def output_stems(paths: Sequence[str]) -> list[str]:
+    """Unique file-name-safe stems (``cat.jpg`` -> ``cat``; clashes get the parent folder prefixed,
+    then ``-2``, ``-3``…) — the same rule as the CLI's loose-file outputs."""
+    from ..viz import unique_names
+
+    stems = [_safe_stem(Path(p).stem if not p.startswith("skimage:") else p.split(":", 1)[1]) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    named = [
+        _safe_stem(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
+        for p, s in zip(paths, stems, strict=True)
+    ]
+    return unique_names(named)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_image_folder_tree(folder: Path) -> bool:
+    """An ImageFolder tree: no images at the top, images one level down in class sub-folders."""
+    if not folder.is_dir() or any(_is_image(f) for f in folder.iterdir()):
+        return False
+    subs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(subs) and any(_is_image(f) for d in subs for f in d.rglob("*"))
+
+
+def image_folder_records(folder: Path) -> list[tuple[str, str]]:
+    """``(path, class)`` for every image of an ImageFolder tree (classes = sub-folder names, sorted)."""
+    out = []
+    for d in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        out += [(str(f), d.name) for f in sorted(d.rglob("*")) if _is_image(f)]
+    return out
+
+
+def is_list_file(item: str | os.PathLike) -> bool:
+    p = Path(item)
+    return p.is_file() and p.suffix.lower() in LIST_SUFFIXES
+
+
+def read_list(
+    path: str | os.PathLike, root: str | os.PathLike | None = None
+) -> tuple[list[tuple[str, str | None]], Any]:
+    """A list file -> ``([(path, label)], ground truth or None)``.
+
+    * ``.csv`` with a ``path`` column (optional ``label`` or ``class``); with box columns
+      ``x0,y0,x1,y1`` it is a ground-truth file (one row per box, see :func:`camlens.loceval.read_boxes`);
+    * ``.json``: COCO; ``.xml``: Pascal VOC (both ground truth);
+    * ``.txt``: one path per line.
+
+    Relative paths are resolved against ``root`` or the list file's folder.
+    """
+    from ..loceval import read_boxes
+
+    p = Path(path)
+    base = Path(root) if root is not None else p.parent
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [(str(base / ln) if not Path(ln).is_absolute() else ln, None) for ln in lines], None
+    if suffix == ".csv":
+        with open(p, newline="") as fh:
+            header = [h.strip() for h in (next(csv.reader(fh), None) or [])]
+        if "path" not in header:
+            raise InputError(f"{p}: an image-list CSV needs a 'path' column (optional 'label'); found {header}")
+        if not {"x0", "y0", "x1", "y1"} <= set(header):
+            with open(p, newline="") as fh:
+                rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+            out = []
+            for r in rows:
+                q = Path(r["path"])
+                out.append((str(q if q.is_absolute() else base / q), r.get("label") or r.get("class") or None))
+            return out, None
+    gt = read_boxes(p, root=Path(root) if root is not None else None)
+    return [(str(g.path), g.main_class) for g in gt], gt
+
+
+def records_for(
+    items: Sequence[tuple[str, str | None]], gt_positions: Sequence[int | None] | None = None
+) -> list[Record]:
+    names = output_stems([s for s, _ in items])
+    gts = list(gt_positions) if gt_positions is not None else [None] * len(items)
+    return [Record(s, n, lab, g) for (s, lab), n, g in zip(items, names, gts, strict=True)]
+
+
+def discover(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Record], Any]:
+    """Python-API inputs -> records: a folder (all images below it; an ImageFolder tree gives labels),
+    a glob pattern, a list file (:func:`read_list`) or a list of paths."""
+    if isinstance(spec, (list, tuple)):
+        return records_for([(str(s), None) for s in spec]), None
+    s = str(spec)
+    p = Path(s)
+    if p.is_dir():
+        if is_image_folder_tree(p):
+            return records_for(image_folder_records(p)), None
+        found = sorted(str(f) for f in p.rglob("*") if _is_image(f))
+        if not found:
+            raise InputError(f"{p}: no image files in this folder ({', '.join(IMAGE_EXTENSIONS[:6])}…)")
+        return records_for([(f, None) for f in found]), None
+    if is_list_file(p):
+        items, gt = read_list(p)
+        return records_for(items, list(range(len(items))) if gt is not None else None), gt
+    if p.is_file():
+        return records_for([(s, None)]), None
+    found = sorted(f for f in glob.glob(s, recursive=True) if _is_image(Path(f)))
+    if not found:
+        raise InputError(f"{s}: no such file or folder, and no image file matches it as a pattern")
+    return records_for([(f, None) for f in found]), None
+
+
+def _load(source: str) -> np.ndarray:
+    from ..io import load_image, sample_image
+
+    if source.startswith("skimage:"):
+        return sample_image(source.split(":", 1)[1])
+    return load_image(source)
+
+
+def _prep(pp: Preprocess, img: np.ndarray) -> torch.Tensor:
+    """The same arithmetic as ``Preprocess.__call__`` for one image (resize, then normalize)."""
+    return pp.normalize(pp.resize_image(img)[None])[0]
+
+
+class ImageFiles(Dataset):
+    """Image records decoded and preprocessed on access (in DataLoader workers)."""
+
+    def __init__(self, records: Sequence[Record], preprocess: Preprocess = IMAGENET, keep_images: bool = False):
+        self.records = list(records)
+        self.preprocess = preprocess
+        self.keep_images = keep_images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self, i: int) -> Record:
+        return self.records[i]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        item: dict[str, Any] = {"index": i, "source": r.source, "name": r.name, "label": r.label, "gt": r.gt}
+        try:
+            img = _load(r.source)
+            item["x"] = _prep(self.preprocess, img)
+            item["size"] = tuple(img.shape[:2])
+            item["image"] = img if self.keep_images else None
+        except CamlensError as exc:
+            item["error"] = str(exc)
+        except Exception as exc:  # a worker must not die on one file: report it by name
+            item["error"] = f"{r.source}: {type(exc).__name__}: {exc}"
+        return item
+
+
+class UserDataset(Dataset):
+    """Adapts a user's ``Dataset``: items may be an image (PIL, HxWx3 array, uint8 CHW tensor, or a
+    preprocessed float CHW tensor) or a tuple ``(image, label, …)``. Sources come from
+    ``dataset.samples`` / ``dataset.imgs`` (torchvision ImageFolder) when present, else ``item{i}``;
+    an int label is named through ``dataset.classes`` when present."""
+
+    def __init__(self, dataset: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False):
+        self.dataset = dataset
+        self.preprocess = preprocess
+        self.keep_images = keep_images
+        samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+        srcs = [str(s[0]) for s in samples] if samples and len(samples) == len(dataset) else None
+        self.sources = srcs or [f"item{i}" for i in range(len(dataset))]
+        self.names = output_stems(self.sources) if srcs else list(self.sources)
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self, i: int) -> Record:
+        return Record(self.sources[i], self.names[i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": i, "source": self.sources[i], "name": self.names[i], "label": None, "gt": None}
+        try:
+            got = self.dataset[i]
+            img, label = (got[0], got[1] if len(got) > 1 else None) if isinstance(got, (tuple, list)) else (got, None)
+            if isinstance(label, torch.Tensor) and label.numel() == 1:
+                label = int(label)
+            if (
+                isinstance(label, (int, np.integer))
+                and self.classes is not None
+                and 0 <= int(label) < len(self.classes)
+            ):
+                label = self.classes[int(label)]
+            item["label"] = None if label is None else str(label)
+            if isinstance(img, torch.Tensor) and img.is_floating_point():
+                if img.dim() != 3:
+                    raise InputError(f"item {i}: a tensor item must be (C, H, W); got {tuple(img.shape)}")
+                item["x"] = img.float()
+                item["size"] = tuple(img.shape[-2:])
+                item["image"] = None
+            else:
+                from ..io import load_image
+
+                arr = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
+                rgb = load_image(arr)
+                item["x"] = _prep(self.preprocess, rgb)
+                item["size"] = tuple(rgb.shape[:2])
+                item["image"] = rgb if self.keep_images else None
+        except CamlensError as exc:
+            item["error"] = f"{self.sources[i]}: {exc}"
+        except Exception as exc:
+            item["error"] = f"{self.sources[i]}: {type(exc).__name__}: {exc}"
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> Batch:
+    good = [it for it in items if "error" not in it]
+    failed = [(it["index"], it["source"], it["error"]) for it in items if "error" in it]
+    x = None
+    if good:
+        shapes = {tuple(it["x"].shape) for it in good}
+        if len(shapes) > 1:
+            # mixed input sizes cannot be batched: fail these items by name instead of a stack trace
+            first = tuple(good[0]["x"].shape)
+            failed += [
+                (it["index"], it["source"], f"{it['source']}: input shape {tuple(it['x'].shape)} differs from {first}")
+                for it in good
+                if tuple(it["x"].shape) != first
+            ]
+            good = [it for it in good if tuple(it["x"].shape) == first]
+        x = torch.stack([it["x"] for it in good])
+    keep = bool(good) and all(it.get("image") is not None for it in good)
+    return Batch(
+        x=x,
+        indices=[it["index"] for it in good],
+        sources=[it["source"] for it in good],
+        names=[it["name"] for it in good],
+        sizes=[tuple(it["size"]) for it in good],
+        labels=[it["label"] for it in good],
+        gts=[it["gt"] for it in good],
+        images=[it["image"] for it in good] if keep else None,
+        failed=failed,
+    )
+
+
+def as_dataset(data: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False) -> tuple[Dataset, Any]:
+    """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``."""
+    if isinstance(data, (ImageFiles, UserDataset)):
+        return data, None
+    if isinstance(data, Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, list, tuple))
+    ):
+        return UserDataset(data, preprocess, keep_images), None
+    records, gt = discover(data)
+    return ImageFiles(records, preprocess, keep_images), gt
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Batch",
+    "ImageFiles",
+    "Record",
+    "UserDataset",
+    "as_dataset",
+    "collate",
+    "discover",
+    "image_folder_records",
+    "is_image_folder_tree",
+    "is_list_file",
+    "output_stems",
+    "read_list",
+    "records_for",
+]
