@@ -15,7 +15,8 @@ import camlens
 from camlens import viz
 from camlens.viz import render_map
 
-ALL_METHODS = sorted(camlens.methods())
+#: every method that applies to a CNN (the attention methods need a transformer)
+ALL_METHODS = sorted(n for n, i in camlens.methods().items() if not {"attention", "attention_grads"} & set(i.needs))
 
 
 def _panels(fig):
