@@ -39,7 +39,11 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 #: every method of the Grad-CAM family plus CAM, asked for in one call
 ALL_LAYER_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 #: task names accepted by ``--tasks``
-TASKS = ("gradcam", "top5", "all", "scorecam", "guided_backprop")
+TASKS = ("gradcam", "top5", "topk", "all", "scorecam", "guided_backprop")
+#: numbers of classes of the ``topk`` task (Grad-CAM of the K best classes, one call)
+KS = (1, 5, 20, 100)
+#: the ``topk`` rows also timed with the per-class loop (``grad_batching(False)``), for comparison
+LOOP_KS = (20, 100)
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,14 @@ def load_bench_model(name: str, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
-def make_batch(model: nn.Module, n: int, size: int = 224) -> tuple[torch.Tensor, list[int]]:
-    """``n`` real photos (cycled), preprocessed for ``model`` at ``size``; their top-1 classes."""
+def make_batch(model: nn.Module, n: int, size: int = 224, offset: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """``n`` real photos (cycled from photo ``offset``), preprocessed for ``model`` at ``size``; their
+    top-1 classes."""
     from dataclasses import replace
 
     card = card_of(model)
     pp = replace(card.preprocess, size=(size, size)) if card else None
-    images = [sample_image(PHOTOS[i % len(PHOTOS)]) for i in range(n)]
+    images = [sample_image(PHOTOS[(offset + i) % len(PHOTOS)]) for i in range(n)]
     x, _, _ = prepare_inputs(images, model, pp)
     with torch.inference_mode():
         classes = model(x).argmax(1).tolist()
@@ -92,6 +97,8 @@ class Contender:
     note: str = ""
     ref: str | None = None
     close: Callable[[], None] = field(default=lambda: None)
+    #: not the same work as camlens' (e.g. a peer's "guided backprop" that is the plain gradient)
+    different_work: str = ""
 
     @property
     def key(self) -> str:
@@ -152,7 +159,8 @@ def _peer(
         call = adapter(mine, layer if byname else (mine.get_submodule(layer) if layer else None), x, classes)
     except ImportError:
         return None
-    return Contender(task, P.PEERS[dist], call.run, scale=scale, note=call.note, ref=ref, close=call.close)
+    impl = call.label or P.PEERS[dist]
+    return Contender(task, impl, call.run, scale=scale, note=call.note, ref=ref, close=call.close)
 
 
 def gradient_contenders(
@@ -189,6 +197,28 @@ def gradient_contenders(
                 note="Grad-CAM of the 5 best classes, one call",
             )
         )
+    if "topk" in tasks:
+        from camlens.engine import grad_batching
+
+        def top(k: int, batched: bool = True):
+            def fn():
+                with grad_batching(batched):
+                    return camlens.explain(model, x, "gradcam", f"top{k}", layer=layer)
+
+            return fn
+
+        for k in KS:
+            out.append(Contender("topk", f"camlens K={k}", top(k), note=f"Grad-CAM of the {k} best classes, one call"))
+        for k in LOOP_KS:
+            out.append(
+                Contender(
+                    "topk",
+                    f"camlens K={k} loop",
+                    top(k, False),
+                    ref=f"camlens K={k}",
+                    note="grad_batching(False): one backward per class (the 0.1 engine)",
+                )
+            )
     if "all" in tasks:
         meths = [m for m in ALL_LAYER_METHODS if spec.cam_ok or m != "cam"]
         out.append(
@@ -211,6 +241,10 @@ def gradient_contenders(
                 else:
                     c = _peer("guided_backprop", dist, adapter, byname, model, "", x, classes)
                 if c is not None:
+                    if not any(isinstance(m, nn.ReLU) for m in model.modules()):
+                        # both peers replace nn.ReLU modules only: on a ReLU6 network (EfficientNet-Lite0)
+                        # their "guided backprop" is the plain gradient, a different (cheaper) computation
+                        c.different_work = "plain gradient: the peer replaces nn.ReLU modules only"
                     out.append(c)
     return out
 

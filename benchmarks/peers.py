@@ -49,6 +49,7 @@ class PeerCall:
     run: Callable[[], torch.Tensor]
     close: Callable[[], None] = field(default=lambda: None)
     note: str = ""
+    label: str | None = None  # the row's name when not the peer's own (a variant of its call)
 
 
 def _up(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -115,6 +116,17 @@ def captum_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes:
     return PeerCall(run, note="+ bilinear upsampling")
 
 
+def captum_gradcam_frozen(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> PeerCall:
+    """Captum's Grad-CAM on a model whose parameters are frozen (``requires_grad_(False)``, what a
+    user can do before calling it): no gradient buffers for the parameters, so its memory is fair
+    to compare with camlens' (which never back-propagates into parameters)."""
+    model.requires_grad_(False)
+    call = captum_gradcam(model, layer, x, classes)
+    call.label = "Captum (frozen parameters)"
+    call.note = "model.requires_grad_(False) first; + bilinear upsampling"
+    return call
+
+
 def captum_guided(model: nn.Module, layer: nn.Module | None, x: torch.Tensor, classes: list[int]) -> PeerCall:
     from captum.attr import GuidedBackprop
 
@@ -157,6 +169,7 @@ ADAPTERS: dict[str, list[tuple[str, Callable[..., PeerCall], bool]]] = {
     "gradcam": [
         ("grad-cam", pgc_gradcam, False),
         ("captum", captum_gradcam, False),
+        ("captum", captum_gradcam_frozen, False),
         ("torchcam", torchcam_gradcam, True),
     ],
     "scorecam": [("grad-cam", pgc_scorecam, False), ("torchcam", torchcam_scorecam, True)],

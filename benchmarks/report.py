@@ -7,6 +7,22 @@ from pathlib import Path
 from typing import Any
 
 PEER_NAMES = ("pytorch-grad-cam", "Captum", "TorchCAM")
+FROZEN = "Captum (frozen parameters)"
+#: models without any ``nn.ReLU`` module (EfficientNet-Lite0: ReLU6 only): the peers' guided backprop
+#: replaces ``nn.ReLU`` modules only, so on these it computes the plain gradient (runs made before
+#: the rows carried ``different_work`` are judged by this list)
+NO_NN_RELU = ("efficientnet_lite0",)
+
+
+def different_work(r: dict[str, Any] | None) -> bool:
+    """Whether a row did other work than camlens' (a peer's guided backprop on a ReLU6 network)."""
+    if r is None:
+        return False
+    if r.get("different_work"):
+        return True
+    return r["task"] == "guided_backprop" and r["impl"] in PEER_NAMES and r["model"] in NO_NN_RELU
+
+
 LEAK_MB = 5.0  # "memory flat within a few MB"
 
 
@@ -33,6 +49,49 @@ def _groups(rows, task) -> list[tuple[str, int]]:
         if r["task"] == task and (r["model"], r["batch"]) not in seen:
             seen.append((r["model"], r["batch"]))
     return seen
+
+
+def _median(v: list[float]) -> float:
+    import statistics
+
+    return statistics.median(v)
+
+
+def scorecam_photos(rows, model: str) -> list[dict[str, Any]]:
+    """Per photo of a Score-CAM group: camlens' and pytorch-grad-cam's time, masked forwards, the
+    speed-up and each one's cost per masked forward."""
+    out = []
+    photos = []
+    for r in rows:
+        if r["task"] == "scorecam" and r["model"] == model and r.get("photo", "chelsea") not in photos:
+            photos.append(r.get("photo", "chelsea"))
+    for ph in photos:
+        sel = [r for r in rows if r["task"] == "scorecam" and r["model"] == model and r.get("photo", "chelsea") == ph]
+        me = next((r for r in sel if r["impl"] == "camlens channel_softmax"), None) or next(
+            (r for r in sel if r["impl"] == "camlens"), None
+        )
+        pgc = next((r for r in sel if r["impl"] == "pytorch-grad-cam"), None)
+        if me is None:
+            continue
+        ex = me.get("scorecam") or {}
+        fw = (ex.get("camlens_forwards") or {}).get(me["impl"])
+        n_me = fw[0] if isinstance(fw, list) and fw else fw
+        n_pgc = ex.get("channels")
+        out.append(
+            {
+                "photo": ph,
+                "impl": me["impl"],
+                "camlens_ms": me["ms"],
+                "pgc_ms": pgc["ms"] if pgc else None,
+                "speedup": pgc["ms"] / me["ms"] if pgc else None,
+                "camlens_forwards": n_me,
+                "pgc_forwards": n_pgc,
+                "zero_channels": ex.get("all_zero_channels"),
+                "camlens_ms_per_forward": me["ms"] / n_me if n_me else None,
+                "pgc_ms_per_forward": pgc["ms"] / n_pgc if pgc and n_pgc else None,
+            }
+        )
+    return out
 
 
 def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -75,12 +134,29 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
         if allm is not None:
             s = allm["ms"] / me["ms"]
             add("all layer methods in one call ≤ 1.3 × Grad-CAM", f"{model}, batch {b}", f"{s:.2f}×", "≤ 1.3", s <= 1.3)
+    for model, b in _groups(rows, "topk"):
+        top = _find(rows, "topk", "camlens K=100", model, b)
+        fwd = _find(rows, "forward", "torch", model, b)
+        if top is not None:
+            r = top["ratio_to_forward"]
+            add("top-100 Grad-CAM ≤ 1.4 × forward", f"{model}, batch {b}", f"{r:.2f}×", "≤ 1.4", r <= 1.4)
+            if fwd is not None and top.get("peak_mb") is not None and fwd.get("peak_mb"):
+                m = top["peak_mb"] / fwd["peak_mb"]
+                add(
+                    "top-100 Grad-CAM peak memory ≤ 1.1 × forward's",
+                    f"{model}, batch {b}",
+                    f"{m:.2f}×",
+                    "≤ 1.1",
+                    m <= 1.1,
+                )
     for model, b in _groups(rows, "scorecam"):
         me = _find(rows, "scorecam", "camlens", model, b)
         pgc = _find(rows, "scorecam", "pytorch-grad-cam", model, b)
         if me is not None and pgc is not None:
-            s = pgc["ms"] / me["ms"]
-            add("Score-CAM ≥ 2× faster than pytorch-grad-cam", f"{model}, batch {b}", f"{s:.2f}×", "≥ 2", s >= 2)
+            per = [p["speedup"] for p in scorecam_photos(rows, model) if p["speedup"] is not None]
+            s = _median(per) if per else pgc["ms"] / me["ms"]
+            where = f"{model}, batch {b}" + (f", median of {len(per)} photos" if len(per) > 1 else "")
+            add("Score-CAM ≥ 2× faster than pytorch-grad-cam", where, f"{s:.2f}×", "≥ 2", s >= 2)
             r = ((me.get("scorecam") or {}).get("pearson_vs_pytorch_grad_cam") or {}).get("camlens channel_softmax")
             if r is not None:
                 add(
@@ -93,7 +169,7 @@ def evaluate_targets(rows: list[dict[str, Any]], leak: dict[str, Any] | None) ->
     for model, b in _groups(rows, "guided_backprop"):
         me = _find(rows, "guided_backprop", "camlens", model, b)
         pgc = _find(rows, "guided_backprop", "pytorch-grad-cam", model, b)
-        if me is not None and pgc is not None and b >= 16:
+        if me is not None and pgc is not None and b >= 16 and not different_work(pgc):
             s = pgc["ms"] / me["ms"]
             add(
                 "guided backprop ≥ 5× pytorch-grad-cam's per-image throughput (batch 16)",
@@ -128,6 +204,9 @@ def _machine_lines(docs) -> list[str]:
             else f"; load average {la[0]:.2f} at start"
         )
         tag = f"Run {i + 1}: " if len(docs) > 1 else ""
+        clock = (d.get("config") or {}).get("clock", "wall")
+        if clock == "cpu":
+            tag += "(**CPU time** of the process, `--clock cpu`, not wall time) "
         lines.append(
             f"- {tag}**{m['cpu']}**, {m['cpus_available']} of {m['logical_cpus']} logical CPUs available, "
             f"**torch {m['torch']}** with **{m['torch_threads']} threads** (interop {m['torch_interop_threads']}), "
@@ -165,6 +244,19 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
         "",
     ]
     L += ["## Machine", "", *_machine_lines(docs), ""]
+    loaded = [
+        d
+        for d in docs
+        if max((d["machine"].get(k) or [0.0])[0] for k in ("loadavg_start", "loadavg_end"))
+        > (d["machine"].get("cpus_available") or 1) + 0.5
+    ]
+    if loaded:
+        L += [
+            f"**{len(loaded)} of {len(docs)} run(s) measured on a loaded machine** (load average above the number "
+            "of CPUs at the start or the end): absolute times are unreliable there; the ratios within one run (every "
+            "contender interleaved round by round) are what to read. Rerun on an idle machine for the record.",
+            "",
+        ]
     L += [
         "## How it is measured",
         "",
@@ -202,15 +294,15 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             "Time per call (× the same run's forward pass).",
             "",
             "| model | batch | forward | forward (no_grad) | camlens | camlens (auto layer) | pytorch-grad-cam "
-            "| Captum | TorchCAM |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| Captum | Captum (frozen parameters) | TorchCAM |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for model, b in groups:
             f = _find(rows, "forward", "torch", model, b)
             fms = f["ms"] if f else None
             cells = [
                 _cell(_find(rows, "gradcam", i, model, b), fms)
-                for i in ("camlens", "camlens (auto layer)", *PEER_NAMES)
+                for i in ("camlens", "camlens (auto layer)", "pytorch-grad-cam", "Captum", FROZEN, "TorchCAM")
             ]
             ng = _cell(_find(rows, "forward", "torch no_grad", model, b), fms)
             L.append(f"| {model} | {b} | {_fmt_ms(fms)} | {ng} | " + " | ".join(cells) + " |")
@@ -233,10 +325,41 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                 f"{_cell(al, gms, r_ok=False)} | {al.get('note', '') if al else ''} |"
             )
         L += ["", "Ratios are against Grad-CAM of one class in the same run.", ""]
+    groups = _groups(rows, "topk")
+    if groups:
+        from .cases import KS, LOOP_KS
+
+        impls = [f"camlens K={k}" for k in KS] + [f"camlens K={k} loop" for k in LOOP_KS]
+        L += [
+            "## Grad-CAM of K classes in one call",
+            "",
+            "The K best classes of each image, one `explain` call: one forward, then one batched backward "
+            "(`is_grads_batched`) per chunk of classes, with the layer gradients reduced chunk by chunk (the "
+            "`(N, K, C, h, w)` tensor is never built). *loop*: the same with one backward per class "
+            "(`grad_batching(False)`). Time × the same run's forward; peak memory (MiB) × the forward's peak.",
+            "",
+            "| model | batch | forward | " + " | ".join(i.replace("camlens ", "") for i in impls) + " |",
+            "|---|---|---|" + "---|" * len(impls),
+        ]
+        for model, b in groups:
+            f = _find(rows, "forward", "torch", model, b)
+            fms = f["ms"] if f else None
+            cells = [_cell(_find(rows, "topk", i, model, b), fms, r_ok=False) for i in impls]
+            L.append(f"| {model} | {b} | {_fmt_ms(fms)} | " + " | ".join(cells) + " |")
+            if f is not None and f.get("peak_mb"):
+                mem = []
+                for i in impls:
+                    r = _find(rows, "topk", i, model, b)
+                    pk = r.get("peak_mb") if r else None
+                    mem.append("–" if pk is None else f"{pk:.0f} MiB ({pk / f['peak_mb']:.2f}×)")
+                L.append(f"| {model} | {b} | peak {f['peak_mb']:.0f} MiB | " + " | ".join(mem) + " |")
+        L.append("")
     groups = _groups(rows, "scorecam")
     if groups:
         L += [
             "## Score-CAM (batch 1)",
+            "",
+            "This table: the first photo (chelsea); the next one: every photo measured.",
             "",
             "pytorch-grad-cam and TorchCAM weight channel k by the softmax over channels of the class logit "
             "of the masked input; camlens' default is the paper's softmax probability "
@@ -263,7 +386,9 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             )
             vs = ex.get("pearson_vs_pytorch_grad_cam", {})
             fw = ex.get("camlens_forwards") or {}
-            for r in [r for r in rows if r["task"] == "scorecam" and r["model"] == model and r["batch"] == b]:
+            sel = [r for r in rows if r["task"] == "scorecam" and r["model"] == model and r["batch"] == b]
+            first = sel[0].get("photo") if sel else None
+            for r in [r for r in sel if r.get("photo") == first]:
                 sp = f"{pgc['ms'] / r['ms']:.2f}×" if pgc else "–"
                 rp, rc = vs.get(r["impl"]), r.get("pearson_vs_ref")
                 n = fw.get(r["impl"])
@@ -278,6 +403,40 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                 "them all zero on this image* | | | | | | |"
             )
         L.append("")
+        L += [
+            "### Score-CAM over several photos, and per masked forward",
+            "",
+            'camlens (`weighting="channel_softmax"`, the peers\' weighting) against pytorch-grad-cam on each photo: '
+            "the speed-up comes mostly from channels whose masks coincide (all-zero channels share one forward), "
+            "so it depends on the photo; the cost of one masked forward is the fairer per-unit comparison.",
+            "",
+            "| model | photo | all-zero channels | camlens forwards | pgc forwards | camlens | pytorch-grad-cam | "
+            "speed-up | camlens ms/forward | pgc ms/forward |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for model in dict.fromkeys(m for m, _ in groups):
+            per = scorecam_photos(rows, model)
+            for p in per:
+
+                def f(v, fmt="{:.1f}"):
+                    return "–" if v is None else fmt.format(v)
+
+                L.append(
+                    f"| {model} | {p['photo']} | {f(p['zero_channels'], '{}')} | {f(p['camlens_forwards'], '{}')} | "
+                    f"{f(p['pgc_forwards'], '{}')} | {_fmt_ms(p['camlens_ms'])} | {_fmt_ms(p['pgc_ms'])} | "
+                    f"{f(p['speedup'], '{:.2f}×')} | {f(p['camlens_ms_per_forward'])} | "
+                    f"{f(p['pgc_ms_per_forward'])} |"
+                )
+            sp = [p["speedup"] for p in per if p["speedup"] is not None]
+            cf = [p["camlens_ms_per_forward"] for p in per if p["camlens_ms_per_forward"] is not None]
+            pf = [p["pgc_ms_per_forward"] for p in per if p["pgc_ms_per_forward"] is not None]
+            if sp:
+                L.append(
+                    f"| {model} | **median of {len(sp)}** (range) | | | | | | **{_median(sp):.2f}×** "
+                    f"({min(sp):.2f}–{max(sp):.2f}) | {_median(cf) if cf else float('nan'):.1f} | "
+                    f"{_median(pf) if pf else float('nan'):.1f} |"
+                )
+        L.append("")
     groups = _groups(rows, "guided_backprop")
     if groups:
         L += [
@@ -286,7 +445,8 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             "pytorch-grad-cam's `GuidedBackpropReLUModel` takes one image per call: its batch time is N × "
             "the time of one image, timed in the same run. Captum's `GuidedBackprop` only changes `nn.ReLU` "
             "modules (on EfficientNet-Lite0, whose activations are `ReLU6`, it returns the plain gradient: "
-            "see r).",
+            "see r). Cells marked **different work** are such rows: the peer computed the plain gradient, "
+            "not guided backprop, so their time is not comparable with camlens' (and no target is judged on them).",
             "",
             "| model | batch | camlens | Captum | pytorch-grad-cam | camlens images/s | pgc images/s |",
             "|---|---|---|---|---|---|---|",
@@ -295,10 +455,10 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
             me = _find(rows, "guided_backprop", "camlens", model, b)
             cap = _find(rows, "guided_backprop", "Captum", model, b)
             pgc = _find(rows, "guided_backprop", "pytorch-grad-cam", model, b)
-            L.append(
-                f"| {model} | {b} | {_cell(me)} | {_cell(cap, me['ms'] if me else None, speed=True)} | "
-                f"{_cell(pgc, me['ms'] if me else None, speed=True)} | {_ips(me, b)} | {_ips(pgc, b)} |"
-            )
+            dw = " **different work** (plain gradient)"
+            c_cap = _cell(cap, me["ms"] if me else None, speed=True) + (dw if different_work(cap) else "")
+            c_pgc = _cell(pgc, me["ms"] if me else None, speed=True) + (dw if different_work(pgc) else "")
+            L.append(f"| {model} | {b} | {_cell(me)} | {c_cap} | {c_pgc} | {_ips(me, b)} | {_ips(pgc, b)} |")
         L.append("")
     mem = [r for r in rows if r.get("peak_mb") is not None]
     if mem:

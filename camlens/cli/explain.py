@@ -249,7 +249,6 @@ def _run(
     """Stream the records through the pipeline into the store and/or the loose files."""
     import sys as _sys
 
-    import camlens
     from camlens.errors import CamlensError
     from camlens.localization import DEFAULT_THRESHOLD
     from camlens.models.preprocess import IMAGENET
@@ -278,8 +277,8 @@ def _run(
         )
         sinks.append(files)
 
-    def before(batch, x):
-        for stem, top in zip(batch.names, camlens.predict(net, x, topk=5), strict=True):
+    def after(batch, res):  # the top-5 table from the explaining forward's own logits: no second forward
+        for stem, top in zip(batch.names, next(iter(res.values())).top(5), strict=True):
             rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
             echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
 
@@ -291,7 +290,7 @@ def _run(
         batch_size=batch_size,
         num_workers=workers,
         optional=("cam",) if defaulted else (),
-        before=None if quiet else before,
+        after=None if quiet else after,
         on_error=lambda msg: echo_err(msg),
         **(options or {}),  # --option KEY=VALUE, typed by the methods' signatures
     )

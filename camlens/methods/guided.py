@@ -88,7 +88,7 @@ def guided_backprop(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOut
     paper="Selvaraju et al., Grad-CAM, ICCV 2017",
     summary="guided backprop times the upsampled Grad-CAM map",
     kind="pixel",
-    needs=("features", "layer_grads", *_RULE_NEEDS),
+    needs=("features", "layer_grads:mean", *_RULE_NEEDS),
     title="Guided Grad-CAM",
     aliases=("guided-gradcam",),
 )
@@ -103,7 +103,7 @@ def guided_gradcam(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutp
     paper="the notebooks: input gradient per channel x normalized Grad-CAM",
     summary="input gradient per channel times the [0, 1]-normalized class map",
     kind="pixel",
-    needs=("features", "layer_grads", "input_grads"),
+    needs=("features", "layer_grads:mean", "input_grads"),
     title="Gradient x CAM",
 )
 def gradient_x_cam(ctx: ForwardPass, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:

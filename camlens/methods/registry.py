@@ -6,6 +6,10 @@ forward and only the backward passes they need:
 
 * ``"features"``: the captured layer features ``ctx.features`` ``(N, C, h, w)``;
 * ``"layer_grads"``: ``ctx.layer_grads()``, d score / d features, ``(N, K, C, h, w)``;
+* ``"layer_grads:NAME"``: only a reduction of them, ``ctx.layer_grad_sums(NAME)`` (``"mean"``
+  ``(N, K, C)``, ``"sqmean"`` ``(N, K)``, or one registered with
+  :func:`camlens.engine.layer_grad_reduction`): all declared reductions are computed in one
+  chunked sweep and the full tensor is never built (see :mod:`camlens.engine`);
 * ``"input_grads"``: ``ctx.input_grads(rule)``, d score / d input, ``(N, K, C, H, W)``;
 * ``"rules"``: the forward runs under :func:`camlens.rules.relu_rules` so that the ReLU
   backward rule can be switched per backward pass (Deconvnet, Guided Backprop);
@@ -113,7 +117,7 @@ def register(
     paper: str,
     summary: str,
     kind: Kind = "layer",
-    needs: tuple[Need, ...] = ("features", "layer_grads"),
+    needs: tuple[Need | str, ...] = ("features", "layer_grads"),
     title: str | None = None,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
@@ -123,7 +127,7 @@ def register(
         ValueError: an unknown ``needs`` or ``kind``, or a name or alias already taken by another
             method (names are case-insensitive).
     """
-    bad = set(needs) - NEEDS
+    bad = {n for n in needs if n not in NEEDS and not (n.startswith("layer_grads:") and len(n) > 12)}
     if bad:
         raise ValueError(f"unknown needs {sorted(bad)}; choose from {sorted(NEEDS)}")
     if kind not in KINDS:

@@ -94,7 +94,8 @@ class CAMNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes, bias=bias)
         # torchvision's VGG initialization for the new layers
         nn.init.kaiming_normal_(self.cam_conv.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.cam_conv.bias)
+        if self.cam_conv.bias is not None:
+            nn.init.zeros_(self.cam_conv.bias)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         if self.fc.bias is not None:
             nn.init.zeros_(self.fc.bias)
@@ -254,13 +255,16 @@ def cam_ready(
     card = card_of(backbone)
     base = _base_name(backbone)
     if _is_vgg(backbone):
-        trunk, c_in = _vgg_trunk(backbone.features)
+        features = backbone.features
+        assert isinstance(features, nn.Module)
+        trunk, c_in = _vgg_trunk(features)
         trunk = copy.deepcopy(trunk)
         ref = next(trunk.parameters())
         model: nn.Module = CAMNet(trunk, num_classes, c_in, channels, groups, bias=bool(bias))
         model.cam_conv.to(ref.device, ref.dtype)
         model.fc.to(ref.device, ref.dtype)
-        head, layer, capture = ["cam_conv", "fc"], "cam_relu", "output"
+        layer: str | None = "cam_relu"
+        head, capture = ["cam_conv", "fc"], "output"
         name = f"{base}_cam" if not base.endswith("_cam") else base
         extra = {"cam_channels": channels, "cam_groups": groups}
     else:
@@ -332,6 +336,7 @@ def vgg16_cam(
             "VGG16 / VGG16-CAM state dict you have, or 'random'."
         )
     if weights != "random":
+        assert source is not None
         state = read_state_dict(source)
     trunk, c_in = _vgg_trunk(make_layers(cfgs["D"], batch_norm=False))
     model = CAMNet(trunk, num_classes, c_in, channels, groups, bias=False)
@@ -339,7 +344,8 @@ def vgg16_cam(
         for m in trunk.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
     elif any(k.startswith("cam_conv.") for k in state):
         _load_into(model, state, source, f"a VGG16-CAM state dict with {num_classes} classes and groups={groups}")
     else:

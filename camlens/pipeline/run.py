@@ -137,6 +137,7 @@ def _to_cpu(exp: Explanation) -> Explanation:
         classes=exp.classes.cpu(),
         scores=exp.scores.detach().float().cpu(),
         probs=exp.probs.detach().float().cpu(),
+        logits=None if exp.logits is None else exp.logits.detach().float().cpu(),
         images=None,
         sources=None,
     )
@@ -156,6 +157,7 @@ def stream(
     num_workers: int | None = None,
     optional: Sequence[str] = (),
     before: Callable[[Batch, torch.Tensor], None] | None = None,
+    after: Callable[[Batch, dict[str, Explanation]], None] | None = None,
     progress: bool = True,
     desc: str = "explain",
     class_names: Sequence[str] | None = None,
@@ -241,6 +243,8 @@ def stream(
                             names.remove(m)
                         say(f"note: {', '.join(drop)} skipped ({exc})")
                 assert isinstance(res, dict)
+                if after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
+                    after(batch, res)
                 writer.put(BatchResult(batch, {m: _to_cpu(e) for m, e in res.items()}))
                 stats.computed += len(batch)
             bar.update(len(batch) + len(batch.failed))
@@ -454,6 +458,7 @@ def run_store(
     optional: Sequence[str] = (),
     extra_sinks: Sequence[Sink] = (),
     before: Callable[[Batch, torch.Tensor], None] | None = None,
+    after: Callable[[Batch, dict[str, Explanation]], None] | None = None,
     on_error: Callable[[str], None] | None = None,
     argv: Sequence[str] | None = None,
     **options: Any,
@@ -531,6 +536,7 @@ def run_store(
         num_workers=num_workers,
         optional=optional,
         before=before,
+        after=after,
         progress=progress and ctx.is_main,
         desc=desc,
         class_names=class_names,

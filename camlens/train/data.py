@@ -210,7 +210,7 @@ class FolderDataset(torch.utils.data.Dataset):
         img = self.data.image(i)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            top, left, ch, cw = random_resized_crop_box(*img.shape[:2], rng)
+            top, left, ch, cw = random_resized_crop_box(img.shape[0], img.shape[1], rng)
             img = img[top : top + ch, left : left + cw]
             if rng.random() < 0.5:
                 img = img[:, ::-1]

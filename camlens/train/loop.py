@@ -144,9 +144,10 @@ def prepare_model(
     arch: dict[str, Any] = {"base": base, "base_class": base_class, "num_classes": num_classes}
     if cam:
         cam_opts = {"channels": CAM_CHANNELS, "groups": 2}
-        net = cam_ready(net, num_classes, class_names=classes, **cam_opts)
-        arch.update(head="cam_ready", cam=cam_opts, head_modules=card_of(net).extra["head"])
+        net = cam_ready(net, num_classes, class_names=classes, channels=CAM_CHANNELS, groups=2)
         card = card_of(net)
+        assert card is not None  # cam_ready always attaches its card
+        arch.update(head="cam_ready", cam=cam_opts, head_modules=card.extra["head"])
     else:
         lin = last_linear(net)
         if base is None and lin is not None and lin[1].out_features == num_classes:
@@ -540,7 +541,7 @@ def finetune(
             )
             row.update(evaluate(net, dl_val, dev, progress=progress))
             improved = _better(row, best)
-            if improved:
+            if improved or best is None:  # (_better is True when there is no best yet)
                 best = dict(row)
             row.update(
                 best_epoch=best["epoch"], best_val_acc=best["val_acc"], lr=cfg["lr"], seconds=time.perf_counter() - t0
@@ -573,12 +574,15 @@ def finetune(
             )
 
     # the result is the best checkpoint, exactly as load_model(checkpoint=out) gives it
+    if best is None:
+        raise CheckpointError(f"{out} holds no finished epoch to return; run at least one epoch (epochs >= 1)")
     if best_state is None:  # the best epoch came before a resume
         best_state = read_state_dict(out / "best.safetensors")
     net.load_state_dict(best_state)
     for p in net.parameters():
         p.requires_grad_(True)
-    best_model = attach_card(net.eval(), checkpoint_card(best_card or {}, out / "best.safetensors", out / "best.json"))
+    card_best = checkpoint_card(best_card or {}, out / "best.safetensors", out / "best.json")
+    best_model = attach_card(net.eval(), card_best)
     files.update(
         best=out / "best.safetensors",
         last=out / "last.safetensors",
@@ -587,7 +591,7 @@ def finetune(
         curves=out / "curves.png",
     )
     if grid:
-        title = f"{best_model.camlens.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} ({grid_method})"
+        title = f"{card_best.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} ({grid_method})"
         files["grid"], _ = validation_grid(best_model, val, pp, out / "val_grid.png", grid_method, grid_size, title)
     return FinetuneResult(best_model, out, history, best, classes, skipped, files)
 

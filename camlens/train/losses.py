@@ -30,10 +30,12 @@ def decayed_parameters(model: nn.Module, trainable_only: bool = True) -> list[tu
 
     A weight shared by several modules is listed once.
     """
-    out, seen = [], set()
+    out: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
     for mname, m in model.named_modules():
         if isinstance(m, DECAYED) and isinstance(getattr(m, "weight", None), nn.Parameter):
             w = m.weight
+            assert isinstance(w, nn.Parameter)
             if id(w) in seen or (trainable_only and not w.requires_grad):
                 continue
             seen.add(id(w))
