@@ -177,6 +177,10 @@ def render_map(
         raise InputError(f"render_map needs an (H, W, 3) RGB image, got shape {img.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    if not signed and not pixel:  # the classic overlay (normalized at the map's own resolution: fast)
+        small = _np(m).astype(np.float64)
+        lo, hi = float(np.nanmin(small)), float(np.nanmax(small))
+        return overlay(img, m, alpha, cmap), (lo, hi if hi > lo else lo + 1.0, cmap)
     v = resize_map(m, img.shape[:2]).astype(np.float64)
     v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     base = img.astype(np.float64)
