@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ from .errors import InputError, LayoutError, MethodError, NonFiniteError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
 from .outputs import OutputSpec, select_output
 from .rules import relu_rules
-from .targets import Targets, TargetSpec, resolve_targets
+from .targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
 
 #: Gradient memory one batched backward may produce (the chunk over classes holds at most this).
 #: Small on purpose: the chunk is reduced right after its backward, and a chunk that stays in the
@@ -130,6 +130,11 @@ def class_grads(
     """
     info = info if info is not None else GradInfo()
     n, k = scores.shape
+    if not scores.requires_grad:  # scores that depend on nothing (a detector that found no box): zeros
+        info.mode, info.chunk, info.reason = "loop", 1, "scores do not depend on the input"
+        for kk in range(k):
+            yield kk, torch.zeros((wrt.shape[0], 1, *wrt.shape[1:]), dtype=wrt.dtype, device=wrt.device)
+        return
     step = chunk_size(k, wrt, factor)
     batched = k > 1 and step > 1 and _BATCHED.get()
     info.mode, info.chunk = ("batched", step) if batched else ("loop", 1)
@@ -302,11 +307,13 @@ class ForwardPass:
     """Runs ``model(x)`` once and lazily computes what the methods ask for.
 
     Attributes:
-        model, x: the model (in eval mode while the pass lives) and the input batch.
+        model, x: the model (in eval mode while the pass lives) and the input batch (a tensor,
+            or a list of ``(C, H, W)`` tensors of different sizes for a detector).
         spec: where the features were captured (``None`` if no method needs them).
         output: the model's raw output, whatever it is (target objects consume it).
         logits: ``(N, num_classes)`` class scores selected from it (:func:`camlens.outputs.select_output`);
-            ``output_choice`` says which part was taken.
+            ``output_choice`` says which part was taken. ``None`` when a target object is given and
+            the output is not such a table (a detector's list of dicts, a segmenter's dict).
         features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut), after
             the layout adapter (:mod:`camlens.layout`) described by ``layout``.
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
@@ -315,7 +322,7 @@ class ForwardPass:
     def __init__(
         self,
         model: nn.Module,
-        x: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
         spec: CaptureSpec | None,
         targets: TargetSpec,
         class_names=None,
@@ -351,8 +358,15 @@ class ForwardPass:
         # modifies neither the leaf (autograd forbids that when it requires grad), nor the
         # caller's tensor, nor ``self.x`` that Score-CAM and input x gradient read afterwards
         self._cut = not full
-        self.x = x.detach().requires_grad_(True) if full else x.detach()
-        self.layout_request = LayoutRequest((int(x.shape[-2]), int(x.shape[-1])), model, reshape)
+        self.x: Any
+        if isinstance(x, (list, tuple)):  # a detector's list of images of different sizes
+            self.x = [t.detach().requires_grad_(True) if full else t.detach() for t in x]
+            first = x[0]
+        else:
+            self.x = x.detach().requires_grad_(True) if full else x.detach()
+            first = x
+        n = len(self.x)
+        self.layout_request = LayoutRequest((int(first.shape[-2]), int(first.shape[-1])), model, reshape)
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
@@ -367,9 +381,16 @@ class ForwardPass:
             stack.enter_context(torch.set_grad_enabled(full or (layer_grad and spec is None)))
             raw = forward(model, self.x)
         self.output = raw
-        logits, self.output_choice = select_output(raw, output, n=x.shape[0])
-        self.select = lambda out: select_output(out, output)[0]  # for the extra forwards of some methods
-        check_finite(model, self.x, logits)
+        obj = is_target_object(targets)
+        logits: torch.Tensor | None
+        if obj:  # a target object receives the raw output itself (see camlens.targets.Target)
+            logits = raw if isinstance(raw, torch.Tensor) and raw.dim() == 2 else None
+            self.output_choice = "the raw output (a target object scores it)"
+        else:
+            logits, self.output_choice = select_output(raw, output, n=n)
+            check_finite(model, self.x, logits)
+        # for the extra forwards of some methods: the logits, or the raw output a target object scores
+        self.select = (lambda out: out) if obj else (lambda out: select_output(out, output)[0])
         self.logits = logits
         self.features = cap.value if cap is not None else None
         self.calls = cap.calls if cap is not None else 0
@@ -379,9 +400,17 @@ class ForwardPass:
             self.pool_module = cap.pool_module
             self.last_spatial = cap.last_spatial
             self.token_norm = cap.token_norm
-        self.targets: Targets = resolve_targets(targets, logits, class_names)
-        with torch.set_grad_enabled(full or layer_grad):  # also when the caller is under no_grad
-            self.scores = self.targets.scores(logits if (full or layer_grad) else logits.detach())
+        grad = full or layer_grad
+        if obj:  # a target object scores the raw output (detections, segmentation logits, embeddings)
+            self.targets: Targets = bind_target(targets, self.output, model)
+            with torch.set_grad_enabled(grad):
+                scores = self.targets.scores(self.output)
+            self.scores = scores if grad else scores.detach()
+        else:
+            assert logits is not None
+            self.targets = resolve_targets(targets, logits, class_names)
+            with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
+                self.scores = self.targets.scores(logits if grad else logits.detach())
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -22,15 +22,16 @@ from .capture import CaptureSpec
 from .engine import ForwardPass, forward, wants_layer_grads
 from .errors import InputError, MethodError, NonFiniteError
 from .explanation import Explanation, upsample
-from .inputs import prepare_inputs
+from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
 from .models.preprocess import IMAGENET, Preprocess
+from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
 from .outputs import OutputSpec, select_output
 from .resolve import run_resolved
-from .targets import TargetSpec
+from .targets import Detection, Segmentation, TargetSpec
 
 
 def method_names(method: Any) -> list[str]:
@@ -144,10 +145,17 @@ def explain(
             (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
+            Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
+            images of different sizes (one batched forward; layer methods only); their maps are in
+            each image's original pixels, zero-padded to the largest (``extras["image_sizes"]``).
         method: a registered method name (see :func:`camlens.methods`) or a list of names, computed
             from one shared forward pass and returned as ``{name: Explanation}``.
         targets: ``None`` (top-1), an int, N ints, an ``(N, K)`` table, ``"topK"``, class names,
-            or a callable ``logits -> (N,)`` scores. See :mod:`camlens.targets`.
+            or a callable ``logits -> (N,)`` scores; or a target object that scores the model's
+            raw output: :class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+            :class:`~camlens.targets.Similarity` or your own :class:`~camlens.targets.Target`.
+            A zoo detector defaults to ``Detection()`` (its own detections), a zoo segmenter to
+            ``Segmentation(None)`` (its largest predicted class). See :mod:`camlens.targets`.
         layer: dotted module name, module, or ``None``: the features entering the final global
             pooling (a module or a functional call); for a transformer without global pooling the
             norm before the last block's attention (the token features the class token reads);
@@ -183,9 +191,22 @@ def explain(
     needs = frozenset().union(*(i.needs for i in infos))
     card = card_of(model)
     classes = list(class_names) if class_names is not None else class_names_of(model)
+    task = card.extra.get("task") if card else None
+    if targets is None and task == "detection":
+        targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
+    elif targets is None and task == "segmentation":
+        targets = Segmentation(None)  # each image's largest predicted non-background class
 
+    x: Any  # a batch tensor, or a detector's list of (C, H, W) images of different sizes
     with torch.inference_mode(False):
-        x, images, sources = prepare_inputs(inputs, model, preprocess)
+        x, images, sources = prepare_batch(inputs, model, preprocess)
+    if isinstance(x, list):
+        bad = [i.name for i in infos if i.kind != "layer"]
+        if bad:
+            raise InputError(
+                f"{', '.join(bad)} need(s) images of one size; these differ in size "
+                f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
+            )
     spec: CaptureSpec | None = None
     if "features" in needs or wants_layer_grads(needs):
         if layer is None and card is not None and card.layer is not None:
@@ -198,35 +219,47 @@ def explain(
     n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
     backwards = n_grads if len(infos) == 1 else None
 
+    frames = Frames()
+
     def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-        return ForwardPass(
-            model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
-        )
+        nonlocal frames
+        with record_frames(model) as frames:  # a detector's resize + pad (see camlens.models.tasks)
+            return ForwardPass(
+                model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
+            )
 
     with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx, layer_name = resolved.ctx, resolved.layer_name
         with torch.no_grad():
-            probs = ctx.logits.detach().float().softmax(dim=1)
-            if ctx.targets.fn is None:
-                probs = probs.gather(1, ctx.targets.classes.to(probs.device))
+            if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
+                probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
             else:
-                probs = torch.full(ctx.scores.shape, float("nan"), device=probs.device)
-        ranks = target_ranks(ctx.logits, ctx.targets.classes) if ctx.targets.fn is None else None
+                probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
+        # kept whole: Explanation.top(k) needs no second forward (None: a target object's raw output)
+        logits = ctx.logits.detach() if ctx.logits is not None else None
+        plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
+        ranks = target_ranks(ctx.logits, ctx.targets.classes) if plain else None
         pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
-        logits = ctx.logits.detach()  # kept whole: Explanation.top(k) needs no second forward
+        shown = x.detach() if images is None and isinstance(x, torch.Tensor) else None  # for figures
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
-            if maps is None:
+            if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
+                maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
+            elif maps is None:
                 maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
             if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
                 raise NonFiniteError(
                     f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
-                    f"{x.dtype}); run the model in float32 or choose another layer"
+                    f"{maps.dtype}); run the model in float32 or choose another layer"
                 )
+            extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
+            extras.update(out.extras)
+            if isinstance(x, list):
+                extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
             results[info.name] = Explanation(
                 maps=maps.detach().float(),
                 raw=raw,
@@ -239,9 +272,9 @@ def explain(
                 images=images,
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
-                extras=_common_extras(ctx, info) | dict(out.extras),
+                extras=_common_extras(ctx, info) | extras,
                 ranks=ranks,
-                inputs=x.detach() if images is None else None,
+                inputs=shown,
                 preprocess=pp,
                 logits=logits,
             )

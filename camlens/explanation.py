@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .localization import explanation_boxes
+from .ops import ULPS, minmax
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,7 +28,7 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     r"""Bilinear resize of float32 ``(..., h, w)`` maps to ``size = (H, W)`` (``align_corners=False``).
 
     The same numbers as ``F.interpolate(..., mode="bilinear", align_corners=False)`` (to float
-    rounding), computed as :math:`W_y\,M\,W_x^	op` with the two 1-D interpolation matrices: two
+    rounding), computed as :math:`W_y\,M\,W_x^T` with the two 1-D interpolation matrices: two
     small matrix products instead of a gather per output pixel (EfficientNet-Lite0, 16 images x
     100 classes, 7x7 -> 224x224, CPU, 1 thread: 140 ms instead of 230 ms).
     """
@@ -41,16 +42,8 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.matmul(torch.matmul(wy, m), wx.T)
 
 
-def minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max normalization of ``(..., H, W)`` to [0, 1]; a constant map becomes zeros.
-
-    ``(m - min) / (max - min)`` where ``max - min > eps``, else ``0`` (never NaN).
-    """
-    flat = maps.flatten(-2).float()
-    lo = flat.amin(-1, keepdim=True)
-    rng = flat.amax(-1, keepdim=True) - lo
-    out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
-    return torch.nan_to_num(out, nan=0.0).view_as(maps)
+#: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
+PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes")
 
 
 @dataclass
@@ -70,9 +63,10 @@ class Explanation:
         images: the original RGB uint8 images when ``inputs`` were images (for overlays).
         sources: a name per image (file stem, or ``image0``…), used to name output files.
         model_name: the model's zoo name, if known.
-        extras: method-specific results (e.g. Integrated Gradients' completeness error); the flags
-            ``extras["signed"]`` (the map's sign carries meaning: CAM, Integrated Gradients…) and
-            ``extras["class_agnostic"]`` (Eigen-CAM: one map whatever the class) steer the figures.
+        extras: method-specific results (e.g. Integrated Gradients' completeness error), and what
+            a target object adds: ``"boxes"`` ``(N, K, 4)`` explained boxes of a detector (original
+            pixels, NaN rows: padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
+            segmenter, ``"image_sizes"`` for a batch of different-size images.
         ranks: ``(N, K)`` 1-based rank of each target's logit among all classes (``1``: the top
             class), ``None`` when unknown (callable targets, hand-built explanations). Titles and
             file names claim a rank only from here.
@@ -126,9 +120,10 @@ class Explanation:
             f"classes={self.labels()})"
         )
 
-    def normalized(self, eps: float = 1e-8) -> torch.Tensor:
-        """Maps min-max normalized per map to [0, 1]; constant maps -> zeros (no NaN)."""
-        return minmax(self.maps, eps)
+    def normalized(self, *, ulps: float = ULPS) -> torch.Tensor:
+        """Maps min-max normalized per map to [0, 1] by :func:`camlens.ops.minmax`: a map constant up
+        to rounding (range within ``ulps`` float32 units of its magnitude) -> zeros; never NaN."""
+        return minmax(self.maps.float(), ulps=ulps)
 
     def labels(self) -> list[list[str]]:
         """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""
@@ -192,6 +187,10 @@ class Explanation:
             images=[self.images[i] for i in rows] if self.images else None,
             inputs=None if self.inputs is None else self.inputs[idx],
             sources=[self.sources[i] for i in rows] if self.sources else None,
+            extras={
+                k: ([v[i] for i in rows] if isinstance(v, list) else v[rows]) if k in PER_IMAGE_EXTRAS else v
+                for k, v in self.extras.items()
+            },
         )
 
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------

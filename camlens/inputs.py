@@ -22,6 +22,21 @@ def prepare_inputs(
     inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
 ) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
     """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
+    x, images, names = prepare_batch(inputs, model, preprocess)
+    if isinstance(x, list):
+        raise InputError(
+            f"these images differ in size ({sorted({tuple(t.shape[-2:]) for t in x})}) and this needs one "
+            "batch tensor: resize them, or pass them one at a time"
+        )
+    return x, images, names
+
+
+def prepare_batch(
+    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
+) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str]]:
+    """As :func:`prepare_inputs`, but images of different sizes given to a detector (whose
+    preprocessing keeps each image's size, ``resize="none"``), or a list of ``(C, H, W)`` tensors
+    of different sizes, come back as a list of ``(C, H, W)`` tensors (its list-of-images input)."""
     device = model_device(model)
     if isinstance(inputs, torch.Tensor):
         x = inputs
@@ -40,6 +55,14 @@ def prepare_inputs(
                 x = x.clone()
         x = x.to(device=device, dtype=model_dtype(model))
         return x, None, [f"image{i}" for i in range(x.shape[0])]
+    if (
+        isinstance(inputs, (list, tuple))
+        and inputs
+        and all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() for t in inputs)
+    ):  # a detector's list of (C, H, W) images, as torchvision detectors take them
+        ts = [t.detach().to(device=device, dtype=model_dtype(model)) for t in inputs]
+        xs = torch.stack(ts) if len({tuple(t.shape) for t in ts}) == 1 else ts
+        return xs, None, [f"image{i}" for i in range(len(ts))]
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     images = load_images(items)
     names = []
@@ -51,5 +74,7 @@ def prepare_inputs(
         )
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)
+    if pp.resize == "none" and len({im.shape[:2] for im in images}) > 1:  # a detector's images of different sizes
+        return [pp([im], device=device)[0].to(model_dtype(model)) for im in images], images, names
     x = pp(images, device=device).to(model_dtype(model))
     return x, images, names

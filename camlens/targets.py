@@ -9,18 +9,25 @@ Accepted forms (``N`` images, ``num_classes`` logits):
 * ``N`` ints -> one class per image; with ``N == 1`` a list of K ints -> K classes;
 * an ``(N, K)`` array / tensor / nested list of ints;
 * a callable ``logits -> (N,)`` scores (multi-label sums, margins, regression…) -> ``K = 1``,
-  with class id ``-1`` in :attr:`Explanation.classes`.
+  with class id ``-1`` in :attr:`Explanation.classes`;
+* a **target object** (:class:`Target` protocol): the model's *raw* output -> ``(N, K)`` scores,
+  for models that are not classifiers: :class:`Detection` (boxes of a detector),
+  :class:`Segmentation` (a region of a segmenter's logits), :class:`Similarity` (an embedding's
+  cosine with a reference).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ._util import eval_mode, model_device, model_dtype
 from .classnames import class_id
 from .errors import TargetError
 
@@ -29,17 +36,25 @@ TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable
 
 @dataclass
 class Targets:
-    """Resolved targets: ``classes`` ``(N, K)`` long tensor (``-1`` for callables) and ``fn``."""
+    """Resolved targets: ``classes`` ``(N, K)`` long tensor (``-1`` for callables) and ``fn``;
+    ``obj``: a bound :class:`Target` object (then :meth:`scores` takes the raw model output)."""
 
     classes: torch.Tensor
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    obj: Any = None
 
     @property
     def k(self) -> int:
         return int(self.classes.shape[1])
 
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The ``(N, K)`` target scores of a batch of logits (keeps the autograd graph)."""
+    def scores(self, logits: Any) -> torch.Tensor:
+        """The ``(N, K)`` target scores of a batch of logits (keeps the autograd graph); for a
+        target object, of the raw model output. A batch of ``m`` copies of each image (SmoothGrad,
+        Score-CAM…) is scored row ``i`` against image ``i // m``."""
+        if self.obj is not None:
+            b, n = output_batch_size(logits), self.classes.shape[0]
+            obj = self.obj if b == n else take_rows(self.obj, torch.arange(n).repeat_interleave(b // n).tolist())
+            return check_scores(obj(logits), b, self.k)
         if self.fn is not None:
             s = self.fn(logits)
             if not isinstance(s, torch.Tensor) or s.shape != (logits.shape[0],):
@@ -59,6 +74,36 @@ class Targets:
         if idx.shape[0] != logits.shape[0]:  # repeated batches (smoothgrad, IG, Score-CAM)
             idx = idx.repeat_interleave(logits.shape[0] // idx.shape[0], dim=0)
         return logits.gather(1, idx)
+
+
+def check_scores(s: Any, n: int, k: int) -> torch.Tensor:
+    """Check that a target object returned ``(n, k)`` scores."""
+    if not isinstance(s, torch.Tensor) or s.dim() != 2 or s.shape[0] != n or (k and s.shape[1] != k):
+        shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise TargetError(f"a target object must return (N, K) = ({n}, {k or 'K'}) scores; got {shape}")
+    return s
+
+
+def take_rows(obj: Any, rows: Sequence[int]) -> Any:
+    """``obj.take(rows)`` when the target object has it (else the object itself: row-wise)."""
+    take = getattr(obj, "take", None)
+    return take(list(rows)) if callable(take) else obj
+
+
+def bind_target(obj: Any, output: Any, model: nn.Module | None = None) -> Targets:
+    """Bind a target object to the clean forward pass's raw ``output`` -> :class:`Targets`."""
+    bind = getattr(obj, "bind", None)
+    bound = bind(output, model) if callable(bind) else obj
+    n = output_batch_size(output)
+    with torch.no_grad():
+        k = getattr(bound, "k", None)
+        if not isinstance(k, int):
+            k = int(check_scores(bound(output), n, 0).shape[1])
+    labels = getattr(bound, "labels", None)
+    classes = torch.full((n, k), -1, dtype=torch.long)
+    if isinstance(labels, torch.Tensor) and tuple(labels.shape) == (n, k):
+        classes = labels.detach().long().cpu().clone()
+    return Targets(classes, obj=bound)
 
 
 def _name_to_id(name: str, class_names: Sequence[str] | None) -> int:
@@ -137,3 +182,465 @@ def resolve_targets(
             f"(valid indices 0..{num_classes - 1})"
         )
     return Targets(torch.as_tensor(arr, dtype=torch.long))
+
+
+# ==============================================================================================
+# Target objects: the model's RAW output -> (N, K) scores (detection, segmentation, embeddings)
+# ==============================================================================================
+class Target:
+    r"""Base class (and documented protocol) of a target object.
+
+    A target object maps the model's **raw output** (whatever ``model(x)`` returns: a tensor, a
+    dict such as torchvision segmenters' ``{"out": …}``, or a list of per-image dicts such as
+    torchvision detectors' ``[{"boxes", "labels", "scores"}, …]``) to an ``(N, K)`` tensor of
+    scores, keeping the autograd graph. Every method explains column ``k`` of that table.
+
+    The protocol, for a user target (subclass this class, or give any object ``raw_output = True``):
+
+    * ``__call__(output) -> (N, K)`` tensor (required);
+    * ``bind(output, model) -> Target`` (optional): called once on the clean forward pass; returns
+      the target with everything data-dependent fixed (for example which boxes are explained), so
+      that the masked or noisy forwards of RISE, Score-CAM, SmoothGrad… are scored against the same
+      references. The default returns ``self``;
+    * ``take(rows) -> Target`` (optional): the target for the images ``rows`` of the bound batch
+      (a list of ints, repeats allowed), used when a method scores a batch of copies of some
+      images. The default returns ``self`` (right for targets that act row-wise);
+    * ``labels`` (optional): ``(N, K)`` class ids of the targets (``-1``: none), for titles;
+    * ``extras`` (optional): a dict copied into :attr:`Explanation.extras` (e.g. ``"boxes"``).
+
+    Classification targets (class ids, ``"topK"``, names, callables ``logits -> (N,)``) keep
+    working; they see the classification logits, a target object sees the raw output.
+    """
+
+    raw_output = True
+    labels: torch.Tensor | None = None
+
+    def __call__(self, output: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bind(self, output: Any, model: nn.Module | None = None) -> Target:
+        return self
+
+    def take(self, rows: Sequence[int]) -> Target:
+        return self
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return {}
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A detached tensor that autograd may save (a clone of an inference-mode tensor)."""
+    t = t.detach()
+    if t.is_inference():
+        with torch.inference_mode(False):
+            t = t.clone()
+    return t
+
+
+def is_target_object(t: Any) -> bool:
+    """Whether ``t`` follows the :class:`Target` protocol (it receives the raw model output)."""
+    return isinstance(t, Target) or (callable(t) and getattr(t, "raw_output", False) is True)
+
+
+def output_batch_size(output: Any) -> int:
+    """The number of images of a raw model output (tensor, dict with ``"out"``, list of dicts)."""
+    if isinstance(output, torch.Tensor):
+        return int(output.shape[0])
+    if isinstance(output, Mapping):
+        for v in output.values():
+            if isinstance(v, torch.Tensor):
+                return int(v.shape[0])
+    if isinstance(output, (list, tuple)):
+        if output and isinstance(output[0], Mapping):
+            return len(output)
+        for v in output:
+            if isinstance(v, torch.Tensor):
+                return int(v.shape[0])
+    raise TargetError(f"cannot tell the batch size of a model output of type {type(output).__name__}")
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Pairwise IoU of boxes ``a`` ``(A, 4)`` and ``b`` ``(B, 4)`` as ``(x0, y0, x1, y1)`` -> ``(A, B)``.
+
+    :math:`\mathrm{IoU} = |a \cap b| / (|a| + |b| - |a \cap b|)` (differentiable; 0 for empty unions).
+    """
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def _detections(output: Any) -> list[Mapping[str, torch.Tensor]]:
+    if isinstance(output, Mapping) and "boxes" in output:
+        return [output]
+    if isinstance(output, (list, tuple)) and all(isinstance(d, Mapping) and "boxes" in d for d in output):
+        return list(output)
+    raise TargetError(
+        "Detection needs a detector's output: a list of per-image dicts with 'boxes' (x0, y0, x1, y1), "
+        f"'scores' and 'labels' (torchvision's format); got {type(output).__name__}"
+    )
+
+
+class Detection(Target):
+    r"""Explain detected boxes: one map per box, so ``K`` = number of boxes.
+
+    For image :math:`n` and reference box :math:`b_k` with label :math:`c_k`, the score is the
+    best match among the predicted boxes :math:`(P_j, \ell_j, s_j)` of the model's output:
+
+    .. math:: y_k = \max_{j:\ \ell_j = c_k,\ \mathrm{IoU}(b_k, P_j) \ge \tau} \mathrm{IoU}(b_k, P_j)\, s_j
+
+    (``0`` when no predicted box matches). ``labels=None`` with given boxes matches any label. When
+    the output also holds class-probability vectors ``"probs"`` ``(D, C)`` (D-RISE's detection
+    vector), the label test becomes the cosine :math:`\cos(e_{c_k}, p_j) = p_j[c_k]/\lVert p_j\rVert`
+    and :math:`s_j` the ``"objectness"`` if given, else the score — then :math:`y_k` is D-RISE's
+    similarity (Petsiuk et al., CVPR 2021) thresholded at :math:`\tau`. Gradients flow through the
+    scores and, via the IoU, through the predicted box coordinates.
+
+    Relation to pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``: that target returns *one* scalar
+    :math:`\sum_k [\mathrm{IoU}_k > \tau][\ell = c_k](\mathrm{IoU}_k + s)` for the predicted box of
+    highest IoU with each reference (one map for all boxes, the label checked after the match);
+    this one keeps the boxes apart (one column each), matches among boxes of the right label, and
+    multiplies IoU and score, so a poor overlap cannot be made up by a confident score.
+
+    Args:
+        boxes: reference boxes in original-image pixels ``(x0, y0, x1, y1)``: ``(K, 4)`` for every
+            image or a list of ``(K_n, 4)`` per image; ``None``: the model's own detections with a
+            score at least ``score_threshold`` (at most ``max_boxes`` per image, best first),
+            chosen on the clean forward pass (:meth:`bind`).
+        labels: class ids of the boxes (``(K,)`` or a list per image); ``None``: any label (given
+            boxes) or the detections' own labels.
+        iou: the IoU threshold :math:`\tau`.
+        score_threshold, max_boxes: which own detections to explain when ``boxes=None``.
+
+    Images with fewer boxes than the largest ``K`` of the batch get padding columns with label
+    ``-1`` and score 0.
+    """
+
+    def __init__(
+        self,
+        boxes: Any = None,
+        labels: Any = None,
+        iou: float = 0.5,
+        *,
+        score_threshold: float = 0.5,
+        max_boxes: int = 5,
+    ) -> None:
+        if not 0.0 <= float(iou) <= 1.0:
+            raise TargetError(f"iou must be in [0, 1], not {iou}")
+        if max_boxes < 1:
+            raise TargetError("max_boxes must be >= 1")
+        if boxes is not None:  # check early: a bad box is the caller's error, not the forward pass's
+            per_image = isinstance(boxes, (list, tuple)) and len(boxes) and all(np.ndim(b) == 2 for b in boxes)
+            for b in boxes if per_image else [boxes]:
+                self._as_boxes(b)
+        self.boxes = boxes
+        self.label_spec = labels
+        self.iou = float(iou)
+        self.score_threshold = float(score_threshold)
+        self.max_boxes = int(max_boxes)
+        self._ref: list[torch.Tensor] | None = None  # per image (K, 4)
+        self._lab: list[torch.Tensor] | None = None  # per image (K,), -1: any label
+        self._k = 0
+
+    # -- references -------------------------------------------------------------------------
+    @staticmethod
+    def _as_boxes(b: Any) -> torch.Tensor:
+        t = _plain(torch.as_tensor(np.asarray(b, dtype=np.float64) if not isinstance(b, torch.Tensor) else b))
+        t = t.float().reshape(-1, 4) if t.numel() else t.float().reshape(0, 4)
+        if t.numel() and not bool((t[:, 2:] > t[:, :2]).all()):
+            raise TargetError(f"boxes must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {t.tolist()}")
+        return t
+
+    def bind(self, output: Any, model: nn.Module | None = None) -> Detection:
+        dets = _detections(output)
+        n = len(dets)
+        refs, labs = [], []
+        if self.boxes is None:
+            for d in dets:
+                s = d["scores"].detach()
+                keep = (s >= self.score_threshold).nonzero().flatten()
+                keep = keep[s[keep].argsort(descending=True)][: self.max_boxes]
+                refs.append(d["boxes"].detach()[keep].float().cpu())
+                labs.append(d["labels"].detach()[keep].long().cpu())
+        else:
+            per_image = isinstance(self.boxes, (list, tuple)) and (
+                len(self.boxes) == n and all(np.ndim(b) == 2 for b in self.boxes)
+            )
+            bl = [self._as_boxes(b) for b in self.boxes] if per_image else [self._as_boxes(self.boxes)] * n
+            if self.label_spec is None:
+                ll = [torch.full((len(b),), -1, dtype=torch.long) for b in bl]
+            else:
+                per_lab = per_image and isinstance(self.label_spec, (list, tuple)) and len(self.label_spec) == n
+                raw = self.label_spec if per_lab else [self.label_spec] * n
+                ll = [torch.as_tensor(np.asarray(lb, dtype=np.int64)).reshape(-1) for lb in raw]
+                for b, lb in zip(bl, ll):
+                    if len(lb) != len(b):
+                        raise TargetError(f"{len(lb)} labels for {len(b)} boxes")
+            refs, labs = bl, ll
+        out = Detection(
+            self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
+        )
+        out._ref, out._lab = refs, labs
+        out._k = max(1, max((len(r) for r in refs), default=0))
+        return out
+
+    def take(self, rows: Sequence[int]) -> Detection:
+        self._check_bound()
+        assert self._ref is not None and self._lab is not None
+        out = Detection(
+            self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
+        )
+        out._ref = [self._ref[int(r)] for r in rows]
+        out._lab = [self._lab[int(r)] for r in rows]
+        out._k = self._k
+        return out
+
+    def with_iou(self, iou: float) -> Detection:
+        """The same bound references with another IoU threshold (D-RISE uses ``0``)."""
+        self._check_bound()
+        out = self.take(range(len(self._ref or [])))
+        out.iou = float(iou)
+        return out
+
+    def _check_bound(self) -> None:
+        if self._ref is None:
+            raise TargetError("this Detection target is not bound to a forward pass yet (call .bind(output))")
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    @property
+    def labels(self) -> torch.Tensor:  # type: ignore[override]
+        """``(N, K)`` labels of the reference boxes (``-1``: any label or padding)."""
+        self._check_bound()
+        assert self._lab is not None
+        out = torch.full((len(self._lab), self._k), -1, dtype=torch.long)
+        for i, lb in enumerate(self._lab):
+            out[i, : len(lb)] = lb
+        return out
+
+    @property
+    def reference_boxes(self) -> torch.Tensor:
+        """``(N, K, 4)`` reference boxes in original-image pixels (NaN rows: padding)."""
+        self._check_bound()
+        assert self._ref is not None
+        out = torch.full((len(self._ref), self._k, 4), float("nan"))
+        for i, b in enumerate(self._ref):
+            out[i, : len(b)] = b
+        return out
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return {"boxes": self.reference_boxes.numpy()}
+
+    # -- scores -----------------------------------------------------------------------------
+    def match(self, det: Mapping[str, torch.Tensor], ref: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` scores of one image's detections ``det`` against references ``ref``/``lab``."""
+        boxes = det["boxes"]
+        if len(ref) == 0:
+            return boxes.new_zeros(0)
+        if len(boxes) == 0:
+            return boxes.new_zeros(len(ref)) + 0.0 * boxes.sum()
+        ref = ref.to(boxes.device, boxes.dtype)
+        lab = lab.to(boxes.device)
+        iou = box_iou(ref, boxes)  # (K, D)
+        if "probs" in det:
+            p = det["probs"]
+            cls = p[:, lab.clamp_min(0)].T / p.norm(dim=1).clamp_min(1e-12)  # (K, D) cosine with one-hot
+            cls = torch.where(lab[:, None] < 0, torch.ones_like(cls), cls)
+            obj = det.get("objectness", det["scores"])
+        else:
+            cls = ((det["labels"][None, :] == lab[:, None]) | (lab[:, None] < 0)).to(boxes.dtype)
+            obj = det["scores"]
+        q = iou * cls * obj[None, :]
+        q = torch.where(iou >= self.iou, q, torch.zeros_like(q)) if self.iou > 0 else q
+        return q.max(dim=1).values
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        self._check_bound()
+        assert self._ref is not None and self._lab is not None
+        dets = _detections(output)
+        if len(dets) != len(self._ref):
+            raise TargetError(f"the Detection target was bound to {len(self._ref)} images; the output has {len(dets)}")
+        rows = []
+        for det, ref, lab in zip(dets, self._ref, self._lab):
+            s = self.match(det, ref, lab)
+            if len(s) < self._k:
+                s = torch.cat([s, s.new_zeros(self._k - len(s))])
+            rows.append(s)
+        return torch.stack(rows)
+
+    def __repr__(self) -> str:
+        return f"Detection(boxes={'own' if self.boxes is None else 'given'}, iou={self.iou}, k={self._k or '?'})"
+
+
+def _segmentation_logits(output: Any) -> torch.Tensor:
+    if isinstance(output, Mapping):
+        if "out" not in output:
+            raise TargetError(f"a segmentation output dict needs an 'out' entry; it has {list(output)}")
+        output = output["out"]
+    if not isinstance(output, torch.Tensor) or output.dim() != 4:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise TargetError(f"Segmentation needs (N, num_classes, H, W) logits (or a dict with 'out'); got {shape}")
+    return output
+
+
+class Segmentation(Target):
+    r"""Explain why a region is labelled ``category``: the class logits summed over a mask.
+
+    With logits :math:`O` ``(N, C, H, W)`` (or ``output["out"]``, torchvision's segmenters) and mask
+    :math:`M` ``(H, W)``:
+
+    .. math:: y_c = \sum_{ij} M_{ij}\, O_{c,ij},\qquad M = [\arg\max_{c'} O_{c',ij} = c]\ \text{by default}
+
+    (the predicted region of the class, fixed on the clean pass; the same score as pytorch-grad-cam's
+    ``SemanticSegmentationTarget``). A given ``mask`` (``(H, W)`` or ``(N, H, W)``, bool or
+    weights, in the model input's frame; resized nearest to the logits' size) replaces it.
+
+    Args:
+        category: class id (or a list of ids, ``K`` = their number); ``None``: each image's
+            predicted class of largest area other than ``background`` (``K = 1``).
+        mask: the region, or ``None`` for the predicted one.
+        background: class id ignored by ``category=None``.
+    """
+
+    def __init__(self, category: int | Sequence[int] | None, mask: Any = None, *, background: int = 0) -> None:
+        cats = None if category is None else [category] if isinstance(category, (int, np.integer)) else list(category)
+        if cats is not None and (not cats or not all(isinstance(c, (int, np.integer)) for c in cats)):
+            raise TargetError(f"category must be a class id or a list of ids, not {category!r}")
+        self.category = cats
+        self.mask = mask
+        self.background = background
+        self._cats: torch.Tensor | None = None  # (N, K)
+        self._masks: torch.Tensor | None = None  # (N, K, H, W) float
+
+    @property
+    def k(self) -> int:
+        return 1 if self.category is None else len(self.category)
+
+    @property
+    def labels(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self._cats
+
+    def bind(self, output: Any, model: nn.Module | None = None) -> Segmentation:
+        logits = _segmentation_logits(output).detach()
+        n, c, h, w = logits.shape
+        pred = logits.argmax(dim=1)  # (N, H, W)
+        if self.category is None:
+            counts = torch.stack([(pred == i).flatten(1).sum(1) for i in range(c)], dim=1)  # (N, C)
+            if 0 <= self.background < c:
+                counts[:, self.background] = -1
+            cats = counts.argmax(dim=1)[:, None]
+        else:
+            bad = [int(x) for x in self.category if not 0 <= int(x) < c]
+            if bad:
+                raise TargetError(f"category {bad[0]} is out of range: the segmenter has {c} classes (0..{c - 1})")
+            cats = torch.tensor(self.category, dtype=torch.long)[None].expand(n, -1)
+        cats = cats.to(logits.device)
+        if self.mask is None:
+            masks = (pred[:, None] == cats[:, :, None, None]).to(logits.dtype)
+        else:
+            m = torch.as_tensor(np.asarray(self.mask) if not isinstance(self.mask, torch.Tensor) else self.mask)
+            m = _plain(m).to(logits.device, logits.dtype)
+            if m.dim() == 2:
+                m = m[None].expand(n, -1, -1)
+            if m.dim() != 3 or m.shape[0] != n:
+                raise TargetError(f"mask must be (H, W) or (N, H, W) for {n} images; got {tuple(m.shape)}")
+            if tuple(m.shape[-2:]) != (h, w):
+                m = torch.nn.functional.interpolate(m[:, None], size=(h, w), mode="nearest")[:, 0]
+            masks = m[:, None].expand(n, cats.shape[1], h, w)
+        out = Segmentation(self.category, self.mask, background=self.background)
+        out._cats, out._masks = cats.cpu(), masks
+        return out
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """``"masks"``: the explained regions ``(N, K, H, W)`` (bool) in the logits' frame."""
+        return {} if self._masks is None else {"masks": (self._masks > 0).cpu().numpy()}
+
+    def take(self, rows: Sequence[int]) -> Segmentation:
+        if self._masks is None or self._cats is None:
+            raise TargetError("this Segmentation target is not bound to a forward pass yet (call .bind(output))")
+        out = Segmentation(self.category, self.mask, background=self.background)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        out._cats, out._masks = self._cats[idx], self._masks[idx.to(self._masks.device)]
+        return out
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        if self._masks is None or self._cats is None:
+            raise TargetError("this Segmentation target is not bound to a forward pass yet (call .bind(output))")
+        logits = _segmentation_logits(output)
+        sel = logits.gather(1, self._cats.to(logits.device)[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
+        return (sel * self._masks.to(logits.dtype)).sum(dim=(2, 3))
+
+
+def _embedding(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor) and output.dim() >= 2:
+        return output.flatten(1)
+    if isinstance(output, Mapping):
+        for key in ("image_embeds", "embeddings", "pooler_output"):
+            if key in output and isinstance(output[key], torch.Tensor):
+                return output[key].flatten(1)
+    raw = getattr(output, "image_embeds", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.flatten(1)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise TargetError(f"Similarity needs an (N, D) embedding output; got {shape}")
+
+
+class Similarity(Target):
+    r"""Explain the similarity of an image's embedding to a reference (CLIP-style retrieval,
+    re-identification, face verification).
+
+    .. math:: y_k = \cos(e(x), r_k) = \frac{e(x)\cdot r_k}{\lVert e(x)\rVert\, \lVert r_k\rVert}
+
+    with :math:`e(x)` the model's output ``(N, D)`` (flattened) and references :math:`r_k`: an
+    embedding ``(D,)`` or ``(K, D)``, or images ``(3, H, W)`` / ``(K, 3, H, W)`` already
+    preprocessed for the model, embedded once by the model when the target is bound (under
+    ``inference_mode``, eval mode held). ``K`` = number of references; the same references for
+    every image. A reference equal to the image's own embedding gives the maximum, 1.
+    """
+
+    def __init__(self, reference: Any) -> None:
+        r = reference if isinstance(reference, torch.Tensor) else torch.as_tensor(np.asarray(reference))
+        if not r.is_floating_point():
+            r = r.float()
+        if r.dim() not in (1, 2, 3, 4) or r.numel() == 0:
+            raise TargetError(
+                f"reference must be an embedding (D,)/(K, D) or images (3,H,W)/(K,3,H,W); got {tuple(r.shape)}"
+            )
+        r = _plain(r)
+        self.reference = r
+        # embeddings are used as given; images are embedded by bind()
+        self._ref: torch.Tensor | None = {1: r[None], 2: r}.get(r.dim())
+
+    @property
+    def k(self) -> int:
+        return 1 if self.reference.dim() in (1, 3) else int(self.reference.shape[0])
+
+    def bind(self, output: Any, model: nn.Module | None = None) -> Similarity:
+        if self._ref is not None:
+            return self
+        if model is None:
+            raise TargetError("a Similarity reference image needs the model to embed it")
+        imgs = self.reference if self.reference.dim() == 4 else self.reference[None]
+        with eval_mode(model), torch.no_grad():
+            emb = _embedding(model(imgs.to(model_device(model), model_dtype(model)))).detach()
+        out = Similarity(self.reference)
+        out._ref = emb.float()
+        return out
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        assert self._ref is not None, "bind() the Similarity target first"
+        e = _embedding(output)
+        ref = self._ref.to(e.device, e.dtype)
+        if ref.shape[1] != e.shape[1]:
+            raise TargetError(f"reference embedding has {ref.shape[1]} dimensions; the model's has {e.shape[1]}")
+        return (
+            torch.nn.functional.normalize(e, dim=1, eps=1e-12) @ torch.nn.functional.normalize(ref, dim=1, eps=1e-12).T
+        )

@@ -4,7 +4,8 @@ Everything here builds :class:`matplotlib.figure.Figure` objects directly (no py
 figure list, no display needed) and saves through the Agg canvas. In a notebook, a returned figure
 displays itself as the cell's result.
 
-* :func:`normalize` — per-map min–max to [0, 1] with an epsilon (constant maps -> 0, never NaN).
+* :func:`normalize` — per-map min–max to [0, 1] by :func:`camlens.ops.minmax` (maps constant up to
+  rounding -> 0, never NaN): the function behind every overlay and colour map.
 * :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
 * :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
@@ -29,10 +30,11 @@ from matplotlib.figure import Figure
 
 from ._version import __version__
 from .errors import InputError
-from .explanation import Explanation, minmax
+from .explanation import Explanation
 from .fsio import atomic_write, check_targets, safe_out_dir
 from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
 from .methods.registry import methods
+from .ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
@@ -48,12 +50,13 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def normalize(maps, eps: float = 1e-8):
+def normalize(maps, *, ulps: float = ULPS):
     """Min–max normalize each ``(..., H, W)`` map to [0, 1]: ``(m - min) / (max - min)``, or 0 where
-    ``max - min <= eps`` (see :func:`camlens.explanation.minmax`). Returns the input's type."""
+    the map is constant up to rounding (see :func:`camlens.ops.minmax`). Returns the input's type
+    (arrays as float32)."""
     if isinstance(maps, torch.Tensor):
-        return minmax(maps, eps)
-    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), eps).numpy()
+        return minmax(maps, ulps=ulps)
+    return minmax(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)), ulps=ulps).numpy()
 
 
 def resize_map(m, size: Sequence[int]) -> np.ndarray:
@@ -593,6 +596,10 @@ def explanation_figure(
     for r in rows:
         if not -n <= r < n:
             raise InputError(f"index {r} out of range for an explanation of {n} image(s)")
+    if len(rows) == 1 and "boxes" in exp.extras:  # a detector: one panel per explained box
+        return detection_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
+    if len(rows) == 1 and "masks" in exp.extras:  # a segmenter: the explained region's outline
+        return segmentation_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1:
         return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold, cell=cell, **kwargs)
     k = 1 if exp.class_agnostic else exp.maps.shape[1]
@@ -610,6 +617,64 @@ def explanation_figure(
             _colorbar(fig, ax_row[1 + j], scale, exp.signed)
             if bxs is not None:
                 _add_boxes(ax_row[1 + j], bxs[i][j])
+            ref = np.asarray(exp.extras["boxes"])[i, j] if "boxes" in exp.extras else None
+            if ref is not None and np.isfinite(ref).all():  # a detector's explained box
+                _add_boxes(ax_row[1 + j], np.round(ref))
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Detection and segmentation figures
+# --------------------------------------------------------------------------------------------
+def _task_title(exp: Explanation, i: int, k: int) -> str:
+    """``"person 0.87"``: the target's label (``"any"`` for a label-free box) and its score."""
+    c = int(exp.classes[i, k])
+    name = _label(c, exp.class_names) if c >= 0 else "any"
+    return f"{name} {float(exp.scores[i, k]):.3g}"
+
+
+def _task_panels(exp: Explanation, index: int, keep: list[int], cell: float):
+    img = _image_of(exp, index)
+    fig, axes = _grid(max(len(keep), 1), max(len(keep), 1), cell, img.shape[0] / img.shape[1])
+    return img, fig, axes
+
+
+def detection_figure(
+    exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", cell: float = 3.2
+) -> Figure:
+    """One panel per explained box of image ``index``: the box drawn over its map, titled with the
+    box's label and score (``exp.extras["boxes"]``, original-image pixels; padding boxes skipped)."""
+    boxes = np.asarray(exp.extras["boxes"])[index]  # (K, 4), NaN rows: padding
+    keep = [k for k in range(boxes.shape[0]) if np.isfinite(boxes[k]).all()]
+    img, fig, axes = _task_panels(exp, index, keep, cell)
+    h, w = img.shape[:2]
+    for ax, k in zip(axes, keep):
+        m = exp.maps[index, k]
+        if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
+            m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
+        _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
+        _add_boxes(ax, np.round(boxes[k]))
+    if not keep:
+        _panel(axes[0], img, "no box to explain")
+    fig.suptitle(_method_title(exp), fontsize=11)
+    return fig
+
+
+def segmentation_figure(
+    exp: Explanation, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", cell: float = 3.2
+) -> Figure:
+    """One panel per explained region of image ``index``: the map with the region's outline
+    (``exp.extras["masks"]``, resized nearest to the image), titled with the class and score."""
+    masks = np.asarray(exp.extras["masks"])[index]  # (K, h, w)
+    keep = list(range(masks.shape[0]))
+    img, fig, axes = _task_panels(exp, index, keep, cell)
+    for ax, k in zip(axes, keep):
+        _panel(ax, overlay(img, exp.maps[index, k], alpha, cmap), _task_title(exp, index, k))
+        mt = torch.from_numpy(masks[k].astype(np.float32))[None, None]
+        mk = F.interpolate(mt, size=img.shape[:2], mode="nearest")[0, 0].numpy()
+        if mk.max() > 0.5 > mk.min():
+            ax.contour(mk, levels=[0.5], colors=[BOX_COLOR], linewidths=1.5)
     fig.suptitle(_method_title(exp), fontsize=11)
     return fig
 
@@ -998,6 +1063,8 @@ def save_explanation(
                 }
                 bx = img_boxes[j] if draw else None
                 pixel = exp.raw.dim() == 5
+                if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
+                    bx = np.round(ref)  # a detector's explained box, in the image's pixels
                 if title:
                     fig = overlay_figure(
                         img,
@@ -1047,6 +1114,15 @@ def save_explanation(
                 "boxes_map": map_boxes[i].tolist(),
                 "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
                 "extras": _scalar_extras(exp.extras),
+                **(
+                    {
+                        "explained_boxes": [
+                            None if b[0] != b[0] else [float(v) for v in b] for b in exp.extras["boxes"][i]
+                        ]
+                    }
+                    if "boxes" in exp.extras
+                    else {}
+                ),
                 "versions": _versions(),
             }
             atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
@@ -1061,6 +1137,7 @@ __all__ = [
     "boxes_figure",
     "colorize",
     "colormap_lut",
+    "detection_figure",
     "explanation_figure",
     "normalize",
     "output_paths",
@@ -1073,6 +1150,7 @@ __all__ = [
     "save_explanation",
     "save_figure",
     "save_png",
+    "segmentation_figure",
     "target_label",
     "topk_figure",
     "unique_names",

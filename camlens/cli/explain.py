@@ -26,6 +26,66 @@ from .dataset import collect, dataset_options, load_model_seeded
 DEFAULT_METHODS = ("gradcam", "cam")
 #: more named files than this (e.g. `photos/*.jpg` expanded by the shell) make a dataset run
 MAX_NAMED_FILES = 32
+TASK_METHODS = ("gradcam",)  # detectors and segmenters: CAM needs a GAP + linear classifier head
+
+
+def _class_id(value: str, class_names, what: str) -> int:
+    if value.lstrip("-").isdigit():
+        return int(value)
+    low = [c.lower() for c in class_names or []]
+    if value.lower() in low:
+        return low.index(value.lower())
+    raise click.BadParameter(
+        f"unknown {what} {value!r} (give a class id or one of the model's names)", param_hint="--target"
+    )
+
+
+def parse_targets(values, class_names, task: str | None, topk: int):
+    """``--target`` values -> a camlens target object (or ``None`` for a classifier's defaults).
+
+    ``box:x0,y0,x1,y1[:label]`` (repeatable: one map per box, original-image pixels) ->
+    :class:`~camlens.targets.Detection`; ``mask:PATH:category`` -> :class:`~camlens.targets.Segmentation`
+    over the nonzero pixels of the mask image. Without ``--target`` a detector explains its ``topk``
+    most confident detections and a segmenter its largest predicted class.
+    """
+    import numpy as np
+
+    from camlens.errors import CamlensError
+    from camlens.io import load_image
+    from camlens.targets import Detection, Segmentation
+
+    if not values:
+        return Detection(score_threshold=0.0, max_boxes=topk) if task == "detection" else None
+    kinds = {v.split(":", 1)[0] for v in values}
+    if kinds == {"box"}:
+        boxes, labels = [], []
+        for v in values:
+            parts = v.split(":")
+            try:
+                box = [float(c) for c in parts[1].split(",")]
+            except (IndexError, ValueError):
+                box = []
+            if len(box) != 4 or len(parts) > 3:
+                raise click.BadParameter(f"{v!r}: expected box:x0,y0,x1,y1[:label]", param_hint="--target")
+            boxes.append(box)
+            labels.append(_class_id(parts[2], class_names, "label") if len(parts) == 3 else -1)
+        try:
+            return Detection(boxes, labels if any(lb >= 0 for lb in labels) else None)
+        except CamlensError as exc:
+            raise click.BadParameter(str(exc), param_hint="--target") from None
+    if kinds == {"mask"} and len(values) == 1:
+        parts = values[0].rsplit(":", 1)
+        if len(parts) != 2 or ":" not in parts[0]:
+            raise click.BadParameter(f"{values[0]!r}: expected mask:PATH:category", param_hint="--target")
+        path = parts[0].split(":", 1)[1]
+        try:
+            mask = load_image(path).max(axis=2) > 0
+        except CamlensError as exc:
+            raise click.BadParameter(str(exc), param_hint="--target") from None
+        return Segmentation(_class_id(parts[1], class_names, "category"), mask=np.asarray(mask))
+    raise click.BadParameter(
+        "use box:x0,y0,x1,y1[:label] (repeatable) or one mask:PATH:category", param_hint="--target"
+    )
 
 
 @click.command("explain")
@@ -43,6 +103,13 @@ MAX_NAMED_FILES = 32
 )
 @click.option(
     "--class", "classes", multiple=True, help="explain these classes instead of the top-k (ids or names, repeatable)"
+)
+@click.option(
+    "--target",
+    "target_specs",
+    multiple=True,
+    help="detectors: box:x0,y0,x1,y1[:label] (repeatable); segmenters: mask:PATH:category "
+    "[default: a detector's top-k detections, a segmenter's largest class]",
 )
 @click.option(
     "--out",
@@ -83,6 +150,7 @@ def explain_cmd(
     methods,
     topk,
     classes,
+    target_specs,
     out,
     formats,
     overwrite,
@@ -121,17 +189,24 @@ def explain_cmd(
       camlens explain photos/ --method gradcam++ --topk 3 --out results
       camlens explain 'data/**/*.jpg' --class "tabby cat" --figures overlay
       torchrun --nproc-per-node=2 -m camlens explain val/ --out store
+      camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
+      camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
     """
     from camlens.errors import CamlensError
     from camlens.methods.registry import get_method
+    from camlens.models.tasks import keep_all_detections, task_of
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
     from camlens.viz import output_paths
 
     thr = parse_threshold(threshold)
     defaulted = not methods
+    if classes and target_specs:
+        raise click.BadParameter("give --class (classifiers) or --target (detectors, segmenters), not both")
+    task = task_of(model.lower().replace("-", "_")) if model and not checkpoint else None
     try:
-        names = list(dict.fromkeys(get_method(m).name for m in (methods or DEFAULT_METHODS)))
+        default = TASK_METHODS if task else DEFAULT_METHODS
+        names = list(dict.fromkeys(get_method(m).name for m in (methods or default)))
     except CamlensError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
     options = parse_method_options(method_options, names)
@@ -181,6 +256,8 @@ def explain_cmd(
             check([""] * topk)
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
         check_layer(net, layer)  # before any image is read
+        if task == "detection":
+            keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
         card = card_of(net)
         class_names = card.class_names if card else None
         targets = parse_classes(classes, class_names) if classes else None
@@ -188,6 +265,8 @@ def explain_cmd(
         if targets is not None:
             check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
         spec = targets if targets is not None else f"top{k}"
+        if task or target_specs:  # a detector or segmenter: a target object (camlens.targets)
+            spec = parse_targets(target_specs, class_names, task, topk) or spec
         code = _run(
             net,
             inputs,
@@ -278,7 +357,20 @@ def _run(
         sinks.append(files)
 
     def after(batch, res):  # the top-5 table from the explaining forward's own logits: no second forward
-        for stem, top in zip(batch.names, next(iter(res.values())).top(5), strict=True):
+        first = next(iter(res.values()))
+        if first.logits is None:  # a target object (detector, segmenter): the explained targets
+            for i, stem in enumerate(batch.names):
+                boxes = first.extras.get("boxes")
+                rows = [
+                    (str(k + 1), first.labels()[i][k], f"{float(first.scores[i, k]):.3g}")
+                    + ((",".join(f"{v:.0f}" for v in boxes[i][k]),) if boxes is not None else ())
+                    for k in range(first.scores.shape[1])
+                    if boxes is None or boxes[i][k][0] == boxes[i][k][0]
+                ]
+                head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
+                echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
+            return
+        for stem, top in zip(batch.names, first.top(5), strict=True):
             rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
             echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
 

@@ -60,6 +60,8 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
         "linear layer (ResNet, DenseNet, EfficientNet, MobileNet, the VGG16-CAM network). "
         "Use method='gradcam', which works on any head"
     )
+    if ctx.logits is None:  # a target object on a detector / segmenter output: no classifier head
+        raise HeadError(f"CAM needs a classifier's (N, num_classes) logits; this model's output is not one. {hint}.")
     if W.dim() != 2 or W.shape[1] != C or W.shape[0] != ctx.logits.shape[1]:
         raise HeadError(
             f"the captured features ({ctx.layer_spec.describe()}) have {C} channels but the last linear layer "

@@ -56,7 +56,7 @@ import torch
 from .._util import gaussian_blur
 from ..engine import ForwardPass, gradient_pass, model_input
 from ..errors import MethodError
-from ..targets import Targets
+from ..targets import Targets, take_rows
 from .registry import MethodOutput, get_method, register
 
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
@@ -133,7 +133,8 @@ def _chunks(n_images: int, n_per_image: int, batch_size: int):
 
 
 def _row_targets(ctx: ForwardPass, n: torch.Tensor) -> Targets:
-    return Targets(ctx.targets.classes[n], ctx.targets.fn)
+    obj = ctx.targets.obj
+    return Targets(ctx.targets.classes[n], ctx.targets.fn, None if obj is None else take_rows(obj, n.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------

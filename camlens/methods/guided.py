@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import ForwardPass
+from ..ops import minmax
 from .gradcam import gradcam
 from .gradients import pixel_output, require_relus
 from .registry import MethodOutput, Need, register
@@ -50,12 +51,6 @@ def _ruled_grads(ctx: ForwardPass, rule: str, method: str) -> torch.Tensor:
 def _upsampled_cam(ctx: ForwardPass, relu: bool) -> torch.Tensor:
     cam = gradcam(ctx, relu=relu).raw  # (N, K, h, w), gradients by the ordinary backprop rule
     return F.interpolate(cam, size=tuple(ctx.x.shape[-2:]), mode="bilinear", align_corners=False)
-
-
-def _minmax(t: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-12) -> torch.Tensor:
-    lo = t.amin(dim=dims, keepdim=True)
-    rng = t.amax(dim=dims, keepdim=True) - lo
-    return torch.where(rng > eps, (t - lo) / rng.clamp_min(eps), torch.zeros_like(t))
 
 
 @register(
@@ -108,8 +103,8 @@ def guided_gradcam(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutp
 )
 def gradient_x_cam(ctx: ForwardPass, *, cam_relu: bool = False, reduce: str | None = None) -> MethodOutput:
     g = ctx.input_grads("backprop")
-    cam01 = _minmax(_upsampled_cam(ctx, relu=cam_relu), dims=(2, 3))[:, :, None]  # (N, K, 1, H, W)
-    rgb = _minmax(_minmax(g, dims=(2, 3, 4)) * cam01, dims=(3, 4))
+    cam01 = minmax(_upsampled_cam(ctx, relu=cam_relu), dims=(2, 3))[:, :, None]  # (N, K, 1, H, W)
+    rgb = minmax(minmax(g, dims=(2, 3, 4)) * cam01, dims=(3, 4))
     return pixel_output(
         g * cam01, reduce, "gradient_x_cam", {"cam": cam01[:, :, 0].detach(), "rgb": rgb.permute(0, 1, 3, 4, 2).float()}
     )

@@ -2,7 +2,8 @@ r"""Score-CAM — Wang et al., "Score-CAM: Score-Weighted Visual Explanations fo
 Neural Networks", CVPRW 2020.
 
 Each channel :math:`A_k` of the features is upsampled to the input size and min-max normalized
-to a mask :math:`H_k \in [0, 1]`; the masked input :math:`x \odot H_k` is scored by the model, and
+to a mask :math:`H_k \in [0, 1]` (:func:`camlens.ops.minmax`: a channel constant up to rounding gives
+the mask 0); the masked input :math:`x \odot H_k` is scored by the model, and
 
 .. math:: M_c = \mathrm{ReLU}\Big(\sum_k s_k^c A_k\Big),\qquad s_k^c = \mathrm{softmax}(f(x \odot H_k))_c
 
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import MethodError
+from ..ops import minmax
+from ..targets import take_rows
 from .registry import MethodOutput, register
 
 EPS = 1e-8
@@ -40,9 +43,7 @@ ACCEL_BATCH = 64  # ... on GPUs and other accelerators
 
 
 def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
-    lo = t.amin(dim=1, keepdim=True)
-    rng = t.amax(dim=1, keepdim=True) - lo
-    return torch.where(rng > EPS, (t - lo) / rng.clamp_min(EPS), torch.zeros_like(t))
+    return minmax(t, dims=1)
 
 
 def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
         alt_in = imgs[:k].contiguous(memory_format=torch.channels_last) if check else None
         logits = model(imgs)
         ok = False
-        if alt_in is not None:
+        if alt_in is not None and isinstance(logits, torch.Tensor):  # a tensor output (not a detector's)
             try:
                 alt = model(alt_in)
                 ref = logits[:k]
@@ -137,7 +138,9 @@ def scorecam(
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
             logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
-            if ctx.targets.fn is not None:
+            if ctx.targets.obj is not None:  # a target object scores the raw output of its own images
+                s = take_rows(ctx.targets.obj, [n for n, _ in chunk])(logits)
+            elif ctx.targets.fn is not None:
                 s = ctx.targets.fn(logits)[:, None]
             else:
                 cls = ctx.targets.classes.to(logits.device)[[n for n, _ in chunk]]

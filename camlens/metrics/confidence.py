@@ -2,7 +2,8 @@ r"""Average drop and increase in confidence (Chattopadhyay et al., "Grad-CAM++: 
 Gradient-based Visual Explanations for Deep Convolutional Networks", WACV 2018, section 5.2).
 
 The image is masked by its explanation map, :math:`\tilde x = s + m \odot (x - s)` with :math:`m`
-the map min-max normalized to [0, 1] per image (a constant map becomes zeros: nothing is kept)
+the map min-max normalized to [0, 1] per image by :func:`camlens.ops.minmax`, the function behind
+the overlays (a map constant up to rounding becomes zeros: nothing is kept)
 and :math:`s` the substrate (default ``"zero"``, 0 in the model's input space). With
 :math:`Y_c` the softmax probability of the target class on the image and :math:`O_c` on the
 masked image, the per-image values are
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..explanation import minmax
+from ..ops import minmax
 from ._common import MapsLike, Substrate, class_probs, make_substrate, prepare, scored_batches
 
 

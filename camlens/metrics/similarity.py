@@ -26,8 +26,8 @@ from torch import nn
 
 from .._util import gaussian_kernel1d
 from ..errors import InputError
-from ..explanation import minmax
 from ..inputs import prepare_inputs
+from ..ops import minmax
 from ._common import check_batch_size, explain_maps, logits_of, resolve_classes
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")

@@ -26,6 +26,7 @@ from .card import ModelCard, attach_card, card_of
 from .classes import imagenet_classes
 from .heads import replace_classifier
 from .preprocess import EFFICIENTNET_LITE, IMAGENET, Preprocess
+from .tasks import DETECTORS, SEGMENTERS
 from .weights import load_weights_file
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -215,7 +216,7 @@ def available_models() -> list[str]:
     import torchvision
 
     tv = torchvision.models.list_models(module=torchvision.models)
-    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv)]
+    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv), *DETECTORS, *SEGMENTERS]
 
 
 def build_named(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None) -> nn.Module:

@@ -3,7 +3,8 @@
 ``x = (resize(img) * scale - mean) / std`` per channel, in the channel order the network
 was trained with. By default images are *stretched* to the input size (no crop), so maps
 and boxes cover the whole image; ``resize="center_crop"`` gives the classic ImageNet
-resize-shorter-side-then-crop.
+resize-shorter-side-then-crop; ``resize="none"`` keeps each image's own size (detectors,
+which resize internally and report boxes in the original pixels).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', not {self.channel_order!r}")
-        if self.resize not in ("stretch", "center_crop"):
-            raise ValueError(f"resize must be 'stretch' or 'center_crop', not {self.resize!r}")
+        if self.resize not in ("stretch", "center_crop", "none"):
+            raise ValueError(f"resize must be 'stretch', 'center_crop' or 'none', not {self.resize!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +57,7 @@ class Preprocess:
             t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
             top, left = (nh - h) // 2, (nw - w) // 2
             t = t[..., top : top + h, left : left + w]
-        elif tuple(t.shape[-2:]) != (h, w):
+        elif self.resize != "none" and tuple(t.shape[-2:]) != (h, w):
             t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         return t[0].clamp_(0, 255)
 
@@ -85,4 +86,7 @@ CAFFE_BGR = Preprocess(
     mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=1.0, channel_order="BGR", name="caffe_bgr"
 )
 
-PRESETS = {p.name: p for p in (IMAGENET, EFFICIENTNET_LITE, CAFFE_BGR)}
+#: torchvision detectors: RGB in [0, 1] at the image's own size (the model normalizes and resizes).
+UNIT_RGB = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="none", name="unit_rgb")
+
+PRESETS = {p.name: p for p in (IMAGENET, EFFICIENTNET_LITE, CAFFE_BGR, UNIT_RGB)}

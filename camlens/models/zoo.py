@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..devices import parse_device
-from ..errors import CheckpointError
+from ..errors import CamlensError, CheckpointError
 from .builders import (
     DEFAULT_MODEL,
     HF_PREFIX,
@@ -33,6 +33,7 @@ from .cam_ready import cam_ready, vgg16_cam
 from .card import ModelCard, attach_card, card_of
 from .heads import replace_classifier
 from .preprocess import CAFFE_BGR, PRESETS, Preprocess
+from .tasks import build_task_model, task_of
 from .weights import load_weights_file, read_checkpoint
 
 _torchvision_weights_file = torchvision_weights_file  # the name camlens 0.1 used
@@ -135,6 +136,21 @@ def load_checkpoint(
     return net
 
 
+def _task_model(key: str, weights: str | os.PathLike | None, num_classes: int | None, **kwargs: Any) -> nn.Module:
+    """A torchvision detector or segmenter with its weights (a file, torchvision's cache, or
+    ``"random"``; never downloaded) and its card."""
+    model, fields = build_task_model(key, weights != "random", num_classes=num_classes, **kwargs)
+    if weights != "random":
+        s = str(weights)
+        if weights is not None and (Path(s).exists() or os.sep in s or s.endswith((".pth", ".pt", ".safetensors"))):
+            load_weights_file(model, weights)
+        else:
+            path, cats = torchvision_weights_file(key, None if weights is None else s)
+            load_weights_file(model, path)
+            fields["class_names"] = cats or fields["class_names"]
+    return attach_card(model, ModelCard(key, **fields))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     weights: str | os.PathLike | None = None,
@@ -143,6 +159,7 @@ def load_model(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     preprocess: Preprocess | str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Load a classifier by name, in eval mode, with ``model.camlens`` (a :class:`ModelCard`).
 
@@ -159,13 +176,21 @@ def load_model(
         num_classes: replace the classifier with a fresh one of this many classes.
         device: where to put the model.
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
+        **kwargs: detectors and segmenters only (:mod:`camlens.models.tasks`, e.g.
+            ``"fasterrcnn_mobilenet_v3_large_320_fpn"``, ``"fcn_resnet50"``): options of the
+            torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
     """
+    key = name.lower().replace("-", "_")
+    if kwargs and (checkpoint is not None or task_of(key) is None):
+        raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
     if checkpoint is not None:
         model = load_checkpoint(checkpoint)
     elif name.lower().replace("-", "_") == "vgg16_cam":
         model = vgg16_cam(num_classes=num_classes or 1000, weights=weights)
         if card_of(model) is None:
             attach_card(model, ModelCard("vgg16_cam", CAFFE_BGR))
+    elif task_of(key) is not None:  # a torchvision detector or segmenter
+        model = _task_model(key, weights, num_classes, **kwargs)
     else:
         model = build_named(name, weights, num_classes)
     if preprocess is not None:

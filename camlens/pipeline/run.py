@@ -35,6 +35,7 @@ from ..errors import CamlensError, HeadError, InputError
 from ..explanation import Explanation
 from ..models.preprocess import IMAGENET, Preprocess
 from ..models.zoo import card_of, load_model
+from ..targets import is_target_object
 from . import dist as _dist
 from .sources import Batch, as_dataset, collate
 from .store import Results, ResultStore
@@ -216,7 +217,7 @@ def stream(
                 x = batch.x.to(device, non_blocking=accel)
                 if before is not None:
                     before(batch, x)
-                if callable(targets):
+                if callable(targets) and not is_target_object(targets):
                     spec = targets(batch, x)  # per-image targets decided by the caller
                 elif isinstance(targets, (list, tuple)) and targets and not isinstance(targets[0], (list, tuple)):
                     spec = [list(targets)] * len(batch)  # the same classes for every image

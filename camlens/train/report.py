@@ -10,8 +10,6 @@ import csv
 import io
 from pathlib import Path
 
-import numpy as np
-
 from ..fsio import atomic_write, atomic_write_json
 from ..viz import batch_grid
 
@@ -70,11 +68,6 @@ def plot_curves(history: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xticks(ep)
     return _save(fig, path)
-
-
-def _minmax(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo + 1e-12 else np.zeros_like(m)
 
 
 def save_grid(images, maps, true_labels, pred_labels, probs, path: Path, title: str | None = None) -> tuple[Path, str]:
