@@ -241,7 +241,10 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
     """What camlens hands the model for an input ``x`` it must keep intact: a copy (in the autograd
     graph when ``x`` requires grad). Never the caller's tensor, never a leaf that requires grad —
     so in-place operations at the start of ``forward`` are harmless and exact. A copy of one batch
-    costs far less than the forward it feeds."""
+    costs far less than the forward it feeds. A list of images (a detector's batch) is copied image
+    by image."""
+    if isinstance(x, (list, tuple)):
+        return [t.clone() for t in x]
     return x.clone()
 
 
@@ -265,7 +268,7 @@ def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException
     """An :class:`InputError` naming the problem and the fix when ``model(x)`` failed because of
     the input's shape (wrong channel count, image too small); ``None`` when it is something else
     (then the model's own exception must reach the caller unchanged)."""
-    if not isinstance(exc, RuntimeError):
+    if not isinstance(exc, RuntimeError) or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return None
     msg = str(exc)
     conv = _first_conv(model)

@@ -1023,7 +1023,7 @@ def save_explanation(
         raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {suffix!r}")
     if suffix == "auto":
         suffix = "rank" if is_topk(exp) else "class"
-    if suffix == "rank" and not exp.class_agnostic and not is_topk(exp):
+    if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
         raise InputError(
             "suffix='rank' names files top1, top2…, but these targets are not the top-k classes "
             "(or their ranks are unknown); use suffix='class' or 'auto'"
