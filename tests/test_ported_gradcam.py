@@ -32,7 +32,7 @@ torchvision = pytest.importorskip("torchvision")
 METHODS = sorted(camlens.methods())
 LAYER_METHODS = sorted(m for m, i in camlens.methods().items() if i.kind == "layer")
 #: keep the expensive methods cheap (each option goes only to the methods that take it)
-OPTIONS = {"steps": 8, "n_samples": 4, "max_channels": 16}
+OPTIONS = {"steps": 8, "n_samples": 4, "max_channels": 16, "n_masks": 64, "window": 8, "stride": 8}
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
@@ -41,6 +41,14 @@ def model(name: str) -> torch.nn.Module:
         torch.manual_seed(0)
         _MODELS[name] = getattr(torchvision.models, name)(weights=None).eval()
     return _MODELS[name]
+
+
+#: methods for other models: they must refuse a CNN classifier clearly (the message names the fix)
+NOT_FOR_CNN_CLASSIFIERS = {
+    "attention_rollout": "no global self-attention module",
+    "generic_attention": "no global self-attention module",
+    "drise": "Detection",
+}
 
 
 def _opts(method: str) -> dict:
@@ -55,6 +63,10 @@ def test_run_all_models_32px(arch, method):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     if method == "cam" and arch == "vgg11":
         with pytest.raises(camlens.CamlensError):  # VGG's head is not GAP + linear: CAM does not apply
+            camlens.explain(net, x, method, **_opts(method))
+        return
+    if method in NOT_FOR_CNN_CLASSIFIERS:
+        with pytest.raises(camlens.errors.MethodError, match=NOT_FOR_CNN_CLASSIFIERS[method]):
             camlens.explain(net, x, method, **_opts(method))
         return
     e = camlens.explain(net, x, method, targets="top2", **_opts(method))
