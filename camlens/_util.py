@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .concurrency import model_lock
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -23,16 +25,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     A model already in eval mode everywhere (the usual case) costs one pass over its modules:
     ``model.eval()`` (a recursive ``__setattr__`` per module) only runs when a module is training,
     and only flags that differ afterwards are written back.
+
+    The block holds the model's camlens lock (:func:`camlens.concurrency.model_lock`): camlens
+    calls on one model from several threads run one after the other, each seeing only its own
+    forward passes, hooks and train/eval flags.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        if any(t for _, t in flags):
-            model.eval()
-        yield model
-    finally:
-        for m, t in flags:
-            if m.training != t:
-                m.training = t
+    with model_lock(model):
+        flags = [(m, m.training) for m in model.modules()]
+        try:
+            if any(t for _, t in flags):
+                model.eval()
+            yield model
+        finally:
+            for m, t in flags:
+                if m.training != t:
+                    m.training = t
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -360,5 +360,5 @@ def count_calls(model: nn.Module, spec: CaptureSpec, x: torch.Tensor) -> int:
     """How many times ``spec`` fires in one forward of ``x`` (inference only)."""
     probe = CaptureSpec(spec.module, spec.name, spec.capture, -1)
     with torch.inference_mode(), capture(model, probe, cut=False, need_grad=False) as c:
-        model(x)
+        model(x.clone())  # never the caller's tensor (in-place first layers)
     return c.calls

@@ -39,6 +39,7 @@ Gradients' path points), optionally under a ReLU rule.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -50,7 +51,7 @@ from torch import nn
 
 from .attention import capture_attention
 from .capture import CaptureSpec, capture
-from .errors import LayoutError, MethodError, NonFiniteError
+from .errors import InputError, LayoutError, MethodError, NonFiniteError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
 from .outputs import OutputSpec, select_output
 from .rules import relu_rules
@@ -236,6 +237,75 @@ def _declared_reductions(needs: frozenset) -> set[str]:
     return out
 
 
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """What camlens hands the model for an input ``x`` it must keep intact: a copy (in the autograd
+    graph when ``x`` requires grad). Never the caller's tensor, never a leaf that requires grad —
+    so in-place operations at the start of ``forward`` are harmless and exact. A copy of one batch
+    costs far less than the forward it feeds. A list of images (a detector's batch) is copied image
+    by image."""
+    if isinstance(x, (list, tuple)):
+        return [t.clone() for t in x]
+    return x.clone()
+
+
+def _first_conv(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m
+    return None
+
+
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+_TOO_SMALL = (
+    "Kernel size can't be greater than actual input size",
+    "Output size is too small",
+    "input image is smaller than kernel",
+    "Padding size should be less than the corresponding input dimension",
+)
+
+
+def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException) -> InputError | None:
+    """An :class:`InputError` naming the problem and the fix when ``model(x)`` failed because of
+    the input's shape (wrong channel count, image too small); ``None`` when it is something else
+    (then the model's own exception must reach the caller unchanged)."""
+    if not isinstance(exc, RuntimeError) or not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    msg = str(exc)
+    conv = _first_conv(model)
+    m = _CHANNELS.search(msg)
+    want = int(m.group(1)) if m else (conv.in_channels if conv is not None else None)
+    got = x.shape[1]
+    if m or (want is not None and want != got and "channels" in msg):
+        fix = (
+            " Convert grayscale with x.expand(-1, 3, -1, -1) (or x.repeat(1, 3, 1, 1)); drop an alpha channel with "
+            "x[:, :3]; or pass the images themselves (paths, PIL images, arrays), which camlens converts to RGB"
+            if want == 3
+            else ""
+        )
+        return InputError(
+            f"the model takes {want}-channel images but the input has {got} channel(s) (shape {tuple(x.shape)}).{fix}"
+        )
+    if any(s in msg for s in _TOO_SMALL):
+        return InputError(
+            f"the input images ({x.shape[-2]}x{x.shape[-1]} px) are too small for this model: a convolution "
+            "or pooling window is larger than its feature map. Resize them (e.g. to 224x224 for ImageNet "
+            "models), or pass the images themselves and let the model's preprocessing resize them"
+        )
+    return None
+
+
+def forward(model: nn.Module, x: torch.Tensor):
+    """``model(model_input(x))``; a failure caused by the input's shape becomes an :class:`InputError`
+    (chained to the original), anything else the model raises propagates unchanged."""
+    try:
+        return model(model_input(x))
+    except RuntimeError as exc:
+        err = diagnose_forward_error(model, x, exc)
+        if err is None:
+            raise
+        raise err from exc
+
+
 class ForwardPass:
     """Runs ``model(x)`` once and lazily computes what the methods ask for.
 
@@ -286,6 +356,10 @@ class ForwardPass:
         layer_grad = wants_layer_grads(needs)
         attn_grad = "attention_grads" in needs  # gradients at every attention matrix: no cut graph
         full = pixel or attn_grad
+        # ``self.x`` is camlens' own leaf; the model gets a copy of it: an in-place first layer
+        # (``nn.ReLU(inplace=True)`` on the input, an in-place normalization in ``forward``) then
+        # modifies neither the leaf (autograd forbids that when it requires grad), nor the
+        # caller's tensor, nor ``self.x`` that Score-CAM and input x gradient read afterwards
         self._cut = not full
         self.x: Any
         if isinstance(x, (list, tuple)):  # a detector's list of images of different sizes
@@ -308,7 +382,7 @@ class ForwardPass:
             if "attention" in needs or attn_grad:
                 self.attention_weights = stack.enter_context(capture_attention(model, grads=attn_grad))
             stack.enter_context(torch.set_grad_enabled(full or (layer_grad and spec is None)))
-            raw = model(self.x)
+            raw = forward(model, self.x)
         self.output = raw
         obj = is_target_object(targets)
         logits: torch.Tensor | None
@@ -533,7 +607,7 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
         if rule != "backprop":
             switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
-        logits = model(xb)
+        logits = forward(model, xb)
         scores = targets.scores(select(logits) if select is not None else logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))

@@ -19,19 +19,53 @@ from torch import nn
 
 from ._util import eval_mode
 from .capture import CaptureSpec
-from .engine import ForwardPass, wants_layer_grads
+from .engine import ForwardPass, forward, wants_layer_grads
 from .errors import InputError, MethodError, NonFiniteError
 from .explanation import Explanation, upsample
 from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
-from .models.preprocess import Preprocess
+from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
 from .outputs import OutputSpec, select_output
 from .resolve import run_resolved
 from .targets import Detection, Segmentation, TargetSpec
+
+
+def method_names(method: Any) -> list[str]:
+    """``method=`` as a non-empty list of names; anything else is a :class:`MethodError`."""
+    if isinstance(method, str):
+        return [method]
+    if isinstance(method, (list, tuple)) and method and all(isinstance(m, str) for m in method):
+        return list(method)
+    if isinstance(method, (list, tuple)) and not method:
+        raise MethodError("no method given: pass a name such as method='gradcam' or a list of names")
+    raise MethodError(
+        f"method must be a method name (e.g. method='gradcam') or a list of names, not {method!r}; "
+        "camlens.methods() lists them"
+    )
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A model whose parameters are on the ``meta`` device has no values to explain."""
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise InputError(
+            "the model's parameters are on the 'meta' device (shapes without values, e.g. built under "
+            "torch.device('meta') or with init_empty_weights); load real weights first: "
+            "model.to_empty(device='cpu') then model.load_state_dict(state), or "
+            "model.load_state_dict(state, assign=True)"
+        )
+
+
+def target_ranks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` 1-based rank of each target class among all logits: 1 + the number of classes whose
+    logit is strictly higher (tied classes share a rank)."""
+    with torch.no_grad():
+        lg = logits.detach()
+        tl = lg.gather(1, classes.to(lg.device))
+        return (1 + (lg[:, None, :] > tl[:, :, None]).sum(-1)).cpu()
 
 
 def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -148,9 +182,10 @@ def explain(
         model = load_model(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
-        raise MethodError("no method given")
+    check_materialized(model)
+    names = method_names(method)
+    if capture not in ("output", "input"):
+        resolve_layer(model, None, capture)  # raises the error that names the valid choices
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
@@ -203,6 +238,10 @@ def explain(
                 probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
         # kept whole: Explanation.top(k) needs no second forward (None: a target object's raw output)
         logits = ctx.logits.detach() if ctx.logits is not None else None
+        plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
+        ranks = target_ranks(ctx.logits, ctx.targets.classes) if plain else None
+        pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
+        shown = x.detach() if images is None and isinstance(x, torch.Tensor) else None  # for figures
         results: dict[str, Explanation] = {}
         for info in infos:
             out = info.fn(ctx, **per_options[info.name])
@@ -234,6 +273,9 @@ def explain(
                 sources=sources,
                 model_name=card.name if card else type(model).__name__,
                 extras=_common_extras(ctx, info) | extras,
+                ranks=ranks,
+                inputs=shown,
+                preprocess=pp,
                 logits=logits,
             )
         del ctx, resolved  # free the graph before returning
@@ -262,10 +304,11 @@ def predict(
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
+    check_materialized(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     names = list(class_names) if class_names is not None else class_names_of(model)
     with eval_mode(model), torch.inference_mode():
-        p = select_output(model(x), output, n=x.shape[0])[0].float().softmax(dim=1)
+        p = select_output(forward(model, x), output, n=x.shape[0])[0].float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [
         [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]

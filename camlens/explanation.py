@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .localization import localize
+from .localization import explanation_boxes
 from .ops import ULPS, minmax
 
 
@@ -67,6 +67,12 @@ class Explanation:
             a target object adds: ``"boxes"`` ``(N, K, 4)`` explained boxes of a detector (original
             pixels, NaN rows: padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
             segmenter, ``"image_sizes"`` for a batch of different-size images.
+        ranks: ``(N, K)`` 1-based rank of each target's logit among all classes (``1``: the top
+            class), ``None`` when unknown (callable targets, hand-built explanations). Titles and
+            file names claim a rank only from here.
+        inputs: for tensor inputs, the input batch (a reference, no copy): figures show it
+            de-normalized with ``preprocess`` (the model's, when known) instead of a grey panel.
+        preprocess: the preprocessing the input went through, if known.
         logits: the model's ``(N, num_classes)`` logits from the same forward pass (``None`` when
             unknown), so that :meth:`top` needs no second forward.
     """
@@ -84,6 +90,21 @@ class Explanation:
     model_name: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     logits: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    inputs: torch.Tensor | None = field(default=None, repr=False)
+    preprocess: Any = field(default=None, repr=False)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the maps are signed: the method says so (``extras["signed"]``: the sign carries
+        meaning, e.g. CAM of an absent class is negative), or a map has negative values anyway.
+        Signed maps are drawn with a diverging colormap centred at zero; unsigned ones with jet."""
+        return bool(self.extras.get("signed", False)) or bool((self.maps < 0).any())
+
+    @property
+    def class_agnostic(self) -> bool:
+        """One map whatever the target class (Eigen-CAM): figures name no class."""
+        return bool(self.extras.get("class_agnostic", False))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -143,6 +164,7 @@ class Explanation:
             classes=self.classes.to(device),
             scores=self.scores.to(device),
             probs=self.probs.to(device),
+            ranks=None if self.ranks is None else self.ranks.to(device),
             logits=None if self.logits is None else self.logits.to(device),
         )
 
@@ -160,8 +182,10 @@ class Explanation:
             classes=self.classes[idx],
             scores=self.scores[idx],
             probs=self.probs[idx],
+            ranks=None if self.ranks is None else self.ranks[idx],
             logits=None if self.logits is None else self.logits[idx],
             images=[self.images[i] for i in rows] if self.images else None,
+            inputs=None if self.inputs is None else self.inputs[idx],
             sources=[self.sources[i] for i in rows] if self.sources else None,
             extras={
                 k: ([v[i] for i in rows] if isinstance(v, list) else v[rows]) if k in PER_IMAGE_EXTRAS else v
@@ -170,18 +194,51 @@ class Explanation:
         )
 
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------
-    def boxes(self, threshold: float | None = None, **kwargs) -> np.ndarray:
-        """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`."""
+    def boxes(self, threshold: float | None = None, *, frame: str = "auto", **kwargs) -> np.ndarray:
+        """Bounding boxes ``(N, K, 4)`` as ``(x0, y0, x1, y1)`` (exclusive), see :func:`camlens.localize`.
+
+        In **original-image pixels** when the images are known (inputs given as paths, PIL images or
+        arrays), else in model-input pixels; ``frame="input"`` asks for model-input (map) pixels,
+        ``frame="image"`` insists on image pixels. The result is a :class:`camlens.localization.Boxes`
+        array whose ``.frame`` says which (``"image"`` or ``"input"``) and ``.sizes`` the frame sizes.
+        """
         kw = dict(kwargs)
         if threshold is not None:
             kw["threshold"] = threshold
-        return localize(self.maps, **kw)
+        return explanation_boxes(self, frame=frame, **kw)
 
-    def show(self, **kwargs):
-        """Display overlays in a notebook (returns the matplotlib figure)."""
+    def figure(self, **kwargs):
+        """The overlays as a :class:`matplotlib.figure.Figure` (no display); see
+        :func:`camlens.viz.explanation_figure` for the options."""
         from .viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
 
         return explanation_figure(self, **kwargs)
+
+    def show(self, **kwargs) -> None:
+        """Display the overlays now: inline in Jupyter/IPython (also when ``show()`` is not the
+        cell's last expression, e.g. ``exp.show(); exp.save("out/")``), in a window in a script
+        with an interactive matplotlib backend; with a non-interactive backend (Agg) there is
+        nothing to display. Returns ``None``; :meth:`figure` returns the figure itself."""
+        from .viz import display_figure, explanation_figure  # lazy: matplotlib only when asked for
+
+        display_figure(explanation_figure(self, **kwargs))
+
+    def _repr_png_(self) -> bytes:
+        """The figure as PNG bytes (IPython shows an ``Explanation`` as its overlays)."""
+        from .viz import figure_png  # lazy: matplotlib only when asked for
+
+        return figure_png(self.figure(max_images=4))
+
+    def _repr_html_(self) -> str:
+        """A summary line and the figure, for notebooks."""
+        import base64
+        import html
+
+        png = base64.b64encode(self._repr_png_()).decode("ascii")
+        return (
+            f"<div><code>{html.escape(repr(self))}</code><br>"
+            f'<img src="data:image/png;base64,{png}" style="max-width:100%"/></div>'
+        )
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._util import eval_mode
 from .capture import CaptureSpec, capture, is_attention, is_norm
-from .errors import LayerNotFoundError, LayoutError
+from .errors import InputError, LayerNotFoundError, LayoutError
 from .layout import LayoutRequest, grid_fits
 
 AUTO_NAME = "auto"
@@ -40,7 +40,11 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.4)
     if not close:
         close = [n for n in names if name.split(".")[-1] in n][:6]
-    hint = f" Closest names: {', '.join(close)}." if close else ""
+    if close:
+        hint = f" Closest names: {', '.join(close)}."
+    else:  # nothing alike (e.g. ResNet's 'layer4' on EfficientNet): the blocks nearest the output
+        top = [n for n in names if n.count(".") <= 1 and next(iter(modules[n].children()), None) is not None]
+        hint = f" Blocks near the output: {', '.join((top or names)[-5:])}; or leave the layer out (automatic)."
     raise LayerNotFoundError(
         f"the model has no layer named {name!r}.{hint} "
         "List them with `camlens layers MODEL` or camlens.layers.candidate_layers(model)."
@@ -65,14 +69,21 @@ def resolve_layer(
 ) -> CaptureSpec:
     """Turn ``layer``/``capture``/``call`` into a :class:`CaptureSpec`."""
     if capture not in ("output", "input"):
-        raise ValueError(f"capture must be 'output' or 'input', not {capture!r}")
+        close = difflib.get_close_matches(str(capture), ["output", "input"], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(
+            f"capture must be 'output' or 'input' (the layer's output or its input), not {capture!r}{hint}"
+        )
     if layer is None or layer == AUTO_NAME:
         return CaptureSpec(None, AUTO_NAME, "pool", call)
     if isinstance(layer, nn.Module):
         return CaptureSpec(layer, module_name(model, layer), capture, call)
     if isinstance(layer, str):
         return CaptureSpec(find_module(model, layer), layer, capture, call)
-    raise TypeError(f"layer must be a dotted module name, a module or None, not {type(layer).__name__}")
+    raise InputError(
+        f"layer must be a dotted module name (e.g. 'layer4'), one of the model's modules or None (automatic), "
+        f"not {type(layer).__name__}"
+    )
 
 
 def candidate_layers(model: nn.Module, x: torch.Tensor | None = None, size=(224, 224)) -> list[dict]:

@@ -198,6 +198,59 @@ def scale_boxes(boxes, from_size: Sequence[int], to_size: Sequence[int]) -> np.n
     return out
 
 
+class Boxes(np.ndarray):
+    """An int64 array of boxes ``(..., 4)`` as ``(x0, y0, x1, y1)`` (exclusive ends, ``-1``: none)
+    that says which pixel frame it is in.
+
+    Attributes:
+        frame: ``"image"`` — each original image's own pixels (the boxes of image ``i`` are in an
+            image of ``sizes[i]``); ``"input"`` — the model-input pixels of the maps (``exp.maps``).
+        sizes: per image, the ``(H, W)`` of that frame.
+    """
+
+    frame: str
+    sizes: list[tuple[int, int]]
+
+    def __new__(cls, arr, frame: str, sizes: Sequence[tuple[int, int]]) -> Boxes:
+        obj = np.asarray(arr, dtype=np.int64).view(cls)
+        obj.frame = frame
+        obj.sizes = [tuple(int(v) for v in s) for s in sizes]
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.frame = getattr(obj, "frame", "input")
+        self.sizes = getattr(obj, "sizes", [])
+
+    def __reduce__(self):  # pickling keeps the frame
+        return (Boxes, (np.asarray(self), self.frame, self.sizes))
+
+    def __repr__(self) -> str:
+        return f"Boxes(frame={self.frame!r}, {np.asarray(self)!r})"
+
+
+def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str = "auto", **kwargs) -> Boxes:
+    """Boxes of an :class:`~camlens.Explanation` as :class:`Boxes` ``(N, K, 4)`` (``(N, K, M, 4)``
+    with ``mode="all"``).
+
+    ``frame="auto"``: original-image pixels when the explanation holds its images (inputs given as
+    paths, PIL images or arrays), else model-input pixels; ``"image"`` insists on image pixels;
+    ``"input"`` (or ``"map"``) gives model-input / map pixels. The result's ``frame`` says which.
+    """
+    if frame not in ("auto", "image", "input", "map"):
+        raise InputError(f"frame must be 'auto', 'image' or 'input' (model-input / map pixels), not {frame!r}")
+    b = localize(exp.maps, threshold, **kwargs)
+    size = tuple(int(s) for s in exp.maps.shape[-2:])
+    if frame == "image" and not exp.images:
+        raise InputError(
+            "boxes in image pixels need the original images: explain image paths, PIL images or arrays "
+            "(not a preprocessed tensor), or ask for frame='input'"
+        )
+    if frame in ("input", "map") or not exp.images:
+        return Boxes(b, "input", [size] * len(b))
+    sizes = [tuple(img.shape[:2]) for img in exp.images]
+    return Boxes(np.stack([scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]), "image", sizes)
+
+
 def image_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> list[np.ndarray]:
     """Boxes of an :class:`~camlens.Explanation` in each *original* image's pixel frame.
 

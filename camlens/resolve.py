@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
+from .engine import forward
 from .errors import InputError
 from .layers import fallback_spec
 
@@ -58,7 +59,7 @@ class Resolved(Generic[P]):
 def _probe(model: nn.Module, x: torch.Tensor, spec: CaptureSpec) -> Captured:
     """What a plain forward of ``x`` (one image: a cheap probe) captures at ``spec``."""
     with torch.no_grad(), capture(model, spec, cut=True, need_grad=False) as cap:
-        model(x)
+        forward(model, x)  # a copy of x, never the caller's tensor
     return cap
 
 

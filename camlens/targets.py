@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._util import eval_mode, model_device, model_dtype
+from .classnames import class_id
 from .errors import TargetError
 
 TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable
@@ -60,6 +61,13 @@ class Targets:
                 shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
                 raise TargetError(
                     f"a callable target must return one score per image, shape ({logits.shape[0]},); got {shape}"
+                )
+            if logits.requires_grad and torch.is_grad_enabled() and not s.requires_grad:
+                raise TargetError(
+                    "the callable target returned scores that do not depend on the logits through autograd "
+                    "(detached: .detach(), .item(), .numpy(), torch.no_grad() or a new tensor built from "
+                    "values); compute them with torch operations on the logits it receives, e.g. "
+                    "lambda logits: logits[:, [3, 7]].sum(1)"
                 )
             return s[:, None]
         idx = self.classes.to(logits.device)
@@ -99,19 +107,7 @@ def bind_target(obj: Any, output: Any, model: nn.Module | None = None) -> Target
 
 
 def _name_to_id(name: str, class_names: Sequence[str] | None) -> int:
-    if not class_names:
-        raise TargetError(
-            f"class name {name!r} given but the model has no class names; pass class indices, or "
-            "class_names=[...] to explain()"
-        )
-    lowered = [c.lower() for c in class_names]
-    if name.lower() in lowered:
-        return lowered.index(name.lower())
-    import difflib
-
-    close = difflib.get_close_matches(name.lower(), lowered, n=5, cutoff=0.5)
-    hint = f" Closest: {', '.join(repr(class_names[lowered.index(c)]) for c in close)}." if close else ""
-    raise TargetError(f"unknown class name {name!r}.{hint}")
+    return class_id(name, class_names)
 
 
 def resolve_targets(
@@ -137,6 +133,13 @@ def resolve_targets(
         return Targets(ids)
     if isinstance(targets, (bool, np.bool_)):
         raise TargetError("targets must be class indices, names, 'topK' or a callable, not a bool")
+    if isinstance(targets, (float, np.floating)):
+        if not (np.isfinite(targets) and float(targets).is_integer()):
+            raise TargetError(
+                f"class index {targets!r} is not an integer; pass an int class id (e.g. targets=3), a class "
+                "name, 'topK' or a callable"
+            )
+        targets = int(targets)  # an integral float (3.0), as integral float arrays are accepted
     if isinstance(targets, (int, np.integer)):
         arr = np.full((n, 1), int(targets))
     else:

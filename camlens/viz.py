@@ -39,7 +39,6 @@ from .ops import ULPS, minmax
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
 GT_COLOR = "white"
-_ORD = {1: "1st", 2: "2nd", 3: "3rd"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +128,87 @@ def overlay(image: np.ndarray, m, alpha: float = 0.5, cmap: str = "jet") -> np.n
     return out.astype(np.uint8)  # a convex blend of uint8 values: within [0.5, 255.5) before truncation
 
 
+#: colormap of signed maps: red positive, white zero, blue negative
+DIVERGING_CMAP = "RdBu_r"
+#: pixel maps are clipped at this percentile of |value| (a few extreme pixels would wash out the rest)
+PIXEL_PERCENTILE = 99.5
+
+
+def _opacity(u: np.ndarray, alpha: float, pixel: bool, gamma: float = 1.0) -> np.ndarray:
+    """Per-pixel opacity from a magnitude ``u`` in [0, 1]: ``α·u`` for layer maps, ``min(1, 2α)·u^γ``
+    for sparse pixel maps (0 always stays untinted; ``γ = 1/2`` for signed pixel maps, whose values
+    split between two colours, keeps their mid-strength attributions visible)."""
+    op = np.minimum(1.0, 2 * alpha) * u**gamma if pixel else alpha * u
+    return op[..., None]
+
+
+def render_map(
+    image: np.ndarray,
+    m,
+    *,
+    signed: bool = False,
+    pixel: bool = False,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    diverging_cmap: str = DIVERGING_CMAP,
+) -> tuple[np.ndarray, tuple[float, float, str]]:
+    """The one rendering of a map over its image, used by ``show()`` and by the saved PNGs alike.
+
+    Returns the ``(H, W, 3)`` uint8 overlay and the colour scale ``(vmin, vmax, colormap)`` in the
+    map's own units (for a colorbar).
+
+    * **signed** maps (CAM, Integrated Gradients, input x gradient…): a diverging colormap centred at
+      zero with symmetric limits ``±L`` (``L`` = max ``|m|``; for pixel maps its
+      :data:`PIXEL_PERCENTILE` percentile), blended with opacity ``α · |m| / L`` (pixel maps:
+      ``min(1, 2α) · √(|m| / L)``): zero leaves the
+      photo as it is, positive evidence turns red, negative blue. Min–max jet would paint the map's
+      most negative value dark blue and its *least negative* value red — on CAM of an absent class
+      (negative everywhere) the whole photo turned red.
+    * **unsigned layer maps** (Grad-CAM family, Score-CAM): min–max normalized jet blended with a
+      uniform opacity ``α`` (the notebooks' look).
+    * **unsigned pixel maps** (saliency, guided backprop…): clipped at the percentile, min–max
+      normalized, jet blended with opacity ``min(1, 2α) · value``: the many near-zero pixels leave the photo
+      untinted (a uniform blend tinted the whole photo blue).
+
+    A fine checkerboard in pixel maps is not a rendering artifact: gradients through strided
+    convolutions (EfficientNet-Lite0's stem is a 3x3 stride-2 convolution) alternate between the
+    pixels a kernel reaches often and those it reaches rarely (Odena et al., "Deconvolution and
+    Checkerboard Artifacts", Distill 2016). It is drawn as it is; SmoothGrad averages it away.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise InputError(f"render_map needs an (H, W, 3) RGB image, got shape {img.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
+    if not signed and not pixel:  # the classic overlay (normalized at the map's own resolution: fast)
+        small = _np(m).astype(np.float64)
+        lo, hi = float(np.nanmin(small)), float(np.nanmax(small))
+        return overlay(img, m, alpha, cmap), (lo, hi if hi > lo else lo + 1.0, cmap)
+    v = resize_map(m, img.shape[:2]).astype(np.float64)
+    v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    base = img.astype(np.float64)
+    if signed:
+        a = np.abs(v)
+        lim = float(np.percentile(a, PIXEL_PERCENTILE)) if pixel else float(a.max())
+        if not lim > 0:
+            lim = float(a.max()) or 1.0
+        u = np.clip(v / lim, -1, 1)
+        heat = colormap_lut(diverging_cmap)[_lut_index((u + 1) / 2)].astype(np.float64)
+        op = _opacity(np.abs(u), alpha, pixel, gamma=0.5)
+        scale = (-lim, lim, diverging_cmap)
+    else:
+        if pixel:
+            lo, hi = np.percentile(v, [100 - PIXEL_PERCENTILE, PIXEL_PERCENTILE]) if v.size else (0.0, 0.0)
+            v = np.clip(v, lo, hi) if hi > lo else v
+        lo, hi = float(v.min()), float(v.max())
+        u = (v - lo) / (hi - lo) if hi - lo > 1e-8 else np.zeros_like(v)
+        heat = colorize(u, cmap, normalized=True).astype(np.float64)
+        op = _opacity(u, alpha, pixel) if pixel else np.full((*u.shape, 1), alpha)
+        scale = (lo, hi if hi > lo else lo + 1.0, cmap)
+    out = (1.0 - op) * base + op * heat
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), scale
+
+
 def attribution_rgb(attr, percentile: float = 99.5) -> np.ndarray:
     """A pixel attribution ``(3, H, W)`` -> ``(H, W, 3)`` float in [0, 1] shown as colour:
     ``clip(0.5 + 0.5 · a / q, 0, 1)`` with ``q`` the ``percentile`` of ``|a|`` (grey = 0; the sign and
@@ -168,15 +248,33 @@ def _short(name: str, n: int = 28) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
+def ordinal(r: int) -> str:
+    """``1`` -> ``"1st"``, ``2`` -> ``"2nd"``, ``11`` -> ``"11th"``, ``23`` -> ``"23rd"``."""
+    suffix = "th" if 10 <= r % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(r % 10, "th")
+    return f"{r}{suffix}"
+
+
+def true_rank(exp: Explanation, i: int, k: int) -> int | None:
+    """The 1-based rank of target ``k`` of image ``i`` among all classes, if known."""
+    if exp.ranks is None or int(exp.classes[i, k]) < 0:
+        return None
+    return int(exp.ranks[i, k])
+
+
 def target_label(exp: Explanation, i: int, k: int, *, rank: bool = True) -> str:
-    """``"1st: tabby (45.1%)"`` for image ``i``, target ``k`` (probability of that class)."""
+    """``"3rd: tabby (6.8%)"`` for image ``i``, target ``k``: the class's *true* rank among all the
+    model's classes (from ``exp.ranks``; no rank when it is unknown), its name and probability.
+    Class-agnostic methods (Eigen-CAM) name no class."""
+    if exp.class_agnostic:
+        return "class-agnostic (same map for every class)"
     c = int(exp.classes[i, k])
     name = _short(exp.labels()[i][k])
     p = float(exp.probs[i, k])
     what = f"{name} ({p:.1%})" if p == p else f"{name} (score {float(exp.scores[i, k]):.3g})"
     if c < 0:
-        what = f"custom target (score {float(exp.scores[i, k]):.3g})"
-    return f"{_ORD.get(k + 1, f'{k + 1}th')}: {what}" if rank else what
+        return f"custom target (score {float(exp.scores[i, k]):.3g})"
+    r = true_rank(exp, i, k)
+    return f"{ordinal(r)}: {what}" if rank and r is not None else what
 
 
 def _label(v, class_names: Sequence[str] | None) -> str:
@@ -233,12 +331,65 @@ def _grid(n: int, ncols: int, cell: float, aspect: float, extra_h: float = 0.45)
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
+def denormalize(x: torch.Tensor, preprocess=None) -> list[np.ndarray]:
+    """A preprocessed ``(N, C, H, W)`` batch back to RGB uint8 images for figures: the inverse of
+    ``preprocess`` (``(x · std + mean) / scale``, BGR flipped back) when it is known, else each image
+    min–max scaled (an honest view of an unknown normalization rather than a flat grey panel)."""
+    t = x.detach().float().cpu()
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    t = t[:, :3]
+    if preprocess is not None and t.shape[1] == 3:
+        mean = torch.tensor(preprocess.mean, dtype=t.dtype)[:, None, None]
+        std = torch.tensor(preprocess.std, dtype=t.dtype)[:, None, None]
+        t = (t * std + mean) / preprocess.scale
+        if preprocess.channel_order == "BGR":
+            t = t.flip(1)
+    else:
+        lo = t.amin(dim=(1, 2, 3), keepdim=True)
+        hi = t.amax(dim=(1, 2, 3), keepdim=True)
+        t = (t - lo) / (hi - lo).clamp_min(1e-12) * 255
+    return [a.permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy() for a in t]
+
+
 def _image_of(exp: Explanation, i: int) -> np.ndarray:
     if exp.images:
         return exp.images[i]
-    # tensor inputs: show the map alone on a grey background at map resolution
+    if exp.inputs is not None and exp.inputs.dim() == 4 and exp.inputs.shape[1] in (1, 3):
+        return denormalize(exp.inputs[i : i + 1], exp.preprocess)[0]  # tensor inputs: the input itself
     h, w = exp.maps.shape[-2:]
     return np.full((h, w, 3), 128, dtype=np.uint8)
+
+
+def _source_title(exp: Explanation, i: int) -> str:
+    name = exp.sources[i] if exp.sources else f"image{i}"
+    if not exp.images and exp.inputs is not None:
+        how = "de-normalized" if exp.preprocess is not None else "min-max scaled"
+        return f"{name} (input, {how})"
+    return name
+
+
+def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str):
+    """The overlay of map ``(i, k)`` on ``img`` and its colour scale (see :func:`render_map`)."""
+    return render_map(img, exp.maps[i, k], signed=exp.signed, pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap)
+
+
+def _colorbar(fig: Figure, ax, scale: tuple[float, float, str], signed: bool) -> None:
+    """A colorbar beside ``ax`` in the map's own units (signed: symmetric around 0)."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    lo, hi, name = scale
+    cb = fig.colorbar(
+        ScalarMappable(Normalize(lo, hi), matplotlib.colormaps[name]), ax=ax, fraction=0.046, pad=0.02, shrink=0.9
+    )
+    cb.ax.tick_params(labelsize=7)
+    if signed:
+        cb.set_ticks([lo, 0.0, hi])
+        cb.set_label("signed: 0 = none", fontsize=7)
+    else:
+        cb.set_ticks([lo, hi])
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
@@ -259,14 +410,16 @@ def topk_figure(
     """One image's ``K`` target classes side by side, each overlay titled ``"1st: name (p%)"``
     (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``."""
     img = _image_of(exp, index)
-    k = exp.maps.shape[1]
+    k = 1 if exp.class_agnostic else exp.maps.shape[1]
     fig, axes = _grid(k + int(show_image), k + int(show_image), cell, img.shape[0] / img.shape[1])
     if show_image:
-        _panel(axes[0], img, (exp.sources or [f"image{index}"])[index] if exp.sources else "image")
+        _panel(axes[0], img, _source_title(exp, index))
         axes = axes[1:]
     bx = _image_boxes(exp, threshold)[index] if boxes else None
     for j, ax in enumerate(axes):
-        _panel(ax, overlay(img, exp.maps[index, j], alpha, cmap), target_label(exp, index, j))
+        shown, scale = _render(exp, index, j, img, alpha, cmap)
+        _panel(ax, shown, target_label(exp, index, j))
+        _colorbar(fig, ax, scale, exp.signed)
         if bx is not None:
             _add_boxes(ax, bx[j])
     fig.suptitle(_method_title(exp), fontsize=11)
@@ -280,8 +433,21 @@ def _method_title(exp: Explanation) -> str:
     if exp.model_name:
         parts.append(exp.model_name)
     if exp.layer and info is not None and info.kind == "layer":
-        parts.append(exp.layer)
+        parts.append(layer_title(exp.layer))
     return " · ".join(parts)
+
+
+def layer_title(layer: str) -> str:
+    """A layer description in plain words for titles: ``"input of _avg_pooling"`` ->
+    ``"features before _avg_pooling"``, ``"input of global pooling (…)"`` -> ``"last features before
+    global pooling"``, ``"output of layer4"`` -> ``"features of layer4"``."""
+    if layer.startswith("input of global pooling"):
+        return "last features before global pooling"
+    if layer.startswith("input of "):
+        return "features before " + layer.removeprefix("input of ")
+    if layer.startswith("output of "):
+        return "features of " + layer.removeprefix("output of ")
+    return layer
 
 
 def batch_grid(
@@ -420,48 +586,40 @@ def explanation_figure(
     cell: float = 3.0,
     **kwargs: Any,
 ) -> Figure:
-    """The default figure of an :class:`~camlens.Explanation` (``exp.show()``): one row per image
-    (at most ``max_images``), the original then one overlay per target class titled with its name
-    and probability; pixel methods show each target as colour and as heat."""
+    """The default figure of an :class:`~camlens.Explanation` (``exp.show()``, ``exp.figure()``): one
+    row per image (at most ``max_images``), the original then one overlay per target class titled
+    with its true rank (when known), name and probability, each with a colorbar — the same rendering
+    as the saved PNGs (:func:`render_map`: signed maps diverging around zero, unsigned ones jet).
+    :func:`pixel_figure` shows pixel attributions as colour as well."""
     n = len(exp)
     rows = list(range(min(n, max_images))) if index is None else ([index] if isinstance(index, int) else list(index))
     for r in rows:
         if not -n <= r < n:
             raise InputError(f"index {r} out of range for an explanation of {n} image(s)")
-    pixel = exp.raw.dim() == 5
     if len(rows) == 1 and "boxes" in exp.extras:  # a detector: one panel per explained box
         return detection_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1 and "masks" in exp.extras:  # a segmenter: the explained region's outline
         return segmentation_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1:
-        if pixel:
-            return pixel_figure(exp, rows[0], cmap=cmap, cell=cell, **kwargs)
         return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold, cell=cell, **kwargs)
-    k = exp.maps.shape[1]
-    per = 2 * k if pixel else k
+    k = 1 if exp.class_agnostic else exp.maps.shape[1]
     img0 = _image_of(exp, rows[0])
-    ncols = per + 1
+    ncols = k + 1
     fig, axes = _grid(len(rows) * ncols, ncols, cell, img0.shape[0] / img0.shape[1])
-    bxs = _image_boxes(exp, threshold) if boxes and not pixel else None
+    bxs = _image_boxes(exp, threshold) if boxes else None
     for r, i in enumerate(rows):
         img = _image_of(exp, i)
         ax_row = axes[r * ncols : (r + 1) * ncols]
-        _panel(ax_row[0], img, exp.sources[i] if exp.sources else f"image{i}", fontsize=9)
+        _panel(ax_row[0], img, _source_title(exp, i), fontsize=9)
         for j in range(k):
-            label = target_label(exp, i, j)
-            if pixel:
-                a = exp.raw[i, j].detach().float().cpu()
-                a = torch.from_numpy(np.stack([resize_map(c, img.shape[:2]) for c in a]))
-                _panel(ax_row[1 + 2 * j], attribution_rgb(a), f"{label} RGB", fontsize=8)
-                heat = attribution_heat(resize_map(exp.maps[i, j], img.shape[:2]))
-                _panel(ax_row[2 + 2 * j], colorize(heat, cmap, normalized=True), f"{label} heat", fontsize=8)
-            else:
-                _panel(ax_row[1 + j], overlay(img, exp.maps[i, j], alpha, cmap), label, fontsize=9)
-                if bxs is not None:
-                    _add_boxes(ax_row[1 + j], bxs[i][j])
-                ref = np.asarray(exp.extras["boxes"])[i, j] if "boxes" in exp.extras else None
-                if ref is not None and np.isfinite(ref).all():  # a detector's explained box
-                    _add_boxes(ax_row[1 + j], np.round(ref))
+            shown, scale = _render(exp, i, j, img, alpha, cmap)
+            _panel(ax_row[1 + j], shown, target_label(exp, i, j), fontsize=9)
+            _colorbar(fig, ax_row[1 + j], scale, exp.signed)
+            if bxs is not None:
+                _add_boxes(ax_row[1 + j], bxs[i][j])
+            ref = np.asarray(exp.extras["boxes"])[i, j] if "boxes" in exp.extras else None
+            if ref is not None and np.isfinite(ref).all():  # a detector's explained box
+                _add_boxes(ax_row[1 + j], np.round(ref))
     fig.suptitle(_method_title(exp), fontsize=11)
     return fig
 
@@ -687,10 +845,13 @@ def overlay_figure(
     min_width: int = 320,
     max_side: int = 4096,
     dpi: int = 100,
+    signed: bool = False,
+    pixel: bool = False,
 ) -> Figure:
     """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide, no
     side beyond ``max_side`` from the upscale) with a title band on top: the saved PNG is ``W·s`` x
-    ``H·s + 30·min(s, 5)`` pixels, ``s`` the upscale."""
+    ``H·s + 30·min(s, 5)`` pixels, ``s`` the upscale. The overlay is :func:`render_map`'s, as in
+    ``show()``."""
     img = np.asarray(image)
     h, w = img.shape[:2]
     s = max(1.0, min_width / w)
@@ -699,7 +860,8 @@ def overlay_figure(
     W, H = w * s, h * s + band
     fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, h * s / H))
-    ax.imshow(overlay(img, m, alpha, cmap), interpolation="nearest" if s > 1 else "antialiased")
+    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
+    ax.imshow(shown, interpolation="nearest" if s > 1 else "antialiased")
     ax.set_axis_off()
     if boxes is not None:
         _add_boxes(ax, boxes, lw=2.0)
@@ -707,6 +869,72 @@ def overlay_figure(
     fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
     fig.text(0.5, 1 - (band / 2) / H, title, ha="center", va="center", fontsize=fs)
     return fig
+
+
+def is_topk(exp: Explanation) -> bool:
+    """Whether the targets are each image's top-K classes in order: target ``j`` ranks ``j + 1`` (or
+    better, when logits tie: ranks count the classes with a strictly higher logit)."""
+    if exp.ranks is None:
+        return False
+    k = exp.ranks.shape[1]
+    return bool((exp.ranks.cpu() <= torch.arange(1, k + 1)).all())
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes (through the Agg canvas)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def in_notebook() -> bool:
+    """Whether code runs in a Jupyter/IPython kernel (where figures display inline)."""
+    import sys
+
+    ip = sys.modules.get("IPython")
+    if ip is None:
+        return False
+    shell = ip.get_ipython() if hasattr(ip, "get_ipython") else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def interactive_backend() -> bool:
+    """Whether matplotlib's current backend can open a window (not Agg, PDF, SVG… nor inline)."""
+    import matplotlib
+    from matplotlib.backends import BackendFilter, backend_registry
+
+    name = matplotlib.get_backend().lower()
+    if "inline" in name:
+        return False
+    return name not in {b.lower() for b in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)}
+
+
+def display_figure(fig: Figure) -> str:
+    """Show ``fig`` now; returns where: ``"notebook"`` (IPython's ``display``, so it shows even when
+    the call is not the cell's last expression), ``"window"`` (a pyplot window, in a script with an
+    interactive backend; blocks until closed as ``plt.show()`` does), or ``"none"`` (a
+    non-interactive backend such as Agg: nothing can be shown; save the figure instead)."""
+    if in_notebook():
+        from IPython.display import display
+
+        display(fig)
+        return "notebook"
+    if not interactive_backend():
+        return "none"
+    import matplotlib.pyplot as plt
+
+    manager = plt.figure().canvas.manager  # a pyplot manager to host our figure
+    if manager is None:
+        return "none"
+    manager.canvas.figure = fig
+    fig.set_canvas(manager.canvas)
+    plt.show()
+    return "window"
 
 
 def _versions() -> dict[str, str]:
@@ -738,9 +966,12 @@ def output_paths(
     plan = []
     for stem, labs in zip(stems, labels, strict=True):
         tags = [f"top{j + 1}" if suffix == "rank" else safe_name(_short(lab, 60)) for j, lab in enumerate(labs)]
+        pngs = [out / f"{stem}_{meth}_{t}.png" for t in tags]
+        if suffix == "agnostic":  # one map whatever the class: one file, no class in its name
+            pngs = [out / f"{stem}_{meth}.png"]
         plan.append(
             {
-                "png": [out / f"{stem}_{meth}_{t}.png" for t in tags] if "png" in formats else [],
+                "png": pngs if "png" in formats else [],
                 "npy": [out / f"{stem}_{meth}.npy"] if "npy" in formats else [],
                 "json": [out / f"{stem}_{meth}.json"] if "json" in formats else [],
             }
@@ -758,7 +989,7 @@ def save_explanation(
     boxes: bool = False,
     alpha: float = 0.5,
     cmap: str = "jet",
-    suffix: str = "rank",
+    suffix: str = "auto",
     dpi: int = 100,
     title: bool = True,
     compress_level: int = PNG_COMPRESS_LEVEL,
@@ -767,12 +998,15 @@ def save_explanation(
 
     Per image ``stem`` (``exp.sources``, made unique) and method ``m``:
 
-    * ``png``: ``{stem}_{m}_top{k}.png`` — the overlay on the original image, titled with the method,
-      rank, class name and probability (also in the PNG's ``Title`` text field); the box at
-      ``threshold`` is drawn when ``boxes=True`` (or a ``threshold`` is given). With
-      ``suffix="class"`` the file is named after the class instead (``{stem}_{m}_Egyptian_cat.png``).
+    * ``png``: ``{stem}_{m}_top{k}.png`` — the overlay on the original image (the rendering of
+      ``show()``, :func:`render_map`), titled with the method, the class's true rank when known, its
+      name and probability (also in the PNG's ``Title`` text field); the box at ``threshold`` is
+      drawn when ``boxes=True`` (or a ``threshold`` is given). ``suffix="auto"`` (default) names
+      files ``top{k}`` only when the targets *are* the top-k classes (``exp.ranks`` is 1..K),
+      else after the class (``{stem}_{m}_Egyptian_cat.png``, as ``suffix="class"``); a class-agnostic
+      map is written once (``{stem}_{m}.png``).
       ``title=False``: the overlay alone at the image's own resolution, written by NumPy + PIL
-      without matplotlib (the fast path; the title stays in the ``Title`` text field).
+      without matplotlib figures (the fast path; the title stays in the ``Title`` text field).
       ``compress_level``: the PNGs' zlib level (default :data:`PNG_COMPRESS_LEVEL`, for speed).
     * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size.
     * ``json``: ``{stem}_{m}.json`` — classes, class names, scores (logits), probabilities, boxes
@@ -785,14 +1019,23 @@ def save_explanation(
     bad = [f for f in fmts if f not in ("png", "npy", "json")]
     if bad or not fmts:
         raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
-    if suffix not in ("rank", "class"):
-        raise InputError(f"suffix must be 'rank' or 'class', not {suffix!r}")
+    if suffix not in ("rank", "class", "auto"):
+        raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {suffix!r}")
+    if suffix == "auto":
+        suffix = "rank" if is_topk(exp) else "class"
+    if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
+        raise InputError(
+            "suffix='rank' names files top1, top2…, but these targets are not the top-k classes "
+            "(or their ranks are unknown); use suffix='class' or 'auto'"
+        )
     thr = DEFAULT_THRESHOLD if threshold is None else threshold
     draw = boxes or threshold is not None
     out = Path(directory)
     n = len(exp)
     stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
     labels = exp.labels()
+    if exp.class_agnostic:
+        suffix = "agnostic"
     plan = output_paths(out, stems, exp.method, labels, fmts, suffix)
     flat = [p for per in plan for ps in per.values() for p in ps]
     if len(set(flat)) != len(flat):
@@ -809,10 +1052,9 @@ def save_explanation(
         img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
-                heading = f"{title0.split(' · ')[0]} · {target_label(exp, i, j, rank=suffix == 'rank')}"
-                m: Any = exp.maps[i, j]
-                if exp.raw.dim() == 5:  # pixel attributions: sparse, clip the few extreme pixels
-                    m = attribution_heat(resize_map(m, img.shape[:2]))
+                heading = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
+                if exp.signed:
+                    heading += " · red +, blue −"
                 meta = {
                     "Title": heading,
                     "Software": f"camlens {_versions()['camlens']}",
@@ -820,14 +1062,26 @@ def save_explanation(
                     f"({labels[i][j]}) for {stems[i]}",
                 }
                 bx = img_boxes[j] if draw else None
+                pixel = exp.raw.dim() == 5
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
                     bx = np.round(ref)  # a detector's explained box, in the image's pixels
                 if title:
-                    fig = overlay_figure(img, m, heading, alpha=alpha, cmap=cmap, boxes=bx, dpi=dpi)
+                    fig = overlay_figure(
+                        img,
+                        exp.maps[i, j],
+                        heading,
+                        alpha=alpha,
+                        cmap=cmap,
+                        boxes=bx,
+                        dpi=dpi,
+                        signed=exp.signed,
+                        pixel=pixel,
+                    )
                     save_figure(fig, p, dpi=dpi, overwrite=overwrite, metadata=meta, compress_level=compress_level)
-                else:
+                else:  # the same rendering, without a figure
+                    shown, _ = render_map(img, exp.maps[i, j], signed=exp.signed, pixel=pixel, alpha=alpha, cmap=cmap)
                     save_png(
-                        overlay(img, m, alpha, cmap),
+                        shown,
                         p,
                         metadata=meta,
                         compress_level=compress_level,
@@ -853,6 +1107,8 @@ def save_explanation(
                 "class_names": labels[i],
                 "scores": [float(v) for v in exp.scores[i].tolist()],
                 "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
+                "ranks": None if exp.ranks is None else [int(r) for r in exp.ranks[i].tolist()],
+                "signed": exp.signed,
                 "threshold": float(thr),
                 "boxes": img_boxes.tolist(),
                 "boxes_map": map_boxes[i].tolist(),

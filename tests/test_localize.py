@@ -214,7 +214,9 @@ def test_explanation_boxes_and_image_frame():
     maps = torch.zeros(2, 1, 10, 10)
     maps[0, 0, 2:4, 5:8] = 1.0
     exp = _exp_from_maps(maps, images=[np.zeros((20, 40, 3), np.uint8), np.zeros((10, 10, 3), np.uint8)])
-    assert exp.boxes().tolist() == [[[5, 2, 8, 4]], [[-1] * 4]]
+    # issue 12: boxes() are in original-image pixels when the images are known (map pixels on request)
+    assert exp.boxes(frame="input").tolist() == [[[5, 2, 8, 4]], [[-1] * 4]]
+    assert exp.boxes().tolist() == [[[20, 4, 32, 8]], [[-1] * 4]] and exp.boxes().frame == "image"
     assert exp.boxes(threshold=0.5).shape == (2, 1, 4)
     per_image = image_boxes(exp)
     assert per_image[0].tolist() == [[20, 4, 32, 8]] and per_image[1].tolist() == [[-1] * 4]

@@ -333,7 +333,7 @@ def test_detection_and_segmentation_figures(frcnn):
 
     img = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
     e = camlens.explain(frcnn, img, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=2))
-    fig = e.show()
+    fig = e.figure()  # show() displays and returns None (issue 12 item 10)
     axes = [a for a in fig.axes if a.get_visible()]
     assert len(axes) == 2  # one panel per box
     for k, ax in enumerate(axes):
@@ -342,7 +342,7 @@ def test_detection_and_segmentation_figures(frcnn):
         assert ax.get_title() == f"{e.class_names[int(e.classes[0, k])]} {float(e.scores[0, k]):.3g}"
     m = TinyFCN().eval()
     s = camlens.explain(m, torch.randn(1, 3, 8, 8), "gradcam", targets=Segmentation([1, 2]), layer="features")
-    fig = s.show()
+    fig = s.figure()
     axes = [a for a in fig.axes if a.get_visible()]
     assert len(axes) == 2
     assert s.extras["masks"].shape == (1, 2, 8, 8)
@@ -445,7 +445,7 @@ def test_detection_batch_figure_draws_each_explained_box(frcnn):
 
     x = torch.rand(2, 3, 64, 96)
     e = camlens.explain(frcnn, x, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=1))
-    fig = e.show()
+    fig = e.figure()  # show() displays and returns None (issue 12 item 10)
     drawn = [patch_boxes(ax) for ax in fig.axes if ax.get_visible() and patch_boxes(ax)]
     want = [[[int(v) for v in np.round(e.extras["boxes"][i, 0])]] for i in range(2)]
     assert drawn == want

@@ -52,7 +52,13 @@ def _exp(n=2, k=2, size=(16, 16), img_sizes=((30, 40), (20, 20)), pixel=False, m
         images=imgs,
         sources=["img_a", "img_b"][:n],
         model_name="toy",
+        ranks=torch.tensor([[1, 2], [1, 2]])[:n, :k],  # the targets are each image's top-2
     )
+
+
+def _panels(fig):
+    """The image panels of a figure (colorbars left out)."""
+    return [a for a in fig.axes if a.get_visible() and a.get_label() != "<colorbar>"]
 
 
 # ---------------------------------------------------------------- arrays
@@ -115,7 +121,7 @@ def test_attribution_rgb_and_heat():
 def test_topk_figure_titles_images_and_boxes():
     e = _exp()
     fig = topk_figure(e, 0, boxes=True)
-    axes = [a for a in fig.axes if a.get_visible()]
+    axes = _panels(fig)
     assert len(axes) == 3  # original + 2 classes
     assert axes[0].get_title() == "img_a"
     assert axes[1].get_title() == "1st: cat (70.0%)" and axes[2].get_title() == "2nd: dog (20.0%)"
@@ -139,7 +145,7 @@ def test_batch_grid_titles_colours_and_boxes():
         boxes=[[1, 2, 5, 6], [-1, -1, -1, -1], [0, 0, 3, 3]],
         gt_boxes=[[0, 0, 4, 4]] * 3,
     )
-    axes = [a for a in fig.axes if a.get_visible()]
+    axes = _panels(fig)
     assert len(axes) == 3 and len(fig.axes) == 4  # 2x2 grid, last cell hidden
     assert axes[0].get_title() == "true: cat\npred: cat (90.0%)"
     assert axes[1].get_title() == "true: dog\npred: bird (51.0%)"
@@ -159,7 +165,7 @@ def test_batch_grid_titles_colours_and_boxes():
 def test_pixel_figure_rgb_and_heat_panels():
     e = _exp(pixel=True, method="guided_backprop")
     fig = pixel_figure(e, 1)
-    axes = [a for a in fig.axes if a.get_visible()]
+    axes = _panels(fig)
     assert [a.get_title() for a in axes] == [
         "img_b",
         "1st: bird (55.0%)\nRGB",
@@ -176,7 +182,7 @@ def test_pixel_figure_rgb_and_heat_panels():
 def test_explanation_figure_rows_and_show_delegation():
     e = _exp()
     fig = explanation_figure(e, boxes=True)
-    axes = [a for a in fig.axes if a.get_visible()]
+    axes = _panels(fig)
     assert len(axes) == 6  # 2 rows x (image + 2 classes)
     assert [a.get_title() for a in axes] == [
         "img_a",
@@ -188,8 +194,8 @@ def test_explanation_figure_rows_and_show_delegation():
     ]
     want = scale_boxes(localize(e.maps[1, 0]), (16, 16), (20, 20)).tolist()
     assert patch_boxes(axes[4]) == [want]
-    one = e.show(index=1)
-    assert [a.get_title() for a in one.axes if a.get_visible()][1] == "1st: bird (55.0%)"
+    one = e.figure(index=1)
+    assert [a.get_title() for a in _panels(one)][1] == "1st: bird (55.0%)"
     with pytest.raises(InputError, match="out of range"):
         explanation_figure(e, index=5)
 
@@ -269,7 +275,7 @@ def test_save_explanation_formats_suffix_and_duplicate_sources(tmp_path):
         "same_gradcam_dog.png",
     ]
     with Image.open(tmp_path / "same-2_gradcam_fish.png") as im:
-        assert im.text["Title"] == "Grad-CAM · fish (25.0%)"  # explicit classes: no rank in the title
+        assert im.text["Title"] == "Grad-CAM · 2nd: fish (25.0%)"  # the true rank (exp.ranks), class-named file
     with pytest.raises(InputError, match="format"):
         save_explanation(e, tmp_path, formats=("gif",))
     assert unique_names(["a", "a", "a-2", "b"]) == ["a", "a-3", "a-2", "b"]

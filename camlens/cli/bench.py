@@ -83,7 +83,12 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads")
 @click.option("--no-peers", is_flag=True, help="camlens only")
 @click.option("--leak", is_flag=True, help="run only the leak check (1,000 Grad-CAM calls)")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON results file")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON results file [default: camlens-bench-TIME.json in the current folder]",
+)
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="write a report here")
 @click.option("--overwrite", is_flag=True, help="replace existing --out / --markdown files")
 @click.option("--builtin", is_flag=True, help="camlens-only timing, even from a source checkout")
@@ -108,6 +113,8 @@ def bench_cmd(quick, models, tasks, batches, threads, no_peers, leak, out, markd
         for name in names:
             builtin_bench(name.strip(), sizes, threads, rounds=2 if quick else 7)
         return
+    if not out:  # into the current folder, never into the source tree or the installed package
+        out = str(Path.cwd() / f"camlens-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     argv = ["--threads", str(threads)]
     for flag, value in (
         ("--models", models),

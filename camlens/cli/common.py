@@ -167,11 +167,15 @@ def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    import torch
+    """``--device`` -> a device string that exists here; anything else is a usage error listing the
+    devices this machine has (``cuda`` on a CPU-only machine, ``gpu``…)."""
+    from camlens.devices import parse_device
+    from camlens.errors import CamlensError
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    try:
+        return str(parse_device(device))
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
 def load_model_opts(model: str, weights: str | None, checkpoint: str | None, device: str | None):
@@ -186,10 +190,115 @@ def load_model_opts(model: str, weights: str | None, checkpoint: str | None, dev
         raise click.ClickException(str(exc)) from None
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _convert(text: str, hint: Any, default: Any) -> Any:
+    """One ``--option`` value typed by its parameter's annotation (``int``, ``float``, ``bool``,
+    ``str``, ``X | None``); without a usable annotation, by the default's type, else as a Python
+    literal (``1.5``, ``[1, 2]``, ``None``) or the string itself."""
+    import ast
+    import types
+    import typing
+
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    if args:
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else None
+    if hint in (None, typing.Any) or not isinstance(hint, type):
+        hint = type(default) if default is not None and type(default) in (bool, int, float, str) else None
+    if hint is bool:
+        low = text.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise ValueError("true or false")
+    if hint is int:
+        return int(text)
+    if hint is float:
+        return float(text)
+    if hint is str:
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_method_options(values: Sequence[str], methods: Sequence[str]) -> dict[str, Any]:
+    """``--option key=value`` (repeatable) -> keyword options for :func:`camlens.explain`, each value
+    typed by the signature of the methods that take it; an unknown key gets the API's error (the
+    valid options of the chosen methods)."""
+    import typing
+
+    from camlens.errors import CamlensError
+    from camlens.explainer import _split_options
+    from camlens.methods.registry import get_method
+
+    infos = [get_method(m) for m in methods]
+    raw: dict[str, str] = {}
+    for v in values:
+        key, sep, text = v.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE, e.g. max_channels=64", param_hint="--option")
+        raw[key] = text
+    try:
+        _split_options(infos, raw)  # unknown keys: the same error as camlens.explain(..., key=...)
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--option") from None
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        for info in infos:
+            opts = info.options()
+            if key not in opts:
+                continue
+            hint = typing.get_type_hints(info.fn).get(key)
+            try:
+                out[key] = _convert(text, hint, opts[key])
+            except ValueError:
+                want = getattr(hint, "__name__", None) or str(hint)
+                raise click.BadParameter(
+                    f"{key}={text!r}: {info.name}'s {key} takes {want} (default {opts[key]!r})", param_hint="--option"
+                ) from None
+            break
+    return out
+
+
+def method_option(f: Callable) -> Callable:
+    """``--option KEY=VALUE`` (repeatable): method options, as listed by ``camlens methods -v``."""
+    return click.option(
+        "--option",
+        "method_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="method option, repeatable, typed by the method (`camlens methods -v` lists them), "
+        "e.g. --option max_channels=64",
+    )(f)
+
+
+def check_layer(net, layer: str | None) -> None:
+    """``--layer`` checked against the loaded model before any image is read (a usage error with
+    the closest names), so that a typo is not reported once per input."""
+    if layer is None:
+        return
+    from camlens.errors import CamlensError
+    from camlens.layers import resolve_layer
+
+    try:
+        resolve_layer(net, layer)
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--layer") from None
+
+
 def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
-    """``--class`` values (ids or names, case-insensitive) -> class ids."""
+    """``--class`` values (ids, or names and their synonyms, case-insensitive: ``"tabby cat"`` finds
+    ImageNet's ``"tabby"``; see :mod:`camlens.classnames`) -> class ids, duplicates dropped."""
+    from camlens.classnames import class_id
+    from camlens.errors import TargetError
+
     ids = []
-    low = [c.lower() for c in class_names] if class_names else []
     for v in values:
         for part in (x.strip() for x in v.split(",")):
             if not part:
@@ -201,19 +310,16 @@ def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> l
                         f"class id {c} is out of range 0..{len(class_names) - 1}", param_hint="--class"
                     )
                 ids.append(c)
-            elif part.lower() in low:
-                ids.append(low.index(part.lower()))
-            else:
-                import difflib
-
-                close = difflib.get_close_matches(part, list(class_names or []), n=4, cutoff=0.6)
-                hint = (
-                    f"; did you mean {', '.join(repr(c) for c in close)}?"
-                    if close
-                    else ("" if class_names else "; this model has no class names, pass ids")
+                continue
+            if not class_names:
+                raise click.BadParameter(
+                    f"unknown class {part!r}; this model has no class names, pass ids", param_hint="--class"
                 )
-                raise click.BadParameter(f"unknown class {part!r}{hint}", param_hint="--class")
-    return ids
+            try:
+                ids.append(class_id(part, class_names))
+            except TargetError as exc:
+                raise click.BadParameter(str(exc), param_hint="--class") from None
+    return list(dict.fromkeys(ids))
 
 
 def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

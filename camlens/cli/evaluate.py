@@ -13,6 +13,8 @@ import click
 
 from camlens.fsio import atomic_write, check_targets, safe_out_dir
 
+from .common import check_layer, method_option, parse_method_options, resolve_device
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -158,6 +160,7 @@ def _readable(paths: list[str], names: list[str]) -> tuple[list[str], list[str],
 @click.option("--overwrite", is_flag=True, help="replace existing output files in --out")
 @click.option("--no-plots", is_flag=True, help="write tables only")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@method_option
 def evaluate_cmd(
     data,
     model,
@@ -181,6 +184,7 @@ def evaluate_cmd(
     overwrite,
     no_plots,
     quiet,
+    method_options,
 ):
     """Score explanation METHODs on DATA (image files, folders or globs; default: three bundled
     photos) with faithfulness METRICS; print a table and write per_image.csv, summary.csv,
@@ -231,8 +235,8 @@ def evaluate_cmd(
         check_targets(planned, overwrite)
     except CamlensError as exc:
         raise click.ClickException(f"{exc}; or choose another --out") from None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = parse_method_options(method_options, methods) if method_options else {}
+    device = resolve_device(device)
     from camlens.pipeline import dist
 
     device = dist.local_device(device)
@@ -241,6 +245,14 @@ def evaluate_cmd(
     if ctx.active:
         images, names = images[lo:hi], names[lo:hi]
         gt = gt[lo:hi] if gt is not None else None
+    partial = []
+
+    def write_so_far(rows: list[dict]) -> None:
+        """per_image.csv rewritten (atomically) after each chunk: an interrupted run keeps its rows."""
+        safe_out_dir(outdir)
+        _write_csv(outdir / "per_image.csv", rows, None, overwrite=True)  # checked free (or --overwrite) above
+        partial.append(True)
+
     try:
         if weights == "random":  # the same random network on every rank and in every run
             with torch.random.fork_rng(devices=[]):
@@ -248,6 +260,7 @@ def evaluate_cmd(
                 net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
         else:
             net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        check_layer(net, layer)
         card = getattr(net, "camlens", None)
         pp = None
         if size is not None:
@@ -270,9 +283,10 @@ def evaluate_cmd(
                 chunk_size=chunk_size,
                 seed=seed,
                 preprocess=pp,
-                explain_options={"layer": layer} if layer else None,
+                explain_options={**({"layer": layer} if layer else {}), **options} or None,
                 sanity_layers=sanity_layers,
                 progress=not quiet and ctx.is_main,
+                on_rows=None if ctx.active else write_so_far,
                 index_offset=lo,
             )
             if images
@@ -290,7 +304,7 @@ def evaluate_cmd(
     click.echo(report.table())
     written = []
     cols = ["image", "method", "target", "target_name", *report.columns]
-    _write_csv(outdir / "per_image.csv", report.rows, cols, overwrite)
+    _write_csv(outdir / "per_image.csv", report.rows, cols, overwrite or bool(partial))
     _write_csv(outdir / "summary.csv", report.summary(), ["method", "metric", "mean", "std", "n", "better"], overwrite)
     report.settings.update(
         {"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device, "layer": layer, "size": size}

@@ -8,12 +8,15 @@ import click
 
 from .common import (
     EXIT_FAILED,
+    check_layer,
     check_overwrite,
     common_model_options,
     echo,
     echo_err,
+    method_option,
     parse_classes,
     parse_formats,
+    parse_method_options,
     parse_threshold,
     resolve_device,
     table,
@@ -136,6 +139,7 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
+@method_option
 def explain_cmd(
     images,
     model,
@@ -160,6 +164,7 @@ def explain_cmd(
     cmap,
     recursive,
     quiet,
+    method_options,
 ):
     """Explain IMAGES (files, folders, glob patterns, ImageFolder trees, CSV/COCO/VOC/TXT lists;
     default: the bundled cat photo).
@@ -204,6 +209,7 @@ def explain_cmd(
         names = list(dict.fromkeys(get_method(m).name for m in (methods or default)))
     except CamlensError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
+    options = parse_method_options(method_options, names)
 
     inputs = collect(images, recursive=recursive)
     # a folder, glob or list, torchrun, or many named files (a shell-expanded glob) is a dataset run
@@ -249,6 +255,7 @@ def explain_cmd(
         if not classes:
             check([""] * topk)
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
         if task == "detection":
             keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
         card = card_of(net)
@@ -284,6 +291,7 @@ def explain_cmd(
             defaulted,
             failed,
             ctx,
+            options,
         )
     finally:
         ctx.close()
@@ -315,6 +323,7 @@ def _run(
     defaulted,
     failed,
     ctx,
+    options=None,
 ) -> int:
     """Stream the records through the pipeline into the store and/or the loose files."""
     import sys as _sys
@@ -375,6 +384,7 @@ def _run(
         optional=("cam",) if defaulted else (),
         after=None if quiet else after,
         on_error=lambda msg: echo_err(msg),
+        **(options or {}),  # --option KEY=VALUE, typed by the methods' signatures
     )
     try:
         if store:

@@ -99,6 +99,9 @@ def finetune_cmd(
     from camlens.train import finetune
     from camlens.train.loop import WarningSkippedImages
 
+    from .common import resolve_device
+
+    device = resolve_device(device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", WarningSkippedImages)  # reported through the log below

@@ -15,6 +15,7 @@ from camlens.fsio import atomic_write, safe_out_dir
 
 from .common import (
     EXIT_FAILED,
+    check_layer,
     check_overwrite,
     common_model_options,
     echo,
@@ -213,6 +214,7 @@ def localize_cmd(
     ctx = dist.setup(dist.local_device(resolve_device(device)))
     try:
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
         from camlens.models.zoo import card_of
 
         card = card_of(net)
@@ -424,6 +426,7 @@ def _evaluate(
     ctx = dist.setup(dist.local_device(resolve_device(device)))
     try:
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        check_layer(net, layer)  # before any image is read
         card = card_of(net)
         class_names = card.class_names if card else None
         ds = ImageFiles(

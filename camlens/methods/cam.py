@@ -100,5 +100,7 @@ def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput
     W, b = cam_weights(ctx, head, check_head)
     w = W[ctx.targets.classes.to(A.device)]  # (N, K, C)
     raw = torch.einsum("nkc,nchw->nkhw", w, A)
-    extras = {} if b is None else {"bias": b[ctx.targets.classes.to(A.device)]}
+    extras: dict = {"signed": True}  # no ReLU: negative where the features speak against the class
+    if b is not None:
+        extras["bias"] = b[ctx.targets.classes.to(A.device)]
     return MethodOutput(raw, extras=extras)

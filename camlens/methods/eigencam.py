@@ -49,4 +49,4 @@ def eigencam(ctx: ForwardPass, *, center: bool = False) -> MethodOutput:
     # orient V1 along the uncentred mean (not zero by construction; see the module docstring)
     sign = torch.where((mean @ v1).view(N) < 0, -1.0, 1.0).to(proj)
     raw = (proj * sign[:, None, None]).relu().to(A.dtype)
-    return MethodOutput(raw[:, None].expand(N, ctx.k, h, w).contiguous())
+    return MethodOutput(raw[:, None].expand(N, ctx.k, h, w).contiguous(), extras={"class_agnostic": True})

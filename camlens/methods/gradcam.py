@@ -85,7 +85,7 @@ def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True
     elif grad_norm is not None:
         raise MethodError(f"grad_norm must be None or 'rms', not {grad_norm!r}")
     raw = _combine(w, ctx.layer_features.detach())
-    return MethodOutput(raw.relu() if relu else raw)
+    return MethodOutput(raw.relu() if relu else raw, extras={} if relu else {"signed": True})
 
 
 @register(

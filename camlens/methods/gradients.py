@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from .._util import gaussian_blur
-from ..engine import ForwardPass, gradient_pass
+from ..engine import ForwardPass, gradient_pass, model_input
 from ..errors import MethodError
 from ..targets import Targets, take_rows
 from .registry import MethodOutput, get_method, register
@@ -69,6 +69,7 @@ SMOOTHABLE = {
     "input_x_gradient": "backprop",
     "integrated_gradients": "backprop",
 }
+SIGNED_REDUCTIONS = ("sum", "max")
 DEFAULT_REDUCE = {"input_x_gradient": "sum", "integrated_gradients": "sum"}
 
 
@@ -92,7 +93,9 @@ def pixel_output(
 ) -> MethodOutput:
     """``MethodOutput`` with ``maps`` reduced from ``raw`` by ``reduce`` (or the method's default)."""
     how = reduce if reduce is not None else DEFAULT_REDUCE.get(method, "absmax")
-    return MethodOutput(raw, reduce_channels(raw, how).float(), extras or {})
+    # "sum" and "max" keep the sign (input x gradient, Integrated Gradients); |.| reductions do not
+    flags = {"signed": how in SIGNED_REDUCTIONS}
+    return MethodOutput(raw, reduce_channels(raw, how).float(), {**(extras or {}), **flags})
 
 
 def require_relus(relu_calls: int, method: str, model: torch.nn.Module) -> None:
@@ -286,9 +289,9 @@ def _integrated(
         total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
     attr = total * diff[:, None]
     with torch.no_grad():
-        f_base = ctx.targets.scores(ctx.select(ctx.model(xb0))).detach()
+        f_base = ctx.targets.scores(ctx.select(ctx.model(model_input(xb0)))).detach()
         if f_x is None:
-            f_x = ctx.targets.scores(ctx.select(ctx.model(x))).detach()
+            f_x = ctx.targets.scores(ctx.select(ctx.model(model_input(x)))).detach()
     delta = f_x - f_base
     err = attr.flatten(2).sum(-1) - delta
     rel = err.abs() / delta.abs().clamp_min(1e-12)

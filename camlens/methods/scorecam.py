@@ -25,14 +25,19 @@ largest mean activation (the others get weight 0) for a further speed-up at some
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import MethodError
 from ..ops import minmax
 from ..targets import take_rows
 from .registry import MethodOutput, register
 
+EPS = 1e-8
+PROGRESS_MIN = 256  # masked forwards above which the progress bar shows by default
 CPU_BATCH = 8  # masked images per forward on CPU (cache-friendly)
 ACCEL_BATCH = 64  # ... on GPUs and other accelerators
 
@@ -52,18 +57,15 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     tensors (``.view`` on a feature map, custom kernels) thus keeps the default layout.
     """
     if "channels_last" not in layout:
+        check = imgs.device.type == "cpu" and imgs.dtype == torch.float32 and imgs.dim() == 4 and len(imgs) > 1
+        k = min(len(imgs), 4)
+        # the same images for the check, copied before an in-place first layer may change them
+        alt_in = imgs[:k].contiguous(memory_format=torch.channels_last) if check else None
         logits = model(imgs)
         ok = False
-        if (
-            isinstance(logits, torch.Tensor)  # a tensor output (not a detector's list or a dict)
-            and imgs.device.type == "cpu"
-            and imgs.dtype == torch.float32
-            and imgs.dim() == 4
-            and len(imgs) > 1
-        ):
-            k = min(len(imgs), 4)
+        if alt_in is not None and isinstance(logits, torch.Tensor):  # a tensor output (not a detector's)
             try:
-                alt = model(imgs[:k].contiguous(memory_format=torch.channels_last))
+                alt = model(alt_in)
                 ref = logits[:k]
                 ok = (
                     isinstance(alt, torch.Tensor)
@@ -88,8 +90,16 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     aliases=("score-cam",),
 )
 def scorecam(
-    ctx, *, batch_size: int | None = None, max_channels: int | None = None, weighting: str = "prob", dedupe: bool = True
+    ctx,
+    *,
+    batch_size: int | None = None,
+    max_channels: int | None = None,
+    weighting: str = "prob",
+    dedupe: bool = True,
+    progress: bool | None = None,
 ) -> MethodOutput:
+    """``progress``: a tqdm bar on stderr counting masked forwards (rate and ETA); ``None`` shows it
+    when there are more than :data:`PROGRESS_MIN` of them (a few seconds of work or more)."""
     if weighting not in ("prob", "channel_softmax", "logit"):
         raise MethodError(f"weighting must be 'prob', 'channel_softmax' or 'logit', not {weighting!r}")
     A = ctx.layer_features.detach()
@@ -118,7 +128,9 @@ def scorecam(
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
     scores_per_job: list[list[torch.Tensor]] = [[] for _ in jobs]
     layout: dict[str, bool] = {}
-    with torch.inference_mode():
+    show = len(flat) > PROGRESS_MIN if progress is None else bool(progress)
+    bar = tqdm(total=len(flat), desc="scorecam", unit="fwd", disable=not show, file=sys.stderr, leave=False)
+    with torch.inference_mode(), bar:
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
@@ -136,6 +148,7 @@ def scorecam(
                 s = src.gather(1, cls)
             for (n, _), row in zip(chunk, s):
                 scores_per_job[n].append(row)
+            bar.update(len(chunk))
     raw = torch.zeros(N, ctx.k, h, w, device=A.device, dtype=A.dtype)
     n_forwards = []
     for (n, uniq, inv, ch), rows in zip(jobs, scores_per_job):

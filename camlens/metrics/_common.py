@@ -37,6 +37,7 @@ from torch import nn
 
 from .._util import eval_mode
 from .._util import gaussian_blur as _blur
+from ..engine import model_input
 from ..errors import InputError, TargetError
 from ..explainer import explain
 from ..explanation import Explanation
@@ -70,7 +71,7 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.
     outs = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            outs.append(_check_logits(model(x[i : i + batch_size])).float())
+            outs.append(_check_logits(model(model_input(x[i : i + batch_size]))).float())
     return torch.cat(outs)
 
 
@@ -79,7 +80,7 @@ def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_
     out = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            p = _check_logits(model(x[i : i + batch_size])).float().softmax(dim=1)
+            p = _check_logits(model(model_input(x[i : i + batch_size]))).float().softmax(dim=1)
             c = classes[i : i + batch_size].to(p.device)
             out.append(p.gather(1, c[:, None])[:, 0].cpu())
     return torch.cat(out)
@@ -100,7 +101,7 @@ def scored_batches(
         for i in range(0, len(items), batch_size):
             chunk = list(items[i : i + batch_size])
             xb = make(chunk)
-            p = _check_logits(model(xb)).float().softmax(dim=1)
+            p = _check_logits(model(model_input(xb))).float().softmax(dim=1)
             c = classes[[n for n, _ in chunk]].to(p.device)
             out[i : i + len(chunk)] = p.gather(1, c[:, None])[:, 0].cpu()
     return out

@@ -7,6 +7,7 @@ of the curves) are kept, so a folder of any size runs in constant memory.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, MethodError
+from ..explainer import explain
 from ..inputs import prepare_inputs
 from ..io import load_image
 from ..methods.registry import get_method
@@ -245,6 +247,7 @@ def evaluate(
     sanity_layers: int | Sequence[str] | None = None,
     progress: bool = False,
     on_chunk: Callable[[int, int], None] | None = None,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     index_offset: int = 0,
 ) -> EvaluationReport:
     """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
@@ -261,6 +264,10 @@ def evaluate(
         baseline: add the ``random`` map baseline (``centre`` for the pointing games).
         batch_size: images per forward pass; chunk_size: images loaded at once.
         seed: tie-break, random-baseline and randomization seed.
+        on_rows: called after each chunk with every per-image row finished so far (in report
+            order), so a caller can write results as they come and an interrupted run keeps them.
+        progress: a bar counting (image, method, metric) units, updated after each metric of each
+            chunk and showing which one runs (Score-CAM shows its own bar of masked forwards).
         explain_options: keyword arguments for :func:`camlens.explain` (``layer=``…).
         sanity_layers: an int ``k`` (randomize only the top ``k`` units) or unit names.
         progress: show a tqdm progress bar.
@@ -325,8 +332,8 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        per_image = len(methods) * (bool(per_map) + ("class_sensitivity" in wanted)) + ("sanity" in wanted)
-        bar = tqdm(total=len(images) * per_image, desc="evaluate", unit="step")
+        per_image = len(methods) * (len(per_map) + ("class_sensitivity" in wanted)) + ("sanity" in wanted)
+        bar = tqdm(total=len(images) * per_image, desc="evaluate (image x method x metric)", unit="step")
     try:
         for ci in range(n_chunks):
             sl = slice(ci * chunk_size, min(len(images), (ci + 1) * chunk_size))
@@ -372,9 +379,13 @@ def evaluate(
                         [baseline_maps(meth, 1, size, x.device, seed + 7919 * (index_offset + i)) for i in idx]
                     )
                 else:
-                    maps = explain_maps(model, x, meth, classes, batch_size, options)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{meth}: maps", refresh=True)
+                    maps = explain_maps(model, x, meth, classes, batch_size, _options_for(meth, options))
                 common = {"batch_size": batch_size, "seed": seed}
                 for w in mine:
+                    if bar is not None and not is_base:
+                        bar.set_postfix_str(f"{meth}: {w}", refresh=True)
                     vals: dict[str, torch.Tensor] = {}
                     if w in ("deletion", "insertion"):
                         fn = deletion_curve if w == "deletion" else insertion_curve
@@ -411,11 +422,15 @@ def evaluate(
                         for j, i in enumerate(idx):
                             val = float(v[j])
                             rows_by_key[(i, meth)][col] = None if math.isnan(val) else val
-                if bar is not None and not is_base and per_map:
-                    bar.update(len(idx))
+                    if bar is not None and not is_base:
+                        bar.update(len(idx))
             if "class_sensitivity" in wanted:
                 for meth in methods:
-                    v = class_sensitivity(model, x, meth, classes, batch_size=batch_size, explain_options=options)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{meth}: class_sensitivity", refresh=True)
+                    v = class_sensitivity(
+                        model, x, meth, classes, batch_size=batch_size, explain_options=_options_for(meth, options)
+                    )
                     for j, i in enumerate(idx):
                         rows_by_key[(i, meth)]["class_sensitivity"] = float(v[j])
                     if bar is not None:
@@ -424,6 +439,8 @@ def evaluate(
                 lay = layers
                 if isinstance(layers, int):
                     lay = randomization_layers(model, x)[:layers]
+                if bar is not None:
+                    bar.set_postfix_str("sanity", refresh=True)
                 sanity_parts.append(
                     sanity_randomization(
                         model,
@@ -433,13 +450,16 @@ def evaluate(
                         layers=lay,
                         seed=seed,
                         batch_size=batch_size,
-                        explain_options=options,
+                        explain_options=options,  # one explain of every method: options split per method
                     )
                 )
                 if bar is not None:
                     bar.update(len(idx))
             if on_chunk is not None:
                 on_chunk(ci + 1, n_chunks)
+            if on_rows is not None:
+                order = {m: k for k, m in enumerate(map_methods)}
+                on_rows([rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))])
     finally:
         if bar is not None:
             bar.close()
@@ -455,6 +475,14 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------------
+def _options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The explain options one method takes (``layer``… always; method options only where the
+    method's signature has them), so ``max_channels`` for Score-CAM does not break Grad-CAM."""
+    own = get_method(method).options()
+    general = set(inspect.signature(explain).parameters)
+    return {k: v for k, v in options.items() if k in general or k in own}
+
+
 def curves_figure(report: EvaluationReport, method: str):
     """Deletion and insertion mean curves of ``method`` (and of the random baseline, dashed)."""
     import matplotlib.pyplot as plt

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .._util import eval_mode
+from ..engine import model_input
 from ..errors import InputError, LayerNotFoundError
 from ..explainer import explain
 from ..inputs import prepare_inputs
@@ -89,7 +90,7 @@ def randomization_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
     try:
         with eval_mode(model), torch.inference_mode():
-            model(x[:1])
+            model(model_input(x[:1]))
     finally:
         for h in handles:
             h.remove()

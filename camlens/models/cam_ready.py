@@ -44,18 +44,22 @@ import copy
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._util import eval_mode
-from ..errors import CamlensError, CheckpointError, HeadError
+from ..errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
 from .builders import build_named, torchvision_weights_file
 from .card import ModelCard, attach_card, card_of
 from .classes import imagenet_classes
 from .heads import last_linear, set_submodule
 from .preprocess import IMAGENET
 from .weights import read_state_dict
+
+#: torchvision's ImageNet VGG16 weights file (``VGG16_Weights.IMAGENET1K_V1``) in the torch hub cache
+VGG16_FILE = "vgg16-397923af.pth"
 
 #: Channels of the CAM convolution (the paper's 1024).
 CAM_CHANNELS = 1024
@@ -323,6 +327,14 @@ def vgg16_cam(
     source = weights
     if weights is None or str(weights) in ("DEFAULT", "IMAGENET1K_V1"):
         source, _ = torchvision_weights_file("vgg16", None if weights is None else str(weights))
+    elif weights != "random" and not Path(weights).exists():
+        raise WeightsNotFoundError(
+            f"weights file not found: {weights}. For torchvision's ImageNet VGG16 backbone, run once on a "
+            "connected machine: python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\" "
+            f"and copy {Path(torch.hub.get_dir()) / 'checkpoints' / VGG16_FILE} to the same place here; then "
+            "leave out --weights (weights=None) and camlens finds it in the torch hub cache. Or pass a "
+            "VGG16 / VGG16-CAM state dict you have, or 'random'."
+        )
     if weights != "random":
         assert source is not None
         state = read_state_dict(source)

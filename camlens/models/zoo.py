@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import parse_device
 from ..errors import CamlensError, CheckpointError
 from .builders import (
     DEFAULT_MODEL,
@@ -198,7 +199,7 @@ def load_model(
         attach_card(model, replace(card, preprocess=pp))
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(parse_device(device))
     return model
 
 

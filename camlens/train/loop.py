@@ -254,7 +254,7 @@ def _train_epoch(net, dl, opt, weight_decay, device, heads, freeze, desc, progre
         ce_sum += float(ce.detach()) * b
         correct += float((logits.detach().argmax(1) == y).sum())
         n += b
-        bar.set_postfix(loss=f"{tot / n:.4f}", acc=f"{correct / n:.2%}")
+        bar.set_postfix(ce=f"{ce_sum / n:.4f}", l2=f"{(tot - ce_sum) / n:.4f}", acc=f"{correct / n:.2%}")
     bar.close()
     return {"train_loss": tot / n, "train_ce": ce_sum / n, "train_acc": correct / n}
 
@@ -565,8 +565,11 @@ def finetune(
             write_state_summary(out, info)
             write_metrics_files(out, history, best, run_info)
             echo(
-                f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
-                f"val loss {row['val_loss']:.4f}  val acc {row['val_acc']:.2%}  "
+                # the cross-entropies side by side (the train loss also holds the L2 term, which the
+                # validation loss does not: printing their sum next to the val CE misleads)
+                f"epoch {epoch + 1}/{epochs}  train CE {row['train_ce']:.4f} + L2 "
+                f"{row['train_loss'] - row['train_ce']:.4f}  val CE {row['val_loss']:.4f}  "
+                f"val acc {row['val_acc']:.2%}  "
                 f"best {best['val_acc']:.2%} (epoch {best['epoch']})  {row['seconds']:.1f}s"
             )
 
