@@ -239,7 +239,7 @@ def explain(
         # kept whole: Explanation.top(k) needs no second forward (None: a target object's raw output)
         logits = ctx.logits.detach() if ctx.logits is not None else None
         plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
-        ranks = target_ranks(ctx.logits, ctx.targets.classes) if plain else None
+        ranks = target_ranks(ctx.logits, ctx.targets.classes) if plain and ctx.logits is not None else None
         pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
         shown = x.detach() if images is None and isinstance(x, torch.Tensor) else None  # for figures
         results: dict[str, Explanation] = {}

@@ -214,7 +214,7 @@ class Boxes(np.ndarray):
     def __new__(cls, arr, frame: str, sizes: Sequence[tuple[int, int]]) -> Boxes:
         obj = np.asarray(arr, dtype=np.int64).view(cls)
         obj.frame = frame
-        obj.sizes = [tuple(int(v) for v in s) for s in sizes]
+        obj.sizes = [(int(s[0]), int(s[1])) for s in sizes]
         return obj
 
     def __array_finalize__(self, obj) -> None:
@@ -246,8 +246,8 @@ def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str =
             "(not a preprocessed tensor), or ask for frame='input'"
         )
     if frame in ("input", "map") or not exp.images:
-        return Boxes(b, "input", [size] * len(b))
-    sizes = [tuple(img.shape[:2]) for img in exp.images]
+        return Boxes(b, "input", [(int(size[0]), int(size[1]))] * len(b))
+    sizes = [(int(img.shape[0]), int(img.shape[1])) for img in exp.images]
     return Boxes(np.stack([scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]), "image", sizes)
 
 

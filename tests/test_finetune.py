@@ -454,3 +454,14 @@ def test_lite0_on_synthetic_shapes_learns_and_localizes(tmp_path):
     m, b = rep.metrics, rep.baseline
     assert m["maxboxacc"] >= 0.5 and m["maxboxacc"] >= b["maxboxacc"] + 0.3
     assert m["pointing_game"] >= b["pointing_game"] + 0.2
+
+
+def test_finetune_config_object_and_unknown_settings(tmp_path):
+    from camlens.train import FinetuneConfig
+
+    with pytest.raises(camlens.CamlensError, match=r"unknown finetune option\(s\) epoch; valid: model"):
+        finetune(tmp_path, epoch=1)
+    with pytest.raises(camlens.CamlensError, match="epochs must be >= 1"):  # the config reaches the run
+        finetune(tmp_path, FinetuneConfig(epochs=0, out=tmp_path / "o"))
+    with pytest.raises(camlens.CamlensError, match="optimizer must be"):  # keywords override the config
+        finetune(tmp_path, FinetuneConfig(epochs=1, out=tmp_path / "o"), optimizer="adam")

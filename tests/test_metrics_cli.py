@@ -259,3 +259,19 @@ def test_cli_default_photos(tmp_path):
     rows = _read_csv(out / "per_image.csv")
     assert [r["image"] for r in rows] == ["chelsea", "coffee", "astronaut"]
     assert not (out / "curves_gradcam.png").exists()
+
+
+def test_evaluate_config_object_equals_keywords_and_unknown_settings_raise(tiny, arrays):
+    from camlens.errors import InputError
+    from camlens.metrics.runner import EvaluateConfig
+
+    pp = Preprocess(size=(12, 12))
+    cfg = EvaluateConfig(steps=3, preprocess=pp, batch_size=5, chunk_size=2)
+    a = evaluate(tiny, arrays, ["gradcam"], ["deletion", "average_drop"], config=cfg)
+    b = evaluate(tiny, arrays, ["gradcam"], ["deletion", "average_drop"], steps=3, preprocess=pp, batch_size=5)
+    c = evaluate(tiny, arrays, ["gradcam"], ["deletion", "average_drop"], config=cfg, steps=5)  # keywords override
+    assert a.rows == b.rows and a.settings["steps"] == 3 and c.settings["steps"] == 5
+    with pytest.raises(InputError, match="unknown evaluate option.*stepz.*valid: steps"):
+        evaluate(tiny, arrays, ["gradcam"], ["deletion"], stepz=3)
+    with pytest.raises(InputError, match="batch"):
+        evaluate(tiny, arrays, ["gradcam"], ["deletion"], config=EvaluateConfig(batch_size=0))

@@ -11,7 +11,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,42 @@ def _gt_to_input(gt: Any, shape: tuple[int, int], size: tuple[int, int], resize:
     return _boxes_to_input(arr, shape, size, resize)
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of :func:`evaluate` (also accepted as keywords there).
+
+    Attributes:
+        steps: deletion/insertion steps. percentages: ROAD fractions. tolerance: pointing-game
+            tolerance in pixels. baseline: add the ``random`` map baseline (``centre`` for the pointing
+            games). batch_size: images per forward pass. chunk_size: images loaded at once.
+        seed: tie-break, random-baseline and randomization seed. preprocess: override the model's
+            preprocessing. explain_options: keyword arguments for :func:`camlens.explain`.
+        sanity_layers: an int ``k`` (randomize the top ``k`` units) or unit names. progress: a bar.
+    """
+
+    steps: int = 20
+    percentages: Sequence[float] = DEFAULT_PERCENTAGES
+    tolerance: float = 15
+    baseline: bool = True
+    batch_size: int = 32
+    chunk_size: int = 8
+    seed: int = 0
+    preprocess: Any = None
+    explain_options: dict[str, Any] | None = None
+    sanity_layers: int | Sequence[str] | None = None
+    progress: bool = False
+
+    @classmethod
+    def of(cls, config: EvaluateConfig | None, options: dict[str, Any]) -> EvaluateConfig:
+        """``config`` (or the defaults) with ``options`` overriding its fields; unknown keys raise."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise InputError(f"unknown evaluate option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        cfg = replace(config or cls(), **options)
+        return replace(cfg, batch_size=check_batch_size(cfg.batch_size), chunk_size=check_batch_size(cfg.chunk_size))
+
+
 def evaluate(
     model: nn.Module,
     images: Sequence[Any],
@@ -235,22 +271,17 @@ def evaluate(
     *,
     names: Sequence[str] | None = None,
     gt: Sequence[Any] | None = None,
-    steps: int = 20,
-    percentages: Sequence[float] = DEFAULT_PERCENTAGES,
-    tolerance: float = 15,
-    baseline: bool = True,
-    batch_size: int = 32,
-    chunk_size: int = 8,
-    seed: int = 0,
-    preprocess=None,
-    explain_options: dict[str, Any] | None = None,
-    sanity_layers: int | Sequence[str] | None = None,
-    progress: bool = False,
+    config: EvaluateConfig | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     index_offset: int = 0,
+    **options: Any,
 ) -> EvaluationReport:
     """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
+
+    Settings (``steps``, ``percentages``, ``tolerance``, ``baseline``, ``batch_size``, ``chunk_size``,
+    ``seed``, ``preprocess``, ``explain_options``, ``sanity_layers``, ``progress``) are the fields of
+    :class:`EvaluateConfig`: pass ``config=`` or any of them as keywords (keywords override ``config``).
 
     Args:
         model: the classifier (left untouched).
@@ -274,8 +305,7 @@ def evaluate(
         index_offset: position of ``images[0]`` in the whole dataset (a ``torchrun`` rank's shard),
             so the random baseline of each image is the one a single process draws.
     """
-    batch_size = check_batch_size(batch_size)
-    chunk_size = check_batch_size(chunk_size)
+    cfg = EvaluateConfig.of(config, options)
     wanted = resolve_metrics(metrics)
     methods = list(dict.fromkeys(methods))
     if not methods:
@@ -300,18 +330,18 @@ def evaluate(
         raise InputError(f"{len(gt)} ground-truth entries for {len(images)} images")
     card = card_of(model)
     class_names = card.class_names if card else None
-    pp = preprocess or (card.preprocess if card else None)
-    options = dict(explain_options or {})
-    layers = sanity_layers
+    pp = cfg.preprocess or (card.preprocess if card else None)
+    explain_opts = dict(cfg.explain_options or {})
+    layers = cfg.sanity_layers
     report = EvaluationReport(
         settings={
             "methods": methods,
             "metrics": wanted,
-            "steps": steps,
-            "percentages": list(percentages),
-            "tolerance": tolerance,
-            "baseline": baseline,
-            "seed": seed,
+            "steps": cfg.steps,
+            "percentages": list(cfg.percentages),
+            "tolerance": cfg.tolerance,
+            "baseline": cfg.baseline,
+            "seed": cfg.seed,
             "images": len(images),
             "model": card.name if card else type(model).__name__,
             "probability": "softmax probability of the target class (top-1 of the clean image)",
@@ -324,23 +354,23 @@ def evaluate(
     per_map = [m for m in wanted if m not in ("sanity", "class_sensitivity")]
     map_methods = (
         methods
-        + (["random"] if baseline and any(m in RANDOM_BASELINE for m in wanted) else [])
-        + (["centre"] if baseline and pointing else [])
+        + (["random"] if cfg.baseline and any(m in RANDOM_BASELINE for m in wanted) else [])
+        + (["centre"] if cfg.baseline and pointing else [])
     )
-    n_chunks = math.ceil(len(images) / chunk_size)
+    n_chunks = math.ceil(len(images) / cfg.chunk_size)
     bar = None
-    if progress:
+    if cfg.progress:
         from tqdm.auto import tqdm
 
         per_image = len(methods) * (len(per_map) + ("class_sensitivity" in wanted)) + ("sanity" in wanted)
         bar = tqdm(total=len(images) * per_image, desc="evaluate (image x method x metric)", unit="step")
     try:
         for ci in range(n_chunks):
-            sl = slice(ci * chunk_size, min(len(images), (ci + 1) * chunk_size))
+            sl = slice(ci * cfg.chunk_size, min(len(images), (ci + 1) * cfg.chunk_size))
             arrs = [load_image(s) for s in images[sl]]
             x, _, _ = prepare_inputs(arrs, model, pp)
             size = (int(x.shape[-2]), int(x.shape[-1]))
-            classes = resolve_classes(model, x, None, batch_size)
+            classes = resolve_classes(model, x, None, cfg.batch_size)
             idx = list(range(sl.start, sl.stop))
             gts = None
             if gt is not None:
@@ -376,20 +406,20 @@ def evaluate(
                 if is_base:
                     # one draw per image, seeded by its index: independent of the chunking
                     maps = torch.cat(
-                        [baseline_maps(meth, 1, size, x.device, seed + 7919 * (index_offset + i)) for i in idx]
+                        [baseline_maps(meth, 1, size, x.device, cfg.seed + 7919 * (index_offset + i)) for i in idx]
                     )
                 else:
                     if bar is not None:
                         bar.set_postfix_str(f"{meth}: maps", refresh=True)
-                    maps = explain_maps(model, x, meth, classes, batch_size, _options_for(meth, options))
-                common = {"batch_size": batch_size, "seed": seed}
+                    maps = explain_maps(model, x, meth, classes, cfg.batch_size, _options_for(meth, explain_opts))
+                common: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed}
                 for w in mine:
                     if bar is not None and not is_base:
                         bar.set_postfix_str(f"{meth}: {w}", refresh=True)
                     vals: dict[str, torch.Tensor] = {}
                     if w in ("deletion", "insertion"):
-                        fn = deletion_curve if w == "deletion" else insertion_curve
-                        cur = fn(model, x, maps, classes, steps=steps, **common)
+                        curve_fn = deletion_curve if w == "deletion" else insertion_curve
+                        cur = curve_fn(model, x, maps, classes, steps=cfg.steps, **common)
                         vals[w] = cur.auc
                         s = curve_sums.setdefault((meth, w), [cur.fractions.numpy(), 0.0, 0])
                         s[1] = s[1] + cur.probs.sum(0).numpy()
@@ -403,20 +433,21 @@ def evaluate(
                         if "increase_in_confidence" in mine:
                             vals["increase_in_confidence"] = 100.0 * (o > y).float()
                     elif w == "road":
-                        r = road_curves(model, x, maps, classes, percentages=percentages, **common)
+                        r = road_curves(model, x, maps, classes, percentages=cfg.percentages, **common)
                         vals["road_morf"], vals["road_lerf"] = r.score("morf"), r.score("lerf")
                         s = road_sums.setdefault(meth, [r.percentages.numpy(), 0.0, 0.0, 0])
                         s[1] = s[1] + r.morf.sum(0).numpy()
                         s[2] = s[2] + r.lerf.sum(0).numpy()
                         s[3] += r.morf.shape[0]
                     elif w in CENTRE_BASELINE:
+                        assert gts is not None  # the pointing games were checked to have gt
                         keep = [j for j in range(len(idx)) if gts[j] is not None]
                         if keep:
-                            fn = pointing_game if w == "pointing_game" else energy_pointing_game
-                            kw = {"tolerance": tolerance} if w == "pointing_game" else {}
-                            v = fn(None, x[keep], maps[keep], gt=[gts[j] for j in keep], seed=seed, **kw)
+                            point_fn = pointing_game if w == "pointing_game" else energy_pointing_game
+                            kw: dict[str, Any] = {"tolerance": cfg.tolerance} if w == "pointing_game" else {}
+                            hits = point_fn(None, x[keep], maps[keep], gt=[gts[j] for j in keep], seed=cfg.seed, **kw)
                             full = torch.full((len(idx),), float("nan"))
-                            full[keep] = v
+                            full[keep] = hits
                             vals[w] = full
                     for col, v in vals.items():
                         for j, i in enumerate(idx):
@@ -429,7 +460,12 @@ def evaluate(
                     if bar is not None:
                         bar.set_postfix_str(f"{meth}: class_sensitivity", refresh=True)
                     v = class_sensitivity(
-                        model, x, meth, classes, batch_size=batch_size, explain_options=_options_for(meth, options)
+                        model,
+                        x,
+                        meth,
+                        classes,
+                        batch_size=cfg.batch_size,
+                        explain_options=_options_for(meth, explain_opts),
                     )
                     for j, i in enumerate(idx):
                         rows_by_key[(i, meth)]["class_sensitivity"] = float(v[j])
@@ -447,10 +483,10 @@ def evaluate(
                         x,
                         method=methods,
                         targets=classes,
-                        layers=lay,
-                        seed=seed,
-                        batch_size=batch_size,
-                        explain_options=options,  # one explain of every method: options split per method
+                        layers=None if lay is None else list(lay),  # type: ignore[arg-type]  # int resolved above
+                        seed=cfg.seed,
+                        batch_size=cfg.batch_size,
+                        explain_options=explain_opts,  # one explain of every method: options split per method
                     )
                 )
                 if bar is not None:

@@ -8,11 +8,12 @@ checkpoints with JSON cards, resume, metrics, curves and a validation grid of ex
 from ..models.heads import replace_classifier
 from .checkpoint import load_checkpoint, read_card, read_state_dict, save_checkpoint
 from .data import DataError, ImageFolderData, scan_image_folder, stratified_split
-from .loop import FinetuneResult, WarningSkippedImages, evaluate, finetune
+from .loop import FinetuneConfig, FinetuneResult, WarningSkippedImages, evaluate, finetune
 from .losses import decayed_parameters, l2_penalty, regularized_loss
 
 __all__ = [
     "DataError",
+    "FinetuneConfig",
     "FinetuneResult",
     "ImageFolderData",
     "WarningSkippedImages",

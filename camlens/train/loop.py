@@ -24,14 +24,13 @@ same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,40 +317,47 @@ def validation_grid(
 
 
 # ---------------------------------------------------------------------------------------------- finetune
-def finetune(
-    data: str | os.PathLike,
-    *,
-    model: str | nn.Module = "efficientnet_lite0",
-    weights: str | os.PathLike | None = None,
-    cam_ready: bool = False,
-    epochs: int = 5,
-    lr: float = 0.001,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 32,
-    image_size: int | None = None,
-    val_split: float = 0.2,
-    val_dir: str | os.PathLike | None = None,
-    freeze_backbone: bool = False,
-    out: str | os.PathLike = "camlens-finetune",
-    seed: int = 0,
-    resume: bool = False,
-    optimizer: str = "sgd",
-    overwrite: bool = False,
-    augment: bool = True,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-    grid: bool = True,
-    grid_method: str = "gradcam",
-    grid_size: int = 16,
-    log: Callable[[str], None] | None = None,
-) -> FinetuneResult:
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of :func:`finetune` (the same names are accepted as keywords there); see
+    :func:`finetune` for their meaning."""
+
+    model: str | nn.Module = "efficientnet_lite0"
+    weights: str | os.PathLike | None = None
+    cam_ready: bool = False
+    epochs: int = 5
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    image_size: int | None = None
+    val_split: float = 0.2
+    val_dir: str | os.PathLike | None = None
+    freeze_backbone: bool = False
+    out: str | os.PathLike = "camlens-finetune"
+    seed: int = 0
+    resume: bool = False
+    optimizer: str = "sgd"
+    overwrite: bool = False
+    augment: bool = True
+    device: str | torch.device | None = None
+    num_workers: int = 0
+    progress: bool = True
+    grid: bool = True
+    grid_method: str = "gradcam"
+    grid_size: int = 16
+    log: Callable[[str], None] | None = None
+
+
+def finetune(data: str | os.PathLike, config: FinetuneConfig | None = None, **options: Any) -> FinetuneResult:
     r"""Fine-tune a classifier on an ImageFolder dataset and keep the best checkpoint.
 
     Objective: :math:`\mathrm{CE} + \lambda \sum_W \lVert W\rVert^2/2` over convolution and linear
     weights (``weight_decay`` = :math:`\lambda`; no biases, no normalization parameters), SGD with
     momentum (or AdamW) at a constant learning rate — notebooks 000/003/004.
+
+    Settings are the fields of :class:`FinetuneConfig`: pass ``config=`` or any of them as
+    keywords (keywords override ``config``).
 
     Args:
         data: ImageFolder root ``DATA/<class>/<image>``; classes are its sorted sub-folders.
@@ -381,6 +387,44 @@ def finetune(
         A :class:`FinetuneResult` whose ``model`` is the best checkpoint, ready for
         :func:`camlens.explain`.
     """
+    valid = [f.name for f in fields(FinetuneConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise CamlensError(f"unknown finetune option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    cfg = replace(config or FinetuneConfig(), **options)
+    return _finetune(data, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
+def _finetune(
+    data: str | os.PathLike,
+    *,
+    model: str | nn.Module = "efficientnet_lite0",
+    weights: str | os.PathLike | None = None,
+    cam_ready: bool = False,
+    epochs: int = 5,
+    lr: float = 0.001,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 32,
+    image_size: int | None = None,
+    val_split: float = 0.2,
+    val_dir: str | os.PathLike | None = None,
+    freeze_backbone: bool = False,
+    out: str | os.PathLike = "camlens-finetune",
+    seed: int = 0,
+    resume: bool = False,
+    optimizer: str = "sgd",
+    overwrite: bool = False,
+    augment: bool = True,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    grid: bool = True,
+    grid_method: str = "gradcam",
+    grid_size: int = 16,
+    log: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """The body of :func:`finetune` (its arguments are the fields of :class:`FinetuneConfig`)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -400,7 +444,7 @@ def finetune(
         optimizer=optimizer,
         augment=augment,
     )
-    defaults = {k: p.default for k, p in inspect.signature(finetune).parameters.items() if k in RUN_OPTIONS}
+    defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in RUN_OPTIONS}
     if epochs < 1:
         raise CamlensError(f"epochs must be >= 1, not {epochs}")
     if batch_size < 1:
@@ -603,4 +647,4 @@ def write_metrics_files(out: Path, history: list[dict], best: dict | None, run_i
     plot_curves(history, out / "curves.png")
 
 
-__all__ = ["FinetuneResult", "evaluate", "finetune", "prepare_model", "validation_grid"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "evaluate", "finetune", "prepare_model", "validation_grid"]
