@@ -21,6 +21,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, InputError
 
+#: file suffixes read as images when a folder or a glob is expanded (the CLI, the dataset pipeline
+#: and ImageFolder training data all use this list)
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".ico",
+)
+
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 #: Largest image accepted, in pixels (about 16k x 16k). PIL's own bomb guard is kept below it.

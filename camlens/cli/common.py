@@ -16,22 +16,8 @@ from typing import Any
 
 import click
 
-#: file suffixes treated as images when a folder or a glob is expanded
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".pnm",
-    ".ico",
-)
+from camlens.io import IMAGE_EXTENSIONS
+
 #: the photo used when no image is given (skimage's "chelsea" the cat)
 DEFAULT_PHOTO = "chelsea"
 

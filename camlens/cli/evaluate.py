@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from camlens.fsio import atomic_write, check_targets, safe_out_dir
+from camlens.io import IMAGE_EXTENSIONS
 
 from .common import check_layer, method_option, parse_method_options, resolve_device
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")
 

@@ -23,24 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CamlensError, InputError
+from ..io import IMAGE_EXTENSIONS
 from ..models.preprocess import IMAGENET, Preprocess
 
-#: file suffixes treated as images when a folder or a glob is expanded (same list as the CLI's)
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".pnm",
-    ".ico",
-)
 #: list files read as datasets
 LIST_SUFFIXES = (".csv", ".json", ".xml", ".txt")
 

@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import CamlensError, ImageLoadError, InputError
-from ..io import load_image
+from ..io import IMAGE_EXTENSIONS, load_image
 from ..models.preprocess import Preprocess
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(CamlensError, ValueError):
