@@ -87,6 +87,13 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
     return per
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()`` in chunks of ``chunk`` elements: the full-size temporaries
+    (``abs``, two boolean masks) of a ``(16, 100, 224, 224)`` map batch would cost ~0.5 GB."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
+
+
 @overload
 def explain(
     model: nn.Module | str,
@@ -247,11 +254,14 @@ def explain(
             out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
+            # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
+            # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
+            checked = raw if maps is None else maps
             if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
                 maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
             elif maps is None:
                 maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
-            if not bool(torch.isfinite(maps).all()):  # finite input and logits, yet a NaN map: say so
+            if not _all_finite(checked):
                 raise NonFiniteError(
                     f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
                     f"{maps.dtype}); run the model in float32 or choose another layer"
