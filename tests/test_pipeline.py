@@ -275,7 +275,13 @@ def _job(out, n, *extra, torchrun=False, timeout=240):
     cmd += [str(HERE / "pipeline_job.py"), str(out), str(n), *map(str, extra)]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
-    return [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    # each process prints one JSON object; two torchrun ranks share the pipe, so their lines may run
+    # together ("{...}{...}"): decode object after object instead of line by line
+    dec, objs, i, text = json.JSONDecoder(), [], 0, p.stdout
+    while (i := text.find("{", i)) >= 0:
+        obj, i = dec.raw_decode(text, i)
+        objs.append(obj)
+    return objs
 
 
 @pytest.mark.slow
