@@ -38,7 +38,7 @@ from ..models.zoo import card_of, load_model
 from ..targets import is_target_object
 from . import dist as _dist
 from .sources import Batch, as_dataset, collate
-from .store import Results, ResultStore
+from .store import COLUMNS, Results, ResultStore
 
 FIGURES = ("none", "overlay", "all")
 
@@ -281,29 +281,7 @@ class StoreSink(Sink):
 
     def write(self, res: BatchResult) -> None:
         b = res.batch
-        rows: dict[str, list] = {
-            c: []
-            for c in (
-                "image_id",
-                "source",
-                "name",
-                "label",
-                "height",
-                "width",
-                "method",
-                "layer",
-                "model",
-                "rank",
-                "class_id",
-                "class_name",
-                "score",
-                "prob",
-                "x0",
-                "y0",
-                "x1",
-                "y1",
-            )
-        }
+        rows: dict[str, list] = {c: [] for c in COLUMNS}
         maps = {}
         for m, exp in res.explanations.items():
             boxes = image_boxes(exp, b.sizes, self.threshold)
