@@ -105,6 +105,15 @@ class Contender:
         return f"{self.task}|{self.impl}"
 
 
+def explain_full(*args: Any, **kwargs: Any) -> Any:
+    """``camlens.explain`` with every map built at input resolution (``exp.maps``), as the peers
+    return them: a layer method's maps are otherwise upsampled only when first used."""
+    out = camlens.explain(*args, **kwargs)
+    for e in out.values() if isinstance(out, dict) else [out]:
+        e.maps  # noqa: B018
+    return out
+
+
 def maps_of(out: Any) -> torch.Tensor:
     """The maps of any contender's result as an ``(N, -1)`` float tensor."""
     if isinstance(out, dict):
@@ -173,12 +182,12 @@ def gradient_contenders(
     n = x.shape[0]
     out = [forward_contender(model, x), no_grad_forward_contender(model, x)]
     if "gradcam" in tasks:
-        out.append(Contender("gradcam", "camlens", lambda: camlens.explain(model, x, "gradcam", classes, layer=layer)))
+        out.append(Contender("gradcam", "camlens", lambda: explain_full(model, x, "gradcam", classes, layer=layer)))
         out.append(
             Contender(
                 "gradcam",
                 "camlens (auto layer)",
-                lambda: camlens.explain(model, x, "gradcam", classes),
+                lambda: explain_full(model, x, "gradcam", classes),
                 ref="camlens",
                 note="layer=None: the features entering the global pooling",
             )
@@ -193,7 +202,7 @@ def gradient_contenders(
             Contender(
                 "top5",
                 "camlens",
-                lambda: camlens.explain(model, x, "gradcam", "top5", layer=layer),
+                lambda: explain_full(model, x, "gradcam", "top5", layer=layer),
                 note="Grad-CAM of the 5 best classes, one call",
             )
         )
@@ -209,6 +218,22 @@ def gradient_contenders(
 
         for k in KS:
             out.append(Contender("topk", f"camlens K={k}", top(k), note=f"Grad-CAM of the {k} best classes, one call"))
+
+        def top_maps(k: int):
+            def fn():
+                return explain_full(model, x, "gradcam", f"top{k}", layer=layer)
+
+            return fn
+
+        out.append(
+            Contender(
+                "topk",
+                f"camlens K={KS[-1]} +maps",
+                top_maps(KS[-1]),
+                ref=f"camlens K={KS[-1]}",
+                note="the same, then every map built at input resolution (exp.maps)",
+            )
+        )
         for k in LOOP_KS:
             out.append(
                 Contender(
@@ -223,13 +248,11 @@ def gradient_contenders(
         meths = [m for m in ALL_LAYER_METHODS if spec.cam_ok or m != "cam"]
         out.append(
             Contender(
-                "all", "camlens", lambda: camlens.explain(model, x, meths, classes, layer=layer), note=", ".join(meths)
+                "all", "camlens", lambda: explain_full(model, x, meths, classes, layer=layer), note=", ".join(meths)
             )
         )
     if "guided_backprop" in tasks and "guided_backprop" in camlens.methods():
-        out.append(
-            Contender("guided_backprop", "camlens", lambda: camlens.explain(model, x, "guided_backprop", classes))
-        )
+        out.append(Contender("guided_backprop", "camlens", lambda: explain_full(model, x, "guided_backprop", classes)))
         if with_peers:
             for dist, adapter, byname in P.ADAPTERS["guided_backprop"]:
                 if dist == "grad-cam":  # one image per call: time one image, count it N times
@@ -263,7 +286,7 @@ def scorecam_contenders(
     out = [forward_contender(model, x)]
 
     def cl(**kw):
-        return lambda: camlens.explain(model, x, "scorecam", classes, layer=layer, **kw)
+        return lambda: explain_full(model, x, "scorecam", classes, layer=layer, **kw)
 
     out.append(Contender("scorecam", "camlens", cl(), note="weighting='prob' (the paper)"))
     out.append(

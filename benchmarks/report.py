@@ -329,14 +329,19 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
     if groups:
         from .cases import KS, LOOP_KS
 
-        impls = [f"camlens K={k}" for k in KS] + [f"camlens K={k} loop" for k in LOOP_KS]
+        impls = (
+            [f"camlens K={k}" for k in KS] + [f"camlens K={KS[-1]} +maps"] + [f"camlens K={k} loop" for k in LOOP_KS]
+        )
         L += [
             "## Grad-CAM of K classes in one call",
             "",
             "The K best classes of each image, one `explain` call: one forward, then one batched backward "
             "(`is_grads_batched`) per chunk of classes, with the layer gradients reduced chunk by chunk (the "
-            "`(N, K, C, h, w)` tensor is never built). *loop*: the same with one backward per class "
-            "(`grad_batching(False)`). Time × the same run's forward; peak memory (MiB) × the forward's peak.",
+            "`(N, K, C, h, w)` tensor is never built). The maps stay at feature resolution until used "
+            "(`exp.maps` upsamples them on first access; boxes, files and figures go image by image); "
+            "*+maps*: the same call, then `exp.maps` built for every image and class at input resolution. "
+            "*loop*: one backward per class (`grad_batching(False)`). Time × the same run's forward; "
+            "peak memory (MiB) × the forward's peak.",
             "",
             "| model | batch | forward | " + " | ".join(i.replace("camlens ", "") for i in impls) + " |",
             "|---|---|---|" + "---|" * len(impls),

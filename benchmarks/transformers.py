@@ -36,7 +36,7 @@ from torch import nn
 
 import camlens
 
-from .cases import Contender, forward_contender
+from .cases import Contender, explain_full, forward_contender
 from .runner import ROOT, agreement, first_round, machine_info, time_round_robin
 
 LAYERS = {"vit_b_16": "encoder.layers.encoder_layer_11.ln_1", "swin_t": "norm"}
@@ -65,12 +65,12 @@ def bench_model(name: str) -> nn.Module:
 def contenders(name: str, model: nn.Module, x: torch.Tensor, classes: list[int], peers: bool) -> list[Contender]:
     layer = LAYERS[name]
     out = [forward_contender(model, x)]
-    out.append(Contender("gradcam", "camlens", lambda: camlens.explain(model, x, "gradcam", classes, layer=layer)))
+    out.append(Contender("gradcam", "camlens", lambda: explain_full(model, x, "gradcam", classes, layer=layer)))
     out.append(
         Contender(
             "gradcam",
             "camlens (auto layer)",
-            lambda: camlens.explain(model, x, "gradcam", classes),
+            lambda: explain_full(model, x, "gradcam", classes),
             ref=None,
             note="layer=None",
         )
@@ -98,7 +98,7 @@ def contenders(name: str, model: nn.Module, x: torch.Tensor, classes: list[int],
             pass
     if name.startswith("vit"):
         for m in ("attention_rollout", "generic_attention"):
-            out.append(Contender(m, "camlens", lambda m=m: camlens.explain(model, x, m, classes)))
+            out.append(Contender(m, "camlens", lambda m=m: explain_full(model, x, m, classes)))
     return out
 
 

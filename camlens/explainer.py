@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ._util import eval_mode
 from .capture import CaptureSpec
 from .engine import ForwardPass, forward, wants_layer_grads
 from .errors import InputError, MethodError, NonFiniteError
-from .explanation import Explanation, upsample
+from .explanation import Explanation, Upsampled
 from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
@@ -259,19 +259,22 @@ def explain(
             checked = raw if maps is None else maps
             if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
                 maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
-            elif maps is None:
-                maps = upsample(raw, (x.shape[-2], x.shape[-1]))  # bilinear, as F.interpolate
             if not _all_finite(checked):
                 raise NonFiniteError(
                     f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
-                    f"{maps.dtype}); run the model in float32 or choose another layer"
+                    f"{checked.dtype}); run the model in float32 or choose another layer"
                 )
+            lazy: torch.Tensor | Upsampled
+            if maps is None:  # bilinear as F.interpolate, computed when the maps are first used
+                lazy = Upsampled(raw, (int(x.shape[-2]), int(x.shape[-1])))
+            else:
+                lazy = maps.detach().float()
             extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
             extras.update(out.extras)
             if isinstance(x, list):
                 extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
             results[info.name] = Explanation(
-                maps=maps.detach().float(),
+                maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
                 raw=raw,
                 classes=ctx.targets.classes.clone(),
                 scores=ctx.scores.detach().clone(),

@@ -228,6 +228,22 @@ class Boxes(np.ndarray):
         return f"Boxes(frame={self.frame!r}, {np.asarray(self)!r})"
 
 
+def map_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> np.ndarray:
+    """:func:`localize` of an :class:`~camlens.Explanation`'s maps, in the maps' frame: ``(N, K, 4)``
+    (``(N, K, M, 4)`` with ``mode="all"``). Lazy maps (see :attr:`~camlens.Explanation.maps`) are
+    computed one image at a time, so that their memory is one image's, not the batch's."""
+    if not getattr(exp, "lazy", False) or len(exp) == 0:
+        return localize(exp.maps, threshold, **kwargs)
+    per = [localize(exp.image_maps(i), threshold, **kwargs) for i in range(len(exp))]
+    if per[0].ndim == 3:  # mode="all": pad every image's rows to the most boxes of any map
+        most = max(p.shape[1] for p in per)
+        out = np.full((len(per), per[0].shape[0], most, 4), -1, dtype=np.int64)
+        for i, p in enumerate(per):
+            out[i, :, : p.shape[1]] = p
+        return out
+    return np.stack(per)
+
+
 def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str = "auto", **kwargs) -> Boxes:
     """Boxes of an :class:`~camlens.Explanation` as :class:`Boxes` ``(N, K, 4)`` (``(N, K, M, 4)``
     with ``mode="all"``).
@@ -238,8 +254,8 @@ def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str =
     """
     if frame not in ("auto", "image", "input", "map"):
         raise InputError(f"frame must be 'auto', 'image' or 'input' (model-input / map pixels), not {frame!r}")
-    b = localize(exp.maps, threshold, **kwargs)
-    size = tuple(int(s) for s in exp.maps.shape[-2:])
+    b = map_boxes(exp, threshold, **kwargs)
+    size = tuple(int(s) for s in exp.shape[-2:])
     if frame == "image" and not exp.images:
         raise InputError(
             "boxes in image pixels need the original images: explain image paths, PIL images or arrays "
@@ -257,8 +273,8 @@ def image_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> list[np.
     Returns one ``(K, 4)`` (or ``(K, M, 4)`` with ``mode="all"``) array per image. Without
     original images (tensor inputs) the boxes stay in the maps' frame.
     """
-    b = localize(exp.maps, threshold, **kwargs)
-    size = tuple(exp.maps.shape[-2:])
+    b = map_boxes(exp, threshold, **kwargs)
+    size = tuple(exp.shape[-2:])
     if not exp.images:
         return list(b)
     return [scale_boxes(bi, size, img.shape[:2]) for bi, img in zip(b, exp.images, strict=True)]

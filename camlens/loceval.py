@@ -626,7 +626,7 @@ def evaluate_model(
             correct.append(np.nan if cid is None else float(cid == t1))
         exp = explain(model, imgs, method=method, targets=targets, layer=layer, class_names=names, **options)
         for j, ((g, im), cname) in enumerate(zip(chunk, cls_names, strict=True)):
-            maps.append(exp.maps[j, 0].float().cpu().numpy())
+            maps.append(exp.map(j, 0).float().cpu().numpy())
             gts.append(g.boxes(cname))
             sizes.append(im.shape[:2])
     return evaluate_maps(

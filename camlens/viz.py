@@ -357,7 +357,7 @@ def _image_of(exp: Explanation, i: int) -> np.ndarray:
         return exp.images[i]
     if exp.inputs is not None and exp.inputs.dim() == 4 and exp.inputs.shape[1] in (1, 3):
         return denormalize(exp.inputs[i : i + 1], exp.preprocess)[0]  # tensor inputs: the input itself
-    h, w = exp.maps.shape[-2:]
+    h, w = exp.shape[-2:]
     return np.full((h, w, 3), 128, dtype=np.uint8)
 
 
@@ -371,7 +371,7 @@ def _source_title(exp: Explanation, i: int) -> str:
 
 def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str):
     """The overlay of map ``(i, k)`` on ``img`` and its colour scale (see :func:`render_map`)."""
-    return render_map(img, exp.maps[i, k], signed=exp.signed, pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap)
+    return render_map(img, exp.map(i, k), signed=exp.signed, pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap)
 
 
 def _colorbar(fig: Figure, ax, scale: tuple[float, float, str], signed: bool) -> None:
@@ -410,7 +410,7 @@ def topk_figure(
     """One image's ``K`` target classes side by side, each overlay titled ``"1st: name (p%)"``
     (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``."""
     img = _image_of(exp, index)
-    k = 1 if exp.class_agnostic else exp.maps.shape[1]
+    k = 1 if exp.class_agnostic else exp.shape[1]
     fig, axes = _grid(k + int(show_image), k + int(show_image), cell, img.shape[0] / img.shape[1])
     if show_image:
         _panel(axes[0], img, _source_title(exp, index))
@@ -531,7 +531,7 @@ def pixel_figure(
     if exp.raw.dim() != 5:
         raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); use topk_figure")
     img = _image_of(exp, index)
-    k = exp.maps.shape[1]
+    k = exp.shape[1]
     n = 2 * k + int(show_image)
     fig, axes = _grid(n, n, cell, img.shape[0] / img.shape[1])
     if show_image:
@@ -545,7 +545,7 @@ def pixel_figure(
         a = torch.from_numpy(np.stack([resize_map(c, size) for c in a]))
         label = target_label(exp, index, j)
         _panel(axes[2 * j], attribution_rgb(a), f"{label}\nRGB", fontsize=9)
-        heat = attribution_heat(resize_map(exp.maps[index, j], size))
+        heat = attribution_heat(resize_map(exp.map(index, j), size))
         _panel(axes[2 * j + 1], colorize(heat, cmap, normalized=True), f"{label}\nheat", fontsize=9)
     fig.suptitle(_method_title(exp), fontsize=11)
     return fig
@@ -602,7 +602,7 @@ def explanation_figure(
         return segmentation_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1:
         return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold, cell=cell, **kwargs)
-    k = 1 if exp.class_agnostic else exp.maps.shape[1]
+    k = 1 if exp.class_agnostic else exp.shape[1]
     img0 = _image_of(exp, rows[0])
     ncols = k + 1
     fig, axes = _grid(len(rows) * ncols, ncols, cell, img0.shape[0] / img0.shape[1])
@@ -650,7 +650,7 @@ def detection_figure(
     img, fig, axes = _task_panels(exp, index, keep, cell)
     h, w = img.shape[:2]
     for ax, k in zip(axes, keep):
-        m = exp.maps[index, k]
+        m = exp.map(index, k)
         if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
             m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
         _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
@@ -670,7 +670,7 @@ def segmentation_figure(
     keep = list(range(masks.shape[0]))
     img, fig, axes = _task_panels(exp, index, keep, cell)
     for ax, k in zip(axes, keep):
-        _panel(ax, overlay(img, exp.maps[index, k], alpha, cmap), _task_title(exp, index, k))
+        _panel(ax, overlay(img, exp.map(index, k), alpha, cmap), _task_title(exp, index, k))
         mt = torch.from_numpy(masks[k].astype(np.float32))[None, None]
         mk = F.interpolate(mt, size=img.shape[:2], mode="nearest")[0, 0].numpy()
         if mk.max() > 0.5 > mk.min():
@@ -1043,17 +1043,19 @@ def save_explanation(
     check_targets(flat, overwrite)  # files and links (even dangling ones) are in the way without overwrite
     safe_out_dir(out)
 
-    map_boxes = localize(exp.maps, thr)  # (N, K, 4) in the maps' frame
-    size = tuple(exp.maps.shape[-2:])
+    size = tuple(exp.shape[-2:])
     written: list[Path] = []
     title0 = _method_title(exp)
+    signed = exp.signed  # once: it looks at every map
     for i in range(n):
+        maps_i = exp.image_maps(i)  # (K, H, W): one image's maps at a time (lazy maps stay small)
+        map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
-        img_boxes = scale_boxes(map_boxes[i], size, img.shape[:2]) if exp.images else map_boxes[i]
+        img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
                 heading = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
-                if exp.signed:
+                if signed:
                     heading += " · red +, blue −"
                 meta = {
                     "Title": heading,
@@ -1068,18 +1070,18 @@ def save_explanation(
                 if title:
                     fig = overlay_figure(
                         img,
-                        exp.maps[i, j],
+                        maps_i[j],
                         heading,
                         alpha=alpha,
                         cmap=cmap,
                         boxes=bx,
                         dpi=dpi,
-                        signed=exp.signed,
+                        signed=signed,
                         pixel=pixel,
                     )
                     save_figure(fig, p, dpi=dpi, overwrite=overwrite, metadata=meta, compress_level=compress_level)
                 else:  # the same rendering, without a figure
-                    shown, _ = render_map(img, exp.maps[i, j], signed=exp.signed, pixel=pixel, alpha=alpha, cmap=cmap)
+                    shown, _ = render_map(img, maps_i[j], signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
                     save_png(
                         shown,
                         p,
@@ -1091,7 +1093,7 @@ def save_explanation(
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
-            arr = exp.maps[i].detach().float().cpu().numpy()
+            arr = maps_i.detach().float().cpu().numpy()
             atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
@@ -1108,10 +1110,10 @@ def save_explanation(
                 "scores": [float(v) for v in exp.scores[i].tolist()],
                 "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
                 "ranks": None if exp.ranks is None else [int(r) for r in exp.ranks[i].tolist()],
-                "signed": exp.signed,
+                "signed": signed,
                 "threshold": float(thr),
                 "boxes": img_boxes.tolist(),
-                "boxes_map": map_boxes[i].tolist(),
+                "boxes_map": map_boxes.tolist(),
                 "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
                 "extras": _scalar_extras(exp.extras),
                 **(

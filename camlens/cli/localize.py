@@ -289,17 +289,17 @@ class _LocalizeSink:
         self.records: list[tuple[int, dict]] = []
 
     def write(self, res) -> None:
-        from camlens.localization import localize, scale_boxes
+        from camlens.localization import map_boxes, scale_boxes
 
         b = res.batch
         for m, exp in res.explanations.items():
-            raw = localize(exp.maps, self.thr, mode=self.mode, min_area=self.min_area)
-            size = tuple(exp.maps.shape[-2:])
+            raw = map_boxes(exp, self.thr, mode=self.mode, min_area=self.min_area)
+            size = tuple(exp.shape[-2:])
             labels = exp.labels()
             for i in range(len(b)):
                 per = scale_boxes(raw[i], size, b.sizes[i])
                 boxes = []
-                for j in range(exp.maps.shape[1]):
+                for j in range(exp.shape[1]):
                     for box in per[j].reshape(-1, 4):
                         if (box < 0).any():
                             continue
@@ -455,7 +455,7 @@ def _evaluate(
                         g = gt[i]
                         cid = _class_id(g.main_class, class_names)
                         accs[m].add(
-                            exp.maps[j, 0].numpy(),
+                            exp.map(j, 0).numpy(),
                             g.boxes(g.main_class if cid is not None else None),
                             b.sizes[j],
                             correct.pop(i, None) if m == names[-1] else correct.get(i),

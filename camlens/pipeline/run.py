@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import CamlensError, HeadError, InputError
-from ..explanation import Explanation
+from ..explanation import Explanation, Upsampled
 from ..models.preprocess import IMAGENET, Preprocess
 from ..models.zoo import card_of, load_model
 from ..targets import is_target_object
@@ -130,11 +130,20 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _to_cpu(exp: Explanation) -> Explanation:
-    """The parts a sink needs, moved off the device once (``raw`` is dropped: the store keeps maps)."""
+    """The parts a sink needs, moved off the device once. Lazy maps cross as their small ``raw``
+    (a layer method's ``(N, K, h, w)``) and are upsampled on the CPU by the writer thread, off the
+    compute thread; other maps cross whole and ``raw`` keeps only its shape's rank (``[:, :0]``)."""
+    spec = exp._maps_spec()
+    maps: torch.Tensor | Upsampled
+    if isinstance(spec, Upsampled):
+        raw = spec.source.detach().cpu()
+        maps = Upsampled(raw, spec.size)
+    else:
+        raw, maps = exp.raw.detach()[:, :0].cpu(), spec.detach().float().cpu()
     return replace(
         exp,
-        maps=exp.maps.detach().float().cpu(),
-        raw=torch.empty(0),
+        maps=cast(torch.Tensor, maps),  # an Upsampled is computed on first access
+        raw=raw,
         classes=exp.classes.cpu(),
         scores=exp.scores.detach().float().cpu(),
         probs=exp.probs.detach().float().cpu(),
@@ -266,10 +275,10 @@ def stream(
 # ----------------------------------------------------------------------------------------------
 def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
-    from ..localization import localize, scale_boxes
+    from ..localization import map_boxes, scale_boxes
 
-    b = localize(exp.maps, threshold)
-    size = tuple(exp.maps.shape[-2:])
+    b = map_boxes(exp, threshold)
+    size = tuple(exp.shape[-2:])
     return np.stack([scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]).astype(np.int64)
 
 
@@ -288,7 +297,7 @@ class StoreSink(Sink):
             labels = exp.labels()
             classes, scores, probs = exp.classes.tolist(), exp.scores.tolist(), exp.probs.tolist()
             for i in range(len(b)):
-                for k in range(exp.maps.shape[1]):
+                for k in range(exp.shape[1]):
                     rows["image_id"].append(b.indices[i])
                     rows["source"].append(b.sources[i])
                     rows["name"].append(b.names[i])
@@ -326,14 +335,14 @@ class FilesSink(Sink):
         pngs = [f for f in self.formats if f == "png"]
         data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
-            e = replace(exp, images=b.images, sources=list(b.names))
+            e = exp.replace(images=b.images, sources=list(b.names))
             if data:  # maps and summaries keep every target
                 self.written += len(save_explanation(e, Path(self.directory), formats=data, **self.kw))
             if pngs:
                 if self.top is not None:  # --figures overlay: the top target's overlay only
                     t = self.top
-                    e = replace(
-                        e, maps=e.maps[:, :t], classes=e.classes[:, :t], scores=e.scores[:, :t], probs=e.probs[:, :t]
+                    e = e.replace(
+                        maps=e.maps[:, :t], classes=e.classes[:, :t], scores=e.scores[:, :t], probs=e.probs[:, :t]
                     )
                 self.written += len(save_explanation(e, Path(self.directory), formats=pngs, **self.kw))
 

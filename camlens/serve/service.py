@@ -598,10 +598,10 @@ def _panels_of(
     exp: Explanation, method: str, ms: float, names: Sequence[str] | None, display_hw: Sequence[int]
 ) -> list[Panel]:
     out = []
-    k = exp.maps.shape[1]
+    k = exp.shape[1]
     for j in range(k):
         c = int(exp.classes[0, j])
-        m = exp.maps[0, j].detach().float().cpu().numpy()
+        m = exp.map(0, j).detach().float().cpu().numpy()
         raw = exp.raw[0, j].detach().float().cpu().numpy() if exp.raw.dim() == 5 else None
         extras = {
             key: (v if isinstance(v, (int, float, str, bool)) else v.detach().cpu().tolist())
