@@ -871,6 +871,85 @@ def overlay_figure(
     return fig
 
 
+@functools.lru_cache(maxsize=1)
+def _default_font() -> tuple[str, frozenset[int]]:
+    """The file of matplotlib's default font (the one :func:`overlay_figure` titles with) and the
+    code points it has glyphs for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    path = font_manager.findfont(font_manager.FontProperties())
+    return path, frozenset(FT2Font(path).get_charmap())
+
+
+@functools.lru_cache(maxsize=32)
+def _title_font(px: int):
+    """:func:`_default_font` at ``px`` pixels as a PIL font; ``None`` if it cannot be loaded."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(_default_font()[0], size=px)
+    except OSError:
+        return None
+
+
+def overlay_png(
+    image: np.ndarray,
+    m,
+    title: str,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    boxes=None,
+    min_width: int = 320,
+    max_side: int = 4096,
+    dpi: int = 100,
+    signed: bool = False,
+    pixel: bool = False,
+) -> np.ndarray | None:
+    """:func:`overlay_figure`'s picture drawn with PIL alone, as an ``(H, W, 3)`` uint8 array: the
+    same size, upscale, title band, font and font size, and boxes of the same colour and width
+    (2 pt), without matplotlib artists or the Agg canvas (which cost most of a titled PNG's time).
+    Returns ``None`` when the title needs glyphs outside the default font (then the figure, with
+    its font fallbacks, is the way) or the font cannot be loaded."""
+    from PIL import Image, ImageDraw
+
+    if not title.isascii() and not all(ord(c) in _default_font()[1] for c in title):
+        return None
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    s = max(1.0, min_width / w)
+    s = min(s, max(1.0, max_side / h))
+    band = 30 * min(s, 5.0)
+    W, H = int(w * s + 1e-6), int(h * s + band + 1e-6)  # the Agg canvas truncates its float size
+    ih = min(H, max(1, round(h * s)))
+    fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
+    font = _title_font(max(1, round(fs * dpi / 72)))
+    if font is None:
+        return None
+    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
+    pic = Image.fromarray(np.ascontiguousarray(shown))
+    if (W, ih) != (w, h):
+        pic = pic.resize((W, ih), Image.Resampling.NEAREST if s > 1 else Image.Resampling.BILINEAR)
+    if boxes is not None:  # on the picture, so that the lines are clipped to it as the figure's
+        draw = ImageDraw.Draw(pic)
+        lw = max(1, round(2.0 * dpi / 72))
+        for b in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
+            if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
+                continue
+            x0, x1, y0, y1 = b[0] * W / w, b[2] * W / w, b[1] * ih / h, b[3] * ih / h  # pixel edges
+            draw.rectangle(
+                # a line of width lw centred on each edge, on the pixels it covers most
+                tuple(int(np.floor(v + 0.5)) for v in (x0 - lw / 2, y0 - lw / 2, x1 + lw / 2 - 1, y1 + lw / 2 - 1)),
+                outline=(0, 255, 0),  # BOX_COLOR "lime"
+                width=lw,
+            )
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    canvas.paste(pic, (0, H - ih))
+    ImageDraw.Draw(canvas).text((W / 2, (H - ih) / 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    return np.asarray(canvas)
+
+
 def is_topk(exp: Explanation) -> bool:
     """Whether the targets are each image's top-K classes in order: target ``j`` ranks ``j + 1`` (or
     better, when logits tie: ranks count the classes with a strictly higher logit)."""
@@ -1067,29 +1146,16 @@ def save_explanation(
                 pixel = exp.raw.dim() == 5
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
                     bx = np.round(ref)  # a detector's explained box, in the image's pixels
-                if title:
-                    fig = overlay_figure(
-                        img,
-                        maps_i[j],
-                        heading,
-                        alpha=alpha,
-                        cmap=cmap,
-                        boxes=bx,
-                        dpi=dpi,
-                        signed=signed,
-                        pixel=pixel,
-                    )
+                kw: dict[str, Any] = dict(alpha=alpha, cmap=cmap, signed=signed, pixel=pixel)
+                drawn = overlay_png(img, maps_i[j], heading, boxes=bx, dpi=dpi, **kw) if title else None
+                if drawn is not None:  # the titled overlay, drawn with PIL
+                    save_png(drawn, p, metadata=meta, compress_level=compress_level, overwrite=overwrite)
+                elif title:  # glyphs the default font lacks: the figure, with matplotlib's font fallbacks
+                    fig = overlay_figure(img, maps_i[j], heading, boxes=bx, dpi=dpi, **kw)
                     save_figure(fig, p, dpi=dpi, overwrite=overwrite, metadata=meta, compress_level=compress_level)
-                else:  # the same rendering, without a figure
-                    shown, _ = render_map(img, maps_i[j], signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
-                    save_png(
-                        shown,
-                        p,
-                        metadata=meta,
-                        compress_level=compress_level,
-                        boxes=bx,
-                        overwrite=overwrite,
-                    )
+                else:  # the same rendering, without a title band
+                    shown, _ = render_map(img, maps_i[j], **kw)
+                    save_png(shown, p, metadata=meta, compress_level=compress_level, boxes=bx, overwrite=overwrite)
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]

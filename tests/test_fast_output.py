@@ -7,6 +7,8 @@ matplotlib colormap, float blend) computed here; the PNG's decoded pixels for ``
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 import numpy as np
 import pytest
@@ -141,3 +143,77 @@ def test_upsample_equals_bilinear_interpolate(src, dst):
     got = upsample(m, dst)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _figure_pixels(img, m, title, **kw) -> np.ndarray:
+    import io
+
+    from camlens.viz import figure_png, overlay_figure
+
+    return np.asarray(Image.open(io.BytesIO(figure_png(overlay_figure(img, m, title, **kw)))).convert("RGB"))
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (147, 222), (316, 474), (499, 201), (17, 500), (1, 1)])
+def test_titled_overlay_drawn_with_pil_equals_the_figure(shape):
+    """The PIL titled overlay has the figure's size, picture and title band, to a few grey levels
+    (text anti-aliasing and the nearest-neighbour upscale's rounding differ)."""
+    from camlens.viz import overlay_png, render_map
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]  # a smooth photo: a nearest-neighbour row off by one
+    img = np.stack([xx * 255 // max(1, shape[1] - 1), yy * 255 // max(1, shape[0] - 1), 0 * xx + 90], -1)
+    img = img.astype(np.uint8)  # (non-integer upscale) then differs by a grey level, not by noise
+    m = rng.random((7, 7)).astype(np.float32)
+    title = "Grad-CAM · 1st: Egyptian cat (63.3%)"
+    ref = _figure_pixels(img, m, title)
+    got = overlay_png(img, m, title)
+    assert got is not None and got.shape == ref.shape and got.dtype == np.uint8
+    ih = round(shape[0] * max(1.0, min(320 / shape[1], max(1.0, 4096 / shape[0]))))
+    band = got.shape[0] - ih
+    if shape[1] >= 320:  # no upscale: the picture is render_map's, pixel for pixel
+        shown, _ = render_map(img, m)
+        assert np.array_equal(got[band:], shown)
+    assert np.abs(got[band:].astype(int) - ref[band:]).mean() < 2.0
+    # the title: dark glyphs in the band, centred like the figure's, white around them
+    dark_got, dark_ref = got[:band].min(2) < 128, ref[:band].min(2) < 128
+    assert dark_got.any() and dark_ref.any()
+    cx_got, cx_ref = np.nonzero(dark_got)[1].mean(), np.nonzero(dark_ref)[1].mean()
+    assert abs(cx_got - cx_ref) <= 3 and abs(dark_got.sum() - dark_ref.sum()) <= 0.25 * dark_ref.sum()
+
+
+def test_titled_overlay_boxes_where_the_figure_draws_them():
+    from camlens.viz import overlay_png
+
+    img = np.full((100, 160, 3), 128, np.uint8)  # upscaled x2 to 320 wide
+    m = np.zeros((10, 16), np.float32)
+    box = np.array([20, 10, 120, 70])
+    got = overlay_png(img, m, "t", boxes=box, alpha=0.0)
+    ref = _figure_pixels(img, m, "t", boxes=box, alpha=0.0)
+    band = got.shape[0] - 200
+    green = lambda a: (a[..., 1] > 200) & (a[..., 0] < 100) & (a[..., 2] < 100)  # noqa: E731
+    g, r = green(got[band:]), green(ref[band:])
+    ys, xs = np.nonzero(g)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((40 - 1.5, 240 + 1.5, 20 - 1.5, 140 + 1.5), abs=1)
+    assert (g != r).mean() < 0.002  # the same lines, to the anti-aliased edge pixels
+    assert not green(got[:band]).any()  # clipped to the picture, as the figure's axes
+    assert overlay_png(img, m, "t", boxes=np.array([-1, -1, -1, -1]), alpha=0.0).min(2)[band:].min() == 128
+
+
+def test_titles_the_default_font_cannot_draw_go_through_the_figure(tmp_path, monkeypatch):
+    """A class name in CJK: overlay_png declines, save() writes the matplotlib figure instead."""
+    import camlens.viz as viz
+
+    assert viz.overlay_png(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2)), "猫") is None
+    assert viz.overlay_png(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2)), "Grad-CAM · −") is not None
+    names = ["猫", *NAMES[1:]]
+    exp = camlens.explain(TinyCNN().eval(), _images(), "gradcam", 0, class_names=names)
+    used = []
+    real = viz.overlay_figure
+    monkeypatch.setattr(viz, "overlay_figure", lambda *a, **k: used.append(1) or real(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-process notice that no installed font has 猫
+        paths = save_explanation(exp, tmp_path, formats=["png"])
+    assert len(paths) == 2 and len(used) == 2 and all(Image.open(p).size[0] == 320 for p in paths)
+    used.clear()
+    save_explanation(camlens.explain(TinyCNN().eval(), _images(), "gradcam", 1, class_names=names), tmp_path / "b")
+    assert used == []  # "class1": drawn with PIL

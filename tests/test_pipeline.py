@@ -520,3 +520,25 @@ def test_store_never_writes_through_a_link_in_the_output_folder(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["kept.json"]
     assert (outside / "kept.json").read_text() == "precious"
     assert not (st / "index.json").is_symlink() and not (st / "results.parquet").is_symlink()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency"])
+def test_dataset_figures_equal_explain_save(tmp_path, method):
+    """The store's overlays (written by the writer thread from maps moved off the compute thread:
+    a layer method's small ``raw``, upsampled there) are the PNGs ``explain(...).save()`` writes,
+    byte for byte — a pixel method's included (it once lost its pixel rendering on the way)."""
+    paths = _images(tmp_path / "in", 5)
+    net = tiny_model()
+    camlens.explain_dataset(
+        net, tmp_path / "in", method=method, out=tmp_path / "st", batch_size=2, num_workers=0,
+        preprocess=PP, progress=False, figures="overlay",
+    )  # fmt: skip
+    exp = camlens.explain(net, [str(p) for p in paths], method, preprocess=PP)
+    assert exp.lazy == (method == "gradcam")
+    want = exp.save(tmp_path / "ref", formats=["png"], threshold=0.3)  # the store draws the box at 0.3
+    got = sorted((tmp_path / "st" / "figures").iterdir())
+    assert [p.name for p in got] == sorted(p.name for p in want) and len(got) == 5
+    for g in got:
+        a = np.asarray(Image.open(g).convert("RGB"))
+        b = np.asarray(Image.open(tmp_path / "ref" / g.name).convert("RGB"))
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 1, g.name  # float order: ±1 level
