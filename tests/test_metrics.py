@@ -388,6 +388,27 @@ def test_spearman_matches_scipy_with_ties():
     )
 
 
+def test_similarity_constancy_is_relative_to_the_maps_magnitude():
+    """Constant means constant up to the map's own rounding (camlens.ops.is_constant), not an
+    absolute epsilon: a float32 map upsampled from a constant ripples by ~1e-7 of its value (its
+    ranks are noise: correlation 0 with a real map), while a map of tiny values keeps its contrast."""
+    from camlens.explanation import upsample
+
+    g = torch.Generator().manual_seed(3)
+    real = torch.rand(2, 24, 24, generator=g)
+    flat = upsample(torch.full((2, 1, 1), 3.7)[:, None].expand(2, 1, 5, 5).contiguous(), (24, 24))[:, 0]
+    assert not torch.equal(flat.amax(dim=(1, 2)), flat.amin(dim=(1, 2)))  # the ripple is there
+    for f in (M.spearman, M.pearson, lambda a, b: M.spearman(a, b, absolute=True)):
+        assert f(flat, real).tolist() == [0.0, 0.0]
+        assert f(flat, flat).tolist() == [1.0, 1.0]
+    tiny = real.double() * 1e-13  # before: "constant" by an absolute 1e-12, so 0 with its own pattern
+    assert M.pearson(tiny, real).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert M.spearman(tiny, real).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    # a map of ±c only: |m| is constant, so the absolute ranking has nothing to rank
+    pm = torch.where(real > 0.5, 2.0, -2.0)
+    assert M.spearman(pm, real, absolute=True).tolist() == [0.0, 0.0]
+
+
 def test_ssim_matches_skimage():
     from skimage.metrics import structural_similarity
 

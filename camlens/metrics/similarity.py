@@ -27,13 +27,17 @@ from torch import nn
 from .._util import gaussian_kernel1d
 from ..errors import InputError
 from ..inputs import prepare_inputs
-from ..ops import minmax
+from ..ops import is_constant, minmax
 from ._common import check_batch_size, explain_maps, logits_of, resolve_classes
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both map sets as float64 ``(N, H, W)`` on ``a``'s device, and which maps are constant —
+    judged in their **own** dtype by :func:`camlens.ops.is_constant` (range within 64 ulps of the
+    map's magnitude: a float32 map upsampled from a constant one ripples by ~1e-7 of its value,
+    while a map of tiny values, 1e-13, can carry real contrast)."""
     a = torch.as_tensor(a).detach()
     b = torch.as_tensor(b).detach()
     if a.dim() == 2:
@@ -44,7 +48,8 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         raise InputError(
             f"maps to compare must both be (N, H, W) with equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    return a.double(), b.to(a.device).double()
+    ca, cb = is_constant(a), is_constant(b).to(a.device)
+    return a.double(), b.to(a.device).double(), ca, cb
 
 
 def average_ranks(v: torch.Tensor) -> torch.Tensor:
@@ -66,12 +71,12 @@ def average_ranks(v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _pearson(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``(N, P)``; rows flagged constant (``ca``, ``cb``) give 1
+    when both are, 0 when one is."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     na, nb = a.norm(dim=1), b.norm(dim=1)
-    tol = 1e-12
-    ca, cb = na <= tol * (1 + na), nb <= tol * (1 + nb)
     r = (a * b).sum(dim=1) / (na * nb).clamp_min(1e-300)
     r = torch.where(ca & cb, torch.ones_like(r), torch.where(ca | cb, torch.zeros_like(r), r))
     return r.clamp(-1, 1)
@@ -79,18 +84,18 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of each map pair ``(N, H, W)`` -> ``(N,)`` (constant maps as :func:`spearman`)."""
-    a, b = _pair(a, b)
-    return _pearson(a.flatten(1), b.flatten(1)).float().cpu()
+    a, b, ca, cb = _pair(a, b)
+    return _pearson(a.flatten(1), b.flatten(1), ca, cb).float().cpu()
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     """Spearman rank correlation of each map pair ``(N, H, W)`` -> ``(N,)`` in [-1, 1]."""
-    a, b = _pair(a, b)
     if absolute:
-        a, b = a.abs(), b.abs()
+        a, b = torch.as_tensor(a).detach().abs(), torch.as_tensor(b).detach().abs()
+    a, b, ca, cb = _pair(a, b)
     ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
-    # a constant map has constant ranks: _pearson turns that into 1 (both) or 0 (one)
-    return _pearson(ra, rb).float().cpu()
+    # a constant map has no ranking (its rounding ripple would rank noise): 1 (both) or 0 (one)
+    return _pearson(ra, rb, ca, cb).float().cpu()
 
 
 def ssim(
@@ -98,7 +103,7 @@ def ssim(
 ) -> torch.Tensor:
     """SSIM of each map pair ``(N, H, W)`` -> ``(N,)`` (see the module docstring). ``normalize``:
     min-max normalize each map to [0, 1] first (constant maps become zeros)."""
-    a, b = _pair(a, b)
+    a, b, _, _ = _pair(a, b)
     if normalize:
         a, b = minmax(a).double(), minmax(b).double()
     h, w = a.shape[-2:]
