@@ -616,15 +616,18 @@ def evaluate_model(
     for s in batches:
         chunk = items[s : s + batch_size]
         imgs = [im for _, im in chunk]
-        top1 = [p[0][0] for p in predict(model, imgs, topk=1, class_names=names)]
-        targets, cls_names = [], []
-        for (g, _), t1 in zip(chunk, top1, strict=True):
-            cname = g.main_class
-            cid = _class_id(cname, names)
-            targets.append(cid if cid is not None else t1)
-            cls_names.append(cname if cid is not None else None)
-            correct.append(np.nan if cid is None else float(cid == t1))
-        exp = explain(model, imgs, method=method, targets=targets, layer=layer, class_names=names, **options)
+        cids = [_class_id(g.main_class, names) for g, _ in chunk]
+        cls_names = [g.main_class if cid is not None else None for (g, _), cid in zip(chunk, cids, strict=True)]
+        if all(c is not None for c in cids):  # top-1 correctness from the explaining forward's own logits
+            exp = explain(model, imgs, method=method, targets=cids, layer=layer, class_names=names, **options)
+            top1 = exp.logits.argmax(1).tolist() if exp.logits is not None else None
+        else:  # an unknown class: that image's top-1 class is explained, found by a forward first
+            top1 = [p[0][0] for p in predict(model, imgs, topk=1, class_names=names)]
+            targets = [c if c is not None else t1 for c, t1 in zip(cids, top1, strict=True)]
+            exp = explain(model, imgs, method=method, targets=targets, layer=layer, class_names=names, **options)
+        if top1 is None:
+            raise InputError(f"{method} gives no class logits, so top-1 localization cannot be measured")
+        correct += [np.nan if c is None else float(c == t1) for c, t1 in zip(cids, top1, strict=True)]
         for j, ((g, im), cname) in enumerate(zip(chunk, cls_names, strict=True)):
             maps.append(exp.map(j, 0).float().cpu().numpy())
             gts.append(g.boxes(cname))

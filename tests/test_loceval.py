@@ -326,3 +326,76 @@ def test_cam_and_gradcam_localize_synthetic_objects_better_than_the_centre(tmp_p
     assert rep.n == 16
     for k in direct.metrics:
         assert rep.metrics[k] == pytest.approx(direct.metrics[k]), k
+
+
+def _shape_model():
+    """A tiny CNN that knows the synthetic shapes' class names (so every GT class is known)."""
+    import torch
+
+    from camlens.data.synthetic import DEFAULT_CLASSES
+    from camlens.models.card import ModelCard, attach_card
+    from camlens.models.preprocess import Preprocess
+    from tests.conftest import TinyCNN
+
+    torch.manual_seed(0)
+    net = TinyCNN(classes=4).eval()
+    card = ModelCard("shapes", preprocess=Preprocess(size=(48, 48)), class_names=list(DEFAULT_CLASSES))
+    return attach_card(net, card)
+
+
+def _two_pass_reference(net, gt, batch_size):
+    """The 0.1 algorithm, written here: predict() for the top-1 class, then explain() the GT class."""
+    import camlens
+    from camlens.io import load_image
+    from camlens.loceval import evaluate_maps
+
+    names = net.camlens.class_names
+    maps, gts, sizes, correct = [], [], [], []
+    for s in range(0, len(gt), batch_size):
+        chunk = gt[s : s + batch_size]
+        imgs = [load_image(g.path) for g in chunk]
+        top1 = [p[0][0] for p in camlens.predict(net, imgs, topk=1)]
+        cids = [names.index(g.main_class) for g in chunk]
+        exp = camlens.explain(net, imgs, "gradcam", targets=cids, layer="act2")
+        for j, g in enumerate(chunk):
+            maps.append(exp.map(j, 0).numpy())
+            gts.append(g.boxes(g.main_class))
+            sizes.append(imgs[j].shape[:2])
+        correct += [float(c == t) for c, t in zip(cids, top1)]
+    return evaluate_maps(maps, gts, image_sizes=sizes, correct=correct, name="gradcam")
+
+
+def test_localization_eval_needs_one_forward_per_batch(tmp_path, monkeypatch):
+    """evaluate_model and `camlens localize --eval` take top-1 correctness from the explaining
+    forward's logits when every GT class is known: one model forward per batch (was two), and
+    the same report as the two-pass reference."""
+    from click.testing import CliRunner
+
+    from camlens.cli import main
+    from camlens.data import synthetic
+    from camlens.loceval import evaluate_model
+
+    ds = synthetic(tmp_path / "ds", 3, image_size=48, seed=5)  # 12 images, 4 classes
+    gt = read_boxes(ds.csv)
+    net = _shape_model()
+    ref = _two_pass_reference(net, gt, 5).to_dict()
+    calls: list[int] = []
+    hook = net.register_forward_hook(lambda m, i, o: calls.append(int(i[0].shape[0])))
+    try:
+        rep = evaluate_model(net, gt, batch_size=5, layer="act2").to_dict()
+        assert calls == [5, 5, 2]
+        calls.clear()
+        import camlens.cli.localize as L
+
+        monkeypatch.setattr(L, "load_model_seeded", lambda *a, **k: net)
+        args = ["localize", "--eval", str(ds.csv), "--model", "x", "--layer", "act2", "--batch-size", "5"]
+        r = CliRunner().invoke(main, [*args, "--workers", "0", "--out", str(tmp_path / "ev")], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert sorted(calls) == [2, 5, 5]
+    finally:
+        hook.remove()
+    cli = json.loads((tmp_path / "ev" / "localization_metrics.json").read_text())["methods"]["gradcam"]
+    assert ref["metrics"]["top1_loc"] is not None  # the known-class path was taken
+    for got in (rep, cli):
+        assert got["n"] == ref["n"] == 12
+        assert got["metrics"] == pytest.approx(ref["metrics"], abs=1e-9)

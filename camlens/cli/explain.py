@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
@@ -267,64 +269,68 @@ def explain_cmd(
         spec = targets if targets is not None else f"top{k}"
         if task or target_specs:  # a detector or segmenter: a target object (camlens.targets)
             spec = parse_targets(target_specs, class_names, task, topk) or spec
-        code = _run(
-            net,
-            inputs,
-            names,
-            spec,
-            layer,
-            out,
-            fmts,
-            loose,
-            fig,
-            store,
-            overwrite,
-            thr,
-            boxes,
-            alpha,
-            cmap,
-            suffix,
-            batch_size,
-            workers,
-            map_dtype,
-            quiet or dataset_run,
-            defaulted,
-            failed,
-            ctx,
-            options,
+        work = Work(
+            methods=names,
+            targets=spec,
+            layer=layer,
+            batch_size=batch_size,
+            workers=workers,
+            quiet=quiet or dataset_run,
+            defaulted=defaulted,
+            options=options or {},
         )
+        writes = Writes(
+            out=out,
+            loose=loose,
+            figures=fig,
+            store=store,
+            overwrite=overwrite,
+            threshold=thr,
+            boxes=boxes,
+            alpha=alpha,
+            cmap=cmap,
+            suffix=suffix,
+            map_dtype=map_dtype,
+        )
+        code = _run(net, inputs, work, writes, failed, ctx)
     finally:
         ctx.close()
     if code:
         sys.exit(code)
 
 
-def _run(
-    net,
-    inputs,
-    names,
-    spec,
-    layer,
-    out,
-    fmts,
-    loose,
-    fig,
-    store,
-    overwrite,
-    thr,
-    boxes,
-    alpha,
-    cmap,
-    suffix,
-    batch_size,
-    workers,
-    map_dtype,
-    quiet,
-    defaulted,
-    failed,
-    ctx,
-    options=None,
-) -> int:
+@dataclass(frozen=True)
+class Work:
+    """What ``camlens explain`` computes: methods, targets, layer, batching, what it prints."""
+
+    methods: list[str]
+    targets: Any
+    layer: Any
+    batch_size: int
+    workers: int | None
+    quiet: bool  # no per-image top-5 table
+    defaulted: bool  # the default methods: CAM is optional (skipped where the model has no CAM head)
+    options: dict[str, Any] = field(default_factory=dict)  # --option KEY=VALUE, typed by the methods
+
+
+@dataclass(frozen=True)
+class Writes:
+    """What ``camlens explain`` writes, and where."""
+
+    out: Any
+    loose: list[str]  # per-image files: "png", "npy", "json"
+    figures: str  # none | overlay | all
+    store: bool  # the result store (Parquet table + Zarr maps)
+    overwrite: bool
+    threshold: float | None
+    boxes: bool
+    alpha: float
+    cmap: str
+    suffix: str
+    map_dtype: str
+
+
+def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     """Stream the records through the pipeline into the store and/or the loose files."""
     import sys as _sys
 
@@ -338,21 +344,21 @@ def _run(
 
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
-    keep = bool(loose) or fig != "none"
+    keep = bool(writes.loose) or writes.figures != "none"
     ds = ImageFiles(inputs.records, pp, keep_images=keep)
     sinks = []
     files = None
-    if loose:
+    if writes.loose:
         files = FilesSink(
-            out,
-            loose,
-            top=1 if fig == "overlay" else None,
-            overwrite=overwrite,
-            threshold=thr,
-            boxes=boxes,
-            alpha=alpha,
-            cmap=cmap,
-            suffix=suffix,
+            writes.out,
+            writes.loose,
+            top=1 if writes.figures == "overlay" else None,
+            overwrite=writes.overwrite,
+            threshold=writes.threshold,
+            boxes=writes.boxes,
+            alpha=writes.alpha,
+            cmap=writes.cmap,
+            suffix=writes.suffix,
         )
         sinks.append(files)
 
@@ -375,27 +381,27 @@ def _run(
             echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
 
     opts = dict(
-        methods=names,
-        targets=spec,
-        layer=layer,
+        methods=work.methods,
+        targets=work.targets,
+        layer=work.layer,
         capture="output",
-        batch_size=batch_size,
-        num_workers=workers,
-        optional=("cam",) if defaulted else (),
-        after=None if quiet else after,
+        batch_size=work.batch_size,
+        num_workers=work.workers,
+        optional=("cam",) if work.defaulted else (),
+        after=None if work.quiet else after,
         on_error=lambda msg: echo_err(msg),
-        **(options or {}),  # --option KEY=VALUE, typed by the methods' signatures
+        **work.options,  # --option KEY=VALUE, typed by the methods' signatures
     )
     try:
-        if store:
+        if writes.store:
             res, stats = run_store(
                 net,
                 ds,
-                out,
-                threshold=DEFAULT_THRESHOLD if thr is None else thr,
-                map_dtype=map_dtype,
-                figures=fig,
-                overwrite=overwrite,
+                writes.out,
+                threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
+                map_dtype=writes.map_dtype,
+                figures=writes.figures,
+                overwrite=writes.overwrite,
                 preprocess=None,
                 progress=True,
                 ctx=ctx,
@@ -421,12 +427,12 @@ def _run(
         line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
         if res is not None:
             line += (
-                f" ({computed} now, {stats.skipped} already in the store); store {out} "
+                f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
                 f"({len(res.table)} rows: results.parquet, maps.zarr)"
             )
             if files:
                 line += f"; wrote {written} file(s)"
         else:
-            line += f"; wrote {written} file(s) to {out}"
+            line += f"; wrote {written} file(s) to {writes.out}"
         click.echo(line + (f"; {n_bad} input(s) failed" if n_bad else ""))
     return EXIT_FAILED if n_bad else 0

@@ -173,21 +173,21 @@ def localize_cmd(
             raise click.UsageError("give either IMAGES or --eval BOXES (the images come from the boxes file)")
         _evaluate(
             eval_boxes,
-            root,
-            model,
-            weights,
-            checkpoint,
-            layer,
-            device,
-            names,
-            thr,
-            tolerance,
-            sweep_step,
-            calibrate,
-            out,
-            overwrite,
-            batch_size,
-            workers,
+            root=root,
+            model=model,
+            weights=weights,
+            checkpoint=checkpoint,
+            layer=layer,
+            device=device,
+            names=names,
+            thr=thr,
+            tolerance=tolerance,
+            sweep_step=sweep_step,
+            calibrate=calibrate,
+            out=out,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            workers=workers,
         )
         return
     if calibrate:
@@ -385,6 +385,7 @@ def _draw(img, rec, path: Path) -> Path:
 
 def _evaluate(
     boxes_file,
+    *,
     root,
     model,
     weights,
@@ -438,14 +439,14 @@ def _evaluate(
         correct: dict[int, float] = {}
 
         def targets(batch, x):
-            with torch.no_grad():
+            cids = [_class_id(gt[i].main_class, class_names) for i in batch.indices]
+            if all(c is not None for c in cids):  # top-1 correctness from the explaining forward's logits
+                return cids
+            with torch.no_grad():  # an unknown class name: its image's top-1 class is explained
                 top1 = net(x).argmax(1).tolist()
-            out = []
-            for i, t1 in zip(batch.indices, top1, strict=True):
-                cid = _class_id(gt[i].main_class, class_names)
+            for i, cid, t1 in zip(batch.indices, cids, top1, strict=True):
                 correct[i] = float("nan") if cid is None else float(cid == t1)
-                out.append(cid if cid is not None else t1)
-            return out
+            return [c if c is not None else t1 for c, t1 in zip(cids, top1, strict=True)]
 
         class _Sink:
             def write(self, res):
@@ -454,12 +455,11 @@ def _evaluate(
                     for j, i in enumerate(b.indices):
                         g = gt[i]
                         cid = _class_id(g.main_class, class_names)
-                        accs[m].add(
-                            exp.map(j, 0).numpy(),
-                            g.boxes(g.main_class if cid is not None else None),
-                            b.sizes[j],
-                            correct.pop(i, None) if m == names[-1] else correct.get(i),
-                        )
+                        ok = correct.pop(i, None) if m == names[-1] else correct.get(i)
+                        if ok is None and cid is not None and exp.logits is not None:
+                            ok = float(int(exp.logits[j].argmax()) == cid)
+                        gt_boxes = g.boxes(g.main_class if cid is not None else None)
+                        accs[m].add(exp.map(j, 0).numpy(), gt_boxes, b.sizes[j], ok)
 
             def close(self):
                 pass
