@@ -320,7 +320,12 @@ class ForwardPass:
         features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut), after
             the layout adapter (:mod:`camlens.layout`) described by ``layout``.
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
+        frames: a torchvision detector's resize + pad in this pass
+            (:class:`camlens.models.tasks.Frames`, set by :func:`camlens.explain`; ``None``
+            otherwise): its features cover the padded frame, not the input image.
     """
+
+    frames: Any = None
 
     def __init__(
         self,

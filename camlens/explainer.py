@@ -238,6 +238,7 @@ def explain(
     with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx, layer_name = resolved.ctx, resolved.layer_name
+        ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
         with torch.no_grad():
             if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
                 probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops import box_iou as tv_box_iou
 
 import camlens
-from camlens.errors import InputError, TargetError
+from camlens.errors import InputError, MethodError, TargetError
 from camlens.models.zoo import load_model
 from camlens.targets import Detection, Segmentation, Similarity, Target, box_iou
 
@@ -122,6 +122,8 @@ def test_explain_detector_gradcam_and_hygiene(frcnn):
     assert e2.extras["image_sizes"] == [(64, 96), (80, 80)]
     with pytest.raises(InputError, match="one size"):
         camlens.explain(frcnn, imgs, "saliency", targets=Detection(score_threshold=0.0))
+    with pytest.raises(MethodError, match="one size"):  # masks one batch: not 'list' has no attribute 'detach'
+        camlens.explain(frcnn, imgs, "scorecam", targets=Detection(score_threshold=0.0), max_channels=2)
 
 
 def test_detector_gradcam_equals_autograd_reference(frcnn):
@@ -146,6 +148,49 @@ def test_detector_gradcam_equals_autograd_reference(frcnn):
     want = F.interpolate(full, size=(64, 80), mode="bilinear", align_corners=False)[0, 0]
     assert float(want.abs().max()) > 0
     torch.testing.assert_close(e.maps[0, 0], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_detector_scorecam_masks_follow_the_padded_frame(frcnn):
+    """Score-CAM on a detector: each channel's mask is mapped as the maps are — upsampled over the
+    resized, padded frame, cropped to the image, resized to it — then the masked images are scored
+    by the bound detection target. Hand loop over the same channels; the mask stretched over the
+    input (the earlier behaviour) gives a different map."""
+    torch.manual_seed(4)
+    x = torch.rand(1, 3, 64, 80)  # resized to 64x80, padded to 64x96 by the transform
+    det = camlens.explain(frcnn, x, "gradcam", targets=Detection(score_threshold=0.0, max_boxes=1))
+    target = Detection(torch.as_tensor(det.extras["boxes"][0]), det.classes[0].tolist())
+    e = camlens.explain(frcnn, x, "scorecam", targets=target, max_channels=12, dedupe=False, batch_size=4)
+    feats = {}
+    h = frcnn.backbone.body._modules["16"].register_forward_hook(lambda m, a, o: feats.setdefault("A", o))
+    try:
+        with torch.no_grad():
+            out = frcnn(x)
+    finally:
+        h.remove()
+    A = feats["A"][0]
+    bound = target.bind(out)
+    ch = A.mean(dim=(1, 2)).topk(12).indices.sort().values
+
+    def norm(t):
+        return (t - t.min()) / (t.max() - t.min()) if t.max() > t.min() else torch.zeros_like(t)
+
+    def cam(stretch: bool) -> torch.Tensor:
+        s = []
+        for c in ch.tolist():
+            key = norm(A[c])[None, None]
+            if stretch:
+                m = F.interpolate(key, size=(64, 80), mode="bilinear", align_corners=False)
+            else:
+                full = F.interpolate(key, size=(64, 96), mode="bilinear", align_corners=False)[..., :64, :80]
+                m = F.interpolate(full, size=(64, 80), mode="bilinear", align_corners=False)
+            with torch.no_grad():
+                s.append(bound.take([0])(frcnn(x * norm(m)))[0, 0])
+        return (torch.stack(s)[:, None, None] * A[ch]).sum(0).relu()
+
+    want = cam(False)
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(e.raw[0, 0], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert float((cam(True) - want).abs().max()) > 1e-3 * float(want.abs().max())  # the frame matters
 
 
 class TinyFCN(nn.Module):

@@ -81,6 +81,24 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     return model(imgs)
 
 
+def _input_masks(keys: torch.Tensor, size: tuple[int, int], frames, images: list[int]) -> torch.Tensor:
+    """Low-resolution masks ``(B, 1, h, w)`` -> ``(B, 1, H, W)`` over the input (bilinear).
+
+    A torchvision detector resizes each image and pads the batch before its backbone, so its
+    features cover the padded frame ``(Hb, Wb)``, of which image ``n`` fills ``[0, h_n) × [0, w_n)``:
+    the mask is upsampled to the frame, cropped to the image's region and resized to the input —
+    the same mapping as the maps (:func:`camlens.models.tasks.frame_maps`). Stretching it over the
+    input directly would shift it by up to the padding (31 px of the frame)."""
+    if frames is None:
+        return F.interpolate(keys, size=size, mode="bilinear", align_corners=False)
+    full = F.interpolate(keys, size=frames.padded, mode="bilinear", align_corners=False)
+    out = torch.empty((keys.shape[0], 1, *size), dtype=keys.dtype, device=keys.device)
+    for i, n in enumerate(images):
+        hr, wr = frames.resized[n]
+        out[i : i + 1] = F.interpolate(full[i : i + 1, :, :hr, :wr], size=size, mode="bilinear", align_corners=False)
+    return out
+
+
 @register(
     "scorecam",
     paper="Wang et al., Score-CAM, CVPR Workshops 2020",
@@ -107,7 +125,12 @@ def scorecam(
         batch_size = CPU_BATCH if A.device.type == "cpu" else ACCEL_BATCH
     if batch_size < 1:
         raise MethodError("batch_size must be >= 1")
+    if isinstance(ctx.x, list):
+        raise MethodError(
+            "scorecam masks one batch of images of one size; these differ in size: explain them one at a time"
+        )
     x = ctx.x.detach()
+    frames = getattr(ctx, "frames", None)  # a detector: the features cover its resized, padded frame
     N, C, h, w = A.shape
     H, W = x.shape[-2:]
     # Per image: which channels, and the unique normalized low-res masks among them.
@@ -134,7 +157,7 @@ def scorecam(
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
-            masks = F.interpolate(keys, size=(H, W), mode="bilinear", align_corners=False)
+            masks = _input_masks(keys, (H, W), frames, [n for n, _ in chunk])
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
             imgs = x[[n for n, _ in chunk]] * masks
             logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
