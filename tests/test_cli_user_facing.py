@@ -84,6 +84,53 @@ def test_option_reaches_the_method(tmp_path, monkeypatch):
     assert out["scorecam"].extras["forwards"][0] <= 3  # 3 channels: at most 3 masked forwards
 
 
+def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch):
+    """-q: "only errors and the final line" — no pipeline bar and no method bar (a method with its
+    own bar gets progress=False unless the user set it)."""
+    import importlib
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"im{i}.png")
+    run_mod = importlib.import_module("camlens.explainer")
+    real = run_mod.explain
+    seen = []
+    monkeypatch.setattr(run_mod, "explain", lambda *a, **k: seen.append(k) or real(*a, **k))
+    args = ["explain", str(folder), *FAST, "--method", "scorecam", "--option", "max_channels=2", "--topk", "1"]
+    loud = run(*args, "--out", tmp_path / "a")
+    assert loud.exit_code == 0, loud.output
+    assert "explain:" in loud.stderr and all("progress" not in k for k in seen)
+    seen.clear()
+    quiet = run(*args, "--out", tmp_path / "b", "-q")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and seen and all(k["progress"] is False for k in seen)
+    assert quiet.stdout.startswith("explained 5 of 5 image(s)")
+    seen.clear()
+    mine = run(*args, "--option", "progress=true", "--out", tmp_path / "c", "-q")  # the user's choice stands
+    assert mine.exit_code == 0 and all(k["progress"] is True for k in seen)
+    gc = run("explain", str(folder), *FAST, "--method", "gradcam", "--out", tmp_path / "d", "-q")
+    assert gc.exit_code == 0 and gc.stderr == ""
+    # a method option named like the pipeline's own (Score-CAM's batch_size: masked images per
+    # forward) reaches the method; the pipeline keeps --batch-size (was: a TypeError)
+    seen.clear()
+    both = run(*args, "--option", "batch_size=3", "--batch-size", "5", "--out", tmp_path / "e", "-q")
+    assert both.exit_code == 0, both.output
+    assert [k["batch_size"] for k in seen] == [3] and len(seen) == 1  # one call: all 5 images at once
+    import camlens
+
+    seen.clear()
+    camlens.explain_dataset(
+        camlens.load_model("resnet18", weights="random"), folder, "scorecam",
+        out=tmp_path / "f", batch_size=5, progress=False, num_workers=0, max_channels=2,
+        method_options={"batch_size": 2, "progress": False},
+    )  # fmt: skip
+    assert [(k["batch_size"], k["progress"], k["max_channels"]) for k in seen] == [(2, False, 2)]
+
+
 # ------------------------------------------------------------------------------------------ item 5
 def test_layer_typo_is_raised_before_any_image_is_read(tmp_path, monkeypatch):
     import importlib

@@ -371,3 +371,14 @@ def common_model_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def quiet_methods(names, options: dict | None) -> dict:
+    """``options`` plus ``progress=False`` when one of the methods ``names`` has a progress bar of
+    its own (Score-CAM, RISE, occlusion…) and the user did not set it: ``-q`` hides every bar."""
+    from camlens.methods.registry import get_method
+
+    opts = dict(options or {})
+    if "progress" not in opts and any("progress" in get_method(n).options() for n in names):
+        opts["progress"] = False
+    return opts

@@ -20,6 +20,7 @@ from .common import (
     parse_formats,
     parse_method_options,
     parse_threshold,
+    quiet_methods,
     resolve_device,
     table,
 )
@@ -276,8 +277,9 @@ def explain_cmd(
             batch_size=batch_size,
             workers=workers,
             quiet=quiet or dataset_run,
+            progress=not quiet,
             defaulted=defaulted,
-            options=options or {},
+            options=quiet_methods(names, options) if quiet else (options or {}),
         )
         writes = Writes(
             out=out,
@@ -309,6 +311,7 @@ class Work:
     batch_size: int
     workers: int | None
     quiet: bool  # no per-image top-5 table
+    progress: bool  # the progress bars (-q: none)
     defaulted: bool  # the default methods: CAM is optional (skipped where the model has no CAM head)
     options: dict[str, Any] = field(default_factory=dict)  # --option KEY=VALUE, typed by the methods
 
@@ -390,7 +393,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         optional=("cam",) if work.defaulted else (),
         after=None if work.quiet else after,
         on_error=lambda msg: echo_err(msg),
-        **work.options,  # --option KEY=VALUE, typed by the methods' signatures
+        method_options=work.options,  # --option KEY=VALUE, typed by the methods' signatures
     )
     try:
         if writes.store:
@@ -403,7 +406,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
                 figures=writes.figures,
                 overwrite=writes.overwrite,
                 preprocess=None,
-                progress=True,
+                progress=work.progress,
                 ctx=ctx,
                 extra_sinks=sinks,
                 argv=_sys.argv[1:],
@@ -412,7 +415,14 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         else:
             ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
             stats = stream(
-                net, ds, ids, sinks, progress=ctx.is_main and len(ds) >= 4, world=ctx.world, desc="explain", **opts
+                net,
+                ds,
+                ids,
+                sinks,
+                progress=work.progress and ctx.is_main and len(ds) >= 4,
+                world=ctx.world,
+                desc="explain",
+                **opts,
             )
             stats.failed = [f for part in ctx.gather(stats.failed) for f in part]
             res = None

@@ -358,7 +358,7 @@ def _localize_stream(
             layer=layer,
             batch_size=batch_size,
             num_workers=workers,
-            progress=ctx.is_main and len(ds) >= 4,
+            progress=not quiet and ctx.is_main and len(ds) >= 4,
             desc="localize",
             on_error=echo_err,
             world=ctx.world,

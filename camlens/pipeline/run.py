@@ -173,6 +173,7 @@ def stream(
     class_names: Sequence[str] | None = None,
     on_error: Callable[[str], None] | None = None,
     world: int = 1,
+    method_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> RunStats:
     """Explain ``dataset`` items ``ids`` (item dicts from :mod:`camlens.pipeline.sources`) in
@@ -183,6 +184,7 @@ def stream(
     is passed on as is (e.g. one class id per image).
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
+    options = {**options, **(method_options or {})}  # method options, also those named like ours
     from ..explainer import explain
 
     stats = RunStats(methods=list(methods))
@@ -449,9 +451,11 @@ def run_store(
     after: Callable[[Batch, dict[str, Explanation]], None] | None = None,
     on_error: Callable[[str], None] | None = None,
     argv: Sequence[str] | None = None,
+    method_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[Results, RunStats]:
     """Run (or resume) a store-writing run on every rank; see :func:`explain_dataset`."""
+    options = {**options, **(method_options or {})}
     if figures not in FIGURES:
         raise InputError(f"figures must be one of {', '.join(FIGURES)}, not {figures!r}")
     sig = run_signature(
@@ -530,7 +534,7 @@ def run_store(
         class_names=class_names,
         on_error=on_error,
         world=ctx.world,
-        **options,
+        method_options=options,
     )
     stats.skipped = len(done)
     parts = ctx.gather((stats.failed, stats.seconds, stats.computed))
@@ -561,6 +565,7 @@ def explain_dataset(
     preprocess: Preprocess | None = None,
     progress: bool = True,
     class_names: Sequence[str] | None = None,
+    method_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Results:
     """Explain a whole dataset, streaming, into a resumable result store (Parquet table + Zarr maps).
@@ -580,6 +585,9 @@ def explain_dataset(
         map_dtype: ``"float32"`` or ``"float16"`` maps in Zarr.
         figures: ``"none"``, ``"overlay"`` (the top-1 overlay per image and method) or ``"all"``
             (every target), written to ``out/figures`` with the names ``camlens explain`` uses.
+        method_options: the methods' options (as ``**options``), also those named like this
+            function's own arguments — ``method_options={"batch_size": 32, "progress": False}``
+            sets Score-CAM's masked images per forward and its bar, not the pipeline's.
 
     Under ``torchrun`` each rank takes a disjoint contiguous block of the images that are not done
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
@@ -618,7 +626,7 @@ def explain_dataset(
             progress=progress,
             ctx=ctx,
             class_names=class_names,
-            **options,
+            method_options={**options, **(method_options or {})},
         )
     finally:
         ctx.close()
