@@ -2,7 +2,7 @@
 
 Layers (a module may import its own layer and the ones below, never above)::
 
-    0 base      errors, _version, _util, io, ops, fsio, localization, models.{classes,preprocess,heads,weights}
+    0 base      errors, _version, _malloc, _util, io, ops, fsio, localization, models.{classes,preprocess,heads,weights}
     1 core      capture, layers, targets, rules, outputs, layout, attention, resolve, inputs, engine, models.*
     2 methods   methods.*
     3 explain   explanation, explainer
@@ -31,6 +31,7 @@ RANKS: list[tuple[int, tuple[str, ...]]] = [
         (
             "errors",
             "_version",
+            "_malloc",
             "_util",
             "concurrency",
             "classnames",

@@ -55,6 +55,9 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="camlens")
 def main() -> None:
     """camlens: where does a CNN look when it decides?"""
+    from camlens._malloc import tune_malloc  # light: ctypes only
+
+    tune_malloc()  # this process is camlens': the allocator settings CPU tensor work wants
 
 
 if __name__ == "__main__":  # pragma: no cover
