@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,11 +215,32 @@ def captum_loop(paths, model_name: str, batch_size: int, workers: int, device: s
     return len(paths) / (time.perf_counter() - t0)
 
 
+def in_child(fn: str, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` of this module in a fresh Python process (with this process's
+    environment, hence its allocator settings), as the CLI contenders run: a process that has
+    already run other contenders is faster or slower for reasons of its own (CPU torch forwards got
+    up to 1.3x faster here after other work in the same process)."""
+    code = (
+        "import json, sys; from benchmarks import pipeline as P; a = json.loads(sys.argv[1]); "
+        f"print('@@' + json.dumps(P.{fn}(*a['args'], **a['kwargs'])))"
+    )
+    payload = json.dumps({"args": [str(v) if isinstance(v, Path) else v for v in args], "kwargs": kwargs}, default=str)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", code, payload], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-2000:])
+    return json.loads(next(line[2:] for line in p.stdout.splitlines() if line.startswith("@@")))
+
+
 def one_round(a, photos, folder: Path, out: Path, dev: str) -> dict[str, dict]:
-    """Every contender once, in a fixed order; ``vs_ceiling`` against this round's forward-only."""
+    """Every contender once, in a fixed order, each in a fresh process; ``vs_ceiling`` against this
+    round's preloaded forward-only."""
+    ps = [str(p) for p in photos]
     rows = {
-        CEILING: {"images_per_s": forward_only(photos, a.model, a.batch_size, a.workers, dev, preloaded=True)},
-        "forward only, same DataLoader": {"images_per_s": forward_only(photos, a.model, a.batch_size, a.workers, dev)},
+        CEILING: {"images_per_s": in_child("forward_only", ps, a.model, a.batch_size, a.workers, dev, preloaded=True)},
+        "forward only, same DataLoader": {
+            "images_per_s": in_child("forward_only", ps, a.model, a.batch_size, a.workers, dev)
+        },
     }
     for n in (int(v) for v in a.procs.split(",") if v.strip()):
         rows[f"camlens explain, {n} process{'es' if n > 1 else ''}"] = camlens_cli(
@@ -236,10 +258,10 @@ def one_round(a, photos, folder: Path, out: Path, dev: str) -> dict[str, dict]:
         r["estimated"] = True
     rows["camlens explain, 1 process, --format png,npy,json"] = r
     if not a.skip_peers:
-        v = pgc_loop(photos, a.model, dev)
+        v = in_child("pgc_loop", ps, a.model, dev)
         if v is not None:
             rows["pytorch-grad-cam loop (one image per call)"] = {"images_per_s": v}
-        v = captum_loop(photos, a.model, a.batch_size, a.workers, dev)
+        v = in_child("captum_loop", ps, a.model, a.batch_size, a.workers, dev)
         if v is not None:
             rows["Captum LayerGradCam + DataLoader"] = {"images_per_s": v}
     ceiling = rows[CEILING]["images_per_s"]
