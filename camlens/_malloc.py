@@ -9,7 +9,8 @@ what the process did before (the dynamic threshold), which made the same forward
 on this project's 2-core CI machine (EfficientNet-Lite0, batch 16: 42 vs 88 images/s, the second
 after one forward with gradients). Fixing the thresholds — buffers up to 32 MiB (glibc's maximum)
 come from the heap, and up to 256 MiB of freed heap is kept — makes it the fast case from the
-start: ``camlens explain DIR`` 36.5 → 47.6 images/s, peak RSS 1.34 → 1.40 GB.
+start: ``camlens explain DIR`` (500 photos, batch 16) 36.5–39.9 → 47.6–49.7 images/s in three
+pairs of runs, peak RSS 1.33 → 1.40–1.53 GB.
 
 A user's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or ``CAMLENS_MALLOC=default``)
 is respected: nothing is changed then. Not glibc (macOS, Windows, musl): nothing to do.
