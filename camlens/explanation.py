@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -65,6 +66,9 @@ class Upsampled:
         return upsample(self.source[index].detach(), self.size)
 
 
+_COMPUTING = threading.Lock()
+
+
 class _MapsField:
     """The ``maps`` field of :class:`Explanation`: a float32 tensor, or an :class:`Upsampled`
     computed on first access (then kept; assigning a tensor replaces both)."""
@@ -77,7 +81,10 @@ class _MapsField:
             return v
         cached = obj.__dict__.get("_maps_cache")
         if cached is None:
-            cached = obj.__dict__["_maps_cache"] = v.compute()
+            with _COMPUTING:  # two threads asking at once get the same tensor, computed once
+                cached = obj.__dict__.get("_maps_cache")
+                if cached is None:
+                    cached = obj.__dict__["_maps_cache"] = v.compute()
         return cached
 
     def __set__(self, obj: Any, value: torch.Tensor | Upsampled) -> None:
@@ -282,6 +289,21 @@ class Explanation:
                 k: ([v[i] for i in rows] if isinstance(v, list) else v[rows]) if k in PER_IMAGE_EXTRAS else v
                 for k, v in self.extras.items()
             },
+        )
+
+    def first_targets(self, t: int) -> Explanation:
+        """The first ``t`` targets of every image (``first_targets(1)``: the top-1 of a top-k
+        explanation), lazy maps kept lazy."""
+        v = self._maps_spec()
+        maps = Upsampled(v.source[:, :t], v.size) if isinstance(v, Upsampled) else v[:, :t]
+        return replace(
+            self,
+            maps=cast(torch.Tensor, maps),
+            raw=self.raw[:, :t],
+            classes=self.classes[:, :t],
+            scores=self.scores[:, :t],
+            probs=self.probs[:, :t],
+            ranks=None if self.ranks is None else self.ranks[:, :t],
         )
 
     # --- localization, figures and export (see camlens.localize and camlens.viz) ---------------

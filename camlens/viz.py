@@ -20,6 +20,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from .ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"
+BOX_POINTS = 2.0  #: line width of a drawn box, in points
 GT_COLOR = "white"
 
 
@@ -854,21 +856,39 @@ def overlay_figure(
     ``show()``."""
     img = np.asarray(image)
     h, w = img.shape[:2]
+    lay = _overlay_layout(h, w, title, min_width, max_side, dpi)
+    W, H = lay.width, lay.height
+    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h * lay.scale / H))
+    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
+    ax.imshow(shown, interpolation="nearest" if lay.scale > 1 else "antialiased")
+    ax.set_axis_off()
+    if boxes is not None:
+        _add_boxes(ax, boxes, lw=BOX_POINTS)
+    fig.text(0.5, 1 - (lay.band / 2) / H, title, ha="center", va="center", fontsize=lay.fontsize)
+    return fig
+
+
+@dataclass(frozen=True)
+class _OverlayLayout:
+    """Geometry of a titled overlay (:func:`overlay_figure`, :func:`overlay_png`): the upscale, the
+    title band's height, the canvas size (pixels, unrounded) and the title's font size (points)."""
+
+    scale: float
+    band: float
+    width: float
+    height: float
+    fontsize: float
+
+
+def _overlay_layout(h: int, w: int, title: str, min_width: int, max_side: int, dpi: int) -> _OverlayLayout:
     s = max(1.0, min_width / w)
     s = min(s, max(1.0, max_side / h))  # a 1-pixel-wide strip is not blown up to 320 x 100 000
     band = 30 * min(s, 5.0)  # the title band grows with the upscale, up to 150 px (a 1x1 image: 320 x 470)
-    W, H = w * s, h * s + band
-    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, h * s / H))
-    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
-    ax.imshow(shown, interpolation="nearest" if s > 1 else "antialiased")
-    ax.set_axis_off()
-    if boxes is not None:
-        _add_boxes(ax, boxes, lw=2.0)
+    W = w * s
     # font size that fits the width: average glyph ≈ 0.55 em, 1 pt = dpi/72 px
     fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
-    fig.text(0.5, 1 - (band / 2) / H, title, ha="center", va="center", fontsize=fs)
-    return fig
+    return _OverlayLayout(s, band, W, h * s + band, fs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -918,22 +938,22 @@ def overlay_png(
         return None
     img = np.asarray(image)
     h, w = img.shape[:2]
-    s = max(1.0, min_width / w)
-    s = min(s, max(1.0, max_side / h))
-    band = 30 * min(s, 5.0)
-    W, H = int(w * s + 1e-6), int(h * s + band + 1e-6)  # the Agg canvas truncates its float size
-    ih = min(H, max(1, round(h * s)))
-    fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
-    font = _title_font(max(1, round(fs * dpi / 72)))
+    lay = _overlay_layout(h, w, title, min_width, max_side, dpi)
+    W, H = int(lay.width + 1e-6), int(lay.height + 1e-6)  # the Agg canvas truncates its float size
+    ih = min(H, max(1, round(h * lay.scale)))
+    font = _title_font(max(1, round(lay.fontsize * dpi / 72)))
     if font is None:
         return None
     shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
     pic = Image.fromarray(np.ascontiguousarray(shown))
     if (W, ih) != (w, h):
-        pic = pic.resize((W, ih), Image.Resampling.NEAREST if s > 1 else Image.Resampling.BILINEAR)
+        pic = pic.resize((W, ih), Image.Resampling.NEAREST if lay.scale > 1 else Image.Resampling.BILINEAR)
     if boxes is not None:  # on the picture, so that the lines are clipped to it as the figure's
+        from matplotlib.colors import to_rgb
+
         draw = ImageDraw.Draw(pic)
-        lw = max(1, round(2.0 * dpi / 72))
+        lw = max(1, round(BOX_POINTS * dpi / 72))
+        color = tuple(round(255 * c) for c in to_rgb(BOX_COLOR))
         for b in np.asarray(boxes, dtype=np.int64).reshape(-1, 4):
             if (b < 0).any() or b[2] <= b[0] or b[3] <= b[1]:
                 continue
@@ -941,7 +961,7 @@ def overlay_png(
             draw.rectangle(
                 # a line of width lw centred on each edge, on the pixels it covers most
                 tuple(int(np.floor(v + 0.5)) for v in (x0 - lw / 2, y0 - lw / 2, x1 + lw / 2 - 1, y1 + lw / 2 - 1)),
-                outline=(0, 255, 0),  # BOX_COLOR "lime"
+                outline=color,
                 width=lw,
             )
     canvas = Image.new("RGB", (W, H), (255, 255, 255))

@@ -76,6 +76,10 @@ def test_select_to_replace_keep_maps_lazy(exp):
     assert r.lazy and r.method == "other"
     one = exp.select(1)
     assert one.lazy and one.shape == (1, 3, 20, 28)
+    top = exp.first_targets(2)
+    assert top.lazy and top.shape == (3, 2, 20, 28) and torch.equal(top.classes, exp.classes[:, :2])
+    torch.testing.assert_close(top.maps, ref[:, :2], atol=1e-5, rtol=1e-5)
+    assert torch.equal(top.ranks, exp.ranks[:, :2]) and torch.equal(top.raw, exp.raw[:, :2])
     assert exp.lazy
 
 
@@ -138,3 +142,20 @@ def test_top100_keeps_only_small_maps():
     assert e.lazy and e.raw.shape == (4, 100, 16, 16)
     held = [v for v in e.__dict__.values() if isinstance(v, torch.Tensor) and v.numel() >= 4 * 100 * 64 * 64]
     assert held == []
+
+
+def test_threads_asking_at_once_get_one_tensor(exp, monkeypatch):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    real, calls = Upsampled.compute, []
+
+    def slow(self, index=slice(None)):  # a slow upsampling: every thread arrives before it ends
+        calls.append(1)
+        time.sleep(0.05)
+        return real(self, index)
+
+    monkeypatch.setattr(Upsampled, "compute", slow)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: exp.maps, range(32)))
+    assert all(g is got[0] for g in got) and exp.maps is got[0] and len(calls) == 1

@@ -343,9 +343,7 @@ class FilesSink(Sink):
             if pngs:
                 if self.top is not None:  # --figures overlay: the top target's overlay only
                     t = self.top
-                    e = e.replace(
-                        maps=e.maps[:, :t], classes=e.classes[:, :t], scores=e.scores[:, :t], probs=e.probs[:, :t]
-                    )
+                    e = e.first_targets(t)
                 self.written += len(save_explanation(e, Path(self.directory), formats=pngs, **self.kw))
 
 
