@@ -190,13 +190,17 @@ def test_interrupted_at_key_boundaries_resumes_exactly(how, reference, data, tmp
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_interrupted_after_every_commit_resumes_exactly(how, reference, data, tmp_path, monkeypatch, one_thread):
     ref, names, _ = reference
+    first_commit = names.index("train_state.safetensors")  # epoch 1 is committed once this file is written
+    outcomes = {}
     for at in range(1, len(names)):
         out = tmp_path / f"{how}-{at}"
         if how == "sigint":
             _interrupt_in_process(at, out, data, monkeypatch)
         else:
             _kill_in_child(at, out, data)
-        _resume_and_check(out, ref, data)
+        outcomes[at] = _resume_and_check(out, ref, data)
+    expected = {at: "refused" if at <= first_commit else "resumed" for at in outcomes}
+    assert outcomes == expected
 
 
 def test_resume_repairs_last_and_an_edited_card_fails_its_checksum(reference, data, tmp_path, one_thread):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from camlens import viz
@@ -44,5 +45,5 @@ def test_missing_glyphs_are_said_once(tmp_path, monkeypatch):
     ours = [w for w in caught if "not in the installed fonts" in str(w.message)]
     glyphs = [w for w in caught if "missing from font" in str(w.message)]
     if viz._FALLBACKS:  # a CJK font is installed: it is used, nothing to say
-        return
+        pytest.skip("a CJK fallback font is installed here: no missing glyph to report")
     assert len(ours) == 1 and "猫" in str(ours[0].message) and not glyphs
