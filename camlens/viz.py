@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from ._version import __version__
+from ._version import __version__, versions
 from .errors import InputError
 from .explanation import Explanation
 from .fsio import atomic_write, check_targets, safe_out_dir
@@ -1036,10 +1036,6 @@ def display_figure(fig: Figure) -> str:
     return "window"
 
 
-def _versions() -> dict[str, str]:
-    return {"camlens": __version__, "torch": torch.__version__}
-
-
 def _scalar_extras(extras: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in extras.items():
@@ -1158,7 +1154,7 @@ def save_explanation(
                     heading += " · red +, blue −"
                 meta = {
                     "Title": heading,
-                    "Software": f"camlens {_versions()['camlens']}",
+                    "Software": f"camlens {__version__}",
                     "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
                     f"({labels[i][j]}) for {stems[i]}",
                 }
@@ -1211,7 +1207,7 @@ def save_explanation(
                     if "boxes" in exp.extras
                     else {}
                 ),
-                "versions": _versions(),
+                "versions": versions(),
             }
             atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
             written.append(p)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._version import versions
 from ..errors import CheckpointError, WeightsNotFoundError
 from ..fsio import atomic_write, atomic_write_json
 
@@ -173,24 +173,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Versions of camlens and its numeric stack (recorded on every card)."""
-    import numpy
-    import safetensors
-    import torchvision
-
-    from .. import __version__
-
-    return {
-        "camlens": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- cards

@@ -13,7 +13,6 @@ cannot be read is reported by name as soon as it fails and skipped; the caller d
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .._version import versions
 from ..errors import CamlensError, HeadError, InputError
 from ..explanation import Explanation, Upsampled
 from ..models.preprocess import IMAGENET, Preprocess
@@ -367,21 +367,6 @@ def sources_digest(dataset: Any) -> str:
         r = describe(i) if describe else None
         h.update(f"{r.source if r else i}|{r.label if r else ''}\n".encode())
     return h.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    import camlens
-
-    out = {
-        "camlens": camlens.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-    }
-    for mod in ("pyarrow", "zarr"):
-        with contextlib.suppress(ImportError):  # the store needs both; the record works without
-            out[mod] = __import__(mod).__version__
-    return out
 
 
 def _targets_key(targets: Any) -> Any:

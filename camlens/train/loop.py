@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from .._util import eval_mode
+from .._version import versions
 from ..errors import CamlensError, CheckpointError, OutputExistsError
 from ..fsio import atomic_write_json, remove_output, safe_out_dir
 from ..models.cam_ready import CAM_CHANNELS, cam_ready
 from ..models.heads import last_linear, replace_classifier
 from ..models.preprocess import IMAGENET
-from ..models.weights import prepare_checkpoint, read_state_dict, versions
+from ..models.weights import prepare_checkpoint, read_state_dict
 from ..models.zoo import ModelCard, attach_card, card_of, checkpoint_card, load_model
 from .checkpoint import (
     STATE_FILE,
