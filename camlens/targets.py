@@ -6,8 +6,11 @@ Accepted forms (``N`` images, ``num_classes`` logits):
 * ``int`` -> that class for every image;
 * ``"topK"`` (``"top1"``, ``"top5"``…) -> the K highest logits of each image, best first;
 * a class name or a list of names (needs the model's class names);
-* ``N`` ints -> one class per image; with ``N == 1`` a list of K ints -> K classes;
-* an ``(N, K)`` array / tensor / nested list of ints;
+* a flat list (or 1-D array) -> **one target per image**: its length must be ``N`` (the
+  convention of Captum and pytorch-grad-cam); ``[3, 5]`` for two images explains class 3 in the
+  first and class 5 in the second;
+* :class:`Classes` ``(3, 5)`` -> the same classes (ids or names) for every image, ``K = 2``;
+* an ``(N, K)`` array / tensor / nested list of ints (``[[3, 5]]`` for one image: classes 3 and 5);
 * a callable ``logits -> (N,)`` scores (multi-label sums, margins, regression…) -> ``K = 1``,
   with class id ``-1`` in :attr:`Explanation.classes`;
 * a **target object** (:class:`Target` protocol): the model's *raw* output -> ``(N, K)`` scores,
@@ -19,7 +22,8 @@ Accepted forms (``N`` images, ``num_classes`` logits):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +35,73 @@ from ._util import eval_mode, model_device, model_dtype
 from .classnames import class_id
 from .errors import TargetError
 
-TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable
+
+class Classes:
+    """The same classes for every image: ``Classes(3, 5)`` or ``Classes("tabby cat", "tiger cat")``
+    explains classes 3 and 5 (``K = 2``) of each image, in :func:`camlens.explain`, in
+    :func:`camlens.explain_dataset` and in the metrics alike.
+
+    (A flat list means one target per image; see :mod:`camlens.targets`.)
+    """
+
+    __slots__ = ("ids",)
+
+    def __init__(self, *ids: int | str) -> None:
+        if len(ids) == 1 and isinstance(ids[0], (list, tuple)):
+            ids = tuple(ids[0])
+        if not ids:
+            raise TargetError("Classes() needs at least one class id or name, e.g. Classes(3, 5)")
+        for c in ids:
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer, str)):
+                raise TargetError(f"Classes takes class ids (int) or names (str), not {c!r}")
+        self.ids: tuple[int | str, ...] = tuple(c if isinstance(c, str) else int(c) for c in ids)
+
+    def __repr__(self) -> str:
+        return f"Classes({', '.join(map(repr, self.ids))})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Classes) and other.ids == self.ids
+
+    def __hash__(self) -> int:
+        return hash(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[int | str]:
+        return iter(self.ids)
+
+    def table(self, n: int) -> list[list[int | str]]:
+        """The ``(n, K)`` table: the same row for each of ``n`` images."""
+        return [list(self.ids) for _ in range(n)]
+
+
+def flat_list_for_one_image(targets: Any, n: int) -> bool:
+    """True for the old spelling ``targets=[3, 5]`` with one image (K classes of that image)."""
+    if n != 1 or isinstance(targets, (str, Classes)) or callable(targets) or targets is None:
+        return False
+    if isinstance(targets, (int, np.integer, float, np.floating)):
+        return False
+    arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets, dtype=object)
+    return arr.ndim == 1 and arr.shape[0] > 1
+
+
+def deprecated_flat_list(targets: Sequence[Any], where: str = "explain") -> Classes:
+    """The old reading of a flat list as the same classes for every image, with a DeprecationWarning
+    naming the new spelling (kept for camlens 0.3; an error from 0.4)."""
+    ids = [t.item() if hasattr(t, "item") else t for t in targets]
+    fix = f"Classes({', '.join(map(repr, ids))})"
+    warnings.warn(
+        f"{where}: targets={list(ids)!r} reads as the same classes for every image; a flat list now means one "
+        f"target per image. Pass targets=camlens.targets.{fix} (or [[...]] for one image) for these classes. "
+        "This reading stops in camlens 0.4.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return Classes(*ids)
+
+
+TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable | Classes
 
 
 @dataclass
@@ -121,6 +191,11 @@ def resolve_targets(
         return Targets(torch.full((n, 1), -1, dtype=torch.long), targets)
     if targets is None:
         targets = "top1"
+    if flat_list_for_one_image(targets, n):
+        targets = deprecated_flat_list(targets)  # type: ignore[arg-type]
+    if isinstance(targets, Classes):  # names (and mixed names and ids) to ids once, for every image
+        row = [_name_to_id(c, class_names) if isinstance(c, str) else c for c in targets.ids]
+        targets = [list(row) for _ in range(n)]
     if isinstance(targets, str):
         m = re.fullmatch(r"top-?(\d+)", targets.strip().lower())
         if m:
@@ -159,15 +234,13 @@ def resolve_targets(
                 else:
                     raise TargetError(f"targets must be integer class indices; got dtype {arr.dtype}")
         if arr.ndim == 1:
-            if arr.shape[0] == n:
-                arr = arr[:, None]
-            elif n == 1:
-                arr = arr[None, :]
-            else:
+            if arr.shape[0] != n:
                 raise TargetError(
-                    f"{arr.shape[0]} targets for {n} images: give one class per image, an (N, K) table, "
-                    "'topK', or one int for all"
+                    f"{arr.shape[0]} targets for {n} images: a flat list gives one target per image. For the "
+                    f"same classes in every image pass camlens.targets.Classes({', '.join(map(str, arr.tolist()))}); "
+                    "for several classes per image an (N, K) table; or 'topK', or one int for all"
                 )
+            arr = arr[:, None]
         elif arr.ndim == 2:
             if arr.shape[0] != n:
                 raise TargetError(f"targets table has {arr.shape[0]} rows for {n} images")

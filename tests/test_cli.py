@@ -174,7 +174,7 @@ def test_expand_inputs_folders_globs_and_names(tmp_path):
         "y_my_photo",
         "my_photo",
     ]
-    assert parse_classes(["Tiger cat", "3"], ["a", "b", "tiger cat", "d"]) == [2, 3]
+    assert list(parse_classes(["Tiger cat", "3"], ["a", "b", "tiger cat", "d"])) == [2, 3]
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_show_and_saved_png_are_one_rendering(lite0, cat, tmp_path):
 
 
 def test_colorbar_symmetric_for_signed_maps(tiny, tiny_x):
-    fig = camlens.explain(tiny, tiny_x[:1], method="cam", targets=[0, 1]).figure()
+    fig = camlens.explain(tiny, tiny_x[:1], method="cam", targets=[[0, 1]]).figure()
     cbs = _colorbars(fig)
     assert len(cbs) == 2
     lo, hi = cbs[0].get_ylim()

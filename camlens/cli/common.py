@@ -12,11 +12,14 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from camlens.io import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:  # typing only: the CLI imports torch lazily
+    from camlens.targets import Classes
 
 #: the photo used when no image is given (skimage's "chelsea" the cat)
 DEFAULT_PHOTO = "chelsea"
@@ -278,11 +281,13 @@ def check_layer(net, layer: str | None) -> None:
         raise click.BadParameter(str(exc), param_hint="--layer") from None
 
 
-def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> list[int]:
+def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> Classes:
     """``--class`` values (ids, or names and their synonyms, case-insensitive: ``"tabby cat"`` finds
-    ImageNet's ``"tabby"``; see :mod:`camlens.classnames`) -> class ids, duplicates dropped."""
+    ImageNet's ``"tabby"``; see :mod:`camlens.classnames`) -> the same class ids for every image,
+    duplicates dropped."""
     from camlens.classnames import class_id
     from camlens.errors import TargetError
+    from camlens.targets import Classes
 
     ids = []
     for v in values:
@@ -305,7 +310,7 @@ def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> l
                 ids.append(class_id(part, class_names))
             except TargetError as exc:
                 raise click.BadParameter(str(exc), param_hint="--class") from None
-    return list(dict.fromkeys(ids))
+    return Classes(*dict.fromkeys(ids))
 
 
 def batches(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

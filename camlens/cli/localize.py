@@ -413,7 +413,7 @@ def _evaluate(
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
     from camlens.pipeline.locmetrics import LocalizationAccumulator
-    from camlens.pipeline.run import stream
+    from camlens.pipeline.run import PerBatch, stream
     from camlens.pipeline.sources import ImageFiles, records_for
 
     outdir = Path(out)
@@ -472,7 +472,7 @@ def _evaluate(
                 ids,
                 [_Sink()],
                 methods=names,
-                targets=targets,
+                targets=PerBatch(targets),
                 layer=layer,
                 batch_size=batch_size,
                 num_workers=workers,

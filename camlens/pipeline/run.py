@@ -14,12 +14,14 @@ cannot be read is reported by name as soon as it fails and skipped; the caller d
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +37,7 @@ from ..errors import CamlensError, HeadError, InputError
 from ..explanation import Explanation, Upsampled
 from ..models.preprocess import IMAGENET, Preprocess
 from ..models.zoo import card_of, load_model
-from ..targets import is_target_object
+from ..targets import Classes, deprecated_flat_list, is_target_object
 from . import dist as _dist
 from .sources import Batch, as_dataset, collate
 from .store import COLUMNS, Results, ResultStore
@@ -179,13 +181,16 @@ def stream(
     """Explain ``dataset`` items ``ids`` (item dicts from :mod:`camlens.pipeline.sources`) in
     batches and hand the results to ``sinks`` in a writer thread.
 
-    ``targets``: anything :func:`camlens.explain` takes for every image of a batch (``"top2"``, an
-    int, a list of class ids meant for every image) or a callable ``(batch, x) -> spec`` whose spec
-    is passed on as is (e.g. one class id per image).
+    ``targets``: what :func:`camlens.explain` takes, the same for every batch (``"top2"``, an int,
+    :class:`~camlens.targets.Classes`, a callable ``logits -> scores``, a target object), or
+    :class:`PerBatch` ``(fn)``: ``fn(batch, x) -> spec`` decides each batch's targets (e.g. one
+    class id per image from the labels), passed to :func:`camlens.explain` as is.
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
     options = {**options, **(method_options or {})}  # method options, also those named like ours
     from ..explainer import explain
+
+    targets, batch_targets = dataset_targets(targets)
 
     stats = RunStats(methods=list(methods))
     names = list(methods)
@@ -228,12 +233,7 @@ def stream(
                 x = batch.x.to(device, non_blocking=accel)
                 if before is not None:
                     before(batch, x)
-                if callable(targets) and not is_target_object(targets):
-                    spec = targets(batch, x)  # per-image targets decided by the caller
-                elif isinstance(targets, (list, tuple)) and targets and not isinstance(targets[0], (list, tuple)):
-                    spec = [list(targets)] * len(batch)  # the same classes for every image
-                else:
-                    spec = targets
+                spec = batch_targets(batch, x) if batch_targets is not None else targets
                 while True:
                     try:
                         res = explain(
@@ -369,7 +369,45 @@ def sources_digest(dataset: Any) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class PerBatch:
+    """Targets decided per batch of a dataset run: ``fn(batch, x)`` returns what
+    :func:`camlens.explain` takes for that batch (e.g. one class id per image from its labels).
+    ``explain_dataset(..., targets=PerBatch(fn))``."""
+
+    fn: Callable[[Batch, torch.Tensor], Any]
+
+
+def dataset_targets(targets: Any) -> tuple[Any, Callable[[Batch, torch.Tensor], Any] | None]:
+    """``(targets for explain, per-batch function or None)`` for a dataset run. The 0.2 spellings
+    are read as before, with a DeprecationWarning: a flat list of classes -> :class:`Classes` (the
+    same for every image); a two-argument callable ``(batch, x)`` -> :class:`PerBatch`."""
+    if isinstance(targets, PerBatch):
+        return None, targets.fn
+    if isinstance(targets, (list, tuple)) and targets and not isinstance(targets[0], (list, tuple)):
+        return deprecated_flat_list(targets, where="explain_dataset"), None
+    if callable(targets) and not is_target_object(targets):
+        try:
+            n_params = len(inspect.signature(targets).parameters)
+        except (TypeError, ValueError):  # a builtin: taken as logits -> scores
+            n_params = 1
+        if n_params == 2:
+            warnings.warn(
+                "a (batch, x) callable as targets= of a dataset run: pass targets=camlens.pipeline.PerBatch(fn); "
+                "targets= takes what camlens.explain takes (a callable there maps logits to scores). "
+                "This reading stops in camlens 0.4.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return None, targets
+    return targets, None
+
+
 def _targets_key(targets: Any) -> Any:
+    if isinstance(targets, Classes):  # the same store as the 0.2 spelling, a flat list
+        targets = list(targets.ids)
+    if isinstance(targets, PerBatch):
+        targets = targets.fn
     if targets is None or isinstance(targets, (int, str)):
         return targets
     if isinstance(targets, (list, tuple)):
@@ -561,7 +599,9 @@ def explain_dataset(
         method: one method name or several (one shared forward per batch).
         out: the store folder; a rerun with the same arguments resumes (only missing images are
             computed), other arguments are refused unless ``overwrite=True``.
-        targets: ``None`` (top-1), ``"topK"``, a class id, or a list of class ids for every image.
+        targets: what :func:`camlens.explain` takes, for every image: ``None`` (top-1), ``"topK"``, a
+            class id, :class:`~camlens.targets.Classes` ``(3, 5)`` (the same classes for every image), a
+            callable ``logits -> scores``; or :class:`PerBatch` ``(fn)`` with ``fn(batch, x) -> spec``.
         batch_size: images per forward, across files. ``num_workers``: DataLoader decoding
             processes (default: a few for more than two batches, none for fewer).
         threshold: box threshold for the table's ``x0, y0, x1, y1`` (default 0.3 of the max).
@@ -617,4 +657,14 @@ def explain_dataset(
     return res
 
 
-__all__ = ["BatchResult", "FilesSink", "RunStats", "Sink", "StoreSink", "explain_dataset", "run_store", "stream"]
+__all__ = [
+    "BatchResult",
+    "FilesSink",
+    "PerBatch",
+    "RunStats",
+    "Sink",
+    "StoreSink",
+    "explain_dataset",
+    "run_store",
+    "stream",
+]
