@@ -343,12 +343,14 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
     from camlens.pipeline.run import FilesSink, run_store, stream
-    from camlens.pipeline.sources import ImageFiles
+    from camlens.pipeline.sources import ImageFiles, without_store
 
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
     keep = bool(writes.loose) or writes.figures != "none"
-    ds = ImageFiles(inputs.records, pp, keep_images=keep)
+    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep)
+    if writes.store:  # --out inside the data folder: the store's own figures are not inputs
+        ds = without_store(ds, writes.out)
     sinks = []
     files = None
     if writes.loose:
