@@ -41,7 +41,16 @@ from ..targets import is_target_object
 from . import dist as _dist
 from .integrity import StoreLock
 from .sources import Batch, ImageFiles, as_dataset, collate, without_store
-from .store import COLUMNS, FIGURES_DIR, Results, ResultStore, StoreMismatchError
+from .store import (
+    COLUMNS,
+    FIGURES_DIR,
+    META_RENDER,
+    Results,
+    ResultStore,
+    StoreMismatchError,
+    chunk_entries,
+    read_chunk,
+)
 
 FIGURES = ("none", "overlay", "all")
 
@@ -322,7 +331,8 @@ class StoreSink(Sink):
                     for j, c in enumerate(("x0", "y0", "x1", "y1")):
                         rows[c].append(int(boxes[i, k, j]))
             maps[m] = exp.maps.numpy()
-        self.store.write(self.n, b.indices, rows, maps, self.rank)
+        render = {m: {"signed": exp.signed} for m, exp in res.explanations.items()}
+        self.store.write(self.n, b.indices, rows, maps, self.rank, render)
 
 
 class FilesSink(Sink):
@@ -461,6 +471,24 @@ def _stored_explanation(rows: Any, maps: np.ndarray, method: str, ranked: bool) 
     )
 
 
+def _chunk_groups(root: Path, ids: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]:
+    """``ids`` grouped by the table chunk holding them, with the chunk's rendering record."""
+    want, out = set(ids), []
+    for f in chunk_entries(root)[0]:
+        table, _, _ = read_chunk(f)
+        mine = sorted(want.intersection(table.column("image_id").to_pylist()))
+        if mine:
+            meta = (_pq_meta(f) or {}).get(META_RENDER)
+            out.append((mine, json.loads(meta) if meta else {}))
+    return out
+
+
+def _pq_meta(path: Path) -> dict[bytes, bytes] | None:
+    import pyarrow.parquet as pq  # the store's dependency, already imported by the store
+
+    return pq.read_schema(path).metadata
+
+
 def redraw_figures(store: ResultStore, ds: Any, ids: Sequence[int], sink: FilesSink, batch_size: int) -> int:
     """Draw the figures missing for images already in the store from their stored maps and rows
     (the model is not run); returns how many images got figures."""
@@ -479,16 +507,19 @@ def redraw_figures(store: ResultStore, ds: Any, ids: Sequence[int], sink: FilesS
             if not all(p.exists() for p in plan[0]["png"]):
                 need.append(i)
                 break
-    for lo in range(0, len(need), batch_size):
-        batch = collate([ds[i] for i in need[lo : lo + batch_size]])
-        if not len(batch):
-            continue
-        exps = {}
-        for m in store.signature.get("methods", []):
-            rows = table[(table.method == m) & table.image_id.isin(batch.indices)]
-            if len(rows) and len(rows) % len(batch) == 0:
-                exps[m] = _stored_explanation(rows, res.maps(m)[batch.indices], m, ranked)
-        sink.write(BatchResult(batch, exps))
+    for ids_, render in _chunk_groups(store.root, need):  # as drawn first: a chunk's batch at a time
+        for lo in range(0, len(ids_), batch_size):
+            batch = collate([ds[i] for i in ids_[lo : lo + batch_size]])
+            if not len(batch):
+                continue
+            exps = {}
+            for m in store.signature.get("methods", []):
+                rows = table[(table.method == m) & table.image_id.isin(batch.indices)]
+                if len(rows) and len(rows) % len(batch) == 0:
+                    exp = _stored_explanation(rows, res.maps(m)[batch.indices], m, ranked)
+                    exp.extras["signed"] = bool(render.get(m, {}).get("signed", False))
+                    exps[m] = exp
+            sink.write(BatchResult(batch, exps))
     return len(need)
 
 

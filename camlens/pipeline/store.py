@@ -59,6 +59,8 @@ STORE_FOLDERS = (CHUNKS_DIR, MAPS_DIR, FIGURES_DIR)
 CHUNK_NAME = re.compile(r"part-(\d{9})-(\d{9})-r(\d{4})\.parquet")
 #: Parquet metadata keys of a table chunk: its map files ``{path: [size, sha256]}``, the run signature
 META_FILES, META_SIGNATURE = b"camlens.files", b"camlens.signature"
+#: how the batch's figures were drawn: ``{method: {"signed": bool}}`` (figures redrawn from the store)
+META_RENDER = b"camlens.render"
 #: temporary files of killed writers (fsio's ``.NAME.XXXX.tmp``, the merge's, Zarr's ``.partial``)
 _TEMP = re.compile(r"\.(part-.*|results\.parquet\..*|index\.json\..*|run\.json\..*|lock\..*)\.tmp")
 
@@ -156,6 +158,12 @@ def chunk_entries(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
             else:
                 strays.append(p)
     return sorted(chunks), sorted(strays), temps
+
+
+def _is_map_file(rel: str) -> bool:
+    """A store-relative path recorded for a map file: below ``maps.zarr/<method>/``, no ``..``."""
+    parts = rel.split("/")
+    return len(parts) >= 3 and parts[0] == MAPS_DIR and ".." not in parts and "" not in parts
 
 
 def rerun_hint(run: dict[str, Any] | None) -> str:
@@ -405,6 +413,9 @@ class ResultStore:
             if why is not None:
                 rep.damaged.setdefault(rel, why)
                 self._drop(f, ids, rep)
+                for p in files:  # rewritten whole by the recomputation (Zarr would read a damaged one)
+                    if _is_map_file(p) and not p.endswith("/zarr.json"):
+                        (self.root / p).unlink(missing_ok=True)
                 continue
             rep.done.update(ids)
             rep.files.update(files)
@@ -441,10 +452,9 @@ class ResultStore:
         return bad
 
     def _file_problem(self, rel: str, want: Any, bad_arrays: set[str]) -> str | None:
-        parts = rel.split("/")
-        if len(parts) < 3 or parts[0] != MAPS_DIR or ".." in parts:
+        if not _is_map_file(rel):
             return "not a map file of this store"
-        if parts[1] in bad_arrays:
+        if rel.split("/")[1] in bad_arrays:
             return "its array's zarr.json is damaged"
         return check_file(self.root / rel, want)
 
@@ -520,7 +530,13 @@ class ResultStore:
         return m.astype(np.float16)
 
     def write(
-        self, n_images: int, ids: Sequence[int], rows: dict[str, list], maps: dict[str, np.ndarray], rank: int
+        self,
+        n_images: int,
+        ids: Sequence[int],
+        rows: dict[str, list],
+        maps: dict[str, np.ndarray],
+        rank: int,
+        render: dict[str, Any] | None = None,
     ) -> Path:
         """Maps first (one Zarr chunk per image), then the table chunk (atomic): the commit. Its
         Parquet metadata records the map files' ``[size, sha256]`` and the run's signature."""
@@ -536,7 +552,11 @@ class ResultStore:
                 files.update(self._map_records(method, idx))
         except OSError as exc:
             raise os_error(exc, getattr(exc, "filename", None) or self.root / MAPS_DIR) from None
-        meta = {META_FILES: json.dumps(files), META_SIGNATURE: json.dumps(self.signature)}
+        meta = {
+            META_FILES: json.dumps(files),
+            META_SIGNATURE: json.dumps(self.signature),
+            META_RENDER: json.dumps(render or {}),
+        }
         table = pa.Table.from_pydict({c: rows[c] for c in COLUMNS}, schema=schema()).replace_schema_metadata(meta)
         atomic_write_bytes(path, _table_bytes(table))
         return path
@@ -656,6 +676,11 @@ class Results:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         run = self.root / RUN_FILE
+        if not os.path.lexists(run) and any(os.path.lexists(self.root / e) for e in (INDEX_FILE, CHUNKS_DIR)):
+            raise StoreError(
+                f"{run} (the run record) is missing from the result store {self.root}; "
+                f"{rerun_hint(None)} (the run record is rebuilt from the table chunks)"
+            )
         if not os.path.lexists(run):
             raise InputError(
                 f"{self.root} is not a camlens result store (no {RUN_FILE}); run `camlens explain DATA --out DIR`"
@@ -714,6 +739,11 @@ class Results:
                 if why is not None:
                     raise self._damaged({RESULTS_FILE: why})
             else:
+                names = {c.name for c in chunks}
+                listed = self.index.get("chunks")
+                for name in listed if isinstance(listed, list) else []:
+                    if isinstance(name, str) and name not in names:
+                        problems[f"{CHUNKS_DIR}/{name}"] = "missing"
                 parts = []
                 self._records = dict(recorded)
                 for c in chunks:
