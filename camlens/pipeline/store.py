@@ -527,7 +527,8 @@ class ResultStore:
                     "float32 (map_dtype='float32') to keep them"
                 )
             self.overflow += big
-        return m.astype(np.float16)
+        with np.errstate(over="ignore"):  # said above, in words
+            return m.astype(np.float16)
 
     def write(
         self,
