@@ -384,3 +384,38 @@ def test_figures_asked_of_a_finished_store_are_drawn_from_its_maps(tmp_path):
         b = np.asarray(Image.open(tmp_path / "ref" / "figures" / name).convert("RGB")).astype(int)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
     _ = CamlensError
+
+
+def test_other_images_are_refused_naming_the_paths_not_hashes(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 22, 3), dtype=np.uint8)).save(d / f"a{i}.png")
+    _run(tmp_path / "st", d)
+    (d / "a0.png").rename(d / "z0.png")  # as many images, other files
+    with pytest.raises(StoreMismatchError, match=r"image 0 was '.*a0\.png' then, '.*a1\.png' now") as err:
+        _run(tmp_path / "st", d)
+    assert "sha256" not in str(err.value)
+
+
+def test_cli_full_disk_in_the_writer_thread_is_one_clean_line(tmp_path, monkeypatch):
+    import zarr.storage._local as local
+    from click.testing import CliRunner
+
+    from camlens.cli import main as cli_main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 22, 3), 40 * i, np.uint8)).save(d / f"a{i}.png")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local, "_put", full)
+    args = ["explain", str(d), "--model", "resnet18", "--weights", "random", "--method", "gradcam", "--topk", "1",
+            "--out", str(tmp_path / "st"), "--workers", "0", "-q"]  # fmt: skip
+    r = CliRunner().invoke(cli_main, args)
+    assert (r.exit_code == 1 and r.exception is None) or isinstance(r.exception, SystemExit), r.output
+    assert "no space left on the device" in r.output and "Traceback" not in r.output, r.output

@@ -189,6 +189,8 @@ class StoreLock:
                 return
             except FileExistsError:
                 pass
+            except FileNotFoundError:  # our temporary file removed by the holder's clean-up: again
+                continue
             except OSError as exc:
                 raise os_error(exc, self.path, "create the lock file") from None
             finally:

@@ -497,16 +497,16 @@ def redraw_figures(store: ResultStore, ds: Any, ids: Sequence[int], sink: FilesS
     res = Results(store.root)
     table = res.table
     ranked = str(store.signature.get("targets", "")).startswith("top")
-    need = []
-    for i in ids:
-        rows = table[table.image_id == i]
+    wanted, missing = set(ids), set()
+    for (i, m), r in table.groupby(["image_id", "method"], sort=False):  # one pass over the table
+        if i not in wanted or i in missing:
+            continue
         name = ds.describe(i).name if hasattr(ds, "describe") else str(i)
-        for m, r in rows.groupby("method", sort=False):
-            labels = [str(c) for c in r.class_name][: 1 if sink.top else None]
-            plan = output_paths(Path(sink.directory), [name], m, [labels], ["png"], "rank" if ranked else "class")
-            if not all(p.exists() for p in plan[0]["png"]):
-                need.append(i)
-                break
+        labels = [str(c) for c in r.class_name][: 1 if sink.top else None]
+        plan = output_paths(Path(sink.directory), [name], str(m), [labels], ["png"], "rank" if ranked else "class")
+        if not all(p.exists() for p in plan[0]["png"]):
+            missing.add(int(i))
+    need = sorted(missing)
     for ids_, render in _chunk_groups(store.root, need):  # as drawn first: a chunk's batch at a time
         for lo in range(0, len(ids_), batch_size):
             batch = collate([ds[i] for i in ids_[lo : lo + batch_size]])
