@@ -144,7 +144,7 @@ def test_damaged_store_is_refused_when_read_and_repaired_by_a_rerun(pristine, tm
     _equal(open_results(st), ref)
     assert open_results(st).complete
     if recomputed and kind != "maps.zarr":
-        assert any("damaged" in n and str(recomputed) in n for n in notes), notes
+        assert any("damaged" in n and f"computes {recomputed} image(s) again" in n for n in notes), notes
 
 
 def _run_noting(st, data, notes):
@@ -419,3 +419,17 @@ def test_cli_full_disk_in_the_writer_thread_is_one_clean_line(tmp_path, monkeypa
     r = CliRunner().invoke(cli_main, args)
     assert (r.exit_code == 1 and r.exception is None) or isinstance(r.exception, SystemExit), r.output
     assert "no space left on the device" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_store_with_rows_written_twice_is_refused_when_read_and_repaired(pristine, tmp_path):
+    """What two unlocked runs left (issue 28: every row twice): the reader refuses, the rerun keeps
+    one copy of each image's rows."""
+    st = _copy(pristine, tmp_path)
+    c = _first_chunk(st)
+    shutil.copy(c, c.with_name(c.name.replace("-r0000", "-r0001")))
+    with pytest.raises(StoreError, match="two chunks"):
+        _ = open_results(st).table
+    notes: list[str] = []
+    assert _run_noting(st, Synthetic(N), notes).stats.computed == 0
+    _equal(open_results(st), open_results(pristine))
+    assert any("already in another chunk" in n for n in notes), notes

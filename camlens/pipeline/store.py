@@ -389,9 +389,11 @@ class ResultStore:
         chunks, strays, _ = chunk_entries(self.root)
         rep.strays = [str(p.relative_to(self.root)) for p in strays]
         names = {p.name for p in chunks}
-        for name in index.get("chunks") or []:
-            if isinstance(name, str) and name not in names:
+        listed = index.get("chunks")
+        for name in listed if isinstance(listed, list) else []:
+            if isinstance(name, str) and name not in names and CHUNK_NAME.fullmatch(name):
                 rep.damaged[f"{CHUNKS_DIR}/{name}"] = "missing"
+                rep.lost.update(self._range_ids(name))
         parsed = []
         for f in chunks:
             rel = f"{CHUNKS_DIR}/{f.name}"
@@ -407,13 +409,14 @@ class ResultStore:
             self._drop(f, None, rep)
         bad_arrays = self._check_array_metadata(parsed, rep)
         for f, rel, ids, files in parsed:
-            why = next((f"{p}: {w}" for p in sorted(files) if (w := self._file_problem(p, files[p], bad_arrays))), None)
+            bad = {p: w for p in sorted(files) if (w := self._file_problem(p, files[p], bad_arrays))}
+            why = next((f"{p}: {w}" for p, w in bad.items()), None)
             if why is None and rep.done.intersection(ids):
                 why = "rows of images already in another chunk (two runs wrote this store at once)"
             if why is not None:
                 rep.damaged.setdefault(rel, why)
                 self._drop(f, ids, rep)
-                for p in files:  # rewritten whole by the recomputation (Zarr would read a damaged one)
+                for p in bad:  # rewritten whole by the recomputation (Zarr would decode a damaged one)
                     if _is_map_file(p) and not p.endswith("/zarr.json"):
                         (self.root / p).unlink(missing_ok=True)
                 continue
@@ -421,7 +424,8 @@ class ResultStore:
             rep.files.update(files)
         for method in bad_arrays:
             shutil.rmtree(self.root / MAPS_DIR / method, ignore_errors=True)  # links refused before
-        rep.lost -= rep.done
+        n = self.signature.get("n_images")
+        rep.lost = {i for i in rep.lost - rep.done if not isinstance(n, int) or 0 <= i < n}
         if rep.damaged:  # the old index and merged table describe what was dropped: a store under repair
             for name in (INDEX_FILE, RESULTS_FILE):
                 (self.root / name).unlink(missing_ok=True)
@@ -460,13 +464,15 @@ class ResultStore:
 
     def _drop(self, chunk: Path, ids: list[int] | None, rep: StoreCheck) -> None:
         """Remove a damaged chunk (its rows would otherwise stay next to their recomputed copies)."""
-        if ids is None:  # unreadable: its ids from its name (failed images in that range are not lost)
-            m = CHUNK_NAME.fullmatch(chunk.name)
-            assert m is not None
-            failed = {f.get("image_id") for f in self._failed_before()}
-            ids = [i for i in range(int(m.group(1)), int(m.group(2)) + 1) if i not in failed]
-        rep.lost.update(ids)
+        rep.lost.update(self._range_ids(chunk.name) if ids is None else ids)
         chunk.unlink(missing_ok=True)
+
+    def _range_ids(self, name: str) -> list[int]:
+        """An unreadable or missing chunk's images, from its name (less the failed ones)."""
+        m = CHUNK_NAME.fullmatch(name)
+        assert m is not None
+        failed = {f.get("image_id") for f in self._failed_before()}
+        return [i for i in range(int(m.group(1)), int(m.group(2)) + 1) if i not in failed]
 
     def _failed_before(self) -> list[dict[str, Any]]:
         try:
@@ -763,6 +769,10 @@ class Results:
                     raise self._damaged(problems)
                 t = pa.concat_tables(parts) if parts else schema().empty_table()
             df = t.to_pandas()
+            dup = df.duplicated(["image_id", "method", "rank"])
+            if dup.any():
+                ids = sorted(set(df.image_id[dup].tolist()))
+                raise self._damaged({CHUNKS_DIR: f"images {ids[:8]} have rows in two chunks (two runs at once)"})
             self._table = df.sort_values(["image_id", "method", "rank"], kind="stable").reset_index(drop=True)
         return self._table
 
