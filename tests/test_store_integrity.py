@@ -374,7 +374,7 @@ def test_figures_asked_of_a_finished_store_are_drawn_from_its_maps(tmp_path):
     net = tiny_model()
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
-    kw = {**KW, "figures": "overlay"}
+    kw = {**KW, "figures": "overlay", "batch_size": 2}  # result-neutral settings: not another run
     res = camlens.explain_dataset(net, d, out=tmp_path / "st", **kw)
     assert res.stats.computed == 0 and not calls  # the model never ran
     got = sorted(p.name for p in (tmp_path / "st" / "figures").iterdir())

@@ -692,7 +692,10 @@ def explain_dataset(
             ``torch.utils.data.Dataset`` whose items are images or ``(image, label, …)``.
         method: one method name or several (one shared forward per batch).
         out: the store folder; a rerun with the same arguments resumes (only missing images are
-            computed), other arguments are refused unless ``overwrite=True``.
+            computed), other arguments are refused unless ``overwrite=True`` (batch size, workers,
+            figures and progress are not "other arguments"). A rerun verifies every file it reuses
+            against its recorded size and SHA-256 and computes again the images of damaged ones;
+            a run into a store another run is writing raises :class:`~camlens.errors.StoreBusyError`.
         targets: ``None`` (top-1), ``"topK"``, a class id, or a list of class ids for every image.
         batch_size: images per forward, across files. ``num_workers``: DataLoader decoding
             processes (default: a few for more than two batches, none for fewer).
