@@ -65,3 +65,14 @@ class OutputError(InputError):
 
 class LayoutError(CamlensError, ValueError):
     """Captured features whose layout (tokens, channels-last) cannot be turned into a grid."""
+
+
+class StoreError(CamlensError, ValueError):
+    """A result store that is damaged (a missing, truncated or corrupt file, a file of the wrong
+    kind, a symbolic link inside it) or busy (another run holds its lock). The message names the
+    files and the fix — usually the same command again, which verifies the store and recomputes
+    what is damaged."""
+
+
+class StoreBusyError(StoreError):
+    """A result store that another run is writing (its lock file names the process and the host)."""

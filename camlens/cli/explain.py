@@ -333,6 +333,42 @@ class Writes:
     map_dtype: str
 
 
+def _print_top(batch, res) -> None:
+    """The top-5 table of each image, from the explaining forward's own logits (no second forward)."""
+    first = next(iter(res.values()))
+    if first.logits is None:  # a target object (detector, segmenter): the explained targets
+        for i, stem in enumerate(batch.names):
+            boxes = first.extras.get("boxes")
+            rows = [
+                (str(k + 1), first.labels()[i][k], f"{float(first.scores[i, k]):.3g}")
+                + ((",".join(f"{v:.0f}" for v in boxes[i][k]),) if boxes is not None else ())
+                for k in range(first.scores.shape[1])
+                if boxes is None or boxes[i][k][0] == boxes[i][k][0]
+            ]
+            head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
+            echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
+        return
+    for stem, top in zip(batch.names, first.top(5), strict=True):
+        rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
+        echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
+
+
+def _summary(n: int, stats, res, writes: Writes, computed: int, written: int | None, n_bad: int) -> str:
+    """The one closing line of ``camlens explain``."""
+    ok = n - len(stats.failed)
+    line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
+    if res is not None:
+        line += (
+            f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
+            f"({len(res.table)} rows: results.parquet, maps.zarr)"
+        )
+        if written is not None:
+            line += f"; wrote {written} file(s)"
+    else:
+        line += f"; wrote {written or 0} file(s) to {writes.out}"
+    return line + (f"; {n_bad} input(s) failed" if n_bad else "")
+
+
 def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     """Stream the records through the pipeline into the store and/or the loose files."""
     import sys as _sys
@@ -343,12 +379,14 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
     from camlens.pipeline.run import FilesSink, run_store, stream
-    from camlens.pipeline.sources import ImageFiles
+    from camlens.pipeline.sources import ImageFiles, without_store
 
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
     keep = bool(writes.loose) or writes.figures != "none"
-    ds = ImageFiles(inputs.records, pp, keep_images=keep)
+    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep)
+    if writes.store:  # --out inside the data folder: the store's own figures are not inputs
+        ds = without_store(ds, writes.out)
     sinks = []
     files = None
     if writes.loose:
@@ -365,24 +403,6 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         )
         sinks.append(files)
 
-    def after(batch, res):  # the top-5 table from the explaining forward's own logits: no second forward
-        first = next(iter(res.values()))
-        if first.logits is None:  # a target object (detector, segmenter): the explained targets
-            for i, stem in enumerate(batch.names):
-                boxes = first.extras.get("boxes")
-                rows = [
-                    (str(k + 1), first.labels()[i][k], f"{float(first.scores[i, k]):.3g}")
-                    + ((",".join(f"{v:.0f}" for v in boxes[i][k]),) if boxes is not None else ())
-                    for k in range(first.scores.shape[1])
-                    if boxes is None or boxes[i][k][0] == boxes[i][k][0]
-                ]
-                head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
-                echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
-            return
-        for stem, top in zip(batch.names, first.top(5), strict=True):
-            rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
-            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
-
     opts = dict(
         methods=work.methods,
         targets=work.targets,
@@ -391,7 +411,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         batch_size=work.batch_size,
         num_workers=work.workers,
         optional=("cam",) if work.defaulted else (),
-        after=None if work.quiet else after,
+        after=None if work.quiet else _print_top,
         on_error=lambda msg: echo_err(msg),
         method_options=work.options,  # --option KEY=VALUE, typed by the methods' signatures
     )
@@ -432,17 +452,5 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     computed = int(ctx.sum_ints([stats.computed])[0])
     written = int(ctx.sum_ints([files.written if files else 0])[0])
     if ctx.is_main:
-        n = len(ds)
-        ok = n - len(stats.failed)
-        line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
-        if res is not None:
-            line += (
-                f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
-                f"({len(res.table)} rows: results.parquet, maps.zarr)"
-            )
-            if files:
-                line += f"; wrote {written} file(s)"
-        else:
-            line += f"; wrote {written} file(s) to {writes.out}"
-        click.echo(line + (f"; {n_bad} input(s) failed" if n_bad else ""))
+        click.echo(_summary(len(ds), stats, res, writes, computed, written if files else None, n_bad))
     return EXIT_FAILED if n_bad else 0

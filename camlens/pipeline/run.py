@@ -33,14 +33,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .._version import versions
-from ..errors import CamlensError, HeadError, InputError
+from ..errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
 from ..explanation import Explanation, Upsampled
+from ..fsio import os_error, safe_out_dir
+from ..methods.registry import get_method
 from ..models.preprocess import IMAGENET, Preprocess
 from ..models.zoo import card_of, load_model
 from ..targets import Classes, deprecated_flat_list, is_target_object
 from . import dist as _dist
-from .sources import Batch, as_dataset, collate
-from .store import COLUMNS, Results, ResultStore
+from .integrity import StoreLock
+from .sources import Batch, ImageFiles, as_dataset, collate, without_store
+from .store import (
+    COLUMNS,
+    FIGURES_DIR,
+    META_RENDER,
+    Results,
+    ResultStore,
+    StoreMismatchError,
+    chunk_entries,
+    read_chunk,
+)
 
 FIGURES = ("none", "overlay", "all")
 
@@ -94,6 +106,8 @@ class _Writer:
             try:
                 for s in self.sinks:
                     s.write(item)
+            except OSError as exc:  # a full disk…: a clean message naming the file, not a traceback
+                self.error = exc if isinstance(exc, CamlensError) else os_error(exc, exc.filename or "the output")
             except BaseException as exc:  # re-raised in the main thread
                 self.error = exc
 
@@ -317,7 +331,8 @@ class StoreSink(Sink):
                     for j, c in enumerate(("x0", "y0", "x1", "y1")):
                         rows[c].append(int(boxes[i, k, j]))
             maps[m] = exp.maps.numpy()
-        self.store.write(self.n, b.indices, rows, maps, self.rank)
+        render = {m: {"signed": exp.signed} for m, exp in res.explanations.items()}
+        self.store.write(self.n, b.indices, rows, maps, self.rank, render)
 
 
 class FilesSink(Sink):
@@ -360,12 +375,19 @@ def model_checksum(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def sources_digest(dataset: Any) -> str:
+def sources_digest(dataset: Any, *, legacy: bool = False) -> str:
+    """SHA-256 of the images' sources and labels. Files count by their absolute path, so that a
+    relative and an absolute path to the same data are the same run (``legacy``: the sources as
+    given, the digest of camlens 0.2 stores)."""
     h = hashlib.sha256()
     describe = getattr(dataset, "describe", None)
+    files = isinstance(dataset, ImageFiles) and not legacy
     for i in range(len(dataset)):
         r = describe(i) if describe else None
-        h.update(f"{r.source if r else i}|{r.label if r else ''}\n".encode())
+        src = r.source if r else i
+        if files and isinstance(src, str) and not src.startswith("skimage:"):
+            src = os.path.abspath(src)
+        h.update(f"{src}|{r.label if r else ''}\n".encode())
     return h.hexdigest()
 
 
@@ -447,6 +469,140 @@ def run_signature(
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
 
+def _stored_explanation(rows: Any, maps: np.ndarray, method: str, ranked: bool) -> Explanation:
+    """An :class:`Explanation` of a batch rebuilt from its stored rows (sorted by image, then rank)
+    and maps ``(N, K, H, W)``: what a sink needs to draw the figures, without the model."""
+    n, k = maps.shape[:2]
+    grid = lambda col, dt: torch.tensor(rows[col].to_numpy().reshape(n, k), dtype=dt)  # noqa: E731
+    classes = grid("class_id", torch.int64)
+    names = [str(c) for c in range(int(classes.max()) + 1 if classes.numel() else 0)]
+    for c, name in zip(rows["class_id"], rows["class_name"], strict=True):
+        if c >= 0:
+            names[int(c)] = str(name)
+    pixel = get_method(method).kind == "pixel"
+    return Explanation(
+        maps=torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)),
+        raw=torch.empty((n, 0, 0, 0, 0) if pixel else (n, 0, 0, 0)),
+        classes=classes,
+        scores=grid("score", torch.float32),
+        probs=grid("prob", torch.float32),
+        method=method,
+        layer=str(rows["layer"].iloc[0]) if len(rows) else None,
+        class_names=names,
+        model_name=str(rows["model"].iloc[0]) if len(rows) else None,
+        ranks=grid("rank", torch.int64) if ranked else None,
+    )
+
+
+def _chunk_groups(root: Path, ids: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]:
+    """``ids`` grouped by the table chunk holding them, with the chunk's rendering record."""
+    want, out = set(ids), []
+    for f in chunk_entries(root)[0]:
+        table, _, _ = read_chunk(f)
+        mine = sorted(want.intersection(table.column("image_id").to_pylist()))
+        if mine:
+            meta = (_pq_meta(f) or {}).get(META_RENDER)
+            out.append((mine, json.loads(meta) if meta else {}))
+    return out
+
+
+def _pq_meta(path: Path) -> dict[bytes, bytes] | None:
+    import pyarrow.parquet as pq  # the store's dependency, already imported by the store
+
+    return pq.read_schema(path).metadata
+
+
+def redraw_figures(store: ResultStore, ds: Any, ids: Sequence[int], sink: FilesSink, batch_size: int) -> int:
+    """Draw the figures missing for images already in the store from their stored maps and rows
+    (the model is not run); returns how many images got figures."""
+    from ..viz import output_paths
+
+    res = Results(store.root)
+    table = res.table
+    ranked = str(store.signature.get("targets", "")).startswith("top")
+    wanted, missing = set(ids), set()
+    for (i, m), r in table.groupby(["image_id", "method"], sort=False):  # one pass over the table
+        if i not in wanted or i in missing:
+            continue
+        name = ds.describe(i).name if hasattr(ds, "describe") else str(i)
+        labels = [str(c) for c in r.class_name][: 1 if sink.top else None]
+        plan = output_paths(Path(sink.directory), [name], str(m), [labels], ["png"], "rank" if ranked else "class")
+        if not all(p.exists() for p in plan[0]["png"]):
+            missing.add(int(i))
+    need = sorted(missing)
+    for ids_, render in _chunk_groups(store.root, need):  # as drawn first: a chunk's batch at a time
+        for lo in range(0, len(ids_), batch_size):
+            batch = collate([ds[i] for i in ids_[lo : lo + batch_size]])
+            if not len(batch):
+                continue
+            exps = {}
+            for m in store.signature.get("methods", []):
+                rows = table[(table.method == m) & table.image_id.isin(batch.indices)]
+                if len(rows) and len(rows) % len(batch) == 0:
+                    exp = _stored_explanation(rows, res.maps(m)[batch.indices], m, ranked)
+                    exp.extras["signed"] = bool(render.get(m, {}).get("signed", False))
+                    exps[m] = exp
+            sink.write(BatchResult(batch, exps))
+    return len(need)
+
+
+def _open_store(store: ResultStore, lock: StoreLock, overwrite: bool, ctx: _dist.DistContext) -> set[int]:
+    """Rank 0 takes the store's lock, checks (or wipes) the store and says what is done; every rank
+    gets the answer (the broadcast is also the barrier: nobody writes before rank 0 checked)."""
+    status: Any = None
+    error: CamlensError | None = None
+    if ctx.is_main:
+        try:
+            safe_out_dir(store.root)
+            lock.acquire()
+            store.prepare(overwrite)
+            status = ("ok", sorted(store.check().done))
+        except CamlensError as exc:
+            error, status = exc, ("error", type(exc).__name__, str(exc))
+    status = ctx.broadcast(status)
+    if error is not None:
+        raise error
+    if status[0] == "error":
+        kinds = {e.__name__: e for e in (StoreMismatchError, StoreBusyError, StoreError, WriteError)}
+        raise kinds.get(status[1], CamlensError)(status[2])
+    return set(status[1])
+
+
+def _compute(
+    model: nn.Module,
+    store: ResultStore,
+    ds: Any,
+    done: set[int],
+    ctx: _dist.DistContext,
+    *,
+    sinks: Sequence[Sink],
+    figures: str,
+    threshold: float,
+    batch_size: int,
+    say: Callable[[str], None],
+    stream_kw: dict[str, Any],
+) -> RunStats:
+    """This rank's share of the images not done, into the store (and figures); then the figures
+    missing for images already in the store, drawn from their stored maps (rank 0)."""
+    todo = [i for i in range(len(ds)) if i not in done]
+    mine = _dist.shard(todo, ctx.rank, ctx.world)
+    all_sinks: list[Sink] = [StoreSink(store, len(ds), threshold, ctx.rank)]
+    fig = None
+    if figures != "none":
+        fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if figures == "overlay" else None,
+                        overwrite=True, threshold=threshold)  # fmt: skip
+        all_sinks.append(fig)
+    all_sinks += list(sinks)
+    desc = "explain" if ctx.world == 1 else f"explain [rank {ctx.rank}/{ctx.world}]"
+    stats = stream(model, ds, mine, all_sinks, batch_size=batch_size, desc=desc, **stream_kw)
+    stats.skipped = len(done)
+    if fig is not None and ctx.is_main and done:
+        n = redraw_figures(store, ds, sorted(done), fig, batch_size)
+        if n:
+            say(f"note: drew the figures of {n} image(s) already in the store from their stored maps")
+    return stats
+
+
 def run_store(
     model: nn.Module,
     ds: Any,
@@ -505,65 +661,26 @@ def run_store(
             f"the {ctx.world} ranks disagree about the run ({', '.join(bad)} differ): every rank must load the same "
             "model and see the same dataset"
         )
-    store = ResultStore(out, sig, info, map_dtype=map_dtype)
-    status: Any = None
-    if ctx.is_main:
-        try:
-            store.prepare(overwrite)
-            status = ("ok", sorted(store.done()))
-        except CamlensError as exc:
-            status = ("error", str(exc))
-    status = ctx.broadcast(status)  # also the barrier: nobody writes before rank 0 read what is done
-    if status[0] == "error":
-        from .store import StoreMismatchError
-
-        raise StoreMismatchError(status[1])
-    done = set(status[1])
-    todo = [i for i in range(len(ds)) if i not in done]
-    mine = _dist.shard(todo, ctx.rank, ctx.world)
-    sinks: list[Sink] = [StoreSink(store, len(ds), threshold, ctx.rank)]
-    if figures != "none":
-        from .store import FIGURES_DIR
-
-        sinks.append(
-            FilesSink(
-                store.root / FIGURES_DIR,
-                ["png"],
-                top=1 if figures == "overlay" else None,
-                overwrite=True,
-                threshold=threshold,
-            )
-        )
-    sinks += list(extra_sinks)
-    desc = "explain" if ctx.world == 1 else f"explain [rank {ctx.rank}/{ctx.world}]"
-    stats = stream(
-        model,
-        ds,
-        mine,
-        sinks,
-        methods=methods,
-        targets=targets,
-        layer=layer,
-        capture=capture,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        optional=optional,
-        before=before,
-        after=after,
-        progress=progress and ctx.is_main,
-        desc=desc,
-        class_names=class_names,
-        on_error=on_error,
-        world=ctx.world,
-        method_options=options,
-    )
-    stats.skipped = len(done)
-    parts = ctx.gather((stats.failed, stats.seconds, stats.computed))
-    failed = sorted((f for part, _, _ in parts for f in part), key=lambda f: f["image_id"])
-    if ctx.is_main:
-        timing = {"seconds": max(t for _, t, _ in parts), "computed": sum(c for _, _, c in parts), "ranks": ctx.world}
-        store.finalize(len(ds), failed, complete=True, timing=timing)
-    ctx.barrier()
+    say = on_error or (lambda msg: print(msg, file=sys.stderr))
+    store = ResultStore(out, sig, info, map_dtype=map_dtype, note=say)
+    store.equivalent = [{**sig, "sources_sha256": sources_digest(ds, legacy=True)}]
+    store.sources = lambda: [ds.describe(i).source for i in range(len(ds))] if hasattr(ds, "describe") else []
+    lock = StoreLock(Path(out))
+    try:
+        done = _open_store(store, lock, overwrite, ctx)
+        stats = _compute(model, store, ds, done, ctx, sinks=extra_sinks, figures=figures, threshold=threshold,
+                         batch_size=batch_size, say=say, stream_kw=dict(
+            methods=methods, targets=targets, layer=layer, capture=capture, num_workers=num_workers,
+            optional=optional, before=before, after=after, progress=progress and ctx.is_main,
+            class_names=class_names, on_error=on_error, world=ctx.world, method_options=options))  # fmt: skip
+        parts = ctx.gather((stats.failed, stats.seconds, stats.computed))
+        failed = sorted((f for part, _, _ in parts for f in part), key=lambda f: f["image_id"])
+        if ctx.is_main:
+            secs, n = max(t for _, t, _ in parts), sum(c for _, _, c in parts)
+            store.finalize(len(ds), failed, complete=True, timing={"seconds": secs, "computed": n, "ranks": ctx.world})
+        ctx.barrier()
+    finally:
+        lock.release()
     stats.failed = failed
     return Results(out), stats
 
@@ -598,7 +715,10 @@ def explain_dataset(
             ``torch.utils.data.Dataset`` whose items are images or ``(image, label, …)``.
         method: one method name or several (one shared forward per batch).
         out: the store folder; a rerun with the same arguments resumes (only missing images are
-            computed), other arguments are refused unless ``overwrite=True``.
+            computed), other arguments are refused unless ``overwrite=True`` (batch size, workers,
+            figures and progress are not "other arguments"). A rerun verifies every file it reuses
+            against its recorded size and SHA-256 and computes again the images of damaged ones;
+            a run into a store another run is writing raises :class:`~camlens.errors.StoreBusyError`.
         targets: what :func:`camlens.explain` takes, for every image: ``None`` (top-1), ``"topK"``, a
             class id, :class:`~camlens.targets.Classes` ``(3, 5)`` (the same classes for every image), a
             callable ``logits -> scores``; or :class:`PerBatch` ``(fn)`` with ``fn(batch, x) -> spec``.
@@ -623,12 +743,11 @@ def explain_dataset(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
     names = [method] if isinstance(method, str) else list(method)
-    from ..methods.registry import get_method
-
     names = list(dict.fromkeys(get_method(m).name for m in names))
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)
     ds, _ = as_dataset(dataset, pp, keep_images=figures != "none")
+    ds = without_store(ds, out)
     ctx = _dist.setup(_model_device(model))
     try:
         res, stats = run_store(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,21 @@ def is_list_file(item: str | os.PathLike) -> bool:
     return p.is_file() and p.suffix.lower() in LIST_SUFFIXES
 
 
+def _text(path: Path) -> str:
+    """A list file's text (UTF-8, a BOM allowed); another encoding is an :class:`InputError`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the list file ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: the list file is not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}); "
+            "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def read_list(
     path: str | os.PathLike, root: str | os.PathLike | None = None
 ) -> tuple[list[tuple[str, str | None]], Any]:
@@ -130,16 +146,16 @@ def read_list(
     base = Path(root) if root is not None else p.parent
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [ln.strip() for ln in _text(p).splitlines() if ln.strip() and not ln.startswith("#")]
         return [(str(base / ln) if not Path(ln).is_absolute() else ln, None) for ln in lines], None
     if suffix == ".csv":
-        with open(p, newline="") as fh:
-            header = [h.strip() for h in (next(csv.reader(fh), None) or [])]
+        text = _text(p)
+        header = [h.strip() for h in (next(csv.reader(io.StringIO(text, newline="")), None) or [])]
         if "path" not in header:
             raise InputError(f"{p}: an image-list CSV needs a 'path' column (optional 'label'); found {header}")
         if not {"x0", "y0", "x1", "y1"} <= set(header):
-            with open(p, newline="") as fh:
-                rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
             out = []
             for r in rows:
                 q = Path(r["path"])
@@ -274,11 +290,28 @@ class UserDataset(Dataset):
                 item["x"] = _prep(self.preprocess, rgb)
                 item["size"] = tuple(rgb.shape[:2])
                 item["image"] = rgb if self.keep_images else None
+            if not bool(torch.isfinite(item["x"]).all()):
+                bad = int((~torch.isfinite(item["x"])).sum())
+                raise InputError(f"item {i}: {bad} NaN or infinite value(s) in the image; it is skipped")
         except CamlensError as exc:
             item["error"] = f"{self.sources[i]}: {exc}"
         except Exception as exc:
             item["error"] = f"{self.sources[i]}: {type(exc).__name__}: {exc}"
         return item
+
+
+def without_store(ds: Dataset, out: str | os.PathLike) -> Dataset:
+    """``ds`` without the files inside the result store ``out`` (its figures, when ``--out`` lies in
+    the data folder: a store's own PNGs are never inputs). Names are given as if they were absent."""
+    if not isinstance(ds, ImageFiles):
+        return ds
+    root = os.path.join(os.path.abspath(out), "")
+    keep = [r for r in ds.records if r.source.startswith("skimage:") or not os.path.abspath(r.source).startswith(root)]
+    if len(keep) == len(ds.records):
+        return ds
+    names = output_stems([r.source for r in keep])
+    records = [Record(r.source, n, r.label, r.gt) for r, n in zip(keep, names, strict=True)]
+    return ImageFiles(records, ds.preprocess, ds.keep_images)
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:
@@ -338,4 +371,5 @@ __all__ = [
     "output_stems",
     "read_list",
     "records_for",
+    "without_store",
 ]
