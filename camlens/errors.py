@@ -34,6 +34,11 @@ class MethodError(CamlensError, ValueError):
     """An unknown method or a bad method option."""
 
 
+class NotApplicableError(MethodError):
+    """A method that cannot run on this model (an attention method on a CNN, D-RISE on a classifier),
+    refused before any work."""
+
+
 class WeightsNotFoundError(CamlensError, FileNotFoundError):
     """Pretrained weights that are not on disk (camlens never downloads at run time)."""
 
