@@ -64,6 +64,10 @@ class Estimate:
 class Reporter:
     """Receives estimates and progress (override what you need; the base class ignores both)."""
 
+    def wants(self, method: str) -> bool:
+        """Whether to estimate and follow ``method`` this time (``False``: no timed forward, no hook)."""
+        return True
+
     def estimate(self, est: Estimate) -> None:
         """Called before a method with a declared cost runs."""
 

@@ -2,7 +2,7 @@
 
 :func:`reported` wraps one method's run inside :func:`camlens.explain`: it asks the method's
 ``cost`` hook (:class:`~camlens.methods.registry.Cost`) how many images it will forward, times one
-inference forward of one image to turn that into seconds, tells the reporter the
+inference forward of a small batch to turn that into seconds, tells the reporter the
 :class:`~camlens.progress.Estimate`, and counts the images the model forwards while the method runs
 (a forward pre-hook on the model that acts only for this thread, removed in ``finally``).
 """
@@ -23,6 +23,8 @@ from .registry import Cost, MethodInfo
 
 #: backward passes to the input cost about two forwards (DESIGN's performance model)
 BACKWARD_FACTOR = 2.0
+#: images in the timed forward (the batch size of the masked forwards on a CPU)
+TIMED_BATCH = 8
 
 
 def batch_len(args: tuple) -> int:
@@ -35,18 +37,23 @@ def batch_len(args: tuple) -> int:
     return 1
 
 
-def seconds_per_image(ctx: ForwardPass) -> float:
-    """One timed inference forward of the batch's first image (the model is in eval mode)."""
-    x = ctx.x[:1]
+def seconds_per_image(ctx: ForwardPass, batch: int = TIMED_BATCH) -> float:
+    """One timed inference forward of ``batch`` copies of the first image, per image (the methods
+    forward batches: on a CPU a batch of one costs several times more per image)."""
+    first = ctx.x[0]
+    x = [first] * batch if isinstance(ctx.x, list) else first.detach().expand(batch, *first.shape)
     with torch.inference_mode():
         t0 = time.perf_counter()
         forward(ctx.model, x)
-        return time.perf_counter() - t0
+        return (time.perf_counter() - t0) / batch
 
 
-def estimate(info: MethodInfo, ctx: ForwardPass, options: dict[str, Any], per_image: float) -> Estimate | None:
-    """The :class:`Estimate` of ``info`` with ``options`` on this pass (``None``: no declared cost)."""
-    cost = info.estimate(ctx, options)
+def estimate(
+    info: MethodInfo, ctx: ForwardPass, options: dict[str, Any], per_image: float, cost: Cost | None = None
+) -> Estimate | None:
+    """The :class:`Estimate` of ``info`` with ``options`` on this pass (``None``: no declared cost);
+    ``cost``: the method's cost with these options when already known."""
+    cost = cost if cost is not None else info.estimate(ctx, options)
     if cost is None:
         return None
 
@@ -67,15 +74,17 @@ def reported(info: MethodInfo, ctx: ForwardPass, options: dict[str, Any], timing
     (nothing at all when no reporter listens or the method declares no cost). ``timing`` caches the
     seconds per image across the methods of one call."""
     reporter: Reporter | None = current_reporter()
-    if reporter is None or info.cost is None:
+    if reporter is None or info.cost is None or not reporter.wants(info.name):
+        yield
+        return
+    cost = info.estimate(ctx, options)
+    if cost is None:
         yield
         return
     if "per_image" not in timing:
-        timing["per_image"] = seconds_per_image(ctx)
-    est = estimate(info, ctx, options, timing["per_image"])
-    if est is None:
-        yield
-        return
+        timing["per_image"] = seconds_per_image(ctx, max(1, min(TIMED_BATCH, cost.forwards)))
+    est = estimate(info, ctx, options, timing["per_image"], cost)
+    assert est is not None
     reporter.estimate(est)
     total = max(est.forwards, 1)
     done = 0

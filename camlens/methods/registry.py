@@ -110,7 +110,7 @@ DETECTORS = Applies(
 )
 ATTENTION_MODELS = Applies(
     lambda t: t.attention,
-    "transformers with global self-attention (ViT, DeiT; not Swin)",
+    "ViT-like transformers (global self-attention; not Swin)",
     "this model has no global self-attention module camlens captures (nn.MultiheadAttention, timm Attention, "
     "Hugging Face ViT-style); use a layer method such as gradcam",
 )

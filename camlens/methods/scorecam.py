@@ -174,7 +174,7 @@ def scorecam(
         )
     x = ctx.x.detach()
     frames = getattr(ctx, "frames", None)  # a detector: the features cover its resized, padded frame
-    N, C, h, w = A.shape
+    N, _, h, w = A.shape
     H, W = x.shape[-2:]
     jobs = _channel_jobs(A, max_channels, dedupe)
     # All masked forwards, batched across images.
