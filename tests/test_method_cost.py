@@ -180,6 +180,7 @@ def test_format_seconds():
     assert [format_seconds(s) for s in (0.04, 8.4, 185, 7200)] == ["0.0 s", "8 s", "3 min", "2.0 h"]
 
 
+@pytest.mark.slow
 def test_cli_prints_the_estimate_with_the_max_channels_hint(monkeypatch, tmp_path):
     from camlens.cli import explain as cli_explain
     from camlens.cli import main
