@@ -118,9 +118,10 @@ async function updateMethodsForModel() {
       cb.disabled = !ok;
       if (!ok) cb.checked = false;
     }
-    const off = Object.keys(r.not_applicable);
-    note.textContent = `${r.describe}` + (off.length ? `; not offered: ${off.join(", ")} (` +
-      [...new Set(Object.values(r.not_applicable))].join("; ") + ")" : "");
+    const why = {};  // reason -> the methods it rules out
+    for (const [name, reason] of Object.entries(r.not_applicable)) (why[reason] = why[reason] || []).push(name);
+    const off = Object.entries(why).map(([reason, names]) => `${names.join(", ")} (for ${reason})`);
+    note.textContent = `${r.describe}` + (off.length ? `; not offered: ${off.join("; ")}` : "");
   } catch (e) {
     note.textContent = "";
     showError(e.message, e.status);
