@@ -41,10 +41,10 @@ def seconds_per_image(ctx: ForwardPass, batch: int = TIMED_BATCH) -> float:
     """One timed inference forward of ``batch`` copies of the first image, per image (the methods
     forward batches: on a CPU a batch of one costs several times more per image)."""
     first = ctx.x[0]
-    x = [first] * batch if isinstance(ctx.x, list) else first.detach().expand(batch, *first.shape)
+    x: Any = [first] * batch if isinstance(ctx.x, list) else first.detach().expand(batch, *first.shape)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        forward(ctx.model, x)
+        forward(ctx.model, x)  # a batch tensor, or a detector's list of images
         return (time.perf_counter() - t0) / batch
 
 
