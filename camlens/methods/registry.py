@@ -100,7 +100,7 @@ ANY_MODEL = Applies(lambda t: True, "any model")
 CLASSIFIERS = Applies(
     lambda t: t.task == "classification",
     "classifiers",
-    "it reads a classifier's head; use gradcam, which works on any head and task",
+    "it reads a classifier's (N, num_classes) logits and head; use gradcam, which works on any head and task",
 )
 DETECTORS = Applies(
     lambda t: t.task == "detection",

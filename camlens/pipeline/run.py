@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import CamlensError, HeadError, InputError, NotApplicableError
+from ..errors import CamlensError, HeadError, InputError
 from ..explanation import Explanation, Upsampled
 from ..models.preprocess import IMAGENET, Preprocess
 from ..models.zoo import card_of, load_model
@@ -247,7 +247,7 @@ def stream(
                             **options,
                         )
                         break
-                    except (HeadError, NotApplicableError) as exc:
+                    except HeadError as exc:
                         drop = [m for m in names if m in optional]
                         if not drop or len(names) == 1:
                             raise
