@@ -47,6 +47,10 @@ class Estimate:
     cheaper: dict | None = None
     cheaper_seconds: float | None = None
 
+    def count(self) -> str:
+        """``≈1,517 masked forwards`` (``≈136 forwards + 128 backwards`` when it back-propagates)."""
+        return f"≈{self.forwards:,} {self.unit}" + (f" + {self.backwards:,} backwards" if self.backwards else "")
+
     def cheaper_text(self, prefix: str = "--option ") -> str:
         """``--option max_channels=64`` (empty when there is no cheaper setting)."""
         if not self.cheaper:
@@ -55,7 +59,7 @@ class Estimate:
 
     def text(self, prefix: str = "--option ") -> str:
         """``scorecam: ≈1,517 masked forwards, ~3 min here; --option max_channels=64 for ~8 s``."""
-        line = f"{self.method}: ≈{self.forwards:,} {self.unit}, ~{format_seconds(self.seconds)} here"
+        line = f"{self.method}: {self.count()}, ~{format_seconds(self.seconds)} here"
         if self.cheaper and self.cheaper_seconds is not None:
             line += f"; {self.cheaper_text(prefix)} for ~{format_seconds(self.cheaper_seconds)}"
         return line

@@ -201,3 +201,8 @@ def test_cli_prints_the_estimate_with_the_max_channels_hint(monkeypatch, tmp_pat
         assert r.exit_code == 0 and "estimate" not in r.stderr, r.output
     r = CliRunner().invoke(main, [str(a) for a in [*args, "--method", "generic_attention"]])
     assert r.exit_code == 2 and "generic_attention does not apply to Sequential" in r.output
+
+
+def test_estimate_text_names_the_backwards():
+    est = Estimate("integrated_gradients", 136, "forwards", 12.0, backwards=128)
+    assert est.text() == "integrated_gradients: ≈136 forwards + 128 backwards, ~12 s here"

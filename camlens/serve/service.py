@@ -298,7 +298,7 @@ class JobProgress(Reporter):
 
 def estimate_text(est: Estimate) -> str:
     """``≈1,517 masked forwards, ~3 min here (max_channels=64: ~8 s)`` for the page."""
-    line = f"≈{est.forwards:,} {est.unit}, ~{format_seconds(est.seconds)} here"
+    line = f"{est.count()}, ~{format_seconds(est.seconds)} here"
     if est.cheaper and est.cheaper_seconds is not None:
         line += f" ({est.cheaper_text('')}: ~{format_seconds(est.cheaper_seconds)})"
     return line
