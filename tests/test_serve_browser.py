@@ -142,7 +142,7 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
     d.get(server)
     wait.until(lambda d: d.find_elements(By.ID, "method-gradcam"))
     # only the methods that apply to the model are offered: no attention method, no D-RISE for a CNN
-    wait.until(lambda d: "CNN classifier" in d.find_element(By.ID, "method-note").text)
+    wait.until(lambda d: "CNN classifier" in (d.find_element(By.ID, "method-note").get_attribute("title") or ""))
     offered = {
         lb.get_attribute("data-method")
         for lb in d.find_elements(By.CSS_SELECTOR, "#methods label[data-method]")

@@ -121,7 +121,10 @@ async function updateMethodsForModel() {
     const why = {};  // reason -> the methods it rules out
     for (const [name, reason] of Object.entries(r.not_applicable)) (why[reason] = why[reason] || []).push(name);
     const off = Object.entries(why).map(([reason, names]) => `${names.join(", ")} (for ${reason})`);
-    note.textContent = `${r.describe}` + (off.length ? `; not offered: ${off.join("; ")}` : "");
+    const n = Object.keys(r.not_applicable).length;
+    note.textContent = n ? `${n} method${n > 1 ? "s" : ""} not for this model (hover)` : "";
+    note.title = `${r.describe}` + (off.length ? `; not offered: ${off.join("; ")}` : "");
+    note.dataset.describe = r.describe;
   } catch (e) {
     note.textContent = "";
     showError(e.message, e.status);
