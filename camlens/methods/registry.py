@@ -154,7 +154,9 @@ class MethodFn(Protocol):
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method: its ``name``, ``paper``, one-line ``summary``, ``kind``, what it
-    ``needs`` from the forward pass, the figure ``title`` and the other names it answers to."""
+    ``needs`` from the forward pass, the figure ``title``, the other names it answers to, the
+    models it ``applies_to``, its ``cost`` hook (``None``: nothing beyond the shared pass) and
+    whether a box around its maps means something (``boxes``)."""
 
     name: str
     paper: str
