@@ -34,6 +34,12 @@ class MethodError(CamlensError, ValueError):
     """An unknown method or a bad method option."""
 
 
+class NotApplicableError(MethodError, HeadError):
+    """A method that cannot run on this model (an attention method on a CNN, D-RISE on a classifier,
+    CAM on a detector), refused before any work. A :class:`HeadError` too: code that skips CAM where
+    the head cannot give one skips it here as well."""
+
+
 class WeightsNotFoundError(CamlensError, FileNotFoundError):
     """Pretrained weights that are not on disk (camlens never downloads at run time)."""
 

@@ -20,12 +20,14 @@ from torch import nn
 from ._util import eval_mode
 from .capture import CaptureSpec
 from .engine import ForwardPass, forward, wants_layer_grads
-from .errors import InputError, MethodError, NonFiniteError
+from .errors import InputError, MethodError, NonFiniteError, NotApplicableError
 from .explanation import Explanation, Upsampled
 from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
-from .methods.registry import MethodInfo, get_method
+from .methods.cost import reported
+from .methods.registry import MethodInfo, ModelTraits, applicable, get_method
+from .methods.traits import model_traits
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
@@ -85,6 +87,18 @@ def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str
             f"valid options: {', '.join(valid) or 'none'}"
         )
     return per
+
+
+def check_applicable(infos: Sequence[MethodInfo], traits: ModelTraits) -> None:
+    """Refuse, before any work, a method that cannot run on a model with ``traits`` (an attention
+    method on a CNN, D-RISE without a detection target), naming the methods that can."""
+    for info in infos:
+        if not info.applies(traits):
+            hint = f"; {info.applies_to.hint}" if info.applies_to.hint else ""
+            raise NotApplicableError(
+                f"{info.name} does not apply to {traits.describe()}: it is for {info.applies_to.text}{hint}. "
+                f"Methods for this model: {', '.join(applicable(traits))}."
+            )
 
 
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
@@ -203,6 +217,7 @@ def explain(
         targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
     elif targets is None and task == "segmentation":
         targets = Segmentation(None)  # each image's largest predicted non-background class
+    check_applicable(infos, model_traits(model, targets))
 
     x: Any  # a batch tensor, or a detector's list of (C, H, W) images of different sizes
     with torch.inference_mode(False):
@@ -251,8 +266,10 @@ def explain(
         pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
         shown = x.detach() if images is None and isinstance(x, torch.Tensor) else None  # for figures
         results: dict[str, Explanation] = {}
+        timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
         for info in infos:
-            out = info.fn(ctx, **per_options[info.name])
+            with reported(info, ctx, per_options[info.name], timing):  # estimate and progress, when asked
+                out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
             # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex

@@ -30,7 +30,6 @@ KNOWN: dict[str, tuple[int, int]] = {
     "pipeline/run.py:stream": (86, 20),
     "pipeline/run.py:run_store": (90, 25),
     "pipeline/run.py:explain_dataset": (39, 18),
-    "serve/app.py:create_app": (171, 2),
     "train/loop.py:_finetune": (213, 26),
     "viz.py:batch_grid": (36, 13),
     "viz.py:save_explanation": (102, 12),

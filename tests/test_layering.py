@@ -39,6 +39,7 @@ RANKS: list[tuple[int, tuple[str, ...]]] = [
             "io",
             "ops",
             "fsio",
+            "progress",
             "localization",
             "models.classes",
             "models.preprocess",

@@ -471,3 +471,76 @@ def test_the_command_serves_until_stopped(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------------------------------- issue 24: what applies, progress, boxes
+ATTENTION = {n for n, i in camlens.methods().items() if {"attention", "attention_grads"} & i.needs}
+
+
+def test_method_list_offers_only_what_applies_and_refuses_the_rest_before_any_work(photo):
+    from tests.test_attention import TinyAttnNet
+
+    net = Net().eval()
+    client = TestClient(create_app(Service(ModelPool({"net": net, "vit": TinyAttnNet().eval()}))))
+    cnn = client.get("/api/methods", params={"model": "net"}).json()
+    assert not ATTENTION & set(cnn["methods"]) and "drise" not in cnn["methods"]
+    assert {"gradcam", "scorecam", "saliency", "rise"} <= set(cnn["methods"])
+    assert set(cnn["not_applicable"]) == ATTENTION | {"drise"} and cnn["describe"] == "Net (a CNN classifier)"
+    vit = client.get("/api/methods", params={"model": "vit"}).json()
+    assert set(vit["methods"]) >= ATTENTION and "drise" not in vit["methods"]
+    iid = _upload(client, _png(photo)).json()["id"]
+    for method in ("attention_rollout", "drise"):
+        r = client.post("/api/explain", json={"image_id": iid, "model": "net", "methods": ["gradcam", method]})
+        assert r.status_code == 400 and f"{method} does not apply to Net" in r.json()["error"]
+    assert net.max_active == 0  # refused before any forward (no prediction either)
+
+
+def test_progress_of_a_long_request_rises_to_one(photo):
+    client, _, _ = _client(Net(delay=0.004).eval())
+    iid = _upload(client, _png(photo)).json()["id"]
+    box: dict = {}
+
+    def work():
+        box["r"] = client.post(
+            "/api/explain", json={"image_id": iid, "methods": ["gradcam", "occlusion"], "explain": 1, "job": "job-1"}
+        )
+
+    t = threading.Thread(target=work)
+    t.start()
+    seen = []
+    while t.is_alive():
+        p = client.get("/api/progress/job-1").json()
+        if p["state"] != "unknown":
+            seen.append(p)
+        time.sleep(0.02)
+    t.join()
+    assert box["r"].status_code == 200, box["r"].text
+    final = client.get("/api/progress/job-1").json()
+    fractions = [p["fraction"] for p in seen] + [final["fraction"]]
+    assert fractions == sorted(fractions) and final == {**final, "state": "done", "fraction": 1.0}
+    mid = [p for p in seen if p["method"] == "occlusion" and 0 < p["done"] < p["total"]]
+    assert mid, seen[-3:]  # seen while occlusion ran: the images forwarded out of the estimate
+    assert all(0.5 <= p["fraction"] < 1 and p["eta"] and "occluded forwards" in p["estimate"] for p in mid)
+    # 224 px, window 16, stride 8: 27 x 27 windows + the unoccluded image
+    occ = next(m for m in box["r"].json()["methods"] if m["name"] == "occlusion")
+    assert occ["estimate"].startswith("≈730 occluded forwards, ~")
+    assert client.get("/api/progress/nobody").json()["state"] == "unknown"
+
+
+def test_pixel_methods_get_no_box_by_default(photo):
+    client, _, _ = _client()
+    iid = _upload(client, _png(photo)).json()["id"]
+    info = {m["name"]: m for m in client.get("/api/info").json()["methods"]}
+    assert not any(info[m]["box"] for m in ("saliency", "integrated_gradients", "guided_backprop"))
+    assert info["gradcam"]["box"] and info["rise"]["box"] and info["occlusion"]["box"]
+    assert info["scorecam"]["slow"] and info["rise"]["slow"] and not info["gradcam"]["slow"]
+    res = client.post("/api/explain", json={"image_id": iid, "methods": ["saliency", "gradcam"], "explain": 1}).json()
+    assert {m["name"]: m["box"] for m in res["methods"]} == {"saliency": False, "gradcam": True}
+    figs = {}
+    for name in ("saliency", "gradcam"):
+        rid = client.post("/api/explain", json={"image_id": iid, "methods": [name], "explain": 1}).json()["id"]
+        for pb in (False, True):
+            png = client.get(f"/api/result/{rid}/figure.png", params={"threshold": 0.3, "pixel_boxes": pb}).content
+            figs[name, pb] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert not np.array_equal(figs["saliency", False], figs["saliency", True])  # the box only when asked
+    assert np.array_equal(figs["gradcam", False], figs["gradcam", True])  # a layer map's box always

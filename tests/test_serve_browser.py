@@ -141,6 +141,14 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
     wait = WebDriverWait(d, 120)
     d.get(server)
     wait.until(lambda d: d.find_elements(By.ID, "method-gradcam"))
+    # only the methods that apply to the model are offered: no attention method, no D-RISE for a CNN
+    wait.until(lambda d: "CNN classifier" in (d.find_element(By.ID, "method-note").get_attribute("title") or ""))
+    offered = {
+        lb.get_attribute("data-method")
+        for lb in d.find_elements(By.CSS_SELECTOR, "#methods label[data-method]")
+        if lb.is_displayed()
+    }
+    assert "gradcam" in offered and not offered & {"attention_rollout", "generic_attention", "drise"}
 
     def upload(path: Path) -> None:
         d.find_element(By.ID, "file-input").send_keys(str(path))

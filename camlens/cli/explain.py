@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..progress import Estimate, Reporter, reporting
 from .common import (
     EXIT_FAILED,
     check_layer,
@@ -27,6 +28,9 @@ from .common import (
 from .dataset import collect, dataset_options, load_model_seeded
 
 DEFAULT_METHODS = ("gradcam", "cam")
+#: the cost estimate is printed before a method estimated to run this many forwards or seconds
+ESTIMATE_MIN_FORWARDS = 100
+ESTIMATE_MIN_SECONDS = 5.0
 #: more named files than this (e.g. `photos/*.jpg` expanded by the shell) make a dataset run
 MAX_NAMED_FILES = 32
 TASK_METHODS = ("gradcam",)  # detectors and segmenters: CAM needs a GAP + linear classifier head
@@ -270,6 +274,7 @@ def explain_cmd(
         spec = targets if targets is not None else f"top{k}"
         if task or target_specs:  # a detector or segmenter: a target object (camlens.targets)
             spec = parse_targets(target_specs, class_names, task, topk) or spec
+        names = _applicable(net, spec, names, defaulted)  # before any image is read
         work = Work(
             methods=names,
             targets=spec,
@@ -299,6 +304,50 @@ def explain_cmd(
         ctx.close()
     if code:
         sys.exit(code)
+
+
+def _applicable(net, spec, names: list[str], defaulted: bool) -> list[str]:
+    """``names`` less the methods that cannot run on ``net``: refused with the reason and the methods
+    that can (the default methods lose CAM quietly where it does not apply)."""
+    from camlens.errors import CamlensError
+    from camlens.explainer import check_applicable
+    from camlens.methods.registry import get_method
+    from camlens.methods.traits import model_traits
+
+    traits = model_traits(net, spec)
+    infos = [get_method(m) for m in names]
+    if defaulted:
+        return [i.name for i in infos if i.applies(traits)] or names
+    try:
+        check_applicable(infos, traits)
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+    return names
+
+
+class CliEstimates(Reporter):
+    """Prints, once per method, the cost estimate of a slow method before it runs (a
+    :class:`camlens.progress.Reporter`): ``scorecam: ≈1,517 masked forwards, ~3 min here;
+    --option max_channels=64 for ~8 s``."""
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.told: set[str] = set()
+
+    def wants(self, method: str) -> bool:
+        return method not in self.told
+
+    def estimate(self, est: Estimate) -> None:
+        from tqdm import tqdm
+
+        self.told.add(est.method)
+        if est.forwards < ESTIMATE_MIN_FORWARDS and est.seconds < ESTIMATE_MIN_SECONDS:
+            return
+        more = " (for the first batch)" if self.images > 1 else ""
+        tqdm.write(f"estimate{more}: {est.text()}", file=sys.stderr)
+
+    def advance(self, method: str, done: int, total: int) -> None:
+        pass  # the methods' own bars show their progress
 
 
 @dataclass(frozen=True)
@@ -369,16 +418,53 @@ def _summary(n: int, stats, res, writes: Writes, computed: int, written: int | N
     return line + (f"; {n_bad} input(s) failed" if n_bad else "")
 
 
-def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
-    """Stream the records through the pipeline into the store and/or the loose files."""
+def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, opts: dict):
+    """Run the pipeline: into the store (the loose files as extra sinks), or into the loose files."""
     import sys as _sys
 
-    from camlens.errors import CamlensError
     from camlens.localization import DEFAULT_THRESHOLD
+    from camlens.pipeline import dist
+    from camlens.pipeline.run import run_store, stream
+
+    if writes.store:
+        res, stats = run_store(
+            net,
+            ds,
+            writes.out,
+            threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
+            map_dtype=writes.map_dtype,
+            figures=writes.figures,
+            overwrite=writes.overwrite,
+            preprocess=None,
+            progress=work.progress,
+            ctx=ctx,
+            extra_sinks=sinks,
+            argv=_sys.argv[1:],
+            **opts,
+        )
+    else:
+        ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+        stats = stream(
+            net,
+            ds,
+            ids,
+            sinks,
+            progress=work.progress and ctx.is_main and len(ds) >= 4,
+            world=ctx.world,
+            desc="explain",
+            **opts,
+        )
+        stats.failed = [f for part in ctx.gather(stats.failed) for f in part]
+        res = None
+    return res, stats
+
+
+def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
+    """Stream the records through the pipeline into the store and/or the loose files."""
+    from camlens.errors import CamlensError
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
-    from camlens.pipeline import dist
-    from camlens.pipeline.run import FilesSink, run_store, stream
+    from camlens.pipeline.run import FilesSink
     from camlens.pipeline.sources import ImageFiles, without_store
 
     card = card_of(net)
@@ -415,37 +501,10 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         on_error=lambda msg: echo_err(msg),
         method_options=work.options,  # --option KEY=VALUE, typed by the methods' signatures
     )
+    estimates = reporting(CliEstimates(len(ds)) if work.progress and ctx.is_main else None)
     try:
-        if writes.store:
-            res, stats = run_store(
-                net,
-                ds,
-                writes.out,
-                threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
-                map_dtype=writes.map_dtype,
-                figures=writes.figures,
-                overwrite=writes.overwrite,
-                preprocess=None,
-                progress=work.progress,
-                ctx=ctx,
-                extra_sinks=sinks,
-                argv=_sys.argv[1:],
-                **opts,
-            )
-        else:
-            ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
-            stats = stream(
-                net,
-                ds,
-                ids,
-                sinks,
-                progress=work.progress and ctx.is_main and len(ds) >= 4,
-                world=ctx.world,
-                desc="explain",
-                **opts,
-            )
-            stats.failed = [f for part in ctx.gather(stats.failed) for f in part]
-            res = None
+        with estimates:
+            res, stats = _explain_all(net, ds, writes, work, ctx, sinks, opts)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     n_bad = failed + len(stats.failed)

@@ -42,13 +42,28 @@ def models_cmd(pattern):
 
 @click.command("methods")
 @click.option("-v", "--verbose", is_flag=True, help="also show each method's summary and options")
-def methods_cmd(verbose):
-    """List the explanation methods with their kind and paper."""
+@click.option(
+    "--model",
+    default=None,
+    help="only the methods that apply to this zoo model (a CNN classifier, a transformer, a detector, a segmenter)",
+)
+def methods_cmd(verbose, model):
+    """List the explanation methods with their kind, the models they apply to and their paper."""
     import camlens
 
     ms = camlens.methods()
-    rows = [(n, i.kind, i.paper) for n, i in ms.items()]
-    click.echo(table(rows, ("method", "kind", "paper")))
+    skipped = {}
+    if model:
+        from camlens.methods.traits import model_traits
+
+        traits = model_traits(load_model_opts(model, "random", None, "cpu"))  # the traits do not depend on weights
+        skipped = {n: i for n, i in ms.items() if not i.applies(traits)}
+        ms = {n: i for n, i in ms.items() if n not in skipped}
+        click.echo(f"methods for {traits.describe()}:\n")
+    rows = [(n, i.kind, i.applies_to.text, i.paper) for n, i in ms.items()]
+    click.echo(table(rows, ("method", "kind", "models", "paper")))
+    if skipped:
+        click.echo("\nnot for this model: " + ", ".join(f"{n} ({i.applies_to.text})" for n, i in skipped.items()))
     if verbose:
         click.echo("")
         for n, i in ms.items():
@@ -57,7 +72,8 @@ def methods_cmd(verbose):
     click.echo(
         "\nkind: layer = a map from a layer's features (CAM family; transformer tokens are seen as a grid) "
         "or from the attention matrices (attention_rollout, generic_attention); pixel = an attribution per "
-        "input pixel (gradients)."
+        "input pixel (gradients, or the scores of masked copies)."
+        + ("" if model else " `camlens methods --model NAME` lists those for one model.")
     )
 
 

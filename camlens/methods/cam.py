@@ -21,7 +21,7 @@ from torch import nn
 from ..engine import ForwardPass
 from ..errors import HeadError, MethodError
 from ..models.heads import last_linear
-from .registry import MethodOutput, register
+from .registry import CLASSIFIERS, MethodOutput, register
 
 
 def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -91,6 +91,7 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
     summary="class activation map: head weights x last conv features (GAP + linear heads)",
     needs=("features",),
     title="CAM",
+    applies_to=CLASSIFIERS,
 )
 def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput:
     """``M_c = sum_k W[c, k] A_k`` (no ReLU, no bias); see the module docstring."""

@@ -57,7 +57,7 @@ from .._util import gaussian_blur
 from ..engine import ForwardPass, gradient_pass, model_input
 from ..errors import MethodError
 from ..targets import Targets, take_rows
-from .registry import MethodOutput, get_method, register
+from .registry import Cost, MethodOutput, get_method, register
 
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
 QUADRATURES = ("gauss_legendre", "trapezoid")
@@ -172,6 +172,23 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
+def smoothgrad_cost(ctx, *, base: str = "saliency", n_samples: int = 50, steps: int = 128, **_) -> Cost:
+    """``n_samples`` noisy copies of each image, each a forward and a backward (with an Integrated
+    Gradients base: its path points and two scoring forwards per copy)."""
+    N, S = len(ctx.x), _check_positive("n_samples", n_samples)
+    if get_method(base).name == "integrated_gradients":
+        points = N * _check_positive("steps", steps)
+        return Cost(S * (points + 2 * N), "forwards", backwards=S * points)
+    return Cost(N * S, "noisy forwards", backwards=N * S)
+
+
+def ig_cost(ctx, *, steps: int = 128, **_) -> Cost:
+    """``steps`` path points per image (a forward and a backward each) and the baseline's forward."""
+    N = len(ctx.x)
+    points = N * _check_positive("steps", steps)
+    return Cost(points + N, "forwards", backwards=points)
+
+
 @register(
     "smoothgrad",
     paper="Smilkov et al., SmoothGrad: removing noise by adding noise, ICML Workshops 2017",
@@ -179,6 +196,7 @@ def _noise(seed: int, j: int, shape: tuple[int, ...], like: torch.Tensor) -> tor
     kind="pixel",
     needs=(),
     title="SmoothGrad",
+    cost=smoothgrad_cost,
 )
 def smoothgrad(
     ctx: ForwardPass,
@@ -312,6 +330,7 @@ def _integrated(
     needs=(),
     title="Integrated Gradients",
     aliases=("ig",),
+    cost=ig_cost,
 )
 def integrated_gradients(
     ctx: ForwardPass,

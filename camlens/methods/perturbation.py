@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import MethodError
 from ..targets import Detection, take_rows
-from .registry import MethodOutput, register
+from .registry import DETECTORS, Cost, MethodOutput, register
 
 CPU_BATCH = 8
 ACCEL_BATCH = 64
@@ -161,6 +161,24 @@ def _masked_sum(
     return acc / (n_masks * p)
 
 
+def _n_images(ctx) -> int:
+    return len(ctx.x)
+
+
+def masks_cost(ctx, *, n_masks: int = 4000, **_) -> Cost:
+    """RISE and D-RISE: one masked forward per mask and image."""
+    return Cost(int(n_masks) * _n_images(ctx), "masked forwards")
+
+
+def occlusion_cost(ctx, *, window: int = 16, stride: int = 8, **_) -> Cost:
+    """One forward per window position and image, and one of each unoccluded image."""
+    if window < 1 or stride < 1:
+        raise MethodError("window and stride must be >= 1")
+    H, W = ctx.x.shape[-2:]
+    n = len(_positions(H, min(window, H), stride)) * len(_positions(W, min(window, W), stride))
+    return Cost((n + 1) * _n_images(ctx), "occluded forwards")
+
+
 @register(
     "rise",
     paper="Petsiuk et al., RISE, BMVC 2018",
@@ -168,6 +186,8 @@ def _masked_sum(
     kind="pixel",
     needs=(),
     title="RISE",
+    cost=masks_cost,
+    boxes=True,  # smooth maps: the box means something
 )
 def rise(
     ctx,
@@ -207,6 +227,9 @@ def rise(
     needs=(),
     title="D-RISE",
     aliases=("d-rise",),
+    applies_to=DETECTORS,
+    cost=masks_cost,
+    boxes=True,
 )
 def drise(
     ctx,
@@ -262,6 +285,8 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     kind="pixel",
     needs=(),
     title="Occlusion",
+    cost=occlusion_cost,
+    boxes=True,
 )
 def occlusion(
     ctx,

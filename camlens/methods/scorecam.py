@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from ..errors import MethodError
 from ..ops import minmax
 from ..targets import take_rows
-from .registry import MethodOutput, register
+from .registry import Cost, MethodOutput, register
 
 EPS = 1e-8
 PROGRESS_MIN = 256  # masked forwards above which the progress bar shows by default
 CPU_BATCH = 8  # masked images per forward on CPU (cache-friendly)
 ACCEL_BATCH = 64  # ... on GPUs and other accelerators
+CHEAPER_CHANNELS = 64  # the max_channels= the cost estimate suggests for wider layers
 
 
 def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,47 @@ def _input_masks(keys: torch.Tensor, size: tuple[int, int], frames, images: list
     return out
 
 
+def _channel_jobs(A: torch.Tensor, max_channels: int | None, dedupe: bool) -> list:
+    """Per image: which channels, and the unique normalized low-res masks among them:
+    ``[(image index, unique keys (U, h*w), inverse (C',), channel ids (C',))]``."""
+    N, C = A.shape[:2]
+    if max_channels is not None and max_channels < 1:
+        raise MethodError("max_channels must be >= 1")
+    jobs = []
+    for n in range(N):
+        ch = torch.arange(C, device=A.device)
+        if max_channels is not None and max_channels < C:
+            ch = A[n].mean(dim=(1, 2)).topk(max_channels).indices.sort().values
+        keys = _minmax_rows(A[n, ch].flatten(1))
+        if dedupe:
+            uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
+        else:
+            uniq, inv = keys, torch.arange(len(ch), device=A.device)
+        jobs.append((n, uniq, inv, ch))
+    return jobs
+
+
+def _layout_checks(x: torch.Tensor, first_batch: int, tensor_output: bool) -> int:
+    """Images :func:`_masked_logits` forwards a second time to check the channels-last layout."""
+    check = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and first_batch > 1
+    return min(first_batch, 4) if check and tensor_output else 0
+
+
+def scorecam_cost(ctx, *, batch_size=None, max_channels=None, dedupe=True, **_) -> Cost:
+    """One masked forward per distinct channel mask of each image (after ``max_channels`` and the
+    deduplication), and the few images of the layout check; ``max_channels=64`` is suggested above
+    64 channels."""
+    A = ctx.layer_features.detach()
+    with torch.inference_mode():
+        n = sum(len(uniq) for _, uniq, _, _ in _channel_jobs(A, max_channels, dedupe))
+    bs = batch_size or (CPU_BATCH if A.device.type == "cpu" else ACCEL_BATCH)
+    x = ctx.x if isinstance(ctx.x, torch.Tensor) else None
+    tensor_out = ctx.logits is not None or isinstance(getattr(ctx, "output", None), torch.Tensor)
+    n += _layout_checks(x, min(bs, n), tensor_out) if x is not None and n else 0
+    cap = CHEAPER_CHANNELS if A.shape[1] > CHEAPER_CHANNELS and (max_channels or A.shape[1]) > CHEAPER_CHANNELS else 0
+    return Cost(n, "masked forwards", cheaper={"max_channels": cap} if cap else None)
+
+
 @register(
     "scorecam",
     paper="Wang et al., Score-CAM, CVPR Workshops 2020",
@@ -106,6 +148,7 @@ def _input_masks(keys: torch.Tensor, size: tuple[int, int], frames, images: list
     needs=("features",),
     title="Score-CAM",
     aliases=("score-cam",),
+    cost=scorecam_cost,
 )
 def scorecam(
     ctx,
@@ -131,22 +174,9 @@ def scorecam(
         )
     x = ctx.x.detach()
     frames = getattr(ctx, "frames", None)  # a detector: the features cover its resized, padded frame
-    N, C, h, w = A.shape
+    N, _, h, w = A.shape
     H, W = x.shape[-2:]
-    # Per image: which channels, and the unique normalized low-res masks among them.
-    jobs = []  # (image index, unique keys (U, h*w), inverse (C',), channel ids (C',))
-    for n in range(N):
-        ch = torch.arange(C, device=A.device)
-        if max_channels is not None and max_channels < C:
-            if max_channels < 1:
-                raise MethodError("max_channels must be >= 1")
-            ch = A[n].mean(dim=(1, 2)).topk(max_channels).indices.sort().values
-        keys = _minmax_rows(A[n, ch].flatten(1))
-        if dedupe:
-            uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
-        else:
-            uniq, inv = keys, torch.arange(len(ch), device=A.device)
-        jobs.append((n, uniq, inv, ch))
+    jobs = _channel_jobs(A, max_channels, dedupe)
     # All masked forwards, batched across images.
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
     scores_per_job: list[list[torch.Tensor]] = [[] for _ in jobs]

@@ -12,11 +12,13 @@ Every error answers JSON ``{"error": message}`` with a 4xx status (5xx only for 
 keeps serving. Routes (all under ``/api`` except the page)::
 
     GET  /                                   the page           GET  /api/info     models, methods, photos
+    GET  /api/methods?model=                 the methods that apply to a model (and why not the others)
     POST /api/image        upload (raw body, or multipart field "file")      -> image info
     GET  /api/sample/{name}                  a bundled photo    GET  /api/image/{id}.png
-    POST /api/explain      {image_id, model, methods, topk, explain, classes} -> result
+    POST /api/explain      {image_id, model, methods, topk, explain, classes, job} -> result
+    GET  /api/progress/{job}                 fraction done, ETA and cost estimate of a running request
     GET  /api/result/{id}/heat/{method}/{cls}.png?cmap=    GET /api/result/{id}/detail/{method}/{cls}.png
-    GET  /api/result/{id}/figure.png?alpha=&threshold=&cmap=
+    GET  /api/result/{id}/figure.png?alpha=&threshold=&cmap=&pixel_boxes=
     GET  /api/result/{id}/maps/{method}.npy  GET /api/result/{id}/summary.json?threshold=
     POST /api/faithfulness {result_id, method, cls}        -> deletion / insertion curves
 """
@@ -66,6 +68,7 @@ class ExplainRequest(BaseModel):
     topk: int = 5
     explain: int = 2
     classes: list[int] | None = Field(default=None, max_length=32)
+    job: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
 
 class CurveRequest(BaseModel):
@@ -107,6 +110,8 @@ def _result_json(res: Any) -> dict[str, Any]:
                 "title": method_title(m),
                 "kind": info.kind,
                 "signed": res.signed(m) if m in res.methods else None,
+                "box": info.boxes,  # a box means something on this method's maps (not on pixel noise)
+                "estimate": res.estimates.get(m),
                 "cost_ms": None if cost is None else round(cost, 1),
                 "cached": m in res.methods and cost is None,
                 "error": res.errors.get(m),
@@ -178,7 +183,6 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
 
         service = Service(ModelPool({"efficientnet_lite0": lambda: camlens.load_model("efficientnet_lite0")}))
     svc = service
-    lim = svc.limits
     app = FastAPI(title="camlens serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
     if allowed_hosts:
@@ -223,6 +227,15 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
+    _add_input_routes(app, svc)
+    _add_result_routes(app, svc)
+    return app
+
+
+def _add_input_routes(app: FastAPI, svc: Service) -> None:
+    """The routes that list models and methods, take images and report progress."""
+    lim = svc.limits
+
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         import camlens
@@ -240,7 +253,9 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
                     "kind": i.kind,
                     "paper": i.paper,
                     "summary": i.summary,
-                    "slow": i.name in SLOW_METHODS,
+                    "slow": i.name in SLOW_METHODS or i.cost is not None,
+                    "box": i.boxes,
+                    "applies_to": i.applies_to.text,
                 }
                 for i in methods().values()
             ],
@@ -253,6 +268,14 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
                 "max_classes": lim.max_classes,
             },
         }
+
+    @app.get("/api/methods")
+    def methods_for(model: str | None = None) -> dict[str, Any]:
+        return svc.methods_for(model)
+
+    @app.get("/api/progress/{job}")
+    def progress(job: str) -> dict[str, Any]:
+        return svc.progress(job)
 
     @app.post("/api/image")
     async def upload(request: Request) -> dict[str, Any]:
@@ -287,10 +310,20 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
             img = display_copy(img, max(16, min(max_side, 1024)))
         return _png(render.png_bytes(img))
 
+
+def _add_result_routes(app: FastAPI, svc: Service) -> None:
+    """The routes that explain an image and serve the results (PNG, NPY, JSON, curves)."""
+
     @app.post("/api/explain")
     def explain(req: ExplainRequest) -> dict[str, Any]:
         res = svc.explain(
-            req.image_id, req.model, req.methods, topk=req.topk, n_explain=req.explain, classes=req.classes
+            req.image_id,
+            req.model,
+            req.methods,
+            topk=req.topk,
+            n_explain=req.explain,
+            classes=req.classes,
+            job=req.job,
         )
         return _result_json(res)
 
@@ -312,9 +345,11 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
         return _png(render.png_bytes(render.detail_rgb(res, p)))
 
     @app.get("/api/result/{result_id}/figure.png")
-    def figure(result_id: str, alpha: float = 0.5, threshold: float = 0.3, cmap: str = "auto") -> Response:
+    def figure(
+        result_id: str, alpha: float = 0.5, threshold: float = 0.3, cmap: str = "auto", pixel_boxes: bool = False
+    ) -> Response:
         res = svc.result(result_id)
-        data = render.figure_png(res, alpha=alpha, threshold=threshold, cmap=cmap)
+        data = render.figure_png(res, alpha=alpha, threshold=threshold, cmap=cmap, pixel_boxes=pixel_boxes)
         return _png(data, f"{_stem(res.image.name)}_camlens.png")
 
     @app.get("/api/result/{result_id}/maps/{method}.npy")
@@ -342,8 +377,6 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
     @app.post("/api/faithfulness")
     def faithfulness(req: CurveRequest) -> dict[str, Any]:
         return svc.faithfulness(req.result_id, req.method, req.cls)
-
-    return app
 
 
 async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..methods.registry import get_method
 from .service import PIXEL_PERCENTILE, THRESHOLDS, Panel, Result, ServeError, method_title
 
 #: colormaps offered by the page; "auto" picks DIVERGING_DEFAULT for signed maps, SEQUENTIAL_DEFAULT otherwise
@@ -105,9 +106,12 @@ def panel_title(result: Result, panel: Panel) -> str:
     return f"{name} {panel.prob:.1%}" + (f" (top-{r})" if r else "")
 
 
-def figure_png(result: Result, *, alpha: float = 0.5, threshold: float = 0.3, cmap: str = "auto") -> bytes:
+def figure_png(
+    result: Result, *, alpha: float = 0.5, threshold: float = 0.3, cmap: str = "auto", pixel_boxes: bool = False
+) -> bytes:
     """The page's view as one PNG: a row per method (its cost in the row title), the photo then one
-    overlay per explained class with its box at ``threshold``; pixel methods add their detail."""
+    overlay per explained class with its box at ``threshold`` (only for methods whose box means
+    something, unless ``pixel_boxes``: not on pixel-noise maps); pixel methods add their detail."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -137,7 +141,8 @@ def figure_png(result: Result, *, alpha: float = 0.5, threshold: float = 0.3, cm
                 continue
             heat = heat_rgb(result, p, cmap).astype(np.float32)
             ov = np.clip((1 - alpha) * img.astype(np.float32) + alpha * heat + 0.5, 0, 255).astype(np.uint8)
-            ov = draw_boxes(ov, np.asarray(p.boxes[ti]))
+            if pixel_boxes or get_method(m).boxes:
+                ov = draw_boxes(ov, np.asarray(p.boxes[ti]))
             axes[r, col].imshow(ov)
             axes[r, col].set_title(panel_title(result, p), fontsize=8)
             col += 1

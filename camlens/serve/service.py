@@ -41,13 +41,14 @@ from torch import nn
 
 from ..errors import CamlensError
 from ..explanation import Explanation
+from ..progress import Estimate, Reporter, format_seconds, reporting
 
 #: box thresholds offered by the page's slider (fractions of each map's maximum)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
 #: photos bundled with scikit-image offered on the page
 SAMPLES: tuple[str, ...] = ("chelsea", "coffee", "astronaut", "rocket")
 #: methods whose default settings take many passes (the page marks them)
-SLOW_METHODS = frozenset({"scorecam", "smoothgrad", "integrated_gradients"})
+SLOW_METHODS = frozenset({"scorecam", "smoothgrad", "integrated_gradients"})  # and every method with a cost
 #: a pixel-method map clipped at this percentile of |m| before colouring (as camlens.viz does)
 PIXEL_PERCENTILE = 99.5
 
@@ -227,6 +228,83 @@ def offline_zoo_models() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# progress of a request
+# --------------------------------------------------------------------------------------------
+class JobProgress(Reporter):
+    """The progress of one explain request, for the page to poll (``GET /api/progress/{job}``).
+
+    Each of the request's ``n`` methods weighs ``1/n`` of the fraction; within a method, the images
+    forwarded out of its estimate (methods without a declared cost jump from 0 to 1 when done), so
+    the fraction never decreases and ends at 1. ``eta_s``: the current method's remaining time at its
+    measured rate (its estimate before the first forward)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state = "waiting"  # waiting (for the model) -> predicting -> explaining -> done | error
+        self.n_methods = 1
+        self.methods_done = 0
+        self.method: str | None = None
+        self.done = 0
+        self.total = 0
+        self.started = time.perf_counter()
+        self.estimates: dict[str, Estimate] = {}
+
+    def stage(self, state: str, n_methods: int | None = None) -> None:
+        with self._lock:
+            self.state = state
+            if n_methods is not None:
+                self.n_methods = max(1, n_methods)
+
+    def start_method(self, method: str) -> None:
+        with self._lock:
+            self.method, self.done, self.total, self.started = method, 0, 0, time.perf_counter()
+
+    def end_method(self) -> None:
+        with self._lock:
+            self.methods_done = min(self.methods_done + 1, self.n_methods)
+            self.method, self.done, self.total = None, 0, 0
+
+    def estimate(self, est: Estimate) -> None:
+        with self._lock:
+            self.estimates[est.method] = est
+            self.total = est.forwards
+
+    def advance(self, method: str, done: int, total: int) -> None:
+        with self._lock:
+            self.done, self.total = done, total
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            part = min(1.0, self.done / self.total) if self.total else 0.0
+            fraction = 1.0 if self.state == "done" else (self.methods_done + part) / self.n_methods
+            est = self.estimates.get(self.method or "")
+            eta = None
+            if est is not None:
+                elapsed = time.perf_counter() - self.started
+                eta = est.seconds if not self.done else elapsed / self.done * max(0, self.total - self.done)
+            return {
+                "state": self.state,
+                "fraction": round(min(fraction, 1.0), 4),
+                "method": self.method,
+                "methods_done": self.methods_done,
+                "methods": self.n_methods,
+                "done": self.done,
+                "total": self.total,
+                "eta_s": None if eta is None else round(eta, 1),
+                "eta": None if eta is None else format_seconds(eta),
+                "estimate": None if est is None else estimate_text(est),
+            }
+
+
+def estimate_text(est: Estimate) -> str:
+    """``≈1,517 masked forwards, ~3 min here (max_channels=64: ~8 s)`` for the page."""
+    line = f"{est.count()}, ~{format_seconds(est.seconds)} here"
+    if est.cheaper and est.cheaper_seconds is not None:
+        line += f" ({est.cheaper_text('')}: ~{format_seconds(est.cheaper_seconds)})"
+    return line
+
+
+# --------------------------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -367,6 +445,7 @@ class Result:
     predict_ms: float
     channel_order: str = "RGB"
     curves: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    estimates: dict[str, str] = field(default_factory=dict)  # method -> its cost estimate, as shown
 
     def signed(self, method: str) -> bool:
         """Whether ``method``'s maps here take both signs (then a diverging colormap centred at 0 is used)."""
@@ -412,6 +491,7 @@ class Service:
         self.results = LRU(16)
         self._panels = LRU(256)
         self._predictions = LRU(256)
+        self.jobs = LRU(64)  # request id -> JobProgress, polled by the page
 
     # --- images -------------------------------------------------------------------------------
     def _add_image(self, image_id: str, name: str, rgb: np.ndarray) -> ImageEntry:
@@ -447,7 +527,38 @@ class Service:
             raise ServeError(f"unknown or expired result {result_id!r}; explain the image again", 404)
         return got
 
+    # --- methods --------------------------------------------------------------------------------
+    def methods_for(self, model: str | None) -> dict[str, Any]:
+        """The methods that apply to ``model`` (loading it if needed; the check needs no forward), and
+        why the others do not."""
+        from ..methods.registry import methods
+        from ..methods.traits import model_traits
+
+        name = model or self.default_model
+        traits = model_traits(self.pool.entry(name).model)
+        infos = methods()
+        return {
+            "model": name,
+            "describe": traits.describe(),
+            "methods": [n for n, i in infos.items() if i.applies(traits)],
+            "not_applicable": {n: i.applies_to.text for n, i in infos.items() if not i.applies(traits)},
+        }
+
+    def progress(self, job: str) -> dict[str, Any]:
+        got = self.jobs.get(job)
+        return got.snapshot() if got is not None else {"state": "unknown", "fraction": 0.0}
+
     # --- explanations -------------------------------------------------------------------------
+    def _check_applicable(self, net: nn.Module, name: str, meths: Sequence[str]) -> None:
+        from ..explainer import check_applicable
+        from ..methods.registry import get_method
+        from ..methods.traits import model_traits
+
+        try:
+            check_applicable([get_method(m) for m in meths], model_traits(net))
+        except CamlensError as exc:
+            raise ServeError(str(exc), 400) from None
+
     def _check_methods(self, methods: Sequence[str]) -> list[str]:
         from ..methods.registry import get_method
 
@@ -474,39 +585,74 @@ class Service:
         topk: int = 5,
         n_explain: int = 2,
         classes: Sequence[int] | None = None,
+        job: str | None = None,
     ) -> Result:
         """Predict the top-``topk`` classes and explain ``classes`` (default: the ``n_explain`` most
-        probable) with every method; panels already computed for this image and model are reused."""
+        probable) with every method; panels already computed for this image and model are reused.
+        ``job``: an id under which the request's progress can be polled (:meth:`progress`)."""
+        progress = self.jobs.put(job, JobProgress()) if job else JobProgress()
+        try:
+            res = self._explain(image_id, model, methods, topk, n_explain, classes, progress)
+        except BaseException:
+            progress.stage("error")
+            raise
+        progress.stage("done")
+        return res
+
+    def _check_counts(self, topk: int, n_explain: int, classes: Sequence[int] | None) -> list[int] | None:
+        """The request's class counts within the limits; ``classes`` deduplicated."""
+        lim = self.limits.max_classes
+        if not 1 <= topk <= lim or not 1 <= n_explain <= lim:
+            raise ServeError(f"topk and the number of classes to explain must be in 1..{lim}", 400)
+        if classes is None:
+            return None
+        out = list(dict.fromkeys(int(c) for c in classes))
+        if not out or len(out) > lim:
+            raise ServeError(f"explain between 1 and {lim} classes at once", 400)
+        return out
+
+    def _predict(self, net: Any, name: str, img: Any) -> tuple[list[dict[str, Any]], float]:
+        """The most classes a request may ask for, once per image and model (cached); milliseconds."""
+        import camlens
+
+        key = (img.id, name)
+        preds = self._predictions.get(key)
+        t0 = time.perf_counter()
+        if preds is None:
+            try:
+                top = camlens.predict(net, [img.rgb], topk=self.limits.max_classes)[0]
+            except CamlensError as exc:
+                raise ServeError(f"{name} cannot classify this image: {exc}", 422) from None
+            preds = [{"id": c, "name": n, "prob": p, "rank": r + 1} for r, (c, n, p) in enumerate(top)]
+            self._predictions.put(key, preds)
+        return preds, (time.perf_counter() - t0) * 1e3
+
+    def _explain(
+        self,
+        image_id: str,
+        model: str | None,
+        methods: Sequence[str],
+        topk: int,
+        n_explain: int,
+        classes: Sequence[int] | None,
+        progress: JobProgress,
+    ) -> Result:
         import camlens
 
         from ..models.zoo import card_of
 
         name = model or self.default_model
         meths = self._check_methods(methods)
-        lim = self.limits.max_classes
-        if not 1 <= topk <= lim or not 1 <= n_explain <= lim:
-            raise ServeError(f"topk and the number of classes to explain must be in 1..{lim}", 400)
-        if classes is not None:
-            classes = list(dict.fromkeys(int(c) for c in classes))
-            if not classes or len(classes) > lim:
-                raise ServeError(f"explain between 1 and {lim} classes at once", 400)
+        classes = self._check_counts(topk, n_explain, classes)
         img = self.image(image_id)
         cost: dict[str, float | None] = {}
         errors: dict[str, str] = {}
+        self._check_applicable(self.pool.entry(name).model, name, meths)  # before waiting for the model
         with self.pool.use(name) as net:
+            progress.stage("predicting")
             card = card_of(net)
             names = card.class_names if card else None
-            key = (img.id, name)
-            preds = self._predictions.get(key)
-            t0 = time.perf_counter()
-            if preds is None:  # the most classes a request may ask for, once per image and model
-                try:
-                    top = camlens.predict(net, [img.rgb], topk=self.limits.max_classes)[0]
-                except CamlensError as exc:
-                    raise ServeError(f"{name} cannot classify this image: {exc}", 422) from None
-                preds = [{"id": c, "name": n, "prob": p, "rank": r + 1} for r, (c, n, p) in enumerate(top)]
-                self._predictions.put(key, preds)
-            predict_ms = (time.perf_counter() - t0) * 1e3
+            preds, predict_ms = self._predict(net, name, img)
             n_classes = _num_classes(net, names)
             if classes is None:
                 classes = [p["id"] for p in preds[:n_explain]]
@@ -516,7 +662,9 @@ class Service:
             order = card.preprocess.channel_order if card else "RGB"
             fresh: list[tuple[str, Explanation, float]] = []
             have: dict[tuple[str, int], Panel] = {}  # cached panels, held here so no eviction loses them
+            progress.stage("explaining", len(meths))
             for m in meths:
+                progress.start_method(m)
                 for c in classes:
                     got = self._panels.get((img.id, name, m, c))
                     if got is not None:
@@ -524,13 +672,17 @@ class Service:
                 missing = [c for c in classes if (m, c) not in have]
                 if not missing:
                     cost[m] = None  # everything cached
+                    progress.end_method()
                     continue
                 t0 = time.perf_counter()
                 try:
-                    exp = camlens.explain(net, [img.rgb], method=m, targets=[missing])
+                    with reporting(progress):  # the estimate before the work, then its progress
+                        exp = camlens.explain(net, [img.rgb], method=m, targets=[missing])
                 except CamlensError as exc:
                     errors[m] = str(exc)
                     continue
+                finally:
+                    progress.end_method()
                 ms = (time.perf_counter() - t0) * 1e3
                 cost[m] = ms
                 fresh.append((m, exp, ms))
@@ -553,6 +705,7 @@ class Service:
             cost_ms=cost,
             predict_ms=predict_ms,
             channel_order=order,
+            estimates={m: estimate_text(e) for m, e in progress.estimates.items()},
         )
         return self.results.put(res.id, res)
 
@@ -631,6 +784,7 @@ __all__ = [
     "SAMPLES",
     "THRESHOLDS",
     "ImageEntry",
+    "JobProgress",
     "Limits",
     "ModelPool",
     "Panel",

@@ -74,12 +74,13 @@ async function init() {
   $("#server-info").textContent = `camlens ${info.version}`;
   const sel = $("#model");
   for (const m of info.models) sel.append(el("option", { value: m.name, text: m.name, selected: m.name === info.default_model }));
+  sel.addEventListener("change", updateMethodsForModel);
   const box = $("#methods");
   for (const kind of ["layer", "pixel"]) {
     box.append(el("div", { class: "kind", text: kind === "layer" ? "layer (CAM family)" : "pixel" }));
     for (const m of info.methods.filter((x) => x.kind === kind)) {
       const cb = el("input", { type: "checkbox", id: "method-" + m.name, value: m.name, checked: m.name === "gradcam" });
-      box.append(el("label", { title: `${m.paper}: ${m.summary}` }, cb, " " + m.title,
+      box.append(el("label", { title: `${m.paper}: ${m.summary}`, "data-method": m.name }, cb, " " + m.title,
         m.slow ? el("span", { class: "slow", text: " slow" }) : null));
     }
   }
@@ -95,9 +96,39 @@ async function init() {
   $("#opacity").addEventListener("input", updateOpacity);
   $("#threshold").addEventListener("input", updateBoxes);
   $("#show-box").addEventListener("change", updateBoxes);
+  $("#box-pixel").addEventListener("change", updateBoxes);
   $("#cmap").addEventListener("change", updateHeat);
   updateOpacity();
   updateBoxes();
+  updateMethodsForModel();
+}
+
+// offer only the methods that apply to the chosen model (the server's registry check, no forward pass)
+async function updateMethodsForModel() {
+  const model = $("#model").value;
+  const note = $("#method-note");
+  note.textContent = `checking which methods apply to ${model}…`;
+  try {
+    const r = await api(`api/methods?model=${encodeURIComponent(model)}`);
+    if ($("#model").value !== model) return;  // the choice changed meanwhile
+    for (const label of document.querySelectorAll("#methods label[data-method]")) {
+      const ok = r.methods.includes(label.dataset.method);
+      const cb = $("input", label);
+      label.hidden = !ok;
+      cb.disabled = !ok;
+      if (!ok) cb.checked = false;
+    }
+    const why = {};  // reason -> the methods it rules out
+    for (const [name, reason] of Object.entries(r.not_applicable)) (why[reason] = why[reason] || []).push(name);
+    const off = Object.entries(why).map(([reason, names]) => `${names.join(", ")} (for ${reason})`);
+    const n = Object.keys(r.not_applicable).length;
+    note.textContent = n ? `${n} method${n > 1 ? "s" : ""} not for this model (hover)` : "";
+    note.title = `${r.describe}` + (off.length ? `; not offered: ${off.join("; ")}` : "");
+    note.dataset.describe = r.describe;
+  } catch (e) {
+    note.textContent = "";
+    showError(e.message, e.status);
+  }
 }
 
 function wireUpload() {
@@ -155,7 +186,38 @@ function setImage(info) {
 
 // ---------------------------------------------------------------------------------------- explain
 function chosenMethods() {
-  return [...document.querySelectorAll("#methods input:checked")].map((c) => c.value);
+  return [...document.querySelectorAll("#methods input:checked:not(:disabled)")].map((c) => c.value);
+}
+
+function newJobId() {
+  return "j" + Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+}
+
+// poll the request's progress: fraction done, ETA and the method's cost estimate
+function watchProgress(job, methods) {
+  let stopped = false;
+  const bar = $("#progress");
+  bar.value = 0;
+  bar.hidden = false;
+  const tick = async () => {
+    if (stopped) return;
+    try {
+      const p = await api(`api/progress/${job}`);
+      if (stopped) return;
+      if (p.state === "explaining" || p.state === "predicting" || p.state === "waiting") {
+        bar.value = p.fraction;
+        const what = p.method ? `${p.method} (${p.methods_done + 1} of ${p.methods})` : p.state;
+        const parts = [`${what}: ${Math.round(100 * p.fraction)}% done`];
+        if (p.eta) parts.push(`about ${p.eta} left`);
+        if (p.estimate) parts.push(p.estimate);
+        setStatus("busy", parts.join(" · "));
+        bar.title = parts.join(" · ");
+      }
+    } catch (e) { /* a missed poll is harmless */ }
+    if (!stopped) setTimeout(tick, 400);
+  };
+  setTimeout(tick, 200);
+  return () => { stopped = true; bar.hidden = true; };
 }
 
 async function runExplain(classes) {
@@ -170,10 +232,12 @@ async function runExplain(classes) {
     topk: 5,
     explain: Math.max(1, Math.min(5, parseInt($("#n-explain").value, 10) || 2)),
     classes,
+    job: newJobId(),
   };
   setStatus("busy", `explaining with ${methods.join(", ")}… (a request waits while the model is busy)`);
   $("#explain-btn").disabled = true;
   const t0 = performance.now();
+  const stop = watchProgress(body.job, methods);
   try {
     const res = await api("api/explain", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
     state.result = res;
@@ -184,6 +248,7 @@ async function runExplain(classes) {
   } catch (e) {
     showError(e.message, e.status);
   } finally {
+    stop();
     $("#explain-btn").disabled = false;
   }
 }
@@ -203,7 +268,9 @@ function render(res) {
     }
     const cost = m.cost_ms === null ? "cached (no new work)" : `${fmtMs(m.cost_ms)} for this request`;
     head.append(el("span", { class: "cost", "data-ms": m.cost_ms === null ? "" : m.cost_ms,
-      text: `${cost}${m.signed ? " · signed map: diverging colours centred at 0" : ""}` }));
+      text: `${cost}${m.estimate ? ` (estimated ${m.estimate})` : ""}` +
+        `${m.signed ? " · signed map: diverging colours centred at 0" : ""}` +
+        `${m.box ? "" : " · no box by default (pixel-level map)"}` }));
     row.append(head);
     const cells = el("div", { class: "cells" });
     for (const c of res.classes) {
@@ -253,6 +320,7 @@ function renderPanel(res, m, p) {
     el("div", { class: "caption" }, el("b", { text: p.title }),
       el("span", { text: ` · logit ${p.score.toFixed(2)}` + (p.classes_in_call > 1 ? ` · ${fmtMs(p.ms)} for ${p.classes_in_call} classes` : ` · ${fmtMs(p.ms)}`) })));
   panel._boxes = p.boxes;
+  panel._box = m.box;
   if (p.detail_url) panel.append(el("img", { class: "detail", src: p.detail_url, alt: `${m.title} pixel detail` }),
     el("div", { class: "caption", text: "pixel detail: the attribution as colour (grey = 0)" }));
   const faith = el("div", { class: "faith" });
@@ -280,11 +348,12 @@ function updateBoxes() {
   const t = parseFloat($("#threshold").value);
   $("#threshold-value").textContent = t.toFixed(2);
   const show = $("#show-box").checked;
+  const pixel = $("#box-pixel").checked;
   const i = thresholdIndex();
   for (const panel of document.querySelectorAll(".panel")) {
     const rect = $("rect.box", panel);
     const b = panel._boxes ? panel._boxes[i] : null;
-    if (!b || !show || b[0] < 0) {
+    if (!b || !show || b[0] < 0 || !(panel._box || pixel)) {
       rect.setAttribute("visibility", "hidden");
       rect.dataset.box = b ? b.join(",") : "";
       continue;
@@ -308,7 +377,8 @@ function updateHeat() {
 function updateDownloads() {
   const res = state.result;
   if (!res) return;
-  const q = new URLSearchParams({ alpha: $("#opacity").value, threshold: state.thresholds[thresholdIndex()], cmap: $("#cmap").value });
+  const q = new URLSearchParams({ alpha: $("#opacity").value, threshold: state.thresholds[thresholdIndex()], cmap: $("#cmap").value,
+    pixel_boxes: $("#box-pixel").checked });
   $("#download-figure").href = `${res.figure_url}?${q}`;
   $("#download-json").href = `${res.summary_url}?threshold=${state.thresholds[thresholdIndex()]}`;
 }
