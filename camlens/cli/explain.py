@@ -338,6 +338,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     import sys as _sys
 
     from camlens.errors import CamlensError
+    from camlens.explanation import RANDOM_WEIGHTS
     from camlens.localization import DEFAULT_THRESHOLD
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
@@ -379,9 +380,10 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
                 head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
                 echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
             return
+        note = f" ({RANDOM_WEIGHTS}: these classes and probabilities mean nothing)" if first.random_weights else ""
         for stem, top in zip(batch.names, first.top(5), strict=True):
             rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
-            echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
+            echo(f"{stem}{note}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
 
     opts = dict(
         methods=work.methods,
@@ -435,6 +437,8 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         n = len(ds)
         ok = n - len(stats.failed)
         line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
+        if card is not None and card.extra.get("weights") == "random":
+            line += f" ({RANDOM_WEIGHTS})"
         if res is not None:
             line += (
                 f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
