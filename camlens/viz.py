@@ -774,6 +774,69 @@ def explanation_figure(
     return fig
 
 
+def _as_methods(exps) -> dict[str, Explanation]:
+    """An Explanation, a ``{method: Explanation}`` dict (``explain(method=[...])``) or a list -> a dict."""
+    if isinstance(exps, Explanation):
+        return {exps.method: exps}
+    if isinstance(exps, dict):
+        items = dict(exps)
+    else:
+        items = {e.method: e for e in exps}
+    if not items or not all(isinstance(e, Explanation) for e in items.values()):
+        raise InputError("montage needs an Explanation, a list of them or explain(method=[...])'s dict")
+    return items
+
+
+def montage(
+    explanations,
+    index: int = 0,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    shared_scale: bool = False,
+    cell: float = 2.4,
+) -> Figure:
+    """One image's explanations as one figure for a paper: a row per method (its title at the left),
+    the photo then a column per target class (its true rank, name and probability on top).
+
+    ``explanations``: ``camlens.explain(model, image, method=["gradcam", "cam"], targets="top3")``
+    (a dict), a list of explanations of the same image(s), or one explanation. Every map follows
+    :func:`color_scale`; ``shared_scale=True`` gives each row (method) one scale across its classes
+    (:func:`shared_color_scale`) and one colorbar, else each panel has its own colorbar. Methods
+    keep separate scales: their maps are in different units.
+    """
+    rows = _as_methods(explanations)
+    first = next(iter(rows.values()))
+    n = len(first)
+    if not -n <= index < n or any(len(e) != n for e in rows.values()):
+        raise InputError(f"index {index} out of range, or the explanations differ in their number of images ({n})")
+    img = _image_of(first, index)
+    k = max(1 if e.class_agnostic else e.shape[1] for e in rows.values())
+    same = all(torch.equal(e.classes[index].cpu(), first.classes[index].cpu()) for e in rows.values())
+    fig, axes = _grid(len(rows) * (k + 1), k + 1, cell, img.shape[0] / img.shape[1], extra_h=0.35)
+    for r, exp in enumerate(rows.values()):
+        ax_row = axes[r * (k + 1) : (r + 1) * (k + 1)]
+        _panel(ax_row[0], img, _source_title(exp, index) if r == 0 else None, fontsize=9)
+        ax_row[0].set_ylabel(_method_title(exp).split(" · ")[0], fontsize=10)
+        kr = 1 if exp.class_agnostic else exp.shape[1]
+        scales = _scales(exp, index, cmap, shared_scale)
+        for j in range(k):
+            ax = ax_row[1 + j]
+            if j >= kr:
+                ax.set_visible(False)
+                continue
+            shown, scale = _render(exp, index, j, img, alpha, cmap, scales[j])
+            _panel(ax, shown, target_label(exp, index, j) if r == 0 or not same else None, fontsize=9)
+            if not shared_scale:
+                _colorbar(fig, ax, scale)
+        if shared_scale:
+            _colorbar(fig, ax_row[1 : 1 + kr], scale, fraction=0.02)
+    model = first.model_name or ""
+    rnd = f" ({RANDOM_WEIGHTS})" if first.random_weights else ""
+    fig.suptitle(f"{model}{rnd}" + (" · one colour scale per method" if shared_scale else ""), fontsize=11)
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # Detection and segmentation figures
 # --------------------------------------------------------------------------------------------
@@ -1492,14 +1555,17 @@ def _save_overlay(img, m, path: Path, scale: ColorScale, boxes, meta: dict[str, 
 
 
 __all__ = [
+    "ColorScale",
     "attribution_heat",
     "attribution_rgb",
     "batch_grid",
     "boxes_figure",
+    "color_scale",
     "colorize",
     "colormap_lut",
     "detection_figure",
     "explanation_figure",
+    "montage",
     "normalize",
     "output_paths",
     "overlay",
@@ -1512,6 +1578,7 @@ __all__ = [
     "save_figure",
     "save_png",
     "segmentation_figure",
+    "shared_color_scale",
     "target_label",
     "topk_figure",
     "unique_names",

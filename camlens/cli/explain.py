@@ -139,7 +139,14 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @dataset_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
-@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
+@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap (maps of one sign)")
+@click.option(
+    "--shared-scale",
+    is_flag=True,
+    help="one colour scale for the classes of an image (per method): a weaker class is drawn weaker; "
+    "the range is in the PNG's colorbar and the JSON's color_scales",
+)
+@click.option("--no-colorbar", is_flag=True, help="PNG overlays without the colorbar under the title")
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
 @method_option
@@ -165,6 +172,8 @@ def explain_cmd(
     map_dtype,
     alpha,
     cmap,
+    shared_scale,
+    no_colorbar,
     recursive,
     quiet,
     method_options,
@@ -184,6 +193,11 @@ def explain_cmd(
     unless --overwrite. Under `torchrun --nproc-per-node=N -m camlens explain DATA --out OUT` the
     ranks share the images.
 
+    Every PNG has a colorbar in the map's units; maps with both signs are drawn red/blue around zero,
+    maps of one sign with the whole colormap (--shared-scale: one scale per image and method).
+    --figures montage writes one STEM_montage.png per image: a row per method, a column per class.
+    A model with --weights random is said to be so in the table, the titles and the JSON.
+
     Unreadable images are reported by name and skipped; the exit code is 1 if any input failed.
 
     \b
@@ -191,6 +205,7 @@ def explain_cmd(
       camlens explain                                  # the cat photo, Grad-CAM and CAM, top-2
       camlens explain photos/ --method gradcam++ --topk 3 --out results
       camlens explain 'data/**/*.jpg' --class "tabby cat" --figures overlay
+      camlens explain --method gradcam --method cam --topk 3 --figures montage --shared-scale
       torchrun --nproc-per-node=2 -m camlens explain val/ --out store
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
@@ -226,7 +241,7 @@ def explain_cmd(
         fmts = [f for f in fmts if f != "png"]
     store = "store" in fmts
     loose = [f for f in fmts if f in ("npy", "json")]
-    if fig != "none" and not store:
+    if fig not in ("none", "montage") and not store:
         loose.append("png")
     ctx = dist.setup(dist.local_device(resolve_device(device)))
     failed = len(inputs.problems)
@@ -241,6 +256,8 @@ def explain_cmd(
     # every loose output is checked before any work, so nothing is half-written when one already
     # exists (with --class the file names carry class names, known once the model is loaded)
     def check(labels: list[str]) -> None:
+        if fig == "montage" and not store:
+            check_overwrite(montage_paths(out, stems), overwrite)
         if not loose:
             return
         plan = [
@@ -293,6 +310,8 @@ def explain_cmd(
             cmap=cmap,
             suffix=suffix,
             map_dtype=map_dtype,
+            colorbar=not no_colorbar,
+            shared_scale=shared_scale,
         )
         code = _run(net, inputs, work, writes, failed, ctx)
     finally:
@@ -331,6 +350,61 @@ class Writes:
     cmap: str
     suffix: str
     map_dtype: str
+    colorbar: bool = True
+    shared_scale: bool = False
+
+    def look(self) -> dict[str, Any]:
+        """The PNGs' options for :func:`camlens.viz.save_explanation`."""
+        return dict(alpha=self.alpha, cmap=self.cmap, colorbar=self.colorbar, shared_scale=self.shared_scale)
+
+
+def montage_paths(out, stems) -> list:
+    """``OUT/STEM_montage.png`` per image (``--figures montage``)."""
+    from pathlib import Path
+
+    return [Path(out) / f"{s}_montage.png" for s in stems]
+
+
+def _figure_sinks(writes: Writes) -> list:
+    """Sinks for the figures: a dataset run's go to ``OUT/figures`` (with the store), a montage is one
+    PNG per image; per-class overlays of named files are part of the loose files."""
+    from pathlib import Path
+
+    from camlens.pipeline.run import FilesSink
+    from camlens.pipeline.store import FIGURES_DIR
+
+    where = Path(writes.out) / FIGURES_DIR if writes.store else Path(writes.out)
+    if writes.figures == "montage":
+        return [MontageSink(where, overwrite=writes.overwrite or writes.store, look=writes.look())]
+    if writes.store and writes.figures != "none":
+        top = 1 if writes.figures == "overlay" else None
+        return [FilesSink(where, ["png"], top=top, overwrite=True, threshold=writes.threshold, **writes.look())]
+    return []
+
+
+class MontageSink:
+    """``--figures montage``: one ``STEM_montage.png`` per image (:func:`camlens.viz.montage`)."""
+
+    def __init__(self, directory, *, overwrite: bool, look: dict[str, Any]):
+        self.directory, self.overwrite, self.look = directory, overwrite, look
+        self.written = 0
+
+    def write(self, res) -> None:
+        from camlens.viz import montage, save_figure
+
+        exps = {
+            m: e.replace(images=res.batch.images, sources=list(res.batch.names)) for m, e in res.explanations.items()
+        }
+        for i, stem in enumerate(res.batch.names):
+            fig = montage(
+                exps, i, alpha=self.look["alpha"], cmap=self.look["cmap"], shared_scale=self.look["shared_scale"]
+            )
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_figure(fig, self.directory / f"{stem}_montage.png", overwrite=self.overwrite)
+            self.written += 1
+
+    def close(self) -> None:
+        pass
 
 
 def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
@@ -360,11 +434,12 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
             overwrite=writes.overwrite,
             threshold=writes.threshold,
             boxes=writes.boxes,
-            alpha=writes.alpha,
-            cmap=writes.cmap,
             suffix=writes.suffix,
+            **writes.look(),
         )
         sinks.append(files)
+    figure_sinks = _figure_sinks(writes)
+    sinks += figure_sinks
 
     def after(batch, res):  # the top-5 table from the explaining forward's own logits: no second forward
         first = next(iter(res.values()))
@@ -405,7 +480,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
                 writes.out,
                 threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
                 map_dtype=writes.map_dtype,
-                figures=writes.figures,
+                figures="none",  # drawn by figure_sinks, with the PNG options of this command
                 overwrite=writes.overwrite,
                 preprocess=None,
                 progress=work.progress,
@@ -432,7 +507,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         raise click.ClickException(str(exc)) from None
     n_bad = failed + len(stats.failed)
     computed = int(ctx.sum_ints([stats.computed])[0])
-    written = int(ctx.sum_ints([files.written if files else 0])[0])
+    written = int(ctx.sum_ints([(files.written if files else 0) + sum(s.written for s in figure_sinks)])[0])
     if ctx.is_main:
         n = len(ds)
         ok = n - len(stats.failed)
@@ -444,7 +519,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
                 f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
                 f"({len(res.table)} rows: results.parquet, maps.zarr)"
             )
-            if files:
+            if files or figure_sinks:
                 line += f"; wrote {written} file(s)"
         else:
             line += f"; wrote {written} file(s) to {writes.out}"

@@ -367,6 +367,7 @@ class Result:
     predict_ms: float
     channel_order: str = "RGB"
     curves: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    random_weights: bool = False  # the model's weights are random: the page and the files say so
 
     def signed(self, method: str) -> bool:
         """Whether ``method``'s maps here take both signs (then a diverging colormap centred at 0 is used)."""
@@ -553,6 +554,7 @@ class Service:
             cost_ms=cost,
             predict_ms=predict_ms,
             channel_order=order,
+            random_weights=bool(card and card.extra.get("weights") == "random"),
         )
         return self.results.put(res.id, res)
 
