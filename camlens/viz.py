@@ -237,7 +237,7 @@ def color_scale(
     return ColorScale("sequential", lo, hi, cmap, pixel)
 
 
-def shared_color_scale(maps: Sequence, **kwargs: Any) -> ColorScale:
+def shared_color_scale(maps: Sequence | torch.Tensor | np.ndarray, **kwargs: Any) -> ColorScale:
     """One :func:`color_scale` for several maps (the classes of one image, one method), anchored at
     zero, so that a map's colours say how strong it is next to the others: on a shared sequential
     scale ``[0, M]`` (``M`` the largest value of all), a map whose maximum is half of ``M`` reaches half
