@@ -18,7 +18,7 @@ from camlens.models.preprocess import Preprocess
 pytest.importorskip("pyarrow")
 pytest.importorskip("zarr")
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_job import tiny_model  # noqa: E402
+from pipeline_job import tiny_model
 
 PP = Preprocess(size=(24, 24))
 

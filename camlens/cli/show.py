@@ -33,7 +33,7 @@ def show_cmd(store, image, method, out, shared_scale, overwrite):
     try:
         res = open_results(store)
         exps = res.explanations(image)
-        name = next(iter(exps.values())).sources[0]  # type: ignore[index]
+        name = (next(iter(exps.values())).sources or ["image"])[0]
         what = method or (next(iter(exps)) if len(exps) == 1 else "montage")
         path = Path(out) if out else Path(f"{name}_{what}.png")
         check_overwrite([path], overwrite)
