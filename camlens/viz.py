@@ -1382,6 +1382,7 @@ def save_explanation(
     compress_level: int = PNG_COMPRESS_LEVEL,
     colorbar: bool = True,
     shared_scale: bool = False,
+    map_size: str = "input",
 ) -> list[Path]:
     """Write an explanation to ``directory`` (created when missing); returns the written paths.
 
@@ -1402,7 +1403,9 @@ def save_explanation(
       without matplotlib figures (the fast path; no title band, no colorbar; the title stays in
       the ``Title`` text field).
       ``compress_level``: the PNGs' zlib level (default :data:`PNG_COMPRESS_LEVEL`, for speed).
-    * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size.
+    * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size
+      (``map_size="input"``, the default), or resized bilinearly to the photo's own height and
+      width (``map_size="photo"``: the frame of the boxes, for images given as files or arrays).
     * ``json``: ``{stem}_{m}.json`` — classes, class names, scores (logits), probabilities, boxes
       (image and map pixels, at ``threshold``), method, layer, model, ``random_weights``, each map's
       raw ``value_range`` ``[min, max]`` and the ``color_scales`` the PNGs use, camlens and torch versions.
@@ -1416,6 +1419,8 @@ def save_explanation(
         raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
     if suffix not in ("rank", "class", "auto"):
         raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {suffix!r}")
+    if map_size not in ("input", "photo"):
+        raise InputError(f"map_size must be 'input' (the model's input size) or 'photo', not {map_size!r}")
     if suffix == "auto":
         suffix = "rank" if is_topk(exp) else "class"
     if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
@@ -1465,6 +1470,8 @@ def save_explanation(
         if "npy" in fmts:
             p = plan[i]["npy"][0]
             arr = maps_i.detach().float().cpu().numpy()
+            if map_size == "photo" and exp.images and tuple(img.shape[:2]) != size:  # the boxes' frame
+                arr = np.stack([resize_map(mj, img.shape[:2]) for mj in arr])
             atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
@@ -1475,7 +1482,7 @@ def save_explanation(
                 "layer": exp.layer,
                 "model": exp.model_name,
                 "image_size": list(img.shape[:2]) if exp.images else None,
-                "map_size": list(size),
+                "map_size": list(img.shape[:2]) if map_size == "photo" and exp.images else list(size),
                 "classes": [int(c) for c in exp.classes[i].tolist()],
                 "class_names": labels[i],
                 "scores": [float(v) for v in exp.scores[i].tolist()],

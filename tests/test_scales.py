@@ -174,6 +174,7 @@ def test_cli_montage_and_shared_scale(tmp_path, tiny_png):
     out = tmp_path / "o"
     args = ["explain", str(tiny_png), "--model", "efficientnet_lite0", "--weights", "random", "--out", str(out)]
     args += ["--method", "gradcam", "--method", "cam", "--topk", "2", "--figures", "montage", "--shared-scale"]
+    args += ["--map-size", "photo"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "random weights" in r.output  # the top-5 table and the last line
@@ -182,6 +183,21 @@ def test_cli_montage_and_shared_scale(tmp_path, tiny_png):
     assert not list(out.glob("*_top1.png"))
     js = json.loads((out / f"{tiny_png.stem}_gradcam.json").read_text())
     assert js["random_weights"] is True and js["color_scales"][0]["shared"] is True
+    assert np.load(out / f"{tiny_png.stem}_cam.npy").shape == (2, 40, 60) and js["map_size"] == [40, 60]
+
+
+def test_maps_saved_at_the_photo_size(tmp_path):
+    exp = _exp(maxima=(4.0, 1.0), img=(30, 40))
+    (npy,) = exp.save(tmp_path / "in", formats="npy")
+    assert np.load(npy).shape == (2, 16, 16)  # the default: the model's input size
+    (npy, js) = exp.save(tmp_path / "photo", formats="npy,json", map_size="photo")
+    arr = np.load(npy)
+    assert arr.shape == (2, 30, 40)
+    np.testing.assert_allclose(arr[1], viz.resize_map(exp.map(0, 1), (30, 40)))
+    summary = json.loads(js.read_text())
+    assert summary["map_size"] == [30, 40] and summary["image_size"] == [30, 40]
+    with pytest.raises(camlens.CamlensError, match="map_size"):
+        exp.save(tmp_path / "bad", map_size="native")
 
 
 # ------------------------------------------------------------------------------------- random weights

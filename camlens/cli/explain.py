@@ -147,6 +147,13 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     "the range is in the PNG's colorbar and the JSON's color_scales",
 )
 @click.option("--no-colorbar", is_flag=True, help="PNG overlays without the colorbar under the title")
+@click.option(
+    "--map-size",
+    type=click.Choice(["input", "photo"]),
+    default="input",
+    show_default=True,
+    help=".npy maps at the model's input size, or resized to the photo's own size (the boxes' frame)",
+)
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
 @method_option
@@ -174,6 +181,7 @@ def explain_cmd(
     cmap,
     shared_scale,
     no_colorbar,
+    map_size,
     recursive,
     quiet,
     method_options,
@@ -240,6 +248,12 @@ def explain_cmd(
         fig = figures if figures != "auto" else ("all" if "png" in fmts else "none")
         fmts = [f for f in fmts if f != "png"]
     store = "store" in fmts
+    if map_size == "photo" and store:
+        raise click.BadParameter(
+            "the result store keeps every map at the model's input size (one array for all images); "
+            "use --format npy,json for maps at each photo's size",
+            param_hint="--map-size",
+        )
     loose = [f for f in fmts if f in ("npy", "json")]
     if fig not in ("none", "montage") and not store:
         loose.append("png")
@@ -312,6 +326,7 @@ def explain_cmd(
             map_dtype=map_dtype,
             colorbar=not no_colorbar,
             shared_scale=shared_scale,
+            map_size=map_size,
         )
         code = _run(net, inputs, work, writes, failed, ctx)
     finally:
@@ -352,6 +367,7 @@ class Writes:
     map_dtype: str
     colorbar: bool = True
     shared_scale: bool = False
+    map_size: str = "input"  # .npy maps at the model's input size or the photo's
 
     def look(self) -> dict[str, Any]:
         """The PNGs' options for :func:`camlens.viz.save_explanation`."""
@@ -435,6 +451,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
             threshold=writes.threshold,
             boxes=writes.boxes,
             suffix=writes.suffix,
+            map_size=writes.map_size,
             **writes.look(),
         )
         sinks.append(files)
