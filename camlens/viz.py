@@ -232,8 +232,8 @@ def color_scale(
         return ColorScale("negative", -lim, 0.0, diverging_cmap, pixel)
     if pixel:
         lo, hi = (float(q) for q in np.percentile(v, [100 - PIXEL_PERCENTILE, PIXEL_PERCENTILE]))
-    if anchored:
-        lo = min(0.0, lo)
+    if anchored:  # from 0: values below it (within the sign tolerance) take the first colour
+        lo = 0.0
     return ColorScale("sequential", lo, hi, cmap, pixel)
 
 
