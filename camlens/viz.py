@@ -866,7 +866,7 @@ def detection_figure(
         m = exp.map(index, k)
         if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
             m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
-        _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
+        _panel(ax, render_map(img, m, alpha=alpha, cmap=cmap)[0], _task_title(exp, index, k))  # the colour rule
         _add_boxes(ax, np.round(boxes[k]))
     if not keep:
         _panel(axes[0], img, "no box to explain")
@@ -883,7 +883,7 @@ def segmentation_figure(
     keep = list(range(masks.shape[0]))
     img, fig, axes = _task_panels(exp, index, keep, cell)
     for ax, k in zip(axes, keep):
-        _panel(ax, overlay(img, exp.map(index, k), alpha, cmap), _task_title(exp, index, k))
+        _panel(ax, render_map(img, exp.map(index, k), alpha=alpha, cmap=cmap)[0], _task_title(exp, index, k))
         mt = torch.from_numpy(masks[k].astype(np.float32))[None, None]
         mk = F.interpolate(mt, size=img.shape[:2], mode="nearest")[0, 0].numpy()
         if mk.max() > 0.5 > mk.min():
