@@ -8,8 +8,12 @@ displays itself as the cell's result.
   rounding -> 0, never NaN): the function behind every overlay and colour map.
 * :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
 * :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
+* :func:`color_scale` — THE colour rule of every picture: both signs -> diverging around zero, one
+  sign -> the whole colormap; :func:`shared_color_scale` — one scale for an image's classes;
+  :func:`render_map` — a map over its photo by that rule (figures, saved PNGs, the montage).
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
-  :func:`explanation_figure` — the layouts; :func:`save_explanation` — PNG, ``.npy`` and JSON.
+  :func:`explanation_figure`, :func:`montage` (methods x classes) — the layouts;
+  :func:`save_explanation` — PNG (with a colorbar), ``.npy`` and JSON.
 """
 
 from __future__ import annotations
