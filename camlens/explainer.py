@@ -288,6 +288,8 @@ def explain(
             else:
                 lazy = maps.detach().float()
             extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
+            if card is not None and card.extra.get("weights") == "random":
+                extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
             extras.update(out.extras)
             if isinstance(x, list):
                 extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]

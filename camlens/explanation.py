@@ -92,6 +92,9 @@ class _MapsField:
         obj.__dict__.pop("_maps_cache", None)
 
 
+#: what titles, tables and summaries say of a model whose weights are random (``weights="random"``)
+RANDOM_WEIGHTS = "random weights"
+
 #: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
 PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes")
 
@@ -119,7 +122,8 @@ class Explanation:
         extras: method-specific results (e.g. Integrated Gradients' completeness error), and what
             a target object adds: ``"boxes"`` ``(N, K, 4)`` explained boxes of a detector (original
             pixels, NaN rows: padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
-            segmenter, ``"image_sizes"`` for a batch of different-size images.
+            segmenter, ``"image_sizes"`` for a batch of different-size images, ``"weights":
+            "random"`` when the model's card says its weights are random (:attr:`random_weights`).
         ranks: ``(N, K)`` 1-based rank of each target's logit among all classes (``1``: the top
             class), ``None`` when unknown (callable targets, hand-built explanations). Titles and
             file names claim a rank only from here.
@@ -193,6 +197,12 @@ class Explanation:
         """A copy with some fields changed (as :func:`dataclasses.replace`), keeping lazy maps lazy."""
         changes.setdefault("maps", self._maps_spec())
         return replace(self, **changes)
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the model's weights were random (``load_model(..., weights="random")``, ``--weights
+        random``): its classes and probabilities mean nothing, and titles and summaries say so."""
+        return self.extras.get("weights") == "random"
 
     @property
     def class_agnostic(self) -> bool:

@@ -8,8 +8,12 @@ displays itself as the cell's result.
   rounding -> 0, never NaN): the function behind every overlay and colour map.
 * :func:`colorize` — any matplotlib colormap (``"jet"`` by default, as in the notebooks).
 * :func:`overlay` — ``(1 - α) · image + α · colormap(map)``, the map resized (bilinear) to the image.
+* :func:`color_scale` — THE colour rule of every picture: both signs -> diverging around zero, one
+  sign -> the whole colormap; :func:`shared_color_scale` — one scale for an image's classes;
+  :func:`render_map` — a map over its photo by that rule (figures, saved PNGs, the montage).
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
-  :func:`explanation_figure` — the layouts; :func:`save_explanation` — PNG, ``.npy`` and JSON.
+  :func:`explanation_figure`, :func:`montage` (methods x classes) — the layouts;
+  :func:`save_explanation` — PNG (with a colorbar), ``.npy`` and JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from matplotlib.figure import Figure
 
 from ._version import __version__, versions
 from .errors import InputError
-from .explanation import Explanation
+from .explanation import RANDOM_WEIGHTS, Explanation
 from .fsio import atomic_write, check_targets, safe_out_dir
 from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
 from .methods.registry import methods
@@ -134,6 +138,116 @@ def overlay(image: np.ndarray, m, alpha: float = 0.5, cmap: str = "jet") -> np.n
 DIVERGING_CMAP = "RdBu_r"
 #: pixel maps are clipped at this percentile of |value| (a few extreme pixels would wash out the rest)
 PIXEL_PERCENTILE = 99.5
+#: a map "has both signs" when its smaller side exceeds this fraction of its largest magnitude
+SIGN_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class ColorScale:
+    """How map values become colours: values ``lo .. hi`` go to the positions ``span`` of ``cmap``.
+
+    ``kind`` follows the one rule of :func:`color_scale`: ``"sequential"`` (a map of one sign,
+    ``cmap``), ``"diverging"`` (both signs: ``±L``, zero at the diverging colormap's white centre),
+    ``"negative"`` (every value ≤ 0: ``[-L, 0]`` on the diverging colormap's blue half, so "against"
+    stays blue and the scale is not half wasted). ``shared``: one scale for several maps.
+    """
+
+    kind: str
+    lo: float
+    hi: float
+    cmap: str
+    pixel: bool = False
+    shared: bool = False
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The part of the colormap used: ``(0, 0.5)`` (its lower half) for ``"negative"``."""
+        return (0.0, 0.5) if self.kind == "negative" else (0.0, 1.0)
+
+    def unit(self, v: np.ndarray) -> np.ndarray:
+        """Values -> ``[0, 1]`` along the scale (``(v - lo) / (hi - lo)``, clipped; a constant scale -> 0)."""
+        d = self.hi - self.lo
+        if not d > 0:
+            return np.zeros(np.shape(v), np.float64)
+        return np.clip((np.asarray(v, np.float64) - self.lo) / d, 0.0, 1.0)
+
+    def position(self, v: np.ndarray) -> np.ndarray:
+        """Values -> positions in ``cmap`` (``[0, 1]``), the lookup-table index of :func:`colorize`."""
+        a, b = self.span
+        return a + (b - a) * self.unit(v)
+
+    def strength(self, v: np.ndarray) -> np.ndarray:
+        """``|v| / L`` in ``[0, 1]`` for diverging and negative scales (opacity: zero stays untinted),
+        the position on the scale for sequential ones."""
+        if self.kind == "sequential":
+            return self.unit(v)
+        lim = max(abs(self.lo), abs(self.hi))
+        return np.clip(np.abs(np.asarray(v, np.float64)) / lim, 0.0, 1.0) if lim > 0 else np.zeros(np.shape(v))
+
+    def colors(self, n: int = 256) -> np.ndarray:
+        """``(n, 3)`` uint8: the colours from ``lo`` to ``hi`` (a colorbar's gradient)."""
+        pos = np.linspace(*self.span, n)
+        return colormap_lut(self.cmap)[_lut_index(pos.astype(np.float32))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """For JSON summaries: ``{"kind", "min", "max", "colormap", "shared"}``."""
+        return {"kind": self.kind, "min": self.lo, "max": self.hi, "colormap": self.cmap, "shared": self.shared}
+
+
+def _finite(m) -> np.ndarray:
+    v = _np(m).astype(np.float64).ravel()
+    return v[np.isfinite(v)]
+
+
+def color_scale(
+    m,
+    *,
+    pixel: bool = False,
+    cmap: str = "jet",
+    diverging_cmap: str = DIVERGING_CMAP,
+    anchored: bool = False,
+) -> ColorScale:
+    """THE colour rule of every camlens picture (figures, saved PNGs, the web app), from the values alone:
+
+    * **both signs** (each side beyond :data:`SIGN_TOLERANCE` of the largest ``|m|``): ``diverging_cmap``
+      centred at zero, limits ``±L`` (``L`` = max ``|m|``; pixel maps: its :data:`PIXEL_PERCENTILE`
+      percentile) — red "for", blue "against", white "none";
+    * **all ≥ 0** (Grad-CAM, CAM of a top class, saliency…): ``cmap`` over ``[min, max]`` (pixel maps:
+      the percentiles ``100 - p .. p``), the full colormap — contrast even when the map never nears
+      zero (CAM of a top class, 0.84 .. 21.65, is not a pale tint on a ``±21.65`` scale);
+      ``anchored=True`` starts it at 0 (a scale shared by several maps, where ratios must show);
+    * **all ≤ 0** (CAM of an absent class): ``[-L, 0]`` on the diverging colormap's blue half.
+
+    ``m``: one map, or several (any shape: the scale covers all their values, see
+    :func:`shared_color_scale`).
+    """
+    v = _finite(m)
+    if v.size == 0:
+        return ColorScale("sequential", 0.0, 1.0, cmap, pixel)
+    lo, hi = float(v.min()), float(v.max())
+    tol = SIGN_TOLERANCE * max(abs(lo), abs(hi))
+    if lo < -tol or (lo < 0 and hi <= 0):
+        if hi > tol:  # both signs
+            lim = float(np.percentile(np.abs(v), PIXEL_PERCENTILE)) if pixel else max(-lo, hi)
+            lim = lim if lim > 0 else max(-lo, hi)
+            return ColorScale("diverging", -lim, lim, diverging_cmap, pixel)
+        lim = float(np.percentile(-v, PIXEL_PERCENTILE)) if pixel else -lo
+        lim = lim if lim > 0 else -lo
+        return ColorScale("negative", -lim, 0.0, diverging_cmap, pixel)
+    if pixel:
+        lo, hi = (float(q) for q in np.percentile(v, [100 - PIXEL_PERCENTILE, PIXEL_PERCENTILE]))
+    if anchored:  # from 0: values below it (within the sign tolerance) take the first colour
+        lo = 0.0
+    return ColorScale("sequential", lo, hi, cmap, pixel)
+
+
+def shared_color_scale(maps: Sequence | torch.Tensor | np.ndarray, **kwargs: Any) -> ColorScale:
+    """One :func:`color_scale` for several maps (the classes of one image, one method), anchored at
+    zero, so that a map's colours say how strong it is next to the others: on a shared sequential
+    scale ``[0, M]`` (``M`` the largest value of all), a map whose maximum is half of ``M`` reaches half
+    way up the colormap. Maps of different methods are in different units: share within a method."""
+    vals = np.concatenate([_finite(m) for m in maps]) if len(maps) else np.zeros(0)
+    return replace(color_scale(vals, anchored=True, **kwargs), shared=True)
 
 
 def _opacity(u: np.ndarray, alpha: float, pixel: bool, gamma: float = 1.0) -> np.ndarray:
@@ -148,28 +262,26 @@ def render_map(
     image: np.ndarray,
     m,
     *,
-    signed: bool = False,
     pixel: bool = False,
     alpha: float = 0.5,
     cmap: str = "jet",
     diverging_cmap: str = DIVERGING_CMAP,
-) -> tuple[np.ndarray, tuple[float, float, str]]:
-    """The one rendering of a map over its image, used by ``show()`` and by the saved PNGs alike.
+    scale: ColorScale | None = None,
+) -> tuple[np.ndarray, ColorScale]:
+    """The one rendering of a map over its image, used by ``show()``, the saved PNGs and the montage.
 
-    Returns the ``(H, W, 3)`` uint8 overlay and the colour scale ``(vmin, vmax, colormap)`` in the
-    map's own units (for a colorbar).
+    Returns the ``(H, W, 3)`` uint8 overlay and its :class:`ColorScale` (for a colorbar). The scale is
+    ``scale`` when given (e.g. :func:`shared_color_scale` of one image's classes), else
+    :func:`color_scale` of ``m`` (the rule: both signs -> diverging around zero; one sign ->
+    the full ``cmap`` or the diverging colormap's blue half for negative maps).
 
-    * **signed** maps (CAM, Integrated Gradients, input x gradient…): a diverging colormap centred at
-      zero with symmetric limits ``±L`` (``L`` = max ``|m|``; for pixel maps its
-      :data:`PIXEL_PERCENTILE` percentile), blended with opacity ``α · |m| / L`` (pixel maps:
-      ``min(1, 2α) · √(|m| / L)``): zero leaves the
-      photo as it is, positive evidence turns red, negative blue. Min–max jet would paint the map's
-      most negative value dark blue and its *least negative* value red — on CAM of an absent class
-      (negative everywhere) the whole photo turned red.
-    * **unsigned layer maps** (Grad-CAM family, Score-CAM): min–max normalized jet blended with a
-      uniform opacity ``α`` (the notebooks' look).
-    * **unsigned pixel maps** (saliency, guided backprop…): clipped at the percentile, min–max
-      normalized, jet blended with opacity ``min(1, 2α) · value``: the many near-zero pixels leave the photo
+    * **diverging / negative** scales: blended with opacity ``α · |m| / L`` (pixel maps:
+      ``min(1, 2α) · √(|m| / L)``): zero leaves the photo as it is, positive evidence turns red,
+      negative blue.
+    * **sequential layer maps** (Grad-CAM family, Score-CAM, CAM of a top class): ``cmap`` blended with
+      a uniform opacity ``α`` (the notebooks' look).
+    * **sequential pixel maps** (saliency, guided backprop…): clipped at the percentiles, ``cmap``
+      blended with opacity ``min(1, 2α) · value``: the many near-zero pixels leave the photo
       untinted (a uniform blend tinted the whole photo blue).
 
     A fine checkerboard in pixel maps is not a rendering artifact: gradients through strided
@@ -182,33 +294,18 @@ def render_map(
         raise InputError(f"render_map needs an (H, W, 3) RGB image, got shape {img.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
-    if not signed and not pixel:  # the classic overlay (normalized at the map's own resolution: fast)
-        small = _np(m).astype(np.float64)
-        lo, hi = float(np.nanmin(small)), float(np.nanmax(small))
-        return overlay(img, m, alpha, cmap), (lo, hi if hi > lo else lo + 1.0, cmap)
-    v = resize_map(m, img.shape[:2]).astype(np.float64)
-    v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    base = img.astype(np.float64)
-    if signed:
-        a = np.abs(v)
-        lim = float(np.percentile(a, PIXEL_PERCENTILE)) if pixel else float(a.max())
-        if not lim > 0:
-            lim = float(a.max()) or 1.0
-        u = np.clip(v / lim, -1, 1)
-        heat = colormap_lut(diverging_cmap)[_lut_index((u + 1) / 2)].astype(np.float64)
-        op = _opacity(np.abs(u), alpha, pixel, gamma=0.5)
-        scale = (-lim, lim, diverging_cmap)
+    own = scale is None
+    sc = color_scale(m, pixel=pixel, cmap=cmap, diverging_cmap=diverging_cmap) if scale is None else scale
+    if own and sc.kind == "sequential" and not pixel:  # the classic overlay, normalized at the map's resolution
+        return overlay(img, m, alpha, cmap), sc
+    v = np.nan_to_num(resize_map(m, img.shape[:2]).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    heat = colormap_lut(sc.cmap)[_lut_index(sc.position(v).astype(np.float32))].astype(np.float64)
+    if sc.kind == "sequential":
+        op = _opacity(sc.unit(v), alpha, True) if sc.pixel else np.full((*v.shape, 1), alpha)
     else:
-        if pixel:
-            lo, hi = np.percentile(v, [100 - PIXEL_PERCENTILE, PIXEL_PERCENTILE]) if v.size else (0.0, 0.0)
-            v = np.clip(v, lo, hi) if hi > lo else v
-        lo, hi = float(v.min()), float(v.max())
-        u = (v - lo) / (hi - lo) if hi - lo > 1e-8 else np.zeros_like(v)
-        heat = colorize(u, cmap, normalized=True).astype(np.float64)
-        op = _opacity(u, alpha, pixel) if pixel else np.full((*u.shape, 1), alpha)
-        scale = (lo, hi if hi > lo else lo + 1.0, cmap)
-    out = (1.0 - op) * base + op * heat
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8), scale
+        op = _opacity(sc.strength(v), alpha, sc.pixel, gamma=0.5)
+    out = (1.0 - op) * img.astype(np.float64) + op * heat
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), sc
 
 
 def attribution_rgb(attr, percentile: float = 99.5) -> np.ndarray:
@@ -371,27 +468,55 @@ def _source_title(exp: Explanation, i: int) -> str:
     return name
 
 
-def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str):
+def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str, scale=None):
     """The overlay of map ``(i, k)`` on ``img`` and its colour scale (see :func:`render_map`)."""
-    return render_map(img, exp.map(i, k), signed=exp.signed, pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap)
+    return render_map(img, exp.map(i, k), pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap, scale=scale)
 
 
-def _colorbar(fig: Figure, ax, scale: tuple[float, float, str], signed: bool) -> None:
-    """A colorbar beside ``ax`` in the map's own units (signed: symmetric around 0)."""
+def image_scale(exp: Explanation, i: int, cmap: str = "jet") -> ColorScale:
+    """One :func:`shared_color_scale` for the ``K`` maps of image ``i`` (one method: one unit)."""
+    return shared_color_scale(exp.image_maps(i), pixel=exp.raw.dim() == 5, cmap=cmap)
+
+
+def _scales(exp: Explanation, i: int, cmap: str, shared: bool) -> list[ColorScale | None]:
+    """Per target of image ``i``: the shared scale, or ``None`` (each map its own :func:`color_scale`)."""
+    k = exp.shape[1]
+    return [image_scale(exp, i, cmap)] * k if shared else [None] * k
+
+
+def _colormap(scale: ColorScale):
+    """The matplotlib colormap of a scale (the used part of ``scale.cmap`` only)."""
     import matplotlib
+    from matplotlib.colors import ListedColormap
+
+    if scale.span == (0.0, 1.0):
+        return matplotlib.colormaps[scale.cmap]
+    return ListedColormap(scale.colors() / 255.0, name=f"{scale.cmap}_{scale.kind}")
+
+
+def scale_label(scale: ColorScale) -> str:
+    """``"0.84 … 21.6"`` and what the colours mean, for titles and colorbars."""
+    rng = f"{scale.lo:.3g} … {scale.hi:.3g}"
+    what = {"diverging": "red +, blue −, white 0", "negative": "all ≤ 0: blue = against"}.get(scale.kind)
+    return f"{rng} ({what})" if what else rng
+
+
+def _colorbar(fig: Figure, ax, scale: ColorScale, **kw: Any) -> None:
+    """A colorbar beside ``ax`` (an axes or a list of axes) in the map's own units."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    lo, hi, name = scale
-    cb = fig.colorbar(
-        ScalarMappable(Normalize(lo, hi), matplotlib.colormaps[name]), ax=ax, fraction=0.046, pad=0.02, shrink=0.9
-    )
+    lo, hi = scale.lo, scale.hi if scale.hi > scale.lo else scale.lo + 1.0
+    opts = dict(fraction=0.046, pad=0.02, shrink=0.9) | kw
+    cb = fig.colorbar(ScalarMappable(Normalize(lo, hi), _colormap(scale)), ax=ax, **opts)
     cb.ax.tick_params(labelsize=7)
-    if signed:
+    if scale.kind == "diverging":
         cb.set_ticks([lo, 0.0, hi])
-        cb.set_label("signed: 0 = none", fontsize=7)
+        cb.set_label("0 = none", fontsize=7)
     else:
         cb.set_ticks([lo, hi])
+        if scale.kind == "negative":
+            cb.set_label("against", fontsize=7)
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
@@ -408,9 +533,12 @@ def topk_figure(
     threshold: float | None = None,
     show_image: bool = True,
     cell: float = 3.2,
+    shared_scale: bool = False,
 ) -> Figure:
     """One image's ``K`` target classes side by side, each overlay titled ``"1st: name (p%)"``
-    (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``."""
+    (as the notebooks' top-1 / top-2 figures); the original image first when ``show_image``.
+    ``shared_scale=True``: one colour scale for the ``K`` maps (:func:`shared_color_scale`), one
+    colorbar, the range in the title."""
     img = _image_of(exp, index)
     k = 1 if exp.class_agnostic else exp.shape[1]
     fig, axes = _grid(k + int(show_image), k + int(show_image), cell, img.shape[0] / img.shape[1])
@@ -418,13 +546,19 @@ def topk_figure(
         _panel(axes[0], img, _source_title(exp, index))
         axes = axes[1:]
     bx = _image_boxes(exp, threshold)[index] if boxes else None
+    scales = _scales(exp, index, cmap, shared_scale)
     for j, ax in enumerate(axes):
-        shown, scale = _render(exp, index, j, img, alpha, cmap)
+        shown, scale = _render(exp, index, j, img, alpha, cmap, scales[j])
         _panel(ax, shown, target_label(exp, index, j))
-        _colorbar(fig, ax, scale, exp.signed)
+        if not shared_scale:
+            _colorbar(fig, ax, scale)
         if bx is not None:
             _add_boxes(ax, bx[j])
-    fig.suptitle(_method_title(exp), fontsize=11)
+    title = _method_title(exp)
+    if shared_scale and axes:
+        _colorbar(fig, axes, scale, fraction=0.02)
+        title += f"\none colour scale for the {len(axes)} classes: {scale_label(scale)}"
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -433,7 +567,9 @@ def _method_title(exp: Explanation) -> str:
     pretty = info.title if info is not None else exp.method
     parts = [pretty]
     if exp.model_name:
-        parts.append(exp.model_name)
+        parts.append(exp.model_name + (f" ({RANDOM_WEIGHTS})" if exp.random_weights else ""))
+    elif exp.random_weights:
+        parts.append(RANDOM_WEIGHTS)
     if exp.layer and info is not None and info.kind == "layer":
         parts.append(layer_title(exp.layer))
     return " · ".join(parts)
@@ -586,12 +722,15 @@ def explanation_figure(
     threshold: float | None = None,
     max_images: int = 8,
     cell: float = 3.0,
+    shared_scale: bool = False,
     **kwargs: Any,
 ) -> Figure:
     """The default figure of an :class:`~camlens.Explanation` (``exp.show()``, ``exp.figure()``): one
     row per image (at most ``max_images``), the original then one overlay per target class titled
     with its true rank (when known), name and probability, each with a colorbar — the same rendering
-    as the saved PNGs (:func:`render_map`: signed maps diverging around zero, unsigned ones jet).
+    as the saved PNGs (:func:`render_map`: maps with both signs diverging around zero, maps of one
+    sign on the full colormap, :func:`color_scale`). ``shared_scale=True``: one colour scale per
+    image across its classes (:func:`shared_color_scale`), so a weaker class looks weaker.
     :func:`pixel_figure` shows pixel attributions as colour as well."""
     n = len(exp)
     rows = list(range(min(n, max_images))) if index is None else ([index] if isinstance(index, int) else list(index))
@@ -603,7 +742,17 @@ def explanation_figure(
     if len(rows) == 1 and "masks" in exp.extras:  # a segmenter: the explained region's outline
         return segmentation_figure(exp, rows[0], alpha=alpha, cmap=cmap, cell=cell)
     if len(rows) == 1:
-        return topk_figure(exp, rows[0], alpha=alpha, cmap=cmap, boxes=boxes, threshold=threshold, cell=cell, **kwargs)
+        return topk_figure(
+            exp,
+            rows[0],
+            alpha=alpha,
+            cmap=cmap,
+            boxes=boxes,
+            threshold=threshold,
+            cell=cell,
+            shared_scale=shared_scale,
+            **kwargs,
+        )
     k = 1 if exp.class_agnostic else exp.shape[1]
     img0 = _image_of(exp, rows[0])
     ncols = k + 1
@@ -613,16 +762,82 @@ def explanation_figure(
         img = _image_of(exp, i)
         ax_row = axes[r * ncols : (r + 1) * ncols]
         _panel(ax_row[0], img, _source_title(exp, i), fontsize=9)
+        scales = _scales(exp, i, cmap, shared_scale)
         for j in range(k):
-            shown, scale = _render(exp, i, j, img, alpha, cmap)
+            shown, scale = _render(exp, i, j, img, alpha, cmap, scales[j])
             _panel(ax_row[1 + j], shown, target_label(exp, i, j), fontsize=9)
-            _colorbar(fig, ax_row[1 + j], scale, exp.signed)
+            if not shared_scale or j == k - 1:
+                _colorbar(fig, ax_row[1 + j] if not shared_scale else ax_row[1:], scale)
             if bxs is not None:
                 _add_boxes(ax_row[1 + j], bxs[i][j])
             ref = np.asarray(exp.extras["boxes"])[i, j] if "boxes" in exp.extras else None
             if ref is not None and np.isfinite(ref).all():  # a detector's explained box
                 _add_boxes(ax_row[1 + j], np.round(ref))
-    fig.suptitle(_method_title(exp), fontsize=11)
+    title = _method_title(exp) + ("\none colour scale per image across its classes" if shared_scale else "")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _as_methods(exps) -> dict[str, Explanation]:
+    """An Explanation, a ``{method: Explanation}`` dict (``explain(method=[...])``) or a list -> a dict."""
+    if isinstance(exps, Explanation):
+        return {exps.method: exps}
+    if isinstance(exps, dict):
+        items = dict(exps)
+    else:
+        items = {e.method: e for e in exps}
+    if not items or not all(isinstance(e, Explanation) for e in items.values()):
+        raise InputError("montage needs an Explanation, a list of them or explain(method=[...])'s dict")
+    return items
+
+
+def montage(
+    explanations,
+    index: int = 0,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    shared_scale: bool = False,
+    cell: float = 2.4,
+) -> Figure:
+    """One image's explanations as one figure for a paper: a row per method (its title at the left),
+    the photo then a column per target class (its true rank, name and probability on top).
+
+    ``explanations``: ``camlens.explain(model, image, method=["gradcam", "cam"], targets="top3")``
+    (a dict), a list of explanations of the same image(s), or one explanation. Every map follows
+    :func:`color_scale`; ``shared_scale=True`` gives each row (method) one scale across its classes
+    (:func:`shared_color_scale`) and one colorbar, else each panel has its own colorbar. Methods
+    keep separate scales: their maps are in different units.
+    """
+    rows = _as_methods(explanations)
+    first = next(iter(rows.values()))
+    n = len(first)
+    if not -n <= index < n or any(len(e) != n for e in rows.values()):
+        raise InputError(f"index {index} out of range, or the explanations differ in their number of images ({n})")
+    img = _image_of(first, index)
+    k = max(1 if e.class_agnostic else e.shape[1] for e in rows.values())
+    same = all(torch.equal(e.classes[index].cpu(), first.classes[index].cpu()) for e in rows.values())
+    fig, axes = _grid(len(rows) * (k + 1), k + 1, cell, img.shape[0] / img.shape[1], extra_h=0.35)
+    for r, exp in enumerate(rows.values()):
+        ax_row = axes[r * (k + 1) : (r + 1) * (k + 1)]
+        _panel(ax_row[0], img, _source_title(exp, index) if r == 0 else None, fontsize=9)
+        ax_row[0].set_ylabel(_method_title(exp).split(" · ")[0], fontsize=10)
+        kr = 1 if exp.class_agnostic else exp.shape[1]
+        scales = _scales(exp, index, cmap, shared_scale)
+        for j in range(k):
+            ax = ax_row[1 + j]
+            if j >= kr:
+                ax.set_visible(False)
+                continue
+            shown, scale = _render(exp, index, j, img, alpha, cmap, scales[j])
+            _panel(ax, shown, target_label(exp, index, j) if r == 0 or not same else None, fontsize=9)
+            if not shared_scale:
+                _colorbar(fig, ax, scale)
+        if shared_scale:
+            _colorbar(fig, ax_row[1 : 1 + kr], scale, fraction=0.02)
+    model = first.model_name or ""
+    rnd = f" ({RANDOM_WEIGHTS})" if first.random_weights else ""
+    fig.suptitle(f"{model}{rnd}" + (" · one colour scale per method" if shared_scale else ""), fontsize=11)
     return fig
 
 
@@ -655,7 +870,7 @@ def detection_figure(
         m = exp.map(index, k)
         if exp.images and tuple(m.shape) != (h, w) and m.shape[0] >= h and m.shape[1] >= w:
             m = m[:h, :w]  # a batch of different sizes: the map is padded beyond this image
-        _panel(ax, overlay(img, m, alpha, cmap), _task_title(exp, index, k))
+        _panel(ax, render_map(img, m, alpha=alpha, cmap=cmap)[0], _task_title(exp, index, k))  # the colour rule
         _add_boxes(ax, np.round(boxes[k]))
     if not keep:
         _panel(axes[0], img, "no box to explain")
@@ -672,7 +887,7 @@ def segmentation_figure(
     keep = list(range(masks.shape[0]))
     img, fig, axes = _task_panels(exp, index, keep, cell)
     for ax, k in zip(axes, keep):
-        _panel(ax, overlay(img, exp.map(index, k), alpha, cmap), _task_title(exp, index, k))
+        _panel(ax, render_map(img, exp.map(index, k), alpha=alpha, cmap=cmap)[0], _task_title(exp, index, k))
         mt = torch.from_numpy(masks[k].astype(np.float32))[None, None]
         mk = F.interpolate(mt, size=img.shape[:2], mode="nearest")[0, 0].numpy()
         if mk.max() > 0.5 > mk.min():
@@ -847,48 +1062,98 @@ def overlay_figure(
     min_width: int = 320,
     max_side: int = 4096,
     dpi: int = 100,
-    signed: bool = False,
     pixel: bool = False,
+    scale: ColorScale | None = None,
+    colorbar: bool = False,
 ) -> Figure:
     """One overlay at the image's own resolution (upscaled to at least ``min_width`` pixels wide, no
     side beyond ``max_side`` from the upscale) with a title band on top: the saved PNG is ``W·s`` x
     ``H·s + 30·min(s, 5)`` pixels, ``s`` the upscale. The overlay is :func:`render_map`'s, as in
-    ``show()``."""
+    ``show()`` (``scale``: a given colour scale, e.g. shared by an image's classes). ``colorbar=True``
+    adds a band of ``22·min(s, 5)`` pixels under the title: the scale's colours from its minimum to
+    its maximum, both written beside it (:func:`colorbar_geometry`)."""
     img = np.asarray(image)
     h, w = img.shape[:2]
-    lay = _overlay_layout(h, w, title, min_width, max_side, dpi)
+    lay = _overlay_layout(h, w, title, min_width, max_side, dpi, colorbar)
     W, H = lay.width, lay.height
     fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, h * lay.scale / H))
-    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
+    shown, sc = render_map(img, m, pixel=pixel, alpha=alpha, cmap=cmap, scale=scale)
     ax.imshow(shown, interpolation="nearest" if lay.scale > 1 else "antialiased")
     ax.set_axis_off()
     if boxes is not None:
         _add_boxes(ax, boxes, lw=BOX_POINTS)
     fig.text(0.5, 1 - (lay.band / 2) / H, title, ha="center", va="center", fontsize=lay.fontsize)
+    if colorbar:
+        g = colorbar_geometry(lay)
+        bar = fig.add_axes((g.x0 / W, 1 - g.y1 / H, (g.x1 - g.x0) / W, (g.y1 - g.y0) / H))
+        bar.imshow(sc.colors()[None], aspect="auto", interpolation="nearest", extent=(0, 1, 0, 1))
+        bar.set_axis_off()
+        if sc.kind == "diverging":  # zero: a dark tick at the centre
+            bar.axvline(0.5, color="black", linewidth=72 / dpi)
+        y = 1 - (g.y0 + g.y1) / 2 / H
+        lo, hi = _bar_labels(sc)
+        fig.text((g.x0 - g.gap) / W, y, lo, ha="right", va="center", fontsize=g.fontsize)
+        fig.text((g.x1 + g.gap) / W, y, hi, ha="left", va="center", fontsize=g.fontsize)
     return fig
 
 
 @dataclass(frozen=True)
 class _OverlayLayout:
     """Geometry of a titled overlay (:func:`overlay_figure`, :func:`overlay_png`): the upscale, the
-    title band's height, the canvas size (pixels, unrounded) and the title's font size (points)."""
+    title band's height, the colorbar band's height (0: none), the canvas size (pixels, unrounded)
+    and the title's font size (points)."""
 
     scale: float
     band: float
     width: float
     height: float
     fontsize: float
+    bar: float = 0.0
 
 
-def _overlay_layout(h: int, w: int, title: str, min_width: int, max_side: int, dpi: int) -> _OverlayLayout:
+def _overlay_layout(
+    h: int, w: int, title: str, min_width: int, max_side: int, dpi: int, colorbar: bool = False
+) -> _OverlayLayout:
     s = max(1.0, min_width / w)
     s = min(s, max(1.0, max_side / h))  # a 1-pixel-wide strip is not blown up to 320 x 100 000
     band = 30 * min(s, 5.0)  # the title band grows with the upscale, up to 150 px (a 1x1 image: 320 x 470)
+    bar = 22 * min(s, 5.0) if colorbar else 0.0
     W = w * s
     # font size that fits the width: average glyph ≈ 0.55 em, 1 pt = dpi/72 px
     fs = float(np.clip((W - 8) / (0.6 * max(len(title), 1) * dpi / 72), 6, 13))
-    return _OverlayLayout(s, band, W, h * s + band, fs)
+    return _OverlayLayout(s, band, W, h * s + band + bar, fs, bar)
+
+
+@dataclass(frozen=True)
+class ColorbarGeometry:
+    """Where a saved PNG's colorbar is, in canvas pixels: the gradient ``x0 .. x1`` x ``y0 .. y1``
+    (the middle 60 % of the width, the middle half of the band under the title), the labels' gap
+    from it and their font size (points)."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    gap: float
+    fontsize: float
+
+
+def colorbar_geometry(lay: _OverlayLayout) -> ColorbarGeometry:
+    """The colorbar of a titled overlay with ``colorbar=True`` (see :func:`overlay_figure`)."""
+    return ColorbarGeometry(
+        x0=round(0.2 * lay.width),
+        x1=round(0.8 * lay.width),
+        y0=round(lay.band + 0.25 * lay.bar),
+        y1=round(lay.band + 0.75 * lay.bar),
+        gap=4.0,
+        fontsize=float(min(lay.fontsize, 9.0)),
+    )
+
+
+def _bar_labels(sc: ColorScale) -> tuple[str, str]:
+    """The colorbar's end labels (ASCII, so the PIL path's font always has them)."""
+    return f"{sc.lo:.3g}", f"{sc.hi:.3g}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -924,12 +1189,13 @@ def overlay_png(
     min_width: int = 320,
     max_side: int = 4096,
     dpi: int = 100,
-    signed: bool = False,
     pixel: bool = False,
+    scale: ColorScale | None = None,
+    colorbar: bool = False,
 ) -> np.ndarray | None:
     """:func:`overlay_figure`'s picture drawn with PIL alone, as an ``(H, W, 3)`` uint8 array: the
-    same size, upscale, title band, font and font size, and boxes of the same colour and width
-    (2 pt), without matplotlib artists or the Agg canvas (which cost most of a titled PNG's time).
+    same size, upscale, title band, colorbar, font and font size, and boxes of the same colour and
+    width (2 pt), without matplotlib artists or the Agg canvas (which cost most of a titled PNG's time).
     Returns ``None`` when the title needs glyphs outside the default font (then the figure, with
     its font fallbacks, is the way) or the font cannot be loaded."""
     from PIL import Image, ImageDraw
@@ -938,13 +1204,13 @@ def overlay_png(
         return None
     img = np.asarray(image)
     h, w = img.shape[:2]
-    lay = _overlay_layout(h, w, title, min_width, max_side, dpi)
+    lay = _overlay_layout(h, w, title, min_width, max_side, dpi, colorbar)
     W, H = int(lay.width + 1e-6), int(lay.height + 1e-6)  # the Agg canvas truncates its float size
     ih = min(H, max(1, round(h * lay.scale)))
     font = _title_font(max(1, round(lay.fontsize * dpi / 72)))
     if font is None:
         return None
-    shown, _ = render_map(img, m, signed=signed, pixel=pixel, alpha=alpha, cmap=cmap)
+    shown, sc = render_map(img, m, pixel=pixel, alpha=alpha, cmap=cmap, scale=scale)
     pic = Image.fromarray(np.ascontiguousarray(shown))
     if (W, ih) != (w, h):
         pic = pic.resize((W, ih), Image.Resampling.NEAREST if lay.scale > 1 else Image.Resampling.BILINEAR)
@@ -966,8 +1232,34 @@ def overlay_png(
             )
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     canvas.paste(pic, (0, H - ih))
-    ImageDraw.Draw(canvas).text((W / 2, (H - ih) / 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((W / 2, (H - ih - lay.bar) / 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    if colorbar:
+        _draw_colorbar(canvas, sc, lay, dpi)
     return np.asarray(canvas)
+
+
+def _draw_colorbar(canvas, sc: ColorScale, lay: _OverlayLayout, dpi: int) -> None:
+    """The colorbar of :func:`overlay_png` (PIL), where :func:`overlay_figure` puts it."""
+    from PIL import Image, ImageDraw
+
+    g = colorbar_geometry(lay)
+    x0, x1, y0, y1 = int(g.x0), int(g.x1), int(g.y0), int(g.y1)
+    if x1 <= x0 or y1 <= y0:
+        return
+    n = x1 - x0  # one colour per pixel column, sampled as matplotlib's nearest-neighbour imshow does
+    cols = sc.colors()[np.minimum(((np.arange(n) + 0.5) * 256 / n).astype(int), 255)]
+    canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(cols[None], y1 - y0, 0))), (x0, y0))
+    draw = ImageDraw.Draw(canvas)
+    if sc.kind == "diverging":
+        draw.line(((x0 + x1) // 2, y0, (x0 + x1) // 2, y1 - 1), fill=(0, 0, 0), width=max(1, round(dpi / 72)))
+    font = _title_font(max(1, round(g.fontsize * dpi / 72)))
+    if font is None:
+        return
+    lo, hi = _bar_labels(sc)
+    ym = (y0 + y1) / 2
+    draw.text((x0 - g.gap, ym), lo, fill=(0, 0, 0), font=font, anchor="rm")
+    draw.text((x1 + g.gap, ym), hi, fill=(0, 0, 0), font=font, anchor="lm")
 
 
 def is_topk(exp: Explanation) -> bool:
@@ -1088,6 +1380,9 @@ def save_explanation(
     dpi: int = 100,
     title: bool = True,
     compress_level: int = PNG_COMPRESS_LEVEL,
+    colorbar: bool = True,
+    shared_scale: bool = False,
+    map_size: str = "input",
 ) -> list[Path]:
     """Write an explanation to ``directory`` (created when missing); returns the written paths.
 
@@ -1100,12 +1395,20 @@ def save_explanation(
       files ``top{k}`` only when the targets *are* the top-k classes (``exp.ranks`` is 1..K),
       else after the class (``{stem}_{m}_Egyptian_cat.png``, as ``suffix="class"``); a class-agnostic
       map is written once (``{stem}_{m}.png``).
+      Under the title, a colorbar gives the colour scale in the map's units (``colorbar=False``:
+      none); the colours follow :func:`color_scale` (both signs: red/blue around zero; one sign: the
+      full ``cmap``). ``shared_scale=True``: one scale for the ``K`` classes of an image
+      (:func:`shared_color_scale`, anchored at 0), so a weaker class is drawn weaker.
       ``title=False``: the overlay alone at the image's own resolution, written by NumPy + PIL
-      without matplotlib figures (the fast path; the title stays in the ``Title`` text field).
+      without matplotlib figures (the fast path; no title band, no colorbar; the title stays in
+      the ``Title`` text field).
       ``compress_level``: the PNGs' zlib level (default :data:`PNG_COMPRESS_LEVEL`, for speed).
-    * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size.
+    * ``npy``: ``{stem}_{m}.npy`` — the raw maps ``(K, H, W)`` float32 at the model's input size
+      (``map_size="input"``, the default), or resized bilinearly to the photo's own height and
+      width (``map_size="photo"``: the frame of the boxes, for images given as files or arrays).
     * ``json``: ``{stem}_{m}.json`` — classes, class names, scores (logits), probabilities, boxes
-      (image and map pixels, at ``threshold``), method, layer, model, camlens and torch versions.
+      (image and map pixels, at ``threshold``), method, layer, model, ``random_weights``, each map's
+      raw ``value_range`` ``[min, max]`` and the ``color_scales`` the PNGs use, camlens and torch versions.
 
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
@@ -1116,6 +1419,8 @@ def save_explanation(
         raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
     if suffix not in ("rank", "class", "auto"):
         raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {suffix!r}")
+    if map_size not in ("input", "photo"):
+        raise InputError(f"map_size must be 'input' (the model's input size) or 'photo', not {map_size!r}")
     if suffix == "auto":
         suffix = "rank" if is_topk(exp) else "class"
     if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
@@ -1140,42 +1445,33 @@ def save_explanation(
 
     size = tuple(exp.shape[-2:])
     written: list[Path] = []
-    title0 = _method_title(exp)
-    signed = exp.signed  # once: it looks at every map
+    look = _PngLook(alpha, cmap, dpi, title, colorbar, compress_level, overwrite)
     for i in range(n):
         maps_i = exp.image_maps(i)  # (K, H, W): one image's maps at a time (lazy maps stay small)
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
         img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
+        pixel = exp.raw.dim() == 5
+        shared = shared_color_scale(maps_i, pixel=pixel, cmap=cmap) if shared_scale else None
+        scales = [shared or color_scale(mj, pixel=pixel, cmap=cmap) for mj in maps_i]
         if "png" in fmts:
             for j, p in enumerate(plan[i]["png"]):
-                heading = f"{title0.split(' · ')[0]} · {target_label(exp, i, j)}"
-                if signed:
-                    heading += " · red +, blue −"
+                bx = img_boxes[j] if draw else None
+                if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
+                    bx = np.round(ref)  # a detector's explained box, in the image's pixels
                 meta = {
-                    "Title": heading,
+                    "Title": _png_heading(exp, i, j, scales[j]),
                     "Software": f"camlens {__version__}",
                     "Description": f"{exp.method} map of class {int(exp.classes[i, j])} "
                     f"({labels[i][j]}) for {stems[i]}",
                 }
-                bx = img_boxes[j] if draw else None
-                pixel = exp.raw.dim() == 5
-                if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
-                    bx = np.round(ref)  # a detector's explained box, in the image's pixels
-                kw: dict[str, Any] = dict(alpha=alpha, cmap=cmap, signed=signed, pixel=pixel)
-                drawn = overlay_png(img, maps_i[j], heading, boxes=bx, dpi=dpi, **kw) if title else None
-                if drawn is not None:  # the titled overlay, drawn with PIL
-                    save_png(drawn, p, metadata=meta, compress_level=compress_level, overwrite=overwrite)
-                elif title:  # glyphs the default font lacks: the figure, with matplotlib's font fallbacks
-                    fig = overlay_figure(img, maps_i[j], heading, boxes=bx, dpi=dpi, **kw)
-                    save_figure(fig, p, dpi=dpi, overwrite=overwrite, metadata=meta, compress_level=compress_level)
-                else:  # the same rendering, without a title band
-                    shown, _ = render_map(img, maps_i[j], **kw)
-                    save_png(shown, p, metadata=meta, compress_level=compress_level, boxes=bx, overwrite=overwrite)
+                _save_overlay(img, maps_i[j], p, scales[j], bx, meta, look)
                 written.append(p)
         if "npy" in fmts:
             p = plan[i]["npy"][0]
             arr = maps_i.detach().float().cpu().numpy()
+            if map_size == "photo" and exp.images and tuple(img.shape[:2]) != size:  # the boxes' frame
+                arr = np.stack([resize_map(mj, img.shape[:2]) for mj in arr])
             atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
             written.append(p)
         if "json" in fmts:
@@ -1186,13 +1482,16 @@ def save_explanation(
                 "layer": exp.layer,
                 "model": exp.model_name,
                 "image_size": list(img.shape[:2]) if exp.images else None,
-                "map_size": list(size),
+                "map_size": list(img.shape[:2]) if map_size == "photo" and exp.images else list(size),
                 "classes": [int(c) for c in exp.classes[i].tolist()],
                 "class_names": labels[i],
                 "scores": [float(v) for v in exp.scores[i].tolist()],
                 "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
                 "ranks": None if exp.ranks is None else [int(r) for r in exp.ranks[i].tolist()],
-                "signed": signed,
+                "signed": exp.signed,
+                "random_weights": exp.random_weights,
+                "value_range": [[float(mj.min()), float(mj.max())] for mj in maps_i],
+                "color_scales": [s.to_dict() for s in scales],
                 "threshold": float(thr),
                 "boxes": img_boxes.tolist(),
                 "boxes_map": map_boxes.tolist(),
@@ -1214,15 +1513,66 @@ def save_explanation(
     return written
 
 
+@dataclass(frozen=True)
+class _PngLook:
+    """How :func:`save_explanation` draws its PNGs."""
+
+    alpha: float
+    cmap: str
+    dpi: int
+    title: bool
+    colorbar: bool
+    compress_level: int
+    overwrite: bool
+
+
+def _png_heading(exp: Explanation, i: int, j: int, scale: ColorScale) -> str:
+    """``"Grad-CAM · 1st: tabby (63.3%)"``, plus ``random weights`` and what the colours mean."""
+    heading = f"{_method_title(exp).split(' · ')[0]} · {target_label(exp, i, j)}"
+    if exp.random_weights:
+        heading += f" · {RANDOM_WEIGHTS}"
+    if scale.kind == "diverging":
+        heading += " · red +, blue −"
+    elif scale.kind == "negative":
+        heading += " · all ≤ 0 (blue)"
+    if scale.shared:
+        heading += " · shared scale"
+    return heading
+
+
+def _save_overlay(img, m, path: Path, scale: ColorScale, boxes, meta: dict[str, str], look: _PngLook) -> None:
+    """One PNG of :func:`save_explanation`: titled with a colorbar (PIL, or the matplotlib figure when
+    the title needs glyphs the default font lacks), or the bare overlay (``title=False``)."""
+    # a map's own scale is recomputed by render_map (the same color_scale), so show() and the PNG agree
+    kw: dict[str, Any] = dict(
+        alpha=look.alpha, cmap=look.cmap, scale=scale if scale.shared else None, pixel=scale.pixel
+    )
+    io_kw: dict[str, Any] = dict(metadata=meta, compress_level=look.compress_level, overwrite=look.overwrite)
+    heading = meta["Title"]
+    if not look.title:  # the same rendering, without a title band
+        shown, _ = render_map(img, m, **kw)
+        save_png(shown, path, boxes=boxes, **io_kw)
+        return
+    drawn = overlay_png(img, m, heading, boxes=boxes, dpi=look.dpi, colorbar=look.colorbar, **kw)
+    if drawn is not None:  # the titled overlay, drawn with PIL
+        save_png(drawn, path, **io_kw)
+    else:  # glyphs the default font lacks: the figure, with matplotlib's font fallbacks
+        fig = overlay_figure(img, m, heading, boxes=boxes, dpi=look.dpi, colorbar=look.colorbar, **kw)
+        save_figure(fig, path, dpi=look.dpi, **io_kw)
+
+
 __all__ = [
+    "ColorScale",
     "attribution_heat",
     "attribution_rgb",
     "batch_grid",
     "boxes_figure",
+    "color_scale",
     "colorize",
     "colormap_lut",
     "detection_figure",
     "explanation_figure",
+    "montage",
     "normalize",
     "output_paths",
     "overlay",
@@ -1235,6 +1585,7 @@ __all__ = [
     "save_figure",
     "save_png",
     "segmentation_figure",
+    "shared_color_scale",
     "target_label",
     "topk_figure",
     "unique_names",

@@ -64,7 +64,7 @@ def test_default_explain_writes_titled_pngs_and_refuses_to_overwrite(tmp_path):
         for k, cls in ((1, "Egyptian cat"), (2, "tiger cat")):
             with Image.open(out / f"chelsea_{m}_top{k}.png") as im:
                 im.load()
-                assert im.format == "PNG" and im.size == (451, 330)  # the photo + a 30 px title band
+                assert im.format == "PNG" and im.size == (451, 352)  # the photo + a 30 px title band + a 22 px colorbar
                 assert cls in im.text["Title"]
                 px = np.asarray(im.convert("RGB"))
             assert px[40:, :].std() > 20  # an overlay, not a blank image

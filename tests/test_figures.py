@@ -34,15 +34,15 @@ def test_signed_rendering_is_centred_at_zero():
     img = np.full((4, 4, 3), 100, np.uint8)
     m = np.zeros((4, 4))
     m[0, 0], m[3, 3] = 2.0, -1.0
-    out, (lo, hi, name) = render_map(img, m, signed=True, alpha=0.5)
-    assert (lo, hi, name) == (-2.0, 2.0, "RdBu_r")
+    out, sc = render_map(img, m, alpha=0.5)
+    assert (sc.kind, sc.lo, sc.hi, sc.cmap) == ("diverging", -2.0, 2.0, "RdBu_r")
     assert (out[1, 1] == 100).all()  # zero leaves the photo untouched
     assert out[0, 0, 0] > out[0, 0, 2]  # positive: red
     assert out[3, 3, 2] > out[3, 3, 0]  # negative: blue
     # all negative (CAM of an absent class): blue everywhere, never the min-max "all red"
-    neg, _ = render_map(img, -np.ones((4, 4)) - np.eye(4), signed=True)
-    assert (neg[..., 2] > neg[..., 0]).all()
-    red_jet, _ = render_map(img, -np.ones((4, 4)) - np.eye(4), signed=False)
+    neg, sc = render_map(img, -np.ones((4, 4)) - np.eye(4))
+    assert (neg[..., 2] > neg[..., 0]).all() and (sc.kind, sc.lo, sc.hi) == ("negative", -2.0, 0.0)
+    red_jet = viz.overlay(img, -np.ones((4, 4)) - np.eye(4))
     assert (red_jet[..., 0] > red_jet[..., 2]).any()  # what min-max jet did instead
 
 
@@ -84,7 +84,7 @@ def test_show_and_saved_png_are_one_rendering(lite0, cat, tmp_path):
     fig = exp.figure()
     panel = _panels(fig)[1]
     shown = panel.images[0].get_array()
-    want, _ = render_map(cat, exp.maps[0, 0], signed=False, pixel=True)
+    want, _ = render_map(cat, exp.maps[0, 0], pixel=True)
     np.testing.assert_array_equal(np.asarray(shown), want)
     (png,) = exp.save(tmp_path, formats="png")
     with Image.open(png) as im:

@@ -243,7 +243,8 @@ def test_save_explanation_files_content_and_no_overwrite(tmp_path):
     out = tmp_path / "out"
     with Image.open(out / "img_a_gradcam_top2.png") as im:
         im.load()
-        assert im.size == (320, 390)  # 40x30 image upscaled x8 to 320 px wide + a 30 x min(8, 5) = 150 px title band
+        # 40x30 image upscaled x8 to 320 px wide + a 30 x min(8, 5) = 150 px title band + a 22 x 5 px colorbar band
+        assert im.size == (320, 500)
         assert "dog (20.0%)" in im.text["Title"] and "Grad-CAM" in im.text["Title"]
     assert np.array_equal(np.load(out / "img_b_gradcam.npy"), e.maps[1].numpy())
     js = json.loads((out / "img_a_gradcam.json").read_text())

@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "evaluate:evaluate_cmd",
     "bench": "bench:bench_cmd",
     "serve": "serve:serve_cmd",
+    "show": "show:show_cmd",
 }
 
 

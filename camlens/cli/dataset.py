@@ -82,11 +82,12 @@ def dataset_options(f: Callable) -> Callable:
         ),
         click.option(
             "--figures",
-            type=click.Choice(["auto", "none", "overlay", "all"]),
+            type=click.Choice(["auto", "none", "overlay", "all", "montage"]),
             default="auto",
             show_default=True,
-            help="PNG overlays: none, overlay (top-1 per image), all (every class); auto = all for "
-            "named files, none for a dataset run (PNG encoding would dominate it)",
+            help="PNG overlays: none, overlay (top-1 per image), all (every class), montage (one PNG per "
+            "image: methods x classes); auto = all for named files, none for a dataset run (PNG encoding "
+            "would dominate it)",
         ),
         click.option(
             "--map-dtype",

@@ -143,7 +143,21 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @dataset_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
-@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap")
+@click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap (maps of one sign)")
+@click.option(
+    "--shared-scale",
+    is_flag=True,
+    help="one colour scale for the classes of an image (per method): a weaker class is drawn weaker; "
+    "the range is in the PNG's colorbar and the JSON's color_scales",
+)
+@click.option("--no-colorbar", is_flag=True, help="PNG overlays without the colorbar under the title")
+@click.option(
+    "--map-size",
+    type=click.Choice(["input", "photo"]),
+    default="input",
+    show_default=True,
+    help=".npy maps at the model's input size, or resized to the photo's own size (the boxes' frame)",
+)
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
 @method_option
@@ -169,6 +183,9 @@ def explain_cmd(
     map_dtype,
     alpha,
     cmap,
+    shared_scale,
+    no_colorbar,
+    map_size,
     recursive,
     quiet,
     method_options,
@@ -188,6 +205,11 @@ def explain_cmd(
     unless --overwrite. Under `torchrun --nproc-per-node=N -m camlens explain DATA --out OUT` the
     ranks share the images.
 
+    Every PNG has a colorbar in the map's units; maps with both signs are drawn red/blue around zero,
+    maps of one sign with the whole colormap (--shared-scale: one scale per image and method).
+    --figures montage writes one STEM_montage.png per image: a row per method, a column per class.
+    A model with --weights random is said to be so in the table, the titles and the JSON.
+
     Unreadable images are reported by name and skipped; the exit code is 1 if any input failed.
 
     \b
@@ -195,6 +217,7 @@ def explain_cmd(
       camlens explain                                  # the cat photo, Grad-CAM and CAM, top-2
       camlens explain photos/ --method gradcam++ --topk 3 --out results
       camlens explain 'data/**/*.jpg' --class "tabby cat" --figures overlay
+      camlens explain --method gradcam --method cam --topk 3 --figures montage --shared-scale
       torchrun --nproc-per-node=2 -m camlens explain val/ --out store
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
@@ -229,8 +252,14 @@ def explain_cmd(
         fig = figures if figures != "auto" else ("all" if "png" in fmts else "none")
         fmts = [f for f in fmts if f != "png"]
     store = "store" in fmts
+    if map_size == "photo" and store:
+        raise click.BadParameter(
+            "the result store keeps every map at the model's input size (one array for all images); "
+            "use --format npy,json for maps at each photo's size",
+            param_hint="--map-size",
+        )
     loose = [f for f in fmts if f in ("npy", "json")]
-    if fig != "none" and not store:
+    if fig not in ("none", "montage") and not store:
         loose.append("png")
     ctx = dist.setup(dist.local_device(resolve_device(device)))
     failed = len(inputs.problems)
@@ -245,6 +274,8 @@ def explain_cmd(
     # every loose output is checked before any work, so nothing is half-written when one already
     # exists (with --class the file names carry class names, known once the model is loaded)
     def check(labels: list[str]) -> None:
+        if fig == "montage" and not store:
+            check_overwrite(montage_paths(out, stems), overwrite)
         if not loose:
             return
         plan = [
@@ -298,6 +329,9 @@ def explain_cmd(
             cmap=cmap,
             suffix=suffix,
             map_dtype=map_dtype,
+            colorbar=not no_colorbar,
+            shared_scale=shared_scale,
+            map_size=map_size,
         )
         code = _run(net, inputs, work, writes, failed, ctx)
     finally:
@@ -380,6 +414,62 @@ class Writes:
     cmap: str
     suffix: str
     map_dtype: str
+    colorbar: bool = True
+    shared_scale: bool = False
+    map_size: str = "input"  # .npy maps at the model's input size or the photo's
+
+    def look(self) -> dict[str, Any]:
+        """The PNGs' options for :func:`camlens.viz.save_explanation`."""
+        return dict(alpha=self.alpha, cmap=self.cmap, colorbar=self.colorbar, shared_scale=self.shared_scale)
+
+
+def montage_paths(out, stems) -> list:
+    """``OUT/STEM_montage.png`` per image (``--figures montage``)."""
+    from pathlib import Path
+
+    return [Path(out) / f"{s}_montage.png" for s in stems]
+
+
+def _figure_sinks(writes: Writes) -> list:
+    """Sinks for the figures: a dataset run's go to ``OUT/figures`` (with the store), a montage is one
+    PNG per image; per-class overlays of named files are part of the loose files."""
+    from pathlib import Path
+
+    from camlens.pipeline.run import FilesSink
+    from camlens.pipeline.store import FIGURES_DIR
+
+    where = Path(writes.out) / FIGURES_DIR if writes.store else Path(writes.out)
+    if writes.figures == "montage":
+        return [MontageSink(where, overwrite=writes.overwrite or writes.store, look=writes.look())]
+    if writes.store and writes.figures != "none":
+        top = 1 if writes.figures == "overlay" else None
+        return [FilesSink(where, ["png"], top=top, overwrite=True, threshold=writes.threshold, **writes.look())]
+    return []
+
+
+class MontageSink:
+    """``--figures montage``: one ``STEM_montage.png`` per image (:func:`camlens.viz.montage`)."""
+
+    def __init__(self, directory, *, overwrite: bool, look: dict[str, Any]):
+        self.directory, self.overwrite, self.look = directory, overwrite, look
+        self.written = 0
+
+    def write(self, res) -> None:
+        from camlens.viz import montage, save_figure
+
+        exps = {
+            m: e.replace(images=res.batch.images, sources=list(res.batch.names)) for m, e in res.explanations.items()
+        }
+        for i, stem in enumerate(res.batch.names):
+            fig = montage(
+                exps, i, alpha=self.look["alpha"], cmap=self.look["cmap"], shared_scale=self.look["shared_scale"]
+            )
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_figure(fig, self.directory / f"{stem}_montage.png", overwrite=self.overwrite)
+            self.written += 1
+
+    def close(self) -> None:
+        pass
 
 
 def _print_top(batch, res) -> None:
@@ -397,15 +487,24 @@ def _print_top(batch, res) -> None:
             head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
             echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
         return
+    from camlens.explanation import RANDOM_WEIGHTS
+
+    note = f" ({RANDOM_WEIGHTS}: these classes and probabilities mean nothing)" if first.random_weights else ""
     for stem, top in zip(batch.names, first.top(5), strict=True):
         rows = [(r + 1, name.split(",")[0], f"{p:6.1%}", cid) for r, (cid, name, p) in enumerate(top)]
-        echo(f"{stem}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
+        echo(f"{stem}{note}\n" + table(rows, ("#", "class", "prob", "id"), indent="  "), None)
 
 
-def _summary(n: int, stats, res, writes: Writes, computed: int, written: int | None, n_bad: int) -> str:
+def _summary(
+    n: int, stats, res, writes: Writes, computed: int, written: int | None, n_bad: int, *, random: bool = False
+) -> str:
     """The one closing line of ``camlens explain``."""
+    from camlens.explanation import RANDOM_WEIGHTS
+
     ok = n - len(stats.failed)
     line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
+    if random:
+        line += f" ({RANDOM_WEIGHTS})"
     if res is not None:
         line += (
             f" ({computed} now, {stats.skipped} already in the store); store {writes.out} "
@@ -433,7 +532,7 @@ def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, opts: dict):
             writes.out,
             threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
             map_dtype=writes.map_dtype,
-            figures=writes.figures,
+            figures="none",  # drawn by the figure sinks, with the PNG options of this command
             overwrite=writes.overwrite,
             preprocess=None,
             progress=work.progress,
@@ -483,11 +582,13 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
             overwrite=writes.overwrite,
             threshold=writes.threshold,
             boxes=writes.boxes,
-            alpha=writes.alpha,
-            cmap=writes.cmap,
             suffix=writes.suffix,
+            map_size=writes.map_size,
+            **writes.look(),
         )
         sinks.append(files)
+    figure_sinks = _figure_sinks(writes)
+    sinks += figure_sinks
 
     opts = dict(
         methods=work.methods,
@@ -509,7 +610,9 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         raise click.ClickException(str(exc)) from None
     n_bad = failed + len(stats.failed)
     computed = int(ctx.sum_ints([stats.computed])[0])
-    written = int(ctx.sum_ints([files.written if files else 0])[0])
+    written = int(ctx.sum_ints([(files.written if files else 0) + sum(s.written for s in figure_sinks)])[0])
     if ctx.is_main:
-        click.echo(_summary(len(ds), stats, res, writes, computed, written if files else None, n_bad))
+        random = card is not None and card.extra.get("weights") == "random"
+        wrote = written if files or figure_sinks else None
+        click.echo(_summary(len(ds), stats, res, writes, computed, wrote, n_bad, random=random))
     return EXIT_FAILED if n_bad else 0

@@ -170,7 +170,8 @@ def load_model(
             ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
             ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
-            untrained network, a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
+            untrained network (``card.extra["weights"] = "random"``: figures, tables and summaries
+            say "random weights"), a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
             weights name such as ``"IMAGENET1K_V2"``.
         checkpoint: a ``camlens finetune`` output folder or checkpoint file (overrides ``name``).
         num_classes: replace the classifier with a fresh one of this many classes.
@@ -197,6 +198,9 @@ def load_model(
         pp = PRESETS[preprocess] if isinstance(preprocess, str) else preprocess
         card = card_of(model) or ModelCard(type(model).__name__)
         attach_card(model, replace(card, preprocess=pp))
+    if checkpoint is None and weights == "random":  # said in titles, tables and summaries
+        card = card_of(model) or ModelCard(type(model).__name__)
+        attach_card(model, replace(card, extra={**card.extra, "weights": "random"}))
     model.eval()
     if device is not None:
         model.to(parse_device(device))

@@ -824,6 +824,20 @@ class Results:
             raise self._damaged({f"{MAPS_DIR}/{r['method']}": f"no map stored for image {int(r['image_id'])}"})
         return m
 
+    def explanations(self, image: int) -> dict[str, Any]:
+        """``{method: Explanation}`` of one image (its ``image_id``) rebuilt from the store, for figures
+        and :meth:`~camlens.Explanation.save` (:func:`camlens.pipeline.figures.stored_explanations`)."""
+        from .figures import stored_explanations  # lazy: torch and matplotlib only when a figure is asked for
+
+        return stored_explanations(self, image)
+
+    def figure(self, image: int, method: str | None = None, **kwargs: Any):
+        """The overlays of one image (its ``image_id``) as ``camlens.explain`` draws them: one method's
+        figure, or the montage of methods x classes when several are stored and none is named."""
+        from .figures import stored_figure  # lazy: torch and matplotlib only when a figure is asked for
+
+        return stored_figure(self, image, method, **kwargs)
+
     def __len__(self) -> int:
         return len(self.table)
 

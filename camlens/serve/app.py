@@ -141,6 +141,8 @@ def _result_json(res: Any) -> dict[str, Any]:
         "id": res.id,
         "image": res.image.info(),
         "model": res.model,
+        "random_weights": res.random_weights,
+        "model_label": render.model_label(res),
         "predictions": res.predictions,
         "classes": res.classes,
         "methods": methods,

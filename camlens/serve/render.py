@@ -1,11 +1,14 @@
 """Pictures and files of ``camlens serve``: heat layers, pixel-attribution detail, the figure, the
 maps (``.npy``) and the JSON summary — built from :mod:`camlens.viz` and :mod:`camlens.localize`.
 
-Colours. A map with both signs (CAM without ReLU, Integrated Gradients, …) is drawn with a diverging
-colormap centred at zero, ``v = ½ + ½·m / q`` (``q`` = the largest |m|, or its 99.5th percentile for
-pixel methods), so white means "no evidence" and red / blue "for" / "against" the class. A map of
-one sign is min–max normalized (the library's convention) and drawn with ``jet`` (the notebooks').
-Pixel methods' maps are clipped at their 99.5th percentile first (:func:`camlens.viz.attribution_heat`).
+Colours. With the colormap "auto" (the default) the page follows the library's one rule,
+:func:`camlens.viz.color_scale`, as the figures and saved PNGs do: a map with both signs (CAM of a
+lesser class, Integrated Gradients, …) is drawn with a diverging colormap centred at zero,
+``v = ½ + ½·m / q`` (``q`` = the largest |m|, or its 99.5th percentile for pixel methods), so white
+means "no evidence" and red / blue "for" / "against" the class; a map of one sign (Grad-CAM, CAM of
+the top class) uses the whole of ``jet`` from its minimum to its maximum; an all-negative map the
+blue half of the diverging colormap. A colormap chosen by name is used as asked (a diverging one
+centred at zero, another min–max). Pixel methods' maps are clipped at their 99.5th percentile first.
 The page lays the heat layer over the photo with CSS opacity ``α``, which is exactly
 :func:`camlens.viz.overlay`'s ``(1 - α)·image + α·heat``.
 """
@@ -61,13 +64,27 @@ def heat_values(panel: Panel, signed: bool, cmap: str, size: tuple[int, int]) ->
 
 
 def heat_rgb(result: Result, panel: Panel, cmap: str = "auto") -> np.ndarray:
-    """The heat layer of a panel at the display size, ``(h, w, 3)`` uint8."""
-    from ..viz import colorize
+    """The heat layer of a panel at the display size, ``(h, w, 3)`` uint8 (``"auto"``: the library's
+    colour rule, :func:`camlens.viz.color_scale`, on this map's values)."""
+    from ..viz import color_scale, colorize, resize_map
 
+    if cmap == "auto":
+        sc = color_scale(
+            panel.map, pixel=panel.raw is not None, cmap=SEQUENTIAL_DEFAULT, diverging_cmap=DIVERGING_DEFAULT
+        )
+        m = resize_map(panel.map, result.image.display.shape[:2])
+        return colorize(sc.position(m), sc.cmap, normalized=True)
     signed = result.signed(panel.method)
     name = resolve_cmap(cmap, signed)
     v = heat_values(panel, signed, name, result.image.display.shape[:2])
     return colorize(v, name, normalized=True)
+
+
+def model_label(result: Result) -> str:
+    """The model's name, with ``(random weights)`` when they are."""
+    from ..explanation import RANDOM_WEIGHTS
+
+    return result.model + (f" ({RANDOM_WEIGHTS})" if result.random_weights else "")
 
 
 def detail_rgb(result: Result, panel: Panel) -> np.ndarray:
@@ -150,7 +167,9 @@ def figure_png(
                 axes[r, col].imshow(detail_rgb(result, p))
                 axes[r, col].set_title("pixel detail", fontsize=8)
                 col += 1
-    fig.suptitle(f"camlens · {result.model} · {result.image.name} · box at {threshold:.2f} of the max", fontsize=10)
+    fig.suptitle(
+        f"camlens · {model_label(result)} · {result.image.name} · box at {threshold:.2f} of the max", fontsize=10
+    )
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": "camlens serve"})
@@ -202,6 +221,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
     return {
         "result": result.id,
         "model": result.model,
+        "random_weights": result.random_weights,
         "image": {"name": img.name, "size": list(img.rgb.shape[:2]), "display_size": list(shown)},
         "predictions": result.predictions,
         "classes": result.classes,
@@ -228,6 +248,7 @@ __all__ = [
     "heat_rgb",
     "heat_values",
     "maps_npy",
+    "model_label",
     "png_bytes",
     "resolve_cmap",
     "summary",

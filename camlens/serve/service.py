@@ -446,6 +446,7 @@ class Result:
     channel_order: str = "RGB"
     curves: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     estimates: dict[str, str] = field(default_factory=dict)  # method -> its cost estimate, as shown
+    random_weights: bool = False  # the model's weights are random: the page and the files say so
 
     def signed(self, method: str) -> bool:
         """Whether ``method``'s maps here take both signs (then a diverging colormap centred at 0 is used)."""
@@ -706,6 +707,7 @@ class Service:
             predict_ms=predict_ms,
             channel_order=order,
             estimates={m: estimate_text(e) for m, e in progress.estimates.items()},
+            random_weights=bool(card and card.extra.get("weights") == "random"),
         )
         return self.results.put(res.id, res)
 

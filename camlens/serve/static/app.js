@@ -243,7 +243,7 @@ async function runExplain(classes) {
     state.result = res;
     render(res);
     const total = res.methods.reduce((s, m) => s + (m.cost_ms || 0), 0);
-    setStatus("done", `done: ${res.model}, ${res.methods.length} method(s), ${res.classes.length} class(es); ` +
+    setStatus("done", `done: ${res.model_label || res.model}, ${res.methods.length} method(s), ${res.classes.length} class(es); ` +
       `compute ${fmtMs(total)}, round trip ${Math.round(performance.now() - t0)} ms`);
   } catch (e) {
     showError(e.message, e.status);
