@@ -24,7 +24,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -1366,23 +1366,49 @@ def output_paths(
     return plan
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    """What :func:`save_explanation` writes and how (see there for each field)."""
+
+    formats: Sequence[str] | str = ("png", "npy", "json")
+    overwrite: bool = False
+    threshold: float | None = None
+    boxes: bool = False
+    alpha: float = 0.5
+    cmap: str = "jet"
+    suffix: str = "auto"
+    dpi: int = 100
+    title: bool = True
+    compress_level: int = PNG_COMPRESS_LEVEL
+    colorbar: bool = True
+    shared_scale: bool = False
+    map_size: str = "input"
+
+    def checked(self) -> SaveOptions:
+        """These options with ``formats`` as a list, every value checked."""
+        f = self.formats
+        fmts = [x.strip().lower() for x in (f.split(",") if isinstance(f, str) else f)]
+        bad = [x for x in fmts if x not in ("png", "npy", "json")]
+        if bad or not fmts:
+            raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
+        if self.suffix not in ("rank", "class", "auto"):
+            raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {self.suffix!r}")
+        if self.map_size not in ("input", "photo"):
+            raise InputError(f"map_size must be 'input' (the model's input size) or 'photo', not {self.map_size!r}")
+        return replace(self, formats=tuple(fmts))
+
+
+def save_options(options: SaveOptions | None = None, **kwargs: Any) -> SaveOptions:
+    """``options`` (default :class:`SaveOptions`) with ``kwargs`` applied, checked."""
+    valid = [f.name for f in fields(SaveOptions)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise InputError(f"unknown save option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return replace(options or SaveOptions(), **kwargs).checked()
+
+
 def save_explanation(
-    exp: Explanation,
-    directory: str | Path,
-    *,
-    formats: Sequence[str] | str = ("png", "npy", "json"),
-    overwrite: bool = False,
-    threshold: float | None = None,
-    boxes: bool = False,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    suffix: str = "auto",
-    dpi: int = 100,
-    title: bool = True,
-    compress_level: int = PNG_COMPRESS_LEVEL,
-    colorbar: bool = True,
-    shared_scale: bool = False,
-    map_size: str = "input",
+    exp: Explanation, directory: str | Path, options: SaveOptions | None = None, **kwargs: Any
 ) -> list[Path]:
     """Write an explanation to ``directory`` (created when missing); returns the written paths.
 
@@ -1410,51 +1436,29 @@ def save_explanation(
       (image and map pixels, at ``threshold``), method, layer, model, ``random_weights``, each map's
       raw ``value_range`` ``[min, max]`` and the ``color_scales`` the PNGs use, camlens and torch versions.
 
+    The options are the fields of :class:`SaveOptions`: pass ``options=`` or any of them as
+    keywords (keywords override ``options``; an unknown one names the valid ones).
+
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.errors.OutputExistsError` says to pass ``--overwrite``.
     """
-    fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
-    bad = [f for f in fmts if f not in ("png", "npy", "json")]
-    if bad or not fmts:
-        raise InputError(f"unknown output format(s) {bad or fmts}; choose from png, npy, json")
-    if suffix not in ("rank", "class", "auto"):
-        raise InputError(f"suffix must be 'auto', 'rank' or 'class', not {suffix!r}")
-    if map_size not in ("input", "photo"):
-        raise InputError(f"map_size must be 'input' (the model's input size) or 'photo', not {map_size!r}")
-    if suffix == "auto":
-        suffix = "rank" if is_topk(exp) else "class"
-    if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
-        raise InputError(
-            "suffix='rank' names files top1, top2…, but these targets are not the top-k classes "
-            "(or their ranks are unknown); use suffix='class' or 'auto'"
-        )
-    thr = DEFAULT_THRESHOLD if threshold is None else threshold
-    draw = boxes or threshold is not None
-    out = Path(directory)
-    n = len(exp)
-    stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
+    opts = save_options(options, **kwargs)
+    thr = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
+    draw = opts.boxes or opts.threshold is not None
+    stems, plan = _save_plan(exp, Path(directory), opts)
     labels = exp.labels()
-    if exp.class_agnostic:
-        suffix = "agnostic"
-    plan = output_paths(out, stems, exp.method, labels, fmts, suffix)
-    flat = [p for per in plan for ps in per.values() for p in ps]
-    if len(set(flat)) != len(flat):
-        raise InputError("two outputs would get the same file name; use suffix='rank'")
-    check_targets(flat, overwrite)  # files and links (even dangling ones) are in the way without overwrite
-    safe_out_dir(out)
-
     size = tuple(exp.shape[-2:])
     written: list[Path] = []
-    look = _PngLook(alpha, cmap, dpi, title, colorbar, compress_level, overwrite)
-    for i in range(n):
+    look = _PngLook(opts.alpha, opts.cmap, opts.dpi, opts.title, opts.colorbar, opts.compress_level, opts.overwrite)
+    for i in range(len(exp)):
         maps_i = exp.image_maps(i)  # (K, H, W): one image's maps at a time (lazy maps stay small)
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
         img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
         pixel = exp.raw.dim() == 5
-        shared = shared_color_scale(maps_i, pixel=pixel, cmap=cmap) if shared_scale else None
-        scales = [shared or color_scale(mj, pixel=pixel, cmap=cmap) for mj in maps_i]
-        if "png" in fmts:
+        shared = shared_color_scale(maps_i, pixel=pixel, cmap=opts.cmap) if opts.shared_scale else None
+        scales = [shared or color_scale(mj, pixel=pixel, cmap=opts.cmap) for mj in maps_i]
+        if "png" in opts.formats:
             for j, p in enumerate(plan[i]["png"]):
                 bx = img_boxes[j] if draw else None
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
@@ -1467,50 +1471,85 @@ def save_explanation(
                 }
                 _save_overlay(img, maps_i[j], p, scales[j], bx, meta, look)
                 written.append(p)
-        if "npy" in fmts:
+        photo = opts.map_size == "photo" and bool(exp.images) and tuple(img.shape[:2]) != size  # the boxes' frame
+        if "npy" in opts.formats:
             p = plan[i]["npy"][0]
             arr = maps_i.detach().float().cpu().numpy()
-            if map_size == "photo" and exp.images and tuple(img.shape[:2]) != size:  # the boxes' frame
+            if photo:
                 arr = np.stack([resize_map(mj, img.shape[:2]) for mj in arr])
-            atomic_write(p, functools.partial(np.save, arr=arr), overwrite=overwrite)
+            atomic_write(p, functools.partial(np.save, arr=arr), overwrite=opts.overwrite)
             written.append(p)
-        if "json" in fmts:
+        if "json" in opts.formats:
             p = plan[i]["json"][0]
-            summary = {
-                "source": exp.sources[i] if exp.sources else stems[i],
-                "method": exp.method,
-                "layer": exp.layer,
-                "model": exp.model_name,
-                "image_size": list(img.shape[:2]) if exp.images else None,
-                "map_size": list(img.shape[:2]) if map_size == "photo" and exp.images else list(size),
-                "classes": [int(c) for c in exp.classes[i].tolist()],
-                "class_names": labels[i],
-                "scores": [float(v) for v in exp.scores[i].tolist()],
-                "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
-                "ranks": None if exp.ranks is None else [int(r) for r in exp.ranks[i].tolist()],
-                "signed": exp.signed,
-                "random_weights": exp.random_weights,
-                "value_range": [[float(mj.min()), float(mj.max())] for mj in maps_i],
-                "color_scales": [s.to_dict() for s in scales],
-                "threshold": float(thr),
-                "boxes": img_boxes.tolist(),
-                "boxes_map": map_boxes.tolist(),
-                "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
-                "extras": _scalar_extras(exp.extras),
-                **(
-                    {
-                        "explained_boxes": [
-                            None if b[0] != b[0] else [float(v) for v in b] for b in exp.extras["boxes"][i]
-                        ]
-                    }
-                    if "boxes" in exp.extras
-                    else {}
-                ),
-                "versions": versions(),
-            }
-            atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
+            boxes = {"threshold": float(thr), "image": img_boxes, "map": map_boxes}
+            summary = _json_summary(exp, i, stems[i], img, maps_i, scales, boxes, opts.map_size == "photo")
+            atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=opts.overwrite)
             written.append(p)
     return written
+
+
+def _save_plan(exp: Explanation, out: Path, opts: SaveOptions) -> tuple[list[str], list[dict[str, list[Path]]]]:
+    """The unique stems and every path :func:`save_explanation` will write, checked before any
+    is written (no clash, nothing in the way unless ``overwrite``), and the folder made safe."""
+    suffix = opts.suffix
+    if suffix == "auto":
+        suffix = "rank" if is_topk(exp) else "class"
+    if suffix == "rank" and not exp.class_agnostic and exp.ranks is not None and not is_topk(exp):
+        raise InputError(
+            "suffix='rank' names files top1, top2…, but these targets are not the top-k classes "
+            "(or their ranks are unknown); use suffix='class' or 'auto'"
+        )
+    n = len(exp)
+    stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
+    if exp.class_agnostic:
+        suffix = "agnostic"
+    plan = output_paths(out, stems, exp.method, exp.labels(), list(opts.formats), suffix)
+    flat = [p for per in plan for ps in per.values() for p in ps]
+    if len(set(flat)) != len(flat):
+        raise InputError("two outputs would get the same file name; use suffix='rank'")
+    check_targets(flat, opts.overwrite)  # files and links (even dangling ones) are in the way without overwrite
+    safe_out_dir(out)
+    return stems, plan
+
+
+def _json_summary(
+    exp: Explanation,
+    i: int,
+    stem: str,
+    img: np.ndarray,
+    maps_i: torch.Tensor,
+    scales: list[ColorScale],
+    boxes: dict[str, Any],
+    photo_size: bool,
+) -> dict[str, Any]:
+    """The JSON summary of image ``i`` (see :func:`save_explanation`)."""
+    size = tuple(exp.shape[-2:])
+    summary: dict[str, Any] = {
+        "source": exp.sources[i] if exp.sources else stem,
+        "method": exp.method,
+        "layer": exp.layer,
+        "model": exp.model_name,
+        "image_size": list(img.shape[:2]) if exp.images else None,
+        "map_size": list(img.shape[:2]) if photo_size and exp.images else list(size),
+        "classes": [int(c) for c in exp.classes[i].tolist()],
+        "class_names": exp.labels()[i],
+        "scores": [float(v) for v in exp.scores[i].tolist()],
+        "probs": [None if v != v else float(v) for v in exp.probs[i].tolist()],
+        "ranks": None if exp.ranks is None else [int(r) for r in exp.ranks[i].tolist()],
+        "signed": exp.signed,
+        "random_weights": exp.random_weights,
+        "value_range": [[float(mj.min()), float(mj.max())] for mj in maps_i],
+        "color_scales": [s.to_dict() for s in scales],
+        "threshold": boxes["threshold"],
+        "boxes": boxes["image"].tolist(),
+        "boxes_map": boxes["map"].tolist(),
+        "box_format": "x0,y0,x1,y1 pixels, x1/y1 exclusive, -1 = no box",
+        "extras": _scalar_extras(exp.extras),
+    }
+    if "boxes" in exp.extras:
+        summary["explained_boxes"] = [None if b[0] != b[0] else [float(v) for v in b] for b in exp.extras["boxes"][i]]
+    summary["versions"] = versions()
+    return summary
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ KNOWN: dict[str, tuple[int, int]] = {
     "pipeline/run.py:explain_dataset": (39, 18),
     "train/loop.py:_finetune": (213, 26),
     "viz.py:batch_grid": (36, 13),
-    "viz.py:save_explanation": (102, 12),
 }
 
 
