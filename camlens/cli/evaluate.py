@@ -16,7 +16,7 @@ import click
 from camlens.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
 from camlens.io import IMAGE_EXTENSIONS
 
-from .common import check_layer, method_option, parse_method_options, resolve_device
+from .common import check_layer, cli_message, method_option, parse_method_options, resolve_device
 
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -378,7 +378,7 @@ def evaluate_cmd(
         if ctx.active:
             report = _merge_reports(ctx, report)
     except CamlensError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(cli_message(exc)) from None
     except KeyboardInterrupt:
         if ctx.is_main:
             kept = len({r["image"] for r in partial[-1]}) if partial else 0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import numbered
 from ..errors import InputError, MethodError
 from ..explainer import explain
 from ..inputs import prepare_inputs
@@ -322,7 +323,10 @@ def evaluate(
     if not images:
         raise InputError("no images to evaluate")
     if names is None:
-        names = [Path(s).stem if isinstance(s, (str, os.PathLike)) else f"image{i}" for i, s in enumerate(images)]
+        names = [
+            Path(s).stem if isinstance(s, (str, os.PathLike)) else d
+            for s, d in zip(images, numbered("image", len(images)), strict=True)
+        ]
     names = list(names)
     if len(names) != len(images):
         raise InputError(f"{len(names)} names for {len(images)} images")
