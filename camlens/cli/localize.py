@@ -15,8 +15,8 @@ from camlens.fsio import atomic_write, safe_out_dir
 
 from .common import (
     EXIT_FAILED,
-    check_layer,
     cap_workers,
+    check_layer,
     check_overwrite,
     common_model_options,
     echo,
