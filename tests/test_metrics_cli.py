@@ -362,11 +362,13 @@ def test_evaluate_progress_counts_every_unit_and_moves_during_sanity(tiny, array
 
     class Bar:
         def __init__(self, total, **kw):
-            self.total, self.updates = total, []
+            self.total, self.updates, self.n = total, [], 0
             bars.append(self)
 
         def update(self, n=1):
             self.updates.append(n)
+            self.n += n
+            assert self.n <= self.total  # tqdm warns 'clamping frac to range [0, 1]' past it
 
         def set_postfix_str(self, s, refresh=True):
             self.updates.append(s)
@@ -388,6 +390,6 @@ def test_evaluate_progress_counts_every_unit_and_moves_during_sanity(tiny, array
     )
     (bar,) = bars
     nums = [u for u in bar.updates if not isinstance(u, str)]
-    assert bar.total == 3 * 4 and sum(nums) == pytest.approx(bar.total)
+    assert bar.total == 3 * 4 and sum(nums) == pytest.approx(bar.total) and bar.n == pytest.approx(bar.total)
     after = bar.updates[bar.updates.index("sanity") + 1 :]
     assert sum(1 for u in after if not isinstance(u, str)) >= 2  # one move per randomized layer

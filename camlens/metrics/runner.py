@@ -606,12 +606,14 @@ class _Plan:
             lay = randomization_layers(self.model, x)[:lay]
         _say(bar, "sanity")
 
-        moved = [0.0]
+        start = float(bar.n) if bar is not None else 0.0
 
-        def step(k: int, total: int) -> None:  # the bar moves with each randomized layer
+        def advance(fraction: float) -> None:  # to a target, never past the total (float sums drift)
             if bar is not None:
-                bar.update(n / total)
-                moved[0] += n / total
+                target = min(float(bar.total), start + n * fraction)
+                d = target - bar.n
+                if d > 0:
+                    bar.update(d if bar.n + d <= bar.total else math.nextafter(d, 0.0))
 
         result = sanity_randomization(
             self.model,
@@ -622,10 +624,9 @@ class _Plan:
             seed=self.cfg.seed,
             batch_size=self.cfg.batch_size,
             explain_options=self.explain_opts,  # one explain of every method: options split per method
-            on_step=step,
+            on_step=lambda k, total: advance(k / total),  # the bar moves with each randomized layer
         )
-        if bar is not None and n - moved[0] > 0:
-            bar.update(n - moved[0])  # no layer to randomize, or float rounding: the unit is done
+        advance(1.0)  # no layer to randomize, or rounding: the unit is done
         return result
 
 
