@@ -91,3 +91,16 @@ def gaussian_blur(
     y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
     y = F.pad(y, (0, 0, r, r), mode=mode)
     return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+def numbered(prefix: str, n: int) -> list[str]:
+    """``prefix0`` … ``prefix{n-1}``, zero-padded to one width so that the names sort in order
+    (``image00`` … ``image11`` for 12 images; ``image0`` … ``image9`` for up to 10)."""
+    width = len(str(max(n - 1, 0)))
+    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+
+
+def rank_tags(k: int) -> list[str]:
+    """``top1`` … ``top{k}`` zero-padded to one width (``top01`` … ``top20``), so files sort by rank."""
+    width = len(str(k))
+    return [f"top{j:0{width}d}" for j in range(1, k + 1)]

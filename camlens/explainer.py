@@ -198,6 +198,18 @@ def explain(
 
     Returns:
         An :class:`Explanation`, or a dict of them when ``method`` is a list.
+
+    Example::
+
+        >>> import camlens
+        >>> model = camlens.load_model("efficientnet_lite0")      # bundled ImageNet weights, offline
+        >>> exp = camlens.explain(model, "cat.jpg", "gradcam", targets="top2")
+        >>> exp.labels()                                          # [['Egyptian cat', 'tiger cat']]
+        >>> exp.maps.shape                                        # (1, 2, H, W): one map per class
+        >>> exp.boxes()                                           # (1, 2, 4) boxes in the photo's pixels
+        >>> exp.save("out/")                                      # overlays, .npy maps, JSON summary
+        >>> both = camlens.explain(model, "cat.jpg", ["gradcam", "scorecam"], max_channels=64)
+        >>> both["scorecam"].show()                               # {method: Explanation}
     """
     if isinstance(model, str):
         model = load_model(model)

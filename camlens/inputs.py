@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._util import model_device, model_dtype
+from ._util import model_device, model_dtype, numbered
 from .errors import InputError
 from .io import load_images
 from .models.preprocess import IMAGENET, Preprocess
@@ -54,7 +54,7 @@ def prepare_batch(
             if x.is_inference():
                 x = x.clone()
         x = x.to(device=device, dtype=model_dtype(model))
-        return x, None, [f"image{i}" for i in range(x.shape[0])]
+        return x, None, numbered("image", x.shape[0])
     if (
         isinstance(inputs, (list, tuple))
         and inputs
@@ -62,15 +62,15 @@ def prepare_batch(
     ):  # a detector's list of (C, H, W) images, as torchvision detectors take them
         ts = [t.detach().to(device=device, dtype=model_dtype(model)) for t in inputs]
         xs = torch.stack(ts) if len({tuple(t.shape) for t in ts}) == 1 else ts
-        return xs, None, [f"image{i}" for i in range(len(ts))]
+        return xs, None, numbered("image", len(ts))
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     images = load_images(items)
     names = []
-    for i, item in enumerate(items):
+    for item, default in zip(items, numbered("image", len(items)), strict=True):
         names.append(
             Path(item).stem
             if isinstance(item, (str, os.PathLike))
-            else Path(getattr(item, "filename", "") or f"image{i}").stem or f"image{i}"
+            else Path(getattr(item, "filename", "") or default).stem or default
         )
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)

@@ -333,6 +333,7 @@ class LocalizationReport:
     tolerance: float = POINTING_TOLERANCE
     name: str = "method"
     per_image_iou: np.ndarray | None = None
+    top1_note: str = ""  # why top-1 loc. is n/a, when it is
 
     LABELS: ClassVar[dict[str, str]] = {
         "top1_loc": "top-1 loc. acc. (class & IoU>=0.5)",
@@ -365,6 +366,8 @@ class LocalizationReport:
             "-" * len(head),
         ]
         lines += [f"{a:<{w0}}  {b:>{w1}}  {c:>15}" for a, b, c in rows]
+        if self.metrics["top1_loc"] != self.metrics["top1_loc"] and self.top1_note:
+            lines.append(f"top-1 loc. n/a: {self.top1_note}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -486,6 +489,15 @@ def evaluate_maps(
         correct = np.array([np.nan if c is None else float(c) for c in correct], dtype=float)
         if len(correct) != n:
             raise InputError(f"{n} maps but {len(correct)} entries in correct")
+    note = ""
+    if correct is None:
+        note = "no top-1 correctness was given (correct=None); the GT-known figures do not need it"
+    elif np.isnan(correct).all():
+        note = (
+            "no ground-truth class is one of the model's classes, so its top-1 prediction cannot be "
+            "judged right or wrong (the GT-known figures do not need it); fine-tune on these classes "
+            "(camlens finetune) for a model that names them"
+        )
     mine, acc1, acc2, best, ious = _scores(ms, gts, sizes, correct, t, ts, tolerance)
     by_shape: dict = {}
     base_maps = [by_shape.setdefault(m.shape, centre_map(m.shape)) for m in ms]
@@ -503,6 +515,7 @@ def evaluate_maps(
         tolerance=tolerance,
         name=name,
         per_image_iou=ious,
+        top1_note=note,
     )
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from ._util import numbered, rank_tags
 from ._version import __version__, versions
 from .errors import InputError
 from .explanation import RANDOM_WEIGHTS, Explanation
@@ -1352,7 +1353,8 @@ def output_paths(
     meth = safe_name(method)
     plan = []
     for stem, labs in zip(stems, labels, strict=True):
-        tags = [f"top{j + 1}" if suffix == "rank" else safe_name(_short(lab, 60)) for j, lab in enumerate(labs)]
+        ranks = rank_tags(len(labs))
+        tags = [ranks[j] if suffix == "rank" else safe_name(_short(lab, 60)) for j, lab in enumerate(labs)]
         pngs = [out / f"{stem}_{meth}_{t}.png" for t in tags]
         if suffix == "agnostic":  # one map whatever the class: one file, no class in its name
             pngs = [out / f"{stem}_{meth}.png"]
@@ -1415,7 +1417,8 @@ def save_explanation(
     Per image ``stem`` (``exp.sources``, made unique) and method ``m``:
 
     * ``png``: ``{stem}_{m}_top{k}.png`` — the overlay on the original image (the rendering of
-      ``show()``, :func:`render_map`), titled with the method, the class's true rank when known, its
+      ``show()``, :func:`render_map`; ``k`` zero-padded to the width of ``K``: ``top01`` … ``top20``,
+      so the files sort by rank), titled with the method, the class's true rank when known, its
       name and probability (also in the PNG's ``Title`` text field); the box at ``threshold`` is
       drawn when ``boxes=True`` (or a ``threshold`` is given). ``suffix="auto"`` (default) names
       files ``top{k}`` only when the targets *are* the top-k classes (``exp.ranks`` is 1..K),
@@ -1500,7 +1503,7 @@ def _save_plan(exp: Explanation, out: Path, opts: SaveOptions) -> tuple[list[str
             "(or their ranks are unknown); use suffix='class' or 'auto'"
         )
     n = len(exp)
-    stems = unique_names([safe_name(s) for s in (exp.sources or [f"image{i}" for i in range(n)])])
+    stems = unique_names([safe_name(s) for s in (exp.sources or numbered("image", n))])
     if exp.class_agnostic:
         suffix = "agnostic"
     plan = output_paths(out, stems, exp.method, exp.labels(), list(opts.formats), suffix)

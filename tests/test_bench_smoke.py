@@ -183,3 +183,37 @@ def test_topk_scorecam_photos_and_different_work_in_the_report():
     sc_t = verdicts["Score-CAM ≥ 2× faster than pytorch-grad-cam"]
     assert sc_t[:2] == ("2.00×", True) and "median of 3 photos" in sc_t[2]
     assert not any("guided" in t for t in verdicts)  # no target judged on a peer doing other work
+
+
+def test_merge_keeps_the_hand_written_sections(tmp_path):
+    """The README's rebuild command (`python -m benchmarks --merge …run2.json`) rewrote
+    BENCHMARKS.md whole: 94 lines deleted, the "0.2 additions" section among them (issue 24)."""
+    from benchmarks.report import BEGIN, END
+    from benchmarks.runner import main
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "BENCHMARKS.md").read_text(encoding="utf-8")
+    md = tmp_path / "BENCHMARKS.md"
+    i, j = text.index(BEGIN), text.index(END)
+    stale = text[:i] + text[i:j].replace(" ms", " MS-STALE") + text[j:]  # the generated part out of date
+    assert stale != text
+    md.write_text(stale, encoding="utf-8")
+    runs = sorted((repo / "benchmarks" / "published").glob("2026-11-23-*-run2.json"))
+    assert len(runs) >= 2
+    assert main(["--merge", *map(str, runs), "--markdown", str(md)], log=lambda s: None) == 0
+    new = md.read_text(encoding="utf-8")
+
+    def outside(t):
+        return t[: t.index(BEGIN)], t[t.index(END) :]
+
+    assert outside(new) == outside(text)  # byte-identical around the markers
+    assert "## 0.2 additions" in outside(new)[1]
+    inside = new[new.index(BEGIN) + len(BEGIN) + 1 : new.index(END)]
+    assert inside == markdown([json.loads(p.read_text()) for p in runs])  # the generated part rebuilt
+    assert new == text  # the published files rebuild exactly what is committed
+    # a file without the markers is refused, not overwritten
+    bare = tmp_path / "other.md"
+    bare.write_text("# my notes\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="markers"):
+        main(["--merge", *map(str, runs), "--markdown", str(bare)], log=lambda s: None)
+    assert bare.read_text(encoding="utf-8") == "# my notes\n"

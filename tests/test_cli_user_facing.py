@@ -258,3 +258,21 @@ def test_evaluate_writes_rows_as_it_goes(tmp_path, monkeypatch):
     assert [r["image"] for r in rows if r["method"] == "gradcam"] == ["chelsea"]
     assert rows[0]["deletion"] != ""
     assert not (out / "summary.csv").exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_refusal_under_torchrun_said_once_without_traceback(tmp_path, monkeypatch, rank):
+    """Under torchrun every rank met the same refusal: it was printed once per rank (issue 24). Now
+    rank 0 says it once, the others are silent, and every rank keeps the error's status."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output  # click's usage-error status, kept
+    said = r.output
+    if rank == "0":
+        assert said.count("Error:") == 1 and "rank 0" in said
+    else:
+        assert said == ""
+    monkeypatch.delenv("WORLD_SIZE")
+    r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0  # a single process keeps its status

@@ -275,3 +275,121 @@ def test_evaluate_config_object_equals_keywords_and_unknown_settings_raise(tiny,
         evaluate(tiny, arrays, ["gradcam"], ["deletion"], stepz=3)
     with pytest.raises(InputError, match="batch"):
         evaluate(tiny, arrays, ["gradcam"], ["deletion"], config=EvaluateConfig(batch_size=0))
+
+
+def _eval_args(data, out):
+    return [
+        "evaluate",
+        str(data),
+        "--size",
+        "32",
+        "--steps",
+        "2",
+        "--percentages",
+        "50",
+        "--device",
+        "cpu",
+        "--metrics",
+        "deletion,insertion,average_drop,increase,road,sanity",
+        "--sanity-layers",
+        "1",
+        "--chunk",
+        "1",
+        "--no-plots",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+def test_cli_evaluate_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """Ctrl-C after one chunk, then the same command: it continues (it used to refuse: 'per_image.csv
+    already exists … pass --overwrite') and ends with the files of an uninterrupted run (issue 24)."""
+    from camlens.metrics import runner
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("camera", "coffee", "astronaut"):
+        Image.fromarray(sample_image(name)).resize((40, 32)).save(data / f"{name}.png")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = CliRunner().invoke(main, _eval_args(data, whole))
+    assert r.exit_code == 0, r.output
+    real = runner._Plan.chunk
+    calls = []
+
+    def interrupted(self, images, idx, bar):
+        calls.append(idx)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images, idx, bar)
+
+    monkeypatch.setattr(runner._Plan, "chunk", interrupted)
+    r = CliRunner().invoke(main, _eval_args(data, cut))
+    assert r.exit_code == 130
+    assert "1 of 3 image(s) done" in r.output and "run the same command again to resume" in r.output
+    assert {row["image"] for row in _read_csv(cut / "per_image.csv")} == {"astronaut"}
+    monkeypatch.setattr(runner._Plan, "chunk", real)
+    calls.clear()
+    monkeypatch.setattr(
+        runner._Plan, "chunk", lambda self, images, idx, bar: calls.append(idx) or real(self, images, idx, bar)
+    )
+    r = CliRunner().invoke(main, _eval_args(data, cut))
+    assert r.exit_code == 0, r.output
+    assert calls == [[1], [2]]  # only the missing chunks were computed
+    for f in ("per_image.csv", "summary.csv", "sanity.csv"):
+        assert (cut / f).read_bytes() == (whole / f).read_bytes(), f
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert a == b
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in whole.iterdir())  # nothing left over
+    # a finished run is not resumed: the same command is refused, as before
+    r = CliRunner().invoke(main, _eval_args(data, cut))
+    assert r.exit_code != 0 and "--overwrite" in r.output
+    # other settings into an unfinished run are refused, naming what differs
+    monkeypatch.setattr(runner._Plan, "chunk", interrupted)
+    calls.clear()
+    other = tmp_path / "other"
+    assert CliRunner().invoke(main, _eval_args(data, other)).exit_code == 130
+    r = CliRunner().invoke(main, [*_eval_args(data, other), "--steps", "3"])
+    assert r.exit_code != 0 and "steps" in r.output and "unfinished" in r.output
+
+
+def test_evaluate_progress_counts_every_unit_and_moves_during_sanity(tiny, arrays, monkeypatch):
+    """The bar ended at 80 % (increase_in_confidence, computed with average_drop, was never counted)
+    and stood still through the sanity check (issue 24)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.updates, self.n = total, [], 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            self.n += n
+            assert self.n <= self.total  # tqdm warns 'clamping frac to range [0, 1]' past it
+
+        def set_postfix_str(self, s, refresh=True):
+            self.updates.append(s)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    evaluate(
+        tiny,
+        arrays,
+        ["cam"],
+        ["deletion", "average_drop", "increase_in_confidence", "sanity"],
+        steps=2,
+        preprocess=Preprocess(size=(12, 12)),
+        chunk_size=2,
+        sanity_layers=2,
+        progress=True,
+    )
+    (bar,) = bars
+    nums = [u for u in bar.updates if not isinstance(u, str)]
+    assert bar.total == 3 * 4 and sum(nums) == pytest.approx(bar.total) and bar.n == pytest.approx(bar.total)
+    after = bar.updates[bar.updates.index("sanity") + 1 :]
+    assert sum(1 for u in after if not isinstance(u, str)) >= 2  # one move per randomized layer

@@ -1,17 +1,22 @@
-"""Every example in README.md runs exactly as written (issue 12 item 1).
+"""Every example in README.md runs exactly as written, in the order printed (issues 12 and 24).
 
 The README's fenced code blocks are found automatically, so a new section's examples are tested
 without touching this file:
 
 * ``bash`` blocks: every line that starts with ``camlens`` is one example (``;`` separates
-  several commands on a line); it runs through the CLI in process and must exit 0. Other lines
-  (``make demo``, ``make test``) are not run here (CI runs them).
+  several commands on a line); it runs through the CLI in process and must exit 0. A ``torchrun …
+  -m camlens ARGS`` line (``\\`` continues it) runs ``camlens ARGS`` in one process: the same outputs,
+  so an ``--out`` that an earlier example already used is caught. Unquoted globs are expanded as
+  the shell does (a pattern that matches nothing is passed on as it is). Other lines (``make demo``,
+  ``make test``) are not run here (CI runs them).
 * ``python`` blocks: each block is one example, executed in a fresh namespace.
 
-Each example runs in its own copy of a sandbox folder holding the files the README names:
-``cat.jpg``, ``dog.jpg``, ``photos/`` (one photo), ``data/**/*.jpg``, ``val/`` (synthetic shapes with
-``val/boxes.csv``), ``shapes/`` (a synthetic ImageFolder), ``new_image.png`` and ``runs/shapes``
-(a small fine-tuned checkpoint). An example that needs more files adds them to :func:`sandbox`.
+All examples run one after the other in ONE folder, as a reader who pastes them in order would:
+an example sees what the earlier ones wrote, so two that claim the same output clash here as they
+would for the reader. The folder starts with the files the README names: ``cat.jpg``, ``dog.jpg``,
+``photos/`` (one photo), ``data/**/*.jpg``, ``val/`` (synthetic shapes, ``val/<class>/*.png`` and
+``val/boxes.csv``), ``shapes/`` (a synthetic ImageFolder), ``new_image.png`` and ``runs/shapes`` (a
+small fine-tuned checkpoint). An example that needs more files adds them to :func:`sandbox`.
 
 **Opting out.** An example that cannot run offline (it needs the user's own weights, a GPU…)
 carries the marker ``[not run by the tests: REASON]`` in a comment on its line (bash) or on its
@@ -20,6 +25,7 @@ block's first line (python), so the reason is visible to the reader right next t
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 import shutil
@@ -40,11 +46,19 @@ def readme_examples(text: str) -> list[tuple[str, str, str | None, int]]:
         lang, body = m.group(1).lower(), m.group(2)
         first_line = text.count("\n", 0, m.start(2)) + 1
         if lang in ("bash", "sh", "shell", "console"):
-            for i, line in enumerate(body.splitlines()):
-                cmd = line.strip().removeprefix("$ ")
+            lines = body.splitlines()
+            i = 0
+            while i < len(lines):
+                start, cmd = i, lines[i].strip().removeprefix("$ ")
+                while cmd.endswith("\\") and i + 1 < len(lines):  # a continued line
+                    i += 1
+                    cmd = cmd[:-1].rstrip() + " " + lines[i].strip()
+                i += 1
+                if cmd.startswith("torchrun") and " -m camlens " in cmd:
+                    cmd = "camlens " + cmd.split(" -m camlens ", 1)[1]
                 if cmd.startswith("camlens"):
                     reason = SKIP.search(cmd)
-                    out.append(("bash", cmd, reason.group(1) if reason else None, first_line + i))
+                    out.append(("bash", cmd, reason.group(1) if reason else None, first_line + start))
         elif lang in ("python", "py"):
             head = body.lstrip().splitlines()[0] if body.strip() else ""
             reason = SKIP.search(head)
@@ -53,14 +67,6 @@ def readme_examples(text: str) -> list[tuple[str, str, str | None, int]]:
 
 
 EXAMPLES = readme_examples(README.read_text(encoding="utf-8"))
-
-
-def _param(ex):
-    kind, _code, reason, line = ex
-    marks = [pytest.mark.slow]  # each loads a model and writes figures: seconds, not milliseconds
-    if reason:
-        marks.append(pytest.mark.skip(reason=f"README line {line}: {reason}"))
-    return pytest.param(kind, _code, id=f"L{line}-{kind}", marks=marks)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +85,7 @@ def sandbox(tmp_path_factory) -> Path:
     Image.fromarray(sample_image("coffee")[::2, ::2].copy()).save(root / "photos" / "coffee.jpg")
     (root / "data" / "pets").mkdir(parents=True)
     Image.fromarray(cat[::2, ::2].copy()).save(root / "data" / "pets" / "kitten.jpg")
-    ds = synthetic(root / "val", 2, image_size=64, seed=3)
-    for p in ds.paths[:2]:
-        shutil.copy(p, root / "val" / p.name)
+    ds = synthetic(root / "val", 2, image_size=64, seed=3)  # val/<class>/*.png, as the README says
     synthetic(root / "shapes", 4, image_size=64, seed=1)
     shutil.copy(ds.paths[0], root / "new_image.png")
     from camlens.train import finetune
@@ -123,42 +127,102 @@ def test_parser_finds_commands_and_opt_outs():
     assert got[0][3] == 4
 
 
-@pytest.mark.parametrize(("kind", "code"), [_param(ex) for ex in EXAMPLES])
-def test_readme_example(kind, code, sandbox, tmp_path, monkeypatch):
+@pytest.mark.slow  # every example: models, figures, a fine-tuning run
+def test_readme_examples_in_order(sandbox, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
     work = tmp_path / "work"
     shutil.copytree(sandbox, work)
     monkeypatch.chdir(work)
+    for kind, code, reason, line in EXAMPLES:
+        if reason:
+            continue
+        run_example(kind, code, line)
+
+
+def run_example(kind: str, code: str, line: int) -> None:
+    """Run one README example in the current folder; fail naming its README line."""
     if kind == "python":
-        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"README.md line {line}", "exec"), {"__name__": "__readme__"})
         return
     from click.testing import CliRunner
 
     from camlens.cli import main
 
     for command in _split_commands(code):
-        args = shlex.split(command, comments=True)
+        args = shell_words(command)
         assert args[0] == "camlens"
         res = CliRunner().invoke(main, args[1:], catch_exceptions=False)
-        assert res.exit_code == 0, f"`{command}` exited {res.exit_code}:\n{res.output}"
+        assert res.exit_code == 0, f"README line {line}: `{command}` exited {res.exit_code}:\n{res.output}"
+
+
+def shell_words(command: str) -> list[str]:
+    """The words bash passes to the program: quotes removed, unquoted globs expanded (sorted; a
+    pattern that matches nothing stays as it is; ``**`` is ``*``, bash's default)."""
+    out: list[str] = []
+    for raw in shlex.split(command, comments=True, posix=False):
+        word = shlex.split(raw)[0] if raw.strip("'\"") else ""
+        if raw[0] not in "'\"" and any(c in raw for c in "*?["):
+            out += sorted(glob.glob(raw)) or [word]
+        else:
+            out.append(word)
+    return out
+
+
+def test_shell_words_expand_like_bash(tmp_path, monkeypatch):
+    """`val/*.png` matches nothing in a synthetic() tree (`val/<class>/*.png`): the old test passed
+    the pattern to camlens, which globbed it itself, so the README's mistake went unseen (issue 24)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val" / "circle").mkdir(parents=True)
+    for n in ("b.png", "a.png"):
+        (tmp_path / "val" / "circle" / n).write_bytes(b"")
+    assert shell_words("camlens x val/*.png") == ["camlens", "x", "val/*.png"]  # no match: as it is
+    assert shell_words("camlens x val/*/*.png --class 'tabby cat'") == [
+        "camlens",
+        "x",
+        "val/circle/a.png",
+        "val/circle/b.png",
+        "--class",
+        "tabby cat",
+    ]
+    assert shell_words("camlens x 'val/*/*.png'") == ["camlens", "x", "val/*/*.png"]  # quoted: camlens globs
+
+
+def test_torchrun_lines_are_examples_and_outputs_do_not_clash():
+    """The README's torchrun line wrote `--out store`, which an earlier example had filled: the run
+    was refused (issue 24). Two examples that write the same --out must be the same command."""
+    text = "```bash\ntorchrun --nproc-per-node=4 -m camlens explain val/ --out s \\\n   --workers 4\n```\n"
+    assert readme_examples(text) == [("bash", "camlens explain val/ --out s --workers 4", None, 2)]
+    seen: dict[str, str] = {}
+    for kind, code, _reason, line in EXAMPLES:
+        if kind != "bash":
+            continue
+        for command in _split_commands(code):
+            args = shlex.split(command, comments=True)
+            if "--out" in args:
+                out = args[args.index("--out") + 1]
+                assert seen.setdefault(out, command) == command, f"README line {line}: --out {out} used twice"
 
 
 def _split_commands(line: str) -> list[str]:
-    """``a; b # comment`` -> ``["a", "b"]`` (``;`` outside quotes)."""
-    lex = shlex.shlex(line, posix=True, punctuation_chars=";")
-    lex.whitespace_split = True
-    lex.commenters = "#"
-    out, cur = [], []
-    for tok in lex:
-        if tok == ";":
+    """``a; b # comment`` -> ``["a", "b"]`` (``;`` and ``#`` outside quotes), each command as written
+    (its quotes kept, so :func:`shell_words` knows which globs the shell would expand)."""
+    out, cur, quote = [], "", ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
             out.append(cur)
-            cur = []
-        else:
-            cur.append(tok)
+            cur = ""
+            continue
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        cur += ch
     out.append(cur)
-    return [shlex.join(c) for c in out if c]
+    return [c.strip() for c in out if c.strip()]
 
 
 _ = np  # numpy is used by README examples through camlens

@@ -1,10 +1,11 @@
 import csv
+import hashlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from camlens.data import SHAPES, shape_mask, synthetic, synthetic_arrays
+from camlens.data import SHAPES, shape_mask, split_seed, synthetic, synthetic_arrays
 from camlens.errors import CamlensError, InputError, OutputExistsError
 
 
@@ -84,7 +85,7 @@ def test_classes_subset_and_errors():
 def test_written_dataset_matches_arrays(tmp_path):
     root = tmp_path / "ds"
     info = synthetic(root, 3, image_size=48, seed=5)
-    arr = synthetic_arrays(12, image_size=48, seed=5)
+    arr = synthetic_arrays(12, image_size=48, seed=split_seed(5, "ds"))
     # ImageFolder layout, class order sorted like torchvision's ImageFolder
     assert info.classes == ["circle", "cross", "square", "triangle"]
     assert sorted(p.name for p in root.iterdir()) == ["boxes.csv", "circle", "cross", "square", "triangle"]
@@ -110,3 +111,33 @@ def test_written_dataset_not_overwritten(tmp_path):
     assert (tmp_path / "circle" / "circle_00000.png").read_bytes() == before
     synthetic(tmp_path, 1, image_size=32, seed=9, overwrite=True)
     assert (tmp_path / "circle" / "circle_00000.png").read_bytes() != before
+
+
+def _md5s(root):
+    return {hashlib.md5(p.read_bytes()).hexdigest(): p for p in sorted(root.rglob("*.png"))}
+
+
+def test_splits_never_share_an_image(tmp_path):
+    """The README's calls with the default seed: the validation split was a copy of the first
+    training images (equal md5 for val/circle/circle_00004.png and shapes/circle/circle_00004.png)."""
+    shapes = _md5s(synthetic(tmp_path / "shapes", 10, image_size=32).root)
+    val = _md5s(synthetic(tmp_path / "val", 5, image_size=32).root)
+    test = _md5s(synthetic(tmp_path / "test", 5, image_size=32, seed=0).root)
+    assert len(shapes) == 40 and len(val) == 20 and len(test) == 20  # no duplicate inside a split either
+    assert not set(shapes) & set(val) and not set(shapes) & set(test) and not set(val) & set(test)
+    # the name, not the place, decides: the same split written elsewhere is the same data
+    again = _md5s(synthetic(tmp_path / "elsewhere" / "val", 5, image_size=32).root)
+    assert set(again) == set(val)
+
+
+def test_overwrite_leaves_exactly_the_new_dataset(tmp_path):
+    root = tmp_path / "shapes"
+    synthetic(root, 10, image_size=32)
+    (root / "circle" / "notes.txt").write_text("mine")  # not a generated name: kept
+    ds = synthetic(root, 4, classes=("circle", "square"), image_size=32, overwrite=True)
+    pngs = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert pngs == sorted(p.relative_to(root.resolve()).as_posix() for p in ds.paths) and len(pngs) == 8
+    assert sorted(p.name for p in root.iterdir()) == ["boxes.csv", "circle", "square"]
+    assert (root / "circle" / "notes.txt").read_text() == "mine"
+    with open(ds.csv) as fh:
+        assert len(list(csv.DictReader(fh))) == 8

@@ -4,6 +4,7 @@ so ``camlens --help`` is fast and one broken command cannot break the others."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -33,9 +34,21 @@ class LazyGroup(click.Group):
         from camlens.errors import WriteError  # light: no torch
 
         try:
-            return super().invoke(ctx)
-        except WriteError as exc:  # a full disk, a read-only or unusable --out: the cause, no traceback
-            raise click.ClickException(str(exc)) from None
+            try:
+                return super().invoke(ctx)
+            except WriteError as exc:  # a full disk, a read-only or unusable --out: the cause, no traceback
+                raise click.ClickException(str(exc)) from None
+        except click.ClickException as exc:
+            rank = launcher_rank()
+            if rank is None:
+                raise
+            # under torchrun every rank meets the same refusal: rank 0 says it once, the others are
+            # silent, and every rank keeps the error's status (a script chained with && must stop;
+            # torchrun then adds its own ChildFailedError summary, which the line below explains)
+            if rank == 0:
+                exc.show()
+                click.echo("(torchrun: said once, by rank 0; every rank stopped with this error)", err=True)
+            ctx.exit(exc.exit_code)
 
     @staticmethod
     def _load(name):
@@ -50,6 +63,16 @@ class LazyGroup(click.Group):
                 return None
             raise
         return getattr(module, attr)
+
+
+def launcher_rank() -> int | None:
+    """This process's rank under ``torchrun`` (``WORLD_SIZE`` > 1), else None."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        pass
+    return None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

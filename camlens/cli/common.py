@@ -167,6 +167,47 @@ def resolve_device(device: str | None) -> str:
         raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_workers(ctx: click.Context | None, param: click.Parameter | None, value: int | None) -> int | None:
+    """``--workers`` callback: more DataLoader workers than CPUs only adds processes (and torch's
+    warning, twice per process): cap at the CPU count, said in one line (by rank 0 under torchrun)."""
+    import os
+
+    cpus = usable_cpus()
+    if value is None or value <= cpus:
+        return value
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"camlens: --workers {value} capped to {cpus}, the CPUs this process may use", err=True)
+    return cpus
+
+
+#: the Python spellings in library messages -> the command line's flags
+_FLAG_SPELLINGS = (
+    ("weights=PATH", "--weights PATH"),
+    ("weights='random'", "--weights random"),
+    ("overwrite=True", "--overwrite"),
+    ("resume=True", "--resume"),
+)
+
+
+def cli_message(exc: BaseException) -> str:
+    """A library error's message as the command line says it: ``pass weights=PATH`` becomes
+    ``pass --weights PATH`` (the keyword is the flag there)."""
+    text = str(exc)
+    for py, flag in _FLAG_SPELLINGS:
+        text = text.replace(f"{py} ({flag})", flag).replace(py, flag)  # "overwrite=True (--overwrite)" too
+    return text
+
+
 def load_model_opts(model: str, weights: str | None, checkpoint: str | None, device: str | None):
     """``--model/--weights/--checkpoint/--device`` -> a loaded model; camlens errors exit 1 with
     their message (which names the fix)."""
@@ -176,7 +217,7 @@ def load_model_opts(model: str, weights: str | None, checkpoint: str | None, dev
     try:
         return camlens.load_model(model, weights, checkpoint=checkpoint, device=resolve_device(device))
     except CamlensError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(cli_message(exc)) from None
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import _is_glob, expand_inputs
+from .common import _is_glob, cap_workers, expand_inputs
 
 
 @dataclass
@@ -78,6 +78,7 @@ def dataset_options(f: Callable) -> Callable:
             "--workers",
             default=None,
             type=click.IntRange(0),
+            callback=cap_workers,
             help="DataLoader processes decoding images [default: up to 4 for more than two batches]",
         ),
         click.option(

@@ -6,18 +6,70 @@ import csv
 import glob
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from camlens.fsio import atomic_write, check_targets, safe_out_dir
+from camlens.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
 from camlens.io import IMAGE_EXTENSIONS
 
-from .common import check_layer, method_option, parse_method_options, resolve_device
+from .common import check_layer, cli_message, method_option, parse_method_options, resolve_device
 
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")
+
+#: where an unfinished run keeps its chunks (removed when the run ends)
+PARTIAL_DIR = ".camlens-evaluate-partial"
+
+
+class _Partial:
+    """The chunks of an unfinished run, kept in ``OUT/.camlens-evaluate-partial/`` beside
+    ``per_image.csv``: the same command finds them and computes only the chunks that are missing."""
+
+    def __init__(self, outdir: Path, signature: dict[str, Any]) -> None:
+        self.outdir, self.dir, self.signature = outdir, outdir / PARTIAL_DIR, signature
+
+    def load(self) -> dict | None:
+        """``{chunk: ChunkState}`` of an unfinished run of the same command, or None (none here)."""
+        from camlens.metrics.runner import ChunkState
+
+        sig = self.dir / "run.json"
+        if sig.is_symlink() or not sig.is_file():
+            return None
+        try:
+            old = json.loads(sig.read_text(encoding="utf-8"))
+            states = {
+                int(f.stem.split("-")[1]): ChunkState.from_json(json.loads(f.read_text(encoding="utf-8")))
+                for f in sorted(self.dir.glob("chunk-*.json"))
+            }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.ClickException(
+                f"{self.dir} holds an unfinished run that cannot be read ({exc}); pass --overwrite to start again"
+            ) from None
+        if old != self.signature:
+            diff = sorted(k for k in {*old, *self.signature} if old.get(k) != self.signature.get(k))
+            raise click.ClickException(
+                f"{self.outdir} holds an unfinished evaluate run with other settings ({', '.join(diff)} "
+                "differ): run its command again to finish it, pass --overwrite to start again, or choose "
+                "another --out"
+            )
+        return states
+
+    def start(self) -> None:
+        safe_out_dir(self.dir)
+        atomic_write_json(self.dir / "run.json", self.signature, overwrite=True)
+
+    def save(self, chunk: int, state) -> None:
+        atomic_write(self.dir / f"chunk-{chunk:06d}.json", json.dumps(state.to_json()), overwrite=True)
+
+    def remove(self) -> None:
+        if self.dir.is_symlink():
+            self.dir.unlink()
+        elif self.dir.is_dir():
+            shutil.rmtree(self.dir)
 
 
 def expand_data(items: tuple[str, ...]) -> list[str]:
@@ -231,10 +283,37 @@ def evaluate_cmd(
             planned.append(outdir / "road.png")
         if "sanity" in wanted:
             planned.append(outdir / "sanity.png")
+    signature = {
+        "images": [str(Path(p).resolve()) if isinstance(p, str) else n for p, n in zip(images, names, strict=True)],
+        "model": model,
+        "weights": weights,
+        "checkpoint": checkpoint,
+        "layer": layer,
+        "methods": list(methods),
+        "metrics": wanted,
+        "steps": steps,
+        "percentages": pct,
+        "gt": gt_file,
+        "tolerance": tolerance,
+        "sanity_layers": sanity_layers,
+        "baseline": baseline,
+        "size": size,
+        "batch_size": batch_size,
+        "chunk": chunk_size,
+        "seed": seed,
+        "options": list(method_options),
+    }
+    store = _Partial(outdir, signature)
+    if overwrite:
+        store.remove()
+    states = None if overwrite else store.load()  # an interrupted run of this command: resume it
+    resuming = states is not None
     try:  # files and links (even dangling ones) are in the way without --overwrite
-        check_targets(planned, overwrite)
+        check_targets(planned, overwrite or resuming)
     except CamlensError as exc:
         raise click.ClickException(f"{exc}; or choose another --out") from None
+    if resuming and not quiet:
+        click.echo(f"resuming: {len(states or {})} chunk(s) of {chunk_size} image(s) kept in {outdir}", err=True)
     options = parse_method_options(method_options, methods) if method_options else {}
     device = resolve_device(device)
     from camlens.pipeline import dist
@@ -245,13 +324,13 @@ def evaluate_cmd(
     if ctx.active:
         images, names = images[lo:hi], names[lo:hi]
         gt = gt[lo:hi] if gt is not None else None
-    partial = []
+    partial: list[list[dict]] = []
 
     def write_so_far(rows: list[dict]) -> None:
         """per_image.csv rewritten (atomically) after each chunk: an interrupted run keeps its rows."""
         safe_out_dir(outdir)
         _write_csv(outdir / "per_image.csv", rows, None, overwrite=True)  # checked free (or --overwrite) above
-        partial.append(True)
+        partial.append(rows)
 
     try:
         if weights == "random":  # the same random network on every rank and in every run
@@ -267,6 +346,8 @@ def evaluate_cmd(
             if size < 8:
                 raise click.UsageError("--size must be at least 8 pixels")
             pp = dataclasses.replace(card.preprocess, size=(size, size)) if card else None
+        if not ctx.active:
+            store.start()
         report = (
             runner.evaluate(
                 net,
@@ -288,6 +369,8 @@ def evaluate_cmd(
                 progress=not quiet and ctx.is_main,
                 on_rows=None if ctx.active else write_so_far,
                 index_offset=lo,
+                resume=None if ctx.active else states,
+                on_state=None if ctx.active else store.save,
             )
             if images
             else runner.EvaluationReport()
@@ -295,11 +378,23 @@ def evaluate_cmd(
         if ctx.active:
             report = _merge_reports(ctx, report)
     except CamlensError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(cli_message(exc)) from None
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            kept = len({r["image"] for r in partial[-1]}) if partial else 0
+            click.echo(
+                f"\ninterrupted: {kept} of {len(images)} image(s) done, kept in {outdir} (per_image.csv so "
+                "far and the chunks in "
+                f"{PARTIAL_DIR}/); run the same command again to resume (only the rest is computed), or "
+                "add --overwrite to start again",
+                err=True,
+            )
+        raise SystemExit(130) from None
     finally:
         ctx.close()
     if not ctx.is_main:
         return
+    overwrite = overwrite or resuming  # the files of the interrupted run are this run's
     safe_out_dir(outdir)
     click.echo(report.table())
     written = []
@@ -335,6 +430,8 @@ def evaluate_cmd(
             )
             plt.close(fig)
             written.append(name)
+    if not ctx.active:
+        store.remove()  # the run is complete: nothing left to resume
     click.echo(f"\nwrote {', '.join(written)} to {outdir}")
     if failed:
         click.echo(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}", err=True)

@@ -608,6 +608,10 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
             res, stats = _explain_all(net, ds, writes, work, ctx, sinks, opts)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            echo_err(_interrupted_note(writes.out, writes.store))
+        raise SystemExit(130) from None
     n_bad = failed + len(stats.failed)
     computed = int(ctx.sum_ints([stats.computed])[0])
     written = int(ctx.sum_ints([(files.written if files else 0) + sum(s.written for s in figure_sinks)])[0])
@@ -616,3 +620,17 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         wrote = written if files or figure_sinks else None
         click.echo(_summary(len(ds), stats, res, writes, computed, wrote, n_bad, random=random))
     return EXIT_FAILED if n_bad else 0
+
+
+def _interrupted_note(out, store: bool) -> str:
+    """What Ctrl-C kept, and how to go on (said instead of a bare ``Aborted!``)."""
+    if store:
+        return (
+            f"\ninterrupted: the images finished so far are kept in the store {out} (each written chunk "
+            "is a record that its images are done); run the same command again to resume: only the "
+            "missing images are computed, and the store ends as an uninterrupted run's"
+        )
+    return (
+        f"\ninterrupted: the files written so far are kept in {out}; run the same command with "
+        "--overwrite to redo them all (without it, the existing files are refused)"
+    )

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .common import cap_workers
+
 
 @click.command("finetune")
 @click.argument("data", type=click.Path(file_okay=False))
@@ -56,7 +58,14 @@ import click
 @click.option("--resume", is_flag=True, help="continue the run saved in --out from its last epoch")
 @click.option("--overwrite", is_flag=True, help="replace the results in an existing --out folder")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1… [default: cuda if available]")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="data loader processes")
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    callback=cap_workers,
+    help="data loader processes (at most the CPUs)",
+)
 @click.option("--grid-method", default="gradcam", show_default=True, help="method of the validation grid figure")
 @click.option("--no-grid", is_flag=True, help="do not draw the validation grid")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -99,7 +108,7 @@ def finetune_cmd(
     from camlens.train import finetune
     from camlens.train.loop import WarningSkippedImages
 
-    from .common import resolve_device
+    from .common import cli_message, resolve_device
 
     device = resolve_device(device)
     try:
@@ -133,7 +142,7 @@ def finetune_cmd(
                 log=lambda s: click.echo(s, err=True),
             )
     except CamlensError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {cli_message(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; the last finished epoch is saved in {out}: continue with --resume", err=True)

@@ -15,6 +15,7 @@ from camlens.fsio import atomic_write, safe_out_dir
 
 from .common import (
     EXIT_FAILED,
+    cap_workers,
     check_layer,
     check_overwrite,
     common_model_options,
@@ -77,6 +78,7 @@ CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "ran
     "--workers",
     default=None,
     type=click.IntRange(0),
+    callback=cap_workers,
     help="DataLoader processes decoding images [default: up to 4 for more than two batches]",
 )
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")

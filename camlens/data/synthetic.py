@@ -16,6 +16,8 @@ import csv
 import functools
 import io
 import os
+import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,37 @@ def synthetic_arrays(
     return SyntheticArrays(images=images, labels=labels, boxes=boxes, masks=masks, classes=classes)
 
 
+def split_seed(seed: int, name: str) -> int:
+    """The image seed of a dataset written to a folder called ``name``: ``seed`` mixed with the name.
+
+    ``synthetic("shapes", 10)`` and ``synthetic("val", 5)`` with the same ``seed`` draw from
+    independent streams, so a training and a validation split never share an image (with one seed
+    for every split they did: ``val/circle/circle_00004.png`` was ``shapes/circle/circle_00004.png``).
+    The same ``seed`` and folder name give the same images wherever the folder lies.
+    """
+    ss = np.random.SeedSequence([int(seed), zlib.crc32(name.encode("utf-8"))])
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+_GENERATED = re.compile(r"(?P<cls>[a-z]+)_\d{5}\.png")
+
+
+def _remove_stale(root: Path, keep: set[Path]) -> None:
+    """Remove the images an earlier, larger call wrote (``<shape>/<shape>_NNNNN.png`` not in ``keep``).
+
+    Only names this generator writes are touched; a class folder left empty is removed."""
+    for shape in SHAPES:
+        folder = root / shape
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            m = _GENERATED.fullmatch(f.name)
+            if m and m["cls"] == shape and f not in keep and (f.is_symlink() or f.is_file()):
+                f.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def synthetic(
     root: str | Path,
     n_per_class: int = 50,
@@ -215,10 +248,19 @@ def synthetic(
 
     Layout: ``root/<class>/<class>_00000.png`` … and ``root/boxes.csv`` with columns
     ``path,class,x0,y0,x1,y1`` (``path`` relative to ``root``, ``x1``/``y1`` exclusive).
-    The images are ``synthetic_arrays(n_per_class * len(classes), ...)`` with the same seed.
+    The images are ``synthetic_arrays(n_per_class * len(classes), ..., seed=split_seed(seed,
+    root.name))``: the folder's name is part of the seed, so two splits written with the same
+    ``seed`` (``synthetic("shapes", 10)``, ``synthetic("val", 5)``) never share an image.
 
     Raises :class:`~camlens.errors.OutputExistsError` if ``root`` already holds files that would be
-    written, unless ``overwrite=True``.
+    written, unless ``overwrite=True``; then the dataset is replaced whole: images of an earlier,
+    larger call (more per class, or other classes) are removed, so ``root`` holds exactly the new ones.
+
+    Example::
+
+        >>> from camlens.data import synthetic
+        >>> train = synthetic("shapes", 10)   # 40 images
+        >>> val = synthetic("val", 5)         # 20 others
     """
     from PIL import Image
 
@@ -227,7 +269,11 @@ def synthetic(
     if int(n_per_class) < 1:
         raise InputError(f"n_per_class must be >= 1, got {n_per_class}")
     arr = synthetic_arrays(
-        int(n_per_class) * len(classes), classes=classes, image_size=image_size, seed=seed, textured=textured
+        int(n_per_class) * len(classes),
+        classes=classes,
+        image_size=image_size,
+        seed=split_seed(seed, root.resolve().name),
+        textured=textured,
     )
     counters = dict.fromkeys(classes, 0)
     rel_paths = []
@@ -243,6 +289,8 @@ def synthetic(
                 f"{root} already holds a dataset ({clash[0]} exists); pass overwrite=True to replace it "
                 "or choose another folder"
             )
+    if overwrite:
+        _remove_stale(root, {root / r for r in rel_paths})
     for c in classes:
         safe_out_dir(root / c)
     for rel, img in zip(rel_paths, arr.images, strict=True):  # atomic, never through a link

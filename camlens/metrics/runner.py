@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import numbered
 from ..errors import InputError, MethodError
 from ..explainer import explain
 from ..inputs import prepare_inputs
@@ -275,6 +276,8 @@ def evaluate(
     on_chunk: Callable[[int, int], None] | None = None,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     index_offset: int = 0,
+    resume: dict[int, ChunkState] | None = None,
+    on_state: Callable[[int, ChunkState], None] | None = None,
     **options: Any,
 ) -> EvaluationReport:
     """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
@@ -304,6 +307,10 @@ def evaluate(
         progress: show a tqdm progress bar.
         index_offset: position of ``images[0]`` in the whole dataset (a ``torchrun`` rank's shard),
             so the random baseline of each image is the one a single process draws.
+        on_state: called with ``(chunk index, ChunkState)`` after each chunk is computed, so a caller
+            can keep it; ``resume={chunk index: ChunkState}`` skips those chunks and uses the states
+            (the same images, settings and ``chunk_size``: the report ends bit for bit as an
+            uninterrupted run's).
     """
     cfg = EvaluateConfig.of(config, options)
     wanted = resolve_metrics(metrics)
@@ -316,7 +323,10 @@ def evaluate(
     if not images:
         raise InputError("no images to evaluate")
     if names is None:
-        names = [Path(s).stem if isinstance(s, (str, os.PathLike)) else f"image{i}" for i, s in enumerate(images)]
+        names = [
+            Path(s).stem if isinstance(s, (str, os.PathLike)) else d
+            for s, d in zip(images, numbered("image", len(images)), strict=True)
+        ]
     names = list(names)
     if len(names) != len(images):
         raise InputError(f"{len(names)} names for {len(images)} images")
@@ -331,8 +341,6 @@ def evaluate(
     card = card_of(model)
     class_names = card.class_names if card else None
     pp = cfg.preprocess or (card.preprocess if card else None)
-    explain_opts = dict(cfg.explain_options or {})
-    layers = cfg.sanity_layers
     report = EvaluationReport(
         settings={
             "methods": methods,
@@ -351,161 +359,280 @@ def evaluate(
     road_sums: dict[str, list] = {}
     sanity_parts: list[SanityResult] = []
     rows_by_key: dict[tuple[int, str], dict[str, Any]] = {}
-    per_map = [m for m in wanted if m not in ("sanity", "class_sensitivity")]
-    map_methods = (
-        methods
-        + (["random"] if cfg.baseline and any(m in RANDOM_BASELINE for m in wanted) else [])
-        + (["centre"] if cfg.baseline and pointing else [])
-    )
+    plan = _Plan(model, names, gt, cfg, wanted, methods, class_names, pp, index_offset)
     n_chunks = math.ceil(len(images) / cfg.chunk_size)
+    done = dict(resume or {})
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        per_image = len(methods) * (len(per_map) + ("class_sensitivity" in wanted)) + ("sanity" in wanted)
-        bar = tqdm(total=len(images) * per_image, desc="evaluate (image x method x metric)", unit="step")
+        bar = tqdm(total=len(images) * plan.units_per_image, desc="evaluate (image x method x metric)", unit="step")
+    order = {m: k for k, m in enumerate(plan.map_methods)}
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))]
+
     try:
         for ci in range(n_chunks):
             sl = slice(ci * cfg.chunk_size, min(len(images), (ci + 1) * cfg.chunk_size))
-            arrs = [load_image(s) for s in images[sl]]
-            x, _, _ = prepare_inputs(arrs, model, pp)
-            size = (int(x.shape[-2]), int(x.shape[-1]))
-            classes = resolve_classes(model, x, None, cfg.batch_size)
-            idx = list(range(sl.start, sl.stop))
-            gts = None
-            if gt is not None:
-                resize = getattr(pp, "resize", "stretch")
-                gts = [
-                    None if gt[i] is None else _gt_to_input(gt[i], a.shape[:2], size, resize)
-                    for i, a in zip(idx, arrs, strict=True)
-                ]
-            for meth in map_methods:
-                is_base = meth in ("random", "centre")
-                mine = [
-                    w
-                    for w in per_map
-                    if (not is_base)
-                    or (meth == "random" and w in RANDOM_BASELINE)
-                    or (meth == "centre" and w in CENTRE_BASELINE)
-                ]
-                if is_base and not mine:
-                    continue
-                for j, i in enumerate(idx):
-                    c = int(classes[j])
-                    rows_by_key.setdefault(
-                        (i, meth),
-                        {
-                            "image": names[i],
-                            "method": meth,
-                            "target": c,
-                            "target_name": class_names[c] if class_names and c < len(class_names) else str(c),
-                        },
-                    )
-                if not mine:
-                    continue
-                if is_base:
-                    # one draw per image, seeded by its index: independent of the chunking
-                    maps = torch.cat(
-                        [baseline_maps(meth, 1, size, x.device, cfg.seed + 7919 * (index_offset + i)) for i in idx]
-                    )
-                else:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{meth}: maps", refresh=True)
-                    maps = explain_maps(model, x, meth, classes, cfg.batch_size, _options_for(meth, explain_opts))
-                common: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed}
-                for w in mine:
-                    if bar is not None and not is_base:
-                        bar.set_postfix_str(f"{meth}: {w}", refresh=True)
-                    vals: dict[str, torch.Tensor] = {}
-                    if w in ("deletion", "insertion"):
-                        curve_fn = deletion_curve if w == "deletion" else insertion_curve
-                        cur = curve_fn(model, x, maps, classes, steps=cfg.steps, **common)
-                        vals[w] = cur.auc
-                        s = curve_sums.setdefault((meth, w), [cur.fractions.numpy(), 0.0, 0])
-                        s[1] = s[1] + cur.probs.sum(0).numpy()
-                        s[2] += cur.probs.shape[0]
-                    elif w in ("average_drop", "increase_in_confidence"):
-                        if w == "increase_in_confidence" and "average_drop" in mine:
-                            continue  # computed with average_drop (one masked forward for both)
-                        y, o = confidence_pair(model, x, maps, classes, **common)
-                        if "average_drop" in mine:
-                            vals["average_drop"] = 100.0 * (y - o).clamp_min(0) / y.clamp_min(1e-12)
-                        if "increase_in_confidence" in mine:
-                            vals["increase_in_confidence"] = 100.0 * (o > y).float()
-                    elif w == "road":
-                        r = road_curves(model, x, maps, classes, percentages=cfg.percentages, **common)
-                        vals["road_morf"], vals["road_lerf"] = r.score("morf"), r.score("lerf")
-                        s = road_sums.setdefault(meth, [r.percentages.numpy(), 0.0, 0.0, 0])
-                        s[1] = s[1] + r.morf.sum(0).numpy()
-                        s[2] = s[2] + r.lerf.sum(0).numpy()
-                        s[3] += r.morf.shape[0]
-                    elif w in CENTRE_BASELINE:
-                        assert gts is not None  # the pointing games were checked to have gt
-                        keep = [j for j in range(len(idx)) if gts[j] is not None]
-                        if keep:
-                            point_fn = pointing_game if w == "pointing_game" else energy_pointing_game
-                            kw: dict[str, Any] = {"tolerance": cfg.tolerance} if w == "pointing_game" else {}
-                            hits = point_fn(None, x[keep], maps[keep], gt=[gts[j] for j in keep], seed=cfg.seed, **kw)
-                            full = torch.full((len(idx),), float("nan"))
-                            full[keep] = hits
-                            vals[w] = full
-                    for col, v in vals.items():
-                        for j, i in enumerate(idx):
-                            val = float(v[j])
-                            rows_by_key[(i, meth)][col] = None if math.isnan(val) else val
-                    if bar is not None and not is_base:
-                        bar.update(len(idx))
-            if "class_sensitivity" in wanted:
-                for meth in methods:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{meth}: class_sensitivity", refresh=True)
-                    v = class_sensitivity(
-                        model,
-                        x,
-                        meth,
-                        classes,
-                        batch_size=cfg.batch_size,
-                        explain_options=_options_for(meth, explain_opts),
-                    )
-                    for j, i in enumerate(idx):
-                        rows_by_key[(i, meth)]["class_sensitivity"] = float(v[j])
-                    if bar is not None:
-                        bar.update(len(idx))
-            if "sanity" in wanted:
-                lay = layers
-                if isinstance(layers, int):
-                    lay = randomization_layers(model, x)[:layers]
-                if bar is not None:
-                    bar.set_postfix_str("sanity", refresh=True)
-                sanity_parts.append(
-                    sanity_randomization(
-                        model,
-                        x,
-                        method=methods,
-                        targets=classes,
-                        layers=None if lay is None else list(lay),  # type: ignore[arg-type]  # int resolved above
-                        seed=cfg.seed,
-                        batch_size=cfg.batch_size,
-                        explain_options=explain_opts,  # one explain of every method: options split per method
-                    )
-                )
-                if bar is not None:
-                    bar.update(len(idx))
+            state = done.get(ci)
+            if state is None:
+                state = plan.chunk(images, list(range(sl.start, sl.stop)), bar)
+                if on_state is not None:
+                    on_state(ci, state)
+            elif bar is not None:  # kept from an interrupted run: counted, not recomputed
+                bar.update((sl.stop - sl.start) * plan.units_per_image)
+            rows_by_key.update(state.rows)
+            for key, (f, v, n) in state.curves.items():
+                s = curve_sums.setdefault(key, [f, 0.0, 0])
+                s[1], s[2] = s[1] + v, s[2] + n
+            for meth, (p, a, b, n) in state.road.items():
+                r = road_sums.setdefault(meth, [p, 0.0, 0.0, 0])
+                r[1], r[2], r[3] = r[1] + a, r[2] + b, r[3] + n
+            if state.sanity is not None:
+                sanity_parts.append(state.sanity)
             if on_chunk is not None:
                 on_chunk(ci + 1, n_chunks)
             if on_rows is not None:
-                order = {m: k for k, m in enumerate(map_methods)}
-                on_rows([rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))])
+                on_rows(ordered())
     finally:
         if bar is not None:
             bar.close()
-    order = {m: k for k, m in enumerate(map_methods)}
-    report.rows = [rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))]
+    report.rows = ordered()
     report.curves = {k: (f, s / n) for k, (f, s, n) in curve_sums.items()}
     report.road = {m: (p, a / n, b / n) for m, (p, a, b, n) in road_sums.items()}
     if sanity_parts:
         report.sanity = merge_sanity(sanity_parts)
     return report
+
+
+@dataclass
+class ChunkState:
+    """What one chunk of :func:`evaluate` contributes: its rows and its part of the running sums.
+
+    The report is the chunks' states added in chunk order, so a run resumed from saved states (the
+    CLI keeps them beside ``per_image.csv``) ends bit for bit where an uninterrupted run ends.
+
+    Attributes:
+        rows: ``{(image index, method): row}``.
+        curves: ``{(method, metric): (fractions, sum of the probability curves, images)}``.
+        road: ``{method: (percentages, MoRF sum, LeRF sum, images)}``.
+        sanity: the chunk's :class:`SanityResult` (``None`` when not asked).
+    """
+
+    rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    road: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    sanity: SanityResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (floats written exactly: ``json`` writes the shortest repr)."""
+        san = None
+        if self.sanity is not None:
+            r = self.sanity
+            san = {
+                "methods": r.methods,
+                "steps": r.steps,
+                "mode": r.mode,
+                "values": {k: {m: _enc(t) for m, t in d.items()} for k, d in r.values.items()},
+                "classes": _enc(r.classes),
+            }
+        return {
+            "rows": [[i, m, row] for (i, m), row in self.rows.items()],
+            "curves": [[m, w, _enc(f), _enc(v), n] for (m, w), (f, v, n) in self.curves.items()],
+            "road": [[m, _enc(p), _enc(a), _enc(b), n] for m, (p, a, b, n) in self.road.items()],
+            "sanity": san,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChunkState:
+        """The inverse of :meth:`to_json`."""
+        san = d.get("sanity")
+        sanity = None
+        if san is not None:
+            values = {k: {m: _dec(t) for m, t in v.items()} for k, v in san["values"].items()}
+            sanity = SanityResult(san["methods"], san["steps"], san["mode"], values, _dec(san["classes"]))
+        return cls(
+            rows={(int(i), str(m)): row for i, m, row in d["rows"]},
+            curves={(m, w): (_dec(f), _dec(v), int(n)) for m, w, f, v, n in d["curves"]},
+            road={m: (_dec(p), _dec(a), _dec(b), int(n)) for m, p, a, b, n in d["road"]},
+            sanity=sanity,
+        )
+
+
+def _enc(a: Any) -> dict[str, Any]:
+    is_torch = isinstance(a, torch.Tensor)
+    arr = a.detach().cpu().numpy() if is_torch else np.asarray(a)
+    return {"torch": is_torch, "dtype": str(arr.dtype), "shape": list(arr.shape), "data": arr.ravel().tolist()}
+
+
+def _dec(d: dict[str, Any]) -> Any:
+    arr = np.asarray(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+    return torch.from_numpy(arr) if d["torch"] else arr
+
+
+class _Plan:
+    """The work of one :func:`evaluate` call, chunk by chunk."""
+
+    def __init__(self, model, names, gt, cfg, wanted, methods, class_names, pp, index_offset) -> None:
+        self.model, self.names, self.gt, self.cfg, self.pp = model, names, gt, cfg, pp
+        self.wanted, self.methods, self.class_names, self.index_offset = wanted, methods, class_names, index_offset
+        self.explain_opts = dict(cfg.explain_options or {})
+        self.per_map = [m for m in wanted if m not in ("sanity", "class_sensitivity")]
+        pointing = [m for m in wanted if m in CENTRE_BASELINE]
+        self.map_methods = (
+            methods
+            + (["random"] if cfg.baseline and any(m in RANDOM_BASELINE for m in wanted) else [])
+            + (["centre"] if cfg.baseline and pointing else [])
+        )
+        # bar units per image: one per (method, metric) and one for the sanity check
+        self.units_per_image = len(methods) * (len(self.per_map) + ("class_sensitivity" in wanted)) + (
+            "sanity" in wanted
+        )
+
+    def chunk(self, images: Sequence[Any], idx: list[int], bar: Any) -> ChunkState:
+        """Score the images ``idx``; ``bar`` advances by ``len(idx)`` per unit of work done."""
+        cfg, model, st = self.cfg, self.model, ChunkState()
+        arrs = [load_image(images[i]) for i in idx]
+        x, _, _ = prepare_inputs(arrs, model, self.pp)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        classes = resolve_classes(model, x, None, cfg.batch_size)
+        gts = None
+        if self.gt is not None:
+            resize = getattr(self.pp, "resize", "stretch")
+            gts = [
+                None if self.gt[i] is None else _gt_to_input(self.gt[i], a.shape[:2], size, resize)
+                for i, a in zip(idx, arrs, strict=True)
+            ]
+        for meth in self.map_methods:
+            self._method(st, meth, x, size, classes, idx, gts, bar)
+        if "class_sensitivity" in self.wanted:
+            for meth in self.methods:
+                _say(bar, f"{meth}: class_sensitivity")
+                v = class_sensitivity(
+                    model,
+                    x,
+                    meth,
+                    classes,
+                    batch_size=cfg.batch_size,
+                    explain_options=_options_for(meth, self.explain_opts),
+                )
+                for j, i in enumerate(idx):
+                    st.rows[(i, meth)]["class_sensitivity"] = float(v[j])
+                if bar is not None:
+                    bar.update(len(idx))
+        if "sanity" in self.wanted:
+            st.sanity = self._sanity(x, classes, len(idx), bar)
+        return st
+
+    def _method(self, st: ChunkState, meth: str, x, size, classes, idx: list[int], gts, bar: Any) -> None:
+        cfg, model = self.cfg, self.model
+        is_base = meth in ("random", "centre")
+        mine = [
+            w
+            for w in self.per_map
+            if (not is_base)
+            or (meth == "random" and w in RANDOM_BASELINE)
+            or (meth == "centre" and w in CENTRE_BASELINE)
+        ]
+        if is_base and not mine:
+            return
+        names, class_names = self.names, self.class_names
+        for j, i in enumerate(idx):
+            c = int(classes[j])
+            st.rows[(i, meth)] = {
+                "image": names[i],
+                "method": meth,
+                "target": c,
+                "target_name": class_names[c] if class_names and c < len(class_names) else str(c),
+            }
+        if not mine:
+            return
+        if is_base:
+            # one draw per image, seeded by its index: independent of the chunking
+            maps = torch.cat(
+                [baseline_maps(meth, 1, size, x.device, cfg.seed + 7919 * (self.index_offset + i)) for i in idx]
+            )
+        else:
+            _say(bar, f"{meth}: maps")
+            maps = explain_maps(model, x, meth, classes, cfg.batch_size, _options_for(meth, self.explain_opts))
+        for w in mine:
+            if not is_base:
+                _say(bar, f"{meth}: {w}")
+            vals = self._metric(st, meth, w, mine, x, maps, classes, idx, gts)
+            for col, v in vals.items():
+                for j, i in enumerate(idx):
+                    val = float(v[j])
+                    st.rows[(i, meth)][col] = None if math.isnan(val) else val
+            if bar is not None and not is_base:
+                bar.update(len(idx))
+
+    def _metric(self, st: ChunkState, meth: str, w: str, mine, x, maps, classes, idx, gts) -> dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.model
+        common: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed}
+        vals: dict[str, torch.Tensor] = {}
+        if w in ("deletion", "insertion"):
+            curve_fn = deletion_curve if w == "deletion" else insertion_curve
+            cur = curve_fn(model, x, maps, classes, steps=cfg.steps, **common)
+            vals[w] = cur.auc
+            st.curves[(meth, w)] = (cur.fractions.numpy(), cur.probs.sum(0).numpy(), int(cur.probs.shape[0]))
+        elif w in ("average_drop", "increase_in_confidence"):
+            if w == "increase_in_confidence" and "average_drop" in mine:
+                return vals  # computed with average_drop (one masked forward for both)
+            y, o = confidence_pair(model, x, maps, classes, **common)
+            if "average_drop" in mine:
+                vals["average_drop"] = 100.0 * (y - o).clamp_min(0) / y.clamp_min(1e-12)
+            if "increase_in_confidence" in mine:
+                vals["increase_in_confidence"] = 100.0 * (o > y).float()
+        elif w == "road":
+            r = road_curves(model, x, maps, classes, percentages=cfg.percentages, **common)
+            vals["road_morf"], vals["road_lerf"] = r.score("morf"), r.score("lerf")
+            st.road[meth] = (r.percentages.numpy(), r.morf.sum(0).numpy(), r.lerf.sum(0).numpy(), int(r.morf.shape[0]))
+        elif w in CENTRE_BASELINE:
+            assert gts is not None  # the pointing games were checked to have gt
+            keep = [j for j in range(len(idx)) if gts[j] is not None]
+            if keep:
+                point_fn = pointing_game if w == "pointing_game" else energy_pointing_game
+                kw: dict[str, Any] = {"tolerance": cfg.tolerance} if w == "pointing_game" else {}
+                hits = point_fn(None, x[keep], maps[keep], gt=[gts[j] for j in keep], seed=cfg.seed, **kw)
+                full = torch.full((len(idx),), float("nan"))
+                full[keep] = hits
+                vals[w] = full
+        return vals
+
+    def _sanity(self, x, classes, n: int, bar: Any) -> SanityResult:
+        lay = self.cfg.sanity_layers
+        if isinstance(lay, int):
+            lay = randomization_layers(self.model, x)[:lay]
+        _say(bar, "sanity")
+
+        start = float(bar.n) if bar is not None else 0.0
+
+        def advance(fraction: float) -> None:  # to a target, never past the total (float sums drift)
+            if bar is not None:
+                target = min(float(bar.total), start + n * fraction)
+                d = target - bar.n
+                if d > 0:
+                    bar.update(d if bar.n + d <= bar.total else math.nextafter(d, 0.0))
+
+        result = sanity_randomization(
+            self.model,
+            x,
+            method=self.methods,
+            targets=classes,
+            layers=None if lay is None else list(lay),
+            seed=self.cfg.seed,
+            batch_size=self.cfg.batch_size,
+            explain_options=self.explain_opts,  # one explain of every method: options split per method
+            on_step=lambda k, total: advance(k / total),  # the bar moves with each randomized layer
+        )
+        advance(1.0)  # no layer to randomize, or rounding: the unit is done
+        return result
+
+
+def _say(bar: Any, what: str) -> None:
+    if bar is not None:
+        bar.set_postfix_str(what, refresh=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ at a time) uses the same draws.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +254,7 @@ def sanity_randomization(
     preprocess=None,
     explain_options: dict[str, Any] | None = None,
     progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> SanityResult:
     """Cascading (or independent) model-parameter randomization test.
 
@@ -268,6 +270,7 @@ def sanity_randomization(
         batch_size: images per :func:`camlens.explain` call.
         explain_options: keyword arguments for :func:`camlens.explain` (``layer=``, method options).
         progress: show a tqdm progress bar over the steps.
+        on_step: called with ``(k, number of steps)`` after the ``k``-th randomized layer (from 1).
 
     Returns:
         A :class:`SanityResult` (``.table()``, ``.plot()``, ``.at(layer, method)``).
@@ -319,6 +322,8 @@ def sanity_randomization(
         for m in methods:
             for metric, v in _compare(original[m], new[m]).items():
                 values[metric][m].append(v)
+        if on_step is not None:
+            on_step(k + 1, len(steps))
     del work, pristine
     stacked = {metric: {m: torch.stack(v) for m, v in d.items()} for metric, d in values.items()}
     return SanityResult(methods, ["original", *steps], mode, stacked, classes)

@@ -215,7 +215,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             remove_output(out / f)  # a link is removed, never what it points to
         if (out / "val_grid").is_dir() and not (out / "val_grid").is_symlink():
             shutil.rmtree(out / "val_grid")
-    safe_out_dir(out)
+    # the folder itself is made once the data and the model are ready (safe_out_dir in _finetune):
+    # a run refused for missing weights or bad data leaves nothing behind
 
 
 def _resume_config(saved: dict, given: dict, defaults: dict) -> dict:
@@ -512,6 +513,7 @@ def _finetune(
         if not params:
             raise CamlensError("nothing to train: every parameter is frozen")
         opt = _optimizer(cfg["optimizer"], params, cfg["lr"], cfg["momentum"])
+        safe_out_dir(out)  # data read and model built: the run starts
 
         history: list[dict] = []
         best: dict | None = None
