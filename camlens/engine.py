@@ -410,7 +410,8 @@ class ForwardPass:
             self.token_norm = cap.token_norm
         grad = full or layer_grad
         if obj:  # a target object scores the raw output (detections, segmentation logits, embeddings)
-            self.targets: Targets = bind_target(targets, self.output, model)
+            sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in self.x]
+            self.targets: Targets = bind_target(targets, self.output, model, sizes)
             with torch.set_grad_enabled(grad):
                 scores = self.targets.scores(self.output)
             self.scores = scores if grad else scores.detach()
@@ -419,6 +420,7 @@ class ForwardPass:
             self.targets = resolve_targets(targets, logits, class_names)
             with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
                 self.scores = self.targets.scores(logits if grad else logits.detach())
+        check_finite_scores(self.scores, self.x, obj or self.targets.fn is not None)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -593,6 +595,25 @@ def check_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Non
         else f"its activations overflow in {logits.dtype} (try float32) or it computes NaN itself"
     )
     raise NonFiniteError(f"the model returned NaN/Inf logits for image(s) {rows(logits)} from a finite input: {cause}")
+
+
+def check_finite_scores(scores: torch.Tensor, x: Any, custom: bool) -> None:
+    """Target scores that are NaN or Inf (a finite input; an infinite score has no gradient
+    worth a map and a NaN probability) -> :class:`NonFiniteError` naming where they came from."""
+    if bool(torch.isfinite(scores.detach()).all()):
+        return
+    bad = (~torch.isfinite(scores.detach())).nonzero().tolist()
+    where = ", ".join(f"image {i} target {k}" for i, k in bad[:6]) + (" …" if len(bad) > 6 else "")
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in x):
+        cause = "the input holds NaN or Inf values: clean it (e.g. torch.nan_to_num) or drop those images"
+    elif custom:
+        cause = (
+            "the target (a callable or target object) computed them from finite model outputs: make it return "
+            "finite scores (no division by zero, log of 0, or float('inf') weights)"
+        )
+    else:
+        cause = f"the model's outputs overflow in {scores.dtype}: run it in float32"
+    raise NonFiniteError(f"the target scores are NaN or Inf ({where}); {cause}")
 
 
 def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop", select=None) -> GradPass:

@@ -272,6 +272,9 @@ def explain(
                 lazy = maps.detach().float()
             extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
             extras.update(out.extras)
+            if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
+                extras["skipped"] = sorted(ctx.targets.skipped)
+                extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
             if isinstance(x, list):
                 extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
             results[info.name] = Explanation(
