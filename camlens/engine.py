@@ -630,10 +630,12 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
     xb = x.detach().requires_grad_(True)
     with contextlib.ExitStack() as stack:
         switch = None
-        if rule != "backprop":
-            switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
-        logits = forward(model, xb)
+        if rule != "backprop":  # the rules cover the model's ReLUs, not the target's own clamps
+            with relu_rules(model) as switch:
+                logits = forward(model, xb)
+        else:
+            logits = forward(model, xb)
         scores = targets.scores(select(logits) if select is not None else logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))

@@ -26,6 +26,7 @@ from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
+from .methods.registry import methods as all_methods
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
@@ -56,6 +57,25 @@ def check_materialized(model: nn.Module) -> None:
             "torch.device('meta') or with init_empty_weights); load real weights first: "
             "model.to_empty(device='cpu') then model.load_state_dict(state), or "
             "model.load_state_dict(state, assign=True)"
+        )
+
+
+#: what a method may need and still run on a TorchScript module (no hook, no ReLU rule)
+_HOOKLESS = frozenset({"input_grads"})
+
+
+def check_scriptable(model: nn.Module, infos: list[MethodInfo]) -> None:
+    """A TorchScript module takes no forward hooks (no captured layer, attention or ReLU rules):
+    refuse the methods that need them, naming those that only need the model's output and gradient."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return
+    bad = [i.name for i in infos if not i.needs <= _HOOKLESS]
+    if bad:
+        ok = sorted(n for n, i in all_methods().items() if i.needs <= _HOOKLESS)
+        raise MethodError(
+            f"{', '.join(bad)} need(s) hooks on the model's layers, and a TorchScript module "
+            f"({type(model).__name__}) takes none. Use a black-box or input-gradient method ({', '.join(ok)}), "
+            "or explain the original nn.Module (before torch.jit.script / torch.jit.trace)"
         )
 
 
@@ -196,6 +216,7 @@ def explain(
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
+    check_scriptable(model, infos)
     card = card_of(model)
     classes = list(class_names) if class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None
