@@ -53,6 +53,7 @@ from .attention import capture_attention
 from .capture import CaptureSpec, capture
 from .errors import InputError, LayoutError, MethodError, NonFiniteError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
+from .models.input_size import diagnose_size_error
 from .outputs import OutputSpec, select_output
 from .rules import relu_rules
 from .targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
@@ -295,12 +296,15 @@ def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException
 
 
 def forward(model: nn.Module, x: torch.Tensor):
-    """``model(model_input(x))``; a failure caused by the input's shape becomes an :class:`InputError`
-    (chained to the original), anything else the model raises propagates unchanged."""
+    """``model(model_input(x))``; a failure caused by the input's shape (channels, too small, a size
+    a vision transformer inside it does not take: :mod:`camlens.models.input_size`) becomes an
+    :class:`InputError` (chained to the original), anything else the model raises propagates unchanged."""
     try:
         return model(model_input(x))
-    except RuntimeError as exc:
-        err = diagnose_forward_error(model, x, exc)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        err = diagnose_size_error(model, tuple(x.shape)) if isinstance(x, torch.Tensor) else None
+        if err is None:
+            err = diagnose_forward_error(model, x, exc)
         if err is None:
             raise
         raise err from exc

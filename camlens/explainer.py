@@ -27,6 +27,7 @@ from .layers import resolve_layer
 from .layout import ReshapeSpec
 from .methods.registry import MethodInfo, get_method
 from .methods.registry import methods as all_methods
+from .models.input_size import fit_input
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
@@ -256,7 +257,9 @@ def explain(
                 model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
             )
 
-    with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    # works under the caller's inference_mode too; a transformer at another size: see fit_input
+    with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx, layer_name = resolved.ctx, resolved.layer_name
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
@@ -298,6 +301,8 @@ def explain(
                 extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
             if isinstance(x, list):
                 extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+            if fitted:
+                extras["input_size"] = fitted
             results[info.name] = Explanation(
                 maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
                 raw=raw,
@@ -345,7 +350,7 @@ def predict(
     check_materialized(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     names = list(class_names) if class_names is not None else class_names_of(model)
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), fit_input(model, tuple(x.shape)):
         p = select_output(forward(model, x), output, n=x.shape[0])[0].float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [

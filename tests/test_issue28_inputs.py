@@ -173,3 +173,69 @@ def test_explain_dataset_reports_meta_items_as_failed(tmp_path):
     r = explain_dataset(_net(), Meta(), "gradcam", out=tmp_path / "s", layer="c2", progress=False, num_workers=0)
     assert r.stats.computed == 1
     assert [f["image_id"] for f in r.stats.failed] == [1] and "'meta' device" in r.stats.failed[0]["error"]
+
+
+# ------------------------------------------------------------------ transformers at another size (item 9)
+def _tiny_hf_vit():
+    from tests.test_transformer_models import tiny_hf_vit
+
+    return tiny_hf_vit()
+
+
+@pytest.mark.parametrize("size", [(48, 48), (40, 32), (33, 32)])
+@pytest.mark.parametrize("method", ["gradcam", "attention_rollout", "generic_attention"])
+def test_hf_vit_at_another_size_runs_with_interpolated_position_embeddings(size, method):
+    """Was: ValueError "Input image size (48*48) doesn't match model (32*32)". The scores are the
+    model's own logits with interpolate_pos_encoding=True, and no hook is left on the model."""
+    pytest.importorskip("transformers")
+    hf = _tiny_hf_vit()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    e = camlens.explain(hf, x, method, targets=[0, 2])
+    with torch.no_grad():
+        want = hf(x, interpolate_pos_encoding=True).logits
+    torch.testing.assert_close(e.scores[:, 0], want[[0, 1], [0, 2]], rtol=1e-5, atol=1e-6)
+    assert e.maps.shape == (2, 1, *size) and bool(torch.isfinite(e.maps).all())
+    assert "interpolate_pos_encoding=True" in e.extras["input_size"] and "32x32" in e.extras["input_size"]
+    assert not hf._forward_pre_hooks and not any(m._forward_hooks for m in hf.modules())
+    # the model's own size needs nothing
+    assert "input_size" not in camlens.explain(hf, torch.randn(1, 3, 32, 32), method).extras
+    p = camlens.predict(hf, x, topk=1)
+    assert [r[0][0] for r in p] == want.argmax(1).tolist()
+
+
+def test_hf_vit_wrapped_or_one_channel_is_a_clear_error():
+    pytest.importorskip("transformers")
+    hf = _tiny_hf_vit()
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = hf
+
+        def forward(self, x):
+            return self.inner(x).logits
+
+    with pytest.raises(InputError, match=r"built for 32x32 images.*48x48.*interpolate_pos_encoding=True in your"):
+        camlens.explain(Wrapper(), torch.randn(1, 3, 48, 48), "gradcam", layer="inner.vit.layers.1.layernorm_before")
+    with pytest.raises(InputError, match=r"takes 3-channel images but the input has 1 channel.*expand"):
+        camlens.explain(hf, torch.randn(1, 1, 32, 32), "gradcam")
+
+
+def test_timm_and_torchvision_vits_fixed_to_one_size_name_it():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tests.test_layout import tiny_timm_vit, tiny_tv_vit
+
+    torch.manual_seed(0)
+    fixed = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=4).eval()
+    with pytest.raises(InputError, match=r"timm vision transformer takes 32x32 images only.*48x40.*dynamic_img_size"):
+        camlens.explain(fixed, torch.randn(1, 3, 48, 40), "gradcam")
+    with pytest.raises(InputError, match=r"torchvision vision transformer takes 32x32 images only.*image_size="):
+        camlens.explain(tiny_tv_vit().float(), torch.randn(1, 3, 48, 40), "attention_rollout")
+    with pytest.raises(InputError, match=r"torchvision vision transformer takes 32x32"):
+        camlens.predict(tiny_tv_vit().float(), torch.randn(1, 3, 40, 40))
+    dyn = tiny_timm_vit().float()  # dynamic_img_size=True: any multiple of the patch size
+    assert camlens.explain(dyn, torch.randn(1, 3, 48, 40), "gradcam").maps.shape == (1, 1, 48, 40)
+    with pytest.raises(InputError, match=r"multiples of its 8x8 patches.*36x32.*resize it to 32x32"):
+        camlens.explain(dyn, torch.randn(1, 3, 36, 32), "gradcam")
