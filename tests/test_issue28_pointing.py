@@ -14,7 +14,7 @@ def _both(m: torch.Tensor, box: np.ndarray, tolerance: float, seed: int = 0) -> 
     a = float(
         metrics.pointing_game(None, torch.zeros(1, 3, *m.shape[-2:]), m, gt=box, tolerance=tolerance, seed=seed)[0]
     )
-    b = loceval.evaluate_maps(m.numpy(), [box], tolerance=tolerance).metrics["pointing_game"]
+    b = loceval.evaluate_maps(m.numpy(), [box], tolerance=tolerance, thresholds=[0.5]).metrics["pointing_game"]
     return a, b
 
 
