@@ -279,6 +279,11 @@ def explain(
             out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
+            if ctx.targets.skipped:  # nothing to explain there: zeros, whatever the method made of a 0 score
+                raw, maps = (
+                    _zero_rows(raw, ctx.targets.skipped),
+                    None if maps is None else _zero_rows(maps, ctx.targets.skipped),
+                )
             # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
             # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
             checked = raw if maps is None else maps
@@ -325,6 +330,13 @@ def explain(
     if isinstance(method, str):
         return results[infos[0].name]
     return {n: results[i.name] for n, i in zip(names, infos)}
+
+
+def _zero_rows(t: torch.Tensor, rows: dict[int, str]) -> torch.Tensor:
+    """A copy of ``t`` with the images ``rows`` set to zero."""
+    t = t.detach().clone()
+    t[sorted(rows)] = 0
+    return t
 
 
 def _common_extras(ctx: ForwardPass, info: MethodInfo) -> dict[str, Any]:

@@ -78,6 +78,11 @@ def test_detection_mixed_batch_skips_the_empty_image_with_a_warning():
     alone = camlens.explain(TinyDetector(), x[:1], "gradcam", targets=Detection(score_threshold=0.3), layer="conv")
     torch.testing.assert_close(e.raw[0], alone.raw[0])
     assert float(alone.raw.abs().max()) > 0
+    assert float(e.raw[1].abs().max()) == 0.0
+    # a method blind to the score (Eigen-CAM: the features' principal component) still gives zeros there
+    with pytest.warns(UserWarning, match="have nothing to explain"):
+        sc = camlens.explain(m, x, "eigencam", targets=Detection(score_threshold=0.3), layer="conv")
+    assert float(sc.raw[1].abs().max()) == 0.0 and float(sc.raw[0].abs().max()) > 0
     # a batch where every image is explainable warns about nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
