@@ -246,3 +246,17 @@ def test_timm_and_torchvision_vits_fixed_to_one_size_name_it():
     assert camlens.explain(dyn, torch.randn(1, 3, 48, 40), "gradcam").maps.shape == (1, 1, 48, 40)
     with pytest.raises(InputError, match=r"multiples of its 8x8 patches.*36x32.*resize it to 32x32"):
         camlens.explain(dyn, torch.randn(1, 3, 36, 32), "gradcam")
+
+
+def test_hf_convnext_config_image_size_is_not_a_constraint():
+    """ConvNextConfig names image_size=224 but has no position embeddings: any size runs as before."""
+    pytest.importorskip("transformers")
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from camlens.models.input_size import size_rule
+
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=32)
+    m = ConvNextForImageClassification(cfg).eval()
+    assert size_rule(m) is None
+    assert camlens.explain(m, torch.randn(1, 3, 48, 40), "gradcam").maps.shape == (1, 1, 48, 40)

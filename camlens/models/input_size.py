@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import InputError
@@ -58,11 +59,23 @@ def _from_module(model: nn.Module, prefix: str) -> bool:
     return any(c.__module__.startswith(prefix) for c in type(model).__mro__)
 
 
+def _has_position_embeddings(model: nn.Module) -> bool:
+    """Whether a Hugging Face model holds absolute position embeddings (ViT's ``position_embeddings``,
+    CLIP's ``position_embedding``); ConvNeXt or ResNet configs name an image size they do not need."""
+    names = ("position_embeddings", "position_embedding")
+    return any(isinstance(getattr(m, a, None), (torch.Tensor, nn.Module)) for m in model.modules() for a in names)
+
+
 def size_rule(model: nn.Module) -> SizeRule | None:
     """The :class:`SizeRule` of a Hugging Face, timm or torchvision vision transformer (``None``
     for any other model)."""
     cfg = getattr(model, "config", None)
-    if _from_module(model, "transformers.") and cfg is not None and _pair(getattr(cfg, "image_size", None)):
+    if (
+        _from_module(model, "transformers.")
+        and cfg is not None
+        and _pair(getattr(cfg, "image_size", None))
+        and _has_position_embeddings(model)
+    ):
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
