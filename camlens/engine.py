@@ -424,7 +424,8 @@ class ForwardPass:
             self.targets = resolve_targets(targets, logits, class_names)
             with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
                 self.scores = self.targets.scores(logits if grad else logits.detach())
-        check_finite_scores(self.scores, self.x, obj or self.targets.fn is not None)
+        if obj or self.targets.fn is not None:  # class scores come from logits check_finite has seen
+            check_finite_scores(self.scores, self.x, self.output)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -601,22 +602,42 @@ def check_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Non
     raise NonFiniteError(f"the model returned NaN/Inf logits for image(s) {rows(logits)} from a finite input: {cause}")
 
 
-def check_finite_scores(scores: torch.Tensor, x: Any, custom: bool) -> None:
-    """Target scores that are NaN or Inf (a finite input; an infinite score has no gradient
-    worth a map and a NaN probability) -> :class:`NonFiniteError` naming where they came from."""
+def _output_tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The floating-point tensors of a raw model output (a tensor, a dict, a list of dicts…)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point():
+            yield output
+    elif isinstance(output, dict):
+        for v in output.values():
+            yield from _output_tensors(v)
+    elif isinstance(output, (list, tuple)):
+        for v in output:
+            yield from _output_tensors(v)
+    else:
+        for v in getattr(output, "values", lambda: [])():  # a Hugging Face ModelOutput
+            yield from _output_tensors(v)
+
+
+def check_finite_scores(scores: torch.Tensor, x: Any, output: Any) -> None:
+    """Target scores (of a callable or a target object) that are NaN or Inf — an infinite score has
+    no gradient worth a map and a NaN probability — -> :class:`NonFiniteError` naming where they
+    came from: the input, the model's output (overflow), or the target itself."""
     if bool(torch.isfinite(scores.detach()).all()):
         return
     bad = (~torch.isfinite(scores.detach())).nonzero().tolist()
     where = ", ".join(f"image {i} target {k}" for i, k in bad[:6]) + (" …" if len(bad) > 6 else "")
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in x):
         cause = "the input holds NaN or Inf values: clean it (e.g. torch.nan_to_num) or drop those images"
-    elif custom:
+    elif any(not bool(torch.isfinite(t.detach()).all()) for t in _output_tensors(output)):
+        cause = (
+            "the model's output holds NaN or Inf from a finite input: its activations overflow (run it in float32) "
+            "or its weights hold NaN/Inf"
+        )
+    else:
         cause = (
             "the target (a callable or target object) computed them from finite model outputs: make it return "
             "finite scores (no division by zero, log of 0, or float('inf') weights)"
         )
-    else:
-        cause = f"the model's outputs overflow in {scores.dtype}: run it in float32"
     raise NonFiniteError(f"the target scores are NaN or Inf ({where}); {cause}")
 
 

@@ -156,3 +156,16 @@ def test_infinite_target_scores_are_refused_like_nan_scores():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(NonFiniteError, match=r"target scores are NaN or Inf \(image 0 target 0\).*callable"):
             camlens.explain(m, x, "gradcam", targets=lambda lg, bad=bad: lg[:, 0] * bad, layer="0")
+
+
+def test_nonfinite_scores_name_their_source_input_or_overflow():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(NonFiniteError, match=r"target scores are NaN or Inf.*model's output holds NaN or Inf.*float32"):
+        seg = TinyFCN().eval()
+        with torch.no_grad():
+            seg.classifier.bias[1] = float("inf")  # the logits overflow
+        camlens.explain(seg, x, "gradcam", targets=Segmentation(1, np.ones((8, 8))), layer="features")
+    bad = x.clone()
+    bad[0, 0, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"target scores are NaN or Inf.*the input holds NaN"):
+        camlens.explain(TinyFCN(), bad, "gradcam", targets=Segmentation(1, np.ones((8, 8))), layer="features")
