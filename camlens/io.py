@@ -148,7 +148,7 @@ def _pil_image(img: Image.Image) -> np.ndarray:
         if "closed" in str(exc):
             raise ImageLoadError(
                 f"{name} is closed (its file was released by .close() or a finished `with Image.open(...)` "
-                "block): pass the path, or keep the image open (or call img.load() before closing it)"
+                "block): pass the path, keep the image open, or pass img.copy() made before closing it"
             ) from None
         raise ImageLoadError(f"{name}: cannot decode image ({exc})") from None
     except (OSError, SyntaxError) as exc:
