@@ -53,6 +53,7 @@ from .attention import capture_attention
 from .capture import CaptureSpec, capture
 from .errors import InputError, LayoutError, MethodError, NonFiniteError
 from .layout import LayoutRequest, ReshapeSpec, token_grid
+from .models.input_size import diagnose_size_error
 from .outputs import OutputSpec, select_output
 from .rules import relu_rules
 from .targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
@@ -295,12 +296,15 @@ def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException
 
 
 def forward(model: nn.Module, x: torch.Tensor):
-    """``model(model_input(x))``; a failure caused by the input's shape becomes an :class:`InputError`
-    (chained to the original), anything else the model raises propagates unchanged."""
+    """``model(model_input(x))``; a failure caused by the input's shape (channels, too small, a size
+    a vision transformer inside it does not take: :mod:`camlens.models.input_size`) becomes an
+    :class:`InputError` (chained to the original), anything else the model raises propagates unchanged."""
     try:
         return model(model_input(x))
-    except RuntimeError as exc:
-        err = diagnose_forward_error(model, x, exc)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        err = diagnose_size_error(model, tuple(x.shape)) if isinstance(x, torch.Tensor) else None
+        if err is None:
+            err = diagnose_forward_error(model, x, exc)
         if err is None:
             raise
         raise err from exc
@@ -410,7 +414,8 @@ class ForwardPass:
             self.token_norm = cap.token_norm
         grad = full or layer_grad
         if obj:  # a target object scores the raw output (detections, segmentation logits, embeddings)
-            self.targets: Targets = bind_target(targets, self.output, model)
+            sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in self.x]
+            self.targets: Targets = bind_target(targets, self.output, model, sizes)
             with torch.set_grad_enabled(grad):
                 scores = self.targets.scores(self.output)
             self.scores = scores if grad else scores.detach()
@@ -419,6 +424,8 @@ class ForwardPass:
             self.targets = resolve_targets(targets, logits, class_names)
             with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
                 self.scores = self.targets.scores(logits if grad else logits.detach())
+        if obj or self.targets.fn is not None:  # class scores come from logits check_finite has seen
+            check_finite_scores(self.scores, self.x, self.output)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -595,6 +602,45 @@ def check_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Non
     raise NonFiniteError(f"the model returned NaN/Inf logits for image(s) {rows(logits)} from a finite input: {cause}")
 
 
+def _output_tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The floating-point tensors of a raw model output (a tensor, a dict, a list of dicts…)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point():
+            yield output
+    elif isinstance(output, dict):
+        for v in output.values():
+            yield from _output_tensors(v)
+    elif isinstance(output, (list, tuple)):
+        for v in output:
+            yield from _output_tensors(v)
+    else:
+        for v in getattr(output, "values", lambda: [])():  # a Hugging Face ModelOutput
+            yield from _output_tensors(v)
+
+
+def check_finite_scores(scores: torch.Tensor, x: Any, output: Any) -> None:
+    """Target scores (of a callable or a target object) that are NaN or Inf — an infinite score has
+    no gradient worth a map and a NaN probability — -> :class:`NonFiniteError` naming where they
+    came from: the input, the model's output (overflow), or the target itself."""
+    if bool(torch.isfinite(scores.detach()).all()):
+        return
+    bad = (~torch.isfinite(scores.detach())).nonzero().tolist()
+    where = ", ".join(f"image {i} target {k}" for i, k in bad[:6]) + (" …" if len(bad) > 6 else "")
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in x):
+        cause = "the input holds NaN or Inf values: clean it (e.g. torch.nan_to_num) or drop those images"
+    elif any(not bool(torch.isfinite(t.detach()).all()) for t in _output_tensors(output)):
+        cause = (
+            "the model's output holds NaN or Inf from a finite input: its activations overflow (run it in float32) "
+            "or its weights hold NaN/Inf"
+        )
+    else:
+        cause = (
+            "the target (a callable or target object) computed them from finite model outputs: make it return "
+            "finite scores (no division by zero, log of 0, or float('inf') weights)"
+        )
+    raise NonFiniteError(f"the target scores are NaN or Inf ({where}); {cause}")
+
+
 def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str = "backprop", select=None) -> GradPass:
     """One extra forward of a new batch ``x`` ``(B, C, H, W)`` and the ``K``-class backward to it
     (batched over classes, see :func:`class_grads`).
@@ -609,10 +655,12 @@ def gradient_pass(model: nn.Module, x: torch.Tensor, targets: Targets, rule: str
     xb = x.detach().requires_grad_(True)
     with contextlib.ExitStack() as stack:
         switch = None
-        if rule != "backprop":
-            switch = stack.enter_context(relu_rules(model))
         stack.enter_context(torch.enable_grad())
-        logits = forward(model, xb)
+        if rule != "backprop":  # the rules cover the model's ReLUs, not the target's own clamps
+            with relu_rules(model) as switch:
+                logits = forward(model, xb)
+        else:
+            logits = forward(model, xb)
         scores = targets.scores(select(logits) if select is not None else logits)
         if switch is not None:
             stack.enter_context(switch.use(rule))

@@ -27,7 +27,9 @@ from .layers import resolve_layer
 from .layout import ReshapeSpec
 from .methods.cost import reported
 from .methods.registry import MethodInfo, ModelTraits, applicable, get_method
+from .methods.registry import methods as all_methods
 from .methods.traits import model_traits
+from .models.input_size import fit_input
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
@@ -58,6 +60,25 @@ def check_materialized(model: nn.Module) -> None:
             "torch.device('meta') or with init_empty_weights); load real weights first: "
             "model.to_empty(device='cpu') then model.load_state_dict(state), or "
             "model.load_state_dict(state, assign=True)"
+        )
+
+
+#: what a method may need and still run on a TorchScript module (no hook, no ReLU rule)
+_HOOKLESS = frozenset({"input_grads"})
+
+
+def check_scriptable(model: nn.Module, infos: list[MethodInfo]) -> None:
+    """A TorchScript module takes no forward hooks (no captured layer, attention or ReLU rules):
+    refuse the methods that need them, naming those that only need the model's output and gradient."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return
+    bad = [i.name for i in infos if not i.needs <= _HOOKLESS]
+    if bad:
+        ok = sorted(n for n, i in all_methods().items() if i.needs <= _HOOKLESS)
+        raise MethodError(
+            f"{', '.join(bad)} need(s) hooks on the model's layers, and a TorchScript module "
+            f"({type(model).__name__}) takes none. Use a black-box or input-gradient method ({', '.join(ok)}), "
+            "or explain the original nn.Module (before torch.jit.script / torch.jit.trace)"
         )
 
 
@@ -222,6 +243,7 @@ def explain(
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
     needs = frozenset().union(*(i.needs for i in infos))
+    check_scriptable(model, infos)
     card = card_of(model)
     classes = list(class_names) if class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None
@@ -262,7 +284,9 @@ def explain(
                 model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
             )
 
-    with torch.inference_mode(False), eval_mode(model):  # works under the caller's inference_mode too
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    # works under the caller's inference_mode too; a transformer at another size: see fit_input
+    with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx, layer_name = resolved.ctx, resolved.layer_name
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
@@ -284,6 +308,11 @@ def explain(
                 out = info.fn(ctx, **per_options[info.name])
             raw = out.raw.detach()
             maps = out.maps
+            if ctx.targets.skipped:  # nothing to explain there: zeros, whatever the method made of a 0 score
+                raw, maps = (
+                    _zero_rows(raw, ctx.targets.skipped),
+                    None if maps is None else _zero_rows(maps, ctx.targets.skipped),
+                )
             # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
             # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
             checked = raw if maps is None else maps
@@ -303,8 +332,13 @@ def explain(
             if card is not None and card.extra.get("weights") == "random":
                 extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
             extras.update(out.extras)
+            if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
+                extras["skipped"] = sorted(ctx.targets.skipped)
+                extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
             if isinstance(x, list):
                 extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+            if fitted:
+                extras["input_size"] = fitted
             results[info.name] = Explanation(
                 maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
                 raw=raw,
@@ -327,6 +361,13 @@ def explain(
     if isinstance(method, str):
         return results[infos[0].name]
     return {n: results[i.name] for n, i in zip(names, infos)}
+
+
+def _zero_rows(t: torch.Tensor, rows: dict[int, str]) -> torch.Tensor:
+    """A copy of ``t`` with the images ``rows`` set to zero."""
+    t = t.detach().clone()
+    t[sorted(rows)] = 0
+    return t
 
 
 def _common_extras(ctx: ForwardPass, info: MethodInfo) -> dict[str, Any]:
@@ -352,7 +393,7 @@ def predict(
     check_materialized(model)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     names = list(class_names) if class_names is not None else class_names_of(model)
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), fit_input(model, tuple(x.shape)):
         p = select_output(forward(model, x), output, n=x.shape[0])[0].float().softmax(dim=1)
     v, i = p.topk(min(topk, p.shape[1]), dim=1)
     return [

@@ -31,6 +31,17 @@ def prepare_inputs(
     return x, images, names
 
 
+def check_not_meta(inputs: Any) -> None:
+    """An input tensor on the ``meta`` device has a shape but no values: nothing to explain."""
+    ts = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in ts):
+        raise InputError(
+            "the input tensor is on the 'meta' device (a shape without values): there are no pixels to explain; "
+            "create it on a real device, e.g. torch.empty_like(x, device='cpu') filled with the image, or pass "
+            "the images themselves"
+        )
+
+
 def prepare_batch(
     inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str]]:
@@ -38,6 +49,7 @@ def prepare_batch(
     preprocessing keeps each image's size, ``resize="none"``), or a list of ``(C, H, W)`` tensors
     of different sizes, come back as a list of ``(C, H, W)`` tensors (its list-of-images input)."""
     device = model_device(model)
+    check_not_meta(inputs)
     if isinstance(inputs, torch.Tensor):
         x = inputs
         if x.dim() != 4:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageLoadError, InputError
+from .errors import ImageLoadError, InputError, NonFiniteError
 
 #: file suffixes read as images when a folder or a glob is expanded (the CLI, the dataset pipeline
 #: and ImageFolder training data all use this list)
@@ -45,7 +45,34 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 MAX_PIXELS = 16384 * 16384
 
 
+def _check_values(arr: np.ndarray) -> None:
+    """Refuse what has no meaning as pixel values: complex or non-numeric arrays, NaN or Inf,
+    negative signed integers (an image is uint8 0..255, uint16 0..65535 or floats in [0, 1])."""
+    if arr.dtype == np.bool_:
+        return
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(
+            f"image array has complex dtype {arr.dtype}: pass real pixel values (e.g. np.abs(arr) or arr.real, "
+            "scaled to [0, 1] or uint8)"
+        )
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"image array has dtype {arr.dtype}; pass uint8 in [0, 255], uint16, or floats in [0, 1]")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise NonFiniteError(
+            f"the input image array holds {bad} NaN or Inf value(s) of {arr.size}: its pixels have no value to "
+            "explain; clean it first (e.g. np.nan_to_num(arr, nan=0.0)) or drop the image"
+        )
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise InputError(
+            f"image array of dtype {arr.dtype} has negative values (min {int(arr.min())}): pixel values are "
+            "0..255 (uint8) or 0..65535 (uint16); shift or rescale it, e.g. (arr - arr.min()) to uint8, "
+            "or pass floats in [0, 1]"
+        )
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    _check_values(arr)
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16 or (np.issubdtype(arr.dtype, np.integer) and arr.max(initial=0) > 255):
@@ -56,7 +83,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
                 f"float image array has values in [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]; "
                 "pass floats in [0, 1] or uint8 in [0, 255] (or a preprocessed tensor)"
             )
-        return (np.nan_to_num(arr) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        return (arr * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
     return arr.clip(0, 255).astype(np.uint8)
@@ -101,6 +128,36 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
+def _pil_image(img: Image.Image) -> np.ndarray:
+    """:func:`pil_to_rgb` of an image the caller opened: an empty, closed or truncated one is an
+    :class:`ImageLoadError`, not PIL's raw exception."""
+    name = getattr(img, "filename", "") or f"a PIL {img.mode} image"
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(f"{name} is empty ({w}x{h} pixels): there is nothing to explain")
+    try:
+        if w * h > MAX_PIXELS:
+            raise ImageLoadError(
+                f"{name}: {w}x{h} pixels is larger than the {MAX_PIXELS:,}-pixel limit; downscale it first"
+            )
+        img.load()
+        return pil_to_rgb(img)
+    except (InputError, ImageLoadError):
+        raise
+    except ValueError as exc:  # PIL: "Operation on closed image"
+        if "closed" in str(exc):
+            raise ImageLoadError(
+                f"{name} is closed (its file was released by .close() or a finished `with Image.open(...)` "
+                "block): pass the path, keep the image open, or pass img.copy() made before closing it"
+            ) from None
+        raise ImageLoadError(f"{name}: cannot decode image ({exc})") from None
+    except (OSError, SyntaxError) as exc:
+        raise ImageLoadError(
+            f"{name}: cannot decode image ({exc}); the file may be truncated or corrupt. Re-save it, or set "
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True to accept a partial image"
+        ) from None
+
+
 def load_image(source: ImageLike) -> np.ndarray:
     """Load one image as an ``(H, W, 3)`` uint8 RGB array.
 
@@ -110,7 +167,7 @@ def load_image(source: ImageLike) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return array_to_rgb(source)
     if isinstance(source, Image.Image):
-        return pil_to_rgb(source)
+        return _pil_image(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():

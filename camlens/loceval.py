@@ -14,9 +14,11 @@ Metrics for ``N`` images, using the map of the ground-truth class (*GT-known*) u
   ground-truth class *and* ``IoU(b, B) >= 0.5``;
 * **GT-known localization accuracy**: ``IoU(b, B) >= 0.5`` (classification ignored);
 * **mean IoU**: the mean of ``IoU(b, B)`` (an empty map counts as 0);
-* **pointing game** (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016):
-  a hit when the map's maximum (first one in raster order, at the pixel centre, mapped to the image)
-  lies inside a ground-truth box grown by ``tolerance`` pixels (15 in the paper);
+* **pointing game** (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016),
+  TorchRay's protocol, the same definition as :func:`camlens.metrics.pointing_game`
+  (:func:`camlens.localization.pointing_game_hit`): a hit when the map's maximum, an integer image
+  pixel, lies *strictly* less than ``tolerance`` pixels (15 in the paper) from a ground-truth box's
+  pixels; tied maxima: a hit when any of them hits; a constant map is a miss;
 * **MaxBoxAcc** (Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right",
   CVPR 2020): ``max_τ BoxAcc(τ, 0.5)`` with
   ``BoxAcc(τ, δ) = 1/N Σ_n 1[IoU(box(s_n, τ), B_n) >= δ]`` and ``box(s, τ)`` the box of the largest
@@ -57,7 +59,15 @@ from scipy import ndimage
 from .errors import CamlensError, InputError
 from .explainer import explain, predict
 from .io import load_image
-from .localization import DEFAULT_THRESHOLD, _check_threshold, box_of_map, iou, scale_boxes
+from .localization import (
+    DEFAULT_THRESHOLD,
+    _check_threshold,
+    box_mask,
+    box_of_map,
+    iou,
+    pointing_game_hit,
+    scale_boxes,
+)
 from .models.zoo import card_of
 
 #: threshold sweep τ = 0, 0.01, …, 0.99 (fractions of each map's max)
@@ -243,14 +253,25 @@ def _peak(m: np.ndarray, from_size, to_size) -> tuple[float, float]:
 
 
 def pointing_hit(point: tuple[float, float], boxes: np.ndarray, tolerance: float = POINTING_TOLERANCE) -> bool:
-    """Whether ``(x, y)`` lies within ``tolerance`` pixels (Euclidean) of any box ``(x0, y0, x1, y1)``."""
-    x, y = point
-    for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
-        dx = max(x0 - x, 0.0, x - x1)
-        dy = max(y0 - y, 0.0, y - y1)
-        if math.hypot(dx, dy) <= tolerance:
+    """Whether the image pixel holding ``(x, y)`` (``floor`` of each) is a pointing-game hit for boxes
+    ``(x0, y0, x1, y1)`` (exclusive ends): its distance to the boxes' nearest pixel is 0 or strictly
+    below ``tolerance`` (:func:`camlens.localization.pointing_game_hit` for one point)."""
+    px, py = math.floor(point[0]), math.floor(point[1])
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        c0, c1 = math.floor(x0), math.ceil(x1) - 1
+        r0, r1 = math.floor(y0), math.ceil(y1) - 1
+        if c1 < c0 or r1 < r0:
+            continue
+        d2 = max(c0 - px, 0, px - c1) ** 2 + max(r0 - py, 0, py - r1) ** 2
+        if d2 == 0 or d2 < tolerance**2:
             return True
     return False
+
+
+def map_pointing_hit(m: np.ndarray, boxes: np.ndarray, size, tolerance: float = POINTING_TOLERANCE) -> bool:
+    """The pointing game of map ``m`` against ground-truth ``boxes`` in an image of ``size`` ``(H, W)``
+    (:func:`camlens.localization.pointing_game_hit`: strict tolerance, any tied maximum)."""
+    return bool(len(boxes)) and pointing_game_hit(m, box_mask(boxes, size), tolerance)
 
 
 def sweep_components(m: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -416,8 +437,7 @@ def _scores(maps, gts, sizes, correct, threshold, thresholds, tolerance, shared=
         box = box_of_map(m, threshold)
         if box[0] >= 0 and len(gt):
             ious[i] = iou(scale_boxes(box, msize, size)[None], gt).max()
-        finite = bool(np.isfinite(m).all())
-        hits[i] = bool(len(gt)) and finite and pointing_hit(_peak(m, msize, size), gt, tolerance)
+        hits[i] = map_pointing_hit(m, gt, size, tolerance)
         key = (msize, id(m)) if shared else None
         if key is None or key not in cache:
             sweep = sweep_components(m, thresholds)
@@ -669,6 +689,7 @@ __all__ = [
     "evaluate_maps",
     "evaluate_model",
     "load_threshold",
+    "map_pointing_hit",
     "pointing_hit",
     "read_boxes",
     "save_threshold",

@@ -26,14 +26,19 @@ replaces, for tensors that require grad while grad mode is on, every call of
 * ``F.relu6`` (``nn.ReLU6`` goes through ``F.hardtanh``), ``torch._C._nn.relu6`` / ``relu6_``;
 * ``F.hardtanh`` / ``F.hardtanh_`` (``nn.Hardtanh``, ``nn.ReLU6``) **only when** ``min_val == 0``
   and ``max_val > 0`` (a clipped ReLU); other ``hardtanh`` calls are left alone;
-* ``F.threshold(x, 0, 0)`` (a ReLU written as a threshold).
+* ``F.threshold(x, 0, 0)`` (a ReLU written as a threshold);
+* ``clamp`` / ``clip`` with ``min=0`` (and ``max`` absent or ``> 0``: a clipped ReLU) and
+  ``clamp_min(x, 0)``, as functions (``torch.clamp``, ``torch.clamp_min``, ``torch.clip``), tensor
+  methods (``x.clamp(min=0)``, ``x.clamp_min(0)``) and in place (``clamp_``, ``clamp_min_``,
+  ``clip_``): a ReLU written as a clamp. (PyTorch's own clamp backward passes the gradient at
+  exactly ``x = 0``; the rules use the ReLU convention there, derivative 0 — a set of measure zero.)
 
 Because the function calls themselves are replaced (not modules), one module object called
 several times in a pass (EfficientNet-Lite0 reuses its ``nn.ReLU6``) is handled at every call.
 In-place variants stay in place (the custom function marks its input dirty), so code that
 relies on the side effect (``x.relu_(); return x``) behaves as before.
 
-Not intercepted (documented limits): ``clamp``/``clamp_min(x, 0)`` used as an activation,
+Not intercepted (documented limits): a clamp with a tensor bound, ``torch.maximum(x, 0)``,
 ReLUs inside TorchScript / compiled graphs, and other activations (GELU, SiLU, LeakyReLU…):
 for a network without any intercepted ReLU, :attr:`RuleSwitch.relu_calls` stays 0 and the
 Deconvnet / Guided methods raise :class:`~camlens.errors.MethodError` rather than silently
@@ -166,6 +171,17 @@ def _parse(func, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool, 
             return None
         inplace = func is _NN_HARDTANH_ or (func is F.hardtanh and bool(_arg(args, kwargs, 3, "inplace", False)))
         return x, float(hi), inplace, "relu6" if hi == 6 else "hardtanh"
+    if func in _CLAMPS:
+        inplace = func in _CLAMPS_INPLACE
+        if func in _CLAMP_MINS:
+            lo, hi = _arg(args, kwargs, 1, "min", None), None
+        else:
+            lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor) or lo is None or lo != 0:
+            return None
+        if hi is not None and not hi > 0:
+            return None
+        return x, math.inf if hi is None else float(hi), inplace, "clamp"
     if func in _THRESHOLDS:
         th = _arg(args, kwargs, 1, "threshold", None)
         val = _arg(args, kwargs, 2, "value", None)
@@ -180,6 +196,11 @@ _NN_RELU6_ = getattr(torch._C._nn, "relu6_", None)
 _NN_HARDTANH = getattr(torch._C._nn, "hardtanh", None)
 _NN_HARDTANH_ = getattr(torch._C._nn, "hardtanh_", None)
 _THRESHOLDS = tuple(f for f in (F.threshold, getattr(F, "_threshold", None)) if f is not None)
+_CLAMP_MINS = frozenset({torch.clamp_min, torch.Tensor.clamp_min, torch.clamp_min_, torch.Tensor.clamp_min_})
+_CLAMPS_INPLACE = frozenset(
+    {torch.clamp_, torch.Tensor.clamp_, torch.clip_, torch.Tensor.clip_, torch.clamp_min_, torch.Tensor.clamp_min_}
+)
+_CLAMPS = _CLAMP_MINS | _CLAMPS_INPLACE | {torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip}
 _CANDIDATES = frozenset(
     f
     for f in (
@@ -195,6 +216,7 @@ _CANDIDATES = frozenset(
         _NN_HARDTANH,
         _NN_HARDTANH_,
         *_THRESHOLDS,
+        *_CLAMPS,
     )
     if f is not None
 )

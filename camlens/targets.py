@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from torch import nn
 
 from ._util import eval_mode, model_device, model_dtype
 from .classnames import class_id
-from .errors import TargetError
+from .errors import NonFiniteError, TargetError
 
 
 class Classes:
@@ -107,11 +107,13 @@ TargetSpec = None | int | str | Sequence | np.ndarray | torch.Tensor | Callable 
 @dataclass
 class Targets:
     """Resolved targets: ``classes`` ``(N, K)`` long tensor (``-1`` for callables) and ``fn``;
-    ``obj``: a bound :class:`Target` object (then :meth:`scores` takes the raw model output)."""
+    ``obj``: a bound :class:`Target` object (then :meth:`scores` takes the raw model output);
+    ``skipped``: images whose target selects nothing (row -> why), reported, not explained."""
 
     classes: torch.Tensor
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     obj: Any = None
+    skipped: dict[int, str] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -160,11 +162,30 @@ def take_rows(obj: Any, rows: Sequence[int]) -> Any:
     return take(list(rows)) if callable(take) else obj
 
 
-def bind_target(obj: Any, output: Any, model: nn.Module | None = None) -> Targets:
-    """Bind a target object to the clean forward pass's raw ``output`` -> :class:`Targets`."""
+def bind_target(
+    obj: Any, output: Any, model: nn.Module | None = None, image_sizes: Sequence[tuple[int, int]] | None = None
+) -> Targets:
+    """Bind a target object to the clean forward pass's raw ``output`` -> :class:`Targets`.
+
+    Images whose target selects nothing (the object's optional ``empty_rows(image_sizes)``: no
+    detection, an empty mask, a zero embedding) are never explained silently as zero maps: when
+    every image is empty a :class:`TargetError` says why and what to change; otherwise a warning
+    names them and :attr:`Targets.skipped` records them (``extras["skipped"]`` of the result).
+    """
     bind = getattr(obj, "bind", None)
     bound = bind(output, model) if callable(bind) else obj
     n = output_batch_size(output)
+    empty_rows = getattr(bound, "empty_rows", None)
+    skipped: dict[int, str] = dict(empty_rows(image_sizes)) if callable(empty_rows) else {}
+    if skipped:
+        listed = "; ".join(f"image {i}: {r}" for i, r in sorted(skipped.items())[:8])
+        if len(skipped) >= n:
+            raise TargetError(f"the target selects nothing to explain ({listed})")
+        warnings.warn(
+            f"camlens: {len(skipped)} of {n} image(s) have nothing to explain and are skipped: their maps are "
+            f"zero, not explanations, and extras['skipped'] lists them ({listed})",
+            stacklevel=2,
+        )
     with torch.no_grad():
         k = getattr(bound, "k", None)
         if not isinstance(k, int):
@@ -173,7 +194,7 @@ def bind_target(obj: Any, output: Any, model: nn.Module | None = None) -> Target
     classes = torch.full((n, k), -1, dtype=torch.long)
     if isinstance(labels, torch.Tensor) and tuple(labels.shape) == (n, k):
         classes = labels.detach().long().cpu().clone()
-    return Targets(classes, obj=bound)
+    return Targets(classes, obj=bound, skipped=skipped)
 
 
 def _name_to_id(name: str, class_names: Sequence[str] | None) -> int:
@@ -279,7 +300,10 @@ class Target:
       (a list of ints, repeats allowed), used when a method scores a batch of copies of some
       images. The default returns ``self`` (right for targets that act row-wise);
     * ``labels`` (optional): ``(N, K)`` class ids of the targets (``-1``: none), for titles;
-    * ``extras`` (optional): a dict copied into :attr:`Explanation.extras` (e.g. ``"boxes"``).
+    * ``extras`` (optional): a dict copied into :attr:`Explanation.extras` (e.g. ``"boxes"``);
+    * ``empty_rows(image_sizes) -> {row: reason}`` (optional, on the bound target): the images
+      whose target selects nothing (``image_sizes``: each input image's ``(H, W)``, or ``None``).
+      All images empty -> :class:`TargetError`; some -> a warning and ``extras["skipped"]``.
 
     Classification targets (class ids, ``"topK"``, names, callables ``logits -> (N,)``) keep
     working; they see the classification logits, a target object sees the raw output.
@@ -296,6 +320,9 @@ class Target:
 
     def take(self, rows: Sequence[int]) -> Target:
         return self
+
+    def empty_rows(self, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, str]:
+        return {}
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -417,12 +444,21 @@ class Detection(Target):
         self.max_boxes = int(max_boxes)
         self._ref: list[torch.Tensor] | None = None  # per image (K, 4)
         self._lab: list[torch.Tensor] | None = None  # per image (K,), -1: any label
+        self._best: list[float | None] = []  # own detections: each image's best score (None: none)
         self._k = 0
 
     # -- references -------------------------------------------------------------------------
     @staticmethod
     def _as_boxes(b: Any) -> torch.Tensor:
-        t = _plain(torch.as_tensor(np.asarray(b, dtype=np.float64) if not isinstance(b, torch.Tensor) else b))
+        try:
+            t = _plain(torch.as_tensor(np.asarray(b, dtype=np.float64) if not isinstance(b, torch.Tensor) else b))
+        except (TypeError, ValueError):
+            raise TargetError(f"boxes must be numbers (x0, y0, x1, y1), a (K, 4) array; got {b!r}") from None
+        if t.numel() and (t.dim() not in (1, 2) or t.shape[-1] != 4):
+            raise TargetError(
+                f"a box is 4 numbers (x0, y0, x1, y1) and boxes a (K, 4) array; got shape {tuple(t.shape)}: "
+                f"{t.tolist()}"
+            )
         t = t.float().reshape(-1, 4) if t.numel() else t.float().reshape(0, 4)
         if t.numel() and not bool((t[:, 2:] > t[:, :2]).all()):
             raise TargetError(f"boxes must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {t.tolist()}")
@@ -432,9 +468,11 @@ class Detection(Target):
         dets = _detections(output)
         n = len(dets)
         refs, labs = [], []
+        best: list[float | None] = [None] * n  # own detections: each image's best score
         if self.boxes is None:
-            for d in dets:
+            for i, d in enumerate(dets):
                 s = d["scores"].detach()
+                best[i] = float(s.max()) if len(s) else None
                 keep = (s >= self.score_threshold).nonzero().flatten()
                 keep = keep[s[keep].argsort(descending=True)][: self.max_boxes]
                 refs.append(d["boxes"].detach()[keep].float().cpu())
@@ -459,7 +497,38 @@ class Detection(Target):
         )
         out._ref, out._lab = refs, labs
         out._k = max(1, max((len(r) for r in refs), default=0))
+        out._best = best
         return out
+
+    def empty_rows(self, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, str]:
+        """Images with no box to explain (no own detection above ``score_threshold``, an empty box
+        list). A given box entirely outside its image is a :class:`TargetError` (wrong coordinates)."""
+        self._check_bound()
+        assert self._ref is not None
+        if image_sizes is not None and self.boxes is not None:
+            for i, (ref, (h, w)) in enumerate(zip(self._ref, image_sizes)):
+                out = (ref[:, 2] <= 0) | (ref[:, 3] <= 0) | (ref[:, 0] >= w) | (ref[:, 1] >= h)
+                if bool(out.any()):
+                    box = [round(float(v), 2) for v in ref[int(out.nonzero()[0, 0])]]
+                    raise TargetError(
+                        f"box {box} of image {i} lies entirely outside the image ({w}x{h} px, width x height): "
+                        "boxes are (x0, y0, x1, y1) in the original image's pixels; fix its coordinates (were "
+                        "they (x, y, w, h), normalized to [0, 1], or for a resized image?)"
+                    )
+        reasons = {}
+        for i, ref in enumerate(self._ref):
+            if len(ref):
+                continue
+            if self.boxes is not None:
+                reasons[i] = "no box given for it; pass at least one (x0, y0, x1, y1) box"
+            else:
+                b = self._best[i] if i < len(self._best) else None
+                seen = "the model detected nothing" if b is None else f"its best detection scores {b:.3g}"
+                reasons[i] = (
+                    f"no detection scores >= score_threshold={self.score_threshold:g} ({seen}); lower "
+                    "Detection(score_threshold=...) or pass boxes="
+                )
+        return reasons
 
     def take(self, rows: Sequence[int]) -> Detection:
         self._check_bound()
@@ -469,6 +538,7 @@ class Detection(Target):
         )
         out._ref = [self._ref[int(r)] for r in rows]
         out._lab = [self._lab[int(r)] for r in rows]
+        out._best = [self._best[int(r)] for r in rows] if self._best else []
         out._k = self._k
         return out
 
@@ -618,8 +688,7 @@ class Segmentation(Target):
         if self.mask is None:
             masks = (pred[:, None] == cats[:, :, None, None]).to(logits.dtype)
         else:
-            m = torch.as_tensor(np.asarray(self.mask) if not isinstance(self.mask, torch.Tensor) else self.mask)
-            m = _plain(m).to(logits.device, logits.dtype)
+            m = _as_mask(self.mask).to(logits.device, logits.dtype)
             if m.dim() == 2:
                 m = m[None].expand(n, -1, -1)
             if m.dim() != 3 or m.shape[0] != n:
@@ -630,6 +699,26 @@ class Segmentation(Target):
         out = Segmentation(self.category, self.mask, background=self.background)
         out._cats, out._masks = cats.cpu(), masks
         return out
+
+    def empty_rows(self, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, str]:
+        """Images whose every region is empty (an all-zero mask, a class predicted nowhere)."""
+        if self._masks is None or self._cats is None:
+            raise TargetError("this Segmentation target is not bound to a forward pass yet (call .bind(output))")
+        area = (self._masks != 0).flatten(2).sum(-1).cpu()  # (N, K)
+        reasons = {}
+        for i in (area.sum(1) == 0).nonzero().flatten().tolist():
+            if self.mask is not None:
+                reasons[i] = (
+                    "the given mask selects no pixel (all zero, or too small to survive the resize to the "
+                    f"logits' {self._masks.shape[-2]}x{self._masks.shape[-1]} grid); pass a mask with non-zero pixels"
+                )
+            else:
+                cats = self._cats[i].tolist()
+                reasons[i] = (
+                    f"no pixel is predicted as class {cats if len(cats) > 1 else cats[0]}; pass a mask= of the "
+                    "region to explain or another category"
+                )
+        return reasons
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -650,6 +739,53 @@ class Segmentation(Target):
         logits = _segmentation_logits(output)
         sel = logits.gather(1, self._cats.to(logits.device)[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
         return (sel * self._masks.to(logits.dtype)).sum(dim=(2, 3))
+
+
+def _as_mask(mask: Any) -> torch.Tensor:
+    """A given segmentation mask as a finite float tensor (bool masks become 0/1)."""
+    try:
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    except (TypeError, ValueError):
+        raise TargetError(
+            f"mask must be an (H, W) or (N, H, W) array of 0/1 or weights; got {type(mask).__name__}"
+        ) from None
+    if m.is_complex():
+        raise TargetError(f"mask must hold bools or real numbers; got {m.dtype}")
+    m = _plain(m).float()
+    if not bool(torch.isfinite(m).all()):
+        raise NonFiniteError("the Segmentation mask holds NaN or Inf values; pass a mask of 0/1 or finite weights")
+    return m
+
+
+def _as_reference(reference: Any) -> torch.Tensor:
+    """A Similarity reference as a finite float tensor; a zero embedding (cosine undefined) refused."""
+    try:
+        r = reference if isinstance(reference, torch.Tensor) else torch.as_tensor(np.asarray(reference))
+    except (TypeError, ValueError, RuntimeError):
+        r = None
+    if r is None or r.dtype == torch.bool or r.is_complex():
+        raise TargetError(
+            f"reference must be a numeric embedding (D,)/(K, D) or preprocessed images (3,H,W)/(K,3,H,W); "
+            f"got {type(reference).__name__}"
+        )
+    if not r.is_floating_point():
+        r = r.float()
+    if r.dim() not in (1, 2, 3, 4) or r.numel() == 0:
+        raise TargetError(
+            f"reference must be an embedding (D,)/(K, D) or images (3,H,W)/(K,3,H,W); got {tuple(r.shape)}"
+        )
+    if not bool(torch.isfinite(r).all()):
+        raise NonFiniteError("the Similarity reference holds NaN or Inf values; pass a finite embedding or image")
+    return _plain(r)
+
+
+def _check_nonzero(ref: torch.Tensor, what: str) -> None:
+    zero = (ref.flatten(1).norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise TargetError(
+            f"{what} {zero[0]} is the zero vector: its cosine similarity is undefined (0/0), so its map would be "
+            "zero; pass a non-zero reference embedding"
+        )
 
 
 def _embedding(output: Any) -> torch.Tensor:
@@ -680,33 +816,34 @@ class Similarity(Target):
     """
 
     def __init__(self, reference: Any) -> None:
-        r = reference if isinstance(reference, torch.Tensor) else torch.as_tensor(np.asarray(reference))
-        if not r.is_floating_point():
-            r = r.float()
-        if r.dim() not in (1, 2, 3, 4) or r.numel() == 0:
-            raise TargetError(
-                f"reference must be an embedding (D,)/(K, D) or images (3,H,W)/(K,3,H,W); got {tuple(r.shape)}"
-            )
-        r = _plain(r)
+        r = _as_reference(reference)
         self.reference = r
         # embeddings are used as given; images are embedded by bind()
         self._ref: torch.Tensor | None = {1: r[None], 2: r}.get(r.dim())
+        if self._ref is not None:
+            _check_nonzero(self._ref, "reference embedding")
+        self._zero_rows: list[int] = []  # images whose own embedding is zero (set by bind)
 
     @property
     def k(self) -> int:
         return 1 if self.reference.dim() in (1, 3) else int(self.reference.shape[0])
 
     def bind(self, output: Any, model: nn.Module | None = None) -> Similarity:
-        if self._ref is not None:
-            return self
-        if model is None:
-            raise TargetError("a Similarity reference image needs the model to embed it")
-        imgs = self.reference if self.reference.dim() == 4 else self.reference[None]
-        with eval_mode(model), torch.no_grad():
-            emb = _embedding(model(imgs.to(model_device(model), model_dtype(model)))).detach()
         out = Similarity(self.reference)
-        out._ref = emb.float()
+        if self._ref is None:
+            if model is None:
+                raise TargetError("a Similarity reference image needs the model to embed it")
+            imgs = self.reference if self.reference.dim() == 4 else self.reference[None]
+            with eval_mode(model), torch.no_grad():
+                emb = _embedding(model(imgs.to(model_device(model), model_dtype(model)))).detach()
+            _check_nonzero(emb, "the model's embedding of reference image")
+            out._ref = emb.float()
+        out._zero_rows = (_embedding(output).detach().norm(dim=1) == 0).nonzero().flatten().tolist()
         return out
+
+    def empty_rows(self, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, str]:
+        """Images whose own embedding is the zero vector (their cosine is undefined)."""
+        return {i: "the model's embedding of this image is the zero vector (cosine undefined)" for i in self._zero_rows}
 
     def __call__(self, output: Any) -> torch.Tensor:
         assert self._ref is not None, "bind() the Similarity target first"

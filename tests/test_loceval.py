@@ -184,8 +184,10 @@ def test_empty_maps_and_scaling_to_the_image():
 def test_pointing_game_tolerance():
     box = np.array([[10, 10, 20, 20]])
     assert pointing_hit((15, 15), box, 0)
-    assert not pointing_hit((30, 15), box, 5) and pointing_hit((30, 15), box, 10)
-    assert pointing_hit((23, 24), box, 5) and not pointing_hit((23, 24), box, 4.9)  # corner: 3-4-5
+    # pixel column 30 vs the box's last column 19: 11 px, a hit only strictly below the tolerance
+    assert not pointing_hit((30, 15), box, 11) and pointing_hit((30, 15), box, 11.5)
+    # pixel (23, 24) vs the corner pixel (19, 19): 4 and 5 px, sqrt(41) = 6.4 px
+    assert pointing_hit((23, 24), box, 6.5) and not pointing_hit((23, 24), box, 6.4)
     m = np.zeros((40, 40))
     m[15, 32] = 1.0  # peak centre (32.5, 15.5): 12.5 px right of the box
     assert evaluate_maps([m], [box], tolerance=15).metrics["pointing_game"] == 1.0

@@ -127,7 +127,7 @@ def test_not_a_relu_is_left_alone():
     with relu_rules() as switch:
         a = F.hardtanh(x)  # (-1, 1): not a clipped ReLU
         b = F.threshold(x, 1.0, 0.0)  # not a ReLU
-        c = torch.clamp(x, min=0)  # documented: clamp is not intercepted
+        c = torch.clamp(x, min=-1)  # a clamp at another bound is not a ReLU (clamp(min=0) is: issue 28)
         with torch.no_grad():
             F.relu(x)  # no graph: nothing to change, not counted
         F.relu(x.detach())

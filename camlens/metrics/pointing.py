@@ -1,13 +1,14 @@
 r"""The pointing game and its energy-based form.
 
 * ``pointing_game`` — Zhang, Lin, Brandt, Shen & Sclaroff, "Top-down Neural Attention by
-  Excitation Backprop", ECCV 2016: a *hit* when the maximum of the map lies on the object, with a
-  tolerance of ``tolerance`` pixels (15 in the paper): hit iff
-  :math:`\min_{q \in \mathrm{GT}} \lVert p^\ast - q \rVert_2 \le \mathrm{tolerance}`, where
-  :math:`p^\ast` is the arg-max pixel (ties broken at random from ``seed``, so a constant map
-  points at a random pixel). Accuracy = hits / (hits + misses) = the mean of the per-image values
-  (1.0 hit, 0.0 miss). The paper's *centre baseline* always points at the image centre:
-  ``maps="centre"`` or :func:`centre_baseline`.
+  Excitation Backprop", ECCV 2016, with TorchRay's protocol (the same definition as
+  :mod:`camlens.loceval`, :func:`camlens.localization.pointing_game_hit`): a *hit* when
+  :math:`\min_{q \in \mathrm{GT}} \lVert p^\ast - q \rVert_2 < \mathrm{tolerance}` (strictly;
+  15 px in the paper) between integer pixels, :math:`p^\ast` the arg-max pixel; ``tolerance=0``:
+  the maximum must lie on the object. Tied maxima: a hit when any of them hits (as Quantus); a
+  constant map points nowhere (a miss). Accuracy = hits / (hits + misses) = the mean of the
+  per-image values (1.0 hit, 0.0 miss). The paper's *centre baseline* always points at the image
+  centre: ``maps="centre"`` or :func:`centre_baseline`.
 * ``energy_pointing_game`` — Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
   Convolutional Neural Networks", CVPR workshops 2020: the share of the map's energy inside the
   ground truth, :math:`\sum_{p \in \mathrm{GT}} E(p) / \sum_p E(p)` with :math:`E = \max(m, 0)`.
@@ -29,23 +30,18 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ._common import MapsLike, baseline_maps, pixel_order, prepare
+from ..localization import box_mask, pointing_game_hit
+from ._common import MapsLike, baseline_maps, prepare
 
 
 def _boxes_to_mask(boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    h, w = size
-    m = torch.zeros(h, w, dtype=torch.bool)
     for b in np.atleast_2d(boxes):
         if len(b) != 4:
             raise InputError(f"a box must be (x0, y0, x1, y1); got {list(b)}")
         x0, y0, x1, y1 = (float(v) for v in b)
         if not all(np.isfinite([x0, y0, x1, y1])) or x1 < x0 or y1 < y0:
             raise InputError(f"invalid box {list(b)}: need x0 <= x1 and y0 <= y1 (exclusive ends)")
-        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-        if c1 > c0 and r1 > r0:
-            m[r0:r1, c0:c1] = True
-    return m
+    return torch.from_numpy(box_mask(np.atleast_2d(boxes), size))
 
 
 def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
@@ -97,17 +93,11 @@ def _check_nonempty(masks: torch.Tensor) -> None:
         )
 
 
-def _hits(points: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """``points`` ``(N, 2)`` (row, col); hit iff the distance to the nearest GT pixel <= tolerance."""
-    n, h, w = masks.shape
-    yy = torch.arange(h, dtype=torch.float64)[:, None]
-    xx = torch.arange(w, dtype=torch.float64)[None, :]
-    out = torch.empty(n)
-    for i in range(n):
-        d2 = (yy - float(points[i, 0])) ** 2 + (xx - float(points[i, 1])) ** 2
-        best = d2[masks[i]].min()
-        out[i] = float(best <= float(tolerance) ** 2 + 1e-9)
-    return out
+def _hits(maps: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``(N,)`` 1.0 / 0.0: :func:`camlens.localization.pointing_game_hit` of each map and mask."""
+    m = maps.detach().double().cpu().numpy()
+    g = masks.numpy()
+    return torch.tensor([float(pointing_game_hit(m[i], g[i], tolerance)) for i in range(len(m))])
 
 
 def pointing_game(
@@ -125,9 +115,10 @@ def pointing_game(
 ) -> torch.Tensor:
     """Pointing game hits per image, ``(N,)`` of 1.0 (hit) / 0.0 (miss); the mean is the accuracy.
 
-    ``gt``: ground truth at input resolution (see the module docstring); ``tolerance`` in pixels
-    (0: the maximum must fall inside the object). ``model`` may be ``None`` when ``maps`` is a
-    tensor and ``inputs`` the preprocessed batch (only its size is used).
+    ``gt``: ground truth at input resolution (see the module docstring); ``tolerance`` in pixels,
+    a hit strictly below it (0: the maximum must fall inside the object); tied maxima: a hit when
+    any of them hits. ``model`` may be ``None`` when ``maps`` is a tensor and ``inputs`` the
+    preprocessed batch (only its size is used); ``seed`` only reaches methods that draw at random.
     """
     if tolerance < 0:
         raise InputError(f"tolerance must be >= 0 pixels, not {tolerance}")
@@ -144,9 +135,7 @@ def pointing_game(
     )
     masks = gt_masks(gt, prep.n, prep.size)
     _check_nonempty(masks)
-    top = pixel_order(prep.maps, seed)[:, 0].cpu()
-    points = torch.stack([top // prep.size[1], top % prep.size[1]], dim=1)
-    return _hits(points, masks, tolerance)
+    return _hits(prep.maps, masks, tolerance)
 
 
 def centre_baseline(

@@ -27,10 +27,9 @@ from ..loceval import (
     SWEEP,
     V2_IOUS,
     LocalizationReport,
-    _peak,
     _sweep_ious,
     centre_map,
-    pointing_hit,
+    map_pointing_hit,
     sweep_components,
 )
 from .dist import DistContext
@@ -86,7 +85,7 @@ class LocalizationAccumulator:
         v = 0.0
         if box[0] >= 0 and len(gt):
             v = float(iou(scale_boxes(box, msize, size)[None], gt).max())
-        hit = bool(len(gt)) and bool(np.isfinite(m).all()) and pointing_hit(_peak(m, msize, size), gt, self.tolerance)
+        hit = map_pointing_hit(m, gt, size, self.tolerance)
         b1, b2 = _sweep_ious(
             sweep if sweep is not None else sweep_components(m, self.thresholds), gt, len(self.thresholds), msize, size
         )

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CamlensError, InputError
+from ..inputs import check_not_meta
 from ..io import IMAGE_EXTENSIONS
 from ..models.preprocess import IMAGENET, Preprocess
 
@@ -276,6 +277,7 @@ class UserDataset(Dataset):
             ):
                 label = self.classes[int(label)]
             item["label"] = None if label is None else str(label)
+            check_not_meta(img)
             if isinstance(img, torch.Tensor) and img.is_floating_point():
                 if img.dim() != 3:
                     raise InputError(f"item {i}: a tensor item must be (C, H, W); got {tuple(img.shape)}")
