@@ -92,8 +92,9 @@ class _MapsField:
         obj.__dict__.pop("_maps_cache", None)
 
 
-#: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
-PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes")
+#: extras that hold one entry per image (target objects' boxes and masks, LIME/KernelSHAP's
+#: superpixels and fits), sliced by ``select``
+PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes", "segments", "segment_weights", "intercept", "r2")
 
 
 @dataclass
