@@ -11,7 +11,7 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast, overload
 
 import torch
@@ -25,7 +25,8 @@ from .explanation import Explanation, Upsampled
 from .inputs import prepare_batch, prepare_inputs
 from .layers import resolve_layer
 from .layout import ReshapeSpec
-from .methods.registry import MethodInfo, get_method
+from .methods.registry import MethodInfo, get_method, methods
+from .models.blackbox import ScoringFunction, unsupported
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
 from .models.zoo import card_of, class_names_of, load_model
@@ -96,7 +97,7 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
 
 @overload
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: str = "gradcam",
     targets: TargetSpec = None,
@@ -114,7 +115,7 @@ def explain(
 
 @overload
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: Sequence[str],
     targets: TargetSpec = None,
@@ -131,7 +132,7 @@ def explain(
 
 
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: str | Sequence[str] = "gradcam",
     targets: TargetSpec = None,
@@ -149,7 +150,11 @@ def explain(
 
     Args:
         model: an ``nn.Module`` classifier returning ``(N, num_classes)`` logits, a zoo name
-            (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`.
+            (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`; a TorchScript
+            module (black-box and input-gradient methods); or any scoring function
+            ``fn(batch) -> (N, K)`` taking a float32 NumPy ``(N, C, H, W)`` array (black-box
+            methods only: ``rise``, ``occlusion``, ``lime``, ``kernelshap``; option
+            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
             Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
@@ -187,14 +192,22 @@ def explain(
     """
     if isinstance(model, str):
         model = load_model(model)
+    if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
+        model = ScoringFunction(model, max_batch=options.pop("max_batch", None))
     if not isinstance(model, nn.Module):
-        raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
+        raise InputError(
+            f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
+            f"not {type(model).__name__}"
+        )
     check_materialized(model)
     names = method_names(method)
     if capture not in ("output", "input"):
         resolve_layer(model, None, capture)  # raises the error that names the valid choices
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
+    refused = unsupported(model, infos, per_options, methods().values(), lambda n: get_method(n).name)
+    if refused is not None:
+        raise refused
     needs = frozenset().union(*(i.needs for i in infos))
     card = card_of(model)
     classes = list(class_names) if class_names is not None else class_names_of(model)

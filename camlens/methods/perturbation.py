@@ -167,6 +167,7 @@ def _masked_sum(
     summary="score-weighted average of random masks (black-box, no gradients)",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="RISE",
 )
 def rise(
@@ -205,6 +206,7 @@ def rise(
     summary="random masks weighted by box x class x objectness similarity to the target detection",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="D-RISE",
     aliases=("d-rise",),
 )
@@ -261,6 +263,7 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     summary="score drop when a sliding patch is replaced by a baseline (black-box)",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="Occlusion",
 )
 def occlusion(

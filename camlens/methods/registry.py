@@ -84,6 +84,9 @@ class MethodInfo:
     fn: Callable[..., MethodOutput] = field(repr=False)
     title: str = ""
     aliases: tuple[str, ...] = ()
+    #: the method only runs forwards of the model (no gradient, no hook): it also explains a scoring
+    #: function or a model served elsewhere (see :mod:`camlens.models.blackbox`)
+    blackbox: bool = False
 
     def options(self) -> dict[str, Any]:
         """Keyword options and their defaults."""
@@ -120,8 +123,10 @@ def register(
     needs: tuple[Need | str, ...] = ("features", "layer_grads"),
     title: str | None = None,
     aliases: tuple[str, ...] = (),
+    blackbox: bool = False,
 ) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
-    """Decorator registering a method under ``name`` (and ``aliases``), titled ``title`` in figures.
+    """Decorator registering a method under ``name`` (and ``aliases``), titled ``title`` in figures;
+    ``blackbox``: it only calls ``ctx.model`` on inputs (no gradient, no hook).
 
     Raises:
         ValueError: an unknown ``needs`` or ``kind``, or a name or alias already taken by another
@@ -143,7 +148,9 @@ def register(
                     f"method name {k!r} is already registered by {owner.fn.__module__}.{owner.fn.__qualname__}; "
                     "choose another name or alias"
                 )
-        _REGISTRY[key] = MethodInfo(key, paper, summary, kind, frozenset(needs), fn, title or name, tuple(keys))
+        _REGISTRY[key] = MethodInfo(
+            key, paper, summary, kind, frozenset(needs), fn, title or name, tuple(keys), blackbox=blackbox
+        )
         for a in keys:
             _ALIASES[a] = key
         return fn
