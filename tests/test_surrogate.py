@@ -361,3 +361,11 @@ def test_select_slices_the_per_image_fits():
     assert [len(w[0]) for w in sub.extras["segment_weights"]] == [3, 6]
     assert torch.equal(sub.extras["segments"][0], BANDS // 2) and sub.extras["r2"].shape == (2, 2)
     torch.testing.assert_close(sub.extras["intercept"], e.extras["intercept"][[2, 0]])
+
+
+def test_a_single_superpixel_is_said():
+    net = small_cnn()
+    x = torch.rand(1, 3, H, W)
+    with pytest.warns(RuntimeWarning, match="single superpixel.*segment_options"):
+        e = camlens.explain(net, x, "kernelshap", segments=np.zeros((H, W), int), n_samples=4, progress=False)
+    assert e.extras["segment_weights"][0].shape == (1, 1)

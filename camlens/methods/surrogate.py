@@ -49,6 +49,7 @@ rounding then reaches ~1e-3 of the largest weight; with ``inf_weight = 1e5`` it 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -312,6 +313,14 @@ def _prepare(ctx: Any, segments: Any, segment_options: dict[str, Any] | None, ba
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise MethodError(f"n_samples must be an integer >= 1, not {n_samples!r}")
     seg = superpixels(x, segments, segment_options)
+    one = [n for n, s in enumerate(seg) if int(s.max()) == 0]
+    if one:  # e.g. slic on noise: the map would be one constant
+        warnings.warn(
+            f"{desc}: image(s) {one[:8]} have a single superpixel, so their map is constant; pass "
+            "segment_options (e.g. {'n_segments': 100, 'compactness': 1}) or your own label map as segments=",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return x, seg, _baseline(x, seg, baseline)
 
 
