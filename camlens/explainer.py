@@ -11,7 +11,7 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast, overload
 
 import torch
@@ -29,6 +29,7 @@ from .methods.cost import reported
 from .methods.registry import MethodInfo, ModelTraits, applicable, get_method
 from .methods.registry import methods as all_methods
 from .methods.traits import model_traits
+from .models.blackbox import ScoringFunction, unsupported
 from .models.input_size import fit_input
 from .models.preprocess import IMAGENET, Preprocess
 from .models.tasks import Frames, frame_maps, record_frames
@@ -60,25 +61,6 @@ def check_materialized(model: nn.Module) -> None:
             "torch.device('meta') or with init_empty_weights); load real weights first: "
             "model.to_empty(device='cpu') then model.load_state_dict(state), or "
             "model.load_state_dict(state, assign=True)"
-        )
-
-
-#: what a method may need and still run on a TorchScript module (no hook, no ReLU rule)
-_HOOKLESS = frozenset({"input_grads"})
-
-
-def check_scriptable(model: nn.Module, infos: list[MethodInfo]) -> None:
-    """A TorchScript module takes no forward hooks (no captured layer, attention or ReLU rules):
-    refuse the methods that need them, naming those that only need the model's output and gradient."""
-    if not isinstance(model, torch.jit.ScriptModule):
-        return
-    bad = [i.name for i in infos if not i.needs <= _HOOKLESS]
-    if bad:
-        ok = sorted(n for n, i in all_methods().items() if i.needs <= _HOOKLESS)
-        raise MethodError(
-            f"{', '.join(bad)} need(s) hooks on the model's layers, and a TorchScript module "
-            f"({type(model).__name__}) takes none. Use a black-box or input-gradient method ({', '.join(ok)}), "
-            "or explain the original nn.Module (before torch.jit.script / torch.jit.trace)"
         )
 
 
@@ -131,7 +113,7 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
 
 @overload
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: str = "gradcam",
     targets: TargetSpec = None,
@@ -149,7 +131,7 @@ def explain(
 
 @overload
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: Sequence[str],
     targets: TargetSpec = None,
@@ -166,7 +148,7 @@ def explain(
 
 
 def explain(
-    model: nn.Module | str,
+    model: nn.Module | str | Callable[[Any], Any],
     inputs: Any,
     method: str | Sequence[str] = "gradcam",
     targets: TargetSpec = None,
@@ -184,7 +166,11 @@ def explain(
 
     Args:
         model: an ``nn.Module`` classifier returning ``(N, num_classes)`` logits, a zoo name
-            (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`.
+            (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`; a TorchScript
+            module (black-box and input-gradient methods); or any scoring function
+            ``fn(batch) -> (N, K)`` taking a float32 NumPy ``(N, C, H, W)`` array (black-box
+            methods only: ``rise``, ``occlusion``, ``lime``, ``kernelshap``; option
+            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
             Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
@@ -234,16 +220,23 @@ def explain(
     """
     if isinstance(model, str):
         model = load_model(model)
+    if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
+        model = ScoringFunction(model, max_batch=options.pop("max_batch", None))
     if not isinstance(model, nn.Module):
-        raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
+        raise InputError(
+            f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
+            f"not {type(model).__name__}"
+        )
     check_materialized(model)
     names = method_names(method)
     if capture not in ("output", "input"):
         resolve_layer(model, None, capture)  # raises the error that names the valid choices
     infos = [get_method(m) for m in names]
     per_options = _split_options(infos, options)
+    refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
+    if refused is not None:
+        raise refused
     needs = frozenset().union(*(i.needs for i in infos))
-    check_scriptable(model, infos)
     card = card_of(model)
     classes = list(class_names) if class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None

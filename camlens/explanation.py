@@ -95,8 +95,9 @@ class _MapsField:
 #: what titles, tables and summaries say of a model whose weights are random (``weights="random"``)
 RANDOM_WEIGHTS = "random weights"
 
-#: extras that hold one entry per image (target objects' boxes and masks), sliced by ``select``
-PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes")
+#: extras that hold one entry per image (target objects' boxes and masks, LIME/KernelSHAP's
+#: superpixels and fits), sliced by ``select``
+PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes", "segments", "segment_weights", "intercept", "r2")
 
 
 @dataclass

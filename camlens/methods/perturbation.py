@@ -185,6 +185,7 @@ def occlusion_cost(ctx, *, window: int = 16, stride: int = 8, **_) -> Cost:
     summary="score-weighted average of random masks (black-box, no gradients)",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="RISE",
     cost=masks_cost,
     boxes=True,  # smooth maps: the box means something
@@ -225,6 +226,7 @@ def rise(
     summary="random masks weighted by box x class x objectness similarity to the target detection",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="D-RISE",
     aliases=("d-rise",),
     applies_to=DETECTORS,
@@ -284,6 +286,7 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     summary="score drop when a sliding patch is replaced by a baseline (black-box)",
     kind="pixel",
     needs=(),
+    blackbox=True,
     title="Occlusion",
     cost=occlusion_cost,
     boxes=True,

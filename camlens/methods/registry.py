@@ -169,6 +169,9 @@ class MethodInfo:
     applies_to: Applies = ANY_MODEL
     cost: Callable[..., Cost] | None = field(default=None, repr=False)
     boxes: bool = True
+    #: the method only runs forwards of the model (no gradient, no hook): it also explains a scoring
+    #: function or a model served elsewhere (see :mod:`camlens.models.blackbox`)
+    blackbox: bool = False
 
     def options(self) -> dict[str, Any]:
         """Keyword options and their defaults."""
@@ -219,13 +222,15 @@ def register(
     applies_to: Applies | None = None,
     cost: Callable[..., Cost] | None = None,
     boxes: bool | None = None,
+    blackbox: bool = False,
 ) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
     """Decorator registering a method under ``name`` (and ``aliases``), titled ``title`` in figures,
     for the models ``applies_to`` accepts (default: every model; :data:`ATTENTION_MODELS` for a
     method that needs the attention matrices), costing ``cost(ctx, **options)`` (see the module
     docstring). ``boxes``: whether a box around the map's hot region means something, so that the
     web app draws one by default (default: layer methods yes, pixel methods no — a box cut from
-    pixel noise; smooth black-box maps such as RISE's say yes).
+    pixel noise; smooth black-box maps such as RISE's say yes). ``blackbox``: it only calls
+    ``ctx.model`` on inputs (no gradient, no hook), so it also explains a scoring function.
 
     Raises:
         ValueError: an unknown ``needs`` or ``kind``, or a name or alias already taken by another
@@ -253,7 +258,7 @@ def register(
                     "choose another name or alias"
                 )
         _REGISTRY[key] = MethodInfo(
-            key, paper, summary, kind, frozenset(needs), fn, title or name, tuple(keys), applies, cost, box
+            key, paper, summary, kind, frozenset(needs), fn, title or name, tuple(keys), applies, cost, box, blackbox
         )
         for a in keys:
             _ALIASES[a] = key
