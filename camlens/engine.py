@@ -412,19 +412,23 @@ class ForwardPass:
             self.pool_module = cap.pool_module
             self.last_spatial = cap.last_spatial
             self.token_norm = cap.token_norm
-        grad = full or layer_grad
-        if obj:  # a target object scores the raw output (detections, segmentation logits, embeddings)
+        self._score(targets, class_names, grad=full or layer_grad)
+
+    def _score(self, targets: TargetSpec, class_names: Any, *, grad: bool) -> None:
+        """Resolve (or bind) the targets on this pass's output and compute the ``(N, K)`` scores,
+        keeping their graph when a gradient will be taken."""
+        if is_target_object(targets):  # a target object scores the raw output (detections, masks, embeddings)
             sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in self.x]
-            self.targets: Targets = bind_target(targets, self.output, model, sizes)
+            self.targets: Targets = bind_target(targets, self.output, self.model, sizes)
             with torch.set_grad_enabled(grad):
                 scores = self.targets.scores(self.output)
             self.scores = scores if grad else scores.detach()
         else:
-            assert logits is not None
-            self.targets = resolve_targets(targets, logits, class_names)
+            assert self.logits is not None
+            self.targets = resolve_targets(targets, self.logits, class_names)
             with torch.set_grad_enabled(grad):  # also when the caller is under no_grad
-                self.scores = self.targets.scores(logits if grad else logits.detach())
-        if obj or self.targets.fn is not None:  # class scores come from logits check_finite has seen
+                self.scores = self.targets.scores(self.logits if grad else self.logits.detach())
+        if self.targets.obj is not None or self.targets.fn is not None:  # class scores: logits already checked
             check_finite_scores(self.scores, self.x, self.output)
 
     # ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast, overload
 
 import torch
@@ -218,142 +219,267 @@ def explain(
         >>> both = camlens.explain(model, "cat.jpg", ["gradcam", "scorecam"], max_channels=64)
         >>> both["scorecam"].show()                               # {method: Explanation}
     """
-    if isinstance(model, str):
-        model = load_model(model)
-    if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
-        model = ScoringFunction(model, max_batch=options.pop("max_batch", None))
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
-            f"not {type(model).__name__}"
-        )
-    check_materialized(model)
-    names = method_names(method)
-    if capture not in ("output", "input"):
-        resolve_layer(model, None, capture)  # raises the error that names the valid choices
-    infos = [get_method(m) for m in names]
-    per_options = _split_options(infos, options)
-    refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
-    if refused is not None:
-        raise refused
-    needs = frozenset().union(*(i.needs for i in infos))
-    card = card_of(model)
-    classes = list(class_names) if class_names is not None else class_names_of(model)
-    task = card.extra.get("task") if card else None
-    if targets is None and task == "detection":
-        targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
-    elif targets is None and task == "segmentation":
-        targets = Segmentation(None)  # each image's largest predicted non-background class
-    check_applicable(infos, model_traits(model, targets))
+    request = ExplainRequest(
+        methods=tuple(method_names(method)),
+        targets=targets,
+        layer=layer,
+        capture=capture,
+        call=call,
+        preprocess=preprocess,
+        class_names=None if class_names is None else tuple(class_names),
+        output=output,
+        reshape=reshape,
+        options=dict(options),
+    )
+    results = run_request(model, inputs, request)
+    named = {n: results[get_method(n).name] for n in request.methods}  # aliases as the caller spelled them
+    return named[request.methods[0]] if isinstance(method, str) else named
 
-    x: Any  # a batch tensor, or a detector's list of (C, H, W) images of different sizes
-    with torch.inference_mode(False):
-        x, images, sources = prepare_batch(inputs, model, preprocess)
-    if isinstance(x, list):
-        bad = [i.name for i in infos if i.kind != "layer"]
-        if bad:
-            raise InputError(
-                f"{', '.join(bad)} need(s) images of one size; these differ in size "
-                f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
-            )
-    spec: CaptureSpec | None = None
-    if "features" in needs or wants_layer_grads(needs):
-        if layer is None and card is not None and card.layer is not None:
-            spec = resolve_layer(model, card.layer, card.capture, call)
-        else:
-            spec = resolve_layer(model, layer, capture, call)
 
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What :func:`explain` was asked, whole: the unit of work that the CLI, the web app and the
+    dataset pipeline hand on (see :func:`explain` for each field). ``options``: the methods'
+    keyword options, split between the methods by their signatures."""
+
+    methods: tuple[str, ...]
+    targets: TargetSpec = None
+    layer: str | nn.Module | None = None
+    capture: str = "output"
+    call: int = -1
+    preprocess: Preprocess | None = None
+    class_names: tuple[str, ...] | None = None
+    output: OutputSpec = None
+    reshape: ReshapeSpec = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """The request checked against the model: registry entries, each method's options, what the
+    shared pass must prepare, the model's card, class names and the targets (task defaults)."""
+
+    infos: list[MethodInfo]
+    options: dict[str, dict[str, Any]]
+    needs: frozenset[str]
+    card: Any
+    classes: list[str] | None
+    targets: TargetSpec
+
+
+def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
+    """Run one :class:`ExplainRequest`: ``{registered method name: Explanation}`` in the request's
+    order, from one shared forward pass. Steps: the model (:func:`as_model`), the plan (every check
+    before any work), the batch, the layer, one forward, then each method."""
+    options = dict(request.options)
+    model = as_model(model, options.pop("max_batch", None))
+    plan = _plan(model, request, options)
+    x, images, sources = _batch(inputs, model, request, plan)
+    spec = _layer_spec(model, request, plan)
     # one method asks for at most one layer, one input and one attention gradient: the last backward
     # may free the graph
+    needs = plan.needs
     n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
-    backwards = n_grads if len(infos) == 1 else None
-
+    backwards = n_grads if len(plan.infos) == 1 else None
     frames = Frames()
 
     def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
         nonlocal frames
         with record_frames(model) as frames:  # a detector's resize + pad (see camlens.models.tasks)
             return ForwardPass(
-                model, x, spec, targets, classes, needs=needs, backwards=backwards, output=output, reshape=reshape
+                model,
+                x,
+                spec,
+                plan.targets,
+                plan.classes,
+                needs=needs,
+                backwards=backwards,
+                output=request.output,
+                reshape=request.reshape,
             )
 
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    results: dict[str, Explanation] = {}
     # works under the caller's inference_mode too; a transformer at another size: see fit_input
     with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
         resolved = run_resolved(model, x, spec, forward_pass)
-        ctx, layer_name = resolved.ctx, resolved.layer_name
+        ctx = resolved.ctx
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
+        shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
+        timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
+        for info in plan.infos:
+            with reported(info, ctx, plan.options[info.name], timing):  # estimate and progress, when asked
+                out = info.fn(ctx, **plan.options[info.name])
+            results[info.name] = _explanation(info, out, ctx, shared, frames, x)
+        del ctx, resolved  # free the graph before returning
+    return results
+
+
+def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
+    """A zoo name loaded, a scoring function wrapped (black-box methods only), anything else refused."""
+    if isinstance(model, str):
+        model = load_model(model)
+    if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
+        model = ScoringFunction(model, max_batch=max_batch)
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
+            f"not {type(model).__name__}"
+        )
+    check_materialized(model)
+    return model
+
+
+def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) -> _Plan:
+    """Every check that needs no image: methods, options, model kind, targets' task defaults."""
+    if request.capture not in ("output", "input"):
+        resolve_layer(model, None, request.capture)  # raises the error that names the valid choices
+    infos = [get_method(m) for m in request.methods]
+    per_options = _split_options(infos, options)
+    refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
+    if refused is not None:
+        raise refused
+    card = card_of(model)
+    classes = list(request.class_names) if request.class_names is not None else class_names_of(model)
+    task = card.extra.get("task") if card else None
+    targets = request.targets
+    if targets is None and task == "detection":
+        targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
+    elif targets is None and task == "segmentation":
+        targets = Segmentation(None)  # each image's largest predicted non-background class
+    check_applicable(infos, model_traits(model, targets))
+    needs = frozenset().union(*(i.needs for i in infos))
+    return _Plan(infos, per_options, needs, card, classes, targets)
+
+
+def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) -> tuple[Any, Any, list[str]]:
+    """The model's input (a batch tensor, or a detector's list of ``(C, H, W)`` images of different
+    sizes, which only layer methods take), the original images and their names."""
+    with torch.inference_mode(False):
+        x, images, sources = prepare_batch(inputs, model, request.preprocess)
+    if isinstance(x, list):
+        bad = [i.name for i in plan.infos if i.kind != "layer"]
+        if bad:
+            raise InputError(
+                f"{', '.join(bad)} need(s) images of one size; these differ in size "
+                f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
+            )
+    return x, images, sources
+
+
+def _layer_spec(model: nn.Module, request: ExplainRequest, plan: _Plan) -> CaptureSpec | None:
+    """The layer to capture (the card's for a zoo model when none is asked), if a method needs one."""
+    if not ("features" in plan.needs or wants_layer_grads(plan.needs)):
+        return None
+    card = plan.card
+    if request.layer is None and card is not None and card.layer is not None:
+        return resolve_layer(model, card.layer, card.capture, request.call)
+    return resolve_layer(model, request.layer, request.capture, request.call)
+
+
+@dataclass
+class _Shared:
+    """What every method's :class:`Explanation` of one call shares."""
+
+    model_name: str
+    card: Any
+    classes: list[str] | None
+    probs: torch.Tensor
+    logits: torch.Tensor | None
+    ranks: torch.Tensor | None
+    images: Any
+    sources: list[str]
+    preprocess: Preprocess | None
+    shown: torch.Tensor | None
+    layer_name: str | None
+    fitted: Any
+
+    @classmethod
+    def of(cls, ctx, model, request, plan, x, images, sources, layer_name, fitted) -> _Shared:
+        """From the forward pass: class probabilities, the logits kept whole (``Explanation.top(k)``
+        needs no second forward; None for a target object's raw output), true ranks."""
         with torch.no_grad():
             if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
                 probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
             else:
                 probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
-        # kept whole: Explanation.top(k) needs no second forward (None: a target object's raw output)
-        logits = ctx.logits.detach() if ctx.logits is not None else None
         plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
-        ranks = target_ranks(ctx.logits, ctx.targets.classes) if plain and ctx.logits is not None else None
-        pp = preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
-        shown = x.detach() if images is None and isinstance(x, torch.Tensor) else None  # for figures
-        results: dict[str, Explanation] = {}
-        timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
-        for info in infos:
-            with reported(info, ctx, per_options[info.name], timing):  # estimate and progress, when asked
-                out = info.fn(ctx, **per_options[info.name])
-            raw = out.raw.detach()
-            maps = out.maps
-            if ctx.targets.skipped:  # nothing to explain there: zeros, whatever the method made of a 0 score
-                raw, maps = (
-                    _zero_rows(raw, ctx.targets.skipped),
-                    None if maps is None else _zero_rows(maps, ctx.targets.skipped),
-                )
-            # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
-            # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
-            checked = raw if maps is None else maps
-            if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
-                maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
-            if not _all_finite(checked):
-                raise NonFiniteError(
-                    f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
-                    f"{checked.dtype}); run the model in float32 or choose another layer"
-                )
-            lazy: torch.Tensor | Upsampled
-            if maps is None:  # bilinear as F.interpolate, computed when the maps are first used
-                lazy = Upsampled(raw, (int(x.shape[-2]), int(x.shape[-1])))
-            else:
-                lazy = maps.detach().float()
-            extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
-            if card is not None and card.extra.get("weights") == "random":
-                extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
-            extras.update(out.extras)
-            if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
-                extras["skipped"] = sorted(ctx.targets.skipped)
-                extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
-            if isinstance(x, list):
-                extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
-            if fitted:
-                extras["input_size"] = fitted
-            results[info.name] = Explanation(
-                maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
-                raw=raw,
-                classes=ctx.targets.classes.clone(),
-                scores=ctx.scores.detach().clone(),
-                probs=probs,
-                method=info.name,
-                layer=layer_name if "features" in info.needs else None,
-                class_names=classes,
-                images=images,
-                sources=sources,
-                model_name=card.name if card else type(model).__name__,
-                extras=_common_extras(ctx, info) | extras,
-                ranks=ranks,
-                inputs=shown,
-                preprocess=pp,
-                logits=logits,
-            )
-        del ctx, resolved  # free the graph before returning
-    if isinstance(method, str):
-        return results[infos[0].name]
-    return {n: results[i.name] for n, i in zip(names, infos)}
+        card = plan.card
+        pp = request.preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
+        return cls(
+            model_name=card.name if card else type(model).__name__,
+            card=card,
+            classes=plan.classes,
+            probs=probs,
+            logits=ctx.logits.detach() if ctx.logits is not None else None,
+            ranks=target_ranks(ctx.logits, ctx.targets.classes) if plain else None,
+            images=images,
+            sources=sources,
+            preprocess=pp,
+            shown=x.detach() if images is None and isinstance(x, torch.Tensor) else None,  # for figures
+            layer_name=layer_name,
+            fitted=fitted,
+        )
+
+
+def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, frames: Frames, x: Any) -> Explanation:
+    """One method's output as an :class:`Explanation`: skipped images zeroed, detector maps mapped
+    to the original pixels, the finite check, lazy upsampling, and the extras said."""
+    raw = out.raw.detach()
+    maps = out.maps
+    skipped = ctx.targets.skipped
+    if skipped:  # nothing to explain there: zeros, whatever the method made of a 0 score
+        raw, maps = _zero_rows(raw, skipped), None if maps is None else _zero_rows(maps, skipped)
+    # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
+    # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
+    checked = raw if maps is None else maps
+    if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
+        maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
+    if not _all_finite(checked):
+        raise NonFiniteError(
+            f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
+            f"{checked.dtype}); run the model in float32 or choose another layer"
+        )
+    lazy: torch.Tensor | Upsampled
+    if maps is None:  # bilinear as F.interpolate, computed when the maps are first used
+        lazy = Upsampled(raw, (int(x.shape[-2]), int(x.shape[-1])))
+    else:
+        lazy = maps.detach().float()
+    return Explanation(
+        maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
+        raw=raw,
+        classes=ctx.targets.classes.clone(),
+        scores=ctx.scores.detach().clone(),
+        probs=shared.probs,
+        method=info.name,
+        layer=shared.layer_name if "features" in info.needs else None,
+        class_names=shared.classes,
+        images=shared.images,
+        sources=shared.sources,
+        model_name=shared.model_name,
+        extras=_common_extras(ctx, info) | _extras(out, ctx, shared, x),
+        ranks=shared.ranks,
+        inputs=shared.shown,
+        preprocess=shared.preprocess,
+        logits=shared.logits,
+    )
+
+
+def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, Any]:
+    """A method's extras with what the call adds: the target object's, random weights, skipped
+    images, a detector's image sizes, a transformer's fitted input size."""
+    extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
+    if shared.card is not None and shared.card.extra.get("weights") == "random":
+        extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
+    extras.update(out.extras)
+    if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
+        extras["skipped"] = sorted(ctx.targets.skipped)
+        extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
+    if isinstance(x, list):
+        extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+    if shared.fitted:
+        extras["input_size"] = shared.fitted
+    return extras
 
 
 def _zero_rows(t: torch.Tensor, rows: dict[int, str]) -> torch.Tensor:

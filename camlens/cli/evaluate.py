@@ -245,11 +245,6 @@ def evaluate_cmd(
     Scores are softmax probabilities of each image's top-1 class. Lower is better for deletion,
     average_drop, road_morf and class_sensitivity; higher for the others.
     """
-    import dataclasses
-
-    import torch
-
-    import camlens
     from camlens.errors import CamlensError
     from camlens.metrics import runner
 
@@ -273,37 +268,8 @@ def evaluate_cmd(
     if gt is None and "all" in explicit:  # "all" means all that apply: the pointing games need --gt
         wanted = [w for w in wanted if w not in runner.CENTRE_BASELINE or w in explicit]
     outdir = Path(out)
-    planned = [outdir / f for f in ("per_image.csv", "summary.csv", "summary.json")]
-    if "sanity" in wanted:
-        planned.append(outdir / "sanity.csv")
-    if not no_plots:
-        if "deletion" in wanted or "insertion" in wanted:
-            planned += [outdir / f"curves_{m}.png" for m in methods]
-        if "road" in wanted:
-            planned.append(outdir / "road.png")
-        if "sanity" in wanted:
-            planned.append(outdir / "sanity.png")
-    signature = {
-        "images": [str(Path(p).resolve()) if isinstance(p, str) else n for p, n in zip(images, names, strict=True)],
-        "model": model,
-        "weights": weights,
-        "checkpoint": checkpoint,
-        "layer": layer,
-        "methods": list(methods),
-        "metrics": wanted,
-        "steps": steps,
-        "percentages": pct,
-        "gt": gt_file,
-        "tolerance": tolerance,
-        "sanity_layers": sanity_layers,
-        "baseline": baseline,
-        "size": size,
-        "batch_size": batch_size,
-        "chunk": chunk_size,
-        "seed": seed,
-        "options": list(method_options),
-    }
-    store = _Partial(outdir, signature)
+    planned = _planned_files(outdir, wanted, methods, no_plots)
+    store = _Partial(outdir, _resume_signature(images, names, wanted, pct))
     if overwrite:
         store.remove()
     states = None if overwrite else store.load()  # an interrupted run of this command: resume it
@@ -333,19 +299,9 @@ def evaluate_cmd(
         partial.append(rows)
 
     try:
-        if weights == "random":  # the same random network on every rank and in every run
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
-        else:
-            net = camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+        net = _load_net(model, weights, checkpoint, device)
         check_layer(net, layer)
-        card = getattr(net, "camlens", None)
-        pp = None
-        if size is not None:
-            if size < 8:
-                raise click.UsageError("--size must be at least 8 pixels")
-            pp = dataclasses.replace(card.preprocess, size=(size, size)) if card else None
+        pp = _preprocess_at(net, size)
         if not ctx.active:
             store.start()
         report = (
@@ -369,8 +325,7 @@ def evaluate_cmd(
                 progress=not quiet and ctx.is_main,
                 on_rows=None if ctx.active else write_so_far,
                 index_offset=lo,
-                resume=None if ctx.active else states,
-                on_state=None if ctx.active else store.save,
+                resume=None if ctx.active else runner.Resume(states, store.save),
             )
             if images
             else runner.EvaluationReport()
@@ -382,13 +337,7 @@ def evaluate_cmd(
     except KeyboardInterrupt:
         if ctx.is_main:
             kept = len({r["image"] for r in partial[-1]}) if partial else 0
-            click.echo(
-                f"\ninterrupted: {kept} of {len(images)} image(s) done, kept in {outdir} (per_image.csv so "
-                "far and the chunks in "
-                f"{PARTIAL_DIR}/); run the same command again to resume (only the rest is computed), or "
-                "add --overwrite to start again",
-                err=True,
-            )
+            click.echo(_interrupted(kept, len(images), outdir), err=True)
         raise SystemExit(130) from None
     finally:
         ctx.close()
@@ -480,3 +429,68 @@ def _merge_reports(ctx, report):
     out.settings["images"] = sum(p["settings"].get("images", 0) for p in parts)
     out.settings["ranks"] = ctx.world
     return out
+
+
+#: the ``camlens evaluate`` options whose values decide its results (a resumed run must match them)
+RESULT_OPTIONS = (
+    "model", "weights", "checkpoint", "layer", "methods", "steps", "gt_file", "tolerance",
+    "sanity_layers", "baseline", "size", "batch_size", "chunk_size", "seed", "method_options",
+)  # fmt: skip
+
+
+def _resume_signature(images, names, wanted, pct) -> dict:
+    """What an interrupted run must share with this one to be resumed: the images and every option
+    that decides the results (read from the click context, so no option is forgotten)."""
+    params = click.get_current_context().params
+    sig = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if k in RESULT_OPTIONS}
+    sig["images"] = [str(Path(p).resolve()) if isinstance(p, str) else n for p, n in zip(images, names, strict=True)]
+    sig.update(metrics=wanted, percentages=pct)
+    return sig
+
+
+def _planned_files(outdir: Path, wanted, methods, no_plots: bool) -> list[Path]:
+    """Every file ``camlens evaluate`` will write (checked free before any work)."""
+    planned = [outdir / f for f in ("per_image.csv", "summary.csv", "summary.json")]
+    if "sanity" in wanted:
+        planned.append(outdir / "sanity.csv")
+    if not no_plots:
+        if "deletion" in wanted or "insertion" in wanted:
+            planned += [outdir / f"curves_{m}.png" for m in methods]
+        if "road" in wanted:
+            planned.append(outdir / "road.png")
+        if "sanity" in wanted:
+            planned.append(outdir / "sanity.png")
+    return planned
+
+
+def _load_net(model, weights, checkpoint, device):
+    """The model to evaluate; random weights are the same on every rank and in every run."""
+    import torch
+
+    import camlens
+
+    if weights != "random":
+        return camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return camlens.load_model(model, weights, checkpoint=checkpoint, device=device)
+
+
+def _preprocess_at(net, size: int | None):
+    """The model's preprocessing at ``--size`` (None: the model's own)."""
+    import dataclasses
+
+    if size is None:
+        return None
+    if size < 8:
+        raise click.UsageError("--size must be at least 8 pixels")
+    card = getattr(net, "camlens", None)
+    return dataclasses.replace(card.preprocess, size=(size, size)) if card else None
+
+
+def _interrupted(kept: int, n: int, outdir: Path) -> str:
+    return (
+        f"\ninterrupted: {kept} of {n} image(s) done, kept in {outdir} (per_image.csv so far and the chunks "
+        f"in {PARTIAL_DIR}/); run the same command again to resume (only the rest is computed), or add "
+        "--overwrite to start again"
+    )

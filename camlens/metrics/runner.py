@@ -264,6 +264,16 @@ class EvaluateConfig:
         return replace(cfg, batch_size=check_batch_size(cfg.batch_size), chunk_size=check_batch_size(cfg.chunk_size))
 
 
+@dataclass
+class Resume:
+    """What :func:`evaluate` resumes from and where it keeps each chunk: ``done`` ``{chunk index:
+    ChunkState}`` (skipped, their states used) and ``save(chunk index, ChunkState)`` (called after
+    each chunk is computed; ``camlens evaluate`` writes it to ``OUT/.camlens-evaluate-partial/``)."""
+
+    done: dict[int, ChunkState] = field(default_factory=dict)
+    save: Callable[[int, ChunkState], None] | None = None
+
+
 def evaluate(
     model: nn.Module,
     images: Sequence[Any],
@@ -276,8 +286,7 @@ def evaluate(
     on_chunk: Callable[[int, int], None] | None = None,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     index_offset: int = 0,
-    resume: dict[int, ChunkState] | None = None,
-    on_state: Callable[[int, ChunkState], None] | None = None,
+    resume: Resume | None = None,
     **options: Any,
 ) -> EvaluationReport:
     """Evaluate ``methods`` on ``images`` with ``metrics``; see :class:`EvaluationReport`.
@@ -307,10 +316,10 @@ def evaluate(
         progress: show a tqdm progress bar.
         index_offset: position of ``images[0]`` in the whole dataset (a ``torchrun`` rank's shard),
             so the random baseline of each image is the one a single process draws.
-        on_state: called with ``(chunk index, ChunkState)`` after each chunk is computed, so a caller
-            can keep it; ``resume={chunk index: ChunkState}`` skips those chunks and uses the states
-            (the same images, settings and ``chunk_size``: the report ends bit for bit as an
-            uninterrupted run's).
+        resume: a :class:`Resume`: its ``done`` ``{chunk index: ChunkState}`` chunks are skipped and
+            their states used (the same images, settings and ``chunk_size``: the report ends bit for
+            bit as an uninterrupted run's), and its ``save(chunk index, ChunkState)`` is called after
+            each chunk is computed, so a caller can keep it.
     """
     cfg = EvaluateConfig.of(config, options)
     wanted = resolve_metrics(metrics)
@@ -361,7 +370,8 @@ def evaluate(
     rows_by_key: dict[tuple[int, str], dict[str, Any]] = {}
     plan = _Plan(model, names, gt, cfg, wanted, methods, class_names, pp, index_offset)
     n_chunks = math.ceil(len(images) / cfg.chunk_size)
-    done = dict(resume or {})
+    done = dict(resume.done) if resume is not None else {}
+    on_state = resume.save if resume is not None else None
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -624,7 +634,7 @@ class _Plan:
             seed=self.cfg.seed,
             batch_size=self.cfg.batch_size,
             explain_options=self.explain_opts,  # one explain of every method: options split per method
-            on_step=lambda k, total: advance(k / total),  # the bar moves with each randomized layer
+            progress=lambda k, total: advance(k / total),  # the bar moves with each randomized layer
         )
         advance(1.0)  # no layer to randomize, or rounding: the unit is done
         return result

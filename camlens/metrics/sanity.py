@@ -253,8 +253,7 @@ def sanity_randomization(
     batch_size: int = 16,
     preprocess=None,
     explain_options: dict[str, Any] | None = None,
-    progress: bool = False,
-    on_step: Callable[[int, int], None] | None = None,
+    progress: bool | Callable[[int, int], None] = False,
 ) -> SanityResult:
     """Cascading (or independent) model-parameter randomization test.
 
@@ -269,8 +268,8 @@ def sanity_randomization(
         seed: seed of the weight draws.
         batch_size: images per :func:`camlens.explain` call.
         explain_options: keyword arguments for :func:`camlens.explain` (``layer=``, method options).
-        progress: show a tqdm progress bar over the steps.
-        on_step: called with ``(k, number of steps)`` after the ``k``-th randomized layer (from 1).
+        progress: ``True``: a tqdm progress bar over the steps; a callable: called with
+            ``(k, number of steps)`` after the ``k``-th randomized layer (from 1), for a caller's own bar.
 
     Returns:
         A :class:`SanityResult` (``.table()``, ``.plot()``, ``.at(layer, method)``).
@@ -308,7 +307,8 @@ def sanity_randomization(
             values[metric][m].append(v)
     steps = list(units)
     it = steps
-    if progress:
+    on_step = progress if callable(progress) else None
+    if progress is True:
         from tqdm.auto import tqdm
 
         it = tqdm(steps, desc="sanity check", unit="layer", leave=False)
