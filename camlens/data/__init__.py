@@ -1,5 +1,18 @@
-"""Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask."""
+"""Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask, and the
+tetromino benchmark with a known signal (XAI-TRIS style)."""
 
 from .synthetic import SHAPES, SyntheticArrays, SyntheticDataset, shape_mask, synthetic, synthetic_arrays
+from .tetromino import TetrominoArrays, TetrominoDataset, tetromino, tetromino_arrays
 
-__all__ = ["SHAPES", "SyntheticArrays", "SyntheticDataset", "shape_mask", "synthetic", "synthetic_arrays"]
+__all__ = [
+    "SHAPES",
+    "SyntheticArrays",
+    "SyntheticDataset",
+    "TetrominoArrays",
+    "TetrominoDataset",
+    "shape_mask",
+    "synthetic",
+    "synthetic_arrays",
+    "tetromino",
+    "tetromino_arrays",
+]
