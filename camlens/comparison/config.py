@@ -42,7 +42,7 @@ class CompareConfig:
             Monte-Carlo draws and noise half-width (model input space).
         bootstrap: bootstrap resamples of the images for the 95 % intervals.
         budgets: method options that bound the slow methods (``{method: {option: value}}``).
-        options: further options per method (``{method: {option: value}}``, e.g. ``layer``).
+        options: further explain options per method (``{method: {option: value}}``; key ``"*"``: all).
         truth: score the maps against the true importance masks (top-k precision, EMD) and add the
             Sobel edge-detector baseline (needs masks: ``gt=`` or a tetromino dataset).
         batch_size: images per explain call and perturbed images per forward.
@@ -70,8 +70,9 @@ class CompareConfig:
     overwrite: bool = False
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """The explain options used for ``method``: its budget, then ``options``."""
-        return {**self.budgets.get(method, {}), **self.options.get(method, {})}
+        """The explain options used for ``method``: its budget, then ``options["*"]`` (every method,
+        e.g. ``layer``), then ``options[method]``."""
+        return {**self.budgets.get(method, {}), **self.options.get("*", {}), **self.options.get(method, {})}
 
 
 @dataclass(frozen=True)
