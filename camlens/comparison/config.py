@@ -227,7 +227,13 @@ class CompareResult:
 
     def summary(self) -> str:
         """The ranked summary printed by ``camlens compare``: one line per method, best first."""
-        cols = ("faithfulness_gain", "randomization_similarity", "max_sensitivity", "sparseness", "ms_per_image")
+        cols: tuple[str, ...] = (
+            "faithfulness_gain",
+            "randomization_similarity",
+            "max_sensitivity",
+            "sparseness",
+            "ms_per_image",
+        )
         if self.config.truth:
             cols = (*cols[:1], "top_k_precision", *cols[1:])
         head = f"{'#':>2}  {'method':<22}" + "".join(f"{c[:18]:>20}" for c in cols)

@@ -191,7 +191,7 @@ def faithfulness_values(
     model: nn.Module, x: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor, cfg: CompareConfig, seed: int
 ) -> dict[str, np.ndarray]:
     """Deletion and insertion AUC and ROAD MoRF/LeRF per image, from the :mod:`camlens.metrics` functions."""
-    common = {"batch_size": max(cfg.batch_size, 16), "seed": seed}
+    common: dict[str, Any] = {"batch_size": max(cfg.batch_size, 16), "seed": seed}
     out = {
         "deletion": deletion(model, x, maps, classes, steps=cfg.steps, **common),
         "insertion": insertion(model, x, maps, classes, steps=cfg.steps, **common),
@@ -277,7 +277,9 @@ def compare(
     try:
         maps, cost, flags = compute_maps(model, x, classes, names, cfg, bar)
         live = list(maps)
-        maps["random"] = baseline_maps("random", x.shape[0], tuple(x.shape[-2:]), torch.device("cpu"), seed).cpu()
+        maps["random"] = baseline_maps(
+            "random", x.shape[0], (int(x.shape[-2]), int(x.shape[-1])), torch.device("cpu"), seed
+        ).cpu()
         if cfg.truth:
             maps["sobel"] = sobel_maps(x)
         values: dict[tuple[str, str], np.ndarray] = {}

@@ -12,8 +12,8 @@ Learning 2024).
   distance between pixel centres as ground cost, divided by the image diagonal so that it lies in
   [0, 1] (XAI-TRIS reports :math:`1 - ` this); lower is better. The exact transport problem is
   solved as a linear program (SciPy's HiGHS) on the map and the mask sum-pooled to cells of
-  ``cell x cell`` pixels (``cell=4``: a 64 x 64 image is a 16 x 16 problem; ``cell=1`` is exact at
-  full resolution but slow); distances are between cell centres, in pixels.
+  ``cell x cell`` pixels (default: the side / 16, so at most a 16 x 16 grid; 4 for a 64 x 64
+  image; ``cell=1`` is exact at full resolution but slow); distances are between cell centres, in pixels.
 * :func:`mask_iou` — the IoU of the map thresholded like :func:`camlens.localize`
   (:math:`m > \tau \max m`, :math:`\tau = 0.3`) with the true mask.
 
@@ -87,12 +87,13 @@ def _emd_one(a: np.ndarray, b: np.ndarray, cell: int) -> float:
     return float(res.fun)
 
 
-def earth_movers_distance(maps, masks, *, cell: int = 4) -> torch.Tensor:
+def earth_movers_distance(maps, masks, *, cell: int | None = None) -> torch.Tensor:
     """EMD between ``|map|`` and the true mask over the image diagonal, ``(N,)`` in [0, 1]; lower is better."""
     m, g = _pair(maps, masks)
+    h, w = m.shape[-2:]
+    cell = max(1, -(-max(h, w) // 16)) if cell is None else cell
     if not (isinstance(cell, int) and cell >= 1):
         raise InputError(f"cell must be a positive integer, not {cell!r}")
-    h, w = m.shape[-2:]
     diag = float(np.hypot(h - 1, w - 1)) or 1.0
     out = torch.empty(m.shape[0])
     for i in range(m.shape[0]):
