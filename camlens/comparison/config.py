@@ -36,8 +36,8 @@ class CompareConfig:
         steps: deletion / insertion steps (``steps + 1`` forwards per image and map).
         road_percentages: fractions removed by ROAD MoRF and LeRF.
         sanity_images, sanity_layers: images and top units randomized by the cascading check.
-        sanity_threshold: a method whose maps keep a mean Spearman rank correlation (of ``|map|``)
-            above this after the cascade is flagged.
+        sanity_threshold: a method whose maps keep a Spearman rank correlation (of ``|map|``) with
+            the original above this, on average over the steps of the cascade, is flagged.
         sensitivity_images, sensitivity_samples, sensitivity_radius: max-sensitivity's images,
             Monte-Carlo draws and noise half-width (model input space).
         bootstrap: bootstrap resamples of the images for the 95 % intervals.
@@ -127,7 +127,7 @@ METRICS: dict[str, MetricInfo] = {
         "lower",
         "similarity after randomizing the top layers",
         "Adebayo et al., NeurIPS 2018",
-        "Spearman rank correlation of |map| before and after cascading randomization of the top units",
+        "Spearman rank correlation of |map| with the original, mean over the cascade over the top units",
     ),
     "pointing_game": MetricInfo(
         "localization", "higher", "pointing game", "Zhang et al., ECCV 2016", "1 if argmax(map) hits the object"

@@ -142,7 +142,7 @@ def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
         "<h2>Sanity check: cascading randomization</h2>",
         f"<img alt='sanity curves' src={_uri(sanity)}>" if sanity else "<p>not run</p>",
         f"<p class=small>{cfg.sanity_images} image(s), top {cfg.sanity_layers} unit(s) randomized; a method above "
-        f"the dotted line ({cfg.sanity_threshold}) at the last step is flagged.</p>",
+        f"the dotted line ({cfg.sanity_threshold}) on average over the steps is flagged.</p>",
         "<h2>Maps</h2>",
         _grid_html(res, preprocess),
         "<h2>Metric definitions</h2>",
