@@ -125,6 +125,7 @@ def _mean(res, method, metric):
     return float(r["mean"])
 
 
+@pytest.mark.slow  # the shared fixture runs a whole comparison and renders its report
 def test_every_table_number_is_the_metric_function_on_the_same_maps(run):
     model, res, _ = run
     x, cls, seed = res.x, res.classes, res.seed
@@ -159,6 +160,7 @@ def test_every_table_number_is_the_metric_function_on_the_same_maps(run):
     assert _mean(res, "gradcam", "faithfulness_gain") == pytest.approx(np.mean(parts))
 
 
+@pytest.mark.slow  # the shared fixture runs a whole comparison and renders its report
 def test_table_intervals_flags_and_outputs(run):
     _, res, out = run
     t = res.table
@@ -178,6 +180,7 @@ def test_table_intervals_flags_and_outputs(run):
         assert res.verdicts.get(m)
 
 
+@pytest.mark.slow  # the shared fixture runs a whole comparison and renders its report
 def test_reproducible_under_a_seed_and_never_overwrites(run, tmp_path):
     model, res, out = run
     x = res.x
@@ -204,6 +207,7 @@ def test_sobel_baseline_is_the_edge_magnitude():
     assert s[2, 0].item() == 0 and s[2, 4].item() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (make browser)")
 def test_report_opens_offline_in_chromium_and_is_not_blank(run, tmp_path):
     from PIL import Image

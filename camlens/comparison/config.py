@@ -18,11 +18,11 @@ from ..metrics import SanityResult
 #: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
 DEFAULT_BUDGETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        "rise": {"n_masks": 500},
-        "scorecam": {"max_channels": 32},
-        "smoothgrad": {"n_samples": 8},
-        "integrated_gradients": {"steps": 16},
-        "occlusion": {"window": 32, "stride": 16},
+        "rise": {"n_masks": 128},
+        "scorecam": {"max_channels": 16},
+        "smoothgrad": {"n_samples": 4},
+        "integrated_gradients": {"steps": 8},
+        "occlusion": {"window": 56, "stride": 56},
     }
 )
 

@@ -125,6 +125,11 @@ def _definitions_html(res: CompareResult) -> str:
     return f"<table><tr><th>metric</th><th>better</th><th>paper</th><th>definition</th></tr>{rows}</table>"
 
 
+def _budgets(res: CompareResult) -> str:
+    used = [m for m in res.ranking if res.config.method_options(m)]
+    return "; ".join(f"{m} {res.config.method_options(m)}" for m in used) or "none"
+
+
 def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
     """The whole report as one HTML string."""
     v = versions()
@@ -135,6 +140,7 @@ def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
         f"<p class=small>camlens {html.escape(v['camlens'])} · torch {html.escape(v['torch'])} · "
         f"{res.x.shape[0]} images · seed {res.seed} · {res.elapsed_s:.0f} s on this machine · intervals: "
         f"bootstrap 95 % over images ({cfg.bootstrap} resamples)</p>",
+        f"<p class=small>sample budgets of the slow methods: {html.escape(_budgets(res))}</p>",
         "<h2>Ranking</h2>",
         _ranking_html(res),
         "<h2>Metrics (mean and 95 % interval)</h2>",
