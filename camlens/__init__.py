@@ -7,6 +7,7 @@ The public API::
     camlens.load_model(name, weights=None)
     camlens.methods()                       # the registered methods
     camlens.localize(maps, threshold=...)   # heatmaps -> boxes
+    camlens.compare(model, data)            # which map should I trust? rank the methods
     camlens.explain_dataset(model, dataset, method="gradcam", out="store")  # a dataset -> result store
     camlens.open_results("store")           # the store as a pandas table + lazy Zarr maps
     camlens.Explanation
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     import numpy as np
 
     from . import data, loceval, metrics, models, targets, train, viz
+    from .comparison import CompareConfig, compare
     from .explainer import explain, predict
     from .explanation import Explanation
     from .models.zoo import available_models, load_model
@@ -45,6 +47,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "Explanation": ("camlens.explanation", "Explanation"),
     "load_model": ("camlens.models.zoo", "load_model"),
     "available_models": ("camlens.models.zoo", "available_models"),
+    "compare": ("camlens.comparison", "compare"),
+    "CompareConfig": ("camlens.comparison", "CompareConfig"),
     "data": ("camlens.data", None),
     "loceval": ("camlens.loceval", None),
     "localization": ("camlens.localization", None),
@@ -85,9 +89,11 @@ def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.nda
 
 __all__ = [
     "CamlensError",
+    "CompareConfig",
     "Explanation",
     "__version__",
     "available_models",
+    "compare",
     "data",
     "explain",
     "explain_dataset",

@@ -6,7 +6,7 @@ Layers (a module may import its own layer and the ones below, never above)::
     1 core      capture, layers, targets, rules, outputs, layout, attention, resolve, inputs, engine, models.*
     2 methods   methods.*
     3 explain   explanation, explainer
-    4 analysis  viz, loceval, metrics.*, data.*
+    4 analysis  viz, loceval, metrics.*, data.*, comparison.*
     5 train     train.*, pipeline.*, store
     6 apps      cli.*, serve.*, __main__, the package root (lazy attributes only)
 
@@ -65,7 +65,7 @@ RANKS: list[tuple[int, tuple[str, ...]]] = [
     ),
     (2, ("methods",)),
     (3, ("explanation", "explainer")),
-    (4, ("viz", "loceval", "metrics", "data", "figures")),
+    (4, ("viz", "loceval", "metrics", "data", "figures", "comparison")),
     (5, ("train", "pipeline", "store", "dataset")),
     (6, ("cli", "serve", "__main__", "")),
 ]

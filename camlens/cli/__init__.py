@@ -17,6 +17,7 @@ COMMANDS = {
     "layers": "info:layers_cmd",
     "finetune": "finetune:finetune_cmd",
     "evaluate": "evaluate:evaluate_cmd",
+    "compare": "compare:compare_cmd",
     "bench": "bench:bench_cmd",
     "serve": "serve:serve_cmd",
     "show": "show:show_cmd",

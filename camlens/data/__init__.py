@@ -1,4 +1,5 @@
-"""Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask."""
+"""Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask, and the
+tetromino benchmark with a known signal (XAI-TRIS style)."""
 
 from .synthetic import (
     SHAPES,
@@ -9,13 +10,18 @@ from .synthetic import (
     synthetic,
     synthetic_arrays,
 )
+from .tetromino import TetrominoArrays, TetrominoDataset, tetromino, tetromino_arrays
 
 __all__ = [
     "SHAPES",
     "SyntheticArrays",
     "SyntheticDataset",
+    "TetrominoArrays",
+    "TetrominoDataset",
     "shape_mask",
     "split_seed",
     "synthetic",
     "synthetic_arrays",
+    "tetromino",
+    "tetromino_arrays",
 ]

@@ -14,20 +14,26 @@ metric                      paper                                   value       
 ``pointing_game``           Zhang et al., Excitation Backprop 2016  1 hit / 0 miss   higher
 ``energy_pointing_game``    Wang et al., Score-CAM 2020             share in [0, 1]  higher
 ``class_sensitivity``       (two classes, same image)               similarity       lower
+``max_sensitivity``        Yeh et al., NeurIPS 2019                relative change  lower
 =========================== ======================================= ================ ==========
 
 ``sanity_randomization(model, inputs, method=..., targets=...)`` (Adebayo et al., NeurIPS 2018)
-returns a per-step table instead. ``maps`` may be an ``(N, H, W)`` tensor, an Explanation, a
+returns a per-step table instead. ``sparseness(maps)`` (Gini index, Chalasani et al. 2020) needs
+only the maps; ``top_k_precision``, ``earth_movers_distance`` and ``mask_iou`` compare maps with a
+known importance mask (XAI-TRIS, Clark et al. 2024). ``maps`` may be an ``(N, H, W)`` tensor, an Explanation, a
 registered method name (computed with :func:`camlens.explain`), ``"random"`` (the random-map
 baseline) or ``"centre"``. Scores are softmax probabilities of the target class. See
 :mod:`camlens.metrics._common` for the shared conventions (ties, substrates, memory).
 """
 
 from ._common import baseline_maps, gaussian_blur, make_substrate, pixel_order, pixel_rank
+from .complexity import sparseness
 from .confidence import average_drop, confidence_pair, increase_in_confidence
+from .groundtruth import earth_movers_distance, mask_iou, top_k_precision
 from .perturbation import Curve, auc, deletion, deletion_curve, insertion, insertion_curve
 from .pointing import centre_baseline, energy_pointing_game, gt_masks, pointing_game
 from .road import RoadResult, noisy_linear_imputation, road, road_curves
+from .robustness import max_sensitivity
 from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
 from .similarity import class_sensitivity, pearson, similarity, spearman, ssim
 
@@ -43,6 +49,7 @@ __all__ = [
     "confidence_pair",
     "deletion",
     "deletion_curve",
+    "earth_movers_distance",
     "energy_pointing_game",
     "gaussian_blur",
     "gt_masks",
@@ -50,6 +57,8 @@ __all__ = [
     "insertion",
     "insertion_curve",
     "make_substrate",
+    "mask_iou",
+    "max_sensitivity",
     "noisy_linear_imputation",
     "pearson",
     "pixel_order",
@@ -61,6 +70,8 @@ __all__ = [
     "road_curves",
     "sanity_randomization",
     "similarity",
+    "sparseness",
     "spearman",
     "ssim",
+    "top_k_precision",
 ]

@@ -1,0 +1,67 @@
+"""``camlens compare``: which map should I trust? Rank every method on your model and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+
+from .common import common_model_options, load_model_opts
+
+
+def _data(items: tuple[str, ...], truth: bool) -> Any:
+    """DATA -> what :func:`camlens.compare` takes; a dataset folder written by ``camlens.data.tetromino``
+    (``boxes.csv`` + ``masks.npy``) brings its true masks."""
+    import csv
+
+    import numpy as np
+
+    if len(items) == 1 and (Path(items[0]) / "masks.npy").is_file() and (Path(items[0]) / "boxes.csv").is_file():
+        root = Path(items[0])
+        with open(root / "boxes.csv", newline="") as fh:
+            paths = [root / row["path"] for row in csv.DictReader(fh)]
+        return SimpleNamespace(paths=paths, masks=np.load(root / "masks.npy", allow_pickle=False))
+    if truth:
+        raise click.UsageError("--truth needs a dataset folder with masks.npy (camlens.data.tetromino writes one)")
+    return list(items)
+
+
+def _config(images: int, steps: int, truth: bool, layer: str | None, overwrite: bool, quiet: bool):
+    from camlens.comparison import CompareConfig
+
+    options = {"*": {"layer": layer}} if layer else {}
+    return CompareConfig(
+        images=images, steps=steps, truth=truth, options=options, overwrite=overwrite, progress=not quiet
+    )
+
+
+@click.command("compare")
+@click.argument("data", nargs=-1, required=True)
+@common_model_options
+@click.option("--methods", default="all", show_default=True, help="comma-separated method names, or all")
+@click.option("--images", default=32, show_default=True, help="images sampled from DATA")
+@click.option("--steps", default=10, show_default=True, help="deletion/insertion steps")
+@click.option("--truth", is_flag=True, help="score against the true masks of a tetromino dataset folder")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="camlens-compare", show_default=True, type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="replace the outputs of an earlier run in --out")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def compare_cmd(
+    data, model, weights, checkpoint, layer, device, methods, images, steps, truth, seed, out, overwrite, quiet
+):
+    """Rank every method that applies to the model on a sample of DATA (images, folders or a tetromino
+    dataset folder): faithfulness against a random map, the randomization sanity check, robustness,
+    sparseness and cost, with bootstrap intervals. Writes table.parquet, table.csv and report.html."""
+    from camlens.comparison import compare
+    from camlens.errors import CamlensError
+
+    net = load_model_opts(model, weights, checkpoint, device)
+    cfg = _config(images, steps, truth, layer, overwrite, quiet)
+    try:
+        res = compare(net, _data(data, truth), methods, seed, out=out, config=cfg)
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(res.summary())
+    click.echo(f"\nwrote table.parquet, table.csv and report.html to {out} ({res.elapsed_s:.0f} s)")

@@ -1,0 +1,338 @@
+"""``camlens.compare``: run every method that applies to a model on a sample of the user's images and
+score each with the existing :mod:`camlens.metrics` functions (no second implementation), against a
+random-map baseline; a bootstrap 95 % interval over images for every number.
+
+Steps (one function each): sample the images -> every method's maps (timed, memory measured) ->
+faithfulness (deletion, insertion, ROAD) -> sanity (cascading randomization) -> localization and
+truth (with ground truth) -> robustness and complexity -> table -> ranking and verdicts -> outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CamlensError, InputError
+from ..explainer import explain
+from ..inputs import prepare_inputs
+from ..io import IMAGE_EXTENSIONS
+from ..methods.registry import get_method
+from ..methods.registry import methods as registered
+from ..metrics import (
+    SanityResult,
+    baseline_maps,
+    deletion,
+    insertion,
+    randomization_layers,
+    road_curves,
+    sanity_randomization,
+    sparseness,
+)
+from ..metrics._common import resolve_classes
+from ..models.zoo import card_of, load_model
+from .config import CompareConfig, CompareResult
+from .measure import PeakMemory, Progress
+from .report import write_outputs
+from .score import localization_values, robustness_values, truth_values
+from .table import build_table, rank_and_verdicts
+
+
+@dataclass
+class Sample:
+    """The sampled images: ``x`` ``(N, C, H, W)`` preprocessed, ``names``, ``masks`` ``(N, H, W)`` bool
+    ground truth at the input size (or ``None``), ``boxes`` per image ``(M, 4)`` in input pixels (or ``None``)."""
+
+    x: torch.Tensor
+    names: list[str]
+    masks: torch.Tensor | None
+    boxes: list[np.ndarray] | None
+
+
+def _image_files(data: Any) -> list[Path]:
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise InputError(f"{item}: no such image file or folder; pass image paths, a folder or a tensor")
+    if not out:
+        raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {data}")
+    return out
+
+
+def _gt_at_input(gt: Any, sizes: list[tuple[int, int]], size: tuple[int, int]) -> tuple[torch.Tensor, list]:
+    """Masks ``(N, h, w)`` or per-image boxes in each image's pixels -> (masks, boxes) at the input size."""
+    h, w = size
+    if isinstance(gt, (np.ndarray, torch.Tensor)) and np.ndim(gt) == 3:
+        m = torch.as_tensor(np.asarray(gt) != 0, dtype=torch.float32)[:, None]
+        masks = F.interpolate(m, size=size, mode="nearest")[:, 0] > 0.5
+        boxes = []
+        for mk in masks:
+            ys, xs = torch.nonzero(mk, as_tuple=True)
+            if len(ys) == 0:
+                raise InputError("an image has an empty ground-truth mask; drop it from the comparison")
+            boxes.append(np.array([[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]], float))
+        return masks, boxes
+    boxes = []
+    for b, (ih, iw) in zip(list(gt), sizes, strict=True):
+        a = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+        boxes.append(a * np.array([w / iw, h / ih, w / iw, h / ih]))
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for k, bs in enumerate(boxes):
+        for x0, y0, x1, y1 in bs:
+            masks[k, int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+    return masks, boxes
+
+
+def load_sample(model: nn.Module, data: Any, n: int, seed: int, gt: Any = None) -> Sample:
+    """Draw ``n`` images of ``data`` (a tensor, image paths, a folder, or a camlens dataset with
+    ``.paths`` and ``.masks`` / ``.boxes``) with ``seed``; ground truth follows the images."""
+    if gt is None and hasattr(data, "paths"):
+        gt = getattr(data, "masks", None)
+        gt = gt if gt is not None else getattr(data, "boxes", None)
+    if isinstance(data, torch.Tensor):
+        total = int(data.shape[0])
+    else:
+        files = list(data.paths) if hasattr(data, "paths") else _image_files(data)
+        total = len(files)
+    pick = np.arange(total)
+    if total > n:
+        pick = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    if isinstance(data, torch.Tensor):
+        x, names, sizes = data[torch.as_tensor(pick)], [f"image{i}" for i in pick], None
+        x, _, _ = prepare_inputs(x, model)
+    else:
+        chosen = [files[i] for i in pick]
+        x, images, _ = prepare_inputs([str(f) for f in chosen], model)
+        names = [Path(f).stem for f in chosen]
+        sizes = [tuple(im.shape[:2]) for im in images] if images else None
+    x = x.detach()
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if gt is None:
+        return Sample(x, names, None, None)
+    g = [gt[i] for i in pick] if not isinstance(gt, (np.ndarray, torch.Tensor)) else gt[torch.as_tensor(pick)]
+    masks, boxes = _gt_at_input(g, sizes or [size] * len(pick), size)
+    return Sample(x, names, masks, boxes)
+
+
+def resolve_methods(model: nn.Module, methods: str | Sequence[str]) -> list[str]:
+    """``"all"`` -> every registered method (those that do not apply are dropped later, with a flag)."""
+    items = [methods] if isinstance(methods, str) else list(methods)
+    names: list[str] = []
+    for item in items:
+        for raw in str(item).split(","):
+            key = raw.strip()
+            if not key:
+                continue
+            cands = list(registered()) if key.lower() == "all" else [get_method(key).name]
+            names += [c for c in cands if c not in names]
+    if not names:
+        raise InputError("no method given; pass methods='all' or names such as 'gradcam,saliency'")
+    return names
+
+
+def compute_maps(
+    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, names: list[str], cfg: CompareConfig, bar: Progress
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]], dict[str, str]]:
+    """Each method's ``(N, H, W)`` maps for ``classes``, its cost ``(ms per image, peak MiB)``, and
+    ``{method: reason}`` for the methods that do not apply to this model (a named camlens error)."""
+    maps: dict[str, torch.Tensor] = {}
+    cost: dict[str, tuple[float, float]] = {}
+    flags: dict[str, str] = {}
+    for name in names:
+        bar.stage(name, "maps")
+        out = []
+        try:
+            with PeakMemory(x.device) as mem:
+                t0 = time.perf_counter()
+                for i in range(0, x.shape[0], cfg.batch_size):
+                    sl = slice(i, i + cfg.batch_size)
+                    e = explain(model, x[sl], method=name, targets=classes[sl, None], **cfg.method_options(name))
+                    out.append(e.maps[:, 0].detach().float().cpu())
+                dt = time.perf_counter() - t0
+        except CamlensError as exc:
+            flags[name] = f"does not apply to this model: {str(exc).splitlines()[0]}"
+            bar.skip(name)
+            continue
+        m = torch.cat(out)
+        if not torch.isfinite(m).all():
+            flags[name] = "gave non-finite maps on this model"
+            bar.skip(name)
+            continue
+        maps[name] = m
+        cost[name] = (1000 * dt / x.shape[0], mem.peak_mib)
+    return maps, cost, flags
+
+
+def sobel_maps(x: torch.Tensor) -> torch.Tensor:
+    """The edge-detector baseline: the Sobel gradient magnitude of the input, summed over channels, ``(N, H, W)``."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kx = k.expand(x.shape[1], 1, 3, 3)
+    ky = k.t().expand(x.shape[1], 1, 3, 3)
+    xp = F.pad(x.detach().float().cpu(), (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(xp, kx, groups=x.shape[1])
+    gy = F.conv2d(xp, ky, groups=x.shape[1])
+    return (gx.pow(2) + gy.pow(2)).sqrt().sum(1)
+
+
+def faithfulness_values(
+    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor, cfg: CompareConfig, seed: int
+) -> dict[str, np.ndarray]:
+    """Deletion and insertion AUC and ROAD MoRF/LeRF per image, from the :mod:`camlens.metrics` functions."""
+    common: dict[str, Any] = {"batch_size": max(cfg.batch_size, 16), "seed": seed}
+    out = {
+        "deletion": deletion(model, x, maps, classes, steps=cfg.steps, **common),
+        "insertion": insertion(model, x, maps, classes, steps=cfg.steps, **common),
+    }
+    road = road_curves(model, x, maps, classes, percentages=cfg.road_percentages, **common)
+    out["road_morf"], out["road_lerf"] = road.score("morf"), road.score("lerf")
+    return {k: v.numpy().astype(np.float64) for k, v in out.items()}
+
+
+def sanity_values(
+    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, names: list[str], cfg: CompareConfig, seed: int
+) -> tuple[dict[str, np.ndarray], SanityResult | None]:
+    """Spearman rank correlation of ``|map|`` with the original, averaged over the steps of the cascade
+    over the top ``cfg.sanity_layers`` units, per image, for every method; and the merged curves."""
+    k = min(cfg.sanity_images, x.shape[0])
+    if k < 1 or cfg.sanity_layers < 1 or not names:
+        return {}, None
+    xs, cs = x[:k], classes[:k]
+    layers = randomization_layers(model, xs)[: cfg.sanity_layers]
+    parts: list[SanityResult] = []
+    for name in names:
+        parts.append(
+            sanity_randomization(
+                model,
+                xs,
+                name,
+                cs,
+                layers=layers,
+                seed=seed,
+                batch_size=cfg.batch_size,
+                explain_options=cfg.method_options(name),
+            )
+        )
+    # the mean over the randomized steps (the area under the cascade curve): one late step alone can
+    # bounce back (Grad-CAM on EfficientNet-Lite0 after its head conv is redrawn)
+    values = {
+        r.methods[0]: r.values["spearman_abs"][r.methods[0]][1:].mean(0).numpy().astype(np.float64) for r in parts
+    }
+    merged = {metric: {r.methods[0]: r.values[metric][r.methods[0]] for r in parts} for metric in parts[0].values}
+    return values, SanityResult(names, parts[0].steps, "cascading", merged, cs)
+
+
+def _progress(n_methods: int, cfg: CompareConfig, has_gt: bool) -> Progress:
+    per_method = 3 + int(has_gt)  # maps, faithfulness, robustness (+ localization)
+    baselines = (1 + int(cfg.truth)) * (1 + int(has_gt))
+    return Progress(n_methods * per_method + baselines + 1, cfg.progress, per_method)  # + sanity
+
+
+def compare(
+    model: nn.Module | str,
+    data: Any,
+    methods: str | Sequence[str] = "all",
+    seed: int = 0,
+    *,
+    gt: Any = None,
+    out: str | Path | None = None,
+    config: CompareConfig | None = None,
+) -> CompareResult:
+    """Which map should I trust? Rank every method that applies to ``model`` on ``data``.
+
+    Args:
+        model: a classifier or a zoo name.
+        data: a preprocessed ``(N, C, H, W)`` tensor, image paths, a folder, or a camlens dataset
+            (``camlens.data.synthetic`` / ``tetromino``: its boxes / masks are the ground truth).
+        methods: ``"all"`` or method names (a list or comma-separated).
+        seed: seed of the image sample, the random baselines, tie-breaks, noise and the bootstrap.
+        gt: ground truth per image: ``(N, H, W)`` masks or per-image ``(M, 4)`` boxes in each image's
+            pixels (with a tensor ``data``: at its size); adds the localization metrics.
+        out: folder for ``table.parquet``, ``table.csv`` and ``report.html`` (``None``: nothing written).
+        config: a :class:`CompareConfig` (budgets, steps, images…).
+
+    Returns:
+        A :class:`CompareResult` (``.table``, ``.flags``, ``.report_path``, ``.summary()``).
+    """
+    cfg = config or CompareConfig()
+    t_start = time.perf_counter()
+    model = load_model(model) if isinstance(model, str) else model
+    names = resolve_methods(model, methods)
+    sample = load_sample(model, data, cfg.images, seed, gt)
+    if cfg.truth and sample.masks is None:
+        raise InputError(
+            "truth=True needs the true importance masks: pass gt= masks or a camlens.data.tetromino dataset"
+        )
+    x = sample.x
+    classes = resolve_classes(model, x, None, cfg.batch_size)
+    bar = _progress(len(names), cfg, sample.masks is not None)
+    try:
+        maps, cost, flags = compute_maps(model, x, classes, names, cfg, bar)
+        live = list(maps)
+        maps["random"] = baseline_maps(
+            "random", x.shape[0], (int(x.shape[-2]), int(x.shape[-1])), torch.device("cpu"), seed
+        ).cpu()
+        if cfg.truth:
+            maps["sobel"] = sobel_maps(x)
+        values: dict[tuple[str, str], np.ndarray] = {}
+        for name, m in maps.items():
+            bar.stage(name, "faithfulness")
+            for k, v in faithfulness_values(model, x, classes, m, cfg, seed).items():
+                values[name, k] = v
+            values[name, "sparseness"] = sparseness(m).numpy().astype(np.float64)
+            if sample.masks is not None:
+                bar.stage(name, "localization")
+                values.update(localization_values(name, m, sample, x, seed))
+                if cfg.truth:
+                    values.update(truth_values(name, m, sample.masks, seed))
+        bar.stage("all", "sanity")
+        sanity, sanity_curves = sanity_values(model, x, classes, live, cfg, seed)
+        for name, v in sanity.items():
+            values[name, "randomization_similarity"] = v
+        for name in live:
+            bar.stage(name, "robustness")
+            values.update(robustness_values(model, name, x, classes, cfg, seed))
+            values[name, "ms_per_image"] = np.array([cost[name][0]])
+            values[name, "peak_memory_mib"] = np.array([cost[name][1]])
+    finally:
+        bar.close()
+    table = build_table(values, cfg.bootstrap, seed)
+    for name, v in sanity.items():
+        if float(v.mean()) > cfg.sanity_threshold:
+            flags[name] = (
+                f"its maps barely change when the top {len(sanity_curves.steps) - 1 if sanity_curves else 0} "
+                f"layers are randomized (mean rank correlation {float(v.mean()):.2f} > {cfg.sanity_threshold}): "
+                "insensitive to the model's weights"
+            )
+    ranking, verdicts = rank_and_verdicts(table, live, flags, cfg)
+    result = CompareResult(
+        table=table,
+        flags=flags,
+        report_path=None,
+        ranking=ranking,
+        verdicts=verdicts,
+        values=values,
+        maps=maps,
+        x=x.detach().cpu(),
+        classes=classes,
+        names=sample.names,
+        sanity=sanity_curves,
+        seed=seed,
+        config=cfg,
+        elapsed_s=time.perf_counter() - t_start,
+    )
+    if out is not None:
+        result.report_path = write_outputs(result, Path(out), card_of(model))
+    return result
