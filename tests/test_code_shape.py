@@ -19,14 +19,12 @@ MAX_PARAMS = 12
 # "module path:function": (body lines, parameters) when the rule was set (camlens 0.3 work).
 KNOWN: dict[str, tuple[int, int]] = {
     "capture.py:capture": (102, 5),
-    "cli/evaluate.py:evaluate_cmd": (146, 23),
-    "cli/explain.py:explain_cmd": (104, 24),
-    "cli/explain.py:_run": (111, 6),
-    "cli/localize.py:localize_cmd": (121, 24),
+    "cli/evaluate.py:evaluate_cmd": (146, 0),  # (lines, 0): a click command's options are not counted
+    "cli/explain.py:explain_cmd": (104, 0),
+    "cli/localize.py:localize_cmd": (121, 0),
     "cli/localize.py:_localize_stream": (33, 15),
     "cli/localize.py:_evaluate": (120, 16),
-    "explainer.py:explain": (111, 12),
-    "metrics/runner.py:evaluate": (201, 11),
+    "metrics/runner.py:evaluate": (93, 12),  # was (201, 11): the chunk steps split out, resume added
     "pipeline/run.py:stream": (86, 20),
     "pipeline/run.py:run_store": (90, 25),
     "pipeline/run.py:explain_dataset": (39, 18),
@@ -64,8 +62,10 @@ def measure() -> dict[str, tuple[int, int]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines, params = _body_lines(node), _params(node)
-                if lines > MAX_LINES or (params > MAX_PARAMS and not _is_click_command(node)):
-                    over[f"{rel}:{node.name}"] = (lines, params)
+                click_command = _is_click_command(node)
+                if lines > MAX_LINES or (params > MAX_PARAMS and not click_command):
+                    # a click command's parameters are its options: only its length is ratcheted
+                    over[f"{rel}:{node.name}"] = (lines, 0 if click_command else params)
     return over
 
 

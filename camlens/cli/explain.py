@@ -244,23 +244,7 @@ def explain_cmd(
     inputs = collect(images, recursive=recursive)
     # a folder, glob or list, torchrun, or many named files (a shell-expanded glob) is a dataset run
     dataset_run = inputs.dataset or dist.launched() or len(inputs.records) > MAX_NAMED_FILES
-    if formats == "auto":
-        fmts = ["store"] if dataset_run else ["npy", "json"]
-        fig = figures if figures != "auto" else ("none" if dataset_run else "all")
-    else:
-        fmts = parse_formats(formats, ("png", "npy", "json", "store"))
-        fig = figures if figures != "auto" else ("all" if "png" in fmts else "none")
-        fmts = [f for f in fmts if f != "png"]
-    store = "store" in fmts
-    if map_size == "photo" and store:
-        raise click.BadParameter(
-            "the result store keeps every map at the model's input size (one array for all images); "
-            "use --format npy,json for maps at each photo's size",
-            param_hint="--map-size",
-        )
-    loose = [f for f in fmts if f in ("npy", "json")]
-    if fig not in ("none", "montage") and not store:
-        loose.append("png")
+    loose, fig, store = _outputs(formats, figures, map_size, dataset_run)
     ctx = dist.setup(dist.local_device(resolve_device(device)))
     failed = len(inputs.problems)
     if ctx.is_main:
@@ -470,6 +454,29 @@ class MontageSink:
 
     def close(self) -> None:
         pass
+
+
+def _outputs(formats: str, figures: str, map_size: str, dataset_run: bool) -> tuple[list[str], str, bool]:
+    """``(loose file formats, figures, whether a result store is written)`` from --format,
+    --figures and --map-size: a dataset run writes a store, named files loose files."""
+    if formats == "auto":
+        fmts = ["store"] if dataset_run else ["npy", "json"]
+        fig = figures if figures != "auto" else ("none" if dataset_run else "all")
+    else:
+        fmts = parse_formats(formats, ("png", "npy", "json", "store"))
+        fig = figures if figures != "auto" else ("all" if "png" in fmts else "none")
+        fmts = [f for f in fmts if f != "png"]
+    store = "store" in fmts
+    if map_size == "photo" and store:
+        raise click.BadParameter(
+            "the result store keeps every map at the model's input size (one array for all images); "
+            "use --format npy,json for maps at each photo's size",
+            param_hint="--map-size",
+        )
+    loose = [f for f in fmts if f in ("npy", "json")]
+    if fig not in ("none", "montage") and not store:
+        loose.append("png")
+    return loose, fig, store
 
 
 def _print_top(batch, res) -> None:

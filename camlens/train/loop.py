@@ -219,6 +219,18 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     # a run refused for missing weights or bad data leaves nothing behind
 
 
+def _check_settings(epochs: int, given: dict[str, Any]) -> None:
+    """The numeric settings of a run are usable (before anything is read or written)."""
+    if epochs < 1:
+        raise CamlensError(f"epochs must be >= 1, not {epochs}")
+    if given["batch_size"] < 1:
+        raise CamlensError(f"batch_size must be >= 1, not {given['batch_size']}")
+    if given["optimizer"] not in ("sgd", "adamw"):
+        raise CamlensError(f"optimizer must be 'sgd' or 'adamw', not {given['optimizer']!r}")
+    if given["lr"] <= 0 or given["weight_decay"] < 0 or not 0 <= given["momentum"] < 1:
+        raise CamlensError("need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+
+
 def _resume_config(saved: dict, given: dict, defaults: dict) -> dict:
     """The saved run's options; an option given explicitly with another value is an error."""
     clash = [k for k in RUN_OPTIONS if given[k] != defaults[k] and given[k] != saved.get(k)]
@@ -447,14 +459,7 @@ def _finetune(
         augment=augment,
     )
     defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in RUN_OPTIONS}
-    if epochs < 1:
-        raise CamlensError(f"epochs must be >= 1, not {epochs}")
-    if batch_size < 1:
-        raise CamlensError(f"batch_size must be >= 1, not {batch_size}")
-    if optimizer not in ("sgd", "adamw"):
-        raise CamlensError(f"optimizer must be 'sgd' or 'adamw', not {optimizer!r}")
-    if lr <= 0 or weight_decay < 0 or not 0 <= momentum < 1:
-        raise CamlensError("need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+    _check_settings(epochs, given)
     echo = log or ((lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None))
 
     _prepare_out(out, resume, overwrite)
