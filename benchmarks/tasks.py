@@ -66,7 +66,10 @@ def detector_jobs(quick: bool, device: str) -> tuple[list[Job], dict[str, Any]]:
     jobs.append(
         Job("camlens gradcam, K boxes", lambda: camlens.explain(model, x, "gradcam", targets=Detection(boxes, labels)))
     )
-    jobs.append(Job("camlens eigencam (class-agnostic)", lambda: camlens.explain(model, x, "eigencam")))
+    agnostic = Detection(boxes, labels)  # class-agnostic map; the random detector has no detection >= 0.5
+    jobs.append(
+        Job("camlens eigencam (class-agnostic)", lambda: camlens.explain(model, x, "eigencam", targets=agnostic))
+    )
     try:
         from pytorch_grad_cam import EigenCAM, GradCAM
         from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget

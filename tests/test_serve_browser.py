@@ -92,7 +92,7 @@ def browser(tmp_path, monkeypatch):
         "--disable-component-update",
         "--disable-sync",
         "--disable-dev-shm-usage",
-        "--window-size=1280,1000",
+        "--window-size=1280,1600",
         f"--user-data-dir={profile}",
     ):
         opts.add_argument(flag)
@@ -192,6 +192,7 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
 
     # the overlay's pixels differ from the plain photo: opacity 0 shows the photo, 0.5 the heatmap over it
     stack = panel.find_element(By.CSS_SELECTOR, ".stack")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", stack)  # whole in the viewport
     d.execute_script("arguments[0].querySelector('rect.box').style.visibility = 'hidden'", stack)
     overlaid = _shot(stack)
     d.find_element(By.ID, "opacity").send_keys(Keys.HOME)

@@ -325,7 +325,7 @@ def evaluate_cmd(
                 progress=not quiet and ctx.is_main,
                 on_rows=None if ctx.active else write_so_far,
                 index_offset=lo,
-                resume=None if ctx.active else runner.Resume(states, store.save),
+                resume=None if ctx.active else runner.Resume(states or {}, store.save),
             )
             if images
             else runner.EvaluationReport()
