@@ -253,3 +253,53 @@ def test_reciprocam_closed_form_gap_linear(gapnet, x8):
 def test_reciprocam_weighting_is_checked(gapnet, x8):
     with pytest.raises(camlens.errors.MethodError, match="weighting"):
         camlens.explain(gapnet, x8, "reciprocam", layer="act", weighting="softmax")
+
+
+# ----------------------------------------------------------------------------- EigenGrad-CAM
+def _np_projection(P: np.ndarray) -> np.ndarray:
+    """Centred first-principal-component projection of ``P`` ``(C, h, w)``, oriented along the
+    uncentred mean (NumPy, float64)."""
+    C, h, w = P.shape
+    M = P.reshape(C, -1).T.astype(np.float64)
+    mean = M.mean(0)
+    v = np.linalg.svd(M - mean, full_matrices=False)[2][0]
+    proj = (M - mean) @ v
+    return (proj if mean @ v >= 0 else -proj).reshape(h, w)
+
+
+def test_eigengradcam_closed_form_gap_linear(gapnet, x8):
+    """GAP + linear: G_k = W_ck / (hw), so P = W_c ⊙ A / 64 in closed form."""
+    A = _features(gapnet, x8).numpy()
+    W = gapnet.fc.weight.detach().numpy()
+    classes = [[1, 2], [0, 3]]
+    e = camlens.explain(gapnet, x8, "eigengradcam", layer="act", targets=classes)
+    for n in range(2):
+        for j, c in enumerate(classes[n]):
+            ref = np.maximum(_np_projection(W[c][:, None, None] * A[n] / 64), 0)
+            np.testing.assert_allclose(e.raw[n, j].numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert float(e.raw.amax()) > 0
+
+
+@pytest.mark.slow
+def test_eigengradcam_equals_pytorch_grad_cam_projection_up_to_sign(resnet18, rx):
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    feats, grads = [], []
+
+    def keep(m, a, o):
+        feats.append(o)
+        o.register_hook(grads.append)
+
+    h = resnet18.layer3.register_forward_hook(keep)
+    try:
+        resnet18(rx)[:, 7].sum().backward()
+    finally:
+        h.remove()
+        resnet18.zero_grad(set_to_none=True)
+    theirs = torch.from_numpy(get_2d_projection((grads[0] * feats[0]).detach().numpy()))  # LAPACK's sign
+    ours = camlens.explain(resnet18, rx, "eigengradcam", layer="layer3", targets=7).raw[:, 0]
+    assert float(ours.amax()) > 0
+    for o, p in zip(ours, theirs):
+        tol = dict(rtol=1e-3, atol=1e-4 * float(p.abs().max()))
+        assert torch.allclose(o, p.relu(), **tol) or torch.allclose(o, (-p).relu(), **tol)
