@@ -303,3 +303,44 @@ def test_eigengradcam_equals_pytorch_grad_cam_projection_up_to_sign(resnet18, rx
     for o, p in zip(ours, theirs):
         tol = dict(rtol=1e-3, atol=1e-4 * float(p.abs().max()))
         assert torch.allclose(o, p.relu(), **tol) or torch.allclose(o, (-p).relu(), **tol)
+
+
+# ----------------------------------------------------------------------------- Finer-CAM
+def test_finercam_closed_form_gap_linear(gapnet, x8):
+    """GAP + linear: dA_k s = sum_m (ds/dy_m) W_mk / (hw); s written here class by class."""
+    A = _features(gapnet, x8)
+    W = gapnet.fc.weight.detach()
+    e = camlens.explain(gapnet, x8, "finercam", layer="act", targets=[[0], [2]], alpha=0.7, n_compare=2)
+    for n, c in enumerate([0, 2]):
+        y = gapnet(x8[n : n + 1])[0].detach().requires_grad_(True)
+        others = sorted((j for j in range(4) if j != c), key=lambda j: abs(float((y[j] - y[c]).detach())))[:2]
+        assert e.extras["compared"][n][0] == others
+        p = y.softmax(0)
+        s = sum(p[j] * (y[c] - 0.7 * y[j]) for j in others) / (sum(p[j] for j in others) + 1e-9)
+        (ds,) = torch.autograd.grad(s, y)
+        w = (ds @ W) / 64  # (C,): the spatial mean of the gradient per channel
+        ref = torch.einsum("k,khw->hw", w, A[n]).relu()
+        torch.testing.assert_close(e.raw[n, 0], ref, rtol=1e-4, atol=1e-6)
+        assert float(ref.amax()) > 0
+
+
+def test_finercam_alpha_zero_is_gradcam_and_needs_class_targets(gapnet, x8):
+    f = camlens.explain(gapnet, x8, "finercam", layer="act", targets="top2", alpha=0.0).raw
+    g = camlens.explain(gapnet, x8, "gradcam", layer="act", targets="top2").raw
+    torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-7)
+    with pytest.raises(camlens.errors.MethodError, match="class indices"):
+        camlens.explain(gapnet, x8, "finercam", layer="act", targets=lambda z: z[:, 0])
+    with pytest.raises(camlens.errors.MethodError, match="n_compare"):
+        camlens.explain(gapnet, x8, "finercam", layer="act", n_compare=4)
+
+
+@pytest.mark.slow
+def test_finercam_equals_pytorch_grad_cam(resnet18, rx):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    with pgc.FinerCAM(model=resnet18, target_layers=[resnet18.layer3]) as cam:
+        theirs = cam(input_tensor=rx, targets=None)  # the top class against the 3 closest logits, alpha 1
+    resnet18.zero_grad(set_to_none=True)
+    raw = camlens.explain(resnet18, rx, "finercam", layer="layer3", targets="top1").raw
+    assert float(raw.amax()) > 0
+    for a, b in zip(_pgc_normalized(raw, rx.shape[-2:]), theirs):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
