@@ -344,3 +344,47 @@ def test_finercam_equals_pytorch_grad_cam(resnet18, rx):
     assert float(raw.amax()) > 0
     for a, b in zip(_pgc_normalized(raw, rx.shape[-2:]), theirs):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+
+
+# ----------------------------------------------------------------------------- KPCA-CAM
+class ConstFeatures(nn.Module):
+    """Features that take two values: ``a`` on the left columns, ``b`` on the right ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Identity()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        a = torch.tensor([2.0, 1.0, 0.5])[:, None, None].expand(3, 4, 1)
+        b = torch.tensor([0.1, 0.2, 0.0])[:, None, None].expand(3, 4, 3)
+        f = self.feat(torch.cat([a, b], 2)[None].expand(len(x), -1, -1, -1) + 0 * x[:, :1, :4, :4])
+        return self.fc(f.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kernel", ["sigmoid", "rbf", "linear"])
+def test_kpcacam_two_valued_features_closed_form(kernel):
+    """Two distinct points, n_a = 4 and n_b = 12 times: the centred kernel matrix has rank one, its
+    eigenvector is proportional to n_b on the a's and -n_a on the b's, so after the ReLU the map is
+    one positive constant on the more active a's and 0 on the b's."""
+    net = ConstFeatures().eval()
+    e = camlens.explain(net, torch.zeros(1, 3, 4, 4), "kpcacam", layer="feat", kernel=kernel)
+    m = e.raw[0, 0]
+    assert torch.allclose(m[:, 1:], torch.zeros(4, 3), atol=1e-6)
+    assert float(m[:, 0].min()) > 0 and torch.allclose(m[:, 0], m[0, 0].expand(4), rtol=1e-5)
+
+
+def test_kpcacam_equals_scikit_learn_kernel_pca_up_to_sign(resnet18, rx):
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    with torch.no_grad():
+        feats = resnet18.layer3(
+            resnet18.layer2(resnet18.layer1(resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(rx))))))
+        )
+    ours = camlens.explain(resnet18, rx, "kpcacam", layer="layer3").raw[:, 0]
+    assert float(ours.amax()) > 0
+    for o, f in zip(ours, feats):
+        X = f.flatten(1).T.double().numpy()
+        p = decomposition.KernelPCA(n_components=1, kernel="sigmoid").fit_transform(X - X.mean(0))[:, 0]
+        p = torch.from_numpy(p).float().view(o.shape)
+        tol = dict(rtol=1e-3, atol=1e-4 * float(p.abs().max()))
+        assert torch.allclose(o, p.relu(), **tol) or torch.allclose(o, (-p).relu(), **tol)
