@@ -388,3 +388,37 @@ def test_kpcacam_equals_scikit_learn_kernel_pca_up_to_sign(resnet18, rx):
         p = torch.from_numpy(p).float().view(o.shape)
         tol = dict(rtol=1e-3, atol=1e-4 * float(p.abs().max()))
         assert torch.allclose(o, p.relu(), **tol) or torch.allclose(o, (-p).relu(), **tol)
+
+
+# ----------------------------------------------------------------------------- ShapleyCAM
+def test_shapleycam_closed_form_gap_linear_rest(gapnet, x8):
+    """GAP + linear, ReST score s = 2 y_c - logsumexp(y): G_k = (2 W_c - p W)_k / (hw) and
+    (H A)_k = -(1/hw) sum_l [W^T (diag p - p p^T) W]_kl mean(A_l), constant over space."""
+    A = _features(gapnet, x8)
+    W = gapnet.fc.weight.detach()
+    y = gapnet(x8).detach()
+    classes = [[1], [3]]
+    e = camlens.explain(gapnet, x8, "shapleycam", layer="act", targets=classes)
+    for n, (c,) in enumerate(classes):
+        p = y[n].softmax(0)
+        g = (2 * W[c] - p @ W) / 64
+        hA = -(W.T @ (torch.diag(p) - torch.outer(p, p)) @ W) @ A[n].mean((1, 2)) / 64
+        ref = torch.einsum("k,khw->hw", g - 0.5 * hA, A[n]).relu()
+        torch.testing.assert_close(e.raw[n, 0], ref, rtol=1e-4, atol=1e-6)
+        assert float(ref.amax()) > 0
+    # the logit of a linear head has no curvature: ShapleyCAM = Grad-CAM
+    s = camlens.explain(gapnet, x8, "shapleycam", layer="act", targets="top2", rest=False).raw
+    torch.testing.assert_close(s, camlens.explain(gapnet, x8, "gradcam", layer="act", targets="top2").raw)
+
+
+@pytest.mark.slow
+def test_shapleycam_equals_pytorch_grad_cam_with_rest(resnet18, rx):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    targets_mod = pytest.importorskip("pytorch_grad_cam.utils.model_targets")
+    with pgc.ShapleyCAM(model=resnet18, target_layers=[resnet18.layer3]) as cam:
+        theirs = cam(input_tensor=rx, targets=[targets_mod.ClassifierOutputReST(c) for c in (3, 7)])
+    resnet18.zero_grad(set_to_none=True)
+    raw = camlens.explain(resnet18, rx, "shapleycam", layer="layer3", targets=[3, 7]).raw
+    assert float(raw.amax()) > 0
+    for a, b in zip(_pgc_normalized(raw, rx.shape[-2:]), theirs):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
