@@ -240,6 +240,7 @@ def capture(
     cut: bool = False,
     need_grad: bool = True,
     layout: LayoutRequest | None = None,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Captured]:
     """Context manager: while active, a forward of ``model`` records the features at ``spec``.
 
@@ -251,6 +252,10 @@ def capture(
             output or input to ``(N, D, h, w)`` (see :mod:`camlens.layout`): the captured value is the
             ``(N, D, h, w)`` tensor (the leaf when cut) and the model goes on with the same values
             rebuilt from it, so gradients are taken with respect to the reshaped features.
+        replace: hand the model ``replace(features)`` instead of the features at the captured call
+            (``(N, D, h, w)`` after the ``layout`` adapter, rebuilt to the module's layout), for methods
+            that score modified features through the layers above (Ablation-CAM, Recipro-CAM); the
+            captured value stays the model's own. Use with an explicit ``spec.call``.
     """
     out = Captured()
     target = spec.call
@@ -269,6 +274,8 @@ def capture(
             return t
         if out._current_pool_module:
             out.pool_module = out._current_pool_module[-1]
+        if replace is not None:
+            return _replaced(t, replace, out, None if spec.capture == "pool" else layout, spec)
         if layout is not None and spec.capture != "pool":
             lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
             out.layout = lay
@@ -354,6 +361,19 @@ def capture(
         for h in handles:
             h.remove()
         torch.set_grad_enabled(prev_grad)
+
+
+def _replaced(t: torch.Tensor, replace, out: Captured, layout: LayoutRequest | None, spec: CaptureSpec):
+    """``replace`` applied to the captured features ``t`` (through the layout adapter, if any)."""
+    if layout is not None:
+        lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
+        out.layout = lay
+        if lay.adapted:
+            feats, prefix = lay.to_nchw(t)
+            out.value = feats
+            return lay.from_nchw(replace(feats), prefix)
+    out.value = t
+    return replace(t)
 
 
 def count_calls(model: nn.Module, spec: CaptureSpec, x: torch.Tensor) -> int:
