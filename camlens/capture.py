@@ -302,18 +302,8 @@ def capture(
             torch.set_grad_enabled(False)
         if spec.capture in ("output", "input") and spec.module is None:
             raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
-        if spec.capture == "output":
-            assert spec.module is not None
-            handles.append(spec.module.register_forward_hook(lambda m, a, o: take(o)))
-        elif spec.capture == "input":
-
-            def pre(m, args):
-                if not args:
-                    raise InputError(f"{spec.name} was called without positional input; use capture='output'")
-                return (take(args[0]), *args[1:])
-
-            assert spec.module is not None
-            handles.append(spec.module.register_forward_pre_hook(pre))
+        if spec.capture in ("output", "input"):
+            handles.append(_module_hook(spec, take))
         elif spec.capture == "pool":
             mode = _PoolMode(take)
             if uses_lazy_pool(model, spec):
@@ -361,6 +351,20 @@ def capture(
         for h in handles:
             h.remove()
         torch.set_grad_enabled(prev_grad)
+
+
+def _module_hook(spec: CaptureSpec, take: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The hook that hands ``spec.module``'s output (or first input) to ``take``; its handle."""
+    assert spec.module is not None
+    if spec.capture == "output":
+        return spec.module.register_forward_hook(lambda m, a, o: take(o))
+
+    def pre(m, args):
+        if not args:
+            raise InputError(f"{spec.name} was called without positional input; use capture='output'")
+        return (take(args[0]), *args[1:])
+
+    return spec.module.register_forward_pre_hook(pre)
 
 
 def _replaced(t: torch.Tensor, replace, out: Captured, layout: LayoutRequest | None, spec: CaptureSpec):
