@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import fields, replace
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .concurrency import model_lock
+from .errors import InputError
+
+C = TypeVar("C")
 
 
 @contextlib.contextmanager
@@ -104,3 +109,14 @@ def rank_tags(k: int) -> list[str]:
     """``top1`` … ``top{k}`` zero-padded to one width (``top01`` … ``top20``), so files sort by rank."""
     width = len(str(k))
     return [f"top{j:0{width}d}" for j in range(1, k + 1)]
+
+
+def with_options(cls: type[C], config: C | None, options: dict[str, Any], what: str) -> C:
+    """``config`` (default ``cls()``) with ``options`` overriding its fields: the one rule of the
+    settings objects (``FinetuneConfig``, ``EvaluateConfig``, ``SaveOptions``). An unknown key is an
+    :class:`~camlens.errors.InputError` naming the valid ones."""
+    valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InputError(f"unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return replace(config if config is not None else cls(), **options)  # type: ignore[type-var]

@@ -71,10 +71,6 @@ class Classes:
     def __iter__(self) -> Iterator[int | str]:
         return iter(self.ids)
 
-    def table(self, n: int) -> list[list[int | str]]:
-        """The ``(n, K)`` table: the same row for each of ``n`` images."""
-        return [list(self.ids) for _ in range(n)]
-
 
 def flat_list_for_one_image(targets: Any, n: int) -> bool:
     """True for the old spelling ``targets=[3, 5]`` with one image (K classes of that image)."""

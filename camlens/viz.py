@@ -24,7 +24,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from ._util import numbered, rank_tags
+from ._util import numbered, rank_tags, with_options
 from ._version import __version__, versions
 from .errors import InputError
 from .explanation import RANDOM_WEIGHTS, Explanation
@@ -1402,11 +1402,7 @@ class SaveOptions:
 
 def save_options(options: SaveOptions | None = None, **kwargs: Any) -> SaveOptions:
     """``options`` (default :class:`SaveOptions`) with ``kwargs`` applied, checked."""
-    valid = [f.name for f in fields(SaveOptions)]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise InputError(f"unknown save option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return replace(options or SaveOptions(), **kwargs).checked()
+    return with_options(SaveOptions, options, kwargs, "save").checked()
 
 
 def save_explanation(

@@ -11,7 +11,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import numbered
+from .._util import numbered, with_options
 from ..errors import InputError, MethodError
 from ..explainer import explain
 from ..inputs import prepare_inputs
@@ -256,11 +256,7 @@ class EvaluateConfig:
     @classmethod
     def of(cls, config: EvaluateConfig | None, options: dict[str, Any]) -> EvaluateConfig:
         """``config`` (or the defaults) with ``options`` overriding its fields; unknown keys raise."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise InputError(f"unknown evaluate option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-        cfg = replace(config or cls(), **options)
+        cfg = with_options(cls, config, options, "evaluate")
         return replace(cfg, batch_size=check_batch_size(cfg.batch_size), chunk_size=check_batch_size(cfg.chunk_size))
 
 

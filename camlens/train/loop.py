@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._util import eval_mode
+from .._util import eval_mode, with_options
 from .._version import versions
 from ..errors import CamlensError, CheckpointError, OutputExistsError
 from ..fsio import atomic_write_json, remove_output, safe_out_dir
@@ -401,11 +401,7 @@ def finetune(data: str | os.PathLike, config: FinetuneConfig | None = None, **op
         A :class:`FinetuneResult` whose ``model`` is the best checkpoint, ready for
         :func:`camlens.explain`.
     """
-    valid = [f.name for f in fields(FinetuneConfig)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise CamlensError(f"unknown finetune option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    cfg = replace(config or FinetuneConfig(), **options)
+    cfg = with_options(FinetuneConfig, config, options, "finetune")
     return _finetune(data, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
 
 
