@@ -139,6 +139,35 @@ def read_chunk(path: Path) -> tuple[Any, dict[str, Any], Any]:
     return table.replace_schema_metadata(None), files, sig
 
 
+def scan_chunks(
+    chunks: list[Path], index: dict[str, Any], recorded: dict[str, Any]
+) -> tuple[dict[str, str], list[tuple[Path, str, Any, dict[str, Any]]]]:
+    """Every table chunk checked (its recorded size and SHA-256, then read whole with its pages'
+    CRCs): ``(problems, readable)``. ``problems`` maps a store-relative chunk path to what is wrong
+    with it (``"missing"``: listed in ``index`` but gone); ``readable`` holds
+    ``(path, relative path, table, map file records)`` of the others. Used by the writer's check
+    and the reader alike."""
+    problems: dict[str, str] = {}
+    names = {c.name for c in chunks}
+    listed = index.get("chunks")
+    for name in listed if isinstance(listed, list) else []:
+        if isinstance(name, str) and name not in names:
+            problems[f"{CHUNKS_DIR}/{name}"] = "missing"
+    readable = []
+    for c in chunks:
+        rel = f"{CHUNKS_DIR}/{c.name}"
+        why = check_file(c, recorded[rel]) if rel in recorded else None
+        if why is None:
+            try:
+                table, files, _ = read_chunk(c)
+                readable.append((c, rel, table, files))
+                continue
+            except Exception as exc:
+                why = f"not a readable table chunk ({type(exc).__name__})"
+        problems[rel] = why
+    return problems, readable
+
+
 def chunk_entries(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """``(table chunks, stray files, temporary files)`` in ``root/chunks``, by name only (nothing
     parsed; a link at a chunk's name is a stray, never read)."""
@@ -388,25 +417,16 @@ class ResultStore:
         recorded: dict[str, Any] = files if isinstance(files, dict) else {}
         chunks, strays, _ = chunk_entries(self.root)
         rep.strays = [str(p.relative_to(self.root)) for p in strays]
-        names = {p.name for p in chunks}
-        listed = index.get("chunks")
-        for name in listed if isinstance(listed, list) else []:
-            if isinstance(name, str) and name not in names and CHUNK_NAME.fullmatch(name):
-                rep.damaged[f"{CHUNKS_DIR}/{name}"] = "missing"
-                rep.lost.update(self._range_ids(name))
-        parsed = []
-        for f in chunks:
-            rel = f"{CHUNKS_DIR}/{f.name}"
-            why = check_file(f, recorded[rel]) if rel in recorded else None
-            if why is None:
-                try:
-                    table, files, _ = read_chunk(f)
-                    parsed.append((f, rel, sorted(set(table.column("image_id").to_pylist())), files))
-                    continue
-                except Exception as exc:
-                    why = f"not a readable table chunk ({type(exc).__name__})"
-            rep.damaged[rel] = why
-            self._drop(f, None, rep)
+        problems, readable = scan_chunks(chunks, index, recorded)
+        for rel, problem in problems.items():
+            f = self.root / rel
+            if problem != "missing":
+                rep.damaged[rel] = problem
+                self._drop(f, None, rep)
+            elif CHUNK_NAME.fullmatch(f.name):  # a listed chunk gone: its images are computed again
+                rep.damaged[rel] = problem
+                rep.lost.update(self._range_ids(f.name))
+        parsed = [(f, rel, sorted(set(t.column("image_id").to_pylist())), files) for f, rel, t, files in readable]
         bad_arrays = self._check_array_metadata(parsed, rep)
         for f, rel, ids, files in parsed:
             bad = {p: w for p in sorted(files) if (w := self._file_problem(p, files[p], bad_arrays))}
@@ -746,25 +766,12 @@ class Results:
                 if why is not None:
                     raise self._damaged({RESULTS_FILE: why})
             else:
-                names = {c.name for c in chunks}
-                listed = self.index.get("chunks")
-                for name in listed if isinstance(listed, list) else []:
-                    if isinstance(name, str) and name not in names:
-                        problems[f"{CHUNKS_DIR}/{name}"] = "missing"
-                parts = []
+                found, readable = scan_chunks(chunks, self.index, recorded)
+                problems.update(found)
+                parts = [t for _, _, t, _ in readable]
                 self._records = dict(recorded)
-                for c in chunks:
-                    rel = f"{CHUNKS_DIR}/{c.name}"
-                    why = check_file(c, recorded[rel]) if rel in recorded else None
-                    if why is None:
-                        try:
-                            part, files, _ = read_chunk(c)
-                            parts.append(part)
-                            self._records.update(files)
-                            continue
-                        except Exception as exc:
-                            why = f"not a readable table chunk ({type(exc).__name__})"
-                    problems[rel] = why
+                for *_, files in readable:
+                    self._records.update(files)
                 if problems:
                     raise self._damaged(problems)
                 t = pa.concat_tables(parts) if parts else schema().empty_table()
