@@ -26,19 +26,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import CamlensError
-from .methods.registry import methods
+from camlens._version import __version__
+from camlens.errors import CamlensError
+from camlens.methods.registry import methods
 
 if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     import numpy as np
 
-    from . import data, loceval, metrics, models, targets, train, viz
-    from .comparison import CompareConfig, compare
-    from .explainer import explain, predict
-    from .explanation import Explanation
-    from .models.zoo import available_models, load_model
-    from .pipeline import explain_dataset, open_results
+    from camlens import data, loceval, metrics, models, targets, train, viz
+    from camlens.comparison import CompareConfig, compare
+    from camlens.explainer import explain, predict
+    from camlens.explanation import Explanation
+    from camlens.models.zoo import available_models, load_model
+    from camlens.pipeline import explain_dataset, open_results
 
 #: public name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -81,8 +81,8 @@ def __dir__() -> list[str]:
 
 def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.ndarray:
     """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.localization.localize`."""
-    from .localization import DEFAULT_THRESHOLD
-    from .localization import localize as _localize
+    from camlens.localization import DEFAULT_THRESHOLD
+    from camlens.localization import localize as _localize
 
     return _localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .concurrency import model_lock
-from .errors import InputError
+from camlens.concurrency import model_lock
+from camlens.errors import InputError
 
 C = TypeVar("C")
 

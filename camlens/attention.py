@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MethodError
+from camlens.errors import MethodError
 
 
 def _split(t: torch.Tensor, heads: int) -> torch.Tensor:

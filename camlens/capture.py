@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import InputError
-from .layout import Layout, LayoutRequest
+from camlens.errors import InputError
+from camlens.layout import Layout, LayoutRequest
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
-from .errors import TargetError
+from camlens.errors import TargetError
 
 
 @lru_cache(maxsize=1)

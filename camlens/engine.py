@@ -49,14 +49,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .attention import capture_attention
-from .capture import CaptureSpec, capture
-from .errors import InputError, LayoutError, MethodError, NonFiniteError
-from .layout import LayoutRequest, ReshapeSpec, token_grid
-from .models.input_size import diagnose_size_error
-from .outputs import OutputSpec, select_output
-from .rules import relu_rules
-from .targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
+from camlens.attention import capture_attention
+from camlens.capture import CaptureSpec, capture
+from camlens.errors import InputError, LayoutError, MethodError, NonFiniteError
+from camlens.layout import LayoutRequest, ReshapeSpec, token_grid
+from camlens.models.input_size import diagnose_size_error
+from camlens.outputs import OutputSpec, select_output
+from camlens.rules import relu_rules
+from camlens.targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
 
 #: Gradient memory one batched backward may produce (the chunk over classes holds at most this).
 #: Small on purpose: the chunk is reduced right after its backward, and a chunk that stays in the

@@ -18,26 +18,26 @@ from typing import Any, cast, overload
 import torch
 from torch import nn
 
-from ._util import eval_mode
-from .capture import CaptureSpec
-from .engine import ForwardPass, forward, wants_layer_grads
-from .errors import InputError, MethodError, NonFiniteError, NotApplicableError
-from .explanation import Explanation, Upsampled
-from .inputs import prepare_batch, prepare_inputs
-from .layers import resolve_layer
-from .layout import ReshapeSpec
-from .methods.cost import reported
-from .methods.registry import MethodInfo, ModelTraits, applicable, get_method
-from .methods.registry import methods as all_methods
-from .methods.traits import model_traits
-from .models.blackbox import ScoringFunction, unsupported
-from .models.input_size import fit_input
-from .models.preprocess import IMAGENET, Preprocess
-from .models.tasks import Frames, frame_maps, record_frames
-from .models.zoo import card_of, class_names_of, load_model
-from .outputs import OutputSpec, select_output
-from .resolve import run_resolved
-from .targets import Detection, Segmentation, TargetSpec
+from camlens._util import eval_mode
+from camlens.capture import CaptureSpec
+from camlens.engine import ForwardPass, forward, wants_layer_grads
+from camlens.errors import InputError, MethodError, NonFiniteError, NotApplicableError
+from camlens.explanation import Explanation, Upsampled
+from camlens.inputs import prepare_batch, prepare_inputs
+from camlens.layers import resolve_layer
+from camlens.layout import ReshapeSpec
+from camlens.methods.cost import reported
+from camlens.methods.registry import MethodInfo, ModelTraits, applicable, get_method
+from camlens.methods.registry import methods as all_methods
+from camlens.methods.traits import model_traits
+from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.input_size import fit_input
+from camlens.models.preprocess import IMAGENET, Preprocess
+from camlens.models.tasks import Frames, frame_maps, record_frames
+from camlens.models.zoo import card_of, class_names_of, load_model
+from camlens.outputs import OutputSpec, select_output
+from camlens.resolve import run_resolved
+from camlens.targets import Detection, Segmentation, TargetSpec
 
 
 def method_names(method: Any) -> list[str]:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .localization import explanation_boxes
-from .ops import ULPS, minmax
+from camlens.errors import InputError
+from camlens.localization import explanation_boxes
+from camlens.ops import ULPS, minmax
 
 
 @functools.lru_cache(maxsize=64)
@@ -334,7 +334,7 @@ class Explanation:
     def figure(self, **kwargs):
         """The overlays as a :class:`matplotlib.figure.Figure` (no display); see
         :func:`camlens.viz.explanation_figure` for the options."""
-        from .viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
+        from camlens.viz import explanation_figure  # lazy: figure code (matplotlib) only when asked for
 
         return explanation_figure(self, **kwargs)
 
@@ -343,13 +343,13 @@ class Explanation:
         cell's last expression, e.g. ``exp.show(); exp.save("out/")``), in a window in a script
         with an interactive matplotlib backend; with a non-interactive backend (Agg) there is
         nothing to display. Returns ``None``; :meth:`figure` returns the figure itself."""
-        from .viz import display_figure, explanation_figure  # lazy: matplotlib only when asked for
+        from camlens.viz import display_figure, explanation_figure  # lazy: matplotlib only when asked for
 
         display_figure(explanation_figure(self, **kwargs))
 
     def _repr_png_(self) -> bytes:
         """The figure as PNG bytes (IPython shows an ``Explanation`` as its overlays)."""
-        from .viz import figure_png  # lazy: matplotlib only when asked for
+        from camlens.viz import figure_png  # lazy: matplotlib only when asked for
 
         return figure_png(self.figure(max_images=4))
 
@@ -366,6 +366,6 @@ class Explanation:
 
     def save(self, directory: str | Path, **kwargs) -> list[Path]:
         """Write PNG overlays, ``.npy`` maps and a JSON summary to ``directory``; returns the paths."""
-        from .viz import save_explanation  # lazy: figure code (matplotlib) only when asked for
+        from camlens.viz import save_explanation  # lazy: figure code (matplotlib) only when asked for
 
         return save_explanation(self, directory, **kwargs)

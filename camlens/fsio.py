@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputExistsError, WriteError
+from camlens.errors import OutputExistsError, WriteError
 
 #: what a writer accepts: the bytes, a text (UTF-8), or a function writing into a binary file object
 Data = bytes | bytearray | memoryview | str | Callable[[IO[bytes]], Any]

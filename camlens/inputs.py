@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._util import model_device, model_dtype, numbered
-from .errors import InputError
-from .io import load_images
-from .models.preprocess import IMAGENET, Preprocess
-from .models.zoo import card_of
+from camlens._util import model_device, model_dtype, numbered
+from camlens.errors import InputError
+from camlens.io import load_images
+from camlens.models.preprocess import IMAGENET, Preprocess
+from camlens.models.zoo import card_of
 
 
 def prepare_inputs(

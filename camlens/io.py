@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageLoadError, InputError, NonFiniteError
+from camlens.errors import ImageLoadError, InputError, NonFiniteError
 
 #: file suffixes read as images when a folder or a glob is expanded (the CLI, the dataset pipeline
 #: and ImageFolder training data all use this list)

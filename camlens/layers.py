@@ -19,10 +19,10 @@ import difflib
 import torch
 from torch import nn
 
-from ._util import eval_mode
-from .capture import CaptureSpec, capture, is_attention, is_norm
-from .errors import InputError, LayerNotFoundError, LayoutError
-from .layout import LayoutRequest, grid_fits
+from camlens._util import eval_mode
+from camlens.capture import CaptureSpec, capture, is_attention, is_norm
+from camlens.errors import InputError, LayerNotFoundError, LayoutError
+from camlens.layout import LayoutRequest, grid_fits
 
 AUTO_NAME = "auto"
 

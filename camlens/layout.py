@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import LayoutError
+from camlens.errors import LayoutError
 
 MAX_PREFIX = 16  # class + distillation + register tokens: at most this many prefix tokens
 ReshapeSpec = None | str | tuple[int, int] | tuple[int, int, int]

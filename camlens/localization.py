@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .errors import InputError
+from camlens.errors import InputError
 
 #: fraction of each map's maximum used to binarize it (the notebooks' 30%; CAM paper 20%, Grad-CAM 15%)
 DEFAULT_THRESHOLD = 0.3

@@ -56,10 +56,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .errors import CamlensError, InputError
-from .explainer import explain, predict
-from .io import load_image
-from .localization import (
+from camlens.errors import CamlensError, InputError
+from camlens.explainer import explain, predict
+from camlens.io import load_image
+from camlens.localization import (
     DEFAULT_THRESHOLD,
     _check_threshold,
     box_mask,
@@ -68,7 +68,7 @@ from .localization import (
     pointing_game_hit,
     scale_boxes,
 )
-from .models.zoo import card_of
+from camlens.models.zoo import card_of
 
 #: threshold sweep τ = 0, 0.01, …, 0.99 (fractions of each map's max)
 SWEEP = np.round(np.arange(0.0, 1.0, 0.01), 2)
@@ -553,7 +553,7 @@ def calibrate_threshold(
 
 def save_threshold(path: str | Path, threshold: float, *, overwrite: bool = False, **info: Any) -> Path:
     """Write a calibrated threshold as JSON ``{"threshold": τ, …info}`` (method, model, metrics…)."""
-    from .fsio import atomic_write, check_target, safe_out_dir
+    from camlens.fsio import atomic_write, check_target, safe_out_dir
 
     p = check_target(path, overwrite)  # a file or a link (even dangling) is in the way without overwrite
     safe_out_dir(p.parent)

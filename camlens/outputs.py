@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import OutputError
+from camlens.errors import OutputError
 
 OutputSpec = None | str | int | Callable[[Any], torch.Tensor]
 

@@ -27,10 +27,10 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import nn
 
-from .capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
-from .engine import forward
-from .errors import InputError
-from .layers import fallback_spec
+from camlens.capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
+from camlens.engine import forward
+from camlens.errors import InputError
+from camlens.layers import fallback_spec
 
 
 class CapturingPass(Protocol):

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import MethodError
+from camlens.errors import MethodError
 
 RULES = ("backprop", "deconvnet", "guided")
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._util import eval_mode, model_device, model_dtype
-from .classnames import class_id
-from .errors import NonFiniteError, TargetError
+from camlens._util import eval_mode, model_device, model_dtype
+from camlens.classnames import class_id
+from camlens.errors import NonFiniteError, TargetError
 
 
 class Classes:

@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from ._util import numbered, rank_tags, with_options
-from ._version import __version__, versions
-from .errors import InputError
-from .explanation import RANDOM_WEIGHTS, Explanation
-from .fsio import atomic_write, check_targets, safe_out_dir
-from .localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
-from .methods.registry import methods
-from .ops import ULPS, minmax
+from camlens._util import numbered, rank_tags, with_options
+from camlens._version import __version__, versions
+from camlens.errors import InputError
+from camlens.explanation import RANDOM_WEIGHTS, Explanation
+from camlens.fsio import atomic_write, check_targets, safe_out_dir
+from camlens.localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
+from camlens.methods.registry import methods
+from camlens.ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
 BOX_COLOR = "lime"

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import common_model_options, load_model_opts
+from camlens.cli.common import common_model_options, load_model_opts
 
 
 def _data(items: tuple[str, ...], truth: bool) -> Any:

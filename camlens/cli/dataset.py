@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .common import _is_glob, cap_workers, expand_inputs
+from camlens.cli.common import _is_glob, cap_workers, expand_inputs
 
 
 @dataclass
@@ -108,7 +108,7 @@ def load_model_seeded(model: str, weights: str | None, checkpoint: str | None, d
     gets the same network, and a rerun the same checksum (so it can resume)."""
     import torch
 
-    from .common import load_model_opts
+    from camlens.cli.common import load_model_opts
 
     if weights == "random":
         with torch.random.fork_rng(devices=[]):

@@ -13,10 +13,9 @@ from typing import Any
 
 import click
 
+from camlens.cli.common import check_layer, cli_message, method_option, parse_method_options, resolve_device
 from camlens.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
 from camlens.io import IMAGE_EXTENSIONS
-
-from .common import check_layer, cli_message, method_option, parse_method_options, resolve_device
 
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")

@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from ..progress import Estimate, Reporter, reporting
-from .common import (
+from camlens.cli.common import (
     EXIT_FAILED,
     check_layer,
     check_overwrite,
@@ -25,7 +24,8 @@ from .common import (
     resolve_device,
     table,
 )
-from .dataset import collect, dataset_options, load_model_seeded
+from camlens.cli.dataset import collect, dataset_options, load_model_seeded
+from camlens.progress import Estimate, Reporter, reporting
 
 DEFAULT_METHODS = ("gradcam", "cam")
 #: the cost estimate is printed before a method estimated to run this many forwards or seconds

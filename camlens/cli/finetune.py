@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import cap_workers
+from camlens.cli.common import cap_workers
 
 
 @click.command("finetune")
@@ -104,11 +104,10 @@ def finetune_cmd(
     """
     import warnings
 
+    from camlens.cli.common import cli_message, resolve_device
     from camlens.errors import CamlensError
     from camlens.train import finetune
     from camlens.train.loop import WarningSkippedImages
-
-    from .common import cli_message, resolve_device
 
     device = resolve_device(device)
     try:

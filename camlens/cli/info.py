@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import load_model_opts, table
+from camlens.cli.common import load_model_opts, table
 
 
 def _weights_status(name: str) -> str:

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import click
 
-from camlens.fsio import atomic_write, safe_out_dir
-
-from .common import (
+from camlens.cli.common import (
     EXIT_FAILED,
     cap_workers,
     check_layer,
@@ -26,7 +24,8 @@ from .common import (
     parse_threshold,
     resolve_device,
 )
-from .dataset import collect, load_model_seeded
+from camlens.cli.dataset import collect, load_model_seeded
+from camlens.fsio import atomic_write, safe_out_dir
 
 CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "rank", "method", "threshold"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import resolve_device
+from camlens.cli.common import resolve_device
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_overwrite
+from camlens.cli.common import check_overwrite
 
 
 @click.command("show")

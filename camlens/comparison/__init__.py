@@ -1,6 +1,6 @@
 """Which map should I trust? :func:`compare` ranks the methods on the user's own model and data."""
 
-from .config import DEFAULT_BUDGETS, METRICS, CompareConfig, CompareResult, MetricInfo
-from .run import compare, sobel_maps
+from camlens.comparison.config import DEFAULT_BUDGETS, METRICS, CompareConfig, CompareResult, MetricInfo
+from camlens.comparison.run import compare, sobel_maps
 
 __all__ = ["DEFAULT_BUDGETS", "METRICS", "CompareConfig", "CompareResult", "MetricInfo", "compare", "sobel_maps"]

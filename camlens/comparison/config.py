@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..metrics import SanityResult
+from camlens.metrics import SanityResult
 
 #: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
 DEFAULT_BUDGETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(

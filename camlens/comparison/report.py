@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .._version import versions
-from ..fsio import atomic_write, check_targets, safe_out_dir
-from ..metrics import plot_sanity
-from ..viz import denormalize, figure_png, overlay
-from .config import METRICS, CompareResult
+from camlens._version import versions
+from camlens.comparison.config import METRICS, CompareResult
+from camlens.fsio import atomic_write, check_targets, safe_out_dir
+from camlens.metrics import plot_sanity
+from camlens.viz import denormalize, figure_png, overlay
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}

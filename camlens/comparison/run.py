@@ -20,13 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CamlensError, InputError
-from ..explainer import explain
-from ..inputs import prepare_inputs
-from ..io import IMAGE_EXTENSIONS
-from ..methods.registry import get_method
-from ..methods.registry import methods as registered
-from ..metrics import (
+from camlens.comparison.config import CompareConfig, CompareResult
+from camlens.comparison.measure import PeakMemory, Progress
+from camlens.comparison.report import write_outputs
+from camlens.comparison.score import localization_values, robustness_values, truth_values
+from camlens.comparison.table import build_table, rank_and_verdicts
+from camlens.errors import CamlensError, InputError
+from camlens.explainer import explain
+from camlens.inputs import prepare_inputs
+from camlens.io import IMAGE_EXTENSIONS
+from camlens.methods.registry import get_method
+from camlens.methods.registry import methods as registered
+from camlens.metrics import (
     SanityResult,
     baseline_maps,
     deletion,
@@ -36,13 +41,8 @@ from ..metrics import (
     sanity_randomization,
     sparseness,
 )
-from ..metrics._common import resolve_classes
-from ..models.zoo import card_of, load_model
-from .config import CompareConfig, CompareResult
-from .measure import PeakMemory, Progress
-from .report import write_outputs
-from .score import localization_values, robustness_values, truth_values
-from .table import build_table, rank_and_verdicts
+from camlens.metrics._common import resolve_classes
+from camlens.models.zoo import card_of, load_model
 
 
 @dataclass

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..loceval import evaluate_maps
-from ..metrics import (
+from camlens.comparison.config import CompareConfig
+from camlens.loceval import evaluate_maps
+from camlens.metrics import (
     earth_movers_distance,
     energy_pointing_game,
     mask_iou,
@@ -18,10 +19,9 @@ from ..metrics import (
     pointing_game,
     top_k_precision,
 )
-from .config import CompareConfig
 
 if TYPE_CHECKING:  # typing only
-    from .run import Sample
+    from camlens.comparison.run import Sample
 
 Values = dict[tuple[str, str], np.ndarray]
 

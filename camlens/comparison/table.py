@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .config import FAITHFULNESS, METRICS, CompareConfig
+from camlens.comparison.config import FAITHFULNESS, METRICS, CompareConfig
 
 Values = dict[tuple[str, str], np.ndarray]
 

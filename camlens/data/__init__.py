@@ -1,7 +1,7 @@
 """Datasets for tests, demos and fine-tuning: synthetic shapes with known class, box and mask, and the
 tetromino benchmark with a known signal (XAI-TRIS style)."""
 
-from .synthetic import (
+from camlens.data.synthetic import (
     SHAPES,
     SyntheticArrays,
     SyntheticDataset,
@@ -10,7 +10,7 @@ from .synthetic import (
     synthetic,
     synthetic_arrays,
 )
-from .tetromino import TetrominoArrays, TetrominoDataset, tetromino, tetromino_arrays
+from camlens.data.tetromino import TetrominoArrays, TetrominoDataset, tetromino, tetromino_arrays
 
 __all__ = [
     "SHAPES",

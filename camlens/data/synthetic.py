@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, OutputExistsError
-from ..fsio import atomic_write, safe_out_dir
+from camlens.errors import InputError, OutputExistsError
+from camlens.fsio import atomic_write, safe_out_dir
 
 #: Shapes this generator can draw (any subset, in any order, can be asked for).
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "hbar", "vbar")

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError, OutputExistsError
-from ..fsio import atomic_write, safe_out_dir
-from .synthetic import SyntheticDataset
+from camlens.data.synthetic import SyntheticDataset
+from camlens.errors import InputError, OutputExistsError
+from camlens.fsio import atomic_write, safe_out_dir
 
 SCENARIOS = ("linear", "multiplicative", "translated_rotated", "xor")
 BACKGROUNDS = ("white", "correlated")

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import CaptureSpec, capture
-from ..engine import ForwardPass, model_input
-from ..errors import MethodError
-from ..targets import take_rows
+from camlens.capture import CaptureSpec, capture
+from camlens.engine import ForwardPass, model_input
+from camlens.errors import MethodError
+from camlens.targets import take_rows
 
 CPU_BATCH = 32  # modified feature maps per forward on CPU
 ACCEL_BATCH = 256  # ... on accelerators

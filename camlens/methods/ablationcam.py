@@ -30,10 +30,10 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import ForwardPass
-from ..errors import MethodError
-from ._head import HeadRunner, default_batch
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass
+from camlens.errors import MethodError
+from camlens.methods._head import HeadRunner, default_batch
+from camlens.methods.registry import MethodOutput, register
 
 PROGRESS_MIN = 2048  # ablated copies above which the progress bar shows by default
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MethodError
-from .registry import MethodOutput, register
+from camlens.errors import MethodError
+from camlens.methods.registry import MethodOutput, register
 
 
 def _check_tokens(ctx, mats: list[torch.Tensor]) -> tuple[int, int, int]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine import ForwardPass
-from ..errors import HeadError, MethodError
-from ..models.heads import last_linear
-from .registry import CLASSIFIERS, MethodOutput, register
+from camlens.engine import ForwardPass
+from camlens.errors import HeadError, MethodError
+from camlens.methods.registry import CLASSIFIERS, MethodOutput, register
+from camlens.models.heads import last_linear
 
 
 def _head_params(model: nn.Module, head) -> tuple[torch.Tensor, torch.Tensor | None, str]:

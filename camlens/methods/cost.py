@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..engine import ForwardPass, forward
-from ..progress import Estimate, Reporter, current_reporter
-from .registry import Cost, MethodInfo
+from camlens.engine import ForwardPass, forward
+from camlens.methods.registry import Cost, MethodInfo
+from camlens.progress import Estimate, Reporter, current_reporter
 
 #: backward passes to the input cost about two forwards (DESIGN's performance model)
 BACKWARD_FACTOR = 2.0

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardPass
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass
+from camlens.methods.registry import MethodOutput, register
 
 
 @register(

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardPass, layer_grad_reduction
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass, layer_grad_reduction
+from camlens.methods.registry import MethodOutput, register
 
 
 def principal_projection(P: torch.Tensor, center: bool) -> torch.Tensor:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardPass, class_grads
-from ..errors import MethodError
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass, class_grads
+from camlens.errors import MethodError
+from camlens.methods.registry import MethodOutput, register
 
 
 def finer_scores(logits: torch.Tensor, classes: torch.Tensor, n_compare: int, alpha: float):

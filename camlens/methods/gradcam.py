@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardPass, layer_grad_reduction
-from ..errors import MethodError
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass, layer_grad_reduction
+from camlens.errors import MethodError
+from camlens.methods.registry import MethodOutput, register
 
 EPS = 1e-7
 

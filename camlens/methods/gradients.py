@@ -53,11 +53,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._util import gaussian_blur
-from ..engine import ForwardPass, gradient_pass, model_input
-from ..errors import MethodError
-from ..targets import Targets, take_rows
-from .registry import Cost, MethodOutput, get_method, register
+from camlens._util import gaussian_blur
+from camlens.engine import ForwardPass, gradient_pass, model_input
+from camlens.errors import MethodError
+from camlens.methods.registry import Cost, MethodOutput, get_method, register
+from camlens.targets import Targets, take_rows
 
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
 QUADRATURES = ("gauss_legendre", "trapezoid")

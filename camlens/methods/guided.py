@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine import ForwardPass
-from ..ops import minmax
-from .gradcam import gradcam
-from .gradients import pixel_output, require_relus
-from .registry import MethodOutput, Need, register
+from camlens.engine import ForwardPass
+from camlens.methods.gradcam import gradcam
+from camlens.methods.gradients import pixel_output, require_relus
+from camlens.methods.registry import MethodOutput, Need, register
+from camlens.ops import minmax
 
 _RULE_NEEDS: tuple[Need, ...] = ("input_grads", "rules")
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardPass
-from ..errors import MethodError
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass
+from camlens.errors import MethodError
+from camlens.methods.registry import MethodOutput, register
 
 KERNELS = ("sigmoid", "rbf", "linear")
 

@@ -47,9 +47,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import MethodError
-from ..targets import Detection, take_rows
-from .registry import DETECTORS, Cost, MethodOutput, register
+from camlens.errors import MethodError
+from camlens.methods.registry import DETECTORS, Cost, MethodOutput, register
+from camlens.targets import Detection, take_rows
 
 CPU_BATCH = 8
 ACCEL_BATCH = 64

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine import ForwardPass
-from ..errors import MethodError
-from ._head import HeadRunner, default_batch
-from .registry import MethodOutput, register
+from camlens.engine import ForwardPass
+from camlens.errors import MethodError
+from camlens.methods._head import HeadRunner, default_batch
+from camlens.methods.registry import MethodOutput, register
 
 GAUSSIAN = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 

@@ -54,12 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
-from ..errors import MethodError
+from camlens.errors import MethodError
 
 if TYPE_CHECKING:  # typing only: `import camlens` loads this registry without importing torch
     import torch
 
-    from ..engine import ForwardPass
+    from camlens.engine import ForwardPass
 
 Task = Literal["classification", "detection", "segmentation", "other"]
 

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import MethodError
-from ..ops import minmax
-from ..targets import take_rows
-from .registry import Cost, MethodOutput, register
+from camlens.errors import MethodError
+from camlens.methods.registry import Cost, MethodOutput, register
+from camlens.ops import minmax
+from camlens.targets import take_rows
 
 EPS = 1e-8
 PROGRESS_MIN = 256  # masked forwards above which the progress bar shows by default

@@ -59,10 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._util import gaussian_blur
-from ..errors import MethodError
-from .perturbation import _bar, _batch_size, _check_weighting, _class_scores
-from .registry import MethodOutput, register
+from camlens._util import gaussian_blur
+from camlens.errors import MethodError
+from camlens.methods.perturbation import _bar, _batch_size, _check_weighting, _class_scores
+from camlens.methods.registry import MethodOutput, register
 
 ALGORITHMS = ("slic", "quickshift", "felzenszwalb")
 #: scikit-image parameters per algorithm (``segment_options=`` overrides them); quickshift's are

@@ -6,10 +6,10 @@ from typing import Any
 
 from torch import nn
 
-from ..attention import attention_modules
-from ..models.card import card_of
-from ..targets import Detection, Segmentation, is_target_object
-from .registry import MethodInfo, ModelTraits, Task, applicable
+from camlens.attention import attention_modules
+from camlens.methods.registry import MethodInfo, ModelTraits, Task, applicable
+from camlens.models.card import card_of
+from camlens.targets import Detection, Segmentation, is_target_object
 
 
 def model_traits(model: nn.Module, targets: Any = None) -> ModelTraits:

@@ -26,16 +26,16 @@ baseline) or ``"centre"``. Scores are softmax probabilities of the target class.
 :mod:`camlens.metrics._common` for the shared conventions (ties, substrates, memory).
 """
 
-from ._common import baseline_maps, gaussian_blur, make_substrate, pixel_order, pixel_rank
-from .complexity import sparseness
-from .confidence import average_drop, confidence_pair, increase_in_confidence
-from .groundtruth import earth_movers_distance, mask_iou, top_k_precision
-from .perturbation import Curve, auc, deletion, deletion_curve, insertion, insertion_curve
-from .pointing import centre_baseline, energy_pointing_game, gt_masks, pointing_game
-from .road import RoadResult, noisy_linear_imputation, road, road_curves
-from .robustness import max_sensitivity
-from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
-from .similarity import class_sensitivity, pearson, similarity, spearman, ssim
+from camlens.metrics._common import baseline_maps, gaussian_blur, make_substrate, pixel_order, pixel_rank
+from camlens.metrics.complexity import sparseness
+from camlens.metrics.confidence import average_drop, confidence_pair, increase_in_confidence
+from camlens.metrics.groundtruth import earth_movers_distance, mask_iou, top_k_precision
+from camlens.metrics.perturbation import Curve, auc, deletion, deletion_curve, insertion, insertion_curve
+from camlens.metrics.pointing import centre_baseline, energy_pointing_game, gt_masks, pointing_game
+from camlens.metrics.road import RoadResult, noisy_linear_imputation, road, road_curves
+from camlens.metrics.robustness import max_sensitivity
+from camlens.metrics.sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
+from camlens.metrics.similarity import class_sensitivity, pearson, similarity, spearman, ssim
 
 __all__ = [
     "Curve",

@@ -35,16 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import eval_mode
-from .._util import gaussian_blur as _blur
-from ..engine import model_input
-from ..errors import InputError, TargetError
-from ..explainer import explain
-from ..explanation import Explanation
-from ..inputs import prepare_inputs
-from ..models.zoo import card_of, load_model
-from ..outputs import select_output
-from ..targets import resolve_targets
+from camlens._util import eval_mode
+from camlens._util import gaussian_blur as _blur
+from camlens.engine import model_input
+from camlens.errors import InputError, TargetError
+from camlens.explainer import explain
+from camlens.explanation import Explanation
+from camlens.inputs import prepare_inputs
+from camlens.models.zoo import card_of, load_model
+from camlens.outputs import select_output
+from camlens.targets import resolve_targets
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
 Substrate = Union[str, float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # noqa: UP007

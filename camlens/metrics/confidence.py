@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..ops import minmax
-from ._common import MapsLike, Substrate, class_probs, make_substrate, prepare, scored_batches
+from camlens.errors import InputError
+from camlens.metrics._common import MapsLike, Substrate, class_probs, make_substrate, prepare, scored_batches
+from camlens.ops import minmax
 
 
 def confidence_pair(

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from scipy import sparse
 from scipy.optimize import linprog
 
-from ..errors import InputError
-from ..localization import DEFAULT_THRESHOLD
-from ._common import pixel_order
+from camlens.errors import InputError
+from camlens.localization import DEFAULT_THRESHOLD
+from camlens.metrics._common import pixel_order
 
 
 def _pair(maps, masks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ._common import MapsLike, Substrate, make_substrate, pixel_rank, prepare, removed_counts, scored_batches
+from camlens.errors import InputError
+from camlens.metrics._common import (
+    MapsLike,
+    Substrate,
+    make_substrate,
+    pixel_rank,
+    prepare,
+    removed_counts,
+    scored_batches,
+)
 
 
 def auc(y: torch.Tensor | np.ndarray | list, x: torch.Tensor | np.ndarray | list | None = None) -> torch.Tensor:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..localization import box_mask, pointing_game_hit
-from ._common import MapsLike, baseline_maps, prepare
+from camlens.errors import InputError
+from camlens.localization import box_mask, pointing_game_hit
+from camlens.metrics._common import MapsLike, baseline_maps, prepare
 
 
 def _boxes_to_mask(boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

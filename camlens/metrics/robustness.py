@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ._common import check_batch_size, explain_maps, prepare
+from camlens.errors import InputError
+from camlens.metrics._common import check_batch_size, explain_maps, prepare
 
 
 def max_sensitivity(

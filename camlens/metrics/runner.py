@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import numbered, with_options
-from ..errors import InputError, MethodError
-from ..explainer import explain
-from ..inputs import prepare_inputs
-from ..io import load_image
-from ..methods.registry import get_method
-from ..models.zoo import card_of
-from ._common import baseline_maps, check_batch_size, explain_maps, resolve_classes
-from .confidence import confidence_pair
-from .perturbation import deletion_curve, insertion_curve
-from .pointing import energy_pointing_game, pointing_game
-from .road import DEFAULT_PERCENTAGES, road_curves
-from .sanity import METRICS as SANITY_METRICS
-from .sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
-from .similarity import class_sensitivity
+from camlens._util import numbered, with_options
+from camlens.errors import InputError, MethodError
+from camlens.explainer import explain
+from camlens.inputs import prepare_inputs
+from camlens.io import load_image
+from camlens.methods.registry import get_method
+from camlens.metrics._common import baseline_maps, check_batch_size, explain_maps, resolve_classes
+from camlens.metrics.confidence import confidence_pair
+from camlens.metrics.perturbation import deletion_curve, insertion_curve
+from camlens.metrics.pointing import energy_pointing_game, pointing_game
+from camlens.metrics.road import DEFAULT_PERCENTAGES, road_curves
+from camlens.metrics.sanity import METRICS as SANITY_METRICS
+from camlens.metrics.sanity import SanityResult, plot_sanity, randomization_layers, sanity_randomization
+from camlens.metrics.similarity import class_sensitivity
+from camlens.models.zoo import card_of
 
 #: metric name -> (columns it writes, True if higher is better for each column)
 METRIC_COLUMNS: dict[str, dict[str, bool]] = {

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import eval_mode
-from ..engine import model_input
-from ..errors import InputError, LayerNotFoundError
-from ..explainer import explain
-from ..inputs import prepare_inputs
-from ._common import check_batch_size, resolve_classes
-from .similarity import spearman, ssim
+from camlens._util import eval_mode
+from camlens.engine import model_input
+from camlens.errors import InputError, LayerNotFoundError
+from camlens.explainer import explain
+from camlens.inputs import prepare_inputs
+from camlens.metrics._common import check_batch_size, resolve_classes
+from camlens.metrics.similarity import spearman, ssim
 
 METRICS = ("spearman_abs", "spearman", "ssim")
 

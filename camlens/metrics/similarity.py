@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import gaussian_kernel1d
-from ..errors import InputError
-from ..inputs import prepare_inputs
-from ..ops import is_constant, minmax
-from ._common import check_batch_size, explain_maps, logits_of, resolve_classes
+from camlens._util import gaussian_kernel1d
+from camlens.errors import InputError
+from camlens.inputs import prepare_inputs
+from camlens.metrics._common import check_batch_size, explain_maps, logits_of, resolve_classes
+from camlens.ops import is_constant, minmax
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")
 

@@ -1,9 +1,9 @@
 """Model zoo, preprocessing presets, class names and head utilities."""
 
-from .cam_ready import cam_ready, vgg16_cam
-from .classes import imagenet_classes
-from .preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, PRESETS, Preprocess
-from .zoo import DEFAULT_MODEL, ModelCard, available_models, card_of, load_model, load_weights_file
+from camlens.models.cam_ready import cam_ready, vgg16_cam
+from camlens.models.classes import imagenet_classes
+from camlens.models.preprocess import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, PRESETS, Preprocess
+from camlens.models.zoo import DEFAULT_MODEL, ModelCard, available_models, card_of, load_model, load_weights_file
 
 __all__ = [
     "CAFFE_BGR",

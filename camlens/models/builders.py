@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CamlensError, WeightsNotFoundError
-from .card import ModelCard, attach_card, card_of
-from .classes import imagenet_classes
-from .heads import replace_classifier
-from .preprocess import EFFICIENTNET_LITE, IMAGENET, Preprocess
-from .tasks import DETECTORS, SEGMENTERS
-from .weights import load_weights_file
+from camlens.errors import CamlensError, WeightsNotFoundError
+from camlens.models.card import ModelCard, attach_card, card_of
+from camlens.models.classes import imagenet_classes
+from camlens.models.heads import replace_classifier
+from camlens.models.preprocess import EFFICIENTNET_LITE, IMAGENET, Preprocess
+from camlens.models.tasks import DETECTORS, SEGMENTERS
+from camlens.models.weights import load_weights_file
 
 DEFAULT_MODEL = "efficientnet_lite0"
 

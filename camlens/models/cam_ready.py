@@ -49,14 +49,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._util import eval_mode
-from ..errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
-from .builders import build_named, torchvision_weights_file
-from .card import ModelCard, attach_card, card_of
-from .classes import imagenet_classes
-from .heads import last_linear, set_submodule
-from .preprocess import IMAGENET
-from .weights import read_state_dict
+from camlens._util import eval_mode
+from camlens.errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
+from camlens.models.builders import build_named, torchvision_weights_file
+from camlens.models.card import ModelCard, attach_card, card_of
+from camlens.models.classes import imagenet_classes
+from camlens.models.heads import last_linear, set_submodule
+from camlens.models.preprocess import IMAGENET
+from camlens.models.weights import read_state_dict
 
 #: torchvision's ImageNet VGG16 weights file (``VGG16_Weights.IMAGENET1K_V1``) in the torch hub cache
 VGG16_FILE = "vgg16-397923af.pth"
@@ -177,8 +177,8 @@ def check_cam_ready(model: nn.Module, size: int = 64, tol: float | None = None) 
     raises :class:`~camlens.errors.HeadError` when the identity fails. ``tol`` (relative to
     ``1 + max|logits|``) defaults to ``max(1e-3, 16 eps)`` of the model's dtype (bf16: 0.125).
     """
-    from ..capture import CaptureSpec, capture
-    from ..layers import resolve_layer
+    from camlens.capture import CaptureSpec, capture
+    from camlens.layers import resolve_layer
 
     card = card_of(model)
     spec = (

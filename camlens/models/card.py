@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .preprocess import IMAGENET, Preprocess
+from camlens.models.preprocess import IMAGENET, Preprocess
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from camlens.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CamlensError
-from .preprocess import IMAGENET, UNIT_RGB
+from camlens.errors import CamlensError
+from camlens.models.preprocess import IMAGENET, UNIT_RGB
 
 DETECTORS = (
     "fasterrcnn_mobilenet_v3_large_320_fpn",

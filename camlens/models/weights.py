@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._version import versions
-from ..errors import CheckpointError, WeightsNotFoundError
-from ..fsio import atomic_write, atomic_write_json
+from camlens._version import versions
+from camlens.errors import CheckpointError, WeightsNotFoundError
+from camlens.fsio import atomic_write, atomic_write_json
 
 CARD_KEY = "camlens_card"
 FORMAT = "camlens-checkpoint"

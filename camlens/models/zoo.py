@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import parse_device
-from ..errors import CamlensError, CheckpointError
-from .builders import (
+from camlens.devices import parse_device
+from camlens.errors import CamlensError, CheckpointError
+from camlens.models.builders import (
     DEFAULT_MODEL,
     HF_PREFIX,
     TIMM_PREFIX,
@@ -29,12 +29,12 @@ from .builders import (
     class_names_of,
     torchvision_weights_file,
 )
-from .cam_ready import cam_ready, vgg16_cam
-from .card import ModelCard, attach_card, card_of
-from .heads import replace_classifier
-from .preprocess import CAFFE_BGR, PRESETS, Preprocess
-from .tasks import build_task_model, task_of
-from .weights import load_weights_file, read_checkpoint
+from camlens.models.cam_ready import cam_ready, vgg16_cam
+from camlens.models.card import ModelCard, attach_card, card_of
+from camlens.models.heads import replace_classifier
+from camlens.models.preprocess import CAFFE_BGR, PRESETS, Preprocess
+from camlens.models.tasks import build_task_model, task_of
+from camlens.models.weights import load_weights_file, read_checkpoint
 
 _torchvision_weights_file = torchvision_weights_file  # the name camlens 0.1 used
 

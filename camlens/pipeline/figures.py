@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..errors import InputError
-from ..explanation import Explanation
-from ..io import load_image
-from ..methods.registry import methods as registered
-from ..viz import explanation_figure, montage
+from camlens.errors import InputError
+from camlens.explanation import Explanation
+from camlens.io import load_image
+from camlens.methods.registry import methods as registered
+from camlens.viz import explanation_figure, montage
 
 if TYPE_CHECKING:
-    from .store import Results
+    from camlens.pipeline.store import Results
 
 
 def _class_names(rows) -> list[str]:

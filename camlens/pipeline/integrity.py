@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreBusyError, StoreError
-from ..fsio import os_error
+from camlens.errors import StoreBusyError, StoreError
+from camlens.fsio import os_error
 
 #: the lock file, in the store's root
 LOCK_FILE = ".lock"

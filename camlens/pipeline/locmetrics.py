@@ -21,8 +21,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..localization import box_of_map, iou, scale_boxes
-from ..loceval import (
+from camlens.localization import box_of_map, iou, scale_boxes
+from camlens.loceval import (
     POINTING_TOLERANCE,
     SWEEP,
     V2_IOUS,
@@ -32,7 +32,7 @@ from ..loceval import (
     map_pointing_hit,
     sweep_components,
 )
-from .dist import DistContext
+from camlens.pipeline.dist import DistContext
 
 
 class _Counts:

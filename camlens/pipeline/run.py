@@ -32,18 +32,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .._version import versions
-from ..errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
-from ..explanation import Explanation, Upsampled
-from ..fsio import os_error, safe_out_dir
-from ..methods.registry import get_method
-from ..models.preprocess import IMAGENET, Preprocess
-from ..models.zoo import card_of, load_model
-from ..targets import Classes, deprecated_flat_list, is_target_object
-from . import dist as _dist
-from .integrity import StoreLock
-from .sources import Batch, ImageFiles, as_dataset, collate, without_store
-from .store import (
+from camlens._version import versions
+from camlens.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
+from camlens.explanation import Explanation, Upsampled
+from camlens.fsio import os_error, safe_out_dir
+from camlens.methods.registry import get_method
+from camlens.models.preprocess import IMAGENET, Preprocess
+from camlens.models.zoo import card_of, load_model
+from camlens.pipeline import dist as _dist
+from camlens.pipeline.integrity import StoreLock
+from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, without_store
+from camlens.pipeline.store import (
     COLUMNS,
     FIGURES_DIR,
     META_RENDER,
@@ -53,6 +52,7 @@ from .store import (
     chunk_entries,
     read_chunk,
 )
+from camlens.targets import Classes, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
 
@@ -202,7 +202,7 @@ def stream(
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
     options = {**options, **(method_options or {})}  # method options, also those named like ours
-    from ..explainer import explain
+    from camlens.explainer import explain
 
     targets, batch_targets = dataset_targets(targets)
 
@@ -291,7 +291,7 @@ def stream(
 # ----------------------------------------------------------------------------------------------
 def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
-    from ..localization import map_boxes, scale_boxes
+    from camlens.localization import map_boxes, scale_boxes
 
     b = map_boxes(exp, threshold)
     size = tuple(exp.shape[-2:])
@@ -346,7 +346,7 @@ class FilesSink(Sink):
         self.written = 0
 
     def write(self, res: BatchResult) -> None:
-        from ..viz import save_explanation
+        from camlens.viz import save_explanation
 
         b = res.batch
         pngs = [f for f in self.formats if f == "png"]
@@ -515,7 +515,7 @@ def _pq_meta(path: Path) -> dict[bytes, bytes] | None:
 def redraw_figures(store: ResultStore, ds: Any, ids: Sequence[int], sink: FilesSink, batch_size: int) -> int:
     """Draw the figures missing for images already in the store from their stored maps and rows
     (the model is not run); returns how many images got figures."""
-    from ..viz import output_paths
+    from camlens.viz import output_paths
 
     res = Results(store.root)
     table = res.table
@@ -736,7 +736,7 @@ def explain_dataset(
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
     :class:`~camlens.pipeline.store.Results` (with ``.stats``: computed / skipped / failed).
     """
-    from ..localization import DEFAULT_THRESHOLD
+    from camlens.localization import DEFAULT_THRESHOLD
 
     if isinstance(model, str):
         model = load_model(model)

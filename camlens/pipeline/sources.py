@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import CamlensError, InputError
-from ..inputs import check_not_meta
-from ..io import IMAGE_EXTENSIONS
-from ..models.preprocess import IMAGENET, Preprocess
+from camlens.errors import CamlensError, InputError
+from camlens.inputs import check_not_meta
+from camlens.io import IMAGE_EXTENSIONS
+from camlens.models.preprocess import IMAGENET, Preprocess
 
 #: list files read as datasets
 LIST_SUFFIXES = (".csv", ".json", ".xml", ".txt")
@@ -68,7 +68,7 @@ class Batch:
 
 
 def _safe_stem(s: str) -> str:
-    from ..viz import safe_name
+    from camlens.viz import safe_name
 
     return safe_name(s)
 
@@ -76,7 +76,7 @@ def _safe_stem(s: str) -> str:
 def output_stems(paths: Sequence[str]) -> list[str]:
     """Unique file-name-safe stems (``cat.jpg`` -> ``cat``; clashes get the parent folder prefixed,
     then ``-2``, ``-3``…) — the same rule as the CLI's loose-file outputs."""
-    from ..viz import unique_names
+    from camlens.viz import unique_names
 
     stems = [_safe_stem(Path(p).stem if not p.startswith("skimage:") else p.split(":", 1)[1]) for p in paths]
     counts: dict[str, int] = {}
@@ -141,7 +141,7 @@ def read_list(
 
     Relative paths are resolved against ``root`` or the list file's folder.
     """
-    from ..loceval import read_boxes
+    from camlens.loceval import read_boxes
 
     p = Path(path)
     base = Path(root) if root is not None else p.parent
@@ -200,7 +200,7 @@ def discover(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[lis
 
 
 def _load(source: str) -> np.ndarray:
-    from ..io import load_image, sample_image
+    from camlens.io import load_image, sample_image
 
     if source.startswith("skimage:"):
         return sample_image(source.split(":", 1)[1])
@@ -285,7 +285,7 @@ class UserDataset(Dataset):
                 item["size"] = tuple(img.shape[-2:])
                 item["image"] = None
             else:
-                from ..io import load_image
+                from camlens.io import load_image
 
                 arr = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
                 rgb = load_image(arr)

@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CamlensError, InputError, OutputExistsError, StoreError
-from ..fsio import atomic_write, check_target, os_error
-from .integrity import check_file, file_digest, read_json_object, refuse_links
+from camlens.errors import CamlensError, InputError, OutputExistsError, StoreError
+from camlens.fsio import atomic_write, check_target, os_error
+from camlens.pipeline.integrity import check_file, file_digest, read_json_object, refuse_links
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
@@ -834,14 +834,16 @@ class Results:
     def explanations(self, image: int) -> dict[str, Any]:
         """``{method: Explanation}`` of one image (its ``image_id``) rebuilt from the store, for figures
         and :meth:`~camlens.Explanation.save` (:func:`camlens.pipeline.figures.stored_explanations`)."""
-        from .figures import stored_explanations  # lazy: torch and matplotlib only when a figure is asked for
+        from camlens.pipeline.figures import (
+            stored_explanations,  # lazy: torch and matplotlib only when a figure is asked for
+        )
 
         return stored_explanations(self, image)
 
     def figure(self, image: int, method: str | None = None, **kwargs: Any):
         """The overlays of one image (its ``image_id``) as ``camlens.explain`` draws them: one method's
         figure, or the montage of methods x classes when several are stored and none is named."""
-        from .figures import stored_figure  # lazy: torch and matplotlib only when a figure is asked for
+        from camlens.pipeline.figures import stored_figure  # lazy: torch and matplotlib only when a figure is asked for
 
         return stored_figure(self, image, method, **kwargs)
 

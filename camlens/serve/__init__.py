@@ -12,7 +12,7 @@ from typing import Any
 
 def create_app(*args: Any, **kwargs: Any) -> Any:
     """The FastAPI app; see :func:`camlens.serve.app.create_app` (imports FastAPI on first use)."""
-    from .app import create_app as _create_app
+    from camlens.serve.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 

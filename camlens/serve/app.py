@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from . import render
-from .service import (
+from camlens.serve import render
+from camlens.serve.service import (
     SAMPLES,
     SLOW_METHODS,
     THRESHOLDS,
@@ -91,13 +91,13 @@ def _png(data: bytes, filename: str | None = None) -> Response:
 
 
 def _stem(name: str) -> str:
-    from ..viz import safe_name
+    from camlens.viz import safe_name
 
     return safe_name(name.rsplit(".", 1)[0] if "." in name else name)
 
 
 def _result_json(res: Any) -> dict[str, Any]:
-    from ..methods.registry import get_method
+    from camlens.methods.registry import get_method
 
     base = f"api/result/{res.id}"
     methods = []
@@ -241,8 +241,7 @@ def _add_input_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         import camlens
-
-        from ..methods.registry import methods
+        from camlens.methods.registry import methods
 
         return {
             "version": camlens.__version__,
@@ -305,7 +304,7 @@ def _add_input_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/api/image/{image_id}.png")
     def image_png(image_id: str, max_side: int | None = None) -> Response:
-        from .service import display_copy
+        from camlens.serve.service import display_copy
 
         img = svc.image(image_id).display
         if max_side is not None:
@@ -358,7 +357,7 @@ def _add_result_routes(app: FastAPI, svc: Service) -> None:
     def maps(result_id: str, method: str) -> Response:
         res = svc.result(result_id)
         data = render.maps_npy(res, method)
-        from ..viz import safe_name
+        from camlens.viz import safe_name
 
         fname = f"{_stem(res.image.name)}_{safe_name(method)}.npy"
         return Response(

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..methods.registry import get_method
-from .service import PIXEL_PERCENTILE, THRESHOLDS, Panel, Result, ServeError, method_title
+from camlens.methods.registry import get_method
+from camlens.serve.service import PIXEL_PERCENTILE, THRESHOLDS, Panel, Result, ServeError, method_title
 
 #: colormaps offered by the page; "auto" picks DIVERGING_DEFAULT for signed maps, SEQUENTIAL_DEFAULT otherwise
 COLORMAPS = ("auto", "jet", "viridis", "inferno", "RdBu_r", "coolwarm")
@@ -48,7 +48,7 @@ def resolve_cmap(cmap: str, signed: bool) -> str:
 
 def heat_values(panel: Panel, signed: bool, cmap: str, size: tuple[int, int]) -> np.ndarray:
     """The panel's map at ``size`` as values in [0, 1] for ``cmap`` (see the module docstring)."""
-    from ..viz import attribution_heat, normalize, resize_map
+    from camlens.viz import attribution_heat, normalize, resize_map
 
     m = resize_map(panel.map, size)
     pixel = panel.raw is not None
@@ -66,7 +66,7 @@ def heat_values(panel: Panel, signed: bool, cmap: str, size: tuple[int, int]) ->
 def heat_rgb(result: Result, panel: Panel, cmap: str = "auto") -> np.ndarray:
     """The heat layer of a panel at the display size, ``(h, w, 3)`` uint8 (``"auto"``: the library's
     colour rule, :func:`camlens.viz.color_scale`, on this map's values)."""
-    from ..viz import color_scale, colorize, resize_map
+    from camlens.viz import color_scale, colorize, resize_map
 
     if cmap == "auto":
         sc = color_scale(
@@ -82,7 +82,7 @@ def heat_rgb(result: Result, panel: Panel, cmap: str = "auto") -> np.ndarray:
 
 def model_label(result: Result) -> str:
     """The model's name, with ``(random weights)`` when they are."""
-    from ..explanation import RANDOM_WEIGHTS
+    from camlens.explanation import RANDOM_WEIGHTS
 
     return result.model + (f" ({RANDOM_WEIGHTS})" if result.random_weights else "")
 
@@ -91,7 +91,7 @@ def detail_rgb(result: Result, panel: Panel) -> np.ndarray:
     """A pixel method's attribution as colour at the display size (grey = 0; :func:`camlens.viz.attribution_rgb`)."""
     import torch
 
-    from ..viz import attribution_rgb, resize_map
+    from camlens.viz import attribution_rgb, resize_map
 
     if panel.raw is None:
         raise ServeError(f"{panel.method} is not a pixel method: it has no pixel detail", 404)
@@ -132,7 +132,7 @@ def figure_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..localization import draw_boxes
+    from camlens.localization import draw_boxes
 
     if not 0 <= alpha <= 1:
         raise ServeError(f"alpha must be in [0, 1], not {alpha}", 400)
@@ -192,8 +192,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
     """The JSON summary: model, image, predictions, and per method and class the probability, logit,
     cost and box at ``threshold`` (display and original-image pixels), plus any curves computed."""
     import camlens
-
-    from ..localization import localize, scale_boxes
+    from camlens.localization import localize, scale_boxes
 
     ti = threshold_index(threshold)
     img = result.image

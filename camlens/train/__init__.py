@@ -5,11 +5,11 @@ checkpoints with JSON cards, resume, metrics, curves and a validation grid of ex
     model = camlens.load_model(checkpoint="runs/shapes")      # best checkpoint, class names, preprocessing
 """
 
-from ..models.heads import replace_classifier
-from .checkpoint import load_checkpoint, read_card, read_state_dict, save_checkpoint
-from .data import DataError, ImageFolderData, scan_image_folder, stratified_split
-from .loop import FinetuneConfig, FinetuneResult, WarningSkippedImages, evaluate, finetune
-from .losses import decayed_parameters, l2_penalty, regularized_loss
+from camlens.models.heads import replace_classifier
+from camlens.train.checkpoint import load_checkpoint, read_card, read_state_dict, save_checkpoint
+from camlens.train.data import DataError, ImageFolderData, scan_image_folder, stratified_split
+from camlens.train.loop import FinetuneConfig, FinetuneResult, WarningSkippedImages, evaluate, finetune
+from camlens.train.losses import decayed_parameters, l2_penalty, regularized_loss
 
 __all__ = [
     "DataError",

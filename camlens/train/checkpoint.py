@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..fsio import atomic_write, atomic_write_json
-from ..models.weights import (
+from camlens.errors import CheckpointError
+from camlens.fsio import atomic_write, atomic_write_json
+from camlens.models.weights import (
     CARD_KEY,
     PreparedCheckpoint,
     read_card,
@@ -45,7 +45,7 @@ from ..models.weights import (
     versions,
     with_metadata,
 )
-from ..models.zoo import build_model, checkpoint_card, load_checkpoint
+from camlens.models.zoo import build_model, checkpoint_card, load_checkpoint
 
 STATE_FILE = "train_state.safetensors"
 SUMMARY_FILE = "train_state.json"

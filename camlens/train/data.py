@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CamlensError, ImageLoadError, InputError
-from ..io import IMAGE_EXTENSIONS, load_image
-from ..models.preprocess import Preprocess
+from camlens.errors import CamlensError, ImageLoadError, InputError
+from camlens.io import IMAGE_EXTENSIONS, load_image
+from camlens.models.preprocess import Preprocess
 
 
 class DataError(CamlensError, ValueError):

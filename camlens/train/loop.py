@@ -38,23 +38,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._util import eval_mode, with_options
-from .._version import versions
-from ..errors import CamlensError, CheckpointError, OutputExistsError
-from ..fsio import atomic_write_json, remove_output, safe_out_dir
-from ..models.cam_ready import CAM_CHANNELS, cam_ready
-from ..models.heads import last_linear, replace_classifier
-from ..models.preprocess import IMAGENET
-from ..models.weights import prepare_checkpoint, read_state_dict
-from ..models.zoo import ModelCard, attach_card, card_of, checkpoint_card, load_model
-from .checkpoint import (
+from camlens._util import eval_mode, with_options
+from camlens._version import versions
+from camlens.errors import CamlensError, CheckpointError, OutputExistsError
+from camlens.fsio import atomic_write_json, remove_output, safe_out_dir
+from camlens.models.cam_ready import CAM_CHANNELS, cam_ready
+from camlens.models.heads import last_linear, replace_classifier
+from camlens.models.preprocess import IMAGENET
+from camlens.models.weights import prepare_checkpoint, read_state_dict
+from camlens.models.zoo import ModelCard, attach_card, card_of, checkpoint_card, load_model
+from camlens.train.checkpoint import (
     STATE_FILE,
     load_train_state,
     reconcile_checkpoints,
     save_train_state,
     write_state_summary,
 )
-from .data import (
+from camlens.train.data import (
     FolderDataset,
     ImageFolderData,
     check_same_classes,
@@ -63,7 +63,7 @@ from .data import (
     scan_image_folder,
     stratified_split,
 )
-from .losses import regularized_loss
+from camlens.train.losses import regularized_loss
 
 #: files a run writes (the only ones ``overwrite=True`` removes)
 OUTPUT_FILES = (
@@ -314,8 +314,8 @@ def validation_grid(
     net: nn.Module, val: ImageFolderData, pp, path: Path, method: str = "gradcam", n: int = 16, title: str | None = None
 ) -> tuple[Path, str]:
     """Explain the first ``n`` validation images with ``method`` and save the grid figure."""
-    from ..explainer import explain
-    from .report import save_grid
+    from camlens.explainer import explain
+    from camlens.train.report import save_grid
 
     idx = np.linspace(0, len(val) - 1, num=min(n, len(val))).round().astype(int)
     imgs = [val.image(int(i)) for i in idx]
@@ -645,7 +645,7 @@ def _finetune(
 
 
 def write_metrics_files(out: Path, history: list[dict], best: dict | None, run_info: dict) -> None:
-    from .report import plot_curves, write_metrics
+    from camlens.train.report import plot_curves, write_metrics
 
     write_metrics(out, history, {"best": best, **run_info})
     plot_curves(history, out / "curves.png")

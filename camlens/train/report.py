@@ -10,8 +10,8 @@ import csv
 import io
 from pathlib import Path
 
-from ..fsio import atomic_write, atomic_write_json
-from ..viz import batch_grid
+from camlens.fsio import atomic_write, atomic_write_json
+from camlens.viz import batch_grid
 
 COLUMNS = (
     "epoch",
