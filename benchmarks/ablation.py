@@ -3,7 +3,7 @@
 
 ResNet-50 (random weights, 224 px, one image, its top-1 class), the last block ``layer4`` (its
 output, 2048 channels of 7x7): camlens ``ablationcam`` (zeroes each non-zero channel, scores the
-ablated copies through the layers above the target only, see :mod:`camlens.methods._head`),
+ablated copies through the layers above the target only, see :mod:`camlens.attribution._head`),
 camlens ``reciprocam`` (49 masked feature maps through the same head) and pytorch-grad-cam's
 ``AblationCAM(model, [model.layer4[-1]])`` with its defaults (batch 32: it re-runs the whole
 network on copies of the image, with the target layer replaced by its ablated activations), and

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.inputs import prepare_inputs
-from camlens.io import sample_image
+from camlens.base.io import sample_image
+from camlens.core.inputs import prepare_inputs
 from camlens.models.zoo import card_of
 
 from . import peers as P
@@ -207,7 +207,7 @@ def gradient_contenders(
             )
         )
     if "topk" in tasks:
-        from camlens.engine import grad_batching
+        from camlens.core.engine import grad_batching
 
         def top(k: int, batched: bool = True):
             def fn():

@@ -31,7 +31,7 @@ import torch
 
 def measure(batch: int = 8, reps: int = 3, threads: int = 2) -> dict[str, list[float]]:
     import camlens
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     from .cases import PHOTOS
 

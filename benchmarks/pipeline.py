@@ -23,7 +23,7 @@ class at input resolution for every image:
   top-1 class first, bilinear upsampling with ``LayerAttribution.interpolate``.
 
 Every contender runs with the same allocator settings (``--malloc``): camlens' (what its CLI and
-web app set for themselves, :mod:`camlens._malloc`; the default) or glibc's own. The in-process
+web app set for themselves, :mod:`camlens.base._malloc`; the default) or glibc's own. The in-process
 contenders otherwise inherit whatever the earlier ones left in glibc's dynamic mmap threshold — the
 same forward measured 40 or 64 images/s depending on what ran before it.
 
@@ -182,7 +182,7 @@ def pgc_loop(paths, model_name: str, device: str) -> float | None:
     except ImportError:
         return None
     from benchmarks.cases import MODELS, load_bench_model
-    from camlens.io import load_image
+    from camlens.base.io import load_image
     from camlens.models.zoo import card_of
 
     model = load_bench_model(model_name, device)
@@ -305,12 +305,12 @@ def main(argv=None) -> int:
         "--malloc",
         choices=("camlens", "default"),
         default="camlens",
-        help="allocator settings of every contender: camlens' (what its CLI sets, camlens._malloc) or glibc's "
+        help="allocator settings of every contender: camlens' (what its CLI sets, camlens.base._malloc) or glibc's "
         "default; the run re-executes itself so that the in-process contenders get them too",
     )
     a = ap.parse_args(argv)
     if os.environ.get("CAMLENS_BENCH_MALLOC") != a.malloc:  # one allocator setting for every contender
-        from camlens._malloc import tuned_env
+        from camlens.base._malloc import tuned_env
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CAMLENS_MALLOC"}
         env = tuned_env(env) if a.malloc == "camlens" else {**env, "CAMLENS_MALLOC": "default"}

@@ -537,7 +537,7 @@ def splice(existing: str | None, generated: str, path: str | Path = "the report"
 
 def write_markdown(docs: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Write the generated report into ``path``, keeping whatever lies outside the markers."""
-    from camlens.fsio import atomic_write
+    from camlens.base.fsio import atomic_write
 
     p = Path(path)
     existing = p.read_text(encoding="utf-8") if p.is_file() else None

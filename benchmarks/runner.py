@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
         _apply_quick(args)
     doc = run(args, log)
     out = args.out or RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    from camlens.fsio import atomic_write, safe_out_dir
+    from camlens.base.fsio import atomic_write, safe_out_dir
 
     safe_out_dir(out.parent)
     atomic_write(out, json.dumps(doc, indent=1), overwrite=True)  # `camlens bench` checked --overwrite

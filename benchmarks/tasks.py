@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import camlens
-from camlens.methods.perturbation import rise_masks
+from camlens.attribution.perturbation import rise_masks
 from camlens.targets import Detection
 
 from .runner import machine_info, time_round_robin

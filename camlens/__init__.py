@@ -13,12 +13,13 @@ The public API::
     camlens.Explanation
 
 and the sub-packages ``camlens.metrics``, ``camlens.viz``, ``camlens.data``, ``camlens.train``,
-``camlens.loceval``, ``camlens.models``, ``camlens.targets``.
+``camlens.models``, ``camlens.targets``. The code is in folders by layer (``base/``, ``core/``,
+``attribution/`` for the methods, ``api/``, ``viz/``, ``metrics/``…; see CONTRIBUTING.md); the 0.2
+module paths (``camlens.engine``, ``camlens.io``…) still import, with a DeprecationWarning.
 
 Everything is imported on first use (PEP 562 module ``__getattr__``), so ``import camlens`` and
-``camlens --version`` do not import torch. Only the method registry (no torch) is imported eagerly:
-``camlens.methods`` is both that package and the listing function, and binding the function here,
-after the package is loaded, keeps ``camlens.methods()`` callable whatever is imported later.
+``camlens --version`` do not import torch. Only the method registry (no torch) is imported eagerly,
+for ``camlens.methods()``, the listing function (the methods themselves are ``camlens.attribution``).
 """
 
 from __future__ import annotations
@@ -26,32 +27,35 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from camlens import _moved
 from camlens._version import __version__
-from camlens.errors import CamlensError
-from camlens.methods.registry import methods
+from camlens.attribution.registry import methods
+from camlens.base import backends
+from camlens.base.errors import CamlensError
+
+_moved.install()
+backends.declare("figures", "camlens.viz")  # Explanation.show/save/figure (api layer) call the figure code
 
 if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     import numpy as np
 
-    from camlens import data, loceval, metrics, models, targets, train, viz
+    from camlens import data, metrics, models, targets, train, viz
+    from camlens.api.explainer import explain, predict
+    from camlens.api.explanation import Explanation
     from camlens.comparison import CompareConfig, compare
-    from camlens.explainer import explain, predict
-    from camlens.explanation import Explanation
     from camlens.models.zoo import available_models, load_model
     from camlens.pipeline import explain_dataset, open_results
 
 #: public name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
-    "explain": ("camlens.explainer", "explain"),
-    "predict": ("camlens.explainer", "predict"),
-    "Explanation": ("camlens.explanation", "Explanation"),
+    "explain": ("camlens.api.explainer", "explain"),
+    "predict": ("camlens.api.explainer", "predict"),
+    "Explanation": ("camlens.api.explanation", "Explanation"),
     "load_model": ("camlens.models.zoo", "load_model"),
     "available_models": ("camlens.models.zoo", "available_models"),
     "compare": ("camlens.comparison", "compare"),
     "CompareConfig": ("camlens.comparison", "CompareConfig"),
     "data": ("camlens.data", None),
-    "loceval": ("camlens.loceval", None),
-    "localization": ("camlens.localization", None),
     "metrics": ("camlens.metrics", None),
     "models": ("camlens.models", None),
     "targets": ("camlens.targets", None),
@@ -64,6 +68,10 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 
 def __getattr__(name: str) -> Any:
+    moved = _moved.MOVED.get(f"camlens.{name}")
+    if moved is not None:  # camlens.loceval, camlens.io… (0.2 attributes)
+        _moved.warn_moved(f"camlens.{name}", moved)
+        return importlib.import_module(moved)
     try:
         module, attr = _LAZY[name]
     except KeyError:
@@ -80,9 +88,9 @@ def __dir__() -> list[str]:
 
 
 def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.ndarray:
-    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.localization.localize`."""
-    from camlens.localization import DEFAULT_THRESHOLD
-    from camlens.localization import localize as _localize
+    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.base.localization.localize`."""
+    from camlens.base.localization import DEFAULT_THRESHOLD
+    from camlens.base.localization import localize as _localize
 
     return _localize(maps, DEFAULT_THRESHOLD if threshold is None else threshold, **kwargs)
 
@@ -99,7 +107,6 @@ __all__ = [
     "explain_dataset",
     "load_model",
     "localize",
-    "loceval",
     "methods",
     "metrics",
     "models",

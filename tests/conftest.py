@@ -27,14 +27,14 @@ def lite0():
 
 @pytest.fixture(scope="session")
 def cat() -> np.ndarray:
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     return sample_image("chelsea")
 
 
 @pytest.fixture(scope="session")
 def coffee() -> np.ndarray:
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     return sample_image("coffee")
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.attention import attention_modules, capture_attention
-from camlens.engine import ForwardPass
-from camlens.errors import MethodError
+from camlens.base.errors import MethodError
+from camlens.core.attention import attention_modules, capture_attention
+from camlens.core.engine import ForwardPass
 from tests.test_core_hygiene import assert_untouched, snapshot
 from tests.test_layout import tiny_swin, tiny_timm_vit, tiny_tv_vit
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import InputError, MethodError, TargetError
+from camlens.base.errors import InputError, MethodError, TargetError
 
 
 @pytest.mark.parametrize("channels", [1, 4])

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens import engine
-from camlens.capture import CaptureSpec
-from camlens.engine import ForwardPass, class_grads, grad_batching
+from camlens.core import engine
+from camlens.core.capture import CaptureSpec
+from camlens.core.engine import ForwardPass, class_grads, grad_batching
 
 NUM_CLASSES = 120
 LAYER_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")

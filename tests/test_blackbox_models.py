@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import InputError, MethodError
+from camlens.base.errors import InputError, MethodError
 
 #: a convolution, a ReLU, global average pooling and a linear head, as NumPy arrays
 rng = np.random.default_rng(0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import camlens
-from camlens.errors import InputError
-from camlens.localization import Boxes, localize, scale_boxes
+from camlens.base.errors import InputError
+from camlens.base.localization import Boxes, localize, scale_boxes
 
 
 def test_boxes_in_image_pixels_match_the_saved_summary(lite0, cat, tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens.errors import CheckpointError, HeadError, WeightsNotFoundError
+from camlens.base.errors import CheckpointError, HeadError, WeightsNotFoundError
 from camlens.models.cam_ready import CAMNet, cam_ready, check_cam_ready, vgg16_cam
 
 
@@ -196,7 +196,7 @@ def test_efficientnet_lite0_by_name(lite0):
     assert m.camlens.preprocess.name == "efficientnet_lite" and m.camlens.class_names == ["a", "b", "c", "d"]
     # the pretrained backbone is kept
     torch.testing.assert_close(m._conv_stem.weight, lite0._conv_stem.weight)
-    e = camlens.explain(m, camlens.io.sample_image("chelsea"), method="cam")
+    e = camlens.explain(m, camlens.base.io.sample_image("chelsea"), method="cam")
     assert e.maps.shape == (1, 1, 224, 224) and e.labels()[0][0] in "abcd"
     assert check_cam_ready(m) < 1e-3
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from test_finetune import FAST, make_folder, tiny_net
 
-import camlens.fsio
-from camlens.errors import CamlensError, CheckpointError
+import camlens.base.fsio
+from camlens.base.errors import CamlensError, CheckpointError
 from camlens.train import finetune
 
 KW = dict(lr=0.05, seed=1, epochs=2, **FAST)  # epoch 2 improves (val acc 0.75 -> 1.0): best.* is rewritten
@@ -63,8 +63,8 @@ class Commits:
 
             return wrapped
 
-        monkeypatch.setattr(camlens.fsio.os, "replace", hook(real_replace))
-        monkeypatch.setattr(camlens.fsio.os, "link", hook(real_link))
+        monkeypatch.setattr(camlens.base.fsio.os, "replace", hook(real_replace))
+        monkeypatch.setattr(camlens.base.fsio.os, "link", hook(real_link))
 
 
 @pytest.fixture(scope="module")

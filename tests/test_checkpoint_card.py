@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import camlens
-from camlens.errors import CheckpointError
+from camlens.base.errors import CheckpointError
 from camlens.models import weights as W
 
 

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from camlens.base.localization import iou
 from camlens.cli import main
 from camlens.cli.common import expand_inputs, output_stems, parse_classes
-from camlens.localization import iou
-from camlens.loceval import load_threshold, read_boxes
+from camlens.metrics.loceval import load_threshold, read_boxes
 
 FAST = ["--model", "resnet18", "--weights", "random"]
 

@@ -65,7 +65,7 @@ def test_option_errors_are_usage_errors(tmp_path):
 def test_option_reaches_the_method(tmp_path, monkeypatch):
     import importlib
 
-    run_mod = importlib.import_module("camlens.explainer")  # the pipeline imports explain from here per run
+    run_mod = importlib.import_module("camlens.api.explainer")  # the pipeline imports explain from here per run
     real = run_mod.explain
     seen = []
 
@@ -96,7 +96,7 @@ def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch):
     folder.mkdir()
     for i in range(5):
         Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"im{i}.png")
-    run_mod = importlib.import_module("camlens.explainer")
+    run_mod = importlib.import_module("camlens.api.explainer")
     real = run_mod.explain
     seen = []
     monkeypatch.setattr(run_mod, "explain", lambda *a, **k: seen.append(k) or real(*a, **k))
@@ -191,7 +191,7 @@ def test_vgg16_weights_error_says_how_to_get_them(tmp_path):
 def test_scorecam_progress_counts_masked_forwards(tiny, tiny_x, monkeypatch):
     import importlib
 
-    sc = importlib.import_module("camlens.methods.scorecam")  # camlens.methods is also a function
+    sc = importlib.import_module("camlens.attribution.scorecam")  # camlens.attribution is also a function
 
     bars = []
 

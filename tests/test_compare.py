@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 import camlens
+from camlens.base.errors import InputError, OutputExistsError
 from camlens.comparison import CompareConfig, compare, sobel_maps
-from camlens.errors import InputError, OutputExistsError
-from camlens.loceval import evaluate_maps
 from camlens.metrics import (
     deletion,
     earth_movers_distance,
@@ -28,6 +27,7 @@ from camlens.metrics import (
     sparseness,
     top_k_precision,
 )
+from camlens.metrics.loceval import evaluate_maps
 
 SMALL = CompareConfig(
     images=3,

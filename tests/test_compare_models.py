@@ -9,17 +9,19 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from camlens.base.errors import InputError, OutputExistsError
 from camlens.cli import main
 from camlens.comparison import CompareConfig, compare
 from camlens.data import tetromino, tetromino_arrays
-from camlens.errors import InputError, OutputExistsError
 
 CHEAP = dict(steps=2, road_percentages=(0.5,), sensitivity_images=0, bootstrap=20, progress=False)
 
 
 @pytest.mark.slow
 def test_randomization_flag_fires_for_guided_backprop_not_gradcam_on_lite0(lite0, cat):
-    x, _, _ = __import__("camlens").inputs.prepare_inputs([cat], lite0)
+    from camlens.core.inputs import prepare_inputs
+
+    x, _, _ = prepare_inputs([cat], lite0)
     cfg = CompareConfig(images=1, sanity_images=1, sanity_layers=3, **CHEAP)
     res = compare(lite0, x, "gradcam,guided_backprop", config=cfg)
     sim = {m: float(res.row(m, "randomization_similarity")["mean"]) for m in ("gradcam", "guided_backprop")}

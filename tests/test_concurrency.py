@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import camlens
-from camlens.concurrency import lock_of, model_lock
+from camlens.base.concurrency import lock_of, model_lock
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -16,7 +16,7 @@ def _hook_count(model: torch.nn.Module) -> int:
 
 
 def _photos():
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     names = ["chelsea", "coffee", "astronaut", "rocket"]
     return [sample_image(n)[::4, ::4].copy() for n in names]  # small: keeps the test fast

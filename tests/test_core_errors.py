@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import HeadError, InputError, LayerNotFoundError, MethodError, TargetError
+from camlens.base.errors import HeadError, InputError, LayerNotFoundError, MethodError, TargetError
 
 
 def test_misspelt_layer_lists_closest_names(tiny, tiny_x):
@@ -102,6 +102,6 @@ def test_unknown_zoo_model_suggests():
 
 def test_missing_torchvision_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(camlens.errors.WeightsNotFoundError, match="never downloads") as err:
+    with pytest.raises(camlens.base.errors.WeightsNotFoundError, match="never downloads") as err:
         camlens.load_model("resnet18")
     assert "weights=" in str(err.value) and str(tmp_path) in str(err.value)

@@ -93,9 +93,9 @@ def test_restored_when_the_forward_raises(bnnet):
 
 def test_restored_when_a_method_raises(bnnet):
     before = snapshot(bnnet)
-    with pytest.raises(camlens.errors.TargetError):
+    with pytest.raises(camlens.base.errors.TargetError):
         camlens.explain(bnnet, torch.randn(1, 3, 16, 16), method="gradcam", targets=99)
-    with pytest.raises(camlens.errors.MethodError):
+    with pytest.raises(camlens.base.errors.MethodError):
         camlens.explain(bnnet, torch.randn(1, 3, 16, 16), method="cam", targets=lambda z: z[:, 0])
     assert_untouched(bnnet, before)
 

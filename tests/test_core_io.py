@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import camlens
-from camlens.errors import CheckpointError, ImageLoadError, InputError
-from camlens.explanation import minmax
-from camlens.io import load_image
+from camlens.api.explanation import minmax
+from camlens.base.errors import CheckpointError, ImageLoadError, InputError
+from camlens.base.io import load_image
 from camlens.models import CAFFE_BGR, EFFICIENTNET_LITE, IMAGENET, Preprocess, load_weights_file
 
 
@@ -58,7 +58,7 @@ def test_corrupt_truncated_missing_and_bomb(tmp_path, rgb, monkeypatch):
         load_image(trunc)
     with pytest.raises(ImageLoadError, match="not found"):
         load_image(tmp_path / "nope.png")
-    monkeypatch.setattr("camlens.io.MAX_PIXELS", 100)
+    monkeypatch.setattr("camlens.base.io.MAX_PIXELS", 100)
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(good)
 
@@ -153,7 +153,7 @@ def test_exif_orientation_is_applied(tmp_path):
     loaded upright. Oracle: the stored pixels rotated by numpy."""
     from PIL import Image
 
-    from camlens.io import load_image
+    from camlens.base.io import load_image
 
     stored = np.zeros((40, 60, 3), np.uint8)  # stored 60 wide x 40 high
     stored[:, :20] = (255, 0, 0)  # a red band on the stored left

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import camlens
-from camlens.inputs import prepare_inputs
-from camlens.io import sample_image
+from camlens.base.io import sample_image
+from camlens.core.inputs import prepare_inputs
 
 
 def test_lite0_classifies_the_cat(lite0, cat):
@@ -84,7 +84,7 @@ def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
     model = camlens.load_model("vgg11", weights="random")
     e = camlens.explain(model, torch.randn(1, 3, 64, 64), method="gradcam")
     assert e.layer == "output of features.20"  # the last max-pool: VGG's flatten+MLP has no GAP
-    with pytest.raises(camlens.errors.HeadError, match="gradcam"):
+    with pytest.raises(camlens.base.errors.HeadError, match="gradcam"):
         camlens.explain(model, torch.randn(1, 3, 64, 64), method="cam")
     x = torch.randn(3, 3, 64, 64)  # a batch: the pooling probe runs on one image, then the batch
     auto, named = (camlens.explain(model, x, method="gradcam", layer=layer) for layer in (None, "features.20"))
@@ -97,7 +97,7 @@ def test_vgg_without_global_pooling_falls_back_to_last_spatial_layer():
 def test_vgg_auto_layer_costs_two_forwards(n):
     """No global pooling: the pass that looked for it also saw the last spatial module, so the
     fallback needs no extra probe: one watching pass + the final pass, at any batch size."""
-    from camlens.layers import fallback_layer
+    from camlens.core.layers import fallback_layer
 
     torch.manual_seed(0)
     model = camlens.load_model("vgg11", weights="random")

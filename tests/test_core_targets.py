@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from camlens.errors import TargetError
+from camlens.base.errors import TargetError
 from camlens.targets import Classes, resolve_targets
 
 LOGITS = torch.tensor([[0.1, 3.0, 2.0, -1.0], [5.0, 1.0, 4.0, 0.0]])

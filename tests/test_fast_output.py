@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import camlens
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 from camlens.viz import colorize, colormap_lut, overlay, save_explanation, save_png
 from tests.conftest import TinyCNN
 
@@ -136,7 +136,7 @@ def test_save_png_boxes_metadata_and_compression(tmp_path):
     ("src", "dst"), [((7, 7), (224, 224)), ((5, 3), (17, 40)), ((30, 20), (12, 7)), ((4, 4), (4, 4))]
 )
 def test_upsample_equals_bilinear_interpolate(src, dst):
-    from camlens.explanation import upsample
+    from camlens.api.explanation import upsample
 
     m = torch.randn(2, 3, *src, generator=torch.Generator().manual_seed(0))
     want = F.interpolate(m, size=dst, mode="bilinear", align_corners=False)

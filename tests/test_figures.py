@@ -197,7 +197,7 @@ def test_in_notebook_false_in_plain_python():
 
 # ------------------------------------------------------------------------------------------ item 11
 def test_tensor_input_is_shown_de_normalized(lite0, cat):
-    from camlens.inputs import prepare_inputs
+    from camlens.core.inputs import prepare_inputs
 
     x, _, _ = prepare_inputs(cat, lite0)
     exp = camlens.explain(lite0, x)

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 import camlens
-from camlens.errors import CamlensError, CheckpointError, OutputExistsError
+from camlens.base.errors import CamlensError, CheckpointError, OutputExistsError
 from camlens.train import DataError, decayed_parameters, finetune, l2_penalty, regularized_loss
 from camlens.train.data import FolderDataset, scan_image_folder, stratified_split
 from camlens.train.loop import WarningSkippedImages
@@ -418,9 +418,9 @@ def test_cli_finetune(folder, tmp_path):
 def test_lite0_on_synthetic_shapes_learns_and_localizes(tmp_path):
     """EfficientNet-Lite0 (bundled ImageNet weights), 200 synthetic 96-px images of 4 shapes, 1 epoch at
     192 px with the backbone frozen (CPU-time budget): high validation accuracy, and CAM boxes that beat
-    the centre baseline by far (MaxBoxAcc and pointing game, via camlens.loceval)."""
+    the centre baseline by far (MaxBoxAcc and pointing game, via camlens.metrics.loceval)."""
     from camlens.data import synthetic
-    from camlens.loceval import evaluate_model, read_boxes
+    from camlens.metrics.loceval import evaluate_model, read_boxes
 
     ds = synthetic(tmp_path / "shapes", n_per_class=50, image_size=96, seed=0)
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Safe outputs (camlens.fsio and every writer): atomic writes, symbolic links never followed, a full
+"""Safe outputs (camlens.base.fsio and every writer): atomic writes, symbolic links never followed, a full
 disk or an unusable folder reported by cause, a partial run's files complete or absent.
 
 Oracles: the file system itself (lstat of what exists after the run, byte contents, the directory
@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from camlens import fsio
+from camlens.base import fsio
+from camlens.base.errors import OutputExistsError, WriteError
 from camlens.cli import main
-from camlens.errors import OutputExistsError, WriteError
 
 
 def listing(folder: Path) -> dict[str, bytes | str]:

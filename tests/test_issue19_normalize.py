@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
+from camlens.base.ops import ULPS, is_constant, minmax
 from camlens.metrics.confidence import confidence_pair
-from camlens.ops import ULPS, is_constant, minmax
 from camlens.viz import colorize, normalize, overlay
 
 MAGNITUDES = [1e-20, 1e-9, 0.37, 1.0, 3.3, 876.0, 1e6]
@@ -136,7 +136,7 @@ def test_confidence_mask_of_constant_map_keeps_nothing():
 
 def test_scorecam_mask_of_rippled_channel_is_zero():
     """Score-CAM's masks use the same function: a channel constant up to rounding masks everything."""
-    from camlens.methods.scorecam import _minmax_rows
+    from camlens.attribution.scorecam import _minmax_rows
 
     rows = upsampled_constant(876.0, (37, 53)).flatten(1)
     assert torch.equal(_minmax_rows(rows), torch.zeros_like(rows))

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 
 import camlens
-from camlens._util import numbered, rank_tags
+from camlens.base._util import numbered, rank_tags
+from camlens.base.errors import WeightsNotFoundError
 from camlens.cli import main
 from camlens.cli.common import cap_workers, cli_message, usable_cpus
+from camlens.core.inputs import prepare_inputs
 from camlens.data import synthetic
-from camlens.errors import WeightsNotFoundError
-from camlens.inputs import prepare_inputs
-from camlens.loceval import evaluate_maps
+from camlens.metrics.loceval import evaluate_maps
 from camlens.viz import output_paths
 
 

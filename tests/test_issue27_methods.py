@@ -157,7 +157,7 @@ def test_ablationcam_leaves_no_trace_even_when_the_target_raises(tinyres):
 
 
 def test_ablationcam_batch_size_is_checked(gapnet, x8):
-    with pytest.raises(camlens.errors.MethodError, match="batch_size"):
+    with pytest.raises(camlens.base.errors.MethodError, match="batch_size"):
         camlens.explain(gapnet, x8, "ablationcam", layer="act", batch_size=0)
 
 
@@ -251,7 +251,7 @@ def test_reciprocam_closed_form_gap_linear(gapnet, x8):
 
 
 def test_reciprocam_weighting_is_checked(gapnet, x8):
-    with pytest.raises(camlens.errors.MethodError, match="weighting"):
+    with pytest.raises(camlens.base.errors.MethodError, match="weighting"):
         camlens.explain(gapnet, x8, "reciprocam", layer="act", weighting="softmax")
 
 
@@ -328,9 +328,9 @@ def test_finercam_alpha_zero_is_gradcam_and_needs_class_targets(gapnet, x8):
     f = camlens.explain(gapnet, x8, "finercam", layer="act", targets="top2", alpha=0.0).raw
     g = camlens.explain(gapnet, x8, "gradcam", layer="act", targets="top2").raw
     torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-7)
-    with pytest.raises(camlens.errors.MethodError, match="class indices"):
+    with pytest.raises(camlens.base.errors.MethodError, match="class indices"):
         camlens.explain(gapnet, x8, "finercam", layer="act", targets=lambda z: z[:, 0])
-    with pytest.raises(camlens.errors.MethodError, match="n_compare"):
+    with pytest.raises(camlens.base.errors.MethodError, match="n_compare"):
         camlens.explain(gapnet, x8, "finercam", layer="act", n_compare=4)
 
 

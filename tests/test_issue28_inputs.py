@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import camlens
-from camlens.errors import ImageLoadError, InputError, MethodError, NonFiniteError
+from camlens.base.errors import ImageLoadError, InputError, MethodError, NonFiniteError
 
 
 def _net(act=None) -> nn.Module:
@@ -56,14 +56,14 @@ def test_negative_int8_image_array_is_refused_not_clipped():
         camlens.explain(_net(), a, "gradcam", layer="c2")
     # non-negative signed integers keep working, as uint8 of the same values
     pos = np.arange(16 * 16 * 3).reshape(16, 16, 3).astype(np.int16) % 200
-    np.testing.assert_array_equal(camlens.io.load_image(pos), camlens.io.load_image(pos.astype(np.uint8)))
+    np.testing.assert_array_equal(camlens.base.io.load_image(pos), camlens.base.io.load_image(pos.astype(np.uint8)))
 
 
 def test_complex_and_non_numeric_image_arrays_are_refused():
     with pytest.raises(InputError, match="complex dtype complex64"):
         camlens.explain(_net(), np.zeros((16, 16, 3), np.complex64), "gradcam", layer="c2")
     with pytest.raises(InputError, match="dtype <U1"):
-        camlens.io.load_image(np.full((4, 4, 3), "a"))
+        camlens.base.io.load_image(np.full((4, 4, 3), "a"))
 
 
 # ------------------------------------------------------------------ ReLU written as a clamp
@@ -98,7 +98,7 @@ def test_clipped_clamp_is_relu6():
 
 
 def test_clamp_with_another_lower_bound_is_not_a_relu():
-    from camlens.rules import relu_rules
+    from camlens.core.rules import relu_rules
 
     x = torch.randn(5, requires_grad=True)
     with relu_rules() as sw:

@@ -1,4 +1,4 @@
-"""Issue 28, item 11: one pointing game for camlens.metrics and camlens.loceval - TorchRay's
+"""Issue 28, item 11: one pointing game for camlens.metrics and camlens.metrics.loceval - TorchRay's
 protocol (integer pixels, a hit only strictly below the tolerance), tied maxima a hit when any hits."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from camlens import loceval, metrics
+from camlens import metrics
+from camlens.metrics import loceval
 
 
 def _both(m: torch.Tensor, box: np.ndarray, tolerance: float, seed: int = 0) -> tuple[float, float]:

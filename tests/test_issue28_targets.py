@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import NonFiniteError, TargetError
+from camlens.base.errors import NonFiniteError, TargetError
 from camlens.targets import Detection, Segmentation, Similarity
 
 BOXES = torch.tensor([[2.0, 2.0, 10.0, 10.0], [4.0, 4.0, 14.0, 12.0]])

@@ -1,14 +1,15 @@
 """The package imports downwards only, has no import cycle, and stays light to import.
 
-Layers (a module may import its own layer and the ones below, never above)::
+Each module's layer is the folder it is in (a module may import its own layer and the ones below,
+never above)::
 
-    0 base      errors, _version, _malloc, _util, io, ops, fsio, localization, models.{classes,preprocess,heads,weights}
-    1 core      capture, layers, targets, rules, outputs, layout, attention, resolve, inputs, engine, models.*
-    2 methods   methods.*
-    3 explain   explanation, explainer
-    4 analysis  viz, loceval, metrics.*, data.*, comparison.*
-    5 train     train.*, pipeline.*, store
-    6 apps      cli.*, serve.*, __main__, the package root (lazy attributes only)
+    0 base         camlens/base/, camlens/_version.py, camlens/_moved.py
+    1 core         camlens/core/, camlens/models/, camlens/targets/
+    2 methods      camlens/attribution/
+    3 api          camlens/api/
+    4 analysis     camlens/viz/, camlens/metrics/, camlens/data/, camlens/comparison/
+    5 jobs         camlens/train/, camlens/pipeline/
+    6 apps         camlens/cli/, camlens/serve/, camlens/__main__.py, camlens/__init__.py (lazy attributes)
 
 Function-level imports of camlens modules are counted too (a cycle hidden in a function is still a
 cycle); the only exceptions are listed in ``LAZY_EDGES`` with their reason.
@@ -25,56 +26,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "camlens"
 
-RANKS: list[tuple[int, tuple[str, ...]]] = [
-    (
-        0,
-        (
-            "errors",
-            "_version",
-            "_malloc",
-            "_util",
-            "concurrency",
-            "classnames",
-            "devices",
-            "io",
-            "ops",
-            "fsio",
-            "progress",
-            "localization",
-            "models.classes",
-            "models.preprocess",
-            "models.heads",
-            "models.weights",
-        ),
-    ),
-    (
-        1,
-        (
-            "capture",
-            "layers",
-            "targets",
-            "rules",
-            "outputs",
-            "layout",
-            "attention",
-            "resolve",
-            "inputs",
-            "engine",
-            "models",
-        ),
-    ),
-    (2, ("methods",)),
-    (3, ("explanation", "explainer")),
-    (4, ("viz", "loceval", "metrics", "data", "figures", "comparison")),
-    (5, ("train", "pipeline", "store", "dataset")),
-    (6, ("cli", "serve", "__main__", "")),
-]
-
-#: function-level imports that close a cycle on purpose, with the reason
-LAZY_EDGES = {
-    ("camlens.explanation", "camlens.viz"): "Explanation.show/save delegate to the figure code (matplotlib) "
-    "only when a figure is asked for; explanation.py stays data",
+#: folder (or root-level module) -> layer; nothing else decides a module's layer
+FOLDER_LAYERS: dict[str, int] = {
+    "base": 0,
+    "_version": 0,
+    "_moved": 0,
+    "core": 1,
+    "models": 1,
+    "targets": 1,
+    "attribution": 2,
+    "api": 3,
+    "viz": 4,
+    "metrics": 4,
+    "data": 4,
+    "comparison": 4,
+    "train": 5,
+    "pipeline": 5,
+    "cli": 6,
+    "serve": 6,
+    "__main__": 6,
+    "": 6,
 }
+
+#: function-level imports that close a cycle on purpose, with the reason (none left)
+LAZY_EDGES: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -89,14 +64,9 @@ MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
 def _rank(mod: str) -> int | None:
+    """The layer of ``camlens.<folder>.…``: its top-level folder's (``None``: a folder not listed)."""
     rel = mod[len("camlens.") :] if mod.startswith("camlens.") else ""
-    best: tuple[int, int] | None = None  # (prefix length, rank): the longest matching prefix wins
-    for rank, prefixes in RANKS:
-        for p in prefixes:
-            matches = rel == p or (p and rel.startswith(p + "."))
-            if matches and (best is None or len(p) > best[0]):
-                best = (len(p), rank)
-    return None if best is None else best[1]
+    return FOLDER_LAYERS.get(rel.split(".")[0])
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -210,8 +180,8 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     """The oracle itself: a hand-made cycle and an upward import are found."""
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycles(g) == [["a", "b", "c"]]
-    assert _rank("camlens.cli.explain") == 6 and _rank("camlens.engine") == 1
-    assert _rank("camlens.models.weights") == 0 and _rank("camlens.models.zoo") == 1
+    assert _rank("camlens.cli.explain") == 6 and _rank("camlens.core.engine") == 1
+    assert _rank("camlens.models.zoo") == 1 and _rank("camlens.base.io") == 0 and _rank("camlens.newfolder.x") is None
 
 
 @pytest.mark.slow
@@ -239,9 +209,9 @@ def test_import_camlens_is_light_and_lazy_attributes_work():
     code = (
         "import sys, camlens\nassert 'torch' not in sys.modules\n"
         "assert callable(camlens.methods) and callable(camlens.localize)\n"
-        "import camlens.methods.gradcam, camlens.localization, camlens.explainer\n"
+        "import camlens.attribution.gradcam, camlens.base.localization, camlens.api.explainer\n"
         "assert callable(camlens.methods) and callable(camlens.localize) and callable(camlens.explain)\n"
-        "for name in ('metrics', 'data', 'train', 'viz', 'loceval', 'targets', 'models'):\n"
+        "for name in ('metrics', 'data', 'train', 'viz', 'targets', 'models'):\n"
         "    assert getattr(camlens, name).__name__ == 'camlens.' + name\n"
         "assert camlens.Explanation.__name__ == 'Explanation'\n"
         "try:\n    camlens.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
@@ -261,3 +231,37 @@ def test_one_version_source():
         'attr = "camlens._version.__version__"' in text
         and "\nversion =" not in text.split("[project]")[1].split("[")[0]
     )
+
+
+def test_0_2_module_paths_still_import_with_a_deprecation_warning_naming_the_new_path():
+    """The old flat paths resolve to the very module at the new path (one module object, its own
+    spec kept), ``camlens.methods`` stays the listing function after a 0.2 submodule import."""
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('error')\n"
+        "import camlens\n"
+        "from camlens._moved import MOVED\n"
+        "assert set(MOVED) >= {'camlens.engine', 'camlens.io', 'camlens.loceval', 'camlens.explanation'}\n"
+        "for old, new in sorted(MOVED.items()):\n"
+        "    try:\n"
+        "        importlib.import_module(old)\n"
+        "    except DeprecationWarning as w:\n"
+        "        assert new in str(w) and old in str(w), w\n"
+        "    else:\n"
+        "        raise SystemExit('no warning for ' + old)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import camlens.engine, camlens.core.engine as e\n"
+        "assert camlens.engine is e and e.__spec__.name == 'camlens.core.engine'\n"
+        "from camlens.methods.registry import register\n"
+        "from camlens.attribution.registry import register as r2\n"
+        "assert register is r2 and 'gradcam' in camlens.methods()\n"
+        "assert camlens.loceval is importlib.import_module('camlens.metrics.loceval')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_nothing_is_left_flat_in_the_package_root():
+    """Every module lives in a layer folder; only the package's own entry files stay at the root."""
+    flat = sorted(p.name for p in ROOT.glob("*.py"))
+    assert flat == ["__init__.py", "__main__.py", "_moved.py", "_version.py"], flat

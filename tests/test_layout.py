@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.engine import ForwardPass
-from camlens.errors import CamlensError, LayoutError
-from camlens.layers import resolve_layer
-from camlens.layout import grid_fits, infer_layout, token_grid
+from camlens.base.errors import CamlensError, LayoutError
+from camlens.core.engine import ForwardPass
+from camlens.core.layers import resolve_layer
+from camlens.core.layout import grid_fits, infer_layout, token_grid
 from tests.test_core_hygiene import assert_untouched, snapshot
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import camlens
-from camlens.explanation import Upsampled
+from camlens.api.explanation import Upsampled
 
 
 def _net() -> nn.Module:

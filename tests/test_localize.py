@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import camlens
-from camlens.errors import InputError
-from camlens.explanation import Explanation
-from camlens.localization import (
+from camlens.api.explanation import Explanation
+from camlens.base.errors import InputError
+from camlens.base.localization import (
     DEFAULT_THRESHOLD,
     centre_box,
     draw_boxes,
@@ -148,7 +148,7 @@ def test_batched_tensor_matches_independent_flood_fill():
 
 
 def test_camlens_localize_stays_callable_after_submodule_import():
-    import camlens.localization as mod
+    import camlens.base.localization as mod
 
     m = np.zeros((4, 4))
     m[1, 2] = 1

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camlens.errors import InputError, OutputExistsError
-from camlens.localization import localize
-from camlens.loceval import (
+from camlens.base.errors import InputError, OutputExistsError
+from camlens.base.localization import localize
+from camlens.metrics.loceval import (
     SWEEP,
     GroundTruthError,
     calibrate_threshold,
@@ -318,7 +318,7 @@ def test_cam_and_gradcam_localize_synthetic_objects_better_than_the_centre(tmp_p
     attach_card(net, ModelCard("tiny", pp, list(train.classes)))
     ds = synthetic(tmp_path / "val", 4, image_size=48, seed=5)
     files = read_boxes(ds.csv)
-    rep = camlens.loceval.evaluate_model(net, files, method="cam", tolerance=0, batch_size=7)
+    rep = camlens.metrics.loceval.evaluate_model(net, files, method="cam", tolerance=0, batch_size=7)
     imgs = [np.array(Image.open(p)) for p in ds.paths]
     ids = [train.classes.index(ds.classes[lab]) for lab in ds.labels]
     exp = camlens.explain(net, imgs, method="cam", targets=ids)
@@ -348,8 +348,8 @@ def _shape_model():
 def _two_pass_reference(net, gt, batch_size):
     """The 0.1 algorithm, written here: predict() for the top-1 class, then explain() the GT class."""
     import camlens
-    from camlens.io import load_image
-    from camlens.loceval import evaluate_maps
+    from camlens.base.io import load_image
+    from camlens.metrics.loceval import evaluate_maps
 
     names = net.camlens.class_names
     maps, gts, sizes, correct = [], [], [], []
@@ -375,7 +375,7 @@ def test_localization_eval_needs_one_forward_per_batch(tmp_path, monkeypatch):
 
     from camlens.cli import main
     from camlens.data import synthetic
-    from camlens.loceval import evaluate_model
+    from camlens.metrics.loceval import evaluate_model
 
     ds = synthetic(tmp_path / "ds", 3, image_size=48, seed=5)  # 12 images, 4 classes
     gt = read_boxes(ds.csv)

@@ -1,4 +1,4 @@
-"""camlens' own processes set glibc's mmap/trim thresholds (camlens._malloc); ``import camlens`` never.
+"""camlens' own processes set glibc's mmap/trim thresholds (camlens.base._malloc); ``import camlens`` never.
 
 Oracle: the kernel's minor page-fault count of a process that allocates, touches and frees a
 16 MiB block four times. With the thresholds set, only the first touch faults; with glibc's
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from camlens._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_malloc, tuned_env
+from camlens.base._malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_malloc, tuned_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -54,7 +54,7 @@ def _clean_env() -> dict[str, str]:
 def test_tuned_thresholds_keep_freed_tensor_buffers():
     env = _clean_env()
     default = _faults("", env)
-    tuned = _faults("from camlens._malloc import tune_malloc\nassert tune_malloc()", env)
+    tuned = _faults("from camlens.base._malloc import tune_malloc\nassert tune_malloc()", env)
     by_env = _faults("", tuned_env(env))
     pages = (16 << 20) // 4096
     assert default[1] > pages // 2  # glibc's default: the second block faults again
@@ -78,7 +78,7 @@ def test_the_cli_sets_them_and_import_camlens_does_not():
     env = _clean_env()
     run_cli = "from click.testing import CliRunner\nfrom camlens.cli import main\nCliRunner().invoke(main, ['methods'])"
     cli = _faults(run_cli, env)
-    lib = _faults("import camlens, camlens.explainer", env)
+    lib = _faults("import camlens, camlens.api.explainer", env)
     pages = (16 << 20) // 4096
     assert max(cli[1:]) < pages // 20  # the CLI's group callback tuned its process
     assert lib[1] > pages // 2  # a library import leaves the user's process as it was

@@ -27,7 +27,7 @@ from test_layout import tiny_tv_vit
 from torch import nn
 
 import camlens
-from camlens.errors import CamlensError
+from camlens.base.errors import CamlensError
 
 DETECTOR_ONLY = {"drise": "tests/test_targets_tasks.py (D-RISE on Faster R-CNN)"}
 

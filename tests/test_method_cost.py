@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import camlens
-from camlens.errors import NotApplicableError
-from camlens.methods.registry import ModelTraits, applicable, get_method, register, unregister
-from camlens.methods.traits import model_traits
-from camlens.progress import Estimate, Reporter, format_seconds, reporting
+from camlens.attribution.registry import ModelTraits, applicable, get_method, register, unregister
+from camlens.attribution.traits import model_traits
+from camlens.base.errors import NotApplicableError
+from camlens.base.progress import Estimate, Reporter, format_seconds, reporting
 from camlens.targets import Detection, Segmentation
 from tests.conftest import TinyCNN
 from tests.test_attention import TinyAttnNet

@@ -14,7 +14,7 @@ from torch import nn
 
 import camlens
 from camlens import metrics as M
-from camlens.errors import InputError, TargetError
+from camlens.base.errors import InputError, TargetError
 
 
 class PixelLinear(nn.Module):
@@ -202,7 +202,7 @@ def test_maps_forms_and_errors(tiny, tiny_x):
         M.deletion(tiny, tiny_x, e.maps[:, 0], steps=0)
     with pytest.raises(InputError, match="batch_size"):
         M.deletion(tiny, tiny_x, e.maps[:, 0], steps=2, batch_size=0)
-    with pytest.raises(camlens.errors.MethodError):
+    with pytest.raises(camlens.base.errors.MethodError):
         M.deletion(tiny, tiny_x, "gradcamm", steps=2)
 
 
@@ -389,10 +389,10 @@ def test_spearman_matches_scipy_with_ties():
 
 
 def test_similarity_constancy_is_relative_to_the_maps_magnitude():
-    """Constant means constant up to the map's own rounding (camlens.ops.is_constant), not an
+    """Constant means constant up to the map's own rounding (camlens.base.ops.is_constant), not an
     absolute epsilon: a float32 map upsampled from a constant ripples by ~1e-7 of its value (its
     ranks are noise: correlation 0 with a real map), while a map of tiny values keeps its contrast."""
-    from camlens.explanation import upsample
+    from camlens.api.explanation import upsample
 
     g = torch.Generator().manual_seed(3)
     real = torch.rand(2, 24, 24, generator=g)
@@ -486,7 +486,7 @@ def test_randomization_layers_and_cascade(tiny, tiny_x):
     assert r2.steps == ["original", "fc"]
     ax = r2.plot()
     assert len(ax.lines) >= 1
-    with pytest.raises(camlens.errors.LayerNotFoundError):
+    with pytest.raises(camlens.base.errors.LayerNotFoundError):
         M.sanity_randomization(tiny, tiny_x, "cam", layers=["nope"])
     with pytest.raises(InputError):
         M.sanity_randomization(tiny, tiny_x, "cam", mode="sometimes")

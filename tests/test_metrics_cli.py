@@ -14,10 +14,10 @@ from PIL import Image
 
 import camlens
 from camlens import metrics as M
+from camlens.base.errors import InputError
+from camlens.base.io import sample_image
 from camlens.cli import main
-from camlens.errors import InputError
-from camlens.inputs import prepare_inputs
-from camlens.io import sample_image
+from camlens.core.inputs import prepare_inputs
 from camlens.metrics.runner import evaluate, resolve_metrics
 from camlens.models.preprocess import Preprocess
 
@@ -262,7 +262,7 @@ def test_cli_default_photos(tmp_path):
 
 
 def test_evaluate_config_object_equals_keywords_and_unknown_settings_raise(tiny, arrays):
-    from camlens.errors import InputError
+    from camlens.base.errors import InputError
     from camlens.metrics.runner import EvaluateConfig
 
     pp = Preprocess(size=(12, 12))

@@ -17,8 +17,8 @@ import torch
 
 import camlens
 from camlens import metrics as M
-from camlens.inputs import prepare_inputs
-from camlens.io import sample_image
+from camlens.base.io import sample_image
+from camlens.core.inputs import prepare_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 from conftest import TinyCNN
 
 import camlens
-from camlens.errors import CamlensError, NonFiniteError
+from camlens.base.errors import CamlensError, NonFiniteError
 
 METHODS = ["cam", "gradcam", "guided_backprop"]
 
@@ -78,7 +78,7 @@ def test_bf16_cam_head_check_fits_the_dtype():
     map equals the float32 one to bf16 precision; a LayerNorm-after-pooling head is still refused."""
     import torchvision
 
-    from camlens.errors import HeadError
+    from camlens.base.errors import HeadError
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.errors import CamlensError, InputError, OutputError
-from camlens.outputs import select_output
+from camlens.base.errors import CamlensError, InputError, OutputError
+from camlens.core.outputs import select_output
 from tests.conftest import TinyCNN
 from tests.test_core_hygiene import assert_untouched, snapshot
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens._util import eval_mode
-from camlens.capture import CaptureSpec, capture, needs_full_scan, uses_lazy_pool
+from camlens.base._util import eval_mode
+from camlens.core.capture import CaptureSpec, capture, needs_full_scan, uses_lazy_pool
 
 
 def _stack_depth() -> int:
@@ -165,7 +165,7 @@ def test_eval_mode_fast_path_and_restore():
 def test_planned_backwards_free_the_graph_and_give_the_same_gradients():
     """``backwards=`` (one method: the last backward frees the graph) gives the gradients of a
     pass that keeps its graph; a request beyond the plan is a clear error, not autograd's."""
-    from camlens.engine import ForwardPass
+    from camlens.core.engine import ForwardPass
 
     torch.manual_seed(0)
     model = nn.Sequential(

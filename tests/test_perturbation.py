@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens.errors import MethodError
-from camlens.methods.perturbation import rise_masks
+from camlens.attribution.perturbation import rise_masks
+from camlens.base.errors import MethodError
 from camlens.targets import Detection
 
 Y0, Y1, X0, X1 = 16, 48, 16, 48  # the central quarter of a 64x64 image

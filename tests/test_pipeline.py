@@ -3,7 +3,7 @@
 Oracles: the store's maps, classes, scores and boxes against :func:`camlens.explain` and
 :func:`camlens.localize` on the same images; a resumed or a 2-rank store against an
 uninterrupted single-process one; the streaming localization metrics against
-:func:`camlens.loceval.evaluate_maps`; 2-rank metrics against 1-rank metrics, exactly.
+:func:`camlens.metrics.loceval.evaluate_maps`; 2-rank metrics against 1-rank metrics, exactly.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_store_rows_and_maps_equal_direct_explain(tmp_path):
             assert r.prob == pytest.approx(float(exp.probs[i, k]), abs=1e-6)
             h, w = Image.open(paths[i]).size[::-1]
             assert (r.height, r.width) == (h, w)
-            from camlens.localization import scale_boxes
+            from camlens.base.localization import scale_boxes
 
             want = scale_boxes(boxes[i, k], (24, 24), (h, w))
             assert [r.x0, r.y0, r.x1, r.y1] == want.tolist()
@@ -227,7 +227,7 @@ def test_cli_dataset_run_reports_bad_files_and_resumes(tmp_path):
 
 
 def test_streaming_localization_metrics_equal_evaluate_maps_and_merge_exactly():
-    from camlens.loceval import evaluate_maps
+    from camlens.metrics.loceval import evaluate_maps
     from camlens.pipeline.dist import DistContext
     from camlens.pipeline.locmetrics import LocalizationAccumulator
 
@@ -381,7 +381,7 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
 def test_torchrun_evaluate_deletion_means_equal_single_process_exactly(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     for name in ("chelsea", "coffee", "astronaut"):
         Image.fromarray(sample_image(name)[::4, ::4]).save(photos / f"{name}.png")
@@ -450,9 +450,9 @@ def test_cli_named_files_keep_loose_outputs_and_overlay_limits_only_the_pngs(tmp
 @pytest.mark.slow
 def test_cli_localize_eval_equals_evaluate_model(tmp_path):
     """``localize --eval`` (streamed, batches of 4, per-image GT targets) against the in-memory
-    :func:`camlens.loceval.evaluate_model` on the same seeded network."""
+    :func:`camlens.metrics.loceval.evaluate_model` on the same seeded network."""
     from camlens.data import synthetic
-    from camlens.loceval import evaluate_model, read_boxes
+    from camlens.metrics.loceval import evaluate_model, read_boxes
 
     ds = synthetic(tmp_path / "ds", 2, image_size=48, seed=7)
     # ImageNet names for the shapes: every image is explained for its own ground-truth class

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens.errors import InputError, MethodError
-from camlens.inputs import prepare_inputs
+from camlens.base.errors import InputError, MethodError
+from camlens.core.inputs import prepare_inputs
 
 PIXEL = [
     "saliency",
@@ -25,7 +25,7 @@ PIXEL = [
 ]
 
 
-# --- reference ReLU rules, written independently of camlens.rules (mask from the saved input) ---
+# --- reference ReLU rules, written independently of camlens.core.rules (mask from the saved input) ---
 def ref_relu(rule: str, upper: float = float("inf")):
     class Ref(torch.autograd.Function):
         @staticmethod
@@ -434,7 +434,7 @@ def test_integer_input_is_a_clear_error(net):
 
 
 def test_registered_as_pixel_methods():
-    from camlens.methods import get_method
+    from camlens.attribution import get_method
 
     infos = camlens.methods()
     for name in PIXEL:
@@ -496,7 +496,7 @@ def test_lite0_guided_gradcam_with_pool_capture(lite0_run):
 @pytest.mark.slow
 def test_lite0_integrated_gradients_completeness(lite0, cat):
     """The cat at 128 px: 0.5 % measured on CPU at steps=128 (ReLU6 kinks make the error erratic
-    in general: see the camlens.methods.gradients docstring)."""
+    in general: see the camlens.attribution.gradients docstring)."""
     x, _, _ = prepare_inputs(cat, lite0)
     x = F.interpolate(x, size=(128, 128), mode="bilinear", antialias=True)
     exp = camlens.explain(lite0, x, "integrated_gradients", steps=128, batch_size=64)

@@ -121,7 +121,7 @@ def test_saturating_model_gradient_is_zero_but_ig_is_not():
 
 def test_trapezoid_weights_sum_to_one_where_captum_does_not():
     """Deliberate difference (see the module docstring): camlens's weights sum to 1, Captum's to (n-1)/n."""
-    from camlens.methods.gradients import quadrature_rule
+    from camlens.attribution.gradients import quadrature_rule
 
     for n in (2, 5, 50):
         t, w = quadrature_rule("trapezoid", n)

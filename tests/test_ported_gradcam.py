@@ -66,7 +66,7 @@ def test_run_all_models_32px(arch, method):
             camlens.explain(net, x, method, **_opts(method))
         return
     if method in NOT_FOR_CNN_CLASSIFIERS:
-        with pytest.raises(camlens.errors.MethodError, match=NOT_FOR_CNN_CLASSIFIERS[method]):
+        with pytest.raises(camlens.base.errors.MethodError, match=NOT_FOR_CNN_CLASSIFIERS[method]):
             camlens.explain(net, x, method, **_opts(method))
         return
     e = camlens.explain(net, x, method, targets="top2", **_opts(method))

@@ -74,8 +74,8 @@ def sandbox(tmp_path_factory) -> Path:
     """The folder every README example starts from (copied per example)."""
     from PIL import Image
 
+    from camlens.base.io import sample_image
     from camlens.data import synthetic
-    from camlens.io import sample_image
 
     root = tmp_path_factory.mktemp("readme")
     cat = sample_image("chelsea")

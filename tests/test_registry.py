@@ -9,10 +9,10 @@ from PIL import Image
 from torch import nn
 
 import camlens
+from camlens.attribution.registry import MethodOutput, get_method, register, unregister
+from camlens.base.errors import MethodError
 from camlens.cli import main
-from camlens.engine import ForwardPass
-from camlens.errors import MethodError
-from camlens.methods.registry import MethodOutput, get_method, register, unregister
+from camlens.core.engine import ForwardPass
 
 
 def _net() -> nn.Module:

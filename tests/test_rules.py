@@ -1,4 +1,4 @@
-"""ReLU backward rules (camlens.rules) against the notebooks' 3x3 example and native autograd, for
+"""ReLU backward rules (camlens.core.rules) against the notebooks' 3x3 example and native autograd, for
 every ReLU flavour; restoration of the global function mode, also on exceptions."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens.errors import MethodError
-from camlens.rules import RULES, relu_rules
+from camlens.base.errors import MethodError
+from camlens.core.rules import RULES, relu_rules
 
 # The notebooks' example (001_*.txt): ReLU input, incoming gradient, and the three expected outputs.
 X = [[1.0, -1.0, 5.0], [2.0, -5.0, -7.0], [-3.0, 2.0, 4.0]]

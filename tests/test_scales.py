@@ -13,7 +13,7 @@ from PIL import Image
 
 import camlens
 from camlens import viz
-from camlens.explanation import Explanation
+from camlens.api.explanation import Explanation
 
 NAMES = ["cat", "dog", "car", "cup"]
 

@@ -23,7 +23,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 import camlens
-from camlens.localization import localize, scale_boxes
+from camlens.base.localization import localize, scale_boxes
 from camlens.serve.app import create_app
 from camlens.serve.render import heat_values
 from camlens.serve.service import THRESHOLDS, Limits, ModelPool, Panel, Service

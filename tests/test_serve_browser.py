@@ -135,7 +135,7 @@ def test_upload_explain_box_download_in_chromium(server, browser, tmp_path, lite
     from selenium.webdriver.support.ui import WebDriverWait
 
     import camlens
-    from camlens.localization import localize, scale_boxes
+    from camlens.base.localization import localize, scale_boxes
 
     d = browser
     wait = WebDriverWait(d, 120)

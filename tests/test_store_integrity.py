@@ -2,7 +2,7 @@
 
 Oracle: an uninterrupted run's store. Every damaged store is either repaired by the same call
 again into a store equal to it (table and maps, bit for bit) or refused with a clear error, and
-:func:`camlens.open_results` on a damaged store raises :class:`camlens.errors.StoreError` instead of
+:func:`camlens.open_results` on a damaged store raises :class:`camlens.base.errors.StoreError` instead of
 returning NaN maps or a codec or pyarrow traceback.
 """
 
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import camlens
-from camlens.errors import CamlensError, InputError, StoreBusyError, StoreError, WriteError
+from camlens.base.errors import CamlensError, InputError, StoreBusyError, StoreError, WriteError
 from camlens.models.preprocess import Preprocess
 from camlens.pipeline import StoreMismatchError, open_results
 
@@ -273,7 +273,7 @@ def test_a_full_disk_in_the_writer_thread_is_a_clean_write_error(tmp_path, monke
 
         monkeypatch.setattr(local, "_put", full)
     else:
-        import camlens.fsio as fsio
+        import camlens.base.fsio as fsio
 
         monkeypatch.setattr(fsio, "_write_all", full)
     with pytest.raises(WriteError, match="no space left on the device"):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens._util import gaussian_blur
-from camlens.errors import MethodError
-from camlens.methods.surrogate import kernelshap_samples, lime_samples, superpixels
+from camlens.attribution.surrogate import kernelshap_samples, lime_samples, superpixels
+from camlens.base._util import gaussian_blur
+from camlens.base.errors import MethodError
 
 H = W = 12
 S = 6

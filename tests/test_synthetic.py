@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from camlens.base.errors import CamlensError, InputError, OutputExistsError
 from camlens.data import SHAPES, shape_mask, split_seed, synthetic, synthetic_arrays
-from camlens.errors import CamlensError, InputError, OutputExistsError
 
 
 def test_arrays_shapes_dtypes_and_balanced_labels():

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops import box_iou as tv_box_iou
 
 import camlens
-from camlens.errors import InputError, MethodError, TargetError
+from camlens.base.errors import InputError, MethodError, TargetError
 from camlens.models.zoo import load_model
 from camlens.targets import Detection, Segmentation, Similarity, Target, box_iou
 
@@ -380,9 +380,9 @@ def test_zoo_task_models_default_layers_and_no_download():
         assert dict(m.named_modules())[layer] is not None
         assert not m.training
         assert m.camlens.class_names and m.camlens.class_names[0] == "__background__"
-    with pytest.raises(camlens.errors.WeightsNotFoundError, match="never downloads"):
+    with pytest.raises(camlens.base.errors.WeightsNotFoundError, match="never downloads"):
         load_model("fcos_resnet50_fpn", None)
-    with pytest.raises(camlens.errors.CamlensError, match="unexpected option"):
+    with pytest.raises(camlens.base.errors.CamlensError, match="unexpected option"):
         load_model("resnet18", "random", min_size=3)
 
 
@@ -523,7 +523,7 @@ def test_task_model_weights_from_a_file(tmp_path):
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
     assert "fasterrcnn_mobilenet_v3_large_320_fpn" in camlens.models.zoo.available_models()
-    with pytest.raises(camlens.errors.CheckpointError):
+    with pytest.raises(camlens.base.errors.CheckpointError):
         load_model("deeplabv3_mobilenet_v3_large", str(path))  # another architecture
 
 
@@ -557,7 +557,7 @@ def test_detection_with_probability_vectors_is_drise_similarity():
 
 
 def test_cam_on_a_detector_or_segmenter_is_a_clear_error(frcnn):
-    with pytest.raises(camlens.errors.HeadError, match="logits"):  # a detector has linear layers, no classifier
+    with pytest.raises(camlens.base.errors.HeadError, match="logits"):  # a detector has linear layers, no classifier
         camlens.explain(frcnn, torch.rand(1, 3, 64, 96), "cam", targets=Detection(score_threshold=0.0))
-    with pytest.raises(camlens.errors.HeadError, match="gradcam"):
+    with pytest.raises(camlens.base.errors.HeadError, match="gradcam"):
         camlens.explain(TinyFCN().eval(), torch.randn(1, 3, 8, 8), "cam", targets=Segmentation(1), layer="features")

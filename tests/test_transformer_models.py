@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import camlens
-from camlens.errors import CamlensError, WeightsNotFoundError
+from camlens.base.errors import CamlensError, WeightsNotFoundError
 from tests.test_core_hygiene import assert_untouched, snapshot
 from tests.test_layout import tiny_swin, tiny_timm_vit, tiny_tv_vit
 
@@ -75,8 +75,8 @@ def test_auto_layer_is_where_the_gradients_are():
     before the last attention they are not, and they differ between classes."""
     model = tiny_tv_vit()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    from camlens.engine import ForwardPass
-    from camlens.layers import resolve_layer
+    from camlens.core.engine import ForwardPass
+    from camlens.core.layers import resolve_layer
 
     def grads(name):
         spec = resolve_layer(model, name)
@@ -146,7 +146,7 @@ def test_torchvision_families_random_at_224(name):
 def _photo(tmp_path):
     from PIL import Image
 
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
 
     path = tmp_path / "photo.jpg"
     Image.fromarray(sample_image("chelsea")).save(path)

@@ -10,7 +10,7 @@ from torch import nn
 
 import camlens
 from camlens.data import synthetic_arrays
-from camlens.loceval import evaluate_maps
+from camlens.metrics.loceval import evaluate_maps
 from camlens.models.preprocess import Preprocess
 from tests.test_attention import Block
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from camlens.errors import InputError, OutputExistsError
-from camlens.explanation import Explanation
-from camlens.localization import localize, scale_boxes
+from camlens.api.explanation import Explanation
+from camlens.base.errors import InputError, OutputExistsError
+from camlens.base.localization import localize, scale_boxes
 from camlens.viz import (
     attribution_heat,
     attribution_rgb,

@@ -32,7 +32,7 @@ class LazyGroup(click.Group):
         return self._load(name)
 
     def invoke(self, ctx):
-        from camlens.errors import WriteError  # light: no torch
+        from camlens.base.errors import WriteError  # light: no torch
 
         try:
             try:
@@ -80,7 +80,7 @@ def launcher_rank() -> int | None:
 @click.version_option(package_name="camlens")
 def main() -> None:
     """camlens: where does a CNN look when it decides?"""
-    from camlens._malloc import tune_malloc  # light: ctypes only
+    from camlens.base._malloc import tune_malloc  # light: ctypes only
 
     tune_malloc()  # this process is camlens': the allocator settings CPU tensor work wants
 

@@ -38,8 +38,8 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
     import torch
 
     import camlens
-    from camlens.inputs import prepare_inputs
-    from camlens.io import sample_image
+    from camlens.base.io import sample_image
+    from camlens.core.inputs import prepare_inputs
 
     torch.set_num_threads(threads)
     model = camlens.load_model(model_name, weights=None if model_name == "efficientnet_lite0" else "random")
@@ -94,8 +94,8 @@ def builtin_bench(model_name: str, batches: list[int], threads: int, rounds: int
 @click.option("--builtin", is_flag=True, help="camlens-only timing, even from a source checkout")
 def bench_cmd(quick, models, tasks, batches, threads, no_peers, leak, out, markdown, overwrite, builtin):
     """Time explanations against the forward pass (and the peer libraries, from a source checkout)."""
-    from camlens.errors import CamlensError
-    from camlens.fsio import check_targets
+    from camlens.base.errors import CamlensError
+    from camlens.base.fsio import check_targets
 
     try:  # a file or a link (even a dangling one) is in the way without --overwrite
         check_targets([p for p in (out, markdown) if p], overwrite)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from camlens.io import IMAGE_EXTENSIONS
+from camlens.base.io import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # typing only: the CLI imports torch lazily
     from camlens.targets import Classes
@@ -111,7 +111,7 @@ def output_stems(paths: Sequence[str]) -> list[str]:
 
 def load_source(source: str):
     """Read one input as an RGB uint8 array (``skimage:NAME`` -> a bundled photo)."""
-    from camlens.io import load_image, sample_image
+    from camlens.base.io import load_image, sample_image
 
     if source.startswith("skimage:"):
         return sample_image(source.split(":", 1)[1])
@@ -134,8 +134,8 @@ def parse_threshold(value: str | None) -> float | None:
     """``--threshold``: a fraction of the max in [0, 1), or a calibrated-threshold JSON file."""
     if value is None:
         return None
-    from camlens.errors import CamlensError
-    from camlens.loceval import load_threshold
+    from camlens.base.errors import CamlensError
+    from camlens.metrics.loceval import load_threshold
 
     try:
         return load_threshold(value)
@@ -145,9 +145,9 @@ def parse_threshold(value: str | None) -> float | None:
 
 def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
     """Refuse (exit 1, nothing written) when any planned output exists — a file or a symbolic link,
-    even a dangling one (:func:`camlens.fsio.check_targets`) — and ``--overwrite`` is not set."""
-    from camlens.errors import CamlensError
-    from camlens.fsio import check_targets
+    even a dangling one (:func:`camlens.base.fsio.check_targets`) — and ``--overwrite`` is not set."""
+    from camlens.base.errors import CamlensError
+    from camlens.base.fsio import check_targets
 
     try:
         check_targets(paths, overwrite)
@@ -158,8 +158,8 @@ def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
 def resolve_device(device: str | None) -> str:
     """``--device`` -> a device string that exists here; anything else is a usage error listing the
     devices this machine has (``cuda`` on a CPU-only machine, ``gpu``…)."""
-    from camlens.devices import parse_device
-    from camlens.errors import CamlensError
+    from camlens.base.devices import parse_device
+    from camlens.base.errors import CamlensError
 
     try:
         return str(parse_device(device))
@@ -212,7 +212,7 @@ def load_model_opts(model: str, weights: str | None, checkpoint: str | None, dev
     """``--model/--weights/--checkpoint/--device`` -> a loaded model; camlens errors exit 1 with
     their message (which names the fix)."""
     import camlens
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
 
     try:
         return camlens.load_model(model, weights, checkpoint=checkpoint, device=resolve_device(device))
@@ -262,9 +262,9 @@ def parse_method_options(values: Sequence[str], methods: Sequence[str]) -> dict[
     valid options of the chosen methods)."""
     import typing
 
-    from camlens.errors import CamlensError
-    from camlens.explainer import _split_options
-    from camlens.methods.registry import get_method
+    from camlens.api.explainer import _split_options
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
 
     infos = [get_method(m) for m in methods]
     raw: dict[str, str] = {}
@@ -313,8 +313,8 @@ def check_layer(net, layer: str | None) -> None:
     the closest names), so that a typo is not reported once per input."""
     if layer is None:
         return
-    from camlens.errors import CamlensError
-    from camlens.layers import resolve_layer
+    from camlens.base.errors import CamlensError
+    from camlens.core.layers import resolve_layer
 
     try:
         resolve_layer(net, layer)
@@ -324,10 +324,10 @@ def check_layer(net, layer: str | None) -> None:
 
 def parse_classes(values: Sequence[str], class_names: Sequence[str] | None) -> Classes:
     """``--class`` values (ids, or names and their synonyms, case-insensitive: ``"tabby cat"`` finds
-    ImageNet's ``"tabby"``; see :mod:`camlens.classnames`) -> the same class ids for every image,
+    ImageNet's ``"tabby"``; see :mod:`camlens.base.classnames`) -> the same class ids for every image,
     duplicates dropped."""
-    from camlens.classnames import class_id
-    from camlens.errors import TargetError
+    from camlens.base.classnames import class_id
+    from camlens.base.errors import TargetError
     from camlens.targets import Classes
 
     ids = []
@@ -422,7 +422,7 @@ def common_model_options(f: Callable) -> Callable:
 def quiet_methods(names, options: dict | None) -> dict:
     """``options`` plus ``progress=False`` when one of the methods ``names`` has a progress bar of
     its own (Score-CAM, RISE, occlusion…) and the user did not set it: ``-q`` hides every bar."""
-    from camlens.methods.registry import get_method
+    from camlens.attribution.registry import get_method
 
     opts = dict(options or {})
     if "progress" not in opts and any("progress" in get_method(n).options() for n in names):

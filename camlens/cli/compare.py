@@ -54,8 +54,8 @@ def compare_cmd(
     """Rank every method that applies to the model on a sample of DATA (images, folders or a tetromino
     dataset folder): faithfulness against a random map, the randomization sanity check, robustness,
     sparseness and cost, with bootstrap intervals. Writes table.parquet, table.csv and report.html."""
+    from camlens.base.errors import CamlensError
     from camlens.comparison import compare
-    from camlens.errors import CamlensError
 
     net = load_model_opts(model, weights, checkpoint, device)
     cfg = _config(images, steps, truth, layer, overwrite, quiet)

@@ -29,7 +29,7 @@ class DatasetInputs:
 def collect(items: Sequence[str], *, recursive: bool = False) -> DatasetInputs:
     """Every CLI input -> records, in the order given, duplicates dropped; names as the loose-file
     outputs have always been named (file stem, parent folder prefixed on clashes)."""
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.pipeline.sources import (
         image_folder_records,
         is_image_folder_tree,

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from camlens.base.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
+from camlens.base.io import IMAGE_EXTENSIONS
 from camlens.cli.common import check_layer, cli_message, method_option, parse_method_options, resolve_device
-from camlens.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
-from camlens.io import IMAGE_EXTENSIONS
 
 #: bundled skimage photos used when DATA is empty
 DEFAULT_PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -109,7 +109,7 @@ def _load_gt(path: str, names: list[str]) -> list:
     """``{"image stem": [[x0, y0, x1, y1], ...] or "mask.png"}`` -> a list aligned with ``names``."""
     import numpy as np
 
-    from camlens.io import load_image
+    from camlens.base.io import load_image
 
     try:
         data = json.loads(Path(path).read_text())
@@ -142,8 +142,8 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None, o
 
 def _readable(paths: list[str], names: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Drop the images that cannot be read (named on stderr, like explain and localize do)."""
-    from camlens.errors import ImageLoadError
-    from camlens.io import load_image
+    from camlens.base.errors import ImageLoadError
+    from camlens.base.io import load_image
 
     keep, kept_names, bad = [], [], []
     for p, n in zip(paths, names, strict=True):
@@ -244,7 +244,7 @@ def evaluate_cmd(
     Scores are softmax probabilities of each image's top-1 class. Lower is better for deletion,
     average_drop, road_morf and class_sensitivity; higher for the others.
     """
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.metrics import runner
 
     try:
@@ -259,7 +259,7 @@ def evaluate_cmd(
         if not images:
             raise click.ClickException("no readable image to evaluate (see the errors above)")
     else:
-        from camlens.io import sample_image
+        from camlens.base.io import sample_image
 
         images, names = [sample_image(n) for n in DEFAULT_PHOTOS], list(DEFAULT_PHOTOS)
     gt = _load_gt(gt_file, names) if gt_file else None

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from camlens.base.progress import Estimate, Reporter, reporting
 from camlens.cli.common import (
     EXIT_FAILED,
     check_layer,
@@ -25,7 +26,6 @@ from camlens.cli.common import (
     table,
 )
 from camlens.cli.dataset import collect, dataset_options, load_model_seeded
-from camlens.progress import Estimate, Reporter, reporting
 
 DEFAULT_METHODS = ("gradcam", "cam")
 #: the cost estimate is printed before a method estimated to run this many forwards or seconds
@@ -57,8 +57,8 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     """
     import numpy as np
 
-    from camlens.errors import CamlensError
-    from camlens.io import load_image
+    from camlens.base.errors import CamlensError
+    from camlens.base.io import load_image
     from camlens.targets import Detection, Segmentation
 
     if not values:
@@ -222,8 +222,8 @@ def explain_cmd(
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
     """
-    from camlens.errors import CamlensError
-    from camlens.methods.registry import get_method
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
     from camlens.models.tasks import keep_all_detections, task_of
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
@@ -327,10 +327,10 @@ def explain_cmd(
 def _applicable(net, spec, names: list[str], defaulted: bool) -> list[str]:
     """``names`` less the methods that cannot run on ``net``: refused with the reason and the methods
     that can (the default methods lose CAM quietly where it does not apply)."""
-    from camlens.errors import CamlensError
-    from camlens.explainer import check_applicable
-    from camlens.methods.registry import get_method
-    from camlens.methods.traits import model_traits
+    from camlens.api.explainer import check_applicable
+    from camlens.attribution.registry import get_method
+    from camlens.attribution.traits import model_traits
+    from camlens.base.errors import CamlensError
 
     traits = model_traits(net, spec)
     infos = [get_method(m) for m in names]
@@ -345,7 +345,7 @@ def _applicable(net, spec, names: list[str], defaulted: bool) -> list[str]:
 
 class CliEstimates(Reporter):
     """Prints, once per method, the cost estimate of a slow method before it runs (a
-    :class:`camlens.progress.Reporter`): ``scorecam: ≈1,517 masked forwards, ~3 min here;
+    :class:`camlens.base.progress.Reporter`): ``scorecam: ≈1,517 masked forwards, ~3 min here;
     --option max_channels=64 for ~8 s``."""
 
     def __init__(self, images: int) -> None:
@@ -494,7 +494,7 @@ def _print_top(batch, res) -> None:
             head = ("#", "label", "score", "box") if boxes is not None else ("#", "label", "score")
             echo(f"{stem}\n" + (table(rows, head, indent="  ") if rows else "  nothing to explain"), None)
         return
-    from camlens.explanation import RANDOM_WEIGHTS
+    from camlens.api.explanation import RANDOM_WEIGHTS
 
     note = f" ({RANDOM_WEIGHTS}: these classes and probabilities mean nothing)" if first.random_weights else ""
     for stem, top in zip(batch.names, first.top(5), strict=True):
@@ -506,7 +506,7 @@ def _summary(
     n: int, stats, res, writes: Writes, computed: int, written: int | None, n_bad: int, *, random: bool = False
 ) -> str:
     """The one closing line of ``camlens explain``."""
-    from camlens.explanation import RANDOM_WEIGHTS
+    from camlens.api.explanation import RANDOM_WEIGHTS
 
     ok = n - len(stats.failed)
     line = f"explained {ok} of {n} image(s) with {', '.join(stats.methods)}"
@@ -528,7 +528,7 @@ def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, opts: dict):
     """Run the pipeline: into the store (the loose files as extra sinks), or into the loose files."""
     import sys as _sys
 
-    from camlens.localization import DEFAULT_THRESHOLD
+    from camlens.base.localization import DEFAULT_THRESHOLD
     from camlens.pipeline import dist
     from camlens.pipeline.run import run_store, stream
 
@@ -567,7 +567,7 @@ def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, opts: dict):
 
 def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     """Stream the records through the pipeline into the store and/or the loose files."""
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline.run import FilesSink

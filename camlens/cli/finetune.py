@@ -104,8 +104,8 @@ def finetune_cmd(
     """
     import warnings
 
+    from camlens.base.errors import CamlensError
     from camlens.cli.common import cli_message, resolve_device
-    from camlens.errors import CamlensError
     from camlens.train import finetune
     from camlens.train.loop import WarningSkippedImages
 

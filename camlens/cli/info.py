@@ -54,7 +54,7 @@ def methods_cmd(verbose, model):
     ms = camlens.methods()
     skipped = {}
     if model:
-        from camlens.methods.traits import model_traits
+        from camlens.attribution.traits import model_traits
 
         traits = model_traits(load_model_opts(model, "random", None, "cpu"))  # the traits do not depend on weights
         skipped = {n: i for n, i in ms.items() if not i.applies(traits)}
@@ -95,7 +95,7 @@ def layers_cmd(model, weights, checkpoint, size):
     import torch
 
     import camlens
-    from camlens.layers import candidate_layers
+    from camlens.core.layers import candidate_layers
     from camlens.models.zoo import card_of
 
     net = load_model_opts(model, weights, checkpoint, "cpu")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from camlens.base.fsio import atomic_write, safe_out_dir
 from camlens.cli.common import (
     EXIT_FAILED,
     cap_workers,
@@ -25,7 +26,6 @@ from camlens.cli.common import (
     resolve_device,
 )
 from camlens.cli.dataset import collect, load_model_seeded
-from camlens.fsio import atomic_write, safe_out_dir
 
 CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "rank", "method", "threshold"]
 
@@ -159,9 +159,9 @@ def localize_cmd(
       camlens localize --eval val/boxes.csv --calibrate thr.json
       camlens localize test/ --threshold thr.json
     """
-    from camlens.errors import CamlensError
-    from camlens.localization import DEFAULT_THRESHOLD
-    from camlens.methods.registry import get_method
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
+    from camlens.base.localization import DEFAULT_THRESHOLD
 
     thr = parse_threshold(threshold)
     thr = DEFAULT_THRESHOLD if thr is None else thr
@@ -290,7 +290,7 @@ class _LocalizeSink:
         self.records: list[tuple[int, dict]] = []
 
     def write(self, res) -> None:
-        from camlens.localization import map_boxes, scale_boxes
+        from camlens.base.localization import map_boxes, scale_boxes
 
         b = res.batch
         for m, exp in res.explanations.items():
@@ -337,7 +337,7 @@ def _localize_stream(
     net, inputs, names, targets, topk, layer, thr, mode, min_area, fmts, outdir, quiet, batch_size, workers, ctx
 ):
     """Records (image order, then method order) gathered on rank 0, failures, number of images."""
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
@@ -375,7 +375,7 @@ def _localize_stream(
 def _draw(img, rec, path: Path) -> Path:
     from PIL import Image
 
-    from camlens.localization import draw_boxes
+    from camlens.base.localization import draw_boxes
 
     boxes = [b["box"] for b in rec["boxes"]]
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]
@@ -408,8 +408,8 @@ def _evaluate(
     import numpy as np
     import torch
 
-    from camlens.errors import CamlensError
-    from camlens.loceval import _class_id, read_boxes, save_threshold
+    from camlens.base.errors import CamlensError
+    from camlens.metrics.loceval import _class_id, read_boxes, save_threshold
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist

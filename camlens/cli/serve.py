@@ -129,7 +129,7 @@ def _build(
 ) -> tuple[Any, str]:
     """The app (with the default model loaded) and the lines to print."""
     import camlens
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.serve.app import create_app
     from camlens.serve.service import Limits, ModelPool, Service, offline_zoo_models
 

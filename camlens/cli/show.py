@@ -26,7 +26,7 @@ def show_cmd(store, image, method, out, shared_scale, overwrite):
     """
     from pathlib import Path
 
-    from camlens.errors import CamlensError
+    from camlens.base.errors import CamlensError
     from camlens.pipeline import open_results
     from camlens.viz import save_figure
 

@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from camlens._version import versions
+from camlens.base.fsio import atomic_write, check_targets, safe_out_dir
 from camlens.comparison.config import METRICS, CompareResult
-from camlens.fsio import atomic_write, check_targets, safe_out_dir
 from camlens.metrics import plot_sanity
 from camlens.viz import denormalize, figure_png, overlay
 

@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camlens.api.explainer import explain
+from camlens.attribution.registry import get_method
+from camlens.attribution.registry import methods as registered
+from camlens.base.errors import CamlensError, InputError
+from camlens.base.io import IMAGE_EXTENSIONS
 from camlens.comparison.config import CompareConfig, CompareResult
 from camlens.comparison.measure import PeakMemory, Progress
 from camlens.comparison.report import write_outputs
 from camlens.comparison.score import localization_values, robustness_values, truth_values
 from camlens.comparison.table import build_table, rank_and_verdicts
-from camlens.errors import CamlensError, InputError
-from camlens.explainer import explain
-from camlens.inputs import prepare_inputs
-from camlens.io import IMAGE_EXTENSIONS
-from camlens.methods.registry import get_method
-from camlens.methods.registry import methods as registered
+from camlens.core.inputs import prepare_inputs
 from camlens.metrics import (
     SanityResult,
     baseline_maps,

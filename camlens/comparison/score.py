@@ -1,5 +1,5 @@
 """Per-image values of the localization, truth and robustness metrics, each from the public function
-of :mod:`camlens.metrics` / :mod:`camlens.loceval` (the comparison adds no second implementation)."""
+of :mod:`camlens.metrics` / :mod:`camlens.metrics.loceval` (the comparison adds no second implementation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from camlens.comparison.config import CompareConfig
-from camlens.loceval import evaluate_maps
 from camlens.metrics import (
     earth_movers_distance,
     energy_pointing_game,
@@ -19,6 +18,7 @@ from camlens.metrics import (
     pointing_game,
     top_k_precision,
 )
+from camlens.metrics.loceval import evaluate_maps
 
 if TYPE_CHECKING:  # typing only
     from camlens.comparison.run import Sample
@@ -28,7 +28,7 @@ Values = dict[tuple[str, str], np.ndarray]
 
 def boxacc_curves(maps: torch.Tensor, boxes: list[np.ndarray]) -> np.ndarray:
     """Per image, BoxAccV2 over the threshold sweep x IoU (0.3, 0.5, 0.7), ``(N, T, 3)`` of 0/1:
-    :func:`camlens.loceval.evaluate_maps` on that image alone. MaxBoxAccV2 of any set of images is
+    :func:`camlens.metrics.loceval.evaluate_maps` on that image alone. MaxBoxAccV2 of any set of images is
     ``curves[set].mean(0).max(0).mean()`` — the same number as ``evaluate_maps`` on the set."""
     return np.stack([evaluate_maps(maps[i : i + 1], [boxes[i]]).curve for i in range(maps.shape[0])])
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from camlens.errors import InputError, OutputExistsError
-from camlens.fsio import atomic_write, safe_out_dir
+from camlens.base.errors import InputError, OutputExistsError
+from camlens.base.fsio import atomic_write, safe_out_dir
 
 #: Shapes this generator can draw (any subset, in any order, can be asked for).
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring", "hbar", "vbar")
@@ -252,7 +252,7 @@ def synthetic(
     root.name))``: the folder's name is part of the seed, so two splits written with the same
     ``seed`` (``synthetic("shapes", 10)``, ``synthetic("val", 5)``) never share an image.
 
-    Raises :class:`~camlens.errors.OutputExistsError` if ``root`` already holds files that would be
+    Raises :class:`~camlens.base.errors.OutputExistsError` if ``root`` already holds files that would be
     written, unless ``overwrite=True``; then the dataset is replaced whole: images of an earlier,
     larger call (more per class, or other classes) are removed, so ``root`` holds exactly the new ones.
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from camlens.base.errors import InputError, OutputExistsError
+from camlens.base.fsio import atomic_write, safe_out_dir
 from camlens.data.synthetic import SyntheticDataset
-from camlens.errors import InputError, OutputExistsError
-from camlens.fsio import atomic_write, safe_out_dir
 
 SCENARIOS = ("linear", "multiplicative", "translated_rotated", "xor")
 BACKGROUNDS = ("white", "correlated")
@@ -154,7 +154,7 @@ def tetromino(
     overwrite: bool = False,
 ) -> TetrominoDataset:
     """Write a tetromino dataset (grey PNGs, ImageFolder layout, ``boxes.csv`` with each mask's box,
-    ``masks.npy``) and return it; raises :class:`~camlens.errors.OutputExistsError` if ``root`` holds one."""
+    ``masks.npy``) and return it; raises :class:`~camlens.base.errors.OutputExistsError` if ``root`` holds one."""
     from PIL import Image
 
     arr = tetromino_arrays(2 * int(n_per_class), scenario, background, seed=seed, alpha=alpha)

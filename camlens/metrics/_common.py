@@ -35,15 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens._util import eval_mode
-from camlens._util import gaussian_blur as _blur
-from camlens.engine import model_input
-from camlens.errors import InputError, TargetError
-from camlens.explainer import explain
-from camlens.explanation import Explanation
-from camlens.inputs import prepare_inputs
+from camlens.api.explainer import explain
+from camlens.api.explanation import Explanation
+from camlens.base._util import eval_mode
+from camlens.base._util import gaussian_blur as _blur
+from camlens.base.errors import InputError, TargetError
+from camlens.core.engine import model_input
+from camlens.core.inputs import prepare_inputs
+from camlens.core.outputs import select_output
 from camlens.models.zoo import card_of, load_model
-from camlens.outputs import select_output
 from camlens.targets import resolve_targets
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
@@ -62,7 +62,7 @@ def _is_baseline(name: str) -> bool:
 # --------------------------------------------------------------------------------------------
 def _check_logits(out: Any) -> torch.Tensor:
     """The ``(N, num_classes)`` logits in a model output (a tensor, ``(logits, aux)``, a dict, a Hugging
-    Face ``ModelOutput``…; see :func:`camlens.outputs.select_output`)."""
+    Face ``ModelOutput``…; see :func:`camlens.core.outputs.select_output`)."""
     return select_output(out)[0]
 
 
@@ -343,7 +343,7 @@ def pixel_rank(maps: torch.Tensor, seed: int = 0, descending: bool = True) -> to
 # --------------------------------------------------------------------------------------------
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
     """Separable Gaussian blur of each channel of ``(N, C, H, W)``, reflect padding
-    (:func:`camlens._util.gaussian_blur`).
+    (:func:`camlens.base._util.gaussian_blur`).
 
     The defaults (11 taps, :math:`\\sigma = 5`) are those of the RISE insertion metric
     (Petsiuk et al., BMVC 2018) for 224 x 224 inputs.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 
 
 def sparseness(maps: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -2,7 +2,7 @@ r"""Average drop and increase in confidence (Chattopadhyay et al., "Grad-CAM++: 
 Gradient-based Visual Explanations for Deep Convolutional Networks", WACV 2018, section 5.2).
 
 The image is masked by its explanation map, :math:`\tilde x = s + m \odot (x - s)` with :math:`m`
-the map min-max normalized to [0, 1] per image by :func:`camlens.ops.minmax`, the function behind
+the map min-max normalized to [0, 1] per image by :func:`camlens.base.ops.minmax`, the function behind
 the overlays (a map constant up to rounding becomes zeros: nothing is kept)
 and :math:`s` the substrate (default ``"zero"``, 0 in the model's input space). With
 :math:`Y_c` the softmax probability of the target class on the image and :math:`O_c` on the
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
+from camlens.base.ops import minmax
 from camlens.metrics._common import MapsLike, Substrate, class_probs, make_substrate, prepare, scored_batches
-from camlens.ops import minmax
 
 
 def confidence_pair(

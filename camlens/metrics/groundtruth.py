@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from scipy import sparse
 from scipy.optimize import linprog
 
-from camlens.errors import InputError
-from camlens.localization import DEFAULT_THRESHOLD
+from camlens.base.errors import InputError
+from camlens.base.localization import DEFAULT_THRESHOLD
 from camlens.metrics._common import pixel_order
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 from camlens.metrics._common import (
     MapsLike,
     Substrate,

@@ -2,7 +2,7 @@ r"""The pointing game and its energy-based form.
 
 * ``pointing_game`` — Zhang, Lin, Brandt, Shen & Sclaroff, "Top-down Neural Attention by
   Excitation Backprop", ECCV 2016, with TorchRay's protocol (the same definition as
-  :mod:`camlens.loceval`, :func:`camlens.localization.pointing_game_hit`): a *hit* when
+  :mod:`camlens.metrics.loceval`, :func:`camlens.base.localization.pointing_game_hit`): a *hit* when
   :math:`\min_{q \in \mathrm{GT}} \lVert p^\ast - q \rVert_2 < \mathrm{tolerance}` (strictly;
   15 px in the paper) between integer pixels, :math:`p^\ast` the arg-max pixel; ``tolerance=0``:
   the maximum must lie on the object. Tied maxima: a hit when any of them hits (as Quantus); a
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from camlens.errors import InputError
-from camlens.localization import box_mask, pointing_game_hit
+from camlens.base.errors import InputError
+from camlens.base.localization import box_mask, pointing_game_hit
 from camlens.metrics._common import MapsLike, baseline_maps, prepare
 
 
@@ -94,7 +94,7 @@ def _check_nonempty(masks: torch.Tensor) -> None:
 
 
 def _hits(maps: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """``(N,)`` 1.0 / 0.0: :func:`camlens.localization.pointing_game_hit` of each map and mask."""
+    """``(N,)`` 1.0 / 0.0: :func:`camlens.base.localization.pointing_game_hit` of each map and mask."""
     m = maps.detach().double().cpu().numpy()
     g = masks.numpy()
     return torch.tensor([float(pointing_game_hit(m[i], g[i], tolerance)) for i in range(len(m))])

@@ -35,7 +35,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import nn
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 from camlens.metrics._common import MapsLike, pixel_rank, prepare, removed_counts, scored_batches
 
 #: (dy, dx, weight) of the eight neighbours: direct 1/6, diagonal 1/12 (they sum to 1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 from camlens.metrics._common import check_batch_size, explain_maps, prepare
 
 

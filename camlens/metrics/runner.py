@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens._util import numbered, with_options
-from camlens.errors import InputError, MethodError
-from camlens.explainer import explain
-from camlens.inputs import prepare_inputs
-from camlens.io import load_image
-from camlens.methods.registry import get_method
+from camlens.api.explainer import explain
+from camlens.attribution.registry import get_method
+from camlens.base._util import numbered, with_options
+from camlens.base.errors import InputError, MethodError
+from camlens.base.io import load_image
+from camlens.core.inputs import prepare_inputs
 from camlens.metrics._common import baseline_maps, check_batch_size, explain_maps, resolve_classes
 from camlens.metrics.confidence import confidence_pair
 from camlens.metrics.perturbation import deletion_curve, insertion_curve

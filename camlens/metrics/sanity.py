@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens._util import eval_mode
-from camlens.engine import model_input
-from camlens.errors import InputError, LayerNotFoundError
-from camlens.explainer import explain
-from camlens.inputs import prepare_inputs
+from camlens.api.explainer import explain
+from camlens.base._util import eval_mode
+from camlens.base.errors import InputError, LayerNotFoundError
+from camlens.core.engine import model_input
+from camlens.core.inputs import prepare_inputs
 from camlens.metrics._common import check_batch_size, resolve_classes
 from camlens.metrics.similarity import spearman, ssim
 

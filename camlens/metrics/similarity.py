@@ -24,18 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens._util import gaussian_kernel1d
-from camlens.errors import InputError
-from camlens.inputs import prepare_inputs
+from camlens.base._util import gaussian_kernel1d
+from camlens.base.errors import InputError
+from camlens.base.ops import is_constant, minmax
+from camlens.core.inputs import prepare_inputs
 from camlens.metrics._common import check_batch_size, explain_maps, logits_of, resolve_classes
-from camlens.ops import is_constant, minmax
 
 SIMILARITIES = ("spearman_abs", "spearman", "ssim", "pearson")
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both map sets as float64 ``(N, H, W)`` on ``a``'s device, and which maps are constant —
-    judged in their **own** dtype by :func:`camlens.ops.is_constant` (range within 64 ulps of the
+    judged in their **own** dtype by :func:`camlens.base.ops.is_constant` (range within 64 ulps of the
     map's magnitude: a float32 map upsampled from a constant one ripples by ~1e-7 of its value,
     while a map of tiny values, 1e-13, can carry real contrast)."""
     a = torch.as_tensor(a).detach()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from camlens.errors import InputError, MethodError
+from camlens.base.errors import InputError, MethodError
 
 INPUT_KINDS = ("numpy", "torch")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.errors import CamlensError, WeightsNotFoundError
+from camlens.base.errors import CamlensError, WeightsNotFoundError
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.classes import imagenet_classes
 from camlens.models.heads import replace_classifier

@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camlens._util import eval_mode
-from camlens.errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
+from camlens.base._util import eval_mode
+from camlens.base.errors import CamlensError, CheckpointError, HeadError, WeightsNotFoundError
 from camlens.models.builders import build_named, torchvision_weights_file
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.classes import imagenet_classes
@@ -174,11 +174,11 @@ def _convert_head(model: nn.Module, num_classes: int, bias: bool | None) -> list
 def check_cam_ready(model: nn.Module, size: int = 64, tol: float | None = None) -> float:
     """Probe ``model`` once and verify ``logits == mean(A) @ W.T + b`` for the features ``A``
     entering its last global pooling and its last linear layer. Returns the max difference;
-    raises :class:`~camlens.errors.HeadError` when the identity fails. ``tol`` (relative to
+    raises :class:`~camlens.base.errors.HeadError` when the identity fails. ``tol`` (relative to
     ``1 + max|logits|``) defaults to ``max(1e-3, 16 eps)`` of the model's dtype (bf16: 0.125).
     """
-    from camlens.capture import CaptureSpec, capture
-    from camlens.layers import resolve_layer
+    from camlens.core.capture import CaptureSpec, capture
+    from camlens.core.layers import resolve_layer
 
     card = card_of(model)
     spec = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from camlens.errors import HeadError
+from camlens.base.errors import HeadError
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:

@@ -15,7 +15,7 @@ position embeddings are made for one grid of patches. Three families, three answ
 Where the model cannot take the input, :func:`fit_input` raises an :class:`InputError` naming the
 size it needs and how to get it (resize, or rebuild with the flag), before the model's own
 ``ValueError`` / ``AssertionError``; a channel count other than the patch embedding's is refused
-the same way. Other models are left to their forward (and :func:`camlens.engine.forward`'s
+the same way. Other models are left to their forward (and :func:`camlens.core.engine.forward`'s
 diagnosis).
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.errors import InputError
+from camlens.base.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens.errors import CamlensError
+from camlens.base.errors import CamlensError
 from camlens.models.preprocess import IMAGENET, UNIT_RGB
 
 DETECTORS = (

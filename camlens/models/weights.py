@@ -3,7 +3,7 @@
 **Weights.** State dicts are read from ``.safetensors`` files or from ``.pth``/``.pt``/``.bin`` files
 with ``torch.load(weights_only=True)`` (no code is ever unpickled); ``{"state_dict": …}`` /
 ``{"model": …}`` containers and DataParallel ``module.`` prefixes are unwrapped. Writes go through
-:mod:`camlens.fsio` (temporary file + atomic rename, never through a symbolic link).
+:mod:`camlens.base.fsio` (temporary file + atomic rename, never through a symbolic link).
 
 **Checkpoints.** A checkpoint ``STEM`` (``best`` or ``last`` in a ``camlens finetune`` folder) is
 
@@ -22,7 +22,7 @@ image size, target layer, epoch, metrics and library versions, plus two digests:
 Before anything is built, :func:`validate_card` checks every field against a schema with bounds and
 against the shapes of the weights themselves (``num_classes`` must be the head's output count, the
 CAM convolution's channels its weight's, sizes within [8, 8192], ``std > 0``…): a tampered or broken
-card gives :class:`~camlens.errors.CheckpointError` naming the field, never an allocation of
+card gives :class:`~camlens.base.errors.CheckpointError` naming the field, never an allocation of
 petabytes or a raw ``TypeError``. Cards of format version 1 (camlens 0.1: a SHA-256 of the weights
 file only) are still read.
 """
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from camlens._version import versions
-from camlens.errors import CheckpointError, WeightsNotFoundError
-from camlens.fsio import atomic_write, atomic_write_json
+from camlens.base.errors import CheckpointError, WeightsNotFoundError
+from camlens.base.fsio import atomic_write, atomic_write_json
 
 CARD_KEY = "camlens_card"
 FORMAT = "camlens-checkpoint"
@@ -161,7 +161,7 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     overwrite: bool = True,
 ) -> str:
-    """Write tensors atomically (:func:`camlens.fsio.atomic_write`); return :func:`tensors_digest`."""
+    """Write tensors atomically (:func:`camlens.base.fsio.atomic_write`); return :func:`tensors_digest`."""
     data = safetensors_bytes(tensors, metadata)
     atomic_write(path, data, overwrite=overwrite)
     return tensors_digest(data)

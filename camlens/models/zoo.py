@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.devices import parse_device
-from camlens.errors import CamlensError, CheckpointError
+from camlens.base.devices import parse_device
+from camlens.base.errors import CamlensError, CheckpointError
 from camlens.models.builders import (
     DEFAULT_MODEL,
     HF_PREFIX,

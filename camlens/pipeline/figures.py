@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from camlens.errors import InputError
-from camlens.explanation import Explanation
-from camlens.io import load_image
-from camlens.methods.registry import methods as registered
+from camlens.api.explanation import Explanation
+from camlens.attribution.registry import methods as registered
+from camlens.base.errors import InputError
+from camlens.base.io import load_image
 from camlens.viz import explanation_figure, montage
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@
   the merged table) is recorded as ``[size, sha256]``: the map files of a batch in its table chunk's
   Parquet metadata (written with the chunk, so the record commits with it), and every file in
   ``index.json`` at the end of a run. :func:`check_file` compares a file with its record; a rerun
-  recomputes what does not match, a reader raises :class:`~camlens.errors.StoreError`.
+  recomputes what does not match, a reader raises :class:`~camlens.base.errors.StoreError`.
 * **No links.** :func:`find_links` walks the store's folders without following links; a link
   anywhere in them makes the run refuse (it would write outside ``--out``).
 * **One writer.** :class:`StoreLock` is an ``O_EXCL`` lock file holding the holder's PID, host and
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from camlens.errors import StoreBusyError, StoreError
-from camlens.fsio import os_error
+from camlens.base.errors import StoreBusyError, StoreError
+from camlens.base.fsio import os_error
 
 #: the lock file, in the store's root
 LOCK_FILE = ".lock"

@@ -1,6 +1,6 @@
 """Localization metrics over a stream of images, reduced exactly across ``torchrun`` ranks.
 
-The per-image quantities are those of :func:`camlens.loceval.evaluate_maps` (see that module for
+The per-image quantities are those of :func:`camlens.metrics.loceval.evaluate_maps` (see that module for
 the definitions and papers): IoU of the box at the threshold, the pointing-game hit, and for every
 threshold τ of the sweep whether the largest component's box (MaxBoxAcc) / any component's box
 (MaxBoxAccV2) reaches IoU δ ∈ {0.3, 0.5, 0.7}. Instead of keeping every map, an accumulator keeps
@@ -11,7 +11,7 @@ threshold τ of the sweep whether the largest component's box (MaxBoxAcc) / any 
 
 Every dataset-wide metric is then ``count / n`` (or the exact mean rounded once), so the figures do
 not depend on how the images were split between ranks or batches: two ranks give exactly the
-single-process numbers. (They equal :func:`~camlens.loceval.evaluate_maps` for the counts; its
+single-process numbers. (They equal :func:`~camlens.metrics.loceval.evaluate_maps` for the counts; its
 ``mean_iou`` is a float ``np.mean``, which may differ from the exact mean in the last bit.)
 """
 
@@ -21,8 +21,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from camlens.localization import box_of_map, iou, scale_boxes
-from camlens.loceval import (
+from camlens.base.localization import box_of_map, iou, scale_boxes
+from camlens.metrics.loceval import (
     POINTING_TOLERANCE,
     SWEEP,
     V2_IOUS,
@@ -60,8 +60,8 @@ class _Counts:
 
 class LocalizationAccumulator:
     """Add images one at a time (:meth:`add`), reduce across ranks (:meth:`reduce`), then
-    :meth:`report` gives the same :class:`~camlens.loceval.LocalizationReport` fields as
-    :func:`~camlens.loceval.evaluate_maps` (without per-image IoUs)."""
+    :meth:`report` gives the same :class:`~camlens.metrics.loceval.LocalizationReport` fields as
+    :func:`~camlens.metrics.loceval.evaluate_maps` (without per-image IoUs)."""
 
     def __init__(
         self,

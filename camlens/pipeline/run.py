@@ -33,10 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from camlens._version import versions
-from camlens.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
-from camlens.explanation import Explanation, Upsampled
-from camlens.fsio import os_error, safe_out_dir
-from camlens.methods.registry import get_method
+from camlens.api.explanation import Explanation, Upsampled
+from camlens.attribution.registry import get_method
+from camlens.base.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
+from camlens.base.fsio import os_error, safe_out_dir
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline import dist as _dist
@@ -202,7 +202,7 @@ def stream(
     ``optional``: methods dropped (with a note) if the model's head cannot give them.
     """
     options = {**options, **(method_options or {})}  # method options, also those named like ours
-    from camlens.explainer import explain
+    from camlens.api.explainer import explain
 
     targets, batch_targets = dataset_targets(targets)
 
@@ -291,7 +291,7 @@ def stream(
 # ----------------------------------------------------------------------------------------------
 def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
-    from camlens.localization import map_boxes, scale_boxes
+    from camlens.base.localization import map_boxes, scale_boxes
 
     b = map_boxes(exp, threshold)
     size = tuple(exp.shape[-2:])
@@ -718,7 +718,7 @@ def explain_dataset(
             computed), other arguments are refused unless ``overwrite=True`` (batch size, workers,
             figures and progress are not "other arguments"). A rerun verifies every file it reuses
             against its recorded size and SHA-256 and computes again the images of damaged ones;
-            a run into a store another run is writing raises :class:`~camlens.errors.StoreBusyError`.
+            a run into a store another run is writing raises :class:`~camlens.base.errors.StoreBusyError`.
         targets: what :func:`camlens.explain` takes, for every image: ``None`` (top-1), ``"topK"``, a
             class id, :class:`~camlens.targets.Classes` ``(3, 5)`` (the same classes for every image), a
             callable ``logits -> scores``; or :class:`PerBatch` ``(fn)`` with ``fn(batch, x) -> spec``.
@@ -736,7 +736,7 @@ def explain_dataset(
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
     :class:`~camlens.pipeline.store.Results` (with ``.stats``: computed / skipped / failed).
     """
-    from camlens.localization import DEFAULT_THRESHOLD
+    from camlens.base.localization import DEFAULT_THRESHOLD
 
     if isinstance(model, str):
         model = load_model(model)

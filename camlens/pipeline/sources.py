@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from camlens.errors import CamlensError, InputError
-from camlens.inputs import check_not_meta
-from camlens.io import IMAGE_EXTENSIONS
+from camlens.base.errors import CamlensError, InputError
+from camlens.base.io import IMAGE_EXTENSIONS
+from camlens.core.inputs import check_not_meta
 from camlens.models.preprocess import IMAGENET, Preprocess
 
 #: list files read as datasets
@@ -135,13 +135,13 @@ def read_list(
     """A list file -> ``([(path, label)], ground truth or None)``.
 
     * ``.csv`` with a ``path`` column (optional ``label`` or ``class``); with box columns
-      ``x0,y0,x1,y1`` it is a ground-truth file (one row per box, see :func:`camlens.loceval.read_boxes`);
+      ``x0,y0,x1,y1`` it is a ground-truth file (one row per box, see :func:`camlens.metrics.loceval.read_boxes`);
     * ``.json``: COCO; ``.xml``: Pascal VOC (both ground truth);
     * ``.txt``: one path per line.
 
     Relative paths are resolved against ``root`` or the list file's folder.
     """
-    from camlens.loceval import read_boxes
+    from camlens.metrics.loceval import read_boxes
 
     p = Path(path)
     base = Path(root) if root is not None else p.parent
@@ -200,7 +200,7 @@ def discover(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[lis
 
 
 def _load(source: str) -> np.ndarray:
-    from camlens.io import load_image, sample_image
+    from camlens.base.io import load_image, sample_image
 
     if source.startswith("skimage:"):
         return sample_image(source.split(":", 1)[1])
@@ -285,7 +285,7 @@ class UserDataset(Dataset):
                 item["size"] = tuple(img.shape[-2:])
                 item["image"] = None
             else:
-                from camlens.io import load_image
+                from camlens.base.io import load_image
 
                 arr = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
                 rgb = load_image(arr)

@@ -20,7 +20,7 @@ the ``[size, sha256]`` of the map chunks it covers in its Parquet metadata. A ru
 point leaves only whole chunks, and images without a table row are simply done again on the next
 run (rewriting their map chunks with the same values). A rerun verifies every file it reuses
 (:meth:`ResultStore.check`) and recomputes the images of whatever is missing, truncated or corrupt;
-:func:`open_results` raises :class:`~camlens.errors.StoreError` on a damaged file instead of
+:func:`open_results` raises :class:`~camlens.base.errors.StoreError` on a damaged file instead of
 returning NaN maps. No symbolic link inside the store is ever followed.
 
 Table columns: ``image_id, source, name, label, height, width, method, layer, model, rank,
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from camlens.errors import CamlensError, InputError, OutputExistsError, StoreError
-from camlens.fsio import atomic_write, check_target, os_error
+from camlens.base.errors import CamlensError, InputError, OutputExistsError, StoreError
+from camlens.base.fsio import atomic_write, check_target, os_error
 from camlens.pipeline.integrity import check_file, file_digest, read_json_object, refuse_links
 
 RUN_FILE = "run.json"
@@ -104,7 +104,7 @@ def _zarr():
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically with :func:`camlens.fsio.atomic_write` (a temporary file
+    """Write ``data`` to ``path`` atomically with :func:`camlens.base.fsio.atomic_write` (a temporary file
     in the same folder, then a rename): a reader sees the old file or the new one, never half of one,
     and a symbolic link planted at ``path`` is replaced, never followed. Chunks skip ``fsync`` (bulk
     writes: atomic, not durable through a power loss); the run record and the index keep it."""
@@ -638,7 +638,7 @@ class ResultStore:
 class StoredMaps:
     """A method's maps ``(N, K, H, W)``, read lazily from Zarr: indexing reads only the chunks of the
     images asked for, after checking each against its recorded size and SHA-256 — a damaged or
-    missing map raises :class:`~camlens.errors.StoreError`, never NaN or a codec error. (An image
+    missing map raises :class:`~camlens.base.errors.StoreError`, never NaN or a codec error. (An image
     that was never done — a failed file — reads as NaN.) Other attributes are the Zarr array's."""
 
     def __init__(self, results: Results, method: str, array: Any):
@@ -698,7 +698,7 @@ class Results:
     """A store opened for reading: ``table`` (a pandas DataFrame, one row per image x target x
     method), ``run`` (the run record), ``failed`` (files that could not be read) and lazy maps.
     Every file read is checked against its recorded checksum: a damaged store raises
-    :class:`~camlens.errors.StoreError` naming the files and the fix (the same command again)."""
+    :class:`~camlens.base.errors.StoreError` naming the files and the fix (the same command again)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -864,7 +864,7 @@ def open_results(directory: str | os.PathLike) -> Results:
     ``res.table`` is a pandas DataFrame (one row per image x target x method); ``res.map(i)`` reads
     the map of row ``i`` and ``res.maps("gradcam")[a:b]`` a slice of maps, lazily from Zarr. Every
     file is checked against its recorded size and SHA-256 when read: a damaged store raises
-    :class:`~camlens.errors.StoreError` naming the files and the fix (the same command again).
+    :class:`~camlens.base.errors.StoreError` naming the files and the fix (the same command again).
     """
     try:
         return Results(directory)

@@ -97,7 +97,7 @@ def _stem(name: str) -> str:
 
 
 def _result_json(res: Any) -> dict[str, Any]:
-    from camlens.methods.registry import get_method
+    from camlens.attribution.registry import get_method
 
     base = f"api/result/{res.id}"
     methods = []
@@ -241,7 +241,7 @@ def _add_input_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         import camlens
-        from camlens.methods.registry import methods
+        from camlens.attribution.registry import methods
 
         return {
             "version": camlens.__version__,

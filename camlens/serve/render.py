@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from camlens.methods.registry import get_method
+from camlens.attribution.registry import get_method
 from camlens.serve.service import PIXEL_PERCENTILE, THRESHOLDS, Panel, Result, ServeError, method_title
 
 #: colormaps offered by the page; "auto" picks DIVERGING_DEFAULT for signed maps, SEQUENTIAL_DEFAULT otherwise
@@ -82,7 +82,7 @@ def heat_rgb(result: Result, panel: Panel, cmap: str = "auto") -> np.ndarray:
 
 def model_label(result: Result) -> str:
     """The model's name, with ``(random weights)`` when they are."""
-    from camlens.explanation import RANDOM_WEIGHTS
+    from camlens.api.explanation import RANDOM_WEIGHTS
 
     return result.model + (f" ({RANDOM_WEIGHTS})" if result.random_weights else "")
 
@@ -132,7 +132,7 @@ def figure_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from camlens.localization import draw_boxes
+    from camlens.base.localization import draw_boxes
 
     if not 0 <= alpha <= 1:
         raise ServeError(f"alpha must be in [0, 1], not {alpha}", 400)
@@ -192,7 +192,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
     """The JSON summary: model, image, predictions, and per method and class the probability, logit,
     cost and box at ``threshold`` (display and original-image pixels), plus any curves computed."""
     import camlens
-    from camlens.localization import localize, scale_boxes
+    from camlens.base.localization import localize, scale_boxes
 
     ti = threshold_index(threshold)
     img = result.image

@@ -7,7 +7,7 @@
   so one call at a time per model is what makes concurrent requests give the sequential results.
 * :func:`decode_upload` checks an upload's size and its pixel count (read from the header, before
   any decoding: a decompression bomb is refused without being decoded), then reads it with
-  :func:`camlens.io.load_image` — the same reader as the library and the CLI.
+  :func:`camlens.base.io.load_image` — the same reader as the library and the CLI.
 * :class:`Service` explains with :func:`camlens.explain`, caches each (image, model, method, class)
   map so that clicking one more class only computes that class, and precomputes each map's box at
   every threshold of :data:`THRESHOLDS` with :func:`camlens.localize` (so the page's threshold
@@ -39,9 +39,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from camlens.errors import CamlensError
-from camlens.explanation import Explanation
-from camlens.progress import Estimate, Reporter, format_seconds, reporting
+from camlens.api.explanation import Explanation
+from camlens.base.errors import CamlensError
+from camlens.base.progress import Estimate, Reporter, format_seconds, reporting
 
 #: box thresholds offered by the page's slider (fractions of each map's maximum)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
@@ -355,7 +355,7 @@ def decode_upload(data: bytes, filename: str | None, limits: Limits) -> np.ndarr
     """An uploaded file -> RGB uint8 array, or a :class:`ServeError`: 400 for an empty upload, 413 for
     one over ``limits.max_upload_bytes`` or an image over ``limits.max_pixels`` pixels (read from the
     header, so a decompression bomb is never decoded), 415 for a file that is not a readable image."""
-    from camlens.io import load_image
+    from camlens.base.io import load_image
 
     name = _safe_filename(filename)
     if not data:
@@ -462,7 +462,7 @@ def is_signed(m: np.ndarray) -> bool:
 
 def method_title(name: str) -> str:
     """The display name of a registered method (its registry ``title``: ``"Grad-CAM"``)."""
-    from camlens.methods.registry import get_method
+    from camlens.attribution.registry import get_method
 
     return get_method(name).title
 
@@ -470,7 +470,7 @@ def method_title(name: str) -> str:
 def display_boxes(m: np.ndarray, display_hw: Sequence[int]) -> list[list[int]]:
     """The box of ``m`` (model frame) at every threshold of :data:`THRESHOLDS` with
     :func:`camlens.localize`, scaled to the display image (``-1`` = no box)."""
-    from camlens.localization import localize, scale_boxes
+    from camlens.base.localization import localize, scale_boxes
 
     boxes = np.stack([localize(m, t) for t in THRESHOLDS])
     return scale_boxes(boxes, m.shape[-2:], tuple(display_hw)).tolist()
@@ -510,7 +510,7 @@ class Service:
         got = self.images.get(f"sample-{name}")
         if got is not None:
             return got
-        from camlens.io import sample_image
+        from camlens.base.io import sample_image
 
         return self._add_image(f"sample-{name}", name, sample_image(name))
 
@@ -532,8 +532,8 @@ class Service:
     def methods_for(self, model: str | None) -> dict[str, Any]:
         """The methods that apply to ``model`` (loading it if needed; the check needs no forward), and
         why the others do not."""
-        from camlens.methods.registry import methods
-        from camlens.methods.traits import model_traits
+        from camlens.attribution.registry import methods
+        from camlens.attribution.traits import model_traits
 
         name = model or self.default_model
         traits = model_traits(self.pool.entry(name).model)
@@ -551,9 +551,9 @@ class Service:
 
     # --- explanations -------------------------------------------------------------------------
     def _check_applicable(self, net: nn.Module, name: str, meths: Sequence[str]) -> None:
-        from camlens.explainer import check_applicable
-        from camlens.methods.registry import get_method
-        from camlens.methods.traits import model_traits
+        from camlens.api.explainer import check_applicable
+        from camlens.attribution.registry import get_method
+        from camlens.attribution.traits import model_traits
 
         try:
             check_applicable([get_method(m) for m in meths], model_traits(net))
@@ -561,7 +561,7 @@ class Service:
             raise ServeError(str(exc), 400) from None
 
     def _check_methods(self, methods: Sequence[str]) -> list[str]:
-        from camlens.methods.registry import get_method
+        from camlens.attribution.registry import get_method
 
         if not methods:
             raise ServeError("choose at least one method", 400)

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.errors import CheckpointError
-from camlens.fsio import atomic_write, atomic_write_json
+from camlens.base.errors import CheckpointError
+from camlens.base.fsio import atomic_write, atomic_write_json
 from camlens.models.weights import (
     CARD_KEY,
     PreparedCheckpoint,

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camlens.errors import CamlensError, ImageLoadError, InputError
-from camlens.io import IMAGE_EXTENSIONS, load_image
+from camlens.base.errors import CamlensError, ImageLoadError, InputError
+from camlens.base.io import IMAGE_EXTENSIONS, load_image
 from camlens.models.preprocess import Preprocess
 
 

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from camlens._util import eval_mode, with_options
 from camlens._version import versions
-from camlens.errors import CamlensError, CheckpointError, OutputExistsError
-from camlens.fsio import atomic_write_json, remove_output, safe_out_dir
+from camlens.base._util import eval_mode, with_options
+from camlens.base.errors import CamlensError, CheckpointError, OutputExistsError
+from camlens.base.fsio import atomic_write_json, remove_output, safe_out_dir
 from camlens.models.cam_ready import CAM_CHANNELS, cam_ready
 from camlens.models.heads import last_linear, replace_classifier
 from camlens.models.preprocess import IMAGENET
@@ -314,7 +314,7 @@ def validation_grid(
     net: nn.Module, val: ImageFolderData, pp, path: Path, method: str = "gradcam", n: int = 16, title: str | None = None
 ) -> tuple[Path, str]:
     """Explain the first ``n`` validation images with ``method`` and save the grid figure."""
-    from camlens.explainer import explain
+    from camlens.api.explainer import explain
     from camlens.train.report import save_grid
 
     idx = np.linspace(0, len(val) - 1, num=min(n, len(val))).round().astype(int)

@@ -10,7 +10,7 @@ import csv
 import io
 from pathlib import Path
 
-from camlens.fsio import atomic_write, atomic_write_json
+from camlens.base.fsio import atomic_write, atomic_write_json
 from camlens.viz import batch_grid
 
 COLUMNS = (

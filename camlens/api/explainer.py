@@ -1,0 +1,524 @@
+"""``camlens.explain``: the one call that turns a model, images and targets into maps.
+
+    model, images ──preprocess──▶ x ──one forward (features captured)──▶ logits ─▶ targets
+                                                 │
+                 methods (one shared pass) ◀─────┘──▶ Explanation(maps, raw, classes, scores…)
+
+The model is left exactly as it was: hooks removed, every module's train/eval flag restored,
+``requires_grad`` untouched, no ``.grad`` written — also when an exception is raised.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast, overload
+
+import torch
+from torch import nn
+
+from camlens.api.explanation import Explanation, Upsampled
+from camlens.attribution.cost import reported
+from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, get_method
+from camlens.attribution.registry import methods as all_methods
+from camlens.attribution.traits import model_traits
+from camlens.base._util import eval_mode
+from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError
+from camlens.core.capture import CaptureSpec
+from camlens.core.engine import ForwardPass, forward, wants_layer_grads
+from camlens.core.inputs import prepare_batch, prepare_inputs
+from camlens.core.layers import resolve_layer
+from camlens.core.layout import ReshapeSpec
+from camlens.core.outputs import OutputSpec, select_output
+from camlens.core.resolve import run_resolved
+from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.input_size import fit_input
+from camlens.models.preprocess import IMAGENET, Preprocess
+from camlens.models.tasks import Frames, frame_maps, record_frames
+from camlens.models.zoo import card_of, class_names_of, load_model
+from camlens.targets import Detection, Segmentation, TargetSpec
+
+
+def method_names(method: Any) -> list[str]:
+    """``method=`` as a non-empty list of names; anything else is a :class:`MethodError`."""
+    if isinstance(method, str):
+        return [method]
+    if isinstance(method, (list, tuple)) and method and all(isinstance(m, str) for m in method):
+        return list(method)
+    if isinstance(method, (list, tuple)) and not method:
+        raise MethodError("no method given: pass a name such as method='gradcam' or a list of names")
+    raise MethodError(
+        f"method must be a method name (e.g. method='gradcam') or a list of names, not {method!r}; "
+        "camlens.methods() lists them"
+    )
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A model whose parameters are on the ``meta`` device has no values to explain."""
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise InputError(
+            "the model's parameters are on the 'meta' device (shapes without values, e.g. built under "
+            "torch.device('meta') or with init_empty_weights); load real weights first: "
+            "model.to_empty(device='cpu') then model.load_state_dict(state), or "
+            "model.load_state_dict(state, assign=True)"
+        )
+
+
+def target_ranks(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` 1-based rank of each target class among all logits: 1 + the number of classes whose
+    logit is strictly higher (tied classes share a rank)."""
+    with torch.no_grad():
+        lg = logits.detach()
+        tl = lg.gather(1, classes.to(lg.device))
+        return (1 + (lg[:, None, :] > tl[:, :, None]).sum(-1)).cpu()
+
+
+def _split_options(infos: list[MethodInfo], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    per: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
+    for info in infos:
+        params = inspect.signature(info.fn).parameters
+        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        mine = {k: v for k, v in options.items() if k in params or accepts_any}
+        used |= set(mine)
+        per[info.name] = mine
+    unknown = set(options) - used
+    if unknown:
+        valid = sorted({k for info in infos for k in info.options()})
+        raise MethodError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for {', '.join(i.name for i in infos)}; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
+    return per
+
+
+def check_applicable(infos: Sequence[MethodInfo], traits: ModelTraits) -> None:
+    """Refuse, before any work, a method that cannot run on a model with ``traits`` (an attention
+    method on a CNN, D-RISE without a detection target), naming the methods that can."""
+    for info in infos:
+        if not info.applies(traits):
+            hint = f"; {info.applies_to.hint}" if info.applies_to.hint else ""
+            raise NotApplicableError(
+                f"{info.name} does not apply to {traits.describe()}: it is for {info.applies_to.text}{hint}. "
+                f"Methods for this model: {', '.join(applicable(traits))}."
+            )
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()`` in chunks of ``chunk`` elements: the full-size temporaries
+    (``abs``, two boolean masks) of a ``(16, 100, 224, 224)`` map batch would cost ~0.5 GB."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
+
+
+@overload
+def explain(
+    model: nn.Module | str | Callable[[Any], Any],
+    inputs: Any,
+    method: str = "gradcam",
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
+    **options: Any,
+) -> Explanation: ...
+
+
+@overload
+def explain(
+    model: nn.Module | str | Callable[[Any], Any],
+    inputs: Any,
+    method: Sequence[str],
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
+    **options: Any,
+) -> dict[str, Explanation]: ...
+
+
+def explain(
+    model: nn.Module | str | Callable[[Any], Any],
+    inputs: Any,
+    method: str | Sequence[str] = "gradcam",
+    targets: TargetSpec = None,
+    layer: str | nn.Module | None = None,
+    capture: str = "output",
+    *,
+    call: int = -1,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+    reshape: ReshapeSpec = None,
+    **options: Any,
+) -> Explanation | dict[str, Explanation]:
+    """Explain a classifier's decision for a batch of images.
+
+    Args:
+        model: an ``nn.Module`` classifier returning ``(N, num_classes)`` logits, a zoo name
+            (``"efficientnet_lite0"``), or a model from :func:`camlens.load_model`; a TorchScript
+            module (black-box and input-gradient methods); or any scoring function
+            ``fn(batch) -> (N, K)`` taking a float32 NumPy ``(N, C, H, W)`` array (black-box
+            methods only: ``rise``, ``occlusion``, ``lime``, ``kernelshap``; option
+            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`.
+        inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
+            / list of them (then the model's preprocessing is applied: resize without cropping).
+            Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
+            images of different sizes (one batched forward; layer methods only); their maps are in
+            each image's original pixels, zero-padded to the largest (``extras["image_sizes"]``).
+        method: a registered method name (see :func:`camlens.methods`) or a list of names, computed
+            from one shared forward pass and returned as ``{name: Explanation}``.
+        targets: ``None`` (top-1), an int, N ints, an ``(N, K)`` table, ``"topK"``, class names,
+            or a callable ``logits -> (N,)`` scores; or a target object that scores the model's
+            raw output: :class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+            :class:`~camlens.targets.Similarity` or your own :class:`~camlens.targets.Target`.
+            A zoo detector defaults to ``Detection()`` (its own detections), a zoo segmenter to
+            ``Segmentation(None)`` (its largest predicted class). See :mod:`camlens.targets`.
+        layer: dotted module name, module, or ``None``: the features entering the final global
+            pooling (a module or a functional call); for a transformer without global pooling the
+            norm before the last block's attention (the token features the class token reads);
+            else the last spatial module output.
+        capture: ``"output"`` or ``"input"`` of ``layer``.
+        call: which call of a module that runs several times per forward (default: the last).
+        preprocess: override the preprocessing applied to image inputs.
+        class_names: class names for a plain ``nn.Module`` (zoo models carry theirs; Hugging Face
+            models give their ``config.id2label``).
+        output: which part of the model's output holds the class scores: ``None`` (a tensor,
+            ``.logits``, a dict's ``"logits"``, a tuple's first ``(N, C)`` tensor), a key, an index
+            or a callable; see :mod:`camlens.core.outputs`. The choice is stated in ``extras["output"]``.
+        reshape: layout of token ``(N, T, D)`` or channels-last ``(N, h, w, D)`` features:
+            ``None`` detects it (prefix tokens from the count, the grid from the input size and
+            patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
+            :mod:`camlens.core.layout`. What was done is stated in ``extras["layout"]``.
+        **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
+            ``steps=``, ``n_samples=``.
+
+    Returns:
+        An :class:`Explanation`, or a dict of them when ``method`` is a list.
+
+    Example::
+
+        >>> import camlens
+        >>> model = camlens.load_model("efficientnet_lite0")      # bundled ImageNet weights, offline
+        >>> exp = camlens.explain(model, "cat.jpg", "gradcam", targets="top2")
+        >>> exp.labels()                                          # [['Egyptian cat', 'tiger cat']]
+        >>> exp.maps.shape                                        # (1, 2, H, W): one map per class
+        >>> exp.boxes()                                           # (1, 2, 4) boxes in the photo's pixels
+        >>> exp.save("out/")                                      # overlays, .npy maps, JSON summary
+        >>> both = camlens.explain(model, "cat.jpg", ["gradcam", "scorecam"], max_channels=64)
+        >>> both["scorecam"].show()                               # {method: Explanation}
+    """
+    request = ExplainRequest(
+        methods=tuple(method_names(method)),
+        targets=targets,
+        layer=layer,
+        capture=capture,
+        call=call,
+        preprocess=preprocess,
+        class_names=None if class_names is None else tuple(class_names),
+        output=output,
+        reshape=reshape,
+        options=dict(options),
+    )
+    results = run_request(model, inputs, request)
+    named = {n: results[get_method(n).name] for n in request.methods}  # aliases as the caller spelled them
+    return named[request.methods[0]] if isinstance(method, str) else named
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What :func:`explain` was asked, whole: the unit of work that the CLI, the web app and the
+    dataset pipeline hand on (see :func:`explain` for each field). ``options``: the methods'
+    keyword options, split between the methods by their signatures."""
+
+    methods: tuple[str, ...]
+    targets: TargetSpec = None
+    layer: str | nn.Module | None = None
+    capture: str = "output"
+    call: int = -1
+    preprocess: Preprocess | None = None
+    class_names: tuple[str, ...] | None = None
+    output: OutputSpec = None
+    reshape: ReshapeSpec = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """The request checked against the model: registry entries, each method's options, what the
+    shared pass must prepare, the model's card, class names and the targets (task defaults)."""
+
+    infos: list[MethodInfo]
+    options: dict[str, dict[str, Any]]
+    needs: frozenset[str]
+    card: Any
+    classes: list[str] | None
+    targets: TargetSpec
+
+
+def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
+    """Run one :class:`ExplainRequest`: ``{registered method name: Explanation}`` in the request's
+    order, from one shared forward pass. Steps: the model (:func:`as_model`), the plan (every check
+    before any work), the batch, the layer, one forward, then each method."""
+    options = dict(request.options)
+    model = as_model(model, options.pop("max_batch", None))
+    plan = _plan(model, request, options)
+    x, images, sources = _batch(inputs, model, request, plan)
+    spec = _layer_spec(model, request, plan)
+    # one method asks for at most one layer, one input and one attention gradient: the last backward
+    # may free the graph
+    needs = plan.needs
+    n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
+    backwards = n_grads if len(plan.infos) == 1 else None
+    frames = Frames()
+
+    def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
+        nonlocal frames
+        with record_frames(model) as frames:  # a detector's resize + pad (see camlens.models.tasks)
+            return ForwardPass(
+                model,
+                x,
+                spec,
+                plan.targets,
+                plan.classes,
+                needs=needs,
+                backwards=backwards,
+                output=request.output,
+                reshape=request.reshape,
+            )
+
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    results: dict[str, Explanation] = {}
+    # works under the caller's inference_mode too; a transformer at another size: see fit_input
+    with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
+        resolved = run_resolved(model, x, spec, forward_pass)
+        ctx = resolved.ctx
+        ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
+        shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
+        timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
+        for info in plan.infos:
+            with reported(info, ctx, plan.options[info.name], timing):  # estimate and progress, when asked
+                out = info.fn(ctx, **plan.options[info.name])
+            results[info.name] = _explanation(info, out, ctx, shared, frames, x)
+        del ctx, resolved  # free the graph before returning
+    return results
+
+
+def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
+    """A zoo name loaded, a scoring function wrapped (black-box methods only), anything else refused."""
+    if isinstance(model, str):
+        model = load_model(model)
+    if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
+        model = ScoringFunction(model, max_batch=max_batch)
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
+            f"not {type(model).__name__}"
+        )
+    check_materialized(model)
+    return model
+
+
+def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) -> _Plan:
+    """Every check that needs no image: methods, options, model kind, targets' task defaults."""
+    if request.capture not in ("output", "input"):
+        resolve_layer(model, None, request.capture)  # raises the error that names the valid choices
+    infos = [get_method(m) for m in request.methods]
+    per_options = _split_options(infos, options)
+    refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
+    if refused is not None:
+        raise refused
+    card = card_of(model)
+    classes = list(request.class_names) if request.class_names is not None else class_names_of(model)
+    task = card.extra.get("task") if card else None
+    targets = request.targets
+    if targets is None and task == "detection":
+        targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
+    elif targets is None and task == "segmentation":
+        targets = Segmentation(None)  # each image's largest predicted non-background class
+    check_applicable(infos, model_traits(model, targets))
+    needs = frozenset().union(*(i.needs for i in infos))
+    return _Plan(infos, per_options, needs, card, classes, targets)
+
+
+def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) -> tuple[Any, Any, list[str]]:
+    """The model's input (a batch tensor, or a detector's list of ``(C, H, W)`` images of different
+    sizes, which only layer methods take), the original images and their names."""
+    with torch.inference_mode(False):
+        x, images, sources = prepare_batch(inputs, model, request.preprocess)
+    if isinstance(x, list):
+        bad = [i.name for i in plan.infos if i.kind != "layer"]
+        if bad:
+            raise InputError(
+                f"{', '.join(bad)} need(s) images of one size; these differ in size "
+                f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
+            )
+    return x, images, sources
+
+
+def _layer_spec(model: nn.Module, request: ExplainRequest, plan: _Plan) -> CaptureSpec | None:
+    """The layer to capture (the card's for a zoo model when none is asked), if a method needs one."""
+    if not ("features" in plan.needs or wants_layer_grads(plan.needs)):
+        return None
+    card = plan.card
+    if request.layer is None and card is not None and card.layer is not None:
+        return resolve_layer(model, card.layer, card.capture, request.call)
+    return resolve_layer(model, request.layer, request.capture, request.call)
+
+
+@dataclass
+class _Shared:
+    """What every method's :class:`Explanation` of one call shares."""
+
+    model_name: str
+    card: Any
+    classes: list[str] | None
+    probs: torch.Tensor
+    logits: torch.Tensor | None
+    ranks: torch.Tensor | None
+    images: Any
+    sources: list[str]
+    preprocess: Preprocess | None
+    shown: torch.Tensor | None
+    layer_name: str | None
+    fitted: Any
+
+    @classmethod
+    def of(cls, ctx, model, request, plan, x, images, sources, layer_name, fitted) -> _Shared:
+        """From the forward pass: class probabilities, the logits kept whole (``Explanation.top(k)``
+        needs no second forward; None for a target object's raw output), true ranks."""
+        with torch.no_grad():
+            if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
+                probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
+            else:
+                probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
+        plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
+        card = plan.card
+        pp = request.preprocess or (card.preprocess if card else (IMAGENET if images is not None else None))
+        return cls(
+            model_name=card.name if card else type(model).__name__,
+            card=card,
+            classes=plan.classes,
+            probs=probs,
+            logits=ctx.logits.detach() if ctx.logits is not None else None,
+            ranks=target_ranks(ctx.logits, ctx.targets.classes) if plain else None,
+            images=images,
+            sources=sources,
+            preprocess=pp,
+            shown=x.detach() if images is None and isinstance(x, torch.Tensor) else None,  # for figures
+            layer_name=layer_name,
+            fitted=fitted,
+        )
+
+
+def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, frames: Frames, x: Any) -> Explanation:
+    """One method's output as an :class:`Explanation`: skipped images zeroed, detector maps mapped
+    to the original pixels, the finite check, lazy upsampling, and the extras said."""
+    raw = out.raw.detach()
+    maps = out.maps
+    skipped = ctx.targets.skipped
+    if skipped:  # nothing to explain there: zeros, whatever the method made of a 0 score
+        raw, maps = _zero_rows(raw, skipped), None if maps is None else _zero_rows(maps, skipped)
+    # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
+    # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
+    checked = raw if maps is None else maps
+    if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
+        maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
+    if not _all_finite(checked):
+        raise NonFiniteError(
+            f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "
+            f"{checked.dtype}); run the model in float32 or choose another layer"
+        )
+    lazy: torch.Tensor | Upsampled
+    if maps is None:  # bilinear as F.interpolate, computed when the maps are first used
+        lazy = Upsampled(raw, (int(x.shape[-2]), int(x.shape[-1])))
+    else:
+        lazy = maps.detach().float()
+    return Explanation(
+        maps=cast(torch.Tensor, lazy),  # an Upsampled is computed on first access
+        raw=raw,
+        classes=ctx.targets.classes.clone(),
+        scores=ctx.scores.detach().clone(),
+        probs=shared.probs,
+        method=info.name,
+        layer=shared.layer_name if "features" in info.needs else None,
+        class_names=shared.classes,
+        images=shared.images,
+        sources=shared.sources,
+        model_name=shared.model_name,
+        extras=_common_extras(ctx, info) | _extras(out, ctx, shared, x),
+        ranks=shared.ranks,
+        inputs=shared.shown,
+        preprocess=shared.preprocess,
+        logits=shared.logits,
+    )
+
+
+def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, Any]:
+    """A method's extras with what the call adds: the target object's, random weights, skipped
+    images, a detector's image sizes, a transformer's fitted input size."""
+    extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
+    if shared.card is not None and shared.card.extra.get("weights") == "random":
+        extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
+    extras.update(out.extras)
+    if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
+        extras["skipped"] = sorted(ctx.targets.skipped)
+        extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
+    if isinstance(x, list):
+        extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+    if shared.fitted:
+        extras["input_size"] = shared.fitted
+    return extras
+
+
+def _zero_rows(t: torch.Tensor, rows: dict[int, str]) -> torch.Tensor:
+    """A copy of ``t`` with the images ``rows`` set to zero."""
+    t = t.detach().clone()
+    t[sorted(rows)] = 0
+    return t
+
+
+def _common_extras(ctx: ForwardPass, info: MethodInfo) -> dict[str, Any]:
+    """What explain() chose for every method: the output part taken as logits, the layout adapter."""
+    extras: dict[str, Any] = {"output": ctx.output_choice}
+    if ctx.layout is not None and ctx.layout.adapted and "features" in info.needs:
+        extras["layout"] = ctx.layout.describe()
+    return extras
+
+
+def predict(
+    model: nn.Module | str,
+    inputs: Any,
+    topk: int = 5,
+    *,
+    preprocess: Preprocess | None = None,
+    class_names: Sequence[str] | None = None,
+    output: OutputSpec = None,
+) -> list[list[tuple[int, str, float]]]:
+    """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
+    if isinstance(model, str):
+        model = load_model(model)
+    check_materialized(model)
+    x, _, _ = prepare_inputs(inputs, model, preprocess)
+    names = list(class_names) if class_names is not None else class_names_of(model)
+    with eval_mode(model), torch.inference_mode(), fit_input(model, tuple(x.shape)):
+        p = select_output(forward(model, x), output, n=x.shape[0])[0].float().softmax(dim=1)
+    v, i = p.topk(min(topk, p.shape[1]), dim=1)
+    return [
+        [(int(c), names[c] if names else str(int(c)), float(q)) for q, c in zip(vr, ir)]
+        for vr, ir in zip(v.tolist(), i.tolist())
+    ]
+
+
+__all__ = ["explain", "predict"]

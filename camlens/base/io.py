@@ -1,0 +1,221 @@
+"""Reading images: paths, PIL images and arrays to RGB uint8 arrays, with clear errors.
+
+Grayscale, RGBA, palette and 16-bit images are converted to 8-bit RGB. Images above
+:data:`MAX_PIXELS` pixels are refused (decompression-bomb guard) instead of being decoded.
+
+**EXIF orientation is applied** (files and PIL images): a JPEG whose EXIF ``Orientation`` tag says
+"rotate 90°" (e.g. a phone photo taken upright) is returned upright, as every image viewer shows it,
+so maps, overlays and boxes are in the displayed frame and ``image_size`` in the JSON outputs is the
+displayed ``[height, width]``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from camlens.base.errors import ImageLoadError, InputError, NonFiniteError
+
+#: file suffixes read as images when a folder or a glob is expanded (the CLI, the dataset pipeline
+#: and ImageFolder training data all use this list)
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".ico",
+)
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+#: Largest image accepted, in pixels (about 16k x 16k). PIL's own bomb guard is kept below it.
+MAX_PIXELS = 16384 * 16384
+
+
+def _check_values(arr: np.ndarray) -> None:
+    """Refuse what has no meaning as pixel values: complex or non-numeric arrays, NaN or Inf,
+    negative signed integers (an image is uint8 0..255, uint16 0..65535 or floats in [0, 1])."""
+    if arr.dtype == np.bool_:
+        return
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(
+            f"image array has complex dtype {arr.dtype}: pass real pixel values (e.g. np.abs(arr) or arr.real, "
+            "scaled to [0, 1] or uint8)"
+        )
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"image array has dtype {arr.dtype}; pass uint8 in [0, 255], uint16, or floats in [0, 1]")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise NonFiniteError(
+            f"the input image array holds {bad} NaN or Inf value(s) of {arr.size}: its pixels have no value to "
+            "explain; clean it first (e.g. np.nan_to_num(arr, nan=0.0)) or drop the image"
+        )
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise InputError(
+            f"image array of dtype {arr.dtype} has negative values (min {int(arr.min())}): pixel values are "
+            "0..255 (uint8) or 0..65535 (uint16); shift or rescale it, e.g. (arr - arr.min()) to uint8, "
+            "or pass floats in [0, 1]"
+        )
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    _check_values(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16 or (np.issubdtype(arr.dtype, np.integer) and arr.max(initial=0) > 255):
+        return (arr.astype(np.float64) / 65535.0 * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and (np.nanmin(arr) < -1e-6 or np.nanmax(arr) > 1.0 + 1e-6):
+            raise InputError(
+                f"float image array has values in [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]; "
+                "pass floats in [0, 1] or uint8 in [0, 255] (or a preprocessed tensor)"
+            )
+        return (arr * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    return arr.clip(0, 255).astype(np.uint8)
+
+
+def array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Return an ``(H, W, 3)`` uint8 RGB copy of a grayscale / RGB / RGBA image array."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    elif not (arr.ndim == 3 and arr.shape[2] == 3):
+        raise InputError(
+            f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 (channels last); got shape {arr.shape}. "
+            "For a CHW tensor pass a torch tensor of shape (N, C, H, W) instead."
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(f"empty image of shape {arr.shape}")
+    return np.ascontiguousarray(_to_uint8(arr))
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert any PIL image mode (L, LA, P, RGBA, I;16, I, F, CMYK…) to an RGB uint8 array, upright
+    (its EXIF orientation applied)."""
+    if img.getexif().get(0x0112, 1) != 1:  # Orientation: 1 = as stored
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return array_to_rgb((arr / hi).clip(0, 1))
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        return array_to_rgb((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))
+    if img.mode in ("P", "PA", "LA", "RGBA") and img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)
+
+
+def _pil_image(img: Image.Image) -> np.ndarray:
+    """:func:`pil_to_rgb` of an image the caller opened: an empty, closed or truncated one is an
+    :class:`ImageLoadError`, not PIL's raw exception."""
+    name = getattr(img, "filename", "") or f"a PIL {img.mode} image"
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(f"{name} is empty ({w}x{h} pixels): there is nothing to explain")
+    try:
+        if w * h > MAX_PIXELS:
+            raise ImageLoadError(
+                f"{name}: {w}x{h} pixels is larger than the {MAX_PIXELS:,}-pixel limit; downscale it first"
+            )
+        img.load()
+        return pil_to_rgb(img)
+    except (InputError, ImageLoadError):
+        raise
+    except ValueError as exc:  # PIL: "Operation on closed image"
+        if "closed" in str(exc):
+            raise ImageLoadError(
+                f"{name} is closed (its file was released by .close() or a finished `with Image.open(...)` "
+                "block): pass the path, keep the image open, or pass img.copy() made before closing it"
+            ) from None
+        raise ImageLoadError(f"{name}: cannot decode image ({exc})") from None
+    except (OSError, SyntaxError) as exc:
+        raise ImageLoadError(
+            f"{name}: cannot decode image ({exc}); the file may be truncated or corrupt. Re-save it, or set "
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True to accept a partial image"
+        ) from None
+
+
+def load_image(source: ImageLike) -> np.ndarray:
+    """Load one image as an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises :class:`~camlens.base.errors.ImageLoadError` naming the file for missing, unreadable,
+    corrupt, unsupported or oversized images.
+    """
+    if isinstance(source, np.ndarray):
+        return array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        return _pil_image(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageLoadError(f"image file not found: {path}")
+        if path.is_dir():
+            raise ImageLoadError(f"{path} is a folder, not an image (the CLI expands folders)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    w, h = img.size
+                    if w * h > MAX_PIXELS:
+                        raise ImageLoadError(
+                            f"{path}: {w}x{h} pixels is larger than the {MAX_PIXELS:,}-pixel limit "
+                            "(possible decompression bomb); downscale it first"
+                        )
+                    img.load()
+                    return pil_to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(
+                f"{path}: image is too large to decode safely (possible decompression bomb): {exc}"
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageLoadError(
+                f"{path}: not an image file camlens can read (corrupt or unsupported format)"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"{path}: cannot decode image ({exc}); the file may be truncated") from None
+    raise InputError(
+        f"cannot use {type(source).__name__} as an image: pass a path, a PIL image, an HxWx3 array, "
+        "a list of those, or a preprocessed (N, C, H, W) tensor"
+    )
+
+
+def load_images(sources: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
+    """Load one image or a list of images; see :func:`load_image`."""
+    if isinstance(sources, (list, tuple)):
+        if not sources:
+            raise InputError("empty list of images")
+        return [load_image(s) for s in sources]
+    return [load_image(sources)]  # type: ignore[arg-type]  # one image (a str is not a list here)
+
+
+def sample_image(name: str = "chelsea") -> np.ndarray:
+    """A real photo bundled with scikit-image (``chelsea`` the cat, ``coffee``, ``astronaut``, …)."""
+    import skimage.data
+
+    fn = getattr(skimage.data, name, None)
+    if fn is None or not callable(fn):
+        raise InputError(f"no bundled photo named {name!r}; try 'chelsea', 'coffee', 'astronaut', 'rocket'")
+    return array_to_rgb(fn())

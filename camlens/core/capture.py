@@ -1,0 +1,388 @@
+"""Capture the features at one place of a forward pass, without leaving a trace.
+
+Three places can be captured:
+
+* ``"output"`` of a module (a forward hook),
+* ``"input"`` of a module (a forward pre-hook),
+* ``"pool"``: the input of the *last global pooling call* of the forward pass, whether the
+  pooling is a module (``nn.AdaptiveAvgPool2d``) or a functional call (``F.adaptive_avg_pool2d``
+  in torchvision's DenseNet, ``x.mean((2, 3))``) — seen through a :class:`TorchFunctionMode`.
+
+**Cutting the graph below the layer.** Layer methods (CAM, Grad-CAM…) only need gradients
+from the score down to the captured features. With ``cut=True`` the forward starts with
+autograd off; at the capture the features are replaced by a fresh leaf tensor that requires
+grad, and recording starts there. Grad-CAM then costs about one inference forward plus a
+backward through the head only. When a module runs several times and the *last* call is
+wanted, every call is cut: the last call's output never feeds another call of the module,
+so its gradient is exact. The value handed on is always a clone (with or without grad, cut or
+not), so that in-place operations after the layer (``ReLU(inplace=True)``, DenseNet's
+``F.relu(features, inplace=True)``) never modify the captured tensor: a method reads the same
+features whichever other methods share the forward. The clone costs one copy of the feature map
+(DenseNet-121, 224 px: 200 KB per image), nothing next to the forward.
+
+**Cheap automatic capture.** The function mode costs a Python call for every torch function of
+the forward (a few percent of a batch-1 forward). With ``CaptureSpec(lazy_pool=True)`` (what
+:func:`camlens.explain` uses for the last call) and a model that has a global pooling *module*
+(``nn.AdaptiveAvgPool2d(1)``…), the pooling modules are hooked directly and the function mode
+is switched on only after the first global pooling module has run: any global pooling before
+that call is followed by a later one, so the *last* call is found exactly as with the function
+mode from the start. If no pooling module ran, nothing was captured and
+:func:`needs_full_scan` tells the caller to run again with the function mode from the start.
+
+Hooks and the function mode are removed in ``finally`` blocks, and the caller's grad mode
+is restored, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from camlens.base.errors import InputError
+from camlens.core.layout import Layout, LayoutRequest
+
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+def _is_one(size) -> bool:
+    if isinstance(size, int):
+        return size == 1
+    if isinstance(size, (tuple, list)):
+        return all(s == 1 for s in size)
+    return False
+
+
+def global_pool_input(func, args, kwargs) -> torch.Tensor | None:
+    """If ``func(*args, **kwargs)`` pools a 4-D tensor to 1x1 (global pooling), its input."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
+        return None
+    x = args[0]
+    if func in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        return x if _is_one(size) else None
+    if func in (F.avg_pool2d, F.max_pool2d):
+        k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
+        k = (k, k) if isinstance(k, int) else tuple(k)
+        return x if k == tuple(x.shape[-2:]) else None
+    if func in (torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            return None
+        dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
+        return x if dims == {2, 3} else None
+    return None
+
+
+@dataclass
+class CaptureSpec:
+    """Where to capture: ``module`` (None for ``"pool"``), its dotted ``name``, ``capture`` kind
+    (``"output"``, ``"input"`` or ``"pool"``) and which ``call`` (0-based; -1 for the last)."""
+
+    module: nn.Module | None
+    name: str
+    capture: str = "output"
+    call: int = -1
+    #: ``"pool"`` with ``call=-1`` only: hook global pooling modules and watch function calls only
+    #: after the first one ran (see the module docstring)
+    lazy_pool: bool = False
+
+    def describe(self) -> str:
+        where = {"output": "output of", "input": "input of", "pool": "input of global pooling"}[self.capture]
+        call = "" if self.call == -1 else f", call {self.call}"
+        return f"{where} {self.name}{call}"
+
+
+@dataclass
+class Captured:
+    """What a capture saw: the features (a leaf when cut), how many calls matched, and for
+    ``"pool"`` captures the pooling module (if any) that made the last call."""
+
+    value: torch.Tensor | None = None
+    calls: int = 0
+    pool_module: str | None = None
+    #: ``"pool"`` captures watching every call: the last module (execution order) whose output
+    #: :func:`is_spatial_fallback` accepts, as ``(name, module)`` — the fallback layer when no
+    #: global pooling ran, known without another forward
+    last_spatial: tuple[str, nn.Module] | None = None
+    #: ``"pool"`` captures watching every call: the last norm module with a token output
+    #: ``(N, T, D)`` that ran before the last attention module (:func:`is_attention`): the
+    #: automatic layer of a transformer without global pooling
+    token_norm: tuple[str, nn.Module] | None = None
+    #: the layout adapter applied to the captured tensor (``None``: none was asked for)
+    layout: Layout | None = None
+    _current_pool_module: list[str] = field(default_factory=list)
+    _last_norm: tuple[str, nn.Module] | None = None
+
+
+def is_spatial_fallback(module: nn.Module, output) -> bool:
+    """Whether ``module``'s ``output`` can serve as the fallback layer of a network without global
+    pooling: a leaf module with a spatial ``(N, C, h, w)`` output, ``h, w > 1``, that is not a
+    fixed-size adaptive pooling adapter (VGG's ``avgpool``)."""
+    return (
+        isinstance(output, torch.Tensor)
+        and output.dim() == 4
+        and output.shape[-1] > 1
+        and output.shape[-2] > 1
+        and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+        and next(iter(module.children()), None) is None
+    )
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention module: ``nn.MultiheadAttention`` or a class named ``*Attention``
+    (timm ``Attention``, Hugging Face ``ViTAttention``/``ViTSelfAttention``, …)."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization module (torch's LayerNorm/GroupNorm/RMSNorm, timm's ``RmsNorm``, …)."""
+    return isinstance(module, _NORMS) or "norm" in type(module).__name__.lower()
+
+
+def _note_norm(out: Captured, name: str):
+    def post(module, args, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 3:
+            out._last_norm = (name, module)
+
+    return post
+
+
+def _note_attention(out: Captured):
+    def pre(module, args) -> None:
+        if out._last_norm is not None:
+            out.token_norm = out._last_norm
+
+    return pre
+
+
+def _is_global_pool_module(module: nn.Module) -> bool:
+    """A pooling module that pools any 4-D input to 1x1 (``nn.AdaptiveAvgPool2d(1)`` and friends)."""
+    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and _is_one(module.output_size)
+
+
+def _module_pools_globally(module: nn.Module, x) -> bool:
+    """Whether ``module(x)`` is a global pooling call, judged as :func:`global_pool_input` judges
+    the functional call the module makes."""
+    func: Callable[..., Any]
+    arg: Any
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        func, arg = F.adaptive_avg_pool2d, module.output_size
+    elif isinstance(module, nn.AdaptiveMaxPool2d):
+        func, arg = F.adaptive_max_pool2d, module.output_size
+    elif isinstance(module, nn.AvgPool2d):
+        func, arg = F.avg_pool2d, module.kernel_size
+    elif isinstance(module, nn.MaxPool2d):
+        func, arg = F.max_pool2d, module.kernel_size
+    else:
+        return False
+    return global_pool_input(func, (x, arg), {}) is not None
+
+
+def uses_lazy_pool(model: nn.Module, spec: CaptureSpec) -> bool:
+    """Whether :func:`capture` watches function calls only after a pooling module ran."""
+    return (
+        spec.capture == "pool"
+        and spec.lazy_pool
+        and spec.call == -1
+        and any(_is_global_pool_module(m) for m in model.modules())
+    )
+
+
+def needs_full_scan(model: nn.Module, spec: CaptureSpec, captured_value) -> bool:
+    """After a forward under :func:`capture`: nothing was captured, but a global pooling function
+    call may have gone unseen (no pooling module ran): run again with ``lazy_pool=False``."""
+    return captured_value is None and uses_lazy_pool(model, spec)
+
+
+class _PoolMode(TorchFunctionMode):
+    def __init__(self, on_pool) -> None:
+        super().__init__()
+        self.on_pool = on_pool
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = global_pool_input(func, args, kwargs)
+        if x is not None:
+            args = (self.on_pool(x), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _pop_pool(out: Captured):
+    def post(module, args, output) -> None:
+        out._current_pool_module.pop()
+
+    return post
+
+
+def _note_spatial(out: Captured, name: str):
+    def post(module, args, output) -> None:
+        if is_spatial_fallback(module, output):
+            out.last_spatial = (name, module)
+
+    return post
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    spec: CaptureSpec,
+    *,
+    cut: bool = False,
+    need_grad: bool = True,
+    layout: LayoutRequest | None = None,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[Captured]:
+    """Context manager: while active, a forward of ``model`` records the features at ``spec``.
+
+    Args:
+        cut: start the forward with autograd off and record only from the capture on
+            (layer methods). With ``cut=False`` the graph below the layer is kept (pixel methods).
+        need_grad: whether the captured features must require grad (False: CAM, Score-CAM).
+        layout: adapt token ``(N, T, D)`` and channels-last ``(N, h, w, D)`` captures of a module's
+            output or input to ``(N, D, h, w)`` (see :mod:`camlens.core.layout`): the captured value is the
+            ``(N, D, h, w)`` tensor (the leaf when cut) and the model goes on with the same values
+            rebuilt from it, so gradients are taken with respect to the reshaped features.
+        replace: hand the model ``replace(features)`` instead of the features at the captured call
+            (``(N, D, h, w)`` after the ``layout`` adapter, rebuilt to the module's layout), for methods
+            that score modified features through the layers above (Ablation-CAM, Recipro-CAM); the
+            captured value stays the model's own. Use with an explicit ``spec.call``.
+    """
+    out = Captured()
+    target = spec.call
+    handles: list = []
+    prev_grad = torch.is_grad_enabled()
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
+                "(`camlens layers MODEL` lists candidates) or capture='input'"
+            )
+        idx = out.calls
+        out.calls += 1
+        if target >= 0 and idx != target:
+            return t
+        if out._current_pool_module:
+            out.pool_module = out._current_pool_module[-1]
+        if replace is not None:
+            return _replaced(t, replace, out, None if spec.capture == "pool" else layout, spec)
+        if layout is not None and spec.capture != "pool":
+            lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
+            out.layout = lay
+            if lay.adapted:
+                feats, prefix = lay.to_nchw(t)
+                if cut:
+                    feats = feats.detach().requires_grad_(need_grad)
+                    prefix = prefix.detach() if prefix is not None else None
+                    torch.set_grad_enabled(need_grad)
+                out.value = feats
+                return lay.from_nchw(feats, prefix)
+        if cut:
+            leaf = t.detach().requires_grad_(need_grad)
+            out.value = leaf
+            torch.set_grad_enabled(need_grad)
+            # hand on a clone, also without grad: an in-place op after the layer (ReLU(inplace=True),
+            # DenseNet's F.relu(features, inplace=True)) must not rewrite the captured features
+            return leaf.clone()
+        out.value = t
+        return t.clone()
+
+    try:
+        if cut:
+            torch.set_grad_enabled(False)
+        if spec.capture in ("output", "input") and spec.module is None:
+            raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
+        if spec.capture in ("output", "input"):
+            handles.append(_module_hook(spec, take))
+        elif spec.capture == "pool":
+            mode = _PoolMode(take)
+            if uses_lazy_pool(model, spec):
+                active: list[bool] = []  # [True] once the function mode is on
+
+                def pre_lazy(m, args, n):
+                    out._current_pool_module.append(n)
+                    if not active and args and _module_pools_globally(m, args[0]):
+                        return (take(args[0]), *args[1:])
+                    return None
+
+                def post_lazy(m, args, output):
+                    out._current_pool_module.pop()
+                    if not active and args and _module_pools_globally(m, args[0]):
+                        mode.__enter__()
+                        active.append(True)
+
+                for name, m in model.named_modules():
+                    if isinstance(m, _POOL_MODULES):
+                        handles.append(m.register_forward_pre_hook(lambda m, a, n=name: pre_lazy(m, a, n)))
+                        handles.append(m.register_forward_hook(post_lazy))
+                try:
+                    yield out
+                finally:
+                    if active:
+                        mode.__exit__(None, None, None)
+                return
+            for name, m in model.named_modules():
+                if isinstance(m, _POOL_MODULES):
+                    handles.append(m.register_forward_pre_hook(lambda m, a, n=name: out._current_pool_module.append(n)))
+                    handles.append(m.register_forward_hook(_pop_pool(out)))
+                if name and next(iter(m.children()), None) is None:
+                    handles.append(m.register_forward_hook(_note_spatial(out, name)))
+                    if is_norm(m):
+                        handles.append(m.register_forward_hook(_note_norm(out, name)))
+                if name and is_attention(m):
+                    handles.append(m.register_forward_pre_hook(_note_attention(out)))
+            with mode:
+                yield out
+            return
+        else:
+            raise InputError(f"capture must be 'output', 'input' or 'pool', not {spec.capture!r}")
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(prev_grad)
+
+
+def _module_hook(spec: CaptureSpec, take: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The hook that hands ``spec.module``'s output (or first input) to ``take``; its handle."""
+    assert spec.module is not None
+    if spec.capture == "output":
+        return spec.module.register_forward_hook(lambda m, a, o: take(o))
+
+    def pre(m, args):
+        if not args:
+            raise InputError(f"{spec.name} was called without positional input; use capture='output'")
+        return (take(args[0]), *args[1:])
+
+    return spec.module.register_forward_pre_hook(pre)
+
+
+def _replaced(t: torch.Tensor, replace, out: Captured, layout: LayoutRequest | None, spec: CaptureSpec):
+    """``replace`` applied to the captured features ``t`` (through the layout adapter, if any)."""
+    if layout is not None:
+        lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
+        out.layout = lay
+        if lay.adapted:
+            feats, prefix = lay.to_nchw(t)
+            out.value = feats
+            return lay.from_nchw(replace(feats), prefix)
+    out.value = t
+    return replace(t)
+
+
+def count_calls(model: nn.Module, spec: CaptureSpec, x: torch.Tensor) -> int:
+    """How many times ``spec`` fires in one forward of ``x`` (inference only)."""
+    probe = CaptureSpec(spec.module, spec.name, spec.capture, -1)
+    with torch.inference_mode(), capture(model, probe, cut=False, need_grad=False) as c:
+        model(x.clone())  # never the caller's tensor (in-place first layers)
+    return c.calls
