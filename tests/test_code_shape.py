@@ -29,7 +29,7 @@ KNOWN: dict[str, tuple[int, int]] = {
     "pipeline/run.py:run_store": (90, 25),
     "pipeline/run.py:explain_dataset": (39, 18),
     "train/loop.py:_finetune": (213, 26),
-    "viz/__init__.py:batch_grid": (36, 13),
+    "viz/figures.py:batch_grid": (36, 13),
 }
 
 

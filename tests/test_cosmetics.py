@@ -36,7 +36,7 @@ def test_unicode_names_are_kept():
 
 
 def test_missing_glyphs_are_said_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(viz, "_NOTICE_GIVEN", False)
+    monkeypatch.setattr(viz.png, "_NOTICE_GIVEN", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(2):
@@ -44,6 +44,19 @@ def test_missing_glyphs_are_said_once(tmp_path, monkeypatch):
             viz.save_figure(fig, tmp_path / f"{i}.png")
     ours = [w for w in caught if "not in the installed fonts" in str(w.message)]
     glyphs = [w for w in caught if "missing from font" in str(w.message)]
-    if viz._FALLBACKS:  # a CJK font is installed: it is used, nothing to say
+    if viz.png._FALLBACKS:  # a CJK font is installed: it is used, nothing to say
         pytest.skip("a CJK fallback font is installed here: no missing glyph to report")
     assert len(ours) == 1 and "猫" in str(ours[0].message) and not glyphs
+
+
+def test_drawing_a_missing_glyph_leaves_the_process_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """The glyph warnings are silenced only inside camlens' own draws, never process-wide."""
+    monkeypatch.setattr(viz.png, "_NOTICE_GIVEN", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-process notice
+        before = list(warnings.filters)
+        fig = viz.overlay_figure(np.zeros((8, 8, 3), np.uint8), np.eye(2), "Grad-CAM · 猫")
+        viz.save_figure(fig, tmp_path / "a.png")
+        viz.figure_png(fig)
+        after = list(warnings.filters)
+    assert after == before

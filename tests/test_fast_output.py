@@ -209,7 +209,7 @@ def test_titles_the_default_font_cannot_draw_go_through_the_figure(tmp_path, mon
     exp = camlens.explain(TinyCNN().eval(), _images(), "gradcam", 0, class_names=names)
     used = []
     real = viz.overlay_figure
-    monkeypatch.setattr(viz, "overlay_figure", lambda *a, **k: used.append(1) or real(*a, **k))
+    monkeypatch.setattr(viz.export, "overlay_figure", lambda *a, **k: used.append(1) or real(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the once-per-process notice that no installed font has 猫
         paths = save_explanation(exp, tmp_path, formats=["png"])

@@ -155,7 +155,7 @@ def test_show_displays_in_a_notebook_even_when_not_last(tiny, tiny_x, monkeypatc
     shown = []
     fake_display = types.ModuleType("IPython.display")
     fake_display.display = lambda obj: shown.append(obj)
-    monkeypatch.setattr(viz, "in_notebook", lambda: True)
+    monkeypatch.setattr(viz.notebook, "in_notebook", lambda: True)
     monkeypatch.setitem(sys.modules, "IPython.display", fake_display)
     exp = camlens.explain(tiny, tiny_x)
     assert exp.show() is None  # `exp.show(); exp.save(...)`: displayed by the call itself
@@ -166,8 +166,8 @@ def test_show_opens_a_window_with_an_interactive_backend(tiny, tiny_x, monkeypat
     import matplotlib.pyplot as plt
 
     calls = []
-    monkeypatch.setattr(viz, "in_notebook", lambda: False)
-    monkeypatch.setattr(viz, "interactive_backend", lambda: True)
+    monkeypatch.setattr(viz.notebook, "in_notebook", lambda: False)
+    monkeypatch.setattr(viz.notebook, "interactive_backend", lambda: True)
     monkeypatch.setattr(plt, "show", lambda *a, **k: calls.append("show"))
     exp = camlens.explain(tiny, tiny_x)
     assert viz.display_figure(exp.figure()) == "window" and calls == ["show"]

@@ -94,7 +94,7 @@ def test_saved_png_holds_a_colorbar_of_the_maps_scale(tmp_path):
     paths = exp.save(tmp_path, formats="png")
     arr, text = _png(paths[0])
     img_h, img_w = exp.images[0].shape[:2]
-    lay = viz._overlay_layout(img_h, img_w, text["Title"], 320, 4096, 100, colorbar=True)
+    lay = viz.png._overlay_layout(img_h, img_w, text["Title"], 320, 4096, 100, colorbar=True)
     g = viz.colorbar_geometry(lay)
     assert arr.shape[:2] == (int(lay.height), int(lay.width)) and lay.bar > 0
     row = arr[int((g.y0 + g.y1) / 2), int(g.x0) : int(g.x1)].astype(int)
@@ -115,7 +115,7 @@ def test_saved_png_colorbar_pil_and_figure_agree():
 
     ref = np.asarray(Image.open(io.BytesIO(viz.figure_png(viz.overlay_figure(img, m, "t", colorbar=True)))))[..., :3]
     assert got.shape == ref.shape
-    lay = viz._overlay_layout(60, 80, "t", 320, 4096, 100, colorbar=True)
+    lay = viz.png._overlay_layout(60, 80, "t", 320, 4096, 100, colorbar=True)
     g = viz.colorbar_geometry(lay)
     y = int((g.y0 + g.y1) / 2)
     sl = slice(int(g.x0) + 2, int(g.x1) - 2)
