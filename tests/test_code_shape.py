@@ -28,7 +28,6 @@ KNOWN: dict[str, tuple[int, int]] = {
     "pipeline/run.py:stream": (86, 20),
     "pipeline/run.py:run_store": (90, 25),
     "pipeline/run.py:explain_dataset": (39, 18),
-    "train/loop.py:_finetune": (213, 26),
     "viz/figures.py:batch_grid": (36, 13),
 }
 

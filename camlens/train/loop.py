@@ -402,77 +402,90 @@ def finetune(data: str | os.PathLike, config: FinetuneConfig | None = None, **op
         :func:`camlens.explain`.
     """
     cfg = with_options(FinetuneConfig, config, options, "finetune")
-    return _finetune(data, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    return _finetune(data, cfg)
 
 
-def _finetune(
-    data: str | os.PathLike,
-    *,
-    model: str | nn.Module = "efficientnet_lite0",
-    weights: str | os.PathLike | None = None,
-    cam_ready: bool = False,
-    epochs: int = 5,
-    lr: float = 0.001,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 32,
-    image_size: int | None = None,
-    val_split: float = 0.2,
-    val_dir: str | os.PathLike | None = None,
-    freeze_backbone: bool = False,
-    out: str | os.PathLike = "camlens-finetune",
-    seed: int = 0,
-    resume: bool = False,
-    optimizer: str = "sgd",
-    overwrite: bool = False,
-    augment: bool = True,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-    grid: bool = True,
-    grid_method: str = "gradcam",
-    grid_size: int = 16,
-    log: Callable[[str], None] | None = None,
-) -> FinetuneResult:
-    """The body of :func:`finetune` (its arguments are the fields of :class:`FinetuneConfig`)."""
+@dataclass
+class _Run:
+    """The state of one fine-tuning run, passed between the named steps of :func:`_finetune`."""
+
+    cfg: FinetuneConfig
+    out: Path
+    echo: Callable[[str], None]
+    settings: dict[str, Any]  # the run's options (RUN_OPTIONS): given, or the saved run's on resume
+    model: str | nn.Module
+    saved: tuple[dict, dict, dict] | None = None  # (info, model state, optimizer state) on resume
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    best_card: dict | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    start: int = 0
+
+
+@dataclass
+class _Data:
+    train: Any
+    val: Any
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+
+
+@dataclass
+class _Net:
+    net: nn.Module
+    heads: list[str]
+    pp: Any
+    card: ModelCard
+    arch: dict[str, Any]
+    opt: torch.optim.Optimizer
+    device: torch.device
+
+
+def _finetune(data: str | os.PathLike, cfg: FinetuneConfig) -> FinetuneResult:
+    """The body of :func:`finetune`: named steps over one :class:`FinetuneConfig`."""
+    run = _start_run(cfg)
+    ds = _read_data(data, run)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(run.settings["seed"])
+        built = _build_net(run, ds, dev)
+        safe_out_dir(run.out)  # data read and model built: the run starts
+        _restore(run, built)
+        _train(run, ds, built, data)
+    return _finish(run, ds, built)
+
+
+def _start_run(cfg: FinetuneConfig) -> _Run:
+    """Check the settings, prepare ``out`` and, on resume, load the saved run and its options."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    given = dict(
+    model = cfg.model
+    given = {k: getattr(cfg, k) for k in RUN_OPTIONS}
+    given.update(
         model=model if isinstance(model, str) else None,
-        weights=None if weights is None else str(weights),
-        cam_ready=cam_ready,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        image_size=image_size,
-        val_split=val_split,
-        val_dir=None if val_dir is None else str(val_dir),
-        freeze_backbone=freeze_backbone,
-        seed=seed,
-        optimizer=optimizer,
-        augment=augment,
+        weights=None if cfg.weights is None else str(cfg.weights),
+        val_dir=None if cfg.val_dir is None else str(cfg.val_dir),
     )
+    _check_settings(cfg.epochs, given)
+    echo = cfg.log or ((lambda s: tqdm.write(s, file=sys.stderr)) if cfg.progress else (lambda s: None))
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.resume, cfg.overwrite)
+    if not cfg.resume:
+        return _Run(cfg, out, echo, dict(given), model)
+    saved = load_train_state(out)
     defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in RUN_OPTIONS}
-    _check_settings(epochs, given)
-    echo = log or ((lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None))
+    settings = _resume_config(saved[0].get("config", {}), given, defaults)
+    if isinstance(model, str) and settings["model"] != given["model"]:
+        raise CamlensError(f"resume: the run trained {settings['model']!r}, not {given['model']!r}")
+    if not isinstance(model, str) and settings["model"] is not None:
+        model = settings["model"]
+    return _Run(cfg, out, echo, settings, model, saved)
 
-    _prepare_out(out, resume, overwrite)
-    saved_info = saved_model = saved_opt = None
-    if resume:
-        saved_info, saved_model, saved_opt = load_train_state(out)
-        cfg = _resume_config(saved_info.get("config", {}), given, defaults)
-        if isinstance(model, str) and cfg["model"] != given["model"]:
-            raise CamlensError(f"resume: the run trained {cfg['model']!r}, not {given['model']!r}")
-        if not isinstance(model, str) and cfg["model"] is not None:
-            model = cfg["model"]
-    else:
-        cfg = dict(given)
-    model_arg = cfg["model"] if isinstance(model, str) else model
-    S = cfg["image_size"]
 
-    # ------------------------------------------------------------------ data
+def _read_data(data: str | os.PathLike, run: _Run) -> _Data:
+    """The training and validation images (a stratified split unless ``val_dir``); unreadable ones
+    are skipped with a warning."""
+    cfg = run.settings
     train_all = scan_image_folder(data)
     skipped = [(str(p), r) for p, r in train_all.skipped]
     if cfg["val_dir"] is not None:
@@ -490,158 +503,187 @@ def _finetune(
             + "; ".join(f"{p} ({r})" for p, r in skipped[:5])
             + (" …" if len(skipped) > 5 else "")
         )
-        warnings.warn(msg, WarningSkippedImages, stacklevel=2)
-        echo(msg)
-    if saved_info is not None and saved_info.get("classes") != classes:
-        raise CamlensError(f"resume: the data's classes {classes} differ from the run's {saved_info.get('classes')}")
+        warnings.warn(msg, WarningSkippedImages, stacklevel=4)
+        run.echo(msg)
+    if run.saved is not None and run.saved[0].get("classes") != classes:
+        raise CamlensError(f"resume: the data's classes {classes} differ from the run's {run.saved[0].get('classes')}")
+    return _Data(train, val, classes, skipped)
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    fork = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(cfg["seed"])
-        net, arch, card = prepare_model(model_arg, cfg["weights"], cfg["cam_ready"], len(classes), classes)
-        heads = arch["head_modules"]
-        S = S or card.preprocess.size[0]
-        cfg["image_size"] = S
-        pp = replace(card.preprocess, size=(S, S))
-        card = replace(card, preprocess=pp)
-        if cfg["freeze_backbone"]:
-            _freeze(net, heads)
-        net.to(dev)
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
-            raise CamlensError("nothing to train: every parameter is frozen")
-        opt = _optimizer(cfg["optimizer"], params, cfg["lr"], cfg["momentum"])
-        safe_out_dir(out)  # data read and model built: the run starts
 
-        history: list[dict] = []
-        best: dict | None = None
-        best_card: dict | None = None
-        best_state: dict[str, torch.Tensor] | None = None
-        start = 0
-        if saved_info is not None:
-            assert saved_model is not None and saved_opt is not None  # loaded with saved_info
-            try:  # weights and optimizer come from the same committed file: the same epoch
-                net.load_state_dict(saved_model, strict=True)
-                opt.load_state_dict(saved_opt)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{out}: the saved run does not fit this model ({exc})") from None
-            fixed = reconcile_checkpoints(out, saved_info, net)
-            if fixed:
-                echo(f"{out}: rewrote {' and '.join(fixed)} from the committed epoch {saved_info.get('epoch')}")
-            history = list(saved_info.get("history", []))
-            best = saved_info.get("best")
-            best_card = (saved_info.get("cards") or {}).get("best")
-            start = int(saved_info.get("epoch", 0))
-            if start >= epochs:
-                echo(f"{out}: already trained {start} epoch(s); pass a larger epochs to continue")
+def _build_net(run: _Run, ds: _Data, dev: torch.device) -> _Net:
+    """The model with its new head on ``dev``, its preprocessing at the run's size, the optimizer."""
+    cfg = run.settings
+    model_arg = cfg["model"] if isinstance(run.model, str) else run.model
+    net, arch, card = prepare_model(model_arg, cfg["weights"], cfg["cam_ready"], len(ds.classes), ds.classes)
+    heads = arch["head_modules"]
+    size = cfg["image_size"] or card.preprocess.size[0]
+    cfg["image_size"] = size
+    pp = replace(card.preprocess, size=(size, size))
+    card = replace(card, preprocess=pp)
+    if cfg["freeze_backbone"]:
+        _freeze(net, heads)
+    net.to(dev)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise CamlensError("nothing to train: every parameter is frozen")
+    opt = _optimizer(cfg["optimizer"], params, cfg["lr"], cfg["momentum"])
+    return _Net(net, heads, pp, card, arch, opt, dev)
 
-        ds_train = FolderDataset(train, pp, augment=cfg["augment"], seed=cfg["seed"])
-        ds_val = FolderDataset(val, pp, augment=False)
-        dl_val = loader(ds_val, cfg["batch_size"], num_workers=num_workers)
-        base_card = {
-            "name": f"{arch['base'] or type(net).__name__}-finetuned",
-            "architecture": arch,
-            "class_names": classes,
-            "preprocess": pp.to_dict(),
-            "image_size": [S, S],
-            "layer": card.layer,
-            "capture": card.capture,
-        }
-        run_info = {
-            "classes": classes,
-            "config": cfg,
-            "data": str(Path(data)),
-            "counts": {"train": train.counts(), "val": val.counts()},
-            "skipped": skipped,
-        }
-        if saved_info is None:
-            atomic_write_json(
-                out / "config.json", {**run_info, "architecture": arch, "versions": versions()}, overwrite=True
-            )
-        files = {"config": out / "config.json"}
-        if saved_info is not None:  # an interruption after the commit may have left them one epoch behind
-            write_state_summary(out, saved_info)
-            write_metrics_files(out, history, best, run_info)
-        for epoch in range(start, epochs):
-            t0 = time.perf_counter()
-            torch.manual_seed(int(np.random.default_rng([cfg["seed"], epoch, 0xD0]).integers(2**62)))
-            ds_train.epoch = epoch
-            order = epoch_order(len(ds_train), cfg["seed"], epoch)
-            if len(order) % cfg["batch_size"] == 1 and len(order) > 1:
-                order = order[:-1]  # a batch of one breaks BatchNorm in training mode
-            dl = loader(ds_train, cfg["batch_size"], order, num_workers)
-            row: dict[str, Any] = {"epoch": epoch + 1}
-            row.update(
-                _train_epoch(
-                    net,
-                    dl,
-                    opt,
-                    cfg["weight_decay"],
-                    dev,
-                    heads,
-                    cfg["freeze_backbone"],
-                    f"epoch {epoch + 1}/{epochs}",
-                    progress,
-                )
-            )
-            row.update(evaluate(net, dl_val, dev, progress=progress))
-            improved = _better(row, best)
-            if improved or best is None:  # (_better is True when there is no best yet)
-                best = dict(row)
-            row.update(
-                best_epoch=best["epoch"], best_val_acc=best["val_acc"], lr=cfg["lr"], seconds=time.perf_counter() - t0
-            )
-            if improved:
-                best = dict(row)
-            history.append(row)
-            _check_finite(net, row, epoch + 1)
-            ck = {**base_card, "epoch": epoch + 1, "metrics": row, "best": best}
-            last_ck = prepare_checkpoint(net, out / "last", ck)
-            best_ck = prepare_checkpoint(net, out / "best", ck) if improved else None
-            if best_ck is not None:
-                best_card = best_ck.card
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            info = {**run_info, "epoch": epoch + 1, "history": history, "best": best}
-            info["cards"] = {"last": last_ck.card, "best": best_card}
-            save_train_state(out, net, opt, info)  # the commit: epoch + 1 is done
-            if best_ck is not None:
-                best_ck.write()
-            last_ck.write()
-            write_state_summary(out, info)
-            write_metrics_files(out, history, best, run_info)
-            echo(
-                # the cross-entropies side by side (the train loss also holds the L2 term, which the
-                # validation loss does not: printing their sum next to the val CE misleads)
-                f"epoch {epoch + 1}/{epochs}  train CE {row['train_ce']:.4f} + L2 "
-                f"{row['train_loss'] - row['train_ce']:.4f}  val CE {row['val_loss']:.4f}  "
-                f"val acc {row['val_acc']:.2%}  "
-                f"best {best['val_acc']:.2%} (epoch {best['epoch']})  {row['seconds']:.1f}s"
-            )
 
-    # the result is the best checkpoint, exactly as load_model(checkpoint=out) gives it
+def _restore(run: _Run, built: _Net) -> None:
+    """On resume: the committed epoch's weights, optimizer, history and best (files re-checked)."""
+    if run.saved is None:
+        return
+    info, model_state, opt_state = run.saved
+    try:  # weights and optimizer come from the same committed file: the same epoch
+        built.net.load_state_dict(model_state, strict=True)
+        built.opt.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{run.out}: the saved run does not fit this model ({exc})") from None
+    fixed = reconcile_checkpoints(run.out, info, built.net)
+    if fixed:
+        run.echo(f"{run.out}: rewrote {' and '.join(fixed)} from the committed epoch {info.get('epoch')}")
+    run.history = list(info.get("history", []))
+    run.best = info.get("best")
+    run.best_card = (info.get("cards") or {}).get("best")
+    run.start = int(info.get("epoch", 0))
+    if run.start >= run.cfg.epochs:
+        run.echo(f"{run.out}: already trained {run.start} epoch(s); pass a larger epochs to continue")
+
+
+def _train(run: _Run, ds: _Data, built: _Net, data: str | os.PathLike) -> None:
+    """The epochs from ``run.start`` to ``epochs``: train, validate, commit, report."""
+    cfg, out = run.settings, run.out
+    ds_train = FolderDataset(ds.train, built.pp, augment=cfg["augment"], seed=cfg["seed"])
+    dl_val = loader(FolderDataset(ds.val, built.pp, augment=False), cfg["batch_size"], num_workers=run.cfg.num_workers)
+    size = cfg["image_size"]
+    base_card = {
+        "name": f"{built.arch['base'] or type(built.net).__name__}-finetuned",
+        "architecture": built.arch,
+        "class_names": ds.classes,
+        "preprocess": built.pp.to_dict(),
+        "image_size": [size, size],
+        "layer": built.card.layer,
+        "capture": built.card.capture,
+    }
+    run_info = {
+        "classes": ds.classes,
+        "config": cfg,
+        "data": str(Path(data)),
+        "counts": {"train": ds.train.counts(), "val": ds.val.counts()},
+        "skipped": ds.skipped,
+    }
+    if run.saved is None:
+        atomic_write_json(
+            out / "config.json", {**run_info, "architecture": built.arch, "versions": versions()}, overwrite=True
+        )
+    else:  # an interruption after the commit may have left them one epoch behind
+        write_state_summary(out, run.saved[0])
+        write_metrics_files(out, run.history, run.best, run_info)
+    for epoch in range(run.start, run.cfg.epochs):
+        row = _one_epoch(run, built, ds_train, dl_val, epoch)
+        _commit_epoch(run, built, {**base_card, "epoch": epoch + 1}, run_info, row)
+
+
+def _one_epoch(run: _Run, built: _Net, ds_train: Any, dl_val: Any, epoch: int) -> dict[str, Any]:
+    """Train one epoch (seeded order, no batch of one), validate; the metrics row."""
+    cfg = run.settings
+    t0 = time.perf_counter()
+    torch.manual_seed(int(np.random.default_rng([cfg["seed"], epoch, 0xD0]).integers(2**62)))
+    ds_train.epoch = epoch
+    order = epoch_order(len(ds_train), cfg["seed"], epoch)
+    if len(order) % cfg["batch_size"] == 1 and len(order) > 1:
+        order = order[:-1]  # a batch of one breaks BatchNorm in training mode
+    dl = loader(ds_train, cfg["batch_size"], order, run.cfg.num_workers)
+    desc = f"epoch {epoch + 1}/{run.cfg.epochs}"
+    row: dict[str, Any] = {"epoch": epoch + 1}
+    row.update(
+        _train_epoch(
+            built.net,
+            dl,
+            built.opt,
+            cfg["weight_decay"],
+            built.device,
+            built.heads,
+            cfg["freeze_backbone"],
+            desc,
+            run.cfg.progress,
+        )
+    )
+    row.update(evaluate(built.net, dl_val, built.device, progress=run.cfg.progress))
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _commit_epoch(run: _Run, built: _Net, card: dict, run_info: dict, row: dict[str, Any]) -> None:
+    """Update the best, write the checkpoints, commit the state (the epoch is done) and report it."""
+    seconds = row.pop("seconds")
+    improved = _better(row, run.best)
+    if improved or run.best is None:  # (_better is True when there is no best yet)
+        run.best = dict(row)
+    best = run.best
+    row.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"], lr=run.settings["lr"], seconds=seconds)
+    if improved:
+        run.best = best = dict(row)
+    run.history.append(row)
+    epoch = row["epoch"]
+    _check_finite(built.net, row, epoch)
+    out = run.out
+    ck = {**card, "metrics": row, "best": best}
+    last_ck = prepare_checkpoint(built.net, out / "last", ck)
+    best_ck = prepare_checkpoint(built.net, out / "best", ck) if improved else None
+    if best_ck is not None:
+        run.best_card = best_ck.card
+        run.best_state = {k: v.detach().clone() for k, v in built.net.state_dict().items()}
+    info = {**run_info, "epoch": epoch, "history": run.history, "best": best}
+    info["cards"] = {"last": last_ck.card, "best": run.best_card}
+    save_train_state(out, built.net, built.opt, info)  # the commit: this epoch is done
+    if best_ck is not None:
+        best_ck.write()
+    last_ck.write()
+    write_state_summary(out, info)
+    write_metrics_files(out, run.history, best, run_info)
+    run.echo(
+        # the cross-entropies side by side (the train loss also holds the L2 term, which the
+        # validation loss does not: printing their sum next to the val CE misleads)
+        f"epoch {epoch}/{run.cfg.epochs}  train CE {row['train_ce']:.4f} + L2 "
+        f"{row['train_loss'] - row['train_ce']:.4f}  val CE {row['val_loss']:.4f}  "
+        f"val acc {row['val_acc']:.2%}  "
+        f"best {best['val_acc']:.2%} (epoch {best['epoch']})  {row['seconds']:.1f}s"
+    )
+
+
+def _finish(run: _Run, ds: _Data, built: _Net) -> FinetuneResult:
+    """The result is the best checkpoint, exactly as ``load_model(checkpoint=out)`` gives it."""
+    out, best = run.out, run.best
     if best is None:
         raise CheckpointError(f"{out} holds no finished epoch to return; run at least one epoch (epochs >= 1)")
+    best_state = run.best_state
     if best_state is None:  # the best epoch came before a resume
         best_state = read_state_dict(out / "best.safetensors")
+    net = built.net
     net.load_state_dict(best_state)
     for p in net.parameters():
         p.requires_grad_(True)
-    card_best = checkpoint_card(best_card or {}, out / "best.safetensors", out / "best.json")
+    card_best = checkpoint_card(run.best_card or {}, out / "best.safetensors", out / "best.json")
     best_model = attach_card(net.eval(), card_best)
-    files.update(
-        best=out / "best.safetensors",
-        last=out / "last.safetensors",
-        metrics_csv=out / "metrics.csv",
-        metrics_json=out / "metrics.json",
-        curves=out / "curves.png",
+    files = {
+        "config": out / "config.json",
+        "best": out / "best.safetensors",
+        "last": out / "last.safetensors",
+        "metrics_csv": out / "metrics.csv",
+        "metrics_json": out / "metrics.json",
+        "curves": out / "curves.png",
+    }
+    cfg = run.cfg
+    if cfg.grid:
+        title = f"{card_best.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} ({cfg.grid_method})"
+        files["grid"], _ = validation_grid(
+            best_model, ds.val, built.pp, out / "val_grid.png", cfg.grid_method, cfg.grid_size, title
+        )
+    return FinetuneResult(
+        best_model, out, history=run.history, best=best, classes=ds.classes, skipped=ds.skipped, files=files
     )
-    if grid:
-        title = f"{card_best.name}: epoch {best['epoch']}, val acc {best['val_acc']:.1%} ({grid_method})"
-        files["grid"], _ = validation_grid(best_model, val, pp, out / "val_grid.png", grid_method, grid_size, title)
-    return FinetuneResult(best_model, out, history, best, classes, skipped, files)
 
 
 def write_metrics_files(out: Path, history: list[dict], best: dict | None, run_info: dict) -> None:
