@@ -233,7 +233,7 @@ def _note_spatial(out: Captured, name: str):
 
 
 @contextlib.contextmanager
-def capture(
+def capture(  # noqa: PLR0915 - on the shrinking list of tests/test_code_shape.py
     model: nn.Module,
     spec: CaptureSpec,
     *,

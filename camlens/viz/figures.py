@@ -122,7 +122,7 @@ def topk_figure(
     return fig
 
 
-def batch_grid(
+def batch_grid(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
     images: Sequence[np.ndarray],
     maps=None,
     true_labels: Sequence | None = None,
