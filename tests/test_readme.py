@@ -9,7 +9,11 @@ without touching this file:
   so an ``--out`` that an earlier example already used is caught. Unquoted globs are expanded as
   the shell does (a pattern that matches nothing is passed on as it is). Other lines (``make demo``,
   ``make test``) are not run here (CI runs them).
-* ``python`` blocks: each block is one example, executed in a fresh namespace.
+* ``python`` blocks: each block is one example, executed in a fresh namespace. A line that shows
+  its result, ``EXPR  # → SHOWN`` (or ``print(ARGS)  # → SHOWN``), is checked: ``repr(EXPR)`` (or
+  what ``print`` writes) must match ``SHOWN``, where ``...`` stands for any text (doctest's
+  ELLIPSIS) and a comment after ``  — `` is free text. So the values the README shows are the
+  values the code gives.
 
 All examples run one after the other in ONE folder, as a reader who pastes them in order would:
 an example sees what the earlier ones wrote, so two that claim the same output clash here as they
@@ -141,10 +145,50 @@ def test_readme_examples_in_order(sandbox, tmp_path, monkeypatch):
         run_example(kind, code, line)
 
 
+SHOWN = re.compile(r"^(?P<indent>\s*)(?P<code>\S.*?)\s+# → (?P<want>.+?)(?:\s+— .*)?$")
+
+
+def shown_matches(want: str, got: str) -> bool:
+    """``got`` is what ``want`` shows, ``...`` matching any text."""
+    pattern = ".*".join(re.escape(part) for part in want.split("..."))
+    return re.fullmatch(pattern, got, re.S) is not None
+
+
+def with_checks(code: str, first_line: int) -> str:
+    """The block with every ``EXPR  # → SHOWN`` line turned into a check of that value."""
+    out = []
+    for i, text in enumerate(code.splitlines()):
+        m = SHOWN.match(text)
+        if not m:
+            out.append(text)
+            continue
+        expr, want, where = m["code"], m["want"].strip(), first_line + i
+        if expr.startswith("print(") and expr.endswith(")"):
+            out.append(f"{m['indent']}__shown__({where}, {want!r}, ' '.join(map(str, [{expr[6:-1]}])))")
+        else:
+            out.append(f"{m['indent']}__shown__({where}, {want!r}, repr({expr}))")
+    return "\n".join(out)
+
+
+def _shown(line: int, want: str, got: str) -> None:
+    assert shown_matches(want, got), f"README line {line} shows {want!r}, the code gives {got!r}"
+
+
+def test_shown_values_are_checked():
+    """The checker itself: a right value passes, a wrong one fails naming the line, ``...`` matches."""
+    ns: dict = {"__shown__": _shown}
+    exec(with_checks("x = [1, 2]\nx  # → [1, 2]  — a list\nprint(len(x), 'a')  # → 2 a", 10), ns)
+    assert shown_matches("[(285, 'cat', 0.78...), ...]", "[(285, 'cat', 0.7812), (3, 'dog', 0.1)]")
+    with pytest.raises(AssertionError, match="README line 11 shows '3'"):
+        exec(with_checks("x = 2\nx  # → 3", 10), {"__shown__": _shown})
+    assert SHOWN.match("exp.show()  # overlays") is None  # a plain comment is not a claim
+
+
 def run_example(kind: str, code: str, line: int) -> None:
     """Run one README example in the current folder; fail naming its README line."""
     if kind == "python":
-        exec(compile(code, f"README.md line {line}", "exec"), {"__name__": "__readme__"})
+        ns = {"__name__": "__readme__", "__shown__": _shown}
+        exec(compile(with_checks(code, line), f"README.md line {line}", "exec"), ns)
         return
     from click.testing import CliRunner
 
