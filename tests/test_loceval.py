@@ -368,7 +368,7 @@ def _two_pass_reference(net, gt, batch_size):
 
 
 def test_localization_eval_needs_one_forward_per_batch(tmp_path, monkeypatch):
-    """evaluate_model and `camlens localize --eval` take top-1 correctness from the explaining
+    """evaluate_model and `camlens localize --gt` take top-1 correctness from the explaining
     forward's logits when every GT class is known: one model forward per batch (was two), and
     the same report as the two-pass reference."""
     from click.testing import CliRunner
@@ -390,7 +390,7 @@ def test_localization_eval_needs_one_forward_per_batch(tmp_path, monkeypatch):
         import camlens.cli.localize as L
 
         monkeypatch.setattr(L, "load_model_seeded", lambda *a, **k: net)
-        args = ["localize", "--eval", str(ds.csv), "--model", "x", "--layer", "act2", "--batch-size", "5"]
+        args = ["localize", "--gt", str(ds.csv), "--model", "x", "--layer", "act2", "--batch-size", "5"]
         r = CliRunner().invoke(main, [*args, "--workers", "0", "--out", str(tmp_path / "ev")], catch_exceptions=False)
         assert r.exit_code == 0, r.output
         assert sorted(calls) == [2, 5, 5]

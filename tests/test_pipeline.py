@@ -342,7 +342,7 @@ def test_torchrun_localization_metrics_equal_single_process_exactly(tmp_path):
         "-m",
         "camlens",
         "localize",
-        "--eval",
+        "--gt",
         str(ds.csv),
         "--model",
         "resnet18",
@@ -466,7 +466,7 @@ def test_cli_localize_eval_equals_evaluate_model(tmp_path):
         cli_main,
         [
             "localize",
-            "--eval",
+            "--gt",
             str(ds.csv),
             "--model",
             "resnet18",

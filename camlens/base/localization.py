@@ -20,7 +20,7 @@ upsampled from coarse (7x7) features those lower cuts tend to box most of the im
 photo EfficientNet-Lite0's Grad-CAM box covers 92% of the width at 0.2 and hugs the cat at 0.3), and
 on synthetic shapes with a small CNN 0.3 gives about twice the IoU>=0.5 rate of 0.2. No single value
 is right everywhere (Choe et al., CVPR 2020): calibrate one on your validation set with
-:func:`camlens.metrics.loceval.calibrate_threshold` (``camlens localize --eval BOXES --calibrate FILE``).
+:func:`camlens.metrics.loceval.calibrate_threshold` (``camlens localize --gt BOXES --calibrate FILE``).
 
 Ties between components of equal area are broken by the larger sum of map values inside them,
 then by raster order (the component whose first pixel comes first row by row).

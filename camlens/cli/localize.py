@@ -1,5 +1,8 @@
-"""``camlens localize``: heatmap -> bounding boxes (JSON, CSV, drawn images), or ``--eval`` against
-ground-truth boxes (CSV, Pascal VOC, COCO) with the localization metrics and an optional calibration."""
+"""``camlens localize``: heatmap -> bounding boxes (JSON, CSV, drawn images), or ``--gt`` against
+ground-truth boxes (CSV, Pascal VOC, COCO) with the localization metrics and an optional calibration.
+
+``--gt`` is the ground-truth flag of every command (``evaluate``, ``compare``); ``--eval``, its 0.2
+name here, still works with a note until 0.4."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import csv
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -82,38 +86,38 @@ CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "ran
 )
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option(
-    "--eval",
-    "eval_boxes",
+    "--gt",
+    "gt_file",
     default=None,
     type=click.Path(),
     help="evaluate against ground-truth boxes: a CSV (path,class,x0,y0,x1,y1), a COCO JSON, a Pascal VOC XML or folder",
 )
+@click.option("--eval", "eval_boxes", default=None, type=click.Path(), hidden=True, help="0.2 name of --gt")
 @click.option(
     "--root",
     default=None,
     type=click.Path(file_okay=False),
-    help="with --eval: folder the image paths are relative to (default: the boxes file's)",
+    help="with --gt: folder the image paths are relative to (default: the boxes file's)",
 )
 @click.option(
     "--tolerance",
     default=15.0,
     show_default=True,
     type=click.FloatRange(0),
-    help="with --eval: pointing-game tolerance in pixels",
+    help="with --gt: pointing-game tolerance in pixels",
 )
 @click.option(
     "--sweep-step",
     default=0.01,
     show_default=True,
     type=click.FloatRange(0.001, 0.5),
-    help="with --eval: threshold step of the MaxBoxAcc sweep",
+    help="with --gt: threshold step of the MaxBoxAcc sweep",
 )
 @click.option(
     "--calibrate",
     default=None,
     type=click.Path(dir_okay=False),
-    help="with --eval: save the threshold that maximizes MaxBoxAcc to this JSON file "
-    "(use it later as --threshold FILE)",
+    help="with --gt: save the threshold that maximizes MaxBoxAcc to this JSON file (use it later as --threshold FILE)",
 )
 @click.option("-q", "--quiet", is_flag=True, help="print only errors and the final line")
 def localize_cmd(
@@ -135,6 +139,7 @@ def localize_cmd(
     batch_size,
     workers,
     recursive,
+    gt_file,
     eval_boxes,
     root,
     tolerance,
@@ -148,7 +153,7 @@ def localize_cmd(
     is kept, and its bounding rectangle (x0, y0, x1, y1; x1/y1 exclusive, in image pixels) is written
     to OUT/boxes.json, OUT/boxes.csv and drawn on OUT/<stem>_<method>_boxes.png.
 
-    With --eval BOXES, the images listed in the ground-truth file are evaluated instead: top-1 and
+    With --gt BOXES, the images listed in the ground-truth file are evaluated instead: top-1 and
     GT-known localization accuracy, mean IoU, pointing game, MaxBoxAcc and MaxBoxAccV2, each beside
     a centre baseline; the table is printed and written to OUT/localization_metrics.json.
 
@@ -156,7 +161,7 @@ def localize_cmd(
     Examples:
       camlens localize                                   # the cat photo
       camlens localize photos/ --threshold 0.4 --format json,csv
-      camlens localize --eval val/boxes.csv --calibrate thr.json
+      camlens localize --gt val/boxes.csv --calibrate thr.json
       camlens localize test/ --threshold thr.json
     """
     from camlens.attribution.registry import get_method
@@ -170,29 +175,16 @@ def localize_cmd(
     except CamlensError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
     if eval_boxes is not None:
+        echo_err("note: --eval is now --gt (the ground-truth flag of every command); --eval goes in 0.4")
+        gt_file = gt_file or eval_boxes
+    run = _Run(model, weights, checkpoint, layer, device, tuple(names), thr, batch_size, workers, out, overwrite)
+    if gt_file is not None:
         if images:
-            raise click.UsageError("give either IMAGES or --eval BOXES (the images come from the boxes file)")
-        _evaluate(
-            eval_boxes,
-            root=root,
-            model=model,
-            weights=weights,
-            checkpoint=checkpoint,
-            layer=layer,
-            device=device,
-            names=names,
-            thr=thr,
-            tolerance=tolerance,
-            sweep_step=sweep_step,
-            calibrate=calibrate,
-            out=out,
-            overwrite=overwrite,
-            batch_size=batch_size,
-            workers=workers,
-        )
+            raise click.UsageError("give either IMAGES or --gt BOXES (the images come from the boxes file)")
+        _evaluate(gt_file, run, _GtOptions(root, tolerance, sweep_step, calibrate))
         return
     if calibrate:
-        raise click.UsageError("--calibrate needs --eval BOXES")
+        raise click.UsageError("--calibrate needs --gt BOXES")
     fmts = parse_formats(formats, ("json", "csv", "png"))
     from camlens.pipeline import dist
 
@@ -220,9 +212,9 @@ def localize_cmd(
 
         card = card_of(net)
         targets = parse_classes(classes, card.class_names if card else None) if classes else None
-        records, n_failed, n = _localize_stream(
-            net, inputs, names, targets, topk, layer, thr, mode, min_area, fmts, outdir, quiet, batch_size, workers, ctx
-        )
+        sink = _LocalizeSink(thr, mode, min_area, outdir if "png" in fmts else None, quiet)
+        target_rule = targets if targets is not None else f"top{topk}"
+        records, n_failed, n = _localize_stream(net, inputs, run, target_rule, sink, quiet, ctx)
     finally:
         ctx.close()
     if not ctx.is_main:
@@ -235,44 +227,9 @@ def localize_cmd(
         safe_out_dir(outdir)
     # outputs were checked before any work (check_overwrite): written atomically, a link replaced, never followed
     if "json" in fmts and records:
-        p = outdir / "boxes.json"
-        atomic_write(
-            p,
-            json.dumps(
-                {
-                    "threshold": thr,
-                    "mode": mode,
-                    "min_area": min_area,
-                    "box_format": "x0,y0,x1,y1 image pixels, x1/y1 exclusive",
-                    "images": records,
-                },
-                indent=2,
-            )
-            + "\n",
-            overwrite=True,
-        )
-        written.append(p)
+        written.append(_write_json(outdir / "boxes.json", records, thr, mode, min_area))
     if "csv" in fmts and records:
-        p = outdir / "boxes.csv"
-        fh = io.StringIO(newline="")  # the table is built in memory, then written atomically
-        w = csv.writer(fh)
-        w.writerow(CSV_COLUMNS)
-        for rec in records:
-            for b in rec["boxes"]:
-                w.writerow(
-                    [
-                        rec["path"],
-                        b["class_name"],
-                        *b["box"],
-                        b["class"],
-                        f"{b['prob']:.6f}",
-                        b["rank"],
-                        rec["method"],
-                        thr,
-                    ]
-                )
-        atomic_write(p, fh.getvalue(), overwrite=True)
-        written.append(p)
+        written.append(_write_csv(outdir / "boxes.csv", records, thr))
     n_ok = n - n_failed
     click.echo(
         f"localized {n_ok} of {n} image(s) at threshold {thr:g}; wrote {len(written)} file(s) "
@@ -280,6 +237,66 @@ def localize_cmd(
     )
     if failed:
         sys.exit(EXIT_FAILED)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The settings both paths of ``camlens localize`` (boxes and ``--gt``) share."""
+
+    model: str
+    weights: str | None
+    checkpoint: str | None
+    layer: str | None
+    device: str | None
+    names: tuple[str, ...]  # method names, registry spelling
+    thr: float | dict
+    batch_size: int
+    workers: int | None
+    out: str
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class _GtOptions:
+    """``--gt``'s own settings."""
+
+    root: str | None
+    tolerance: float
+    sweep_step: float
+    calibrate: str | None
+
+
+def _write_json(p: Path, records: list[dict], thr, mode: str, min_area: int) -> Path:
+    doc = {
+        "threshold": thr,
+        "mode": mode,
+        "min_area": min_area,
+        "box_format": "x0,y0,x1,y1 image pixels, x1/y1 exclusive",
+        "images": records,
+    }
+    atomic_write(p, json.dumps(doc, indent=2) + "\n", overwrite=True)
+    return p
+
+
+def _write_csv(p: Path, records: list[dict], thr) -> Path:
+    fh = io.StringIO(newline="")  # the table is built in memory, then written atomically
+    w = csv.writer(fh)
+    w.writerow(CSV_COLUMNS)
+    for rec in records:
+        for b in rec["boxes"]:
+            row = [
+                rec["path"],
+                b["class_name"],
+                *b["box"],
+                b["class"],
+                f"{b['prob']:.6f}",
+                b["rank"],
+                rec["method"],
+                thr,
+            ]
+            w.writerow(row)
+    atomic_write(p, fh.getvalue(), overwrite=True)
+    return p
 
 
 class _LocalizeSink:
@@ -333,9 +350,7 @@ class _LocalizeSink:
         pass
 
 
-def _localize_stream(
-    net, inputs, names, targets, topk, layer, thr, mode, min_area, fmts, outdir, quiet, batch_size, workers, ctx
-):
+def _localize_stream(net, inputs, run: _Run, targets, sink: _LocalizeSink, quiet: bool, ctx):
     """Records (image order, then method order) gathered on rank 0, failures, number of images."""
     from camlens.base.errors import CamlensError
     from camlens.models.preprocess import IMAGENET
@@ -345,8 +360,8 @@ def _localize_stream(
     from camlens.pipeline.sources import ImageFiles
 
     card = card_of(net)
-    ds = ImageFiles(inputs.records, card.preprocess if card else IMAGENET, keep_images="png" in fmts)
-    sink = _LocalizeSink(thr, mode, min_area, outdir if "png" in fmts else None, quiet)
+    ds = ImageFiles(inputs.records, card.preprocess if card else IMAGENET, keep_images=sink.outdir is not None)
+    names = list(run.names)
     ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
     try:
         stats = stream(
@@ -355,10 +370,10 @@ def _localize_stream(
             ids,
             [sink],
             methods=names,
-            targets=targets if targets is not None else f"top{topk}",
-            layer=layer,
-            batch_size=batch_size,
-            num_workers=workers,
+            targets=targets,
+            layer=run.layer,
+            batch_size=run.batch_size,
+            num_workers=run.workers,
             progress=not quiet and ctx.is_main and len(ds) >= 4,
             desc="localize",
             on_error=echo_err,
@@ -384,111 +399,25 @@ def _draw(img, rec, path: Path) -> Path:
     return path
 
 
-def _evaluate(
-    boxes_file,
-    *,
-    root,
-    model,
-    weights,
-    checkpoint,
-    layer,
-    device,
-    names,
-    thr,
-    tolerance,
-    sweep_step,
-    calibrate,
-    out,
-    overwrite,
-    batch_size,
-    workers=None,
-):
-    """``--eval``: stream the ground-truth images once for all methods; the metrics come from
+def _evaluate(boxes_file, run: _Run, opts: _GtOptions) -> None:
+    """``--gt``: stream the ground-truth images once for all methods; the metrics come from
     per-rank accumulators reduced exactly (:mod:`camlens.pipeline.locmetrics`)."""
-    import numpy as np
-    import torch
-
     from camlens.base.errors import CamlensError
-    from camlens.metrics.loceval import _class_id, read_boxes, save_threshold
-    from camlens.models.preprocess import IMAGENET
-    from camlens.models.zoo import card_of
+    from camlens.metrics.loceval import read_boxes
     from camlens.pipeline import dist
-    from camlens.pipeline.locmetrics import LocalizationAccumulator
-    from camlens.pipeline.run import PerBatch, stream
-    from camlens.pipeline.sources import ImageFiles, records_for
 
-    outdir = Path(out)
+    outdir = Path(run.out)
     metrics_path = outdir / "localization_metrics.json"
-    plan = [metrics_path] + ([Path(calibrate)] if calibrate else [])
-    check_overwrite(plan, overwrite)
+    check_overwrite([metrics_path] + ([Path(opts.calibrate)] if opts.calibrate else []), run.overwrite)
     try:
-        gt = read_boxes(boxes_file, root=root)
+        gt = read_boxes(boxes_file, root=opts.root)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
-    ctx = dist.setup(dist.local_device(resolve_device(device)))
+    ctx = dist.setup(dist.local_device(resolve_device(run.device)))
     try:
-        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
-        check_layer(net, layer)  # before any image is read
-        card = card_of(net)
-        class_names = card.class_names if card else None
-        ds = ImageFiles(
-            records_for([(str(g.path), g.main_class) for g in gt], list(range(len(gt)))),
-            card.preprocess if card else IMAGENET,
-        )
-        sweep = np.round(np.arange(0.0, 1.0, sweep_step), 6)
-        accs = {m: LocalizationAccumulator(thr, sweep, tolerance, name=m) for m in names}
-        correct: dict[int, float] = {}
-
-        def targets(batch, x):
-            cids = [_class_id(gt[i].main_class, class_names) for i in batch.indices]
-            if all(c is not None for c in cids):  # top-1 correctness from the explaining forward's logits
-                return cids
-            with torch.no_grad():  # an unknown class name: its image's top-1 class is explained
-                top1 = net(x).argmax(1).tolist()
-            for i, cid, t1 in zip(batch.indices, cids, top1, strict=True):
-                correct[i] = float("nan") if cid is None else float(cid == t1)
-            return [c if c is not None else t1 for c, t1 in zip(cids, top1, strict=True)]
-
-        class _Sink:
-            def write(self, res):
-                b = res.batch
-                for m, exp in res.explanations.items():
-                    for j, i in enumerate(b.indices):
-                        g = gt[i]
-                        cid = _class_id(g.main_class, class_names)
-                        ok = correct.pop(i, None) if m == names[-1] else correct.get(i)
-                        if ok is None and cid is not None and exp.logits is not None:
-                            ok = float(int(exp.logits[j].argmax()) == cid)
-                        gt_boxes = g.boxes(g.main_class if cid is not None else None)
-                        accs[m].add(exp.map(j, 0).numpy(), gt_boxes, b.sizes[j], ok)
-
-            def close(self):
-                pass
-
-        ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
-        try:
-            stats = stream(
-                net,
-                ds,
-                ids,
-                [_Sink()],
-                methods=names,
-                targets=PerBatch(targets),
-                layer=layer,
-                batch_size=batch_size,
-                num_workers=workers,
-                progress=ctx.is_main and len(ds) >= 4,
-                desc="evaluate",
-                on_error=echo_err,
-                world=ctx.world,
-            )
-        except CamlensError as exc:
-            raise click.ClickException(str(exc)) from None
-        for a in accs.values():
-            a.reduce(ctx)
-        n_failed = int(ctx.sum_ints([len(stats.failed)])[0])
-        if accs[names[0]].mine.n == 0:
-            raise click.ClickException("none of the ground-truth images could be read")
+        net = load_model_seeded(run.model, run.weights, run.checkpoint, dist.local_device(resolve_device(run.device)))
+        check_layer(net, run.layer)  # before any image is read
+        accs, n_failed = _gt_stream(net, gt, run, opts, ctx)
     finally:
         ctx.close()
     if not ctx.is_main:
@@ -499,29 +428,112 @@ def _evaluate(
     for m, rep in reports.items():
         click.echo(f"\n{m}\n{rep.table()}")
     safe_out_dir(outdir)
-    payload = {
-        "boxes": str(boxes_file),
-        "model": getattr(getattr(net, "camlens", None), "name", model),
-        "methods": {m: r.to_dict() for m, r in reports.items()},
-    }
+    model_name = getattr(getattr(net, "camlens", None), "name", run.model)
+    payload = {"boxes": str(boxes_file), "model": model_name, "methods": {m: r.to_dict() for m, r in reports.items()}}
     atomic_write(metrics_path, json.dumps(payload, indent=2) + "\n", overwrite=True)  # checked before any work
     click.echo(f"\nwrote {metrics_path}")
-    if calibrate:
-        m, rep = next(iter(reports.items()))
-        p = save_threshold(
-            calibrate,
-            rep.best_threshold,
-            overwrite=overwrite,
-            method=m,
-            layer=layer,
-            model=payload["model"],
-            boxes=str(boxes_file),
-            n_images=rep.n,
-            maxboxacc=rep.metrics["maxboxacc"],
-        )
-        click.echo(
-            f"calibrated threshold for {m}: {rep.best_threshold:g} (MaxBoxAcc {rep.metrics['maxboxacc']:.1%}) -> {p}"
-        )
+    if opts.calibrate:
+        _save_calibration(opts.calibrate, reports, run, model_name, boxes_file)
     if n_failed:
         click.echo(f"{n_failed} image(s) could not be read", err=True)
         sys.exit(EXIT_FAILED)
+
+
+def _gt_stream(net, gt, run: _Run, opts: _GtOptions, ctx):
+    """Explain every ground-truth image (its class, or its top-1 when the model does not know the
+    class) and feed one localization accumulator per method; reduced over ranks."""
+    import numpy as np
+    import torch
+
+    from camlens.base.errors import CamlensError
+    from camlens.metrics.loceval import _class_id
+    from camlens.models.preprocess import IMAGENET
+    from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
+    from camlens.pipeline.locmetrics import LocalizationAccumulator
+    from camlens.pipeline.run import PerBatch, stream
+    from camlens.pipeline.sources import ImageFiles, records_for
+
+    names = list(run.names)
+    card = card_of(net)
+    class_names = card.class_names if card else None
+    ds = ImageFiles(
+        records_for([(str(g.path), g.main_class) for g in gt], list(range(len(gt)))),
+        card.preprocess if card else IMAGENET,
+    )
+    sweep = np.round(np.arange(0.0, 1.0, opts.sweep_step), 6)
+    accs = {m: LocalizationAccumulator(run.thr, sweep, opts.tolerance, name=m) for m in names}
+    correct: dict[int, float] = {}
+
+    def targets(batch, x):
+        cids = [_class_id(gt[i].main_class, class_names) for i in batch.indices]
+        if all(c is not None for c in cids):  # top-1 correctness from the explaining forward's logits
+            return cids
+        with torch.no_grad():  # an unknown class name: its image's top-1 class is explained
+            top1 = net(x).argmax(1).tolist()
+        for i, cid, t1 in zip(batch.indices, cids, top1, strict=True):
+            correct[i] = float("nan") if cid is None else float(cid == t1)
+        return [c if c is not None else t1 for c, t1 in zip(cids, top1, strict=True)]
+
+    class _Sink:
+        def write(self, res):
+            b = res.batch
+            for m, exp in res.explanations.items():
+                for j, i in enumerate(b.indices):
+                    g = gt[i]
+                    cid = _class_id(g.main_class, class_names)
+                    ok = correct.pop(i, None) if m == names[-1] else correct.get(i)
+                    if ok is None and cid is not None and exp.logits is not None:
+                        ok = float(int(exp.logits[j].argmax()) == cid)
+                    gt_boxes = g.boxes(g.main_class if cid is not None else None)
+                    accs[m].add(exp.map(j, 0).numpy(), gt_boxes, b.sizes[j], ok)
+
+        def close(self):
+            pass
+
+    ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+    try:
+        stats = stream(
+            net,
+            ds,
+            ids,
+            [_Sink()],
+            methods=names,
+            targets=PerBatch(targets),
+            layer=run.layer,
+            batch_size=run.batch_size,
+            num_workers=run.workers,
+            progress=ctx.is_main and len(ds) >= 4,
+            desc="evaluate",
+            on_error=echo_err,
+            world=ctx.world,
+        )
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+    for a in accs.values():
+        a.reduce(ctx)
+    n_failed = int(ctx.sum_ints([len(stats.failed)])[0])
+    if accs[names[0]].mine.n == 0:
+        raise click.ClickException("none of the ground-truth images could be read")
+    return accs, n_failed
+
+
+def _save_calibration(path, reports: dict, run: _Run, model_name, boxes_file) -> None:
+    """``--calibrate``: the first method's MaxBoxAcc-best threshold, reusable as ``--threshold FILE``."""
+    from camlens.metrics.loceval import save_threshold
+
+    m, rep = next(iter(reports.items()))
+    p = save_threshold(
+        path,
+        rep.best_threshold,
+        overwrite=run.overwrite,
+        method=m,
+        layer=run.layer,
+        model=model_name,
+        boxes=str(boxes_file),
+        n_images=rep.n,
+        maxboxacc=rep.metrics["maxboxacc"],
+    )
+    click.echo(
+        f"calibrated threshold for {m}: {rep.best_threshold:g} (MaxBoxAcc {rep.metrics['maxboxacc']:.1%}) -> {p}"
+    )

@@ -36,7 +36,7 @@ LIST_SUFFIXES = (".csv", ".json", ".xml", ".txt")
 class Record:
     """One image of a dataset: ``source`` (a path or ``skimage:NAME``), ``name`` (a unique output
     stem), ``label`` (the class from an ImageFolder tree or a list file, if any) and ``gt`` (the
-    position in a ground-truth list, for ``localize --eval``)."""
+    position in a ground-truth list, for ``localize --gt``)."""
 
     source: str
     name: str
