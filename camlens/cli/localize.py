@@ -249,7 +249,7 @@ class _Run:
     layer: str | None
     device: str | None
     names: tuple[str, ...]  # method names, registry spelling
-    thr: float | dict
+    thr: float
     batch_size: int
     workers: int | None
     out: str

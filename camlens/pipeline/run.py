@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -66,14 +66,15 @@ class BatchResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Sink:
-    """Receives every :class:`BatchResult` in the writer thread (``write``) and ``close`` at the end."""
+class Sink(Protocol):
+    """Receives every :class:`BatchResult` in the writer thread (``write``) and ``close`` at the end
+    (a protocol: any object with these two methods is a sink; subclasses inherit ``close``)."""
 
     def write(self, res: BatchResult) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        return None  # nothing to finish by default
 
 
 @dataclass
