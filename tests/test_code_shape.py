@@ -21,7 +21,6 @@ KNOWN: dict[str, tuple[int, int]] = {
     "core/capture.py:capture": (94, 6),  # was (102, 5): the module hook split out, replace= added
     "cli/evaluate.py:evaluate_cmd": (146, 0),  # (lines, 0): a click command's options are not counted
     "cli/explain.py:explain_cmd": (104, 0),
-    "metrics/runner.py:evaluate": (93, 12),  # was (201, 11): the chunk steps split out, resume added
     "pipeline/run.py:stream": (86, 20),
     "pipeline/run.py:run_store": (90, 25),
     "pipeline/run.py:explain_dataset": (39, 18),

@@ -319,6 +319,48 @@ def evaluate(
     """
     cfg = EvaluateConfig.of(config, options)
     wanted = resolve_metrics(metrics)
+    methods, images, names = _checked_inputs(methods, images, names, gt, wanted)
+    card = card_of(model)
+    class_names = card.class_names if card else None
+    pp = cfg.preprocess or (card.preprocess if card else None)
+    report = EvaluationReport(settings=_settings(cfg, methods, wanted, len(images), card, model))
+    plan = _Plan(model, names, gt, cfg, wanted, methods, class_names, pp, index_offset)
+    n_chunks = math.ceil(len(images) / cfg.chunk_size)
+    done = dict(resume.done) if resume is not None else {}
+    on_state = resume.save if resume is not None else None
+    total = _Totals({m: k for k, m in enumerate(plan.map_methods)})
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images) * plan.units_per_image, desc="evaluate (image x method x metric)", unit="step")
+    try:
+        for ci in range(n_chunks):
+            sl = slice(ci * cfg.chunk_size, min(len(images), (ci + 1) * cfg.chunk_size))
+            state = done.get(ci)
+            if state is None:
+                state = plan.chunk(images, list(range(sl.start, sl.stop)), bar)
+                if on_state is not None:
+                    on_state(ci, state)
+            elif bar is not None:  # kept from an interrupted run: counted, not recomputed
+                bar.update((sl.stop - sl.start) * plan.units_per_image)
+            total.add(state)
+            if on_chunk is not None:
+                on_chunk(ci + 1, n_chunks)
+            if on_rows is not None:
+                on_rows(total.ordered())
+    finally:
+        if bar is not None:
+            bar.close()
+    total.fill(report)
+    return report
+
+
+def _checked_inputs(
+    methods: Sequence[str], images: Sequence[Any], names: Sequence[str] | None, gt: Any, wanted: list[str]
+) -> tuple[list[str], list[Any], list[str]]:
+    """Methods (registered, each once), images (at least one), a name per image and ground truth
+    where the pointing games need it — or an error naming what is missing."""
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise MethodError("no method given")
@@ -343,73 +385,55 @@ def evaluate(
         )
     if gt is not None and len(gt) != len(images):
         raise InputError(f"{len(gt)} ground-truth entries for {len(images)} images")
-    card = card_of(model)
-    class_names = card.class_names if card else None
-    pp = cfg.preprocess or (card.preprocess if card else None)
-    report = EvaluationReport(
-        settings={
-            "methods": methods,
-            "metrics": wanted,
-            "steps": cfg.steps,
-            "percentages": list(cfg.percentages),
-            "tolerance": cfg.tolerance,
-            "baseline": cfg.baseline,
-            "seed": cfg.seed,
-            "images": len(images),
-            "model": card.name if card else type(model).__name__,
-            "probability": "softmax probability of the target class (top-1 of the clean image)",
-        }
-    )
-    curve_sums: dict[tuple[str, str], list] = {}
-    road_sums: dict[str, list] = {}
-    sanity_parts: list[SanityResult] = []
-    rows_by_key: dict[tuple[int, str], dict[str, Any]] = {}
-    plan = _Plan(model, names, gt, cfg, wanted, methods, class_names, pp, index_offset)
-    n_chunks = math.ceil(len(images) / cfg.chunk_size)
-    done = dict(resume.done) if resume is not None else {}
-    on_state = resume.save if resume is not None else None
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    return methods, images, names
 
-        bar = tqdm(total=len(images) * plan.units_per_image, desc="evaluate (image x method x metric)", unit="step")
-    order = {m: k for k, m in enumerate(plan.map_methods)}
 
-    def ordered() -> list[dict[str, Any]]:
-        return [rows_by_key[k] for k in sorted(rows_by_key, key=lambda k: (order[k[1]], k[0]))]
+def _settings(cfg: EvaluateConfig, methods: list[str], wanted: list[str], n: int, card: Any, model: Any) -> dict:
+    return {
+        "methods": methods,
+        "metrics": wanted,
+        "steps": cfg.steps,
+        "percentages": list(cfg.percentages),
+        "tolerance": cfg.tolerance,
+        "baseline": cfg.baseline,
+        "seed": cfg.seed,
+        "images": n,
+        "model": card.name if card else type(model).__name__,
+        "probability": "softmax probability of the target class (top-1 of the clean image)",
+    }
 
-    try:
-        for ci in range(n_chunks):
-            sl = slice(ci * cfg.chunk_size, min(len(images), (ci + 1) * cfg.chunk_size))
-            state = done.get(ci)
-            if state is None:
-                state = plan.chunk(images, list(range(sl.start, sl.stop)), bar)
-                if on_state is not None:
-                    on_state(ci, state)
-            elif bar is not None:  # kept from an interrupted run: counted, not recomputed
-                bar.update((sl.stop - sl.start) * plan.units_per_image)
-            rows_by_key.update(state.rows)
-            for key, (f, v, n) in state.curves.items():
-                s = curve_sums.setdefault(key, [f, 0.0, 0])
-                s[1], s[2] = s[1] + v, s[2] + n
-            for meth, (p, a, b, n) in state.road.items():
-                r = road_sums.setdefault(meth, [p, 0.0, 0.0, 0])
-                r[1], r[2], r[3] = r[1] + a, r[2] + b, r[3] + n
-            if state.sanity is not None:
-                sanity_parts.append(state.sanity)
-            if on_chunk is not None:
-                on_chunk(ci + 1, n_chunks)
-            if on_rows is not None:
-                on_rows(ordered())
-    finally:
-        if bar is not None:
-            bar.close()
-    report.rows = ordered()
-    report.curves = {k: (f, s / n) for k, (f, s, n) in curve_sums.items()}
-    report.road = {m: (p, a / n, b / n) for m, (p, a, b, n) in road_sums.items()}
-    if sanity_parts:
-        report.sanity = merge_sanity(sanity_parts)
-    return report
+
+@dataclass
+class _Totals:
+    """The chunks' states added in chunk order: rows, curve and ROAD sums, sanity parts."""
+
+    order: dict[str, int]
+    rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    curves: dict[tuple[str, str], list] = field(default_factory=dict)
+    road: dict[str, list] = field(default_factory=dict)
+    sanity: list[SanityResult] = field(default_factory=list)
+
+    def add(self, state: ChunkState) -> None:
+        self.rows.update(state.rows)
+        for key, (f, v, n) in state.curves.items():
+            s = self.curves.setdefault(key, [f, 0.0, 0])
+            s[1], s[2] = s[1] + v, s[2] + n
+        for meth, (p, a, b, n) in state.road.items():
+            r = self.road.setdefault(meth, [p, 0.0, 0.0, 0])
+            r[1], r[2], r[3] = r[1] + a, r[2] + b, r[3] + n
+        if state.sanity is not None:
+            self.sanity.append(state.sanity)
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """The rows so far, by method then image (the report's order)."""
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (self.order[k[1]], k[0]))]
+
+    def fill(self, report: EvaluationReport) -> None:
+        report.rows = self.ordered()
+        report.curves = {k: (f, s / n) for k, (f, s, n) in self.curves.items()}
+        report.road = {m: (p, a / n, b / n) for m, (p, a, b, n) in self.road.items()}
+        if self.sanity:
+            report.sanity = merge_sanity(self.sanity)
 
 
 @dataclass
