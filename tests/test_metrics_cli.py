@@ -221,6 +221,37 @@ def test_cli_pointing_with_gt_and_overwrite(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_cli_gt_reads_the_boxes_files_localize_reads(tmp_path):
+    """One --gt: a CSV of localize --gt (and a COCO JSON) gives the same pointing-game rows as the
+    {stem: boxes} JSON with the same boxes."""
+    data = tmp_path / "data"
+    _write_photos(data)
+    boxes = {"camera": [20, 5, 60, 60], "coffee": [10, 10, 80, 50]}
+    (tmp_path / "gt.json").write_text(json.dumps({k: [v] for k, v in boxes.items()}))
+    (tmp_path / "gt.csv").write_text(
+        "path,class,x0,y0,x1,y1\n" + "".join(f"data/{k}.png,x,{','.join(map(str, v))}\n" for k, v in boxes.items())
+    )
+    coco = {
+        "images": [{"id": i, "file_name": f"data/{k}.png"} for i, k in enumerate(boxes)],
+        "annotations": [
+            {"id": i, "image_id": i, "category_id": 1, "bbox": [v[0], v[1], v[2] - v[0], v[3] - v[1]]}
+            for i, v in enumerate(boxes.values())
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    tables = {}
+    for name in ("gt.json", "gt.csv", "coco.json"):
+        out = tmp_path / f"out-{name}"
+        args = ["evaluate", str(data / "*.png"), "--size", "32", "--device", "cpu", "--gt", str(tmp_path / name)]
+        args += ["--metrics", "pointing_game,energy_pointing_game", "--method", "cam", "--out", str(out), "--quiet"]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        tables[name] = _read_csv(out / "per_image.csv")
+    assert tables["gt.csv"] == tables["gt.json"] == tables["coco.json"]
+    assert len(tables["gt.json"]) == 4  # 2 images x (cam, centre)
+
+
 def test_cli_errors(tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "no such file" in r.output

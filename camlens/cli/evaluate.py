@@ -105,16 +105,39 @@ def _image_names(paths: list[str]) -> list[str]:
     return [str(Path(f).with_suffix("")).replace("/", "_").replace("\\", "_") for f in paths]
 
 
+def _boxes_file(path: str) -> dict[str, Any] | None:
+    """A boxes file of ``camlens localize --gt`` (CSV, COCO JSON, Pascal VOC XML or folder) as
+    ``{image stem: boxes}``; ``None`` for a ``{stem: boxes or mask}`` JSON."""
+    from camlens.base.errors import CamlensError
+    from camlens.metrics.loceval import read_boxes
+
+    p = Path(path)
+    if p.suffix.lower() == ".json" and p.is_file():
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"--gt {path}: cannot read JSON ({exc})") from None
+        if not (isinstance(doc, dict) and "annotations" in doc and "images" in doc):  # not COCO
+            return None
+    try:
+        return {g.path.stem: g.boxes().tolist() for g in read_boxes(p)}
+    except CamlensError as exc:
+        raise click.UsageError(f"--gt {path}: {exc}") from None
+
+
 def _load_gt(path: str, names: list[str]) -> list:
-    """``{"image stem": [[x0, y0, x1, y1], ...] or "mask.png"}`` -> a list aligned with ``names``."""
+    """Ground truth aligned with ``names`` (image stems), from the boxes files ``localize --gt``
+    reads (CSV, COCO, VOC) or from ``{"image stem": [[x0, y0, x1, y1], ...] or "mask.png"}``."""
     import numpy as np
 
     from camlens.base.io import load_image
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"--gt {path}: cannot read JSON ({exc})") from None
+    data = _boxes_file(path)
+    if data is None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"--gt {path}: cannot read JSON ({exc})") from None
     if not isinstance(data, dict):
         raise click.UsageError(f'--gt {path}: expected {{"image name": [[x0, y0, x1, y1], ...]}}')
     base = Path(path).parent
@@ -189,8 +212,9 @@ def _readable(paths: list[str], names: list[str]) -> tuple[list[str], list[str],
     "--gt",
     "gt_file",
     default=None,
-    type=click.Path(exists=True, dir_okay=False),
-    help='pointing games: JSON {"image stem": [[x0, y0, x1, y1], ...] or "mask.png"} in image pixels',
+    type=click.Path(exists=True),
+    help="pointing games: ground-truth boxes as for `localize --gt` (CSV path,class,x0,y0,x1,y1, COCO JSON, "
+    'VOC XML or folder) or a JSON {"image stem": [[x0, y0, x1, y1], ...] or "mask.png"}, in image pixels',
 )
 @click.option("--tolerance", default=15.0, show_default=True, help="pointing game tolerance (input pixels)")
 @click.option(
