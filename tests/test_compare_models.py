@@ -138,3 +138,38 @@ def test_cli_compare_parses_then_calls_compare_with_the_tetromino_masks(tmp_path
     np.testing.assert_array_equal(seen["data"].masks, ds.masks)
     r2 = CliRunner().invoke(main, ["compare", str(tmp_path / "out"), "--truth", "--out", str(out)])
     assert r2.exit_code != 0
+
+
+def test_cli_compare_gt_takes_the_images_and_boxes_of_a_boxes_file(tmp_path, monkeypatch):
+    """`camlens compare --gt BOXES`: the same boxes files as `localize --gt`; DATA and --gt exclude
+    each other."""
+    import camlens.comparison as comparison
+    from camlens.data import synthetic
+    from camlens.metrics.loceval import read_boxes
+
+    seen = {}
+
+    class Fake:
+        elapsed_s = 1.0
+
+        def summary(self):
+            return "(summary)"
+
+    def fake(model, data, methods, seed, *, out, config):
+        seen["data"] = data
+        return Fake()
+
+    monkeypatch.setattr(comparison, "compare", fake)
+    ds = synthetic(tmp_path / "val", 2, image_size=32, seed=1)
+    out = str(tmp_path / "out")
+    base = ["compare", "--model", "resnet18", "--weights", "random", "--quiet", "--out", out]
+    r = CliRunner().invoke(main, [*base, "--gt", str(ds.csv)])
+    assert r.exit_code == 0, r.output
+    want = read_boxes(ds.csv)
+    assert [str(p) for p in seen["data"].paths] == [str(g.path) for g in want]
+    for got, g in zip(seen["data"].boxes, want, strict=True):
+        np.testing.assert_array_equal(got, g.boxes())
+    both = CliRunner().invoke(main, [*base, "--gt", str(ds.csv), str(ds.root)])
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = CliRunner().invoke(main, base)
+    assert neither.exit_code == 2

@@ -28,6 +28,19 @@ def _data(items: tuple[str, ...], truth: bool) -> Any:
     return list(items)
 
 
+def _gt_data(path: str, root: str | None) -> Any:
+    """``--gt BOXES`` (the boxes files of ``localize --gt``: CSV, COCO JSON, VOC XML or folder) ->
+    the images it lists with their boxes, for the localization scores."""
+    from camlens.base.errors import CamlensError
+    from camlens.metrics.loceval import read_boxes
+
+    try:
+        gt = read_boxes(path, root=root)
+    except CamlensError as exc:
+        raise click.UsageError(f"--gt {path}: {exc}") from None
+    return SimpleNamespace(paths=[g.path for g in gt], boxes=[g.boxes() for g in gt])
+
+
 def _config(images: int, steps: int, truth: bool, layer: str | None, overwrite: bool, quiet: bool):
     from camlens.comparison import CompareConfig
 
@@ -38,29 +51,57 @@ def _config(images: int, steps: int, truth: bool, layer: str | None, overwrite: 
 
 
 @click.command("compare")
-@click.argument("data", nargs=-1, required=True)
+@click.argument("data", nargs=-1)
 @common_model_options
 @click.option("--methods", default="all", show_default=True, help="comma-separated method names, or all")
 @click.option("--images", default=32, show_default=True, help="images sampled from DATA")
 @click.option("--steps", default=10, show_default=True, help="deletion/insertion steps")
 @click.option("--truth", is_flag=True, help="score against the true masks of a tetromino dataset folder")
+@click.option(
+    "--gt",
+    "gt_file",
+    default=None,
+    type=click.Path(exists=True),
+    help="ground-truth boxes as for `localize --gt` (CSV path,class,x0,y0,x1,y1, COCO JSON, VOC XML or folder): "
+    "the images come from it and the maps are scored for localization (pointing game, box IoU)",
+)
+@click.option("--root", default=None, type=click.Path(file_okay=False), help="with --gt: folder of the image paths")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="camlens-compare", show_default=True, type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="replace the outputs of an earlier run in --out")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def compare_cmd(
-    data, model, weights, checkpoint, layer, device, methods, images, steps, truth, seed, out, overwrite, quiet
+    data,
+    model,
+    weights,
+    checkpoint,
+    layer,
+    device,
+    methods,
+    images,
+    steps,
+    truth,
+    gt_file,
+    root,
+    seed,
+    out,
+    overwrite,
+    quiet,
 ):
     """Rank every method that applies to the model on a sample of DATA (images, folders or a tetromino
-    dataset folder): faithfulness against a random map, the randomization sanity check, robustness,
-    sparseness and cost, with bootstrap intervals. Writes table.parquet, table.csv and report.html."""
+    dataset folder) or of the images of --gt BOXES (then also scored for localization): faithfulness
+    against a random map, the randomization sanity check, robustness, sparseness and cost, with
+    bootstrap intervals. Writes table.parquet, table.csv and report.html."""
     from camlens.base.errors import CamlensError
     from camlens.comparison import compare
 
+    if bool(data) == bool(gt_file):
+        raise click.UsageError("give DATA (images, folders or a tetromino dataset folder) or --gt BOXES, not both")
+    samples = _gt_data(gt_file, root) if gt_file else _data(data, truth)
     net = load_model_opts(model, weights, checkpoint, device)
     cfg = _config(images, steps, truth, layer, overwrite, quiet)
     try:
-        res = compare(net, _data(data, truth), methods, seed, out=out, config=cfg)
+        res = compare(net, samples, methods, seed, out=out, config=cfg)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(res.summary())
