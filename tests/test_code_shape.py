@@ -19,7 +19,6 @@ MAX_PARAMS = 12
 # "module path:function": (body lines, parameters) when the rule was set (camlens 0.3 work).
 KNOWN: dict[str, tuple[int, int]] = {
     "core/capture.py:capture": (94, 6),  # was (102, 5): the module hook split out, replace= added
-    "cli/evaluate.py:evaluate_cmd": (146, 0),  # (lines, 0): a click command's options are not counted
     "cli/explain.py:explain_cmd": (104, 0),
     "pipeline/run.py:stream": (86, 20),
     "pipeline/run.py:run_store": (90, 25),

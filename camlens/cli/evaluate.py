@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +238,7 @@ def _readable(paths: list[str], names: list[str]) -> tuple[list[str], list[str],
 @click.option("--no-plots", is_flag=True, help="write tables only")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @method_option
-def evaluate_cmd(  # noqa: PLR0915 - on the shrinking list of tests/test_code_shape.py
+def evaluate_cmd(
     data,
     model,
     weights,
@@ -268,52 +270,129 @@ def evaluate_cmd(  # noqa: PLR0915 - on the shrinking list of tests/test_code_sh
     Scores are softmax probabilities of each image's top-1 class. Lower is better for deletion,
     average_drop, road_morf and class_sensitivity; higher for the others.
     """
-    from camlens.base.errors import CamlensError
     from camlens.metrics import runner
 
-    try:
-        wanted = runner.resolve_metrics(metrics)
-        pct = [float(p) / 100 for p in percentages.split(",") if p.strip()]
-    except (CamlensError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    failed: list[str] = []
-    if data:
-        paths = expand_data(data)
-        images, names, failed = _readable(paths, _image_names(paths))
-        if not images:
-            raise click.ClickException("no readable image to evaluate (see the errors above)")
-    else:
-        from camlens.base.io import sample_image
-
-        images, names = [sample_image(n) for n in DEFAULT_PHOTOS], list(DEFAULT_PHOTOS)
+    wanted, pct = _parse_metrics(metrics, percentages)
+    images, names, failed = _images(data)
     gt = _load_gt(gt_file, names) if gt_file else None
     explicit = {k.strip().lower() for m in metrics for k in m.split(",")}
     if gt is None and "all" in explicit:  # "all" means all that apply: the pointing games need --gt
         wanted = [w for w in wanted if w not in runner.CENTRE_BASELINE or w in explicit]
     outdir = Path(out)
-    planned = _planned_files(outdir, wanted, methods, no_plots)
     store = _Partial(outdir, _resume_signature(images, names, wanted, pct))
+    states = _resume_or_check(store, _planned_files(outdir, wanted, methods, no_plots), overwrite, quiet, chunk_size)
+    config = runner.EvaluateConfig(
+        steps=steps,
+        percentages=pct,
+        tolerance=tolerance,
+        baseline=baseline,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        seed=seed,
+        explain_options={**({"layer": layer} if layer else {}), **_options(method_options, methods)} or None,
+        sanity_layers=sanity_layers,
+        progress=not quiet,
+    )
+    job = _Job(model, weights, checkpoint, layer, size, methods, wanted, outdir, store, states, config)
+    report, ctx, partial, device = _score(job, images, names, gt, device)
+    if not ctx.is_main:
+        return
+    overwrite = overwrite or states is not None  # the files of the interrupted run are this run's
+    click.echo(report.table())
+    report.settings.update(
+        {"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device, "layer": layer, "size": size}
+    )
+    if failed:
+        report.settings["skipped"] = failed
+    written = _write_tables(outdir, report, overwrite, bool(partial))
+    if not no_plots:
+        written += _write_plots(outdir, report, methods, overwrite)
+    if not ctx.active:
+        store.remove()  # the run is complete: nothing left to resume
+    click.echo(f"\nwrote {', '.join(written)} to {outdir}")
+    if failed:
+        click.echo(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}", err=True)
+        sys.exit(1)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What ``camlens evaluate`` scores, once its arguments are parsed."""
+
+    model: str
+    weights: str | None
+    checkpoint: str | None
+    layer: str | None
+    size: int | None
+    methods: tuple[str, ...]
+    wanted: list[str]
+    outdir: Path
+    store: _Partial
+    states: dict | None  # chunks kept by an interrupted run (None: a fresh run)
+    config: Any  # runner.EvaluateConfig
+
+
+def _parse_metrics(metrics: tuple[str, ...], percentages: str) -> tuple[list[str], list[float]]:
+    from camlens.base.errors import CamlensError
+    from camlens.metrics import runner
+
+    try:
+        return runner.resolve_metrics(metrics), [float(p) / 100 for p in percentages.split(",") if p.strip()]
+    except (CamlensError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _images(data: tuple[str, ...]) -> tuple[list[Any], list[str], list[str]]:
+    """DATA's readable images with their names and the unreadable ones (default: the bundled photos)."""
+    if not data:
+        from camlens.base.io import sample_image
+
+        return [sample_image(n) for n in DEFAULT_PHOTOS], list(DEFAULT_PHOTOS), []
+    paths = expand_data(data)
+    images, names, failed = _readable(paths, _image_names(paths))
+    if not images:
+        raise click.ClickException("no readable image to evaluate (see the errors above)")
+    return images, names, failed
+
+
+def _options(method_options: tuple[str, ...], methods: tuple[str, ...]) -> dict[str, Any]:
+    return parse_method_options(method_options, methods) if method_options else {}
+
+
+def _resume_or_check(store: _Partial, planned: list[Path], overwrite: bool, quiet: bool, chunk_size: int):
+    """The chunks of an interrupted run to resume (``None``: a fresh run), after checking that the
+    outputs are free (files and links, even dangling ones, are in the way without --overwrite)."""
+    from camlens.base.errors import CamlensError
+
     if overwrite:
         store.remove()
     states = None if overwrite else store.load()  # an interrupted run of this command: resume it
-    resuming = states is not None
-    try:  # files and links (even dangling ones) are in the way without --overwrite
-        check_targets(planned, overwrite or resuming)
+    try:
+        check_targets(planned, overwrite or states is not None)
     except CamlensError as exc:
         raise click.ClickException(f"{exc}; or choose another --out") from None
-    if resuming and not quiet:
-        click.echo(f"resuming: {len(states or {})} chunk(s) of {chunk_size} image(s) kept in {outdir}", err=True)
-    options = parse_method_options(method_options, methods) if method_options else {}
-    device = resolve_device(device)
+    if states is not None and not quiet:
+        click.echo(f"resuming: {len(states)} chunk(s) of {chunk_size} image(s) kept in {store.outdir}", err=True)
+    return states
+
+
+def _score(job: _Job, images: list, names: list[str], gt: list | None, device):
+    """The report (merged over torchrun ranks), the rank context, the rows written so far and the
+    device; an interrupted run says what it kept and exits 130."""
+    from dataclasses import replace
+
+    from camlens.base.errors import CamlensError
+    from camlens.metrics import runner
     from camlens.pipeline import dist
 
-    device = dist.local_device(device)
+    device = dist.local_device(resolve_device(device))
     ctx = dist.setup(device)  # under torchrun: each rank scores a contiguous block of the images
     lo, hi = len(images) * ctx.rank // ctx.world, len(images) * (ctx.rank + 1) // ctx.world
     if ctx.active:
         images, names = images[lo:hi], names[lo:hi]
         gt = gt[lo:hi] if gt is not None else None
     partial: list[list[dict]] = []
+    outdir, store = job.outdir, job.store
 
     def write_so_far(rows: list[dict]) -> None:
         """per_image.csv rewritten (atomically) after each chunk: an interrupted run keeps its rows."""
@@ -322,37 +401,27 @@ def evaluate_cmd(  # noqa: PLR0915 - on the shrinking list of tests/test_code_sh
         partial.append(rows)
 
     try:
-        net = _load_net(model, weights, checkpoint, device)
-        check_layer(net, layer)
-        pp = _preprocess_at(net, size)
+        net = _load_net(job.model, job.weights, job.checkpoint, device)
+        check_layer(net, job.layer)
+        config = replace(
+            job.config, preprocess=_preprocess_at(net, job.size), progress=job.config.progress and ctx.is_main
+        )
         if not ctx.active:
             store.start()
-        report = (
-            runner.evaluate(
+        report = runner.EvaluationReport()
+        if images:
+            report = runner.evaluate(
                 net,
                 images,
-                methods,
-                wanted,
+                job.methods,
+                job.wanted,
                 names=names,
                 gt=gt,
-                steps=steps,
-                percentages=pct,
-                tolerance=tolerance,
-                baseline=baseline,
-                batch_size=batch_size,
-                chunk_size=chunk_size,
-                seed=seed,
-                preprocess=pp,
-                explain_options={**({"layer": layer} if layer else {}), **options} or None,
-                sanity_layers=sanity_layers,
-                progress=not quiet and ctx.is_main,
+                config=config,
                 on_rows=None if ctx.active else write_so_far,
                 index_offset=lo,
-                resume=None if ctx.active else runner.Resume(states or {}, store.save),
+                resume=None if ctx.active else runner.Resume(job.states or {}, store.save),
             )
-            if images
-            else runner.EvaluationReport()
-        )
         if ctx.active:
             report = _merge_reports(ctx, report)
     except CamlensError as exc:
@@ -364,50 +433,47 @@ def evaluate_cmd(  # noqa: PLR0915 - on the shrinking list of tests/test_code_sh
         raise SystemExit(130) from None
     finally:
         ctx.close()
-    if not ctx.is_main:
-        return
-    overwrite = overwrite or resuming  # the files of the interrupted run are this run's
+    return report, ctx, partial, device
+
+
+def _write_tables(outdir: Path, report, overwrite: bool, had_partial: bool) -> list[str]:
+    """per_image.csv, summary.csv, summary.json and sanity.csv (checked free before any work)."""
     safe_out_dir(outdir)
-    click.echo(report.table())
-    written = []
     cols = ["image", "method", "target", "target_name", *report.columns]
-    _write_csv(outdir / "per_image.csv", report.rows, cols, overwrite or bool(partial))
+    _write_csv(outdir / "per_image.csv", report.rows, cols, overwrite or had_partial)
     _write_csv(outdir / "summary.csv", report.summary(), ["method", "metric", "mean", "std", "n", "better"], overwrite)
-    report.settings.update(
-        {"data": list(data) or [f"skimage:{n}" for n in DEFAULT_PHOTOS], "device": device, "layer": layer, "size": size}
-    )
-    if failed:
-        report.settings["skipped"] = failed
     atomic_write(outdir / "summary.json", json.dumps(report.to_dict(), indent=2), overwrite=overwrite)
-    written += ["per_image.csv", "summary.csv", "summary.json"]
+    written = ["per_image.csv", "summary.csv", "summary.json"]
     if report.sanity is not None:
         _write_csv(outdir / "sanity.csv", report.sanity.table(), None, overwrite)
         written.append("sanity.csv")
-    if not no_plots:
-        import matplotlib
+    return written
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        figs = []
-        if report.curves:
-            figs += [(f"curves_{m}.png", runner.curves_figure(report, m)) for m in methods]
-        if report.road:
-            figs.append(("road.png", runner.road_figure(report)))
-        if report.sanity is not None:
-            figs.append(("sanity.png", runner.sanity_figure(report.sanity)))
-        for name, fig in figs:
-            atomic_write(
-                outdir / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), overwrite
-            )
-            plt.close(fig)
-            written.append(name)
-    if not ctx.active:
-        store.remove()  # the run is complete: nothing left to resume
-    click.echo(f"\nwrote {', '.join(written)} to {outdir}")
-    if failed:
-        click.echo(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}", err=True)
-        sys.exit(1)
+def _write_plots(outdir: Path, report, methods: tuple[str, ...], overwrite: bool) -> list[str]:
+    """The deletion/insertion curves per method, ROAD and the sanity curves as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from camlens.metrics import runner
+
+    figs = []
+    if report.curves:
+        figs += [(f"curves_{m}.png", runner.curves_figure(report, m)) for m in methods]
+    if report.road:
+        figs.append(("road.png", runner.road_figure(report)))
+    if report.sanity is not None:
+        figs.append(("sanity.png", runner.sanity_figure(report.sanity)))
+    written = []
+    for name, fig in figs:
+        atomic_write(
+            outdir / name, functools.partial(fig.savefig, format="png", dpi=100, bbox_inches="tight"), overwrite
+        )
+        plt.close(fig)
+        written.append(name)
+    return written
 
 
 def _merge_reports(ctx, report):
