@@ -30,9 +30,8 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   ``extras["completeness_error"]`` (``(N, K)``: :math:`\sum A - (f(x) - f(x'))`) and
   ``extras["relative_completeness_error"]`` (divided by :math:`|f(x) - f(x')|`). For a ReLU
   network the integrand is piecewise constant along the path (a jump at every ReLU/ReLU6 kink),
-  so no rule converges smoothly; measured on EfficientNet-Lite0 (4 photos, zero baseline, 96–224
-  px) Gauss–Legendre gave a median relative error of 1.4 % at 128 steps (worst 6.5 %) against
-  5.4 % (worst 25 %) for the trapezoid rule, hence the default. Check the reported error and
+  so no rule converges smoothly; Gauss–Legendre gave about a quarter of the trapezoid rule's
+  error on EfficientNet-Lite0 (BENCHMARKS.md, "Measurements behind defaults"), hence the default. Check the reported error and
   raise ``steps`` if needed (the paper: "between 20 and 300 steps", within 5 %).
 
 **Output.** ``raw`` is the input-shaped attribution ``(N, K, C, H, W)``; ``maps`` ``(N, K, H, W)``

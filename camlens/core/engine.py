@@ -59,14 +59,11 @@ from camlens.models.input_size import diagnose_size_error
 from camlens.targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
 
 #: Gradient memory one batched backward may produce (the chunk over classes holds at most this).
-#: Small on purpose: the chunk is reduced right after its backward, and a chunk that stays in the
-#: CPU caches is reduced faster. Measured (EfficientNet-Lite0 head, K = 100, CPU time, 1 thread):
-#: batch 1 11–16 ms batched vs 45 ms per-class loop; batch 4 44 vs 65 ms; batch 16 chunks of
-#: 8–32 MiB 167–189 ms vs 188 ms for the loop, 64 MiB and more 229–295 ms.
+#: Small on purpose: a chunk that stays in the CPU caches is reduced faster (the measurements:
+#: BENCHMARKS.md, "Measurements behind defaults").
 GRAD_CHUNK_BYTES = 16 * 2**20
-#: A backward through the whole network (input gradients) holds intermediate gradients too:
-#: per class about this many times the input's size (the largest activations of a CNN are a
-#: few times the input; measured order of magnitude on EfficientNet-Lite0 / ResNet-50).
+#: A backward through the whole network (input gradients) holds intermediate gradients too: per
+#: class about this many times the input's size (BENCHMARKS.md, "Measurements behind defaults").
 INPUT_BACKWARD_FACTOR = 8
 
 _BATCHED: ContextVar[bool] = ContextVar("camlens_batched_grads", default=True)
