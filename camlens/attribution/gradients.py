@@ -31,8 +31,8 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   ``extras["relative_completeness_error"]`` (divided by :math:`|f(x) - f(x')|`). For a ReLU
   network the integrand is piecewise constant along the path (a jump at every ReLU/ReLU6 kink),
   so no rule converges smoothly; Gauss–Legendre gave about a quarter of the trapezoid rule's
-  error on EfficientNet-Lite0 (BENCHMARKS.md, "Measurements behind defaults"), hence the default. Check the reported error and
-  raise ``steps`` if needed (the paper: "between 20 and 300 steps", within 5 %).
+  error on EfficientNet-Lite0 (BENCHMARKS.md, "Measurements behind defaults"), hence the default.
+  Check the reported error and raise ``steps`` if needed (the paper: "between 20 and 300 steps", within 5 %).
 
 **Output.** ``raw`` is the input-shaped attribution ``(N, K, C, H, W)``; ``maps`` ``(N, K, H, W)``
 reduces the channels by ``reduce=``: ``"absmax"`` :math:`\max_c |A_c|` (Simonyan et al.; the

@@ -1,10 +1,12 @@
-"""Safe, unique file names from class names and image stems (no path separators, bounded bytes)."""
+"""Safe, unique file names from class names and image stems (no path separators, bounded bytes), and
+THE stem rule every command and the dataset pipeline name their outputs (and images) by."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
@@ -46,3 +48,21 @@ def unique_names(names: Sequence[str]) -> list[str]:
         taken.add(cand)
         out.append(cand)
     return out
+
+
+def output_stems(paths: Sequence[str]) -> list[str]:
+    """Unique file-name-safe stems for input paths — the one naming rule of camlens' outputs
+    (``explain``, ``localize``, ``evaluate``, the dataset store): the file stem (``cat.jpg`` ->
+    ``cat``; ``skimage:NAME`` -> ``NAME``) made safe by :func:`safe_name`; when two inputs share a
+    stem, the parent folder is prefixed (``a_cat``, ``b_cat``), then ``-2``, ``-3``… if still
+    ambiguous."""
+    paths = [str(p) for p in paths]
+    stems = [safe_name(p.split(":", 1)[1] if p.startswith("skimage:") else Path(p).stem) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    named = [
+        safe_name(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
+        for p, s in zip(paths, stems, strict=True)
+    ]
+    return unique_names(named)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from camlens.base.io import IMAGE_EXTENSIONS
+from camlens.base.names import output_stems
 
 if TYPE_CHECKING:  # typing only: the CLI imports torch lazily
     from camlens.targets import Classes
@@ -92,21 +93,6 @@ def expand_inputs(items: Sequence[str], *, recursive: bool = False, default: str
     return out
 
 
-def output_stems(paths: Sequence[str]) -> list[str]:
-    """Output name stems for input paths: the file stem (``cat.jpg`` -> ``cat``), made file-name safe;
-    when two inputs share a stem, the parent folder is prefixed (``a_cat``, ``b_cat``), then
-    ``-2``, ``-3``… if still ambiguous."""
-    from camlens.viz import safe_name, unique_names
-
-    stems = [safe_name(Path(p).stem) for p in paths]
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    named = [
-        safe_name(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
-        for p, s in zip(paths, stems, strict=True)
-    ]
-    return unique_names(named)
 
 
 def load_source(source: str):

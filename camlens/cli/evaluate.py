@@ -17,6 +17,7 @@ import click
 
 from camlens.base.fsio import atomic_write, atomic_write_json, check_targets, safe_out_dir
 from camlens.base.io import IMAGE_EXTENSIONS
+from camlens.base.names import output_stems
 from camlens.cli.common import check_layer, cli_message, method_option, parse_method_options, resolve_device
 
 #: bundled skimage photos used when DATA is empty
@@ -97,14 +98,6 @@ def expand_data(items: tuple[str, ...]) -> list[str]:
         else:
             raise click.UsageError(f"{item}: no such file, folder or glob pattern")
     return list(dict.fromkeys(out))  # an image listed twice is evaluated once
-
-
-def _image_names(paths: list[str]) -> list[str]:
-    """File stems, or the paths with separators replaced where two stems collide."""
-    stems = [Path(f).stem for f in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [str(Path(f).with_suffix("")).replace("/", "_").replace("\\", "_") for f in paths]
 
 
 def _boxes_file(path: str) -> dict[str, Any] | None:
@@ -349,7 +342,7 @@ def _images(data: tuple[str, ...]) -> tuple[list[Any], list[str], list[str]]:
 
         return [sample_image(n) for n in DEFAULT_PHOTOS], list(DEFAULT_PHOTOS), []
     paths = expand_data(data)
-    images, names, failed = _readable(paths, _image_names(paths))
+    images, names, failed = _readable(paths, output_stems(paths))
     if not images:
         raise click.ClickException("no readable image to evaluate (see the errors above)")
     return images, names, failed

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from camlens.base.errors import CamlensError, InputError
 from camlens.base.io import IMAGE_EXTENSIONS
+from camlens.base.names import output_stems
 from camlens.core.inputs import check_not_meta
 from camlens.models.preprocess import IMAGENET, Preprocess
 
@@ -67,26 +68,6 @@ class Batch:
         return self
 
 
-def _safe_stem(s: str) -> str:
-    from camlens.viz import safe_name
-
-    return safe_name(s)
-
-
-def output_stems(paths: Sequence[str]) -> list[str]:
-    """Unique file-name-safe stems (``cat.jpg`` -> ``cat``; clashes get the parent folder prefixed,
-    then ``-2``, ``-3``…) — the same rule as the CLI's loose-file outputs."""
-    from camlens.viz import unique_names
-
-    stems = [_safe_stem(Path(p).stem if not p.startswith("skimage:") else p.split(":", 1)[1]) for p in paths]
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    named = [
-        _safe_stem(f"{Path(p).parent.name}_{s}") if counts[s] > 1 and Path(p).parent.name else s
-        for p, s in zip(paths, stems, strict=True)
-    ]
-    return unique_names(named)
 
 
 def _is_image(p: Path) -> bool:
