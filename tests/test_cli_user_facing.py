@@ -65,22 +65,22 @@ def test_option_errors_are_usage_errors(tmp_path):
 def test_option_reaches_the_method(tmp_path, monkeypatch):
     import importlib
 
-    run_mod = importlib.import_module("camlens.api.explainer")  # the pipeline imports explain from here per run
-    real = run_mod.explain
+    run_mod = importlib.import_module("camlens.pipeline.run")  # each batch is one run_request of the request
+    real = run_mod.run_request
     seen = []
 
-    def spy(*a, **k):
-        res = real(*a, **k)
-        seen.append((k, res))
+    def spy(model, x, request):
+        res = real(model, x, request)
+        seen.append((request, res))
         return res
 
-    monkeypatch.setattr(run_mod, "explain", spy)
+    monkeypatch.setattr(run_mod, "run_request", spy)
     res = run(
         "explain", *FAST, "--method", "scorecam", "--option", "max_channels=3", "--topk", "1", "--out", tmp_path, "-q"
     )
     assert res.exit_code == 0, res.output
-    ((kw, out),) = seen
-    assert kw["max_channels"] == 3
+    ((request, out),) = seen
+    assert request.options["max_channels"] == 3
     assert out["scorecam"].extras["forwards"][0] <= 3  # 3 channels: at most 3 masked forwards
 
 
@@ -96,10 +96,10 @@ def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch):
     folder.mkdir()
     for i in range(5):
         Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(folder / f"im{i}.png")
-    run_mod = importlib.import_module("camlens.api.explainer")
-    real = run_mod.explain
+    run_mod = importlib.import_module("camlens.pipeline.run")  # each batch: one run_request(model, x, request)
+    real = run_mod.run_request
     seen = []
-    monkeypatch.setattr(run_mod, "explain", lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(run_mod, "run_request", lambda m, x, r: seen.append(r.options) or real(m, x, r))
     args = ["explain", str(folder), *FAST, "--method", "scorecam", "--option", "max_channels=2", "--topk", "1"]
     loud = run(*args, "--out", tmp_path / "a")
     assert loud.exit_code == 0, loud.output

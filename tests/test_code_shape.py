@@ -20,9 +20,6 @@ MAX_PARAMS = 12
 KNOWN: dict[str, tuple[int, int]] = {
     "core/capture.py:capture": (94, 6),  # was (102, 5): the module hook split out, replace= added
     "cli/explain.py:explain_cmd": (104, 0),
-    "pipeline/run.py:stream": (86, 20),
-    "pipeline/run.py:run_store": (90, 25),
-    "pipeline/run.py:explain_dataset": (39, 18),
     "viz/figures.py:batch_grid": (36, 13),
 }
 

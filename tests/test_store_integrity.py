@@ -148,16 +148,17 @@ def test_damaged_store_is_refused_when_read_and_repaired_by_a_rerun(pristine, tm
 
 
 def _run_noting(st, data, notes):
+    from camlens.api.explainer import ExplainRequest
     from camlens.pipeline import dist
-    from camlens.pipeline.run import run_store
+    from camlens.pipeline.run import StoreOptions, StreamOptions, run_store
     from camlens.pipeline.sources import as_dataset
 
     ds, _ = as_dataset(data, PP)
+    request = ExplainRequest(methods=tuple(KW["method"]), targets="top2", preprocess=PP)
+    loop = StreamOptions(batch_size=3, num_workers=0, progress=False, on_error=notes.append)
     res, stats = run_store(
-        tiny_model(), ds, st, methods=KW["method"], targets="top2", layer=None, capture="output", batch_size=3,
-        num_workers=0, threshold=0.3, map_dtype="float32", figures="none", overwrite=False, preprocess=PP,
-        progress=False, ctx=dist.DistContext(), on_error=notes.append,
-    )  # fmt: skip
+        tiny_model(), ds, st, request, loop=loop, store_options=StoreOptions(0.3), ctx=dist.DistContext()
+    )
     res.stats = stats
     return res
 
@@ -286,16 +287,16 @@ def test_float16_overflow_is_said_and_counted(tmp_path):
     with torch.no_grad():
         net.fc.weight.mul_(1e5)  # CAM values far beyond float16's 65504
     notes: list[str] = []
+    from camlens.api.explainer import ExplainRequest
     from camlens.pipeline import dist
-    from camlens.pipeline.run import run_store
+    from camlens.pipeline.run import StoreOptions, StreamOptions, run_store
     from camlens.pipeline.sources import as_dataset
 
     ds, _ = as_dataset(Synthetic(4), PP)
-    run_store(
-        net, ds, tmp_path / "st", methods=["cam"], targets="top1", layer=None, capture="output", batch_size=4,
-        num_workers=0, threshold=0.3, map_dtype="float16", figures="none", overwrite=False, preprocess=PP,
-        progress=False, ctx=dist.DistContext(), on_error=notes.append,
-    )  # fmt: skip
+    request = ExplainRequest(methods=("cam",), targets="top1", preprocess=PP)
+    loop = StreamOptions(batch_size=4, num_workers=0, progress=False, on_error=notes.append)
+    store = StoreOptions(threshold=0.3, map_dtype="float16")
+    run_store(net, ds, tmp_path / "st", request, loop=loop, store_options=store, ctx=dist.DistContext())
     res = open_results(tmp_path / "st")
     n_inf = int(np.isinf(res.maps("cam")[:]).sum())
     assert n_inf > 0 and res.index["float16_overflow"] == n_inf
@@ -348,16 +349,18 @@ def test_one_nan_item_of_a_user_dataset_is_skipped_and_reported(tmp_path):
             return x, 0
 
     notes: list[str] = []
+    from camlens.api.explainer import ExplainRequest
     from camlens.pipeline import dist
-    from camlens.pipeline.run import run_store
+    from camlens.pipeline.run import StoreOptions, StreamOptions, run_store
     from camlens.pipeline.sources import as_dataset
 
     ds, _ = as_dataset(WithNaN(), PP)
+    request = ExplainRequest(methods=("gradcam",), targets="top1", preprocess=PP)
+    loop = StreamOptions(batch_size=5, num_workers=0, progress=False, on_error=notes.append)
+    st = tmp_path / "st"
     res, stats = run_store(
-        tiny_model(), ds, tmp_path / "st", methods=["gradcam"], targets="top1", layer=None, capture="output",
-        batch_size=5, num_workers=0, threshold=0.3, map_dtype="float32", figures="none", overwrite=False,
-        preprocess=PP, progress=False, ctx=dist.DistContext(), on_error=notes.append,
-    )  # fmt: skip
+        tiny_model(), ds, st, request, loop=loop, store_options=StoreOptions(0.3), ctx=dist.DistContext()
+    )
     assert stats.computed == 4 and [f["image_id"] for f in res.failed] == [2]
     assert "NaN" in res.failed[0]["error"] and any("item 2" in n for n in notes), notes
     assert sorted(res.table.image_id) == [0, 1, 3, 4]

@@ -93,8 +93,6 @@ def expand_inputs(items: Sequence[str], *, recursive: bool = False, default: str
     return out
 
 
-
-
 def load_source(source: str):
     """Read one input as an RGB uint8 array (``skimage:NAME`` -> a bundled photo)."""
     from camlens.base.io import load_image, sample_image

@@ -524,42 +524,30 @@ def _summary(
     return line + (f"; {n_bad} input(s) failed" if n_bad else "")
 
 
-def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, opts: dict):
+def _explain_all(net, ds, writes: Writes, work: Work, ctx, sinks, request, loop):
     """Run the pipeline: into the store (the loose files as extra sinks), or into the loose files."""
     import sys as _sys
+    from dataclasses import replace
 
     from camlens.base.localization import DEFAULT_THRESHOLD
     from camlens.pipeline import dist
-    from camlens.pipeline.run import run_store, stream
+    from camlens.pipeline.run import StoreOptions, run_store, stream
 
     if writes.store:
-        res, stats = run_store(
-            net,
-            ds,
-            writes.out,
+        store = StoreOptions(
             threshold=DEFAULT_THRESHOLD if writes.threshold is None else writes.threshold,
             map_dtype=writes.map_dtype,
             figures="none",  # drawn by the figure sinks, with the PNG options of this command
             overwrite=writes.overwrite,
-            preprocess=None,
-            progress=work.progress,
-            ctx=ctx,
-            extra_sinks=sinks,
-            argv=_sys.argv[1:],
-            **opts,
+        )
+        loop = replace(loop, progress=work.progress)
+        res, stats = run_store(
+            net, ds, writes.out, request, loop=loop, store_options=store, ctx=ctx, extra_sinks=sinks, argv=_sys.argv[1:]
         )
     else:
         ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
-        stats = stream(
-            net,
-            ds,
-            ids,
-            sinks,
-            progress=work.progress and ctx.is_main and len(ds) >= 4,
-            world=ctx.world,
-            desc="explain",
-            **opts,
-        )
+        loop = replace(loop, progress=work.progress and ctx.is_main and len(ds) >= 4, world=ctx.world)
+        stats = stream(net, ds, ids, sinks, request, loop)
         stats.failed = [f for part in ctx.gather(stats.failed) for f in part]
         res = None
     return res, stats
@@ -597,22 +585,26 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     figure_sinks = _figure_sinks(writes)
     sinks += figure_sinks
 
-    opts = dict(
-        methods=work.methods,
+    from camlens.api.explainer import ExplainRequest
+    from camlens.pipeline.run import StreamOptions
+
+    request = ExplainRequest(
+        methods=tuple(work.methods),
         targets=work.targets,
         layer=work.layer,
-        capture="output",
+        options=dict(work.options or {}),  # --option KEY=VALUE, typed by the methods' signatures
+    )
+    loop = StreamOptions(
         batch_size=work.batch_size,
         num_workers=work.workers,
         optional=("cam",) if work.defaulted else (),
         after=None if work.quiet else _print_top,
         on_error=lambda msg: echo_err(msg),
-        method_options=work.options,  # --option KEY=VALUE, typed by the methods' signatures
     )
     estimates = reporting(CliEstimates(len(ds)) if work.progress and ctx.is_main else None)
     try:
         with estimates:
-            res, stats = _explain_all(net, ds, writes, work, ctx, sinks, opts)
+            res, stats = _explain_all(net, ds, writes, work, ctx, sinks, request, loop)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

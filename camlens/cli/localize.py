@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -352,33 +353,29 @@ class _LocalizeSink:
 
 def _localize_stream(net, inputs, run: _Run, targets, sink: _LocalizeSink, quiet: bool, ctx):
     """Records (image order, then method order) gathered on rank 0, failures, number of images."""
+    from camlens.api.explainer import ExplainRequest
     from camlens.base.errors import CamlensError
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
-    from camlens.pipeline.run import stream
+    from camlens.pipeline.run import StreamOptions, stream
     from camlens.pipeline.sources import ImageFiles
 
     card = card_of(net)
     ds = ImageFiles(inputs.records, card.preprocess if card else IMAGENET, keep_images=sink.outdir is not None)
     names = list(run.names)
     ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+    request = ExplainRequest(methods=tuple(names), targets=targets, layer=run.layer)
+    loop = StreamOptions(
+        batch_size=run.batch_size,
+        num_workers=run.workers,
+        progress=not quiet and ctx.is_main and len(ds) >= 4,
+        desc="localize",
+        on_error=echo_err,
+        world=ctx.world,
+    )
     try:
-        stats = stream(
-            net,
-            ds,
-            ids,
-            [sink],
-            methods=names,
-            targets=targets,
-            layer=run.layer,
-            batch_size=run.batch_size,
-            num_workers=run.workers,
-            progress=not quiet and ctx.is_main and len(ds) >= 4,
-            desc="localize",
-            on_error=echo_err,
-            world=ctx.world,
-        )
+        stats = stream(net, ds, ids, [sink], request, loop)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     order = {m: k for k, m in enumerate(names)}
@@ -445,13 +442,14 @@ def _gt_stream(net, gt, run: _Run, opts: _GtOptions, ctx):
     import numpy as np
     import torch
 
+    from camlens.api.explainer import ExplainRequest
     from camlens.base.errors import CamlensError
     from camlens.metrics.loceval import _class_id
     from camlens.models.preprocess import IMAGENET
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
     from camlens.pipeline.locmetrics import LocalizationAccumulator
-    from camlens.pipeline.run import PerBatch, stream
+    from camlens.pipeline.run import PerBatch, StreamOptions, stream
     from camlens.pipeline.sources import ImageFiles, records_for
 
     names = list(run.names)
@@ -492,22 +490,18 @@ def _gt_stream(net, gt, run: _Run, opts: _GtOptions, ctx):
             pass
 
     ids = dist.shard(list(range(len(ds))), ctx.rank, ctx.world)
+    per_batch: Any = PerBatch(targets)  # a dataset run's per-batch rule, read by stream()
+    request = ExplainRequest(methods=tuple(names), targets=per_batch, layer=run.layer)
+    loop = StreamOptions(
+        batch_size=run.batch_size,
+        num_workers=run.workers,
+        progress=ctx.is_main and len(ds) >= 4,
+        desc="evaluate",
+        on_error=echo_err,
+        world=ctx.world,
+    )
     try:
-        stats = stream(
-            net,
-            ds,
-            ids,
-            [_Sink()],
-            methods=names,
-            targets=PerBatch(targets),
-            layer=run.layer,
-            batch_size=run.batch_size,
-            num_workers=run.workers,
-            progress=ctx.is_main and len(ds) >= 4,
-            desc="evaluate",
-            on_error=echo_err,
-            world=ctx.world,
-        )
+        stats = stream(net, ds, ids, [_Sink()], request, loop)
     except CamlensError as exc:
         raise click.ClickException(str(exc)) from None
     for a in accs.values():

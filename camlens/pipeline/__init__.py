@@ -5,7 +5,7 @@ thread), a resumable Parquet + Zarr result store, and ``torchrun`` sharding.
     res = camlens.open_results("store"); res.table  # pandas; res.map(0) -> the first row's map
 """
 
-from camlens.pipeline.run import PerBatch, explain_dataset
+from camlens.pipeline.run import DatasetConfig, PerBatch, explain_dataset
 from camlens.pipeline.store import Results, StoreMismatchError, open_results
 
-__all__ = ["PerBatch", "Results", "StoreMismatchError", "explain_dataset", "open_results"]
+__all__ = ["DatasetConfig", "PerBatch", "Results", "StoreMismatchError", "explain_dataset", "open_results"]

@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -33,10 +33,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from camlens._version import versions
+from camlens.api.explainer import ExplainRequest, run_request
 from camlens.api.explanation import Explanation, Upsampled
 from camlens.attribution.registry import get_method
+from camlens.base._util import with_options
 from camlens.base.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
 from camlens.base.fsio import os_error, safe_out_dir
+from camlens.base.localization import DEFAULT_THRESHOLD
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline import dist as _dist
@@ -170,72 +173,57 @@ def _to_cpu(exp: Explanation) -> Explanation:
     )
 
 
-def stream(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
+@dataclass(frozen=True)
+class StreamOptions:
+    """How :func:`stream` goes through a dataset (what it explains is the :class:`ExplainRequest`).
+
+    Attributes:
+        batch_size: images per forward. num_workers: DataLoader decoding processes (default: a few
+            for more than two batches). optional: methods dropped (with a note) if the model's head
+            cannot give them. before / after: called with each batch before its forward / with its
+            explanations (e.g. the CLI's top-5 table). progress, desc: the bar. on_error: where the
+            notes and unreadable images are said (default: stderr). world: ranks sharing the work.
+    """
+
+    batch_size: int = 16
+    num_workers: int | None = None
+    optional: tuple[str, ...] = ()
+    before: Callable[[Batch, torch.Tensor], None] | None = None
+    after: Callable[[Batch, dict[str, Explanation]], None] | None = None
+    progress: bool = True
+    desc: str = "explain"
+    on_error: Callable[[str], None] | None = None
+    world: int = 1
+
+
+def stream(
     model: nn.Module,
     dataset: Any,
     ids: Sequence[int],
     sinks: Sequence[Sink],
-    *,
-    methods: Sequence[str],
-    targets: Any = None,
-    layer: Any = None,
-    capture: str = "output",
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    optional: Sequence[str] = (),
-    before: Callable[[Batch, torch.Tensor], None] | None = None,
-    after: Callable[[Batch, dict[str, Explanation]], None] | None = None,
-    progress: bool = True,
-    desc: str = "explain",
-    class_names: Sequence[str] | None = None,
-    on_error: Callable[[str], None] | None = None,
-    world: int = 1,
-    method_options: dict[str, Any] | None = None,
-    **options: Any,
+    request: ExplainRequest,
+    loop: StreamOptions | None = None,
 ) -> RunStats:
     """Explain ``dataset`` items ``ids`` (item dicts from :mod:`camlens.pipeline.sources`) in
-    batches and hand the results to ``sinks`` in a writer thread.
+    batches, each batch one :func:`~camlens.api.explainer.run_request` of ``request``, and hand the
+    results to ``sinks`` in a writer thread.
 
-    ``targets``: what :func:`camlens.explain` takes, the same for every batch (``"top2"``, an int,
-    :class:`~camlens.targets.Classes`, a callable ``logits -> scores``, a target object), or
+    ``request.targets``: what :func:`camlens.explain` takes, the same for every batch (``"top2"``, an
+    int, :class:`~camlens.targets.Classes`, a callable ``logits -> scores``, a target object), or
     :class:`PerBatch` ``(fn)``: ``fn(batch, x) -> spec`` decides each batch's targets (e.g. one
-    class id per image from the labels), passed to :func:`camlens.explain` as is.
-    ``optional``: methods dropped (with a note) if the model's head cannot give them.
+    class id per image from the labels).
     """
-    options = {**options, **(method_options or {})}  # method options, also those named like ours
-    from camlens.api.explainer import explain
-
-    targets, batch_targets = dataset_targets(targets)
-
-    stats = RunStats(methods=list(methods))
-    names = list(methods)
+    loop = loop or StreamOptions()
+    targets, batch_targets = dataset_targets(request.targets)
+    names = list(dict.fromkeys(get_method(m).name for m in request.methods))
+    stats = RunStats(methods=list(names))
     if not ids:
         return stats
     device = _model_device(model)
     accel = device.type != "cpu"
-    workers = default_workers(len(ids), batch_size, world) if num_workers is None else int(num_workers)
-    loader = DataLoader(
-        Subset(dataset, list(ids)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=accel and device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None,
-    )
-    say = on_error or (lambda msg: print(msg, file=sys.stderr))
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(ids),
-        desc=desc,
-        unit="img",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        leave=False,
-        smoothing=0.1,
-    )
+    loader = _loader(dataset, ids, loop, device)
+    say = loop.on_error or (lambda msg: print(msg, file=sys.stderr))
+    bar = _bar(len(ids), loop)
     writer = _Writer(sinks)
     t0 = time.perf_counter()
     try:
@@ -246,32 +234,12 @@ def stream(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
             if len(batch):
                 assert batch.x is not None
                 x = batch.x.to(device, non_blocking=accel)
-                if before is not None:
-                    before(batch, x)
+                if loop.before is not None:
+                    loop.before(batch, x)
                 spec = batch_targets(batch, x) if batch_targets is not None else targets
-                while True:
-                    try:
-                        res = explain(
-                            model,
-                            x,
-                            method=list(names),
-                            targets=spec,
-                            layer=layer,
-                            capture=capture,
-                            class_names=class_names,
-                            **options,
-                        )
-                        break
-                    except HeadError as exc:
-                        drop = [m for m in names if m in optional]
-                        if not drop or len(names) == 1:
-                            raise
-                        for m in drop:
-                            names.remove(m)
-                        say(f"note: {', '.join(drop)} skipped ({exc})")
-                assert isinstance(res, dict)
-                if after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
-                    after(batch, res)
+                res = _explain_batch(model, x, replace(request, targets=spec), names, loop.optional, say)
+                if loop.after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
+                    loop.after(batch, res)
                 writer.put(BatchResult(batch, {m: _to_cpu(e) for m, e in res.items()}))
                 stats.computed += len(batch)
             bar.update(len(batch) + len(batch.failed))
@@ -285,6 +253,56 @@ def stream(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
     stats.seconds = time.perf_counter() - t0
     stats.methods = names
     return stats
+
+
+def _loader(dataset: Any, ids: Sequence[int], loop: StreamOptions, device: torch.device) -> DataLoader:
+    workers = default_workers(len(ids), loop.batch_size, loop.world) if loop.num_workers is None else loop.num_workers
+    return DataLoader(
+        Subset(dataset, list(ids)),
+        batch_size=loop.batch_size,
+        shuffle=False,
+        num_workers=int(workers),
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+def _bar(total: int, loop: StreamOptions) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=loop.desc,
+        unit="img",
+        disable=not loop.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+        smoothing=0.1,
+    )
+
+
+def _explain_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    request: ExplainRequest,
+    names: list[str],
+    optional: Sequence[str],
+    say: Callable[[str], None],
+) -> dict[str, Explanation]:
+    """One batch's explanations; an optional method the model's head cannot give is dropped from
+    ``names`` (for the rest of the run) with a note, and the batch is explained again without it."""
+    while True:
+        try:
+            return run_request(model, x, replace(request, methods=tuple(names)))
+        except HeadError as exc:
+            drop = [m for m in names if m in optional]
+            if not drop or len(names) == 1:
+                raise
+            for m in drop:
+                names.remove(m)
+            say(f"note: {', '.join(drop)} skipped ({exc})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,34 +456,24 @@ def _targets_key(targets: Any) -> Any:
     return f"callable:{getattr(targets, '__qualname__', type(targets).__name__)}"
 
 
-def run_signature(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    methods,
-    targets,
-    layer,
-    capture,
-    threshold,
-    map_dtype,
-    preprocess: Preprocess | None,
-    options: dict[str, Any],
-) -> dict[str, Any]:
+def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store: StoreOptions) -> dict[str, Any]:
     """The arguments that decide a store's content: a rerun with the same signature resumes."""
     card = card_of(model)
+    preprocess = request.preprocess if request.preprocess is not None else getattr(dataset, "preprocess", None)
+    layer = request.layer
     sig = {
         "n_images": len(dataset),
         "sources_sha256": sources_digest(dataset),
-        "methods": list(methods),
-        "targets": _targets_key(targets),
+        "methods": list(request.methods),
+        "targets": _targets_key(request.targets),
         "layer": layer if layer is None or isinstance(layer, str) else repr(layer),
-        "capture": capture,
+        "capture": request.capture,
         "model": card.name if card else type(model).__name__,
         "model_sha256": model_checksum(model),
-        "threshold": threshold,
-        "map_dtype": map_dtype,
+        "threshold": store.threshold,
+        "map_dtype": store.map_dtype,
         "preprocess": preprocess.to_dict() if preprocess is not None else None,
-        "options": {k: repr(v) for k, v in sorted(options.items())},
+        "options": {k: repr(v) for k, v in sorted(request.options.items())},
     }
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
@@ -569,90 +577,84 @@ def _open_store(store: ResultStore, lock: StoreLock, overwrite: bool, ctx: _dist
     return set(status[1])
 
 
+@dataclass(frozen=True)
+class StoreOptions:
+    """What a store-writing run keeps besides the maps: ``threshold`` of the table's boxes,
+    ``map_dtype`` of the Zarr maps, ``figures`` drawn into ``out/figures`` (``none``, ``overlay``,
+    ``all``), and whether to ``overwrite`` a store of another run."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    map_dtype: str = "float32"
+    figures: str = "none"
+    overwrite: bool = False
+
+
 def _compute(
     model: nn.Module,
     store: ResultStore,
     ds: Any,
     done: set[int],
     ctx: _dist.DistContext,
-    *,
-    sinks: Sequence[Sink],
-    figures: str,
-    threshold: float,
-    batch_size: int,
-    say: Callable[[str], None],
-    stream_kw: dict[str, Any],
+    job: _StoreJob,
 ) -> RunStats:
     """This rank's share of the images not done, into the store (and figures); then the figures
     missing for images already in the store, drawn from their stored maps (rank 0)."""
     todo = [i for i in range(len(ds)) if i not in done]
     mine = _dist.shard(todo, ctx.rank, ctx.world)
-    all_sinks: list[Sink] = [StoreSink(store, len(ds), threshold, ctx.rank)]
+    opts = job.store
+    all_sinks: list[Sink] = [StoreSink(store, len(ds), opts.threshold, ctx.rank)]
     fig = None
-    if figures != "none":
-        fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if figures == "overlay" else None,
-                        overwrite=True, threshold=threshold)  # fmt: skip
+    if opts.figures != "none":
+        fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if opts.figures == "overlay" else None,
+                        overwrite=True, threshold=opts.threshold)  # fmt: skip
         all_sinks.append(fig)
-    all_sinks += list(sinks)
+    all_sinks += list(job.extra_sinks)
     desc = "explain" if ctx.world == 1 else f"explain [rank {ctx.rank}/{ctx.world}]"
-    stats = stream(model, ds, mine, all_sinks, batch_size=batch_size, desc=desc, **stream_kw)
+    loop = replace(job.loop, desc=desc, progress=job.loop.progress and ctx.is_main, world=ctx.world)
+    stats = stream(model, ds, mine, all_sinks, job.request, loop)
     stats.skipped = len(done)
     if fig is not None and ctx.is_main and done:
-        n = redraw_figures(store, ds, sorted(done), fig, batch_size)
+        n = redraw_figures(store, ds, sorted(done), fig, job.loop.batch_size)
         if n:
-            say(f"note: drew the figures of {n} image(s) already in the store from their stored maps")
+            _say(job.loop)(f"note: drew the figures of {n} image(s) already in the store from their stored maps")
     return stats
 
 
-def run_store(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
+@dataclass(frozen=True)
+class _StoreJob:
+    request: ExplainRequest
+    loop: StreamOptions
+    store: StoreOptions
+    extra_sinks: tuple[Sink, ...] = ()
+
+
+def _say(loop: StreamOptions) -> Callable[[str], None]:
+    return loop.on_error or (lambda msg: print(msg, file=sys.stderr))
+
+
+def run_store(
     model: nn.Module,
     ds: Any,
     out: str | os.PathLike,
+    request: ExplainRequest,
     *,
-    methods: Sequence[str],
-    targets: Any,
-    layer: Any,
-    capture: str,
-    batch_size: int,
-    num_workers: int | None,
-    threshold: float,
-    map_dtype: str,
-    figures: str,
-    overwrite: bool,
-    preprocess: Preprocess | None,
-    progress: bool,
+    loop: StreamOptions | None = None,
+    store_options: StoreOptions | None = None,
     ctx: _dist.DistContext,
-    class_names: Sequence[str] | None = None,
-    optional: Sequence[str] = (),
     extra_sinks: Sequence[Sink] = (),
-    before: Callable[[Batch, torch.Tensor], None] | None = None,
-    after: Callable[[Batch, dict[str, Explanation]], None] | None = None,
-    on_error: Callable[[str], None] | None = None,
     argv: Sequence[str] | None = None,
-    method_options: dict[str, Any] | None = None,
-    **options: Any,
 ) -> tuple[Results, RunStats]:
-    """Run (or resume) a store-writing run on every rank; see :func:`explain_dataset`."""
-    options = {**options, **(method_options or {})}
-    if figures not in FIGURES:
-        raise InputError(f"figures must be one of {', '.join(FIGURES)}, not {figures!r}")
-    sig = run_signature(
-        model,
-        ds,
-        methods=methods,
-        targets=targets,
-        layer=layer,
-        capture=capture,
-        threshold=threshold,
-        map_dtype=map_dtype,
-        preprocess=preprocess if preprocess is not None else getattr(ds, "preprocess", None),
-        options=options,
-    )
+    """Run (or resume) a store-writing run of ``request`` on every rank; see :func:`explain_dataset`."""
+    job = _StoreJob(request, loop or StreamOptions(), store_options or StoreOptions(), tuple(extra_sinks))
+    opts = job.store
+    if opts.figures not in FIGURES:
+        raise InputError(f"figures must be one of {', '.join(FIGURES)}, not {opts.figures!r}")
+    sig = run_signature(model, ds, request, opts)
     info = {
         "versions": versions(),
         "world_size": ctx.world,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "batch_size": batch_size,
+        "batch_size": job.loop.batch_size,
         "argv": list(argv) if argv is not None else None,
     }
     sigs = ctx.gather(sig)
@@ -662,18 +664,13 @@ def run_store(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape
             f"the {ctx.world} ranks disagree about the run ({', '.join(bad)} differ): every rank must load the same "
             "model and see the same dataset"
         )
-    say = on_error or (lambda msg: print(msg, file=sys.stderr))
-    store = ResultStore(out, sig, info, map_dtype=map_dtype, note=say)
+    store = ResultStore(out, sig, info, map_dtype=opts.map_dtype, note=_say(job.loop))
     store.equivalent = [{**sig, "sources_sha256": sources_digest(ds, legacy=True)}]
     store.sources = lambda: [ds.describe(i).source for i in range(len(ds))] if hasattr(ds, "describe") else []
     lock = StoreLock(Path(out))
     try:
-        done = _open_store(store, lock, overwrite, ctx)
-        stats = _compute(model, store, ds, done, ctx, sinks=extra_sinks, figures=figures, threshold=threshold,
-                         batch_size=batch_size, say=say, stream_kw=dict(
-            methods=methods, targets=targets, layer=layer, capture=capture, num_workers=num_workers,
-            optional=optional, before=before, after=after, progress=progress and ctx.is_main,
-            class_names=class_names, on_error=on_error, world=ctx.world, method_options=options))  # fmt: skip
+        done = _open_store(store, lock, opts.overwrite, ctx)
+        stats = _compute(model, store, ds, done, ctx, job)
         parts = ctx.gather((stats.failed, stats.seconds, stats.computed))
         failed = sorted((f for part, _, _ in parts for f in part), key=lambda f: f["image_id"])
         if ctx.is_main:
@@ -686,7 +683,26 @@ def run_store(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape
     return Results(out), stats
 
 
-def explain_dataset(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The settings of :func:`explain_dataset` besides what to explain (also accepted as keywords
+    there); see :func:`explain_dataset` for each."""
+
+    batch_size: int = 16
+    num_workers: int | None = None
+    threshold: float | None = None
+    map_dtype: str = "float32"
+    figures: str = "none"
+    overwrite: bool = False
+    preprocess: Preprocess | None = None
+    progress: bool = True
+    class_names: Sequence[str] | None = None
+
+
+_DATASET_FIELDS = frozenset(f.name for f in fields(DatasetConfig))
+
+
+def explain_dataset(
     model: nn.Module | str,
     dataset: Any,
     method: str | Sequence[str] = "gradcam",
@@ -695,19 +711,16 @@ def explain_dataset(  # noqa: PLR0913 - on the shrinking list of tests/test_code
     targets: Any = None,
     layer: Any = None,
     capture: str = "output",
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    threshold: float | None = None,
-    map_dtype: str = "float32",
-    figures: str = "none",
-    overwrite: bool = False,
-    preprocess: Preprocess | None = None,
-    progress: bool = True,
-    class_names: Sequence[str] | None = None,
+    config: DatasetConfig | None = None,
     method_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Results:
     """Explain a whole dataset, streaming, into a resumable result store (Parquet table + Zarr maps).
+
+    Settings (``batch_size``, ``num_workers``, ``threshold``, ``map_dtype``, ``figures``,
+    ``overwrite``, ``preprocess``, ``progress``, ``class_names``) are the fields of
+    :class:`DatasetConfig`: pass ``config=`` or any of them as keywords; every other keyword is a
+    method option (as in :func:`camlens.explain`).
 
     Args:
         model: an ``nn.Module`` classifier (on the device to use) or a zoo name.
@@ -729,48 +742,41 @@ def explain_dataset(  # noqa: PLR0913 - on the shrinking list of tests/test_code
         map_dtype: ``"float32"`` or ``"float16"`` maps in Zarr.
         figures: ``"none"``, ``"overlay"`` (the top-1 overlay per image and method) or ``"all"``
             (every target), written to ``out/figures`` with the names ``camlens explain`` uses.
-        method_options: the methods' options (as ``**options``), also those named like this
-            function's own arguments — ``method_options={"batch_size": 32, "progress": False}``
-            sets Score-CAM's masked images per forward and its bar, not the pipeline's.
+        method_options: the methods' options (as ``**options``), also those named like a setting
+            — ``method_options={"batch_size": 32, "progress": False}`` sets Score-CAM's masked
+            images per forward and its bar, not the pipeline's.
 
     Under ``torchrun`` each rank takes a disjoint contiguous block of the images that are not done
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
     :class:`~camlens.pipeline.store.Results` (with ``.stats``: computed / skipped / failed).
     """
-    from camlens.base.localization import DEFAULT_THRESHOLD
-
+    settings = {k: options.pop(k) for k in list(options) if k in _DATASET_FIELDS}
+    cfg = with_options(DatasetConfig, config, settings, "explain_dataset")
     if isinstance(model, str):
         model = load_model(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
     names = [method] if isinstance(method, str) else list(method)
-    names = list(dict.fromkeys(get_method(m).name for m in names))
+    request = ExplainRequest(
+        methods=tuple(dict.fromkeys(get_method(m).name for m in names)),
+        targets=targets if targets is not None else "top1",
+        layer=layer,
+        capture=capture,
+        preprocess=cfg.preprocess,
+        class_names=None if cfg.class_names is None else tuple(cfg.class_names),
+        options={**options, **(method_options or {})},
+    )
     card = card_of(model)
-    pp = preprocess or (card.preprocess if card else IMAGENET)
-    ds, _ = as_dataset(dataset, pp, keep_images=figures != "none")
+    ds, _ = as_dataset(
+        dataset, cfg.preprocess or (card.preprocess if card else IMAGENET), keep_images=cfg.figures != "none"
+    )
     ds = without_store(ds, out)
+    loop = StreamOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
+    threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold
+    store_options = StoreOptions(threshold, cfg.map_dtype, cfg.figures, cfg.overwrite)
     ctx = _dist.setup(_model_device(model))
     try:
-        res, stats = run_store(
-            model,
-            ds,
-            out,
-            methods=names,
-            targets=targets if targets is not None else "top1",
-            layer=layer,
-            capture=capture,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-            map_dtype=map_dtype,
-            figures=figures,
-            overwrite=overwrite,
-            preprocess=preprocess,
-            progress=progress,
-            ctx=ctx,
-            class_names=class_names,
-            method_options={**options, **(method_options or {})},
-        )
+        res, stats = run_store(model, ds, out, request, loop=loop, store_options=store_options, ctx=ctx)
     finally:
         ctx.close()
     res.stats = stats  # type: ignore[attr-defined]
@@ -779,11 +785,14 @@ def explain_dataset(  # noqa: PLR0913 - on the shrinking list of tests/test_code
 
 __all__ = [
     "BatchResult",
+    "DatasetConfig",
     "FilesSink",
     "PerBatch",
     "RunStats",
     "Sink",
+    "StoreOptions",
     "StoreSink",
+    "StreamOptions",
     "explain_dataset",
     "run_store",
     "stream",

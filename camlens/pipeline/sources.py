@@ -68,8 +68,6 @@ class Batch:
         return self
 
 
-
-
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
