@@ -14,6 +14,7 @@ from torch import nn
 import camlens
 from camlens.attribution.lrp import MergeBatchNorms, merge_pairs
 from camlens.base.errors import MethodError, NotApplicableError
+from tests.conftest import TinyCNN
 from tests.test_core_hygiene import assert_untouched, snapshot
 
 zennit = pytest.importorskip("zennit")
@@ -306,3 +307,20 @@ def test_a_canonizer_that_changes_the_model_is_refused():
     with pytest.raises(MethodError, match="canonizer='none'"):
         camlens.explain(net, _x(1, 8), "lrp")
     camlens.explain(net, _x(1, 8), "lrp", canonizer="none")
+
+
+def test_cost_estimate_counts_the_forward_lrp_runs():
+    from camlens.base.progress import reporting
+    from tests.test_method_cost import Counter, Recorder
+
+    torch.manual_seed(0)
+    net = TinyCNN().eval()
+    x = torch.randn(2, 3, 12, 12)
+    count = Counter(net)
+    camlens.explain(net, x, "lrp", targets="top2")
+    ran = count.close() - len(x)
+    rec = Recorder()
+    with reporting(rec):
+        camlens.explain(net, x, "lrp", targets="top2")
+    (est,) = rec.estimates
+    assert est.forwards == ran == 2

@@ -101,7 +101,7 @@ def _attention_hook(fam: Any, mode: str, counts: dict[str, int]):
 
 
 def _layernorm_hook(counts: dict[str, int]):
-    def hook(m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(m: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         dims = tuple(range(-len(m.normalized_shape), 0))
         if isinstance(m, nn.LayerNorm):

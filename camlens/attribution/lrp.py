@@ -108,7 +108,7 @@ def _zennit() -> Any:
 
 
 # ------------------------------------------------------------------------------------- canonizers
-def _mbconv_forward(self: nn.Module, inputs: torch.Tensor, drop_connect_rate: float | None = None) -> torch.Tensor:
+def _mbconv_forward(self: Any, inputs: torch.Tensor, drop_connect_rate: float | None = None) -> torch.Tensor:
     """An EfficientNet-Lite MBConv block's eval forward with the skip addition done by a module."""
     x = inputs
     args = self._block_args
@@ -125,7 +125,7 @@ def _is_mbconv(m: nn.Module) -> bool:
     return type(m).__name__ == "MBConvBlock" and type(m).__module__.startswith("efficientnet_lite")
 
 
-def _mbconv_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
+def _mbconv_attributes(name: str, module: Any) -> dict[str, Any] | None:
     if not _is_mbconv(module):
         return None
     if module.has_se:
@@ -136,7 +136,7 @@ def _mbconv_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
     return {"forward": _mbconv_forward.__get__(module), "canonizer_sum": _zennit().layer.Sum()}
 
 
-def _densenet_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _densenet_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """torchvision DenseNet's forward with its ReLU and global pooling done by modules."""
     out = self.canonizer_pool(self.canonizer_relu(self.features(x)))
     return self.classifier(torch.flatten(out, 1))
@@ -175,7 +175,7 @@ class MergedBatchNorm:
     :math:`\\varepsilon = 10^{-3}` and 49 batch norms the logits move by about 1 %. :meth:`remove`
     puts the original weight tensors back (bit-identical) and removes the identity forward."""
 
-    def __init__(self, linear: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    def __init__(self, linear: Any, bn: Any) -> None:
         self.linear, self.bn = linear, bn
         self.weight = linear.weight.data
         self.bias = None if linear.bias is None else linear.bias.data
@@ -194,7 +194,7 @@ class MergedBatchNorm:
             linear.bias.data = new_b.to(self.bias.dtype)
         self.had_forward = "forward" in bn.__dict__
         self.old_forward = bn.__dict__.get("forward")
-        bn.forward = _identity  # type: ignore[method-assign]
+        bn.forward = _identity
 
     def remove(self) -> None:
         self.linear.weight.data = self.weight
@@ -203,7 +203,7 @@ class MergedBatchNorm:
         else:
             self.linear.bias.data = self.bias
         if self.had_forward:
-            self.bn.forward = self.old_forward  # type: ignore[method-assign]
+            self.bn.forward = self.old_forward
         else:
             del self.bn.forward
 
@@ -220,7 +220,7 @@ class MergeBatchNorms:
         done: list[MergedBatchNorm] = []
         try:
             for (linear,), bn in merge_pairs(root):
-                done.append(MergedBatchNorm(lookup[linear], lookup[bn]))  # type: ignore[arg-type]
+                done.append(MergedBatchNorm(lookup[linear], lookup[bn]))
         except BaseException:
             for d in reversed(done):
                 d.remove()
@@ -234,6 +234,12 @@ def _is_batchnorm(m: nn.Module) -> bool:
 
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+def _out_features(m: nn.Module) -> int | None:
+    """The output channels of a convolution or linear layer (``None`` for any other module)."""
+    w = getattr(m, "weight", None)
+    return int(w.shape[0]) if _is_linear(m) and isinstance(w, torch.Tensor) else None
 
 
 def merge_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
@@ -254,7 +260,7 @@ def merge_pairs(model: nn.Module) -> list[tuple[list[str], str]]:
             continue
         if next(iter(m.children()), None) is not None:
             continue  # a container: its leaves come next
-        if _is_batchnorm(m) and last is not None and _is_linear(last[1]) and last[1].weight.shape[0] == m.num_features:
+        if _is_batchnorm(m) and last is not None and _out_features(last[1]) == m.num_features:
             pairs.append(([last[0]], name))
         last = (name, m)
     return pairs
