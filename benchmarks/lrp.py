@@ -1,16 +1,16 @@
 """LRP and AttnLRP against one forward and against Zennit used directly (issue 27):
 ``python -m benchmarks.lrp [--quick] [--out F.json]``.
 
-ResNet-50 (random weights, batch-norm statistics of one random batch, 224 px, one image, its top-1
-class): camlens ``lrp`` (``epsilon_plus``, its canonizers: exact batch-norm merge and Zennit's
-block ``Sum`` modules) and Zennit used directly (``EpsilonPlus(canonizers=[ResNetCanonizer()])``
-with its ``Gradient`` attributor, the backward seeded with the one-hot logit), the inference
-forward as the unit; the largest difference of the two relevance maps (relative to the largest
-relevance) says that both computed the same thing (ResNet-50's batch norms have eps = 1e-5: Zennit's merge differs by 1/sqrt(1 + eps)
-per batch norm). Then ViT-B/16 (torchvision, random weights) at 224 px: camlens ``attnlrp`` against
-its own inference forward. Contenders run interleaved round by round
-(:func:`benchmarks.runner.time_round_robin`). ``--quick``: ResNet-18 at 64 px and a 2-layer ViT at
-32 px (a smoke run, not a measurement).
+ResNet-50 (random weights, batch-norm statistics of one random batch, 224 px, one image, its
+top-1 class): camlens ``lrp`` (``epsilon_plus``, its canonizers: exact batch-norm merge and
+Zennit's block ``Sum`` modules) and Zennit used directly (``EpsilonPlus(canonizers=
+[ResNetCanonizer()])`` with its ``Gradient`` attributor, the backward seeded with the one-hot
+logit), the inference forward as the unit. The largest difference of the two relevance maps
+(relative to the largest relevance) says that both computed the same thing (ResNet-50's batch
+norms have eps = 1e-5: Zennit's merge differs by 1/sqrt(1 + eps) per batch norm). Then ViT-B/16
+(torchvision, random weights) at 224 px: camlens ``attnlrp`` against its own inference forward.
+Contenders run interleaved round by round (:func:`benchmarks.runner.time_round_robin`).
+``--quick``: ResNet-18 at 64 px and a 2-layer ViT at 32 px (a smoke run, not a measurement).
 """
 
 from __future__ import annotations
