@@ -36,7 +36,7 @@ def _with_biases(model: nn.Module) -> nn.Module:
 def _bias_free(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "pos_embed" in name or "_token" in name:
+            if name.endswith("bias") or "pos_embed" in name or "position_embeddings" in name or "_token" in name:
                 p.zero_()
     return model
 
@@ -147,13 +147,22 @@ def test_attnlrp_equals_the_rules_written_out_on_a_small_vit():
 
 
 # ----------------------------------------------------------------- conservation
-@pytest.mark.parametrize("build", [lambda: tiny_tv_vit(16), lambda: tiny_timm_vit().double()], ids=["tv", "timm"])
+def _hf_vit() -> nn.Module:
+    from tests.test_transformer_models import tiny_hf_vit
+
+    return tiny_hf_vit().double()
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: tiny_tv_vit(16), lambda: tiny_timm_vit().double(), _hf_vit], ids=["torchvision", "timm", "hf"]
+)
 def test_conservative_attention_conserves_the_logit_on_a_bias_free_vit(build):
     model = _bias_free(build().eval())
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         head.weight.mul_(1 / head.weight.abs().mean())  # logits of order one (timm initialises the head small)
     size = 16 if hasattr(model, "conv_proj") else 32
+    assert camlens.explain(model, _x(1, size), "attnlrp", attention="cp").extras["rules_applied"]["attention"] == 2
     exp = camlens.explain(model, _x(2, size), "attnlrp", targets="top2", attention="cp")
     assert (exp.scores.abs() > 0.1).all(), exp.scores  # not a degenerate oracle
     torch.testing.assert_close(exp.extras["relevance_sum"], exp.scores, rtol=1e-9, atol=0)
