@@ -371,7 +371,8 @@ def lrp_forward(ctx: ForwardPass, options: dict[str, Any], at_layer: bool) -> It
         cap = None
         if at_layer:  # hooked before the composite's own hooks: the gradient there is the relevance
             cap = stack.enter_context(capture(model, ctx.layer_spec, cut=False, layout=ctx.layout_request))
-        stack.enter_context(composite.context(model))
+        stack.callback(composite.remove)  # also undoes what a register that raised half-way applied
+        composite.register(model)
         out = forward(model, leaf)
         scores = ctx.targets.scores(ctx.select(out))
         _check_same_scores(scores, ctx.scores, chosen)
