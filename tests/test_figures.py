@@ -13,12 +13,11 @@ from PIL import Image
 
 import camlens
 from camlens import viz
+from camlens.attribution.registry import ModelTraits, applicable
 from camlens.viz import render_map
 
-#: every method that applies to a CNN classifier (attention methods need a transformer, D-RISE a detector)
-ALL_METHODS = sorted(
-    n for n, i in camlens.methods().items() if not {"attention", "attention_grads"} & set(i.needs) and n != "drise"
-)
+#: every method that applies to a CNN classifier (attention methods and AttnLRP need a transformer, D-RISE a detector)
+ALL_METHODS = sorted(applicable(ModelTraits()))
 
 
 def _panels(fig):

@@ -23,6 +23,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 import camlens
+from camlens.attribution.registry import ATTENTION_MODELS
 from camlens.base.localization import localize, scale_boxes
 from camlens.serve.app import create_app
 from camlens.serve.render import heat_values
@@ -474,7 +475,8 @@ def test_the_command_serves_until_stopped(tmp_path):
 
 
 # ------------------------------------------------------------------------- issue 24: what applies, progress, boxes
-ATTENTION = {n for n, i in camlens.methods().items() if {"attention", "attention_grads"} & i.needs}
+#: the methods for transformers only (the attention methods and AttnLRP)
+ATTENTION = {n for n, i in camlens.methods().items() if i.applies_to is ATTENTION_MODELS}
 
 
 def test_method_list_offers_only_what_applies_and_refuses_the_rest_before_any_work(photo):
