@@ -210,5 +210,5 @@ def fullgrad(ctx: ForwardPass, *, scale: str = "layer") -> MethodOutput:
         "forwards": N,
     }
     if skipped:
-        extras["skipped_layers"] = skipped
+        extras["skipped_layers"] = ", ".join(skipped)
     return MethodOutput(maps, maps=maps, extras=extras)
