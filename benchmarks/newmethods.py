@@ -147,7 +147,7 @@ def _group(jobs, pairs, quick: bool, device: str, log) -> tuple[list[dict], dict
     outs = {j.key: j.fn() for j in jobs}  # also the warm-up
     agree = {f"pearson {a} vs {b}": cmp(outs[a], outs[b]) for a, b, cmp in pairs}
     del outs
-    reps = dict(warmup=0, min_reps=2 if quick else 3, max_reps=3 if quick else 10, budget_s=5 if quick else 120)
+    reps = dict(warmup=0, min_reps=2 if quick else 3, max_reps=3 if quick else 5, budget_s=5 if quick else 60)
     times = time_round_robin(jobs, device=device, log=log, **reps)
     unit = statistics.median(times[jobs[0].key])
     rows = []
