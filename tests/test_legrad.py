@@ -144,3 +144,25 @@ def test_a_cnn_is_refused_before_any_work():
 
     with pytest.raises(CamlensError, match="self-attention"):
         camlens.explain(TinyCNN().eval(), torch.randn(1, 3, 8, 8), "legrad")
+
+
+def test_hugging_face_vit_head_reproduces_the_logits():
+    pytest.importorskip("transformers")
+    from tests.test_transformer_models import tiny_hf_vit
+
+    m = tiny_hf_vit().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = []
+    h = attention_blocks(m)[-1][1].register_forward_hook(lambda mod, a, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            logits = m(x).logits
+    finally:
+        h.remove()
+    found = known_head(m)
+    assert found is not None and found[0].startswith("vit.layernorm")
+    tokens = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+    with torch.no_grad():
+        torch.testing.assert_close(found[1](tokens), logits)
+    exp = camlens.explain(m, x, "legrad", targets=[[0], [2]])
+    assert exp.raw.shape == (2, 1, 4, 4) and float(exp.raw.amax()) > 0
