@@ -98,7 +98,8 @@ def check_applicable(infos: Sequence[MethodInfo], traits: ModelTraits) -> None:
     method on a CNN, D-RISE without a detection target), naming the methods that can."""
     for info in infos:
         if not info.applies(traits):
-            hint = f"; {info.applies_to.hint}" if info.applies_to.hint else ""
+            fix = info.applies_to.hint_for(traits)
+            hint = f"; {fix}" if fix else ""
             raise NotApplicableError(
                 f"{info.name} does not apply to {traits.describe()}: it is for {info.applies_to.text}{hint}. "
                 f"Methods for this model: {', '.join(applicable(traits))}."

@@ -70,16 +70,27 @@ class ModelTraits:
     (:func:`camlens.attribution.traits.model_traits`): the ``task`` (a zoo card's, or the target
     object's: a :class:`~camlens.targets.Detection` makes it ``"detection"``; ``"other"`` for
     similarity and custom target objects), whether it has global self-attention modules camlens
-    can capture (``attention``: ViT, DeiT, Hugging Face ViT; not windowed Swin), and its ``name``."""
+    can capture (``attention``: ViT, DeiT, Hugging Face ViT; not windowed Swin), whether it has
+    windowed attention instead (``windowed``: Swin, MaxViT), and its ``name``."""
 
     task: Task = "classification"
     attention: bool = False
     name: str = "model"
+    windowed: bool = False
 
     def describe(self) -> str:
         """``"resnet18 (a CNN classifier)"``."""
         kind = {"detection": "detector", "segmentation": "segmenter", "other": "model"}.get(self.task, "classifier")
-        arch = "transformer" if self.attention else ("CNN" if self.task == "classification" else "")
+        windowed = "windowed-attention transformer"
+        arch = (
+            "transformer"
+            if self.attention
+            else windowed
+            if self.windowed
+            else "CNN"
+            if self.task == "classification"
+            else ""
+        )
         return f"{self.name} (a{'n' if (arch or kind)[0] in 'aeiou' else ''} {(arch + ' ' + kind).strip()})"
 
 
@@ -91,9 +102,15 @@ class Applies:
     test: Callable[[ModelTraits], bool]
     text: str
     hint: str = ""
+    #: the fix for a model with windowed attention (Swin, MaxViT), when it differs from ``hint``
+    windowed_hint: str = ""
 
     def __call__(self, traits: ModelTraits) -> bool:
         return bool(self.test(traits))
+
+    def hint_for(self, traits: ModelTraits) -> str:
+        """The fix a refusal names for a model with these traits."""
+        return self.windowed_hint if traits.windowed and self.windowed_hint else self.hint
 
 
 ANY_MODEL = Applies(lambda t: True, "any model")
@@ -113,6 +130,12 @@ ATTENTION_MODELS = Applies(
     "ViT-like transformers (global self-attention; not Swin)",
     "this model has no global self-attention module camlens captures (nn.MultiheadAttention, timm Attention, "
     "Hugging Face ViT-style); use a layer method such as gradcam",
+    "this model has no global self-attention: it attends within (shifted) windows of each stage's token map "
+    "(Swin, MaxViT), the windows move between blocks and patch merging changes the grid between stages, so there "
+    "is no attention matrix over one token sequence to roll out; explain it with the CAM family on a stage "
+    "output instead: gradcam (or gradcam++, layercam, scorecam…) at the automatic layer (the last stage), or an "
+    "earlier stage for a finer map, e.g. layer='features.5' on torchvision swin_t or layer='layers.2' on timm "
+    "swin_* (`camlens layers MODEL` lists them)",
 )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from camlens.attribution.registry import MethodInfo, ModelTraits, Task, applicable
-from camlens.core.attention import attention_modules
+from camlens.core.attention import attention_modules, windowed_attention_modules
 from camlens.models.card import card_of
 from camlens.targets import Detection, Segmentation, is_target_object
 
@@ -28,7 +28,12 @@ def model_traits(model: nn.Module, targets: Any = None) -> ModelTraits:
     elif is_target_object(targets):
         task = "other"
     name = card.name if card is not None else type(model).__name__
-    return ModelTraits(task=task, attention=bool(attention_modules(model)), name=name)
+    return ModelTraits(
+        task=task,
+        attention=bool(attention_modules(model)),
+        name=name,
+        windowed=bool(windowed_attention_modules(model)),
+    )
 
 
 def methods_for(model: nn.Module, targets: Any = None) -> dict[str, MethodInfo]:

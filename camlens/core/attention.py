@@ -169,6 +169,29 @@ def attention_family(m: nn.Module) -> _Family | None:
     return None
 
 
+#: Attention restricted to windows or grids of the token map (Swin, MaxViT), by class name: camlens
+#: captures none of them (see :func:`windowed_attention_modules`).
+WINDOWED = frozenset(
+    {
+        "ShiftedWindowAttention",  # torchvision swin_t/s/b
+        "ShiftedWindowAttentionV2",  # torchvision swin_v2_*
+        "WindowAttention",  # timm swin_*, swinv2_*
+        "WindowMultiHeadAttention",  # timm swinv2_cr_*
+        "RelativePositionalMultiHeadAttention",  # torchvision maxvit_t
+        "PartitionAttentionCl",  # timm maxvit/maxxvit
+        "PartitionAttention2d",
+    }
+)
+
+
+def windowed_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's windowed (or grid-partitioned) attention modules: Swin's shifted windows, MaxViT's
+    block and grid partitions. Each attends within a window of the stage's token map, the windows
+    shift between blocks and patch merging changes the grid between stages, so no attention
+    matrix over one token sequence of the image exists for rollout-style methods to multiply."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in WINDOWED]
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's supported self-attention modules, in module order."""
     return [(n, m) for n, m in model.named_modules() if attention_family(m) is not None]
@@ -222,4 +245,4 @@ def capture_attention(model: nn.Module, *, grads: bool = False) -> Iterator[list
             h.remove()
 
 
-__all__ = ["attention_family", "attention_modules", "capture_attention"]
+__all__ = ["WINDOWED", "attention_family", "attention_modules", "capture_attention", "windowed_attention_modules"]
