@@ -24,7 +24,7 @@ from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, ge
 from camlens.attribution.registry import methods as all_methods
 from camlens.attribution.traits import model_traits
 from camlens.base._util import eval_mode, model_device
-from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError
+from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError, TargetError
 from camlens.core.capture import CaptureSpec
 from camlens.core.engine import ForwardPass, forward, wants_layer_grads
 from camlens.core.extra import ExtraInputs
@@ -34,11 +34,12 @@ from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.imagetext import ImageText, ZeroShotClassifier, family_of, image_text, zero_shot
 from camlens.models.input_size import fit_input
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.tasks import Frames, frame_maps, record_frames
 from camlens.models.zoo import card_of, class_names_of, load_model
-from camlens.targets import Detection, Segmentation, TargetSpec
+from camlens.targets import Detection, Segmentation, TargetSpec, is_target_object
 
 
 def method_names(method: Any) -> list[str]:
@@ -325,6 +326,8 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     request = request.with_inputs(request.options)  # forward_args=… given among the options
     options = dict(request.options)
     model = as_model(model, options.pop("max_batch", None))
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and request.class_names:
+        model = zero_shot(model, request.class_names)  # class names typed by the user: a zero-shot classifier
     plan = _plan(model, request, options)
     x, images, sources = _batch(inputs, model, request, plan)
     spec = _layer_spec(model, request, plan)
@@ -374,6 +377,8 @@ def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
         model = load_model(model)
     if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
         model = ScoringFunction(model, max_batch=max_batch)
+    if isinstance(model, nn.Module) and not isinstance(model, ImageText) and family_of(model) is not None:
+        model = image_text(model)  # CLIP, SigLIP, OpenCLIP: the image tower's embeddings (camlens.models.imagetext)
     if not isinstance(model, nn.Module):
         raise InputError(
             f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
@@ -400,6 +405,11 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
         targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
     elif targets is None and task == "segmentation":
         targets = Segmentation(None)  # each image's largest predicted non-background class
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and not is_target_object(targets):
+        raise TargetError(
+            "an image–text model has no classes of its own: pass targets=camlens.targets.Text(['a red bicycle', ...]) "
+            "to explain prompts, or class_names=[...] (zero-shot classification)"
+        )
     check_applicable(infos, model_traits(model, targets))
     needs = frozenset().union(*(i.needs for i in infos))
     return _Plan(infos, per_options, needs, card, classes, targets)
