@@ -281,3 +281,56 @@ def test_openclip_text_scores_equal_its_logits():
     exp = camlens.explain(ImageText(model, tok), x, "gradcam", targets=Text(prompts))
     torch.testing.assert_close(exp.scores, ref, rtol=1e-5, atol=1e-5)
     assert exp.maps.shape == (2, 2, 32, 32) and exp.raw.abs().max() > 0
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from camlens.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def clip_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "clip"
+    tiny_clip().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    img = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    return folder
+
+
+def test_cli_prompt_and_zero_shot_class(clip_folder, tmp_path):
+    import json
+
+    photo = tmp_path / "photo.png"
+    r = _cli("explain", "--model", f"hf:{clip_folder}", photo, "--prompt", "red circle", "--prompt", "dog",
+             "--method", "gradcam", "--out", tmp_path / "o", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    text = json.dumps(summary)
+    assert "red circle" in text and "dog" in text
+    pngs = sorted(p.name for p in (tmp_path / "o").glob("*.png"))
+    assert any("red" in p for p in pngs) and any("dog" in p for p in pngs), pngs
+    r = _cli("explain", "--model", f"hf:{clip_folder}", photo, "--class", "dog", "--class", "cat",
+             "--method", "gradcam", "--out", tmp_path / "z")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "dog" in r.output and "cat" in r.output  # the zero-shot classifier's top classes are printed
+    r = _cli("explain", "--model", f"hf:{clip_folder}", photo, "--out", tmp_path / "n")
+    assert r.exit_code != 0 and "--prompt" in r.output
+    r = _cli("explain", "--model", "resnet18", "--weights", "random", photo, "--prompt", "dog", "--out", tmp_path / "r")
+    assert r.exit_code != 0 and "image–text model" in r.output
+
+
+def test_explain_with_class_names_on_image_text_model_is_zero_shot():
+    clip = tiny_clip()
+    tok = tiny_tokenizer()
+    x = _images()
+    exp = camlens.explain(ImageText(clip, tok), x, "gradcam", targets="top1", class_names=["dog", "cat", "red circle"])
+    ref = zero_shot(ImageText(clip, tok), ["dog", "cat", "red circle"])(x)
+    torch.testing.assert_close(exp.logits, ref.detach())
+    assert exp.labels()[0][0] in ("dog", "cat", "red circle")
