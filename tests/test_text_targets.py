@@ -334,3 +334,26 @@ def test_explain_with_class_names_on_image_text_model_is_zero_shot():
     ref = zero_shot(ImageText(clip, tok), ["dog", "cat", "red circle"])(x)
     torch.testing.assert_close(exp.logits, ref.detach())
     assert exp.labels()[0][0] in ("dog", "cat", "red circle")
+
+
+def test_dataset_pipeline_runs_on_a_zero_shot_classifier(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("zarr")
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray((rng.random((36, 30, 3)) * 255).astype(np.uint8)).save(tmp_path / f"im{i}.png")
+    names = ["dog", "cat", "red circle"]
+    clf = zero_shot(ImageText(tiny_clip(), tiny_tokenizer()), names)
+    res = camlens.explain_dataset(
+        clf, sorted(tmp_path.glob("*.png")), "gradcam", tmp_path / "store", targets="top2", num_workers=0,
+        progress=False,
+    )  # fmt: skip
+    table = camlens.open_results(tmp_path / "store").table
+    assert len(table) == 6 and set(table["class_name"]) <= set(names)
+    x = torch.stack([clf.camlens.preprocess([np.array(Image.open(tmp_path / f"im{i}.png"))])[0] for i in range(3)])
+    top2 = clf(x).topk(2, dim=1).indices
+    assert sorted(table["class_id"].tolist()) == sorted(top2.flatten().tolist())
+    assert res is not None

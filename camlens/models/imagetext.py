@@ -185,14 +185,28 @@ class ZeroShotClassifier(ImageText):
         return self.logits(super().forward(pixel_values), self.get_buffer("class_embeddings"))
 
 
+def default_card(model: ImageText) -> ModelCard:
+    """The card of an image–text model camlens did not load: CLIP's (SigLIP's) normalization at the
+    image tower's input size."""
+    inner = model.model
+    if model.family == "openclip":
+        size = getattr(inner.visual, "image_size", 224)
+    else:
+        size = getattr(getattr(inner.config, "vision_config", None), "image_size", 224)
+    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    half = (0.5, 0.5, 0.5)
+    siglip = model.family == "siglip"
+    pp = Preprocess(size=hw, mean=half if siglip else CLIP_MEAN, std=half if siglip else CLIP_STD, name=model.family)
+    return ModelCard(type(inner).__name__, pp, None, extra={"task": "image-text"})
+
+
 def image_text(model: nn.Module, tokenizer: Tokenizer | None = None) -> ImageText:
-    """``model`` itself when it is already an :class:`ImageText`, else the wrapper (its card kept)."""
+    """``model`` itself when it is already an :class:`ImageText`, else the wrapper, with the model's
+    card or :func:`default_card`."""
     if isinstance(model, ImageText):
         return model
     out = ImageText(model, tokenizer)
-    card = card_of(model)
-    if card is not None:
-        attach_card(out, card)
+    attach_card(out, card_of(model) or default_card(out))
     return out
 
 
@@ -203,7 +217,7 @@ def zero_shot(
     with a card naming the classes."""
     base = model if isinstance(model, ImageText) else image_text(model)
     clf = ZeroShotClassifier(base.model, class_names, base.tokenizer, templates)
-    card = card_of(model) or ModelCard(type(base.model).__name__, Preprocess(mean=CLIP_MEAN, std=CLIP_STD))
+    card = card_of(model) or default_card(base)
     extra = {**card.extra, "zero_shot": True}
     attach_card(clf, replace(card, class_names=list(clf.class_names), extra=extra))
     return clf.eval()
