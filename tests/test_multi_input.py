@@ -94,9 +94,13 @@ def test_extra_input_maps_equal_closed_over_model_per_image(name):
     x, meta = _data()
     meta_before = meta.clone()
     targets = [[0, 1], [1, 2], [3, 0]]
+    f.conv1.train()  # a mixed train/eval model: both flags come back as they were
     exp = camlens.explain(f, x, name, targets=targets, forward_args=(meta,), **_options(name))
     assert torch.equal(meta, meta_before)
     assert _hooks(f) == 0
+    assert f.conv1.training and not f.conv2.training and not f.training
+    assert all(p.grad is None for p in f.parameters())
+    f.conv1.eval()
     for i in range(len(x)):
         g = Closed(f, meta[i : i + 1]).eval()
         alone = camlens.explain(g, x[i : i + 1], name, targets=[targets[i]], **_options(name))

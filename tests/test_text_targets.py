@@ -357,3 +357,13 @@ def test_dataset_pipeline_runs_on_a_zero_shot_classifier(tmp_path):
     top2 = clf(x).topk(2, dim=1).indices
     assert sorted(table["class_id"].tolist()) == sorted(top2.flatten().tolist())
     assert res is not None
+
+
+def test_predict_on_image_text_model_needs_class_names_and_matches_zero_shot():
+    clip = ImageText(tiny_clip(), tiny_tokenizer())
+    x = _images()
+    with pytest.raises(TargetError, match="class_names"):
+        camlens.predict(clip, x)
+    got = camlens.predict(clip, x, topk=2, class_names=["dog", "cat", "square"])
+    p = zero_shot(clip, ["dog", "cat", "square"])(x).softmax(1)
+    assert [c for c, _, _ in got[0]] == p[0].argsort(descending=True)[:2].tolist()

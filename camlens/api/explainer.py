@@ -578,7 +578,13 @@ def predict(
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
-    check_materialized(model)
+    model = as_model(model)
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier):
+        if not class_names:
+            raise TargetError(
+                "an image–text model has no classes of its own: pass class_names=[...] (zero-shot classification)"
+            )
+        model, class_names = zero_shot(model, class_names), None
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     names = list(class_names) if class_names is not None else class_names_of(model)
     with eval_mode(model), torch.inference_mode(), fit_input(model, tuple(x.shape)):
