@@ -367,3 +367,42 @@ def test_predict_on_image_text_model_needs_class_names_and_matches_zero_shot():
     got = camlens.predict(clip, x, topk=2, class_names=["dog", "cat", "square"])
     p = zero_shot(clip, ["dog", "cat", "square"])(x).softmax(1)
     assert [c for c, _, _ in got[0]] == p[0].argsort(descending=True)[:2].tolist()
+
+
+FAMILIES = {
+    "gradcam": {},
+    "scorecam": {"max_channels": 4},
+    "rise": {"n_masks": 8},
+    "saliency": {},
+    "integrated_gradients": {"steps": 3},
+    "ablationcam": {},
+    "generic_attention": {},
+}
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m == "ablationcam" else m for m in sorted(FAMILIES)]
+)
+def test_every_family_leaves_the_image_text_model_as_it_was(method):
+    clip = tiny_clip()
+    clip.vision_model.encoder.layers[0].train()  # a mixed train/eval model
+    frozen = clip.text_model.embeddings.token_embedding.weight
+    frozen.requires_grad_(False)
+    x = _images()
+    x_before = x.clone()
+    modes = [m.training for m in clip.modules()]
+    with torch.no_grad():
+        clip.eval()
+        out = clip(input_ids=IDS, attention_mask=MASK, pixel_values=x).logits_per_image
+        for m, t in zip(clip.modules(), modes, strict=True):
+            m.train(t)
+    exp = camlens.explain(clip, x, method, targets=Text(input_ids=IDS, attention_mask=MASK), **FAMILIES[method])
+    assert torch.isfinite(exp.maps).all() and exp.maps.shape == (2, 2, 32, 32)
+    assert [m.training for m in clip.modules()] == modes
+    assert not frozen.requires_grad and all(p.requires_grad for n, p in clip.named_parameters() if p is not frozen)
+    assert all(p.grad is None for p in clip.parameters())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in clip.modules()) == 0
+    assert torch.equal(x, x_before)
+    with torch.no_grad():
+        clip.eval()
+        assert torch.equal(clip(input_ids=IDS, attention_mask=MASK, pixel_values=x).logits_per_image, out)
