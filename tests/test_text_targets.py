@@ -406,3 +406,41 @@ def test_every_family_leaves_the_image_text_model_as_it_was(method):
     with torch.no_grad():
         clip.eval()
         assert torch.equal(clip(input_ids=IDS, attention_mask=MASK, pixel_values=x).logits_per_image, out)
+
+
+def test_web_app_prompt_box_explains_prompts_as_zero_shot_classes():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from camlens.serve.app import create_app
+    from camlens.serve.service import ModelPool, Service
+
+    clip = ImageText(tiny_clip(), tiny_tokenizer())
+    client = TestClient(create_app(Service(ModelPool({"clip": clip}))))
+    buf = io.BytesIO()
+    rgb = (np.random.default_rng(2).random((40, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(buf, format="PNG")
+    info = client.post(
+        "/api/image", content=buf.getvalue(), headers={"x-filename": "p.png", "content-type": "image/png"}
+    )
+    assert client.get("/api/methods", params={"model": "clip"}).json()["image_text"] is True
+    prompts = ["red circle", "dog", "blue square"]
+    body = {"image_id": info.json()["id"], "methods": ["gradcam"], "explain": 2, "prompts": prompts}
+    r = client.post("/api/explain", json=body)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    want = camlens.explain(clip, rgb, "gradcam", targets="top2", class_names=prompts)
+    assert res["classes"] == want.classes[0].tolist()
+    assert [p["name"] for p in res["predictions"]] == [n for _, n, _ in want.top(3)[0]]
+    no_prompt = client.post("/api/explain", json=body | {"prompts": None})
+    assert no_prompt.status_code == 400 and "prompt" in no_prompt.text
+    curves = client.post(
+        "/api/faithfulness", json={"result_id": res["id"], "method": "gradcam", "cls": res["classes"][0]}
+    )
+    assert curves.status_code == 200, curves.text
