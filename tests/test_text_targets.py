@@ -444,3 +444,32 @@ def test_web_app_prompt_box_explains_prompts_as_zero_shot_classes():
         "/api/faithfulness", json={"result_id": res["id"], "method": "gradcam", "cls": res["classes"][0]}
     )
     assert curves.status_code == 200, curves.text
+
+
+def test_openclip_loader_by_architecture_name_offline(tmp_path):
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    vision = {"layers": 1, "width": 16, "head_width": 8, "patch_size": 8, "image_size": 32}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
+    (tmp_path / "camlens-tiny-clip.json").write_text(
+        json.dumps({"embed_dim": 8, "vision_cfg": vision, "text_cfg": text})
+    )
+    hf_text = text | {"hf_tokenizer_name": "camlens-test/no-such-tokenizer"}
+    (tmp_path / "camlens-tiny-hftok.json").write_text(
+        json.dumps({"embed_dim": 8, "vision_cfg": vision, "text_cfg": hf_text})
+    )
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(CamlensError, match="weights=FILE"):
+        camlens.load_model("openclip:camlens-tiny-clip")
+    torch.manual_seed(0)
+    model = camlens.load_model("openclip:camlens-tiny-clip", weights="random")
+    assert isinstance(model, ImageText) and model.camlens.preprocess.size == (32, 32)
+    x = _images()
+    exp = camlens.explain(model, x, "gradcam", targets=Text(["a red bicycle"], template="a photo of {}."))
+    with torch.no_grad():
+        ref = model.model.get_logits(x, model.tokenizer(["a photo of a red bicycle."]))[0]
+    torch.testing.assert_close(exp.scores, ref, rtol=1e-5, atol=1e-5)
+    hf = camlens.load_model("openclip:camlens-tiny-hftok", weights="random")
+    with pytest.raises(TargetError, match="no-such-tokenizer.*not on this machine"):
+        camlens.explain(hf, x, "gradcam", targets=Text("a dog"))

@@ -86,6 +86,7 @@ class ImageText(nn.Module):
         self.model = model
         self.family = family
         self.tokenizer = tokenizer
+        self.no_tokenizer = ""  # why there is none, when known (said in the error)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -98,9 +99,10 @@ class ImageText(nn.Module):
         """Token ids ``(K, L)`` and attention mask (``None`` for OpenCLIP) of ``prompts``."""
         if self.tokenizer is None:
             raise TargetError(
-                "no tokenizer for this image–text model: load it with camlens.load_model('hf:FOLDER') (the "
-                "folder's tokenizer) or 'openclip:ARCH', wrap it with camlens.models.imagetext.ImageText(model, "
-                "tokenizer=...), or pass token ids: Text(input_ids=..., attention_mask=...)"
+                f"no tokenizer for this image–text model{self.no_tokenizer}: load it with "
+                "camlens.load_model('hf:FOLDER') (the folder's tokenizer) or 'openclip:ARCH', wrap it with "
+                "camlens.models.imagetext.ImageText(model, tokenizer=...), or pass token ids: "
+                "Text(input_ids=..., attention_mask=...)"
             )
         if self.family == "openclip":
             return torch.as_tensor(self.tokenizer(list(prompts))), None
@@ -278,10 +280,8 @@ def load_openclip(arch: str, weights: Any = None) -> tuple[ImageText, ModelCard]
         )
     pretrained = None if weights == "random" else str(weights)
     model = open_clip.create_model(arch, pretrained=pretrained, load_weights=pretrained is not None)
-    try:
-        tokenizer = open_clip.get_tokenizer(arch)
-    except Exception:  # an HF-hub tokenizer (SigLIP archs) that is not cached offline
-        tokenizer = None
+    hf_name = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    tokenizer = open_clip.get_tokenizer(arch) if not hf_name else _cached_hf_tokenizer(hf_name)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = getattr(model.visual, "image_size", 224)
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -292,7 +292,20 @@ def load_openclip(arch: str, weights: Any = None) -> tuple[ImageText, ModelCard]
         name="openclip",
     )
     extra: dict[str, Any] = {"task": "image-text"} | ({"weights": "random"} if pretrained is None else {})
-    return ImageText(model.eval(), tokenizer), ModelCard(OPENCLIP_PREFIX + arch, pp, None, extra=extra)
+    wrapped = ImageText(model.eval(), tokenizer)
+    if tokenizer is None:
+        wrapped.no_tokenizer = f" ({arch} uses the Hugging Face tokenizer {hf_name!r}, which is not on this machine)"
+    return wrapped, ModelCard(OPENCLIP_PREFIX + arch, pp, None, extra=extra)
+
+
+def _cached_hf_tokenizer(name: str) -> Tokenizer | None:
+    """A Hugging Face tokenizer from the local cache only (``None`` when it is not there: no download)."""
+    try:
+        import transformers  # optional extra camlens[hf]
+
+        return transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 __all__ = [
