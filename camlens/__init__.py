@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     from camlens.api.explainer import explain, predict
     from camlens.api.explanation import Explanation
     from camlens.comparison import CompareConfig, compare
+    from camlens.core.extra import Constant
     from camlens.models.zoo import available_models, load_model
     from camlens.pipeline import explain_dataset, open_results
 
@@ -55,6 +56,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "available_models": ("camlens.models.zoo", "available_models"),
     "compare": ("camlens.comparison", "compare"),
     "CompareConfig": ("camlens.comparison", "CompareConfig"),
+    "Constant": ("camlens.core.extra", "Constant"),
     "data": ("camlens.data", None),
     "metrics": ("camlens.metrics", None),
     "models": ("camlens.models", None),
@@ -98,6 +100,7 @@ def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.nda
 __all__ = [
     "CamlensError",
     "CompareConfig",
+    "Constant",
     "Explanation",
     "__version__",
     "available_models",

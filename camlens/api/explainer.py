@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 import torch
@@ -23,21 +23,23 @@ from camlens.attribution.cost import reported
 from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, get_method
 from camlens.attribution.registry import methods as all_methods
 from camlens.attribution.traits import model_traits
-from camlens.base._util import eval_mode
-from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError
+from camlens.base._util import eval_mode, model_device
+from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError, TargetError
 from camlens.core.capture import CaptureSpec
 from camlens.core.engine import ForwardPass, forward, wants_layer_grads
+from camlens.core.extra import ExtraInputs
 from camlens.core.inputs import prepare_batch, prepare_inputs
 from camlens.core.layers import resolve_layer
 from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.imagetext import ImageText, ZeroShotClassifier, family_of, image_text, zero_shot
 from camlens.models.input_size import fit_input
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.tasks import Frames, frame_maps, record_frames
 from camlens.models.zoo import card_of, class_names_of, load_model
-from camlens.targets import Detection, Segmentation, TargetSpec
+from camlens.targets import Detection, Segmentation, TargetSpec, is_target_object
 
 
 def method_names(method: Any) -> list[str]:
@@ -203,7 +205,15 @@ def explain(
             patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
             :mod:`camlens.core.layout`. What was done is stated in ``extras["layout"]``.
         **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
-            ``steps=``, ``n_samples=``.
+            ``steps=``, ``n_samples=``; and, for a model with several inputs:
+        forward_args, forward_kwargs: the model's other inputs, for a model ``model(image, *args,
+            **kwargs)`` (image + metadata, two images…): tensors batched along dim 0 (one row per
+            image; every forward a method runs gets the rows of the images it forwards: masked,
+            noisy and path copies alike, never interpolated or noised) or constants
+            (:class:`camlens.Constant`, non-tensors), passed unchanged. The maps are of the image.
+            See :mod:`camlens.core.extra`.
+        input_index, input_key: where the image goes among the model's arguments when it is not
+            the first positional one (``model(meta, image)``: ``input_index=1``).
 
     Returns:
         An :class:`Explanation`, or a dict of them when ``method`` is a list.
@@ -237,6 +247,10 @@ def explain(
     return named[request.methods[0]] if isinstance(method, str) else named
 
 
+#: explain()'s keywords that describe the model's inputs, not a method's options
+INPUT_KEYWORDS = ("forward_args", "forward_kwargs", "input_index", "input_key")
+
+
 @dataclass(frozen=True)
 class ExplainRequest:
     """What :func:`explain` was asked, whole: the unit of work that the CLI, the web app and the
@@ -252,7 +266,45 @@ class ExplainRequest:
     class_names: tuple[str, ...] | None = None
     output: OutputSpec = None
     reshape: ReshapeSpec = None
+    forward_args: tuple[Any, ...] = ()
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_index: int = 0
+    input_key: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def with_inputs(self, options: dict[str, Any]) -> ExplainRequest:
+        """This request with the model-input keywords (``forward_args``, ``forward_kwargs``,
+        ``input_index``, ``input_key``) taken out of ``options`` (the rest are method options)."""
+        rest = dict(options)
+        given = {k: rest.pop(k) for k in INPUT_KEYWORDS if k in rest}
+        if "forward_args" in given:
+            args = given["forward_args"]
+            given["forward_args"] = tuple(args) if isinstance(args, (list, tuple)) else args
+        if given.get("forward_kwargs") is None:
+            given.pop("forward_kwargs", None)
+        return replace(self, options=rest, **given)
+
+    def extra_inputs(self, x: Any, model: nn.Module) -> ExtraInputs:
+        """The model's other inputs checked against the batch ``x`` (see :mod:`camlens.core.extra`)."""
+        if (self.forward_args or self.forward_kwargs) and not isinstance(x, torch.Tensor):
+            raise InputError(
+                "forward_args/forward_kwargs need one batch tensor of images; these images differ in size: "
+                "resize them or explain them one at a time"
+            )
+        if isinstance(model, ScoringFunction) and (self.forward_args or self.forward_kwargs):
+            raise InputError(
+                "forward_args/forward_kwargs need an nn.Module; a scoring function takes one batch: close over "
+                "the other inputs in it"
+            )
+        n = len(x) if isinstance(x, list) else int(x.shape[0])
+        return ExtraInputs(
+            self.forward_args,
+            self.forward_kwargs,
+            n=n,
+            input_index=self.input_index,
+            input_key=self.input_key,
+            device=model_device(model),
+        )
 
 
 @dataclass
@@ -272,8 +324,11 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     """Run one :class:`ExplainRequest`: ``{registered method name: Explanation}`` in the request's
     order, from one shared forward pass. Steps: the model (:func:`as_model`), the plan (every check
     before any work), the batch, the layer, one forward, then each method."""
+    request = request.with_inputs(request.options)  # forward_args=… given among the options
     options = dict(request.options)
     model = as_model(model, options.pop("max_batch", None))
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and request.class_names:
+        model = zero_shot(model, request.class_names)  # class names typed by the user: a zero-shot classifier
     plan = _plan(model, request, options)
     x, images, sources = _batch(inputs, model, request, plan)
     spec = _layer_spec(model, request, plan)
@@ -302,7 +357,8 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
     results: dict[str, Explanation] = {}
     # works under the caller's inference_mode too; a transformer at another size: see fit_input
-    with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
+    extra = request.extra_inputs(x, model)
+    with torch.inference_mode(False), eval_mode(model), extra.attached(model), fit_input(model, shape) as fitted:
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx = resolved.ctx
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
@@ -322,6 +378,8 @@ def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
         model = load_model(model)
     if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
         model = ScoringFunction(model, max_batch=max_batch)
+    if isinstance(model, nn.Module) and not isinstance(model, ImageText) and family_of(model) is not None:
+        model = image_text(model)  # CLIP, SigLIP, OpenCLIP: the image tower's embeddings (camlens.models.imagetext)
     if not isinstance(model, nn.Module):
         raise InputError(
             f"model must be an nn.Module, a zoo name or a scoring function (N, C, H, W) -> (N, K), "
@@ -348,6 +406,11 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
         targets = Detection()  # the model's own detections (score >= 0.5, at most 5 per image)
     elif targets is None and task == "segmentation":
         targets = Segmentation(None)  # each image's largest predicted non-background class
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and not is_target_object(targets):
+        raise TargetError(
+            "an image–text model has no classes of its own: pass targets=camlens.targets.Text(['a red bicycle', ...]) "
+            "to explain prompts, or class_names=[...] (zero-shot classification)"
+        )
     check_applicable(infos, model_traits(model, targets))
     needs = frozenset().union(*(i.needs for i in infos))
     return _Plan(infos, per_options, needs, card, classes, targets)
@@ -400,8 +463,14 @@ class _Shared:
         """From the forward pass: class probabilities, the logits kept whole (``Explanation.top(k)``
         needs no second forward; None for a target object's raw output), true ranks."""
         with torch.no_grad():
-            if ctx.logits is None or ctx.targets.obj is not None or ctx.targets.fn is not None:
-                probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)  # no class probability
+            # no class probability: a target object's or callable's scores, or one output (a regression)
+            if (
+                ctx.logits is None
+                or ctx.targets.obj is not None
+                or ctx.targets.fn is not None
+                or ctx.logits.shape[1] < 2
+            ):
+                probs = torch.full(ctx.scores.shape, float("nan"), device=ctx.scores.device)
             else:
                 probs = ctx.logits.detach().float().softmax(dim=1).gather(1, ctx.targets.classes.to(ctx.logits.device))
         plain = ctx.logits is not None and ctx.targets.fn is None and ctx.targets.obj is None
@@ -510,7 +579,13 @@ def predict(
     """Top-k classes per image as ``[(class_id, name, probability), …]`` (one inference forward)."""
     if isinstance(model, str):
         model = load_model(model)
-    check_materialized(model)
+    model = as_model(model)
+    if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier):
+        if not class_names:
+            raise TargetError(
+                "an image–text model has no classes of its own: pass class_names=[...] (zero-shot classification)"
+            )
+        model, class_names = zero_shot(model, class_names), None
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     names = list(class_names) if class_names is not None else class_names_of(model)
     with eval_mode(model), torch.inference_mode(), fit_input(model, tuple(x.shape)):

@@ -233,15 +233,17 @@ class Explanation:
         return minmax(self.maps.float(), ulps=ulps)
 
     def labels(self) -> list[list[str]]:
-        """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""
+        """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists; a text target's
+        prompts (``extras["prompts"]``), or ``"custom"`` for another target."""
+        prompts = self.extras.get("prompts") if isinstance(self.extras, dict) else None
         out = []
         for row in self.classes.tolist():
             out.append(
                 [
-                    "custom"
+                    (prompts[k] if prompts and k < len(prompts) else "custom")
                     if c < 0
                     else (self.class_names[c] if self.class_names and c < len(self.class_names) else str(c))
-                    for c in row
+                    for k, c in enumerate(row)
                 ]
             )
         return out

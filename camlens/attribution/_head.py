@@ -35,6 +35,7 @@ from torch import nn
 from camlens.base.errors import MethodError
 from camlens.core.capture import CaptureSpec, capture
 from camlens.core.engine import ForwardPass, model_input
+from camlens.core.extra import rows as image_rows
 from camlens.targets import take_rows
 
 CPU_BATCH = 32  # modified feature maps per forward on CPU
@@ -113,7 +114,7 @@ class HeadRunner:
             return given.to(t.dtype, copy=True)  # the layers above may write in place (ReLU(inplace=True))
 
         x = self.ctx.x.detach()
-        with torch.inference_mode():
+        with torch.inference_mode(), image_rows(images):  # the extra inputs of these images, if any
             if not self._skip:
                 return self._forward(x[images], replace, self.call, None)
             if self._views and len(images) > 1 and len(set(images)) == 1:

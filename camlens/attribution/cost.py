@@ -20,6 +20,7 @@ import torch
 from camlens.attribution.registry import Cost, MethodInfo
 from camlens.base.progress import Estimate, Reporter, current_reporter
 from camlens.core.engine import ForwardPass, forward
+from camlens.core.extra import rows
 
 #: backward passes to the input cost about two forwards (DESIGN's performance model)
 BACKWARD_FACTOR = 2.0
@@ -44,7 +45,8 @@ def seconds_per_image(ctx: ForwardPass, batch: int = TIMED_BATCH) -> float:
     x: Any = [first] * batch if isinstance(ctx.x, list) else first.detach().expand(batch, *first.shape)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        forward(ctx.model, x)  # a batch tensor, or a detector's list of images
+        with rows([0] * batch):  # copies of the first image (its extra inputs, if the model takes any)
+            forward(ctx.model, x)  # a batch tensor, or a detector's list of images
         return (time.perf_counter() - t0) / batch
 
 

@@ -56,6 +56,7 @@ from camlens.attribution.registry import Cost, MethodOutput, get_method, registe
 from camlens.base._util import gaussian_blur
 from camlens.base.errors import MethodError
 from camlens.core.engine import ForwardPass, gradient_pass, model_input
+from camlens.core.extra import rows
 from camlens.targets import Targets, take_rows
 
 REDUCTIONS = ("absmax", "abssum", "sum", "l2", "max")
@@ -239,7 +240,8 @@ def smoothgrad(
             eps = torch.stack([draws[jj] for jj in j.tolist()])
             nd = n.to(x.device)
             xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
-            gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule, select=ctx.select)
+            with rows(n):  # the noisy copies of images n (their extra inputs: unchanged)
+                gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule, select=ctx.select)
             if rule != "backprop":
                 require_relus(gp.relu_calls, f"smoothgrad(base={base_name!r})", ctx.model)
             a = gp.grads * xb[:, None] if base_name == "input_x_gradient" else gp.grads
@@ -302,7 +304,8 @@ def _integrated(
     for n, j in _chunks(N, len(alphas), batch_size):
         nd, jd = n.to(x.device), j.to(x.device)
         pts = xb0[nd] + alpha[jd].view(-1, 1, 1, 1) * diff[nd]
-        gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n), select=ctx.select)
+        with rows(n):  # path points of images n: the image is interpolated, its extra inputs are not
+            gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n), select=ctx.select)
         total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
     attr = total * diff[:, None]
     with torch.no_grad():

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from camlens.attribution.registry import DETECTORS, Cost, MethodOutput, register
 from camlens.base.errors import MethodError
+from camlens.core.extra import rows as image_rows
 from camlens.targets import Detection, take_rows
 
 CPU_BATCH = 8
@@ -147,7 +148,8 @@ def _masked_sum(
                 rows = [n for n, _ in chunk]
                 m = masks[[i - i0 for _, i in chunk]]
                 imgs = x[rows] * m + baseline * (1 - m)
-                out = ctx.model(imgs)
+                with image_rows(rows):
+                    out = ctx.model(imgs)
                 s = (target(out, rows) if target is not None else _class_scores(ctx, out, rows, weighting)).float()
                 idx = torch.tensor(rows, device=x.device)
                 acc.index_add_(0, idx, s[:, :, None, None] * m)
@@ -328,7 +330,9 @@ def occlusion(
                     y, xx = spots[j]
                     imgs[r, :, y : y + wy, xx : xx + wx] = baseline
                 rows = [n for n, _ in chunk]
-                s = _class_scores(ctx, ctx.model(imgs), rows, weighting).float()
+                with image_rows(rows):
+                    out = ctx.model(imgs)
+                s = _class_scores(ctx, out, rows, weighting).float()
                 for r, (n, j) in enumerate(chunk):
                     y, xx = spots[j]
                     acc[n, :, y : y + wy, xx : xx + wx] += (ref[n] - s[r])[:, None, None]

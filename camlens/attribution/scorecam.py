@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from camlens.attribution.registry import Cost, MethodOutput, register
 from camlens.base.errors import MethodError
 from camlens.base.ops import minmax
+from camlens.core.extra import rows as image_rows
 from camlens.targets import take_rows
 
 EPS = 1e-8
@@ -189,8 +190,14 @@ def scorecam(
             keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
             masks = _input_masks(keys, (H, W), frames, [n for n, _ in chunk])
             masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
-            imgs = x[[n for n, _ in chunk]] * masks
-            logits = _masked_logits(lambda t: ctx.select(ctx.model(t)), imgs, layout)
+            images = [n for n, _ in chunk]
+            imgs = x[images] * masks
+
+            def run(t: torch.Tensor, images: list[int] = images) -> torch.Tensor:
+                with image_rows(images[: len(t)]):  # the first rows of the chunk (the channels-last check)
+                    return ctx.select(ctx.model(t))
+
+            logits = _masked_logits(run, imgs, layout)
             if ctx.targets.obj is not None:  # a target object scores the raw output of its own images
                 s = take_rows(ctx.targets.obj, [n for n, _ in chunk])(logits)
             elif ctx.targets.fn is not None:

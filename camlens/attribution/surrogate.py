@@ -63,6 +63,7 @@ from camlens.attribution.perturbation import _bar, _batch_size, _check_weighting
 from camlens.attribution.registry import MethodOutput, register
 from camlens.base._util import gaussian_blur
 from camlens.base.errors import MethodError
+from camlens.core.extra import rows as image_rows
 
 ALGORITHMS = ("slic", "quickshift", "felzenszwalb")
 #: scikit-image parameters per algorithm (``segment_options=`` overrides them); quickshift's are
@@ -286,7 +287,9 @@ def _forward_samples(ctx: Any, plan: Plan) -> list[torch.Tensor]:
                 rows = [n for n, _ in chunk]
                 m = torch.stack([zdev[n][i][plan.seg[n]] for n, i in chunk])[:, None]  # (B, 1, H, W)
                 imgs = x[rows] * m + base[rows] * (1 - m)
-                s = _class_scores(ctx, ctx.model(imgs), rows, plan.weighting).double().cpu()
+                with image_rows(rows):
+                    raw = ctx.model(imgs)
+                s = _class_scores(ctx, raw, rows, plan.weighting).double().cpu()
                 for r, (n, i) in enumerate(chunk):
                     out[n][i] = s[r]
                 bar.update(len(chunk))

@@ -112,6 +112,13 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     "--class", "classes", multiple=True, help="explain these classes instead of the top-k (ids or names, repeatable)"
 )
 @click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="image–text models (hf:FOLDER with a CLIP/SigLIP model, openclip:ARCH): explain this text, repeatable; "
+    "--class then names the classes of a zero-shot classifier",
+)
+@click.option(
     "--target",
     "target_specs",
     multiple=True,
@@ -189,6 +196,7 @@ def explain_cmd(
     recursive,
     quiet,
     method_options,
+    prompts,
 ):
     """Explain IMAGES (files, folders, glob patterns, ImageFolder trees, CSV/COCO/VOC/TXT lists;
     default: the bundled cat photo).
@@ -221,13 +229,13 @@ def explain_cmd(
       torchrun --nproc-per-node=2 -m camlens explain val/ --out store
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
+      camlens explain --model openclip:ViT-B-32 --weights clip.pt --prompt "a red bicycle" photo.jpg
     """
     from camlens.attribution.registry import get_method
     from camlens.base.errors import CamlensError
     from camlens.models.tasks import keep_all_detections, task_of
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
-    from camlens.viz import output_paths
 
     thr = parse_threshold(threshold)
     defaulted = not methods
@@ -253,30 +261,16 @@ def explain_cmd(
     if not inputs.records:
         raise click.ClickException("no images to explain" + (" (see the errors above)" if failed else ""))
     stems = [r.name for r in inputs.records]
-    suffix = "class" if classes else "rank"
-
-    # every loose output is checked before any work, so nothing is half-written when one already
-    # exists (with --class the file names carry class names, known once the model is loaded)
-    def check(labels: list[str]) -> None:
-        if fig == "montage" and not store:
-            check_overwrite(montage_paths(out, stems), overwrite)
-        if not loose:
-            return
-        plan = [
-            p
-            for m in names
-            for per in output_paths(
-                out, stems, m, [labels[:1] if fig == "overlay" else labels] * len(stems), loose, suffix
-            )
-            for ps in per.values()
-            for p in ps
-        ]
-        check_overwrite(plan, overwrite)
+    suffix = "class" if classes or prompts else "rank"
+    plan = _Planned(out, stems, names, fig, loose, store, suffix, overwrite)
 
     try:
-        if not classes:
-            check([""] * topk)
+        if not classes and not prompts:
+            plan.check([""] * topk)
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
+        net, text = image_text_targets(net, classes, prompts)
+        if prompts:
+            plan.check(list(prompts))
         check_layer(net, layer)  # before any image is read
         if task == "detection":
             keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
@@ -285,8 +279,8 @@ def explain_cmd(
         targets = parse_classes(classes, class_names) if classes else None
         k = len(targets) if targets else topk
         if targets is not None:
-            check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
-        spec = targets if targets is not None else f"top{k}"
+            plan.check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
+        spec = text or (targets if targets is not None else f"top{k}")
         if task or target_specs:  # a detector or segmenter: a target object (camlens.targets)
             spec = parse_targets(target_specs, class_names, task, topk) or spec
         names = _applicable(net, spec, names, defaulted)  # before any image is read
@@ -322,6 +316,64 @@ def explain_cmd(
         ctx.close()
     if code:
         sys.exit(code)
+
+
+@dataclass
+class _Planned:
+    """The loose outputs of a run, checked before any work, so that nothing is half-written when one
+    already exists (with --class or --prompt the file names carry the labels, known once the model is
+    loaded)."""
+
+    out: str
+    stems: list[str]
+    methods: list[str]
+    figures: str
+    loose: list[str]
+    store: bool
+    suffix: str
+    overwrite: bool
+
+    def check(self, labels: list[str]) -> None:
+        from camlens.viz import output_paths
+
+        if self.figures == "montage" and not self.store:
+            check_overwrite(montage_paths(self.out, self.stems), self.overwrite)
+        if not self.loose:
+            return
+        per_image = [labels[:1] if self.figures == "overlay" else labels] * len(self.stems)
+        paths = [
+            p
+            for m in self.methods
+            for per in output_paths(self.out, self.stems, m, per_image, self.loose, self.suffix)
+            for ps in per.values()
+            for p in ps
+        ]
+        check_overwrite(paths, self.overwrite)
+
+
+def image_text_targets(net, classes, prompts):
+    """``(model, target or None)`` for ``--prompt`` / ``--class``: prompts -> a
+    :class:`~camlens.targets.Text` target (an image–text model only); ``--class`` on an image–text
+    model -> a zero-shot classifier over those names (the names are then its classes)."""
+    from camlens.models.imagetext import ImageText, ZeroShotClassifier, zero_shot
+    from camlens.targets import Text
+
+    bare = isinstance(net, ImageText) and not isinstance(net, ZeroShotClassifier)
+    if prompts and not isinstance(net, ImageText):
+        raise click.BadParameter(
+            "--prompt needs an image–text model with a text tower (--model hf:FOLDER holding a CLIP or SigLIP "
+            "model, or openclip:ARCH); for a classifier use --class",
+            param_hint="--prompt",
+        )
+    if prompts and classes:
+        raise click.BadParameter("give --prompt (texts) or --class (zero-shot class names), not both")
+    if prompts:
+        return net, Text(list(prompts))
+    if bare and classes:
+        return zero_shot(net, list(classes)), None
+    if bare:
+        raise click.BadParameter("an image–text model needs --prompt TEXT or --class NAME (zero-shot), repeatable")
+    return net, None
 
 
 def _applicable(net, spec, names: list[str], defaulted: bool) -> list[str]:

@@ -134,19 +134,22 @@ class _HF(_Family):
 
     def qkv(self, m, args, kwargs):
         x = _arg(args, kwargs, 0, "hidden_states")
-        if _arg(args, kwargs, 1, "attention_mask") is not None or _arg(args, kwargs, 1, "head_mask") is not None:
+        masks = ("attention_mask", "head_mask", "causal_attention_mask")
+        if any(_arg(args, kwargs, 1 + i, name) is not None for i, name in enumerate(masks)):
             raise MethodError("attention masks are not supported by the attention capture")
-        if hasattr(m, "q_proj"):
-            H = m.num_attention_heads
+        if hasattr(m, "q_proj"):  # ViT-style (transformers 5), or CLIP / SigLIP (num_heads, scale, out_proj)
+            H = m.num_attention_heads if hasattr(m, "num_attention_heads") else m.num_heads
+            scaling = m.scaling if hasattr(m, "scaling") else m.scale
             q, k, v = (_split(p(x), H) for p in (m.q_proj, m.k_proj, m.v_proj))
-            return q * m.scaling, k, v
+            return q * scaling, k, v
         H = m.num_attention_heads
         q, k, v = (_split(p(x), H) for p in (m.query, m.key, m.value))
         return q * m.attention_head_size**-0.5, k, v
 
     def delta(self, m, o):
-        if hasattr(m, "o_proj"):
-            return F.linear(_merge(o), m.o_proj.weight)
+        if hasattr(m, "o_proj") or hasattr(m, "out_proj"):
+            proj = m.o_proj if hasattr(m, "o_proj") else m.out_proj
+            return F.linear(_merge(o), proj.weight)
         return _merge(o)  # transformers 4: the self-attention returns the merged context
 
 
@@ -163,6 +166,8 @@ def attention_family(m: nn.Module) -> _Family | None:
     if cls.__module__.startswith("transformers") and not any("relative" in n for n, _ in m.named_parameters()):
         if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "num_attention_heads", "scaling")):
             return _HF()
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scale")):
+            return _HF()  # CLIP / SigLIP attention
         names = ("query", "key", "value", "num_attention_heads", "attention_head_size")
         if cls.__name__.endswith("SelfAttention") and all(hasattr(m, a) for a in names):
             return _HF()

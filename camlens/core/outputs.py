@@ -8,7 +8,8 @@ choice can be stated in :attr:`camlens.Explanation.extras` (key ``"output"``).
 
 ``output=`` (the argument of :func:`camlens.explain`):
 
-* ``None`` (automatic): a tensor is the logits; a ``ModelOutput`` or any object with a tensor
+* ``None`` (automatic): a tensor is the logits (a 1-D ``(N,)`` tensor, a regression model's one
+  score per image, is read as ``(N, 1)``: explained with no target); a ``ModelOutput`` or any object with a tensor
   ``.logits`` attribute gives ``.logits``; a dict gives its ``"logits"`` entry; a tuple/list gives
   its first ``(N, C)`` tensor (``(logits, aux)``). Anything else — a dict without a ``"logits"``
   key included (one ``(N, C)`` entry may as well be an embedding) — raises
@@ -112,6 +113,8 @@ def select_output(raw: Any, output: OutputSpec = None, n: int | None = None) -> 
         raise OutputError(f"output= must be None, a key, an index or a callable, not {type(output).__name__}")
 
     # automatic
+    if isinstance(raw, torch.Tensor) and raw.dim() == 1 and (n is None or raw.shape[0] == n):
+        return raw[:, None], "tensor (N,): one score per image (a regression output, K = 1)"
     if isinstance(raw, torch.Tensor):
         return _check(raw, "the model's output", raw), "tensor"
     logits = raw.get("logits", None) if isinstance(raw, Mapping) else getattr(raw, "logits", None)

@@ -30,6 +30,7 @@ from torch import nn
 from camlens.base.errors import InputError
 from camlens.core.capture import Captured, CaptureSpec, capture, count_calls, needs_full_scan
 from camlens.core.engine import forward
+from camlens.core.extra import rows
 from camlens.core.layers import fallback_spec
 
 
@@ -71,7 +72,8 @@ def run_resolved(
 ) -> Resolved[P]:
     """Run ``forward_pass(spec)`` until the features at ``spec`` are captured (see the module doc)."""
     if spec is not None and spec.call < -1:
-        total = count_calls(model, spec, x[:1])
+        with rows([0]):  # a probe of the first image (its extra inputs, if any)
+            total = count_calls(model, spec, x[:1])
         if total + spec.call < 0:
             raise InputError(f"{spec.name} runs {total} times per forward; call={spec.call} does not exist")
         spec = CaptureSpec(spec.module, spec.name, spec.capture, total + spec.call)
@@ -86,7 +88,8 @@ def run_resolved(
             ctx = forward_pass(spec)
             last_spatial = ctx.token_norm or ctx.last_spatial
         else:  # probe one image before re-running the batch
-            probe = _probe(model, x[:1], spec)
+            with rows([0]):
+                probe = _probe(model, x[:1], spec)
             last_spatial = probe.token_norm or probe.last_spatial
             if probe.value is not None:
                 ctx = forward_pass(spec)

@@ -25,6 +25,7 @@ from camlens.base.errors import CamlensError, WeightsNotFoundError
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.classes import imagenet_classes
 from camlens.models.heads import replace_classifier
+from camlens.models.imagetext import IMAGE_TEXT_TYPES, OPENCLIP_PREFIX, load_hf_image_text, load_openclip
 from camlens.models.preprocess import EFFICIENTNET_LITE, IMAGENET, Preprocess
 from camlens.models.tasks import DETECTORS, SEGMENTERS
 from camlens.models.weights import load_weights_file
@@ -163,6 +164,11 @@ def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -
     except ImportError as exc:
         raise CamlensError(f"{HF_PREFIX}{path} needs transformers: pip install 'camlens[hf]'") from exc
     kw: dict[str, Any] = {"local_files_only": True}
+    config = transformers.AutoConfig.from_pretrained(str(folder), **kw)
+    if getattr(config, "model_type", None) in IMAGE_TEXT_TYPES:  # CLIP / SigLIP: an image–text model
+        if num_classes is not None:
+            raise CamlensError(f"{HF_PREFIX}{path} is an image–text model: give class_names=[...], not num_classes")
+        return load_hf_image_text(str(folder), config, weights)
     if num_classes is not None:
         kw |= {"num_labels": num_classes, "ignore_mismatched_sizes": True}
     auto = transformers.AutoModelForImageClassification
@@ -229,6 +235,11 @@ def build_named(name: str, weights: str | os.PathLike | None = None, num_classes
         return attach_card(model, card)
     if name.lower().startswith(HF_PREFIX):
         model, card = _hf(name[len(HF_PREFIX) :], weights, num_classes)
+        return attach_card(model, card)
+    if name.lower().startswith(OPENCLIP_PREFIX):
+        if num_classes is not None:
+            raise CamlensError(f"{name} is an image–text model: give class_names=[...], not num_classes")
+        model, card = load_openclip(name[len(OPENCLIP_PREFIX) :], weights)
         return attach_card(model, card)
     if key == DEFAULT_MODEL:
         model = _efficientnet_lite0(weights, num_classes)

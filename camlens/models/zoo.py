@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from camlens.models.builders import (
 from camlens.models.cam_ready import cam_ready, vgg16_cam
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.heads import replace_classifier
+from camlens.models.imagetext import ImageText, zero_shot
 from camlens.models.preprocess import CAFFE_BGR, PRESETS, Preprocess
 from camlens.models.tasks import build_task_model, task_of
 from camlens.models.weights import load_weights_file, read_checkpoint
@@ -159,6 +161,7 @@ def load_model(
     num_classes: int | None = None,
     device: str | torch.device | None = None,
     preprocess: Preprocess | str | None = None,
+    class_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a classifier by name, in eval mode, with ``model.camlens`` (a :class:`ModelCard`).
@@ -168,7 +171,10 @@ def load_model(
             CAM network: VGG16 conv5_3 -> conv 1024 -> GAP -> linear), any torchvision
             classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
             ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
-            ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``).
+            ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``) —
+            or a CLIP / SigLIP image–text model (with the folder's tokenizer) —, or
+            ``"openclip:ARCH"`` for an OpenCLIP architecture (``weights=FILE`` or ``"random"``;
+            ``pip install camlens[clip]``). See :mod:`camlens.models.imagetext`.
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network (``card.extra["weights"] = "random"``: figures, tables and summaries
             say "random weights"), a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
@@ -177,6 +183,9 @@ def load_model(
         num_classes: replace the classifier with a fresh one of this many classes.
         device: where to put the model.
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
+        class_names: for an image–text model: the names of a zero-shot classifier
+            (:class:`~camlens.models.imagetext.ZeroShotClassifier`, prompts ``"a photo of a {}."``),
+            which then behaves as any classifier (``targets="top2"``, ``--class``, the pipeline).
         **kwargs: detectors and segmenters only (:mod:`camlens.models.tasks`, e.g.
             ``"fasterrcnn_mobilenet_v3_large_320_fpn"``, ``"fcn_resnet50"``): options of the
             torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
@@ -201,6 +210,13 @@ def load_model(
     if checkpoint is None and weights == "random":  # said in titles, tables and summaries
         card = card_of(model) or ModelCard(type(model).__name__)
         attach_card(model, replace(card, extra={**card.extra, "weights": "random"}))
+    if class_names is not None:
+        if not isinstance(model, ImageText):
+            raise CamlensError(
+                f"class_names= makes a zero-shot classifier of an image–text model (CLIP, SigLIP, OpenCLIP); {name!r} "
+                "is not one (for a classifier with new classes use num_classes=, then camlens finetune)"
+            )
+        model = zero_shot(model, list(class_names))
     model.eval()
     if device is not None:
         model.to(parse_device(device))

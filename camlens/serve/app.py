@@ -15,7 +15,7 @@ keeps serving. Routes (all under ``/api`` except the page)::
     GET  /api/methods?model=                 the methods that apply to a model (and why not the others)
     POST /api/image        upload (raw body, or multipart field "file")      -> image info
     GET  /api/sample/{name}                  a bundled photo    GET  /api/image/{id}.png
-    POST /api/explain      {image_id, model, methods, topk, explain, classes, job} -> result
+    POST /api/explain      {image_id, model, methods, topk, explain, classes, job, prompts} -> result
     GET  /api/progress/{job}                 fraction done, ETA and cost estimate of a running request
     GET  /api/result/{id}/heat/{method}/{cls}.png?cmap=    GET /api/result/{id}/detail/{method}/{cls}.png
     GET  /api/result/{id}/figure.png?alpha=&threshold=&cmap=&pixel_boxes=
@@ -69,6 +69,7 @@ class ExplainRequest(BaseModel):
     explain: int = 2
     classes: list[int] | None = Field(default=None, max_length=32)
     job: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    prompts: list[str] | None = Field(default=None, max_length=10)  # image–text models: zero-shot over them
 
 
 class CurveRequest(BaseModel):
@@ -325,6 +326,7 @@ def _add_result_routes(app: FastAPI, svc: Service) -> None:
             n_explain=req.explain,
             classes=req.classes,
             job=req.job,
+            prompts=req.prompts,
         )
         return _result_json(res)
 

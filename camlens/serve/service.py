@@ -447,6 +447,8 @@ class Result:
     curves: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     estimates: dict[str, str] = field(default_factory=dict)  # method -> its cost estimate, as shown
     random_weights: bool = False  # the model's weights are random: the page and the files say so
+    served: str = ""  # the pool's model name (``model`` adds the prompts of an image–text model)
+    prompts: tuple[str, ...] = ()
 
     def signed(self, method: str) -> bool:
         """Whether ``method``'s maps here take both signs (then a diverging colormap centred at 0 is used)."""
@@ -492,6 +494,7 @@ class Service:
         self.results = LRU(16)
         self._panels = LRU(256)
         self._predictions = LRU(256)
+        self._zero_shot = LRU(8)  # (model, *prompts) -> zero-shot classifier (text embedded once)
         self.jobs = LRU(64)  # request id -> JobProgress, polled by the page
 
     # --- images -------------------------------------------------------------------------------
@@ -534,12 +537,15 @@ class Service:
         why the others do not."""
         from camlens.attribution.registry import methods
         from camlens.attribution.traits import model_traits
+        from camlens.models.imagetext import ImageText
 
         name = model or self.default_model
-        traits = model_traits(self.pool.entry(name).model)
+        net = self.pool.entry(name).model
+        traits = model_traits(net)
         infos = methods()
         return {
             "model": name,
+            "image_text": isinstance(net, ImageText),  # the page shows its prompt box
             "describe": traits.describe(),
             "methods": [n for n, i in infos.items() if i.applies(traits)],
             "not_applicable": {n: i.applies_to.text for n, i in infos.items() if not i.applies(traits)},
@@ -587,18 +593,43 @@ class Service:
         n_explain: int = 2,
         classes: Sequence[int] | None = None,
         job: str | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> Result:
         """Predict the top-``topk`` classes and explain ``classes`` (default: the ``n_explain`` most
         probable) with every method; panels already computed for this image and model are reused.
-        ``job``: an id under which the request's progress can be polled (:meth:`progress`)."""
+        ``job``: an id under which the request's progress can be polled (:meth:`progress`).
+        ``prompts`` (an image–text model: CLIP, SigLIP, OpenCLIP): the texts typed in the prompt box,
+        the classes of a zero-shot classifier (:func:`camlens.models.imagetext.zero_shot`)."""
         progress = self.jobs.put(job, JobProgress()) if job else JobProgress()
         try:
-            res = self._explain(image_id, model, methods, topk, n_explain, classes, progress)
+            res = self._explain(image_id, model, methods, topk, n_explain, classes, progress, prompts)
         except BaseException:
             progress.stage("error")
             raise
         progress.stage("done")
         return res
+
+    def _with_prompts(self, net: nn.Module, name: str, prompts: Sequence[str] | None) -> tuple[nn.Module, str]:
+        """An image–text model with the prompt box's texts: a zero-shot classifier over them (cached
+        per model and prompts, which also key the cached predictions and panels)."""
+        from camlens.models.imagetext import ImageText, ZeroShotClassifier, zero_shot
+
+        texts = [p.strip() for p in prompts or [] if p.strip()]
+        bare = isinstance(net, ImageText) and not isinstance(net, ZeroShotClassifier)
+        if texts and not isinstance(net, ImageText):
+            raise ServeError(f"{name} is not an image–text model (CLIP, SigLIP, OpenCLIP): it takes no prompts", 400)
+        if not texts:
+            if bare:
+                raise ServeError(f"{name} is an image–text model: type one or more prompts to explain", 400)
+            return net, name
+        key = (name, *texts)
+        clf = self._zero_shot.get(key)
+        if clf is None:
+            try:
+                clf = self._zero_shot.put(key, zero_shot(net, texts))
+            except CamlensError as exc:
+                raise ServeError(f"{name} cannot embed these prompts: {exc}", 422) from None
+        return clf, f"{name} | {' | '.join(texts)}"
 
     def _check_counts(self, topk: int, n_explain: int, classes: Sequence[int] | None) -> list[int] | None:
         """The request's class counts within the limits; ``classes`` deduplicated."""
@@ -637,18 +668,21 @@ class Service:
         n_explain: int,
         classes: Sequence[int] | None,
         progress: JobProgress,
+        prompts: Sequence[str] | None = None,
     ) -> Result:
         import camlens
         from camlens.models.zoo import card_of
 
         name = model or self.default_model
+        served = name
         meths = self._check_methods(methods)
         classes = self._check_counts(topk, n_explain, classes)
         img = self.image(image_id)
         cost: dict[str, float | None] = {}
         errors: dict[str, str] = {}
         self._check_applicable(self.pool.entry(name).model, name, meths)  # before waiting for the model
-        with self.pool.use(name) as net:
+        with self.pool.use(served) as net:
+            net, name = self._with_prompts(net, served, prompts)
             progress.stage("predicting")
             card = card_of(net)
             names = card.class_names if card else None
@@ -707,6 +741,8 @@ class Service:
             channel_order=order,
             estimates={m: estimate_text(e) for m, e in progress.estimates.items()},
             random_weights=bool(card and card.extra.get("weights") == "random"),
+            served=served,
+            prompts=tuple(p.strip() for p in prompts or [] if p.strip()),
         )
         return self.results.put(res.id, res)
 
@@ -724,7 +760,8 @@ class Service:
             return got
         t0 = time.perf_counter()
         out: dict[str, Any] = {"method": method, "cls": int(cls), "steps": steps}
-        with self.pool.use(res.model) as net:
+        with self.pool.use(res.served or res.model) as net:
+            net, _ = self._with_prompts(net, res.served or res.model, res.prompts)
             for kind, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
                 for which, maps in (("map", torch.from_numpy(panel.map)[None]), ("random", "random")):
                     c = fn(net, [res.image.rgb], maps, [int(cls)], steps=steps, batch_size=steps + 1)

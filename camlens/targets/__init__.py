@@ -850,3 +850,6 @@ class Similarity(Target):
         return (
             torch.nn.functional.normalize(e, dim=1, eps=1e-12) @ torch.nn.functional.normalize(ref, dim=1, eps=1e-12).T
         )
+
+
+from camlens.targets.text import Text as Text  # noqa: E402  (image–text logits: camlens/targets/text.py)

@@ -111,6 +111,7 @@ async function updateMethodsForModel() {
   try {
     const r = await api(`api/methods?model=${encodeURIComponent(model)}`);
     if ($("#model").value !== model) return;  // the choice changed meanwhile
+    $("#prompt-row").hidden = !r.image_text;  // CLIP-style models: texts typed here are the classes
     for (const label of document.querySelectorAll("#methods label[data-method]")) {
       const ok = r.methods.includes(label.dataset.method);
       const cb = $("input", label);
@@ -234,6 +235,8 @@ async function runExplain(classes) {
     classes,
     job: newJobId(),
   };
+  const prompts = $("#prompt-row").hidden ? [] : $("#prompts").value.split(",").map((s) => s.trim()).filter(Boolean);
+  if (prompts.length) body.prompts = prompts.slice(0, 10);
   setStatus("busy", `explaining with ${methods.join(", ")}… (a request waits while the model is busy)`);
   $("#explain-btn").disabled = true;
   const t0 = performance.now();
