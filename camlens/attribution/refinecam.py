@@ -44,6 +44,7 @@ from torch import nn
 from camlens.attribution.gradcam import _gradcam_pp_weights
 from camlens.attribution.registry import Cost, MethodOutput, register
 from camlens.base.errors import MethodError
+from camlens.core import extra
 from camlens.core.capture import CaptureSpec, capture
 from camlens.core.engine import ForwardPass, class_grads, forward
 from camlens.core.layers import resolve_layer
@@ -104,7 +105,9 @@ def _specs(ctx: ForwardPass, layers: str | Sequence | None, stages: int) -> list
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
             raise MethodError(f"stages must be an integer >= 2, not {stages!r}")
         h, w = ctx.layer_features.shape[-2:]
-        return [*stage_outputs(ctx.model, ctx.x[:1].detach(), (int(h), int(w)), stages - 1), ctx.layer_spec]
+        with extra.rows([0]):  # the probe forward is of the first image (its extra inputs follow it)
+            found = stage_outputs(ctx.model, ctx.x[:1].detach(), (int(h), int(w)), stages - 1)
+        return [*found, ctx.layer_spec]
     names = [s.strip() for s in layers.split(",") if s.strip()] if isinstance(layers, str) else list(layers)
     return [resolve_layer(ctx.model, name) for name in names]
 
