@@ -20,8 +20,8 @@ from torch import nn
 import camlens
 from camlens.base.errors import CamlensError, LayerNotFoundError, MethodError
 from camlens.models.card import card_of
-from camlens.models.preprocess import Preprocess
 from camlens.models.onnxmodel import OnnxModel, OnnxModelError
+from camlens.models.preprocess import Preprocess
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -29,20 +29,21 @@ pytest.importorskip("onnx2torch")
 
 SIZE = 64
 #: cheap settings for the methods that sample, integrate or forward many copies
-CHEAP = {"steps": 6, "n_samples": 6, "batch_size": 32, "max_channels": 24, "n_masks": 48, "cell": 8}
-CHEAP_BLACKBOX = {"rise": {"n_masks": 48, "cell": 8, "seed": 3}, "occlusion": {"window": 16, "stride": 16}}
+CHEAP = {"steps": 4, "n_samples": 4, "batch_size": 32, "max_channels": 24, "n_masks": 48, "cell": 8}
+CHEAP_BLACKBOX = {"rise": {"n_masks": 16, "cell": 8, "seed": 3}, "occlusion": {"window": 16, "stride": 16}}
 
 
-def export(model: nn.Module, path: Path, *, batch: int | None = None, opset: int = 17) -> Path:
-    """``model`` written as ONNX by PyTorch's TorchScript exporter (the dynamo exporter needs onnxscript);
-    a dynamic batch dimension unless ``batch`` fixes it."""
+def export(model: nn.Module, path: Path, *, batch: int | None = None, fold: bool = True) -> Path:
+    """``model`` written as ONNX (opset 17) by PyTorch's TorchScript exporter (the dynamo exporter
+    needs onnxscript); a dynamic batch dimension unless ``batch`` fixes it; ``fold=False`` keeps the
+    batch norms as nodes instead of folding them into the convolutions (another float32 rounding)."""
     x = torch.randn(batch or 2, 3, SIZE, SIZE)
     axes = None if batch else {"input": {0: "n"}, "logits": {0: "n"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
         torch.onnx.export(
             model.eval(), x, str(path), dynamo=False, input_names=["input"], output_names=["logits"],
-            dynamic_axes=axes, opset_version=opset,
+            dynamic_axes=axes, opset_version=17, do_constant_folding=fold,
         )  # fmt: skip
     return path
 
@@ -73,7 +74,9 @@ def resnet(tmp_path_factory) -> tuple[nn.Module, OnnxModel]:
 
 @pytest.fixture(scope="module")
 def lite0_onnx(tmp_path_factory, lite0) -> tuple[nn.Module, OnnxModel]:
-    return lite0, camlens.load_model(export(lite0, tmp_path_factory.mktemp("onnx") / "lite0.onnx"))
+    # its batch norms kept: folded, they round differently in float32 and flip a ReLU6 gate or two on
+    # the real weights (saliency then differs by ~1e-2 at a few pixels, from the exporter, not camlens)
+    return lite0, camlens.load_model(export(lite0, tmp_path_factory.mktemp("onnx") / "lite0.onnx", fold=False))
 
 
 X = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -89,19 +92,11 @@ CASES = [
 @pytest.mark.parametrize(("fixture", "layer", "capture", "node"), CASES)
 @pytest.mark.parametrize("kind", ["layer", "pixel"])
 def test_every_layer_and_pixel_method_equals_the_modules(request, fixture, layer, capture, node, kind):
-    """In float64 (both networks), so that the exporter's folded batch norms (another float32
-    rounding, which flips a ReLU6 gate or two on real weights) do not hide a conversion error."""
     net, om = request.getfixturevalue(fixture)
     names = _methods(kind)
-    try:  # float32 -> float64 -> float32 is exact: the shared modules come back as they were
-        om.converted.double()
-        net.double()
-        opts = {"targets": "top2", **_options(names)}
-        ref = camlens.explain(net, X.double(), names, layer=layer, capture=capture, **opts)
-        got = camlens.explain(om, X.double(), names, layer=node, capture=capture, **opts)
-    finally:
-        net.float()
-        om.converted.float()
+    opts = {"targets": "top2" if fixture == "resnet" else None, **_options(names)}
+    ref = camlens.explain(net, X, names, layer=layer, capture=capture, **opts)
+    got = camlens.explain(om, X, names, layer=node, capture=capture, **opts)
     for name in names:
         assert float(ref[name].maps.abs().max()) > 1e-6, name  # a real map, not zeros
         assert _rel(got[name].maps, ref[name].maps) < 1e-4, name

@@ -274,8 +274,10 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     order, from one shared forward pass. Steps: the model (:func:`as_model`), the plan (every check
     before any work), the batch, the layer, one forward, then each method. An ONNX model runs
     each method the way it can (:func:`run_onnx`)."""
-    if isinstance(model, OnnxModel) or is_onnx_path(model):
-        return run_onnx(load_model(model) if is_onnx_path(model) else model, inputs, request)
+    if is_onnx_path(model):
+        model = load_model(model)
+    if isinstance(model, OnnxModel):
+        return run_onnx(model, inputs, request)
     return _run_request(model, inputs, request)
 
 

@@ -163,7 +163,9 @@ def _onnx(name: str, weights: Any, num_classes: int | None, device: Any, preproc
             f"unexpected option(s) {', '.join(unknown)} for the ONNX model {name}; it takes {', '.join(ONNX_OPTIONS)}"
         )
     if weights is not None or num_classes is not None:
-        raise CamlensError(f"{name}: an ONNX file carries its own weights and classes; leave weights= and num_classes= out")
+        raise CamlensError(
+            f"{name}: an ONNX file carries its own weights and classes; leave weights= and num_classes= out"
+        )
     providers = kwargs.pop("providers", None)
     opts = OnnxOptions(preprocess=preprocess, providers=None if providers is None else tuple(providers), **kwargs)
     return load_onnx(name, opts, None if device is None else parse_device(device))
