@@ -153,13 +153,14 @@ W = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
 L = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
 
 
-def shrink_graph(path: Path, batch: int | str = "n") -> Path:
-    """Conv 3x3 -> Shrink (soft shrinkage, an operator onnx2torch has no converter for) -> global
-    average pooling -> linear, written by hand with onnx.helper."""
+def shrink_graph(path: Path, batch: int | str = "n", act: str = "Shrink") -> Path:
+    """Conv 3x3 -> Shrink (soft shrinkage, an operator onnx2torch has no converter for; or ``act``
+    another activation) -> global average pooling -> linear, written by hand with onnx.helper."""
     h = onnx.helper
+    opts = {"lambd": 0.5, "bias": 0.5} if act == "Shrink" else {}
     nodes = [
         h.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        h.make_node("Shrink", ["c"], ["s"], name="shrink", lambd=0.5, bias=0.5),
+        h.make_node(act, ["c"], ["s"], name=act.lower(), **opts),
         h.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
         h.make_node("Flatten", ["p"], ["f"], name="flatten"),
         h.make_node("Gemm", ["f", "l"], ["y"], name="head", transB=1),
@@ -175,9 +176,9 @@ def shrink_graph(path: Path, batch: int | str = "n") -> Path:
     return path
 
 
-def shrink_module() -> nn.Module:
+def shrink_module(act: nn.Module | None = None) -> nn.Module:
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Softshrink(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), act or nn.Softshrink(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(4, 3, bias=False),
     )  # fmt: skip
     with torch.no_grad():
@@ -203,6 +204,19 @@ def test_unconvertible_operator_is_named_and_blackbox_methods_still_run(tmp_path
     assert _rel(got.maps, ref.maps) < 1e-4
     # a graph exported for one image at a time gets one image per session call
     assert got.extras["onnx"]["max_batch"] == (1 if batch == 1 else None)
+
+
+def test_hand_built_graph_converts_and_its_node_is_the_layer(tmp_path):
+    om = camlens.load_model(shrink_graph(tmp_path / "relu.onnx", act="Relu"))
+    net = shrink_module(nn.ReLU())
+    for method in ("gradcam", "guided_backprop"):
+        got = camlens.explain(str(om.path), X16, method, targets="top2", layer="relu")  # a path is loaded
+        ref = camlens.explain(net, X16, method, targets="top2", layer="1")
+        assert float(ref.maps.abs().max()) > 1e-3
+        assert _rel(got.maps, ref.maps) < 1e-5, method
+    assert got.extras["onnx"]["path"] == "onnx2torch"
+    assert camlens.explain(om, X16, "gradcam", layer="relu").layer == "output of relu"
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in om.modules()) == 0
 
 
 def test_sidecar_card_gives_preprocessing_names_and_default_layer(tmp_path, resnet):
