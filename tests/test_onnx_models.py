@@ -272,6 +272,11 @@ def test_cli_explains_an_onnx_file(tmp_path, resnet):
     r = CliRunner().invoke(main, ["explain", "--model", str(path), str(photo), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert any(p.suffix == ".png" for p in out.iterdir())
+    r = CliRunner().invoke(main, ["layers", str(path)])  # the layers by ONNX node name, the default found
+    assert r.exit_code == 0 and "/layer4/layer4.1/relu_1/Relu" in r.output, r.output
+    assert "default layer: input of global pooling" in r.output
+    r = CliRunner().invoke(main, ["methods", "--model", str(path)])
+    assert r.exit_code == 0 and "kernelshap" in r.output and "gradcam" in r.output, r.output
     r = CliRunner().invoke(main, ["explain", "--model", str(path), str(photo), "--method", "rise", "--out",
                                   str(tmp_path / "rise"), "--option", "n_masks=16"])  # fmt: skip
     assert r.exit_code == 0, r.output
