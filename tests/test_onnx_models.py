@@ -280,3 +280,38 @@ def test_cli_explains_an_onnx_file(tmp_path, resnet):
     r = CliRunner().invoke(main, ["explain", "--model", str(path), str(photo), "--method", "rise", "--out",
                                   str(tmp_path / "rise"), "--option", "n_masks=16"])  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+class _SizeOf(nn.Module):
+    """The input's pixel count as a one-element int64 tensor: what a converted graph's Shape node gives."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([x.shape[-2] * x.shape[-1]], device=x.device)
+
+
+class _ShapeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.size, self.conv, self.relu, self.head = (
+            _SizeOf(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Linear(4, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.size(x)  # runs once, before the layer, and its first axis (1) looks like a batch of 1
+        return self.head(self.relu(self.conv(x)).sum((2, 3)) / n.sum().to(x.dtype))  # used whole, as a shape
+
+
+@pytest.mark.parametrize("method", ["ablationcam", "reciprocam"])
+def test_layers_above_the_target_never_replay_a_shape_computation(method):
+    """Ablation-/Recipro-CAM run only the layers above the target by replaying the outputs of those
+    below; an integer output (a shape) is not features and is recomputed, never repeated per row."""
+    torch.manual_seed(0)
+    net, x = _ShapeNet().eval(), torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fast = camlens.explain(net, x, method, layer="relu", targets="top2", batch_size=4)
+    whole = camlens.explain(net, x, method, layer="relu", targets="top2", batch_size=4, skip_below=False)
+    assert fast.extras["head"].startswith("layers above the target only")
+    assert float(whole.maps.abs().max()) > 1e-4
+    torch.testing.assert_close(fast.maps, whole.maps, rtol=1e-5, atol=1e-6)

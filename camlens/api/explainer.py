@@ -173,7 +173,10 @@ def explain(
             module (black-box and input-gradient methods); or any scoring function
             ``fn(batch) -> (N, K)`` taking a float32 NumPy ``(N, C, H, W)`` array (black-box
             methods only: ``rise``, ``occlusion``, ``lime``, ``kernelshap``; option
-            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`.
+            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`. An ONNX
+            file (its path, or ``load_model("model.onnx")``): black-box methods on ONNX Runtime, the
+            others on its onnx2torch conversion with ``layer=`` an ONNX node name; see
+            :mod:`camlens.models.onnxmodel`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
             Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
