@@ -98,10 +98,10 @@ def _onnx_jobs(model, x, cls: int, masks: int, log) -> list[Job]:
     ]
 
 
-def run(quick: bool, samples: int, masks: int, log=print) -> dict[str, Any]:
+def run(quick: bool, samples: int, masks: int, log=print, size: int = 224) -> dict[str, Any]:
     import torchvision
 
-    size, samples, masks = (64, 24, 24) if quick else (224, samples, masks)
+    size, samples, masks = (64, 24, 24) if quick else (size, samples, masks)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x, seg = _inputs(size)
@@ -168,11 +168,12 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     ap.add_argument("--quick", action="store_true", help="64 px, 24 samples, one round (a smoke run)")
     ap.add_argument("--samples", type=int, default=256, help="LIME/KernelSHAP samples (default 256)")
     ap.add_argument("--masks", type=int, default=256, help="RISE masks for the ONNX rows (default 256)")
+    ap.add_argument("--size", type=int, default=224, help="input side in pixels (default 224)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = run(args.quick, args.samples, args.masks, log=log)
+    res = run(args.quick, args.samples, args.masks, log=log, size=args.size)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

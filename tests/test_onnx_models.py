@@ -202,8 +202,14 @@ def test_unconvertible_operator_is_named_and_blackbox_methods_still_run(tmp_path
     ref = camlens.explain(shrink_module(), X16, "rise", **kw)
     assert float(ref.maps.abs().max()) > 1e-6
     assert _rel(got.maps, ref.maps) < 1e-4
-    # a graph exported for one image at a time gets one image per session call
+    # a graph exported for one image at a time gets one image per session call; else the call's max_batch
     assert got.extras["onnx"]["max_batch"] == (1 if batch == 1 else None)
+    calls = om.calls
+    capped = camlens.explain(om, X16, "rise", max_batch=5, **kw)
+    assert capped.extras["onnx"]["max_batch"] == 1 if batch == 1 else 5
+    torch.testing.assert_close(capped.maps, got.maps)
+    assert om.max_batch == (1 if batch == 1 else None)  # the caller's model keeps its setting:
+    assert om.calls == calls + (75 if batch == 1 else 0)  # the call's cap ran on a copy
 
 
 def test_hand_built_graph_converts_and_its_node_is_the_layer(tmp_path):

@@ -353,7 +353,7 @@ def run_onnx(model: OnnxModel, inputs: Any, request: ExplainRequest) -> dict[str
             options["max_batch"] = 1 if model.graph_input.batch == 1 else request.options.get("max_batch")
         sub = replace(request, methods=tuple(i.name for i in group), options=options, layer=layer)
         for name, exp in _run_request(net, inputs, sub).items():
-            exp.extras["onnx"] = model.describe(path)
+            exp.extras["onnx"] = model.describe(path, options.get("max_batch"))
             if exp.layer is not None and path == "onnx2torch":  # "output of NODE": the node as the graph names it
                 exp.layer = model.onnx_label(exp.layer)
             results[name] = exp

@@ -226,11 +226,12 @@ class OnnxModel(ScoringFunction):
         by its ONNX node's name."""
         return re.sub(r"[^\s(),]+", lambda m: self.onnx_names.get(m.group(), m.group()), text)
 
-    def describe(self, path: str) -> dict[str, Any]:
-        """What ``Explanation.extras["onnx"]`` says for the way that ran (``"onnxruntime"`` / ``"onnx2torch"``)."""
+    def describe(self, path: str, max_batch: int | None = None) -> dict[str, Any]:
+        """What ``Explanation.extras["onnx"]`` says for the way that ran (``"onnxruntime"`` / ``"onnx2torch"``;
+        ``max_batch``: the call's, when it set one)."""
         out: dict[str, Any] = {"file": str(self.path), "path": path}
         if path == "onnxruntime":
-            out |= {"providers": list(self.providers), "max_batch": self.max_batch}
+            out |= {"providers": list(self.providers), "max_batch": max_batch or self.max_batch}
         return out
 
     def extra_repr(self) -> str:
