@@ -39,7 +39,7 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 #: every method of the Grad-CAM family plus CAM, asked for in one call
 ALL_LAYER_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 #: task names accepted by ``--tasks``
-TASKS = ("gradcam", "top5", "topk", "all", "scorecam", "guided_backprop")
+TASKS = ("gradcam", "top5", "topk", "all", "scorecam", "guided_backprop", "surrogate")
 #: numbers of classes of the ``topk`` task (Grad-CAM of the K best classes, one call)
 KS = (1, 5, 20, 100)
 #: the ``topk`` rows also timed with the per-class loop (``grad_batching(False)``), for comparison

@@ -232,6 +232,29 @@ def _cell(r, base_ms=None, speed=False, r_ok=True) -> str:
     return s
 
 
+def surrogate_lines(doc: dict[str, Any] | None) -> list[str]:
+    """The LIME / KernelSHAP / ONNX Runtime section (:mod:`benchmarks.surrogate`)."""
+    if not doc:
+        return []
+    m = doc["meta"]
+    L = [
+        "## LIME, KernelSHAP and ONNX Runtime",
+        "",
+        f"{m['model']} at {m['size']} px, one image, {m['segments']} SLIC superpixels, baseline 0, "
+        f"{m['samples']} samples (RISE: {m['masks']} masks), {m['batch']} masked images per forward. Per-sample "
+        "cost as a multiple of one image's share of a batched inference forward of the same batch size.",
+        "",
+        "| contender | median ms | ms per sample | × batched forward per image |",
+        "|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        L.append(
+            f"| {r['contender']} | {r['median_ms']:.0f} | {r['per_sample_ms']:.2f} | {r['per_sample_vs_forward']:.2f} |"
+        )
+    agree = ", ".join(f"{k}: {v:.3g}" for k, v in m.items() if k.startswith(("pearson", "rise")))
+    return [*L, "", f"Agreement: {agree}.", ""]
+
+
 def markdown(docs: Sequence[dict[str, Any]]) -> str:
     rows = [r for d in docs for r in d["results"]]
     leak = next((d["leak"] for d in docs if d.get("leak")), None)
@@ -487,6 +510,7 @@ def markdown(docs: Sequence[dict[str, Any]]) -> str:
                 cells.append("–" if r is None else f"{r['peak_mb']:.0f}")
             L.append(f"| {model} | {b} | " + " | ".join(cells) + " |")
         L.append("")
+    L += surrogate_lines(next((d["surrogate"] for d in docs if d.get("surrogate")), None))
     if leak:
         s = leak["samples"]
         L += [

@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="timed Score-CAM rounds at most, the first one included (default 2)",
     )
+    p.add_argument(
+        "--surrogate-samples", type=int, default=256, help="LIME/KernelSHAP samples and RISE masks (default 256)"
+    )
     p.add_argument("--no-peers", action="store_true", help="camlens only")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory children")
     p.add_argument("--leak", action="store_true", help="run only the leak check")
@@ -462,7 +465,7 @@ def run(args, log=print) -> dict[str, Any]:
         raise SystemExit(
             f"unknown model/task: {', '.join(bad)}; models: {', '.join(MODELS)}; tasks: {', '.join(TASKS)}"
         )
-    args.tasks_grad = tuple(t for t in args.tasks if t != "scorecam")
+    args.tasks_grad = tuple(t for t in args.tasks if t not in ("scorecam", "surrogate"))
     doc: dict[str, Any] = {
         "machine": machine_info(args.threads, args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("merge",)},
@@ -477,6 +480,11 @@ def run(args, log=print) -> dict[str, Any]:
                     doc["results"] += run_gradient_group(name, b, args, log)
             if "scorecam" in args.tasks and name in args.scorecam_models:
                 doc["results"] += run_scorecam_group(name, args, log)
+    if "surrogate" in args.tasks and not args.leak:  # LIME/KernelSHAP vs Captum, RISE on ONNX Runtime
+        from .surrogate import run as run_surrogate
+
+        log("[surrogate] LIME / KernelSHAP per sample, against Captum; RISE through ONNX Runtime")
+        doc["surrogate"] = run_surrogate(False, args.surrogate_samples, args.surrogate_samples, log)
     if args.leak or (args.with_leak and args.device == "cpu"):
         from .memory import run_child
 

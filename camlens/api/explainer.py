@@ -34,8 +34,10 @@ from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.card import attach_card
 from camlens.models.imagetext import ImageText, ZeroShotClassifier, family_of, image_text, zero_shot
 from camlens.models.input_size import fit_input
+from camlens.models.onnxmodel import OnnxModel, is_onnx_path
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.tasks import Frames, frame_maps, record_frames
 from camlens.models.zoo import card_of, class_names_of, load_model
@@ -174,7 +176,10 @@ def explain(
             module (black-box and input-gradient methods); or any scoring function
             ``fn(batch) -> (N, K)`` taking a float32 NumPy ``(N, C, H, W)`` array (black-box
             methods only: ``rise``, ``occlusion``, ``lime``, ``kernelshap``; option
-            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`.
+            ``max_batch=`` caps the images per call). See :mod:`camlens.models.blackbox`. An ONNX
+            file (its path, or ``load_model("model.onnx")``): black-box methods on ONNX Runtime, the
+            others on its onnx2torch conversion with ``layer=`` an ONNX node name; see
+            :mod:`camlens.models.onnxmodel`.
         inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
             / list of them (then the model's preprocessing is applied: resize without cropping).
             Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
@@ -323,8 +328,18 @@ class _Plan:
 def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
     """Run one :class:`ExplainRequest`: ``{registered method name: Explanation}`` in the request's
     order, from one shared forward pass. Steps: the model (:func:`as_model`), the plan (every check
-    before any work), the batch, the layer, one forward, then each method."""
+    before any work), the batch, the layer, one forward, then each method. An ONNX model runs
+    each method the way it can (:func:`run_onnx`)."""
     request = request.with_inputs(request.options)  # forward_args=… given among the options
+    if is_onnx_path(model):
+        model = load_model(model)
+    if isinstance(model, OnnxModel):
+        return run_onnx(model, inputs, request)
+    return _run_request(model, inputs, request)
+
+
+def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
+    """:func:`run_request` on one model (an ONNX model through ONNX Runtime: black-box methods only)."""
     options = dict(request.options)
     model = as_model(model, options.pop("max_batch", None))
     if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and request.class_names:
@@ -372,12 +387,47 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     return results
 
 
+def run_onnx(model: OnnxModel, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
+    """The black-box methods through ONNX Runtime (the model itself), the others through the
+    onnx2torch conversion with ``layer=`` as an ONNX node name; ``extras["onnx"]`` says which ran.
+    Without a conversion every method goes to ONNX Runtime, which refuses the gradient methods
+    naming the operator that could not be converted."""
+    infos = [get_method(m) for m in request.methods]
+    per = _split_options(infos, {k: v for k, v in request.options.items() if k != "max_batch"})
+    groups = [[i for i in infos if i.blackbox], [i for i in infos if not i.blackbox]]
+    if model.converted is None:
+        groups = [infos]
+    results: dict[str, Explanation] = {}
+    for group in (g for g in groups if g):
+        path = "onnx2torch" if model.converted is not None and not group[0].blackbox else "onnxruntime"
+        options = {k: v for i in group for k, v in per[i.name].items()}
+        layer = request.layer
+        if path == "onnx2torch":
+            net: Any = model.converted
+            layer = model.module_name(layer) if isinstance(layer, str) else layer
+        else:
+            net = model
+            options["max_batch"] = 1 if model.graph_input.batch == 1 else request.options.get("max_batch")
+        sub = replace(request, methods=tuple(i.name for i in group), options=options, layer=layer)
+        for name, exp in _run_request(net, inputs, sub).items():
+            exp.extras["onnx"] = model.describe(path, options.get("max_batch"))
+            if exp.layer is not None and path == "onnx2torch":  # "output of NODE": the node as the graph names it
+                exp.layer = model.onnx_label(exp.layer)
+            results[name] = exp
+    return {i.name: results[i.name] for i in infos}
+
+
 def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
     """A zoo name loaded, a scoring function wrapped (black-box methods only), anything else refused."""
     if isinstance(model, str):
         model = load_model(model)
     if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
         model = ScoringFunction(model, max_batch=max_batch)
+    elif isinstance(model, ScoringFunction) and max_batch not in (None, model.max_batch):
+        card = card_of(model)  # a copy with the call's max_batch: the caller's model is left as it is
+        model = ScoringFunction(model.fn, max_batch=max_batch)
+        if card is not None:
+            attach_card(model, card)
     if isinstance(model, nn.Module) and not isinstance(model, ImageText) and family_of(model) is not None:
         model = image_text(model)  # CLIP, SigLIP, OpenCLIP: the image tower's embeddings (camlens.models.imagetext)
     if not isinstance(model, nn.Module):

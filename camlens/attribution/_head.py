@@ -151,18 +151,21 @@ class HeadRunner:
             return "whole network (no submodule finished before the target layer)"
         self._skip, self._head_call = skip, self.call - skipped_calls
         n = len(ctx.x)
-        feats = ctx.layer_features.detach()
-        ref = ctx.scores.detach()
+        # every image, then the first again: a batch of several rows, as the method's own, so that a
+        # replayed output whose first axis is not the batch (an ONNX graph's shape constant) is caught
+        rows = [*range(n), 0]
+        feats = ctx.layer_features.detach()[rows]
+        ref = ctx.scores.detach()[rows]
         try:
-            got = self.scores(feats, list(range(n)))
-        except (RuntimeError, TypeError, ValueError, MethodError) as exc:
+            got = self.scores(feats, rows)
+        except (RuntimeError, TypeError, ValueError, IndexError, MethodError) as exc:
             self._skip = {}
             return f"whole network (the layers above alone failed: {type(exc).__name__})"
         tol = 1e-4 * (1 + float(ref.abs().max())) if ref.numel() else 0.0
         if got.shape != ref.shape or not bool(torch.allclose(got, ref.to(got), rtol=1e-4, atol=tol)):
             self._skip = {}
             return "whole network (the layers above alone did not reproduce the scores)"
-        self._base = got
+        self._base = got[:n]
         return f"layers above the target only ({len(skip)} module(s) below it replayed)"
 
     def _probe(self) -> _Probe:
@@ -225,7 +228,8 @@ def _outermost_done(model: nn.Module, p: _Probe, n: int) -> tuple[dict[nn.Module
         if not name or any(name.startswith(c + ".") for c in names):
             continue
         out = p.output.get(m)
-        if p.calls.get(m) != 1 or out is None or out.dim() == 0 or out.shape[0] != n:
+        # features are floating point: an integer output is a shape computation (ONNX graphs), rerun as it is
+        if p.calls.get(m) != 1 or out is None or out.dim() == 0 or out.shape[0] != n or not out.is_floating_point():
             continue
         if p.end[m][0] < p.captured_at:
             chosen[m] = out

@@ -197,7 +197,10 @@ def load_model_opts(model: str, weights: str | None, checkpoint: str | None, dev
     their message (which names the fix)."""
     import camlens
     from camlens.base.errors import CamlensError
+    from camlens.models.onnxmodel import is_onnx_path
 
+    if is_onnx_path(model) and weights == "random":  # `layers`/`methods` ask for random weights to load fast;
+        weights = None  # an ONNX file carries its own
     try:
         return camlens.load_model(model, weights, checkpoint=checkpoint, device=resolve_device(device))
     except CamlensError as exc:

@@ -101,7 +101,10 @@ def layers_cmd(model, weights, checkpoint, size):
     net = load_model_opts(model, weights, checkpoint, "cpu")
     card = card_of(net)
     hw = (size, size) if size else (tuple(card.preprocess.size) if card else (224, 224))
-    rows = candidate_layers(net, size=hw)
+    converted = getattr(net, "converted", None)  # an ONNX model: its layers are the converted graph's nodes
+    rows = candidate_layers(converted if converted is not None else net, size=hw)
+    for r in rows if converted is not None else []:
+        r["name"] = net.onnx_label(r["name"])
     if not rows:
         raise click.ClickException(f"{model} has no module with a spatial (N, C, h, w) output")
     tokens = any(r["layout"] for r in rows)

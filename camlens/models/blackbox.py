@@ -72,6 +72,11 @@ class ScoringFunction(nn.Module):
         step = self.max_batch or x.shape[0]
         return torch.cat([self._call(c) for c in x.split(step)])
 
+    @property
+    def gradients_missing(self) -> str:
+        """Why the gradient and layer methods cannot run, in the words of a refusal."""
+        return "a scoring function does not have"
+
     def extra_repr(self) -> str:
         name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
         return f"fn={name}, max_batch={self.max_batch}, input={self.input!r}"
@@ -117,12 +122,12 @@ def unsupported(
     if kind == "module":
         return None
     infos, all_infos = list(infos), list(all_infos)
-    if kind == "function":
+    if isinstance(model, ScoringFunction):
         bad = [i.name for i in infos if not i.blackbox]
         ok = [i.name for i in all_infos if i.blackbox]
         if bad:
             return MethodError(
-                f"{', '.join(bad)} need(s) the model's gradients or layers, which a scoring function does not have; "
+                f"{', '.join(bad)} need(s) the model's gradients or layers, which {model.gradients_missing}; "
                 f"use a black-box method: {', '.join(ok)} (or pass the nn.Module itself)"
             )
         return None

@@ -34,6 +34,7 @@ from camlens.models.cam_ready import cam_ready, vgg16_cam
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.heads import replace_classifier
 from camlens.models.imagetext import ImageText, zero_shot
+from camlens.models.onnxmodel import OnnxOptions, is_onnx_path, load_onnx
 from camlens.models.preprocess import CAFFE_BGR, PRESETS, Preprocess
 from camlens.models.tasks import build_task_model, task_of
 from camlens.models.weights import load_weights_file, read_checkpoint
@@ -153,6 +154,25 @@ def _task_model(key: str, weights: str | os.PathLike | None, num_classes: int | 
     return attach_card(model, ModelCard(key, **fields))
 
 
+ONNX_OPTIONS = ("class_names", "card", "providers", "max_batch")
+
+
+def _onnx(name: str, weights: Any, num_classes: int | None, device: Any, preprocess: Any, **kwargs: Any) -> nn.Module:
+    """An ONNX file (:mod:`camlens.models.onnxmodel`): its weights are in the file."""
+    unknown = sorted(set(kwargs) - set(ONNX_OPTIONS))
+    if unknown:
+        raise CamlensError(
+            f"unexpected option(s) {', '.join(unknown)} for the ONNX model {name}; it takes {', '.join(ONNX_OPTIONS)}"
+        )
+    if weights is not None or num_classes is not None:
+        raise CamlensError(
+            f"{name}: an ONNX file carries its own weights and classes; leave weights= and num_classes= out"
+        )
+    providers = kwargs.pop("providers", None)
+    opts = OnnxOptions(preprocess=preprocess, providers=None if providers is None else tuple(providers), **kwargs)
+    return load_onnx(name, opts, None if device is None else parse_device(device))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     weights: str | os.PathLike | None = None,
@@ -172,9 +192,11 @@ def load_model(
             classifier name (``"resnet50"``, ``"vgg16"``, ``"vit_b_16"``, ``"swin_t"``, …), or
             ``"timm:NAME"`` for a timm model (``weights="random"`` or a state-dict file), or
             ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``) —
-            or a CLIP / SigLIP image–text model (with the folder's tokenizer) —, or
+            or a CLIP / SigLIP image–text model (with the folder's tokenizer) —,
             ``"openclip:ARCH"`` for an OpenCLIP architecture (``weights=FILE`` or ``"random"``;
-            ``pip install camlens[clip]``). See :mod:`camlens.models.imagetext`.
+            ``pip install camlens[clip]``; see :mod:`camlens.models.imagetext`), or a ``.onnx`` file
+            (``pip install 'camlens[onnx]'``; options ``class_names=``, ``card=``, ``providers=``,
+            ``max_batch=``: see :mod:`camlens.models.onnxmodel`).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network (``card.extra["weights"] = "random"``: figures, tables and summaries
             say "random weights"), a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
@@ -190,6 +212,8 @@ def load_model(
             ``"fasterrcnn_mobilenet_v3_large_320_fpn"``, ``"fcn_resnet50"``): options of the
             torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
     """
+    if checkpoint is None and is_onnx_path(name):
+        return _onnx(str(name), weights, num_classes, device, preprocess, **kwargs)
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
