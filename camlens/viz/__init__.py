@@ -471,12 +471,12 @@ def _source_title(exp: Explanation, i: int) -> str:
 
 def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str, scale=None):
     """The overlay of map ``(i, k)`` on ``img`` and its colour scale (see :func:`render_map`)."""
-    return render_map(img, exp.map(i, k), pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap, scale=scale)
+    return render_map(img, exp.map(i, k), pixel=exp.kind == "pixel", alpha=alpha, cmap=cmap, scale=scale)
 
 
 def image_scale(exp: Explanation, i: int, cmap: str = "jet") -> ColorScale:
     """One :func:`shared_color_scale` for the ``K`` maps of image ``i`` (one method: one unit)."""
-    return shared_color_scale(exp.image_maps(i), pixel=exp.raw.dim() == 5, cmap=cmap)
+    return shared_color_scale(exp.image_maps(i), pixel=exp.kind == "pixel", cmap=cmap)
 
 
 def _scales(exp: Explanation, i: int, cmap: str, shared: bool) -> list[ColorScale | None]:
@@ -667,7 +667,7 @@ def pixel_figure(
 ) -> Figure:
     """Pixel attributions of one image: for each target, the attribution as colour
     (:func:`attribution_rgb`) and as heat (``exp.maps``, the method's own channel reduction)."""
-    if exp.raw.dim() != 5:
+    if exp.kind != "pixel":
         raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); use topk_figure")
     img = _image_of(exp, index)
     k = exp.shape[1]
@@ -1454,7 +1454,7 @@ def save_explanation(
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
         img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
-        pixel = exp.raw.dim() == 5
+        pixel = exp.kind == "pixel"
         shared = shared_color_scale(maps_i, pixel=pixel, cmap=opts.cmap) if opts.shared_scale else None
         scales = [shared or color_scale(mj, pixel=pixel, cmap=opts.cmap) for mj in maps_i]
         if "png" in opts.formats:
