@@ -733,6 +733,11 @@ def explanation_figure(
     sign on the full colormap, :func:`color_scale`). ``shared_scale=True``: one colour scale per
     image across its classes (:func:`shared_color_scale`), so a weaker class looks weaker.
     :func:`pixel_figure` shows pixel attributions as colour as well."""
+    if exp.spatial_dims != 2:
+        raise InputError(
+            f"{exp.method}'s maps are volumes or clips {exp.shape}; draw them with "
+            "camlens.viz.volume.volume_figure(exp, index, target) (a slice montage)"
+        )
     n = len(exp)
     rows = list(range(min(n, max_images))) if index is None else ([index] if isinstance(index, int) else list(index))
     for r in rows:
