@@ -66,6 +66,12 @@ def _grey(background: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(u) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _aspect(shape: tuple[int, ...], spacing: tuple[float, ...], axis: int) -> float:
+    """Height / width of a slice across ``axis`` of a ``shape`` volume with voxel ``spacing``."""
+    rows, cols = [d for d in range(3) if d != axis]
+    return (shape[rows] * spacing[rows]) / (shape[cols] * spacing[cols])
+
+
 def _take(a: np.ndarray, axis: int, i: int) -> np.ndarray:
     return np.take(a, i, axis=axis)
 
@@ -110,8 +116,10 @@ def slice_montage(
     sc = color_scale(a, pixel=pixel)
     peak = peak_voxel(a, sc.kind != "sequential")
     sz = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
-    fig = Figure(figsize=(cell * n_slices + 1.2, cell * len(views) + 0.6), layout="constrained")
-    axes = fig.subplots(len(views), n_slices, squeeze=False)
+    # each row as tall as its slices' proportions (a clip's 8 frames x 112 px make flat slices)
+    ratios = [_aspect(a.shape, sz, VIEWS[v]) for v in views]
+    fig = Figure(figsize=(cell * n_slices + 1.2, cell * sum(ratios) + 0.35 * len(views) + 0.6), layout="constrained")
+    axes = fig.subplots(len(views), n_slices, squeeze=False, gridspec_kw={"height_ratios": ratios})
     for r, view in enumerate(views):
         axis = VIEWS[view]
         rows, cols = [d for d in range(3) if d != axis]
