@@ -51,4 +51,23 @@ def test_explain_a_nifti_scan_writes_maps_in_the_scans_space(tmp_path, scan):
 def test_scans_and_images_are_not_mixed(tmp_path, scan):
     path, _ = scan
     res = CliRunner().invoke(cli_main, ["explain", str(path), "photo.jpg", "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "NIfTI scans or images" in res.output
+    assert res.exit_code != 0 and "or images, not both" in res.output
+
+
+@pytest.mark.slow
+def test_explain_a_video_file_writes_maps_and_timestamps(tmp_path):
+    pytest.importorskip("av")
+    from test_video import write_video
+
+    path = tmp_path / "moving.mkv"
+    write_video(path)
+    out = tmp_path / "vout"
+    args = ["explain", str(path), "--model", "mc3_18", "--weights", "random", "--method", "gradcam"]
+    res = CliRunner().invoke(cli_main, [*args, "--topk", "1", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "moving.json").read_text())
+    assert summary["timestamps_s"] == pytest.approx([t / 10 for t in range(12)])  # 12 frames < 16 asked
+    row = summary["methods"]["gradcam"][0]
+    assert row["peak_time_s"] == pytest.approx(row["peak_frame_yx"][0] / 10)
+    assert np.load(out / "moving_gradcam_top1.npy").shape == (12, 112, 112)
+    assert (out / "moving_gradcam_top1.png").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""``camlens explain scan.nii.gz --model r3d_18 ...``: NIfTI scans explained by a 3-D network.
+"""``camlens explain scan.nii.gz --model r3d_18 ...``: NIfTI scans (and video files) explained by a 3-D network.
 
 When every input of ``camlens explain`` is a NIfTI file (``.nii``, ``.nii.gz``; needs
 ``camlens[medical]``), each scan is read with its affine (:mod:`camlens.base.nifti`), given to the
@@ -9,6 +9,11 @@ to ``--out`` per scan, method and target: the map as NIfTI in the scan's own spa
 (``STEM_METHOD_top1.nii.gz``, opens on top of the scan in ITK-SNAP / 3D Slicer), its slice montage
 (``.png``), and one ``STEM.json`` summary with the 3-D boxes in voxels and the peak in voxels and
 world millimetres. Existing files are refused before any work unless ``--overwrite``.
+
+Video files (``.mp4``, ``.avi``, ``.webm``…; needs ``camlens[video]``) go the same way as 16-frame
+clips (:func:`camlens.base.video.read_clip`, resized to 112x112 and Kinetics-normalized): per clip,
+method and target the map ``(T, H, W)`` as ``.npy``, a montage of frames, and a JSON summary with the
+frames' timestamps, the 3-D box ``(x0, y0, t0, x1, y1, t1)``, its time span in seconds and the peak.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ def nifti_inputs(cmd: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(cmd)
     def run(**kw: Any) -> Any:
         from camlens.base.nifti import is_nifti
+        from camlens.base.video import is_video
 
         images = kw.get("images") or ()
-        scans = [p for p in images if is_nifti(p)]
+        scans = [p for p in images if is_nifti(p) or is_video(p)]
         if not scans:
             return cmd(**kw)
         if len(scans) != len(images):
-            raise click.BadParameter("give NIfTI scans or images, not both in one call", param_hint="IMAGES")
+            raise click.BadParameter(
+                "give NIfTI scans / video files or images, not both in one call", param_hint="IMAGES"
+            )
         return explain_scans(ScanRun.of(kw))
 
     return run
@@ -62,6 +70,8 @@ class ScanRun:
     overwrite: bool
     threshold: float | None
     method_options: tuple[str, ...]
+    frames: int = 16  # video files: frames per clip and the stride between them
+    stride: int = 1
 
     @classmethod
     def of(cls, kw: dict[str, Any]) -> ScanRun:
@@ -86,14 +96,17 @@ class ScanRun:
 
 
 def _planned(run: ScanRun, names: list[str], k: int) -> list[Path]:
+    from camlens.base.video import is_video
+
     out = Path(run.out)
     paths = []
     for scan in run.scans:
         stem = _stem(scan)
         paths.append(out / f"{stem}.json")
+        ext = ".npy" if is_video(scan) else ".nii.gz"
         for m in names:
             for j in range(k):
-                paths += [out / f"{stem}_{m}_top{j + 1}.nii.gz", out / f"{stem}_{m}_top{j + 1}.png"]
+                paths += [out / f"{stem}_{m}_top{j + 1}{ext}", out / f"{stem}_{m}_top{j + 1}.png"]
     return paths
 
 
@@ -111,6 +124,7 @@ def explain_scans(run: ScanRun) -> None:
     from camlens.base.errors import CamlensError
     from camlens.base.fsio import safe_out_dir
     from camlens.base.nifti import read_nifti
+    from camlens.base.video import is_video, read_clip
     from camlens.models.zoo import card_of
 
     try:
@@ -130,10 +144,15 @@ def explain_scans(run: ScanRun) -> None:
     channels = first.in_channels if first is not None else 1
     device = next(net.parameters()).device
     for scan in run.scans:
-        vol = read_nifti(scan)
-        x = vol.tensor().expand(-1, channels, -1, -1, -1).to(device)
-        res = explain(net, x, names, targets=targets, layer=run.layer, **options)
-        summary = _write_scan(out, scan, vol, res, run)
+        if is_video(scan):
+            clip = read_clip(scan, frames=run.frames, stride=run.stride)
+            res = explain(net, clip.tensor().to(device), names, targets=targets, layer=run.layer, **options)
+            summary = _write_clip(out, scan, clip, res, run)
+        else:
+            vol = read_nifti(scan)
+            x = vol.tensor().expand(-1, channels, -1, -1, -1).to(device)
+            res = explain(net, x, names, targets=targets, layer=run.layer, **options)
+            summary = _write_scan(out, scan, vol, res, run)
         echo(f"{scan}: {', '.join(f'{m} {len(v)} map(s)' for m, v in summary['methods'].items())} -> {out}")
 
 
@@ -167,6 +186,51 @@ def _write_scan(out: Path, scan: str, vol, res: dict, run: ScanRun) -> dict[str,
                     "box_voxels_xyzxyz": [int(v) for v in boxes[0, j]],
                     "peak_voxel_zyx": list(peak),
                     "peak_world_mm": [float(v) for v in vol.world(peak)],
+                }
+            )
+        summary["methods"][method] = rows
+    atomic_write_json(out / f"{stem}.json", summary, overwrite=run.overwrite, indent=2)
+    return summary
+
+
+def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str, Any]:
+    """The maps (``.npy`` ``(T, H, W)``), montages (PNG: a row of frames) and the JSON summary of one clip."""
+    import io
+
+    import numpy as np
+
+    from camlens.base.fsio import atomic_write, atomic_write_json
+    from camlens.base.localization import DEFAULT_THRESHOLD
+    from camlens.viz import figure_png
+    from camlens.viz.volume import peak_voxel, volume_figure
+
+    stem = _stem(path)
+    thr = DEFAULT_THRESHOLD if run.threshold is None else run.threshold
+    summary: dict[str, Any] = {"video": path, "timestamps_s": [float(t) for t in clip.timestamps], "fps": clip.fps}
+    summary |= {"threshold": thr, "methods": {}}
+    for method, exp in res.items():
+        boxes = exp.boxes(thr)
+        rows = []
+        for j, label in enumerate(exp.labels()[0]):
+            m = exp.map(0, j)
+            buf = io.BytesIO()
+            np.save(buf, m.numpy())
+            atomic_write(out / f"{stem}_{method}_top{j + 1}.npy", buf.getvalue(), overwrite=run.overwrite)
+            fig = volume_figure(exp, 0, j, views=("axial",), n_slices=min(8, m.shape[0]))
+            atomic_write(out / f"{stem}_{method}_top{j + 1}.png", figure_png(fig), overwrite=run.overwrite)
+            t, y, x = peak_voxel(m.numpy(), exp.signed)
+            box = [int(v) for v in boxes[0, j]]
+            rows.append(
+                {
+                    "class": int(exp.classes[0, j]),
+                    "label": label,
+                    "score": float(exp.scores[0, j]),
+                    "box_xytxyt": box,
+                    "seconds": [float(clip.timestamps[box[2]]), float(clip.timestamps[box[5] - 1])]
+                    if box[2] >= 0
+                    else None,
+                    "peak_frame_yx": [t, y, x],
+                    "peak_time_s": float(clip.timestamps[t]),
                 }
             )
         summary["methods"][method] = rows
