@@ -71,6 +71,8 @@ def test_volume_figure_of_an_explanation_and_refusals():
     assert any("(peak)" in t for t in _titles(fig)) and "gradcam" in fig._suptitle.get_text()
     with pytest.raises(InputError, match="volume_figure"):
         exp.figure()
+    with pytest.raises(InputError, match="save_nifti"):
+        exp.save("unused-folder")
     with pytest.raises(InputError, match="views must be"):
         slice_montage(blob((1, 1, 1)), views=("top",))
     with pytest.raises(InputError, match=r"one \(D, H, W\) volume"):

@@ -1446,6 +1446,12 @@ def save_explanation(
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.base.errors.OutputExistsError` says to pass ``--overwrite``.
     """
+    if exp.spatial_dims != 2:
+        raise InputError(
+            f"{exp.method}'s maps are volumes or clips {exp.shape}: save them with "
+            "camlens.base.nifti.save_nifti(exp.maps[i, k], scan, PATH) (in a scan's space), numpy.save, or "
+            "camlens.viz.volume.volume_figure(exp, i, k).savefig(PATH)"
+        )
     opts = save_options(options, **kwargs)
     thr = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
     draw = opts.boxes or opts.threshold is not None
