@@ -238,3 +238,14 @@ def test_2d_features_captured_from_a_volume_input_are_refused():
 
     with pytest.raises(InputError, match=r"not \(N, C, d, h, w\)"):
         camlens.explain(Squash().double(), volume(n=1), "gradcam", layer="conv")
+
+
+def test_a_volume_is_normalized_as_a_whole_not_per_slice():
+    net, x = gap_net(), volume()
+    exp = camlens.explain(net, x, "gradcam", targets="top2")
+    u = exp.normalized()
+    m = exp.maps
+    lo = m.amin((2, 3, 4), keepdim=True)
+    hi = m.amax((2, 3, 4), keepdim=True)
+    torch.testing.assert_close(u, (m - lo) / (hi - lo))
+    assert (u.amax((3, 4)) < 0.999).any()  # some slices do not reach 1: the scale is the volume's

@@ -264,8 +264,9 @@ class Explanation:
 
     def normalized(self, *, ulps: float = ULPS) -> torch.Tensor:
         """Maps min-max normalized per map to [0, 1] by :func:`camlens.base.ops.minmax`: a map constant up
-        to rounding (range within ``ulps`` float32 units of its magnitude) -> zeros; never NaN."""
-        return minmax(self.maps.float(), ulps=ulps)
+        to rounding (range within ``ulps`` float32 units of its magnitude) -> zeros; never NaN. A volume's
+        map is normalized as a whole (not slice by slice)."""
+        return minmax(self.maps.float(), dims=tuple(range(-self.spatial_dims, 0)), ulps=ulps)
 
     def labels(self) -> list[list[str]]:
         """Class names (or ids as strings) of ``classes``, ``(N, K)`` nested lists."""
