@@ -34,7 +34,7 @@ def test_gradcam_equals_monais_on_a_3d_densenet():
     assert exp.layer == "input of global pooling (class_layers.pool)"
     peer = GradCAM(nn_module=net, target_layers="class_layers.relu")
     for i, (c,) in enumerate(targets):
-        raw = peer.compute_map(x[i : i + 1], class_idx=c, layer_idx=-1)[0]  # (1, d, h, w)
+        raw = peer.compute_map(x[i : i + 1], class_idx=c, layer_idx=-1)[0].detach()  # (1, d, h, w)
         torch.testing.assert_close(exp.raw[i], raw, rtol=1e-4, atol=1e-7)
         assert float(raw.amax()) > 0
         # MONAI upsamples trilinearly, then maps (min, max) to (1, 0): its default normalizer flips the
