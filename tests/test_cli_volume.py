@@ -42,6 +42,7 @@ def test_explain_a_nifti_scan_writes_maps_in_the_scans_space(tmp_path, scan):
     summary = json.loads((out / "head.json").read_text())
     row = summary["methods"]["saliency"][0]
     assert len(row["box_voxels_xyzxyz"]) == 6 and summary["shape_dhw"] == [8, 10, 12]
+    assert np.asarray(row["box_world_mm"]).shape == (2, 3)
     z, y, x = row["peak_voxel_zyx"]
     np.testing.assert_allclose(row["peak_world_mm"], nib.affines.apply_affine(aff, (x, y, z)), atol=1e-6)
     again = runner.invoke(cli_main, args)

@@ -80,6 +80,11 @@ def test_map_saved_in_the_scans_space_peaks_at_the_blobs_world_point(tmp_path, s
     # and the 3-D box of the map holds the blob, in (i, j, k) = (x, y, z) voxels
     box = exp.boxes(0.5)[0, 0]
     assert tuple(box) == (12, 4, 6, 15, 7, 9)
+    # its extent in mm: the corners of voxels 12..14, 4..6, 6..8 (faces at -/+ half a voxel)
+    ijk = np.array([[i, j, k] for i in (11.5, 14.5) for j in (3.5, 6.5) for k in (5.5, 8.5)])
+    mm = nib.affines.apply_affine(aff, ijk)
+    np.testing.assert_allclose(vol.world_box(box), [mm.min(0), mm.max(0)], atol=1e-9)
+    assert np.isnan(vol.world_box([-1] * 6)).all()
 
 
 def test_save_refuses_overwrite_wrong_shape_and_names(tmp_path):

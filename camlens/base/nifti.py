@@ -93,6 +93,21 @@ class Volume:
         v = np.asarray(zyx, dtype=np.float64)[..., ::-1]  # (i, j, k)
         return v @ self.affine[:3, :3].T + self.affine[:3, 3]
 
+    def world_box(self, box) -> np.ndarray:
+        """The world-space (mm) bounding box ``(2, 3)`` — rows: the minimum and maximum corner — of a
+        3-D voxel box ``(x0, y0, z0, x1, y1, z1)`` of :func:`camlens.localize` (ends exclusive): the
+        8 corners of the voxels' extent (voxel centres -/+ half a voxel) mapped through the affine.
+        An empty box (``-1``) gives NaN."""
+        b = np.asarray(box, dtype=np.float64)
+        if b.shape != (6,):
+            raise InputError(f"a 3-D box is (x0, y0, z0, x1, y1, z1), not shape {b.shape}")
+        if (b < 0).any():
+            return np.full((2, 3), np.nan)
+        lo, hi = b[:3] - 0.5, b[3:] - 0.5  # (i, j, k) extent: first voxel's near face, last voxel's far face
+        corners = np.array([[(hi if c >> a & 1 else lo)[a] for a in range(3)] for c in range(8)])
+        world = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return np.stack([world.min(0), world.max(0)])
+
     def voxel(self, xyz_mm) -> np.ndarray:
         """Fractional ``(z, y, x)`` voxel indices of :meth:`tensor` for world points ``(..., 3)`` in mm."""
         p = np.asarray(xyz_mm, dtype=np.float64)

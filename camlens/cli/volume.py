@@ -8,7 +8,8 @@ first convolution; no resampling: the model must take the scan's grid), and expl
 to ``--out`` per scan, method and target: the map as NIfTI in the scan's own space
 (``STEM_METHOD_top1.nii.gz``, opens on top of the scan in ITK-SNAP / 3D Slicer), its slice montage
 (``.png``), and one ``STEM.json`` summary with the 3-D boxes in voxels and the peak in voxels and
-world millimetres. Existing files are refused before any work unless ``--overwrite``.
+world millimetres (the box's extent in mm too). Existing files are refused before any work unless
+``--overwrite``.
 
 Video files (``.mp4``, ``.avi``, ``.webm``…; needs ``camlens[video]``) go the same way as 16-frame
 clips (:func:`camlens.base.video.read_clip`, resized to 112x112 and Kinetics-normalized): per clip,
@@ -184,6 +185,7 @@ def _write_scan(out: Path, scan: str, vol, res: dict, run: ScanRun) -> dict[str,
                     "label": label,
                     "score": float(exp.scores[0, j]),
                     "box_voxels_xyzxyz": [int(v) for v in boxes[0, j]],
+                    "box_world_mm": vol.world_box(boxes[0, j]).tolist() if boxes[0, j, 0] >= 0 else None,
                     "peak_voxel_zyx": list(peak),
                     "peak_world_mm": [float(v) for v in vol.world(peak)],
                 }
