@@ -90,7 +90,8 @@ def __dir__() -> list[str]:
 
 
 def localize(maps: Any, threshold: float | None = None, **kwargs: Any) -> np.ndarray:
-    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; see :func:`camlens.base.localization.localize`."""
+    """Heatmaps ``(..., H, W)`` -> boxes ``(..., 4)``; volumes ``(..., D, H, W)`` with ``spatial_dims=3``
+    -> 3-D boxes ``(..., 6)``; see :func:`camlens.base.localization.localize`."""
     from camlens.base.localization import DEFAULT_THRESHOLD
     from camlens.base.localization import localize as _localize
 

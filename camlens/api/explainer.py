@@ -110,6 +110,20 @@ def check_applicable(infos: Sequence[MethodInfo], traits: ModelTraits) -> None:
             )
 
 
+def check_volumes(infos: Sequence[MethodInfo], x: Any) -> None:
+    """Refuse, before the forward pass, a method that only explains images when ``x`` is a batch of
+    volumes or clips ``(N, C, D, H, W)``, naming the methods that do explain them."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return
+    bad = [i.name for i in infos if not i.volumes]
+    if bad:
+        able = [n for n, i in all_methods().items() if i.volumes]
+        raise NotApplicableError(
+            f"{', '.join(bad)} explain(s) images (N, C, H, W) only, and the input is a batch of volumes or clips "
+            f"of shape {tuple(x.shape)}. Methods for volumes and clips: {', '.join(able)}."
+        )
+
+
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     """``torch.isfinite(t).all()`` in chunks of ``chunk`` elements: the full-size temporaries
     (``abs``, two boolean masks) of a ``(16, 100, 224, 224)`` map batch would cost ~0.5 GB."""
@@ -180,8 +194,10 @@ def explain(
             file (its path, or ``load_model("model.onnx")``): black-box methods on ONNX Runtime, the
             others on its onnx2torch conversion with ``layer=`` an ONNX node name; see
             :mod:`camlens.models.onnxmodel`.
-        inputs: a preprocessed ``(N, C, H, W)`` tensor, or an image path / PIL image / HxWx3 array
-            / list of them (then the model's preprocessing is applied: resize without cropping).
+        inputs: a preprocessed ``(N, C, H, W)`` tensor (``(N, C, D, H, W)`` for volumes and clips:
+            the methods registered with ``volumes=True`` give ``(N, K, D, H, W)`` maps), or an image
+            path / PIL image / HxWx3 array / list of them (then the model's preprocessing is applied:
+            resize without cropping).
             Detectors take RGB in ``[0, 1]`` at any size, also a list of ``(3, H, W)`` tensors or
             images of different sizes (one batched forward; layer methods only); their maps are in
             each image's original pixels, zero-padded to the largest (``extras["image_sizes"]``).
@@ -346,6 +362,7 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
         model = zero_shot(model, request.class_names)  # class names typed by the user: a zero-shot classifier
     plan = _plan(model, request, options)
     x, images, sources = _batch(inputs, model, request, plan)
+    check_volumes(plan.infos, x)
     spec = _layer_spec(model, request, plan)
     # one method asks for at most one layer, one input and one attention gradient: the last backward
     # may free the graph
@@ -561,8 +578,8 @@ def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, 
             f"{checked.dtype}); run the model in float32 or choose another layer"
         )
     lazy: torch.Tensor | Upsampled
-    if maps is None:  # bilinear as F.interpolate, computed when the maps are first used
-        lazy = Upsampled(raw, (int(x.shape[-2]), int(x.shape[-1])))
+    if maps is None:  # bilinear (trilinear for volumes) as F.interpolate, computed when the maps are first used
+        lazy = Upsampled(raw, tuple(int(s) for s in x.shape[-(raw.dim() - 2) :]))
     else:
         lazy = maps.detach().float()
     return Explanation(

@@ -6,6 +6,7 @@ global average pooling into a linear layer :math:`y_c = \sum_k W_{ck}\,\mathrm{m
 
 .. math:: M_c(i, j) = \sum_k W_{ck} A_k(i, j)
 
+(for 3-D features :math:`A_k(z, i, j)` and the mean over the :math:`d\,h\,w` positions alike).
 No ReLU and no bias, so :math:`\mathrm{mean}_{ij} M_c + b_c = y_c` exactly. The head is found
 automatically (the last ``nn.Linear``) and *verified numerically* on the pass itself: if
 ``mean(A) @ W.T + b`` does not reproduce the logits, the head is not GAP + linear (or the
@@ -20,6 +21,7 @@ from torch import nn
 
 from camlens.attribution.registry import CLASSIFIERS, MethodOutput, register
 from camlens.base.errors import HeadError, MethodError
+from camlens.base.ops import spatial_axes, spatial_letters
 from camlens.core.engine import ForwardPass
 from camlens.models.heads import last_linear
 
@@ -71,7 +73,7 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
         with torch.no_grad():
             # in float32 against the model's own logits; the tolerance fits the model's dtype (the
             # logits carry its rounding: bf16 has 8 mantissa bits), structural mismatches are O(1)
-            pred = A.detach().float().mean((2, 3)) @ W.float().T + (0 if b is None else b.float())
+            pred = A.detach().float().mean(spatial_axes(A)) @ W.float().T + (0 if b is None else b.float())
             logits = ctx.logits.detach().float()
             eps = torch.finfo(A.dtype).eps if A.is_floating_point() else 0.0
             tol = max(1e-3, 16 * eps) * (1 + logits.abs().max())
@@ -92,6 +94,7 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
     needs=("features",),
     title="CAM",
     applies_to=CLASSIFIERS,
+    volumes=True,
 )
 def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput:
     """``M_c = sum_k W[c, k] A_k`` (no ReLU, no bias); see the module docstring."""
@@ -100,7 +103,8 @@ def cam(ctx: ForwardPass, *, head=None, check_head: bool = True) -> MethodOutput
     A = ctx.layer_features.detach()
     W, b = cam_weights(ctx, head, check_head)
     w = W[ctx.targets.classes.to(A.device)]  # (N, K, C)
-    raw = torch.einsum("nkc,nchw->nkhw", w, A)
+    sp = spatial_letters(A)  # "hw", or "dhw" for a volume's features
+    raw = torch.einsum(f"nkc,nc{sp}->nk{sp}", w, A)
     extras: dict = {"signed": True}  # no ReLU: negative where the features speak against the class
     if b is not None:
         extras["bias"] = b[ctx.targets.classes.to(A.device)]

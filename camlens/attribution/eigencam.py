@@ -35,18 +35,19 @@ from camlens.core.engine import ForwardPass
     needs=("features",),
     title="Eigen-CAM",
     aliases=("eigen-cam",),
+    volumes=True,
 )
 def eigencam(ctx: ForwardPass, *, center: bool = False) -> MethodOutput:
     A = ctx.layer_features.detach()
-    N, _, h, w = A.shape
+    N, spatial = A.shape[0], tuple(A.shape[2:])  # (h, w), or (d, h, w) for a volume
     M = A.flatten(2).transpose(1, 2).double()  # (N, hw, C)
     mean = M.mean(dim=1, keepdim=True)  # (N, 1, C): the uncentred mean activation vector
     if center:
         M = M - mean
     _, _, Vh = torch.linalg.svd(M, full_matrices=False)
     v1 = Vh[:, 0, :, None]  # (N, C, 1)
-    proj = (M @ v1).view(N, h, w)
+    proj = (M @ v1).view(N, *spatial)
     # orient V1 along the uncentred mean (not zero by construction; see the module docstring)
     sign = torch.where((mean @ v1).view(N) < 0, -1.0, 1.0).to(proj)
-    raw = (proj * sign[:, None, None]).relu().to(A.dtype)
-    return MethodOutput(raw[:, None].expand(N, ctx.k, h, w).contiguous(), extras={"class_agnostic": True})
+    raw = (proj * sign.view(N, *(1,) * len(spatial))).relu().to(A.dtype)
+    return MethodOutput(raw[:, None].expand(N, ctx.k, *spatial).contiguous(), extras={"class_agnostic": True})

@@ -21,6 +21,9 @@ r"""The Grad-CAM family: maps from the features :math:`A` ``(C, h, w)`` at a lay
 
 For a GAP + linear head, :math:`G_k = W_{ck}/(hw)`, so Grad-CAM and HiResCAM equal
 :math:`\mathrm{ReLU}(\mathrm{CAM})/(hw)`.
+
+Volumes and clips: with 3-D features :math:`A` ``(C, d, h, w)`` every sum and mean over
+:math:`(i, j)` runs over the :math:`d\,h\,w` positions; the maps are ``(d, h, w)``.
 """
 
 from __future__ import annotations
@@ -29,45 +32,53 @@ import torch
 
 from camlens.attribution.registry import MethodOutput, register
 from camlens.base.errors import MethodError
+from camlens.base.ops import spatial_axes, spatial_letters
 from camlens.core.engine import ForwardPass, layer_grad_reduction
 
 EPS = 1e-7
 
 
 def _combine(w: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[n, k', k] A[n, k]`` -> ``(N, K, h, w)`` for ``w`` ``(N, K, C)``."""
-    return torch.einsum("nkc,nchw->nkhw", w, A)
+    """``sum_k w[n, k', k] A[n, k]`` -> ``(N, K, *spatial)`` for ``w`` ``(N, K, C)`` and ``A``
+    ``(N, C, *spatial)`` (``(h, w)``, or ``(d, h, w)`` for a volume)."""
+    sp = spatial_letters(A)
+    return torch.einsum(f"nkc,nc{sp}->nk{sp}", w, A)
 
 
-# Reductions of a chunk G (N, Kc, C, h, w) of layer gradients (see camlens.core.engine): each method
-# below declares the one it needs, so the (N, K, C, h, w) tensor never exists in full.
+# Reductions of a chunk G (N, Kc, C, *spatial) of layer gradients (see camlens.core.engine): each
+# method below declares the one it needs, so the (N, K, C, *spatial) tensor never exists in full.
+# Every sum over (i, j) runs over all spatial positions (i, j) or (z, i, j) of the features.
 @layer_grad_reduction("gradcam++")
 def _gradcam_pp_weights(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``w_k = sum_ij alpha_k(i,j) ReLU(G_k(i,j))`` ``(N, Kc, C)``, ``alpha = G^2 / (2 G^2 + sum_ab A G^3)``."""
     g2 = G.pow(2)
-    denom = 2 * g2 + A.sum(dim=(2, 3))[:, None, :, None, None] * (g2 * G)
+    ones = (1,) * (A.dim() - 2)
+    denom = 2 * g2 + A.sum(dim=spatial_axes(A)).view(A.shape[0], 1, A.shape[1], *ones) * (g2 * G)
     alpha = torch.where(
         denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom)
     )
-    return (alpha * G.relu()).sum(dim=(3, 4))
+    return (alpha * G.relu()).sum(dim=spatial_axes(G, 3))
 
 
 @layer_grad_reduction("xgradcam")
 def _xgradcam_weights(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``w_k = sum_ij A_k(i,j) G_k(i,j) / sum_ab A_k(a,b)`` ``(N, Kc, C)``."""
-    return torch.einsum("nkchw,nchw->nkc", G, A) / (A.sum(dim=(2, 3))[:, None] + EPS)
+    sp = spatial_letters(A)
+    return torch.einsum(f"nkc{sp},nc{sp}->nkc", G, A) / (A.sum(dim=spatial_axes(A))[:, None] + EPS)
 
 
 @layer_grad_reduction("hirescam")
 def _hirescam_sum(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``sum_k G_k A_k`` ``(N, Kc, h, w)`` (before the ReLU)."""
-    return torch.einsum("nkchw,nchw->nkhw", G, A)
+    """``sum_k G_k A_k`` ``(N, Kc, *spatial)`` (before the ReLU)."""
+    sp = spatial_letters(A)
+    return torch.einsum(f"nkc{sp},nc{sp}->nk{sp}", G, A)
 
 
 @layer_grad_reduction("layercam")
 def _layercam_sum(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``sum_k ReLU(G_k) A_k`` ``(N, Kc, h, w)`` (before the ReLU)."""
-    return torch.einsum("nkchw,nchw->nkhw", G.relu(), A)
+    """``sum_k ReLU(G_k) A_k`` ``(N, Kc, *spatial)`` (before the ReLU)."""
+    sp = spatial_letters(A)
+    return torch.einsum(f"nkc{sp},nc{sp}->nk{sp}", G.relu(), A)
 
 
 @register(
@@ -77,6 +88,7 @@ def _layercam_sum(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     needs=("features", "layer_grads:mean"),
     title="Grad-CAM",
     aliases=("grad-cam",),
+    volumes=True,
 )
 def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True) -> MethodOutput:
     w = ctx.layer_grad_sums("mean")  # (N, K, C) spatial means of the gradient
@@ -95,6 +107,7 @@ def gradcam(ctx: ForwardPass, *, grad_norm: str | None = None, relu: bool = True
     needs=("features", "layer_grads:gradcam++"),
     title="Grad-CAM++",
     aliases=("gradcampp", "gradcam_pp", "grad-cam++"),
+    volumes=True,
 )
 def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(_combine(ctx.layer_grad_sums("gradcam++"), ctx.layer_features.detach()).relu())
@@ -107,6 +120,7 @@ def gradcam_pp(ctx: ForwardPass) -> MethodOutput:
     needs=("features", "layer_grads:xgradcam"),
     title="XGrad-CAM",
     aliases=("xgrad-cam",),
+    volumes=True,
 )
 def xgradcam(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(_combine(ctx.layer_grad_sums("xgradcam"), ctx.layer_features.detach()).relu())
@@ -119,6 +133,7 @@ def xgradcam(ctx: ForwardPass) -> MethodOutput:
     needs=("features", "layer_grads:layercam"),
     title="LayerCAM",
     aliases=("layer-cam",),
+    volumes=True,
 )
 def layercam(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(ctx.layer_grad_sums("layercam").relu())
@@ -131,6 +146,7 @@ def layercam(ctx: ForwardPass) -> MethodOutput:
     needs=("features", "layer_grads:hirescam"),
     title="HiResCAM",
     aliases=("hires-cam", "hirescam++"),
+    volumes=True,
 )
 def hirescam(ctx: ForwardPass) -> MethodOutput:
     return MethodOutput(ctx.layer_grad_sums("hirescam").relu())

@@ -42,6 +42,9 @@ total), ``"abssum"`` :math:`\sum_c |A_c|`, ``"l2"`` :math:`\sqrt{\sum_c A_c^2}`,
 :math:`\max_c A_c`.
 
 Gradients flow to the input only (``torch.autograd.grad``), never into parameters' ``.grad``.
+
+Volumes and clips ``(N, C, D, H, W)`` work the same way (``raw`` ``(N, K, C, D, H, W)``, maps
+``(N, K, D, H, W)``); only the ``"blur"`` baseline is for images.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ DEFAULT_REDUCE = {"input_x_gradient": "sum", "integrated_gradients": "sum"}
 
 
 def reduce_channels(a: torch.Tensor, how: str = "absmax") -> torch.Tensor:
-    """Reduce ``(N, K, C, H, W)`` attributions to ``(N, K, H, W)`` maps (see the module docstring)."""
+    """Reduce ``(N, K, C, H, W)`` attributions to ``(N, K, H, W)`` maps (see the module docstring);
+    volumes' ``(N, K, C, D, H, W)`` to ``(N, K, D, H, W)``."""
     if how == "absmax":
         return a.abs().amax(dim=2)
     if how == "abssum":
@@ -146,6 +150,7 @@ def _row_targets(ctx: ForwardPass, n: torch.Tensor) -> Targets:
     needs=("input_grads",),
     title="Saliency",
     aliases=("vanilla", "gradient"),
+    volumes=True,
 )
 def saliency(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(ctx.input_grads("backprop"), reduce, "saliency")
@@ -158,6 +163,7 @@ def saliency(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     kind="pixel",
     needs=("input_grads",),
     title="Input x Gradient",
+    volumes=True,
 )
 def input_x_gradient(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     raw = ctx.x.detach()[:, None] * ctx.input_grads("backprop")
@@ -197,6 +203,7 @@ def ig_cost(ctx, *, steps: int = 128, **_) -> Cost:
     needs=(),
     title="SmoothGrad",
     cost=smoothgrad_cost,
+    volumes=True,
 )
 def smoothgrad(
     ctx: ForwardPass,
@@ -223,12 +230,13 @@ def smoothgrad(
     x = ctx.x.detach()
     N = x.shape[0]
     sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (N,)
+    col = (-1, *(1,) * (x.dim() - 1))  # sigma per row, broadcast over (C, *spatial)
     total = torch.zeros((N, ctx.k, *x.shape[1:]), dtype=x.dtype, device=x.device)
     extras: dict[str, Any] = {"base": base_name, "n_samples": S, "noise_sigma": sigma.cpu(), "seed": seed}
     if base_name == "integrated_gradients":
         errs = []
         for j in range(S):
-            xj = x + sigma.view(-1, 1, 1, 1) * _noise(seed, j, tuple(x.shape[1:]), x)
+            xj = x + sigma.view(col) * _noise(seed, j, tuple(x.shape[1:]), x)
             a, ex = _integrated(ctx, xj, baseline, steps, quadrature, bs)
             total += a
             errs.append(ex["completeness_error"])
@@ -239,7 +247,7 @@ def smoothgrad(
             draws = {jj: _noise(seed, jj, tuple(x.shape[1:]), x) for jj in j.unique().tolist()}
             eps = torch.stack([draws[jj] for jj in j.tolist()])
             nd = n.to(x.device)
-            xb = x[nd] + sigma[nd].view(-1, 1, 1, 1) * eps
+            xb = x[nd] + sigma[nd].view(col) * eps
             with rows(n):  # the noisy copies of images n (their extra inputs: unchanged)
                 gp = gradient_pass(ctx.model, xb, _row_targets(ctx, n), rule, select=ctx.select)
             if rule != "backprop":
@@ -271,6 +279,11 @@ def resolve_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
     if isinstance(baseline, str):
         if baseline == "blur":
+            if x.dim() != 4:
+                raise MethodError(
+                    "baseline='blur' blurs images (N, C, H, W); for volumes and clips give a float (e.g. 0.0, the "
+                    "background intensity) or a baseline tensor of the input's shape"
+                )
             return gaussian_blur(x, max(x.shape[-2:]) / 20)
         raise MethodError(f"baseline must be None, 'zeros', 'blur', a float or a tensor, not {baseline!r}")
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
@@ -301,12 +314,13 @@ def _integrated(
     N = x.shape[0]
     diff = x - xb0
     total = torch.zeros((N, ctx.k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    ones = (1,) * (x.dim() - 1)  # broadcast over (C, *spatial)
     for n, j in _chunks(N, len(alphas), batch_size):
         nd, jd = n.to(x.device), j.to(x.device)
-        pts = xb0[nd] + alpha[jd].view(-1, 1, 1, 1) * diff[nd]
+        pts = xb0[nd] + alpha[jd].view(-1, *ones) * diff[nd]
         with rows(n):  # path points of images n: the image is interpolated, its extra inputs are not
             gp = gradient_pass(ctx.model, pts, _row_targets(ctx, n), select=ctx.select)
-        total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, 1, 1, 1))
+        total.index_add_(0, nd, gp.grads * weight[jd].view(-1, 1, *ones))
     attr = total * diff[:, None]
     with torch.no_grad():
         f_base = ctx.targets.scores(ctx.select(ctx.model(model_input(xb0)))).detach()
@@ -333,6 +347,7 @@ def _integrated(
     title="Integrated Gradients",
     aliases=("ig",),
     cost=ig_cost,
+    volumes=True,
 )
 def integrated_gradients(
     ctx: ForwardPass,

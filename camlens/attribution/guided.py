@@ -49,8 +49,9 @@ def _ruled_grads(ctx: ForwardPass, rule: str, method: str) -> torch.Tensor:
 
 
 def _upsampled_cam(ctx: ForwardPass, relu: bool) -> torch.Tensor:
-    cam = gradcam(ctx, relu=relu).raw  # (N, K, h, w), gradients by the ordinary backprop rule
-    return F.interpolate(cam, size=tuple(ctx.x.shape[-2:]), mode="bilinear", align_corners=False)
+    cam = gradcam(ctx, relu=relu).raw  # (N, K, h, w) or (N, K, d, h, w), gradients by the ordinary backprop rule
+    mode = "bilinear" if cam.dim() == 4 else "trilinear"  # a volume's map, as explain() upsamples it
+    return F.interpolate(cam, size=tuple(ctx.x.shape[2:]), mode=mode, align_corners=False)
 
 
 @register(
@@ -60,6 +61,7 @@ def _upsampled_cam(ctx: ForwardPass, relu: bool) -> torch.Tensor:
     kind="pixel",
     needs=_RULE_NEEDS,
     title="Deconvnet",
+    volumes=True,
 )
 def deconvnet(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "deconvnet", "deconvnet"), reduce, "deconvnet")
@@ -73,6 +75,7 @@ def deconvnet(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     needs=_RULE_NEEDS,
     title="Guided Backprop",
     aliases=("guided", "guided-backprop"),
+    volumes=True,
 )
 def guided_backprop(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     return pixel_output(_ruled_grads(ctx, "guided", "guided_backprop"), reduce, "guided_backprop")
@@ -86,6 +89,7 @@ def guided_backprop(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOut
     needs=("features", "layer_grads:mean", *_RULE_NEEDS),
     title="Guided Grad-CAM",
     aliases=("guided-gradcam",),
+    volumes=True,
 )
 def guided_gradcam(ctx: ForwardPass, *, reduce: str | None = None) -> MethodOutput:
     gb = _ruled_grads(ctx, "guided", "guided_gradcam")

@@ -37,12 +37,17 @@ memory is bounded by one batch plus the ``(N, K, H, W)`` sums. Masks come from a
 ``torch.Generator`` seeded with ``seed`` and do not depend on ``batch_size``: the same seed gives
 the same map whatever the batching. A tqdm bar (rate, ETA) shows progress (``progress=None``:
 only on a terminal).
+
+Volumes and clips ``(N, C, D, H, W)``: RISE draws ``cell³`` grids upsampled trilinearly and
+shifted along the three axes, occlusion slides ``window³`` cubes; the maps are ``(N, K, D, H, W)``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +69,17 @@ def _batch_size(batch_size: int | None, x: torch.Tensor) -> int:
     return int(batch_size)
 
 
+def _at(row: int, where: tuple[slice, ...]) -> tuple[Any, ...]:
+    """The index ``[row, :, *where]`` of an ``(N, C, *spatial)`` tensor."""
+    return (row, slice(None), *where)
+
+
 def rise_masks(
-    n_masks: int, size: tuple[int, int], *, cell: int = 7, p: float = 0.5, seed: int = 0, device=None
+    n_masks: int, size: tuple[int, ...], *, cell: int = 7, p: float = 0.5, seed: int = 0, device=None
 ) -> Callable[[int, int], torch.Tensor]:
-    """RISE's soft masks, lazily: returns ``get(start, stop) -> (stop - start, 1, H, W)``.
+    """RISE's soft masks, lazily: returns ``get(start, stop) -> (stop - start, 1, H, W)``; for a
+    volume's ``size = (D, H, W)``, 3-D masks ``(stop - start, 1, D, H, W)`` from ``cell³`` grids
+    upsampled trilinearly and shifted along the three axes.
 
     The grids and shifts of all ``n_masks`` masks are drawn up front (``n_masks * cell**2`` bits);
     upsampling happens per requested slice, so mask ``i`` is the same whatever slices ask for it.
@@ -78,20 +90,20 @@ def rise_masks(
         raise MethodError("cell must be >= 1")
     if not 0.0 < p <= 1.0:
         raise MethodError(f"p must be in (0, 1], not {p}")
-    H, W = size
+    size = tuple(int(s) for s in size)
     g = torch.Generator().manual_seed(int(seed))
-    grids = (torch.rand(n_masks, 1, cell, cell, generator=g) < p).float()
-    ch, cw = math.ceil(H / cell), math.ceil(W / cell)
-    dy = torch.randint(0, ch, (n_masks,), generator=g)
-    dx = torch.randint(0, cw, (n_masks,), generator=g)
+    grids = (torch.rand(n_masks, 1, *(cell,) * len(size), generator=g) < p).float()
+    cells = [math.ceil(s / cell) for s in size]
+    shifts = [torch.randint(0, c, (n_masks,), generator=g) for c in cells]  # (dz,) dy, dx
+    mode = "bilinear" if len(size) == 2 else "trilinear"
 
     def get(start: int, stop: int) -> torch.Tensor:
         up = F.interpolate(
-            grids[start:stop].to(device), size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False
+            grids[start:stop].to(device), size=tuple((cell + 1) * c for c in cells), mode=mode, align_corners=False
         )
         return torch.stack(
             [
-                up[i, :, int(dy[start + i]) : int(dy[start + i]) + H, int(dx[start + i]) : int(dx[start + i]) + W]
+                up[_at(i, tuple(slice(int(d[start + i]), int(d[start + i]) + s) for d, s in zip(shifts, size)))]
                 for i in range(stop - start)
             ]
         )
@@ -131,12 +143,13 @@ def _masked_sum(
     x = ctx.x.detach()
     if not isinstance(x, torch.Tensor):
         raise MethodError(f"{desc} needs a batch of images of one size")
-    N, _, H, W = x.shape
+    N, spatial = x.shape[0], tuple(x.shape[2:])  # (H, W), or (D, H, W) for volumes and clips
+    ones = (1,) * len(spatial)
     bs = _batch_size(batch_size, x)
-    get = rise_masks(n_masks, (H, W), cell=cell, p=p, seed=seed, device=x.device)
-    acc = torch.zeros(N, ctx.k, H, W, device=x.device, dtype=torch.float32)
+    get = rise_masks(n_masks, spatial, cell=cell, p=p, seed=seed, device=x.device)
+    acc = torch.zeros(N, ctx.k, *spatial, device=x.device, dtype=torch.float32)
     fsum = torch.zeros(N, ctx.k, device=x.device)
-    msum = torch.zeros(H, W, device=x.device)
+    msum = torch.zeros(spatial, device=x.device)
     jobs = [(n, i) for i in range(n_masks) for n in range(N)]  # mask-major: one mask serves every image
     bar = _bar(len(jobs), desc, progress)
     try:
@@ -152,14 +165,14 @@ def _masked_sum(
                     out = ctx.model(imgs)
                 s = (target(out, rows) if target is not None else _class_scores(ctx, out, rows, weighting)).float()
                 idx = torch.tensor(rows, device=x.device)
-                acc.index_add_(0, idx, s[:, :, None, None] * m)
+                acc.index_add_(0, idx, s.view(*s.shape, *ones) * m)
                 fsum.index_add_(0, idx, s)
                 msum += masks.sum(dim=(0, 1))
                 bar.update(len(chunk))
     finally:
         bar.close()
     if center:  # sum_i (f_i - mean f) M_i = sum_i f_i M_i - mean(f) sum_i M_i
-        acc = acc - (fsum / n_masks)[:, :, None, None] * msum
+        acc = acc - (fsum / n_masks).view(N, -1, *ones) * msum
     return acc / (n_masks * p)
 
 
@@ -176,8 +189,7 @@ def occlusion_cost(ctx, *, window: int = 16, stride: int = 8, **_) -> Cost:
     """One forward per window position and image, and one of each unoccluded image."""
     if window < 1 or stride < 1:
         raise MethodError("window and stride must be >= 1")
-    H, W = ctx.x.shape[-2:]
-    n = len(_positions(H, min(window, H), stride)) * len(_positions(W, min(window, W), stride))
+    n = len(_spots(tuple(ctx.x.shape[2:]), window, stride)[0])
     return Cost((n + 1) * _n_images(ctx), "occluded forwards")
 
 
@@ -191,6 +203,7 @@ def occlusion_cost(ctx, *, window: int = 16, stride: int = 8, **_) -> Cost:
     title="RISE",
     cost=masks_cost,
     boxes=True,  # smooth maps: the box means something
+    volumes=True,
 )
 def rise(
     ctx,
@@ -282,6 +295,14 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     return pos
 
 
+def _spots(spatial: tuple[int, ...], window: int, stride: int) -> tuple[list[tuple[slice, ...]], tuple[int, ...]]:
+    """Every window position over ``spatial`` (``(H, W)``, or ``(D, H, W)``: cubes), in raster
+    order, as index slices; and the window's size per axis (``window``, or the axis if shorter)."""
+    sizes = tuple(min(window, s) for s in spatial)
+    grid = itertools.product(*(_positions(s, w, stride) for s, w in zip(spatial, sizes)))
+    return [tuple(slice(a, a + w) for a, w in zip(corner, sizes)) for corner in grid], sizes
+
+
 @register(
     "occlusion",
     paper="Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
@@ -292,6 +313,7 @@ def _positions(size: int, window: int, stride: int) -> list[int]:
     title="Occlusion",
     cost=occlusion_cost,
     boxes=True,
+    volumes=True,
 )
 def occlusion(
     ctx,
@@ -309,15 +331,15 @@ def occlusion(
         raise MethodError("occlusion needs a batch of images of one size")
     if window < 1 or stride < 1:
         raise MethodError("window and stride must be >= 1")
-    N, _, H, W = x.shape
-    wy, wx = min(window, H), min(window, W)
-    spots = [(y, xx) for y in _positions(H, wy, stride) for xx in _positions(W, wx, stride)]
+    N, spatial = x.shape[0], tuple(x.shape[2:])  # (H, W), or (D, H, W): windows are then cubes
+    spots, _ = _spots(spatial, window, stride)
+    ones = (1,) * len(spatial)
     bs = _batch_size(batch_size, x)
     jobs = [(n, j) for n in range(N) for j in range(len(spots))]
-    acc = torch.zeros(N, ctx.k, H, W, device=x.device)
-    cnt = torch.zeros(H, W, device=x.device)
-    for y, xx in spots:
-        cnt[y : y + wy, xx : xx + wx] += 1
+    acc = torch.zeros(N, ctx.k, *spatial, device=x.device)
+    cnt = torch.zeros(spatial, device=x.device)
+    for where in spots:
+        cnt[where] += 1
     bar = _bar(len(jobs) + N, "occlusion", progress)
     try:
         with torch.inference_mode():
@@ -327,15 +349,13 @@ def occlusion(
                 chunk = jobs[start : start + bs]
                 imgs = x[[n for n, _ in chunk]].clone()
                 for r, (_, j) in enumerate(chunk):
-                    y, xx = spots[j]
-                    imgs[r, :, y : y + wy, xx : xx + wx] = baseline
+                    imgs[_at(r, spots[j])] = baseline
                 rows = [n for n, _ in chunk]
                 with image_rows(rows):
                     out = ctx.model(imgs)
                 s = _class_scores(ctx, out, rows, weighting).float()
                 for r, (n, j) in enumerate(chunk):
-                    y, xx = spots[j]
-                    acc[n, :, y : y + wy, xx : xx + wx] += (ref[n] - s[r])[:, None, None]
+                    acc[_at(n, spots[j])] += (ref[n] - s[r]).view(-1, *ones)
                 bar.update(len(chunk))
     finally:
         bar.close()

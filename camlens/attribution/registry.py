@@ -161,7 +161,9 @@ KINDS: frozenset[str] = frozenset(get_args(Kind))
 @dataclass
 class MethodOutput:
     """``raw``: ``(N, K, h, w)`` for layer methods or ``(N, K, C, H, W)`` for pixel methods;
-    ``maps``: ``(N, K, H, W)`` at input resolution (``None``: upsample ``raw`` bilinearly)."""
+    ``maps``: ``(N, K, H, W)`` at input resolution (``None``: upsample ``raw`` bilinearly). For
+    volume inputs ``(N, C, D, H, W)`` (methods registered with ``volumes=True``) every spatial
+    ``(h, w)`` is ``(d, h, w)`` and the upsampling trilinear."""
 
     raw: torch.Tensor
     maps: torch.Tensor | None = None
@@ -195,6 +197,9 @@ class MethodInfo:
     #: the method only runs forwards of the model (no gradient, no hook): it also explains a scoring
     #: function or a model served elsewhere (see :mod:`camlens.models.blackbox`)
     blackbox: bool = False
+    #: the method also explains volumes and clips ``(N, C, D, H, W)`` (3-D features, 3-D masks…);
+    #: :func:`camlens.explain` refuses the others on such inputs before any work
+    volumes: bool = False
 
     def options(self) -> dict[str, Any]:
         """Keyword options and their defaults."""
@@ -246,6 +251,7 @@ def register(
     cost: Callable[..., Cost] | None = None,
     boxes: bool | None = None,
     blackbox: bool = False,
+    volumes: bool = False,
 ) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
     """Decorator registering a method under ``name`` (and ``aliases``), titled ``title`` in figures,
     for the models ``applies_to`` accepts (default: every model; :data:`ATTENTION_MODELS` for a
@@ -254,6 +260,8 @@ def register(
     web app draws one by default (default: layer methods yes, pixel methods no — a box cut from
     pixel noise; smooth black-box maps such as RISE's say yes). ``blackbox``: it only calls
     ``ctx.model`` on inputs (no gradient, no hook), so it also explains a scoring function.
+    ``volumes``: it handles 3-D inputs ``(N, C, D, H, W)`` and features ``(N, C, d, h, w)`` too,
+    returning ``(N, K, d, h, w)`` (or ``(N, K, D, H, W)``) maps; the others are refused on volumes.
 
     Raises:
         ValueError: an unknown ``needs`` or ``kind``, or a name or alias already taken by another
@@ -281,7 +289,19 @@ def register(
                     "choose another name or alias"
                 )
         _REGISTRY[key] = MethodInfo(
-            key, paper, summary, kind, frozenset(needs), fn, title or name, tuple(keys), applies, cost, box, blackbox
+            key,
+            paper,
+            summary,
+            kind,
+            frozenset(needs),
+            fn,
+            title or name,
+            tuple(keys),
+            applies,
+            cost,
+            box,
+            blackbox,
+            volumes,
         )
         for a in keys:
             _ALIASES[a] = key

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from camlens.attribution.registry import Cost, MethodOutput, register
 from camlens.base.errors import MethodError
-from camlens.base.ops import minmax
+from camlens.base.ops import minmax, spatial_letters
 from camlens.core.extra import rows as image_rows
 from camlens.targets import take_rows
 
@@ -83,7 +83,7 @@ def _masked_logits(model, imgs: torch.Tensor, layout: dict[str, bool]) -> torch.
     return model(imgs)
 
 
-def _input_masks(keys: torch.Tensor, size: tuple[int, int], frames, images: list[int]) -> torch.Tensor:
+def _input_masks(keys: torch.Tensor, size: tuple[int, ...], frames, images: list[int]) -> torch.Tensor:
     """Low-resolution masks ``(B, 1, h, w)`` -> ``(B, 1, H, W)`` over the input (bilinear).
 
     A torchvision detector resizes each image and pads the batch before its backbone, so its
@@ -92,7 +92,8 @@ def _input_masks(keys: torch.Tensor, size: tuple[int, int], frames, images: list
     the same mapping as the maps (:func:`camlens.models.tasks.frame_maps`). Stretching it over the
     input directly would shift it by up to the padding (31 px of the frame)."""
     if frames is None:
-        return F.interpolate(keys, size=size, mode="bilinear", align_corners=False)
+        mode = "bilinear" if keys.dim() == 4 else "trilinear"  # a volume's (B, 1, d, h, w) masks
+        return F.interpolate(keys, size=size, mode=mode, align_corners=False)
     full = F.interpolate(keys, size=frames.padded, mode="bilinear", align_corners=False)
     out = torch.empty((keys.shape[0], 1, *size), dtype=keys.dtype, device=keys.device)
     for i, n in enumerate(images):
@@ -111,7 +112,7 @@ def _channel_jobs(A: torch.Tensor, max_channels: int | None, dedupe: bool) -> li
     for n in range(N):
         ch = torch.arange(C, device=A.device)
         if max_channels is not None and max_channels < C:
-            ch = A[n].mean(dim=(1, 2)).topk(max_channels).indices.sort().values
+            ch = A[n].mean(dim=tuple(range(1, A.dim() - 1))).topk(max_channels).indices.sort().values
         keys = _minmax_rows(A[n, ch].flatten(1))
         if dedupe:
             uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
@@ -150,6 +151,7 @@ def scorecam_cost(ctx, *, batch_size=None, max_channels=None, dedupe=True, **_) 
     title="Score-CAM",
     aliases=("score-cam",),
     cost=scorecam_cost,
+    volumes=True,
 )
 def scorecam(
     ctx,
@@ -175,8 +177,8 @@ def scorecam(
         )
     x = ctx.x.detach()
     frames = getattr(ctx, "frames", None)  # a detector: the features cover its resized, padded frame
-    N, _, h, w = A.shape
-    H, W = x.shape[-2:]
+    N, low = A.shape[0], tuple(A.shape[2:])  # (h, w), or (d, h, w) for a volume
+    high = tuple(x.shape[2:])
     jobs = _channel_jobs(A, max_channels, dedupe)
     # All masked forwards, batched across images.
     flat = [(n, u) for n, uniq, _, _ in jobs for u in range(len(uniq))]
@@ -187,9 +189,9 @@ def scorecam(
     with torch.inference_mode(), bar:
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
-            keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, h, w)
-            masks = _input_masks(keys, (H, W), frames, [n for n, _ in chunk])
-            masks = _minmax_rows(masks.flatten(1)).view(-1, 1, H, W)
+            keys = torch.stack([jobs[n][1][u] for n, u in chunk]).view(-1, 1, *low)
+            masks = _input_masks(keys, high, frames, [n for n, _ in chunk])
+            masks = _minmax_rows(masks.flatten(1)).view(-1, 1, *high)
             images = [n for n, _ in chunk]
             imgs = x[images] * masks
 
@@ -209,12 +211,13 @@ def scorecam(
             for (n, _), row in zip(chunk, s):
                 scores_per_job[n].append(row)
             bar.update(len(chunk))
-    raw = torch.zeros(N, ctx.k, h, w, device=A.device, dtype=A.dtype)
+    raw = torch.zeros(N, ctx.k, *low, device=A.device, dtype=A.dtype)
     n_forwards = []
     for (n, uniq, inv, ch), rows in zip(jobs, scores_per_job):
         s = torch.stack(rows)[inv].to(A.dtype)  # (C', K)
         if weighting == "channel_softmax":
             s = s.softmax(dim=0)
-        raw[n] = torch.einsum("ck,chw->khw", s, A[n, ch]).relu()
+        sp = spatial_letters(A)
+        raw[n] = torch.einsum(f"ck,c{sp}->k{sp}", s, A[n, ch]).relu()
         n_forwards.append(len(uniq))
     return MethodOutput(raw, extras={"forwards": n_forwards})

@@ -41,10 +41,21 @@ from camlens.base.errors import InputError
 DEFAULT_THRESHOLD = 0.3
 #: 8-connectivity structuring element
 _STRUCTURE = np.ones((3, 3), dtype=bool)
+#: 26-connectivity for volumes: a voxel touches the 26 voxels of its 3x3x3 neighbourhood
+_STRUCTURE_3D = np.ones((3, 3, 3), dtype=bool)
 EMPTY_BOX = (-1, -1, -1, -1)
+EMPTY_BOX_3D = (-1, -1, -1, -1, -1, -1)
 
 
-def _as_numpy(maps) -> np.ndarray:
+def _check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise InputError(
+            f"spatial_dims must be 2 (maps (..., H, W)) or 3 (volumes (..., D, H, W)), not {spatial_dims!r}"
+        )
+    return int(spatial_dims)
+
+
+def _as_numpy(maps, spatial_dims: int = 2) -> np.ndarray:
     if isinstance(maps, torch.Tensor):
         maps = maps.detach().float().cpu().numpy()
     arr = np.asarray(maps)
@@ -52,8 +63,9 @@ def _as_numpy(maps) -> np.ndarray:
         arr = arr.astype(np.float32)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"maps must be a numeric array or tensor, not {arr.dtype}")
-    if arr.ndim < 2:
-        raise InputError(f"maps must have shape (..., H, W); got {arr.shape}")
+    if arr.ndim < spatial_dims:
+        axes = "(..., H, W)" if spatial_dims == 2 else "(..., D, H, W)"
+        raise InputError(f"maps must have shape {axes}; got {arr.shape}")
     return arr
 
 
@@ -67,12 +79,12 @@ def _check_threshold(threshold: float) -> float:
 
 
 def components(mask: np.ndarray, weights: np.ndarray | None = None) -> list[tuple[int, float, tuple]]:
-    """8-connected components of a 2-D boolean mask, largest first.
+    """8-connected components of a 2-D boolean mask (26-connected of a 3-D one), largest first.
 
-    Returns ``[(area, mass, (x0, y0, x1, y1)), …]`` sorted by area, then mass (sum of ``weights``),
-    then raster order.
+    Returns ``[(area, mass, (x0, y0, x1, y1)), …]`` (3-D: ``(x0, y0, z0, x1, y1, z1)``, ``z`` the
+    first axis) sorted by area, then mass (sum of ``weights``), then raster order.
     """
-    labels, n = ndimage.label(mask, structure=_STRUCTURE)
+    labels, n = ndimage.label(mask, structure=_STRUCTURE if mask.ndim == 2 else _STRUCTURE_3D)
     if n == 0:
         return []
     idx = np.arange(1, n + 1)
@@ -84,8 +96,8 @@ def components(mask: np.ndarray, weights: np.ndarray | None = None) -> list[tupl
     slices = ndimage.find_objects(labels)
     out = []
     for i, a, m, sl in zip(idx, areas, mass, slices, strict=True):
-        ys, xs = sl
-        out.append((int(a), float(m), (xs.start, ys.start, xs.stop, ys.stop), int(i)))
+        axes = sl[::-1]  # x first: (xs, ys) or (xs, ys, zs)
+        out.append((int(a), float(m), (*(s.start for s in axes), *(s.stop for s in axes)), int(i)))
     out.sort(key=lambda r: (-r[0], -r[1], r[3]))  # label order == raster order of first pixels
     return [r[:3] for r in out]
 
@@ -93,8 +105,10 @@ def components(mask: np.ndarray, weights: np.ndarray | None = None) -> list[tupl
 def box_of_map(
     m: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *, mode: str = "largest", min_area: int = 1
 ) -> np.ndarray:
-    """Boxes of one ``(H, W)`` map: ``(4,)`` for ``mode="largest"``, ``(M, 4)`` for ``mode="all"``."""
+    """Boxes of one ``(H, W)`` map: ``(4,)`` for ``mode="largest"``, ``(M, 4)`` for ``mode="all"``;
+    of one ``(D, H, W)`` volume: ``(6,)`` / ``(M, 6)`` as ``(x0, y0, z0, x1, y1, z1)``."""
     m = np.asarray(m, dtype=np.float64)
+    empty = EMPTY_BOX if m.ndim == 2 else EMPTY_BOX_3D
     peak = m.max() if m.size else 0.0
     if not np.isfinite(m).all() or peak <= 0:
         comps = []
@@ -102,8 +116,8 @@ def box_of_map(
         comps = components(m > threshold * peak, m)
         comps = [c for c in comps if c[0] >= min_area]
     if mode == "largest":
-        return np.array(comps[0][2] if comps else EMPTY_BOX, dtype=np.int64)
-    return np.array([c[2] for c in comps], dtype=np.int64).reshape(-1, 4)
+        return np.array(comps[0][2] if comps else empty, dtype=np.int64)
+    return np.array([c[2] for c in comps], dtype=np.int64).reshape(-1, len(empty))
 
 
 def localize(
@@ -112,8 +126,11 @@ def localize(
     *,
     mode: str = "largest",
     min_area: int = 1,
+    spatial_dims: int = 2,
 ) -> np.ndarray:
-    """Bounding boxes of heatmaps: ``(..., H, W)`` -> int64 ``(..., 4)`` as ``(x0, y0, x1, y1)``.
+    """Bounding boxes of heatmaps: ``(..., H, W)`` -> int64 ``(..., 4)`` as ``(x0, y0, x1, y1)``;
+    with ``spatial_dims=3``, of volumes ``(..., D, H, W)`` -> ``(..., 6)`` as
+    ``(x0, y0, z0, x1, y1, z1)`` (``z`` indexes ``D``; ends exclusive; 26-connected components).
 
     Args:
         maps: array or tensor ``(..., H, W)`` (any device; un-normalized maps are fine, only the
@@ -125,6 +142,8 @@ def localize(
             first, shape ``(..., M, 4)`` where ``M`` is the most any map has (at least 1) and
             missing rows are ``-1``.
         min_area: components smaller than this (pixels) are ignored; a map with none left gives -1.
+        spatial_dims: 2 (maps ``(..., H, W)``) or 3 (volumes and clips ``(..., D, H, W)``, the maps
+            of :func:`camlens.explain` on ``(N, C, D, H, W)`` inputs; ``Explanation.boxes()`` passes it).
 
     Returns:
         int64 numpy array; empty or non-positive maps give ``(-1, -1, -1, -1)``.
@@ -135,41 +154,50 @@ def localize(
     if int(min_area) < 1:
         raise InputError(f"min_area must be at least 1 pixel, got {min_area}")
     t = _check_threshold(threshold)
-    arr = _as_numpy(maps)
-    lead = arr.shape[:-2]
-    flat = arr.reshape(-1, *arr.shape[-2:])
+    nd = _check_spatial_dims(spatial_dims)
+    arr = _as_numpy(maps, nd)
+    lead = arr.shape[:-nd]
+    flat = arr.reshape(-1, *arr.shape[-nd:])
     per = [box_of_map(m, t, mode=mode, min_area=int(min_area)) for m in flat]
+    width = 2 * nd  # (x0, y0, x1, y1) or (x0, y0, z0, x1, y1, z1)
     if mode == "largest":
-        return np.stack(per).reshape(*lead, 4) if per else np.zeros((*lead, 4), dtype=np.int64)
+        return np.stack(per).reshape(*lead, width) if per else np.zeros((*lead, width), dtype=np.int64)
     most = max([len(b) for b in per] + [1])
-    out = np.full((len(per), most, 4), -1, dtype=np.int64)
+    out = np.full((len(per), most, width), -1, dtype=np.int64)
     for i, b in enumerate(per):
         out[i, : len(b)] = b
-    return out.reshape(*lead, most, 4)
+    return out.reshape(*lead, most, width)
 
 
 def box_area(boxes) -> np.ndarray:
-    """Areas of ``(..., 4)`` boxes (exclusive ends); empty (-1) boxes have area 0."""
+    """Areas of ``(..., 4)`` boxes (exclusive ends); empty (-1) boxes have area 0. Volumes of
+    ``(..., 6)`` 3-D boxes ``(x0, y0, z0, x1, y1, z1)``."""
     b = np.asarray(boxes, dtype=np.float64)
-    w = np.clip(b[..., 2] - b[..., 0], 0, None)
-    h = np.clip(b[..., 3] - b[..., 1], 0, None)
+    nd = b.shape[-1] // 2
+    out = np.ones(b.shape[:-1])
+    for a in range(nd):
+        out = out * np.clip(b[..., nd + a] - b[..., a], 0, None)
     valid = (b >= 0).all(-1)
-    return np.where(valid, w * h, 0.0)
+    return np.where(valid, out, 0.0)
 
 
 def iou(a, b) -> np.ndarray:
-    """Intersection over union of boxes ``(..., 4)``, broadcasting over the leading dimensions.
+    """Intersection over union of boxes ``(..., 4)`` (or 3-D boxes ``(..., 6)``), broadcasting over
+    the leading dimensions.
 
     ``IoU = |A ∩ B| / |A ∪ B|`` with exclusive ends; any empty box (``-1``) gives 0.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    if a.shape[-1:] != (4,) or b.shape[-1:] != (4,):
-        raise InputError(f"boxes must have shape (..., 4); got {a.shape} and {b.shape}")
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    if a.shape[-1:] != b.shape[-1:] or a.shape[-1:] not in ((4,), (6,)):
+        raise InputError(f"boxes must have shape (..., 4) (or (..., 6) in 3-D); got {a.shape} and {b.shape}")
+    nd = a.shape[-1] // 2
+    overlap = np.ones(np.broadcast_shapes(a.shape[:-1], b.shape[:-1]))
+    for ax in range(nd):
+        hi = np.minimum(a[..., nd + ax], b[..., nd + ax])
+        overlap = overlap * np.clip(hi - np.maximum(a[..., ax], b[..., ax]), 0, None)
     valid = (a >= 0).all(-1) & (b >= 0).all(-1)
-    inter = np.where(valid, iw * ih, 0.0)
+    inter = np.where(valid, overlap, 0.0)
     union = box_area(a) + box_area(b) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
@@ -205,16 +233,17 @@ class Boxes(np.ndarray):
     Attributes:
         frame: ``"image"`` — each original image's own pixels (the boxes of image ``i`` are in an
             image of ``sizes[i]``); ``"input"`` — the model-input pixels of the maps (``exp.maps``).
-        sizes: per image, the ``(H, W)`` of that frame.
+        sizes: per image, the ``(H, W)`` of that frame (``(D, H, W)`` for volumes, whose boxes are
+            ``(..., 6)`` as ``(x0, y0, z0, x1, y1, z1)`` in voxels).
     """
 
     frame: str
-    sizes: list[tuple[int, int]]
+    sizes: list[tuple[int, ...]]
 
-    def __new__(cls, arr, frame: str, sizes: Sequence[tuple[int, int]]) -> Boxes:
+    def __new__(cls, arr, frame: str, sizes: Sequence[tuple[int, ...]]) -> Boxes:
         obj = np.asarray(arr, dtype=np.int64).view(cls)
         obj.frame = frame
-        obj.sizes = [(int(s[0]), int(s[1])) for s in sizes]
+        obj.sizes = [tuple(int(v) for v in s) for s in sizes]
         return obj
 
     def __array_finalize__(self, obj) -> None:
@@ -237,7 +266,7 @@ def map_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> np.ndarray
     per = [localize(exp.image_maps(i), threshold, **kwargs) for i in range(len(exp))]
     if per[0].ndim == 3:  # mode="all": pad every image's rows to the most boxes of any map
         most = max(p.shape[1] for p in per)
-        out = np.full((len(per), per[0].shape[0], most, 4), -1, dtype=np.int64)
+        out = np.full((len(per), per[0].shape[0], most, per[0].shape[-1]), -1, dtype=np.int64)
         for i, p in enumerate(per):
             out[i, :, : p.shape[1]] = p
         return out
@@ -254,6 +283,12 @@ def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str =
     """
     if frame not in ("auto", "image", "input", "map"):
         raise InputError(f"frame must be 'auto', 'image' or 'input' (model-input / map pixels), not {frame!r}")
+    nd = getattr(exp, "spatial_dims", 2)
+    if nd == 3:  # volumes and clips: (N, K, 6) boxes in voxels of the maps (the model's input)
+        if frame == "image":
+            raise InputError("volume and clip maps have no image frame: their boxes are in voxels; ask frame='input'")
+        b = map_boxes(exp, threshold, spatial_dims=3, **kwargs)
+        return Boxes(b, "input", [tuple(int(s) for s in exp.shape[2:])] * len(b))
     b = map_boxes(exp, threshold, **kwargs)
     size = tuple(int(s) for s in exp.shape[-2:])
     if frame == "image" and not exp.images:

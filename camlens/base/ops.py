@@ -66,4 +66,19 @@ def minmax(maps: torch.Tensor, dims: int | tuple[int, ...] = (-2, -1), *, ulps: 
     return torch.nan_to_num(out, nan=0.0).to(dtype)
 
 
-__all__ = ["ULPS", "constant_tolerance", "is_constant", "minmax"]
+def spatial_axes(t: torch.Tensor, lead: int = 2) -> tuple[int, ...]:
+    """The spatial axes of ``t`` after ``lead`` leading axes: ``(2, 3)`` for ``(N, C, h, w)``,
+    ``(2, 3, 4)`` for a volume's ``(N, C, d, h, w)``."""
+    return tuple(range(lead, t.dim()))
+
+
+def spatial_letters(t: torch.Tensor, lead: int = 2) -> str:
+    """Einsum letters of ``t``'s spatial axes after ``lead`` leading axes: ``"hw"`` for 2-D
+    features, ``"dhw"`` for 3-D ones (so that 2-D einsums keep their exact spelling)."""
+    n = t.dim() - lead
+    if not 1 <= n <= 3:
+        raise ValueError(f"expected 1 to 3 spatial axes after {lead} leading ones; got shape {tuple(t.shape)}")
+    return "dhw"[3 - n :]
+
+
+__all__ = ["ULPS", "constant_tolerance", "is_constant", "minmax", "spatial_axes", "spatial_letters"]

@@ -26,6 +26,7 @@ from camlens.cli.common import (
     table,
 )
 from camlens.cli.dataset import collect, dataset_options, load_model_seeded
+from camlens.cli.volume import nifti_inputs
 
 DEFAULT_METHODS = ("gradcam", "cam")
 #: the cost estimate is printed before a method estimated to run this many forwards or seconds
@@ -168,6 +169,7 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--recursive", is_flag=True, help="also take images in sub-folders of FOLDERS")
 @click.option("-q", "--quiet", is_flag=True, help="no top-5 tables, only errors and the final line")
 @method_option
+@nifti_inputs  # NIfTI scans: camlens.cli.volume
 def explain_cmd(
     images,
     model,
@@ -220,6 +222,10 @@ def explain_cmd(
 
     Unreadable images are reported by name and skipped; the exit code is 1 if any input failed.
 
+    NIfTI scans (.nii, .nii.gz; pip install 'camlens[medical]') are explained by a 3-D network as
+    (1, C, D, H, W) volumes: per scan, method and class the map as NIfTI in the scan's own space, its
+    slice montage (PNG) and a JSON summary with the 3-D boxes (voxels) and peaks (voxels and mm).
+
     \b
     Examples:
       camlens explain                                  # the cat photo, Grad-CAM and CAM, top-2
@@ -230,6 +236,7 @@ def explain_cmd(
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
       camlens explain --model openclip:ViT-B-32 --weights clip.pt --prompt "a red bicycle" photo.jpg
+      camlens explain scan.nii.gz --model r3d_18 --weights FILE   # NIfTI: maps as NIfTI in the scan's space
     """
     from camlens.attribution.registry import get_method
     from camlens.base.errors import CamlensError

@@ -48,7 +48,22 @@ from torch.overrides import TorchFunctionMode
 from camlens.base.errors import InputError
 from camlens.core.layout import Layout, LayoutRequest
 
-_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_POOL_MODULES = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool3d,
+    nn.MaxPool3d,
+)
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
+#: per tensor rank: the adaptive and the windowed pooling functions of its spatial dimensions
+_POOL_FUNCS: dict[int, tuple[tuple[Callable[..., Any], ...], tuple[Callable[..., Any], ...]]] = {
+    4: ((F.adaptive_avg_pool2d, F.adaptive_max_pool2d), (F.avg_pool2d, F.max_pool2d)),
+    5: ((F.adaptive_avg_pool3d, F.adaptive_max_pool3d), (F.avg_pool3d, F.max_pool3d)),
+}
 
 
 def _is_one(size) -> bool:
@@ -60,23 +75,25 @@ def _is_one(size) -> bool:
 
 
 def global_pool_input(func, args, kwargs) -> torch.Tensor | None:
-    """If ``func(*args, **kwargs)`` pools a 4-D tensor to 1x1 (global pooling), its input."""
-    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
+    """If ``func(*args, **kwargs)`` pools a 4-D ``(N, C, h, w)`` or a 5-D ``(N, C, d, h, w)`` tensor
+    to one value per channel (global pooling), its input."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() not in _POOL_FUNCS:
         return None
     x = args[0]
-    if func in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+    adaptive, windowed = _POOL_FUNCS[x.dim()]
+    if func in adaptive:
         size = args[1] if len(args) > 1 else kwargs.get("output_size")
         return x if _is_one(size) else None
-    if func in (F.avg_pool2d, F.max_pool2d):
+    if func in windowed:
         k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
-        k = (k, k) if isinstance(k, int) else tuple(k)
-        return x if k == tuple(x.shape[-2:]) else None
+        k = (k,) * (x.dim() - 2) if isinstance(k, int) else tuple(k)
+        return x if k == tuple(x.shape[2:]) else None
     if func in (torch.mean, torch.Tensor.mean, torch.amax, torch.Tensor.amax):
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if dim is None:
             return None
-        dims = {d % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
-        return x if dims == {2, 3} else None
+        dims = {d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)}
+        return x if dims == set(range(2, x.dim())) else None
     return None
 
 
@@ -123,14 +140,14 @@ class Captured:
 
 def is_spatial_fallback(module: nn.Module, output) -> bool:
     """Whether ``module``'s ``output`` can serve as the fallback layer of a network without global
-    pooling: a leaf module with a spatial ``(N, C, h, w)`` output, ``h, w > 1``, that is not a
-    fixed-size adaptive pooling adapter (VGG's ``avgpool``)."""
+    pooling: a leaf module with a spatial ``(N, C, h, w)`` (or a volume's ``(N, C, d, h, w)``)
+    output, ``h, w > 1``, that is not a fixed-size adaptive pooling adapter (VGG's ``avgpool``)."""
     return (
         isinstance(output, torch.Tensor)
-        and output.dim() == 4
+        and output.dim() in (4, 5)
         and output.shape[-1] > 1
         and output.shape[-2] > 1
-        and not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+        and not isinstance(module, _ADAPTIVE_POOLS)
         and next(iter(module.children()), None) is None
     )
 
@@ -166,8 +183,9 @@ def _note_attention(out: Captured):
 
 
 def _is_global_pool_module(module: nn.Module) -> bool:
-    """A pooling module that pools any 4-D input to 1x1 (``nn.AdaptiveAvgPool2d(1)`` and friends)."""
-    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and _is_one(module.output_size)
+    """A pooling module that pools any input to one value per channel (``nn.AdaptiveAvgPool2d(1)``,
+    ``nn.AdaptiveAvgPool3d(1)`` and friends)."""
+    return isinstance(module, _ADAPTIVE_POOLS) and _is_one(module.output_size)
 
 
 def _module_pools_globally(module: nn.Module, x) -> bool:
@@ -183,6 +201,14 @@ def _module_pools_globally(module: nn.Module, x) -> bool:
         func, arg = F.avg_pool2d, module.kernel_size
     elif isinstance(module, nn.MaxPool2d):
         func, arg = F.max_pool2d, module.kernel_size
+    elif isinstance(module, nn.AdaptiveAvgPool3d):
+        func, arg = F.adaptive_avg_pool3d, module.output_size
+    elif isinstance(module, nn.AdaptiveMaxPool3d):
+        func, arg = F.adaptive_max_pool3d, module.output_size
+    elif isinstance(module, nn.AvgPool3d):
+        func, arg = F.avg_pool3d, module.kernel_size
+    elif isinstance(module, nn.MaxPool3d):
+        func, arg = F.max_pool3d, module.kernel_size
     else:
         return False
     return global_pool_input(func, (x, arg), {}) is not None

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from camlens.base.errors import InputError, LayoutError, MethodError, NonFiniteError
+from camlens.base.ops import spatial_axes
 from camlens.core.attention import capture_attention
 from camlens.core.capture import CaptureSpec, capture
 from camlens.core.layout import LayoutRequest, ReshapeSpec, token_grid
@@ -200,13 +201,14 @@ def stacked_grads(scores: torch.Tensor, wrt: torch.Tensor, **kwargs) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
-#: ``reducer(G, A) -> (N, Kc, ...)`` for a chunk ``G`` ``(N, Kc, C, h, w)`` of layer gradients and
-#: the features ``A`` ``(N, C, h, w)``; the results of all chunks are concatenated along ``K``.
+#: ``reducer(G, A) -> (N, Kc, ...)`` for a chunk ``G`` ``(N, Kc, C, *spatial)`` of layer gradients and
+#: the features ``A`` ``(N, C, *spatial)`` (``spatial``: ``(h, w)``, or ``(d, h, w)`` for a volume);
+#: the results of all chunks are concatenated along ``K``.
 LayerReducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _REDUCERS: dict[str, LayerReducer] = {
     "full": lambda G, A: G,
-    "mean": lambda G, A: G.mean(dim=(3, 4)),
-    "sqmean": lambda G, A: G.pow(2).mean(dim=(2, 3, 4)),
+    "mean": lambda G, A: G.mean(dim=spatial_axes(G, 3)),
+    "sqmean": lambda G, A: G.pow(2).mean(dim=spatial_axes(G, 2)),
 }
 
 
@@ -266,7 +268,7 @@ def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException
     """An :class:`InputError` naming the problem and the fix when ``model(x)`` failed because of
     the input's shape (wrong channel count, image too small); ``None`` when it is something else
     (then the model's own exception must reach the caller unchanged)."""
-    if not isinstance(exc, RuntimeError) or not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if not isinstance(exc, RuntimeError) or not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
         return None
     msg = str(exc)
     conv = _first_conv(model)
@@ -277,11 +279,20 @@ def diagnose_forward_error(model: nn.Module, x: torch.Tensor, exc: BaseException
         fix = (
             " Convert grayscale with x.expand(-1, 3, -1, -1) (or x.repeat(1, 3, 1, 1)); drop an alpha channel with "
             "x[:, :3]; or pass the images themselves (paths, PIL images, arrays), which camlens converts to RGB"
+            if want == 3 and x.dim() == 4
+            else " Repeat a single channel with x.expand(-1, 3, -1, -1, -1) (the model was built for 3)"
             if want == 3
             else ""
         )
+        what = "images" if x.dim() == 4 else "volumes / clips"
         return InputError(
-            f"the model takes {want}-channel images but the input has {got} channel(s) (shape {tuple(x.shape)}).{fix}"
+            f"the model takes {want}-channel {what} but the input has {got} channel(s) (shape {tuple(x.shape)}).{fix}"
+        )
+    if any(s in msg for s in _TOO_SMALL) and x.dim() == 5:
+        return InputError(
+            f"the input volumes ({'x'.join(map(str, x.shape[2:]))} voxels) are too small for this model: a "
+            "convolution or pooling window is larger than its feature map. Resample or pad them to the size the "
+            "model was trained on (e.g. 16x112x112 clips for torchvision's video classifiers)"
         )
     if any(s in msg for s in _TOO_SMALL):
         return InputError(
@@ -318,7 +329,8 @@ class ForwardPass:
         logits: ``(N, num_classes)`` class scores selected from it (:func:`camlens.core.outputs.select_output`);
             ``output_choice`` says which part was taken. ``None`` when a target object is given and
             the output is not such a table (a detector's list of dicts, a segmenter's dict).
-        features: captured ``(N, C, h, w)`` features (a leaf tensor when the graph was cut), after
+        features: captured ``(N, C, h, w)`` features (``(N, C, d, h, w)`` for a volume or clip input
+            ``(N, C, D, H, W)``; a leaf tensor when the graph was cut), after
             the layout adapter (:mod:`camlens.core.layout`) described by ``layout``.
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
         frames: a torchvision detector's resize + pad in this pass

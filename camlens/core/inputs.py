@@ -52,15 +52,18 @@ def prepare_batch(
     check_not_meta(inputs)
     if isinstance(inputs, torch.Tensor):
         x = inputs
-        if x.dim() != 4:
+        if x.dim() not in (4, 5):  # images (N, C, H, W); volumes and clips (N, C, D, H, W)
             fix = " Add a batch dimension: x.unsqueeze(0)." if x.dim() == 3 else ""
-            raise InputError(f"expected an image batch of shape (N, C, H, W); got {tuple(x.shape)}.{fix}")
+            raise InputError(
+                f"expected an image batch of shape (N, C, H, W) or a volume / clip batch (N, C, D, H, W); "
+                f"got {tuple(x.shape)}.{fix}"
+            )
         if not x.is_floating_point():
             raise InputError(
                 f"input tensor has dtype {x.dtype}; explanations need a floating-point, preprocessed tensor "
                 "(convert with x.float() and normalize, or pass the images themselves)"
             )
-        if x.shape[0] == 0 or x.shape[-1] < 1 or x.shape[-2] < 1:
+        if x.shape[0] == 0 or min(x.shape[2:]) < 1:
             raise InputError(f"empty input batch of shape {tuple(x.shape)}")
         with torch.inference_mode(False):
             if x.is_inference():

@@ -13,7 +13,8 @@ pass; :func:`run_resolved` runs it (through the caller's ``forward_pass`` factor
 4. no global pooling at all: a transformer (ViT, DeiT: the head reads the class token) falls back to
    the norm that ran before the last attention module; other networks (VGG) to the last spatial
    module. The pass that watched every call has seen both — no extra probe;
-5. a layer never called, or features that are not ``(N, C, h, w)``: a clear :class:`InputError`.
+5. a layer never called, or features that are not ``(N, C, h, w)`` (``(N, C, d, h, w)`` for a volume
+   input): a clear :class:`InputError`.
 
 Every pass runs inside the caller's eval-mode context; nothing here touches the model otherwise.
 """
@@ -104,9 +105,11 @@ def run_resolved(
         # module, seen by the pass (or probe) that watched every call
         spec = fallback_spec(last_spatial)
         ctx = forward_pass(spec)
-    if spec is not None and ctx.features is not None and ctx.features.dim() != 4:
+    want = x.dim() if isinstance(x, torch.Tensor) else 4  # (N, C, h, w), or (N, C, d, h, w) for a volume
+    if spec is not None and ctx.features is not None and ctx.features.dim() != want:
+        axes = "(N, C, h, w)" if want == 4 else "(N, C, d, h, w) like the input's (N, C, D, H, W)"
         raise InputError(
-            f"the {spec.describe()} has shape {tuple(ctx.features.shape)}, not (N, C, h, w); "
+            f"the {spec.describe()} has shape {tuple(ctx.features.shape)}, not {axes}; "
             "layer methods need a convolutional feature map (token and channels-last layouts are adapted; "
             "see reshape=): choose another layer"
         )

@@ -222,7 +222,15 @@ def available_models() -> list[str]:
     import torchvision
 
     tv = torchvision.models.list_models(module=torchvision.models)
-    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv), *DETECTORS, *SEGMENTERS]
+    return [DEFAULT_MODEL, "vgg16_cam", *sorted(tv), *video_models(), *DETECTORS, *SEGMENTERS]
+
+
+def video_models() -> list[str]:
+    """torchvision's video classifiers (``r3d_18``, ``mc3_18``, ``r2plus1d_18``, ``s3d``, MViT, Swin3D):
+    they take clips ``(N, 3, T, H, W)`` (Kinetics-400 classes with pretrained weights)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models.video))
 
 
 def build_named(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None) -> nn.Module:
@@ -249,7 +257,8 @@ def build_named(name: str, weights: str | os.PathLike | None = None, num_classes
         )
     import torchvision
 
-    if key not in torchvision.models.list_models(module=torchvision.models):
+    video = key in video_models()
+    if key not in torchvision.models.list_models(module=torchvision.models) and not video:
         import difflib
 
         close = difflib.get_close_matches(key, available_models(), n=5, cutoff=0.5)
@@ -258,7 +267,8 @@ def build_named(name: str, weights: str | os.PathLike | None = None, num_classes
             f"unknown model {name!r}.{hint} `camlens models` lists them all; timm models are '{TIMM_PREFIX}NAME'."
         )
     model, classes = _torchvision(key, weights, num_classes)
-    return attach_card(model, ModelCard(key, IMAGENET, classes))
+    extra = {"inputs": "clips (N, 3, T, H, W)"} if video else {}
+    return attach_card(model, ModelCard(key, IMAGENET, classes, extra=extra))
 
 
 __all__ = [
@@ -269,4 +279,5 @@ __all__ = [
     "build_named",
     "class_names_of",
     "torchvision_weights_file",
+    "video_models",
 ]

@@ -793,7 +793,7 @@ def _panels_of(
     for j in range(k):
         c = int(exp.classes[0, j])
         m = exp.map(0, j).detach().float().cpu().numpy()
-        raw = exp.raw[0, j].detach().float().cpu().numpy() if exp.raw.dim() == 5 else None
+        raw = exp.raw[0, j].detach().float().cpu().numpy() if exp.kind == "pixel" else None
         extras = {
             key: (v if isinstance(v, (int, float, str, bool)) else v.detach().cpu().tolist())
             for key, v in exp.extras.items()

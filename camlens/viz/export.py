@@ -136,6 +136,12 @@ def save_explanation(
     Existing files are never replaced unless ``overwrite=True``: all names are checked before
     anything is written, and :class:`~camlens.base.errors.OutputExistsError` says to pass ``--overwrite``.
     """
+    if exp.spatial_dims != 2:
+        raise InputError(
+            f"{exp.method}'s maps are volumes or clips {exp.shape}: save them with "
+            "camlens.base.nifti.save_nifti(exp.maps[i, k], scan, PATH) (in a scan's space), numpy.save, or "
+            "camlens.viz.volume.volume_figure(exp, i, k).savefig(PATH)"
+        )
     opts = save_options(options, **kwargs)
     thr = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
     draw = opts.boxes or opts.threshold is not None
@@ -149,7 +155,7 @@ def save_explanation(
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
         img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
-        pixel = exp.raw.dim() == 5
+        pixel = exp.kind == "pixel"
         shared = shared_color_scale(maps_i, pixel=pixel, cmap=opts.cmap) if opts.shared_scale else None
         scales = [shared or color_scale(mj, pixel=pixel, cmap=opts.cmap) for mj in maps_i]
         if "png" in opts.formats:

@@ -30,12 +30,12 @@ from camlens.viz.tasks import detection_figure, segmentation_figure
 
 def _render(exp: Explanation, i: int, k: int, img: np.ndarray, alpha: float, cmap: str, scale=None):
     """The overlay of map ``(i, k)`` on ``img`` and its colour scale (see :func:`render_map`)."""
-    return render_map(img, exp.map(i, k), pixel=exp.raw.dim() == 5, alpha=alpha, cmap=cmap, scale=scale)
+    return render_map(img, exp.map(i, k), pixel=exp.kind == "pixel", alpha=alpha, cmap=cmap, scale=scale)
 
 
 def image_scale(exp: Explanation, i: int, cmap: str = "jet") -> ColorScale:
     """One :func:`shared_color_scale` for the ``K`` maps of image ``i`` (one method: one unit)."""
-    return shared_color_scale(exp.image_maps(i), pixel=exp.raw.dim() == 5, cmap=cmap)
+    return shared_color_scale(exp.image_maps(i), pixel=exp.kind == "pixel", cmap=cmap)
 
 
 def _scales(exp: Explanation, i: int, cmap: str, shared: bool) -> list[ColorScale | None]:
@@ -200,7 +200,7 @@ def pixel_figure(
 ) -> Figure:
     """Pixel attributions of one image: for each target, the attribution as colour
     (:func:`attribution_rgb`) and as heat (``exp.maps``, the method's own channel reduction)."""
-    if exp.raw.dim() != 5:
+    if exp.kind != "pixel":
         raise InputError(f"{exp.method} is not a pixel method (raw has shape {tuple(exp.raw.shape)}); use topk_figure")
     img = _image_of(exp, index)
     k = exp.shape[1]
@@ -266,6 +266,11 @@ def explanation_figure(
     sign on the full colormap, :func:`color_scale`). ``shared_scale=True``: one colour scale per
     image across its classes (:func:`shared_color_scale`), so a weaker class looks weaker.
     :func:`pixel_figure` shows pixel attributions as colour as well."""
+    if exp.spatial_dims != 2:
+        raise InputError(
+            f"{exp.method}'s maps are volumes or clips {exp.shape}; draw them with "
+            "camlens.viz.volume.volume_figure(exp, index, target) (a slice montage)"
+        )
     n = len(exp)
     rows = list(range(min(n, max_images))) if index is None else ([index] if isinstance(index, int) else list(index))
     for r in rows:

@@ -1,0 +1,243 @@
+"""``camlens explain scan.nii.gz --model r3d_18 ...``: NIfTI scans (and video files) explained by a 3-D network.
+
+When every input of ``camlens explain`` is a NIfTI file (``.nii``, ``.nii.gz``; needs
+``camlens[medical]``), each scan is read with its affine (:mod:`camlens.base.nifti`), given to the
+model as one ``(1, C, D, H, W)`` volume (the single channel repeated to the channels of the model's
+first convolution; no resampling: the model must take the scan's grid), and explained by the
+``--method`` methods (default Grad-CAM) for the ``--topk`` classes or ``--class`` classes. Written
+to ``--out`` per scan, method and target: the map as NIfTI in the scan's own space
+(``STEM_METHOD_top1.nii.gz``, opens on top of the scan in ITK-SNAP / 3D Slicer), its slice montage
+(``.png``), and one ``STEM.json`` summary with the 3-D boxes in voxels and the peak in voxels and
+world millimetres (the box's extent in mm too). Existing files are refused before any work unless
+``--overwrite``.
+
+Video files (``.mp4``, ``.avi``, ``.webm``…; needs ``camlens[video]``) go the same way as 16-frame
+clips (:func:`camlens.base.video.read_clip`, resized to 112x112 and Kinetics-normalized): per clip,
+method and target the map ``(T, H, W)`` as ``.npy``, a montage of frames, and a JSON summary with the
+frames' timestamps, the 3-D box ``(x0, y0, t0, x1, y1, t1)``, its time span in seconds and the peak.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from camlens.cli.common import check_layer, check_overwrite, echo, parse_classes, parse_method_options, resolve_device
+from camlens.cli.dataset import load_model_seeded
+
+DEFAULT_VOLUME_METHODS = ("gradcam",)
+
+
+def nifti_inputs(cmd: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``camlens explain``: NIfTI inputs go to :func:`explain_scans`, images to ``cmd``."""
+
+    @functools.wraps(cmd)
+    def run(**kw: Any) -> Any:
+        from camlens.base.nifti import is_nifti
+        from camlens.base.video import is_video
+
+        images = kw.get("images") or ()
+        scans = [p for p in images if is_nifti(p) or is_video(p)]
+        if not scans:
+            return cmd(**kw)
+        if len(scans) != len(images):
+            raise click.BadParameter(
+                "give NIfTI scans / video files or images, not both in one call", param_hint="IMAGES"
+            )
+        return explain_scans(ScanRun.of(kw))
+
+    return run
+
+
+@dataclass(frozen=True)
+class ScanRun:
+    """The ``camlens explain`` arguments a scan run uses (the image-only options are ignored)."""
+
+    scans: tuple[str, ...]
+    model: str
+    weights: str | None
+    checkpoint: str | None
+    layer: str | None
+    device: str | None
+    methods: tuple[str, ...]
+    topk: int
+    classes: tuple[str, ...]
+    out: str
+    overwrite: bool
+    threshold: float | None
+    method_options: tuple[str, ...]
+    frames: int = 16  # video files: frames per clip and the stride between them
+    stride: int = 1
+
+    @classmethod
+    def of(cls, kw: dict[str, Any]) -> ScanRun:
+        from camlens.cli.common import parse_threshold
+
+        thr = kw.get("threshold")
+        return cls(
+            tuple(kw["images"]),
+            kw["model"],
+            kw.get("weights"),
+            kw.get("checkpoint"),
+            kw.get("layer"),
+            kw.get("device"),
+            tuple(kw.get("methods") or DEFAULT_VOLUME_METHODS),
+            int(kw.get("topk") or 1),
+            tuple(kw.get("classes") or ()),
+            kw["out"],
+            bool(kw.get("overwrite")),
+            parse_threshold(thr) if thr is not None else None,
+            tuple(kw.get("method_options") or ()),
+        )
+
+
+def _planned(run: ScanRun, names: list[str], k: int) -> list[Path]:
+    from camlens.base.video import is_video
+
+    out = Path(run.out)
+    paths = []
+    for scan in run.scans:
+        stem = _stem(scan)
+        paths.append(out / f"{stem}.json")
+        ext = ".npy" if is_video(scan) else ".nii.gz"
+        for m in names:
+            for j in range(k):
+                paths += [out / f"{stem}_{m}_top{j + 1}{ext}", out / f"{stem}_{m}_top{j + 1}.png"]
+    return paths
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def explain_scans(run: ScanRun) -> None:
+    """Explain each scan of ``run`` and write its maps, montages and summary (see the module doc)."""
+    import torch
+
+    from camlens.api.explainer import explain
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
+    from camlens.base.fsio import safe_out_dir
+    from camlens.base.nifti import read_nifti
+    from camlens.base.video import is_video, read_clip
+    from camlens.models.zoo import card_of
+
+    try:
+        names = list(dict.fromkeys(get_method(m).name for m in run.methods))
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+    options = parse_method_options(run.method_options, names)
+    net = load_model_seeded(run.model, run.weights, run.checkpoint, resolve_device(run.device))
+    check_layer(net, run.layer)
+    card = card_of(net)
+    class_names = card.class_names if card else None
+    targets: Any = parse_classes(run.classes, class_names) if run.classes else f"top{run.topk}"
+    k = len(targets) if run.classes else run.topk
+    check_overwrite(_planned(run, names, k), run.overwrite)
+    out = safe_out_dir(run.out)
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    channels = first.in_channels if first is not None else 1
+    device = next(net.parameters()).device
+    for scan in run.scans:
+        if is_video(scan):
+            clip = read_clip(scan, frames=run.frames, stride=run.stride)
+            res = explain(net, clip.tensor().to(device), names, targets=targets, layer=run.layer, **options)
+            summary = _write_clip(out, scan, clip, res, run)
+        else:
+            vol = read_nifti(scan)
+            x = vol.tensor().expand(-1, channels, -1, -1, -1).to(device)
+            res = explain(net, x, names, targets=targets, layer=run.layer, **options)
+            summary = _write_scan(out, scan, vol, res, run)
+        echo(f"{scan}: {', '.join(f'{m} {len(v)} map(s)' for m, v in summary['methods'].items())} -> {out}")
+
+
+def _write_scan(out: Path, scan: str, vol, res: dict, run: ScanRun) -> dict[str, Any]:
+    """The maps (NIfTI), montages (PNG) and the JSON summary of one scan."""
+    from camlens.base.fsio import atomic_write, atomic_write_json
+    from camlens.base.localization import DEFAULT_THRESHOLD
+    from camlens.base.nifti import save_nifti
+    from camlens.viz import figure_png
+    from camlens.viz.volume import peak_voxel, volume_figure
+
+    stem = _stem(scan)
+    background = vol.tensor()[0, 0]
+    thr = DEFAULT_THRESHOLD if run.threshold is None else run.threshold
+    summary: dict[str, Any] = {"scan": scan, "shape_dhw": list(vol.shape)}
+    summary |= {"spacing_ijk_mm": list(vol.spacing), "affine": vol.affine.tolist(), "threshold": thr, "methods": {}}
+    for method, exp in res.items():
+        boxes = exp.boxes(thr)
+        rows = []
+        for j, label in enumerate(exp.labels()[0]):
+            m = exp.map(0, j)
+            save_nifti(m, vol, out / f"{stem}_{method}_top{j + 1}.nii.gz", overwrite=run.overwrite)
+            fig = volume_figure(exp, 0, j, background=background, spacing=vol.spacing[::-1])
+            atomic_write(out / f"{stem}_{method}_top{j + 1}.png", figure_png(fig), overwrite=run.overwrite)
+            peak = peak_voxel(m.numpy(), exp.signed)
+            rows.append(
+                {
+                    "class": int(exp.classes[0, j]),
+                    "label": label,
+                    "score": float(exp.scores[0, j]),
+                    "box_voxels_xyzxyz": [int(v) for v in boxes[0, j]],
+                    "box_world_mm": vol.world_box(boxes[0, j]).tolist() if boxes[0, j, 0] >= 0 else None,
+                    "peak_voxel_zyx": list(peak),
+                    "peak_world_mm": [float(v) for v in vol.world(peak)],
+                }
+            )
+        summary["methods"][method] = rows
+    atomic_write_json(out / f"{stem}.json", summary, overwrite=run.overwrite, indent=2)
+    return summary
+
+
+def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str, Any]:
+    """The maps (``.npy`` ``(T, H, W)``), montages (PNG: a row of frames) and the JSON summary of one clip."""
+    import io
+
+    import numpy as np
+
+    from camlens.base.fsio import atomic_write, atomic_write_json
+    from camlens.base.localization import DEFAULT_THRESHOLD
+    from camlens.viz import figure_png
+    from camlens.viz.volume import peak_voxel, volume_figure
+
+    stem = _stem(path)
+    thr = DEFAULT_THRESHOLD if run.threshold is None else run.threshold
+    summary: dict[str, Any] = {"video": path, "timestamps_s": [float(t) for t in clip.timestamps], "fps": clip.fps}
+    summary |= {"threshold": thr, "methods": {}}
+    for method, exp in res.items():
+        boxes = exp.boxes(thr)
+        rows = []
+        for j, label in enumerate(exp.labels()[0]):
+            m = exp.map(0, j)
+            buf = io.BytesIO()
+            np.save(buf, m.numpy())
+            atomic_write(out / f"{stem}_{method}_top{j + 1}.npy", buf.getvalue(), overwrite=run.overwrite)
+            fig = volume_figure(exp, 0, j, views=("axial",), n_slices=min(8, m.shape[0]))
+            atomic_write(out / f"{stem}_{method}_top{j + 1}.png", figure_png(fig), overwrite=run.overwrite)
+            t, y, x = peak_voxel(m.numpy(), exp.signed)
+            box = [int(v) for v in boxes[0, j]]
+            rows.append(
+                {
+                    "class": int(exp.classes[0, j]),
+                    "label": label,
+                    "score": float(exp.scores[0, j]),
+                    "box_xytxyt": box,
+                    "seconds": [float(clip.timestamps[box[2]]), float(clip.timestamps[box[5] - 1])]
+                    if box[2] >= 0
+                    else None,
+                    "peak_frame_yx": [t, y, x],
+                    "peak_time_s": float(clip.timestamps[t]),
+                }
+            )
+        summary["methods"][method] = rows
+    atomic_write_json(out / f"{stem}.json", summary, overwrite=run.overwrite, indent=2)
+    return summary
+
+
+__all__ = ["ScanRun", "explain_scans", "nifti_inputs"]
