@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 
 from camlens.api.explanation import Explanation
 from camlens.base.errors import InputError
-from camlens.viz import ColorScale, _colorbar, color_scale, render_map, scale_label
+from camlens.viz.figures import _colorbar, scale_label
+from camlens.viz.render import ColorScale, color_scale, render_map
 
 #: view name -> the map axis it slices (of ``(D, H, W)``)
 VIEWS = {"axial": 0, "coronal": 1, "sagittal": 2}
