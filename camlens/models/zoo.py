@@ -207,13 +207,15 @@ def load_model(
         preprocess: override the preprocessing (a :class:`Preprocess` or a preset name).
         class_names: for an image–text model: the names of a zero-shot classifier
             (:class:`~camlens.models.imagetext.ZeroShotClassifier`, prompts ``"a photo of a {}."``),
-            which then behaves as any classifier (``targets="top2"``, ``--class``, the pipeline).
+            which then behaves as any classifier (``targets="top2"``, ``--class``, the pipeline);
+            for an ONNX file: the names of its outputs' classes.
         **kwargs: detectors and segmenters only (:mod:`camlens.models.tasks`, e.g.
             ``"fasterrcnn_mobilenet_v3_large_320_fpn"``, ``"fcn_resnet50"``): options of the
             torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
     """
-    if checkpoint is None and is_onnx_path(name):
-        return _onnx(str(name), weights, num_classes, device, preprocess, **kwargs)
+    if checkpoint is None and is_onnx_path(name):  # class_names= is the graph's class names here
+        onnx_kwargs = kwargs if class_names is None else {**kwargs, "class_names": class_names}
+        return _onnx(str(name), weights, num_classes, device, preprocess, **onnx_kwargs)
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
