@@ -33,6 +33,7 @@ from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
+from camlens.models.detectors import as_detector, is_detector
 from camlens.models.input_size import fit_input
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.tasks import Frames, frame_maps, record_frames
@@ -319,6 +320,8 @@ def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
     """A zoo name loaded, a scoring function wrapped (black-box methods only), anything else refused."""
     if isinstance(model, str):
         model = load_model(model)
+    if is_detector(model):  # a DETR-family or Ultralytics YOLO object: its adapter (camlens.models.detectors)
+        model = as_detector(model)
     if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
         model = ScoringFunction(model, max_batch=max_batch)
     if not isinstance(model, nn.Module):
