@@ -28,7 +28,7 @@ encoder's attention and, top-down, every level the decoder samples).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ class DetrTransform(FrameTransform):
         self.register_buffer("std", torch.tensor(IMAGENET.std).view(3, 1, 1), persistent=False)
 
     def forward(self, images: list[torch.Tensor]) -> tuple[Any, Frames]:
-        ims = [(t - self.mean.to(t)) / self.std.to(t) for t in images]
+        mean, std = cast(torch.Tensor, self.mean), cast(torch.Tensor, self.std)
+        ims = [(t - mean.to(t)) / std.to(t) for t in images]
         if self.size is not None:
             ims = [F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False)[0] for t in ims]
         H, W = max(t.shape[-2] for t in ims), max(t.shape[-1] for t in ims)
@@ -143,7 +144,7 @@ class DetrAdapter(DetectorAdapter):
 
     def default_layer(self) -> tuple[str, str]:
         if self.family == "RTDetr":
-            last = len(self.net.model.encoder_input_proj) - 1
+            last = len(cast(Any, self.net).model.encoder_input_proj) - 1
             return (
                 f"net.model.encoder_input_proj.{last}",
                 "the coarsest backbone level's projection: it feeds the encoder's attention and, top-down, "

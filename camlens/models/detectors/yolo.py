@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,8 +165,9 @@ class YoloAdapter(DetectorAdapter):
         max_det: int = 300,
         rect: bool = True,
     ) -> None:
-        head = net.model[-1]
-        if type(head).__name__ not in ("Detect", "Segment", "v10Detect"):
+        body = cast(Any, net)
+        head = body.model[-1]
+        if type(head).__name__ not in ("Detect", "Segment"):
             raise CamlensError(
                 f"camlens explains YOLO detection and segmentation models (boxes); this one's head is "
                 f"{type(head).__name__} ({getattr(net, 'task', '?')} task), not supported yet"
@@ -175,11 +176,11 @@ class YoloAdapter(DetectorAdapter):
             raise CamlensError(
                 "this YOLO head is end-to-end (NMS-free, e.g. YOLOv10/YOLO26): not supported yet; use a v8/v11 model"
             )
-        stride = int(max(int(s) for s in net.stride)) if hasattr(net, "stride") else 32
+        stride = int(max(int(s) for s in body.stride)) if hasattr(net, "stride") else 32
         labels = dict(names) if isinstance(names, dict) else dict(enumerate(names))
         super().__init__(net, Letterbox(imgsz, stride, rect), [str(labels[i]) for i in range(len(labels))])
         self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
-        self.nc = int(head.nc)
+        self.nc = int(cast(Any, head).nc)
 
     @property
     def threshold_hint(self) -> str:
@@ -215,7 +216,7 @@ class YoloAdapter(DetectorAdapter):
 
     def neck_layers(self) -> dict[str, str]:
         """``{"P3/8": "net.model.15", …}``: the neck outputs feeding the head, by scale."""
-        head = self.net.model[-1]
+        head = cast(Any, self.net).model[-1]
         strides = [int(s) for s in getattr(head, "stride", [])] or [8 * 2**i for i in range(len(head.f))]
         return {f"P{s.bit_length() - 1}/{s}": f"net.model.{f}" for f, s in zip(head.f, strides)}
 
