@@ -237,7 +237,9 @@ def test_no_socket_opened_and_nothing_written(tmp_path):
     script = textwrap.dedent(
         """
         import json, os, socket, sys
-        def refuse(*a, **k):
+        touched = []
+        def refuse(*a, **k):  # recorded: a caller may swallow the error (an "am I online?" probe)
+            touched.append(repr(a[:2]))
             raise OSError("test: the network was touched")
         socket.socket.connect = socket.socket.connect_ex = refuse
         socket.getaddrinfo = socket.create_connection = refuse
@@ -247,7 +249,8 @@ def test_no_socket_opened_and_nothing_written(tmp_path):
         before = sorted(os.listdir("."))
         own = Detection(score_threshold=0.0, max_boxes=1)
         e = camlens.explain(m, torch.rand(1, 3, 96, 128), "gradcam", targets=own)
-        print(json.dumps({"shape": list(e.maps.shape), "before": before, "after": sorted(os.listdir("."))}))
+        after = sorted(os.listdir("."))
+        print(json.dumps({"shape": list(e.maps.shape), "before": before, "after": after, "touched": touched}))
         """
     )
     cfg = tmp_path / "cfg"
@@ -265,6 +268,7 @@ def test_no_socket_opened_and_nothing_written(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["touched"] == []
     assert res["shape"] == [1, 1, 96, 128]
     assert res["before"] == res["after"] == []
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
