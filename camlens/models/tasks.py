@@ -109,11 +109,16 @@ def build_task_model(name: str, pretrained: bool, **kwargs: Any) -> tuple[nn.Mod
 
 
 def keep_all_detections(model: nn.Module) -> nn.Module:
-    """Set a torchvision detector's score threshold to 0 (in place) so that its top-k boxes are
-    always reported, however low their scores (the CLI ranks them and prints the scores)."""
+    """Set a torchvision detector's score threshold (or a detector adapter's ``conf`` /
+    ``threshold``) to 0 (in place) so that its top-k boxes are always reported, however low their
+    scores (the CLI ranks them and prints the scores)."""
     for holder in (getattr(model, "roi_heads", None), model):
         if holder is not None and isinstance(getattr(holder, "score_thresh", None), float):
             holder.score_thresh = 0.0
+    if getattr(getattr(model, "transform", None), "records_frames", False):  # a detector adapter's threshold
+        for name in ("conf", "threshold"):  # YOLO, DETR family (camlens.models.detectors)
+            if isinstance(getattr(model, name, None), float):
+                setattr(model, name, 0.0)
     return model
 
 
