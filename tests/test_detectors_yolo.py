@@ -273,3 +273,29 @@ def test_no_socket_opened_and_nothing_written(tmp_path):
     assert res["before"] == res["after"] == []
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert all(w.startswith("cfg") for w in written), written
+
+
+@pytest.mark.slow
+def test_cli_explains_a_yolo_per_detection(tmp_path):
+    """``camlens explain --model yolo:yolov8n.yaml photo.png``: the top detections listed with label,
+    score and box, one overlay per detection, boxes in the photo's pixels; ``--target box:`` too."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from camlens.cli import main
+
+    Image.fromarray(_photo(120, 160, seed=7)).save(tmp_path / "photo.png")
+    args = ["explain", "--model", "yolo:yolov8n.yaml", str(tmp_path / "photo.png"), "--topk", "2"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "label" in r.output and "score" in r.output and "box" in r.output
+    d = json.loads((tmp_path / "o" / "photo_gradcam.json").read_text())
+    assert len(d["explained_boxes"]) == 2
+    assert all(0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 120 for b in d["explained_boxes"])
+    assert (tmp_path / "o" / "photo_gradcam_top1.png").exists() and (tmp_path / "o" / "photo_gradcam_top2.png").exists()
+    r = CliRunner().invoke(
+        main, [*args[:4], "--out", str(tmp_path / "o2"), "--target", "box:10,20,100,90:3"], catch_exceptions=False
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "o2" / "photo_gradcam.json").read_text())
+    assert d["explained_boxes"] == [[10.0, 20.0, 100.0, 90.0]] and d["class_names"] == ["3"]
