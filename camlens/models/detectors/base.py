@@ -13,7 +13,8 @@ torchvision's detectors take (a ``(N, 3, H, W)`` batch or a list of ``(3, H, W)`
 different sizes, RGB in ``[0, 1]``) and returns what they return: one dict per image with
 ``"boxes"`` ``(D, 4)`` (x0, y0, x1, y1 in the original image's pixels), ``"labels"`` ``(D,)`` and
 ``"scores"`` ``(D,)``, plus ``"class_scores"`` ``(D, C)`` (each detection's score for every class),
-all in the autograd graph of the network. So :class:`camlens.targets.Detection`, D-RISE, Score-CAM
+all in the autograd graph of the network, and ``"candidate"`` ``(D,)`` (the index of the candidate,
+e.g. the DETR query, each detection came from). So :class:`camlens.targets.Detection`, D-RISE, Score-CAM
 and every layer and pixel method run through it unchanged, and :func:`camlens.models.tasks.frame_maps`
 maps the features' frame back to each photo (the transform reports its :class:`Frames`).
 
@@ -61,6 +62,7 @@ class Candidates:
             "labels": labels,
             "scores": self.scores[index, labels],
             "class_scores": self.scores[index],
+            "candidate": index,  # which candidate (query, anchor) each detection is
         }
         if self.objectness is not None:
             out["objectness"] = self.objectness[index]

@@ -28,15 +28,16 @@ encoder's attention and, top-down, every level the decoder samples).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens.base.errors import CamlensError
+from camlens.base.errors import CamlensError, MethodError
 from camlens.models.card import attach_card
-from camlens.models.detectors.base import Candidates, DetectorAdapter, FrameTransform
+from camlens.models.detectors.base import Candidates, DetectorAdapter, FrameTransform, as_image_list
 from camlens.models.preprocess import IMAGENET
 from camlens.models.tasks import Frames
 
@@ -46,6 +47,17 @@ FAMILIES: dict[str, tuple[str, int | None]] = {
     "ConditionalDetrForObjectDetection": ("sigmoid", 100),
     "RTDetrForObjectDetection": ("sigmoid", 0),
 }
+
+
+@dataclass
+class AttentionPass:
+    """What :meth:`DetrAdapter.attention_pass` returns (see there)."""
+
+    detections: list[dict[str, torch.Tensor]]
+    encoder: list[torch.Tensor]
+    decoder: list[torch.Tensor]
+    cross: list[torch.Tensor]
+    grid: tuple[int, int]
 
 
 def is_detr(model: Any) -> bool:
@@ -142,6 +154,40 @@ class DetrAdapter(DetectorAdapter):
         keep = s > self.threshold
         return torch.div(flat, c, rounding_mode="floor")[keep], (flat % c)[keep]
 
+    def attention_pass(self, images: Any) -> AttentionPass:
+        """One forward that also returns the attention weights (eager attention for this call, the
+        model's own implementation restored): encoder self-attention ``(N, heads, T, T)``, decoder
+        self-attention ``(N, heads, Q, Q)`` and cross-attention ``(N, heads, Q, T)`` per layer, in the
+        autograd graph; ``T`` tokens on the ``grid`` of the projected backbone map. DETR and
+        Conditional DETR only (RT-DETR's deformable attention samples points, it has no such maps)."""
+        if self.family == "RTDetr":
+            raise MethodError(
+                "RT-DETR's decoder uses deformable attention (sampled points), which has no attention maps to "
+                "propagate; use gradcam or drise"
+            )
+        ims = as_image_list(images)
+        inputs, frames = self.transform(ims)
+        grid: dict[str, tuple[int, int]] = {}
+        proj = cast(Any, self.net).model.input_projection
+
+        def note(m: nn.Module, args: Any, out: torch.Tensor) -> None:
+            grid["hw"] = (int(out.shape[-2]), int(out.shape[-1]))
+
+        handle = proj.register_forward_hook(note)
+        config = cast(Any, self.net).config
+        impl = config._attn_implementation
+        try:
+            config._attn_implementation = "eager"  # sdpa returns no weights
+            raw = self.net(pixel_values=inputs[0], pixel_mask=inputs[1], output_attentions=True)
+        finally:
+            config._attn_implementation = impl
+            handle.remove()
+        sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in ims]
+        dets = [c.take(*self.select(c)) for c in self.decode(raw, frames, sizes)]
+        return AttentionPass(
+            dets, list(raw.encoder_attentions), list(raw.decoder_attentions), list(raw.cross_attentions), grid["hw"]
+        )
+
     def default_layer(self) -> tuple[str, str]:
         if self.family == "RTDetr":
             last = len(cast(Any, self.net).model.encoder_input_proj) - 1
@@ -164,4 +210,4 @@ def detr_adapter(net: nn.Module, threshold: float = 0.5, size: Sequence[int] | N
     return adapter
 
 
-__all__ = ["FAMILIES", "DetrAdapter", "DetrTransform", "detr_adapter", "is_detr"]
+__all__ = ["FAMILIES", "AttentionPass", "DetrAdapter", "DetrTransform", "detr_adapter", "is_detr"]
