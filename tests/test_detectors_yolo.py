@@ -299,3 +299,29 @@ def test_cli_explains_a_yolo_per_detection(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "o2" / "photo_gradcam.json").read_text())
     assert d["explained_boxes"] == [[10.0, 20.0, 100.0, 90.0]] and d["class_names"] == ["3"]
+
+
+@pytest.mark.slow
+def test_segmentation_model_boxes_equal_predict():
+    """A YOLO segmentation model (``yolov8n-seg.yaml``): its boxes, labels and scores as a detector's,
+    equal to ``YOLO.predict``'s (the instance masks are not explained yet)."""
+    torch.manual_seed(0)
+    y = ultralytics_yolo()("yolov8n-seg.yaml")
+    calibrate(y.model)
+    y.model.fuse(verbose=False).to(memory_format=torch.channels_last)
+    img = _photo(250, 320, seed=8)
+    ad = load_yolo(y, imgsz=IMGSZ, conf=CONF)
+    with one_thread():
+        ref = y.predict(img[..., ::-1].copy(), imgsz=IMGSZ, conf=CONF, verbose=False)[0].boxes
+        with torch.no_grad():
+            ours = ad.eval()(_tensor(img)[None])[0]
+    assert len(ref) >= 3
+    assert ours["labels"].tolist() == ref.cls.long().tolist()
+    torch.testing.assert_close(ours["boxes"], ref.xyxy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours["scores"], ref.conf, atol=1e-5, rtol=0)
+
+
+def test_classification_and_pose_models_are_refused_clearly():
+    y = ultralytics_yolo()("yolov8n-cls.yaml")
+    with pytest.raises(CamlensError, match="head is Classify"):
+        load_yolo(y)
