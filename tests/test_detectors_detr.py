@@ -139,6 +139,7 @@ def test_gradcam_of_one_detection_equals_autograd_reference(family, images):
     torch.testing.assert_close(e.raw[0, 0], ref, atol=1e-6 * float(ref.abs().max()) + 1e-9, rtol=1e-4)
     assert e.maps.shape == (1, 1, *SIZES[0])
     assert e.layer == f"output of {ad.camlens.layer}"
+    assert e.extras["layer_choice"] == ad.camlens.extra["layer_choice"]  # the default layer, and why
 
 
 def test_same_detection_alone_and_in_a_batch_of_other_sizes(images):

@@ -164,6 +164,7 @@ def test_layer_picks_a_neck_output_and_the_default_is_stated(yolo):
     p3 = camlens.explain(ad, x, "gradcam", targets=own)
     p5 = camlens.explain(ad, x, "gradcam", targets=own, layer=necks["P5/32"])
     assert p5.layer == f"output of {necks['P5/32']}" and p3.layer == f"output of {necks['P3/8']}"
+    assert "P3/8" in p3.extras["layer_choice"] and "layer_choice" not in p5.extras  # the default, and why
     assert p3.raw.shape[-2:] == (16, 20) and p5.raw.shape[-2:] == (4, 5)  # strides 8 and 32 of 128x160
 
 

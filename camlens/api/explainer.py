@@ -474,6 +474,10 @@ def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, An
     extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
     if shared.card is not None and shared.card.extra.get("weights") == "random":
         extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
+    card = shared.card
+    default = card is not None and card.layer and shared.layer_name == f"{card.capture} of {card.layer}"
+    if default and "layer_choice" in card.extra:  # a detector adapter's default layer, and why
+        extras["layer_choice"] = card.extra["layer_choice"]
     extras.update(out.extras)
     if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
         extras["skipped"] = sorted(ctx.targets.skipped)
