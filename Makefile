@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: constraints setup demo test test-fast lint format wheel-check bench clean browser
 
-$(STAMP): pyproject.toml requirements-dev.txt constraints-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt requirements-yolo.txt constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-yolo.txt -c constraints-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

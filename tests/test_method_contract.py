@@ -29,7 +29,10 @@ from torch import nn
 import camlens
 from camlens.base.errors import CamlensError
 
-DETECTOR_ONLY = {"drise": "tests/test_targets_tasks.py (D-RISE on Faster R-CNN)"}
+DETECTOR_ONLY = {
+    "drise": "tests/test_targets_tasks.py (D-RISE on Faster R-CNN)",
+    "generic_attention_detr": "tests/test_detectors_detr_attention.py (DETR)",
+}
 
 # Cheap settings for the options that scale a method's cost (only those a method has are passed).
 CHEAP: dict[str, object] = {

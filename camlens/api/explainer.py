@@ -35,6 +35,7 @@ from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
 from camlens.models.card import attach_card
+from camlens.models.detectors import as_detector, is_detector
 from camlens.models.imagetext import ImageText, ZeroShotClassifier, family_of, image_text, zero_shot
 from camlens.models.input_size import fit_input
 from camlens.models.onnxmodel import OnnxModel, is_onnx_path
@@ -438,6 +439,8 @@ def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
     """A zoo name loaded, a scoring function wrapped (black-box methods only), anything else refused."""
     if isinstance(model, str):
         model = load_model(model)
+    if is_detector(model):  # a DETR-family or Ultralytics YOLO object: its adapter (camlens.models.detectors)
+        model = as_detector(model)
     if callable(model) and not isinstance(model, nn.Module):  # a scoring function: black-box methods only
         model = ScoringFunction(model, max_batch=max_batch)
     elif isinstance(model, ScoringFunction) and max_batch not in (None, model.max_batch):
@@ -608,6 +611,10 @@ def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, An
     extras = dict(getattr(ctx.targets.obj, "extras", None) or {}) if ctx.targets.obj is not None else {}
     if shared.card is not None and shared.card.extra.get("weights") == "random":
         extras["weights"] = "random"  # Explanation.random_weights: titles and summaries say so
+    card = shared.card
+    default = card is not None and card.layer and shared.layer_name == f"{card.capture} of {card.layer}"
+    if default and "layer_choice" in card.extra:  # a detector adapter's default layer, and why
+        extras["layer_choice"] = card.extra["layer_choice"]
     extras.update(out.extras)
     if ctx.targets.skipped:  # images whose target selects nothing: said, not explained
         extras["skipped"] = sorted(ctx.targets.skipped)

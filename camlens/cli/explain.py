@@ -234,12 +234,14 @@ def explain_cmd(
       camlens explain --method gradcam --method cam --topk 3 --figures montage --shared-scale
       torchrun --nproc-per-node=2 -m camlens explain val/ --out store
       camlens explain --model fasterrcnn_mobilenet_v3_large_320_fpn photo.jpg   # its top detections
+      camlens explain --model yolo:best.pt photo.jpg   # an Ultralytics YOLO (pip install camlens[yolo])
       camlens explain --model fcn_resnet50 photo.jpg --target mask:road.png:15
       camlens explain --model openclip:ViT-B-32 --weights clip.pt --prompt "a red bicycle" photo.jpg
       camlens explain scan.nii.gz --model r3d_18 --weights FILE   # NIfTI: maps as NIfTI in the scan's space
     """
     from camlens.attribution.registry import get_method
     from camlens.base.errors import CamlensError
+    from camlens.models.detectors import YOLO_PREFIX
     from camlens.models.tasks import keep_all_detections, task_of
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
@@ -249,6 +251,8 @@ def explain_cmd(
     if classes and target_specs:
         raise click.BadParameter("give --class (classifiers) or --target (detectors, segmenters), not both")
     task = task_of(model.lower().replace("-", "_")) if model and not checkpoint else None
+    if model and not checkpoint and model.lower().startswith(YOLO_PREFIX):
+        task = "detection"  # an Ultralytics YOLO detector (camlens.models.detectors.yolo)
     try:
         default = TASK_METHODS if task else DEFAULT_METHODS
         names = list(dict.fromkeys(get_method(m).name for m in (methods or default)))

@@ -109,11 +109,16 @@ def build_task_model(name: str, pretrained: bool, **kwargs: Any) -> tuple[nn.Mod
 
 
 def keep_all_detections(model: nn.Module) -> nn.Module:
-    """Set a torchvision detector's score threshold to 0 (in place) so that its top-k boxes are
-    always reported, however low their scores (the CLI ranks them and prints the scores)."""
+    """Set a torchvision detector's score threshold (or a detector adapter's ``conf`` /
+    ``threshold``) to 0 (in place) so that its top-k boxes are always reported, however low their
+    scores (the CLI ranks them and prints the scores)."""
     for holder in (getattr(model, "roi_heads", None), model):
         if holder is not None and isinstance(getattr(holder, "score_thresh", None), float):
             holder.score_thresh = 0.0
+    if getattr(getattr(model, "transform", None), "records_frames", False):  # a detector adapter's threshold
+        for name in ("conf", "threshold"):  # YOLO, DETR family (camlens.models.detectors)
+            if isinstance(getattr(model, name, None), float):
+                setattr(model, name, 0.0)
     return model
 
 
@@ -122,11 +127,14 @@ def keep_all_detections(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Frames:
-    """What a detector's transform did in the last forward: each image's resized ``(h, w)`` and
-    the padded batch size ``(Hb, Wb)`` its features cover."""
+    """What a detector's transform did in the last forward: each image's resized ``(h, w)``, the
+    padded batch size ``(Hb, Wb)`` its features cover, and where each resized image lies in that
+    frame (``offsets``: its top-left ``(y, x)``; empty: ``(0, 0)`` for all, torchvision's bottom-right
+    padding; a letterbox centres the image)."""
 
     resized: list[tuple[int, int]] = field(default_factory=list)
     padded: tuple[int, int] | None = None
+    offsets: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def seen(self) -> bool:
@@ -135,12 +143,21 @@ class Frames:
 
 @contextlib.contextmanager
 def record_frames(model: nn.Module) -> Iterator[Frames]:
-    """Note the resize/pad of a torchvision detector's ``model.transform`` during a forward (no-op
-    for other models). The hook is removed on exit, also on error."""
+    """Note the resize/pad of a torchvision detector's ``model.transform`` during a forward, or of a
+    detector adapter's (:mod:`camlens.models.detectors`: a ``transform`` module with
+    ``records_frames = True`` returning ``(network input, Frames)``); a no-op for other models.
+    The hook is removed on exit, also on error."""
     frames = Frames()
     transform = getattr(model, "transform", None)
     handle = None
-    if isinstance(transform, nn.Module) and type(transform).__name__ == "GeneralizedRCNNTransform":
+    if isinstance(transform, nn.Module) and getattr(transform, "records_frames", False) is True:
+
+        def note(m, args, out):
+            seen = out[1]
+            frames.resized, frames.padded, frames.offsets = list(seen.resized), seen.padded, list(seen.offsets)
+
+        handle = transform.register_forward_hook(note)
+    elif isinstance(transform, nn.Module) and type(transform).__name__ == "GeneralizedRCNNTransform":
 
         def hook(m, args, out):
             image_list = out[0] if isinstance(out, tuple) else out
@@ -162,9 +179,9 @@ def frame_maps(raw: torch.Tensor, frames: Frames, sizes: Sequence[tuple[int, int
     """Feature-resolution maps ``(N, K, h, w)`` over the padded frame -> ``(N, K, H, W)`` maps in
     each image's original pixels (``sizes``; zero beyond an image smaller than the largest).
 
-    Image ``n`` occupies rows ``[0, h_n)`` and columns ``[0, w_n)`` of the padded frame
-    ``(Hb, Wb)``: the map is upsampled to the frame (bilinear), cropped there, and resized to the
-    original ``(H_n, W_n)``.
+    Image ``n`` occupies rows ``[y_n, y_n + h_n)`` and columns ``[x_n, x_n + w_n)`` of the padded
+    frame ``(Hb, Wb)`` (``frames.offsets``, ``(0, 0)`` by default): the map is upsampled to the
+    frame (bilinear), cropped there, and resized to the original ``(H_n, W_n)``.
     """
     assert frames.padded is not None
     hb, wb = frames.padded
@@ -172,8 +189,9 @@ def frame_maps(raw: torch.Tensor, frames: Frames, sizes: Sequence[tuple[int, int
     W = max(s[1] for s in sizes)
     out = raw.new_zeros(raw.shape[0], raw.shape[1], H, W, dtype=torch.float32)
     full = F.interpolate(raw.float(), size=(hb, wb), mode="bilinear", align_corners=False)
-    for n, ((hr, wr), (ho, wo)) in enumerate(zip(frames.resized, sizes)):
-        crop = full[n : n + 1, :, :hr, :wr]
+    offsets = frames.offsets or [(0, 0)] * len(frames.resized)
+    for n, ((hr, wr), (ho, wo), (y0, x0)) in enumerate(zip(frames.resized, sizes, offsets)):
+        crop = full[n : n + 1, :, y0 : y0 + hr, x0 : x0 + wr]
         out[n, :, :ho, :wo] = F.interpolate(crop, size=(ho, wo), mode="bilinear", align_corners=False)[0]
     return out
 

@@ -32,6 +32,7 @@ from camlens.models.builders import (
 )
 from camlens.models.cam_ready import cam_ready, vgg16_cam
 from camlens.models.card import ModelCard, attach_card, card_of
+from camlens.models.detectors import YOLO_PREFIX, load_yolo
 from camlens.models.heads import replace_classifier
 from camlens.models.imagetext import ImageText, zero_shot
 from camlens.models.onnxmodel import OnnxOptions, is_onnx_path, load_onnx
@@ -194,9 +195,12 @@ def load_model(
             ``"hf:FOLDER"`` for a Hugging Face image classifier saved there (``save_pretrained``) —
             or a CLIP / SigLIP image–text model (with the folder's tokenizer) —,
             ``"openclip:ARCH"`` for an OpenCLIP architecture (``weights=FILE`` or ``"random"``;
-            ``pip install camlens[clip]``; see :mod:`camlens.models.imagetext`), or a ``.onnx`` file
+            ``pip install camlens[clip]``; see :mod:`camlens.models.imagetext`), a ``.onnx`` file
             (``pip install 'camlens[onnx]'``; options ``class_names=``, ``card=``, ``providers=``,
-            ``max_batch=``: see :mod:`camlens.models.onnxmodel`).
+            ``max_batch=``: see :mod:`camlens.models.onnxmodel`), or ``"yolo:PATH"`` for an
+            Ultralytics YOLO detector: a ``.pt`` checkpoint on disk or a model ``.yaml`` such as
+            ``yolov8n.yaml`` (random weights); ``pip install camlens[yolo]``; see
+            :mod:`camlens.models.detectors.yolo`.
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network (``card.extra["weights"] = "random"``: figures, tables and summaries
             say "random weights"), a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
@@ -211,11 +215,21 @@ def load_model(
             for an ONNX file: the names of its outputs' classes.
         **kwargs: detectors and segmenters only (:mod:`camlens.models.tasks`, e.g.
             ``"fasterrcnn_mobilenet_v3_large_320_fpn"``, ``"fcn_resnet50"``): options of the
-            torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``.
+            torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``; for ``yolo:`` the
+            adapter's ``imgsz=``, ``conf=``, ``iou=``, ``max_det=``, ``rect=``.
     """
     if checkpoint is None and is_onnx_path(name):  # class_names= is the graph's class names here
         onnx_kwargs = kwargs if class_names is None else {**kwargs, "class_names": class_names}
         return _onnx(str(name), weights, num_classes, device, preprocess, **onnx_kwargs)
+    if name.lower().startswith(YOLO_PREFIX) and checkpoint is None:
+        if weights not in (None, "random") or num_classes is not None or preprocess is not None:
+            raise CamlensError(f"{name}: weights=, num_classes= and preprocess= do not apply to a yolo: model")
+        model = load_yolo(name[len(YOLO_PREFIX) :], **kwargs).eval()
+        if name.lower().endswith((".yaml", ".yml")):  # built from the yaml: random weights
+            card = card_of(model)
+            assert card is not None
+            attach_card(model, replace(card, extra={**card.extra, "weights": "random"}))
+        return model.to(parse_device(device)) if device is not None else model
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")

@@ -381,6 +381,22 @@ def _detections(output: Any) -> list[Mapping[str, torch.Tensor]]:
     )
 
 
+def _check_labels(labels: Sequence[torch.Tensor], model: nn.Module | None) -> None:
+    """Given box labels must be class ids of the model (when it says its classes: a zoo detector's
+    card, a detector adapter's ``class_names``)."""
+    card = getattr(model, "camlens", None)
+    names = getattr(card, "class_names", None) or getattr(model, "class_names", None)
+    if not names:
+        return
+    for lab in labels:
+        bad = lab[(lab >= len(names)) | (lab < -1)]
+        if len(bad):
+            raise TargetError(
+                f"box label {int(bad[0])} is not a class of this detector: it has {len(names)} classes "
+                f"(ids 0..{len(names) - 1}, e.g. 0 = {names[0]!r}); pass labels= among them, or labels=None for any"
+            )
+
+
 class Detection(Target):
     r"""Explain detected boxes: one map per box, so ``K`` = number of boxes.
 
@@ -442,6 +458,7 @@ class Detection(Target):
         self._lab: list[torch.Tensor] | None = None  # per image (K,), -1: any label
         self._best: list[float | None] = []  # own detections: each image's best score (None: none)
         self._k = 0
+        self._hint = ""  # a detector adapter's own threshold, said when it detected nothing
 
     # -- references -------------------------------------------------------------------------
     @staticmethod
@@ -488,12 +505,14 @@ class Detection(Target):
                     if len(lb) != len(b):
                         raise TargetError(f"{len(lb)} labels for {len(b)} boxes")
             refs, labs = bl, ll
+            _check_labels(ll, model)
         out = Detection(
             self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
         )
         out._ref, out._lab = refs, labs
         out._k = max(1, max((len(r) for r in refs), default=0))
         out._best = best
+        out._hint = str(getattr(model, "threshold_hint", "") or "")
         return out
 
     def empty_rows(self, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, str]:
@@ -523,7 +542,7 @@ class Detection(Target):
                 reasons[i] = (
                     f"no detection scores >= score_threshold={self.score_threshold:g} ({seen}); lower "
                     "Detection(score_threshold=...) or pass boxes="
-                )
+                ) + (f" ({self._hint})" if self._hint and b is None else "")
         return reasons
 
     def take(self, rows: Sequence[int]) -> Detection:

@@ -1,0 +1,277 @@
+r"""Ultralytics YOLO detectors (v8, v11: detect and segment heads) as camlens detectors.
+
+Ultralytics is AGPL-3.0: it is an optional dependency the user installs (``pip install
+camlens[yolo]``), imported only here and only when a YOLO model is asked for; none of its code is
+copied. camlens re-implements what ``YOLO.predict`` does around the network, from its documented
+behaviour:
+
+* **letterbox**: an image of ``(h, w)`` is scaled by :math:`r = \min(S/h, S/w)` (``S`` = ``imgsz``)
+  to :math:`(\mathrm{round}(h r), \mathrm{round}(w r))` (bilinear), then padded with grey
+  (114/255) on both sides to ``S x S``, or — ``rect=True`` and all images of one size, as
+  ``predict`` does for one image — only to the next multiple of the network's stride;
+* **candidates**: every anchor point :math:`a` of the head's output ``(N, 4 + C, A)``: a box
+  :math:`(c_x, c_y, w, h)` in the letterboxed frame and per-class sigmoid scores :math:`p_{ac}` (no
+  objectness in v8/v11); boxes are mapped back to the photo by removing the padding and dividing by
+  each axis' scale, then clipped to the photo;
+* **post-processing** (``predict``'s defaults ``conf=0.25``, ``iou=0.7``, ``max_det=300``): each
+  anchor's best class :math:`c^* = \arg\max_c p_{ac}`, kept if :math:`p_{ac^*} >` ``conf``, then
+  class-aware NMS at IoU ``iou`` in the letterboxed frame, best first, at most ``max_det``.
+
+Default layer: the finest neck output feeding the head (``Detect.f[0]``, P3 at stride 8, e.g.
+``net.model.15`` in YOLOv8): it feeds the P3 head directly and the P4 and P5 heads through the
+bottom-up path, so every detection's gradient reaches it (the choice is stated in the card's
+``extra["layer_choice"]``; ``extra["neck_layers"]`` names the three scales for ``layer=``).
+
+Nothing is downloaded: ``YOLO_OFFLINE=1`` is set before Ultralytics is imported (unless the user
+set it), so it does not probe the network at import; a ``.pt`` must exist on disk; camlens never
+calls ``predict``, so no font or update check runs. Importing Ultralytics the first time creates its
+settings file (``~/.config/Ultralytics`` or ``$YOLO_CONFIG_DIR``); nothing is written during a call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camlens.base.errors import CamlensError, InputError
+from camlens.models.card import attach_card
+from camlens.models.detectors.base import Candidates, DetectorAdapter, FrameTransform
+from camlens.models.tasks import Frames
+
+YOLO_PREFIX = "yolo:"
+#: suffixes of Ultralytics' exported formats (not PyTorch: no gradients to explain with)
+EXPORTED = (
+    ".engine",
+    ".onnx",
+    ".torchscript",
+    ".tflite",
+    ".pb",
+    ".mlpackage",
+    ".mlmodel",
+    ".xml",
+    ".bin",
+    ".param",
+    "_openvino_model",
+    "_saved_model",
+    "_ncnn_model",
+    "_paddle_model",
+    "_web_model",
+    "_mnn",
+    ".mnn",
+    ".rknn",
+)
+PAD_VALUE = 114 / 255
+
+
+def ultralytics_yolo() -> Any:
+    """The ``ultralytics.YOLO`` class (Ultralytics imported offline), or a clear error."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probe at import
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    try:
+        from ultralytics import YOLO  # optional extra (AGPL-3.0): imported only for YOLO models
+    except ImportError as exc:
+        raise CamlensError(
+            "YOLO models need Ultralytics, an optional dependency (AGPL-3.0): pip install 'camlens[yolo]'"
+        ) from exc
+    return YOLO
+
+
+def is_yolo(model: Any) -> bool:
+    """Whether ``model`` is an ``ultralytics.YOLO`` object or an Ultralytics ``DetectionModel``
+    (checked by type name: Ultralytics is not imported for this)."""
+    names = {c.__name__ for c in type(model).__mro__}
+    return bool(names & {"YOLO", "DetectionModel"}) and type(model).__module__.startswith("ultralytics")
+
+
+def _check_path(spec: str) -> str:
+    low = spec.lower().rstrip("/\\")
+    if low.endswith(EXPORTED) or (Path(spec).is_dir() and not low.endswith((".pt", ".yaml", ".yml"))):
+        raise CamlensError(
+            f"{spec} is an exported YOLO model (TensorRT engine, ONNX, TorchScript, OpenVINO…): it has no "
+            "gradients and no layers camlens can hook. Pass the PyTorch checkpoint it was exported from "
+            "(yolo:best.pt), or a black-box method with a scoring function"
+        )
+    if low.endswith(".pt"):
+        if not Path(spec).is_file():
+            raise CamlensError(
+                f"{spec}: no such file. camlens never downloads weights: pass the path of a .pt checkpoint you "
+                "have, or a model .yaml (e.g. yolo:yolov8n.yaml) for random weights"
+            )
+        return spec
+    if low.endswith((".yaml", ".yml")):
+        return spec
+    raise CamlensError(
+        f"yolo:{spec}: expected a .pt checkpoint or a model .yaml (yolo:best.pt, yolo:yolov8n.yaml, yolo:yolo11n.yaml)"
+    )
+
+
+class Letterbox(FrameTransform):
+    """YOLO's letterbox (see the module docstring): images -> ``(N, 3, H', W')`` and Frames."""
+
+    def __init__(self, imgsz: int, stride: int, rect: bool = True) -> None:
+        super().__init__()
+        self.imgsz, self.stride, self.rect = int(imgsz), int(stride), bool(rect)
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[Any, Frames]:
+        S = self.imgsz
+        auto = self.rect and len({tuple(t.shape) for t in images}) == 1
+        out, frames = [], Frames()
+        for t in images:
+            h, w = int(t.shape[-2]), int(t.shape[-1])
+            r = min(S / h, S / w)
+            nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+            dw, dh = S - nw, S - nh
+            if auto:
+                dw, dh = dw % self.stride, dh % self.stride
+            top, bottom = round(dh / 2 - 0.1), round(dh / 2 + 0.1)
+            left, right = round(dw / 2 - 0.1), round(dw / 2 + 0.1)
+            if (nh, nw) != (h, w):
+                t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+            out.append(F.pad(t, (left, right, top, bottom), value=PAD_VALUE))
+            frames.resized.append((nh, nw))
+            frames.offsets.append((top, left))
+        x = torch.stack(out)
+        frames.padded = (int(x.shape[-2]), int(x.shape[-1]))
+        return x, frames
+
+
+class YoloAdapter(DetectorAdapter):
+    """An Ultralytics detection (or segmentation) network as a camlens detector.
+
+    Args:
+        net: the ``DetectionModel`` / ``SegmentationModel`` (``YOLO(...).model``).
+        names: class names by id.
+        imgsz, conf, iou, max_det: as ``YOLO.predict``'s (defaults 640, 0.25, 0.7, 300).
+        rect: pad one image (or images of one size) only to the stride (``predict``'s
+            behaviour); ``False``: always to ``imgsz x imgsz`` (what ``predict`` does for images of
+            different sizes), so that an image's map does not depend on its batch.
+    """
+
+    family = "YOLO"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        names: Any,
+        *,
+        imgsz: int = 640,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        rect: bool = True,
+    ) -> None:
+        body = cast(Any, net)
+        head = body.model[-1]
+        if type(head).__name__ not in ("Detect", "Segment"):
+            raise CamlensError(
+                f"camlens explains YOLO detection and segmentation models (boxes); this one's head is "
+                f"{type(head).__name__} ({getattr(net, 'task', '?')} task), not supported yet"
+            )
+        if getattr(head, "end2end", False):
+            raise CamlensError(
+                "this YOLO head is end-to-end (NMS-free, e.g. YOLOv10/YOLO26): not supported yet; use a v8/v11 model"
+            )
+        stride = int(max(int(s) for s in body.stride)) if hasattr(net, "stride") else 32
+        labels = dict(names) if isinstance(names, dict) else dict(enumerate(names))
+        super().__init__(net, Letterbox(imgsz, stride, rect), [str(labels[i]) for i in range(len(labels))])
+        self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
+        self.nc = int(cast(Any, head).nc)
+
+    @property
+    def threshold_hint(self) -> str:
+        return f"the YOLO post-processing keeps scores > conf={self.conf:g}: load it with conf=..."
+
+    def decode(self, raw: Any, frames: Frames, sizes: list[tuple[int, int]]) -> list[Candidates]:
+        y = raw[0] if isinstance(raw, (tuple, list)) else raw
+        if isinstance(y, (tuple, list)):  # segmentation: (boxes + scores + mask coefficients, prototypes)
+            y = y[0]
+        y = y.transpose(1, 2)  # (N, A, 4 + C [+ masks])
+        cx, cy, w, h = y[..., :4].unbind(-1)
+        frame = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        out = []
+        for i, (H, W) in enumerate(sizes):
+            (nh, nw), (top, left) = frames.resized[i], frames.offsets[i]
+            shift = frame.new_tensor([left, top, left, top])
+            gain = frame.new_tensor([nw / W, nh / H, nw / W, nh / H])
+            b = (frame[i] - shift) / gain
+            b = torch.stack([b[:, 0].clamp(0, W), b[:, 1].clamp(0, H), b[:, 2].clamp(0, W), b[:, 3].clamp(0, H)], -1)
+            out.append(Candidates(b, y[i, :, 4 : 4 + self.nc], frame_boxes=frame[i]))
+        return out
+
+    def select(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        import torchvision  # heavy; Ultralytics depends on it anyway
+
+        s, labels = cands.scores.detach().max(1)
+        keep = (s > self.conf).nonzero().flatten()
+        assert cands.frame_boxes is not None
+        boxes = cands.frame_boxes.detach()[keep]
+        kept = torchvision.ops.batched_nms(boxes, s[keep], labels[keep], self.iou)[: self.max_det]
+        index = keep[kept]
+        return index, labels[index]
+
+    def neck_layers(self) -> dict[str, str]:
+        """``{"P3/8": "net.model.15", …}``: the neck outputs feeding the head, by scale."""
+        head = cast(Any, self.net).model[-1]
+        strides = [int(s) for s in getattr(head, "stride", [])] or [8 * 2**i for i in range(len(head.f))]
+        return {f"P{s.bit_length() - 1}/{s}": f"net.model.{f}" for f, s in zip(head.f, strides)}
+
+    def default_layer(self) -> tuple[str, str]:
+        scale, name = next(iter(self.neck_layers().items()))
+        return name, (
+            f"the finest neck output feeding the head ({scale}, {name}): it feeds that scale's head directly and "
+            "the coarser heads through the bottom-up path, so every detection's gradient reaches it"
+        )
+
+
+def yolo_adapter(model: Any, **options: Any) -> nn.Module:
+    """An ``ultralytics.YOLO`` object (or its ``DetectionModel``) -> a :class:`YoloAdapter` with its
+    card (options: ``imgsz``, ``conf``, ``iou``, ``max_det``, ``rect``). A classification model
+    comes back as its own network with a classifier's card."""
+    net = getattr(model, "model", None) if type(model).__name__ == "YOLO" else model
+    if not isinstance(net, nn.Module) or not hasattr(net, "model"):
+        raise CamlensError(
+            f"{type(model).__name__}: not a PyTorch YOLO model (an exported or hub model?); load the .pt checkpoint"
+        )
+    names = getattr(model, "names", None) or getattr(net, "names", None) or {}
+    adapter = YoloAdapter(net, names, **options)
+    card = adapter.card(
+        f"yolo:{type(net).__name__}",
+        neck_layers=adapter.neck_layers(),
+        imgsz=adapter.transform.imgsz,
+        conf=adapter.conf,
+        iou=adapter.iou,
+    )
+    return attach_card(adapter, card)
+
+
+def load_yolo(spec: Any, **options: Any) -> nn.Module:
+    """``yolo:PATH`` (a ``.pt`` checkpoint on disk or a model ``.yaml``: random weights), or a
+    ``YOLO`` object -> a YOLO detector camlens explains (see :func:`yolo_adapter`)."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = _check_path(os.fspath(spec))
+        try:
+            model = ultralytics_yolo()(path)
+        except (FileNotFoundError, KeyError, ValueError, AttributeError) as exc:
+            raise CamlensError(f"yolo:{path}: Ultralytics could not build it ({type(exc).__name__}: {exc})") from None
+    else:
+        model = spec
+    if not is_yolo(model):
+        raise InputError(f"expected an ultralytics.YOLO model or a yolo:PATH, not {type(model).__name__}")
+    return yolo_adapter(model, **options)
+
+
+__all__ = [
+    "EXPORTED",
+    "YOLO_PREFIX",
+    "Letterbox",
+    "YoloAdapter",
+    "is_yolo",
+    "load_yolo",
+    "ultralytics_yolo",
+    "yolo_adapter",
+]
