@@ -23,7 +23,7 @@ from camlens.attribution.cost import reported
 from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, get_method
 from camlens.attribution.registry import methods as all_methods
 from camlens.attribution.traits import model_traits
-from camlens.base._util import eval_mode
+from camlens.base._util import eval_mode, model_device
 from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError
 from camlens.core.capture import CaptureSpec
 from camlens.core.engine import ForwardPass, forward, wants_layer_grads
@@ -31,6 +31,7 @@ from camlens.core.inputs import prepare_batch, prepare_inputs
 from camlens.core.layers import resolve_layer
 from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
+from camlens.core.precision import autocast_dtype, autocast_forwards, check_precision
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
 from camlens.models.input_size import fit_input
@@ -202,7 +203,15 @@ def explain(
             patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
             :mod:`camlens.core.layout`. What was done is stated in ``extras["layout"]``.
         **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
-            ``steps=``, ``n_samples=``.
+            ``steps=``, ``n_samples=``; and two fields of the request (:data:`REQUEST_OPTIONS`):
+            ``precision=`` ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the model's forward
+            passes run under ``torch.autocast`` where the device supports it (CPU: ``bf16``), the
+            maps' arithmetic stays in float32, ``extras["precision"]`` says so (see
+            :mod:`camlens.core.precision` for the measured tolerance); ``exact_decode=True``:
+            decode image files in full instead of at the smallest JPEG scale (or ``Image.reduce``
+            factor) that still covers the model's input (see :mod:`camlens.base.io`; maps and
+            boxes are in the photo's pixels either way, ``extras["image_sizes"]`` gives each
+            photo's size when its image was decoded reduced).
 
     Returns:
         An :class:`Explanation`, or a dict of them when ``method`` is a list.
@@ -219,6 +228,8 @@ def explain(
         >>> both = camlens.explain(model, "cat.jpg", ["gradcam", "scorecam"], max_channels=64)
         >>> both["scorecam"].show()                               # {method: Explanation}
     """
+    options = dict(options)
+    fields = {k: options.pop(k) for k in REQUEST_OPTIONS if k in options}
     request = ExplainRequest(
         methods=tuple(method_names(method)),
         targets=targets,
@@ -229,7 +240,8 @@ def explain(
         class_names=None if class_names is None else tuple(class_names),
         output=output,
         reshape=reshape,
-        options=dict(options),
+        options=options,
+        **fields,
     )
     results = run_request(model, inputs, request)
     named = {n: results[get_method(n).name] for n in request.methods}  # aliases as the caller spelled them
@@ -252,6 +264,17 @@ class ExplainRequest:
     output: OutputSpec = None
     reshape: ReshapeSpec = None
     options: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    exact_decode: bool = False
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if not isinstance(self.exact_decode, bool):
+            raise InputError(f"exact_decode must be True or False, not {self.exact_decode!r}")
+
+
+#: keyword arguments of :func:`explain` that are fields of the :class:`ExplainRequest`, not method options
+REQUEST_OPTIONS = ("precision", "exact_decode")
 
 
 @dataclass
@@ -274,7 +297,7 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     options = dict(request.options)
     model = as_model(model, options.pop("max_batch", None))
     plan = _plan(model, request, options)
-    x, images, sources = _batch(inputs, model, request, plan)
+    x, images, sources, sizes = _batch(inputs, model, request, plan)
     spec = _layer_spec(model, request, plan)
     # one method asks for at most one layer, one input and one attention gradient: the last backward
     # may free the graph
@@ -301,11 +324,17 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
     results: dict[str, Explanation] = {}
     # works under the caller's inference_mode too; a transformer at another size: see fit_input
-    with torch.inference_mode(False), eval_mode(model), fit_input(model, shape) as fitted:
+    with (
+        torch.inference_mode(False),
+        eval_mode(model),
+        fit_input(model, shape) as fitted,
+        autocast_forwards(model, request.precision, model_device(model)),
+    ):
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx = resolved.ctx
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
         shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
+        shared.sizes, shared.precision = sizes, request.precision
         timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
         for info in plan.infos:
             with reported(info, ctx, plan.options[info.name], timing):  # estimate and progress, when asked
@@ -339,6 +368,12 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
     refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
     if refused is not None:
         raise refused
+    if request.precision != "fp32" and isinstance(model, ScoringFunction):
+        raise InputError(
+            f"precision={request.precision!r} runs a torch model's forward under autocast; a scoring function "
+            "decides its own precision: leave precision='fp32'"
+        )
+    autocast_dtype(request.precision, model_device(model))  # a precision the device cannot run: before any work
     card = card_of(model)
     classes = list(request.class_names) if request.class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None
@@ -352,11 +387,16 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
     return _Plan(infos, per_options, needs, card, classes, targets)
 
 
-def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) -> tuple[Any, Any, list[str]]:
+def _batch(
+    inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan
+) -> tuple[Any, Any, list[str], list[tuple[int, int]] | None]:
     """The model's input (a batch tensor, or a detector's list of ``(C, H, W)`` images of different
-    sizes, which only layer methods take), the original images and their names."""
+    sizes, which only layer methods take), the images, their names, and the photos' own sizes
+    when an image was decoded reduced (else ``None``)."""
     with torch.inference_mode(False):
-        x, images, sources = prepare_batch(inputs, model, request.preprocess)
+        x, images, sources, sizes = prepare_batch(inputs, model, request.preprocess, exact=request.exact_decode)
+    if images is None or sizes is None or all(tuple(im.shape[:2]) == s for im, s in zip(images, sizes, strict=True)):
+        sizes = None
     if isinstance(x, list):
         bad = [i.name for i in plan.infos if i.kind != "layer"]
         if bad:
@@ -364,7 +404,7 @@ def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) 
                 f"{', '.join(bad)} need(s) images of one size; these differ in size "
                 f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
             )
-    return x, images, sources
+    return x, images, sources, sizes
 
 
 def _layer_spec(model: nn.Module, request: ExplainRequest, plan: _Plan) -> CaptureSpec | None:
@@ -393,6 +433,8 @@ class _Shared:
     shown: torch.Tensor | None
     layer_name: str | None
     fitted: Any
+    sizes: list[tuple[int, int]] | None = None  # the photos' own sizes, when decoded reduced
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, ctx, model, request, plan, x, images, sources, layer_name, fitted) -> _Shared:
@@ -477,6 +519,10 @@ def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, An
         extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
     if isinstance(x, list):
         extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+    elif shared.sizes is not None:  # a scaled decode: the photos' own frame for boxes and summaries
+        extras["image_sizes"] = list(shared.sizes)
+    if shared.precision != "fp32":
+        extras["precision"] = shared.precision  # forward under autocast; maps computed in float32
     if shared.fitted:
         extras["input_size"] = shared.fitted
     return extras

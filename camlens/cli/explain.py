@@ -25,7 +25,7 @@ from camlens.cli.common import (
     resolve_device,
     table,
 )
-from camlens.cli.dataset import collect, dataset_options, load_model_seeded
+from camlens.cli.dataset import collect, dataset_options, load_model_seeded, request_fields, request_options
 
 DEFAULT_METHODS = ("gradcam", "cam")
 #: the cost estimate is printed before a method estimated to run this many forwards or seconds
@@ -142,6 +142,7 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @dataset_options
+@request_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap (maps of one sign)")
 @click.option(
@@ -576,7 +577,8 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
     keep = bool(writes.loose) or writes.figures != "none"
-    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep)
+    fields = request_fields()  # --precision, --exact-decode: to explain() (and a store's signature)
+    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep, exact_decode=bool(fields.get("exact_decode")))
     if writes.store:  # --out inside the data folder: the store's own figures are not inputs
         ds = without_store(ds, writes.out)
     sinks = []
@@ -608,6 +610,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         after=None if work.quiet else _print_top,
         on_error=lambda msg: echo_err(msg),
         method_options=work.options,  # --option KEY=VALUE, typed by the methods' signatures
+        **fields,
     )
     estimates = reporting(CliEstimates(len(ds)) if work.progress and ctx.is_main else None)
     try:

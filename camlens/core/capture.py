@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from camlens.base.errors import InputError
+from camlens.core.precision import features_in_float32
 from camlens.core.layout import Layout, LayoutRequest
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
@@ -268,10 +269,10 @@ def capture(
                 f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
                 "(`camlens layers MODEL` lists candidates) or capture='input'"
             )
-        idx = out.calls
-        out.calls += 1
+        idx, out.calls = out.calls, out.calls + 1
         if target >= 0 and idx != target:
             return t
+        t = features_in_float32(t)  # a forward under autocast (precision="bf16"): maps computed in float32
         if out._current_pool_module:
             out.pool_module = out._current_pool_module[-1]
         if replace is not None:

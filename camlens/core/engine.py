@@ -510,7 +510,7 @@ class ForwardPass:
                 "timm Attention, Hugging Face ViT-style attention; windowed attention such as Swin's is not); "
                 "use a layer method such as gradcam"
             )
-        return [a.detach() for a in self.attention_weights]
+        return [a.detach().float() for a in self.attention_weights]  # float32 also under autocast
 
     def attention_grads(self) -> list[torch.Tensor]:
         """``[(N, K, heads, T, T)]``: gradient of each target score w.r.t. each attention matrix."""
@@ -532,7 +532,7 @@ class ForwardPass:
                         )
                     )
             self._attention_grads = [
-                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1) for i, a in enumerate(weights)
+                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1).float() for i, a in enumerate(weights)
             ]
         return self._attention_grads
 

@@ -353,6 +353,8 @@ class FilesSink(Sink):
         data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
             e = exp.replace(images=b.images, sources=list(b.names))
+            if b.images is not None and any(tuple(im.shape[:2]) != tuple(s) for im, s in zip(b.images, b.sizes)):
+                e.extras = {**e.extras, "image_sizes": list(b.sizes)}  # decoded reduced: the photos' own frame
             if data:  # maps and summaries keep every target
                 self.written += len(save_explanation(e, Path(self.directory), formats=data, **self.kw))
             if pngs:
@@ -746,7 +748,8 @@ def explain_dataset(
     names = list(dict.fromkeys(get_method(m).name for m in names))
     card = card_of(model)
     pp = preprocess or (card.preprocess if card else IMAGENET)
-    ds, _ = as_dataset(dataset, pp, keep_images=figures != "none")
+    exact = bool(options.get("exact_decode", False))  # a request field: also in the run's signature
+    ds, _ = as_dataset(dataset, pp, keep_images=figures != "none", exact_decode=exact)
     ds = without_store(ds, out)
     ctx = _dist.setup(_model_device(model))
     try:

@@ -39,7 +39,7 @@ from camlens.attribution.registry import methods
 from camlens.base._util import numbered, rank_tags, with_options
 from camlens.base.errors import InputError
 from camlens.base.fsio import atomic_write, check_targets, safe_out_dir
-from camlens.base.localization import DEFAULT_THRESHOLD, image_boxes, localize, scale_boxes
+from camlens.base.localization import DEFAULT_THRESHOLD, localize, map_boxes, photo_sizes, scale_boxes
 from camlens.base.ops import ULPS, minmax
 
 #: colours (matplotlib names) used for boxes: predicted, ground truth
@@ -521,7 +521,12 @@ def _colorbar(fig: Figure, ax, scale: ColorScale, **kw: Any) -> None:
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
-    return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
+    """Boxes in the pixels of the images drawn (smaller than the photo after a scaled decode)."""
+    b = map_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if not exp.images:
+        return list(b)
+    size = tuple(exp.shape[-2:])
+    return [scale_boxes(bi, size, img.shape[:2]) for bi, img in zip(b, exp.images, strict=True)]
 
 
 def topk_figure(
@@ -1445,6 +1450,7 @@ def save_explanation(
     thr = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
     draw = opts.boxes or opts.threshold is not None
     stems, plan = _save_plan(exp, Path(directory), opts)
+    own = photo_sizes(exp)
     labels = exp.labels()
     size = tuple(exp.shape[-2:])
     written: list[Path] = []
@@ -1453,13 +1459,15 @@ def save_explanation(
         maps_i = exp.image_maps(i)  # (K, H, W): one image's maps at a time (lazy maps stay small)
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
-        img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
+        photo_size = own[i] if own is not None else tuple(img.shape[:2])  # a scaled decode: the photo's own
+        img_boxes = scale_boxes(map_boxes, size, photo_size) if exp.images else map_boxes
+        shown_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes  # drawn on img
         pixel = exp.raw.dim() == 5
         shared = shared_color_scale(maps_i, pixel=pixel, cmap=opts.cmap) if opts.shared_scale else None
         scales = [shared or color_scale(mj, pixel=pixel, cmap=opts.cmap) for mj in maps_i]
         if "png" in opts.formats:
             for j, p in enumerate(plan[i]["png"]):
-                bx = img_boxes[j] if draw else None
+                bx = shown_boxes[j] if draw else None
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
                     bx = np.round(ref)  # a detector's explained box, in the image's pixels
                 meta = {
@@ -1470,18 +1478,18 @@ def save_explanation(
                 }
                 _save_overlay(img, maps_i[j], p, scales[j], bx, meta, look)
                 written.append(p)
-        photo = opts.map_size == "photo" and bool(exp.images) and tuple(img.shape[:2]) != size  # the boxes' frame
+        photo = opts.map_size == "photo" and bool(exp.images) and tuple(photo_size) != size  # the boxes' frame
         if "npy" in opts.formats:
             p = plan[i]["npy"][0]
             arr = maps_i.detach().float().cpu().numpy()
             if photo:
-                arr = np.stack([resize_map(mj, img.shape[:2]) for mj in arr])
+                arr = np.stack([resize_map(mj, photo_size) for mj in arr])
             atomic_write(p, functools.partial(np.save, arr=arr), overwrite=opts.overwrite)
             written.append(p)
         if "json" in opts.formats:
             p = plan[i]["json"][0]
             boxes = {"threshold": float(thr), "image": img_boxes, "map": map_boxes}
-            summary = _json_summary(exp, i, stems[i], img, maps_i, scales, boxes, opts.map_size == "photo")
+            summary = _json_summary(exp, i, stems[i], photo_size, maps_i, scales, boxes, opts.map_size == "photo")
             atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=opts.overwrite)
             written.append(p)
     return written
@@ -1515,11 +1523,11 @@ def _json_summary(
     exp: Explanation,
     i: int,
     stem: str,
-    img: np.ndarray,
+    photo_size: tuple[int, int],
     maps_i: torch.Tensor,
     scales: list[ColorScale],
     boxes: dict[str, Any],
-    photo_size: bool,
+    at_photo: bool,
 ) -> dict[str, Any]:
     """The JSON summary of image ``i`` (see :func:`save_explanation`)."""
     size = tuple(exp.shape[-2:])
@@ -1528,8 +1536,8 @@ def _json_summary(
         "method": exp.method,
         "layer": exp.layer,
         "model": exp.model_name,
-        "image_size": list(img.shape[:2]) if exp.images else None,
-        "map_size": list(img.shape[:2]) if photo_size and exp.images else list(size),
+        "image_size": list(photo_size) if exp.images else None,
+        "map_size": list(photo_size) if at_photo and exp.images else list(size),
         "classes": [int(c) for c in exp.classes[i].tolist()],
         "class_names": exp.labels()[i],
         "scores": [float(v) for v in exp.scores[i].tolist()],
