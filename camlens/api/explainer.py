@@ -328,10 +328,11 @@ def run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, E
         torch.inference_mode(False),
         eval_mode(model),
         fit_input(model, shape) as fitted,
-        autocast_forwards(model, request.precision, model_device(model)),
+        autocast_forwards(model, request.precision, model_device(model)) as low,
     ):
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx = resolved.ctx
+        ctx.autocast = low
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
         shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
         shared.sizes, shared.precision = sizes, request.precision

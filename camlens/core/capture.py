@@ -46,8 +46,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from camlens.base.errors import InputError
-from camlens.core.precision import features_in_float32
 from camlens.core.layout import Layout, LayoutRequest
+from camlens.core.precision import features_in_float32
 
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
 

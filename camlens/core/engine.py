@@ -330,6 +330,9 @@ class ForwardPass:
     """
 
     frames: Any = None
+    #: the dtype the forward ran in under autocast (``explain(..., precision="bf16")``; ``None``: the
+    #: model's own): the features reach the methods in float32 but carry that rounding
+    autocast: torch.dtype | None = None
 
     def __init__(
         self,
