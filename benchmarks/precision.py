@@ -112,6 +112,7 @@ def run(device: str, batch: int, rounds: int, methods=METHODS) -> dict[str, Any]
                 p: statistics.median(times["fp32"]) / statistics.median(v) for p, v in times.items() if p != "fp32"
             }
             rows[f"{name} / {method}"] = row
+            print(f"{name} / {method}: {json.dumps(row)}", file=sys.stderr, flush=True)  # progress
     return rows
 
 
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(METHODS))
     a = ap.parse_args(argv)
     meta = {
         "device": a.device,
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
     }
-    rows = run(a.device, a.batch, a.rounds)
+    rows = run(a.device, a.batch, a.rounds, tuple(m for m in a.methods.split(",") if m))
     meta["load_average_after"] = os.getloadavg()
     print(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0
