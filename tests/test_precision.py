@@ -20,9 +20,10 @@ from tests.test_core_hygiene import assert_untouched, snapshot
 
 #: the tolerances held here (worst case over the bundled photos measured by benchmarks/precision.py
 #: on CPU bf16, with margin): Pearson of each map with its fp32 map, largest |difference| of the
-#: min-max normalised maps
+#: min-max normalised maps. Layer maps stay close; input gradients through a bf16 network do not
+#: (saliency on Lite0: r = 0.63 measured), which is why explain() warns for pixel methods.
 TOLERANCE = {
-    "cnn": {"gradcam": (0.99, 0.15), "saliency": (0.95, 0.5)},
+    "cnn": {"gradcam": (0.99, 0.15), "saliency": (0.5, 0.9)},
     "vit": {"gradcam": (0.97, 0.3)},
 }
 
@@ -84,11 +85,17 @@ def test_bf16_forward_runs_under_autocast_and_maps_are_float32():
     assert (g.raw - ref.raw).abs().max() <= 0.02 * ref.raw.abs().max()  # bf16: ~3 significant digits
 
 
+def test_pixel_methods_in_reduced_precision_warn():
+    with pytest.warns(UserWarning, match="saliency at precision='bf16'"):
+        camlens.explain(GapNet(), torch.rand(1, 3, 8, 8), ["gradcam", "saliency"], precision="bf16")
+
+
 def test_bf16_leaves_no_trace_also_when_the_forward_raises():
     model = GapNet().train()
     before = snapshot(model)
     x = torch.rand(1, 3, 8, 8)
-    camlens.explain(model, x, ["gradcam", "saliency", "scorecam"], precision="bf16")
+    with pytest.warns(UserWarning):  # saliency in bf16
+        camlens.explain(model, x, ["gradcam", "saliency", "scorecam"], precision="bf16")
     assert_untouched(model, before)
     assert not torch.is_autocast_enabled("cpu")
 
@@ -120,8 +127,9 @@ def _family_case(model: nn.Module, x: torch.Tensor, method: str, family: str) ->
 @pytest.mark.slow
 def test_cnn_tolerance_lite0(lite0):
     x, _, _ = prepare_inputs([sample_image("chelsea"), sample_image("coffee")], lite0)
-    for method in ("gradcam", "saliency"):
-        _family_case(lite0, x, method, "cnn")
+    _family_case(lite0, x, "gradcam", "cnn")
+    with pytest.warns(UserWarning, match="precision='fp32' for pixel methods"):
+        _family_case(lite0, x, "saliency", "cnn")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast, overload
@@ -375,6 +376,15 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
             "decides its own precision: leave precision='fp32'"
         )
     autocast_dtype(request.precision, model_device(model))  # a precision the device cannot run: before any work
+    pixel = [i.name for i in infos if "input_grads" in i.needs]
+    if request.precision != "fp32" and pixel:
+        warnings.warn(
+            f"{', '.join(pixel)} at precision={request.precision!r}: input gradients back-propagated through a "
+            f"{request.precision} network are far from fp32's (Pearson ~0.6 for saliency on EfficientNet-Lite0, "
+            "benchmarks/precision.py); use precision='fp32' for pixel methods",
+            UserWarning,
+            stacklevel=3,
+        )
     card = card_of(model)
     classes = list(request.class_names) if request.class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None
