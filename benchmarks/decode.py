@@ -57,15 +57,29 @@ def phone_photo(name: str, path: Path, *, noise: float = 0.0, seed: int = 0, siz
 
 
 def make_phone_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` distinct 4032x3024 JPEG photos (quality 90) from the bundled ones: the bundled photo
-    upscaled, flipped on odd indices, with a little per-file noise so that no two files are equal."""
+    """``n`` distinct 4032x3024 JPEG photos (quality 90) from the bundled ones: a random crop of 85-100 %
+    of a bundled photo (flipped on odd indices) upscaled bicubically, so that no two files are equal."""
+    from PIL import Image
+
+    from camlens.base.io import sample_image
+
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("phone*.jpg"))
     if len(have) >= n:
         return have[:n]
-    return [
-        phone_photo(PHOTOS[i % len(PHOTOS)], folder / f"phone{i:05d}.jpg", noise=2.0, seed=seed + i) for i in range(n)
-    ]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = sample_image(PHOTOS[i % len(PHOTOS)])
+        h, w = a.shape[:2]
+        f = rng.uniform(0.85, 1.0)
+        ch, cw = int(h * f), int(w * f)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = a[y : y + ch, x : x + cw][:, :: -1 if i % 2 else 1]
+        img = Image.fromarray(np.ascontiguousarray(crop)).resize((PHONE[1], PHONE[0]), Image.Resampling.BICUBIC)
+        img.save(folder / f"phone{i:05d}.jpg", quality=90)
+        out.append(folder / f"phone{i:05d}.jpg")
+    return out
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--tests", nargs="*", help="test files for `pytest -m cuda` (default: tests/)")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-grid", action="store_true")
     a = ap.parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: run with --dry-run to check the script on the CPU"}))
@@ -415,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_tests:
         result["tests"] = cuda_tests(90 if not a.dry_run else 300, a.tests or [str(ROOT / "tests")])
         say(f"tests: {result['tests'].get('seconds', 0):.1f} s")
-    result["grid"] = grid(replace(s, started=time.perf_counter()))  # each part's budget starts with it
+    if not a.skip_grid:
+        result["grid"] = grid(replace(s, started=time.perf_counter()))  # each part's budget starts with it
     if not a.skip_pipeline:
         result["pipeline"] = pipeline(replace(s, started=time.perf_counter(), budget_s=a.pipeline_budget))
     result["meta"]["seconds"] = time.perf_counter() - t0
