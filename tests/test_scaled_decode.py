@@ -142,3 +142,14 @@ def test_scaled_decode_bound_on_phone_photos(lite0, tmp_path):
         assert scaled.images[0].shape[:2] == (378, 504)  # 1/8 scale
         assert int(full.classes[0, 0]) == int(scaled.classes[0, 0])
         assert pearson(full.maps, scaled.maps) >= 0.99
+
+
+def test_localize_draws_photo_pixel_boxes_on_a_scaled_decode(tmp_path):
+    from camlens.cli.localize import _draw
+
+    small = np.zeros((100, 150, 3), dtype=np.uint8)  # a 1/4-scale decode of a 400x600 photo
+    rec = {"image_size": [400, 600], "boxes": [{"box": [200, 100, 400, 300], "class_name": "cat", "prob": 0.9}]}
+    drawn = np.asarray(Image.open(_draw(small, rec, tmp_path / "b.png")))
+    ys, xs = np.nonzero(drawn.any(2))
+    assert 48 <= xs.min() <= 52 and 98 <= xs.max() <= 102  # x 200..400 -> 50..100
+    assert 23 <= ys.min() <= 27 and 73 <= ys.max() <= 77  # y 100..300 -> 25..75
