@@ -358,7 +358,9 @@ def pipeline(s: Setup) -> dict[str, Any]:
     batch = 2 if s.dry_run else 64
     out: dict[str, Any] = {"model": "efficientnet_lite0", "batch": batch, "workers": s.workers}
     with tempfile.TemporaryDirectory(prefix="camlens-gpu-bench-") as tmp:
-        for set_name, paths in _photos(Path(tmp), s).items():
+        sets = _photos(Path(tmp), s)
+        s = replace(s, started=time.perf_counter())  # the budget counts from the photos made
+        for set_name, paths in sets.items():
             if s.left() <= 0:
                 out[set_name] = {"skipped": "time budget"}
                 continue
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_grid:
         result["grid"] = grid(replace(s, started=time.perf_counter()))  # each part's budget starts with it
     if not a.skip_pipeline:
-        result["pipeline"] = pipeline(replace(s, started=time.perf_counter(), budget_s=a.pipeline_budget))
+        result["pipeline"] = pipeline(s if a.dry_run else replace(s, budget_s=a.pipeline_budget))
     result["meta"]["seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=1, default=str))
     return 0

@@ -69,14 +69,15 @@ def test_exif_orientation_is_kept_by_the_scaled_decode(tmp_path, orientation, su
     assert np.abs(ref - d.rgb).mean() < 3.0  # a wrong orientation differs by ~60 grey levels here
 
 
-def test_png_reduce_is_a_box_average_by_an_integer_factor(tmp_path):
+def test_png_reduce_is_a_box_average_keeping_twice_the_input_size(tmp_path):
     rng = np.random.default_rng(0)
-    arr = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    arr = rng.integers(0, 256, (1350, 1800, 3), dtype=np.uint8)
     p = _save(arr, tmp_path / "a.png")
     d = decode_image(p, IMAGENET.min_decode_size)
-    f = min(1200 // 224, 900 // 224)  # 4
-    assert d.rgb.shape == (900 // f, 1200 // f, 3)
-    blocks = arr.reshape(900 // f, f, 1200 // f, f, 3).astype(np.float64).mean((1, 3))
+    f = min(1800 // 448, 1350 // 448)  # 3: the result keeps at least 2 x 224 pixels a side
+    assert d.rgb.shape == (1350 // f, 1800 // f, 3)
+    arr = arr[: 1350 // f * f, : 1800 // f * f]
+    blocks = arr.reshape(1350 // f, f, 1800 // f, f, 3).astype(np.float64).mean((1, 3))
     assert np.abs(blocks - d.rgb).max() <= 1.0  # rounding only
 
 

@@ -14,10 +14,11 @@ displayed ``[height, width]``.
 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``Image.draft``: the largest reduction whose result
 still covers the size the preprocessing resizes to; a 4032x3024 phone photo for a 224x224 model
 decodes at 504x378 in a fraction of the time) and other formats are box-reduced by an integer
-factor (``Image.reduce``) before the resize. The original (upright) size comes from the header, so
-maps and boxes stay in the photo's pixels. The preprocessed tensor differs from a full decode's by
-resampling only (bounded by :data:`SCALED_DECODE_MAD`, held by ``tests/test_scaled_decode.py``);
-``exact_decode=True`` decodes in full.
+factor that keeps twice the size needed (``Image.reduce``) before the resize. The original
+(upright) size comes from the header, so maps and boxes stay in the photo's pixels. The
+preprocessed tensor differs from a full decode's by resampling only (bounded by
+:data:`SCALED_DECODE_MAD`, held by ``tests/test_scaled_decode.py``); ``exact_decode=True`` decodes
+in full.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def load_image(source: ImageLike) -> np.ndarray:
 def decode_image(source: ImageLike, fit: FitSize | None = None) -> Decoded:
     """Decode one image for a model: with ``fit`` (see :data:`FitSize`), a file larger than needed is
     decoded reduced (JPEG: DCT-domain scaling by 1/2, 1/4 or 1/8 via ``Image.draft``; other formats:
-    ``Image.reduce`` by the largest integer factor that still covers ``fit``'s size), EXIF
+    ``Image.reduce`` by the largest integer factor that keeps twice ``fit``'s size), EXIF
     orientation applied; ``size`` is the photo's own upright ``(H, W)`` from its header. PIL images
     and arrays the caller passes are never reduced (nothing to save; the caller's image is untouched).
     """
@@ -266,8 +267,10 @@ _REDUCIBLE = ("L", "LA", "RGB", "RGBA")
 def _reduced(img: Image.Image, need: tuple[int, int]) -> Image.Image:
     """``img`` decoded at the smallest size that still covers ``need`` ``(H, W)`` (stored frame):
     a JPEG at 1/2, 1/4 or 1/8 scale (PIL's draft picks the largest scale whose result is at least
-    ``need``), another format box-reduced by an integer factor after a full decode. The EXIF data
-    stays with the result (:func:`pil_to_rgb` applies the orientation)."""
+    ``need``), another format box-reduced after a full decode by the largest integer factor that
+    keeps **twice** ``need`` (a box filter right down to the input size differs from the antialiased
+    resize: on a 4032x3024 PNG for 224x224, mean difference 0.011 at factor 13, 0.0005 at factor 6).
+    The EXIF data stays with the result (:func:`pil_to_rgb` applies the orientation)."""
     w, h = img.size
     nh, nw = max(1, int(need[0])), max(1, int(need[1]))
     if img.format == "JPEG":
@@ -275,7 +278,7 @@ def _reduced(img: Image.Image, need: tuple[int, int]) -> Image.Image:
         img.load()
         return img
     img.load()
-    factor = min(w // nw, h // nh)
+    factor = min(w // (2 * nw), h // (2 * nh))
     if factor < 2 or img.mode not in _REDUCIBLE:
         return img
     return img.reduce(factor)  # keeps img.info (the EXIF orientation)
