@@ -223,6 +223,8 @@ def peer_cells(model, layer: str, x, classes, precision: str, s: Setup) -> dict[
 
 def grid_cell(name: str, build, size: int, layer: str | None, n: int, precision: str, s: Setup) -> dict[str, Any]:
     """Every contender of one (model, batch, precision) cell; ratios to its forward."""
+    from camlens.base.errors import CamlensError
+
     model = build().to(s.device).eval()
     x, classes = _batch(model, size, n, s.device)
     rows: dict[str, Any] = {}
@@ -235,6 +237,8 @@ def grid_cell(name: str, build, size: int, layer: str | None, n: int, precision:
             continue
         try:
             rows[key] = measure(fn, s)
+        except CamlensError as exc:  # guided backprop on a ViT (no ReLU): refused by camlens, by design
+            rows[key] = {"not_applicable": str(exc).splitlines()[0][:200]}
         except Exception as exc:  # a peer that cannot run this cell (bf16 to NumPy…) is a row that says so
             rows[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
         finally:
