@@ -17,8 +17,9 @@ budget is listed as skipped, never silently dropped):
    Captum, TorchCAM), guided backprop (Captum) and Score-CAM (pytorch-grad-cam, TorchCAM; batch 1
    only: they score every channel); each as a median of ``--repeats`` timed calls after a warm-up,
    its ratio to the forward of the same cell, and its peak CUDA memory (``max_memory_allocated``
-   above what was allocated before the call). The ViT gets no peer rows: every peer needs a
-   hand-written reshape of its tokens.
+   above what was allocated before the call). The ViT gets no peer rows (every peer needs a
+   hand-written reshape of its tokens) and no guided backprop (no ReLU: camlens refuses it, a
+   ``not_applicable`` row).
 3. ``pipeline``: the dataset pipeline (``camlens.pipeline.run.stream``: DataLoader workers decoding
    the JPEGs, Grad-CAM, maps moved off the device, no store) in images/s against the bare GPU
    forward on tensors preloaded to the device, and against the forward over the same DataLoader,
