@@ -84,6 +84,7 @@ def timed(fn, rounds: int) -> dict[str, list[float]]:
 
 def run(device: str, batch: int, rounds: int, methods=METHODS) -> dict[str, Any]:
     import camlens
+    from camlens.base.errors import CamlensError
     from camlens.base.io import sample_image
     from camlens.core.inputs import prepare_inputs
 
@@ -94,7 +95,11 @@ def run(device: str, batch: int, rounds: int, methods=METHODS) -> dict[str, Any]
         model = build().to(device)
         x, _, _ = prepare_inputs(images, model)
         for method in methods:
-            ref = camlens.explain(model, x, method)
+            try:
+                ref = camlens.explain(model, x, method)
+            except CamlensError as exc:  # guided backprop on a ViT (no ReLU): refused by design
+                rows[f"{name} / {method}"] = {"not_applicable": str(exc).splitlines()[0][:200]}
+                continue
             row: dict[str, Any] = {}
             for p in lows:
                 row[p] = compare(ref, camlens.explain(model, x, method, precision=p))
