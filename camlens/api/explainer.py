@@ -11,6 +11,7 @@ The model is left exactly as it was: hooks removed, every module's train/eval fl
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
@@ -32,6 +33,7 @@ from camlens.core.inputs import prepare_batch, prepare_inputs
 from camlens.core.layers import resolve_layer
 from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
+from camlens.core.precision import autocast_dtype, autocast_forwards, check_precision
 from camlens.core.resolve import run_resolved
 from camlens.models.blackbox import ScoringFunction, unsupported
 from camlens.models.card import attach_card
@@ -227,7 +229,16 @@ def explain(
             patch size), or ``"none"``, ``"nhwc"``, ``(h, w)``, ``(prefix, h, w)``; see
             :mod:`camlens.core.layout`. What was done is stated in ``extras["layout"]``.
         **options: method options, e.g. ``max_channels=``, ``batch_size=``, ``grad_norm="rms"``,
-            ``steps=``, ``n_samples=``; and, for a model with several inputs:
+            ``steps=``, ``n_samples=``; two fields of the request (:data:`REQUEST_OPTIONS`):
+            ``precision=`` ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the model's forward
+            passes run under ``torch.autocast`` where the device supports it (CPU: ``bf16``), the
+            maps' arithmetic stays in float32, ``extras["precision"]`` says so (see
+            :mod:`camlens.core.precision` for the measured tolerance); ``exact_decode=True``:
+            decode image files in full instead of at the smallest JPEG scale (or ``Image.reduce``
+            factor) that still covers the model's input (see :mod:`camlens.base.io`; maps and
+            boxes are in the photo's pixels either way, ``extras["image_sizes"]`` gives each
+            photo's size when its image was decoded reduced).
+            And, for a model with several inputs:
         forward_args, forward_kwargs: the model's other inputs, for a model ``model(image, *args,
             **kwargs)`` (image + metadata, two images…): tensors batched along dim 0 (one row per
             image; every forward a method runs gets the rows of the images it forwards: masked,
@@ -252,6 +263,8 @@ def explain(
         >>> both = camlens.explain(model, "cat.jpg", ["gradcam", "scorecam"], max_channels=64)
         >>> both["scorecam"].show()                               # {method: Explanation}
     """
+    options = dict(options)
+    fields = {k: options.pop(k) for k in REQUEST_OPTIONS if k in options}
     request = ExplainRequest(
         methods=tuple(method_names(method)),
         targets=targets,
@@ -262,7 +275,8 @@ def explain(
         class_names=None if class_names is None else tuple(class_names),
         output=output,
         reshape=reshape,
-        options=dict(options),
+        options=options,
+        **fields,
     )
     results = run_request(model, inputs, request)
     named = {n: results[get_method(n).name] for n in request.methods}  # aliases as the caller spelled them
@@ -271,6 +285,8 @@ def explain(
 
 #: explain()'s keywords that describe the model's inputs, not a method's options
 INPUT_KEYWORDS = ("forward_args", "forward_kwargs", "input_index", "input_key")
+#: keyword arguments of :func:`explain` that are fields of the :class:`ExplainRequest`, not method options
+REQUEST_OPTIONS = ("precision", "exact_decode")
 
 
 @dataclass(frozen=True)
@@ -293,12 +309,21 @@ class ExplainRequest:
     input_index: int = 0
     input_key: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    exact_decode: bool = False
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if not isinstance(self.exact_decode, bool):
+            raise InputError(f"exact_decode must be True or False, not {self.exact_decode!r}")
 
     def with_inputs(self, options: dict[str, Any]) -> ExplainRequest:
         """This request with the model-input keywords (``forward_args``, ``forward_kwargs``,
-        ``input_index``, ``input_key``) taken out of ``options`` (the rest are method options)."""
+        ``input_index``, ``input_key``) and the request fields (``precision``, ``exact_decode``)
+        taken out of ``options`` (the rest are method options): the CLI and the dataset pipeline
+        hand them on among the options."""
         rest = dict(options)
-        given = {k: rest.pop(k) for k in INPUT_KEYWORDS if k in rest}
+        given = {k: rest.pop(k) for k in (*INPUT_KEYWORDS, *REQUEST_OPTIONS) if k in rest}
         if "forward_args" in given:
             args = given["forward_args"]
             given["forward_args"] = tuple(args) if isinstance(args, (list, tuple)) else args
@@ -362,7 +387,7 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
     if isinstance(model, ImageText) and not isinstance(model, ZeroShotClassifier) and request.class_names:
         model = zero_shot(model, request.class_names)  # class names typed by the user: a zero-shot classifier
     plan = _plan(model, request, options)
-    x, images, sources = _batch(inputs, model, request, plan)
+    x, images, sources, sizes = _batch(inputs, model, request, plan)
     check_volumes(plan.infos, x)
     spec = _layer_spec(model, request, plan)
     # one method asks for at most one layer, one input and one attention gradient: the last backward
@@ -391,11 +416,19 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
     results: dict[str, Explanation] = {}
     # works under the caller's inference_mode too; a transformer at another size: see fit_input
     extra = request.extra_inputs(x, model)
-    with torch.inference_mode(False), eval_mode(model), extra.attached(model), fit_input(model, shape) as fitted:
+    with (
+        torch.inference_mode(False),
+        eval_mode(model),
+        extra.attached(model),
+        fit_input(model, shape) as fitted,
+        autocast_forwards(model, request.precision, model_device(model)) as low,
+    ):
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx = resolved.ctx
+        ctx.autocast = low
         ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
         shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
+        shared.sizes, shared.precision = sizes, request.precision
         timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
         for info in plan.infos:
             with reported(info, ctx, plan.options[info.name], timing):  # estimate and progress, when asked
@@ -468,6 +501,21 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
     refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)
     if refused is not None:
         raise refused
+    if request.precision != "fp32" and isinstance(model, ScoringFunction):
+        raise InputError(
+            f"precision={request.precision!r} runs a torch model's forward under autocast; a scoring function "
+            "decides its own precision: leave precision='fp32'"
+        )
+    autocast_dtype(request.precision, model_device(model))  # a precision the device cannot run: before any work
+    pixel = [i.name for i in infos if "input_grads" in i.needs]
+    if request.precision != "fp32" and pixel:
+        warnings.warn(
+            f"{', '.join(pixel)} at precision={request.precision!r}: input gradients back-propagated through a "
+            f"{request.precision} network are far from fp32's (Pearson ~0.6 for saliency on EfficientNet-Lite0, "
+            "benchmarks/precision.py); use precision='fp32' for pixel methods",
+            UserWarning,
+            stacklevel=3,
+        )
     card = card_of(model)
     classes = list(request.class_names) if request.class_names is not None else class_names_of(model)
     task = card.extra.get("task") if card else None
@@ -486,11 +534,16 @@ def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) ->
     return _Plan(infos, per_options, needs, card, classes, targets)
 
 
-def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) -> tuple[Any, Any, list[str]]:
+def _batch(
+    inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan
+) -> tuple[Any, Any, list[str], list[tuple[int, int]] | None]:
     """The model's input (a batch tensor, or a detector's list of ``(C, H, W)`` images of different
-    sizes, which only layer methods take), the original images and their names."""
+    sizes, which only layer methods take), the images, their names, and the photos' own sizes
+    when an image was decoded reduced (else ``None``)."""
     with torch.inference_mode(False):
-        x, images, sources = prepare_batch(inputs, model, request.preprocess)
+        x, images, sources, sizes = prepare_batch(inputs, model, request.preprocess, exact=request.exact_decode)
+    if images is None or sizes is None or all(tuple(im.shape[:2]) == s for im, s in zip(images, sizes, strict=True)):
+        sizes = None
     if isinstance(x, list):
         bad = [i.name for i in plan.infos if i.kind != "layer"]
         if bad:
@@ -498,7 +551,7 @@ def _batch(inputs: Any, model: nn.Module, request: ExplainRequest, plan: _Plan) 
                 f"{', '.join(bad)} need(s) images of one size; these differ in size "
                 f"({sorted({tuple(t.shape[-2:]) for t in x})}): explain them one at a time or resize them"
             )
-    return x, images, sources
+    return x, images, sources, sizes
 
 
 def _layer_spec(model: nn.Module, request: ExplainRequest, plan: _Plan) -> CaptureSpec | None:
@@ -527,6 +580,8 @@ class _Shared:
     shown: torch.Tensor | None
     layer_name: str | None
     fitted: Any
+    sizes: list[tuple[int, int]] | None = None  # the photos' own sizes, when decoded reduced
+    precision: str = "fp32"
 
     @classmethod
     def of(cls, ctx, model, request, plan, x, images, sources, layer_name, fitted) -> _Shared:
@@ -621,6 +676,10 @@ def _extras(out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> dict[str, An
         extras["skipped_reasons"] = dict(sorted(ctx.targets.skipped.items()))
     if isinstance(x, list):
         extras["image_sizes"] = [tuple(t.shape[-2:]) for t in x]
+    elif shared.sizes is not None:  # a scaled decode: the photos' own frame for boxes and summaries
+        extras["image_sizes"] = list(shared.sizes)
+    if shared.precision != "fp32":
+        extras["precision"] = shared.precision  # forward under autocast; maps computed in float32
     if shared.fitted:
         extras["input_size"] = shared.fitted
     return extras

@@ -75,7 +75,7 @@ def cam_weights(ctx: ForwardPass, head=None, check: bool = True) -> tuple[torch.
             # logits carry its rounding: bf16 has 8 mantissa bits), structural mismatches are O(1)
             pred = A.detach().float().mean(spatial_axes(A)) @ W.float().T + (0 if b is None else b.float())
             logits = ctx.logits.detach().float()
-            eps = torch.finfo(A.dtype).eps if A.is_floating_point() else 0.0
+            eps = torch.finfo(ctx.autocast or A.dtype).eps if A.is_floating_point() else 0.0
             tol = max(1e-3, 16 * eps) * (1 + logits.abs().max())
             err = (pred - logits).abs().max()
         if not torch.isfinite(err) or err > tol:

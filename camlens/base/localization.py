@@ -273,6 +273,18 @@ def map_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> np.ndarray
     return np.stack(per)
 
 
+def photo_sizes(exp) -> list[tuple[int, int]] | None:
+    """Each explained photo's own ``(H, W)``: ``extras["image_sizes"]`` when given (an image decoded
+    reduced, a detector's batch of different sizes), else the held images' shapes; ``None`` without
+    images (tensor inputs)."""
+    if not exp.images:
+        return None
+    sizes = exp.extras.get("image_sizes")
+    if sizes is not None and len(sizes) == len(exp.images):
+        return [(int(s[0]), int(s[1])) for s in sizes]
+    return [(int(img.shape[0]), int(img.shape[1])) for img in exp.images]
+
+
 def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str = "auto", **kwargs) -> Boxes:
     """Boxes of an :class:`~camlens.Explanation` as :class:`Boxes` ``(N, K, 4)`` (``(N, K, M, 4)``
     with ``mode="all"``).
@@ -298,7 +310,7 @@ def explanation_boxes(exp, threshold: float = DEFAULT_THRESHOLD, *, frame: str =
         )
     if frame in ("input", "map") or not exp.images:
         return Boxes(b, "input", [(int(size[0]), int(size[1]))] * len(b))
-    sizes = [(int(img.shape[0]), int(img.shape[1])) for img in exp.images]
+    sizes = photo_sizes(exp) or []
     return Boxes(np.stack([scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]), "image", sizes)
 
 
@@ -310,9 +322,10 @@ def image_boxes(exp, threshold: float = DEFAULT_THRESHOLD, **kwargs) -> list[np.
     """
     b = map_boxes(exp, threshold, **kwargs)
     size = tuple(exp.shape[-2:])
-    if not exp.images:
+    sizes = photo_sizes(exp)
+    if sizes is None:
         return list(b)
-    return [scale_boxes(bi, size, img.shape[:2]) for bi, img in zip(b, exp.images, strict=True)]
+    return [scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]
 
 
 def centre_box(size: Sequence[int], fraction: float = 0.5) -> np.ndarray:

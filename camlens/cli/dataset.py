@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -101,6 +102,57 @@ def dataset_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+#: where :func:`request_options` keeps ``--precision`` and ``--exact-decode`` (click's ``ctx.meta``)
+REQUEST_META = "camlens.request"
+
+
+def _keep_request_field(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta.setdefault(REQUEST_META, {})[param.name] = value
+    return value
+
+
+def request_options(f: Callable) -> Callable:
+    """``--precision`` and ``--exact-decode``: fields of the explain request (see
+    :class:`camlens.api.explainer.ExplainRequest`), kept in ``ctx.meta[REQUEST_META]`` for the run
+    (:func:`request_fields`) rather than passed to the command function."""
+    opts = [
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16", "fp16"]),
+            default="fp32",
+            show_default=True,
+            expose_value=False,
+            callback=_keep_request_field,
+            help="the forward passes under torch.autocast in bf16/fp16 where the device supports it (CPU: "
+            "bf16); maps computed in float32 and within a measured tolerance of fp32",
+        ),
+        click.option(
+            "--exact-decode",
+            is_flag=True,
+            expose_value=False,
+            callback=_keep_request_field,
+            help="decode image files in full (default: a JPEG larger than the model's input is decoded at "
+            "the smallest 1/2, 1/4 or 1/8 scale that still covers it; maps and boxes stay in the photo's pixels)",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def request_fields() -> dict[str, Any]:
+    """The non-default request fields given by :func:`request_options` to the running command:
+    ``{"precision": "bf16"}``, ``{"exact_decode": True}`` (what ``explain(**fields)`` takes)."""
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(REQUEST_META, {}) if ctx is not None else {}
+    out: dict[str, Any] = {}
+    if given.get("precision", "fp32") != "fp32":
+        out["precision"] = given["precision"]
+    if given.get("exact_decode"):
+        out["exact_decode"] = True
+    return out
 
 
 def load_model_seeded(model: str, weights: str | None, checkpoint: str | None, device: str | None):

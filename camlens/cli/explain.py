@@ -25,7 +25,7 @@ from camlens.cli.common import (
     resolve_device,
     table,
 )
-from camlens.cli.dataset import collect, dataset_options, load_model_seeded
+from camlens.cli.dataset import collect, dataset_options, load_model_seeded, request_fields, request_options
 from camlens.cli.volume import nifti_inputs
 
 DEFAULT_METHODS = ("gradcam", "cam")
@@ -150,6 +150,7 @@ def parse_targets(values, class_names, task: str | None, topk: int):
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
 @dataset_options
+@request_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")
 @click.option("--cmap", default="jet", show_default=True, help="matplotlib colormap (maps of one sign)")
 @click.option(
@@ -627,7 +628,8 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
     keep = bool(writes.loose) or writes.figures != "none"
-    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep)
+    fields = request_fields()  # --precision, --exact-decode: to explain() (and a store's signature)
+    ds: Any = ImageFiles(inputs.records, pp, keep_images=keep, exact_decode=bool(fields.get("exact_decode")))
     if writes.store:  # --out inside the data folder: the store's own figures are not inputs
         ds = without_store(ds, writes.out)
     sinks = []
@@ -656,6 +658,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         targets=work.targets,
         layer=work.layer,
         options=dict(work.options or {}),  # --option KEY=VALUE, typed by the methods' signatures
+        **fields,  # --precision, --exact-decode
     )
     loop = StreamOptions(
         batch_size=work.batch_size,

@@ -387,9 +387,11 @@ def _localize_stream(net, inputs, run: _Run, targets, sink: _LocalizeSink, quiet
 def _draw(img, rec, path: Path) -> Path:
     from PIL import Image
 
-    from camlens.base.localization import draw_boxes
+    from camlens.base.localization import draw_boxes, scale_boxes
 
-    boxes = [b["box"] for b in rec["boxes"]]
+    # the boxes are in the photo's pixels; the image drawn on may be a scaled decode of it
+    raw = [b["box"] for b in rec["boxes"]]
+    boxes = [list(v) for v in scale_boxes(raw, rec["image_size"], img.shape[:2])] if raw else []
     labels = [f"{b['class_name'].split(',')[0]} {b['prob']:.0%}" for b in rec["boxes"]]
     im = Image.fromarray(draw_boxes(img, boxes, labels=labels))
     atomic_write(path, lambda f: im.save(f, format="PNG"), overwrite=True)  # checked before any work

@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 from camlens.base.errors import InputError
 from camlens.core.layout import Layout, LayoutRequest
+from camlens.core.precision import features_in_float32
 
 _POOL_MODULES = (
     nn.AdaptiveAvgPool2d,
@@ -294,10 +295,10 @@ def capture(  # noqa: PLR0915 - on the shrinking list of tests/test_code_shape.p
                 f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
                 "(`camlens layers MODEL` lists candidates) or capture='input'"
             )
-        idx = out.calls
-        out.calls += 1
+        idx, out.calls = out.calls, out.calls + 1
         if target >= 0 and idx != target:
             return t
+        t = features_in_float32(t)  # a forward under autocast (precision="bf16"): maps computed in float32
         if out._current_pool_module:
             out.pool_module = out._current_pool_module[-1]
         if replace is not None:

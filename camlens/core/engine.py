@@ -339,6 +339,9 @@ class ForwardPass:
     """
 
     frames: Any = None
+    #: the dtype the forward ran in under autocast (``explain(..., precision="bf16")``; ``None``: the
+    #: model's own): the features reach the methods in float32 but carry that rounding
+    autocast: torch.dtype | None = None
 
     def __init__(
         self,
@@ -519,7 +522,7 @@ class ForwardPass:
                 "timm Attention, Hugging Face ViT-style attention; windowed attention such as Swin's is not); "
                 "use a layer method such as gradcam"
             )
-        return [a.detach() for a in self.attention_weights]
+        return [a.detach().float() for a in self.attention_weights]  # float32 also under autocast
 
     def attention_grads(self) -> list[torch.Tensor]:
         """``[(N, K, heads, T, T)]``: gradient of each target score w.r.t. each attention matrix."""
@@ -541,7 +544,7 @@ class ForwardPass:
                         )
                     )
             self._attention_grads = [
-                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1) for i, a in enumerate(weights)
+                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1).float() for i, a in enumerate(weights)
             ]
         return self._attention_grads
 

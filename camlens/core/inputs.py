@@ -13,7 +13,7 @@ from torch import nn
 
 from camlens.base._util import model_device, model_dtype, numbered
 from camlens.base.errors import InputError
-from camlens.base.io import load_images
+from camlens.base.io import decode_images
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of
 
@@ -22,7 +22,7 @@ def prepare_inputs(
     inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
 ) -> tuple[torch.Tensor, list[np.ndarray] | None, list[str]]:
     """Inputs -> ``(x, original images or None, source names)`` on the model's device."""
-    x, images, names = prepare_batch(inputs, model, preprocess)
+    x, images, names, _ = prepare_batch(inputs, model, preprocess)
     if isinstance(x, list):
         raise InputError(
             f"these images differ in size ({sorted({tuple(t.shape[-2:]) for t in x})}) and this needs one "
@@ -43,11 +43,15 @@ def check_not_meta(inputs: Any) -> None:
 
 
 def prepare_batch(
-    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None
-) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str]]:
+    inputs: Any, model: nn.Module, preprocess: Preprocess | None = None, *, exact: bool = True
+) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray] | None, list[str], list[tuple[int, int]] | None]:
     """As :func:`prepare_inputs`, but images of different sizes given to a detector (whose
     preprocessing keeps each image's size, ``resize="none"``), or a list of ``(C, H, W)`` tensors
-    of different sizes, come back as a list of ``(C, H, W)`` tensors (its list-of-images input)."""
+    of different sizes, come back as a list of ``(C, H, W)`` tensors (its list-of-images input).
+
+    ``exact=False``: image files larger than the preprocessing needs are decoded reduced
+    (:func:`camlens.base.io.decode_image`); the fourth value gives each photo's own ``(H, W)``
+    (``None`` for tensor inputs), which the images then no longer have."""
     device = model_device(model)
     check_not_meta(inputs)
     if isinstance(inputs, torch.Tensor):
@@ -69,7 +73,7 @@ def prepare_batch(
             if x.is_inference():
                 x = x.clone()
         x = x.to(device=device, dtype=model_dtype(model))
-        return x, None, numbered("image", x.shape[0])
+        return x, None, numbered("image", x.shape[0]), None
     if (
         isinstance(inputs, (list, tuple))
         and inputs
@@ -77,9 +81,12 @@ def prepare_batch(
     ):  # a detector's list of (C, H, W) images, as torchvision detectors take them
         ts = [t.detach().to(device=device, dtype=model_dtype(model)) for t in inputs]
         xs = torch.stack(ts) if len({tuple(t.shape) for t in ts}) == 1 else ts
-        return xs, None, numbered("image", len(ts))
+        return xs, None, numbered("image", len(ts)), None
     items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    images = load_images(items)
+    card = card_of(model)
+    pp = preprocess or (card.preprocess if card else IMAGENET)
+    decoded = decode_images(items, None if exact else pp.min_decode_size)
+    images, sizes = [d.rgb for d in decoded], [d.size for d in decoded]
     names = []
     for item, default in zip(items, numbered("image", len(items)), strict=True):
         names.append(
@@ -87,9 +94,7 @@ def prepare_batch(
             if isinstance(item, (str, os.PathLike))
             else Path(getattr(item, "filename", "") or default).stem or default
         )
-    card = card_of(model)
-    pp = preprocess or (card.preprocess if card else IMAGENET)
     if pp.resize == "none" and len({im.shape[:2] for im in images}) > 1:  # a detector's images of different sizes
-        return [pp([im], device=device)[0].to(model_dtype(model)) for im in images], images, names
+        return [pp([im], device=device)[0].to(model_dtype(model)) for im in images], images, names, sizes
     x = pp(images, device=device).to(model_dtype(model))
-    return x, images, names
+    return x, images, names, sizes

@@ -9,6 +9,7 @@ which resize internally and report boxes in the original pixels).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -45,6 +46,21 @@ class Preprocess:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+    def min_decode_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """The smallest ``(H, W)`` an image of ``size`` ``(H, W)`` must be decoded at for this
+        preprocessing to see all it uses (``None``: in full): the input ``size`` itself when
+        stretching, the resized-before-crop size for ``center_crop``; ``resize="none"`` keeps the
+        image's own size. :func:`camlens.base.io.decode_image` decodes a larger JPEG at the smallest
+        1/2, 1/4, 1/8 scale that still covers it."""
+        H, W = int(size[0]), int(size[1])
+        h, w = self.size
+        if self.resize == "none" or H < 1 or W < 1:
+            return None
+        if self.resize == "center_crop":
+            s = max(h / H, w / W)
+            h, w = max(h, math.ceil(H * s)), max(w, math.ceil(W * s))
+        return None if h >= H and w >= W else (h, w)
 
     def resize_image(self, img: np.ndarray) -> torch.Tensor:
         """One HxWx3 uint8 array -> float ``(3, h, w)`` tensor in [0, 255] at ``size``."""

@@ -372,6 +372,8 @@ class FilesSink(Sink):
         data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
             e = exp.replace(images=b.images, sources=list(b.names))
+            if b.images is not None and any(tuple(im.shape[:2]) != tuple(s) for im, s in zip(b.images, b.sizes)):
+                e.extras = {**e.extras, "image_sizes": list(b.sizes)}  # decoded reduced: the photos' own frame
             if data:  # maps and summaries keep every target
                 self.written += len(save_explanation(e, Path(self.directory), formats=data, **self.kw))
             if pngs:
@@ -456,6 +458,17 @@ def _targets_key(targets: Any) -> Any:
     return f"callable:{getattr(targets, '__qualname__', type(targets).__name__)}"
 
 
+def _signed_options(request: ExplainRequest) -> dict[str, Any]:
+    """The options that decide the maps, with the request fields that do when not the default
+    (``precision``, ``exact_decode``: kept among the options so that earlier stores still match)."""
+    opts = dict(request.options)
+    if request.precision != "fp32":
+        opts["precision"] = request.precision
+    if request.exact_decode:
+        opts["exact_decode"] = True
+    return opts
+
+
 def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store: StoreOptions) -> dict[str, Any]:
     """The arguments that decide a store's content: a rerun with the same signature resumes."""
     card = card_of(model)
@@ -473,7 +486,7 @@ def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store
         "threshold": store.threshold,
         "map_dtype": store.map_dtype,
         "preprocess": preprocess.to_dict() if preprocess is not None else None,
-        "options": {k: repr(v) for k, v in sorted(request.options.items())},
+        "options": {k: repr(v) for k, v in sorted(_signed_options(request).items())},
     }
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
@@ -765,11 +778,10 @@ def explain_dataset(
         preprocess=cfg.preprocess,
         class_names=None if cfg.class_names is None else tuple(cfg.class_names),
         options={**options, **(method_options or {})},
-    )
+    ).with_inputs({**options, **(method_options or {})})  # precision=, exact_decode=: fields of the request
     card = card_of(model)
-    ds, _ = as_dataset(
-        dataset, cfg.preprocess or (card.preprocess if card else IMAGENET), keep_images=cfg.figures != "none"
-    )
+    pp = cfg.preprocess or (card.preprocess if card else IMAGENET)
+    ds, _ = as_dataset(dataset, pp, keep_images=cfg.figures != "none", exact_decode=request.exact_decode)
     ds = without_store(ds, out)
     loop = StreamOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
     threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from camlens.base.errors import CamlensError, InputError
-from camlens.base.io import IMAGE_EXTENSIONS
+from camlens.base.io import IMAGE_EXTENSIONS, Decoded, FitSize, decode_image, sample_image
 from camlens.base.names import output_stems
 from camlens.core.inputs import check_not_meta
 from camlens.models.preprocess import IMAGENET, Preprocess
@@ -178,12 +178,13 @@ def discover(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[lis
     return records_for([(f, None) for f in found]), None
 
 
-def _load(source: str) -> np.ndarray:
-    from camlens.base.io import load_image, sample_image
-
+def _load(source: str, fit: FitSize | None = None) -> Decoded:
+    """A record's image decoded for the model (reduced when ``fit`` allows, see
+    :func:`camlens.base.io.decode_image`) with the photo's own size."""
     if source.startswith("skimage:"):
-        return sample_image(source.split(":", 1)[1])
-    return load_image(source)
+        rgb = sample_image(source.split(":", 1)[1])
+        return Decoded(rgb, (int(rgb.shape[0]), int(rgb.shape[1])))
+    return decode_image(source, fit)
 
 
 def _prep(pp: Preprocess, img: np.ndarray) -> torch.Tensor:
@@ -192,12 +193,23 @@ def _prep(pp: Preprocess, img: np.ndarray) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Image records decoded and preprocessed on access (in DataLoader workers)."""
+    """Image records decoded and preprocessed on access (in DataLoader workers).
 
-    def __init__(self, records: Sequence[Record], preprocess: Preprocess = IMAGENET, keep_images: bool = False):
+    A file larger than the preprocessing needs is decoded reduced (a JPEG at 1/2, 1/4 or 1/8 scale
+    in the DCT domain; see :func:`camlens.base.io.decode_image`), unless ``exact_decode``; the item's
+    ``size`` is the photo's own (its header's), the kept ``image`` (for figures) the decoded one."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        preprocess: Preprocess = IMAGENET,
+        keep_images: bool = False,
+        exact_decode: bool = False,
+    ):
         self.records = list(records)
         self.preprocess = preprocess
         self.keep_images = keep_images
+        self.exact_decode = exact_decode
 
     def __len__(self) -> int:
         return len(self.records)
@@ -209,10 +221,10 @@ class ImageFiles(Dataset):
         r = self.records[i]
         item: dict[str, Any] = {"index": i, "source": r.source, "name": r.name, "label": r.label, "gt": r.gt}
         try:
-            img = _load(r.source)
-            item["x"] = _prep(self.preprocess, img)
-            item["size"] = tuple(img.shape[:2])
-            item["image"] = img if self.keep_images else None
+            d = _load(r.source, None if self.exact_decode else self.preprocess.min_decode_size)
+            item["x"] = _prep(self.preprocess, d.rgb)
+            item["size"] = tuple(d.size)
+            item["image"] = d.rgb if self.keep_images else None
         except CamlensError as exc:
             item["error"] = str(exc)
         except Exception as exc:  # a worker must not die on one file: report it by name
@@ -292,7 +304,7 @@ def without_store(ds: Dataset, out: str | os.PathLike) -> Dataset:
         return ds
     names = output_stems([r.source for r in keep])
     records = [Record(r.source, n, r.label, r.gt) for r, n in zip(keep, names, strict=True)]
-    return ImageFiles(records, ds.preprocess, ds.keep_images)
+    return ImageFiles(records, ds.preprocess, ds.keep_images, ds.exact_decode)
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:
@@ -325,8 +337,11 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     )
 
 
-def as_dataset(data: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False) -> tuple[Dataset, Any]:
-    """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``."""
+def as_dataset(
+    data: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False, exact_decode: bool = False
+) -> tuple[Dataset, Any]:
+    """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``
+    (``exact_decode``: image files decoded in full, see :class:`ImageFiles`)."""
     if isinstance(data, (ImageFiles, UserDataset)):
         return data, None
     if isinstance(data, Dataset) or (
@@ -334,7 +349,7 @@ def as_dataset(data: Any, preprocess: Preprocess = IMAGENET, keep_images: bool =
     ):
         return UserDataset(data, preprocess, keep_images), None
     records, gt = discover(data)
-    return ImageFiles(records, preprocess, keep_images), gt
+    return ImageFiles(records, preprocess, keep_images, exact_decode), gt
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from camlens.api.explanation import RANDOM_WEIGHTS, Explanation
 from camlens.base._util import numbered, rank_tags, with_options
 from camlens.base.errors import InputError
 from camlens.base.fsio import atomic_write, check_targets, safe_out_dir
-from camlens.base.localization import DEFAULT_THRESHOLD, localize, scale_boxes
+from camlens.base.localization import DEFAULT_THRESHOLD, localize, photo_sizes, scale_boxes
 from camlens.base.names import safe_name, unique_names
 from camlens.viz.panels import _image_of, _method_title, _short, is_topk, target_label
 from camlens.viz.png import PNG_COMPRESS_LEVEL, overlay_figure, overlay_png, save_figure, save_png
@@ -146,6 +146,7 @@ def save_explanation(
     thr = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
     draw = opts.boxes or opts.threshold is not None
     stems, plan = _save_plan(exp, Path(directory), opts)
+    own = photo_sizes(exp)
     labels = exp.labels()
     size = tuple(exp.shape[-2:])
     written: list[Path] = []
@@ -154,13 +155,15 @@ def save_explanation(
         maps_i = exp.image_maps(i)  # (K, H, W): one image's maps at a time (lazy maps stay small)
         map_boxes = localize(maps_i, thr)  # (K, 4) in the maps' frame
         img = _image_of(exp, i)
-        img_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes
+        photo_size = own[i] if own is not None else tuple(img.shape[:2])  # a scaled decode: the photo's own
+        img_boxes = scale_boxes(map_boxes, size, photo_size) if exp.images else map_boxes
+        shown_boxes = scale_boxes(map_boxes, size, img.shape[:2]) if exp.images else map_boxes  # drawn on img
         pixel = exp.kind == "pixel"
         shared = shared_color_scale(maps_i, pixel=pixel, cmap=opts.cmap) if opts.shared_scale else None
         scales = [shared or color_scale(mj, pixel=pixel, cmap=opts.cmap) for mj in maps_i]
         if "png" in opts.formats:
             for j, p in enumerate(plan[i]["png"]):
-                bx = img_boxes[j] if draw else None
+                bx = shown_boxes[j] if draw else None
                 if "boxes" in exp.extras and np.isfinite(ref := np.asarray(exp.extras["boxes"])[i, j]).all():
                     bx = np.round(ref)  # a detector's explained box, in the image's pixels
                 meta = {
@@ -171,18 +174,18 @@ def save_explanation(
                 }
                 _save_overlay(img, maps_i[j], p, scales[j], bx, meta, look)
                 written.append(p)
-        photo = opts.map_size == "photo" and bool(exp.images) and tuple(img.shape[:2]) != size  # the boxes' frame
+        photo = opts.map_size == "photo" and bool(exp.images) and tuple(photo_size) != size  # the boxes' frame
         if "npy" in opts.formats:
             p = plan[i]["npy"][0]
             arr = maps_i.detach().float().cpu().numpy()
             if photo:
-                arr = np.stack([resize_map(mj, img.shape[:2]) for mj in arr])
+                arr = np.stack([resize_map(mj, photo_size) for mj in arr])
             atomic_write(p, functools.partial(np.save, arr=arr), overwrite=opts.overwrite)
             written.append(p)
         if "json" in opts.formats:
             p = plan[i]["json"][0]
             boxes = {"threshold": float(thr), "image": img_boxes, "map": map_boxes}
-            summary = _json_summary(exp, i, stems[i], img, maps_i, scales, boxes, opts.map_size == "photo")
+            summary = _json_summary(exp, i, stems[i], photo_size, maps_i, scales, boxes, opts.map_size == "photo")
             atomic_write(p, json.dumps(summary, indent=2) + "\n", overwrite=opts.overwrite)
             written.append(p)
     return written
@@ -216,11 +219,11 @@ def _json_summary(
     exp: Explanation,
     i: int,
     stem: str,
-    img: np.ndarray,
+    photo_size: tuple[int, int],
     maps_i: torch.Tensor,
     scales: list[ColorScale],
     boxes: dict[str, Any],
-    photo_size: bool,
+    at_photo: bool,
 ) -> dict[str, Any]:
     """The JSON summary of image ``i`` (see :func:`save_explanation`)."""
     size = tuple(exp.shape[-2:])
@@ -229,8 +232,8 @@ def _json_summary(
         "method": exp.method,
         "layer": exp.layer,
         "model": exp.model_name,
-        "image_size": list(img.shape[:2]) if exp.images else None,
-        "map_size": list(img.shape[:2]) if photo_size and exp.images else list(size),
+        "image_size": list(photo_size) if exp.images else None,
+        "map_size": list(photo_size) if at_photo and exp.images else list(size),
         "classes": [int(c) for c in exp.classes[i].tolist()],
         "class_names": exp.labels()[i],
         "scores": [float(v) for v in exp.scores[i].tolist()],

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from camlens.api.explanation import RANDOM_WEIGHTS, Explanation
 from camlens.base.errors import InputError
-from camlens.base.localization import DEFAULT_THRESHOLD, image_boxes
+from camlens.base.localization import DEFAULT_THRESHOLD, map_boxes, scale_boxes
 from camlens.viz.panels import _add_boxes, _grid, _image_of, _label, _method_title, _panel, _source_title, target_label
 from camlens.viz.render import (
     BOX_COLOR,
@@ -80,7 +80,12 @@ def _colorbar(fig: Figure, ax, scale: ColorScale, **kw: Any) -> None:
 
 
 def _image_boxes(exp: Explanation, threshold: float | None) -> list[np.ndarray]:
-    return image_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
+    """Boxes in the pixels of the images drawn (smaller than the photo after a scaled decode)."""
+    b = map_boxes(exp, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if not exp.images:
+        return list(b)
+    size = tuple(exp.shape[-2:])
+    return [scale_boxes(bi, size, img.shape[:2]) for bi, img in zip(b, exp.images, strict=True)]
 
 
 def topk_figure(
