@@ -237,7 +237,7 @@ def stream(
                 if loop.before is not None:
                     loop.before(batch, x)
                 spec = batch_targets(batch, x) if batch_targets is not None else targets
-                res = _explain_batch(model, x, replace(request, targets=spec), names, loop.optional, say)
+                res = _explain_batch(model, x, _batch_request(request, spec, batch), names, loop.optional, say)
                 if loop.after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
                     loop.after(batch, res)
                 writer.put(BatchResult(batch, {m: _to_cpu(e) for m, e in res.items()}))
@@ -253,6 +253,21 @@ def stream(
     stats.seconds = time.perf_counter() - t0
     stats.methods = names
     return stats
+
+
+def _batch_request(request: ExplainRequest, spec: Any, batch: Batch) -> ExplainRequest:
+    """``request`` for one batch: its targets and, for a dataset with extra inputs, each image's own."""
+    if not (batch.forward_args or batch.forward_kwargs):
+        return replace(request, targets=spec)
+    if (
+        request.forward_args
+        or request.forward_kwargs
+        or any(k in request.options for k in ("forward_args", "forward_kwargs"))
+    ):
+        raise InputError(
+            "the dataset gives the model's extra inputs per item; do not also pass forward_args/forward_kwargs"
+        )
+    return replace(request, targets=spec, forward_args=batch.forward_args, forward_kwargs=batch.forward_kwargs)
 
 
 def _loader(dataset: Any, ids: Sequence[int], loop: StreamOptions, device: torch.device) -> DataLoader:
@@ -488,6 +503,8 @@ def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store
         "preprocess": preprocess.to_dict() if preprocess is not None else None,
         "options": {k: repr(v) for k, v in sorted(_signed_options(request).items())},
     }
+    if getattr(dataset, "extra_inputs", False):  # only then: older stores keep resuming
+        sig["extra_inputs"] = True
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
 
@@ -710,6 +727,7 @@ class DatasetConfig:
     preprocess: Preprocess | None = None
     progress: bool = True
     class_names: Sequence[str] | None = None
+    extra_inputs: bool = False
 
 
 _DATASET_FIELDS = frozenset(f.name for f in fields(DatasetConfig))
@@ -731,7 +749,7 @@ def explain_dataset(
     """Explain a whole dataset, streaming, into a resumable result store (Parquet table + Zarr maps).
 
     Settings (``batch_size``, ``num_workers``, ``threshold``, ``map_dtype``, ``figures``,
-    ``overwrite``, ``preprocess``, ``progress``, ``class_names``) are the fields of
+    ``overwrite``, ``preprocess``, ``progress``, ``class_names``, ``extra_inputs``) are the fields of
     :class:`DatasetConfig`: pass ``config=`` or any of them as keywords; every other keyword is a
     method option (as in :func:`camlens.explain`).
 
@@ -739,7 +757,11 @@ def explain_dataset(
         model: an ``nn.Module`` classifier (on the device to use) or a zoo name.
         dataset: a folder (an ImageFolder tree gives labels), a glob, a list file (``.csv`` with a
             ``path`` column, COCO ``.json``, VOC ``.xml``, ``.txt``), a list of paths, or any
-            ``torch.utils.data.Dataset`` whose items are images or ``(image, label, …)``.
+            ``torch.utils.data.Dataset`` whose items are images or ``(image, label, …)``; with
+            ``extra_inputs=True``, ``(image, extra)`` or ``(image, extra, label)``: ``extra`` (a
+            tensor, a tuple of tensors or a dict of them, the same shapes for every item) is stacked
+            per batch and passed to every forward as ``forward_args`` (tensor / tuple) or
+            ``forward_kwargs`` (dict), so each image is explained with its own extra inputs.
         method: one method name or several (one shared forward per batch).
         out: the store folder; a rerun with the same arguments resumes (only missing images are
             computed), other arguments are refused unless ``overwrite=True`` (batch size, workers,
@@ -781,7 +803,8 @@ def explain_dataset(
     ).with_inputs({**options, **(method_options or {})})  # precision=, exact_decode=: fields of the request
     card = card_of(model)
     pp = cfg.preprocess or (card.preprocess if card else IMAGENET)
-    ds, _ = as_dataset(dataset, pp, keep_images=cfg.figures != "none", exact_decode=request.exact_decode)
+    keep = cfg.figures != "none"
+    ds, _ = as_dataset(dataset, pp, keep, exact_decode=request.exact_decode, extra_inputs=cfg.extra_inputs)
     ds = without_store(ds, out)
     loop = StreamOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
     threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold

@@ -58,6 +58,8 @@ class Batch:
     gts: list[int | None]
     images: list[np.ndarray] | None
     failed: list[tuple[int, str, str]] = field(default_factory=list)
+    forward_args: tuple[Any, ...] = ()  # the model's other inputs, batched along dim 0
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -232,16 +234,45 @@ class ImageFiles(Dataset):
         return item
 
 
+def _extra_of(value: Any, i: int) -> tuple[str, Any]:
+    """One item's extra model inputs -> ``("args", tuple of tensors)`` or ``("kwargs", dict)``: a
+    tensor (or array / number) is one positional input, a tuple or list several, a dict keywords."""
+
+    def one(v: Any, where: str) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.detach()
+        if isinstance(v, (np.ndarray, np.generic, int, float, bool)):
+            return torch.as_tensor(v)
+        raise InputError(
+            f"item {i}: the extra input {where} is a {type(v).__name__}; give a tensor, an array or a number "
+            "per item (a tuple of them for several positional inputs, a dict for keyword inputs)"
+        )
+
+    if isinstance(value, dict):
+        return "kwargs", {str(k): one(v, f"[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return "args", tuple(one(v, f"[{j}]") for j, v in enumerate(value))
+    return "args", (one(value, ""),)
+
+
 class UserDataset(Dataset):
     """Adapts a user's ``Dataset``: items may be an image (PIL, HxWx3 array, uint8 CHW tensor, or a
     preprocessed float CHW tensor) or a tuple ``(image, label, …)``. Sources come from
     ``dataset.samples`` / ``dataset.imgs`` (torchvision ImageFolder) when present, else ``item{i}``;
-    an int label is named through ``dataset.classes`` when present."""
+    an int label is named through ``dataset.classes`` when present.
 
-    def __init__(self, dataset: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False):
+    ``extra_inputs=True``: items are ``(image, extra)`` or ``(image, extra, label)``, where ``extra``
+    is the model's other inputs for this image — a tensor (``model(x, extra)``), a tuple of tensors
+    (``model(x, *extra)``) or a dict (``model(x, **extra)``); :func:`collate` stacks them along a
+    new dim 0 into the batch's ``forward_args`` / ``forward_kwargs``."""
+
+    def __init__(
+        self, dataset: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False, extra_inputs: bool = False
+    ):
         self.dataset = dataset
         self.preprocess = preprocess
         self.keep_images = keep_images
+        self.extra_inputs = extra_inputs
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         srcs = [str(s[0]) for s in samples] if samples and len(samples) == len(dataset) else None
         self.sources = srcs or [f"item{i}" for i in range(len(dataset))]
@@ -258,6 +289,15 @@ class UserDataset(Dataset):
         item: dict[str, Any] = {"index": i, "source": self.sources[i], "name": self.names[i], "label": None, "gt": None}
         try:
             got = self.dataset[i]
+            if self.extra_inputs:
+                if not isinstance(got, (tuple, list)) or len(got) not in (2, 3):
+                    raise InputError(
+                        f"item {i}: with extra_inputs=True an item must be (image, extra) or (image, extra, label); "
+                        f"got {type(got).__name__}"
+                        + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")
+                    )
+                item["extra"] = _extra_of(got[1], i)
+                got = (got[0], *got[2:])
             img, label = (got[0], got[1] if len(got) > 1 else None) if isinstance(got, (tuple, list)) else (got, None)
             if isinstance(label, torch.Tensor) and label.numel() == 1:
                 label = int(label)
@@ -323,6 +363,11 @@ def collate(items: list[dict[str, Any]]) -> Batch:
             ]
             good = [it for it in good if tuple(it["x"].shape) == first]
         x = torch.stack([it["x"] for it in good])
+    good, args, kwargs = _collate_extra(good, failed)
+    if not good:
+        x = None
+    elif x is not None and len(good) < len(x):
+        x = torch.stack([it["x"] for it in good])
     keep = bool(good) and all(it.get("image") is not None for it in good)
     return Batch(
         x=x,
@@ -334,20 +379,72 @@ def collate(items: list[dict[str, Any]]) -> Batch:
         gts=[it["gt"] for it in good],
         images=[it["image"] for it in good] if keep else None,
         failed=failed,
+        forward_args=args,
+        forward_kwargs=kwargs,
     )
 
 
+def _extra_layout(extra: tuple[str, Any] | None) -> Any:
+    """What must agree between the items of a batch: the kind, the keys and every tensor's shape."""
+    if extra is None:
+        return None
+    kind, value = extra
+    items = value.items() if kind == "kwargs" else enumerate(value)
+    return kind, tuple((k, tuple(v.shape), v.dtype) for k, v in items)
+
+
+def _collate_extra(good: list[dict[str, Any]], failed: list[tuple[int, str, str]]) -> tuple[list, tuple, dict]:
+    """The items' extra inputs stacked along a new dim 0 (``(forward_args, forward_kwargs)``); an
+    item whose extra inputs differ in kind, keys, shape or dtype from the first item's fails by name."""
+    if not good:
+        return good, (), {}
+    first = _extra_layout(good[0].get("extra"))
+    for it in good[1:]:
+        lay = _extra_layout(it.get("extra"))
+        if lay != first:
+            failed.append((it["index"], it["source"], (
+                f"{it['source']}: its extra inputs {_describe(lay)} differ from the first item's {_describe(first)} "
+                "in this batch; every item's extra inputs must have the same shapes (pad or resize them in the "
+                "dataset)"
+            )))  # fmt: skip
+    good = [it for it in good if _extra_layout(it.get("extra")) == first]
+    if first is None:
+        return good, (), {}
+    kind, value = good[0]["extra"]
+    if kind == "kwargs":
+        return good, (), {k: torch.stack([it["extra"][1][k] for it in good]) for k in value}
+    return good, tuple(torch.stack([it["extra"][1][j] for it in good]) for j in range(len(value))), {}
+
+
+def _describe(layout: Any) -> str:
+    if layout is None:
+        return "(none)"
+    kind, parts = layout
+    shapes = ", ".join(f"{k!r}: {tuple(s)}" if kind == "kwargs" else str(tuple(s)) for k, s, _ in parts)
+    return "{" + shapes + "}" if kind == "kwargs" else "(" + shapes + ")"
+
+
 def as_dataset(
-    data: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False, exact_decode: bool = False
+    data: Any,
+    preprocess: Preprocess = IMAGENET,
+    keep_images: bool = False,
+    exact_decode: bool = False,
+    extra_inputs: bool = False,
 ) -> tuple[Dataset, Any]:
     """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``
-    (``exact_decode``: image files decoded in full, see :class:`ImageFiles`)."""
+    (``exact_decode``: image files decoded in full, see :class:`ImageFiles`; ``extra_inputs``: a
+    user dataset's items carry the model's other inputs, see :class:`UserDataset`)."""
     if isinstance(data, (ImageFiles, UserDataset)):
         return data, None
     if isinstance(data, Dataset) or (
         hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, list, tuple))
     ):
-        return UserDataset(data, preprocess, keep_images), None
+        return UserDataset(data, preprocess, keep_images, extra_inputs), None
+    if extra_inputs:
+        raise InputError(
+            "extra_inputs=True needs a torch Dataset whose items are (image, extra[, label]); image files and "
+            "lists carry no extra inputs"
+        )
     records, gt = discover(data)
     return ImageFiles(records, preprocess, keep_images, exact_decode), gt
 
