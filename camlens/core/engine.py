@@ -55,6 +55,7 @@ from camlens.core.attention import capture_attention
 from camlens.core.capture import CaptureSpec, capture
 from camlens.core.layout import LayoutRequest, ReshapeSpec, token_grid
 from camlens.core.outputs import OutputSpec, select_output
+from camlens.core.precision import LOW_PRECISION
 from camlens.core.rules import relu_rules
 from camlens.models.input_size import diagnose_size_error
 from camlens.targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
@@ -66,6 +67,12 @@ GRAD_CHUNK_BYTES = 16 * 2**20
 #: A backward through the whole network (input gradients) holds intermediate gradients too: per
 #: class about this many times the input's size (BENCHMARKS.md, "Measurements behind defaults").
 INPUT_BACKWARD_FACTOR = 8
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for a tensor an autocast forward made in bf16/fp16; any other dtype (float64 too) kept."""
+    return t.float() if t.dtype in LOW_PRECISION else t
+
 
 _BATCHED: ContextVar[bool] = ContextVar("camlens_batched_grads", default=True)
 _CHUNK: ContextVar[int | None] = ContextVar("camlens_grad_chunk", default=None)
@@ -522,7 +529,7 @@ class ForwardPass:
                 "timm Attention, Hugging Face ViT-style attention; windowed attention such as Swin's is not); "
                 "use a layer method such as gradcam"
             )
-        return [a.detach().float() for a in self.attention_weights]  # float32 also under autocast
+        return [_upcast(a.detach()) for a in self.attention_weights]  # float32 also under autocast
 
     def attention_grads(self) -> list[torch.Tensor]:
         """``[(N, K, heads, T, T)]``: gradient of each target score w.r.t. each attention matrix."""
@@ -544,7 +551,7 @@ class ForwardPass:
                         )
                     )
             self._attention_grads = [
-                torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1).float() for i, a in enumerate(weights)
+                _upcast(torch.stack([_or_zeros(g[i], a) for g in per_k], dim=1)) for i, a in enumerate(weights)
             ]
         return self._attention_grads
 
