@@ -284,7 +284,8 @@ def _photos(folder: Path, s: Setup) -> dict[str, list[Path]]:
 
 
 def _pipeline_rows(paths: list[Path], model: nn.Module, s: Setup, batch: int) -> dict[str, Any]:
-    from camlens.pipeline.run import stream
+    from camlens.api.explainer import ExplainRequest
+    from camlens.pipeline.run import StreamOptions, stream
     from camlens.pipeline.sources import ImageFiles, records_for
 
     from .pipeline import _loader
@@ -311,7 +312,8 @@ def _pipeline_rows(paths: list[Path], model: nn.Module, s: Setup, batch: int) ->
 
     def pipeline() -> None:
         ids = list(range(len(ds)))
-        stream(model, ds, ids, [], methods=["gradcam"], batch_size=batch, num_workers=s.workers, progress=False)
+        request = ExplainRequest(methods=("gradcam",))
+        stream(model, ds, ids, [], request, StreamOptions(batch_size=batch, num_workers=s.workers, progress=False))
 
     rows["camlens pipeline (stream), Grad-CAM"] = {"images_per_s": len(paths) / measure(pipeline, s)["seconds"]}
     if dev.startswith("cuda"):

@@ -11,6 +11,7 @@ and set the class bias, which gives scores spread over (0, 1)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,7 +28,8 @@ from camlens.base.errors import CamlensError, TargetError
 from camlens.models.detectors import YoloAdapter, load_yolo
 from camlens.targets import Detection
 
-pytest.importorskip("ultralytics")
+if importlib.util.find_spec("ultralytics") is None:  # not importorskip: importing it at collection patches PIL
+    pytest.skip("needs camlens[yolo] (Ultralytics)", allow_module_level=True)
 from camlens.models.detectors.yolo import ultralytics_yolo
 
 IMGSZ = 320
@@ -86,6 +88,16 @@ def _photo(h: int, w: int, seed: int, block: int = 1) -> np.ndarray:
 
 def _tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img).permute(2, 0, 1).float() / 255
+
+
+def test_importing_ultralytics_leaves_pil_image_open_alone():
+    """Ultralytics replaces PIL.Image.open at import (an unreadable image then tries to install
+    pi-heif): camlens' import of it puts the user's opener back."""
+    from PIL import Image
+
+    before = Image.open
+    ultralytics_yolo()
+    assert Image.open is before and Image.open.__module__ == "PIL.Image"
 
 
 @pytest.mark.parametrize(

@@ -477,6 +477,7 @@ def test_the_command_serves_until_stopped(tmp_path):
 # ------------------------------------------------------------------------- issue 24: what applies, progress, boxes
 #: the methods for transformers only (the attention methods and AttnLRP)
 ATTENTION = {n for n, i in camlens.methods().items() if i.applies_to is ATTENTION_MODELS}
+DETECTOR_ONLY = {n for n, i in camlens.methods().items() if i.applies_to.text == "detectors"}  # drise, DETR attention
 
 
 def test_method_list_offers_only_what_applies_and_refuses_the_rest_before_any_work(photo):
@@ -485,11 +486,12 @@ def test_method_list_offers_only_what_applies_and_refuses_the_rest_before_any_wo
     net = Net().eval()
     client = TestClient(create_app(Service(ModelPool({"net": net, "vit": TinyAttnNet().eval()}))))
     cnn = client.get("/api/methods", params={"model": "net"}).json()
-    assert not ATTENTION & set(cnn["methods"]) and "drise" not in cnn["methods"]
+    assert not ATTENTION & set(cnn["methods"]) and not DETECTOR_ONLY & set(cnn["methods"])
     assert {"gradcam", "scorecam", "saliency", "rise"} <= set(cnn["methods"])
-    assert set(cnn["not_applicable"]) == ATTENTION | {"drise"} and cnn["describe"] == "Net (a CNN classifier)"
+    assert "drise" in DETECTOR_ONLY
+    assert set(cnn["not_applicable"]) == ATTENTION | DETECTOR_ONLY and cnn["describe"] == "Net (a CNN classifier)"
     vit = client.get("/api/methods", params={"model": "vit"}).json()
-    assert set(vit["methods"]) >= ATTENTION and "drise" not in vit["methods"]
+    assert set(vit["methods"]) >= ATTENTION and not DETECTOR_ONLY & set(vit["methods"])
     iid = _upload(client, _png(photo)).json()["id"]
     for method in ("attention_rollout", "drise"):
         r = client.post("/api/explain", json={"image_id": iid, "model": "net", "methods": ["gradcam", method]})

@@ -438,12 +438,23 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
     return results
 
 
+#: methods whose result depends on the module structure, not only on the function computed (refused on ONNX)
+STRUCTURE_RULES = frozenset({"lrp", "lrp_layer", "attnlrp"})
+
+
 def run_onnx(model: OnnxModel, inputs: Any, request: ExplainRequest) -> dict[str, Explanation]:
     """The black-box methods through ONNX Runtime (the model itself), the others through the
     onnx2torch conversion with ``layer=`` as an ONNX node name; ``extras["onnx"]`` says which ran.
     Without a conversion every method goes to ONNX Runtime, which refuses the gradient methods
     naming the operator that could not be converted."""
     infos = [get_method(m) for m in request.methods]
+    structural = [i.name for i in infos if i.name in STRUCTURE_RULES]
+    if structural:
+        raise MethodError(
+            f"{', '.join(structural)} assign(s) rules by the network's own modules (composites, canonizers); an ONNX "
+            "graph rebuilt by onnx2torch has other modules, so the relevance would not be the original network's: "
+            "explain the original nn.Module, or use a gradient or black-box method on the .onnx file"
+        )
     per = _split_options(infos, {k: v for k, v in request.options.items() if k != "max_batch"})
     groups = [[i for i in infos if i.blackbox], [i for i in infos if not i.blackbox]]
     if model.converted is None:

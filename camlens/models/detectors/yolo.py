@@ -72,12 +72,20 @@ def ultralytics_yolo() -> Any:
     """The ``ultralytics.YOLO`` class (Ultralytics imported offline), or a clear error."""
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probe at import
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    from PIL import Image
+
+    opener = Image.open
     try:
         from ultralytics import YOLO  # optional extra (AGPL-3.0): imported only for YOLO models
     except ImportError as exc:
         raise CamlensError(
             "YOLO models need Ultralytics, an optional dependency (AGPL-3.0): pip install 'camlens[yolo]'"
         ) from exc
+    finally:
+        # Ultralytics replaces PIL.Image.open process-wide at import (an unidentified image then tries
+        # to install and import pi-heif): importing it here must not change how the user's process,
+        # and camlens' own image reading, open images
+        Image.open = opener
     return YOLO
 
 
