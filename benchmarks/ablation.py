@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import camlens
 
 from .runner import machine_info, time_round_robin
-from .tasks import Job
+from .tasks import Job, pearson_whole
 
 
 def _pgc_ablation(model, x: torch.Tensor, cls: int):
@@ -47,11 +47,6 @@ def _pgc_ablation(model, x: torch.Tensor, cls: int):
             return cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)])
 
     return run, cam.activations_and_grads.release
-
-
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 def run(quick: bool, device: str, log=print) -> dict[str, Any]:
@@ -92,7 +87,7 @@ def run(quick: bool, device: str, log=print) -> dict[str, Any]:
         if len(jobs) > 3:
             theirs = outs[jobs[3].key][0]
             up = F.interpolate(ours.raw, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-            meta["pearson_ablationcam_vs_pytorch_grad_cam"] = _pearson(up.cpu().numpy(), theirs)
+            meta["pearson_ablationcam_vs_pytorch_grad_cam"] = pearson_whole(up.cpu().numpy(), theirs)
         del outs
         reps = dict(warmup=0, min_reps=1, max_reps=2 if quick else 5, budget_s=5 if quick else 600)
         times = time_round_robin(jobs, device=device, log=log, times=first, **reps)  # type: ignore[arg-type]

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .tasks import pearson_whole
+
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 PHONE = (3024, 4032)  #: (H, W) of a 12 MP phone photo
 
@@ -82,12 +84,6 @@ def make_phone_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return out
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
 def preprocessed(path: Path, pp: Any, exact: bool) -> torch.Tensor:
     """``(3, h, w)`` in [0, 1] pixel units (before normalisation), decoded in full or scaled."""
     from camlens.base.io import decode_image
@@ -122,7 +118,7 @@ def compare_file(path: Path, model: torch.nn.Module, rounds: int) -> dict[str, A
         "mad": float(d.mean()),
         "max_abs_diff": float(d.max()),
         "top1_same": bool(int(e_full.classes[0, 0]) == int(e_scaled.classes[0, 0])),
-        "gradcam_pearson": pearson(e_full.maps, e_scaled.maps),
+        "gradcam_pearson": pearson_whole(e_full.maps, e_scaled.maps),
         "gradcam_minmax_max_diff": float((mm[0] - mm[1]).abs().max()),
     }
 

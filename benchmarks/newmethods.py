@@ -27,18 +27,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 import camlens
 
 from .runner import machine_info, time_round_robin
-from .tasks import Job
-
-
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
+from .tasks import Job, pearson_whole
 
 
 def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -86,8 +80,12 @@ def cnn_jobs(quick: bool, device: str) -> tuple[list[Job], list[tuple[str, str, 
         jobs.append(Job("pytorch-grad-cam FullGrad", _quiet(lambda: fg(x, targets=tgt))))
         jobs.append(Job("pytorch-grad-cam RefineCAM", _quiet(lambda: rc(x, targets=tgt))))
         pairs += [
-            ("camlens fullgrad", "pytorch-grad-cam FullGrad", lambda o, t: _pearson(o.maps[0, 0], t[0])),
-            ("camlens refinecam (gradcam++)", "pytorch-grad-cam RefineCAM", lambda o, t: _pearson(o.maps[0, 0], t[0])),
+            ("camlens fullgrad", "pytorch-grad-cam FullGrad", lambda o, t: pearson_whole(o.maps[0, 0], t[0])),
+            (
+                "camlens refinecam (gradcam++)",
+                "pytorch-grad-cam RefineCAM",
+                lambda o, t: pearson_whole(o.maps[0, 0], t[0]),
+            ),
         ]
     with contextlib.suppress(ImportError):
         from torchcam.methods import LayerCAM
@@ -101,7 +99,11 @@ def cnn_jobs(quick: bool, device: str) -> tuple[list[Job], list[tuple[str, str, 
 
         jobs.append(Job("TorchCAM RefineCAM (LayerCAM)", torchcam_refine))
         pairs.append(
-            ("camlens refinecam (layercam)", "TorchCAM RefineCAM (LayerCAM)", lambda o, t: _pearson(o.raw[0, 0], t[0]))
+            (
+                "camlens refinecam (layercam)",
+                "TorchCAM RefineCAM (LayerCAM)",
+                lambda o, t: pearson_whole(o.raw[0, 0], t[0]),
+            )
         )
     return jobs, pairs, {"cnn": arch, "cnn_size": size, "class": cls}
 
@@ -139,7 +141,7 @@ def vit_jobs(quick: bool, device: str) -> tuple[list[Job], list[tuple[str, str, 
             return ext(cls, m2(x))[0].detach()
 
         jobs.append(Job("TorchCAM LeGrad", torchcam_legrad))
-        pairs.append(("camlens legrad", "TorchCAM LeGrad", lambda o, t: _pearson(o.raw[0, 0], t[0])))
+        pairs.append(("camlens legrad", "TorchCAM LeGrad", lambda o, t: pearson_whole(o.raw[0, 0], t[0])))
     return jobs, pairs, {"vit": "vit_b_16" if not quick else "tiny", "vit_size": size}
 
 

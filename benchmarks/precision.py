@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .tasks import pearson_whole
+
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 METHODS = ("gradcam", "gradcam++", "saliency", "guided_backprop")
 
@@ -54,18 +56,12 @@ def minmax(m: torch.Tensor) -> torch.Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).reshape(m.shape)
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
 def compare(ref: Any, low: Any) -> dict[str, float]:
     """Worst case over the images: Pearson of the maps, max |difference| of the min-max maps, top-1 agreement."""
     r, q = ref.maps.float(), low.maps.float()
     if r.dim() == 5:  # pixel maps (N, K, C, H, W): the channel-summed magnitude, as drawn
         r, q = r.abs().sum(2), q.abs().sum(2)
-    per = [pearson(r[i], q[i]) for i in range(r.shape[0])]
+    per = [pearson_whole(r[i], q[i]) for i in range(r.shape[0])]
     diff = (minmax(r) - minmax(q)).abs().amax().item()
     same = float((ref.logits.argmax(1) == low.logits.argmax(1)).float().mean()) if ref.logits is not None else 1.0
     return {"pearson_min": min(per), "max_abs_diff": diff, "top1_agreement": same}

@@ -40,13 +40,9 @@ import torch
 import camlens
 
 from .runner import machine_info, time_round_robin
-from .tasks import Job
+from .tasks import Job, pearson_whole
 
 BATCH = 64
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.corrcoef(a.detach().double().ravel().numpy(), b.detach().double().ravel().numpy())[0, 1])
 
 
 def _inputs(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +133,7 @@ def run(quick: bool, samples: int, masks: int, log=print, size: int = 224) -> di
                             "samples": samples, "masks": masks, "batch": BATCH}  # fmt: skip
     for ours, theirs in (("camlens lime", "captum Lime"), ("camlens kernelshap", "captum KernelShap")):
         if theirs in outs:
-            meta[f"pearson {ours} vs {theirs}"] = _pearson(outs[ours].maps[0, 0], outs[theirs][0, 0])
+            meta[f"pearson {ours} vs {theirs}"] = pearson_whole(outs[ours].maps[0, 0], outs[theirs][0, 0])
     if "camlens rise (ONNX Runtime)" in outs:
         a, b = outs["camlens rise (ONNX Runtime)"].maps, outs["camlens rise (PyTorch)"].maps
         meta["rise onnx vs torch max rel diff"] = float((a - b).abs().max() / b.abs().max())

@@ -35,6 +35,15 @@ from camlens.targets import Detection
 from .runner import machine_info, time_round_robin
 
 
+def pearson_whole(a: Any, b: Any) -> float:
+    """Pearson correlation of two maps (tensors or arrays of any shape) taken whole, in float64
+    (0 for a constant map): the one agreement figure of the benchmark scripts."""
+    x = torch.as_tensor(a).detach().cpu().double().flatten()
+    y = torch.as_tensor(b).detach().cpu().double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y) / (x.norm() * y.norm()).clamp_min(1e-300))
+
+
 @dataclass
 class Job:
     key: str

@@ -132,7 +132,8 @@ def test_pipeline_items_carry_the_photo_size(tmp_path):
 def test_scaled_decode_bound_on_phone_photos(lite0, tmp_path):
     """The bundled photos as 4032x3024 JPEGs (quality 90): the preprocessed tensor within
     SCALED_DECODE_MAD of the full decode's, the same top-1 class, Grad-CAM maps with Pearson >= 0.99."""
-    from benchmarks.decode import pearson, phone_photo, preprocessed
+    from benchmarks.decode import phone_photo, preprocessed
+    from benchmarks.tasks import pearson_whole as pearson
 
     pp = EFFICIENTNET_LITE
     for name in ("chelsea", "coffee", "astronaut", "rocket"):
