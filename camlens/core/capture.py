@@ -189,29 +189,27 @@ def _is_global_pool_module(module: nn.Module) -> bool:
     return isinstance(module, _ADAPTIVE_POOLS) and _is_one(module.output_size)
 
 
+#: pooling module -> (the functional call it makes, the attribute holding its size argument)
+_POOL_CALLS: dict[type, tuple[Callable[..., Any], str]] = {
+    nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, "output_size"),
+    nn.AdaptiveMaxPool2d: (F.adaptive_max_pool2d, "output_size"),
+    nn.AvgPool2d: (F.avg_pool2d, "kernel_size"),
+    nn.MaxPool2d: (F.max_pool2d, "kernel_size"),
+    nn.AdaptiveAvgPool3d: (F.adaptive_avg_pool3d, "output_size"),
+    nn.AdaptiveMaxPool3d: (F.adaptive_max_pool3d, "output_size"),
+    nn.AvgPool3d: (F.avg_pool3d, "kernel_size"),
+    nn.MaxPool3d: (F.max_pool3d, "kernel_size"),
+}
+
+
 def _module_pools_globally(module: nn.Module, x) -> bool:
     """Whether ``module(x)`` is a global pooling call, judged as :func:`global_pool_input` judges
     the functional call the module makes."""
-    func: Callable[..., Any]
-    arg: Any
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        func, arg = F.adaptive_avg_pool2d, module.output_size
-    elif isinstance(module, nn.AdaptiveMaxPool2d):
-        func, arg = F.adaptive_max_pool2d, module.output_size
-    elif isinstance(module, nn.AvgPool2d):
-        func, arg = F.avg_pool2d, module.kernel_size
-    elif isinstance(module, nn.MaxPool2d):
-        func, arg = F.max_pool2d, module.kernel_size
-    elif isinstance(module, nn.AdaptiveAvgPool3d):
-        func, arg = F.adaptive_avg_pool3d, module.output_size
-    elif isinstance(module, nn.AdaptiveMaxPool3d):
-        func, arg = F.adaptive_max_pool3d, module.output_size
-    elif isinstance(module, nn.AvgPool3d):
-        func, arg = F.avg_pool3d, module.kernel_size
-    elif isinstance(module, nn.MaxPool3d):
-        func, arg = F.max_pool3d, module.kernel_size
-    else:
+    call = next((c for kind, c in _POOL_CALLS.items() if isinstance(module, kind)), None)  # subclasses too
+    if call is None:
         return False
+    func, attr = call
+    arg = getattr(module, attr)
     return global_pool_input(func, (x, arg), {}) is not None
 
 
