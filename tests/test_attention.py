@@ -167,7 +167,7 @@ def test_timm_attention_weights_and_gradients_match_the_unfused_module():
     probs, handles = [], []
     for blk in fused.blocks:
         blk.attn.fused_attn = True
-    ctx = ForwardPass(fused, x, None, "top2", needs=frozenset({"attention_grads"}))
+    ctx = ForwardPass.run(fused, x, None, targets="top2", needs=frozenset({"attention_grads"}))
     got_a, got_g = ctx.attention(), ctx.attention_grads()
     ref_model = tiny_timm_vit(reg_tokens=4)  # same seed: same weights, unfused path with explicit attn
     for blk in ref_model.blocks:
@@ -205,7 +205,7 @@ def test_huggingface_attention_weights_and_gradients_match_eager_outputs():
     hf = ViTForImageClassification(cfg).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert len(attention_modules(hf)) == 2
-    ctx = ForwardPass(hf, x, None, "top1", needs=frozenset({"attention_grads"}))
+    ctx = ForwardPass.run(hf, x, None, targets="top1", needs=frozenset({"attention_grads"}))
     out = hf(pixel_values=x, output_attentions=True)
     torch.testing.assert_close(ctx.logits, out.logits)
     score = out.logits.gather(1, ctx.targets.classes).sum()
@@ -240,11 +240,11 @@ def test_tv_vit_logits_bit_identical_with_weight_capture_and_nothing_left(build)
     before = snapshot(model)
     with torch.no_grad():
         plain = model(x)
-    ctx = ForwardPass(model, x, None, None, needs=frozenset({"attention"}))
+    ctx = ForwardPass.run(model, x, None, needs=frozenset({"attention"}))
     assert torch.equal(ctx.logits, plain) and len(ctx.attention()) == n_layers
     with torch.enable_grad():
         plain_g = model(x)
-    ctx = ForwardPass(model, x, None, None, needs=frozenset({"attention_grads"}))
+    ctx = ForwardPass.run(model, x, None, needs=frozenset({"attention_grads"}))
     assert torch.equal(ctx.logits.detach(), plain_g.detach())  # + exactly zero: bit-identical
     assert len(ctx.attention_grads()) == n_layers
     del ctx
@@ -341,7 +341,7 @@ def test_logits_bit_identical_with_capture_in_every_family(family, net, x8):
         with torch.set_grad_enabled(grad):
             plain = model(x)
             plain = getattr(plain, "logits", plain)
-        ctx = ForwardPass(model, x, None, None, needs=frozenset({needs}))
+        ctx = ForwardPass.run(model, x, None, needs=frozenset({needs}))
         assert torch.equal(ctx.logits.detach(), plain.detach()), (family, needs)
         assert len(ctx.attention()) == 2
     assert _no_trace(model)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
+from camlens.attribution.registry import reductions_for
 from camlens.core import engine
 from camlens.core.capture import CaptureSpec
 from camlens.core.engine import ForwardPass, class_grads, grad_batching
@@ -146,7 +147,7 @@ def test_reductions_equal_the_full_tensor_formulas():
     spec = CaptureSpec(net.act, "act", "output")
     needs = frozenset({"features", "layer_grads:mean", "layer_grads:xgradcam", "layer_grads:gradcam++"})
     with grad_batching(True, chunk=4):
-        ctx = ForwardPass(net, x, spec, f"top{k}", needs=needs)
+        ctx = ForwardPass.run(net, x, spec, targets=f"top{k}", needs=needs, reductions=reductions_for(needs))
         means = ctx.layer_grad_sums("mean")
         assert ctx.grad_info.mode == "batched" and ctx.grad_info.chunk == 4
         assert "full" not in ctx._layer_sums  # the (N, K, C, h, w) tensor was never stacked
@@ -180,12 +181,16 @@ def test_fallback_to_the_loop_when_the_backward_cannot_be_vmapped(monkeypatch):
     net, x = _data(no_vmap=True)
     spec = CaptureSpec(net.c2, "c2", "output")
     with grad_batching(True, chunk=3), pytest.warns(RuntimeWarning, match="one backward per class"):
-        ctx = ForwardPass(net, x, spec, "top5", needs=frozenset({"features", "layer_grads:mean", "input_grads"}))
+        ctx = ForwardPass.run(
+            net, x, spec, targets="top5", needs=frozenset({"features", "layer_grads:mean", "input_grads"})
+        )
         g_in = ctx.input_grads()
     info = ctx.grad_info
     assert info.mode == "loop" and "batched backward failed" in info.reason and "item" in info.reason
     with grad_batching(False):
-        ref = ForwardPass(net, x, spec, "top5", needs=frozenset({"features", "layer_grads:mean", "input_grads"}))
+        ref = ForwardPass.run(
+            net, x, spec, targets="top5", needs=frozenset({"features", "layer_grads:mean", "input_grads"})
+        )
         torch.testing.assert_close(g_in, ref.input_grads())
         assert ref.grad_info.reason == "grad_batching(False)"
     # through explain, for a layer and a pixel method, with a planned (graph-freeing) backward

@@ -133,7 +133,7 @@ def test_token_features_equal_a_hand_written_reshape(size, reg):
         plain = model(x)
     hd.remove()
     spec = resolve_layer(model, "blocks.1.norm1")
-    ctx = ForwardPass(model, x, spec, None, needs=frozenset({"features", "layer_grads"}))
+    ctx = ForwardPass.run(model, x, spec, needs=frozenset({"features", "layer_grads"}))
     assert torch.equal(ctx.features.detach(), hand_tokens_to_map(store["out"], prefix, h, w))
     assert torch.equal(ctx.logits.detach(), plain)  # the model went on with bit-identical values
     assert (ctx.layout.prefix, ctx.layout.grid) == (prefix, (h, w))

@@ -180,8 +180,8 @@ def test_planned_backwards_free_the_graph_and_give_the_same_gradients():
     x = torch.randn(2, 3, 8, 8)
     needs = frozenset({"features", "layer_grads", "input_grads", "rules"})
     spec = CaptureSpec(model[2], "2", "output")
-    keep = ForwardPass(model, x, spec, "top2", needs=needs)
-    plan = ForwardPass(model, x, spec, "top2", needs=needs, backwards=2)
+    keep = ForwardPass.run(model, x, spec, targets="top2", needs=needs)
+    plan = ForwardPass.run(model, x, spec, targets="top2", needs=needs, backwards=2)
     torch.testing.assert_close(plan.layer_grads(), keep.layer_grads())
     torch.testing.assert_close(plan.input_grads("guided"), keep.input_grads("guided"))
     torch.testing.assert_close(plan.input_grads("guided"), keep.input_grads("guided"))  # cached, no backward

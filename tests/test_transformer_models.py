@@ -80,7 +80,9 @@ def test_auto_layer_is_where_the_gradients_are():
 
     def grads(name):
         spec = resolve_layer(model, name)
-        return ForwardPass(model, x, spec, [[0, 1], [0, 1]], needs=frozenset({"features", "layer_grads"})).layer_grads()
+        return ForwardPass.run(
+            model, x, spec, targets=[[0, 1], [0, 1]], needs=frozenset({"features", "layer_grads"})
+        ).layer_grads()
 
     assert grads("encoder.layers.encoder_layer_1").abs().max() == 0
     g = grads("encoder.layers.encoder_layer_1.ln_1")

@@ -21,13 +21,13 @@ from torch import nn
 
 from camlens.api.explanation import Explanation, Upsampled
 from camlens.attribution.cost import reported
-from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, get_method
+from camlens.attribution.registry import MethodInfo, ModelTraits, applicable, get_method, reductions_for
 from camlens.attribution.registry import methods as all_methods
 from camlens.attribution.traits import model_traits
 from camlens.base._util import eval_mode, model_device
 from camlens.base.errors import InputError, MethodError, NonFiniteError, NotApplicableError, TargetError
 from camlens.core.capture import CaptureSpec
-from camlens.core.engine import ForwardPass, forward, wants_layer_grads
+from camlens.core.engine import ForwardPass, PassRequest, forward, wants_layer_grads
 from camlens.core.extra import ExtraInputs
 from camlens.core.inputs import prepare_batch, prepare_inputs
 from camlens.core.layers import resolve_layer
@@ -42,7 +42,7 @@ from camlens.models.imagetext import ImageText, ZeroShotClassifier, family_of, i
 from camlens.models.input_size import fit_input
 from camlens.models.onnxmodel import OnnxModel, is_onnx_path
 from camlens.models.preprocess import IMAGENET, Preprocess
-from camlens.models.tasks import Frames, frame_maps, record_frames
+from camlens.models.tasks import frame_maps
 from camlens.models.zoo import card_of, class_names_of, load_model
 from camlens.targets import Detection, Segmentation, TargetSpec, is_target_object
 
@@ -395,22 +395,18 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
     needs = plan.needs
     n_grads = wants_layer_grads(needs) + ("input_grads" in needs) + ("attention_grads" in needs)
     backwards = n_grads if len(plan.infos) == 1 else None
-    frames = Frames()
+    request_pass = PassRequest(
+        targets=plan.targets,
+        class_names=plan.classes,
+        needs=needs,
+        backwards=backwards,
+        output=request.output,
+        reshape=request.reshape,
+        reductions=reductions_for(needs),
+    )
 
     def forward_pass(spec: CaptureSpec | None) -> ForwardPass:
-        nonlocal frames
-        with record_frames(model) as frames:  # a detector's resize + pad (see camlens.models.tasks)
-            return ForwardPass(
-                model,
-                x,
-                spec,
-                plan.targets,
-                plan.classes,
-                needs=needs,
-                backwards=backwards,
-                output=request.output,
-                reshape=request.reshape,
-            )
+        return ForwardPass.run(model, x, spec, request_pass)
 
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
     results: dict[str, Explanation] = {}
@@ -426,14 +422,13 @@ def _run_request(model: Any, inputs: Any, request: ExplainRequest) -> dict[str, 
         resolved = run_resolved(model, x, spec, forward_pass)
         ctx = resolved.ctx
         ctx.autocast = low
-        ctx.frames = frames if frames.seen else None  # methods that map features to pixels need it
         shared = _Shared.of(ctx, model, request, plan, x, images, sources, resolved.layer_name, fitted)
         shared.sizes, shared.precision = sizes, request.precision
         timing: dict[str, float] = {}  # one timed forward for the estimates of all methods
         for info in plan.infos:
             with reported(info, ctx, plan.options[info.name], timing):  # estimate and progress, when asked
                 out = info.fn(ctx, **plan.options[info.name])
-            results[info.name] = _explanation(info, out, ctx, shared, frames, x)
+            results[info.name] = _explanation(info, out, ctx, shared, x)
         del ctx, resolved  # free the graph before returning
     return results
 
@@ -628,7 +623,7 @@ class _Shared:
         )
 
 
-def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, frames: Frames, x: Any) -> Explanation:
+def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, x: Any) -> Explanation:
     """One method's output as an :class:`Explanation`: skipped images zeroed, detector maps mapped
     to the original pixels, the finite check, lazy upsampling, and the extras said."""
     raw = out.raw.detach()
@@ -639,8 +634,8 @@ def _explanation(info: MethodInfo, out: Any, ctx: ForwardPass, shared: _Shared, 
     # finite input and logits, yet a NaN map: say so. Maps resized from ``raw`` (convex
     # combinations of its values) are finite when ``raw`` is, so the small tensor is checked.
     checked = raw if maps is None else maps
-    if maps is None and frames.seen:  # detector: the padded, resized frame -> original pixels
-        maps = frame_maps(raw, frames, [tuple(t.shape[-2:]) for t in x])
+    if maps is None and ctx.frames is not None:  # detector: the padded, resized frame -> original pixels
+        maps = frame_maps(raw, ctx.frames, [tuple(t.shape[-2:]) for t in x])
     if not _all_finite(checked):
         raise NonFiniteError(
             f"{info.name} produced NaN/Inf in its maps (the features or gradients overflow in "

@@ -12,15 +12,15 @@ The sign of :math:`V_1` is arbitrary (LAPACK returns either); as for Eigen-CAM i
 the mean of the *uncentred* points, :math:`\bar P \cdot V_1 \ge 0` (the direction in which the
 gradient-weighted features are, on average, positive), which is stable under rounding. pytorch-grad-cam
 keeps LAPACK's sign, so the two agree up to that choice. One batched backward to the layer; the
-``(N, K, C, h, w)`` gradients are reduced chunk by chunk (:func:`camlens.core.engine.layer_grad_reduction`).
+``(N, K, C, h, w)`` gradients are reduced chunk by chunk (:func:`camlens.attribution.registry.layer_grad_reduction`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from camlens.attribution.registry import MethodOutput, register
-from camlens.core.engine import ForwardPass, layer_grad_reduction
+from camlens.attribution.registry import MethodOutput, layer_grad_reduction, register
+from camlens.core.engine import ForwardPass
 
 
 def principal_projection(P: torch.Tensor, center: bool) -> torch.Tensor:

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from camlens.attribution.registry import MethodOutput, register
+from camlens.attribution.registry import MethodOutput, layer_grad_reduction, register
 from camlens.base.errors import MethodError
 from camlens.base.ops import spatial_axes, spatial_letters
-from camlens.core.engine import ForwardPass, layer_grad_reduction
+from camlens.core.engine import ForwardPass
 
 EPS = 1e-7
 

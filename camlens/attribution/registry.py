@@ -8,7 +8,8 @@ forward and only the backward passes they need:
 * ``"layer_grads"``: ``ctx.layer_grads()``, d score / d features, ``(N, K, C, h, w)``;
 * ``"layer_grads:NAME"``: only a reduction of them, ``ctx.layer_grad_sums(NAME)`` (``"mean"``
   ``(N, K, C)``, ``"sqmean"`` ``(N, K)``, or one registered with
-  :func:`camlens.core.engine.layer_grad_reduction`): all declared reductions are computed in one
+  :func:`layer_grad_reduction` here; the caller looks them up with :func:`reductions_for` and
+  hands them to the pass): all declared reductions are computed in one
   chunked sweep and the full tensor is never built (see :mod:`camlens.core.engine`);
 * ``"input_grads"``: ``ctx.input_grads(rule)``, d score / d input, ``(N, K, C, H, W)``;
 * ``"rules"``: the forward runs under :func:`camlens.core.rules.relu_rules` so that the ReLU
@@ -316,6 +317,46 @@ def unregister(name: str) -> None:
     if info is not None:
         for a in info.aliases:
             _ALIASES.pop(a, None)
+
+
+#: ``reducer(G, A) -> (N, Kc, ...)``: a reduction of a chunk ``G`` ``(N, Kc, C, *spatial)`` of layer
+#: gradients with the features ``A`` ``(N, C, *spatial)`` (see :mod:`camlens.core.engine`)
+LayerReducer = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+_REDUCTIONS: dict[str, LayerReducer] = {}
+
+
+def layer_grad_reduction(name: str) -> Callable[[LayerReducer], LayerReducer]:
+    """Declare a reduction of the layer gradients under ``name``: a method that declares
+    ``needs=(..., f"layer_grads:{name}")`` reads it with ``ctx.layer_grad_sums(name)``. The pass
+    gets it through :func:`reductions_for` (the engine knows only ``full``, ``mean``, ``sqmean``)."""
+
+    def deco(fn: LayerReducer) -> LayerReducer:
+        if name in _REDUCTIONS and not _same_function(_REDUCTIONS[name], fn):
+            raise ValueError(f"a layer-gradient reduction named {name!r} is already registered")
+        _REDUCTIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def reductions_for(needs: frozenset[str] | set[str]) -> dict[str, LayerReducer]:
+    """The declared reductions ``needs`` asks for (``"layer_grads:NAME"``), by name.
+
+    Raises:
+        MethodError: a reduction that is neither built into the engine nor declared.
+    """
+    from camlens.core.engine import BUILTIN_REDUCTIONS  # torch is loaded by now: a call means work
+
+    _load_builtin()
+    wanted = {n.split(":", 1)[1] for n in needs if n.startswith("layer_grads:")}
+    unknown = sorted(wanted - set(_REDUCTIONS) - set(BUILTIN_REDUCTIONS))
+    if unknown:
+        known = sorted({*_REDUCTIONS, *BUILTIN_REDUCTIONS})
+        raise MethodError(
+            f"unknown layer-gradient reduction(s) {', '.join(unknown)}; declare them with "
+            f"@layer_grad_reduction (known: {', '.join(known)})"
+        )
+    return {n: _REDUCTIONS[n] for n in sorted(wanted) if n in _REDUCTIONS}
 
 
 def get_method(name: str) -> MethodInfo:

@@ -176,7 +176,7 @@ def scorecam(
             "scorecam masks one batch of images of one size; these differ in size: explain them one at a time"
         )
     x = ctx.x.detach()
-    frames = getattr(ctx, "frames", None)  # a detector: the features cover its resized, padded frame
+    frames = ctx.frames  # a detector: the features cover its resized, padded frame
     N, low = A.shape[0], tuple(A.shape[2:])  # (h, w), or (d, h, w) for a volume
     high = tuple(x.shape[2:])
     jobs = _channel_jobs(A, max_channels, dedupe)

@@ -28,8 +28,9 @@ faster than retaining them). A cut graph (layer methods only) is just the head a
 **Layer-gradient reductions.** Layer methods rarely need the ``(N, K, C, h, w)`` gradient tensor
 itself: Grad-CAM needs its spatial mean ``(N, K, C)``, XGrad-CAM and Grad-CAM++ one weighted
 sum each, HiResCAM and LayerCAM a channel sum ``(N, K, h, w)``. A method declares the reductions
-it needs (``needs=("features", "layer_grads:mean")``; reducers are registered with
-:func:`layer_grad_reduction`), and :meth:`ForwardPass.layer_grad_sums` computes every declared
+it needs (``needs=("features", "layer_grads:mean")``; a method declares its own reducers with
+:func:`camlens.attribution.registry.layer_grad_reduction`, and the caller hands them to the pass
+through :class:`PassRequest`), and :meth:`ForwardPass.layer_grad_sums` computes every declared
 reduction chunk by chunk in one sweep of batched backwards, so the full tensor only exists a
 chunk at a time (``"layer_grads"`` alone still asks for the full tensor, ``ctx.layer_grads()``).
 :func:`gradient_pass` does the same on a new batch (SmoothGrad's noisy copies, Integrated
@@ -41,9 +42,9 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -58,6 +59,7 @@ from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.precision import LOW_PRECISION
 from camlens.core.rules import relu_rules
 from camlens.models.input_size import diagnose_size_error
+from camlens.models.tasks import Frames, record_frames
 from camlens.targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
 
 #: Gradient memory one batched backward may produce (the chunk over classes holds at most this).
@@ -212,24 +214,14 @@ def stacked_grads(scores: torch.Tensor, wrt: torch.Tensor, **kwargs) -> torch.Te
 #: the features ``A`` ``(N, C, *spatial)`` (``spatial``: ``(h, w)``, or ``(d, h, w)`` for a volume);
 #: the results of all chunks are concatenated along ``K``.
 LayerReducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_REDUCERS: dict[str, LayerReducer] = {
+#: the reductions every pass knows; a method declares its own with
+#: :func:`camlens.attribution.registry.layer_grad_reduction` and the caller hands them to the pass
+#: (``PassRequest.reductions``, looked up through the registry)
+BUILTIN_REDUCTIONS: dict[str, LayerReducer] = {
     "full": lambda G, A: G,
     "mean": lambda G, A: G.mean(dim=spatial_axes(G, 3)),
     "sqmean": lambda G, A: G.pow(2).mean(dim=spatial_axes(G, 2)),
 }
-
-
-def layer_grad_reduction(name: str) -> Callable[[LayerReducer], LayerReducer]:
-    """Register a reduction of the layer gradients under ``name``: a method that declares
-    ``needs=(..., f"layer_grads:{name}")`` reads it with ``ctx.layer_grad_sums(name)``."""
-
-    def deco(fn: LayerReducer) -> LayerReducer:
-        if name in _REDUCERS and _REDUCERS[name] is not fn:
-            raise ValueError(f"a layer-gradient reduction named {name!r} is already registered")
-        _REDUCERS[name] = fn
-        return fn
-
-    return deco
 
 
 def wants_layer_grads(needs: frozenset | set) -> bool:
@@ -325,8 +317,31 @@ def forward(model: nn.Module, x: torch.Tensor):
         raise err from exc
 
 
+@dataclass(frozen=True)
+class PassRequest:
+    """What one forward pass is asked for: the ``targets`` (and the ``class_names`` they may name),
+    what the methods ``needs`` (see :mod:`camlens.attribution.registry`), how many gradient
+    requests will come (``backwards``; ``None``: unknown, keep the graph), which part of the
+    output holds the class scores (``output``), the token layout (``reshape``), the layer-gradient
+    ``reductions`` the methods declared beyond :data:`BUILTIN_REDUCTIONS`, and ``frames``: the
+    :class:`~camlens.models.tasks.Frames` the pass records a detector's resize + pad into (``None``:
+    a new one); :attr:`ForwardPass.frames` is it, or ``None`` when the model has no such step."""
+
+    targets: TargetSpec = None
+    class_names: Any = None
+    needs: frozenset = frozenset()
+    backwards: int | None = None
+    output: OutputSpec = None
+    reshape: ReshapeSpec = None
+    reductions: Mapping[str, LayerReducer] = field(default_factory=dict)
+    frames: Frames | None = None
+
+
 class ForwardPass:
-    """Runs ``model(x)`` once and lazily computes what the methods ask for.
+    """One forward of the model and, lazily, what the methods ask for from it.
+
+    Built by the named step :meth:`run` (``ForwardPass.run(model, x, spec, request)``), which runs
+    the model once and scores the targets; the constructor itself only sets the fields.
 
     Attributes:
         model, x: the model (in eval mode while the pass lives) and the input batch (a tensor,
@@ -340,35 +355,27 @@ class ForwardPass:
             ``(N, C, D, H, W)``; a leaf tensor when the graph was cut), after
             the layout adapter (:mod:`camlens.core.layout`) described by ``layout``.
         targets: resolved :class:`~camlens.targets.Targets`; ``scores`` ``(N, K)`` their scores.
-        frames: a torchvision detector's resize + pad in this pass
-            (:class:`camlens.models.tasks.Frames`, set by :func:`camlens.explain`; ``None``
-            otherwise): its features cover the padded frame, not the input image.
+        frames: a detector's resize + pad in this pass (:class:`camlens.models.tasks.Frames`;
+            ``None`` for other models): its features cover the padded frame, not the input image.
     """
 
-    frames: Any = None
     #: the dtype the forward ran in under autocast (``explain(..., precision="bf16")``; ``None``: the
     #: model's own): the features reach the methods in float32 but carry that rounding
     autocast: torch.dtype | None = None
 
     def __init__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor | list[torch.Tensor],
-        spec: CaptureSpec | None,
-        targets: TargetSpec,
-        class_names=None,
-        *,
-        needs: frozenset = frozenset(),
-        backwards: int | None = None,
-        output: OutputSpec = None,
-        reshape: ReshapeSpec = None,
+        self, model: nn.Module, x: torch.Tensor | list[torch.Tensor], spec: CaptureSpec | None, request: PassRequest
     ) -> None:
+        needs = request.needs
         self.model = model
-        self._backwards = backwards  # gradient requests to expect; None: unknown, keep the graph
+        self.request = request
+        self._backwards = request.backwards  # gradient requests to expect; None: unknown, keep the graph
         self._served = 0
         self.spec = spec
         self.needs = needs
-        self.class_names = class_names
+        self.class_names = request.class_names
+        self.reshape = request.reshape
+        self._reductions = {**BUILTIN_REDUCTIONS, **request.reductions}
         self._layer_sums: dict[str, torch.Tensor] = {}
         self._input_grads: dict[str, torch.Tensor] = {}
         self._freed = False
@@ -377,61 +384,89 @@ class ForwardPass:
         self.switch = None
         self.pool_module: str | None = None
         self.last_spatial = None
-        self.reshape = reshape
+        self.token_norm = None
         self.attention_weights: list[torch.Tensor] = []
         self._attention_grads: list[torch.Tensor] | None = None
-        pixel = "input_grads" in needs
-        layer_grad = wants_layer_grads(needs)
-        attn_grad = "attention_grads" in needs  # gradients at every attention matrix: no cut graph
-        full = pixel or attn_grad
+        self.frames: Frames | None = None
+        self.features: torch.Tensor | None = None
+        self.calls = 0
+        self.layout = None
+        self._full = "input_grads" in needs or "attention_grads" in needs  # the whole graph is kept
+        self._grad = self._full or wants_layer_grads(needs)
         # ``self.x`` is camlens' own leaf; the model gets a copy of it: an in-place first layer
         # (``nn.ReLU(inplace=True)`` on the input, an in-place normalization in ``forward``) then
         # modifies neither the leaf (autograd forbids that when it requires grad), nor the
         # caller's tensor, nor ``self.x`` that Score-CAM and input x gradient read afterwards
-        self._cut = not full
+        self._cut = not self._full
         self.x: Any
         if isinstance(x, (list, tuple)):  # a detector's list of images of different sizes
-            self.x = [t.detach().requires_grad_(True) if full else t.detach() for t in x]
+            self.x = [t.detach().requires_grad_(True) if self._full else t.detach() for t in x]
             first = x[0]
         else:
-            self.x = x.detach().requires_grad_(True) if full else x.detach()
+            self.x = x.detach().requires_grad_(True) if self._full else x.detach()
             first = x
-        n = len(self.x)
-        self.layout_request = LayoutRequest((int(first.shape[-2]), int(first.shape[-1])), model, reshape)
-        stack = contextlib.ExitStack()
-        with stack:
+        self.layout_request = LayoutRequest((int(first.shape[-2]), int(first.shape[-1])), model, request.reshape)
+
+    @classmethod
+    def run(
+        cls,
+        model: nn.Module,
+        x: torch.Tensor | list[torch.Tensor],
+        spec: CaptureSpec | None,
+        request: PassRequest | None = None,
+        **fields: Any,
+    ) -> ForwardPass:
+        """The named step that builds a pass: run ``model`` once on ``x`` (capturing the features at
+        ``spec``, recording a detector's frames), then resolve and score the targets. ``fields``
+        are :class:`PassRequest` fields (``targets=``, ``needs=``…) when no ``request`` is given."""
+        req = request if request is not None else PassRequest(**fields)
+        if request is not None and fields:
+            req = replace(request, **fields)
+        ctx = cls(model, x, spec, req)
+        raw = ctx._forward()
+        ctx._select(raw)
+        ctx._score(req.targets, req.class_names, grad=ctx._grad)
+        return ctx
+
+    def _forward(self) -> Any:
+        """Run the model once under the hooks the methods need; keep what they captured."""
+        model, needs, spec = self.model, self.needs, self.spec
+        layer_grad = wants_layer_grads(needs)
+        attn_grad = "attention_grads" in needs  # gradients at every attention matrix: no cut graph
+        with contextlib.ExitStack() as stack:
+            frames = stack.enter_context(record_frames(model, self.request.frames))  # a detector's resize + pad
             if "rules" in needs:
                 self.switch = stack.enter_context(relu_rules(model))
             cap = None
             if spec is not None:
                 cap = stack.enter_context(
-                    capture(model, spec, cut=not full, need_grad=full or layer_grad, layout=self.layout_request)
+                    capture(model, spec, cut=not self._full, need_grad=self._grad, layout=self.layout_request)
                 )
             if "attention" in needs or attn_grad:
                 self.attention_weights = stack.enter_context(capture_attention(model, grads=attn_grad))
-            stack.enter_context(torch.set_grad_enabled(full or (layer_grad and spec is None)))
+            stack.enter_context(torch.set_grad_enabled(self._full or (layer_grad and spec is None)))
             raw = forward(model, self.x)
+        self.frames = frames if frames.seen else None
+        if cap is not None:
+            self.features, self.calls, self.layout = cap.value, cap.calls, cap.layout
+            self.pool_module, self.last_spatial, self.token_norm = cap.pool_module, cap.last_spatial, cap.token_norm
+        return raw
+
+    def _select(self, raw: Any) -> None:
+        """Keep the raw output and the class scores selected from it (see :attr:`logits`)."""
         self.output = raw
-        obj = is_target_object(targets)
+        obj = is_target_object(self.request.targets)
         logits: torch.Tensor | None
         if obj:  # a target object receives the raw output itself (see camlens.targets.Target)
             logits = raw if isinstance(raw, torch.Tensor) and raw.dim() == 2 else None
             self.output_choice = "the raw output (a target object scores it)"
         else:
-            logits, self.output_choice = select_output(raw, output, n=n)
-            check_finite(model, self.x, logits)
+            logits, self.output_choice = select_output(raw, self.request.output, n=len(self.x))
+            check_finite(self.model, self.x, logits)
         # for the extra forwards of some methods: the logits, or the raw output a target object scores
+        output = self.request.output
         self.select = (lambda out: out) if obj else (lambda out: select_output(out, output)[0])
         self.logits = logits
-        self.features = cap.value if cap is not None else None
-        self.calls = cap.calls if cap is not None else 0
-        self.layout = cap.layout if cap is not None else None
-        self.token_norm = None
-        if cap is not None:
-            self.pool_module = cap.pool_module
-            self.last_spatial = cap.last_spatial
-            self.token_norm = cap.token_norm
-        self._score(targets, class_names, grad=full or layer_grad)
 
     def _score(self, targets: TargetSpec, class_names: Any, *, grad: bool) -> None:
         """Resolve (or bind) the targets on this pass's output and compute the ``(N, K)`` scores,
@@ -494,12 +529,13 @@ class ForwardPass:
         their own). Every reduction the pass's methods declared (``needs`` ``"layer_grads:NAME"``)
         is computed in the same sweep of batched backwards, chunk by chunk over ``K``."""
         if name not in self._layer_sums:
-            if name not in _REDUCERS:
-                raise KeyError(f"unknown layer-gradient reduction {name!r}; registered: {', '.join(sorted(_REDUCERS))}")
+            if name not in self._reductions:
+                known = ", ".join(sorted(self._reductions))
+                raise KeyError(f"unknown layer-gradient reduction {name!r}; known to this pass: {known}")
             if self.features is None or not self.features.requires_grad:
                 raise RuntimeError("layer gradients were not prepared for this pass")
             todo = sorted(({name} | _declared_reductions(self.needs)) - set(self._layer_sums))
-            todo = [t for t in todo if t in _REDUCERS]
+            todo = [t for t in todo if t in self._reductions]
             A = self.features.detach()
             free = self._plan()
             ctx = self.switch.use("backprop") if self.switch is not None else contextlib.nullcontext()
@@ -508,7 +544,7 @@ class ForwardPass:
             with ctx:
                 for k0, G in class_grads(self.scores, self.features, free_graph=free, info=self.grad_info):
                     for t in todo:
-                        r = _REDUCERS[t](G, A)
+                        r = self._reductions[t](G, A)
                         if t not in out:
                             out[t] = r.new_empty((r.shape[0], k, *r.shape[2:]))
                         out[t][:, k0 : k0 + r.shape[1]] = r

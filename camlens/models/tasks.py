@@ -142,12 +142,12 @@ class Frames:
 
 
 @contextlib.contextmanager
-def record_frames(model: nn.Module) -> Iterator[Frames]:
+def record_frames(model: nn.Module, into: Frames | None = None) -> Iterator[Frames]:
     """Note the resize/pad of a torchvision detector's ``model.transform`` during a forward, or of a
     detector adapter's (:mod:`camlens.models.detectors`: a ``transform`` module with
-    ``records_frames = True`` returning ``(network input, Frames)``); a no-op for other models.
-    The hook is removed on exit, also on error."""
-    frames = Frames()
+    ``records_frames = True`` returning ``(network input, Frames)``), in ``into`` (default: a new
+    :class:`Frames`); a no-op for other models. The hook is removed on exit, also on error."""
+    frames = Frames() if into is None else into
     transform = getattr(model, "transform", None)
     handle = None
     if isinstance(transform, nn.Module) and getattr(transform, "records_frames", False) is True:
