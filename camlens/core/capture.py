@@ -257,8 +257,61 @@ def _note_spatial(out: Captured, name: str):
     return post
 
 
+@dataclass(frozen=True)
+class _Take:
+    """What a capture does with the tensor at the watched call: record it (adapted to ``(N, D, h, w)``
+    by ``layout``; a leaf when ``cut``) and hand the model a copy, or ``replace(features)``."""
+
+    out: Captured
+    spec: CaptureSpec
+    cut: bool
+    need_grad: bool
+    layout: LayoutRequest | None
+    replace: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        out, spec = self.out, self.spec
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
+                "(`camlens layers MODEL` lists candidates) or capture='input'"
+            )
+        idx, out.calls = out.calls, out.calls + 1
+        if spec.call >= 0 and idx != spec.call:
+            return t
+        t = features_in_float32(t)  # a forward under autocast (precision="bf16"): maps computed in float32
+        if out._current_pool_module:
+            out.pool_module = out._current_pool_module[-1]
+        layout = None if spec.capture == "pool" else self.layout
+        if self.replace is not None:
+            return _replaced(t, self.replace, out, layout, spec)
+        if layout is not None:
+            lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
+            out.layout = lay
+            if lay.adapted:
+                feats, prefix = lay.to_nchw(t)
+                if self.cut:
+                    feats = self._leaf(feats)
+                    prefix = prefix.detach() if prefix is not None else None
+                out.value = feats
+                return lay.from_nchw(feats, prefix)
+        if self.cut:
+            out.value = leaf = self._leaf(t)
+            # hand on a clone, also without grad: an in-place op after the layer (ReLU(inplace=True),
+            # DenseNet's F.relu(features, inplace=True)) must not rewrite the captured features
+            return leaf.clone()
+        out.value = t
+        return t.clone()
+
+    def _leaf(self, t: torch.Tensor) -> torch.Tensor:
+        """The cut: a new leaf, and autograd on from here when gradients will be taken."""
+        leaf = t.detach().requires_grad_(self.need_grad)
+        torch.set_grad_enabled(self.need_grad)
+        return leaf
+
+
 @contextlib.contextmanager
-def capture(  # noqa: PLR0915 - on the shrinking list of tests/test_code_shape.py
+def capture(
     model: nn.Module,
     spec: CaptureSpec,
     *,
@@ -283,99 +336,86 @@ def capture(  # noqa: PLR0915 - on the shrinking list of tests/test_code_shape.p
             captured value stays the model's own. Use with an explicit ``spec.call``.
     """
     out = Captured()
-    target = spec.call
-    handles: list = []
+    take = _Take(out, spec, cut, need_grad, layout, replace)
     prev_grad = torch.is_grad_enabled()
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            raise InputError(
-                f"the {spec.describe()} is a {type(t).__name__}, not a tensor; choose another layer "
-                "(`camlens layers MODEL` lists candidates) or capture='input'"
-            )
-        idx, out.calls = out.calls, out.calls + 1
-        if target >= 0 and idx != target:
-            return t
-        t = features_in_float32(t)  # a forward under autocast (precision="bf16"): maps computed in float32
-        if out._current_pool_module:
-            out.pool_module = out._current_pool_module[-1]
-        if replace is not None:
-            return _replaced(t, replace, out, None if spec.capture == "pool" else layout, spec)
-        if layout is not None and spec.capture != "pool":
-            lay = layout.layout(tuple(t.shape), f"the {spec.describe()}")
-            out.layout = lay
-            if lay.adapted:
-                feats, prefix = lay.to_nchw(t)
-                if cut:
-                    feats = feats.detach().requires_grad_(need_grad)
-                    prefix = prefix.detach() if prefix is not None else None
-                    torch.set_grad_enabled(need_grad)
-                out.value = feats
-                return lay.from_nchw(feats, prefix)
-        if cut:
-            leaf = t.detach().requires_grad_(need_grad)
-            out.value = leaf
-            torch.set_grad_enabled(need_grad)
-            # hand on a clone, also without grad: an in-place op after the layer (ReLU(inplace=True),
-            # DenseNet's F.relu(features, inplace=True)) must not rewrite the captured features
-            return leaf.clone()
-        out.value = t
-        return t.clone()
-
     try:
-        if cut:
-            torch.set_grad_enabled(False)
-        if spec.capture in ("output", "input") and spec.module is None:
-            raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
+        with contextlib.ExitStack() as stack:
+            if cut:
+                torch.set_grad_enabled(False)
+            stack.enter_context(_watch(model, spec, take))
+            yield out
+    finally:
+        torch.set_grad_enabled(prev_grad)
+
+
+@contextlib.contextmanager
+def _watch(model: nn.Module, spec: CaptureSpec, take: _Take) -> Iterator[None]:
+    """The hooks (and, for global pooling, the function mode) that hand the watched call to ``take``;
+    all removed on exit, also on error."""
+    handles: list = []
+    try:
         if spec.capture in ("output", "input"):
+            if spec.module is None:
+                raise InputError(f"capture={spec.capture!r} needs a module; {spec.name} has none")
             handles.append(_module_hook(spec, take))
+            yield
+        elif spec.capture == "pool" and uses_lazy_pool(model, spec):
+            with _lazy_pool(model, take, handles):
+                yield
         elif spec.capture == "pool":
-            mode = _PoolMode(take)
-            if uses_lazy_pool(model, spec):
-                active: list[bool] = []  # [True] once the function mode is on
-
-                def pre_lazy(m, args, n):
-                    out._current_pool_module.append(n)
-                    if not active and args and _module_pools_globally(m, args[0]):
-                        return (take(args[0]), *args[1:])
-                    return None
-
-                def post_lazy(m, args, output):
-                    out._current_pool_module.pop()
-                    if not active and args and _module_pools_globally(m, args[0]):
-                        mode.__enter__()
-                        active.append(True)
-
-                for name, m in model.named_modules():
-                    if isinstance(m, _POOL_MODULES):
-                        handles.append(m.register_forward_pre_hook(lambda m, a, n=name: pre_lazy(m, a, n)))
-                        handles.append(m.register_forward_hook(post_lazy))
-                try:
-                    yield out
-                finally:
-                    if active:
-                        mode.__exit__(None, None, None)
-                return
-            for name, m in model.named_modules():
-                if isinstance(m, _POOL_MODULES):
-                    handles.append(m.register_forward_pre_hook(lambda m, a, n=name: out._current_pool_module.append(n)))
-                    handles.append(m.register_forward_hook(_pop_pool(out)))
-                if name and next(iter(m.children()), None) is None:
-                    handles.append(m.register_forward_hook(_note_spatial(out, name)))
-                    if is_norm(m):
-                        handles.append(m.register_forward_hook(_note_norm(out, name)))
-                if name and is_attention(m):
-                    handles.append(m.register_forward_pre_hook(_note_attention(out)))
-            with mode:
-                yield out
-            return
+            _scan_hooks(model, take.out, handles)
+            with _PoolMode(take):
+                yield
         else:
             raise InputError(f"capture must be 'output', 'input' or 'pool', not {spec.capture!r}")
-        yield out
     finally:
         for h in handles:
             h.remove()
-        torch.set_grad_enabled(prev_grad)
+
+
+@contextlib.contextmanager
+def _lazy_pool(model: nn.Module, take: _Take, handles: list) -> Iterator[None]:
+    """Hook the pooling modules; the function mode starts only after one of them pooled globally
+    (so a network whose pooling module ran needs no function mode at all)."""
+    out, mode = take.out, _PoolMode(take)
+    active: list[bool] = []  # [True] once the function mode is on
+
+    def pre_lazy(m, args, n):
+        out._current_pool_module.append(n)
+        if not active and args and _module_pools_globally(m, args[0]):
+            return (take(args[0]), *args[1:])
+        return None
+
+    def post_lazy(m, args, output):
+        out._current_pool_module.pop()
+        if not active and args and _module_pools_globally(m, args[0]):
+            mode.__enter__()
+            active.append(True)
+
+    for name, m in model.named_modules():
+        if isinstance(m, _POOL_MODULES):
+            handles.append(m.register_forward_pre_hook(lambda m, a, n=name: pre_lazy(m, a, n)))
+            handles.append(m.register_forward_hook(post_lazy))
+    try:
+        yield
+    finally:
+        if active:
+            mode.__exit__(None, None, None)
+
+
+def _scan_hooks(model: nn.Module, out: Captured, handles: list) -> None:
+    """Watching every call: note the pooling module running, the last spatial module, the last norm
+    and the attention modules (the fallbacks when the network has no global pooling)."""
+    for name, m in model.named_modules():
+        if isinstance(m, _POOL_MODULES):
+            handles.append(m.register_forward_pre_hook(lambda m, a, n=name: out._current_pool_module.append(n)))
+            handles.append(m.register_forward_hook(_pop_pool(out)))
+        if name and next(iter(m.children()), None) is None:
+            handles.append(m.register_forward_hook(_note_spatial(out, name)))
+            if is_norm(m):
+                handles.append(m.register_forward_hook(_note_norm(out, name)))
+        if name and is_attention(m):
+            handles.append(m.register_forward_pre_hook(_note_attention(out)))
 
 
 def _module_hook(spec: CaptureSpec, take: Callable[[torch.Tensor], torch.Tensor]) -> Any:
