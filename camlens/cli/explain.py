@@ -240,27 +240,10 @@ def explain_cmd(
       camlens explain --model openclip:ViT-B-32 --weights clip.pt --prompt "a red bicycle" photo.jpg
       camlens explain scan.nii.gz --model r3d_18 --weights FILE   # NIfTI: maps as NIfTI in the scan's space
     """
-    from camlens.attribution.registry import get_method
-    from camlens.base.errors import CamlensError
-    from camlens.models.detectors import YOLO_PREFIX
-    from camlens.models.tasks import keep_all_detections, task_of
-    from camlens.models.zoo import card_of
     from camlens.pipeline import dist
 
-    thr = parse_threshold(threshold)
-    defaulted = not methods
-    if classes and target_specs:
-        raise click.BadParameter("give --class (classifiers) or --target (detectors, segmenters), not both")
-    task = task_of(model.lower().replace("-", "_")) if model and not checkpoint else None
-    if model and not checkpoint and model.lower().startswith(YOLO_PREFIX):
-        task = "detection"  # an Ultralytics YOLO detector (camlens.models.detectors.yolo)
-    try:
-        default = TASK_METHODS if task else DEFAULT_METHODS
-        names = list(dict.fromkeys(get_method(m).name for m in (methods or default)))
-    except CamlensError as exc:
-        raise click.BadParameter(str(exc), param_hint="--method") from None
-    options = parse_method_options(method_options, names)
-
+    ask = _Asked(**{k: v for k, v in locals().items() if k in _Asked.__dataclass_fields__})
+    task, names = _requested_methods(ask)
     inputs = collect(images, recursive=recursive)
     # a folder, glob or list, torchrun, or many named files (a shell-expanded glob) is a dataset run
     dataset_run = inputs.dataset or dist.launched() or len(inputs.records) > MAX_NAMED_FILES
@@ -272,30 +255,10 @@ def explain_cmd(
             echo_err(f"error: {msg}")
     if not inputs.records:
         raise click.ClickException("no images to explain" + (" (see the errors above)" if failed else ""))
-    stems = [r.name for r in inputs.records]
     suffix = "class" if classes or prompts else "rank"
-    plan = _Planned(out, stems, names, fig, loose, store, suffix, overwrite)
-
+    plan = _Planned(out, [r.name for r in inputs.records], names, fig, loose, store, suffix, overwrite)
     try:
-        if not classes and not prompts:
-            plan.check([""] * topk)
-        net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
-        net, text = image_text_targets(net, classes, prompts)
-        if prompts:
-            plan.check(list(prompts))
-        check_layer(net, layer)  # before any image is read
-        if task == "detection":
-            keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
-        card = card_of(net)
-        class_names = card.class_names if card else None
-        targets = parse_classes(classes, class_names) if classes else None
-        k = len(targets) if targets else topk
-        if targets is not None:
-            plan.check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
-        spec = text or (targets if targets is not None else f"top{k}")
-        if task or target_specs:  # a detector or segmenter: a target object (camlens.targets)
-            spec = parse_targets(target_specs, class_names, task, topk) or spec
-        names = _applicable(net, spec, names, defaulted)  # before any image is read
+        net, spec, names = _model_and_targets(ask, task, names, plan)
         work = Work(
             methods=names,
             targets=spec,
@@ -304,8 +267,8 @@ def explain_cmd(
             workers=workers,
             quiet=quiet or dataset_run,
             progress=not quiet,
-            defaulted=defaulted,
-            options=quiet_methods(names, options) if quiet else (options or {}),
+            defaulted=not methods,
+            options=_method_options(method_options, names, quiet),
         )
         writes = Writes(
             out=out,
@@ -313,7 +276,7 @@ def explain_cmd(
             figures=fig,
             store=store,
             overwrite=overwrite,
-            threshold=thr,
+            threshold=parse_threshold(threshold),
             boxes=boxes,
             alpha=alpha,
             cmap=cmap,
@@ -328,6 +291,79 @@ def explain_cmd(
         ctx.close()
     if code:
         sys.exit(code)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """The options of ``camlens explain`` that decide the model, its methods and its targets."""
+
+    model: str | None
+    weights: str | None
+    checkpoint: str | None
+    device: str | None
+    layer: str | None
+    methods: tuple[str, ...]
+    topk: int
+    classes: tuple[str, ...]
+    target_specs: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+def _requested_methods(ask: _Asked) -> tuple[str | None, list[str]]:
+    """The model's task as its name says (before loading it) and the methods asked for (or the
+    defaults for that task), by their registered names."""
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
+    from camlens.models.detectors import YOLO_PREFIX
+    from camlens.models.tasks import task_of
+
+    if ask.classes and ask.target_specs:
+        raise click.BadParameter("give --class (classifiers) or --target (detectors, segmenters), not both")
+    model, checkpoint = ask.model, ask.checkpoint
+    task = task_of(model.lower().replace("-", "_")) if model and not checkpoint else None
+    if model and not checkpoint and model.lower().startswith(YOLO_PREFIX):
+        task = "detection"  # an Ultralytics YOLO detector (camlens.models.detectors.yolo)
+    try:
+        default = TASK_METHODS if task else DEFAULT_METHODS
+        return task, list(dict.fromkeys(get_method(m).name for m in (ask.methods or default)))
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+
+
+def _method_options(values, names: list[str], quiet: bool) -> dict[str, Any]:
+    """``--option KEY=VALUE`` typed by the methods (``-q``: their own bars off too)."""
+    options = parse_method_options(values, names)
+    return quiet_methods(names, options) if quiet else (options or {})
+
+
+def _model_and_targets(ask: _Asked, task: str | None, names: list[str], plan: _Planned) -> tuple[Any, Any, list[str]]:
+    """Load the model, turn --class / --prompt / --target / --topk into a target spec and keep the
+    methods that apply, checking the output names before any image is read."""
+    from camlens.models.tasks import keep_all_detections
+    from camlens.models.zoo import card_of
+    from camlens.pipeline import dist
+
+    classes, prompts = ask.classes, ask.prompts
+    if not classes and not prompts:
+        plan.check([""] * ask.topk)
+    device = dist.local_device(resolve_device(ask.device))
+    net = load_model_seeded(ask.model, ask.weights, ask.checkpoint, device)
+    net, text = image_text_targets(net, classes, prompts)
+    if prompts:
+        plan.check(list(prompts))
+    check_layer(net, ask.layer)  # before any image is read
+    if task == "detection":
+        keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
+    card = card_of(net)
+    class_names = card.class_names if card else None
+    targets = parse_classes(classes, class_names) if classes else None
+    k = len(targets) if targets else ask.topk
+    if targets is not None:
+        plan.check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])
+    spec = text or (targets if targets is not None else f"top{k}")
+    if task or ask.target_specs:  # a detector or segmenter: a target object (camlens.targets)
+        spec = parse_targets(ask.target_specs, class_names, task, ask.topk) or spec
+    return net, spec, _applicable(net, spec, names, not ask.methods)  # before any image is read
 
 
 @dataclass
