@@ -160,6 +160,13 @@ def test_batch_grid_titles_colours_and_boxes():
     assert np.array_equal(np.asarray(fig2.axes[0].images[0].get_array()), imgs[0])
     with pytest.raises(InputError, match="3 images but 2 probs"):
         batch_grid(imgs, maps, probs=[0.1, 0.2])
+    # the look: cell size in inches and the colormap; an unknown option names the valid ones
+    big = batch_grid(imgs[:1], maps[:1], cell=5.0, cmap="gray", alpha=1.0)
+    assert big.get_size_inches()[0] > fig2.get_size_inches()[0] * 1.5
+    gray = np.asarray(big.axes[0].images[0].get_array())
+    assert np.allclose(gray[..., 0], gray[..., 1], atol=1)  # alpha=1 in gray: no colour left
+    with pytest.raises(InputError, match="valid: alpha, cmap, cell"):
+        batch_grid(imgs, maps, colour="red")
 
 
 def test_pixel_figure_rgb_and_heat_panels():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from camlens.api.explanation import RANDOM_WEIGHTS, Explanation
+from camlens.base._util import with_options
 from camlens.base.errors import InputError
 from camlens.base.localization import DEFAULT_THRESHOLD, map_boxes, scale_boxes
 from camlens.viz.panels import _add_boxes, _grid, _image_of, _label, _method_title, _panel, _source_title, target_label
@@ -127,7 +129,17 @@ def topk_figure(
     return fig
 
 
-def batch_grid(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shape.py
+@dataclass(frozen=True)
+class GridLook:
+    """How :func:`batch_grid` draws: heatmap opacity ``alpha`` and colormap ``cmap``, and the size
+    of a cell in inches (``cell``)."""
+
+    alpha: float = 0.4
+    cmap: str = "jet"
+    cell: float = 2.8
+
+
+def batch_grid(
     images: Sequence[np.ndarray],
     maps=None,
     true_labels: Sequence | None = None,
@@ -136,12 +148,10 @@ def batch_grid(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shap
     *,
     class_names: Sequence[str] | None = None,
     ncols: int = 4,
-    alpha: float = 0.4,
-    cmap: str = "jet",
     boxes=None,
     gt_boxes=None,
     title: str | None = None,
-    cell: float = 2.8,
+    **look: Any,
 ) -> Figure:
     """A grid of a batch: each image (with its heatmap when ``maps`` is given) titled
     ``"true: cat / pred: dog (87.1%)"``, green when right and red when wrong — the notebooks'
@@ -155,7 +165,9 @@ def batch_grid(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shap
         probs: ``N`` probabilities of the predicted class.
         boxes: ``N`` predicted boxes ``(4,)`` or ``(M, 4)`` in image pixels (``-1`` = none);
         gt_boxes: ``N`` ground-truth boxes, drawn in white.
+        look: :class:`GridLook` fields (``alpha=0.4``, ``cmap="jet"``, ``cell=2.8``).
     """
+    style = with_options(GridLook, None, look, "batch_grid")
     n = len(images)
     if n == 0:
         raise InputError("batch_grid needs at least one image")
@@ -170,10 +182,10 @@ def batch_grid(  # noqa: PLR0913 - on the shrinking list of tests/test_code_shap
         if seq is not None and len(seq) != n:
             raise InputError(f"{n} images but {len(seq)} {name}; give one per image")
     first = np.asarray(images[0])
-    fig, axes = _grid(n, ncols, cell, first.shape[0] / first.shape[1], extra_h=0.6)
+    fig, axes = _grid(n, ncols, style.cell, first.shape[0] / first.shape[1], extra_h=0.6)
     for i, ax in enumerate(axes):
         img = np.asarray(images[i])
-        shown = overlay(img, maps[i], alpha, cmap) if maps is not None else img
+        shown = overlay(img, maps[i], style.alpha, style.cmap) if maps is not None else img
         lines, color = [], None
         t = _label(true_labels[i], class_names) if true_labels is not None else None
         p = _label(pred_labels[i], class_names) if pred_labels is not None else None
