@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
     import numpy as np
 
     from camlens import data, metrics, models, targets, train, viz
-    from camlens.api.explainer import explain, predict
+    from camlens.api.explainer import ExplainRequest, explain, predict, run_request
     from camlens.api.explanation import Explanation
     from camlens.comparison import CompareConfig, compare
     from camlens.core.extra import Constant
@@ -51,6 +51,8 @@ if TYPE_CHECKING:  # the lazy attributes, for type checkers and IDEs
 _LAZY: dict[str, tuple[str, str | None]] = {
     "explain": ("camlens.api.explainer", "explain"),
     "predict": ("camlens.api.explainer", "predict"),
+    "ExplainRequest": ("camlens.api.explainer", "ExplainRequest"),
+    "run_request": ("camlens.api.explainer", "run_request"),
     "Explanation": ("camlens.api.explanation", "Explanation"),
     "load_model": ("camlens.models.zoo", "load_model"),
     "available_models": ("camlens.models.zoo", "available_models"),
@@ -102,6 +104,7 @@ __all__ = [
     "CamlensError",
     "CompareConfig",
     "Constant",
+    "ExplainRequest",
     "Explanation",
     "__version__",
     "available_models",
@@ -116,6 +119,7 @@ __all__ = [
     "models",
     "open_results",
     "predict",
+    "run_request",
     "targets",
     "train",
     "viz",

@@ -126,7 +126,7 @@ def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch):
     camlens.explain_dataset(
         camlens.load_model("resnet18", weights="random"), folder, "scorecam",
         out=tmp_path / "f", batch_size=5, progress=False, num_workers=0, max_channels=2,
-        method_options={"batch_size": 2, "progress": False},
+        explain_options={"batch_size": 2, "progress": False},
     )  # fmt: skip
     assert [(k["batch_size"], k["progress"], k["max_channels"]) for k in seen] == [(2, False, 2)]
 

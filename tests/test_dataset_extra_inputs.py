@@ -62,7 +62,7 @@ def test_stored_maps_equal_explain_with_forward_args(tmp_path, labels):
     ds = Items(images, list(metas), labels)
     res = camlens.explain_dataset(
         net, ds, ["gradcam", "rise"], out=tmp_path / "st", layer="conv2", batch_size=3, num_workers=0,
-        extra_inputs=True, progress=False, method_options=CHEAP,
+        extra_inputs=True, progress=False, explain_options=CHEAP,
     )  # fmt: skip
     assert res.complete and res.stats.computed == N and not res.failed
     ref = camlens.explain(net, images, method=["gradcam", "rise"], layer="conv2", forward_args=(metas,), **CHEAP)

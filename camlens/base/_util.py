@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import fields, replace
 from typing import Any, TypeVar
@@ -120,3 +121,15 @@ def with_options(cls: type[C], config: C | None, options: dict[str, Any], what: 
     if unknown:
         raise InputError(f"unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return replace(config if config is not None else cls(), **options)  # type: ignore[type-var]
+
+
+def renamed(options: dict[str, Any], old: str, new: str, value: Any, where: str) -> Any:
+    """The value of a keyword renamed in 0.3: ``value`` (given under its new name ``new``), or the one
+    given under its 0.2 name ``old`` (popped from ``options``, with a ``DeprecationWarning`` naming
+    the new one). Both given: an :class:`~camlens.base.errors.InputError`."""
+    if old not in options:
+        return value
+    if value is not None:
+        raise InputError(f"{where}: give {new}= only ({old}= is its old name)")
+    warnings.warn(f"{where}({old}=) is now {new}= (one name across camlens)", DeprecationWarning, stacklevel=3)
+    return options.pop(old)

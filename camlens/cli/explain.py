@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.base.progress import Estimate, Reporter, reporting
 from camlens.cli.common import (
     EXIT_FAILED,
@@ -148,7 +149,9 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     help="box threshold (fraction of the map's max, or a calibrated JSON); also draws the boxes",
 )
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
+@click.option(
+    "--batch-size", default=EXPLAIN_BATCH, show_default=True, type=click.IntRange(1), help="images per forward"
+)
 @dataset_options
 @request_options
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="heatmap opacity")

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.base.fsio import atomic_write, safe_out_dir
 from camlens.cli.common import (
     EXIT_FAILED,
@@ -77,7 +78,9 @@ CSV_COLUMNS = ["path", "class", "x0", "y0", "x1", "y1", "class_id", "prob", "ran
     help="comma-separated: json and csv (boxes.json / boxes.csv), png (drawn images)",
 )
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="images per batch")
+@click.option(
+    "--batch-size", default=EXPLAIN_BATCH, show_default=True, type=click.IntRange(1), help="images per forward"
+)
 @click.option(
     "--workers",
     default=None,

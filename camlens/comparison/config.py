@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.metrics import SanityResult
 
 #: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
@@ -64,7 +65,7 @@ class CompareConfig:
     budgets: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: DEFAULT_BUDGETS)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     truth: bool = False
-    batch_size: int = 16
+    batch_size: int = EXPLAIN_BATCH
     overlay_images: int = 6
     progress: bool = True
     overwrite: bool = False

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Union
 
 import numpy as np
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camlens.api.explainer import explain
+from camlens.api.explainer import ExplainRequest, explain, run_request
 from camlens.api.explanation import Explanation
+from camlens.attribution.registry import get_method
 from camlens.base._util import eval_mode
 from camlens.base._util import gaussian_blur as _blur
 from camlens.base.errors import InputError, TargetError
@@ -251,14 +253,22 @@ def explain_maps(
     method: str,
     classes: torch.Tensor,
     batch_size: int,
-    options: dict[str, Any] | None = None,
+    options: dict[str, Any] | ExplainRequest | None = None,
 ) -> torch.Tensor:
     """Maps of ``method`` for ``classes`` ``(N,)`` (or ``(N, K)``), computed ``batch_size`` images at
-    a time with :func:`camlens.explain`; ``(N, H, W)`` (or ``(N, K, H, W)``) float32."""
+    a time with :func:`camlens.explain`; ``(N, H, W)`` (or ``(N, K, H, W)``) float32. ``options``:
+    the keyword arguments of :func:`camlens.explain` (``layer=``, method options…), or the
+    :class:`~camlens.api.explainer.ExplainRequest` a caller already holds (its layer, capture,
+    output, reshape, precision and options are used; its methods and targets are the metric's)."""
     out = []
     cls = classes if classes.dim() == 2 else classes[:, None]
     for i in range(0, x.shape[0], batch_size):
-        e = explain(model, x[i : i + batch_size], method=method, targets=cls[i : i + batch_size], **(options or {}))
+        xs, ts = x[i : i + batch_size], cls[i : i + batch_size]
+        if isinstance(options, ExplainRequest):
+            name = get_method(method).name
+            e = run_request(model, xs, replace(options, methods=(name,), targets=ts))[name]
+        else:
+            e = explain(model, xs, method=method, targets=ts, **(options or {}))
         out.append(e.maps.detach().float())
     m = torch.cat(out)
     return m if classes.dim() == 2 else m[:, 0]
@@ -273,7 +283,7 @@ def prepare(
     preprocess=None,
     batch_size: int = 32,
     seed: int = 0,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
     need_classes: bool = True,
 ) -> Prepared:
     """Resolve ``inputs``, ``targets`` and ``maps`` of a metric call (see the module docstring)."""

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base.errors import InputError
 from camlens.base.ops import minmax
 from camlens.metrics._common import MapsLike, Substrate, class_probs, make_substrate, prepare, scored_batches
@@ -37,7 +38,7 @@ def confidence_pair(
     batch_size: int = 32,
     seed: int = 0,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, O)``: target-class probabilities on the images and on the map-masked images, ``(N,)`` each."""
     if model is None:

@@ -57,6 +57,8 @@ import torch
 from scipy import ndimage
 
 from camlens.api.explainer import explain, predict
+from camlens.base._util import renamed
+from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.base.errors import CamlensError, InputError
 from camlens.base.io import load_image
 from camlens.base.localization import (
@@ -608,14 +610,14 @@ def _class_id(name: str | None, class_names: Sequence[str] | None) -> int | None
 
 def evaluate_model(
     model,
-    ground_truth: Sequence[GTImage],
+    gt: Sequence[GTImage] | None = None,
     *,
     method: str = "gradcam",
     layer=None,
     threshold: float = DEFAULT_THRESHOLD,
     thresholds: Sequence[float] | None = None,
     tolerance: float = POINTING_TOLERANCE,
-    batch_size: int = 16,
+    batch_size: int = EXPLAIN_BATCH,
     class_names: Sequence[str] | None = None,
     on_error: Callable[[GTImage, Exception], None] | None = None,
     progress: bool = False,
@@ -627,7 +629,14 @@ def evaluate_model(
     several; matched to the model's class names case-insensitively, or given as an id). Images whose
     class the model does not know are explained for their top-1 class and left out of top-1
     localization accuracy. Unreadable images are passed to ``on_error`` (default: raise).
+
+    ``gt``: the ground-truth images with their boxes (:func:`read_boxes`), under the name
+    every camlens function uses for ground truth (``ground_truth=`` is its 0.2 spelling: a
+    ``DeprecationWarning``).
     """
+    ground_truth = renamed(options, "ground_truth", "gt", gt, "camlens.metrics.evaluate_model")
+    if ground_truth is None:
+        raise InputError("evaluate_model needs the ground truth: evaluate_model(model, gt) (see read_boxes)")
     card = card_of(model)
     names = list(class_names) if class_names is not None else (card.class_names if card else None)
     maps, gts, sizes, correct = [], [], [], []

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base.errors import InputError
 from camlens.metrics._common import (
     MapsLike,
@@ -158,7 +159,7 @@ def deletion_curve(
     batch_size: int = 32,
     seed: int = 0,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> Curve:
     """Deletion curves (RISE): remove the most important pixels first, ``steps`` steps.
 
@@ -200,7 +201,7 @@ def insertion_curve(
     batch_size: int = 32,
     seed: int = 0,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> Curve:
     """Insertion curves (RISE): start from the blurred image and insert the most important pixels
     first. Arguments as :func:`deletion_curve`."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base.errors import InputError
 from camlens.base.localization import box_mask, pointing_game_hit
 from camlens.metrics._common import MapsLike, baseline_maps, prepare
@@ -111,7 +112,7 @@ def pointing_game(
     seed: int = 0,
     batch_size: int = 32,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> torch.Tensor:
     """Pointing game hits per image, ``(N,)`` of 1.0 (hit) / 0.0 (miss); the mean is the accuracy.
 
@@ -158,7 +159,7 @@ def energy_pointing_game(
     seed: int = 0,
     batch_size: int = 32,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> torch.Tensor:
     """Share of the map's positive energy inside the ground truth, ``(N,)`` in [0, 1] (higher is
     better). Arguments as :func:`pointing_game`."""

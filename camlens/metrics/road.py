@@ -35,6 +35,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base.errors import InputError
 from camlens.metrics._common import MapsLike, pixel_rank, prepare, removed_counts, scored_batches
 
@@ -190,7 +191,7 @@ def road_curves(
     batch_size: int = 32,
     seed: int = 0,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> RoadResult:
     """MoRF and LeRF curves with noisy linear imputation, ``percentages`` as fractions in [0, 1].
 

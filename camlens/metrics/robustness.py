@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base.errors import InputError
 from camlens.metrics._common import check_batch_size, explain_maps, prepare
 
@@ -36,7 +37,7 @@ def max_sensitivity(
     seed: int = 0,
     batch_size: int = 16,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> torch.Tensor:
     """Max-sensitivity of ``method``'s maps per image, ``(N,)``; lower is better.
 

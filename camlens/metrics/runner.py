@@ -22,7 +22,7 @@ from torch import nn
 
 from camlens.api.explainer import explain
 from camlens.attribution.registry import get_method
-from camlens.base._util import numbered, with_options
+from camlens.base._util import numbered, renamed, with_options
 from camlens.base.errors import InputError, MethodError
 from camlens.base.io import load_image
 from camlens.core.inputs import prepare_inputs
@@ -272,7 +272,7 @@ class Resume:
 
 def evaluate(
     model: nn.Module,
-    images: Sequence[Any],
+    inputs: Sequence[Any] | None = None,
     methods: Sequence[str] = ("gradcam",),
     metrics: Sequence[str] | str = DEFAULT_METRICS,
     *,
@@ -293,7 +293,8 @@ def evaluate(
 
     Args:
         model: the classifier (left untouched).
-        images: paths, PIL images or RGB arrays (loaded ``chunk_size`` at a time).
+        inputs: paths, PIL images or RGB arrays (loaded ``chunk_size`` at a time); the name
+            :func:`camlens.explain` uses (``images=`` is its 0.2 spelling: a ``DeprecationWarning``).
         methods: registered method names.
         metrics: names from :data:`METRIC_COLUMNS` (or ``"all"``).
         names: a name per image (default: file stems, else ``image<i>``).
@@ -317,6 +318,9 @@ def evaluate(
             bit as an uninterrupted run's), and its ``save(chunk index, ChunkState)`` is called after
             each chunk is computed, so a caller can keep it.
     """
+    images = renamed(options, "images", "inputs", inputs, "camlens.metrics.evaluate")
+    if images is None:
+        raise InputError("camlens.metrics.evaluate needs the images: evaluate(model, inputs, methods, metrics)")
     cfg = EvaluateConfig.of(config, options)
     wanted = resolve_metrics(metrics)
     methods, images, names = _checked_inputs(methods, images, names, gt, wanted)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.api.explainer import explain
+from camlens.api.explainer import ExplainRequest, explain
 from camlens.base._util import eval_mode
 from camlens.base.errors import InputError, LayerNotFoundError
 from camlens.core.engine import model_input
@@ -252,7 +252,7 @@ def sanity_randomization(
     seed: int = 0,
     batch_size: int = 16,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
     progress: bool | Callable[[int, int], None] = False,
 ) -> SanityResult:
     """Cascading (or independent) model-parameter randomization test.

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camlens.api.explainer import ExplainRequest
 from camlens.base._util import gaussian_kernel1d
 from camlens.base.errors import InputError
 from camlens.base.ops import is_constant, minmax
@@ -167,7 +168,7 @@ def class_sensitivity(
     similarity_kind: str = "spearman_abs",
     batch_size: int = 32,
     preprocess=None,
-    explain_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | ExplainRequest | None = None,
 ) -> torch.Tensor:
     """Similarity of the maps of the target class and of another class on the same images, ``(N,)``.
 

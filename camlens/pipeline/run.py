@@ -37,6 +37,7 @@ from camlens.api.explainer import ExplainRequest, run_request
 from camlens.api.explanation import Explanation, Upsampled
 from camlens.attribution.registry import get_method
 from camlens.base._util import with_options
+from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.base.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
 from camlens.base.fsio import os_error, safe_out_dir
 from camlens.base.localization import DEFAULT_THRESHOLD
@@ -185,7 +186,7 @@ class StreamOptions:
             notes and unreadable images are said (default: stderr). world: ranks sharing the work.
     """
 
-    batch_size: int = 16
+    batch_size: int = EXPLAIN_BATCH
     num_workers: int | None = None
     optional: tuple[str, ...] = ()
     before: Callable[[Batch, torch.Tensor], None] | None = None
@@ -718,7 +719,7 @@ class DatasetConfig:
     """The settings of :func:`explain_dataset` besides what to explain (also accepted as keywords
     there); see :func:`explain_dataset` for each."""
 
-    batch_size: int = 16
+    batch_size: int = EXPLAIN_BATCH
     num_workers: int | None = None
     threshold: float | None = None
     map_dtype: str = "float32"
@@ -743,7 +744,7 @@ def explain_dataset(
     layer: Any = None,
     capture: str = "output",
     config: DatasetConfig | None = None,
-    method_options: dict[str, Any] | None = None,
+    explain_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Results:
     """Explain a whole dataset, streaming, into a resumable result store (Parquet table + Zarr maps).
@@ -777,14 +778,23 @@ def explain_dataset(
         map_dtype: ``"float32"`` or ``"float16"`` maps in Zarr.
         figures: ``"none"``, ``"overlay"`` (the top-1 overlay per image and method) or ``"all"``
             (every target), written to ``out/figures`` with the names ``camlens explain`` uses.
-        method_options: the methods' options (as ``**options``), also those named like a setting
-            — ``method_options={"batch_size": 32, "progress": False}`` sets Score-CAM's masked
-            images per forward and its bar, not the pipeline's.
+        explain_options: keyword arguments of :func:`camlens.explain` for every batch (method
+            options, ``precision=``…), also those named like a setting — ``explain_options={"batch_size":
+            32, "progress": False}`` sets Score-CAM's masked images per forward and its bar, not the
+            pipeline's. The same name as in :mod:`camlens.metrics` (``method_options=`` is its 0.2
+            spelling: a ``DeprecationWarning``).
 
     Under ``torchrun`` each rank takes a disjoint contiguous block of the images that are not done
     yet, writes its own chunks, and rank 0 merges the index. Returns :func:`open_results`'s
     :class:`~camlens.pipeline.store.Results` (with ``.stats``: computed / skipped / failed).
     """
+    if "method_options" in options:  # the 0.2 spelling
+        warnings.warn(
+            "explain_dataset(method_options=) is now explain_options= (the name camlens.metrics uses)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        explain_options = {**options.pop("method_options"), **(explain_options or {})}
     settings = {k: options.pop(k) for k in list(options) if k in _DATASET_FIELDS}
     cfg = with_options(DatasetConfig, config, settings, "explain_dataset")
     if isinstance(model, str):
@@ -799,8 +809,8 @@ def explain_dataset(
         capture=capture,
         preprocess=cfg.preprocess,
         class_names=None if cfg.class_names is None else tuple(cfg.class_names),
-        options={**options, **(method_options or {})},
-    ).with_inputs({**options, **(method_options or {})})  # precision=, exact_decode=: fields of the request
+        options={**options, **(explain_options or {})},
+    ).with_inputs({**options, **(explain_options or {})})  # precision=, exact_decode=: fields of the request
     card = card_of(model)
     pp = cfg.preprocess or (card.preprocess if card else IMAGENET)
     keep = cfg.figures != "none"

@@ -431,15 +431,18 @@ def as_dataset(
     exact_decode: bool = False,
     extra_inputs: bool = False,
 ) -> tuple[Dataset, Any]:
-    """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``
-    (``exact_decode``: image files decoded in full, see :class:`ImageFiles`; ``extra_inputs``: a
-    user dataset's items carry the model's other inputs, see :class:`UserDataset`)."""
+    """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``; a list
+    of images in memory (arrays, PIL images, tensors) is a dataset of them (``exact_decode``: image
+    files decoded in full, see :class:`ImageFiles`; ``extra_inputs``: a user dataset's items carry
+    the model's other inputs, see :class:`UserDataset`)."""
     if isinstance(data, (ImageFiles, UserDataset)):
         return data, None
     if isinstance(data, Dataset) or (
         hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, list, tuple))
     ):
         return UserDataset(data, preprocess, keep_images, extra_inputs), None
+    if isinstance(data, (list, tuple)) and data and not any(isinstance(d, (str, os.PathLike)) for d in data):
+        return UserDataset(list(data), preprocess, keep_images, extra_inputs), None  # images in memory
     if extra_inputs:
         raise InputError(
             "extra_inputs=True needs a torch Dataset whose items are (image, extra[, label]); image files and "
