@@ -136,7 +136,7 @@ def load_monai(req: MonaiRequest) -> nn.Module:
         if req.weights == "random":
             torch.manual_seed(0)  # the same random network every time (a CLI rerun, every rank)
         model = factory(**kwargs)
-    if req.weights != "random":
+    if req.weights is not None and req.weights != "random":
         load_weights_file(model, req.weights)
     axes = "volumes (N, C, D, H, W)" if dims == 3 else "images (N, C, H, W)"
     card = ModelCard(
