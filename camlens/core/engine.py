@@ -397,7 +397,8 @@ class ForwardPass:
             self.x = x.detach().requires_grad_(True) if full else x.detach()
             first = x
         n = len(self.x)
-        self.layout_request = LayoutRequest((int(first.shape[-2]), int(first.shape[-1])), model, reshape)
+        spatial = first.shape[2:] if first.dim() == 5 else first.shape[-2:]  # (D, H, W) of clips and volumes
+        self.layout_request = LayoutRequest(tuple(int(s) for s in spatial), model, reshape)
         stack = contextlib.ExitStack()
         with stack:
             if "rules" in needs:
