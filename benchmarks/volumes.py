@@ -17,7 +17,10 @@ compared: the raw maps (MONAI's ``compute_map``) by Pearson correlation and the 
 relative to the map's maximum, and the upsampled, normalized maps (MONAI maps (min, max) to (1, 0):
 compared with ``1 - normalized()``) by their largest absolute difference. MONAI's call is compared at
 batch 1 only: with ``class_idx=None`` and more images its score ``logits[:, argmax]`` sums every
-image's logit of every image's class. The load average is recorded before and after.
+image's logit of every image's class. The load average is recorded before and after; each row also
+gives the per-round ratios to the forward (median, min, max: rounds are interleaved, so a ratio
+compares calls under the same load) and its raw times. ``--clock cpu --threads 1`` times CPU time
+of the process, for a machine shared with other jobs.
 
 ``--quick``: an 8x32x32 clip and a 64³ volume, one round (a smoke run, not a measurement).
 """
@@ -41,6 +44,7 @@ from torch import nn
 
 import camlens
 
+from . import runner
 from .runner import machine_info, time_round_robin
 from .tasks import Job, pearson_whole
 
@@ -114,9 +118,10 @@ def case_jobs(case: Case) -> tuple[list[Job], dict[str, Any]]:
 
 
 def run(quick: bool, log=print) -> dict[str, Any]:
+    clock = "cpu" if runner.CLOCK is time.process_time else "wall"
     load_start = os.getloadavg()
     jobs: list[Job] = []
-    meta: dict[str, Any] = {"quick": quick, "batch": 1, "cases": {}}
+    meta: dict[str, Any] = {"quick": quick, "batch": 1, "clock": clock, "cases": {}}
     for case in cases(quick):
         js, agree = case_jobs(case)
         jobs += js
@@ -124,31 +129,38 @@ def run(quick: bool, log=print) -> dict[str, Any]:
         log(f"  {case.name}: {agree}")
     first: dict[str, list[float]] = {}
     for j in jobs:  # a first round, timed too
-        t = time.perf_counter()
+        t = runner.CLOCK()
         j.fn()
-        first[j.key] = [time.perf_counter() - t]
-    reps = {"warmup": 0, "min_reps": 1, "max_reps": 1 if quick else 7, "budget_s": 0 if quick else 420}
+        first[j.key] = [runner.CLOCK() - t]
+    reps = {"warmup": 0, "min_reps": 1, "max_reps": 1 if quick else 7, "budget_s": 0 if quick else 480}
     times = time_round_robin(jobs, log=log, times=first, **reps)
     machine = machine_info(torch.get_num_threads(), "cpu")
     machine["loadavg_start"], machine["loadavg_end"] = load_start, os.getloadavg()
     return {"machine": machine, "meta": meta, "rows": _rows(jobs, times, log)}
 
 
+def _per_round(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios ``a[i] / b[i]`` (same round: same machine load)."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
 def _rows(jobs: list[Job], times: dict[str, list[float]], log) -> list[dict[str, Any]]:
     rows = []
     for j in jobs:
         case, contender = j.key.split(": ", 1)
-        med = statistics.median(times[j.key])
-        fwd = statistics.median(times[f"{case}: forward (inference)"])
-        t = times[j.key]
-        row = {"case": case, "contender": contender, "median_ms": 1000 * med, "vs_forward": med / fwd,
-               "min_ms": 1000 * min(t), "max_ms": 1000 * max(t), "reps": len(t)}  # fmt: skip
+        t, fwd = times[j.key], times[f"{case}: forward (inference)"]
+        med, fmed = statistics.median(t), statistics.median(fwd)
+        row = {"case": case, "contender": contender, "median_ms": 1000 * med, "vs_forward": med / fmed,
+               "vs_forward_rounds": _per_round(t, fwd), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t),
+               "reps": len(t), "times_s": list(t)}  # fmt: skip
         rows.append(row)
         log(f"  {j.key:<60} {1000 * med:9.1f} ms  x{row['vs_forward']:5.2f} forward")
     for case in dict.fromkeys(r["case"] for r in rows):
         ours = next(r for r in rows if r["case"] == case and r["contender"] == "camlens gradcam")
         peer = next(r for r in rows if r["case"] == case and r["contender"] == "MONAI GradCAM")
         ours["vs_monai"] = ours["median_ms"] / peer["median_ms"]
+        ours["vs_monai_rounds"] = _per_round(ours["times_s"], peer["times_s"])
     return rows
 
 
@@ -156,9 +168,12 @@ def main(argv: Sequence[str] | None = None, log=print) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.volumes", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8x32x32 clip, 64³ volume, one round (a smoke run)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: CPU time of the process, for a loaded machine (with --threads 1)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    runner.CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     res = run(args.quick, log=log)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -45,3 +45,6 @@ def test_rows_give_ratios_to_the_forward_and_to_monai():
     assert [r["vs_forward"] for r in rows] == pytest.approx([1.0, 1.25, 3.0])
     assert rows[1]["vs_monai"] == pytest.approx(2.5 / 6.0)
     assert (rows[2]["min_ms"], rows[2]["max_ms"]) == pytest.approx((5000.0, 10000.0))
+    # per-round ratios: round i of one contender against round i of the forward
+    assert rows[1]["vs_forward_rounds"] == pytest.approx({"median": 1.5, "min": 5 / 6, "max": 2.0})
+    assert rows[1]["vs_monai_rounds"] == pytest.approx({"median": 0.5, "min": 0.2, "max": 0.5})
