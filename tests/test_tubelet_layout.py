@@ -111,6 +111,9 @@ def test_mvit_tokens_give_clip_maps_and_attention_methods_are_refused():
     ref = _reference_gradcam(model, model.blocks[2].norm1, x, exp.classes, by_hand)
     assert float(ref.amax()) > 1e-5
     torch.testing.assert_close(exp.raw, ref, rtol=1e-4, atol=1e-7)
+    # a block returns (tokens, thw): its tokens are captured as the next block's input
+    block = camlens.explain(model, x, "gradcam", layer="blocks.2", capture="input", targets=exp.classes)
+    assert block.raw.shape == (2, 2, 2, 4, 4) and "2x4x4 tubelet grid" in block.extras["layout"]
     with pytest.raises(CamlensError, match="attention_rollout"):
         camlens.explain(model, x, "attention_rollout")
 
