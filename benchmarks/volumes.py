@@ -121,7 +121,9 @@ def run(quick: bool, log=print) -> dict[str, Any]:
     clock = "cpu" if runner.CLOCK is time.process_time else "wall"
     load_start = os.getloadavg()
     jobs: list[Job] = []
-    meta: dict[str, Any] = {"quick": quick, "batch": 1, "clock": clock, "cases": {}}
+    import monai
+
+    meta: dict[str, Any] = {"quick": quick, "batch": 1, "clock": clock, "monai": monai.__version__, "cases": {}}
     for case in cases(quick):
         js, agree = case_jobs(case)
         jobs += js
