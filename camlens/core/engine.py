@@ -405,7 +405,8 @@ class ForwardPass:
         else:
             self.x = x.detach().requires_grad_(True) if self._full else x.detach()
             first = x
-        self.layout_request = LayoutRequest((int(first.shape[-2]), int(first.shape[-1])), model, request.reshape)
+        spatial = first.shape[2:] if first.dim() == 5 else first.shape[-2:]  # (D, H, W) of clips and volumes
+        self.layout_request = LayoutRequest(tuple(int(s) for s in spatial), model, request.reshape)
 
     @classmethod
     def run(

@@ -267,8 +267,34 @@ def build_named(name: str, weights: str | os.PathLike | None = None, num_classes
             f"unknown model {name!r}.{hint} `camlens models` lists them all; timm models are '{TIMM_PREFIX}NAME'."
         )
     model, classes = _torchvision(key, weights, num_classes)
-    extra = {"inputs": "clips (N, 3, T, H, W)"} if video else {}
-    return attach_card(model, ModelCard(key, IMAGENET, classes, extra=extra))
+    if not video:
+        return attach_card(model, ModelCard(key, IMAGENET, classes))
+    layer, capture = _video_layer(model)
+    extra = {"inputs": "clips (N, 3, T, H, W)"} | _VIDEO_SIZES.get(key, {})
+    return attach_card(model, ModelCard(key, IMAGENET, classes, layer=layer, capture=capture, extra=extra))
+
+
+#: the clip size torchvision's video transformers and S3D are built for (MViT's positional
+#: embeddings fix it; S3D's 2x7x7 average pooling needs at least it)
+_VIDEO_SIZES: dict[str, dict[str, Any]] = {
+    "s3d": {"clip_size": (16, 224, 224)},
+    "mvit_v1_b": {"clip_size": (16, 224, 224)},
+    "mvit_v2_s": {"clip_size": (16, 224, 224)},
+}
+
+
+def _video_layer(model: nn.Module) -> tuple[str | None, str]:
+    """The default layer of a torchvision video classifier: S3D's features entering its 2x7x7
+    average pooling (its last global pooling is the mean of the 1x1x1 class map, no place for a
+    map), an MViT's norm before its last attention (tubelet tokens: the class token alone feeds the
+    head, so the tokens after the last block get no gradient); the others: automatic (the input of
+    their 3-D global pooling)."""
+    blocks = getattr(model, "blocks", None)
+    if type(model).__name__ == "MViT" and isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
+        return f"blocks.{len(blocks) - 1}.norm1", "output"
+    if type(model).__name__ == "S3D":
+        return "avgpool", "input"
+    return None, "output"
 
 
 __all__ = [

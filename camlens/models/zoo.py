@@ -35,6 +35,7 @@ from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.detectors import YOLO_PREFIX, load_yolo
 from camlens.models.heads import replace_classifier
 from camlens.models.imagetext import ImageText, zero_shot
+from camlens.models.medical import MONAI_PREFIX, MonaiRequest, load_monai
 from camlens.models.onnxmodel import OnnxOptions, is_onnx_path, load_onnx
 from camlens.models.preprocess import CAFFE_BGR, PRESETS, Preprocess
 from camlens.models.tasks import build_task_model, task_of
@@ -200,7 +201,10 @@ def load_model(
             ``max_batch=``: see :mod:`camlens.models.onnxmodel`), or ``"yolo:PATH"`` for an
             Ultralytics YOLO detector: a ``.pt`` checkpoint on disk or a model ``.yaml`` such as
             ``yolov8n.yaml`` (random weights); ``pip install camlens[yolo]``; see
-            :mod:`camlens.models.detectors.yolo`.
+            :mod:`camlens.models.detectors.yolo`; or ``"monai:ARCH_3d"`` for a MONAI network with
+            ``spatial_dims=3`` (``densenet121_3d``, ``resnet18_3d``, ``seresnet50_3d``…; ``weights=FILE``
+            or ``"random"``, ``in_channels=`` and ``num_classes=`` read from the file when not given;
+            ``pip install camlens[medical]``; see :mod:`camlens.models.medical`).
         weights: ``None`` for the default pretrained weights found on disk, ``"random"`` for an
             untrained network (``card.extra["weights"] = "random"``: figures, tables and summaries
             say "random weights"), a path to a ``.pth``/``.safetensors`` state dict, or a torchvision
@@ -230,11 +234,15 @@ def load_model(
             assert card is not None
             attach_card(model, replace(card, extra={**card.extra, "weights": "random"}))
         return model.to(parse_device(device)) if device is not None else model
+    monai = name.lower().startswith(MONAI_PREFIX) and checkpoint is None
+    in_channels = kwargs.pop("in_channels", None) if monai else None
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
     if checkpoint is not None:
         model = load_checkpoint(checkpoint)
+    elif monai:  # a MONAI network (pip install camlens[medical]): camlens.models.medical
+        model = load_monai(MonaiRequest(name[len(MONAI_PREFIX) :], weights, in_channels, num_classes))
     elif name.lower().replace("-", "_") == "vgg16_cam":
         model = vgg16_cam(num_classes=num_classes or 1000, weights=weights)
         if card_of(model) is None:
