@@ -183,7 +183,7 @@ def as_maps(maps: Any, n: int, size: tuple[int, ...], device: torch.device) -> t
 
 
 def baseline_maps(
-    name: str, n: int, size: tuple[int, int], device: torch.device, seed: int = 0, cell: int = 32
+    name: str, n: int, size: tuple[int, ...], device: torch.device, seed: int = 0, cell: int = 32
 ) -> torch.Tensor:
     """Baseline maps ``(N, H, W)``.
 
@@ -201,7 +201,8 @@ def baseline_maps(
     distance to the volume's centre), ``(N, D, H, W)``.
     """
     if len(size) == 3:
-        return _baseline_volumes(name, n, tuple(int(v) for v in size), device, seed, cell)
+        depth, height, width = (int(v) for v in size)
+        return _baseline_volumes(name, n, (depth, height, width), device, seed, cell)
     h, w = size
     key = name.strip().lower()
     g = torch.Generator().manual_seed(int(seed) + 7919)
@@ -233,7 +234,7 @@ def _baseline_volumes(
         return torch.rand(n, *size, generator=g).to(device)
     if key in ("centre", "center"):
         axes = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in size), indexing="ij")
-        d = sum(a.pow(2) for a in axes).sqrt()
+        d = torch.stack([a.pow(2) for a in axes]).sum(0).sqrt()
         m = 1 - d / d.max().clamp_min(1e-12)
         return m.expand(n, *size).clone().to(device)
     raise InputError(f"unknown baseline {name!r}; use 'random', 'random_pixels' or 'centre'")

@@ -393,7 +393,8 @@ class LocalizationReport:
         w1 = max(len(self.name), 8)
         head = f"{'metric':<{w0}}  {self.name:>{w1}}  {'centre baseline':>15}"
         lines = [
-            f"{self.n} {self.ITEMS}, threshold {self.threshold:g} of the max (best for MaxBoxAcc: {self.best_threshold:g})",
+            f"{self.n} {self.ITEMS}, threshold {self.threshold:g} of the max "
+            f"(best for MaxBoxAcc: {self.best_threshold:g})",
             head,
             "-" * len(head),
         ]
