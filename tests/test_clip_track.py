@@ -5,13 +5,19 @@ first to the last frame that keeps anything (with the frames' timestamps)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+import camlens
 from camlens.base.cliptrack import box_track, clip_track, temporal_extent
 from camlens.base.errors import InputError
+from camlens.base.localization import scale_boxes
+from camlens.base.video import Clip
+from camlens.cli.volume import ScanRun, _write_clip
 
 
 def reference_frame_box(frame: np.ndarray, cut: float) -> tuple[int, ...]:
@@ -72,3 +78,29 @@ def test_empty_clip_maps_have_no_track_and_bad_input_is_named():
         clip_track(np.ones((3, 4, 4)), timestamps=[0.0, 1.0])
     with pytest.raises(InputError, match="threshold"):
         clip_track(np.ones((3, 4, 4)), 1.5)
+
+
+def test_the_clip_summary_of_camlens_explain_has_the_track_and_the_extent(tmp_path):
+    rng = np.random.default_rng(0)
+    clip = Clip(rng.integers(0, 255, (6, 16, 20, 3), dtype=np.uint8), np.arange(6) / 25 + 1.0, 25.0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    res = camlens.explain(net, clip.tensor(size=(8, 10)), ["gradcam"], targets="top1")
+    run = ScanRun(("c.mp4",), "tiny", None, None, None, None, ("gradcam",), 1, (), str(tmp_path), False, 0.5, ())
+    _write_clip(tmp_path, "c.mp4", clip, res, run)
+    row = json.loads((tmp_path / "c.json").read_text())["methods"]["gradcam"][0]
+    m = np.load(tmp_path / "c_gradcam_top1.npy")
+    want = clip_track(m, 0.5, timestamps=clip.timestamps)
+    assert row["temporal_extent"] == want.extent.to_dict()
+    assert row["temporal_extent"]["start_s"] == pytest.approx(1.0 + want.extent.first / 25)
+    assert [r["box_xyxy"] for r in row["track"]] == [b.tolist() if b[0] >= 0 else None for b in want.boxes]
+    video = [r["box_xyxy_video"] for r in row["track"]]
+    assert video == [(2 * b).tolist() if b[0] >= 0 else None for b in want.boxes]  # 8x10 -> 16x20
+    assert [r["time_s"] for r in row["track"]] == pytest.approx(list(clip.timestamps))
+    assert scale_boxes(want.boxes[want.present], (8, 10), (16, 20)).tolist() == [v for v in video if v]
