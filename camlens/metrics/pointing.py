@@ -55,7 +55,10 @@ def gt_masks(gt: Any, n: int, size: tuple[int, ...]) -> torch.Tensor:
     """Ground truth (masks, boxes or a per-image list of them) -> ``(N, H, W)`` bool on the CPU;
     with a ``(D, H, W)`` size, ``(N, D, H, W)`` from 3-D masks or ``(x0, y0, z0, x1, y1, z1)`` boxes."""
     if gt is None:
-        raise InputError("the pointing game needs ground truth: pass gt= boxes (N, 4) or masks (N, H, W)")
+        raise InputError(
+            "the pointing game needs ground truth: pass gt= boxes (N, 4) or masks (N, H, W) "
+            "(volumes: boxes (N, 6) or masks (N, D, H, W))"
+        )
     size = tuple(int(v) for v in size)
     nd, width = len(size), 2 * len(size)
     if isinstance(gt, torch.Tensor):
