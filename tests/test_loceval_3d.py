@@ -16,7 +16,9 @@ from camlens.base.errors import InputError
 from camlens.metrics.loceval import GroundTruthError, sweep_components
 from camlens.metrics.loceval3d import (
     GTVolume,
+    VolumeEvalConfig,
     centre_volume,
+    evaluate_volume_model,
     evaluate_volumes,
     mask_boxes,
     read_volume_boxes,
@@ -167,3 +169,47 @@ def test_readers_of_3d_boxes_and_masks(tmp_path):
     np.save(tmp_path / "flat.npy", mask[0])
     with pytest.raises(GroundTruthError, match="3-D"):
         read_volume_mask(tmp_path / "flat.npy")
+
+
+def identity_cam_net() -> torch.nn.Module:
+    """conv 1x1x1 (weight 1) -> ReLU -> GAP -> linear (1, -1): class 0's Grad-CAM is the scan itself
+    (scaled), so the map's boxes are the scan's bright regions."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 1, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(1, 2),
+    )
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+        net[4].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[4].bias.zero_()
+    return net.eval()
+
+
+def test_evaluate_a_model_on_nifti_scans_with_their_file_axes(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    hit = np.zeros((8, 7, 9), np.float32)  # file axes (i, j, k) = (x, y, z)
+    hit[2:5, 1:4, 3:7] = 1.0
+    miss = np.zeros((8, 7, 9), np.float32)
+    miss[5:8, 4:7, 0:2] = 1.0
+    for name, data in (("hit.nii.gz", hit), ("miss.nii.gz", miss)):
+        nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / name)
+    (tmp_path / "gt.csv").write_text(
+        "path,class,x0,y0,z0,x1,y1,z1\nhit.nii.gz,lesion,2,1,3,5,4,7\nmiss.nii.gz,lesion,2,1,3,5,4,7\n"
+    )
+    gts = read_volume_boxes(tmp_path / "gt.csv")
+    rep = evaluate_volume_model(
+        identity_cam_net(), gts, VolumeEvalConfig(thresholds=(0.5,)), class_names=["lesion", "none"]
+    )
+    assert rep.per_image_iou.tolist() == [1.0, 0.0]
+    assert rep.metrics["pointing_game"] == 0.5 and rep.metrics["top1_loc"] == 0.5
+    assert rep.metrics["energy_pointing"] == pytest.approx(0.5) and rep.metrics["maxboxacc"] == 0.5
+    # the same scan with a mask ground truth in (D, H, W) = file (k, j, i) order
+    np.save(tmp_path / "mask.npy", hit.transpose(2, 1, 0) > 0)
+    masked = GTVolume(tmp_path / "hit.nii.gz", mask=read_volume_mask(tmp_path / "mask.npy"))
+    rep = evaluate_volume_model(identity_cam_net(), [masked], VolumeEvalConfig(method="cam", thresholds=(0.5,)))
+    assert rep.metrics["mean_iou"] == 1.0 and rep.metrics["pointing_game"] == 1.0
+    assert np.isnan(rep.metrics["top1_loc"])  # no class given: explained for the top-1 class

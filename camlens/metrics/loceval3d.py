@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from camlens.api.explainer import explain
 from camlens.base.errors import InputError
 from camlens.base.localization import (
     DEFAULT_THRESHOLD,
@@ -385,12 +386,102 @@ def evaluate_volumes(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# End to end: a 3-D model, a method and a ground-truth file
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VolumeEvalConfig:
+    """How :func:`evaluate_volume_model` explains and scores: the method (and its layer and
+    options), the CT ``window`` applied to NIfTI scans, and the metrics' threshold, sweep and
+    pointing tolerance (voxels)."""
+
+    method: str = "gradcam"
+    layer: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    window: str | tuple[float, float] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    thresholds: Sequence[float] | None = None
+    tolerance: float = POINTING_TOLERANCE_3D
+
+
+def load_scan(path: str | Path, channels: int = 1, window: str | tuple[float, float] | None = None) -> torch.Tensor:
+    """A scan as the ``(1, C, D, H, W)`` batch a 3-D model takes: NIfTI (through ``window``, axes as
+    :meth:`camlens.base.nifti.Volume.tensor`) or ``.npy`` ``(D, H, W)``, its one channel repeated to
+    ``channels`` (the model's first convolution's)."""
+    p = Path(path)
+    if is_nifti(p):
+        x = read_nifti(p).tensor(window)
+    elif p.suffix.lower() == ".npy" and p.is_file():
+        arr = np.load(p, allow_pickle=False)
+        if arr.ndim != 3:
+            raise InputError(f"{p}: a .npy scan must be (D, H, W); got shape {arr.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    else:
+        raise InputError(f"{p}: not a NIfTI (.nii, .nii.gz) or .npy scan, or no such file")
+    return x.expand(-1, channels, -1, -1, -1)
+
+
+def _in_channels(model: torch.nn.Module) -> int:
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return int(first.in_channels) if first is not None else 1
+
+
+def _target(name: str | None, class_names: Sequence[str] | None) -> int | None:
+    if name is None:
+        return None
+    low = [c.lower() for c in class_names or []]
+    if name.lower() in low:
+        return low.index(name.lower())
+    return int(name) if name.isdigit() else None
+
+
+def evaluate_volume_model(
+    model: torch.nn.Module,
+    ground_truth: Sequence[GTVolume],
+    config: VolumeEvalConfig | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> VolumeLocalizationReport:
+    """Explain every ground-truth scan (:func:`read_volume_boxes`, or :class:`GTVolume` objects with
+    masks) and evaluate its map (see the module doc), one scan at a time.
+
+    The map explained is the ground-truth class's (the first box's class, matched to
+    ``class_names`` case-insensitively or given as an id); a scan without a known class is explained
+    for the model's top-1 class and left out of top-1 localization accuracy.
+    """
+    cfg = config or VolumeEvalConfig()
+    channels = _in_channels(model)
+    device = next(model.parameters()).device
+    maps, truths, correct = [], [], []
+    for g in ground_truth:
+        x = load_scan(g.path, channels, cfg.window).to(device)
+        cls = next((c for c, _ in g.objects if c is not None), None)
+        cid = _target(cls, class_names)
+        exp = explain(model, x, cfg.method, targets=cid, layer=cfg.layer, class_names=class_names, **cfg.options)
+        top1 = int(exp.logits.argmax(1)[0]) if exp.logits is not None else None
+        correct.append(np.nan if cid is None or top1 is None else float(cid == top1))
+        maps.append(exp.map(0, 0).float().cpu().numpy())
+        truths.append(GTVolume(g.path, [o for o in g.objects if cls is None or o[0] == cls], g.mask))
+    return evaluate_volumes(
+        maps,
+        truths,
+        correct=correct,
+        threshold=cfg.threshold,
+        thresholds=cfg.thresholds,
+        tolerance=cfg.tolerance,
+        name=cfg.method,
+    )
+
+
 __all__ = [
     "POINTING_TOLERANCE_3D",
     "GTVolume",
+    "VolumeEvalConfig",
     "VolumeLocalizationReport",
     "centre_volume",
+    "evaluate_volume_model",
     "evaluate_volumes",
+    "load_scan",
     "mask_boxes",
     "read_volume_boxes",
     "read_volume_mask",
