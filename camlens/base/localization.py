@@ -383,50 +383,58 @@ def draw_boxes(
 # --------------------------------------------------------------------------------------------
 def box_mask(boxes, size: Sequence[int]) -> np.ndarray:
     """``(H, W)`` bool mask of the pixels covered by boxes ``(M, 4)`` ``(x0, y0, x1, y1)`` with
-    exclusive ``x1, y1``: columns ``floor(x0) .. ceil(x1) - 1``, rows likewise, clipped to the image."""
-    h, w = int(size[0]), int(size[1])
-    m = np.zeros((h, w), dtype=bool)
-    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-        if c1 > c0 and r1 > r0:
-            m[r0:r1, c0:c1] = True
+    exclusive ``x1, y1``: columns ``floor(x0) .. ceil(x1) - 1``, rows likewise, clipped to the image.
+    With a ``(D, H, W)`` size, the ``(D, H, W)`` mask of 3-D boxes ``(M, 6)`` ``(x0, y0, z0, x1, y1, z1)``."""
+    dims = tuple(int(v) for v in size)
+    nd = len(dims)
+    if nd not in (2, 3):
+        raise InputError(f"box_mask needs an (H, W) or (D, H, W) size, not {size!r}")
+    m = np.zeros(dims, dtype=bool)
+    for b in np.asarray(boxes, dtype=np.float64).reshape(-1, 2 * nd):
+        # box axis a (x, y, z) is array axis nd - 1 - a
+        lo = [max(0, int(np.floor(b[a]))) for a in range(nd)]
+        hi = [min(dims[nd - 1 - a], int(np.ceil(b[nd + a]))) for a in range(nd)]
+        if all(h > lo_ for lo_, h in zip(lo, hi, strict=True)):
+            m[tuple(slice(lo[a], hi[a]) for a in reversed(range(nd)))] = True
     return m
 
 
 def pointing_game_hit(m: np.ndarray, gt: np.ndarray, tolerance: float) -> bool:
-    r"""Whether map ``m`` ``(h, w)`` points at the object ``gt`` (an ``(H, W)`` bool mask in image pixels).
+    r"""Whether map ``m`` ``(h, w)`` points at the object ``gt`` (an ``(H, W)`` bool mask in image pixels);
+    in 3-D, whether a ``(d, h, w)`` map points at a ``(D, H, W)`` mask (the same protocol in voxels).
 
-        TorchRay's protocol (Fong, Patrick & Vedaldi; the benchmark of Zhang et al., ECCV 2016): the
-        maximum of the map is an integer pixel :math:`p` of the image, and it is a hit when
-        :math:`\min_{q \in \mathrm{GT}} \lVert p - q
-    Vert_2 < \mathrm{tolerance}` over the object's
-        integer pixels, **strictly** below (a peak 11 px right and 11 px down of a box corner is
-        :math:`\sqrt{242} pprox 15.56` px away: a miss at 15). ``tolerance = 0``: the maximum must lie
-        on the object (distance 0 is always a hit). A map smaller than the image maps each pixel to the
-        image pixel holding its centre, ``floor((x + 0.5) W / w)``.
+    TorchRay's protocol (Fong, Patrick & Vedaldi; the benchmark of Zhang et al., ECCV 2016): the
+    maximum of the map is an integer pixel :math:`p` of the image, and it is a hit when
+    :math:`\min_{q \in \mathrm{GT}} \lVert p - q \rVert_2 < \mathrm{tolerance}` over the object's
+    integer pixels, **strictly** below (a peak 11 px right and 11 px down of a box corner is
+    :math:`\sqrt{242} \approx 15.56` px away: a miss at 15). ``tolerance = 0``: the maximum must lie
+    on the object (distance 0 is always a hit). A map smaller than the image maps each pixel to the
+    image pixel holding its centre, ``floor((x + 0.5) W / w)`` (per axis, also in depth).
 
-        **Tied maxima**: a hit when *any* tied maximum hits (Quantus' rule; no randomness, no raster
-        order). A constant map (all zeros, say) points nowhere and is a miss, as is a map that is not
-        finite or an empty ``gt``.
+    **Tied maxima**: a hit when *any* tied maximum hits (Quantus' rule; no randomness, no raster
+    order). A constant map (all zeros, say) points nowhere and is a miss, as is a map that is not
+    finite or an empty ``gt``.
     """
     m = np.asarray(m)
+    if m.ndim != gt.ndim:
+        raise InputError(f"a {m.ndim}-D map cannot point into a {gt.ndim}-D ground truth {gt.shape}")
     if not gt.any() or m.size == 0 or not np.isfinite(m).all():
         return False
     top = m.max()
     if m.min() == top:
         return False
-    ys, xs = np.nonzero(m == top)
-    (h, w), (hh, ww) = m.shape, gt.shape
-    px = np.minimum(((xs + 0.5) * ww / w).astype(np.int64), ww - 1)
-    py = np.minimum(((ys + 0.5) * hh / h).astype(np.int64), hh - 1)
-    if gt[py, px].any():
+    # each tied maximum -> the ground-truth pixel (voxel) holding its centre, axis by axis
+    pts = tuple(
+        np.minimum(((i + 0.5) * big / small).astype(np.int64), big - 1)
+        for i, small, big in zip(np.nonzero(m == top), m.shape, gt.shape, strict=True)
+    )
+    if gt[pts].any():
         return True
     if tolerance <= 0:
         return False
     # the nearest object pixel of every pixel (exact Euclidean distance transform of the background)
-    iy, ix = ndimage.distance_transform_edt(~gt, return_distances=False, return_indices=True)
-    d2 = (iy[py, px] - py) ** 2 + (ix[py, px] - px) ** 2
+    near = ndimage.distance_transform_edt(~gt, return_distances=False, return_indices=True)
+    d2 = sum((near[a][pts] - pts[a]) ** 2 for a in range(gt.ndim))
     return bool((d2 < float(tolerance) ** 2).any())
 
 

@@ -14,7 +14,10 @@ world millimetres (the box's extent in mm too). Existing files are refused befor
 Video files (``.mp4``, ``.avi``, ``.webm``…; needs ``camlens[video]``) go the same way as 16-frame
 clips (:func:`camlens.base.video.read_clip`, resized to 112x112 and Kinetics-normalized): per clip,
 method and target the map ``(T, H, W)`` as ``.npy``, a montage of frames, and a JSON summary with the
-frames' timestamps, the 3-D box ``(x0, y0, t0, x1, y1, t1)``, its time span in seconds and the peak.
+frames' timestamps, the 3-D box ``(x0, y0, t0, x1, y1, t1)``, its time span in seconds, the peak,
+the temporal extent (first and last frame above the threshold, with their times) and the per-frame
+box track (:func:`camlens.base.cliptrack.clip_track`: ``box_xyxy`` in the model's input pixels,
+``box_xyxy_video`` in the video's, ``null`` for a frame with nothing above the threshold).
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str
     from camlens.viz.volume import peak_voxel, volume_figure
 
     stem = _stem(path)
+    video_hw = tuple(int(v) for v in clip.frames.shape[1:3])
     thr = DEFAULT_THRESHOLD if run.threshold is None else run.threshold
     summary: dict[str, Any] = {"video": path, "timestamps_s": [float(t) for t in clip.timestamps], "fps": clip.fps}
     summary |= {"threshold": thr, "methods": {}}
@@ -233,11 +237,24 @@ def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str
                     else None,
                     "peak_frame_yx": [t, y, x],
                     "peak_time_s": float(clip.timestamps[t]),
+                    **_track(m, thr, clip.timestamps, video_hw),
                 }
             )
         summary["methods"][method] = rows
     atomic_write_json(out / f"{stem}.json", summary, overwrite=run.overwrite, indent=2)
     return summary
+
+
+def _track(m, threshold: float, timestamps, video_hw: tuple[int, ...]) -> dict[str, Any]:
+    """The temporal extent and per-frame box track of one clip map, JSON-ready (boxes also in video pixels)."""
+    from camlens.base.cliptrack import clip_track  # imports torch: loaded when a clip is written
+    from camlens.base.localization import scale_boxes
+
+    track = clip_track(m, threshold, timestamps=timestamps)
+    frames = track.to_dict()["frames"]
+    for row, box in zip(frames, scale_boxes(track.boxes, tuple(m.shape[-2:]), video_hw), strict=True):
+        row["box_xyxy_video"] = [int(v) for v in box] if row["box_xyxy"] is not None else None
+    return {"temporal_extent": track.extent.to_dict() if track.extent else None, "track": frames}
 
 
 __all__ = ["ScanRun", "explain_scans", "nifti_inputs"]

@@ -39,7 +39,7 @@ from torch import nn
 from camlens.api.explainer import ExplainRequest, explain, run_request
 from camlens.api.explanation import Explanation
 from camlens.attribution.registry import get_method
-from camlens.base._util import eval_mode
+from camlens.base._util import eval_mode, gaussian_kernel1d
 from camlens.base._util import gaussian_blur as _blur
 from camlens.base.errors import InputError, TargetError
 from camlens.core.engine import model_input
@@ -146,25 +146,31 @@ def resolve_classes(
     return t.classes[:, 0].cpu()
 
 
-def as_maps(maps: Any, n: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Array-like maps -> float32 ``(N, H, W)`` tensor on ``device`` at ``size`` (bilinear resize)."""
+def _maps_shape(size: tuple[int, ...]) -> str:
+    return "(N, H, W)" if len(size) == 2 else "(N, D, H, W)"
+
+
+def as_maps(maps: Any, n: int, size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Array-like maps -> float32 ``(N, H, W)`` tensor on ``device`` at ``size`` (bilinear resize);
+    with a ``(D, H, W)`` size, ``(N, D, H, W)`` volume maps (trilinear resize)."""
+    nd = len(size)
     if isinstance(maps, Explanation):
         maps = maps.maps[:, 0]
     if isinstance(maps, np.ndarray):
         maps = torch.from_numpy(np.ascontiguousarray(maps))
     if not isinstance(maps, torch.Tensor):
         raise InputError(
-            f"maps must be an (N, H, W) tensor or array, an Explanation, a method name or 'random'; "
+            f"maps must be an {_maps_shape(size)} tensor or array, an Explanation, a method name or 'random'; "
             f"got {type(maps).__name__}"
         )
     m = maps.detach()
-    if m.dim() == 4 and m.shape[1] == 1:
+    if m.dim() == nd + 2 and m.shape[1] == 1:
         m = m[:, 0]
-    elif m.dim() == 2 and n == 1:
+    elif m.dim() == nd and n == 1:
         m = m[None]
-    if m.dim() != 3:
-        fix = " Pick one target with maps[:, k]." if m.dim() == 4 else ""
-        raise InputError(f"maps must have shape (N, H, W); got {tuple(m.shape)}.{fix}")
+    if m.dim() != nd + 1:
+        fix = " Pick one target with maps[:, k]." if m.dim() == nd + 2 else ""
+        raise InputError(f"maps must have shape {_maps_shape(size)}; got {tuple(m.shape)}.{fix}")
     if m.shape[0] != n:
         raise InputError(f"{m.shape[0]} maps for {n} images: give one map per image")
     if m.dtype == torch.bool or not m.is_floating_point():
@@ -172,13 +178,14 @@ def as_maps(maps: Any, n: int, size: tuple[int, int], device: torch.device) -> t
     m = m.to(device=device, dtype=torch.float32)
     if not torch.isfinite(m).all():
         raise InputError("maps contain NaN or infinite values; clean them first (torch.nan_to_num)")
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    if tuple(m.shape[1:]) != tuple(size):
+        mode = "bilinear" if nd == 2 else "trilinear"
+        m = F.interpolate(m[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0]
     return m
 
 
 def baseline_maps(
-    name: str, n: int, size: tuple[int, int], device: torch.device, seed: int = 0, cell: int = 32
+    name: str, n: int, size: tuple[int, ...], device: torch.device, seed: int = 0, cell: int = 32
 ) -> torch.Tensor:
     """Baseline maps ``(N, H, W)``.
 
@@ -191,8 +198,13 @@ def baseline_maps(
     * ``"centre"``: ``1 - d / d_max`` with ``d`` the distance of a pixel to the image centre
       ``((H-1)/2, (W-1)/2)``.
 
-    Random maps are drawn on the CPU from ``seed`` (the same maps on every device).
+    Random maps are drawn on the CPU from ``seed`` (the same maps on every device). With a
+    ``(D, H, W)`` size: the same three in 3-D (coarse cells of ``cell`` voxels, trilinear; the
+    distance to the volume's centre), ``(N, D, H, W)``.
     """
+    if len(size) == 3:
+        depth, height, width = (int(v) for v in size)
+        return _baseline_volumes(name, n, (depth, height, width), device, seed, cell)
     h, w = size
     key = name.strip().lower()
     g = torch.Generator().manual_seed(int(seed) + 7919)
@@ -211,8 +223,28 @@ def baseline_maps(
     raise InputError(f"unknown baseline {name!r}; use 'random', 'random_pixels' or 'centre'")
 
 
+def _baseline_volumes(
+    name: str, n: int, size: tuple[int, int, int], device: torch.device, seed: int, cell: int
+) -> torch.Tensor:
+    """:func:`baseline_maps` of volumes ``(N, D, H, W)``."""
+    key = name.strip().lower()
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    if key == "random":
+        coarse = torch.rand(n, 1, *(max(1, math.ceil(s / cell)) for s in size), generator=g)
+        return F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)[:, 0].to(device)
+    if key == "random_pixels":
+        return torch.rand(n, *size, generator=g).to(device)
+    if key in ("centre", "center"):
+        axes = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in size), indexing="ij")
+        d = torch.stack([a.pow(2) for a in axes]).sum(0).sqrt()
+        m = 1 - d / d.max().clamp_min(1e-12)
+        return m.expand(n, *size).clone().to(device)
+    raise InputError(f"unknown baseline {name!r}; use 'random', 'random_pixels' or 'centre'")
+
+
 class Prepared:
-    """``x`` ``(N, C, H, W)``, ``maps`` ``(N, H, W)`` float32 on ``x.device``, ``classes`` ``(N,)``."""
+    """``x`` ``(N, C, H, W)``, ``maps`` ``(N, H, W)`` float32 on ``x.device``, ``classes`` ``(N,)``;
+    for volumes and clips ``x`` ``(N, C, D, H, W)`` and ``maps`` ``(N, D, H, W)``."""
 
     def __init__(
         self,
@@ -243,8 +275,9 @@ class Prepared:
         return int(self.x.shape[0])
 
     @property
-    def size(self) -> tuple[int, int]:
-        return int(self.x.shape[-2]), int(self.x.shape[-1])
+    def size(self) -> tuple[int, ...]:
+        """``(H, W)`` of the inputs, ``(D, H, W)`` of volumes and clips."""
+        return tuple(int(v) for v in self.x.shape[2:])
 
 
 def explain_maps(
@@ -306,7 +339,11 @@ def prepare(
         if model is None and targets is None:
             raise InputError("metrics with targets=None (the top-1 class) need the model")
         classes = resolve_classes(model, x, targets, batch_size)
-    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if x.dim() not in (4, 5):
+        raise InputError(
+            f"metrics take images (N, C, H, W) or volumes and clips (N, C, D, H, W); got inputs {tuple(x.shape)}"
+        )
+    size = tuple(int(v) for v in x.shape[2:])
     if maps is None:
         m = None
     elif isinstance(maps, str):
@@ -356,15 +393,26 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) ->
     (:func:`camlens.base._util.gaussian_blur`).
 
     The defaults (11 taps, :math:`\\sigma = 5`) are those of the RISE insertion metric
-    (Petsiuk et al., BMVC 2018) for 224 x 224 inputs.
+    (Petsiuk et al., BMVC 2018) for 224 x 224 inputs. Volumes and clips ``(N, C, D, H, W)`` are
+    blurred in 3-D: each ``(H, W)`` slice as above, then along ``D`` with the same kernel (reflect
+    padding; replicate when ``D`` is not larger than the kernel's radius).
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise InputError(f"kernel_size must be a positive odd integer, not {kernel_size}")
+    if x.dim() == 5:
+        n, c, d, h, w = x.shape
+        y = _blur(x.transpose(1, 2).reshape(n * d, c, h, w), sigma, kernel_size=kernel_size, mode="reflect")
+        y = y.reshape(n, d, c, h, w).transpose(1, 2)
+        r = kernel_size // 2
+        k = gaussian_kernel1d(kernel_size, sigma, x.device, x.dtype).view(1, 1, -1, 1, 1)
+        y = F.pad(y, (0, 0, 0, 0, r, r), mode="reflect" if d > r else "replicate")
+        return F.conv3d(y, k.expand(c, 1, kernel_size, 1, 1), groups=c)
     return _blur(x, sigma, kernel_size=kernel_size, mode="reflect")
 
 
 def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:
-    """What a removed pixel becomes, ``(N, C, H, W)`` like ``x``.
+    """What a removed pixel becomes, ``(N, C, H, W)`` like ``x`` (or ``(N, C, D, H, W)``: a removed
+    voxel of a volume or clip; ``"blur"`` is then the 3-D blur, ``"mean"`` the mean over the volume).
 
     ``"zero"``: 0 in the model's input space (the dataset mean colour for mean/std-normalized
     inputs; RISE's deletion); ``"blur"``: :func:`gaussian_blur` of the image (RISE's insertion);
@@ -378,7 +426,7 @@ def make_substrate(x: torch.Tensor, substrate: Substrate) -> torch.Tensor:
         if key == "blur":
             return gaussian_blur(x)
         if key == "mean":
-            return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+            return x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x).clone()
         raise InputError(
             f"unknown substrate {substrate!r}; use 'zero', 'blur', 'mean', a number, a tensor or a callable x -> tensor"
         )

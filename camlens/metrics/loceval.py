@@ -81,6 +81,9 @@ POINTING_TOLERANCE = 15
 #: 8-connected inside each (H, W) slice, no connection between slices (thresholds)
 _SLICE_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _SLICE_STRUCTURE[1] = True
+#: 26-connected inside each (D, H, W) volume, no connection between volumes (thresholds)
+_VOLUME_STRUCTURE = np.zeros((3, 3, 3, 3), dtype=bool)
+_VOLUME_STRUCTURE[1] = True
 
 
 class GroundTruthError(CamlensError, ValueError):
@@ -283,9 +286,11 @@ def sweep_components(m: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray,
     element that is 8-connected inside a slice and does not connect slices, so one C call labels
     every threshold. Returns ``(boxes (L, 4), threshold index (L,), largest (L,) bool)`` where
     ``largest`` marks each threshold's largest component (ties: more mass, then raster order), the
-    same choice as :func:`camlens.base.localization.localize`.
+    same choice as :func:`camlens.base.localization.localize`. A volume map ``(D, H, W)`` gives
+    the 26-connected components of each threshold and boxes ``(L, 6)`` ``(x0, y0, z0, x1, y1, z1)``.
     """
-    empty = np.zeros((0, 4), np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+    nd = m.ndim
+    empty = np.zeros((0, 2 * nd), np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     peak = m.max() if m.size else 0.0
     if not np.isfinite(m).all() or peak <= 0:
         return empty
@@ -297,13 +302,15 @@ def sweep_components(m: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray,
     nz = uniq > 0
     if not nz.any():
         return empty
-    vol = m[None] > cuts[first_t[nz], None, None]
-    labels, n = ndimage.label(vol, structure=_SLICE_STRUCTURE)
+    vol = m[None] > cuts[first_t[nz]].reshape(-1, *(1,) * nd)
+    labels, n = ndimage.label(vol, structure=_SLICE_STRUCTURE if nd == 2 else _VOLUME_STRUCTURE)
     flat = labels.ravel()
     areas = np.bincount(flat, minlength=n + 1)[1:]
     mass = np.bincount(flat, weights=np.broadcast_to(m, vol.shape).ravel(), minlength=n + 1)[1:]
     sl = ndimage.find_objects(labels)
-    boxes = np.array([(s[2].start, s[1].start, s[2].stop, s[1].stop) for s in sl], dtype=np.int64)
+    boxes = np.array([(*(a.start for a in s[:0:-1]), *(a.stop for a in s[:0:-1])) for s in sl], dtype=np.int64).reshape(
+        -1, 2 * nd
+    )  # x first: (x0, y0, x1, y1) or (x0, y0, z0, x1, y1, z1)
     uidx = np.array([s[0].start for s in sl], dtype=np.int64)  # index among the distinct masks
     order = np.lexsort((np.arange(n), -mass, -areas, uidx))  # by mask, then area, mass, label
     first = np.ones(n, dtype=bool)
@@ -358,6 +365,10 @@ class LocalizationReport:
     per_image_iou: np.ndarray | None = None
     top1_note: str = ""  # why top-1 loc. is n/a, when it is
 
+    #: what the table counts and the pointing tolerance's unit (volumes: "volumes", "voxels")
+    ITEMS: ClassVar[str] = "images"
+    UNIT: ClassVar[str] = "px"
+
     LABELS: ClassVar[dict[str, str]] = {
         "top1_loc": "top-1 loc. acc. (class & IoU>=0.5)",
         "gt_known_loc": "GT-known loc. acc. (IoU>=0.5)",
@@ -372,7 +383,7 @@ class LocalizationReport:
         rows = []
         for k, label in self.LABELS.items():
             if k == "pointing_game":
-                label = f"pointing game (tol. {self.tolerance:g} px)"
+                label = f"pointing game (tol. {self.tolerance:g} {self.UNIT})"
             a, b = self.metrics[k], self.baseline[k]
             fmt = (
                 (lambda v: "n/a" if v != v else f"{v:.3f}")
@@ -384,7 +395,8 @@ class LocalizationReport:
         w1 = max(len(self.name), 8)
         head = f"{'metric':<{w0}}  {self.name:>{w1}}  {'centre baseline':>15}"
         lines = [
-            f"{self.n} images, threshold {self.threshold:g} of the max (best for MaxBoxAcc: {self.best_threshold:g})",
+            f"{self.n} {self.ITEMS}, threshold {self.threshold:g} of the max "
+            f"(best for MaxBoxAcc: {self.best_threshold:g})",
             head,
             "-" * len(head),
         ]

@@ -18,6 +18,12 @@ trapezoid rule, normalized by the length of the fraction axis so that it lies in
 
 A faithful map gives a *low* deletion AUC (the probability falls as soon as the important pixels
 go) and a *high* insertion AUC. All channels of a pixel are removed or inserted together.
+
+**Volumes and clips** ``(N, C, D, H, W)`` with maps ``(N, D, H, W)``: the same curves over voxels
+(:math:`n_k = \mathrm{round}(kDHW/S)`, one ranking of all voxels of the volume, ties broken as for
+pixels); the ``"blur"`` substrate is the 3-D Gaussian blur of
+:func:`camlens.metrics.gaussian_blur` (the 11-tap :math:`\sigma = 5` kernel along depth too),
+``"mean"`` each volume's per-channel mean, ``"zero"`` 0 as for images.
 """
 
 from __future__ import annotations
@@ -128,17 +134,17 @@ def _curve(
         explain_options=explain_options,
     )
     x, classes = prep.x, prep.classes
-    n, _, h, w = x.shape
+    n, size = x.shape[0], prep.size  # (H, W), or (D, H, W) for volumes and clips
     fractions = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    counts = removed_counts(h * w, fractions).to(x.device)
-    rank = pixel_rank(prep.maps, seed).view(n, 1, h, w)
+    counts = removed_counts(prep.maps[0].numel(), fractions).to(x.device)
+    rank = pixel_rank(prep.maps, seed).view(n, 1, *size)
     items = [(i, k) for i in range(n) for k in range(steps + 1)]
     sub = make_substrate(x, substrate)  # (N, C, H, W), like x
 
     def make(chunk: list[tuple[int, Any]]) -> torch.Tensor:
         idx = torch.tensor([i for i, _ in chunk], device=x.device)
         ks = counts[torch.tensor([k for _, k in chunk], device=x.device)]
-        changed = rank[idx] < ks.view(-1, 1, 1, 1)  # (B, 1, H, W): the top-n_k pixels
+        changed = rank[idx] < ks.view(-1, *(1,) * (x.dim() - 1))  # (B, 1, H, W): the top-n_k pixels
         s = sub[idx]
         if kind == "deletion":
             return torch.where(changed, s, x[idx])
@@ -165,8 +171,9 @@ def deletion_curve(
 
     Args:
         model: the classifier (left untouched: eval mode inside, flags restored).
-        inputs: a preprocessed ``(N, C, H, W)`` tensor, or images (paths, arrays…).
-        maps: ``(N, H, W)`` maps, an Explanation, a method name or ``"random"``.
+        inputs: a preprocessed ``(N, C, H, W)`` tensor, or images (paths, arrays…); volumes or
+            clips ``(N, C, D, H, W)``.
+        maps: ``(N, H, W)`` maps (``(N, D, H, W)`` for volumes), an Explanation, a method name or ``"random"``.
         targets: class per image (default: top-1 of the clean image).
         steps: number of removal steps ``S`` (``S + 1`` points, ``S + 1`` forwards per image).
         substrate: what removed pixels become (see :func:`camlens.metrics.make_substrate`).

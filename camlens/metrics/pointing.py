@@ -19,6 +19,11 @@ Ground truth ``gt``: ``(N, H, W)`` masks (non-zero = object), ``(N, 4)`` boxes, 
 one entry per image, each a box ``(4,)``, several boxes ``(M, 4)`` (their union) or a mask.
 Boxes are ``(x0, y0, x1, y1)`` in input pixels with exclusive ``x1, y1`` (like
 :func:`camlens.localize`); they are clipped to the image.
+
+**Volumes and clips** ``(N, C, D, H, W)`` with maps ``(N, D, H, W)``: the same two games in voxels
+(the one :func:`camlens.base.localization.pointing_game_hit`; ``tolerance`` in voxels, the distance
+Euclidean over ``(z, y, x)``), with ground truth ``(N, D, H, W)`` masks, ``(N, 6)`` boxes
+``(x0, y0, z0, x1, y1, z1)`` or a per-volume list of ``(M, 6)`` boxes or ``(D, H, W)`` masks.
 """
 
 from __future__ import annotations
@@ -35,31 +40,38 @@ from camlens.base.localization import box_mask, pointing_game_hit
 from camlens.metrics._common import MapsLike, baseline_maps, prepare
 
 
-def _boxes_to_mask(boxes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def _boxes_to_mask(boxes: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
+    width = 2 * len(size)
     for b in np.atleast_2d(boxes):
-        if len(b) != 4:
-            raise InputError(f"a box must be (x0, y0, x1, y1); got {list(b)}")
-        x0, y0, x1, y1 = (float(v) for v in b)
-        if not all(np.isfinite([x0, y0, x1, y1])) or x1 < x0 or y1 < y0:
-            raise InputError(f"invalid box {list(b)}: need x0 <= x1 and y0 <= y1 (exclusive ends)")
+        if len(b) != width:
+            what = "(x0, y0, x1, y1)" if width == 4 else "(x0, y0, z0, x1, y1, z1)"
+            raise InputError(f"a box must be {what}; got {list(b)}")
+        lo, hi = (float(v) for v in b[: width // 2]), (float(v) for v in b[width // 2 :])
+        if not np.isfinite(b.astype(np.float64)).all() or any(h < lo_ for lo_, h in zip(lo, hi, strict=True)):
+            raise InputError(f"invalid box {list(b)}: need each start <= its end (exclusive ends)")
     return torch.from_numpy(box_mask(np.atleast_2d(boxes), size))
 
 
-def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
-    """Ground truth (masks, boxes or a per-image list of them) -> ``(N, H, W)`` bool on the CPU."""
+def gt_masks(gt: Any, n: int, size: tuple[int, ...]) -> torch.Tensor:
+    """Ground truth (masks, boxes or a per-image list of them) -> ``(N, H, W)`` bool on the CPU;
+    with a ``(D, H, W)`` size, ``(N, D, H, W)`` from 3-D masks or ``(x0, y0, z0, x1, y1, z1)`` boxes."""
     if gt is None:
-        raise InputError("the pointing game needs ground truth: pass gt= boxes (N, 4) or masks (N, H, W)")
-    h, w = size
+        raise InputError(
+            "the pointing game needs ground truth: pass gt= boxes (N, 4) or masks (N, H, W) "
+            "(volumes: boxes (N, 6) or masks (N, D, H, W))"
+        )
+    size = tuple(int(v) for v in size)
+    nd, width = len(size), 2 * len(size)
     if isinstance(gt, torch.Tensor):
         gt = gt.detach().cpu().numpy()
     if isinstance(gt, np.ndarray) and gt.dtype != object:
-        if gt.ndim == 3 and gt.shape[1:] == (h, w):
+        if gt.ndim == nd + 1 and gt.shape[1:] == size:
             if gt.shape[0] != n:
                 raise InputError(f"{gt.shape[0]} ground-truth masks for {n} images")
             return torch.from_numpy(gt != 0)
-        if gt.ndim == 2 and gt.shape == (h, w) and n == 1:
+        if gt.ndim == nd and gt.shape == size and n == 1:
             return torch.from_numpy(gt != 0)[None]
-        if gt.ndim == 2 and gt.shape[1] == 4:
+        if gt.ndim == 2 and gt.shape[1] == width:
             if gt.shape[0] != n:
                 raise InputError(
                     f"{gt.shape[0]} ground-truth boxes for {n} images: give one per image, "
@@ -67,8 +79,8 @@ def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
                 )
             return torch.stack([_boxes_to_mask(b, size) for b in gt])
         raise InputError(
-            f"ground truth of shape {gt.shape} fits neither (N, 4) boxes nor (N, {h}, {w}) masks at the "
-            "input resolution"
+            f"ground truth of shape {gt.shape} fits neither (N, {width}) boxes nor (N, {', '.join(map(str, size))}) "
+            "masks at the input resolution"
         )
     items = list(gt)
     if len(items) != n:
@@ -76,12 +88,12 @@ def gt_masks(gt: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
     out = []
     for k, g in enumerate(items):
         a = g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
-        if a.ndim == 2 and a.shape == (h, w):
+        if a.ndim == nd and a.shape == size:
             out.append(torch.from_numpy(a != 0))
-        elif a.size and a.shape[-1] == 4 and a.ndim <= 2:
+        elif a.size and a.shape[-1] == width and a.ndim <= 2:
             out.append(_boxes_to_mask(a.astype(np.float64), size))
         else:
-            raise InputError(f"ground truth of image {k} has shape {a.shape}: give boxes (M, 4) or an ({h}, {w}) mask")
+            raise InputError(f"ground truth of image {k} has shape {a.shape}: give boxes (M, {width}) or a {size} mask")
     return torch.stack(out)
 
 
@@ -140,9 +152,10 @@ def pointing_game(
 
 
 def centre_baseline(
-    gt: Any, size: tuple[int, int], n: int | None = None, *, tolerance: float = 15, seed: int = 0
+    gt: Any, size: tuple[int, ...], n: int | None = None, *, tolerance: float = 15, seed: int = 0
 ) -> torch.Tensor:
-    """Hits ``(N,)`` of the centre baseline (always point at the image centre) for ``gt``."""
+    """Hits ``(N,)`` of the centre baseline (always point at the image centre) for ``gt``; a
+    ``(D, H, W)`` size: the volume's centre voxel(s)."""
     if n is None:
         n = len(gt)
     m = baseline_maps("centre", n, size, torch.device("cpu"))
@@ -176,7 +189,13 @@ def energy_pointing_game(
     )
     masks = gt_masks(gt, prep.n, prep.size)
     _check_nonempty(masks)
-    e = prep.maps.double().clamp_min(0).flatten(1).cpu()
+    return energy_share(prep.maps, masks)
+
+
+def energy_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` share of each map's positive energy inside its mask (any number of spatial axes);
+    a map without positive energy gets the mask's area fraction."""
+    e = maps.double().clamp_min(0).flatten(1).cpu()
     inside = masks.flatten(1).double()
     total = e.sum(dim=1)
     share = (e * inside).sum(dim=1) / total.clamp_min(1e-300)

@@ -22,6 +22,14 @@ the target class on the imputed image. A faithful map gives a *low* MoRF curve (
 points at hurts) and a *high* LeRF curve (removing what it ignores does not). :func:`road`
 averages a curve over the percentages; ``order="combined"`` gives :math:`(\mathrm{LeRF} -
 \mathrm{MoRF})/2`, higher is better.
+
+**Volumes and clips** ``(N, C, D, H, W)`` (maps ``(N, D, H, W)``): the same system over voxels. The
+2-D weights are :math:`1 / (6 \lVert d \rVert^2)` for a neighbour at offset :math:`d`; camlens keeps
+that rule in 3-D (ROAD defines no volume version): with ``neighbourhood=26`` (default) a removed voxel
+is tied to its 6 face neighbours (weight :math:`1/6`), 12 edge neighbours (:math:`1/12`) and 8
+corner neighbours (:math:`1/18`); with ``neighbourhood=6`` to its 6 face neighbours only
+(:math:`1/6` each). A single removed voxel with every neighbour kept is thus their weighted mean
+(the plain mean with 6). On a volume of depth 1 the 26-neighbourhood system is the 2-D one exactly.
 """
 
 from __future__ import annotations
@@ -50,32 +58,51 @@ NEIGHBOURS = (
     (1, -1, 1 / 12),
     (1, 1, 1 / 12),
 )
+
+
+def _offsets_3d(neighbourhood: int) -> tuple[tuple[int, int, int, float], ...]:
+    """``(dz, dy, dx, weight)`` of a voxel's neighbours: the in-plane ones first, in the order and with
+    the weights of :data:`NEIGHBOURS`, then the slices above and below; weight ``1 / (6 |d|^2)``."""
+    if neighbourhood == 6:
+        return (*tuple((0, dy, dx, w) for dy, dx, w in NEIGHBOURS[:4]), (-1, 0, 0, 1 / 6), (1, 0, 0, 1 / 6))
+    ring = [(0, 0)] + [(dy, dx) for dy, dx, _ in NEIGHBOURS]
+    out = [(0, dy, dx, w) for dy, dx, w in NEIGHBOURS]
+    out += [(dz, dy, dx, 1 / (6 * (1 + dy * dy + dx * dx))) for dz in (-1, 1) for dy, dx in ring]
+    return tuple(out)
+
+
+#: ``(dz, dy, dx, weight)`` of the 26 neighbours of a voxel (faces 1/6, edges 1/12, corners 1/18)
+NEIGHBOURS_26 = _offsets_3d(26)
+#: the 6 face neighbours of a voxel, 1/6 each
+NEIGHBOURS_6 = _offsets_3d(6)
 RIDGE = 1e-8
 DEFAULT_PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def _impute_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """Linear imputation of one ``(C, H, W)`` float64 image; ``removed`` ``(H, W)`` bool."""
-    c, h, w = img.shape
+def _impute_one(img: np.ndarray, removed: np.ndarray, offsets=None) -> np.ndarray:
+    """Linear imputation of one ``(C, H, W)`` float64 image; ``removed`` ``(H, W)`` bool. A volume
+    ``(C, D, H, W)`` with ``removed`` ``(D, H, W)`` and ``offsets`` ``(dz, dy, dx, weight)`` rows."""
+    offsets = tuple((dy, dx, w) for dy, dx, w in NEIGHBOURS) if offsets is None else offsets
+    c, shape = img.shape[0], removed.shape
     miss = removed.reshape(-1)
     n = int(miss.sum())
     out = img.reshape(c, -1).copy()
     if n == 0:
-        return out.reshape(c, h, w)
+        return out.reshape(img.shape)
     unknown = np.nonzero(miss)[0]
-    index = np.full(h * w, -1, dtype=np.int64)
+    index = np.full(miss.size, -1, dtype=np.int64)
     index[unknown] = np.arange(n)
-    ys, xs = np.divmod(unknown, w)
+    coords = np.unravel_index(unknown, shape)
     known = ~miss
     mu = out[:, known].mean(axis=1) if known.any() else np.zeros(c)
     diag = np.full(n, RIDGE)
     rhs = np.tile(RIDGE * mu, (n, 1))  # (n, C)
     rows, cols, vals = [], [], []
-    for dy, dx, wt in NEIGHBOURS:
-        yy, xx = ys + dy, xs + dx
-        ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    for *step, wt in offsets:
+        moved = [p + d for p, d in zip(coords, step, strict=True)]
+        ok = np.logical_and.reduce([(q >= 0) & (q < size) for q, size in zip(moved, shape, strict=True)])
         i = np.nonzero(ok)[0]
-        j = yy[ok] * w + xx[ok]
+        j = np.ravel_multi_index(tuple(q[ok] for q in moved), shape)
         diag[i] += wt
         unk = miss[j]
         rows.append(i[unk])
@@ -89,7 +116,20 @@ def _impute_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
     a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
     sol = spla.splu(a).solve(np.ascontiguousarray(rhs))
     out[:, unknown] = sol.T
-    return out.reshape(c, h, w)
+    return out.reshape(img.shape)
+
+
+def _neighbourhood(spatial_dims: int, neighbourhood: int | None):
+    """The offsets for images (8 neighbours) or volumes (26 by default, or 6)."""
+    if spatial_dims == 2:
+        if neighbourhood not in (None, 8):
+            raise InputError(
+                f"images are imputed from their 8 neighbours; neighbourhood={neighbourhood} is for volumes"
+            )
+        return None
+    if neighbourhood not in (None, 6, 26):
+        raise InputError(f"a voxel is imputed from its 26 (default) or 6 neighbours, not {neighbourhood!r}")
+    return NEIGHBOURS_6 if neighbourhood == 6 else NEIGHBOURS_26
 
 
 def noisy_linear_imputation(
@@ -98,27 +138,34 @@ def noisy_linear_imputation(
     *,
     noise: float = 0.01,
     seed: int | torch.Generator = 0,
+    neighbourhood: int | None = None,
 ) -> torch.Tensor:
     """Impute the ``removed`` pixels of ``x`` (see the module docstring).
 
     Args:
-        x: ``(N, C, H, W)`` (or ``(C, H, W)``) images in the model's input space.
-        removed: ``(N, H, W)`` (or ``(H, W)``) bool, True where a pixel is removed (all channels).
+        x: ``(N, C, H, W)`` (or ``(C, H, W)``) images in the model's input space; volumes or clips
+            ``(N, C, D, H, W)``.
+        removed: ``(N, H, W)`` (or ``(H, W)``) bool, True where a pixel is removed (all channels);
+            ``(N, D, H, W)`` for volumes.
         noise: standard deviation of the Gaussian noise added to the imputed pixels (0: none).
         seed: seed or CPU generator of that noise.
+        neighbourhood: volumes only: impute a voxel from its 26 neighbours (default) or its 6 face
+            neighbours (see the module docstring); images always use their 8.
 
     Returns:
         A new tensor like ``x``: kept pixels unchanged, removed ones imputed.
     """
     single = x.dim() == 3
     xb = x[None] if single else x
-    rb = removed[None] if removed.dim() == 2 else removed
-    if xb.dim() != 4 or rb.shape != (xb.shape[0], *xb.shape[-2:]):
+    rb = removed[None] if removed.dim() == xb.dim() - 2 else removed
+    nd = xb.dim() - 2
+    if xb.dim() not in (4, 5) or rb.shape != (xb.shape[0], *xb.shape[2:]):
         raise InputError(f"removed mask {tuple(removed.shape)} does not match images {tuple(x.shape)}")
+    offsets = _neighbourhood(nd, neighbourhood)
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     imgs = xb.detach().double().cpu().numpy()
     masks = rb.detach().bool().cpu().numpy()
-    out = np.stack([_impute_one(im, m) for im, m in zip(imgs, masks, strict=True)])
+    out = np.stack([_impute_one(im, m, offsets) for im, m in zip(imgs, masks, strict=True)])
     res = torch.from_numpy(out)
     if noise:
         eps = torch.randn(res.shape, generator=g, dtype=torch.float64) * float(noise)
@@ -192,11 +239,13 @@ def road_curves(
     seed: int = 0,
     preprocess=None,
     explain_options: dict[str, Any] | ExplainRequest | None = None,
+    neighbourhood: int | None = None,
 ) -> RoadResult:
     """MoRF and LeRF curves with noisy linear imputation, ``percentages`` as fractions in [0, 1].
 
     ``orders`` may restrict the work to ``("morf",)`` or ``("lerf",)`` (the other curve then has
-    shape ``(N, 0)``). Other arguments as :func:`camlens.metrics.deletion_curve`.
+    shape ``(N, 0)``). ``neighbourhood``: for volumes, 26 (default) or 6 neighbours per voxel.
+    Other arguments as :func:`camlens.metrics.deletion_curve`.
     """
     if model is None:
         raise InputError("ROAD needs the model to score the imputed images")
@@ -215,19 +264,27 @@ def road_curves(
         explain_options=explain_options,
     )
     x, classes = prep.x, prep.classes
-    n, _, h, w = x.shape
-    counts = removed_counts(h * w, pct)
-    rank = pixel_rank(prep.maps, seed).view(n, h, w).cpu()
+    n, size = x.shape[0], prep.size  # (H, W), or (D, H, W) for volumes and clips
+    total = prep.maps[0].numel()
+    counts = removed_counts(total, pct)
+    rank = pixel_rank(prep.maps, seed).view(n, *size).cpu()
+    offsets = _neighbourhood(len(size), neighbourhood)  # checked before any forward
     items = [(i, (o, j)) for i in range(n) for o in orders for j in range(len(pct))]
 
     def make(chunk):
         out = []
         for i, (o, j) in chunk:
             k = int(counts[j])
-            removed = rank[i] < k if o == "morf" else rank[i] >= h * w - k
+            removed = rank[i] < k if o == "morf" else rank[i] >= total - k
             # the noise depends on (seed, order, percentage), not on the image's place in the batch
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + (o == "lerf") * 104_729 + j)
-            out.append(noisy_linear_imputation(x[i], removed, noise=noise, seed=g))
+            if offsets is None:
+                out.append(noisy_linear_imputation(x[i], removed, noise=noise, seed=g))
+            else:  # a volume: batch of one (a (C, D, H, W) tensor alone would read as four images)
+                vol = x[i : i + 1]
+                out.append(
+                    noisy_linear_imputation(vol, removed[None], noise=noise, seed=g, neighbourhood=neighbourhood)[0]
+                )
         return torch.stack(out)
 
     probs = scored_batches(model, items, make, classes, batch_size)

@@ -24,6 +24,10 @@ stay plausible, so no layer saturates or overflows; a constant tensor stays cons
 also re-setting batch-norm statistics). Draws come from a CPU generator seeded by ``seed`` and the
 step, so a cascade is reproducible on any device and ``mode="independent"`` (only one unit random
 at a time) uses the same draws.
+
+3-D models (volumes and clips ``(N, C, D, H, W)``) go the same way: their maps ``(N, D, H, W)`` are
+compared over all voxels (Spearman of the voxel ranks; SSIM with the Gaussian window along each of
+the three axes, :func:`camlens.metrics.ssim`).
 """
 
 from __future__ import annotations
@@ -259,7 +263,7 @@ def sanity_randomization(
 
     Args:
         model: the classifier; it is deep-copied, never modified.
-        inputs: a preprocessed ``(N, C, H, W)`` tensor or images.
+        inputs: a preprocessed ``(N, C, H, W)`` tensor or images, or volumes / clips ``(N, C, D, H, W)``.
         method: one method name or a list (computed from one shared pass per step).
         targets: class per image, fixed across steps (default: the original model's top-1).
         layers: unit names to randomize, top-down (default: :func:`randomization_layers`).

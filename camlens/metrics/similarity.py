@@ -11,7 +11,8 @@ r"""Similarity of two sets of maps, and class sensitivity.
   .. math:: \mathrm{SSIM} = \mathrm{mean}\,\frac{(2\mu_a\mu_b + C_1)(2\sigma_{ab} + C_2)}
             {(\mu_a^2 + \mu_b^2 + C_1)(\sigma_a^2 + \sigma_b^2 + C_2)}.
 
-  Maps smaller than the window use a window of their size.
+  Maps smaller than the window use a window of their size. Volume maps ``(N, D, H, W)`` use the
+  same window along each of the three axes (for the sanity check of 3-D models).
 * :func:`class_sensitivity` — how similar the maps of two *different* classes on the same image
   are (a map that ignores the class is not explaining the decision); lower is better.
 """
@@ -45,11 +46,13 @@ def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         a = a[None]
     if b.dim() == 2:
         b = b[None]
-    if a.shape != b.shape or a.dim() != 3:
+    if a.shape != b.shape or a.dim() not in (3, 4):
         raise InputError(
-            f"maps to compare must both be (N, H, W) with equal shapes; got {tuple(a.shape)} and {tuple(b.shape)}"
+            "maps to compare must both be (N, H, W) (or volumes (N, D, H, W)) with equal shapes; "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    ca, cb = is_constant(a), is_constant(b).to(a.device)
+    dims = tuple(range(1, a.dim()))
+    ca, cb = is_constant(a, dims), is_constant(b, dims).to(a.device)
     return a.double(), b.to(a.device).double(), ca, cb
 
 
@@ -105,6 +108,8 @@ def ssim(
     """SSIM of each map pair ``(N, H, W)`` -> ``(N,)`` (see the module docstring). ``normalize``:
     min-max normalize each map to [0, 1] first (constant maps become zeros)."""
     a, b, _, _ = _pair(a, b)
+    if a.dim() == 4:
+        return _ssim_3d(a, b, normalize=normalize, window=window, sigma=sigma)
     if normalize:
         a, b = minmax(a).double(), minmax(b).double()
     h, w = a.shape[-2:]
@@ -121,6 +126,26 @@ def ssim(
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
     return s.flatten(1).mean(dim=1).float().cpu()
+
+
+def _ssim_3d(a: torch.Tensor, b: torch.Tensor, *, normalize: bool, window: int, sigma: float) -> torch.Tensor:
+    """:func:`ssim` of volume maps ``(N, D, H, W)``: the same statistics over a separable 3-D
+    Gaussian window (``min(window, side)`` taps per axis), averaged over the valid positions."""
+    if normalize:
+        dims = (1, 2, 3)
+        a, b = minmax(a, dims).double(), minmax(b, dims).double()
+    stack = torch.stack([a, b, a * a, b * b, a * b], dim=1).flatten(0, 1)[:, None]  # (5N, 1, D, H, W)
+    for axis, side in enumerate(a.shape[1:]):
+        k = min(window, side)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k
+        stack = F.conv3d(stack, gaussian_kernel1d(k, sigma, a.device, torch.float64).view(shape))
+    f = stack[:, 0].view(a.shape[0], 5, -1)
+    mu_a, mu_b = f[:, 0], f[:, 1]
+    saa, sbb, sab = f[:, 2] - mu_a**2, f[:, 3] - mu_b**2, f[:, 4] - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    return s.mean(dim=1).float().cpu()
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, kind: str = "spearman_abs") -> torch.Tensor:
