@@ -1,0 +1,258 @@
+"""Volumes and clips through the dataset pipeline into the result store.
+
+Oracles: ``camlens.explain`` on each volume alone (the stored maps equal its maps, Grad-CAM and
+saliency, on NIfTI scans of three shapes with rotated anisotropic affines); ``camlens.localize``
+and :meth:`~camlens.base.nifti.Volume.world_box` on those maps (the table's 3-D boxes); an
+uninterrupted run's store (an interrupted run resumed, and a store with a damaged map chunk run
+again, equal it file for file); nibabel reading back the NIfTI export (the scan's affine and grid).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import camlens
+from camlens.base.errors import InputError, StoreError
+from camlens.base.nifti import read_nifti
+from camlens.pipeline import open_results
+from camlens.pipeline import store as store_mod
+from camlens.pipeline.volumes import VolumeReader, shape_batches
+from camlens.targets import Classes
+
+nib = pytest.importorskip("nibabel")
+
+#: (i, j, k) file shapes: two of one shape, one of another, one of a third (D, H, W differ)
+SHAPES = [(16, 18, 20), (16, 18, 20), (20, 16, 18), (18, 20, 16)]
+THRESHOLD = 0.5
+
+
+def affine(n: int) -> np.ndarray:
+    """A rotated, translated, anisotropic voxel -> mm affine, another per scan."""
+    a = math.radians(15 + 10 * n)
+    rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.8, 1.5, 3.0])
+    aff[:3, 3] = [-40.0 + n, 12.5, 70.0 - 2 * n]
+    return aff
+
+
+def write_scans(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for n, shape in enumerate(SHAPES):
+        data = rng.uniform(0, 0.3, shape).astype(np.float32)
+        i, j, k = (3 + 2 * n, 4 + n, 5 + 2 * n)  # a bright blob, elsewhere in each scan
+        data[i : i + 4, j : j + 5, k : k + 3] += 2.0
+        p = folder / f"scan{n}.nii.gz"
+        nib.Nifti1Image(data, affine(n)).to_filename(str(p))
+        paths.append(p)
+    return paths
+
+
+def net3d() -> nn.Module:
+    """A 3-D CNN with positive weights: on positive inputs every feature, gradient and map is
+    positive, so Grad-CAM and saliency are far from zero on any CPU (no degenerate oracle)."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 5, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.05)
+    return net.eval()
+
+
+KW = dict(targets=Classes((0, 2)), batch_size=2, num_workers=0, progress=False, threshold=THRESHOLD)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("scans") / "in"
+    write_scans(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pristine(scans, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "st"
+    camlens.explain_dataset(net3d(), str(scans), ["gradcam", "saliency"], out=out, **KW)
+    return out
+
+
+def test_stored_maps_equal_explain_per_volume_and_boxes_equal_localize(scans, pristine):
+    res = open_results(pristine)
+    t = res.table
+    assert len(t) == len(SHAPES) * 2 * 2 and res.complete and not res.failed
+    assert res.maps("gradcam").shape == (4, 2, 20, 20, 20)  # padded to the largest D, H and W
+    net = net3d()
+    boxes_smaller = 0
+    for n, shape in enumerate(SHAPES):
+        vol = read_nifti(scans / f"scan{n}.nii.gz")
+        exps = camlens.explain(net, vol.tensor(), ["gradcam", "saliency"], targets=Classes((0, 2)))
+        for method, exp in exps.items():
+            rows = t[(t.image_id == n) & (t.method == method)].sort_values("rank")
+            assert rows.class_id.tolist() == [0, 2]
+            for k, (_, row) in enumerate(rows.iterrows()):
+                want = exp.maps[0, k].numpy()
+                got = res.map(row)
+                assert got.shape == shape[::-1] and want.max() > 1e-3 * max(1.0, float(np.abs(want).max()))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+                assert (row.depth, row.height, row.width) == shape[::-1]
+                box = camlens.localize(want, THRESHOLD, spatial_dims=3)
+                assert [row[c] for c in ("x0", "y0", "z0", "x1", "y1", "z1")] == box.tolist()
+                boxes_smaller += int((box[3:] - box[:3] < np.array(shape)).any())
+                world = vol.world_box(box).reshape(-1)
+                np.testing.assert_allclose([row[f"world_{c}"] for c in ("x0", "y0", "z0", "x1", "y1", "z1")], world)
+                np.testing.assert_allclose(row.affine, affine(n).reshape(-1))
+                np.testing.assert_allclose(row.spacing, [0.8, 1.5, 3.0])
+                assert row.timestamps is None
+    assert boxes_smaller >= 8  # the boxes are not the whole volume: the comparison is not vacuous
+
+
+def test_a_nifti_export_lies_in_the_scans_space(scans, pristine, tmp_path):
+    res = open_results(pristine)
+    t = res.table
+    row = t[(t.image_id == 2) & (t.method == "gradcam")].iloc[0]
+    p = res.to_nifti(row, tmp_path / "m.nii.gz")
+    img = nib.load(str(p))
+    assert img.shape == SHAPES[2]
+    np.testing.assert_allclose(img.affine, affine(2), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), res.map(row).transpose(2, 1, 0))
+    with pytest.raises(camlens.CamlensError, match="overwrite"):
+        res.to_nifti(row, p)
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    skip = {"run.json", "index.json"}  # times and the runs' history
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def _same_store(a: Path, b: Path) -> None:
+    ra, rb = open_results(a), open_results(b)
+    assert ra.table.equals(rb.table)
+    for m in ("gradcam", "saliency"):
+        np.testing.assert_array_equal(ra.maps(m)[:], rb.maps(m)[:])
+    fa, fb = _files(a), _files(b)
+    maps_a = {k: v for k, v in fa.items() if k.startswith("maps.zarr")}
+    assert maps_a == {k: v for k, v in fb.items() if k.startswith("maps.zarr")}  # bit for bit
+    assert fa["results.parquet"] == fb["results.parquet"]
+
+
+def test_an_interrupted_run_resumed_equals_the_uninterrupted_store(scans, pristine, tmp_path, monkeypatch):
+    out = tmp_path / "st"
+    real = store_mod.atomic_write_bytes
+    calls = []
+
+    def killed_at_the_second_commit(path, data, **kw):
+        if path.name.startswith("part-"):
+            calls.append(path.name)
+            if len(calls) == 2:  # its maps are written, its table chunk is not: a crash mid-batch
+                raise KeyboardInterrupt
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", killed_at_the_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        camlens.explain_dataset(net3d(), str(scans), ["gradcam", "saliency"], out=out, **KW)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", real)
+    assert len(list((out / "chunks").glob("part-*"))) == 1
+    res = camlens.explain_dataset(net3d(), str(scans), ["gradcam", "saliency"], out=out, **KW)
+    assert res.stats.skipped == 2 and res.stats.computed == 2
+    _same_store(out, pristine)
+
+
+def test_a_damaged_map_chunk_is_refused_then_recomputed(scans, pristine, tmp_path):
+    import shutil
+
+    out = tmp_path / "st"
+    shutil.copytree(pristine, out)
+    chunk = out / "maps.zarr" / "saliency" / "c" / "3" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    res = open_results(out)
+    with pytest.raises(StoreError, match="again"):
+        res.map(len(res.table) - 1)  # image 3's saliency row
+    again = camlens.explain_dataset(net3d(), str(scans), ["gradcam", "saliency"], out=out, **KW)
+    assert again.stats.computed == 1 and again.stats.skipped == 3
+    _same_store(out, pristine)
+
+
+def test_large_volumes_are_chunked_in_slabs_and_checked_slab_by_slab(scans, tmp_path, monkeypatch):
+    assert store_mod.MAX_CHUNK_BYTES == 64 * 2**20
+    assert store_mod.map_chunks((4, 2, 20, 18, 20), 4) == (1, 2, 20, 18, 20)
+    assert store_mod.map_chunks((4, 2, 20, 18, 20), 4, limit=2 * 18 * 20 * 4 * 3) == (1, 2, 3, 18, 20)
+    assert store_mod.map_chunks((4, 2, 18, 20), 4, limit=1) == (1, 2, 18, 20)  # images: one chunk each
+    whole = camlens.explain_dataset(net3d(), str(scans), "gradcam", out=tmp_path / "whole", **KW)
+    monkeypatch.setattr(store_mod, "MAX_CHUNK_BYTES", 2 * 20 * 20 * 4 * 6)  # 6 slices of 2 maps
+    ref = tmp_path / "slabs"
+    camlens.explain_dataset(net3d(), str(scans), "gradcam", out=ref, **KW)
+    slabs = sorted((ref / "maps.zarr" / "gradcam" / "c" / "1" / "0").iterdir())
+    assert [p.name for p in slabs] == ["0", "1", "2", "3"]  # ceil(20 / 6) slabs along D
+    st = open_results(ref)
+    assert st.maps("gradcam").chunks == (1, 2, 6, 20, 20)
+    for i in range(len(st.table)):  # the same maps as one chunk per volume
+        np.testing.assert_array_equal(st.map(i), whole.map(i))
+    (slabs[3] / "0" / "0").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="again"):
+        open_results(ref).maps("gradcam")[1]
+    again = camlens.explain_dataset(net3d(), str(scans), "gradcam", out=ref, **KW)
+    assert again.stats.computed == 2  # the batch of images 0 and 1 (one shape), as a 2-D store does
+    np.testing.assert_array_equal(again.maps("gradcam")[:], whole.maps("gradcam")[:])
+
+
+def test_volumes_of_one_shape_share_a_batch_others_get_their_own():
+    keys = [(1, 2, 3), (1, 2, 3), (1, 2, 3), (2, 2, 2), (1, 2, 3)]
+    assert shape_batches(keys, 2) == [[0, 1], [2], [3], [4]]
+
+
+class Volumes(torch.utils.data.Dataset):
+    """``(C, D, H, W)`` tensors with labels; item 3 has another shape when ``odd``."""
+
+    def __init__(self, odd: bool = False):
+        g = torch.Generator().manual_seed(1)
+        self.x = [torch.rand(1, 12, 10, 14, generator=g) for _ in range(4)]
+        if odd:
+            self.x[3] = torch.rand(1, 12, 10, 10, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i % 2
+
+
+def test_a_dataset_of_volume_tensors(tmp_path):
+    net = net3d()
+    res = camlens.explain_dataset(net, Volumes(), "gradcam", out=tmp_path / "st", **KW)
+    want = camlens.explain(net, torch.stack(Volumes().x), "gradcam", targets=Classes((0, 2))).maps
+    got = res.maps("gradcam")[:]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-7)
+    t = res.table
+    assert t.label.tolist()[:2] == ["0", "0"] and (t.depth == 12).all() and t.affine.isna().all()
+    assert t.world_x0.isna().all()
+    odd = camlens.explain_dataset(net, Volumes(odd=True), "gradcam", out=tmp_path / "odd", **KW)
+    assert [f["image_id"] for f in odd.failed] == [3] and "first item's" in odd.failed[0]["error"]
+    with pytest.raises(InputError, match="affine"):
+        res.to_nifti(0, tmp_path / "x.nii.gz")
+
+
+def test_volume_reader_is_part_of_the_run_signature(scans, pristine, tmp_path):
+    import shutil
+
+    out = tmp_path / "st"
+    shutil.copytree(pristine, out)
+    with pytest.raises(camlens.pipeline.StoreMismatchError, match="volumes"):
+        camlens.explain_dataset(
+            net3d(), str(scans), ["gradcam", "saliency"], out=out, volume_reader=VolumeReader(window="brain"), **KW
+        )
