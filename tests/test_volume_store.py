@@ -256,3 +256,97 @@ def test_volume_reader_is_part_of_the_run_signature(scans, pristine, tmp_path):
         camlens.explain_dataset(
             net3d(), str(scans), ["gradcam", "saliency"], out=out, volume_reader=VolumeReader(window="brain"), **KW
         )
+
+
+def write_clip(path: Path, n_frames: int, fps: int = 10) -> None:
+    """A white 6x6 square moving right 3 px per frame over black, 48x64, lossless (FFV1 in .mp4)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        for t in range(n_frames):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[20:26, 4 + 3 * t : 10 + 3 * t] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def r3d_like() -> nn.Module:
+    """A tiny r3d-shaped video classifier: 3x3x3 stem, a (1, 2, 2)-strided block, GAP, linear."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+    with torch.no_grad():
+        net[2].bias.fill_(0.1)
+        net[6].weight.abs_()
+    return net.eval()
+
+
+def test_a_folder_of_clips_keeps_timestamps_and_boxes_in_the_videos_pixels(tmp_path):
+    from camlens.base.localization import scale_boxes
+    from camlens.base.video import read_clip
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    write_clip(d / "a.mp4", 12)
+    write_clip(d / "b.mp4", 12)
+    write_clip(d / "short.mp4", 5)
+    reader = VolumeReader(frames=8, stride=1, size=(24, 32))
+    res = camlens.explain_dataset(r3d_like(), str(d), ["gradcam", "saliency"], out=tmp_path / "st",
+                                  volume_reader=reader, **KW)  # fmt: skip
+    t = res.table
+    assert res.maps("gradcam").shape == (3, 2, 8, 24, 32) and not res.failed
+    net = r3d_like()
+    for n, name in enumerate(["a", "b", "short"]):
+        clip = read_clip(d / f"{name}.mp4", frames=8)
+        exps = camlens.explain(net, clip.tensor(size=(24, 32)), ["gradcam", "saliency"], targets=Classes((0, 2)))
+        for method, exp in exps.items():
+            rows = t[(t.image_id == n) & (t.method == method)].sort_values("rank")
+            for k, (_, row) in enumerate(rows.iterrows()):
+                want = exp.maps[0, k].numpy()
+                assert float(want.max()) > 0
+                np.testing.assert_allclose(res.map(row), want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+                assert (row.depth, row.height, row.width) == (len(clip.frames), 48, 64)
+                np.testing.assert_allclose(row.timestamps, clip.timestamps)
+                b = camlens.localize(want, THRESHOLD, spatial_dims=3)
+                xy = scale_boxes(b[[0, 1, 3, 4]], (24, 32), (48, 64))
+                assert [row[c] for c in ("x0", "y0", "x1", "y1")] == xy.tolist()
+                assert (row.z0, row.z1) == (b[2], b[5])
+                assert np.isnan(row.world_x0) and row.affine is None
+    assert (t[t.image_id == 2].depth == 5).all()  # the short clip: 5 frames, stored padded to 8
+    assert np.isnan(res.maps("gradcam")[2][:, 5:]).all()
+
+
+def test_a_folder_of_dicom_series_each_with_its_affine_and_window(tmp_path):
+    pytest.importorskip("pydicom")
+    from camlens.base.dicom import read_dicom_series
+    from tests.test_dicom import write_series
+
+    d = tmp_path / "dicom"
+    d.mkdir()
+    write_series(d / "patient1")
+    write_series(d / "patient2")
+    reader = VolumeReader(window=(-1000.0, -700.0))
+    res = camlens.explain_dataset(net3d(), str(d), "gradcam", out=tmp_path / "st", volume_reader=reader, **KW)
+    t = res.table
+    assert sorted(Path(s).name for s in t.source.unique()) == ["patient1", "patient2"] and not res.failed
+    net = net3d()
+    for n in range(2):
+        vol = read_dicom_series(t[t.image_id == n].source.iloc[0])
+        want = camlens.explain(net, vol.tensor(window=(-1000.0, -700.0)), "gradcam", targets=Classes((0, 2))).maps
+        rows = t[t.image_id == n].sort_values("rank")
+        for k, (_, row) in enumerate(rows.iterrows()):
+            np.testing.assert_allclose(res.map(row), want[0, k].numpy(), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(row.affine, vol.affine.reshape(-1))
+            box = [row[c] for c in ("x0", "y0", "z0", "x1", "y1", "z1")]
+            np.testing.assert_allclose([row[f"world_{c}"] for c in ("x0", "y0", "z0", "x1", "y1", "z1")],
+                                       vol.world_box(box).reshape(-1))  # fmt: skip
