@@ -350,3 +350,47 @@ def test_a_folder_of_dicom_series_each_with_its_affine_and_window(tmp_path):
             box = [row[c] for c in ("x0", "y0", "z0", "x1", "y1", "z1")]
             np.testing.assert_allclose([row[f"world_{c}"] for c in ("x0", "y0", "z0", "x1", "y1", "z1")],
                                        vol.world_box(box).reshape(-1))  # fmt: skip
+
+
+def test_cli_explains_a_folder_of_scans_into_a_store_with_nifti_maps(scans, pristine, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import camlens.cli.volume as cli_volume
+    from camlens.cli import main as cli_main
+
+    monkeypatch.setattr(cli_volume, "load_model_seeded", lambda *a, **k: net3d())
+    out = tmp_path / "st"
+    args = ["explain", str(scans), "--model", "tiny3d", "--method", "gradcam", "--method", "saliency"]
+    args += ["--class", "0", "--class", "2", "--threshold", str(THRESHOLD), "--batch-size", "2", "--out", str(out)]
+    args += ["--format", "store,nii"]
+    r = CliRunner().invoke(cli_main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "explained 4 of 4 volume(s)" in r.output and "16 NIfTI map(s)" in r.output
+    res = open_results(out)
+    ref = open_results(pristine)
+    assert res.table.drop(columns="source").equals(ref.table.drop(columns="source"))
+    saved = nib.load(str(out / "nifti" / "scan3_saliency_top2.nii.gz"))
+    np.testing.assert_allclose(saved.affine, affine(3), atol=1e-5)
+    row = ref.table[(ref.table.image_id == 3) & (ref.table.method == "saliency")].iloc[1]
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), ref.map(row).transpose(2, 1, 0))
+    again = CliRunner().invoke(cli_main, args)  # a rerun resumes the store but refuses to overwrite the NIfTI maps
+    assert again.exit_code != 0 and "overwrite" in again.output
+    bad = CliRunner().invoke(cli_main, [*args[:-2], "--format", "png"])
+    assert bad.exit_code != 0 and "'nii'" in bad.output
+
+
+@pytest.mark.slow  # four montages: about 1.5 s of matplotlib each
+def test_figures_of_a_volume_run_are_slice_montages_drawn_from_the_store(tmp_path):
+    res = camlens.explain_dataset(net3d(), Volumes(), "gradcam", out=tmp_path / "st", figures="overlay",
+                                  **{**KW, "batch_size": 4})  # fmt: skip
+    pngs = sorted(p.name for p in (tmp_path / "st" / "figures").iterdir())
+    assert pngs == [f"item{i}_gradcam_top1.png" for i in range(4)] and res.complete
+
+
+def test_a_volume_stores_figure_is_the_slice_montage_over_the_scan(pristine, tmp_path):
+    res = open_results(pristine)
+    fig = res.figure(2, "gradcam", target=1)
+    axes = [a for a in fig.axes if a.get_visible() and a.get_title()]
+    assert len(axes) == 15  # three views x five slices
+    assert "(peak)" in " ".join(a.get_title() for a in axes)
+    fig.savefig(tmp_path / "montage.png")

@@ -43,6 +43,7 @@ from camlens.base.localization import DEFAULT_THRESHOLD
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline import dist as _dist
+from camlens.pipeline.figures import draw_volume_figures
 from camlens.pipeline.integrity import StoreLock
 from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, without_store
 from camlens.pipeline.volumes import VolumeReader, volume_dataset
@@ -703,7 +704,7 @@ def _compute(
     opts = job.store
     all_sinks: list[Sink] = [StoreSink(store, len(ds), opts.threshold, ctx.rank, getattr(ds, "map_shape", None))]
     fig = None
-    if opts.figures != "none":
+    if opts.figures != "none" and not is_volume_dataset(ds):  # volumes: drawn from the store at the end
         fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if opts.figures == "overlay" else None,
                         overwrite=True, threshold=opts.threshold)  # fmt: skip
         all_sinks.append(fig)
@@ -725,6 +726,17 @@ class _StoreJob:
     loop: StreamOptions
     store: StoreOptions
     extra_sinks: tuple[Sink, ...] = ()
+
+
+def is_volume_dataset(ds: Any) -> bool:
+    """Whether ``ds`` gives volumes or clips: files read by a :class:`VolumeReader`, or a user
+    dataset whose first item is a ``(C, D, H, W)`` tensor."""
+    if isinstance(getattr(ds, "reader", None), VolumeReader):
+        return True
+    if not len(ds):
+        return False
+    x = ds[0].get("x")
+    return isinstance(x, torch.Tensor) and x.dim() == 4
 
 
 def _say(loop: StreamOptions) -> Callable[[str], None]:
@@ -775,6 +787,9 @@ def run_store(
         if ctx.is_main:
             secs, n = max(t for _, t, _ in parts), sum(c for _, _, c in parts)
             store.finalize(len(ds), failed, complete=True, timing={"seconds": secs, "computed": n, "ranks": ctx.world})
+            if opts.figures != "none" and is_volume_dataset(ds):
+                top = 1 if opts.figures == "overlay" else None
+                draw_volume_figures(Results(out), Path(out) / FIGURES_DIR, top)
         ctx.barrier()
     finally:
         lock.release()

@@ -107,27 +107,46 @@ def _found(folder: Path) -> list[str]:
 
 def volume_sources(spec: Any) -> list[str] | None:
     """The volume or clip sources of a dataset spec (a folder, one file or series, or a list of
-    them), or ``None`` when it names none (an image dataset)."""
+    them, folders expanded), or ``None`` when it names none (an image dataset)."""
     if isinstance(spec, (str, os.PathLike)):
         p = Path(spec)
         if kind_of(p) is not None:
             return [str(p)]
-        if p.is_dir():
-            found = _found(p)
-            return found or None
-        return None
+        return (_found(p) or None) if p.is_dir() else None
     if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, os.PathLike)) for s in spec):
-        kinds = [kind_of(s) for s in spec]
-        if all(k is None for k in kinds):
+        parts = [volume_sources(s) for s in spec]
+        if all(part is None for part in parts):
             return None
-        bad = [str(s) for s, k in zip(spec, kinds, strict=True) if k is None]
+        bad = [str(s) for s, part in zip(spec, parts, strict=True) if part is None]
         if bad:
             raise InputError(
-                f"{bad[0]} is not a NIfTI scan, a DICOM series folder or a video file, but other inputs are: "
-                "give volumes / clips or images, not both in one run"
+                f"{bad[0]} is not a NIfTI scan, a DICOM series, a video file or a folder of them, but other "
+                "inputs are: give volumes / clips or images, not both in one run"
             )
-        return [str(s) for s in spec]
+        return list(dict.fromkeys(s for part in parts for s in part or []))
     return None
+
+
+def holds_volumes(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds volumes or clips (it is a DICOM series, or the first volume, clip or
+    image file found below it is a volume or a clip): cheap on a large image folder."""
+    from camlens.base.io import IMAGE_EXTENSIONS
+
+    p = Path(folder)
+    if not p.is_dir():
+        return False
+    if _is_series(p):
+        return True
+    for dirpath, dirs, files in os.walk(p):
+        dirs.sort()
+        for f in sorted(files):
+            if kind_of(Path(dirpath) / f) is not None:
+                return True
+            if f.lower().endswith(tuple(IMAGE_EXTENSIONS)):
+                return False
+        if any(_is_series(Path(dirpath) / d) for d in dirs if not d.startswith(".")):
+            return True
+    return False
 
 
 def _stem(path: str) -> str:
@@ -308,11 +327,28 @@ def box_world(affine: Sequence[float] | None, box: Sequence[int]) -> list[float]
     return [float(v) for v in vol.world_box(box).reshape(-1)]
 
 
+def export_nifti(results: Any, folder: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+    """Every map of a store over NIfTI scans or DICOM series written as NIfTI in its scan's space
+    (:meth:`~camlens.pipeline.store.Results.to_nifti`), as ``FOLDER/NAME_METHOD_topRANK.nii.gz`` (the
+    names of ``camlens explain scan.nii.gz``); nothing is written when any exists, unless ``overwrite``."""
+    from camlens.base.fsio import check_targets
+
+    t = results.table
+    out = Path(folder)
+    plan = [out / f"{r['name']}_{r['method']}_top{int(r['rank'])}.nii.gz" for _, r in t.iterrows()]
+    check_targets(plan, overwrite)
+    if plan:
+        out.mkdir(parents=True, exist_ok=True)
+    return [results.to_nifti(r, p, overwrite=overwrite) for (_, r), p in zip(t.iterrows(), plan, strict=True)]
+
+
 __all__ = [
     "KINDS",
     "VolumeFiles",
     "VolumeReader",
     "box_world",
+    "export_nifti",
+    "holds_volumes",
     "input_channels",
     "kind_of",
     "pad_maps",
