@@ -137,7 +137,11 @@ def test_a_nifti_export_lies_in_the_scans_space(scans, pristine, tmp_path):
 
 def _files(store: Path) -> dict[str, bytes]:
     skip = {"run.json", "index.json"}  # times and the runs' history
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def _same_store(a: Path, b: Path) -> None:

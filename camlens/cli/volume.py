@@ -197,7 +197,8 @@ def explain_volume_store(run: ScanRun, data: VolumeStoreRun) -> None:
     for f in stats.failed:
         echo_err(f"error: {f['error']}")
     n = int(res.run.get("signature", {}).get("n_images", 0))
-    line = f"explained {n - len(stats.failed)} of {n} volume(s) with {', '.join(stats.methods)} ({stats.computed} now, {stats.skipped} already in the store); "
+    line = f"explained {n - len(stats.failed)} of {n} volume(s) with {', '.join(stats.methods)} "
+    line += f"({stats.computed} now, {stats.skipped} already in the store); "
     line += f"store {run.out} ({len(res.table)} rows: results.parquet, maps.zarr)"
     if written:
         line += f"; {len(written)} NIfTI map(s) in {Path(run.out) / 'nifti'}"

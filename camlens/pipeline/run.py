@@ -46,18 +46,18 @@ from camlens.pipeline import dist as _dist
 from camlens.pipeline.figures import draw_volume_figures
 from camlens.pipeline.integrity import StoreLock
 from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, without_store
-from camlens.pipeline.volumes import VolumeReader, volume_dataset
 from camlens.pipeline.store import (
     COLUMNS,
     FIGURES_DIR,
-    VOLUME_COLUMNS,
     META_RENDER,
+    VOLUME_COLUMNS,
     Results,
     ResultStore,
     StoreMismatchError,
     chunk_entries,
     read_chunk,
 )
+from camlens.pipeline.volumes import VolumeReader, volume_dataset
 from camlens.targets import Classes, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
@@ -333,7 +333,7 @@ def _explain_batch(
 # ----------------------------------------------------------------------------------------------
 # Sinks
 # ----------------------------------------------------------------------------------------------
-def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
+def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, ...]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
     from camlens.base.localization import map_boxes, scale_boxes
 
@@ -372,7 +372,8 @@ def _volume_rows(res: BatchResult, threshold: float) -> dict[str, list]:
             meta = metas[i] or {}
             for k in range(exp.shape[1]):
                 box = [int(v) for v in boxes[i, k]]
-                values = (b.indices[i], b.sources[i], b.names[i], b.labels[i], *b.sizes[i], m, exp.layer)
+                values: tuple[Any, ...] = (b.indices[i], b.sources[i], b.names[i], b.labels[i], *b.sizes[i])
+                values += (m, exp.layer)
                 values += (exp.model_name, k + 1, int(classes[i][k]), labels[i][k], float(scores[i][k]))
                 values += (float(probs[i][k]), *box, *box_world(meta.get("affine"), box))
                 values += (meta.get("spacing"), meta.get("affine"), meta.get("timestamps"))

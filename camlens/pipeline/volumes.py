@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -234,7 +233,7 @@ def _read(src: str, kind: str, reader: VolumeReader) -> dict[str, Any]:
 
         return _scan_item(read_dicom_series(src), reader)
     clip = read_clip(src, frames=reader.frames, stride=reader.stride)
-    x = clip.tensor(size=tuple(reader.size))[0]
+    x = clip.tensor(size=(int(reader.size[0]), int(reader.size[1])))[0]
     size = (len(clip.frames), int(clip.frames.shape[1]), int(clip.frames.shape[2]))
     meta = {"affine": None, "spacing": None, "timestamps": [float(t) for t in clip.timestamps]}
     return {"x": x, "size": size, "meta": meta}
