@@ -398,3 +398,24 @@ def test_a_volume_stores_figure_is_the_slice_montage_over_the_scan(pristine, tmp
     assert len(axes) == 15  # three views x five slices
     assert "(peak)" in " ".join(a.get_title() for a in axes)
     fig.savefig(tmp_path / "montage.png")
+
+
+def test_out_inside_the_scans_folder_never_reads_the_stores_nifti_maps(tmp_path):
+    data = tmp_path / "in"
+    write_scans(data)
+    out = data / "store"
+    res = camlens.explain_dataset(net3d(), str(data), "gradcam", out=out, **KW)
+    from camlens.pipeline.volumes import export_nifti
+
+    assert len(export_nifti(res, out / "nifti")) == 8
+    again = camlens.explain_dataset(net3d(), str(data), "gradcam", out=out, **KW)  # resumes: the same 4 scans
+    assert again.stats.skipped == 4 and again.stats.computed == 0
+
+
+def test_an_unreadable_scan_is_reported_by_name_and_the_others_stored(tmp_path):
+    data = tmp_path / "in"
+    write_scans(data)
+    (data / "broken.nii.gz").write_bytes(b"not a scan")
+    res = camlens.explain_dataset(net3d(), str(data), "gradcam", out=tmp_path / "st", **KW)
+    assert [Path(f["source"]).name for f in res.failed] == ["broken.nii.gz"]
+    assert "not a readable NIfTI file" in res.failed[0]["error"] and len(res.table) == 8

@@ -57,7 +57,7 @@ from camlens.pipeline.store import (
     chunk_entries,
     read_chunk,
 )
-from camlens.pipeline.volumes import VolumeReader, volume_dataset
+from camlens.pipeline.volumes import VolumeFiles, VolumeReader, volume_dataset
 from camlens.targets import Classes, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
@@ -485,7 +485,7 @@ def sources_digest(dataset: Any, *, legacy: bool = False) -> str:
     given, the digest of camlens 0.2 stores)."""
     h = hashlib.sha256()
     describe = getattr(dataset, "describe", None)
-    files = isinstance(dataset, ImageFiles) and not legacy
+    files = isinstance(dataset, (ImageFiles, VolumeFiles)) and not legacy
     for i in range(len(dataset)):
         r = describe(i) if describe else None
         src = r.source if r else i
@@ -897,7 +897,7 @@ def explain_dataset(
     card = card_of(model)
     pp = cfg.preprocess or (card.preprocess if card else IMAGENET)
     keep = cfg.figures != "none"
-    ds: Any = volume_dataset(dataset, cfg.volume_reader or VolumeReader(), model)
+    ds: Any = volume_dataset(dataset, cfg.volume_reader or VolumeReader(), model, out)
     if ds is None:
         ds, _ = as_dataset(dataset, pp, keep, exact_decode=request.exact_decode, extra_inputs=cfg.extra_inputs)
         ds = without_store(ds, out)

@@ -307,11 +307,17 @@ def pad_maps(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def volume_dataset(spec: Any, reader: VolumeReader, model: nn.Module) -> VolumeFiles | None:
-    """A :class:`VolumeFiles` of ``spec`` when it names volumes or clips, else ``None``."""
+def volume_dataset(
+    spec: Any, reader: VolumeReader, model: nn.Module, out: str | os.PathLike | None = None
+) -> VolumeFiles | None:
+    """A :class:`VolumeFiles` of ``spec`` when it names volumes or clips, else ``None``; files inside
+    the store ``out`` (its NIfTI exports, when ``--out`` lies in the data folder) are never inputs."""
     sources = volume_sources(spec)
     if sources is None:
         return None
+    if out is not None:
+        root = os.path.join(os.path.abspath(out), "")
+        sources = [s for s in sources if not os.path.abspath(s).startswith(root)]
     if reader.channels is None:
         reader = VolumeReader(input_channels(model), reader.window, reader.frames, reader.stride, reader.size)
     return VolumeFiles(sources, reader)
