@@ -397,7 +397,27 @@ def test_a_volume_stores_figure_is_the_slice_montage_over_the_scan(pristine, tmp
     axes = [a for a in fig.axes if a.get_visible() and a.get_title()]
     assert len(axes) == 15  # three views x five slices
     assert "(peak)" in " ".join(a.get_title() for a in axes)
-    fig.savefig(tmp_path / "montage.png")
+    from click.testing import CliRunner
+
+    from camlens.cli import main as cli_main
+
+    r = CliRunner().invoke(cli_main, ["show", str(pristine), "--image", "1", "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_folders_of_scans_series_and_clips_are_told_from_image_folders_cheaply(scans, tmp_path):
+    from PIL import Image
+
+    from camlens.pipeline.volumes import holds_volumes, volume_sources
+
+    imgs = tmp_path / "imgs" / "cat"
+    imgs.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(imgs / "a.png")
+    assert not holds_volumes(tmp_path / "imgs") and volume_sources(str(tmp_path / "imgs")) is None
+    assert holds_volumes(scans) and len(volume_sources([str(scans)]) or []) == 4
+    with pytest.raises(InputError, match="not both"):
+        volume_sources([str(scans), str(imgs / "a.png")])
 
 
 def test_out_inside_the_scans_folder_never_reads_the_stores_nifti_maps(tmp_path):

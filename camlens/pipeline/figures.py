@@ -101,6 +101,7 @@ def stored_figure(results: Results, image: int, method: str | None = None, **kwa
         t = results.table
         row = t[t["image_id"] == int(image)].iloc[0]
         exp = exps[method or next(iter(exps))]
+        kwargs.pop("shared_scale", None)  # one map per figure: nothing to share
         kwargs.setdefault("background", volume_background(results, row, tuple(exp.shape[2:])))
         if row["spacing"] is not None:
             kwargs.setdefault("spacing", tuple(float(v) for v in row["spacing"])[::-1])

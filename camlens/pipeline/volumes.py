@@ -17,6 +17,7 @@ a clip's frame count from its stream header, ``frames`` when the container does 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -79,8 +80,20 @@ def _is_dicom_file(p: Path) -> bool:
         return False
 
 
+#: files of a folder looked at to tell a DICOM series (a large image folder costs no more)
+SERIES_PROBE = 16
+
+
 def _is_series(d: Path) -> bool:
-    return d.is_dir() and any(_is_dicom_file(f) for f in d.iterdir())
+    """Whether one of the first :data:`SERIES_PROBE` files of folder ``d`` is a DICOM slice."""
+    if not d.is_dir():
+        return False
+    try:
+        with os.scandir(d) as it:
+            first = list(itertools.islice((Path(e.path) for e in it if e.is_file()), SERIES_PROBE))
+    except OSError:
+        return False
+    return any(_is_dicom_file(f) for f in first)
 
 
 def kind_of(source: str | os.PathLike) -> str | None:
