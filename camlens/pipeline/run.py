@@ -57,7 +57,7 @@ from camlens.pipeline.store import (
     chunk_entries,
     read_chunk,
 )
-from camlens.pipeline.volumes import VolumeFiles, VolumeReader, volume_dataset
+from camlens.pipeline.volumes import VolumeFiles, VolumeReader, box_world, pad_maps, shape_batches, volume_dataset
 from camlens.targets import Classes, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
@@ -276,8 +276,6 @@ def _batch_request(request: ExplainRequest, spec: Any, batch: Batch) -> ExplainR
 def _loader(dataset: Any, ids: Sequence[int], loop: StreamOptions, device: torch.device) -> DataLoader:
     """Batches of ``loop.batch_size`` in order; of a dataset with ``group_key`` (volumes of several
     shapes), runs of consecutive items with one key (:func:`~camlens.pipeline.volumes.shape_batches`)."""
-    from camlens.pipeline.volumes import shape_batches
-
     workers = default_workers(len(ids), loop.batch_size, loop.world) if loop.num_workers is None else loop.num_workers
     key = getattr(dataset, "group_key", None)
     batching: dict[str, Any] = {"batch_size": loop.batch_size, "shuffle": False}
@@ -359,8 +357,6 @@ def volume_boxes(exp: Explanation, batch: Batch, threshold: float) -> np.ndarray
 
 def _volume_rows(res: BatchResult, threshold: float) -> dict[str, list]:
     """The table rows (:data:`~camlens.pipeline.store.VOLUME_COLUMNS`) of a batch of volumes or clips."""
-    from camlens.pipeline.volumes import box_world
-
     b = res.batch
     rows: dict[str, list] = {c: [] for c in VOLUME_COLUMNS}
     metas = b.meta or [None] * len(b)
@@ -393,8 +389,6 @@ class StoreSink(Sink):
         self.map_shape = map_shape
 
     def _write_volumes(self, res: BatchResult) -> None:
-        from camlens.pipeline.volumes import pad_maps
-
         rows = _volume_rows(res, self.threshold)
         maps = {}
         for m, exp in res.explanations.items():

@@ -186,7 +186,7 @@ def read_chunk(path: Path) -> tuple[Any, dict[str, Any], Any]:
     data = path.read_bytes()
     f = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
     table = f.read()
-    table_schema(table.schema)
+    known_schema(table.schema)
     meta = f.schema_arrow.metadata or {}
     files = json.loads(meta[META_FILES]) if META_FILES in meta else {}
     sig = json.loads(meta[META_SIGNATURE]) if META_SIGNATURE in meta else None
@@ -277,9 +277,10 @@ def schema(volume: bool = False):
     return pa.schema([(c, types.get(c, pa.int32())) for c in cols])
 
 
-def table_schema(table_schema: Any) -> Any:
-    """The camlens schema ``table_schema`` (metadata removed) equals, or ``ValueError``."""
-    bare = table_schema.remove_metadata()
+def known_schema(found: Any) -> Any:
+    """The camlens table schema (an image run's or a volume run's) that the Arrow schema ``found``
+    equals once its metadata is removed; ``ValueError`` when it is neither."""
+    bare = found.remove_metadata()
     for volume in (False, True):
         if bare.equals(schema(volume)):
             return schema(volume)
@@ -822,7 +823,7 @@ class Results:
                 if why is None:
                     try:
                         t = pq.read_table(res)
-                        t = t.cast(table_schema(t.schema))
+                        t = t.cast(known_schema(t.schema))
                     except Exception as exc:
                         why = f"not a readable Parquet table ({type(exc).__name__})"
                 if why is not None:
