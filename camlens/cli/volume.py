@@ -18,6 +18,14 @@ frames' timestamps, the 3-D box ``(x0, y0, t0, x1, y1, t1)``, its time span in s
 the temporal extent (first and last frame above the threshold, with their times) and the per-frame
 box track (:func:`camlens.base.cliptrack.clip_track`: ``box_xyxy`` in the model's input pixels,
 ``box_xyxy_video`` in the video's, ``null`` for a frame with nothing above the threshold).
+
+**Folders** (of NIfTI scans, of DICOM series — one folder of slices each — or of video files), or
+``--format store``: a dataset run into the result store ``--out`` (:func:`camlens.explain_dataset`,
+see :mod:`camlens.pipeline.volumes`): ``(N, K, D, H, W)`` maps in Zarr, one table row per volume x
+class x method with the 3-D box in voxels and millimetres, the affine, spacing and timestamps;
+resumable, checked. ``--format store,nii`` also writes each map as NIfTI in its scan's space to
+``OUT/nifti/STEM_METHOD_topK.nii.gz``; ``--figures overlay|all`` a slice montage per volume, method
+and class to ``OUT/figures``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ from typing import Any
 
 import click
 
-from camlens.cli.common import check_layer, check_overwrite, echo, parse_classes, parse_method_options, resolve_device
+from camlens.cli.common import (
+    check_layer,
+    check_overwrite,
+    echo,
+    echo_err,
+    parse_classes,
+    parse_method_options,
+    resolve_device,
+)
 from camlens.cli.dataset import load_model_seeded
 
 DEFAULT_VOLUME_METHODS = ("gradcam",)
@@ -43,14 +59,25 @@ def nifti_inputs(cmd: Callable[..., Any]) -> Callable[..., Any]:
     def run(**kw: Any) -> Any:
         from camlens.base.nifti import is_nifti
         from camlens.base.video import is_video
+        from camlens.pipeline.volumes import holds_volumes
 
         images = kw.get("images") or ()
-        scans = [p for p in images if is_nifti(p) or is_video(p)]
+        folders = [p for p in images if holds_volumes(p)]  # a folder of scans, series or clips: a store run
+        scans = [p for p in images if is_nifti(p) or is_video(p)] + folders
         if not scans:
             return cmd(**kw)
         if len(scans) != len(images):
             raise click.BadParameter(
-                "give NIfTI scans / video files or images, not both in one call", param_hint="IMAGES"
+                "give NIfTI scans / DICOM series / video files or images, not both in one call", param_hint="IMAGES"
+            )
+        formats = _volume_formats(kw.get("formats") or "auto")
+        if folders or "store" in formats:
+            return explain_volume_store(ScanRun.of(kw), VolumeStoreRun.of(kw, formats))
+        if formats != ["auto"]:
+            raise click.BadParameter(
+                "named scans and clips write their maps, montages and summary; --format store (or a folder) "
+                "writes a result store, store,nii also the maps as NIfTI",
+                param_hint="--format",
             )
         return explain_scans(ScanRun.of(kw))
 
@@ -97,6 +124,90 @@ class ScanRun:
             parse_threshold(thr) if thr is not None else None,
             tuple(kw.get("method_options") or ()),
         )
+
+
+def _volume_formats(value: str) -> list[str]:
+    """``--format`` of a volume run: ``auto``, or some of ``store`` and ``nii`` (which implies the store)."""
+    if value == "auto":
+        return ["auto"]
+    fmts = [f.strip() for f in value.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in ("store", "nii")]
+    if bad or not fmts:
+        raise click.BadParameter(
+            f"volume and clip runs write 'store' (Parquet + Zarr) and optionally 'nii' (each map as NIfTI in its "
+            f"scan's space, OUT/nifti/), not {', '.join(bad) or repr(value)}",
+            param_hint="--format",
+        )
+    return sorted(set(fmts) | {"store"})
+
+
+@dataclass(frozen=True)
+class VolumeStoreRun:
+    """The dataset settings of a volume or clip store run (``camlens explain FOLDER --out STORE``)."""
+
+    nifti: bool
+    batch_size: int
+    workers: int | None
+    figures: str
+    map_dtype: str
+
+    @classmethod
+    def of(cls, kw: dict[str, Any], formats: list[str]) -> VolumeStoreRun:
+        figures = kw.get("figures") or "auto"
+        if figures == "montage":
+            raise click.BadParameter(
+                "a volume store draws one slice montage per volume, method and class: --figures overlay or all",
+                param_hint="--figures",
+            )
+        return cls(
+            "nii" in formats,
+            int(kw.get("batch_size") or 1),
+            kw.get("workers"),
+            "none" if figures == "auto" else figures,
+            kw.get("map_dtype") or "float32",
+        )
+
+
+def explain_volume_store(run: ScanRun, data: VolumeStoreRun) -> None:
+    """Explain folders of NIfTI scans, DICOM series or video files into a result store
+    (:func:`camlens.explain_dataset`; resumable), optionally each map as NIfTI in ``OUT/nifti``."""
+    from camlens.attribution.registry import get_method
+    from camlens.base.errors import CamlensError
+    from camlens.models.zoo import card_of
+    from camlens.pipeline.run import explain_dataset
+    from camlens.pipeline.volumes import VolumeReader, export_nifti
+
+    try:
+        names = list(dict.fromkeys(get_method(m).name for m in run.methods))
+    except CamlensError as exc:
+        raise click.BadParameter(str(exc), param_hint="--method") from None
+    options = parse_method_options(run.method_options, names)
+    net = load_model_seeded(run.model, run.weights, run.checkpoint, resolve_device(run.device))
+    check_layer(net, run.layer)
+    card = card_of(net)
+    targets: Any = parse_classes(run.classes, card.class_names if card else None) if run.classes else None
+    try:
+        res = explain_dataset(
+            net, list(run.scans), names, run.out, targets=targets if targets is not None else f"top{run.topk}",
+            layer=run.layer, batch_size=data.batch_size, num_workers=data.workers, threshold=run.threshold,
+            map_dtype=data.map_dtype, figures=data.figures, overwrite=run.overwrite,
+            volume_reader=VolumeReader(frames=run.frames, stride=run.stride), method_options=options,
+        )  # fmt: skip
+        written = export_nifti(res, Path(run.out) / "nifti", overwrite=run.overwrite) if data.nifti else []
+    except CamlensError as exc:
+        raise click.ClickException(str(exc)) from None
+    stats = res.stats  # type: ignore[attr-defined]
+    for f in stats.failed:
+        echo_err(f"error: {f['error']}")
+    n = int(res.run.get("signature", {}).get("n_images", 0))
+    line = f"explained {n - len(stats.failed)} of {n} volume(s) with {', '.join(stats.methods)} "
+    line += f"({stats.computed} now, {stats.skipped} already in the store); "
+    line += f"store {run.out} ({len(res.table)} rows: results.parquet, maps.zarr)"
+    if written:
+        line += f"; {len(written)} NIfTI map(s) in {Path(run.out) / 'nifti'}"
+    echo(line + (f"; {len(stats.failed)} input(s) failed" if stats.failed else ""))
+    if stats.failed:
+        raise SystemExit(1)
 
 
 def _planned(run: ScanRun, names: list[str], k: int) -> list[Path]:

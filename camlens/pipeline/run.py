@@ -44,18 +44,21 @@ from camlens.base.localization import DEFAULT_THRESHOLD
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline import dist as _dist
+from camlens.pipeline.figures import draw_volume_figures
 from camlens.pipeline.integrity import StoreLock
 from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, without_store
 from camlens.pipeline.store import (
     COLUMNS,
     FIGURES_DIR,
     META_RENDER,
+    VOLUME_COLUMNS,
     Results,
     ResultStore,
     StoreMismatchError,
     chunk_entries,
     read_chunk,
 )
+from camlens.pipeline.volumes import VolumeFiles, VolumeReader, box_world, pad_maps, shape_batches, volume_dataset
 from camlens.targets import Classes, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
@@ -272,11 +275,16 @@ def _batch_request(request: ExplainRequest, spec: Any, batch: Batch) -> ExplainR
 
 
 def _loader(dataset: Any, ids: Sequence[int], loop: StreamOptions, device: torch.device) -> DataLoader:
+    """Batches of ``loop.batch_size`` in order; of a dataset with ``group_key`` (volumes of several
+    shapes), runs of consecutive items with one key (:func:`~camlens.pipeline.volumes.shape_batches`)."""
     workers = default_workers(len(ids), loop.batch_size, loop.world) if loop.num_workers is None else loop.num_workers
+    key = getattr(dataset, "group_key", None)
+    batching: dict[str, Any] = {"batch_size": loop.batch_size, "shuffle": False}
+    if key is not None:
+        batching = {"batch_sampler": shape_batches([key(i) for i in ids], loop.batch_size)}
     return DataLoader(
         Subset(dataset, list(ids)),
-        batch_size=loop.batch_size,
-        shuffle=False,
+        **batching,
         num_workers=int(workers),
         collate_fn=collate,
         pin_memory=device.type == "cuda",
@@ -324,7 +332,7 @@ def _explain_batch(
 # ----------------------------------------------------------------------------------------------
 # Sinks
 # ----------------------------------------------------------------------------------------------
-def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
+def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, ...]], threshold: float) -> np.ndarray:
     """``(N, K, 4)`` boxes at ``threshold`` in each image's own pixel frame (``-1`` = none)."""
     from camlens.base.localization import map_boxes, scale_boxes
 
@@ -333,13 +341,67 @@ def image_boxes(exp: Explanation, sizes: Sequence[tuple[int, int]], threshold: f
     return np.stack([scale_boxes(bi, size, s) for bi, s in zip(b, sizes, strict=True)]).astype(np.int64)
 
 
-class StoreSink(Sink):
-    """Rows and maps of every batch into a :class:`~camlens.pipeline.store.ResultStore`."""
+def volume_boxes(exp: Explanation, batch: Batch, threshold: float) -> np.ndarray:
+    """``(N, K, 6)`` boxes ``(x0, y0, z0, x1, y1, z1)`` at ``threshold`` in voxels of the maps; a
+    clip's ``x, y`` scaled to the video's own pixels (its frames were resized for the model)."""
+    from camlens.base.localization import map_boxes, scale_boxes
 
-    def __init__(self, store: ResultStore, n_images: int, threshold: float, rank: int = 0):
+    b = map_boxes(exp, threshold, spatial_dims=3).astype(np.int64)
+    frame = tuple(exp.shape[-2:])
+    for i, (size, meta) in enumerate(zip(batch.sizes, batch.meta or [None] * len(batch), strict=True)):
+        if meta is not None and meta.get("timestamps") is not None and tuple(size[1:]) != frame:
+            xy = scale_boxes(b[i][:, [0, 1, 3, 4]], frame, size[1:])
+            b[i][:, [0, 1, 3, 4]] = xy
+            b[i][(xy < 0).any(-1)] = -1
+    return b
+
+
+def _volume_rows(res: BatchResult, threshold: float) -> dict[str, list]:
+    """The table rows (:data:`~camlens.pipeline.store.VOLUME_COLUMNS`) of a batch of volumes or clips."""
+    b = res.batch
+    rows: dict[str, list] = {c: [] for c in VOLUME_COLUMNS}
+    metas = b.meta or [None] * len(b)
+    for m, exp in res.explanations.items():
+        boxes = volume_boxes(exp, b, threshold)
+        labels = exp.labels()
+        classes, scores, probs = exp.classes.tolist(), exp.scores.tolist(), exp.probs.tolist()
+        for i in range(len(b)):
+            meta = metas[i] or {}
+            for k in range(exp.shape[1]):
+                box = [int(v) for v in boxes[i, k]]
+                values: tuple[Any, ...] = (b.indices[i], b.sources[i], b.names[i], b.labels[i], *b.sizes[i])
+                values += (m, exp.layer)
+                values += (exp.model_name, k + 1, int(classes[i][k]), labels[i][k], float(scores[i][k]))
+                values += (float(probs[i][k]), *box, *box_world(meta.get("affine"), box))
+                values += (meta.get("spacing"), meta.get("affine"), meta.get("timestamps"))
+                for c, v in zip(VOLUME_COLUMNS, values, strict=True):
+                    rows[c].append(v)
+    return rows
+
+
+class StoreSink(Sink):
+    """Rows and maps of every batch into a :class:`~camlens.pipeline.store.ResultStore`
+    (``map_shape``: a volume run's stored ``(D, H, W)``, smaller volumes padded with NaN)."""
+
+    def __init__(
+        self, store: ResultStore, n_images: int, threshold: float, rank: int = 0, map_shape: tuple | None = None
+    ):
         self.store, self.n, self.threshold, self.rank = store, n_images, threshold, rank
+        self.map_shape = map_shape
+
+    def _write_volumes(self, res: BatchResult) -> None:
+        rows = _volume_rows(res, self.threshold)
+        maps = {}
+        for m, exp in res.explanations.items():
+            arr = exp.maps.numpy()
+            maps[m] = pad_maps(arr, self.map_shape) if self.map_shape is not None else arr
+        render = {m: {"signed": exp.signed} for m, exp in res.explanations.items()}
+        self.store.write(self.n, res.batch.indices, rows, maps, self.rank, render)
 
     def write(self, res: BatchResult) -> None:
+        if any(exp.spatial_dims == 3 for exp in res.explanations.values()):
+            self._write_volumes(res)
+            return
         b = res.batch
         rows: dict[str, list] = {c: [] for c in COLUMNS}
         maps = {}
@@ -418,7 +480,7 @@ def sources_digest(dataset: Any, *, legacy: bool = False) -> str:
     given, the digest of camlens 0.2 stores)."""
     h = hashlib.sha256()
     describe = getattr(dataset, "describe", None)
-    files = isinstance(dataset, ImageFiles) and not legacy
+    files = isinstance(dataset, (ImageFiles, VolumeFiles)) and not legacy
     for i in range(len(dataset)):
         r = describe(i) if describe else None
         src = r.source if r else i
@@ -506,6 +568,9 @@ def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store
     }
     if getattr(dataset, "extra_inputs", False):  # only then: older stores keep resuming
         sig["extra_inputs"] = True
+    reader = getattr(dataset, "reader", None)
+    if isinstance(reader, VolumeReader):  # volumes and clips: how the files became inputs
+        sig["volumes"] = reader.to_dict()
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
 
@@ -633,9 +698,9 @@ def _compute(
     todo = [i for i in range(len(ds)) if i not in done]
     mine = _dist.shard(todo, ctx.rank, ctx.world)
     opts = job.store
-    all_sinks: list[Sink] = [StoreSink(store, len(ds), opts.threshold, ctx.rank)]
+    all_sinks: list[Sink] = [StoreSink(store, len(ds), opts.threshold, ctx.rank, getattr(ds, "map_shape", None))]
     fig = None
-    if opts.figures != "none":
+    if opts.figures != "none" and not is_volume_dataset(ds):  # volumes: drawn from the store at the end
         fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if opts.figures == "overlay" else None,
                         overwrite=True, threshold=opts.threshold)  # fmt: skip
         all_sinks.append(fig)
@@ -657,6 +722,17 @@ class _StoreJob:
     loop: StreamOptions
     store: StoreOptions
     extra_sinks: tuple[Sink, ...] = ()
+
+
+def is_volume_dataset(ds: Any) -> bool:
+    """Whether ``ds`` gives volumes or clips: files read by a :class:`VolumeReader`, or a user
+    dataset whose first item is a ``(C, D, H, W)`` tensor."""
+    if isinstance(getattr(ds, "reader", None), VolumeReader):
+        return True
+    if not len(ds):
+        return False
+    x = ds[0].get("x")
+    return isinstance(x, torch.Tensor) and x.dim() == 4
 
 
 def _say(loop: StreamOptions) -> Callable[[str], None]:
@@ -707,6 +783,9 @@ def run_store(
         if ctx.is_main:
             secs, n = max(t for _, t, _ in parts), sum(c for _, _, c in parts)
             store.finalize(len(ds), failed, complete=True, timing={"seconds": secs, "computed": n, "ranks": ctx.world})
+            if opts.figures != "none" and is_volume_dataset(ds):
+                top = 1 if opts.figures == "overlay" else None
+                draw_volume_figures(Results(out), Path(out) / FIGURES_DIR, top)
         ctx.barrier()
     finally:
         lock.release()
@@ -729,6 +808,7 @@ class DatasetConfig:
     progress: bool = True
     class_names: Sequence[str] | None = None
     extra_inputs: bool = False
+    volume_reader: VolumeReader | None = None
 
 
 _DATASET_FIELDS = frozenset(f.name for f in fields(DatasetConfig))
@@ -750,7 +830,8 @@ def explain_dataset(
     """Explain a whole dataset, streaming, into a resumable result store (Parquet table + Zarr maps).
 
     Settings (``batch_size``, ``num_workers``, ``threshold``, ``map_dtype``, ``figures``,
-    ``overwrite``, ``preprocess``, ``progress``, ``class_names``, ``extra_inputs``) are the fields of
+    ``overwrite``, ``preprocess``, ``progress``, ``class_names``, ``extra_inputs``,
+    ``volume_reader``) are the fields of
     :class:`DatasetConfig`: pass ``config=`` or any of them as keywords; every other keyword is a
     method option (as in :func:`camlens.explain`).
 
@@ -763,6 +844,12 @@ def explain_dataset(
             tensor, a tuple of tensors or a dict of them, the same shapes for every item) is stacked
             per batch and passed to every forward as ``forward_args`` (tensor / tuple) or
             ``forward_kwargs`` (dict), so each image is explained with its own extra inputs.
+            **Volumes and clips**: a folder of NIfTI scans (``.nii``, ``.nii.gz``), of DICOM series
+            folders or of video files (or a list of them), read as
+            ``volume_reader`` (:class:`~camlens.pipeline.volumes.VolumeReader`: CT window, a clip's
+            frames, stride and size) says; or a ``Dataset`` of ``(C, D, H, W)`` tensors (one shape).
+            The store then holds ``(N, K, D, H, W)`` maps and 3-D boxes, each scan's affine and
+            spacing, each clip's timestamps (see :mod:`camlens.pipeline.store`).
         method: one method name or several (one shared forward per batch).
         out: the store folder; a rerun with the same arguments resumes (only missing images are
             computed), other arguments are refused unless ``overwrite=True`` (batch size, workers,
@@ -814,8 +901,10 @@ def explain_dataset(
     card = card_of(model)
     pp = cfg.preprocess or (card.preprocess if card else IMAGENET)
     keep = cfg.figures != "none"
-    ds, _ = as_dataset(dataset, pp, keep, exact_decode=request.exact_decode, extra_inputs=cfg.extra_inputs)
-    ds = without_store(ds, out)
+    ds: Any = volume_dataset(dataset, cfg.volume_reader or VolumeReader(), model, out)
+    if ds is None:
+        ds, _ = as_dataset(dataset, pp, keep, exact_decode=request.exact_decode, extra_inputs=cfg.extra_inputs)
+        ds = without_store(ds, out)
     loop = StreamOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
     threshold = DEFAULT_THRESHOLD if cfg.threshold is None else cfg.threshold
     store_options = StoreOptions(threshold, cfg.map_dtype, cfg.figures, cfg.overwrite)

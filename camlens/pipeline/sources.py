@@ -53,13 +53,15 @@ class Batch:
     indices: list[int]
     sources: list[str]
     names: list[str]
-    sizes: list[tuple[int, int]]
+    sizes: list[tuple[int, ...]]  # (H, W) of each image; (D, H, W) of a volume or clip
     labels: list[str | None]
     gts: list[int | None]
     images: list[np.ndarray] | None
     failed: list[tuple[int, str, str]] = field(default_factory=list)
     forward_args: tuple[Any, ...] = ()  # the model's other inputs, batched along dim 0
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: per item, what a volume or clip run stores besides the maps (affine, spacing, timestamps)
+    meta: list[dict[str, Any] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -278,12 +280,26 @@ class UserDataset(Dataset):
         self.sources = srcs or [f"item{i}" for i in range(len(dataset))]
         self.names = output_stems(self.sources) if srcs else list(self.sources)
         self.classes = getattr(dataset, "classes", None)
+        self._first_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def describe(self, i: int) -> Record:
         return Record(self.sources[i], self.names[i])
+
+    def _check_volume(self, x: torch.Tensor, i: int) -> None:
+        """A ``(C, D, H, W)`` item must have the first item's shape: the store holds one array."""
+        if self._first_shape is None:
+            first = self.dataset[0] if i else x
+            first = first[0] if isinstance(first, (tuple, list)) else first
+            self._first_shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+        if tuple(x.shape) != self._first_shape:
+            raise InputError(
+                f"item {i}: volume shape {tuple(x.shape)} differs from the first item's {self._first_shape}; "
+                "the store holds one array of maps: resize or pad the volumes in the dataset (or give a folder "
+                "of NIfTI files, stored padded)"
+            )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"index": i, "source": self.sources[i], "name": self.names[i], "label": None, "gt": None}
@@ -310,10 +326,15 @@ class UserDataset(Dataset):
             item["label"] = None if label is None else str(label)
             check_not_meta(img)
             if isinstance(img, torch.Tensor) and img.is_floating_point():
-                if img.dim() != 3:
-                    raise InputError(f"item {i}: a tensor item must be (C, H, W); got {tuple(img.shape)}")
+                if img.dim() not in (3, 4):
+                    raise InputError(
+                        f"item {i}: a tensor item must be an image (C, H, W) or a volume (C, D, H, W); "
+                        f"got {tuple(img.shape)}"
+                    )
+                if img.dim() == 4:
+                    self._check_volume(img, i)
                 item["x"] = img.float()
-                item["size"] = tuple(img.shape[-2:])
+                item["size"] = tuple(img.shape[1:])
                 item["image"] = None
             else:
                 from camlens.base.io import load_image
@@ -381,6 +402,7 @@ def collate(items: list[dict[str, Any]]) -> Batch:
         failed=failed,
         forward_args=args,
         forward_kwargs=kwargs,
+        meta=[it.get("meta") for it in good],
     )
 
 

@@ -28,10 +28,22 @@ class_id, class_name, score, prob, x0, y0, x1, y1`` (box in image pixels at the 
 ``x1``/``y1`` exclusive, ``-1`` = no box). Why Parquet + Zarr: both are read by pandas, polars,
 DuckDB, xarray and dask without camlens; a column store keeps the table small and fast to filter,
 and chunked maps give random access to any one map without loading the rest.
+
+**Volumes and clips** (a run over NIfTI scans, DICOM series, video files or ``(C, D, H, W)``
+tensors; :mod:`camlens.pipeline.volumes`): ``maps.zarr/<method>`` is ``(N, K, D, H, W)``, one Zarr
+chunk per volume, or per slab of whole ``D`` slices when a volume's ``K`` maps exceed
+:data:`MAX_CHUNK_BYTES` (64 MiB: a chunk is read whole, and a slab keeps one read of a 512³ CT
+bounded); scans of different shapes are stored padded with NaN to the largest (``Results.map``
+crops them back). The table has :data:`VOLUME_COLUMNS`: ``depth`` besides ``height, width``, boxes
+``x0, y0, z0, x1, y1, z1`` in voxels (a clip's ``x, y`` in the video's own pixels, ``z`` its kept
+frames), the box in world millimetres ``world_x0 … world_z1`` (NaN without an affine), the scan's
+``spacing`` (mm along the file's ``i, j, k``) and ``affine`` (16 numbers, row-major), and a clip's
+``timestamps`` (seconds of its kept frames).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,6 +96,46 @@ COLUMNS = (
     "x1",
     "y1",
 )
+#: the table of a volume or clip run (see the module docstring)
+VOLUME_COLUMNS = (
+    *COLUMNS[:4],
+    "depth",
+    *COLUMNS[4:14],
+    "x0",
+    "y0",
+    "z0",
+    "x1",
+    "y1",
+    "z1",
+    "world_x0",
+    "world_y0",
+    "world_z0",
+    "world_x1",
+    "world_y1",
+    "world_z1",
+    "spacing",
+    "affine",
+    "timestamps",
+)
+#: the largest map chunk of one volume (uncompressed bytes); larger volumes are chunked in slabs along D
+MAX_CHUNK_BYTES = 64 * 2**20
+
+
+def map_chunks(shape: Sequence[int], itemsize: int, limit: int | None = None) -> tuple[int, ...]:
+    """The Zarr chunk of an array of maps ``(N, K, *spatial)``: one image, or for a volume ``(N, K,
+    D, H, W)`` larger than ``limit`` (default :data:`MAX_CHUNK_BYTES`) a slab of whole ``D`` slices."""
+    limit = MAX_CHUNK_BYTES if limit is None else limit
+    one = (1, *(int(s) for s in shape[1:]))
+    if len(shape) != 5 or int(np.prod(one)) * itemsize <= limit:
+        return one
+    per_slice = int(np.prod(one[3:])) * one[1] * itemsize
+    return (1, one[1], max(1, min(one[2], limit // per_slice)), *one[3:])
+
+
+def image_chunk_keys(array: Any, i: int) -> list[str]:
+    """The store-relative keys (below the array) of every chunk of image ``i``, in grid order."""
+    grid = [-(-int(s) // int(c)) for s, c in zip(array.shape[1:], array.chunks[1:], strict=True)]
+    return [array.metadata.encode_chunk_key((i, *rest)) for rest in np.ndindex(*grid)]
 
 
 class StoreMismatchError(OutputExistsError):
@@ -122,6 +174,11 @@ def _table_bytes(table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _parquet_writer(path: Path, sch: Any) -> Any:
+    _, pq = _pa()
+    return pq.ParquetWriter(path, sch, compression="zstd", write_page_checksum=True)
+
+
 def read_chunk(path: Path) -> tuple[Any, dict[str, Any], Any]:
     """A table chunk read whole, its pages' CRCs verified -> ``(table, map file records, signature)``;
     raises on anything that is not such a chunk (truncated, garbage, another schema)."""
@@ -129,8 +186,7 @@ def read_chunk(path: Path) -> tuple[Any, dict[str, Any], Any]:
     data = path.read_bytes()
     f = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
     table = f.read()
-    if not table.schema.remove_metadata().equals(schema()):
-        raise ValueError(f"columns {table.schema.names} are not a camlens table chunk's")
+    known_schema(table.schema)
     meta = f.schema_arrow.metadata or {}
     files = json.loads(meta[META_FILES]) if META_FILES in meta else {}
     sig = json.loads(meta[META_SIGNATURE]) if META_SIGNATURE in meta else None
@@ -205,30 +261,30 @@ def rerun_hint(run: dict[str, Any] | None) -> str:
     return "run the same command (or explain_dataset call) again: it verifies the store and recomputes what is damaged"
 
 
-def schema():
+def schema(volume: bool = False):
+    """The table's Arrow schema: :data:`COLUMNS`, or :data:`VOLUME_COLUMNS` for a volume or clip run."""
     pa, _ = _pa()
-    return pa.schema(
-        [
-            ("image_id", pa.int64()),
-            ("source", pa.string()),
-            ("name", pa.string()),
-            ("label", pa.string()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("method", pa.string()),
-            ("layer", pa.string()),
-            ("model", pa.string()),
-            ("rank", pa.int32()),
-            ("class_id", pa.int64()),
-            ("class_name", pa.string()),
-            ("score", pa.float32()),
-            ("prob", pa.float32()),
-            ("x0", pa.int32()),
-            ("y0", pa.int32()),
-            ("x1", pa.int32()),
-            ("y1", pa.int32()),
-        ]
-    )
+    types = {
+        "image_id": pa.int64(),
+        "class_id": pa.int64(),
+        "score": pa.float32(),
+        "prob": pa.float32(),
+        **{c: pa.string() for c in ("source", "name", "label", "method", "layer", "model", "class_name")},
+        **{c: pa.float64() for c in VOLUME_COLUMNS if c.startswith("world_")},
+        **{c: pa.list_(pa.float64()) for c in ("spacing", "affine", "timestamps")},
+    }
+    cols = VOLUME_COLUMNS if volume else COLUMNS
+    return pa.schema([(c, types.get(c, pa.int32())) for c in cols])
+
+
+def known_schema(found: Any) -> Any:
+    """The camlens table schema (an image run's or a volume run's) that the Arrow schema ``found``
+    equals once its metadata is removed; ``ValueError`` when it is neither."""
+    bare = found.remove_metadata()
+    for volume in (False, True):
+        if bare.equals(schema(volume)):
+            return schema(volume)
+    raise ValueError(f"columns {bare.names} are not a camlens table chunk's")
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -518,13 +574,15 @@ class ResultStore:
                 arr = zarr.create_array(
                     store=str(path),
                     shape=full,
-                    chunks=(1, *shape),
+                    chunks=map_chunks(full, np.dtype(self.map_dtype).itemsize),
                     dtype=self.map_dtype,
                     fill_value=float("nan"),
                     overwrite=False,
                 )
             except zarr.errors.ContainsArrayError:
                 arr = zarr.open_array(str(path), mode="r+")
+        # every chunk of an image is a file, also one all NaN (a padded slab): the records list them all
+        arr = arr.with_config({"write_empty_chunks": True})
         if tuple(arr.shape) != full:
             raise StoreMismatchError(
                 f"{path} holds maps of shape {tuple(arr.shape)}, this run makes {full}; pass --overwrite"
@@ -536,11 +594,10 @@ class ResultStore:
     def _map_records(self, method: str, idx: np.ndarray) -> dict[str, list[Any]]:
         arr = self._arrays[method]
         base = f"{MAPS_DIR}/{method}"
-        zero = (0,) * (arr.ndim - 1)
         out = {f"{base}/zarr.json": self._meta[method]}
         for i in idx.tolist():
-            key = f"{base}/{arr.metadata.encode_chunk_key((i, *zero))}"
-            out[key] = file_digest(self.root / key)
+            for key in image_chunk_keys(arr, i):
+                out[f"{base}/{key}"] = file_digest(self.root / base / key)
         return out
 
     def _float16(self, m: np.ndarray, ids: Sequence[int]) -> np.ndarray:
@@ -584,7 +641,8 @@ class ResultStore:
             META_SIGNATURE: json.dumps(self.signature),
             META_RENDER: json.dumps(render or {}),
         }
-        table = pa.Table.from_pydict({c: rows[c] for c in COLUMNS}, schema=schema()).replace_schema_metadata(meta)
+        sch = schema(volume="depth" in rows)
+        table = pa.Table.from_pydict({c: rows[c] for c in sch.names}, schema=sch).replace_schema_metadata(meta)
         atomic_write_bytes(path, _table_bytes(table))
         return path
 
@@ -594,14 +652,14 @@ class ResultStore:
     ) -> dict[str, Any]:
         """Merge the chunks into ``results.parquet`` (streamed chunk by chunk, so memory stays at
         one chunk) and write ``index.json`` with every file's ``[size, sha256]``."""
-        _, pq = _pa()
         files = chunk_entries(self.root)[0]
         tmp = self.root / f".{RESULTS_FILE}.{os.getpid()}.tmp"
         rows = 0
         ids: set[int] = set()
         records: dict[str, Any] = {}
         try:
-            with pq.ParquetWriter(tmp, schema(), compression="zstd", write_page_checksum=True) as w:
+            with contextlib.ExitStack() as stack:
+                writer = None
                 for f in files:
                     records[f"{CHUNKS_DIR}/{f.name}"] = file_digest(f)
                     t, maps, _ = read_chunk(f)
@@ -609,7 +667,11 @@ class ResultStore:
                     t = t.sort_by([("image_id", "ascending"), ("method", "ascending"), ("rank", "ascending")])
                     ids.update(t.column("image_id").to_pylist())
                     rows += t.num_rows
-                    w.write_table(t)
+                    if writer is None:  # the chunks' schema: an image or a volume run's
+                        writer = stack.enter_context(_parquet_writer(tmp, t.schema))
+                    writer.write_table(t)
+                if writer is None:
+                    stack.enter_context(_parquet_writer(tmp, schema()))
             check_target(self.root / RESULTS_FILE, overwrite=True)  # a folder in the way is refused
             os.replace(tmp, self.root / RESULTS_FILE)  # replaces a link at the name, never follows it
         except OSError as exc:
@@ -760,7 +822,8 @@ class Results:
                 t = None
                 if why is None:
                     try:
-                        t = pq.read_table(res, schema=schema())
+                        t = pq.read_table(res)
+                        t = t.cast(known_schema(t.schema))
                     except Exception as exc:
                         why = f"not a readable Parquet table ({type(exc).__name__})"
                 if why is not None:
@@ -774,7 +837,7 @@ class Results:
                     self._records.update(files)
                 if problems:
                     raise self._damaged(problems)
-                t = pa.concat_tables(parts) if parts else schema().empty_table()
+                t = pa.concat_tables(parts) if parts else schema().empty_table()  # chunks of one schema
             df = t.to_pandas()
             dup = df.duplicated(["image_id", "method", "rank"])
             if dup.any():
@@ -788,9 +851,8 @@ class Results:
             _ = self.table  # the records of an interrupted run come from its chunks
         records = self._records if self._records is not None else self._recorded()
         base = f"{MAPS_DIR}/{method}"
-        zero = (0,) * (array.ndim - 1)
         problems = {}
-        for rel in [f"{base}/zarr.json"] + [f"{base}/{array.metadata.encode_chunk_key((i, *zero))}" for i in ids]:
+        for rel in [f"{base}/zarr.json"] + [f"{base}/{key}" for i in ids for key in image_chunk_keys(array, i)]:
             if rel in self._verified or rel not in records:
                 continue  # a map never written (a failed image) reads as NaN, as documented
             why = check_file(self.root / rel, records[rel])
@@ -824,12 +886,35 @@ class Results:
         return maps
 
     def map(self, row: Any) -> np.ndarray:
-        """The ``(H, W)`` map of one table row (a row position, or a row of :attr:`table`)."""
+        """The ``(H, W)`` map of one table row (a row position, or a row of :attr:`table`); of a
+        volume run the ``(D, H, W)`` map, cropped to the row's ``depth, height, width`` (a clip's
+        to its ``depth`` frames: its ``height, width`` are the video's, the map is at the model's size)."""
         r = self.table.iloc[row] if isinstance(row, (int, np.integer)) else row
         m = np.asarray(self.maps(str(r["method"]))[int(r["image_id"]), int(r["rank"]) - 1])
+        if "depth" in r.index:  # stored padded to the run's largest volume
+            clip = r["timestamps"] is not None
+            m = m[: int(r["depth"])] if clip else m[: int(r["depth"]), : int(r["height"]), : int(r["width"])]
         if np.isnan(m).all():
             raise self._damaged({f"{MAPS_DIR}/{r['method']}": f"no map stored for image {int(r['image_id'])}"})
         return m
+
+    def to_nifti(self, row: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the map of one table row (a row position, or a row of :attr:`table`) of a NIfTI or
+        DICOM run as a NIfTI file in its scan's space (the stored ``affine``: the saved map opens on
+        top of the scan in ITK-SNAP / 3D Slicer; :func:`camlens.base.nifti.save_nifti`)."""
+        from camlens.base.nifti import Volume, save_nifti
+
+        r = self.table.iloc[row] if isinstance(row, (int, np.integer)) else row
+        aff = r.get("affine") if "affine" in r.index else None
+        if aff is None or len(aff) != 16:
+            what = "a clip" if "timestamps" in r.index and r["timestamps"] is not None else "an input without one"
+            raise InputError(
+                f"row {r.name} ({r['source']}) has no affine ({what}): NIfTI maps are written for runs over "
+                "NIfTI scans or DICOM series; use res.map(i) for the array"
+            )
+        grid = (int(r["width"]), int(r["height"]), int(r["depth"]))  # the file's (i, j, k)
+        vol = Volume(np.broadcast_to(np.float32(0), grid), np.asarray(aff, dtype=np.float64).reshape(4, 4))
+        return save_nifti(self.map(r), vol, path, overwrite=overwrite)
 
     def explanations(self, image: int) -> dict[str, Any]:
         """``{method: Explanation}`` of one image (its ``image_id``) rebuilt from the store, for figures
