@@ -20,7 +20,7 @@ background (the scan, or the explained input itself) the overlay is :func:`camle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,7 +174,7 @@ def _spacing_of(spacing: Sequence[float] | None, affine) -> tuple[float, float, 
         sz = tuple(float(s) for s in spacing)
         if len(sz) != 3 or not all(s > 0 for s in sz):
             raise InputError(f"spacing must be three positive voxel sizes (D, H, W), not {tuple(spacing)!r}")
-        return sz  # type: ignore[return-value]
+        return sz
     if affine is not None:
         s = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
         return (float(s[2]), float(s[1]), float(s[0]))
@@ -255,7 +255,8 @@ def volume_figure(
     ``target``): ``kind="montage"`` (:func:`slice_montage`) or ``"threeview"`` (:func:`three_view`;
     ``spacing=`` / ``affine=`` go to it), over ``background`` (e.g. ``Volume.tensor()[0, 0]``) or
     else the explained input itself (its channel mean) when the explanation holds it."""
-    draw = {"montage": slice_montage, "threeview": three_view}.get(kind)
+    draws: dict[str, Callable[..., Figure]] = {"montage": slice_montage, "threeview": three_view}
+    draw = draws.get(kind)
     if draw is None:
         raise InputError(f"kind must be 'montage' or 'threeview' for volume_figure, not {kind!r}")
     if exp.spatial_dims != 3:
