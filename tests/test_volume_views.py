@@ -168,3 +168,11 @@ def test_explanation_figure_kinds_on_a_clip_explanation():
     assert next(ax.get_title() for ax in strip.axes if ax.images) == "frame 0"
     with pytest.raises(InputError, match="kind must be"):
         exp.figure(kind="pie")
+
+
+def test_resize_map_takes_a_flipped_view():
+    from camlens.viz.render import resize_map
+
+    m = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(resize_map(m[::-1], (2, 3)), m[::-1])  # a negative-stride view raised
+    assert resize_map(m[::-1], (4, 6)).shape == (4, 6)
