@@ -39,9 +39,12 @@ def test_three_view_crosshair_sits_on_the_peak_voxel_in_every_view():
     assert [ax.get_title().split()[0] for ax in axes] == ["axial", "coronal", "sagittal"]
     # (rows, cols) of each view: axial (y, x), coronal (z, x), sagittal (z, y)
     for ax, (r, c) in zip(axes, [(1, 2), (0, 2), (0, 1)], strict=True):
-        xs = {float(v) for line in ax.lines for v in line.get_xdata() if line.get_xdata()[0] == line.get_xdata()[1]}
-        ys = {float(v) for line in ax.lines for v in line.get_ydata() if line.get_ydata()[0] == line.get_ydata()[1]}
+        hair = [line for line in ax.lines if len(line.get_xdata()) == 2]
+        xs = {float(v) for line in hair for v in line.get_xdata() if line.get_xdata()[0] == line.get_xdata()[1]}
+        ys = {float(v) for line in hair for v in line.get_ydata() if line.get_ydata()[0] == line.get_ydata()[1]}
         assert xs == {peak[c]} and ys == {peak[r]}
+        (ring,) = [line for line in ax.lines if len(line.get_xdata()) == 1]  # the circle on the peak
+        assert (float(ring.get_xdata()[0]), float(ring.get_ydata()[0])) == (peak[c], peak[r])
         assert ax.get_aspect() == pytest.approx((2.5, 1.0, 1.0)[r] / (2.5, 1.0, 1.0)[c])
     assert "axial z = 3 / 9 · 7.5 mm" in axes[0].get_title()
     assert "coronal y = 7 / 10 · 7.0 mm" in axes[1].get_title()

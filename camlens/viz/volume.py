@@ -244,6 +244,7 @@ def _view_panel(ax, view: str, a: np.ndarray, bg, sc: ColorScale, alpha: float, 
         ax.invert_yaxis()
     ax.axvline(peak[cols], color=PEAK_COLOR, lw=0.8, alpha=0.9)
     ax.axhline(peak[rows], color=PEAK_COLOR, lw=0.8, alpha=0.9)
+    ax.plot([peak[cols]], [peak[rows]], marker="o", fillstyle="none", color=PEAK_COLOR, markersize=10, mew=1.2)
     ax.set_xlabel(_AXIS_LETTER[cols], fontsize=7, labelpad=1)
     ax.set_ylabel(_AXIS_LETTER[rows], fontsize=7, labelpad=1)
 
