@@ -63,7 +63,7 @@ def test_scan_figures_threeview_gif_mp4(tmp_path, monkeypatch):
         "head_gradcam_top1_threeview.png",
     ]
     gif = _gif_frames(out / "head_gradcam_top1.gif")
-    assert len(gif) == 6 and gif[0].shape == (10 + 14, 12, 3)  # one frame per axial slice, the band below
+    assert len(gif) == 6 and gif[0].shape == (10 * 14 + 14, 12 * 14, 3)  # per axial slice, x14 to >= 160 px, the band
     with av.open(str(out / "head_gradcam_top1.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 6
 
@@ -78,7 +78,7 @@ def test_video_figures_by_default_and_bad_kinds(tmp_path, monkeypatch):
     for name in ("moving_gradcam_top1.png", "moving_gradcam_top1_strip.png", "moving_gradcam_top1.npy"):
         assert (out / name).stat().st_size > 200, name
     gif = _gif_frames(out / "moving_gradcam_top1.gif")
-    assert len(gif) == N_FRAMES and gif[0].shape == (H + 14, W, 3)  # over the video's own frames
+    assert len(gif) == N_FRAMES and gif[0].shape == (H * 3 + 14, W * 3, 3)  # the video's own frames, x3
     bad = _run([str(path), "--out", str(tmp_path / "o2"), "--volume-figures", "threeview,pie"])
     assert bad.exit_code != 0 and "pie" in bad.output and "threeview" in bad.output
     photo = CliRunner().invoke(cli_main, ["explain", "photo.jpg", "--volume-figures", "gif"])

@@ -100,7 +100,7 @@ def test_gif_has_one_frame_per_clip_frame_on_one_shared_scale():
     values = np.arange(1.0, 6.0)  # frame t is constant t + 1: per-frame scales would make all frames alike
     m = np.broadcast_to(values[:, None, None], (5, 6, 8)).copy()
     frames, durations = _gif_frames(gif_bytes(m, timestamps=[0.0, 0.04, 0.08, 0.12, 0.16], alpha=1.0, band=False))
-    assert len(frames) == 5 and frames[0].shape == (6, 8, 3)
+    assert len(frames) == 5 and frames[0].shape == (6 * 20, 8 * 20, 3)  # enlarged to >= 160 px wide
     lut = colormap_lut("jet")
     for t, f in enumerate(frames):
         want = lut[min(int((values[t] - 1) / 4 * 256), 255)]
@@ -120,8 +120,9 @@ def test_gif_of_a_signed_clip_is_diverging_with_zero_untinted():
 def test_gif_band_and_frames_of_another_size():
     m = blob((1, 2, 3), shape=(3, 6, 8))
     rgb = np.zeros((3, 12, 16, 3), np.uint8)
-    frames, durations = _gif_frames(gif_bytes(m, rgb, fps=10))
+    frames, durations = _gif_frames(gif_bytes(m, rgb, fps=10, min_width=0))
     assert len(frames) == 3 and frames[0].shape == (12 + 14, 16, 3)
+    assert _gif_frames(gif_bytes(m, rgb, min_width=50))[0][0].shape == (48 + 14, 64, 3)  # x4: 64 >= 50
     assert durations == [100] * 3
     with pytest.raises(InputError, match="T = 3"):
         overlay_frames(m, np.zeros((2, 12, 16, 3), np.uint8))

@@ -7,8 +7,9 @@ frame look equally hot.
 
 * :func:`overlay_frames` — the ``(T, H, W, 3)`` uint8 overlays (the map resized to each frame,
   :func:`camlens.viz.render_map` with the shared scale) and that scale;
-* :func:`gif_bytes` — an animated GIF (PIL): each frame shown for its own duration (from the
-  timestamps), with a band under it holding the colour bar (low … high) and the frame's time;
+* :func:`gif_bytes` — an animated GIF (PIL, one 256-colour palette for all frames): each frame
+  shown for its own duration (from the timestamps), with a band under it holding the colour bar
+  (low … high) and the frame's time;
 * :func:`mp4_bytes` — an H.264 MP4 (PyAV, ``camlens[video]``) of the same frames at the clip's rate;
 * :func:`frame_strip` — a figure of every ``every``-th frame titled with its index and timestamp,
   the peak frame framed in red, a colorbar in the map's units;
@@ -99,17 +100,25 @@ def gif_bytes(
     alpha: float = 0.5,
     pixel: bool = False,
     band: bool = True,
+    min_width: int = 160,
 ) -> bytes:
     """An animated GIF (looping) of :func:`overlay_frames`, one GIF frame per clip frame shown for
-    its own duration; ``band``: a strip under each frame with the shared colour bar and ``t = …s``."""
+    its own duration; ``band``: a strip under each frame with the shared colour bar and the time.
+    Frames narrower than ``min_width`` pixels are enlarged by a whole factor (nearest neighbour: each
+    voxel a block, no new colours) so that a small scan or clip stays visible and the band legible."""
     from PIL import Image
 
     over, sc = overlay_frames(m, frames, alpha=alpha, pixel=pixel)
+    f = max(1, -(-min_width // over.shape[2]))
+    over = over.repeat(f, axis=1).repeat(f, axis=2) if f > 1 else over
     if band:
         stamps = timestamps if timestamps is not None else [None] * len(over)
         labels = [f"{i}" if t is None else f"{float(t):.2f}s" for i, t in enumerate(stamps)]
         over = np.stack([np.concatenate([f, _band(sc, f.shape[1], s)]) for f, s in zip(over, labels, strict=True)])
-    images = [Image.fromarray(f).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) for f in over]
+    # one 256-colour palette for the whole clip (a per-frame palette made the colour bar and the
+    # same map value change colour from frame to frame); no dithering: blocks stay flat
+    palette = Image.fromarray(np.concatenate(list(over), axis=0)).quantize(256, method=Image.Quantize.MEDIANCUT)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in over]
     buf = io.BytesIO()
     images[0].save(
         buf,
