@@ -180,3 +180,14 @@ def test_resize_map_takes_a_flipped_view():
     m = np.arange(6.0, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(resize_map(m[::-1], (2, 3)), m[::-1])  # a negative-stride view raised
     assert resize_map(m[::-1], (4, 6)).shape == (4, 6)
+
+
+def test_coronal_and_sagittal_panels_have_z_upwards_in_both_figures():
+    from camlens.viz.volume import slice_montage
+
+    m = blob((2, 3, 4))
+    for fig in (three_view(m), slice_montage(m, n_slices=2)):
+        for ax in _panels(fig):
+            lo, hi = ax.get_ylim()
+            view = ax.get_title().split()[0]
+            assert (lo < hi) == (view != "axial"), (view, lo, hi)  # rows grow upwards except axial's

@@ -1,4 +1,5 @@
-"""Figures of volume and clip maps ``(D, H, W)``: a slice montage over the three orthogonal views.
+"""Figures of volume and clip maps ``(D, H, W)``: a slice montage over the three orthogonal views,
+and the orthogonal three-view through the peak (:func:`three_view`).
 
 :func:`slice_montage` draws one row per view and ``n_slices`` slices per row:
 
@@ -6,9 +7,11 @@
 * **coronal** — along ``H``, showing ``(D, W)``;
 * **sagittal** — along ``W``, showing ``(D, H)``.
 
-(The names are a scan's in camlens' ``(k, j, i)`` order of a NIfTI file in the usual RAS-like
-orientation, see :mod:`camlens.base.nifti`; for a clip "axial" means frames.) The slices are
-evenly spaced over each axis, with the one nearest the map's **peak** replaced by the slice
+Coronal and sagittal slices are drawn with ``z`` (the first axis) growing upwards: superior up
+in a RAS scan, as in :func:`three_view` and the web app. (The names are a scan's in camlens'
+``(k, j, i)`` order of a NIfTI file in the usual RAS-like orientation, see
+:mod:`camlens.base.nifti`; for a clip "axial" means frames.) The slices are evenly spaced
+over each axis, with the one nearest the map's **peak** replaced by the slice
 through the peak itself: that panel is framed in red and the peak's in-plane position circled in
 red. The peak is the largest value of an unsigned map, the largest ``|value|`` of a signed one.
 
@@ -132,6 +135,8 @@ def slice_montage(
                 continue
             i = idx[c]
             _panel(ax, _take(a, axis, i), None if bg is None else _take(bg, axis, i), sc, alpha, sz[rows] / sz[cols])
+            if rows == 0:  # coronal / sagittal: z upwards, as in three_view and the web app
+                ax.invert_yaxis()
             on_peak = i == peak[axis]
             ax.set_title(
                 f"{view} {i}" + (" (peak)" if on_peak else ""), fontsize=8, color=PEAK_COLOR if on_peak else "black"
