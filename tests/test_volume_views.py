@@ -172,6 +172,7 @@ def test_explanation_figure_kinds_on_a_clip_explanation():
     assert next(ax.get_title() for ax in strip.axes if ax.images) == "frame 0"
     with pytest.raises(InputError, match="kind must be"):
         exp.figure(kind="pie")
+    assert exp._repr_png_()[:4] == b"\x89PNG"  # a notebook shows a volume explanation as its montage
 
 
 def test_resize_map_takes_a_flipped_view():
