@@ -19,6 +19,7 @@ from camlens.base.errors import InputError
 from camlens.viz.clip import frame_strip, gif_bytes, mp4_bytes, overlay_frames
 from camlens.viz.render import DIVERGING_CMAP, colormap_lut, render_map
 from camlens.viz.volume import three_view, world_mm
+from tests.conftest import TinyCNN
 
 
 def blob(center, shape=(9, 10, 12), sign=1.0) -> np.ndarray:
@@ -192,3 +193,9 @@ def test_coronal_and_sagittal_panels_have_z_upwards_in_both_figures():
             lo, hi = ax.get_ylim()
             view = ax.get_title().split()[0]
             assert (lo < hi) == (view != "axial"), (view, lo, hi)  # rows grow upwards except axial's
+
+
+def test_figure_kind_on_a_2d_explanation_is_refused_by_name():
+    exp = camlens.explain(TinyCNN().eval(), torch.rand(1, 3, 16, 16), "gradcam")
+    with pytest.raises(InputError, match="kind='threeview' is for volume and clip maps"):
+        exp.figure(kind="threeview")

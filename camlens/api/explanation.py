@@ -379,6 +379,10 @@ class Explanation:
         figures = backend("figures")
         if self.spatial_dims == 3:
             return figures.clip_explanation_figure(self, **kwargs)
+        if "kind" in kwargs:
+            raise InputError(
+                f"kind={kwargs['kind']!r} is for volume and clip maps (N, K, D, H, W); these are {self.shape}"
+            )
         return figures.explanation_figure(self, **kwargs)
 
     def show(self, **kwargs) -> None:
