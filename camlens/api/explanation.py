@@ -373,20 +373,28 @@ class Explanation:
 
     def figure(self, **kwargs):
         """The overlays as a :class:`matplotlib.figure.Figure` (no display); see
-        :func:`camlens.viz.explanation_figure` for the options."""
-        return backend("figures").explanation_figure(self, **kwargs)
+        :func:`camlens.viz.explanation_figure` for the options. Volume and clip maps: one map's
+        ``kind="montage"`` (default), ``"threeview"`` or ``"strip"`` (frames), see
+        :func:`camlens.viz.clip_explanation_figure` (``index=``, ``target=`` pick the map)."""
+        figures = backend("figures")
+        if self.spatial_dims == 3:
+            return figures.clip_explanation_figure(self, **kwargs)
+        if "kind" in kwargs:
+            raise InputError(
+                f"kind={kwargs['kind']!r} is for volume and clip maps (N, K, D, H, W); these are {self.shape}"
+            )
+        return figures.explanation_figure(self, **kwargs)
 
     def show(self, **kwargs) -> None:
         """Display the overlays now: inline in Jupyter/IPython (also when ``show()`` is not the
         cell's last expression, e.g. ``exp.show(); exp.save("out/")``), in a window in a script
         with an interactive matplotlib backend; with a non-interactive backend (Agg) there is
         nothing to display. Returns ``None``; :meth:`figure` returns the figure itself."""
-        figures = backend("figures")
-        figures.display_figure(figures.explanation_figure(self, **kwargs))
+        backend("figures").display_figure(self.figure(**kwargs))
 
     def _repr_png_(self) -> bytes:
         """The figure as PNG bytes (IPython shows an ``Explanation`` as its overlays)."""
-        return backend("figures").figure_png(self.figure(max_images=4))
+        return backend("figures").figure_png(self.figure(**({} if self.spatial_dims == 3 else {"max_images": 4})))
 
     def _repr_html_(self) -> str:
         """A summary line and the figure, for notebooks."""

@@ -80,6 +80,9 @@ def serve_cmd(
     cost of each method, deletion/insertion curves on request, and downloads (PNG, NPY, JSON).
     Works offline: the page loads nothing from the internet. Stop it with Ctrl-C.
 
+    With a 3-D model offered (--model r3d_18…), a NIfTI scan or a video file dropped on the page is
+    explained by it and shown one slice (axial / coronal / sagittal) or frame at a time under a slider.
+
     \b
     Examples:
       camlens serve                        # http://127.0.0.1:8765/

@@ -26,6 +26,12 @@ class x method with the 3-D box in voxels and millimetres, the affine, spacing a
 resumable, checked. ``--format store,nii`` also writes each map as NIfTI in its scan's space to
 ``OUT/nifti/STEM_METHOD_topK.nii.gz``; ``--figures overlay|all`` a slice montage per volume, method
 and class to ``OUT/figures``.
+
+``--volume-figures KINDS`` (comma-separated) picks the pictures of each map (:mod:`camlens.viz.volume`,
+:mod:`camlens.viz.clip`): ``montage`` (``.png``), ``threeview`` (``_threeview.png``: the orthogonal
+slices through the peak, in mm), ``strip`` (``_strip.png``: every k-th frame with its time), ``gif``
+and ``mp4`` (the animated overlay over the clip's own frames, or a scan's axial slices); ``auto`` is
+montage and three-view for scans, montage, strip and GIF for videos.
 """
 
 from __future__ import annotations
@@ -50,11 +56,37 @@ from camlens.cli.common import (
 from camlens.cli.dataset import load_model_seeded
 
 DEFAULT_VOLUME_METHODS = ("gradcam",)
+#: --volume-figures kinds -> the suffix of their files (after STEM_METHOD_topJ)
+VOLUME_FIGURES = {"montage": ".png", "threeview": "_threeview.png", "strip": "_strip.png", "gif": ".gif", "mp4": ".mp4"}
+AUTO_FIGURES = {"scan": ("montage", "threeview"), "video": ("montage", "strip", "gif")}
+
+
+def parse_volume_figures(text: str | None) -> tuple[str, ...]:
+    """``"threeview,gif"`` -> ``("threeview", "gif")``; ``"auto"`` / ``None`` -> ``()`` (per input kind)."""
+    if text is None or text.strip() == "auto":
+        return ()
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in VOLUME_FIGURES]
+    if bad or not kinds:
+        raise click.BadParameter(
+            f"unknown figure kind(s) {', '.join(bad) or text!r}; choose from {', '.join(VOLUME_FIGURES)} or auto",
+            param_hint="--volume-figures",
+        )
+    return kinds
 
 
 def nifti_inputs(cmd: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``camlens explain``: NIfTI inputs go to :func:`explain_scans`, images to ``cmd``."""
 
+    @click.option(
+        "--volume-figures",
+        default="auto",
+        show_default=True,
+        metavar="KINDS",
+        help="NIfTI scans and video files: comma-separated figures per map, of "
+        f"{','.join(VOLUME_FIGURES)}; auto = montage,threeview for scans, montage,strip,gif for videos "
+        "(a scan's GIF/MP4/strip run through its axial slices)",
+    )
     @functools.wraps(cmd)
     def run(**kw: Any) -> Any:
         from camlens.base.nifti import is_nifti
@@ -65,6 +97,8 @@ def nifti_inputs(cmd: Callable[..., Any]) -> Callable[..., Any]:
         folders = [p for p in images if holds_volumes(p)]  # a folder of scans, series or clips: a store run
         scans = [p for p in images if is_nifti(p) or is_video(p)] + folders
         if not scans:
+            if kw.pop("volume_figures", "auto") != "auto":
+                raise click.BadParameter("is for NIfTI scans and video files", param_hint="--volume-figures")
             return cmd(**kw)
         if len(scans) != len(images):
             raise click.BadParameter(
@@ -101,8 +135,15 @@ class ScanRun:
     overwrite: bool
     threshold: float | None
     method_options: tuple[str, ...]
+    figures: tuple[str, ...] = ()  # --volume-figures; () = AUTO_FIGURES per input kind
     frames: int = 16  # video files: frames per clip and the stride between them
     stride: int = 1
+
+    def kinds(self, scan: str) -> tuple[str, ...]:
+        """The figure kinds written for ``scan`` (a NIfTI file or a video)."""
+        from camlens.base.video import is_video
+
+        return self.figures or AUTO_FIGURES["video" if is_video(scan) else "scan"]
 
     @classmethod
     def of(cls, kw: dict[str, Any]) -> ScanRun:
@@ -123,6 +164,7 @@ class ScanRun:
             bool(kw.get("overwrite")),
             parse_threshold(thr) if thr is not None else None,
             tuple(kw.get("method_options") or ()),
+            parse_volume_figures(kw.get("volume_figures")),
         )
 
 
@@ -221,7 +263,8 @@ def _planned(run: ScanRun, names: list[str], k: int) -> list[Path]:
         ext = ".npy" if is_video(scan) else ".nii.gz"
         for m in names:
             for j in range(k):
-                paths += [out / f"{stem}_{m}_top{j + 1}{ext}", out / f"{stem}_{m}_top{j + 1}.png"]
+                paths.append(out / f"{stem}_{m}_top{j + 1}{ext}")
+                paths += [out / f"{stem}_{m}_top{j + 1}{VOLUME_FIGURES[f]}" for f in run.kinds(scan)]
     return paths
 
 
@@ -273,11 +316,10 @@ def explain_scans(run: ScanRun) -> None:
 
 def _write_scan(out: Path, scan: str, vol, res: dict, run: ScanRun) -> dict[str, Any]:
     """The maps (NIfTI), montages (PNG) and the JSON summary of one scan."""
-    from camlens.base.fsio import atomic_write, atomic_write_json
+    from camlens.base.fsio import atomic_write_json
     from camlens.base.localization import DEFAULT_THRESHOLD
     from camlens.base.nifti import save_nifti
-    from camlens.viz import figure_png
-    from camlens.viz.volume import peak_voxel, volume_figure
+    from camlens.viz.volume import peak_voxel
 
     stem = _stem(scan)
     background = vol.tensor()[0, 0]
@@ -290,8 +332,8 @@ def _write_scan(out: Path, scan: str, vol, res: dict, run: ScanRun) -> dict[str,
         for j, label in enumerate(exp.labels()[0]):
             m = exp.map(0, j)
             save_nifti(m, vol, out / f"{stem}_{method}_top{j + 1}.nii.gz", overwrite=run.overwrite)
-            fig = volume_figure(exp, 0, j, background=background, spacing=vol.spacing[::-1])
-            atomic_write(out / f"{stem}_{method}_top{j + 1}.png", figure_png(fig), overwrite=run.overwrite)
+            pics = Pictures(background, None, vol.spacing[::-1], vol.affine, kinds=run.kinds(scan))
+            write_figures(out / f"{stem}_{method}_top{j + 1}", exp, j, pics, run)
             peak = peak_voxel(m.numpy(), exp.signed)
             rows.append(
                 {
@@ -317,8 +359,7 @@ def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str
 
     from camlens.base.fsio import atomic_write, atomic_write_json
     from camlens.base.localization import DEFAULT_THRESHOLD
-    from camlens.viz import figure_png
-    from camlens.viz.volume import peak_voxel, volume_figure
+    from camlens.viz.volume import peak_voxel
 
     stem = _stem(path)
     video_hw = tuple(int(v) for v in clip.frames.shape[1:3])
@@ -333,8 +374,8 @@ def _write_clip(out: Path, path: str, clip, res: dict, run: ScanRun) -> dict[str
             buf = io.BytesIO()
             np.save(buf, m.numpy())
             atomic_write(out / f"{stem}_{method}_top{j + 1}.npy", buf.getvalue(), overwrite=run.overwrite)
-            fig = volume_figure(exp, 0, j, views=("axial",), n_slices=min(8, m.shape[0]))
-            atomic_write(out / f"{stem}_{method}_top{j + 1}.png", figure_png(fig), overwrite=run.overwrite)
+            pics = Pictures(clip.frames, clip.timestamps, None, None, clip.fps, run.kinds(path))
+            write_figures(out / f"{stem}_{method}_top{j + 1}", exp, j, pics, run)
             t, y, x = peak_voxel(m.numpy(), exp.signed)
             box = [int(v) for v in boxes[0, j]]
             rows.append(
@@ -366,6 +407,54 @@ def _track(m, threshold: float, timestamps, video_hw: tuple[int, ...]) -> dict[s
     for row, box in zip(frames, scale_boxes(track.boxes, tuple(m.shape[-2:]), video_hw), strict=True):
         row["box_xyxy_video"] = [int(v) for v in box] if row["box_xyxy"] is not None else None
     return {"temporal_extent": track.extent.to_dict() if track.extent else None, "track": frames}
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """What the figures of one input are drawn over: ``background`` (a scan ``(D, H, W)`` or a
+    clip's RGB frames ``(T, H, W, 3)``), the frames' ``timestamps``, the voxel ``spacing`` along
+    ``(D, H, W)`` and the ``affine`` (scans), the ``fps`` (clips)."""
+
+    background: Any
+    timestamps: Any = None
+    spacing: tuple[float, ...] | None = None
+    affine: Any = None
+    fps: float | None = None
+    kinds: tuple[str, ...] = ("montage",)
+
+
+def write_figures(base: Path, exp, j: int, pics: Pictures, run: ScanRun) -> None:
+    """The figures ``pics.kinds`` of map ``(0, j)`` of ``exp``: ``BASE.png`` (montage),
+    ``BASE_threeview.png``, ``BASE_strip.png``, ``BASE.gif``, ``BASE.mp4``."""
+    from camlens.base.fsio import atomic_write
+
+    for kind in pics.kinds:
+        data = _figure_bytes(kind, exp, j, pics)
+        atomic_write(base.with_name(base.name + VOLUME_FIGURES[kind]), data, overwrite=run.overwrite)
+
+
+def _figure_bytes(kind: str, exp, j: int, pics: Pictures) -> bytes:
+    """One figure of :func:`write_figures` as file bytes (PNG, GIF or MP4)."""
+    from camlens.viz import figure_png
+    from camlens.viz.clip import clip_explanation_figure, gif_bytes, mp4_bytes
+
+    m = exp.map(0, j)
+    pixel = exp.kind == "pixel"
+    if kind == "gif":
+        return gif_bytes(m, pics.background, timestamps=pics.timestamps, fps=pics.fps, pixel=pixel)
+    if kind == "mp4":
+        return mp4_bytes(m, pics.background, fps=pics.fps, pixel=pixel)
+    if kind == "strip":
+        opts: dict[str, Any] = {"frames": pics.background, "timestamps": pics.timestamps}
+        opts["every"] = max(1, -(-m.shape[0] // 8))  # at most 8 frames (and the peak's)
+        return figure_png(clip_explanation_figure(exp, 0, j, kind=kind, **opts))
+    clip = pics.timestamps is not None
+    opts = {"background": None if clip else pics.background, "spacing": pics.spacing}  # clips: the input's frames
+    if kind == "threeview":
+        opts["affine"] = pics.affine
+    elif clip:
+        opts |= {"views": ("axial",), "n_slices": min(8, m.shape[0])}
+    return figure_png(clip_explanation_figure(exp, 0, j, kind=kind, **opts))
 
 
 __all__ = ["ScanRun", "explain_scans", "nifti_inputs"]

@@ -21,6 +21,9 @@ keeps serving. Routes (all under ``/api`` except the page)::
     GET  /api/result/{id}/figure.png?alpha=&threshold=&cmap=&pixel_boxes=
     GET  /api/result/{id}/maps/{method}.npy  GET /api/result/{id}/summary.json?threshold=
     POST /api/faithfulness {result_id, method, cls}        -> deletion / insertion curves
+    POST /api/volume?model=&method=  a NIfTI scan or a video (raw body + X-Filename, or multipart)
+                                     -> axes, sizes, aspect, peak, colour scale (camlens.serve.volume)
+    GET  /api/volume/{id}/slice/{axis}/{index}.png?alpha=   one slice (axial/coronal/sagittal) or frame
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from camlens.serve.service import (
     format_bytes,
     method_title,
 )
+from camlens.serve.volume import VolumeService, slice_png
 
 log = logging.getLogger("camlens.serve")
 
@@ -232,7 +236,35 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
 
     _add_input_routes(app, svc)
     _add_result_routes(app, svc)
+    _add_volume_routes(app, VolumeService(svc.pool, svc.limits))
     return app
+
+
+def _add_volume_routes(app: FastAPI, vol: VolumeService) -> None:
+    """A NIfTI scan or a video uploaded and explained (``POST /api/volume?model=&method=``), then
+    shown one slice at a time (``GET /api/volume/{id}/slice/{axis}/{index}.png``), see
+    :mod:`camlens.serve.volume`."""
+    app.state.volumes = vol
+
+    @app.post("/api/volume")
+    async def volume_upload(request: Request, model: str, method: str = "gradcam") -> dict[str, Any]:
+        from starlette.concurrency import run_in_threadpool
+
+        ctype = request.headers.get("content-type", "")
+        slack = 64 * 1024 if ctype.startswith("multipart/form-data") else 0
+        body = await _read_body(request, vol.limits.max_upload_bytes, slack)
+        if ctype.startswith("multipart/form-data"):
+            data, name = await _multipart_file(request, body)
+        else:
+            from urllib.parse import unquote
+
+            data, name = body, unquote(request.headers.get("x-filename") or "")
+        entry = await run_in_threadpool(vol.explain_upload, data, name, model, method)
+        return entry.info()
+
+    @app.get("/api/volume/{entry_id}/slice/{axis}/{index}.png")
+    def volume_slice(entry_id: str, axis: str, index: int, alpha: float = 0.5) -> Response:
+        return _png(slice_png(vol.get(entry_id), axis, index, min(1.0, max(0.0, alpha))))
 
 
 def _add_input_routes(app: FastAPI, svc: Service) -> None:

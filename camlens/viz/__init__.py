@@ -13,6 +13,8 @@ displays itself as the cell's result.
   :func:`render_map` — a map over its photo by that rule (figures, saved PNGs, the montage).
 * :func:`topk_figure`, :func:`batch_grid`, :func:`pixel_figure`, :func:`boxes_figure`,
   :func:`explanation_figure`, :func:`montage` (methods x classes) — the layouts;
+  volumes and clips: :func:`slice_montage`, :func:`three_view`, :func:`volume_figure`
+  (:mod:`camlens.viz.volume`), :func:`frame_strip`, :func:`gif_bytes`, :func:`mp4_bytes` (:mod:`camlens.viz.clip`);
   :func:`save_explanation` — PNG (with a colorbar), ``.npy`` and JSON.
 
 One module per job: ``render`` (colours, the colour rule), ``panels`` (titles, labels, boxes, grids),
@@ -24,6 +26,7 @@ One module per job: ``render`` (colours, the colour rule), ``panels`` (titles, l
 from __future__ import annotations
 
 from camlens.base.names import safe_name, unique_names
+from camlens.viz.clip import clip_explanation_figure, frame_strip, gif_bytes, mp4_bytes, overlay_frames
 from camlens.viz.export import SaveOptions, output_paths, save_explanation, save_options
 from camlens.viz.figures import (
     batch_grid,
@@ -67,6 +70,7 @@ from camlens.viz.render import (
     shared_color_scale,
 )
 from camlens.viz.tasks import detection_figure, segmentation_figure
+from camlens.viz.volume import slice_montage, three_view, volume_figure
 
 __all__ = [
     "BOX_COLOR",
@@ -84,6 +88,7 @@ __all__ = [
     "attribution_rgb",
     "batch_grid",
     "boxes_figure",
+    "clip_explanation_figure",
     "color_scale",
     "colorbar_geometry",
     "colorize",
@@ -93,17 +98,21 @@ __all__ = [
     "display_figure",
     "explanation_figure",
     "figure_png",
+    "frame_strip",
+    "gif_bytes",
     "image_scale",
     "in_notebook",
     "interactive_backend",
     "is_topk",
     "layer_title",
     "montage",
+    "mp4_bytes",
     "normalize",
     "ordinal",
     "output_paths",
     "overlay",
     "overlay_figure",
+    "overlay_frames",
     "overlay_png",
     "patch_boxes",
     "pixel_figure",
@@ -117,8 +126,11 @@ __all__ = [
     "scale_label",
     "segmentation_figure",
     "shared_color_scale",
+    "slice_montage",
     "target_label",
+    "three_view",
     "topk_figure",
     "true_rank",
     "unique_names",
+    "volume_figure",
 ]

@@ -46,7 +46,11 @@ def normalize(maps, *, ulps: float = ULPS):
 
 def resize_map(m, size: Sequence[int]) -> np.ndarray:
     """Resize one ``(h, w)`` map to ``size = (H, W)`` (bilinear, ``align_corners=False``)."""
-    t = m.detach().float().cpu() if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m, np.float32))
+    t = (
+        m.detach().float().cpu()
+        if isinstance(m, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(m, np.float32))
+    )
     if t.dim() != 2:
         raise InputError(f"expected one (H, W) map, got shape {tuple(t.shape)}")
     if tuple(t.shape) == tuple(size):

@@ -1,4 +1,5 @@
-"""Figures of volume and clip maps ``(D, H, W)``: a slice montage over the three orthogonal views.
+"""Figures of volume and clip maps ``(D, H, W)``: a slice montage over the three orthogonal views,
+and the orthogonal three-view through the peak (:func:`three_view`).
 
 :func:`slice_montage` draws one row per view and ``n_slices`` slices per row:
 
@@ -6,9 +7,11 @@
 * **coronal** — along ``H``, showing ``(D, W)``;
 * **sagittal** — along ``W``, showing ``(D, H)``.
 
-(The names are a scan's in camlens' ``(k, j, i)`` order of a NIfTI file in the usual RAS-like
-orientation, see :mod:`camlens.base.nifti`; for a clip "axial" means frames.) The slices are
-evenly spaced over each axis, with the one nearest the map's **peak** replaced by the slice
+Coronal and sagittal slices are drawn with ``z`` (the first axis) growing upwards: superior up
+in a RAS scan, as in :func:`three_view` and the web app. (The names are a scan's in camlens'
+``(k, j, i)`` order of a NIfTI file in the usual RAS-like orientation, see
+:mod:`camlens.base.nifti`; for a clip "axial" means frames.) The slices are evenly spaced
+over each axis, with the one nearest the map's **peak** replaced by the slice
 through the peak itself: that panel is framed in red and the peak's in-plane position circled in
 red. The peak is the largest value of an unsigned map, the largest ``|value|`` of a signed one.
 
@@ -20,7 +23,7 @@ background (the scan, or the explained input itself) the overlay is :func:`camle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,6 +135,8 @@ def slice_montage(
                 continue
             i = idx[c]
             _panel(ax, _take(a, axis, i), None if bg is None else _take(bg, axis, i), sc, alpha, sz[rows] / sz[cols])
+            if rows == 0:  # coronal / sagittal: z upwards, as in three_view and the web app
+                ax.invert_yaxis()
             on_peak = i == peak[axis]
             ax.set_title(
                 f"{view} {i}" + (" (peak)" if on_peak else ""), fontsize=8, color=PEAK_COLOR if on_peak else "black"
@@ -149,18 +154,139 @@ def slice_montage(
     return fig
 
 
-def volume_figure(exp: Explanation, index: int = 0, target: int = 0, *, background=None, **kwargs: Any) -> Figure:
-    """:func:`slice_montage` of one map of a volume or clip :class:`~camlens.Explanation` (image
-    ``index``, target ``target``), over ``background`` (e.g. ``Volume.tensor()[0, 0]``) or else the
-    explained input itself (its channel mean) when the explanation holds it."""
+# --------------------------------------------------------------------------------------------
+# The orthogonal three-view: one slice per view through the peak, a crosshair at the peak
+# --------------------------------------------------------------------------------------------
+#: view -> (the axis it slices, its rows' axis, its columns' axis) of ``(D, H, W)``
+_PLANES = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
+_AXIS_LETTER = "zyx"
+
+
+def world_mm(affine, zyx: Sequence[int]) -> np.ndarray:
+    """World coordinates (mm) ``(x, y, z)`` of voxel ``(z, y, x)`` through a 4x4 voxel-to-world
+    ``affine`` whose voxel axes are ``(x, y, z)`` (a NIfTI file's ``(i, j, k)``, see
+    :class:`camlens.base.nifti.Volume`)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise InputError(f"affine must be a 4x4 voxel-to-world matrix, not shape {a.shape}")
+    return a[:3, :3] @ np.asarray(zyx, dtype=np.float64)[::-1] + a[:3, 3]
+
+
+def _spacing_of(spacing: Sequence[float] | None, affine) -> tuple[float, float, float]:
+    """Voxel size along ``(D, H, W)``: ``spacing`` as given, else the affine's column norms (its
+    ``(i, j, k)`` reversed), else 1."""
+    if spacing is not None:
+        sz = tuple(float(s) for s in spacing)
+        if len(sz) != 3 or not all(s > 0 for s in sz):
+            raise InputError(f"spacing must be three positive voxel sizes (D, H, W), not {tuple(spacing)!r}")
+        return sz
+    if affine is not None:
+        s = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+        return (float(s[2]), float(s[1]), float(s[0]))
+    return (1.0, 1.0, 1.0)
+
+
+def _view_title(view: str, peak: tuple[int, int, int], shape: tuple[int, ...], sz, known: bool) -> str:
+    axis = _PLANES[view][0]
+    i = peak[axis]
+    mm = f" · {i * sz[axis]:.1f} mm" if known else ""
+    return f"{view} {_AXIS_LETTER[axis]} = {i} / {shape[axis]}{mm}"
+
+
+def three_view(
+    m,
+    background=None,
+    *,
+    spacing: Sequence[float] | None = None,
+    affine=None,
+    alpha: float = 0.5,
+    pixel: bool = False,
+    title: str | None = None,
+    cell: float = 3.2,
+) -> Figure:
+    """The orthogonal three-view of one map ``m`` ``(D, H, W)``: the axial, coronal and sagittal
+    slices through the map's peak (:func:`peak_voxel`), a red crosshair at the peak in each, the map
+    over ``background`` (the scan, grey) on one colour scale (:func:`camlens.viz.color_scale`:
+    diverging around 0 for signed maps) with a colorbar.
+
+    Each panel keeps its physical proportions: ``spacing`` (voxel size along ``(D, H, W)`` in mm) or
+    else the ``affine``'s column norms set the pixel aspect and the panel widths, so an anisotropic
+    scan is not squashed. Coronal and sagittal panels have ``z`` growing upwards (superior up in a
+    RAS scan). Titles give each slice's index (and its offset in mm from the first slice when the
+    spacing is known); the suptitle the peak voxel and, with ``affine``, its world position in mm.
+    """
+    a = _np3(m, "the map")
+    bg = None if background is None else _grey(_np3(background, "the background"))
+    if bg is not None and bg.shape != a.shape:
+        raise InputError(f"the background has shape {bg.shape}, the map {a.shape}: they must match")
+    sz = _spacing_of(spacing, affine)
+    sc = color_scale(a, pixel=pixel)
+    peak = peak_voxel(a, sc.kind != "sequential")
+    widths = [a.shape[c] * sz[c] for _, _, c in _PLANES.values()]
+    heights = [a.shape[r] * sz[r] for _, r, _ in _PLANES.values()]
+    scale = cell / max(heights)
+    fig = Figure(figsize=(scale * sum(widths) + 1.6, cell + 0.9), layout="constrained")
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": widths})
+    for ax, view in zip(axes, _PLANES, strict=True):
+        _view_panel(ax, view, a, bg, sc, alpha, sz, peak)
+        ax.set_title(_view_title(view, peak, a.shape, sz, spacing is not None or affine is not None), fontsize=8)
+    _colorbar(fig, list(axes), sc, fraction=0.03, shrink=0.85)
+    where = f"peak (z, y, x) = {peak}"
+    if affine is not None:
+        where += " = ({:.1f}, {:.1f}, {:.1f}) mm".format(*world_mm(affine, peak))
+    head = f"{title}  " if title else ""
+    fig.suptitle(f"{head}{where}\n{scale_label(sc)}", fontsize=9)
+    return fig
+
+
+def _view_panel(ax, view: str, a: np.ndarray, bg, sc: ColorScale, alpha: float, sz, peak) -> None:
+    """One panel of :func:`three_view`: the slice through ``peak`` across the view's axis, the crosshair."""
+    axis, rows, cols = _PLANES[view]
+    m2 = _take(a, axis, peak[axis])
+    b2 = None if bg is None else _take(bg, axis, peak[axis])
+    _panel(ax, m2, b2, sc, alpha, sz[rows] / sz[cols])
+    if rows == 0:  # z upwards
+        ax.invert_yaxis()
+    ax.axvline(peak[cols], color=PEAK_COLOR, lw=0.8, alpha=0.9)
+    ax.axhline(peak[rows], color=PEAK_COLOR, lw=0.8, alpha=0.9)
+    ax.plot([peak[cols]], [peak[rows]], marker="o", fillstyle="none", color=PEAK_COLOR, markersize=10, mew=1.2)
+    ax.set_xlabel(_AXIS_LETTER[cols], fontsize=7, labelpad=1)
+    ax.set_ylabel(_AXIS_LETTER[rows], fontsize=7, labelpad=1)
+
+
+def volume_figure(
+    exp: Explanation, index: int = 0, target: int = 0, *, kind: str = "montage", background=None, **kwargs: Any
+) -> Figure:
+    """One map of a volume or clip :class:`~camlens.Explanation` (image ``index``, target
+    ``target``): ``kind="montage"`` (:func:`slice_montage`) or ``"threeview"`` (:func:`three_view`;
+    ``spacing=`` / ``affine=`` go to it), over ``background`` (e.g. ``Volume.tensor()[0, 0]``) or
+    else the explained input itself (its channel mean) when the explanation holds it."""
+    draws: dict[str, Callable[..., Figure]] = {"montage": slice_montage, "threeview": three_view}
+    draw = draws.get(kind)
+    if draw is None:
+        raise InputError(f"kind must be 'montage' or 'threeview' for volume_figure, not {kind!r}")
     if exp.spatial_dims != 3:
         raise InputError(f"volume_figure draws volume and clip maps (N, K, D, H, W); these are {exp.shape}")
     if background is None and exp.inputs is not None and exp.inputs.dim() == 5:
         background = exp.inputs[index].float().mean(0)
-    names = exp.labels()[index]
-    title = f"{exp.method} · {names[target]}" + (" (random weights)" if exp.random_weights else "")
+    kwargs.setdefault("title", explanation_title(exp, index, target))
     kwargs.setdefault("pixel", exp.kind == "pixel")
-    return slice_montage(exp.map(index, target), background, title=kwargs.pop("title", title), **kwargs)
+    return draw(exp.map(index, target), background, **kwargs)
 
 
-__all__ = ["VIEWS", "peak_voxel", "slice_indices", "slice_montage", "volume_figure"]
+def explanation_title(exp: Explanation, index: int = 0, target: int = 0) -> str:
+    """``"gradcam · label"`` (and "(random weights)") for the figures of one map."""
+    names = exp.labels()[index]
+    return f"{exp.method} · {names[target]}" + (" (random weights)" if exp.random_weights else "")
+
+
+__all__ = [
+    "VIEWS",
+    "explanation_title",
+    "peak_voxel",
+    "slice_indices",
+    "slice_montage",
+    "three_view",
+    "volume_figure",
+    "world_mm",
+]

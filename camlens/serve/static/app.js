@@ -147,8 +147,12 @@ function wireUpload() {
 }
 
 // ---------------------------------------------------------------------------------------- image
+const VOLUME_FILE = /\.(nii|nii\.gz|mp4|avi|webm|mkv|mov|m4v)$/i;
+const VOLUME_METHODS = ["gradcam", "gradcam++", "saliency", "input_x_gradient"];
+
 async function upload(file) {
   clearError();
+  if (VOLUME_FILE.test(file.name)) return uploadVolume(file);
   setStatus("busy", `uploading ${file.name}…`);
   try {
     const info = await api("api/image", {
@@ -183,6 +187,70 @@ function setImage(info) {
   $("#downloads").hidden = true;
   $("#explain-btn").disabled = false;
   setStatus("ready", `${info.name} ready: choose methods and press Explain.`);
+}
+
+// ---------------------------------------------------------------------------------------- volumes
+// a NIfTI scan or a video: explained by the chosen (3-D) model, shown one slice / frame at a time
+async function uploadVolume(file) {
+  const model = $("#model").value;
+  const method = chosenMethods().find((m) => VOLUME_METHODS.includes(m)) || "gradcam";
+  setStatus("busy", `explaining ${file.name} with ${model} (${method})…`);
+  try {
+    const info = await api(`api/volume?model=${encodeURIComponent(model)}&method=${encodeURIComponent(method)}`, {
+      method: "POST",
+      body: file,
+      headers: { "Content-Type": "application/octet-stream", "X-Filename": encodeURIComponent(file.name) },
+    });
+    showVolume(info);
+  } catch (e) {
+    showError(e.message, e.status);
+  }
+}
+
+function showVolume(info) {
+  state.image = null;
+  state.result = null;
+  $("#photo-box").hidden = true;
+  $("#predictions-box").hidden = true;
+  $("#downloads").hidden = true;
+  $("#explain-btn").disabled = true;
+  const axes = Object.keys(info.axes);
+  const axisSel = el("select", { id: "volume-axis", "aria-label": "slice axis" },
+    ...axes.map((a) => el("option", { value: a, text: a })));
+  const slider = el("input", { type: "range", id: "volume-slider", min: 0, step: 1, "aria-label": "slice" });
+  const where = el("output", { id: "volume-where" });
+  const img = el("img", { id: "volume-slice", class: "volume-slice", alt: `${info.method} map of ${info.name}` });
+  const bar = el("div", { class: "volume-bar", id: "volume-bar" });
+  bar.style.background = `linear-gradient(to right, ${info.scale.colors.join(", ")})`;
+  const fmt = (v) => Math.abs(v) >= 100 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(2) : v.toFixed(3);
+  const ends = el("div", { class: "volume-bar-ends" }, el("span", { text: fmt(info.scale.min) }),
+    el("span", { text: info.scale.kind === "diverging" ? "0" : "" }), el("span", { text: fmt(info.scale.max) }));
+  const show = () => {
+    const axis = axisSel.value, i = parseInt(slider.value, 10);
+    img.src = `api/volume/${info.id}/slice/${axis}/${i}.png?alpha=${$("#opacity").value}`;
+    img.style.aspectRatio = `${1 / info.aspect[axis]}`;
+    const t = info.timestamps ? ` · ${info.timestamps[i].toFixed(2)} s` : "";
+    const peak = i === info.start[axis] ? " · peak" : "";
+    where.textContent = `${axis} ${i} / ${info.axes[axis] - 1}${t}${peak}`;
+  };
+  const setAxis = () => {
+    slider.max = info.axes[axisSel.value] - 1;
+    slider.value = info.start[axisSel.value];
+    show();
+  };
+  axisSel.addEventListener("change", setAxis);
+  slider.addEventListener("input", show);
+  const viewer = el("div", { class: "panel volume-viewer", id: "volume-viewer", "data-kind": info.kind },
+    el("div", { class: "row" }, info.kind === "clip" ? el("span", { text: "frame" }) : axisSel, slider, where),
+    img, bar, ends,
+    el("div", { class: "caption" }, el("b", { text: `${info.method} · ${info.label}` }),
+      el("span", { text: ` · ${info.model} · ${info.name} · ${info.shape.join("×")}` +
+        (info.kind === "volume" ? ` · voxel ${info.spacing.map((s) => s.toFixed(2)).join("×")} mm` : "") })),
+    el("p", { class: "hint", text: "one colour scale for the whole " + (info.kind === "clip" ? "clip" : "volume") +
+      "; the slider starts at the map's peak" }));
+  $("#panels").replaceChildren(viewer);
+  setAxis();
+  setStatus("done", `${info.name}: ${info.kind === "clip" ? "move the frame slider" : "choose an axis and move the slider"}.`);
 }
 
 // ---------------------------------------------------------------------------------------- explain
@@ -337,6 +405,8 @@ function updateOpacity() {
   const a = parseFloat($("#opacity").value);
   $("#opacity-value").textContent = a.toFixed(2);
   for (const img of document.querySelectorAll(".stack img.heat")) img.style.opacity = a;
+  const vs = $("#volume-slider");
+  if (vs) vs.dispatchEvent(new Event("input"));  // a volume slice is rendered by the server at this opacity
   updateDownloads();
 }
 
