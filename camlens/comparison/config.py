@@ -202,6 +202,8 @@ class CompareResult:
         values: ``{(method, metric): per-image values}``; maps: ``{method: (N, H, W) CPU maps}``.
         x, classes, names: the sampled inputs, their explained classes and image names.
         sanity: the cascading randomization curves (all methods), ``None`` if not run.
+        reused: what this call found done in ``out`` and did not compute again, in words (empty
+            when nothing was: a fresh or an in-memory comparison).
     """
 
     table: pd.DataFrame
@@ -218,6 +220,7 @@ class CompareResult:
     seed: int
     config: CompareConfig
     elapsed_s: float = 0.0
+    reused: str = ""
 
     def row(self, method: str, metric: str) -> pd.Series | None:
         """The table row of ``method`` x ``metric`` (``None`` if not measured)."""
