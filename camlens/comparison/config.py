@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from camlens.metrics import SanityResult
+from camlens.metrics._common import Scored
 
 #: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
 DEFAULT_BUDGETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
@@ -214,7 +215,7 @@ class CompareResult:
     values: dict[tuple[str, str], np.ndarray]
     maps: dict[str, torch.Tensor]
     x: torch.Tensor
-    classes: torch.Tensor
+    classes: Scored
     names: list[str]
     sanity: SanityResult | None
     seed: int

@@ -46,10 +46,11 @@ from camlens.metrics import (
     sanity_randomization,
     sparseness,
 )
-from camlens.metrics._common import resolve_classes
+from camlens.metrics._common import Scored, TargetScores, explain_targets, resolve_classes
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline.run import model_checksum
 from camlens.pipeline.store import StoreMismatchError
+from camlens.targets import Detection, Segmentation
 
 
 @dataclass
@@ -166,7 +167,7 @@ def not_applicable(model: nn.Module, names: list[str], targets: Any = None) -> d
 def compute_maps(
     model: nn.Module,
     sample: Sample,
-    classes: torch.Tensor,
+    classes: Scored,
     names: list[str],
     cfg: CompareConfig,
     bar: Progress,
@@ -187,7 +188,7 @@ def compute_maps(
         opts = cfg.method_options(name)
 
         def run_batch(sl: slice, name: str = name, opts: dict = opts) -> Explanation:
-            return explain(model, x[sl], method=name, targets=classes[sl, None], **opts)
+            return explain(model, x[sl], method=name, targets=explain_targets(classes, sl), **opts)
 
         try:
             got = store.maps(MapsPlan(name, n, batches, sample.names, size, x.device), run_batch)
@@ -218,7 +219,7 @@ def sobel_maps(x: torch.Tensor) -> torch.Tensor:
 
 
 def faithfulness_values(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor, cfg: CompareConfig, seed: int
+    model: nn.Module, x: torch.Tensor, classes: Scored, maps: torch.Tensor, cfg: CompareConfig, seed: int
 ) -> dict[str, np.ndarray]:
     """Deletion and insertion AUC, ROAD MoRF/LeRF and sparseness per image, from the :mod:`camlens.metrics`
     functions."""
@@ -236,7 +237,7 @@ def faithfulness_values(
 def sanity_stage(
     model: nn.Module,
     x: torch.Tensor,
-    classes: torch.Tensor,
+    classes: Scored,
     name: str,
     layers: list[str],
     cfg: CompareConfig,
@@ -262,7 +263,7 @@ def sanity_stage(
     return out
 
 
-def merge_sanity(stages: dict[str, dict[str, np.ndarray]], classes: torch.Tensor) -> SanityResult | None:
+def merge_sanity(stages: dict[str, dict[str, np.ndarray]], classes: Scored) -> SanityResult | None:
     """The curves of every method in one :class:`SanityResult` (for the report's figure)."""
     if not stages:
         return None
@@ -270,7 +271,8 @@ def merge_sanity(stages: dict[str, dict[str, np.ndarray]], classes: torch.Tensor
     metrics = [k.split(".", 1)[1] for k in stages[names[0]] if k.startswith("curve.")]
     values = {m: {n: torch.from_numpy(np.asarray(stages[n][f"curve.{m}"])) for n in names} for m in metrics}
     steps = [str(s) for s in stages[names[0]]["steps"].tolist()]
-    return SanityResult(names, steps, "cascading", values, classes)
+    ids = classes if isinstance(classes, torch.Tensor) else torch.full((len(classes),), -1)  # -1: a target object
+    return SanityResult(names, steps, "cascading", values, ids)
 
 
 def _progress(n_methods: int, cfg: CompareConfig, has_gt: bool) -> Progress:
@@ -279,7 +281,18 @@ def _progress(n_methods: int, cfg: CompareConfig, has_gt: bool) -> Progress:
     return Progress(n_methods * per_method + baselines, cfg.progress, per_method)
 
 
-def compare_signature(model: nn.Module, sample: Sample, classes: torch.Tensor, cfg: CompareConfig, seed: int) -> dict:
+def default_target(model: nn.Module) -> Any:
+    """The target of a model without one given: by its task (zoo card): the top detection, the
+    largest predicted region, or (``None``) a classifier's top-1 class."""
+    task = model_traits(model).task
+    if task == "detection":
+        return Detection(score_threshold=0.0, max_boxes=1)
+    if task == "segmentation":
+        return Segmentation(None)
+    return None
+
+
+def compare_signature(model: nn.Module, sample: Sample, classes: Scored, cfg: CompareConfig, seed: int) -> dict:
     """What decides the numbers of a comparison (a rerun with the same signature continues): the
     sampled inputs, their ground truth and targets, the model's weights, the settings and the seed.
     The method list is not in it (each method keeps its own maps and stages)."""
@@ -288,7 +301,9 @@ def compare_signature(model: nn.Module, sample: Sample, classes: torch.Tensor, c
     return {
         "sample_sha256": tensor_digest(sample.x, sample.names),
         "truth_sha256": tensor_digest(sample.masks if sample.masks is not None else "none", sample.boxes or "none"),
-        "targets_sha256": tensor_digest(classes),
+        "targets_sha256": tensor_digest(*classes.describe())
+        if isinstance(classes, TargetScores)
+        else tensor_digest(classes),
         "n_images": int(sample.x.shape[0]),
         "model": card.name if card else type(model).__name__,
         "model_sha256": model_checksum(model),
@@ -300,7 +315,7 @@ def compare_signature(model: nn.Module, sample: Sample, classes: torch.Tensor, c
 def measure(
     model: nn.Module,
     sample: Sample,
-    classes: torch.Tensor,
+    classes: Scored,
     maps: dict[str, torch.Tensor],
     live: list[str],
     run: tuple[CompareConfig, int, Progress, CompareStore | MemoryStore],
@@ -350,19 +365,27 @@ def compare(
     seed: int = 0,
     *,
     gt: Any = None,
+    targets: Any = None,
     out: str | Path | None = None,
     config: CompareConfig | None = None,
 ) -> CompareResult:
     """Which map should I trust? Rank every method that applies to ``model`` on ``data``.
 
     Args:
-        model: a classifier or a zoo name.
+        model: a classifier, a detector, a segmenter, an image–text model, or a zoo name.
         data: a preprocessed ``(N, C, H, W)`` tensor, image paths, a folder, or a camlens dataset
             (``camlens.data.synthetic`` / ``tetromino``: its boxes / masks are the ground truth).
         methods: ``"all"`` or method names (a list or comma-separated).
         seed: seed of the image sample, the random baselines, tie-breaks, noise and the bootstrap.
         gt: ground truth per image: ``(N, H, W)`` masks or per-image ``(M, 4)`` boxes in each image's
             pixels (with a tensor ``data``: at its size); adds the localization metrics.
+        targets: what each image's maps explain and the metrics score: ``None`` — a classifier's
+            top-1 class (scored by its softmax probability), a detector's own top detection
+            (``Detection(score_threshold=0, max_boxes=1)``: its matched class score x IoU), a
+            segmenter's largest predicted class region (``Segmentation(None)``: its summed logits);
+            or a target object such as ``camlens.targets.Text("a red circle")`` for an image–text
+            model (the image–text logit). Target objects are bound on the clean images, and the
+            perturbed, noisy and randomized copies are scored against the same references.
         out: folder for ``table.parquet``, ``table.csv`` and ``report.html`` (``None``: nothing
             written). It keeps the maps (a result store per method) and every finished stage, so an
             interrupted comparison continues where it stopped when called again with the same
@@ -383,8 +406,9 @@ def compare(
             "truth=True needs the true importance masks: pass gt= masks or a camlens.data.tetromino dataset"
         )
     x = sample.x
-    classes = resolve_classes(model, x, None, cfg.batch_size)
-    flags = not_applicable(model, names)
+    spec = targets if targets is not None else default_target(model)
+    classes = resolve_classes(model, x, spec, cfg.batch_size)
+    flags = not_applicable(model, names, spec)
     names = [n for n in names if n not in flags]
     store: CompareStore | MemoryStore = MemoryStore()
     if out is not None:
@@ -421,7 +445,7 @@ def _result(
     maps: dict[str, torch.Tensor],
     live: list[str],
     sample: Sample,
-    classes: torch.Tensor,
+    classes: Scored,
     sanity_curves: SanityResult | None,
     cfg: CompareConfig,
     seed: int,

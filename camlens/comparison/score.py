@@ -18,6 +18,7 @@ from camlens.metrics import (
     pointing_game,
     top_k_precision,
 )
+from camlens.metrics._common import Scored
 from camlens.metrics.loceval import evaluate_maps
 
 if TYPE_CHECKING:  # typing only
@@ -55,7 +56,7 @@ def truth_values(maps: torch.Tensor, masks: torch.Tensor, seed: int) -> Values:
 
 
 def robustness_values(
-    model: nn.Module, name: str, x: torch.Tensor, classes: torch.Tensor, cfg: CompareConfig, seed: int
+    model: nn.Module, name: str, x: torch.Tensor, classes: Scored, cfg: CompareConfig, seed: int
 ) -> Values:
     """Max-sensitivity on the first ``cfg.sensitivity_images`` images."""
     k = min(cfg.sensitivity_images, x.shape[0])
