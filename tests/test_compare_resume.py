@@ -89,6 +89,7 @@ def reference(tmp_path_factory):
     return compare(tiny_net(), x, METHODS, seed=2, gt=gt, out=out, config=CFG), out
 
 
+@pytest.mark.slow  # whole comparisons (several, with their reports)
 def test_interrupted_twice_then_continued_is_bit_equal_to_an_uninterrupted_run(reference, tmp_path, monkeypatch):
     ref, ref_out = reference
     x, gt = inputs()
@@ -133,6 +134,7 @@ def test_interrupted_twice_then_continued_is_bit_equal_to_an_uninterrupted_run(r
     assert len(rec["runs"]) == 3 and rec["reused"]["maps"] == {"gradcam": 6, "saliency": 6}
 
 
+@pytest.mark.slow  # whole comparisons (several, with their reports)
 def test_the_table_equals_an_in_memory_run(reference):
     """The maps read back from the store are the maps explain gives (float32, bit for bit)."""
     ref, _ = reference
@@ -144,6 +146,7 @@ def test_the_table_equals_an_in_memory_run(reference):
     assert mem.reused == ""
 
 
+@pytest.mark.slow  # whole comparisons (several, with their reports)
 def test_a_finished_comparison_run_again_reuses_everything_and_rewrites_its_outputs(reference, monkeypatch):
     ref, out = reference
     x, gt = inputs()
@@ -155,6 +158,7 @@ def test_a_finished_comparison_run_again_reuses_everything_and_rewrites_its_outp
     pd.testing.assert_frame_equal(pd.read_parquet(out / "table.parquet"), ref.table, check_exact=True)
 
 
+@pytest.mark.slow  # whole comparisons (several, with their reports)
 def test_other_settings_are_refused_and_overwrite_starts_fresh(tmp_path):
     x, gt = inputs()
     out = tmp_path / "cmp"
@@ -229,3 +233,52 @@ def test_a_killed_process_then_the_same_call_continues(reference, tmp_path):
     pd.testing.assert_frame_equal(without_cost(res.table), without_cost(ref.table), check_exact=True)
     assert "saliency: maps of 2/6 images" in res.reused
     np.testing.assert_array_equal(pd.read_parquet(out / "table.parquet")["mean"], res.table["mean"])
+
+
+class RecordingBar:
+    """Stands in for tqdm: records the total, every update and the stages shown."""
+
+    made: list[RecordingBar] = []
+
+    def __init__(self, total, **kwargs):
+        self.total, self.n, self.stages, self.closed = total, 0, [], False
+        RecordingBar.made.append(self)
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix_str(self, s, refresh=True):
+        self.stages.append(s)
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_one_progress_bar_over_the_whole_run_reaches_100_percent(tmp_path, monkeypatch):
+    """Maps, faithfulness, localization, sanity and robustness of every method and the baseline on one
+    bar; a method that fails leaves the total; a continued run's bar also ends full."""
+    import camlens.comparison.measure as measure
+    from camlens.base.errors import InputError
+
+    monkeypatch.setattr(measure, "tqdm", RecordingBar)
+    real = compare_run.explain
+
+    def explain(model, x, method, **kw):
+        if method == "input_x_gradient":
+            raise InputError("refused here")
+        return real(model, x, method=method, **kw)
+
+    monkeypatch.setattr(compare_run, "explain", explain)
+    x, gt = inputs()
+    cfg = CompareConfig(**{**vars(CFG), "images": 2, "progress": True, "sensitivity_images": 0, "bootstrap": 5})
+    for _ in range(2):  # fresh, then everything reused
+        RecordingBar.made.clear()
+        res = compare(tiny_net(), x[:2], "saliency,input_x_gradient", seed=2, gt=gt[:2], out=tmp_path, config=cfg)
+        (bar,) = RecordingBar.made
+        # saliency: 5 stages; the refused method: its maps stage only; the random map: 2
+        assert bar.closed and bar.n == bar.total == 5 + 1 + 2
+        assert bar.stages[0] == "saliency: maps" and "random: localization" in bar.stages
+        assert "input_x_gradient" in res.flags

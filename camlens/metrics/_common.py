@@ -7,7 +7,11 @@ Conventions used by every metric in :mod:`camlens.metrics`:
   :func:`torch.inference_mode` with every module in eval mode (the user's flags are restored).
 * **Targets.** ``None`` means the top-1 class of the *unperturbed* image; an int, ``N`` ints, class
   names or ``"top1"`` are accepted (see :mod:`camlens.targets`); only the first target per image
-  is used. Callable targets have no class probability and are refused.
+  is used. Callable targets have no class probability and are refused. A target object
+  (:class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+  :class:`~camlens.targets.Text`…) is bound on the clean images and scored by its own first
+  score instead (:class:`TargetScores`: a detection's class score x IoU, a region's summed logits,
+  an image–text logit), the references fixed for every perturbed copy.
 * **Maps.** ``(N, H, W)`` (or ``(N, 1, H, W)``) at input resolution, a NumPy array or tensor; a map
   of another size is resized bilinearly. Also accepted: an :class:`~camlens.Explanation` (its
   first target; its classes become the default targets), a registered method name
