@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -238,7 +239,7 @@ def test_a_killed_process_then_the_same_call_continues(reference, tmp_path):
 class RecordingBar:
     """Stands in for tqdm: records the total, every update and the stages shown."""
 
-    made: list[RecordingBar] = []
+    made: ClassVar[list[RecordingBar]] = []
 
     def __init__(self, total, **kwargs):
         self.total, self.n, self.stages, self.closed = total, 0, [], False

@@ -14,6 +14,7 @@ from torch import nn
 from camlens.comparison import CompareConfig, compare
 from camlens.metrics import deletion, deletion_curve, insertion, road
 from camlens.targets import Detection, Segmentation
+from tests.test_text_targets import tiny_clip, tiny_tokenizer
 
 SMALL = CompareConfig(
     images=3,
@@ -113,16 +114,20 @@ def test_segmenter_region_scored_by_its_summed_logits():
         ref = (fcn(x)["out"][:, 1] * torch.from_numpy(region)).sum((1, 2))
     curve = deletion_curve(fcn, x, res.maps["saliency"], target, steps=3, seed=res.seed)
     torch.testing.assert_close(curve.probs[:, 0], ref, rtol=1e-5, atol=1e-4)
+    # summed logits are not probabilities: the gain's best for insertion / LeRF is the clean score
+    parts = []
+    for metric in ("deletion", "insertion", "road_morf", "road_lerf"):
+        best = 0.0 if metric in ("deletion", "road_morf") else float(ref.mean())
+        mm, rr = _mean(res, "saliency", metric), _mean(res, "random", metric)
+        parts.append((mm - rr) / (best - rr))
+    assert _mean(res, "saliency", "faithfulness_gain") == pytest.approx(np.mean(parts), rel=1e-5)
+    assert not (res.table["method"] == "model").any()
 
 
 @pytest.fixture(scope="module")
 def clip():
-    transformers = pytest.importorskip("transformers")
-    from tests.test_text_targets import tiny_clip, tiny_tokenizer
-
     from camlens.models.imagetext import ImageText
 
-    assert transformers
     return ImageText(tiny_clip(), tiny_tokenizer())
 
 

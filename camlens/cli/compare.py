@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,10 +47,10 @@ def _config(images: int, steps: int, truth: bool, layer: str | None, flags: tupl
 
     overwrite, quiet, no_budgets = flags
     options = {"*": {"layer": layer}} if layer else {}
-    extra = {"budgets": {}} if no_budgets else {}
-    return CompareConfig(
-        images=images, steps=steps, truth=truth, options=options, overwrite=overwrite, progress=not quiet, **extra
+    cfg = CompareConfig(
+        images=images, steps=steps, truth=truth, options=options, overwrite=overwrite, progress=not quiet
     )
+    return replace(cfg, budgets={}) if no_budgets else cfg
 
 
 def _targets(net: Any, prompt: str | None) -> Any:

@@ -46,7 +46,7 @@ from camlens.metrics import (
     sanity_randomization,
     sparseness,
 )
-from camlens.metrics._common import Scored, TargetScores, explain_targets, resolve_classes
+from camlens.metrics._common import Scored, TargetScores, class_probs, explain_targets, resolve_classes
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline.run import model_checksum
 from camlens.pipeline.store import StoreMismatchError
@@ -425,6 +425,8 @@ def compare(
             if cfg.truth:
                 maps["sobel"] = sobel_maps(x)
             values, sanity_curves = measure(model, sample, classes, maps, live, (cfg, seed, bar, store))
+            if isinstance(classes, TargetScores):  # the metrics' own score of the unperturbed images
+                values["model", "clean_score"] = class_probs(model, x, classes, cfg.batch_size).numpy().astype(float)
             for name in live:
                 values[name, "ms_per_image"] = np.array([cost[name][0]])
                 values[name, "peak_memory_mib"] = np.array([cost[name][1]])
@@ -451,7 +453,10 @@ def _result(
     seed: int,
 ) -> CompareResult:
     """The table, the sanity flags, the ranking and the verdicts."""
-    table = build_table(values, cfg.bootstrap, seed)
+    clean = None
+    if isinstance(classes, TargetScores):  # not probabilities: the gain's best is the clean score
+        clean = values.pop(("model", "clean_score"))
+    table = build_table(values, cfg.bootstrap, seed, clean)
     steps = len(sanity_curves.steps) - 1 if sanity_curves else 0
     for name in live:
         v = values.get((name, "randomization_similarity"))
