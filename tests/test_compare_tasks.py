@@ -194,3 +194,20 @@ def test_cli_no_budgets_clears_them(tmp_path, monkeypatch):
     assert "reused: gradcam: faithfulness" in r.output
     CliRunner().invoke(main, base)
     assert seen["config"].method_options("rise") == {"n_masks": 128}
+
+
+def test_a_zoo_detector_defaults_to_its_own_top_detection():
+    from camlens.models.card import ModelCard, attach_card
+
+    det = attach_card(TinyDetector().eval(), ModelCard("tiny-det", extra={"task": "detection"}))
+    x = _x()
+    cfg = CompareConfig(**{**vars(SMALL), "sanity_images": 0, "sensitivity_images": 0})
+    res = compare(det, x, "saliency", config=cfg)
+    _faithfulness_is_the_metric_functions(det, res, Detection(score_threshold=0.0, max_boxes=1), ["saliency"])
+
+
+def test_a_target_that_selects_nothing_is_a_clear_error():
+    from camlens.base.errors import TargetError
+
+    with pytest.raises(TargetError, match=r"3 image\(s\) have nothing to score.*score_threshold=2"):
+        deletion(TinyDetector().eval(), _x(), "random", Detection(score_threshold=2.0), steps=2)
