@@ -98,11 +98,12 @@ def test_cli_compare_parses_then_calls_compare_with_the_tetromino_masks(tmp_path
 
     class Fake:
         elapsed_s = 1.0
+        reused = ""
 
         def summary(self):
             return "1  gradcam  (summary)"
 
-    def fake(model, data, methods, seed, *, out, config):
+    def fake(model, data, methods, seed, *, out, config, targets=None):
         seen.update(model=model, data=data, methods=methods, seed=seed, out=out, config=config)
         return Fake()
 
@@ -151,11 +152,12 @@ def test_cli_compare_gt_takes_the_images_and_boxes_of_a_boxes_file(tmp_path, mon
 
     class Fake:
         elapsed_s = 1.0
+        reused = ""
 
         def summary(self):
             return "(summary)"
 
-    def fake(model, data, methods, seed, *, out, config):
+    def fake(model, data, methods, seed, *, out, config, targets=None):
         seen["data"] = data
         return Fake()
 

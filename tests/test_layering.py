@@ -7,8 +7,9 @@ never above)::
     1 core         camlens/core/, camlens/models/, camlens/targets/
     2 methods      camlens/attribution/
     3 api          camlens/api/
-    4 analysis     camlens/viz/, camlens/metrics/, camlens/data/, camlens/comparison/
-    5 jobs         camlens/train/, camlens/pipeline/
+    4 analysis     camlens/viz/, camlens/metrics/, camlens/data/
+    5 jobs         camlens/train/, camlens/pipeline/, camlens/comparison/ (runs methods over data into the
+                   pipeline's result store)
     6 apps         camlens/cli/, camlens/serve/, camlens/__main__.py, camlens/__init__.py (lazy attributes),
                    camlens/_moved.py (the 0.2 module paths)
 
@@ -39,7 +40,7 @@ FOLDER_LAYERS: dict[str, int] = {
     "viz": 4,
     "metrics": 4,
     "data": 4,
-    "comparison": 4,
+    "comparison": 5,
     "train": 5,
     "pipeline": 5,
     "cli": 6,

@@ -15,6 +15,7 @@ import torch
 
 from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.metrics import SanityResult
+from camlens.metrics._common import Scored
 
 #: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
 DEFAULT_BUDGETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
@@ -203,6 +204,8 @@ class CompareResult:
         values: ``{(method, metric): per-image values}``; maps: ``{method: (N, H, W) CPU maps}``.
         x, classes, names: the sampled inputs, their explained classes and image names.
         sanity: the cascading randomization curves (all methods), ``None`` if not run.
+        reused: what this call found done in ``out`` and did not compute again, in words (empty
+            when nothing was: a fresh or an in-memory comparison).
     """
 
     table: pd.DataFrame
@@ -213,12 +216,13 @@ class CompareResult:
     values: dict[tuple[str, str], np.ndarray]
     maps: dict[str, torch.Tensor]
     x: torch.Tensor
-    classes: torch.Tensor
+    classes: Scored
     names: list[str]
     sanity: SanityResult | None
     seed: int
     config: CompareConfig
     elapsed_s: float = 0.0
+    reused: str = ""
 
     def row(self, method: str, metric: str) -> pd.Series | None:
         """The table row of ``method`` x ``metric`` (``None`` if not measured)."""

@@ -141,6 +141,9 @@ def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
         f"{res.x.shape[0]} images · seed {res.seed} · {res.elapsed_s:.0f} s on this machine · intervals: "
         f"bootstrap 95 % over images ({cfg.bootstrap} resamples)</p>",
         f"<p class=small>sample budgets of the slow methods: {html.escape(_budgets(res))}</p>",
+        f"<p class=small>continued an interrupted or earlier run; reused: {html.escape(res.reused)}</p>"
+        if res.reused
+        else "",
         "<h2>Ranking</h2>",
         _ranking_html(res),
         "<h2>Metrics (mean and 95 % interval)</h2>",
@@ -159,16 +162,19 @@ def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
     return f"<!doctype html><html><head>{head}</head><body>{body}</body></html>"
 
 
-def write_outputs(res: CompareResult, out: Path, card: Any) -> Path:
-    """Write ``table.parquet``, ``table.csv`` and ``report.html`` into ``out``; returns the report's path."""
+def write_outputs(res: CompareResult, out: Path, card: Any, *, replace: bool = False) -> Path:
+    """Write ``table.parquet``, ``table.csv`` and ``report.html`` into ``out``; returns the report's path.
+    ``replace``: the folder's comparison record matched this run, so its outputs are this comparison's
+    (rewritten); otherwise an existing file is refused unless ``config.overwrite``."""
     paths = [out / "table.parquet", out / "table.csv", out / "report.html"]
-    check_targets(paths, overwrite=res.config.overwrite)
+    ok = replace or res.config.overwrite
+    check_targets(paths, overwrite=ok)
     safe_out_dir(out)
     buf = io.BytesIO()
     res.table.to_parquet(buf, index=False)
-    atomic_write(paths[0], buf.getvalue(), overwrite=res.config.overwrite)
-    atomic_write(paths[1], res.table.to_csv(index=False), overwrite=res.config.overwrite)
+    atomic_write(paths[0], buf.getvalue(), overwrite=ok)
+    atomic_write(paths[1], res.table.to_csv(index=False), overwrite=ok)
     name = getattr(card, "name", None) or "model"
     text = report_html(res, str(name), getattr(card, "preprocess", None))
-    atomic_write(paths[2], text, overwrite=res.config.overwrite)
+    atomic_write(paths[2], text, overwrite=ok)
     return paths[2]

@@ -9,9 +9,11 @@ truth (with ground truth) -> robustness and complexity -> table -> ranking and v
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from camlens.api.explainer import explain
+from camlens.api.explanation import Explanation
 from camlens.attribution.registry import get_method
 from camlens.attribution.registry import methods as registered
-from camlens.base.errors import CamlensError, InputError
+from camlens.attribution.traits import model_traits
+from camlens.base.errors import CamlensError, InputError, StoreError, WriteError
 from camlens.base.io import IMAGE_EXTENSIONS
 from camlens.comparison.config import CompareConfig, CompareResult
-from camlens.comparison.measure import PeakMemory, Progress
+from camlens.comparison.measure import Progress
 from camlens.comparison.report import write_outputs
+from camlens.comparison.resume import CompareStore, MapsPlan, MemoryStore, tensor_digest
 from camlens.comparison.score import localization_values, robustness_values, truth_values
 from camlens.comparison.table import build_table, rank_and_verdicts
 from camlens.core.inputs import prepare_inputs
@@ -41,8 +46,11 @@ from camlens.metrics import (
     sanity_randomization,
     sparseness,
 )
-from camlens.metrics._common import resolve_classes
+from camlens.metrics._common import Scored, TargetScores, class_probs, explain_targets, resolve_classes
 from camlens.models.zoo import card_of, load_model
+from camlens.pipeline.run import model_checksum
+from camlens.pipeline.store import StoreMismatchError
+from camlens.targets import Detection, Segmentation
 
 
 @dataclass
@@ -143,36 +151,59 @@ def resolve_methods(model: nn.Module, methods: str | Sequence[str]) -> list[str]
     return names
 
 
+def not_applicable(model: nn.Module, names: list[str], targets: Any = None) -> dict[str, str]:
+    """``{method: reason}`` for the methods whose ``applies_to`` refuses this model (before any work)."""
+    traits = model_traits(model, targets)
+    out = {}
+    for name in names:
+        info = get_method(name)
+        if not info.applies(traits):
+            hint = info.applies_to.hint_for(traits)
+            out[name] = f"does not apply to this model: it explains {info.applies_to.text}"
+            out[name] += f"; {hint}" if hint else ""
+    return out
+
+
 def compute_maps(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, names: list[str], cfg: CompareConfig, bar: Progress
+    model: nn.Module,
+    sample: Sample,
+    classes: Scored,
+    names: list[str],
+    cfg: CompareConfig,
+    bar: Progress,
+    store: CompareStore | MemoryStore,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]], dict[str, str]]:
-    """Each method's ``(N, H, W)`` maps for ``classes``, its cost ``(ms per image, peak MiB)``, and
-    ``{method: reason}`` for the methods that do not apply to this model (a named camlens error)."""
+    """Each method's ``(N, H, W)`` maps for ``classes`` (batch by batch through the store), its cost
+    ``(ms per image, peak MiB)``, and ``{method: reason}`` for the methods that fail on this model
+    (a named camlens error) or give non-finite maps."""
+    x = sample.x
     maps: dict[str, torch.Tensor] = {}
     cost: dict[str, tuple[float, float]] = {}
     flags: dict[str, str] = {}
+    n = int(x.shape[0])
+    batches = [slice(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size)]
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     for name in names:
         bar.stage(name, "maps")
-        out = []
+        opts = cfg.method_options(name)
+
+        def run_batch(sl: slice, name: str = name, opts: dict = opts) -> Explanation:
+            return explain(model, x[sl], method=name, targets=explain_targets(classes, sl), **opts)
+
         try:
-            with PeakMemory(x.device) as mem:
-                t0 = time.perf_counter()
-                for i in range(0, x.shape[0], cfg.batch_size):
-                    sl = slice(i, i + cfg.batch_size)
-                    e = explain(model, x[sl], method=name, targets=classes[sl, None], **cfg.method_options(name))
-                    out.append(e.maps[:, 0].detach().float().cpu())
-                dt = time.perf_counter() - t0
+            got = store.maps(MapsPlan(name, n, batches, sample.names, size, x.device), run_batch)
         except CamlensError as exc:
+            if isinstance(exc, (StoreMismatchError, StoreError, WriteError)):
+                raise
             flags[name] = f"does not apply to this model: {str(exc).splitlines()[0]}"
             bar.skip(name)
             continue
-        m = torch.cat(out)
-        if not torch.isfinite(m).all():
+        if not torch.isfinite(got.maps).all():
             flags[name] = "gave non-finite maps on this model"
             bar.skip(name)
             continue
-        maps[name] = m
-        cost[name] = (1000 * dt / x.shape[0], mem.peak_mib)
+        maps[name] = got.maps
+        cost[name] = (1000 * sum(got.seconds) / n, max(got.peaks))
     return maps, cost, flags
 
 
@@ -188,9 +219,10 @@ def sobel_maps(x: torch.Tensor) -> torch.Tensor:
 
 
 def faithfulness_values(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor, cfg: CompareConfig, seed: int
+    model: nn.Module, x: torch.Tensor, classes: Scored, maps: torch.Tensor, cfg: CompareConfig, seed: int
 ) -> dict[str, np.ndarray]:
-    """Deletion and insertion AUC and ROAD MoRF/LeRF per image, from the :mod:`camlens.metrics` functions."""
+    """Deletion and insertion AUC, ROAD MoRF/LeRF and sparseness per image, from the :mod:`camlens.metrics`
+    functions."""
     common: dict[str, Any] = {"batch_size": max(cfg.batch_size, 16), "seed": seed}
     out = {
         "deletion": deletion(model, x, maps, classes, steps=cfg.steps, **common),
@@ -198,46 +230,132 @@ def faithfulness_values(
     }
     road = road_curves(model, x, maps, classes, percentages=cfg.road_percentages, **common)
     out["road_morf"], out["road_lerf"] = road.score("morf"), road.score("lerf")
+    out["sparseness"] = sparseness(maps)
     return {k: v.numpy().astype(np.float64) for k, v in out.items()}
 
 
-def sanity_values(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, names: list[str], cfg: CompareConfig, seed: int
-) -> tuple[dict[str, np.ndarray], SanityResult | None]:
-    """Spearman rank correlation of ``|map|`` with the original, averaged over the steps of the cascade
-    over the top ``cfg.sanity_layers`` units, per image, for every method; and the merged curves."""
-    k = min(cfg.sanity_images, x.shape[0])
-    if k < 1 or cfg.sanity_layers < 1 or not names:
-        return {}, None
-    xs, cs = x[:k], classes[:k]
-    layers = randomization_layers(model, xs)[: cfg.sanity_layers]
-    parts: list[SanityResult] = []
-    for name in names:
-        parts.append(
-            sanity_randomization(
-                model,
-                xs,
-                name,
-                cs,
-                layers=layers,
-                seed=seed,
-                batch_size=cfg.batch_size,
-                explain_options=cfg.method_options(name),
-            )
-        )
-    # the mean over the randomized steps (the area under the cascade curve): one late step alone can
-    # bounce back (Grad-CAM on EfficientNet-Lite0 after its head conv is redrawn)
-    values = {
-        r.methods[0]: r.values["spearman_abs"][r.methods[0]][1:].mean(0).numpy().astype(np.float64) for r in parts
-    }
-    merged = {metric: {r.methods[0]: r.values[metric][r.methods[0]] for r in parts} for metric in parts[0].values}
-    return values, SanityResult(names, parts[0].steps, "cascading", merged, cs)
+def sanity_stage(
+    model: nn.Module,
+    x: torch.Tensor,
+    classes: Scored,
+    name: str,
+    layers: list[str],
+    cfg: CompareConfig,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """One method's cascading randomization on ``x``: ``randomization_similarity`` per image (the
+    Spearman rank correlation of ``|map|`` with the original, averaged over the randomized steps:
+    one late step alone can bounce back, Grad-CAM on EfficientNet-Lite0 after its head conv is
+    redrawn), the curves ``curve.<metric>`` ``(S+1, N)`` and the ``steps``."""
+    r = sanity_randomization(
+        model,
+        x,
+        name,
+        classes,
+        layers=layers,
+        seed=seed,
+        batch_size=cfg.batch_size,
+        explain_options=cfg.method_options(name),
+    )
+    out = {"randomization_similarity": r.values["spearman_abs"][name][1:].mean(0).numpy().astype(np.float64)}
+    out.update({f"curve.{metric}": v[name].numpy() for metric, v in r.values.items()})
+    out["steps"] = np.array(r.steps, dtype=str)
+    return out
+
+
+def merge_sanity(stages: dict[str, dict[str, np.ndarray]], classes: Scored) -> SanityResult | None:
+    """The curves of every method in one :class:`SanityResult` (for the report's figure)."""
+    if not stages:
+        return None
+    names = list(stages)
+    metrics = [k.split(".", 1)[1] for k in stages[names[0]] if k.startswith("curve.")]
+    values = {m: {n: torch.from_numpy(np.asarray(stages[n][f"curve.{m}"])) for n in names} for m in metrics}
+    steps = [str(s) for s in stages[names[0]]["steps"].tolist()]
+    ids = classes if isinstance(classes, torch.Tensor) else torch.full((len(classes),), -1)  # -1: a target object
+    return SanityResult(names, steps, "cascading", values, ids)
 
 
 def _progress(n_methods: int, cfg: CompareConfig, has_gt: bool) -> Progress:
-    per_method = 3 + int(has_gt)  # maps, faithfulness, robustness (+ localization)
+    per_method = 4 + int(has_gt)  # maps, faithfulness, sanity, robustness (+ localization)
     baselines = (1 + int(cfg.truth)) * (1 + int(has_gt))
-    return Progress(n_methods * per_method + baselines + 1, cfg.progress, per_method)  # + sanity
+    return Progress(n_methods * per_method + baselines, cfg.progress, per_method)
+
+
+def default_target(model: nn.Module) -> Any:
+    """The target of a model without one given: by its task (zoo card): the top detection, the
+    largest predicted region, or (``None``) a classifier's top-1 class."""
+    task = model_traits(model).task
+    if task == "detection":
+        return Detection(score_threshold=0.0, max_boxes=1)
+    if task == "segmentation":
+        return Segmentation(None)
+    return None
+
+
+def compare_signature(model: nn.Module, sample: Sample, classes: Scored, cfg: CompareConfig, seed: int) -> dict:
+    """What decides the numbers of a comparison (a rerun with the same signature continues): the
+    sampled inputs, their ground truth and targets, the model's weights, the settings and the seed.
+    The method list is not in it (each method keeps its own maps and stages)."""
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "overwrite", "overlay_images", "bootstrap")}
+    card = card_of(model)
+    return {
+        "sample_sha256": tensor_digest(sample.x, sample.names),
+        "truth_sha256": tensor_digest(sample.masks if sample.masks is not None else "none", sample.boxes or "none"),
+        "targets_sha256": tensor_digest(*classes.describe())
+        if isinstance(classes, TargetScores)
+        else tensor_digest(classes),
+        "n_images": int(sample.x.shape[0]),
+        "model": card.name if card else type(model).__name__,
+        "model_sha256": model_checksum(model),
+        "settings": {k: repr(dict(v)) if isinstance(v, Mapping) else repr(v) for k, v in settings.items()},
+        "seed": seed,
+    }
+
+
+def measure(
+    model: nn.Module,
+    sample: Sample,
+    classes: Scored,
+    maps: dict[str, torch.Tensor],
+    live: list[str],
+    run: tuple[CompareConfig, int, Progress, CompareStore | MemoryStore],
+) -> tuple[dict[tuple[str, str], np.ndarray], SanityResult | None]:
+    """Every metric of every map (methods and baselines), stage by stage through the store:
+    faithfulness and sparseness, localization and truth (with ground truth), sanity, robustness."""
+    cfg, seed, bar, store = run
+    x, masks = sample.x, sample.masks
+    values: dict[tuple[str, str], np.ndarray] = {}
+
+    def put(name: str, got: dict[str, np.ndarray]) -> None:
+        values.update({(name, k): v for k, v in got.items() if not (k.startswith("curve.") or k == "steps")})
+
+    for name, m in maps.items():
+        bar.stage(name, "faithfulness")
+        put(name, store.stage(name, "faithfulness", partial(faithfulness_values, model, x, classes, m, cfg, seed)))
+        if sample.masks is not None:
+            bar.stage(name, "localization")
+            put(name, store.stage(name, "localization", partial(localization_values, m, sample, x, seed)))
+            if cfg.truth and masks is not None:
+                put(name, store.stage(name, "truth", partial(truth_values, m, masks, seed)))
+    k = min(cfg.sanity_images, x.shape[0])
+    sanity: dict[str, dict[str, np.ndarray]] = {}
+    layers: list[str] | None = None
+    for name in live:
+        bar.stage(name, "sanity")
+        if k < 1 or cfg.sanity_layers < 1:
+            continue
+
+        def sanity_of(name: str = name) -> dict[str, np.ndarray]:
+            nonlocal layers
+            layers = layers if layers is not None else randomization_layers(model, x[:k])[: cfg.sanity_layers]
+            return sanity_stage(model, x[:k], classes[:k], name, layers, cfg, seed)
+
+        sanity[name] = store.stage(name, "sanity", sanity_of)
+        put(name, sanity[name])
+    for name in live:
+        bar.stage(name, "robustness")
+        put(name, store.stage(name, "robustness", partial(robustness_values, model, name, x, classes, cfg, seed)))
+    return values, merge_sanity(sanity, classes[:k])
 
 
 def compare(
@@ -247,24 +365,36 @@ def compare(
     seed: int = 0,
     *,
     gt: Any = None,
+    targets: Any = None,
     out: str | Path | None = None,
     config: CompareConfig | None = None,
 ) -> CompareResult:
     """Which map should I trust? Rank every method that applies to ``model`` on ``data``.
 
     Args:
-        model: a classifier or a zoo name.
+        model: a classifier, a detector, a segmenter, an image–text model, or a zoo name.
         data: a preprocessed ``(N, C, H, W)`` tensor, image paths, a folder, or a camlens dataset
             (``camlens.data.synthetic`` / ``tetromino``: its boxes / masks are the ground truth).
         methods: ``"all"`` or method names (a list or comma-separated).
         seed: seed of the image sample, the random baselines, tie-breaks, noise and the bootstrap.
         gt: ground truth per image: ``(N, H, W)`` masks or per-image ``(M, 4)`` boxes in each image's
             pixels (with a tensor ``data``: at its size); adds the localization metrics.
-        out: folder for ``table.parquet``, ``table.csv`` and ``report.html`` (``None``: nothing written).
+        targets: what each image's maps explain and the metrics score: ``None`` — a classifier's
+            top-1 class (scored by its softmax probability), a detector's own top detection
+            (``Detection(score_threshold=0, max_boxes=1)``: its matched class score x IoU), a
+            segmenter's largest predicted class region (``Segmentation(None)``: its summed logits);
+            or a target object such as ``camlens.targets.Text("a red circle")`` for an image–text
+            model (the image–text logit). Target objects are bound on the clean images, and the
+            perturbed, noisy and randomized copies are scored against the same references.
+        out: folder for ``table.parquet``, ``table.csv`` and ``report.html`` (``None``: nothing
+            written). It keeps the maps (a result store per method) and every finished stage, so an
+            interrupted comparison continues where it stopped when called again with the same
+            arguments (:mod:`camlens.comparison.resume`); other settings are refused unless
+            ``config.overwrite``.
         config: a :class:`CompareConfig` (budgets, steps, images…).
 
     Returns:
-        A :class:`CompareResult` (``.table``, ``.flags``, ``.report_path``, ``.summary()``).
+        A :class:`CompareResult` (``.table``, ``.flags``, ``.report_path``, ``.summary()``, ``.reused``).
     """
     cfg = config or CompareConfig()
     t_start = time.perf_counter()
@@ -276,48 +406,67 @@ def compare(
             "truth=True needs the true importance masks: pass gt= masks or a camlens.data.tetromino dataset"
         )
     x = sample.x
-    classes = resolve_classes(model, x, None, cfg.batch_size)
+    spec = targets if targets is not None else default_target(model)
+    classes = resolve_classes(model, x, spec, cfg.batch_size)
+    flags = not_applicable(model, names, spec)
+    names = [n for n in names if n not in flags]
+    store: CompareStore | MemoryStore = MemoryStore()
+    if out is not None:
+        sig = compare_signature(model, sample, classes, cfg, seed)
+        store = CompareStore(out, sig, overwrite=cfg.overwrite, note=lambda msg: print(msg, file=sys.stderr))
     bar = _progress(len(names), cfg, sample.masks is not None)
-    try:
-        maps, cost, flags = compute_maps(model, x, classes, names, cfg, bar)
-        live = list(maps)
-        maps["random"] = baseline_maps(
-            "random", x.shape[0], (int(x.shape[-2]), int(x.shape[-1])), torch.device("cpu"), seed
-        ).cpu()
-        if cfg.truth:
-            maps["sobel"] = sobel_maps(x)
-        values: dict[tuple[str, str], np.ndarray] = {}
-        for name, m in maps.items():
-            bar.stage(name, "faithfulness")
-            for k, v in faithfulness_values(model, x, classes, m, cfg, seed).items():
-                values[name, k] = v
-            values[name, "sparseness"] = sparseness(m).numpy().astype(np.float64)
-            if sample.masks is not None:
-                bar.stage(name, "localization")
-                values.update(localization_values(name, m, sample, x, seed))
-                if cfg.truth:
-                    values.update(truth_values(name, m, sample.masks, seed))
-        bar.stage("all", "sanity")
-        sanity, sanity_curves = sanity_values(model, x, classes, live, cfg, seed)
-        for name, v in sanity.items():
-            values[name, "randomization_similarity"] = v
-        for name in live:
-            bar.stage(name, "robustness")
-            values.update(robustness_values(model, name, x, classes, cfg, seed))
-            values[name, "ms_per_image"] = np.array([cost[name][0]])
-            values[name, "peak_memory_mib"] = np.array([cost[name][1]])
-    finally:
-        bar.close()
-    table = build_table(values, cfg.bootstrap, seed)
-    for name, v in sanity.items():
-        if float(v.mean()) > cfg.sanity_threshold:
+    with store:
+        try:
+            maps, cost, failed = compute_maps(model, sample, classes, names, cfg, bar, store)
+            flags.update(failed)
+            live = list(maps)
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            maps["random"] = baseline_maps("random", x.shape[0], size, torch.device("cpu"), seed).cpu()
+            if cfg.truth:
+                maps["sobel"] = sobel_maps(x)
+            values, sanity_curves = measure(model, sample, classes, maps, live, (cfg, seed, bar, store))
+            if isinstance(classes, TargetScores):  # the metrics' own score of the unperturbed images
+                values["model", "clean_score"] = class_probs(model, x, classes, cfg.batch_size).numpy().astype(float)
+            for name in live:
+                values[name, "ms_per_image"] = np.array([cost[name][0]])
+                values[name, "peak_memory_mib"] = np.array([cost[name][1]])
+        finally:
+            bar.close()
+        result = _result(values, flags, maps, live, sample, classes, sanity_curves, cfg, seed)
+        result.elapsed_s = time.perf_counter() - t_start
+        result.reused = store.reuse.words(int(x.shape[0]))
+        if isinstance(store, CompareStore):
+            store.record_reuse()
+            result.report_path = write_outputs(result, Path(store.root), card_of(model), replace=True)
+    return result
+
+
+def _result(
+    values: dict[tuple[str, str], np.ndarray],
+    flags: dict[str, str],
+    maps: dict[str, torch.Tensor],
+    live: list[str],
+    sample: Sample,
+    classes: Scored,
+    sanity_curves: SanityResult | None,
+    cfg: CompareConfig,
+    seed: int,
+) -> CompareResult:
+    """The table, the sanity flags, the ranking and the verdicts."""
+    clean = None
+    if isinstance(classes, TargetScores):  # not probabilities: the gain's best is the clean score
+        clean = values.pop(("model", "clean_score"))
+    table = build_table(values, cfg.bootstrap, seed, clean)
+    steps = len(sanity_curves.steps) - 1 if sanity_curves else 0
+    for name in live:
+        v = values.get((name, "randomization_similarity"))
+        if v is not None and float(v.mean()) > cfg.sanity_threshold:
             flags[name] = (
-                f"its maps barely change when the top {len(sanity_curves.steps) - 1 if sanity_curves else 0} "
-                f"layers are randomized (mean rank correlation {float(v.mean()):.2f} > {cfg.sanity_threshold}): "
-                "insensitive to the model's weights"
+                f"its maps barely change when the top {steps} layers are randomized (mean rank correlation "
+                f"{float(v.mean()):.2f} > {cfg.sanity_threshold}): insensitive to the model's weights"
             )
     ranking, verdicts = rank_and_verdicts(table, live, flags, cfg)
-    result = CompareResult(
+    return CompareResult(
         table=table,
         flags=flags,
         report_path=None,
@@ -325,14 +474,10 @@ def compare(
         verdicts=verdicts,
         values=values,
         maps=maps,
-        x=x.detach().cpu(),
+        x=sample.x.detach().cpu(),
         classes=classes,
         names=sample.names,
         sanity=sanity_curves,
         seed=seed,
         config=cfg,
-        elapsed_s=time.perf_counter() - t_start,
     )
-    if out is not None:
-        result.report_path = write_outputs(result, Path(out), card_of(model))
-    return result

@@ -18,12 +18,13 @@ from camlens.metrics import (
     pointing_game,
     top_k_precision,
 )
+from camlens.metrics._common import Scored
 from camlens.metrics.loceval import evaluate_maps
 
 if TYPE_CHECKING:  # typing only
     from camlens.comparison.run import Sample
 
-Values = dict[tuple[str, str], np.ndarray]
+Values = dict[str, np.ndarray]  # metric -> per-image values
 
 
 def boxacc_curves(maps: torch.Tensor, boxes: list[np.ndarray]) -> np.ndarray:
@@ -33,29 +34,29 @@ def boxacc_curves(maps: torch.Tensor, boxes: list[np.ndarray]) -> np.ndarray:
     return np.stack([evaluate_maps(maps[i : i + 1], [boxes[i]]).curve for i in range(maps.shape[0])])
 
 
-def localization_values(name: str, maps: torch.Tensor, sample: Sample, x: torch.Tensor, seed: int) -> Values:
+def localization_values(maps: torch.Tensor, sample: Sample, x: torch.Tensor, seed: int) -> Values:
     """Pointing game, energy pointing game, mask IoU (per image) and the BoxAccV2 curves (``maxboxacc_v2``
     rows hold ``(N, T, 3)``; the table reduces them per bootstrap resample)."""
     assert sample.masks is not None and sample.boxes is not None
     g, m = sample.masks, maps
     return {
-        (name, "pointing_game"): pointing_game(None, x.cpu(), m, gt=g, seed=seed).numpy().astype(np.float64),
-        (name, "energy_pointing_game"): energy_pointing_game(None, x.cpu(), m, gt=g).numpy().astype(np.float64),
-        (name, "mask_iou"): mask_iou(m, g).numpy().astype(np.float64),
-        (name, "maxboxacc_v2"): boxacc_curves(m, sample.boxes).astype(np.float64),
+        "pointing_game": pointing_game(None, x.cpu(), m, gt=g, seed=seed).numpy().astype(np.float64),
+        "energy_pointing_game": energy_pointing_game(None, x.cpu(), m, gt=g).numpy().astype(np.float64),
+        "mask_iou": mask_iou(m, g).numpy().astype(np.float64),
+        "maxboxacc_v2": boxacc_curves(m, sample.boxes).astype(np.float64),
     }
 
 
-def truth_values(name: str, maps: torch.Tensor, masks: torch.Tensor, seed: int) -> Values:
+def truth_values(maps: torch.Tensor, masks: torch.Tensor, seed: int) -> Values:
     """Top-k precision and earth mover's distance against the true importance masks."""
     return {
-        (name, "top_k_precision"): top_k_precision(maps, masks, seed=seed).numpy().astype(np.float64),
-        (name, "emd"): earth_movers_distance(maps, masks).numpy().astype(np.float64),
+        "top_k_precision": top_k_precision(maps, masks, seed=seed).numpy().astype(np.float64),
+        "emd": earth_movers_distance(maps, masks).numpy().astype(np.float64),
     }
 
 
 def robustness_values(
-    model: nn.Module, name: str, x: torch.Tensor, classes: torch.Tensor, cfg: CompareConfig, seed: int
+    model: nn.Module, name: str, x: torch.Tensor, classes: Scored, cfg: CompareConfig, seed: int
 ) -> Values:
     """Max-sensitivity on the first ``cfg.sensitivity_images`` images."""
     k = min(cfg.sensitivity_images, x.shape[0])
@@ -72,4 +73,4 @@ def robustness_values(
         batch_size=cfg.batch_size,
         explain_options=cfg.method_options(name),
     )
-    return {(name, "max_sensitivity"): v.numpy().astype(np.float64)}
+    return {"max_sensitivity": v.numpy().astype(np.float64)}

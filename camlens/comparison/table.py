@@ -21,19 +21,27 @@ def _stat(v: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
     return sel.mean(-1)
 
 
-def _gain(m: np.ndarray, r: np.ndarray, best: float) -> np.ndarray:
+def _gain(m: np.ndarray, r: np.ndarray, best: float | np.ndarray) -> np.ndarray:
     den = best - r
     return np.where(np.abs(den) > 1e-12, (m - r) / np.where(np.abs(den) > 1e-12, den, 1.0), 0.0)
 
 
-def build_table(values: Values, n_boot: int, seed: int) -> pd.DataFrame:
+def build_table(values: Values, n_boot: int, seed: int, clean: np.ndarray | None = None) -> pd.DataFrame:
     """One row per (method, metric): ``mean`` over images, ``low``/``high`` the 2.5/97.5 percentiles
     of ``n_boot`` bootstrap resamples of the images (the same resamples for every row: paired), and
     ``faithfulness_gain`` per method: the mean of ``(m - r) / (best - r)`` over deletion, insertion,
-    ROAD MoRF and LeRF, with ``r`` the random map on the same resample and ``best`` 0 or 1."""
+    ROAD MoRF and LeRF, with ``r`` the random map on the same resample and ``best`` 0 (deletion,
+    MoRF) or 1 (insertion, LeRF: a probability's best). ``clean``: the unperturbed images' scores
+    when they are not probabilities (a target object's score): then ``best`` of insertion and LeRF
+    is their mean on the same resample."""
     rng = np.random.default_rng(seed)
     n_max = max(v.shape[0] for v in values.values())
     draws = rng.random((max(n_boot, 1), n_max))
+    top: float | np.ndarray = 1.0
+    if clean is not None:
+        n = clean.shape[0]
+        idx = (draws[:, :n] * n).astype(int) if n > 1 and n_boot > 0 else None
+        top = np.concatenate([[clean.mean()], clean[idx].mean(-1) if idx is not None else [clean.mean()]])
     rows = []
     boots: dict[tuple[str, str], np.ndarray] = {}
     for (method, metric), v in values.items():
@@ -47,7 +55,7 @@ def build_table(values: Values, n_boot: int, seed: int) -> pd.DataFrame:
         parts = []
         for metric in FAITHFULNESS:
             if (method, metric) in boots and ("random", metric) in boots:
-                best = 1.0 if METRICS[metric].better == "higher" else 0.0
+                best = top if METRICS[metric].better == "higher" else 0.0
                 parts.append(_gain(boots[method, metric], boots["random", metric], best))
         if parts and method != "random":
             g = np.mean(parts, axis=0)

@@ -7,7 +7,11 @@ Conventions used by every metric in :mod:`camlens.metrics`:
   :func:`torch.inference_mode` with every module in eval mode (the user's flags are restored).
 * **Targets.** ``None`` means the top-1 class of the *unperturbed* image; an int, ``N`` ints, class
   names or ``"top1"`` are accepted (see :mod:`camlens.targets`); only the first target per image
-  is used. Callable targets have no class probability and are refused.
+  is used. Callable targets have no class probability and are refused. A target object
+  (:class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+  :class:`~camlens.targets.Text`…) is bound on the clean images and scored by its own first
+  score instead (:class:`TargetScores`: a detection's class score x IoU, a region's summed logits,
+  an image–text logit), the references fixed for every perturbed copy.
 * **Maps.** ``(N, H, W)`` (or ``(N, 1, H, W)``) at input resolution, a NumPy array or tensor; a map
   of another size is resized bilinearly. Also accepted: an :class:`~camlens.Explanation` (its
   first target; its classes become the default targets), a registered method name
@@ -46,7 +50,7 @@ from camlens.core.engine import model_input
 from camlens.core.inputs import prepare_inputs
 from camlens.core.outputs import select_output
 from camlens.models.zoo import card_of, load_model
-from camlens.targets import resolve_targets
+from camlens.targets import Detection, Segmentation, is_target_object, resolve_targets, take_rows
 
 MapsLike = Union[torch.Tensor, np.ndarray, Explanation, str]  # noqa: UP007 (a runtime alias)
 Substrate = Union[str, float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # noqa: UP007
@@ -77,14 +81,104 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.
     return torch.cat(outs)
 
 
+class TargetScores:
+    r"""A target object (:class:`~camlens.targets.Detection`, :class:`~camlens.targets.Segmentation`,
+    :class:`~camlens.targets.Text`, or a user's) bound on the clean images: what the metrics score
+    instead of a class probability. Image ``i`` and each of its perturbed copies score
+    :math:`y_i = T(f(x))_{i, 0}` — the target's own first score (a detection's matched class score
+    :math:`\times` IoU, a region's summed class logits, an image–text logit) with the references fixed
+    on the clean pass. :meth:`explain_spec` gives the same references as a target for
+    :func:`camlens.explain` (maps of perturbed or randomized copies explain the same boxes / region).
+    """
+
+    def __init__(self, bound: Any, spec: Any, n: int) -> None:
+        self.bound, self.spec, self.n = bound, spec, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: Any) -> TargetScores:
+        idx = list(range(self.n))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
+        return TargetScores(take_rows(self.bound, idx), self.spec, len(idx))
+
+    def score(self, output: Any, rows: Sequence[int]) -> torch.Tensor:
+        """``(B,)`` float32 scores of a batch of copies of the images ``rows``."""
+        return take_rows(self.bound, list(rows))(output)[:, 0].float()
+
+    def explain_spec(self, rows: Sequence[int]) -> Any:
+        """The target of the images ``rows`` for :func:`camlens.explain`, references fixed (own
+        detections become given boxes, a predicted region a given mask); a row-wise target as given."""
+        b = take_rows(self.bound, list(rows))
+        if isinstance(b, Detection):
+            boxes, labels = b.reference_boxes, b.labels
+            keep = [~torch.isnan(r[:, 0]) for r in boxes]
+            return Detection(
+                [r[k].numpy() for r, k in zip(boxes, keep)], [lb[k].numpy() for lb, k in zip(labels, keep)], b.iou
+            )
+        if isinstance(b, Segmentation):
+            cats = b.labels
+            assert cats is not None and b._masks is not None
+            if cats.shape[1] != 1 or len(set(cats[:, 0].tolist())) > 1:
+                raise TargetError(
+                    "the images' predicted classes differ; pass targets=Segmentation(category) to score one class"
+                )
+            return Segmentation(int(cats[0, 0]), mask=b._masks[:, 0].cpu())
+        return self.spec
+
+    def describe(self) -> list[Any]:
+        """What decides the scores (for a run's signature): the target's settings and references."""
+        parts: list[Any] = [
+            type(self.spec).__name__,
+            {k: repr(v) for k, v in vars(self.spec).items() if not k.startswith("_")},
+        ]
+        if isinstance(self.bound, Detection):
+            parts += [self.bound.reference_boxes, self.bound.labels]
+        elif isinstance(self.bound, Segmentation):
+            parts += [self.bound.labels, self.bound._masks]
+        return parts
+
+
+#: what the metrics score per image: class ids ``(N,)`` (softmax probabilities) or a bound target object
+Scored = Union[torch.Tensor, TargetScores]  # noqa: UP007 (a runtime alias)
+
+
+def target_scores(model: nn.Module, x: torch.Tensor, target: Any) -> TargetScores:
+    """Bind a target object on the clean forward pass of ``x`` (one pass, inference mode)."""
+    with eval_mode(model), torch.inference_mode():
+        out = model(model_input(x))
+    bound = target.bind(out, model)
+    empty = bound.empty_rows(None) if callable(getattr(bound, "empty_rows", None)) else {}
+    if empty:
+        i, why = next(iter(empty.items()))
+        raise TargetError(
+            f"{len(empty)} image(s) have nothing to score (image {i}: {why}); drop them or change the target"
+        )
+    return TargetScores(bound, target, int(x.shape[0]))
+
+
+def _scores(out: Any, classes: torch.Tensor | TargetScores, rows: list[int]) -> torch.Tensor:
+    if isinstance(classes, TargetScores):
+        return classes.score(out, rows).cpu()
+    p = _check_logits(out).float().softmax(dim=1)
+    c = classes[rows].to(p.device)
+    return p.gather(1, c[:, None])[:, 0].cpu()
+
+
+def explain_targets(classes: torch.Tensor | TargetScores, rows: slice) -> Any:
+    """What :func:`camlens.explain` takes for the images ``rows``: ``(B, 1)`` class ids, or the fixed target."""
+    if isinstance(classes, TargetScores):
+        return classes.explain_spec(list(range(len(classes)))[rows])
+    return classes[rows, None] if classes.dim() == 1 else classes[rows]
+
+
 def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Softmax probability of ``classes[i]`` for image ``x[i]``, ``(N,)`` on the CPU."""
+    """Softmax probability of ``classes[i]`` for image ``x[i]``, ``(N,)`` on the CPU (a
+    :class:`TargetScores`: the target's score)."""
     out = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            p = _check_logits(model(model_input(x[i : i + batch_size]))).float().softmax(dim=1)
-            c = classes[i : i + batch_size].to(p.device)
-            out.append(p.gather(1, c[:, None])[:, 0].cpu())
+            rows = list(range(i, min(i + batch_size, x.shape[0])))
+            out.append(_scores(model(model_input(x[i : i + batch_size])), classes, rows))
     return torch.cat(out)
 
 
@@ -97,15 +191,13 @@ def scored_batches(
 ) -> torch.Tensor:
     """Score many perturbed images without holding them all: ``items`` are ``(image index, step)``
     pairs, ``make(chunk)`` builds the ``(B, C, H, W)`` batch of one chunk; returns ``(len(items),)``
-    target-class probabilities on the CPU."""
+    target-class probabilities (a :class:`TargetScores`: the target's scores) on the CPU."""
     out = torch.empty(len(items))
     with eval_mode(model), torch.inference_mode():
         for i in range(0, len(items), batch_size):
             chunk = list(items[i : i + batch_size])
             xb = make(chunk)
-            p = _check_logits(model(model_input(xb))).float().softmax(dim=1)
-            c = classes[[n for n, _ in chunk]].to(p.device)
-            out[i : i + len(chunk)] = p.gather(1, c[:, None])[:, 0].cpu()
+            out[i : i + len(chunk)] = _scores(model(model_input(xb)), classes, [n for n, _ in chunk])
     return out
 
 
@@ -124,8 +216,16 @@ def resolve_classes(
     """Targets -> ``(N,)`` long class ids (first target of each image), on the CPU.
 
     With a model, ``None`` / ``"top1"`` / names are resolved on the model's output for ``x`` (one
-    batched inference pass) and ids are checked against its number of classes.
+    batched inference pass) and ids are checked against its number of classes. A target object
+    (detection, segmentation, image–text…) is bound on the clean pass: a :class:`TargetScores`
+    (the metrics then score the target's own score instead of a class probability).
     """
+    if isinstance(targets, TargetScores):
+        if len(targets) != x.shape[0]:
+            raise InputError(f"the target was bound to {len(targets)} images, not {x.shape[0]}")
+        return targets  # type: ignore[return-value]
+    if model is not None and is_target_object(targets):
+        return target_scores(model, x, targets)  # type: ignore[return-value]
     if isinstance(targets, torch.Tensor) and targets.dim() == 2 and targets.shape[1] > 1:
         targets = targets[:, :1]
     if model is None:
@@ -294,9 +394,8 @@ def explain_maps(
     :class:`~camlens.api.explainer.ExplainRequest` a caller already holds (its layer, capture,
     output, reshape, precision and options are used; its methods and targets are the metric's)."""
     out = []
-    cls = classes if classes.dim() == 2 else classes[:, None]
     for i in range(0, x.shape[0], batch_size):
-        xs, ts = x[i : i + batch_size], cls[i : i + batch_size]
+        xs, ts = x[i : i + batch_size], explain_targets(classes, slice(i, i + batch_size))
         if isinstance(options, ExplainRequest):
             name = get_method(method).name
             e = run_request(model, xs, replace(options, methods=(name,), targets=ts))[name]
@@ -304,7 +403,7 @@ def explain_maps(
             e = explain(model, xs, method=method, targets=ts, **(options or {}))
         out.append(e.maps.detach().float())
     m = torch.cat(out)
-    return m if classes.dim() == 2 else m[:, 0]
+    return m if not isinstance(classes, TargetScores) and classes.dim() == 2 else m[:, 0]
 
 
 def prepare(

@@ -45,7 +45,7 @@ from camlens.base._util import eval_mode
 from camlens.base.errors import InputError, LayerNotFoundError
 from camlens.core.engine import model_input
 from camlens.core.inputs import prepare_inputs
-from camlens.metrics._common import check_batch_size, resolve_classes
+from camlens.metrics._common import check_batch_size, explain_targets, resolve_classes
 from camlens.metrics.similarity import spearman, ssim
 
 METRICS = ("spearman_abs", "spearman", "ssim")
@@ -226,9 +226,8 @@ def _maps(
 ) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for i in range(0, x.shape[0], batch_size):
-        res = explain(
-            model, x[i : i + batch_size], method=list(methods), targets=classes[i : i + batch_size, None], **options
-        )
+        spec = explain_targets(classes, slice(i, i + batch_size))
+        res = explain(model, x[i : i + batch_size], method=list(methods), targets=spec, **options)
         for m in methods:
             out[m].append(res[m].maps[:, 0].detach().float())
     return {m: torch.cat(v) for m, v in out.items()}
