@@ -64,7 +64,8 @@ def to_original(boxes: torch.Tensor, resized: tuple[int, int], size: tuple[int, 
     """Boxes ``(..., 4)`` in a resized image ``(h, w)`` -> the original ``(H, W)``: x by ``W/w`` and
     y by ``H/h``, the ratios in float32 as torchvision's ``resize_boxes``."""
     rh, rw = (
-        torch.tensor(s, dtype=torch.float32, device=boxes.device) / torch.tensor(r, dtype=torch.float32, device=boxes.device)
+        torch.tensor(s, dtype=torch.float32, device=boxes.device)
+        / torch.tensor(r, dtype=torch.float32, device=boxes.device)
         for s, r in zip(size, resized)
     )
     x0, y0, x1, y1 = boxes.unbind(-1)
@@ -82,7 +83,9 @@ class RcnnFrame(FrameTransform):
     def forward(self, images: list[torch.Tensor]) -> tuple[Any, Frames]:
         image_list, _ = self.inner(images)
         sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
-        return image_list, Frames(resized=sizes, padded=(int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1])))
+        return image_list, Frames(
+            resized=sizes, padded=(int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
+        )
 
 
 def _features(backbone: nn.Module, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -96,6 +99,7 @@ class TorchvisionAdapter(DetectorAdapter):
 
     family = "torchvision"
     thresh_option = "score_thresh"  # the constructor option said in hints
+    net: Any  # the torchvision detector (its attributes are read by name)
 
     def __init__(self, net: nn.Module, class_names: Any = None) -> None:
         super().__init__(net, RcnnFrame(cast(nn.Module, net.transform)), class_names)
@@ -120,21 +124,24 @@ class TorchvisionAdapter(DetectorAdapter):
     @property
     def threshold_hint(self) -> str:
         return (
-            f"torchvision's post-processing keeps scores > {self.score_thresh:g}: load it with "
-            f"{self.thresh_option}=..."
+            f"torchvision's post-processing keeps scores > {self.score_thresh:g}: load it with {self.thresh_option}=..."
         )
 
     def default_layer(self) -> tuple[str, str]:
         layer = default_layer(self.net, "detection")
         return layer, f"the last backbone stage feeding every head ({layer})"
 
-    def _decoded(self, boxes: torch.Tensor, scores: torch.Tensor, resized: Any, size: tuple[int, int], **kw: Any) -> Candidates:
+    def _decoded(
+        self, boxes: torch.Tensor, scores: torch.Tensor, resized: Any, size: tuple[int, int], **kw: Any
+    ) -> Candidates:
         from torchvision.ops import clip_boxes_to_image
 
         frame = clip_boxes_to_image(boxes, (int(resized[0]), int(resized[1])))
         return Candidates(to_original(frame, (int(resized[0]), int(resized[1])), size), scores, frame_boxes=frame, **kw)
 
-    def _nms(self, cands: Candidates, index: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nms(
+        self, cands: Candidates, index: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.ops import batched_nms
 
         assert cands.frame_boxes is not None
@@ -277,7 +284,8 @@ def tv_adapter(model: nn.Module) -> TorchvisionAdapter:
         raise CamlensError(f"{type(model).__name__} is not a torchvision detector")
     card = card_of(model)
     adapter = ADAPTERS[family](model, card.class_names if card is not None else None)
-    return attach_card(adapter, card if card is not None else adapter.card(type(model).__name__))
+    attach_card(adapter, card if card is not None else adapter.card(type(model).__name__))
+    return adapter
 
 
 __all__ = [
