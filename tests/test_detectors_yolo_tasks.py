@@ -7,6 +7,7 @@ test_detectors_yolo (scores of order one)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 
 import numpy as np
@@ -212,3 +213,20 @@ def test_box_target_with_an_unknown_label_on_a_segmenter(seg):
     ad = load_yolo(seg, imgsz=160, conf=CONF)
     with pytest.raises(TargetError, match="label 80 is not a class of this detector"):
         camlens.explain(ad, torch.rand(1, 3, 128, 160), "gradcam", targets=Detection([[4, 4, 60, 60]], [80]))
+
+
+@pytest.mark.slow
+def test_cli_explains_a_yolo_classifier_by_class(tmp_path):
+    """``camlens explain --model yolo:yolov8n-cls.yaml``: the classifier path (top-k classes), not
+    the detector's boxes."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from camlens.cli import main
+
+    Image.fromarray(_photo(64, 64, seed=7)).save(tmp_path / "photo.png")
+    args = ["explain", "--model", "yolo:yolov8n-cls.yaml", str(tmp_path / "photo.png"), "--topk", "2"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "o" / "photo_gradcam.json").read_text())
+    assert d["ranks"] == [1, 2] and "explained_boxes" not in d and d["layer"] == "output of net.model.9.conv"

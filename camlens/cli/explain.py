@@ -281,6 +281,8 @@ def explain_cmd(
             plan.check([""] * topk)
         net = load_model_seeded(model, weights, checkpoint, dist.local_device(resolve_device(device)))
         net, text = image_text_targets(net, classes, prompts)
+        if task == "detection" and getattr(card_of(net), "extra", {}).get("task") == "classification":
+            task = None  # a YOLO classification model (yolo:yolov8n-cls.yaml): the classifier path
         if prompts:
             plan.check(list(prompts))
         check_layer(net, layer)  # before any image is read
