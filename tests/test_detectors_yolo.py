@@ -332,9 +332,3 @@ def test_segmentation_model_boxes_equal_predict():
     assert ours["labels"].tolist() == ref.cls.long().tolist()
     torch.testing.assert_close(ours["boxes"], ref.xyxy, atol=1e-4, rtol=0)
     torch.testing.assert_close(ours["scores"], ref.conf, atol=1e-5, rtol=0)
-
-
-def test_classification_and_pose_models_are_refused_clearly():
-    y = ultralytics_yolo()("yolov8n-cls.yaml")
-    with pytest.raises(CamlensError, match="head is Classify"):
-        load_yolo(y)
