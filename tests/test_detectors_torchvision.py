@@ -176,3 +176,16 @@ def test_no_detection_says_the_torchvision_threshold(fcos):
 def test_a_box_with_an_unknown_label_is_a_clear_error(frcnn):
     with pytest.raises(TargetError, match="label 91 is not a class of this detector: it has 91 classes"):
         camlens.explain(frcnn, torch.rand(1, 3, 64, 96), "gradcam", targets=Detection([[4, 4, 40, 40]], [91]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
+def test_mask_and_keypoint_rcnn_boxes_equal_torchvision_forward(name):
+    """User-built Mask R-CNN and Keypoint R-CNN (not in the zoo): their boxes, labels and scores."""
+    import torchvision
+
+    torch.manual_seed(0)
+    kw = dict(min_size=64, max_size=96, box_score_thresh=0.0, rpn_post_nms_top_n_test=30, box_detections_per_img=20)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **kw).eval()
+    assert is_detector(model)
+    _equal_outputs(model)

@@ -187,11 +187,14 @@ def test_classifier_topk_equals_predict_and_gradcam_equals_autograd(cls):
 def test_classifier_through_load_model_and_hygiene(cls, tmp_path):
     m = camlens.load_model("yolo:yolov8n-cls.yaml", imgsz=64)
     assert isinstance(m, YoloClassifier) and m.camlens.extra["weights"] == "random" and not m.training
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = cls.model(x)[1].clone()
     before = snapshot(cls.model)
-    camlens.explain(
-        cls, torch.rand(1, 3, 64, 64), ["gradcam", "saliency"], targets=[3]
-    )  # a YOLO object passed directly
+    camlens.explain(cls, x, ["gradcam", "saliency"], targets=[3])  # a YOLO object passed directly
     assert_untouched(cls.model, before)
+    with torch.no_grad():
+        assert torch.equal(cls.model(x)[1], logits)
     with pytest.raises(CamlensError, match="imgsz= only"):
         load_yolo(cls, conf=0.3)
 

@@ -218,7 +218,7 @@ def load_model(
             torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``; for ``yolo:`` the
             adapter's ``imgsz=``, ``conf=``, ``iou=``, ``max_det=``, ``rect=``.
     """
-    if name.lower().startswith(YOLO_PREFIX) and checkpoint is None:
+    if isinstance(name, str) and name.lower().startswith(YOLO_PREFIX) and checkpoint is None:
         if weights not in (None, "random") or num_classes is not None or preprocess is not None:
             raise CamlensError(f"{name}: weights=, num_classes= and preprocess= do not apply to a yolo: model")
         model = load_yolo(name[len(YOLO_PREFIX) :], **kwargs).eval()
