@@ -69,6 +69,7 @@ def test_faster_rcnn_adapter_equals_torchvision_forward(frcnn):
     _equal_outputs(frcnn)
 
 
+@pytest.mark.slow
 def test_fcos_adapter_equals_torchvision_forward(fcos):
     _equal_outputs(fcos)
 
@@ -99,7 +100,7 @@ def _reference_gradcam(model: torch.nn.Module, x: torch.Tensor, layer: str, box:
     return cam, float(out["scores"][j].detach())
 
 
-@pytest.mark.parametrize("name", ["frcnn", "fcos"])
+@pytest.mark.parametrize("name", ["frcnn", pytest.param("fcos", marks=pytest.mark.slow)])
 def test_gradcam_of_one_detection_equals_plain_autograd(name, request):
     model = request.getfixturevalue(name)
     x = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(4))  # padded to 64x96 (frcnn)
@@ -142,7 +143,7 @@ def test_hygiene_and_no_socket(frcnn, monkeypatch):
     assert touched == []
 
 
-def test_adapter_keeps_torchvision_layer_names_and_thresholds(frcnn, fcos):
+def test_adapter_keeps_torchvision_layer_names_and_thresholds(frcnn):
     ad = as_detector(frcnn)
     assert isinstance(ad, TorchvisionAdapter) and is_detector(frcnn)
     names = dict(ad.named_modules())
@@ -151,26 +152,19 @@ def test_adapter_keeps_torchvision_layer_names_and_thresholds(frcnn, fcos):
     assert ad.camlens is frcnn.camlens  # the zoo card: class names, default layer
     assert {k for k in ad.state_dict()} == {k for k in frcnn.state_dict()}
     # thresholds are read from the detector when it runs
-    f = as_detector(fcos)
-    old = fcos.score_thresh
+    old = frcnn.roi_heads.score_thresh
     try:
-        keep_all_detections(f)
-        assert fcos.score_thresh == 0.0
+        frcnn.roi_heads.score_thresh = 0.3
+        assert ad.score_thresh == 0.3
+        keep_all_detections(ad)
+        assert frcnn.roi_heads.score_thresh == 0.0
+        frcnn.roi_heads.score_thresh = 0.9999
+        with pytest.raises(TargetError, match=r"keeps scores > 0\.9999: load it with box_score_thresh="):
+            camlens.explain(frcnn, torch.rand(1, 3, 64, 96), "gradcam")
     finally:
-        fcos.score_thresh = old
-    assert "score_thresh=" in f.threshold_hint and "box_score_thresh=" in ad.threshold_hint
+        frcnn.roi_heads.score_thresh = old
     with pytest.raises(CamlensError, match="no adapter options"):
         as_detector(frcnn, conf=0.5)
-
-
-def test_no_detection_says_the_torchvision_threshold(fcos):
-    old = fcos.score_thresh
-    fcos.score_thresh = 0.9999
-    try:
-        with pytest.raises(TargetError, match=r"keeps scores > 0\.9999: load it with score_thresh="):
-            camlens.explain(fcos, torch.rand(1, 3, 64, 96), "gradcam")
-    finally:
-        fcos.score_thresh = old
 
 
 def test_a_box_with_an_unknown_label_is_a_clear_error(frcnn):
