@@ -317,7 +317,7 @@ def test_cli_explains_a_yolo_per_detection(tmp_path):
 @pytest.mark.slow
 def test_segmentation_model_boxes_equal_predict():
     """A YOLO segmentation model (``yolov8n-seg.yaml``): its boxes, labels and scores as a detector's,
-    equal to ``YOLO.predict``'s (the instance masks are not explained yet)."""
+    equal to ``YOLO.predict``'s (its masks: test_detectors_yolo_tasks)."""
     torch.manual_seed(0)
     y = ultralytics_yolo()("yolov8n-seg.yaml")
     calibrate(y.model)
@@ -332,9 +332,3 @@ def test_segmentation_model_boxes_equal_predict():
     assert ours["labels"].tolist() == ref.cls.long().tolist()
     torch.testing.assert_close(ours["boxes"], ref.xyxy, atol=1e-4, rtol=0)
     torch.testing.assert_close(ours["scores"], ref.conf, atol=1e-5, rtol=0)
-
-
-def test_classification_and_pose_models_are_refused_clearly():
-    y = ultralytics_yolo()("yolov8n-cls.yaml")
-    with pytest.raises(CamlensError, match="head is Classify"):
-        load_yolo(y)

@@ -64,9 +64,13 @@ def test_frames_passed_in_are_filled_by_the_pass_and_kept_on_it():
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
     torch.manual_seed(0)
-    det = fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=96
-    ).eval()
+    from camlens.models.detectors import as_detector
+
+    det = as_detector(
+        fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=96
+        ).eval()
+    )
     x = [torch.rand(3, 50, 80)]
     frames = Frames()
     ctx = ForwardPass.run(

@@ -352,6 +352,8 @@ def _model_and_targets(ask: _Asked, task: str | None, names: list[str], plan: _P
     device = dist.local_device(resolve_device(ask.device))
     net = load_model_seeded(ask.model, ask.weights, ask.checkpoint, device)
     net, text = image_text_targets(net, classes, prompts)
+    if task == "detection" and getattr(card_of(net), "extra", {}).get("task") == "classification":
+        task = None  # a YOLO classification model (yolo:yolov8n-cls.yaml): the classifier path
     if prompts:
         plan.check(list(prompts))
     check_layer(net, ask.layer)  # before any image is read

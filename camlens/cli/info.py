@@ -36,9 +36,10 @@ def models_cmd(pattern):
     click.echo(
         f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
         "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model. Any timm model: "
-        "--model timm:NAME (e.g. timm:deit_tiny_patch16_224 --weights random). An Ultralytics YOLO detector: "
-        "--model yolo:best.pt, or yolo:yolov8n.yaml for random weights (pip install camlens[yolo]). A MONAI 3-D "
-        "network: --model monai:densenet121_3d (resnet18_3d, seresnet50_3d…; pip install camlens[medical])."
+        "--model timm:NAME (e.g. timm:deit_tiny_patch16_224 --weights random). An Ultralytics YOLO (detect, "
+        "segment, classify): --model yolo:best.pt, or yolo:yolov8n.yaml / yolov8n-seg.yaml / yolov8n-cls.yaml "
+        "for random weights (pip install camlens[yolo]). A MONAI 3-D network: --model monai:densenet121_3d "
+        "(resnet18_3d, seresnet50_3d…; pip install camlens[medical])."
     )
 
 

@@ -143,10 +143,11 @@ class Frames:
 
 @contextlib.contextmanager
 def record_frames(model: nn.Module, into: Frames | None = None) -> Iterator[Frames]:
-    """Note the resize/pad of a torchvision detector's ``model.transform`` during a forward, or of a
-    detector adapter's (:mod:`camlens.models.detectors`: a ``transform`` module with
-    ``records_frames = True`` returning ``(network input, Frames)``), in ``into`` (default: a new
-    :class:`Frames`); a no-op for other models. The hook is removed on exit, also on error."""
+    """Note the resize/pad of a detector adapter's transform during a forward
+    (:mod:`camlens.models.detectors`: a ``transform`` module with ``records_frames = True``
+    returning ``(network input, Frames)``; torchvision's detectors are explained through their
+    adapter too), in ``into`` (default: a new :class:`Frames`); a no-op for other models.
+    The hook is removed on exit, also on error."""
     frames = Frames() if into is None else into
     transform = getattr(model, "transform", None)
     handle = None
@@ -157,17 +158,6 @@ def record_frames(model: nn.Module, into: Frames | None = None) -> Iterator[Fram
             frames.resized, frames.padded, frames.offsets = list(seen.resized), seen.padded, list(seen.offsets)
 
         handle = transform.register_forward_hook(note)
-    elif isinstance(transform, nn.Module) and type(transform).__name__ == "GeneralizedRCNNTransform":
-
-        def hook(m, args, out):
-            image_list = out[0] if isinstance(out, tuple) else out
-            sizes = getattr(image_list, "image_sizes", None)
-            tensors = getattr(image_list, "tensors", None)
-            if sizes is not None and isinstance(tensors, torch.Tensor):
-                frames.resized = [(int(h), int(w)) for h, w in sizes]
-                frames.padded = (int(tensors.shape[-2]), int(tensors.shape[-1]))
-
-        handle = transform.register_forward_hook(hook)
     try:
         yield frames
     finally:

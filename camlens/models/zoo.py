@@ -222,10 +222,7 @@ def load_model(
             torchvision constructor, e.g. ``min_size=``, ``box_score_thresh=``; for ``yolo:`` the
             adapter's ``imgsz=``, ``conf=``, ``iou=``, ``max_det=``, ``rect=``.
     """
-    if checkpoint is None and is_onnx_path(name):  # class_names= is the graph's class names here
-        onnx_kwargs = kwargs if class_names is None else {**kwargs, "class_names": class_names}
-        return _onnx(str(name), weights, num_classes, device, preprocess, **onnx_kwargs)
-    if name.lower().startswith(YOLO_PREFIX) and checkpoint is None:
+    if isinstance(name, str) and name.lower().startswith(YOLO_PREFIX) and checkpoint is None:
         if weights not in (None, "random") or num_classes is not None or preprocess is not None:
             raise CamlensError(f"{name}: weights=, num_classes= and preprocess= do not apply to a yolo: model")
         model = load_yolo(name[len(YOLO_PREFIX) :], **kwargs).eval()
@@ -236,6 +233,9 @@ def load_model(
         return model.to(parse_device(device)) if device is not None else model
     monai = name.lower().startswith(MONAI_PREFIX) and checkpoint is None
     in_channels = kwargs.pop("in_channels", None) if monai else None
+    if checkpoint is None and is_onnx_path(name):  # class_names= is the graph's class names here
+        onnx_kwargs = kwargs if class_names is None else {**kwargs, "class_names": class_names}
+        return _onnx(str(name), weights, num_classes, device, preprocess, **onnx_kwargs)
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")

@@ -35,7 +35,7 @@ from camlens.targets.classes import (
     flat_list_for_one_image,
     resolve_targets,
 )
-from camlens.targets.detection import Detection, box_iou
+from camlens.targets.detection import Detection, InstanceMask, box_iou
 from camlens.targets.segmentation import Segmentation
 from camlens.targets.similarity import Similarity
 from camlens.targets.text import Text
@@ -43,6 +43,7 @@ from camlens.targets.text import Text
 __all__ = [
     "Classes",
     "Detection",
+    "InstanceMask",
     "Segmentation",
     "Similarity",
     "Target",

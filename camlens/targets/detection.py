@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -134,6 +134,18 @@ class Detection(Target):
             raise TargetError(f"boxes must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {t.tolist()}")
         return t
 
+    def _fresh(self) -> Detection:
+        """An unbound target with the same settings (``bind`` and ``take`` fill it)."""
+        return Detection(
+            self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
+        )
+
+    def _own_keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices of the own detections explained: score >= ``score_threshold``, best first, at
+        most ``max_boxes``."""
+        keep = (scores >= self.score_threshold).nonzero().flatten()
+        return keep[scores[keep].argsort(descending=True)][: self.max_boxes]
+
     def bind(self, output: Any, model: nn.Module | None = None) -> Detection:
         dets = _detections(output)
         n = len(dets)
@@ -143,8 +155,7 @@ class Detection(Target):
             for i, d in enumerate(dets):
                 s = d["scores"].detach()
                 best[i] = float(s.max()) if len(s) else None
-                keep = (s >= self.score_threshold).nonzero().flatten()
-                keep = keep[s[keep].argsort(descending=True)][: self.max_boxes]
+                keep = self._own_keep(s)
                 refs.append(d["boxes"].detach()[keep].float().cpu())
                 labs.append(d["labels"].detach()[keep].long().cpu())
         else:
@@ -163,9 +174,7 @@ class Detection(Target):
                         raise TargetError(f"{len(lb)} labels for {len(b)} boxes")
             refs, labs = bl, ll
             _check_labels(ll, model)
-        out = Detection(
-            self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
-        )
+        out = self._fresh()
         out._ref, out._lab = refs, labs
         out._k = max(1, max((len(r) for r in refs), default=0))
         out._best = best
@@ -205,9 +214,7 @@ class Detection(Target):
     def take(self, rows: Sequence[int]) -> Detection:
         self._check_bound()
         assert self._ref is not None and self._lab is not None
-        out = Detection(
-            self.boxes, self.label_spec, self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes
-        )
+        out = self._fresh()
         out._ref = [self._ref[int(r)] for r in rows]
         out._lab = [self._lab[int(r)] for r in rows]
         out._best = [self._best[int(r)] for r in rows] if self._best else []
@@ -292,3 +299,91 @@ class Detection(Target):
 
     def __repr__(self) -> str:
         return f"Detection(boxes={'own' if self.boxes is None else 'given'}, iou={self.iou}, k={self._k or '?'})"
+
+
+class InstanceMask(Detection):
+    r"""Explain why an instance segmenter predicts an instance's mask: one map per own detection.
+
+    For the explained detection :math:`k` (box :math:`b_k`, label :math:`c_k`, predicted binary
+    mask :math:`M_k` in the photo's pixels, fixed on the clean forward pass) the score is its mask
+    logits summed over its mask — :class:`~camlens.targets.Segmentation`'s score for one instance:
+
+    .. math:: y_k = \sum_{p} M_k(p)\, m_{j^*}(p), \qquad
+        j^* = \arg\max_{j:\ \ell_j = c_k,\ \mathrm{IoU}(b_k, P_j) \ge \tau} \mathrm{IoU}(b_k, P_j)
+
+    where :math:`m_j` are detection :math:`j`'s mask logits (``"mask_logits"``, before the sigmoid
+    and the box crop) in the output being scored; on the clean pass :math:`j^*` is the instance
+    itself; on a perturbed input (RISE, Score-CAM) the instance is found again by its box and label
+    (``0`` when it is lost). The model's output must hold ``"masks"`` and ``"mask_logits"`` per
+    detection (an Ultralytics YOLO segmentation model, :mod:`camlens.models.detectors.yolo`).
+
+    Args:
+        iou: the IoU threshold :math:`\tau` to find the instance again.
+        score_threshold, max_boxes: which own detections to explain (best first).
+    """
+
+    def __init__(self, iou: float = 0.5, *, score_threshold: float = 0.5, max_boxes: int = 5) -> None:
+        super().__init__(None, None, iou, score_threshold=score_threshold, max_boxes=max_boxes)
+        self._masks: list[torch.Tensor] | None = None  # per image (K, H, W) bool
+
+    def _fresh(self) -> InstanceMask:
+        return InstanceMask(self.iou, score_threshold=self.score_threshold, max_boxes=self.max_boxes)
+
+    def bind(self, output: Any, model: nn.Module | None = None) -> InstanceMask:
+        dets = _detections(output)
+        if not all("masks" in d and "mask_logits" in d for d in dets):
+            raise TargetError(
+                "InstanceMask explains an instance segmenter's masks: the model's detections need 'masks' and "
+                "'mask_logits' (an Ultralytics YOLO -seg model: camlens.load_model('yolo:yolov8n-seg.pt')); for a "
+                "detector's boxes use Detection()"
+            )
+        out = cast(InstanceMask, super().bind(output, model))
+        out._masks = [d["masks"].detach()[self._own_keep(d["scores"].detach())].cpu() for d in dets]
+        return out
+
+    def take(self, rows: Sequence[int]) -> InstanceMask:
+        out = cast(InstanceMask, super().take(rows))
+        out._masks = None if self._masks is None else [self._masks[int(r)] for r in rows]
+        return out
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """``"boxes"`` and ``"masks"`` ``(N, K, H, W)`` (bool, the explained instances' masks in
+        each photo's pixels; padding: all False)."""
+        assert self._masks is not None
+        h = max((int(m.shape[-2]) for m in self._masks), default=0)
+        w = max((int(m.shape[-1]) for m in self._masks), default=0)
+        masks = np.zeros((len(self._masks), self._k, h, w), bool)
+        for i, m in enumerate(self._masks):
+            masks[i, : len(m), : m.shape[-2], : m.shape[-1]] = m.numpy()
+        return super().extras | {"masks": masks}
+
+    def _instance_scores(self, det: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
+        assert self._ref is not None and self._lab is not None and self._masks is not None
+        ref, lab, masks = self._ref[n], self._lab[n], self._masks[n]
+        logits = det["mask_logits"]
+        if len(ref) == 0 or len(det["boxes"]) == 0:
+            return logits.new_zeros(len(ref)) + 0.0 * logits.sum()
+        iou = box_iou(ref.to(det["boxes"].device, det["boxes"].dtype), det["boxes"].detach())
+        ok = (det["labels"][None, :] == lab.to(iou.device)[:, None]) & (iou >= self.iou)
+        best = torch.where(ok, iou, torch.full_like(iou, -1.0)).max(dim=1)
+        picked = logits[best.indices]  # (K, H, W): each reference's instance found again
+        s = (masks.to(logits.device, logits.dtype) * picked).sum(dim=(1, 2))
+        return torch.where(best.values >= 0, s, torch.zeros_like(s))
+
+    def __call__(self, output: Any) -> torch.Tensor:
+        self._check_bound()
+        dets = _detections(output)
+        assert self._ref is not None
+        if len(dets) != len(self._ref):
+            raise TargetError(
+                f"the InstanceMask target was bound to {len(self._ref)} images; the output has {len(dets)}"
+            )
+        rows = []
+        for n, det in enumerate(dets):
+            s = self._instance_scores(det, n)
+            rows.append(torch.cat([s, s.new_zeros(self._k - len(s))]) if len(s) < self._k else s)
+        return torch.stack(rows)
+
+    def __repr__(self) -> str:
+        return f"InstanceMask(iou={self.iou}, k={self._k or '?'})"

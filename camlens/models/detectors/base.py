@@ -43,22 +43,26 @@ class Candidates:
     """One image's candidate detections before the model's post-processing.
 
     Attributes:
-        boxes: ``(A, 4)`` x0, y0, x1, y1 in the original image's pixels.
+        boxes: ``(A, 4)`` x0, y0, x1, y1 in the original image's pixels, or ``(A, C, 4)`` a box
+            per class (two-stage detectors such as Faster R-CNN regress one box per class).
         scores: ``(A, C)`` per-class scores (probabilities as the family's post-processing uses them).
         objectness: ``(A,)`` where the model has it, else ``None``.
-        frame_boxes: ``(A, 4)`` the boxes in the network's input frame, unclipped, where the
+        frame_boxes: the boxes (same shape as ``boxes``) in the network's input frame, where the
             family's post-processing (NMS) runs; ``None``: ``boxes``.
+        levels: the number of candidates of each feature level, in order, where the
+            post-processing picks per level (torchvision's RetinaNet and FCOS); ``None``: one group.
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     objectness: torch.Tensor | None = None
     frame_boxes: torch.Tensor | None = None
+    levels: list[int] | None = None
 
     def take(self, index: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The detections ``(index[d], labels[d])`` in torchvision's format (differentiable gathers)."""
         out = {
-            "boxes": self.boxes[index],
+            "boxes": self.boxes[index, labels] if self.boxes.dim() == 3 else self.boxes[index],
             "labels": labels,
             "scores": self.scores[index, labels],
             "class_scores": self.scores[index],

@@ -31,6 +31,7 @@ settings file (``~/.config/Ultralytics`` or ``$YOLO_CONFIG_DIR``); nothing is wr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from camlens.base.errors import CamlensError, InputError
-from camlens.models.card import attach_card
+from camlens.models.card import ModelCard, attach_card
 from camlens.models.detectors.base import Candidates, DetectorAdapter, FrameTransform
+from camlens.models.preprocess import Preprocess
 from camlens.models.tasks import Frames
 
 YOLO_PREFIX = "yolo:"
@@ -93,7 +95,9 @@ def is_yolo(model: Any) -> bool:
     """Whether ``model`` is an ``ultralytics.YOLO`` object or an Ultralytics ``DetectionModel``
     (checked by type name: Ultralytics is not imported for this)."""
     names = {c.__name__ for c in type(model).__mro__}
-    return bool(names & {"YOLO", "DetectionModel"}) and type(model).__module__.startswith("ultralytics")
+    return bool(names & {"YOLO", "DetectionModel", "ClassificationModel"}) and type(model).__module__.startswith(
+        "ultralytics"
+    )
 
 
 def _check_path(spec: str) -> str:
@@ -148,8 +152,57 @@ class Letterbox(FrameTransform):
         return x, frames
 
 
+@dataclass
+class MaskCandidates(Candidates):
+    """A segmentation model's candidates: each one's mask coefficients ``(A, nm)``, the image's
+    prototypes ``(nm, mh, mw)`` over the letterboxed frame, and where the photo lies in it."""
+
+    coeffs: torch.Tensor | None = None
+    protos: torch.Tensor | None = None
+    window: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, resized h, resized w
+    frame: tuple[int, int] = (0, 0)  # the letterboxed frame (H', W')
+    size: tuple[int, int] = (0, 0)  # the photo (H, W)
+
+    def mask_logits(self, index: torch.Tensor) -> torch.Tensor:
+        r"""Mask logits ``(D, H, W)`` of candidates ``index`` in the photo's pixels.
+
+        The prototype combination :math:`m = c^\top P` lives on the prototype grid ``(mh, mw)``,
+        ``s0 = H'/mh`` (4) frame pixels per cell. It is upsampled (bilinear) by the smallest
+        :math:`f \in \{1, 2, 4\}` for which the photo's window in the letterboxed frame (top, left,
+        height, width) falls on whole cells of ``s0/f`` pixels, the window cropped, and resized
+        (bilinear) to ``(H, W)`` — the sampling ``predict(retina_masks=True)`` does."""
+        assert self.coeffs is not None and self.protos is not None
+        nm, mh, mw = self.protos.shape
+        m = (self.coeffs[index] @ self.protos.float().reshape(nm, -1)).reshape(-1, 1, mh, mw)
+        top, left, nh, nw = self.window
+        s0 = self.frame[0] // mh
+        f = next((f for f in (1, 2) if all(v % (s0 // f) == 0 for v in self.window)), s0)
+        if f > 1:
+            m = F.interpolate(m, size=(mh * f, mw * f), mode="bilinear", align_corners=False)
+        s = s0 // f
+        m = m[..., top // s : (top + nh) // s, left // s : (left + nw) // s]
+        if tuple(m.shape[-2:]) != self.size:
+            m = F.interpolate(m, size=self.size, mode="bilinear", align_corners=False)
+        return m[:, 0]
+
+
+def box_crop(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(D, H, W)`` bool: pixel ``(i, j)`` is inside box ``(x0, y0, x1, y1)`` when ``x0 <= j < x1``
+    and ``y0 <= i < y1`` (pixel indices against box coordinates, as Ultralytics crops its masks)."""
+    h, w = size
+    b = boxes.detach()[:, :, None, None]
+    cols = torch.arange(w, device=boxes.device, dtype=b.dtype)[None, None, :]
+    rows = torch.arange(h, device=boxes.device, dtype=b.dtype)[None, :, None]
+    return (cols >= b[:, 0]) & (cols < b[:, 2]) & (rows >= b[:, 1]) & (rows < b[:, 3])
+
+
 class YoloAdapter(DetectorAdapter):
     """An Ultralytics detection (or segmentation) network as a camlens detector.
+
+    A segmentation model's detections also carry ``"mask_logits"`` ``(D, H, W)`` (differentiable,
+    :meth:`MaskCandidates.mask_logits`) and ``"masks"`` ``(D, H, W)`` bool: logit > 0 inside the
+    detection's box (``predict``'s instance masks with ``retina_masks=True``); detections whose
+    mask is empty are dropped, as ``predict`` drops them.
 
     Args:
         net: the ``DetectionModel`` / ``SegmentationModel`` (``YOLO(...).model``).
@@ -177,8 +230,9 @@ class YoloAdapter(DetectorAdapter):
         head = body.model[-1]
         if type(head).__name__ not in ("Detect", "Segment"):
             raise CamlensError(
-                f"camlens explains YOLO detection and segmentation models (boxes); this one's head is "
-                f"{type(head).__name__} ({getattr(net, 'task', '?')} task), not supported yet"
+                f"camlens explains YOLO detection, segmentation and classification models (detect, segment, "
+                f"classify); this one's head is {type(head).__name__} ({getattr(net, 'task', '?')} task: pose and "
+                "OBB are not supported yet)"
             )
         if getattr(head, "end2end", False):
             raise CamlensError(
@@ -189,6 +243,7 @@ class YoloAdapter(DetectorAdapter):
         super().__init__(net, Letterbox(imgsz, stride, rect), [str(labels[i]) for i in range(len(labels))])
         self.conf, self.iou, self.max_det = float(conf), float(iou), int(max_det)
         self.nc = int(cast(Any, head).nc)
+        self.segment = type(head).__name__ == "Segment"
 
     @property
     def threshold_hint(self) -> str:
@@ -196,8 +251,9 @@ class YoloAdapter(DetectorAdapter):
 
     def decode(self, raw: Any, frames: Frames, sizes: list[tuple[int, int]]) -> list[Candidates]:
         y = raw[0] if isinstance(raw, (tuple, list)) else raw
+        protos = None
         if isinstance(y, (tuple, list)):  # segmentation: (boxes + scores + mask coefficients, prototypes)
-            y = y[0]
+            y, protos = y[0], y[1]
         y = y.transpose(1, 2)  # (N, A, 4 + C [+ masks])
         cx, cy, w, h = y[..., :4].unbind(-1)
         frame = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
@@ -208,7 +264,34 @@ class YoloAdapter(DetectorAdapter):
             gain = frame.new_tensor([nw / W, nh / H, nw / W, nh / H])
             b = (frame[i] - shift) / gain
             b = torch.stack([b[:, 0].clamp(0, W), b[:, 1].clamp(0, H), b[:, 2].clamp(0, W), b[:, 3].clamp(0, H)], -1)
-            out.append(Candidates(b, y[i, :, 4 : 4 + self.nc], frame_boxes=frame[i]))
+            if protos is None:
+                out.append(Candidates(b, y[i, :, 4 : 4 + self.nc], frame_boxes=frame[i]))
+                continue
+            out.append(
+                MaskCandidates(
+                    b,
+                    y[i, :, 4 : 4 + self.nc],
+                    frame_boxes=frame[i],
+                    coeffs=y[i, :, 4 + self.nc :],
+                    protos=protos[i],
+                    window=(top, left, nh, nw),
+                    frame=cast(tuple[int, int], frames.padded),
+                    size=(H, W),
+                )
+            )
+        return out
+
+    def forward(self, images: Any) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for c in self.candidates(images):
+            index, labels = self.select(c)
+            det = c.take(index, labels)
+            if isinstance(c, MaskCandidates):
+                logits = c.mask_logits(index)
+                masks = (logits.detach() > 0) & box_crop(det["boxes"], c.size)
+                keep = masks.flatten(1).any(1).nonzero().flatten()  # predict drops empty masks
+                det = {k: v[keep] for k, v in det.items()} | {"mask_logits": logits[keep], "masks": masks[keep]}
+            out.append(det)
         return out
 
     def select(self, cands: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +319,41 @@ class YoloAdapter(DetectorAdapter):
         )
 
 
+class YoloClassifier(nn.Module):
+    """An Ultralytics classification network (``yolov8n-cls``) as a plain classifier: images ->
+    logits ``(N, C)``. Its ``Classify`` head returns ``(softmax, logits)`` in eval mode and the
+    logits in training mode; camlens explains the logits (``predict``'s ``probs`` are their
+    softmax)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y[1] if isinstance(y, (tuple, list)) else y
+
+
+def yolo_classifier(net: nn.Module, names: Any, imgsz: int = 224) -> nn.Module:
+    """A :class:`YoloClassifier` with its card: ``predict``'s preprocessing (RGB in [0, 1], shorter
+    side resized to ``imgsz`` and centre-cropped to ``imgsz x imgsz``, no normalization), the class
+    names, and the head's 1x1 convolution as the default layer (its output is pooled into the
+    linear classifier: CAM's layer)."""
+    head = cast(Any, net).model[-1]
+    labels = dict(names) if isinstance(names, dict) else dict(enumerate(names))
+    pp = Preprocess((int(imgsz), int(imgsz)), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize="center_crop", name="yolo-cls")
+    layer = f"net.model.{len(cast(Any, net).model) - 1}.conv"
+    why = f"the classify head's 1x1 convolution ({layer}): its output is average-pooled into the linear classifier"
+    card = ModelCard(
+        f"yolo:{type(net).__name__}",
+        pp,
+        [str(labels[i]) for i in range(len(labels))],
+        layer=layer if hasattr(head, "conv") else None,
+        extra={"task": "classification", "layer_choice": why, "imgsz": int(imgsz)},
+    )
+    return attach_card(YoloClassifier(net), card)
+
+
 def yolo_adapter(model: Any, **options: Any) -> nn.Module:
     """An ``ultralytics.YOLO`` object (or its ``DetectionModel``) -> a :class:`YoloAdapter` with its
     card (options: ``imgsz``, ``conf``, ``iou``, ``max_det``, ``rect``). A classification model
@@ -246,6 +364,11 @@ def yolo_adapter(model: Any, **options: Any) -> nn.Module:
             f"{type(model).__name__}: not a PyTorch YOLO model (an exported or hub model?); load the .pt checkpoint"
         )
     names = getattr(model, "names", None) or getattr(net, "names", None) or {}
+    if type(cast(Any, net).model[-1]).__name__ == "Classify":
+        unknown = sorted(set(options) - {"imgsz"})
+        if unknown:
+            raise CamlensError(f"a YOLO classification model takes imgsz= only, not {', '.join(unknown)}")
+        return yolo_classifier(net, names, **options)
     adapter = YoloAdapter(net, names, **options)
     card = adapter.card(
         f"yolo:{type(net).__name__}",
@@ -277,9 +400,13 @@ __all__ = [
     "EXPORTED",
     "YOLO_PREFIX",
     "Letterbox",
+    "MaskCandidates",
     "YoloAdapter",
+    "YoloClassifier",
+    "box_crop",
     "is_yolo",
     "load_yolo",
     "ultralytics_yolo",
     "yolo_adapter",
+    "yolo_classifier",
 ]
