@@ -258,8 +258,12 @@ def _extra_of(value: Any, i: int) -> tuple[str, Any]:
 
 
 class UserDataset(Dataset):
-    """Adapts a user's ``Dataset``: items may be an image (PIL, HxWx3 array, uint8 CHW tensor, or a
-    preprocessed float CHW tensor) or a tuple ``(image, label, …)``. Sources come from
+    """Adapts a user's ``Dataset``: items may be an image (a path, PIL, HxWx3 array, uint8 CHW tensor,
+    or a preprocessed float CHW tensor) or a tuple ``(image, label, …)``. A path is decoded as
+    :class:`ImageFiles` decodes it: reduced to what the preprocessing needs unless ``exact_decode``
+    (the item's ``size`` is the photo's own, so maps and boxes stay in its pixels); an image the
+    dataset already decoded (PIL, array, tensor) is used as it is — a transform of the user's that
+    opens the file itself sees the full resolution, camlens cannot reduce its decode. Sources come from
     ``dataset.samples`` / ``dataset.imgs`` (torchvision ImageFolder) when present, else ``item{i}``;
     an int label is named through ``dataset.classes`` when present.
 
@@ -269,12 +273,18 @@ class UserDataset(Dataset):
     new dim 0 into the batch's ``forward_args`` / ``forward_kwargs``."""
 
     def __init__(
-        self, dataset: Any, preprocess: Preprocess = IMAGENET, keep_images: bool = False, extra_inputs: bool = False
+        self,
+        dataset: Any,
+        preprocess: Preprocess = IMAGENET,
+        keep_images: bool = False,
+        extra_inputs: bool = False,
+        exact_decode: bool = False,
     ):
         self.dataset = dataset
         self.preprocess = preprocess
         self.keep_images = keep_images
         self.extra_inputs = extra_inputs
+        self.exact_decode = exact_decode
         samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
         srcs = [str(s[0]) for s in samples] if samples and len(samples) == len(dataset) else None
         self.sources = srcs or [f"item{i}" for i in range(len(dataset))]
@@ -300,6 +310,14 @@ class UserDataset(Dataset):
                 "the store holds one array of maps: resize or pad the volumes in the dataset (or give a folder "
                 "of NIfTI files, stored padded)"
             )
+
+    def _decode(self, img: Any) -> Decoded:
+        """An item's image for the model: a path (``str`` / ``os.PathLike``) decoded reduced when the
+        preprocessing allows (as :class:`ImageFiles` does), unless ``exact_decode``; an array, a uint8
+        tensor or a PIL image as it is (already decoded, or the user's own object: never reduced)."""
+        if isinstance(img, (str, os.PathLike)):
+            return decode_image(img, None if self.exact_decode else self.preprocess.min_decode_size)
+        return decode_image(img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"index": i, "source": self.sources[i], "name": self.names[i], "label": None, "gt": None}
@@ -337,13 +355,10 @@ class UserDataset(Dataset):
                 item["size"] = tuple(img.shape[1:])
                 item["image"] = None
             else:
-                from camlens.base.io import load_image
-
-                arr = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
-                rgb = load_image(arr)
-                item["x"] = _prep(self.preprocess, rgb)
-                item["size"] = tuple(rgb.shape[:2])
-                item["image"] = rgb if self.keep_images else None
+                d = self._decode(img)
+                item["x"] = _prep(self.preprocess, d.rgb)
+                item["size"] = tuple(d.size)
+                item["image"] = d.rgb if self.keep_images else None
             if not bool(torch.isfinite(item["x"]).all()):
                 bad = int((~torch.isfinite(item["x"])).sum())
                 raise InputError(f"item {i}: {bad} NaN or infinite value(s) in the image; it is skipped")
@@ -455,16 +470,16 @@ def as_dataset(
 ) -> tuple[Dataset, Any]:
     """Anything the pipeline accepts -> ``(dataset of item dicts, ground truth or None)``; a list
     of images in memory (arrays, PIL images, tensors) is a dataset of them (``exact_decode``: image
-    files decoded in full, see :class:`ImageFiles`; ``extra_inputs``: a user dataset's items carry
-    the model's other inputs, see :class:`UserDataset`)."""
+    files, and a user dataset's paths, decoded in full, see :class:`ImageFiles`; ``extra_inputs``: a
+    user dataset's items carry the model's other inputs, see :class:`UserDataset`)."""
     if isinstance(data, (ImageFiles, UserDataset)):
         return data, None
     if isinstance(data, Dataset) or (
         hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, list, tuple))
     ):
-        return UserDataset(data, preprocess, keep_images, extra_inputs), None
+        return UserDataset(data, preprocess, keep_images, extra_inputs, exact_decode), None
     if isinstance(data, (list, tuple)) and data and not any(isinstance(d, (str, os.PathLike)) for d in data):
-        return UserDataset(list(data), preprocess, keep_images, extra_inputs), None  # images in memory
+        return UserDataset(list(data), preprocess, keep_images, extra_inputs, exact_decode), None  # images in memory
     if extra_inputs:
         raise InputError(
             "extra_inputs=True needs a torch Dataset whose items are (image, extra[, label]); image files and "

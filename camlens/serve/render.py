@@ -199,7 +199,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
     shown = img.display.shape[:2]
     items = []
     for (m, c), p in result.panels.items():
-        box_img = scale_boxes(localize(p.map, threshold), p.map.shape, img.rgb.shape[:2]).tolist()
+        box_img = scale_boxes(localize(p.map, threshold), p.map.shape, img.photo_size).tolist()
         items.append(
             {
                 "method": m,
@@ -221,7 +221,7 @@ def summary(result: Result, threshold: float = 0.3) -> dict[str, Any]:
         "result": result.id,
         "model": result.model,
         "random_weights": result.random_weights,
-        "image": {"name": img.name, "size": list(img.rgb.shape[:2]), "display_size": list(shown)},
+        "image": {"name": img.name, "size": list(img.photo_size), "display_size": list(shown)},
         "predictions": result.predictions,
         "classes": result.classes,
         "methods": result.methods,

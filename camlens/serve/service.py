@@ -7,7 +7,13 @@
   so one call at a time per model is what makes concurrent requests give the sequential results.
 * :func:`decode_upload` checks an upload's size and its pixel count (read from the header, before
   any decoding: a decompression bomb is refused without being decoded), then reads it with
-  :func:`camlens.base.io.load_image` — the same reader as the library and the CLI.
+  :func:`camlens.base.io.decode_image` — the same reader as the library and the CLI. **Decode only
+  what is seen**: an upload is decoded at upload time only as large as the page shows it (a JPEG at
+  the smallest DCT scale covering ``display_side``), and again for each model at the smallest scale
+  covering that model's input (:meth:`ImageEntry.for_model`, cached; a model that takes the image at
+  its own size, e.g. a detector, gets the full decode), as ``camlens.explain`` does for a path; the
+  maps are at the model's input resolution either way and boxes are given in the photo's pixels
+  (``ImageEntry.size``, from the header). ``Service(exact_decode=True)`` decodes every upload in full.
 * :class:`Service` explains with :func:`camlens.explain`, caches each (image, model, method, class)
   map so that clicking one more class only computes that class, and precomputes each map's box at
   every threshold of :data:`THRESHOLDS` with :func:`camlens.localize` (so the page's threshold
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -41,7 +48,9 @@ from torch import nn
 
 from camlens.api.explanation import Explanation
 from camlens.base.errors import CamlensError
+from camlens.base.io import Decoded, FitSize
 from camlens.base.progress import Estimate, Reporter, format_seconds, reporting
+from camlens.models.preprocess import IMAGENET, Preprocess
 
 #: box thresholds offered by the page's slider (fractions of each map's maximum)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
@@ -309,16 +318,42 @@ def estimate_text(est: Estimate) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ImageEntry:
-    """An image the page can explain: ``rgb`` the full image, ``display`` at most ``display_side``
-    pixels on its longest side (what the page shows and the maps are resized to)."""
+    """An image the page can explain: ``rgb`` the image as decoded at upload (the full image, or a
+    scaled decode that still covers ``display``), ``display`` at most ``display_side`` pixels on its
+    longest side (what the page shows and the maps are resized to), ``size`` the photo's own
+    ``(H, W)`` (``None``: ``rgb``'s), ``data`` the uploaded file (kept to decode it for each model)."""
 
     id: str
     name: str
     rgb: np.ndarray
     display: np.ndarray
+    size: tuple[int, int] | None = None
+    data: bytes | None = field(default=None, repr=False)
+    exact: bool = False
+    _decoded: dict[tuple[int, int] | None, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def photo_size(self) -> tuple[int, int]:
+        """The photo's own upright ``(H, W)`` (boxes in the photo's pixels use it)."""
+        return self.size or (int(self.rgb.shape[0]), int(self.rgb.shape[1]))
+
+    def for_model(self, preprocess: Preprocess, limits: Limits) -> np.ndarray:
+        """The image as ``preprocess`` needs it: the upload decoded at the smallest scale that covers
+        the model's input (:meth:`~camlens.models.preprocess.Preprocess.min_decode_size`; in full when
+        it needs the full image, ``exact``, or no file was kept), cached per size."""
+        need = None if self.exact else preprocess.min_decode_size(self.photo_size)
+        if self.data is None or (need is None and not self.reduced):
+            return self.rgb
+        if need not in self._decoded:
+            self._decoded[need] = read_upload(self.data, self.name, limits, fit=lambda _: need).rgb
+        return self._decoded[need]
+
+    @property
+    def reduced(self) -> bool:
+        return tuple(self.rgb.shape[:2]) != self.photo_size
 
     def info(self) -> dict[str, Any]:
-        h, w = self.rgb.shape[:2]
+        h, w = self.photo_size
         dh, dw = self.display.shape[:2]
         return {
             "id": self.id,
@@ -352,10 +387,27 @@ def _safe_filename(name: str | None) -> str:
 
 
 def decode_upload(data: bytes, filename: str | None, limits: Limits) -> np.ndarray:
-    """An uploaded file -> RGB uint8 array, or a :class:`ServeError`: 400 for an empty upload, 413 for
-    one over ``limits.max_upload_bytes`` or an image over ``limits.max_pixels`` pixels (read from the
-    header, so a decompression bomb is never decoded), 415 for a file that is not a readable image."""
-    from camlens.base.io import load_image
+    """An uploaded file -> RGB uint8 array decoded in full, or a :class:`ServeError`: 400 for an empty
+    upload, 413 for one over ``limits.max_upload_bytes`` or an image over ``limits.max_pixels`` pixels
+    (read from the header, so a decompression bomb is never decoded), 415 for a file that is not a
+    readable image."""
+    return read_upload(data, filename, limits).rgb
+
+
+def display_fit(side: int) -> FitSize:
+    """``fit`` for :func:`camlens.base.io.decode_image`: cover a copy whose longest side is ``side``."""
+
+    def fit(size: tuple[int, int]) -> tuple[int, int] | None:
+        s = side / max(size)
+        return None if s >= 1 else (max(1, math.ceil(size[0] * s)), max(1, math.ceil(size[1] * s)))
+
+    return fit
+
+
+def read_upload(data: bytes, filename: str | None, limits: Limits, fit: FitSize | None = None) -> Decoded:
+    """:func:`decode_upload`'s checks, then the upload decoded reduced when ``fit`` allows (see
+    :func:`camlens.base.io.decode_image`), with the photo's own size."""
+    from camlens.base.io import decode_image
 
     name = _safe_filename(filename)
     if not data:
@@ -394,7 +446,7 @@ def decode_upload(data: bytes, filename: str | None, limits: Limits) -> np.ndarr
                 413,
             )
         try:
-            return load_image(tmp)
+            return decode_image(tmp, fit)
         except CamlensError as exc:
             msg = str(exc).replace(tmp, name)
             raise ServeError(msg, 413 if "too large" in msg or "pixel" in msg else 415) from None
@@ -485,9 +537,17 @@ def _class_name(names: Sequence[str] | None, c: int) -> str:
 class Service:
     """The server's state and work; the web app (:mod:`camlens.serve.app`) only translates HTTP."""
 
-    def __init__(self, pool: ModelPool, limits: Limits | None = None, *, default_model: str | None = None) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        limits: Limits | None = None,
+        *,
+        default_model: str | None = None,
+        exact_decode: bool = False,
+    ) -> None:
         self.pool = pool
         self.limits = limits or Limits()
+        self.exact_decode = exact_decode  # uploads decoded in full (see the module docstring)
         self.default_model = default_model or pool.names[0]
         # bounded memory: a panel holds one map (and a pixel method's C x H x W attribution)
         self.images = LRU(32)
@@ -503,9 +563,13 @@ class Service:
         return self.images.put(image_id, e)
 
     def upload(self, data: bytes, filename: str | None) -> ImageEntry:
-        rgb = decode_upload(data, filename, self.limits)
-        digest = hashlib.sha256(data).hexdigest()[:20]
-        return self._add_image(f"u{digest}", _safe_filename(filename), rgb)
+        fit = None if self.exact_decode else display_fit(self.limits.display_side)
+        d = read_upload(data, filename, self.limits, fit)
+        image_id, name = f"u{hashlib.sha256(data).hexdigest()[:20]}", _safe_filename(filename)
+        e = ImageEntry(
+            image_id, name, d.rgb, display_copy(d.rgb, self.limits.display_side), d.size, data, self.exact_decode
+        )
+        return self.images.put(image_id, e)
 
     def sample(self, name: str) -> ImageEntry:
         if name not in SAMPLES:
@@ -643,8 +707,9 @@ class Service:
             raise ServeError(f"explain between 1 and {lim} classes at once", 400)
         return out
 
-    def _predict(self, net: Any, name: str, img: Any) -> tuple[list[dict[str, Any]], float]:
-        """The most classes a request may ask for, once per image and model (cached); milliseconds."""
+    def _predict(self, net: Any, name: str, img: Any, rgb: np.ndarray) -> tuple[list[dict[str, Any]], float]:
+        """The most classes a request may ask for, once per image and model (cached; ``rgb``: the
+        image as decoded for this model); milliseconds."""
         import camlens
 
         key = (img.id, name)
@@ -652,7 +717,7 @@ class Service:
         t0 = time.perf_counter()
         if preds is None:
             try:
-                top = camlens.predict(net, [img.rgb], topk=self.limits.max_classes)[0]
+                top = camlens.predict(net, [rgb], topk=self.limits.max_classes)[0]
             except CamlensError as exc:
                 raise ServeError(f"{name} cannot classify this image: {exc}", 422) from None
             preds = [{"id": c, "name": n, "prob": p, "rank": r + 1} for r, (c, n, p) in enumerate(top)]
@@ -686,7 +751,8 @@ class Service:
             progress.stage("predicting")
             card = card_of(net)
             names = card.class_names if card else None
-            preds, predict_ms = self._predict(net, name, img)
+            rgb = img.for_model(card.preprocess if card else IMAGENET, self.limits)
+            preds, predict_ms = self._predict(net, name, img, rgb)
             n_classes = _num_classes(net, names)
             if classes is None:
                 classes = [p["id"] for p in preds[:n_explain]]
@@ -711,7 +777,7 @@ class Service:
                 t0 = time.perf_counter()
                 try:
                     with reporting(progress):  # the estimate before the work, then its progress
-                        exp = camlens.explain(net, [img.rgb], method=m, targets=[missing])
+                        exp = camlens.explain(net, [rgb], method=m, targets=[missing])
                 except CamlensError as exc:
                     errors[m] = str(exc)
                     continue
@@ -750,6 +816,7 @@ class Service:
         """Deletion and insertion curves (Petsiuk et al., BMVC 2018; :mod:`camlens.metrics`) of one
         shown map, beside the same curves for a smooth random map (the metrics' baseline)."""
         from camlens.metrics import deletion_curve, insertion_curve
+        from camlens.models.zoo import card_of
 
         res = self.result(result_id)
         panel = res.panels.get((method, int(cls)))
@@ -762,9 +829,11 @@ class Service:
         out: dict[str, Any] = {"method": method, "cls": int(cls), "steps": steps}
         with self.pool.use(res.served or res.model) as net:
             net, _ = self._with_prompts(net, res.served or res.model, res.prompts)
+            card = card_of(net)
+            rgb = res.image.for_model(card.preprocess if card else IMAGENET, self.limits)
             for kind, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
                 for which, maps in (("map", torch.from_numpy(panel.map)[None]), ("random", "random")):
-                    c = fn(net, [res.image.rgb], maps, [int(cls)], steps=steps, batch_size=steps + 1)
+                    c = fn(net, [rgb], maps, [int(cls)], steps=steps, batch_size=steps + 1)
                     out.setdefault(kind, {})[which] = {
                         "fractions": [round(float(f), 4) for f in c.fractions],
                         "probs": [float(p) for p in c.probs[0]],
