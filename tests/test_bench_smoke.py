@@ -217,3 +217,13 @@ def test_merge_keeps_the_hand_written_sections(tmp_path):
     with pytest.raises(SystemExit, match="markers"):
         main(["--merge", *map(str, runs), "--markdown", str(bare)], log=lambda s: None)
     assert bare.read_text(encoding="utf-8") == "# my notes\n"
+
+
+def test_named_files_rate_falls_back_to_a_lower_bound_when_the_overhead_swamps_the_wall_clock():
+    """The named-files row's rate is n / (wall - the store run's start-up); on a loaded machine that
+    difference once came out near zero and the table said 4.8e10 images/s."""
+    from benchmarks.pipeline import files_rate
+
+    assert files_rate(96, 20.0, 8.0) == (96 / 12.0, "estimate")
+    rate, kind = files_rate(96, 20.0, 19.9999)  # the overhead is nearly the whole wall clock
+    assert kind == "lower bound" and rate == 96 / 20.0
