@@ -233,7 +233,7 @@ def explain_volume_store(run: ScanRun, data: VolumeStoreRun) -> None:
             net, list(run.scans), names, run.out, targets=targets if targets is not None else f"top{run.topk}",
             layer=run.layer, batch_size=data.batch_size, num_workers=data.workers, threshold=run.threshold,
             map_dtype=data.map_dtype, figures=data.figures, overwrite=run.overwrite,
-            volume_reader=VolumeReader(frames=run.frames, stride=run.stride), method_options=options,
+            volume_reader=VolumeReader(frames=run.frames, stride=run.stride), explain_options=options,
         )  # fmt: skip
         written = export_nifti(res, Path(run.out) / "nifti", overwrite=run.overwrite) if data.nifti else []
     except CamlensError as exc:

@@ -231,11 +231,11 @@ def load_model(
             assert card is not None
             attach_card(model, replace(card, extra={**card.extra, "weights": "random"}))
         return model.to(parse_device(device)) if device is not None else model
-    monai = name.lower().startswith(MONAI_PREFIX) and checkpoint is None
-    in_channels = kwargs.pop("in_channels", None) if monai else None
     if checkpoint is None and is_onnx_path(name):  # class_names= is the graph's class names here
         onnx_kwargs = kwargs if class_names is None else {**kwargs, "class_names": class_names}
         return _onnx(str(name), weights, num_classes, device, preprocess, **onnx_kwargs)
+    monai = isinstance(name, str) and name.lower().startswith(MONAI_PREFIX) and checkpoint is None
+    in_channels = kwargs.pop("in_channels", None) if monai else None
     key = name.lower().replace("-", "_")
     if kwargs and (checkpoint is not None or task_of(key) is None):
         raise CamlensError(f"unexpected option(s) {', '.join(sorted(kwargs))} for {name!r}")
