@@ -103,3 +103,9 @@ def test_the_metrics_take_the_request_a_caller_holds():
         net, x, "gradcam", classes, steps=4, explain_options={"layer": "act1", "relu": False}
     )
     torch.testing.assert_close(del_req, del_kw)
+    san_req = camlens.metrics.sanity_randomization(net, x, "gradcam", classes, explain_options=req)
+    kw = {"layer": "act1", "relu": False}
+    san_kw = camlens.metrics.sanity_randomization(net, x, "gradcam", classes, explain_options=kw)
+    assert san_req.steps == san_kw.steps and len(san_req.steps) > 1
+    for name in ("spearman", "ssim"):
+        torch.testing.assert_close(san_req.values[name]["gradcam"], san_kw.values[name]["gradcam"], rtol=0, atol=0)

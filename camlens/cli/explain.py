@@ -300,7 +300,7 @@ def explain_cmd(
 class _Asked:
     """The options of ``camlens explain`` that decide the model, its methods and its targets."""
 
-    model: str | None
+    model: Any
     weights: str | None
     checkpoint: str | None
     device: str | None
@@ -361,7 +361,7 @@ def _model_and_targets(ask: _Asked, task: str | None, names: list[str], plan: _P
         keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
     card = card_of(net)
     class_names = card.class_names if card else None
-    targets = parse_classes(classes, class_names) if classes else None
+    targets: Any = parse_classes(classes, class_names) if classes else None
     k = len(targets) if targets else ask.topk
     if targets is not None:
         plan.check([class_names[c] if class_names and c < len(class_names) else str(c) for c in targets])

@@ -54,10 +54,10 @@ from camlens.base.errors import InputError, LayoutError, MethodError, NonFiniteE
 from camlens.base.ops import spatial_axes
 from camlens.core.attention import capture_attention
 from camlens.core.capture import CaptureSpec, capture
-from camlens.core.layout import LayoutRequest, ReshapeSpec, token_grid
+from camlens.core.layout import Layout, LayoutRequest, ReshapeSpec, token_grid
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.precision import LOW_PRECISION
-from camlens.core.rules import relu_rules
+from camlens.core.rules import RuleSwitch, relu_rules
 from camlens.models.input_size import diagnose_size_error
 from camlens.models.tasks import Frames, record_frames
 from camlens.targets import Targets, TargetSpec, bind_target, is_target_object, resolve_targets
@@ -381,16 +381,16 @@ class ForwardPass:
         self._freed = False
         #: how the last K-class gradients of this pass were computed (batched or loop, and why)
         self.grad_info = GradInfo()
-        self.switch = None
+        self.switch: RuleSwitch | None = None
         self.pool_module: str | None = None
-        self.last_spatial = None
-        self.token_norm = None
+        self.last_spatial: tuple[str, nn.Module] | None = None
+        self.token_norm: tuple[str, nn.Module] | None = None
         self.attention_weights: list[torch.Tensor] = []
         self._attention_grads: list[torch.Tensor] | None = None
         self.frames: Frames | None = None
         self.features: torch.Tensor | None = None
         self.calls = 0
-        self.layout = None
+        self.layout: Layout | None = None
         self._full = "input_grads" in needs or "attention_grads" in needs  # the whole graph is kept
         self._grad = self._full or wants_layer_grads(needs)
         # ``self.x`` is camlens' own leaf; the model gets a copy of it: an in-place first layer

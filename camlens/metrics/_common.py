@@ -380,6 +380,17 @@ class Prepared:
         return tuple(int(v) for v in self.x.shape[2:])
 
 
+def explain_kwargs(options: dict[str, Any] | ExplainRequest | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`camlens.explain` that ``options`` stands for: a dict as it is,
+    an :class:`~camlens.api.explainer.ExplainRequest` as its layer, capture, call, output, reshape,
+    precision and method options (its methods and targets are the caller's)."""
+    if not isinstance(options, ExplainRequest):
+        return dict(options or {})
+    r = options
+    fields = dict(layer=r.layer, capture=r.capture, call=r.call, output=r.output, reshape=r.reshape)
+    return {**fields, "precision": r.precision, **r.options}
+
+
 def explain_maps(
     model: nn.Module,
     x: torch.Tensor,

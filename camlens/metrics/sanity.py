@@ -45,7 +45,7 @@ from camlens.base._util import eval_mode
 from camlens.base.errors import InputError, LayerNotFoundError
 from camlens.core.engine import model_input
 from camlens.core.inputs import prepare_inputs
-from camlens.metrics._common import check_batch_size, explain_targets, resolve_classes
+from camlens.metrics._common import check_batch_size, explain_kwargs, explain_targets, resolve_classes
 from camlens.metrics.similarity import spearman, ssim
 
 METRICS = ("spearman_abs", "spearman", "ssim")
@@ -287,7 +287,7 @@ def sanity_randomization(
     methods = [method] if isinstance(method, str) else list(method)
     if not methods:
         raise InputError("no method given")
-    options = dict(explain_options or {})
+    options = explain_kwargs(explain_options)
     x, _, _ = prepare_inputs(inputs, model, preprocess)
     x = x.detach()
     classes = resolve_classes(model, x, targets, batch_size)
