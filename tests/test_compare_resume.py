@@ -283,3 +283,15 @@ def test_one_progress_bar_over_the_whole_run_reaches_100_percent(tmp_path, monke
         assert bar.closed and bar.n == bar.total == 5 + 1 + 2
         assert bar.stages[0] == "saliency: maps" and "random: localization" in bar.stages
         assert "input_x_gradient" in res.flags
+
+
+def test_the_settings_digest_does_not_follow_numpys_print_options():
+    # Per-image boxes are arrays inside a list; hashing their repr made the stored signature change when
+    # anything in the process (another test, a notebook) changed numpy's print options (CI, stop 34).
+    from camlens.comparison.resume import tensor_digest
+
+    boxes = [np.array([[8.0, 6.0, 24.0, 18.0]]), np.array([[1.5, 2.25, 3.0, 4.0]])]
+    plain = tensor_digest("none", boxes)
+    with np.printoptions(precision=1, floatmode="fixed", legacy="1.13"):
+        assert tensor_digest("none", boxes) == plain
+    assert tensor_digest("none", [b + 1 for b in boxes]) != plain

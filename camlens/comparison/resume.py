@@ -59,6 +59,13 @@ Values = dict[str, np.ndarray]
 def tensor_digest(*parts: Any) -> str:
     """SHA-256 over tensors / arrays (dtype, shape and bytes) and JSON-able values, in order."""
     h = hashlib.sha256()
+    _digest_into(h, parts)
+    return h.hexdigest()
+
+
+def _digest_into(h: Any, parts: Any) -> None:
+    # Arrays inside lists (per-image boxes) are hashed by their bytes too, never by ``repr``: numpy's
+    # repr follows the process's print options, so another test or a user's notebook changed the hash.
     for p in parts:
         if isinstance(p, torch.Tensor):
             p = p.detach().cpu().contiguous().numpy()
@@ -66,10 +73,13 @@ def tensor_digest(*parts: Any) -> str:
             a = np.ascontiguousarray(p)
             h.update(f"{a.dtype}|{a.shape}|".encode())
             h.update(a.tobytes())
+        elif isinstance(p, (list, tuple)) and any(isinstance(q, (np.ndarray, torch.Tensor, list, tuple)) for q in p):
+            h.update(f"[{len(p)}|".encode())
+            _digest_into(h, p)
+            h.update(b"]")
         else:
             h.update(json.dumps(p, sort_keys=True, default=repr).encode())
         h.update(b"\n")
-    return h.hexdigest()
 
 
 @dataclass
