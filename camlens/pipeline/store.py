@@ -25,7 +25,14 @@ returning NaN maps. No symbolic link inside the store is ever followed.
 
 Table columns: ``image_id, source, name, label, height, width, method, layer, model, rank,
 class_id, class_name, score, prob, x0, y0, x1, y1`` (box in image pixels at the run's threshold,
-``x1``/``y1`` exclusive, ``-1`` = no box). Why Parquet + Zarr: both are read by pandas, polars,
+``x1``/``y1`` exclusive, ``-1`` = no box). A detector's store (its run signature has
+``"detections"``) has one row per image x detection x method and five more columns
+(:data:`DETECTION_COLUMNS`): ``detection`` (the detection's index in the model's own output,
+``-1`` for a given box), ``det_x0, det_y0, det_x1, det_y1`` (the detection's box in the image's
+pixels, float) and ``skipped`` (why an image has no map: no detection above the threshold; one
+row per method with ``rank`` 0 and NaN box, never a zero map). Its maps are ``(N, K, H, W)``
+with ``K`` the most detections explained per image and ``(H, W)`` the largest image's size: image
+``i``'s map of rank ``r`` is ``maps[method][i, r - 1, :height, :width]`` (NaN elsewhere). Why Parquet + Zarr: both are read by pandas, polars,
 DuckDB, xarray and dask without camlens; a column store keeps the table small and fast to filter,
 and chunked maps give random access to any one map without loading the rest.
 """
@@ -84,6 +91,8 @@ COLUMNS = (
     "x1",
     "y1",
 )
+#: the columns a detector's store adds (see the module docstring)
+DETECTION_COLUMNS = ("detection", "det_x0", "det_y0", "det_x1", "det_y1", "skipped")
 
 
 class StoreMismatchError(OutputExistsError):
@@ -129,7 +138,7 @@ def read_chunk(path: Path) -> tuple[Any, dict[str, Any], Any]:
     data = path.read_bytes()
     f = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
     table = f.read()
-    if not table.schema.remove_metadata().equals(schema()):
+    if not any(table.schema.remove_metadata().equals(schema(d)) for d in (False, True)):
         raise ValueError(f"columns {table.schema.names} are not a camlens table chunk's")
     meta = f.schema_arrow.metadata or {}
     files = json.loads(meta[META_FILES]) if META_FILES in meta else {}
@@ -205,8 +214,27 @@ def rerun_hint(run: dict[str, Any] | None) -> str:
     return "run the same command (or explain_dataset call) again: it verifies the store and recomputes what is damaged"
 
 
-def schema():
+def columns(detector: bool = False) -> tuple[str, ...]:
+    """The table's columns: a classifier's store, or a detector's (:data:`DETECTION_COLUMNS` added)."""
+    return COLUMNS + DETECTION_COLUMNS if detector else COLUMNS
+
+
+def is_detector_run(signature: dict[str, Any] | None) -> bool:
+    """Whether a run signature is a detector's (its table has :data:`DETECTION_COLUMNS`)."""
+    return isinstance(signature, dict) and "detections" in signature
+
+
+def schema(detector: bool = False):
+    """The table's Arrow schema (``detector``: with the detection columns)."""
     pa, _ = _pa()
+    det = [
+        ("detection", pa.int32()),
+        ("det_x0", pa.float32()),
+        ("det_y0", pa.float32()),
+        ("det_x1", pa.float32()),
+        ("det_y1", pa.float32()),
+        ("skipped", pa.string()),
+    ]
     return pa.schema(
         [
             ("image_id", pa.int64()),
@@ -227,6 +255,7 @@ def schema():
             ("y0", pa.int32()),
             ("x1", pa.int32()),
             ("y1", pa.int32()),
+            *(det if detector else []),
         ]
     )
 
@@ -540,6 +569,8 @@ class ResultStore:
         out = {f"{base}/zarr.json": self._meta[method]}
         for i in idx.tolist():
             key = f"{base}/{arr.metadata.encode_chunk_key((i, *zero))}"
+            if not os.path.lexists(self.root / key):
+                continue  # all NaN (a detector's image with nothing to explain): Zarr writes no chunk
             out[key] = file_digest(self.root / key)
         return out
 
@@ -584,7 +615,9 @@ class ResultStore:
             META_SIGNATURE: json.dumps(self.signature),
             META_RENDER: json.dumps(render or {}),
         }
-        table = pa.Table.from_pydict({c: rows[c] for c in COLUMNS}, schema=schema()).replace_schema_metadata(meta)
+        det = is_detector_run(self.signature)
+        table = pa.Table.from_pydict({c: rows[c] for c in columns(det)}, schema=schema(det))
+        table = table.replace_schema_metadata(meta)
         atomic_write_bytes(path, _table_bytes(table))
         return path
 
@@ -601,7 +634,7 @@ class ResultStore:
         ids: set[int] = set()
         records: dict[str, Any] = {}
         try:
-            with pq.ParquetWriter(tmp, schema(), compression="zstd", write_page_checksum=True) as w:
+            with pq.ParquetWriter(tmp, schema(is_detector_run(self.signature)), compression="zstd", write_page_checksum=True) as w:
                 for f in files:
                     records[f"{CHUNKS_DIR}/{f.name}"] = file_digest(f)
                     t, maps, _ = read_chunk(f)
@@ -719,6 +752,9 @@ class Results:
         self._records: dict[str, Any] | None = None
         self._verified: set[str] = set()
 
+    def _schema(self):
+        return schema(is_detector_run(self.run.get("signature")))
+
     def _json(self, path: Path, what: str) -> dict[str, Any] | None:
         try:
             return read_json_object(path, what)
@@ -760,7 +796,7 @@ class Results:
                 t = None
                 if why is None:
                     try:
-                        t = pq.read_table(res, schema=schema())
+                        t = pq.read_table(res, schema=self._schema())
                     except Exception as exc:
                         why = f"not a readable Parquet table ({type(exc).__name__})"
                 if why is not None:
@@ -774,7 +810,7 @@ class Results:
                     self._records.update(files)
                 if problems:
                     raise self._damaged(problems)
-                t = pa.concat_tables(parts) if parts else schema().empty_table()
+                t = pa.concat_tables(parts) if parts else self._schema().empty_table()
             df = t.to_pandas()
             dup = df.duplicated(["image_id", "method", "rank"])
             if dup.any():
@@ -826,8 +862,12 @@ class Results:
     def map(self, row: Any) -> np.ndarray:
         """The ``(H, W)`` map of one table row (a row position, or a row of :attr:`table`)."""
         r = self.table.iloc[row] if isinstance(row, (int, np.integer)) else row
+        if "skipped" in r and r["skipped"]:
+            raise InputError(f"image {int(r['image_id'])} ({r['source']}) has no map: {r['skipped']}")
         m = np.asarray(self.maps(str(r["method"]))[int(r["image_id"]), int(r["rank"]) - 1])
-        if np.isnan(m).all():
+        if "detection" in r:  # a detector's maps share the largest image's frame: this image's part
+            m = m[: int(r["height"]), : int(r["width"])]
+        if np.isnan(m).any() if "detection" in r else np.isnan(m).all():
             raise self._damaged({f"{MAPS_DIR}/{r['method']}": f"no map stored for image {int(r['image_id'])}"})
         return m
 
@@ -874,11 +914,14 @@ def open_results(directory: str | os.PathLike) -> Results:
 
 __all__ = [
     "COLUMNS",
+    "DETECTION_COLUMNS",
     "ResultStore",
     "Results",
     "StoreCheck",
     "StoreMismatchError",
     "StoredMaps",
     "atomic_write_bytes",
+    "columns",
+    "is_detector_run",
     "open_results",
 ]
