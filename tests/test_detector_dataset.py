@@ -6,7 +6,6 @@ why, never a zero map; resume and the store's integrity checks cover the new row
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -25,13 +24,17 @@ from tests.test_detectors_detr import build
 SIZES = [(96, 128), (80, 100), (64, 64)]  # batched by two: a mixed-size batch and a single image
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("det_images")
+def write_images(d: Path) -> Path:
+    """Random PNGs of :data:`SIZES` in ``d`` (``im0.png``…)."""
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate(SIZES):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"im{i}.png")
     return d
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("det_images"))
 
 
 def _image(folder: Path, i: int) -> torch.Tensor:
@@ -49,7 +52,7 @@ def _best_scores(ad, folder):
         return [float(d["scores"].max()) for d in ad([_image(folder, i) for i in range(len(SIZES))])]
 
 
-def _check_against_explain(res, ad, folder, target, method="gradcam"):
+def check_store_against_explain(res, ad, folder, target, method="gradcam"):
     """Every stored row equals camlens.explain of its image alone: rank, class, score, detection
     index, the detection's box in the image's pixels, and the map (cropped to the image)."""
     t = res.table
@@ -84,7 +87,7 @@ def test_detr_store_equals_explain_per_image(detr, folder, tmp_path):
     assert len(res.table) == 3 * len(SIZES) and not res.table.skipped.any()
     assert list(res.table.height) == [h for h, _ in SIZES for _ in range(3)]
     assert res.maps("gradcam").shape == (3, 3, 96, 128)  # the largest image's frame
-    assert _check_against_explain(res, detr, folder, target) == 3
+    assert check_store_against_explain(res, detr, folder, target) == 3
 
 
 def test_an_image_with_no_detection_is_a_row_saying_why(detr, folder, tmp_path):
@@ -112,7 +115,7 @@ def test_an_image_with_no_detection_is_a_row_saying_why(detr, folder, tmp_path):
                 res.map(rows.iloc[0])
         else:
             assert len(rows) and (rows["rank"] >= 1).all() and not rows.skipped.any()
-    assert _check_against_explain(res, detr, folder, target, "saliency") == len(SIZES) - len(empty)
+    assert check_store_against_explain(res, detr, folder, target, "saliency") == len(SIZES) - len(empty)
 
 
 def test_detector_store_resumes_and_checks_its_files(detr, folder, tmp_path):
@@ -153,21 +156,3 @@ def test_a_hf_detr_passed_directly_defaults_to_its_own_detections(folder, tmp_pa
 def test_a_detector_store_refuses_figures_clearly(detr, folder, tmp_path):
     with pytest.raises(InputError, match="figures='none'"):
         camlens.explain_dataset(detr, folder, "gradcam", tmp_path / "s", figures="overlay", progress=False)
-
-
-@pytest.mark.slow  # importing and calibrating Ultralytics' YOLOv8n: ~20 s on 2 cores
-@pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None, reason="needs camlens[yolo] (Ultralytics)")
-def test_yolo_store_equals_explain_per_image(folder, tmp_path):
-    from tests.test_detectors_yolo import BIAS, calibrate
-    from camlens.models.detectors.yolo import ultralytics_yolo
-
-    torch.manual_seed(0)
-    y = ultralytics_yolo()("yolov8n.yaml")
-    calibrate(y.model, BIAS["yolov8n.yaml"])
-    ad = as_detector(y, imgsz=128, conf=0.05, rect=False)  # every image letterboxed alike: batch-independent
-    target = Detection(score_threshold=0.0, max_boxes=2)
-    res = camlens.explain_dataset(
-        ad, folder, "gradcam", tmp_path / "s", targets=target, batch_size=2, num_workers=0, progress=False
-    )
-    assert res.maps("gradcam").shape == (3, 2, 96, 128)
-    assert _check_against_explain(res, ad, folder, target) >= 2

@@ -63,8 +63,10 @@ class DetectionSink:
     def __init__(self, store: ResultStore, n_images: int, threshold: float, methods: list[str], rank: int = 0):
         self.store, self.n, self.threshold, self.methods, self.rank = store, n_images, threshold, methods, rank
         sig = store.signature
-        self.k = int(sig["detections"]["max_boxes"]) if sig["detections"]["boxes"] == "own" else len(
-            sig["detections"]["boxes"]
+        self.k = (
+            int(sig["detections"]["max_boxes"])
+            if sig["detections"]["boxes"] == "own"
+            else len(sig["detections"]["boxes"])
         )
         self.canvas = tuple(int(v) for v in sig["canvas"])
 

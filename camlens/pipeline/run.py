@@ -287,7 +287,6 @@ def _size_groups(batch: Batch, names: Sequence[str]) -> list[Batch]:
 
 def _subset(batch: Batch, rows: list[int]) -> Batch:
     pick = lambda v: [v[j] for j in rows]  # noqa: E731
-    assert batch.xs is not None
     return replace(
         batch,
         indices=pick(batch.indices),
@@ -298,7 +297,8 @@ def _subset(batch: Batch, rows: list[int]) -> Batch:
         gts=pick(batch.gts),
         images=None if batch.images is None else pick(batch.images),
         failed=[],
-        xs=pick(batch.xs),
+        x=None if batch.x is None else batch.x[rows],
+        xs=None if batch.xs is None else pick(batch.xs),
     )
 
 
@@ -306,7 +306,7 @@ def _explain_part(model: nn.Module, batch: Batch, step: _Step) -> BatchResult:
     """One batch explained -> its :class:`BatchResult` for the sinks (on the CPU); a detector's batch
     where no image has anything to explain gives each image's reason instead of maps."""
     loop = step.loop
-    x = batch.inputs(step.device, non_blocking=step.device.type != "cpu")
+    x: Any = batch.inputs(step.device, non_blocking=step.device.type != "cpu")  # a tensor, or a list (detectors)
     if loop.before is not None:
         loop.before(batch, x)
     spec = step.batch_targets(batch, x) if step.batch_targets is not None else step.targets
@@ -445,11 +445,22 @@ class FilesSink(Sink):
     ):
         self.directory, self.formats, self.top, self.kw = directory, list(formats), top, save_kwargs
         self.written = 0
+        self.skipped: list[str] = []  # "NAME: nothing to explain: why" of the images given no file
 
     def write(self, res: BatchResult) -> None:
         from camlens.viz import save_explanation
 
         b = res.batch
+        skipped = dict(res.extra.get("skipped", {}))
+        for e in res.explanations.values():
+            skipped.update(e.extras.get("skipped_reasons") or {})
+        self.skipped += [f"{b.names[i]}: nothing to explain: {why}" for i, why in sorted(skipped.items())]
+        mixed = b.xs is not None and len({tuple(t.shape) for t in b.xs}) > 1
+        if skipped or mixed:  # no file of a zero map; a detector's mixed sizes: image by image
+            for i in range(len(b)):
+                if i not in skipped:
+                    self.write(_one_image(res, i))
+            return
         pngs = [f for f in self.formats if f == "png"]
         data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
@@ -463,6 +474,22 @@ class FilesSink(Sink):
                     t = self.top
                     e = e.first_targets(t)
                 self.written += len(save_explanation(e, Path(self.directory), formats=pngs, **self.kw))
+
+
+def _one_image(res: BatchResult, i: int) -> BatchResult:
+    """Image ``i`` of a batch alone (one with nothing to explain is left out by the caller); a
+    detector's maps cropped from the batch's padded frame to the image's own ``(H, W)``."""
+    b = _subset(res.batch, [i])
+    exps = {}
+    for m, e in res.explanations.items():
+        one = e.select([i])
+        extras = {k: v for k, v in one.extras.items() if k not in ("skipped", "skipped_reasons")}
+        if b.xs is not None:  # a detector's maps: cropped from the batch's padded frame
+            h, w = b.sizes[0]
+            one = replace(one, maps=one.maps[..., :h, :w])
+            extras["image_sizes"] = [(h, w)]
+        exps[m] = replace(one, extras=extras)
+    return BatchResult(b, exps)
 
 
 # ----------------------------------------------------------------------------------------------

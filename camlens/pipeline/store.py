@@ -32,7 +32,9 @@ class_id, class_name, score, prob, x0, y0, x1, y1`` (box in image pixels at the 
 pixels, float) and ``skipped`` (why an image has no map: no detection above the threshold; one
 row per method with ``rank`` 0 and NaN box, never a zero map). Its maps are ``(N, K, H, W)``
 with ``K`` the most detections explained per image and ``(H, W)`` the largest image's size: image
-``i``'s map of rank ``r`` is ``maps[method][i, r - 1, :height, :width]`` (NaN elsewhere). Why Parquet + Zarr: both are read by pandas, polars,
+``i``'s map of rank ``r`` is ``maps[method][i, r - 1, :height, :width]`` (NaN elsewhere).
+
+Why Parquet + Zarr: both are read by pandas, polars,
 DuckDB, xarray and dask without camlens; a column store keeps the table small and fast to filter,
 and chunked maps give random access to any one map without loading the rest.
 """
@@ -634,7 +636,9 @@ class ResultStore:
         ids: set[int] = set()
         records: dict[str, Any] = {}
         try:
-            with pq.ParquetWriter(tmp, schema(is_detector_run(self.signature)), compression="zstd", write_page_checksum=True) as w:
+            with pq.ParquetWriter(
+                tmp, schema(is_detector_run(self.signature)), compression="zstd", write_page_checksum=True
+            ) as w:
                 for f in files:
                     records[f"{CHUNKS_DIR}/{f.name}"] = file_digest(f)
                     t, maps, _ = read_chunk(f)
@@ -862,7 +866,7 @@ class Results:
     def map(self, row: Any) -> np.ndarray:
         """The ``(H, W)`` map of one table row (a row position, or a row of :attr:`table`)."""
         r = self.table.iloc[row] if isinstance(row, (int, np.integer)) else row
-        if "skipped" in r and r["skipped"]:
+        if r.get("skipped"):
             raise InputError(f"image {int(r['image_id'])} ({r['source']}) has no map: {r['skipped']}")
         m = np.asarray(self.maps(str(r["method"]))[int(r["image_id"]), int(r["rank"]) - 1])
         if "detection" in r:  # a detector's maps share the largest image's frame: this image's part
