@@ -7,8 +7,8 @@ page draws them). ``POST /api/explain_detection`` ``{image_id, model, methods, i
 detection ``index`` with each method through a :class:`CandidateDetection` target (that
 candidate's score for its label: the map ``camlens.explain`` gives for exactly that detection)
 and answers as ``/api/explain`` does, with the detection's index in place of a class id, so the
-result routes (heat maps, figure, ``.npy``) serve it unchanged. Only the methods that apply to detectors are accepted (the page asks
-``/api/methods?model=NAME``).
+result routes (heat maps, figure, ``.npy``) serve it unchanged. Only the methods that apply to
+detectors are accepted (the page asks ``/api/methods?model=NAME``).
 """
 
 from __future__ import annotations
