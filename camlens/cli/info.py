@@ -40,11 +40,13 @@ def models_cmd(pattern):
     import camlens
 
     names = [n for n in camlens.available_models() if not pattern or pattern.lower() in n.lower()]
-    if not names:
+    families = not pattern or any(pattern.lower() in f.lower() for f, _ in DETECTOR_FAMILIES)
+    if not names and not families:
         raise click.ClickException(f"no model name contains {pattern!r}; `camlens models` lists them all")
     rows = [(n, _weights_status(n)) for n in names]
-    click.echo(table(rows, ("model", "pretrained weights")))
-    if not pattern or any(pattern.lower() in f.lower() for f, _ in DETECTOR_FAMILIES):
+    if rows:
+        click.echo(table(rows, ("model", "pretrained weights")))
+    if families:
         click.echo("\ndetector families (--model; one map per detection, `camlens explain --target box:...`):")
         click.echo(table(DETECTOR_FAMILIES, ("family", "what"), indent="  "))
     click.echo(
