@@ -30,8 +30,8 @@ def detector_server():
 
     net, _ = build("detr")
     svc = Service(ModelPool({"classifier": TinyCNN().eval(), "detr": as_detector(net, threshold=0.0)}))
-    srv = uvicorn.Server(uvicorn.Config(create_app(svc, allowed_hosts=LOOPBACK_NAMES), host="127.0.0.1",
-                                        port=(port := _free_port()), log_level="warning", access_log=False))  # fmt: skip
+    app, port = create_app(svc, allowed_hosts=LOOPBACK_NAMES), _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(300):
