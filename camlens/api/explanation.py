@@ -115,7 +115,7 @@ RANDOM_WEIGHTS = "random weights"
 
 #: extras that hold one entry per image (target objects' boxes and masks, LIME/KernelSHAP's
 #: superpixels and fits), sliced by ``select``
-PER_IMAGE_EXTRAS = ("boxes", "masks", "image_sizes", "segments", "segment_weights", "intercept", "r2")
+PER_IMAGE_EXTRAS = ("boxes", "detections", "masks", "image_sizes", "segments", "segment_weights", "intercept", "r2")
 
 
 @dataclass
@@ -142,7 +142,8 @@ class Explanation:
         model_name: the model's zoo name, if known.
         extras: method-specific results (e.g. Integrated Gradients' completeness error), and what
             a target object adds: ``"boxes"`` ``(N, K, 4)`` explained boxes of a detector (original
-            pixels, NaN rows: padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
+            pixels, NaN rows: padding) and ``"detections"`` ``(N, K)`` each one's index in the
+            model's own detections (``-1``: a given box or padding), ``"masks"`` ``(N, K, h, w)`` explained regions of a
             segmenter, ``"image_sizes"`` for a batch of different-size images, ``"weights":
             "random"`` when the model's card says its weights are random (:attr:`random_weights`).
         ranks: ``(N, K)`` 1-based rank of each target's logit among all classes (``1``: the top

@@ -227,6 +227,17 @@ def decode_image(source: ImageLike, fit: FitSize | None = None) -> Decoded:
     )
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """An image file's upright ``(H, W)`` from its header (EXIF orientation applied), nothing decoded.
+    Raises :class:`~camlens.base.errors.ImageLoadError` naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (w, h) if img.getexif().get(0x0112, 1) in _SWAPS else (h, w)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{path}: cannot read the image's size ({exc})") from None
+
+
 def _decode_file(path: Path, fit: FitSize | None) -> Decoded:
     if not path.exists():
         raise ImageLoadError(f"image file not found: {path}")

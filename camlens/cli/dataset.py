@@ -156,13 +156,15 @@ def request_fields() -> dict[str, Any]:
 
 
 def load_model_seeded(model: str, weights: str | None, checkpoint: str | None, device: str | None):
-    """:func:`load_model_opts`, with ``--weights random`` drawn from a fixed seed: every torchrun rank
-    gets the same network, and a rerun the same checksum (so it can resume)."""
+    """:func:`load_model_opts`, with ``--weights random`` (and a ``yolo:MODEL.yaml``'s random weights)
+    drawn from a fixed seed: every torchrun rank gets the same network, and a rerun the same checksum
+    (so it can resume)."""
     import torch
 
     from camlens.cli.common import load_model_opts
 
-    if weights == "random":
+    yaml = model.lower().startswith("yolo:") and model.lower().endswith((".yaml", ".yml"))  # random weights too
+    if weights == "random" or yaml:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return load_model_opts(model, weights, checkpoint, device)

@@ -49,13 +49,33 @@ def _class_id(value: str, class_names, what: str) -> int:
     )
 
 
+#: ``click`` context key of ``--score-threshold`` (an option read by :func:`parse_targets`)
+SCORE_THRESHOLD = "camlens.score_threshold"
+
+
+def _keep_score_threshold(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
+    ctx.meta[SCORE_THRESHOLD] = value
+
+
+score_threshold_option = click.option(
+    "--score-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    expose_value=False,
+    callback=_keep_score_threshold,
+    help="detectors: explain only the detections scoring at least this (at most --topk per image; an image with "
+    "none is said, never drawn as a zero map) [default: the top-k detections, however low their scores]",
+)
+
+
 def parse_targets(values, class_names, task: str | None, topk: int):
     """``--target`` values -> a camlens target object (or ``None`` for a classifier's defaults).
 
     ``box:x0,y0,x1,y1[:label]`` (repeatable: one map per box, original-image pixels) ->
     :class:`~camlens.targets.Detection`; ``mask:PATH:category`` -> :class:`~camlens.targets.Segmentation`
     over the nonzero pixels of the mask image. Without ``--target`` a detector explains its ``topk``
-    most confident detections and a segmenter its largest predicted class.
+    most confident detections (those scoring at least ``--score-threshold``) and a segmenter its
+    largest predicted class.
     """
     import numpy as np
 
@@ -63,8 +83,10 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     from camlens.base.io import load_image
     from camlens.targets import Detection, Segmentation
 
+    ctx = click.get_current_context(silent=True)
+    threshold = (ctx.meta.get(SCORE_THRESHOLD) if ctx is not None else None) or 0.0
     if not values:
-        return Detection(score_threshold=0.0, max_boxes=topk) if task == "detection" else None
+        return Detection(score_threshold=threshold, max_boxes=topk) if task == "detection" else None
     kinds = {v.split(":", 1)[0] for v in values}
     if kinds == {"box"}:
         boxes, labels = [], []
@@ -149,6 +171,7 @@ def parse_targets(values, class_names, task: str | None, topk: int):
     help="box threshold (fraction of the map's max, or a calibrated JSON); also draws the boxes",
 )
 @click.option("--boxes", is_flag=True, help="draw the box at the (default) threshold on the overlays")
+@score_threshold_option
 @click.option(
     "--batch-size", default=EXPLAIN_BATCH, show_default=True, type=click.IntRange(1), help="images per forward"
 )
@@ -342,7 +365,6 @@ def _method_options(values, names: list[str], quiet: bool) -> dict[str, Any]:
 def _model_and_targets(ask: _Asked, task: str | None, names: list[str], plan: _Planned) -> tuple[Any, Any, list[str]]:
     """Load the model, turn --class / --prompt / --target / --topk into a target spec and keep the
     methods that apply, checking the output names before any image is read."""
-    from camlens.models.tasks import keep_all_detections
     from camlens.models.zoo import card_of
     from camlens.pipeline import dist
 
@@ -357,8 +379,7 @@ def _model_and_targets(ask: _Asked, task: str | None, names: list[str], plan: _P
     if prompts:
         plan.check(list(prompts))
     check_layer(net, ask.layer)  # before any image is read
-    if task == "detection":
-        keep_all_detections(net)  # the top-k boxes, however low their scores (printed below)
+    task = detector_task(net, task)  # a detector loaded from hf:FOLDER says so by its card
     card = card_of(net)
     class_names = card.class_names if card else None
     targets: Any = parse_classes(classes, class_names) if classes else None
@@ -402,6 +423,22 @@ class _Planned:
             for p in ps
         ]
         check_overwrite(paths, self.overwrite)
+
+
+def detector_task(net, task: str | None) -> str | None:
+    """The task once the model is loaded (a DETR from ``hf:FOLDER`` is a detector by its card); a
+    detector's own threshold is set to 0, so that its top-k boxes are reported however low their
+    scores (printed; ``--score-threshold`` selects among them)."""
+    from camlens.models.tasks import keep_all_detections
+    from camlens.models.zoo import card_of
+
+    card = card_of(net)
+    task = task or (card.extra.get("task") if card is not None else None)
+    if task == "classification":
+        return None  # a classifier by its card (a YOLO classification model): the classifier path
+    if task == "detection":
+        keep_all_detections(net)
+    return task
 
 
 def image_text_targets(net, classes, prompts):
@@ -665,6 +702,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
     from camlens.models.zoo import card_of
     from camlens.pipeline.run import FilesSink
     from camlens.pipeline.sources import ImageFiles, without_store
+    from camlens.targets import Detection
 
     card = card_of(net)
     pp = card.preprocess if card else IMAGENET
@@ -707,6 +745,7 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         optional=("cam",) if work.defaulted else (),
         after=None if work.quiet else _print_top,
         on_error=lambda msg: echo_err(msg),
+        ragged=isinstance(work.targets, Detection),  # a detector takes images of different sizes in one batch
     )
     estimates = reporting(CliEstimates(len(ds)) if work.progress and ctx.is_main else None)
     try:
@@ -718,7 +757,9 @@ def _run(net, inputs, work: Work, writes: Writes, failed: int, ctx) -> int:
         if ctx.is_main:
             echo_err(_interrupted_note(writes.out, writes.store))
         raise SystemExit(130) from None
-    n_bad = failed + len(stats.failed)
+    for msg in files.skipped if files and ctx.is_main else []:  # a detector's image with no detection
+        echo_err(f"error: {msg}")
+    n_bad = failed + len(stats.failed) + (len(files.skipped) if files else 0)
     computed = int(ctx.sum_ints([stats.computed])[0])
     written = int(ctx.sum_ints([(files.written if files else 0) + sum(s.written for s in figure_sinks)])[0])
     if ctx.is_main:

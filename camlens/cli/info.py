@@ -21,6 +21,17 @@ def _weights_status(name: str) -> str:
         return "random or weights=FILE"
 
 
+#: the detector families ``--model`` takes, one line each (``camlens models``)
+DETECTOR_FAMILIES = [
+    ("yolo:PATH", "Ultralytics YOLO v8/v11: a .pt checkpoint, or yolo:yolov8n.yaml for random weights "
+                  "(pip install camlens[yolo])"),
+    ("hf:FOLDER", "Hugging Face DETR, Conditional DETR, RT-DETR saved with save_pretrained "
+                  "(pip install camlens[hf])"),
+    ("torchvision", "fasterrcnn_*, retinanet_*, fcos_resnet50_fpn, ssd300_vgg16, ssdlite320_* by name "
+                    "(`camlens models rcnn`)"),
+]  # fmt: skip
+
+
 @click.command("models")
 @click.argument("pattern", required=False)
 def models_cmd(pattern):
@@ -29,10 +40,15 @@ def models_cmd(pattern):
     import camlens
 
     names = [n for n in camlens.available_models() if not pattern or pattern.lower() in n.lower()]
-    if not names:
+    families = not pattern or any(pattern.lower() in f.lower() for f, _ in DETECTOR_FAMILIES)
+    if not names and not families:
         raise click.ClickException(f"no model name contains {pattern!r}; `camlens models` lists them all")
     rows = [(n, _weights_status(n)) for n in names]
-    click.echo(table(rows, ("model", "pretrained weights")))
+    if rows:
+        click.echo(table(rows, ("model", "pretrained weights")))
+    if families:
+        click.echo("\ndetector families (--model; one map per detection, `camlens explain --target box:...`):")
+        click.echo(table(DETECTOR_FAMILIES, ("family", "what"), indent="  "))
     click.echo(
         f"\n{len(names)} model(s). Default: efficientnet_lite0. Use --weights random for an untrained "
         "network, --weights FILE for a state dict, --checkpoint DIR for a fine-tuned model. Any timm model: "

@@ -24,6 +24,7 @@ from torch import nn
 from camlens.base.errors import CamlensError, WeightsNotFoundError
 from camlens.models.card import ModelCard, attach_card, card_of
 from camlens.models.classes import imagenet_classes
+from camlens.models.detectors.detr import detr_adapter
 from camlens.models.heads import replace_classifier
 from camlens.models.imagetext import IMAGE_TEXT_TYPES, OPENCLIP_PREFIX, load_hf_image_text, load_openclip
 from camlens.models.preprocess import EFFICIENTNET_LITE, IMAGENET, Preprocess
@@ -169,6 +170,8 @@ def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -
         if num_classes is not None:
             raise CamlensError(f"{HF_PREFIX}{path} is an image–text model: give class_names=[...], not num_classes")
         return load_hf_image_text(str(folder), config, weights)
+    if getattr(config, "model_type", None) in HF_DETECTOR_TYPES:  # DETR, Conditional DETR, RT-DETR
+        return _hf_detector(transformers, folder, config, weights, num_classes)
     if num_classes is not None:
         kw |= {"num_labels": num_classes, "ignore_mismatched_sizes": True}
     auto = transformers.AutoModelForImageClassification
@@ -200,6 +203,26 @@ def _hf(path: str, weights: str | os.PathLike | None, num_classes: int | None) -
         side = getattr(model.config, "image_size", 224)
         pp = replace(IMAGENET, size=(int(side), int(side)))
     return model, ModelCard(HF_PREFIX + str(path), pp, class_names_of(model))
+
+
+#: Hugging Face ``model_type`` values of the detectors ``hf:FOLDER`` loads (camlens.models.detectors.detr)
+HF_DETECTOR_TYPES = ("detr", "conditional_detr", "rt_detr")
+
+
+def _hf_detector(
+    transformers: Any, folder: Path, config: Any, weights: Any, num_classes: int | None
+) -> tuple[nn.Module, ModelCard]:
+    """A DETR-family detector saved in ``folder``, wrapped in its adapter (its own detections above
+    its threshold 0.5, boxes in the photo's pixels)."""
+    if num_classes is not None:
+        raise CamlensError(f"{HF_PREFIX}{folder}: a detector keeps its classes; num_classes= does not apply")
+    auto = transformers.AutoModelForObjectDetection
+    kw = {"local_files_only": True}
+    net = auto.from_config(config) if weights == "random" else auto.from_pretrained(str(folder), **kw)
+    adapter = detr_adapter(net.eval())
+    card = card_of(adapter)
+    assert card is not None
+    return adapter, replace(card, name=HF_PREFIX + str(folder))
 
 
 def class_names_of(model: nn.Module) -> list[str] | None:

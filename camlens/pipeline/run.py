@@ -38,15 +38,25 @@ from camlens.api.explanation import Explanation, Upsampled
 from camlens.attribution.registry import get_method
 from camlens.base._util import with_options
 from camlens.base.defaults import EXPLAIN_BATCH
-from camlens.base.errors import CamlensError, HeadError, InputError, StoreBusyError, StoreError, WriteError
+from camlens.base.errors import (
+    CamlensError,
+    HeadError,
+    InputError,
+    StoreBusyError,
+    StoreError,
+    TargetError,
+    WriteError,
+)
 from camlens.base.fsio import os_error, safe_out_dir
 from camlens.base.localization import DEFAULT_THRESHOLD
+from camlens.models.detectors import as_detector, is_detector
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
 from camlens.pipeline import dist as _dist
+from camlens.pipeline.detections import DetectionSink, detection_canvas, detection_key
 from camlens.pipeline.figures import draw_volume_figures
 from camlens.pipeline.integrity import StoreLock
-from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, without_store
+from camlens.pipeline.sources import Batch, ImageFiles, as_dataset, collate, collate_ragged, without_store
 from camlens.pipeline.store import (
     COLUMNS,
     FIGURES_DIR,
@@ -56,10 +66,11 @@ from camlens.pipeline.store import (
     ResultStore,
     StoreMismatchError,
     chunk_entries,
+    is_detector_run,
     read_chunk,
 )
 from camlens.pipeline.volumes import VolumeFiles, VolumeReader, box_world, pad_maps, shape_batches, volume_dataset
-from camlens.targets import Classes, deprecated_flat_list, is_target_object
+from camlens.targets import Classes, Detection, deprecated_flat_list, is_target_object
 
 FIGURES = ("none", "overlay", "all")
 
@@ -198,6 +209,7 @@ class StreamOptions:
     desc: str = "explain"
     on_error: Callable[[str], None] | None = None
     world: int = 1
+    ragged: bool = False  # a detector's batches: images of different sizes, as lists
 
 
 def stream(
@@ -224,28 +236,20 @@ def stream(
     if not ids:
         return stats
     device = _model_device(model)
-    accel = device.type != "cpu"
     loader = _loader(dataset, ids, loop, device)
     say = loop.on_error or (lambda msg: print(msg, file=sys.stderr))
     bar = _bar(len(ids), loop)
     writer = _Writer(sinks)
+    step = _Step(request, targets, batch_targets, names, loop, say, device)
     t0 = time.perf_counter()
     try:
         for batch in loader:
             for i, src, msg in batch.failed:
                 stats.failed.append({"image_id": int(i), "source": src, "error": msg})
                 (bar.write(f"error: {msg}", file=sys.stderr) if not bar.disable else say(f"error: {msg}"))
-            if len(batch):
-                assert batch.x is not None
-                x = batch.x.to(device, non_blocking=accel)
-                if loop.before is not None:
-                    loop.before(batch, x)
-                spec = batch_targets(batch, x) if batch_targets is not None else targets
-                res = _explain_batch(model, x, _batch_request(request, spec, batch), names, loop.optional, say)
-                if loop.after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
-                    loop.after(batch, res)
-                writer.put(BatchResult(batch, {m: _to_cpu(e) for m, e in res.items()}))
-                stats.computed += len(batch)
+            for part in _size_groups(batch, names) if len(batch) else []:
+                writer.put(_explain_part(model, part, step))
+                stats.computed += len(part)
             bar.update(len(batch) + len(batch.failed))
             if stats.failed:
                 bar.set_postfix(failed=len(stats.failed), refresh=False)
@@ -257,6 +261,69 @@ def stream(
     stats.seconds = time.perf_counter() - t0
     stats.methods = names
     return stats
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What explaining one batch of :func:`stream` needs besides the model and the batch."""
+
+    request: ExplainRequest
+    targets: Any
+    batch_targets: Callable[[Batch, torch.Tensor], Any] | None
+    names: list[str]  # shrinks when an optional method is dropped
+    loop: StreamOptions
+    say: Callable[[str], None]
+    device: torch.device
+
+
+def _size_groups(batch: Batch, names: Sequence[str]) -> list[Batch]:
+    """A detector's batch of images of different sizes, split into batches of one size when a
+    method needs that (the pixel methods; the layer methods take the mixed list)."""
+    if batch.xs is None or all(get_method(m).kind == "layer" for m in names):
+        return [batch]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, t in enumerate(batch.xs):
+        groups.setdefault(tuple(t.shape), []).append(j)
+    if len(groups) == 1:
+        return [batch]
+    return [_subset(batch, rows) for rows in groups.values()]
+
+
+def _subset(batch: Batch, rows: list[int]) -> Batch:
+    pick = lambda v: [v[j] for j in rows]  # noqa: E731
+    return replace(
+        batch,
+        indices=pick(batch.indices),
+        sources=pick(batch.sources),
+        names=pick(batch.names),
+        sizes=pick(batch.sizes),
+        labels=pick(batch.labels),
+        gts=pick(batch.gts),
+        images=None if batch.images is None else pick(batch.images),
+        failed=[],
+        x=None if batch.x is None else batch.x[rows],
+        xs=None if batch.xs is None else pick(batch.xs),
+    )
+
+
+def _explain_part(model: nn.Module, batch: Batch, step: _Step) -> BatchResult:
+    """One batch explained -> its :class:`BatchResult` for the sinks (on the CPU); a detector's batch
+    where no image has anything to explain gives each image's reason instead of maps."""
+    loop = step.loop
+    x: Any = batch.inputs(step.device, non_blocking=step.device.type != "cpu")  # a tensor, or a list (detectors)
+    if loop.before is not None:
+        loop.before(batch, x)
+    spec = step.batch_targets(batch, x) if step.batch_targets is not None else step.targets
+    try:
+        res = _explain_batch(model, x, _batch_request(step.request, spec, batch), step.names, loop.optional, step.say)
+    except TargetError as exc:  # no image of the batch has anything to explain: said, per image
+        skipped = getattr(exc, "skipped", None)
+        if not skipped or len(skipped) < len(batch):
+            raise
+        return BatchResult(batch, {}, {"skipped": dict(skipped)})
+    if loop.after is not None:  # e.g. the CLI's top-5 table, from the explaining forward's logits
+        loop.after(batch, res)
+    return BatchResult(batch, {m: _to_cpu(e) for m, e in res.items()})
 
 
 def _batch_request(request: ExplainRequest, spec: Any, batch: Batch) -> ExplainRequest:
@@ -286,7 +353,7 @@ def _loader(dataset: Any, ids: Sequence[int], loop: StreamOptions, device: torch
         Subset(dataset, list(ids)),
         **batching,
         num_workers=int(workers),
-        collate_fn=collate,
+        collate_fn=collate_ragged if loop.ragged else collate,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
     )
@@ -441,11 +508,22 @@ class FilesSink(Sink):
     ):
         self.directory, self.formats, self.top, self.kw = directory, list(formats), top, save_kwargs
         self.written = 0
+        self.skipped: list[str] = []  # "NAME: nothing to explain: why" of the images given no file
 
     def write(self, res: BatchResult) -> None:
         from camlens.viz import save_explanation
 
         b = res.batch
+        skipped = dict(res.extra.get("skipped", {}))
+        for e in res.explanations.values():
+            skipped.update(e.extras.get("skipped_reasons") or {})
+        self.skipped += [f"{b.names[i]}: nothing to explain: {why}" for i, why in sorted(skipped.items())]
+        mixed = b.xs is not None and len({tuple(t.shape) for t in b.xs}) > 1
+        if skipped or mixed:  # no file of a zero map; a detector's mixed sizes: image by image
+            for i in range(len(b)):
+                if i not in skipped:
+                    self.write(_one_image(res, i))
+            return
         pngs = [f for f in self.formats if f == "png"]
         data = [f for f in self.formats if f != "png"]
         for exp in res.explanations.values():
@@ -459,6 +537,22 @@ class FilesSink(Sink):
                     t = self.top
                     e = e.first_targets(t)
                 self.written += len(save_explanation(e, Path(self.directory), formats=pngs, **self.kw))
+
+
+def _one_image(res: BatchResult, i: int) -> BatchResult:
+    """Image ``i`` of a batch alone (one with nothing to explain is left out by the caller); a
+    detector's maps cropped from the batch's padded frame to the image's own ``(H, W)``."""
+    b = _subset(res.batch, [i])
+    exps = {}
+    for m, e in res.explanations.items():
+        one = e.select([i])
+        extras = {k: v for k, v in one.extras.items() if k not in ("skipped", "skipped_reasons")}
+        if b.xs is not None:  # a detector's maps: cropped from the batch's padded frame
+            h, w = b.sizes[0]
+            one = replace(one, maps=one.maps[..., :h, :w])
+            extras["image_sizes"] = [(h, w)]
+        exps[m] = replace(one, extras=extras)
+    return BatchResult(b, exps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,6 +665,9 @@ def run_signature(model: nn.Module, dataset: Any, request: ExplainRequest, store
     reader = getattr(dataset, "reader", None)
     if isinstance(reader, VolumeReader):  # volumes and clips: how the files became inputs
         sig["volumes"] = reader.to_dict()
+    if isinstance(request.targets, Detection):  # a detector's store: its own table and maps' frame
+        sig["detections"] = detection_key(request.targets)
+        sig["canvas"] = detection_canvas(dataset)
     return json.loads(json.dumps(sig, default=str))  # as it reads back from run.json (tuples -> lists)
 
 
@@ -698,7 +795,12 @@ def _compute(
     todo = [i for i in range(len(ds)) if i not in done]
     mine = _dist.shard(todo, ctx.rank, ctx.world)
     opts = job.store
-    all_sinks: list[Sink] = [StoreSink(store, len(ds), opts.threshold, ctx.rank, getattr(ds, "map_shape", None))]
+    detector = is_detector_run(store.signature)
+    all_sinks: list[Sink] = [
+        DetectionSink(store, len(ds), opts.threshold, list(job.request.methods), ctx.rank)
+        if detector
+        else StoreSink(store, len(ds), opts.threshold, ctx.rank, getattr(ds, "map_shape", None))
+    ]
     fig = None
     if opts.figures != "none" and not is_volume_dataset(ds):  # volumes: drawn from the store at the end
         fig = FilesSink(store.root / FIGURES_DIR, ["png"], top=1 if opts.figures == "overlay" else None,
@@ -706,7 +808,7 @@ def _compute(
         all_sinks.append(fig)
     all_sinks += list(job.extra_sinks)
     desc = "explain" if ctx.world == 1 else f"explain [rank {ctx.rank}/{ctx.world}]"
-    loop = replace(job.loop, desc=desc, progress=job.loop.progress and ctx.is_main, world=ctx.world)
+    loop = replace(job.loop, desc=desc, progress=job.loop.progress and ctx.is_main, world=ctx.world, ragged=detector)
     stats = stream(model, ds, mine, all_sinks, job.request, loop)
     stats.skipped = len(done)
     if fig is not None and ctx.is_main and done:
@@ -756,6 +858,11 @@ def run_store(
     opts = job.store
     if opts.figures not in FIGURES:
         raise InputError(f"figures must be one of {', '.join(FIGURES)}, not {opts.figures!r}")
+    if opts.figures != "none" and isinstance(request.targets, Detection):
+        raise InputError(
+            "a detector's store keeps no figures yet: leave figures='none' (no --figures) and draw a stored image "
+            "with camlens.open_results(OUT).map(row), or explain named files for their panels"
+        )
     sig = run_signature(model, ds, request, opts)
     info = {
         "versions": versions(),
@@ -812,6 +919,12 @@ class DatasetConfig:
 
 
 _DATASET_FIELDS = frozenset(f.name for f in fields(DatasetConfig))
+
+
+def _detects(model: nn.Module) -> bool:
+    """Whether the model is a detector (its card says so): its default target is its own detections."""
+    card = card_of(model)
+    return card is not None and card.extra.get("task") == "detection"
 
 
 def explain_dataset(
@@ -886,12 +999,14 @@ def explain_dataset(
     cfg = with_options(DatasetConfig, config, settings, "explain_dataset")
     if isinstance(model, str):
         model = load_model(model)
+    if is_detector(model):  # a DETR-family or Ultralytics YOLO object: its adapter
+        model = as_detector(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a zoo name, not {type(model).__name__}")
     names = [method] if isinstance(method, str) else list(method)
     request = ExplainRequest(
         methods=tuple(dict.fromkeys(get_method(m).name for m in names)),
-        targets=targets if targets is not None else "top1",
+        targets=targets if targets is not None else (Detection() if _detects(model) else "top1"),
         layer=layer,
         capture=capture,
         preprocess=cfg.preprocess,

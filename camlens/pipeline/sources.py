@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from camlens.base.errors import CamlensError, InputError
-from camlens.base.io import IMAGE_EXTENSIONS, Decoded, FitSize, decode_image, sample_image
+from camlens.base.io import IMAGE_EXTENSIONS, Decoded, FitSize, decode_image, image_size, sample_image
 from camlens.base.names import output_stems
 from camlens.core.inputs import check_not_meta
 from camlens.models.preprocess import IMAGENET, Preprocess
@@ -62,6 +62,8 @@ class Batch:
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     #: per item, what a volume or clip run stores besides the maps (affine, spacing, timestamps)
     meta: list[dict[str, Any] | None] = field(default_factory=list)
+    #: a detector's batch of images of different sizes (:func:`collate_ragged`): ``x`` is then ``None``
+    xs: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,7 +71,16 @@ class Batch:
     def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this on custom batches
         if self.x is not None:
             self.x = self.x.pin_memory()
+        if self.xs is not None:
+            self.xs = [t.pin_memory() for t in self.xs]
         return self
+
+    def inputs(self, device: torch.device, non_blocking: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """The batch on ``device``: the stacked ``x``, or a detector's list of ``(3, H, W)`` images."""
+        if self.xs is not None:
+            return [t.to(device, non_blocking=non_blocking) for t in self.xs]
+        assert self.x is not None
+        return self.x.to(device, non_blocking=non_blocking)
 
 
 def _is_image(p: Path) -> bool:
@@ -383,6 +394,41 @@ def without_store(ds: Dataset, out: str | os.PathLike) -> Dataset:
     return ImageFiles(records, ds.preprocess, ds.keep_images, ds.exact_decode)
 
 
+def image_sizes(dataset: Any) -> list[tuple[int, int] | None]:
+    """Each item's image ``(H, W)`` (``None``: unreadable, reported when the run reaches it): from the
+    files' headers for :class:`ImageFiles` (nothing decoded), else by reading the items."""
+    out: list[tuple[int, int] | None] = []
+    for i in range(len(dataset)):
+        try:
+            src = dataset.describe(i).source if isinstance(dataset, ImageFiles) else None
+            if isinstance(src, str) and not src.startswith("skimage:"):
+                out.append(image_size(src))
+            else:
+                size = dataset[i].get("size")
+                out.append(tuple(size) if size is not None else None)
+        except CamlensError:
+            out.append(None)
+    return out
+
+
+def collate_ragged(items: list[dict[str, Any]]) -> Batch:
+    """A detector's batch: the good items kept as a list ``xs`` of ``(3, H, W)`` images of any sizes
+    (a detector resizes and pads them itself; extra inputs are not taken)."""
+    good = [it for it in items if "error" not in it]
+    return Batch(
+        x=None,
+        indices=[it["index"] for it in good],
+        sources=[it["source"] for it in good],
+        names=[it["name"] for it in good],
+        sizes=[tuple(it["size"]) for it in good],
+        labels=[it["label"] for it in good],
+        gts=[it["gt"] for it in good],
+        images=[it["image"] for it in good] if good and all(it.get("image") is not None for it in good) else None,
+        failed=[(it["index"], it["source"], it["error"]) for it in items if "error" in it],
+        xs=[it["x"] for it in good],
+    )
+
+
 def collate(items: list[dict[str, Any]]) -> Batch:
     good = [it for it in items if "error" not in it]
     failed = [(it["index"], it["source"], it["error"]) for it in items if "error" in it]
@@ -497,8 +543,10 @@ __all__ = [
     "UserDataset",
     "as_dataset",
     "collate",
+    "collate_ragged",
     "discover",
     "image_folder_records",
+    "image_sizes",
     "is_image_folder_tree",
     "is_list_file",
     "output_stems",

@@ -25,7 +25,16 @@ returning NaN maps. No symbolic link inside the store is ever followed.
 
 Table columns: ``image_id, source, name, label, height, width, method, layer, model, rank,
 class_id, class_name, score, prob, x0, y0, x1, y1`` (box in image pixels at the run's threshold,
-``x1``/``y1`` exclusive, ``-1`` = no box). Why Parquet + Zarr: both are read by pandas, polars,
+``x1``/``y1`` exclusive, ``-1`` = no box). A detector's store (its run signature has
+``"detections"``) has one row per image x detection x method and five more columns
+(:data:`DETECTION_COLUMNS`): ``detection`` (the detection's index in the model's own output,
+``-1`` for a given box), ``det_x0, det_y0, det_x1, det_y1`` (the detection's box in the image's
+pixels, float) and ``skipped`` (why an image has no map: no detection above the threshold; one
+row per method with ``rank`` 0 and NaN box, never a zero map). Its maps are ``(N, K, H, W)``
+with ``K`` the most detections explained per image and ``(H, W)`` the largest image's size: image
+``i``'s map of rank ``r`` is ``maps[method][i, r - 1, :height, :width]`` (NaN elsewhere).
+
+Why Parquet + Zarr: both are read by pandas, polars,
 DuckDB, xarray and dask without camlens; a column store keeps the table small and fast to filter,
 and chunked maps give random access to any one map without loading the rest.
 
@@ -136,6 +145,10 @@ def image_chunk_keys(array: Any, i: int) -> list[str]:
     """The store-relative keys (below the array) of every chunk of image ``i``, in grid order."""
     grid = [-(-int(s) // int(c)) for s, c in zip(array.shape[1:], array.chunks[1:], strict=True)]
     return [array.metadata.encode_chunk_key((i, *rest)) for rest in np.ndindex(*grid)]
+
+
+#: the columns a detector's store adds (see the module docstring)
+DETECTION_COLUMNS = ("detection", "det_x0", "det_y0", "det_x1", "det_y1", "skipped")
 
 
 class StoreMismatchError(OutputExistsError):
@@ -261,29 +274,46 @@ def rerun_hint(run: dict[str, Any] | None) -> str:
     return "run the same command (or explain_dataset call) again: it verifies the store and recomputes what is damaged"
 
 
-def schema(volume: bool = False):
-    """The table's Arrow schema: :data:`COLUMNS`, or :data:`VOLUME_COLUMNS` for a volume or clip run."""
+def columns(detector: bool = False, volume: bool = False) -> tuple[str, ...]:
+    """The table's columns: an image run's :data:`COLUMNS`, a volume run's :data:`VOLUME_COLUMNS`, or
+    a detector's (:data:`DETECTION_COLUMNS` added)."""
+    base = VOLUME_COLUMNS if volume else COLUMNS
+    return base + DETECTION_COLUMNS if detector else base
+
+
+def is_detector_run(signature: dict[str, Any] | None) -> bool:
+    """Whether a run signature is a detector's (its table has :data:`DETECTION_COLUMNS`)."""
+    return isinstance(signature, dict) and "detections" in signature
+
+
+def schema(volume: bool = False, detector: bool = False):
+    """The table's Arrow schema: :data:`COLUMNS`, :data:`VOLUME_COLUMNS` for a volume or clip run,
+    with :data:`DETECTION_COLUMNS` for a detector's."""
     pa, _ = _pa()
     types = {
         "image_id": pa.int64(),
         "class_id": pa.int64(),
         "score": pa.float32(),
         "prob": pa.float32(),
-        **{c: pa.string() for c in ("source", "name", "label", "method", "layer", "model", "class_name")},
+        **{c: pa.string() for c in ("source", "name", "label", "method", "layer", "model", "class_name", "skipped")},
         **{c: pa.float64() for c in VOLUME_COLUMNS if c.startswith("world_")},
         **{c: pa.list_(pa.float64()) for c in ("spacing", "affine", "timestamps")},
+        **{c: pa.float32() for c in ("det_x0", "det_y0", "det_x1", "det_y1")},
     }
-    cols = VOLUME_COLUMNS if volume else COLUMNS
-    return pa.schema([(c, types.get(c, pa.int32())) for c in cols])
+    return pa.schema([(c, types.get(c, pa.int32())) for c in columns(detector, volume)])
+
+
+#: the table kinds a store may hold: (volume, detector)
+_KINDS = ((False, False), (True, False), (False, True))
 
 
 def known_schema(found: Any) -> Any:
-    """The camlens table schema (an image run's or a volume run's) that the Arrow schema ``found``
-    equals once its metadata is removed; ``ValueError`` when it is neither."""
+    """The camlens table schema (an image run's, a volume run's or a detector's) that the Arrow schema
+    ``found`` equals once its metadata is removed; ``ValueError`` when it is none of them."""
     bare = found.remove_metadata()
-    for volume in (False, True):
-        if bare.equals(schema(volume)):
-            return schema(volume)
+    for volume, detector in _KINDS:
+        if bare.equals(schema(volume, detector)):
+            return schema(volume, detector)
     raise ValueError(f"columns {bare.names} are not a camlens table chunk's")
 
 
@@ -597,6 +627,8 @@ class ResultStore:
         out = {f"{base}/zarr.json": self._meta[method]}
         for i in idx.tolist():
             for key in image_chunk_keys(arr, i):
+                if not os.path.lexists(self.root / base / key):
+                    continue  # all NaN (a detector's image with nothing to explain): Zarr writes no chunk
                 out[f"{base}/{key}"] = file_digest(self.root / base / key)
         return out
 
@@ -641,7 +673,7 @@ class ResultStore:
             META_SIGNATURE: json.dumps(self.signature),
             META_RENDER: json.dumps(render or {}),
         }
-        sch = schema(volume="depth" in rows)
+        sch = schema(volume="depth" in rows, detector=is_detector_run(self.signature))
         table = pa.Table.from_pydict({c: rows[c] for c in sch.names}, schema=sch).replace_schema_metadata(meta)
         atomic_write_bytes(path, _table_bytes(table))
         return path
@@ -671,7 +703,7 @@ class ResultStore:
                         writer = stack.enter_context(_parquet_writer(tmp, t.schema))
                     writer.write_table(t)
                 if writer is None:
-                    stack.enter_context(_parquet_writer(tmp, schema()))
+                    stack.enter_context(_parquet_writer(tmp, schema(detector=is_detector_run(self.signature))))
             check_target(self.root / RESULTS_FILE, overwrite=True)  # a folder in the way is refused
             os.replace(tmp, self.root / RESULTS_FILE)  # replaces a link at the name, never follows it
         except OSError as exc:
@@ -781,6 +813,9 @@ class Results:
         self._records: dict[str, Any] | None = None
         self._verified: set[str] = set()
 
+    def _schema(self):
+        return schema(is_detector_run(self.run.get("signature")))
+
     def _json(self, path: Path, what: str) -> dict[str, Any] | None:
         try:
             return read_json_object(path, what)
@@ -837,7 +872,7 @@ class Results:
                     self._records.update(files)
                 if problems:
                     raise self._damaged(problems)
-                t = pa.concat_tables(parts) if parts else schema().empty_table()  # chunks of one schema
+                t = pa.concat_tables(parts) if parts else self._schema().empty_table()
             df = t.to_pandas()
             dup = df.duplicated(["image_id", "method", "rank"])
             if dup.any():
@@ -890,11 +925,15 @@ class Results:
         volume run the ``(D, H, W)`` map, cropped to the row's ``depth, height, width`` (a clip's
         to its ``depth`` frames: its ``height, width`` are the video's, the map is at the model's size)."""
         r = self.table.iloc[row] if isinstance(row, (int, np.integer)) else row
+        if r.get("skipped"):
+            raise InputError(f"image {int(r['image_id'])} ({r['source']}) has no map: {r['skipped']}")
         m = np.asarray(self.maps(str(r["method"]))[int(r["image_id"]), int(r["rank"]) - 1])
         if "depth" in r.index:  # stored padded to the run's largest volume
             clip = r["timestamps"] is not None
             m = m[: int(r["depth"])] if clip else m[: int(r["depth"]), : int(r["height"]), : int(r["width"])]
-        if np.isnan(m).all():
+        if "detection" in r.index:  # a detector's maps share the largest image's frame: this image's part
+            m = m[: int(r["height"]), : int(r["width"])]
+        if np.isnan(m).any() if "detection" in r.index else np.isnan(m).all():
             raise self._damaged({f"{MAPS_DIR}/{r['method']}": f"no map stored for image {int(r['image_id'])}"})
         return m
 
@@ -959,11 +998,14 @@ def open_results(directory: str | os.PathLike) -> Results:
 
 __all__ = [
     "COLUMNS",
+    "DETECTION_COLUMNS",
     "ResultStore",
     "Results",
     "StoreCheck",
     "StoreMismatchError",
     "StoredMaps",
     "atomic_write_bytes",
+    "columns",
+    "is_detector_run",
     "open_results",
 ]

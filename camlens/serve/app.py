@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from camlens.serve import render
+from camlens.serve.detect import add_detector_routes
 from camlens.serve.service import (
     SAMPLES,
     SLOW_METHODS,
@@ -237,6 +238,7 @@ def create_app(service: Service | None = None, *, allowed_hosts: list[str] | Non
     _add_input_routes(app, svc)
     _add_result_routes(app, svc)
     _add_volume_routes(app, VolumeService(svc.pool, svc.limits))
+    add_detector_routes(app, svc, _result_json)  # a served detector: its detections, one explained
     return app
 
 

@@ -118,6 +118,8 @@ def rank_of(result: Result, cls: int) -> int | None:
 
 def panel_title(result: Result, panel: Panel) -> str:
     """``"Egyptian cat 78.8% (top-1)"``: the rank only when it is the class's real rank."""
+    if panel.prob != panel.prob:  # a detection (no probability): "detection 2: dog (score 0.81)"
+        return panel.name
     r = rank_of(result, panel.cls)
     name = panel.name.split(",")[0]
     return f"{name} {panel.prob:.1%}" + (f" (top-{r})" if r else "")

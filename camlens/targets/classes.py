@@ -144,7 +144,9 @@ def bind_target(
     if skipped:
         listed = "; ".join(f"image {i}: {r}" for i, r in sorted(skipped.items())[:8])
         if len(skipped) >= n:
-            raise TargetError(f"the target selects nothing to explain ({listed})")
+            err = TargetError(f"the target selects nothing to explain ({listed})")
+            err.skipped = skipped  # type: ignore[attr-defined]  # per image, for a dataset run's table
+            raise err
         warnings.warn(
             f"camlens: {len(skipped)} of {n} image(s) have nothing to explain and are skipped: their maps are "
             f"zero, not explanations, and extras['skipped'] lists them ({listed})",

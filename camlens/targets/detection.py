@@ -113,6 +113,7 @@ class Detection(Target):
         self.max_boxes = int(max_boxes)
         self._ref: list[torch.Tensor] | None = None  # per image (K, 4)
         self._lab: list[torch.Tensor] | None = None  # per image (K,), -1: any label
+        self._index: list[torch.Tensor] = []  # per image (K,): own detections' index in the output, -1: given
         self._best: list[float | None] = []  # own detections: each image's best score (None: none)
         self._k = 0
         self._hint = ""  # a detector adapter's own threshold, said when it detected nothing
@@ -149,7 +150,7 @@ class Detection(Target):
     def bind(self, output: Any, model: nn.Module | None = None) -> Detection:
         dets = _detections(output)
         n = len(dets)
-        refs, labs = [], []
+        refs, labs, index = [], [], []
         best: list[float | None] = [None] * n  # own detections: each image's best score
         if self.boxes is None:
             for i, d in enumerate(dets):
@@ -158,6 +159,7 @@ class Detection(Target):
                 keep = self._own_keep(s)
                 refs.append(d["boxes"].detach()[keep].float().cpu())
                 labs.append(d["labels"].detach()[keep].long().cpu())
+                index.append(keep.cpu())
         else:
             per_image = isinstance(self.boxes, (list, tuple)) and (
                 len(self.boxes) == n and all(np.ndim(b) == 2 for b in self.boxes)
@@ -173,9 +175,10 @@ class Detection(Target):
                     if len(lb) != len(b):
                         raise TargetError(f"{len(lb)} labels for {len(b)} boxes")
             refs, labs = bl, ll
+            index = [torch.full((len(b),), -1, dtype=torch.long) for b in bl]
             _check_labels(ll, model)
         out = self._fresh()
-        out._ref, out._lab = refs, labs
+        out._ref, out._lab, out._index = refs, labs, index
         out._k = max(1, max((len(r) for r in refs), default=0))
         out._best = best
         out._hint = str(getattr(model, "threshold_hint", "") or "")
@@ -217,6 +220,7 @@ class Detection(Target):
         out = self._fresh()
         out._ref = [self._ref[int(r)] for r in rows]
         out._lab = [self._lab[int(r)] for r in rows]
+        out._index = [self._index[int(r)] for r in rows] if self._index else []
         out._best = [self._best[int(r)] for r in rows] if self._best else []
         out._k = self._k
         return out
@@ -257,8 +261,18 @@ class Detection(Target):
         return out
 
     @property
+    def detection_index(self) -> torch.Tensor:
+        """``(N, K)`` each explained box's index in the model's own detections of its image (the
+        order of its output), ``-1`` for a given box or padding."""
+        self._check_bound()
+        out = torch.full((len(self._ref or []), self._k), -1, dtype=torch.long)
+        for i, ix in enumerate(self._index):
+            out[i, : len(ix)] = ix
+        return out
+
+    @property
     def extras(self) -> dict[str, Any]:
-        return {"boxes": self.reference_boxes.numpy()}
+        return {"boxes": self.reference_boxes.numpy(), "detections": self.detection_index.numpy()}
 
     # -- scores -----------------------------------------------------------------------------
     def match(self, det: Mapping[str, torch.Tensor], ref: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ def true_rank(exp: Explanation, i: int, k: int) -> int | None:
 
 def target_label(exp: Explanation, i: int, k: int, *, rank: bool = True) -> str:
     """``"3rd: tabby (6.8%)"`` for image ``i``, target ``k``: the class's *true* rank among all the
-    model's classes (from ``exp.ranks``; no rank when it is unknown), its name and probability.
+    model's classes (from ``exp.ranks``; no rank when it is unknown), its name and probability; a
+    detector's own detection: ``"detection 2: dog (score 0.81)"`` (its rank by score).
     Class-agnostic methods (Eigen-CAM) name no class."""
     if exp.class_agnostic:
         return "class-agnostic (same map for every class)"
@@ -43,6 +44,9 @@ def target_label(exp: Explanation, i: int, k: int, *, rank: bool = True) -> str:
     what = f"{name} ({p:.1%})" if p == p else f"{name} (score {float(exp.scores[i, k]):.3g})"
     if c < 0:
         return f"custom target (score {float(exp.scores[i, k]):.3g})"
+    det = exp.extras.get("detections")
+    if rank and det is not None and int(np.asarray(det)[i, k]) >= 0:  # a detector's own k-th best detection
+        return f"detection {k + 1}: {what}"
     r = true_rank(exp, i, k)
     return f"{ordinal(r)}: {what}" if rank and r is not None else what
 

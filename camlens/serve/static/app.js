@@ -126,6 +126,7 @@ async function updateMethodsForModel() {
     note.textContent = n ? `${n} method${n > 1 ? "s" : ""} not for this model (hover)` : "";
     note.title = `${r.describe}` + (off.length ? `; not offered: ${off.join("; ")}` : "");
     note.dataset.describe = r.describe;
+    state.detector = r.describe.includes("detector");  // its detections are listed, one explained per click
   } catch (e) {
     note.textContent = "";
     showError(e.message, e.status);
@@ -181,6 +182,8 @@ function setImage(info) {
   $("#photo").src = info.url;
   $("#photo").dataset.imageId = info.id;
   $("#photo-caption").textContent = `${info.name} · ${info.width}×${info.height}`;
+  const layer = $("#det-layer");
+  if (layer) layer.replaceChildren();
   $("#photo-box").hidden = false;
   $("#predictions-box").hidden = true;
   $("#panels").replaceChildren();
@@ -289,9 +292,77 @@ function watchProgress(job, methods) {
   return () => { stopped = true; bar.hidden = true; };
 }
 
+// a detector: list its detections (class, score, box), drawn on the photo; a click explains one
+async function listDetections() {
+  const model = $("#model").value;
+  setStatus("busy", `detecting with ${model}…`);
+  try {
+    const r = await api(`api/detections/${encodeURIComponent(state.image.id)}?model=${encodeURIComponent(model)}`);
+    state.detections = r;
+    renderDetections(r);
+    setStatus("done", `${r.detections.length} detection(s) by ${model}; click one to explain it`);
+  } catch (e) {
+    showError(e.message, e.status);
+  }
+}
+
+function renderDetections(r) {
+  const tbody = $("#predictions tbody");
+  tbody.replaceChildren();
+  for (const d of r.detections.slice(0, 20)) {
+    const pick = () => explainDetection(d.index);
+    tbody.append(el("tr", { class: "pred detection", "data-index": d.index, tabindex: 0,
+      title: "click to explain this detection", onclick: pick, onkeydown: (e) => { if (e.key === "Enter") pick(); } },
+    el("td", { text: "#" + d.rank }), el("td", { class: "name", text: d.class_name }),
+    el("td", { class: "prob", text: d.score.toFixed(3) }),
+    el("td", { class: "box", text: d.box.map((v) => Math.round(v)).join(",") })));
+  }
+  $("#predictions-box").hidden = false;
+  drawDetectionBoxes(r.detections.slice(0, 20));
+}
+
+function drawDetectionBoxes(dets) {
+  const img = $("#photo");
+  if (!img || !img.parentElement) return;
+  let layer = $("#det-layer");
+  if (!layer) {
+    layer = document.createElementNS(SVG, "svg");
+    layer.id = "det-layer";
+    img.parentElement.style.position = "relative";
+    img.parentElement.append(layer);
+  }
+  const w = img.naturalWidth || state.image.display_width || 1, h = img.naturalHeight || state.image.display_height || 1;
+  layer.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  layer.style.width = img.clientWidth + "px";  // over the photo, in its displayed pixels
+  layer.style.height = img.clientHeight + "px";
+  layer.setAttribute("class", "det-layer");
+  layer.replaceChildren();
+  for (const d of dets) {
+    const [x0, y0, x1, y1] = d.display_box;
+    layer.append(svg("rect", { x: x0, y: y0, width: x1 - x0, height: y1 - y0, class: "det-box", "data-index": d.index }));
+  }
+}
+
+async function explainDetection(index) {
+  clearError();
+  const methods = chosenMethods();
+  if (!methods.length) { showError("choose at least one method"); return; }
+  const body = { image_id: state.image.id, model: $("#model").value, methods, index };
+  setStatus("busy", `explaining detection ${index} with ${methods.join(", ")}…`);
+  try {
+    const res = await api("api/explain_detection", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    state.result = res;
+    render(res);
+    setStatus("done", `done: detection ${index} of ${res.model}`);
+  } catch (e) {
+    showError(e.message, e.status);
+  }
+}
+
 async function runExplain(classes) {
   if (!state.image) return;
   clearError();
+  if (state.detector && classes === null) { await listDetections(); return; }
   const methods = chosenMethods();
   if (!methods.length) { showError("choose at least one method"); return; }
   const body = {
@@ -325,7 +396,7 @@ async function runExplain(classes) {
 }
 
 function render(res) {
-  renderPredictions(res);
+  if (res.detection === undefined) renderPredictions(res);  // a detection's result keeps the detections list
   const panels = $("#panels");
   panels.replaceChildren();
   for (const m of res.methods) {
