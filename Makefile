@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -r requirements-bench.txt -c constraints-dev.txt
 	$(PY) -m benchmarks
 
-# Debian's Chromium and chromedriver for the real-browser test of `camlens serve` (tests/test_serve_browser.py).
+# Debian's Chromium and chromedriver for the real-browser test of `camlens serve` (tests/serve/test_serve_browser.py).
 # Instant when installed; CI runs as root on a fresh machine. Where they cannot be installed (no apt, not
 # root) this says so and the browser test is skipped with the reason.
 browser:

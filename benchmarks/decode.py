@@ -15,7 +15,7 @@ PNG copy of two of them checks the ``Image.reduce`` path. For each file:
 * with EfficientNet-Lite0 (its ImageNet weights): whether the top-1 class agrees, and the Pearson
   correlation of the two Grad-CAM maps (and the largest difference of the min-max normalised maps).
 
-Prints one JSON object; :data:`camlens.base.io.SCALED_DECODE_MAD` and ``tests/test_scaled_decode.py``
+Prints one JSON object; :data:`camlens.base.io.SCALED_DECODE_MAD` and ``tests/base/test_scaled_decode.py``
 hold the bound measured here.
 """
 

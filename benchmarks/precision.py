@@ -9,7 +9,7 @@ photos at 224 x 224: the Pearson correlation of each map with its fp32 map, the 
 difference of the min-max normalised maps (in [0, 1] units) and whether the top-1 class agrees; and
 the time of one ``explain`` call in each precision, medians of interleaved rounds (fp32 and the
 reduced precision alternate, so that a change of machine load hits both). The thresholds that
-``tests/test_precision.py`` holds were set from these numbers (worst case over photos, with margin).
+``tests/core/test_precision.py`` holds were set from these numbers (worst case over photos, with margin).
 Prints one JSON object.
 """
 

@@ -13,7 +13,7 @@ time divided by its samples, reported as a multiple of one image's share of that
 Captum's says both estimated the same attribution (different random coalitions: close, not equal;
 KernelSHAP with few samples per superpixel is noisy: two camlens seeds at 128 samples and 42
 superpixels correlate 0.26, at 2048 samples 0.91 — equality on the same coalitions is tested in
-``tests/test_surrogate.py``).
+``tests/attribution/test_surrogate.py``).
 
 With ``onnx``/``onnxruntime``/``onnx2torch`` installed, RISE (``--masks`` masks) on the same network
 exported to ONNX and run by ONNX Runtime, against RISE on the PyTorch module (same seed, same maps).

@@ -43,7 +43,7 @@ not on ``batch_size`` nor on the other images of the batch (explained alone or i
 gets the same map).
 Captum's ``Lime`` (given ``SkLearnRidge(alpha=1)`` and this kernel over the binary vectors; its
 defaults are a Lasso and a kernel over the perturbed images) and ``KernelShap`` give the same
-numbers on the same coalitions (``tests/test_surrogate.py``, to 1e-4). Captum's ``KernelShap``
+numbers on the same coalitions (``tests/attribution/test_surrogate.py``, to 1e-4). Captum's ``KernelShap``
 enforces the two constraints by a weight of :math:`10^6` (not exactly) and solves in float32: its
 rounding then reaches ~1e-3 of the largest weight; with ``inf_weight = 1e5`` it agrees to ~1e-5.
 """

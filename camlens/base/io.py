@@ -17,7 +17,7 @@ decodes at 504x378 in a fraction of the time) and other formats are box-reduced 
 factor that keeps twice the size needed (``Image.reduce``) before the resize. The original
 (upright) size comes from the header, so maps and boxes stay in the photo's pixels. The
 preprocessed tensor differs from a full decode's by resampling only (bounded by
-:data:`SCALED_DECODE_MAD`, held by ``tests/test_scaled_decode.py``); ``exact_decode=True`` decodes
+:data:`SCALED_DECODE_MAD`, held by ``tests/base/test_scaled_decode.py``); ``exact_decode=True`` decodes
 in full.
 """
 
@@ -63,7 +63,7 @@ FitSize = Callable[[tuple[int, int]], "tuple[int, int] | None"]
 
 #: The bound a scaled decode's preprocessed tensor keeps to a full decode's: mean absolute
 #: difference in [0, 1] pixel units (the bundled photos upscaled to 4032x3024 JPEGs, quality 90;
-#: measured by ``python -m benchmarks.decode``, held by ``tests/test_scaled_decode.py``)
+#: measured by ``python -m benchmarks.decode``, held by ``tests/base/test_scaled_decode.py``)
 SCALED_DECODE_MAD = 0.01
 
 #: EXIF orientations 5-8 swap width and height

@@ -10,7 +10,7 @@ the methods' map arithmetic and the backward's reductions run outside autocast, 
 Devices: CPU takes ``bf16`` (``fp16`` autocast on CPU is slow where it exists, and refused);
 CUDA takes ``fp16`` and, on GPUs that support it (Ampere and later), ``bf16``; MPS takes ``fp16``.
 The tolerance against ``fp32`` (Pearson correlation and largest difference of min-max normalised
-maps) is measured per model family and held by ``tests/test_precision.py``.
+maps) is measured per model family and held by ``tests/core/test_precision.py``.
 """
 
 from __future__ import annotations
