@@ -100,6 +100,25 @@ def test_importing_ultralytics_leaves_pil_image_open_alone():
     assert Image.open is before and Image.open.__module__ == "PIL.Image"
 
 
+def test_importing_ultralytics_leaves_numpy_and_torch_print_options_alone(tmp_path):
+    """Ultralytics sets a float formatter for numpy and torch at import (it changed a repr-based
+    digest in compare's resume, CI stop 34): camlens' import of it puts the user's options back."""
+    code = (
+        "import numpy as np, torch\n"
+        "np.set_printoptions(precision=3); torch.set_printoptions(precision=6)\n"
+        "a, t = np.get_printoptions(), torch._tensor_str.get_printoptions()\n"
+        "from camlens.models.detectors.yolo import ultralytics_yolo\n"
+        "ultralytics_yolo()\n"
+        "import ultralytics.utils\n"  # imported: the import-time settings ran
+        "assert np.get_printoptions() == a, np.get_printoptions()\n"
+        "assert torch._tensor_str.get_printoptions() == t, torch._tensor_str.get_printoptions()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path), "PYTHONPATH": str(Path(camlens.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("h", "w", "block"),
     [(250, 320, 1), (500, 640, 2)],

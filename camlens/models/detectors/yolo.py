@@ -74,9 +74,11 @@ def ultralytics_yolo() -> Any:
     """The ``ultralytics.YOLO`` class (Ultralytics imported offline), or a clear error."""
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS probe at import
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    import numpy as np
     from PIL import Image
 
     opener = Image.open
+    np_print, torch_print = np.get_printoptions(), torch._tensor_str.get_printoptions()
     try:
         from ultralytics import YOLO  # optional extra (AGPL-3.0): imported only for YOLO models
     except ImportError as exc:
@@ -85,9 +87,12 @@ def ultralytics_yolo() -> Any:
         ) from exc
     finally:
         # Ultralytics replaces PIL.Image.open process-wide at import (an unidentified image then tries
-        # to install and import pi-heif): importing it here must not change how the user's process,
-        # and camlens' own image reading, open images
+        # to install and import pi-heif) and sets numpy's and torch's print options (a float formatter:
+        # every array the user prints, and any repr-based digest, changed): importing it here must not
+        # change the user's process
         Image.open = opener
+        np.set_printoptions(**np_print)
+        torch.set_printoptions(**torch_print)
     return YOLO
 
 
