@@ -30,7 +30,7 @@ from camlens.core.capture import CaptureSpec
 from camlens.core.engine import ForwardPass, PassRequest, forward, wants_layer_grads
 from camlens.core.extra import ExtraInputs
 from camlens.core.inputs import prepare_batch, prepare_inputs
-from camlens.core.layers import resolve_layer
+from camlens.core.layers import check_capture, resolve_layer
 from camlens.core.layout import ReshapeSpec
 from camlens.core.outputs import OutputSpec, select_output
 from camlens.core.precision import autocast_dtype, autocast_forwards, check_precision
@@ -500,8 +500,7 @@ def as_model(model: Any, max_batch: int | None = None) -> nn.Module:
 
 def _plan(model: nn.Module, request: ExplainRequest, options: dict[str, Any]) -> _Plan:
     """Every check that needs no image: methods, options, model kind, targets' task defaults."""
-    if request.capture not in ("output", "input"):
-        resolve_layer(model, None, request.capture)  # raises the error that names the valid choices
+    check_capture(request.capture)
     infos = [get_method(m) for m in request.methods]
     per_options = _split_options(infos, options)
     refused = unsupported(model, infos, per_options, all_methods().values(), lambda n: get_method(n).name)

@@ -61,6 +61,16 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     )
 
 
+def check_capture(capture: str) -> None:
+    """Refuse a ``capture`` other than ``"output"`` / ``"input"``, naming the valid choices."""
+    if capture not in ("output", "input"):
+        close = difflib.get_close_matches(str(capture), ["output", "input"], n=1, cutoff=0.4)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(
+            f"capture must be 'output' or 'input' (the layer's output or its input), not {capture!r}{hint}"
+        )
+
+
 def resolve_layer(
     model: nn.Module,
     layer: str | nn.Module | None,
@@ -68,12 +78,7 @@ def resolve_layer(
     call: int = -1,
 ) -> CaptureSpec:
     """Turn ``layer``/``capture``/``call`` into a :class:`CaptureSpec`."""
-    if capture not in ("output", "input"):
-        close = difflib.get_close_matches(str(capture), ["output", "input"], n=1, cutoff=0.4)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(
-            f"capture must be 'output' or 'input' (the layer's output or its input), not {capture!r}{hint}"
-        )
+    check_capture(capture)
     if layer is None or layer == AUTO_NAME:
         return CaptureSpec(None, AUTO_NAME, "pool", call)
     if isinstance(layer, nn.Module):
