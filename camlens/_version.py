@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import platform
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.3.0.dev0"
 
 # The numeric stack every record names; optional packages are added when they are installed.
 _CORE = ("torch", "torchvision", "numpy")
