@@ -29,6 +29,13 @@ def card_of(model: nn.Module) -> ModelCard | None:
     return card if isinstance(card, ModelCard) else None
 
 
+def card_task(model: nn.Module) -> str | None:
+    """The task a model's card states (``"detection"``, ``"segmentation"``, ``"classification"``…),
+    else ``None``."""
+    card = card_of(model)
+    return card.extra.get("task") if card is not None else None
+
+
 def attach_card(model: nn.Module, card: ModelCard) -> nn.Module:
     object.__setattr__(model, "camlens", card)
     return model

@@ -49,6 +49,7 @@ from camlens.base.errors import (
 )
 from camlens.base.fsio import os_error, safe_out_dir
 from camlens.base.localization import DEFAULT_THRESHOLD
+from camlens.models.card import card_task
 from camlens.models.detectors import as_detector, is_detector
 from camlens.models.preprocess import IMAGENET, Preprocess
 from camlens.models.zoo import card_of, load_model
@@ -921,12 +922,6 @@ class DatasetConfig:
 _DATASET_FIELDS = frozenset(f.name for f in fields(DatasetConfig))
 
 
-def _detects(model: nn.Module) -> bool:
-    """Whether the model is a detector (its card says so): its default target is its own detections."""
-    card = card_of(model)
-    return card is not None and card.extra.get("task") == "detection"
-
-
 def explain_dataset(
     model: nn.Module | str,
     dataset: Any,
@@ -1006,7 +1001,7 @@ def explain_dataset(
     names = [method] if isinstance(method, str) else list(method)
     request = ExplainRequest(
         methods=tuple(dict.fromkeys(get_method(m).name for m in names)),
-        targets=targets if targets is not None else (Detection() if _detects(model) else "top1"),
+        targets=targets if targets is not None else (Detection() if card_task(model) == "detection" else "top1"),
         layer=layer,
         capture=capture,
         preprocess=cfg.preprocess,

@@ -274,7 +274,7 @@ def rerun_hint(run: dict[str, Any] | None) -> str:
     return "run the same command (or explain_dataset call) again: it verifies the store and recomputes what is damaged"
 
 
-def columns(detector: bool = False, volume: bool = False) -> tuple[str, ...]:
+def columns(volume: bool = False, detector: bool = False) -> tuple[str, ...]:
     """The table's columns: an image run's :data:`COLUMNS`, a volume run's :data:`VOLUME_COLUMNS`, or
     a detector's (:data:`DETECTION_COLUMNS` added)."""
     base = VOLUME_COLUMNS if volume else COLUMNS
@@ -300,7 +300,7 @@ def schema(volume: bool = False, detector: bool = False):
         **{c: pa.list_(pa.float64()) for c in ("spacing", "affine", "timestamps")},
         **{c: pa.float32() for c in ("det_x0", "det_y0", "det_x1", "det_y1")},
     }
-    return pa.schema([(c, types.get(c, pa.int32())) for c in columns(detector, volume)])
+    return pa.schema([(c, types.get(c, pa.int32())) for c in columns(volume, detector)])
 
 
 #: the table kinds a store may hold: (volume, detector)

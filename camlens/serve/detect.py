@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from camlens.base.errors import CamlensError
+from camlens.models.card import card_task
 from camlens.models.zoo import card_of
 from camlens.serve.service import LRU, ImageEntry, Result, ServeError, Service, _panels_of
 from camlens.targets import Detection
@@ -35,8 +36,7 @@ MAX_LISTED = 50
 
 def is_served_detector(net: nn.Module) -> bool:
     """Whether a served model is a detector (its card says so: YOLO, DETR adapters, torchvision)."""
-    card = card_of(net)
-    return card is not None and card.extra.get("task") == "detection"
+    return card_task(net) == "detection"
 
 
 def _display_box(box: list[float], img: ImageEntry) -> list[float]:
