@@ -53,17 +53,15 @@ import torch
 import torch.nn.functional as F
 
 from camlens.attribution.registry import DETECTORS, Cost, MethodOutput, register
+from camlens.base.defaults import forward_batch
 from camlens.base.errors import MethodError
 from camlens.core.extra import rows as image_rows
 from camlens.targets import Detection, take_rows
 
-CPU_BATCH = 8
-ACCEL_BATCH = 64
-
 
 def _batch_size(batch_size: int | None, x: torch.Tensor) -> int:
     if batch_size is None:
-        return CPU_BATCH if x.device.type == "cpu" else ACCEL_BATCH
+        return forward_batch(x.device.type)
     if batch_size < 1:
         raise MethodError("batch_size must be >= 1")
     return int(batch_size)

@@ -13,20 +13,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from camlens.attribution.registry import get_method
 from camlens.base.defaults import EXPLAIN_BATCH
 from camlens.metrics import SanityResult
 from camlens.metrics._common import Scored
 
-#: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores)
+#: sample budgets of the slow methods (their own defaults cost seconds per image on 2 CPU cores; with
+#: these the whole default comparison of 32 photos on EfficientNet-Lite0 fits in 10 minutes there)
 DEFAULT_BUDGETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
-        "rise": {"n_masks": 128},
+        "rise": {"n_masks": 64},  # 8000 by default
         "scorecam": {"max_channels": 16},
         "smoothgrad": {"n_samples": 4},
         "integrated_gradients": {"steps": 8},
         "occlusion": {"window": 56, "stride": 56},
-        "lime": {"n_samples": 128},  # 1000 by default: 13.8 s per photo on Lite0 (2 cores)
-        "kernelshap": {"n_samples": 128},  # 1000 by default: 15.6 s per photo
+        "lime": {"n_samples": 64},  # 1000 by default: 13.8 s per photo on Lite0 (2 cores)
+        "kernelshap": {"n_samples": 64},  # 1000 by default: 15.6 s per photo
     }
 )
 
@@ -39,6 +41,8 @@ class CompareConfig:
         images: images sampled from the data (all if fewer).
         steps: deletion / insertion steps (``steps + 1`` forwards per image and map).
         road_percentages: fractions removed by ROAD MoRF and LeRF.
+        road_images: images scored by ROAD (the first of the sample): its noisy linear imputation
+            solves a sparse system per image, fraction and order (~0.6 s per image and map on 2 cores).
         sanity_images, sanity_layers: images and top units randomized by the cascading check.
         sanity_threshold: a method whose maps keep a Spearman rank correlation (of ``|map|``) with
             the original above this, on average over the steps of the cascade, is flagged.
@@ -49,19 +53,23 @@ class CompareConfig:
         options: further explain options per method (``{method: {option: value}}``; key ``"*"``: all).
         truth: score the maps against the true importance masks (top-k precision, EMD) and add the
             Sobel edge-detector baseline (needs masks: ``gt=`` or a tetromino dataset).
-        batch_size: images per explain call and perturbed images per forward.
+        batch_size: images per explain call.
+        forward_batch: perturbed images per forward of the faithfulness metrics (``None``: 4 on the
+            CPU, whose cache small batches fit, 64 on an accelerator). It decides the speed, not the
+            numbers, so a resumed comparison may change it.
         overlay_images: images shown in the report's method x image grid.
         progress: show a progress bar with the ETA of the whole run.
         overwrite: replace the outputs of an earlier run in ``out``.
     """
 
     images: int = 32
-    steps: int = 10
+    steps: int = 5
     road_percentages: tuple[float, ...] = (0.25, 0.5, 0.75)
+    road_images: int = 8
     sanity_images: int = 2
     sanity_layers: int = 3
     sanity_threshold: float = 0.8
-    sensitivity_images: int = 8
+    sensitivity_images: int = 4
     sensitivity_samples: int = 3
     sensitivity_radius: float = 0.05
     bootstrap: int = 1000
@@ -69,14 +77,17 @@ class CompareConfig:
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     truth: bool = False
     batch_size: int = EXPLAIN_BATCH
+    forward_batch: int | None = None
     overlay_images: int = 6
     progress: bool = True
     overwrite: bool = False
 
     def method_options(self, method: str) -> dict[str, Any]:
         """The explain options used for ``method``: its budget, then ``options["*"]`` (every method,
-        e.g. ``layer``), then ``options[method]``."""
-        return {**self.budgets.get(method, {}), **self.options.get("*", {}), **self.options.get(method, {})}
+        e.g. ``layer``), then ``options[method]``; a method with a progress bar of its own runs
+        without it (the comparison's bar covers the whole run)."""
+        quiet = {"progress": False} if "progress" in get_method(method).options() else {}
+        return {**quiet, **self.budgets.get(method, {}), **self.options.get("*", {}), **self.options.get(method, {})}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from camlens.comparison.measure import Progress
 from camlens.comparison.report import write_outputs
 from camlens.comparison.resume import CompareStore, MapsPlan, MemoryStore, tensor_digest
 from camlens.comparison.score import localization_values, robustness_values, truth_values
+from camlens.comparison.shared import SharedForwards
 from camlens.comparison.table import build_table, rank_and_verdicts
 from camlens.core.inputs import prepare_inputs
 from camlens.metrics import (
@@ -219,17 +220,26 @@ def sobel_maps(x: torch.Tensor) -> torch.Tensor:
 
 
 def faithfulness_values(
-    model: nn.Module, x: torch.Tensor, classes: Scored, maps: torch.Tensor, cfg: CompareConfig, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    classes: Scored,
+    maps: torch.Tensor,
+    run: tuple[CompareConfig, int, SharedForwards | None],
 ) -> dict[str, np.ndarray]:
-    """Deletion and insertion AUC, ROAD MoRF/LeRF and sparseness per image, from the :mod:`camlens.metrics`
-    functions."""
-    common: dict[str, Any] = {"batch_size": max(cfg.batch_size, 16), "seed": seed}
+    """Deletion and insertion AUC and sparseness per image, ROAD MoRF/LeRF on the first
+    ``cfg.road_images``, from the :mod:`camlens.metrics` functions. ``shared``: the model with the
+    memo of the forwards every method's deletion and insertion share (their ends)."""
+    cfg, seed, shared = run
+    common: dict[str, Any] = {"batch_size": cfg.forward_batch, "seed": seed}
+    ends = shared if shared is not None else model
     out = {
-        "deletion": deletion(model, x, maps, classes, steps=cfg.steps, **common),
-        "insertion": insertion(model, x, maps, classes, steps=cfg.steps, **common),
+        "deletion": deletion(ends, x, maps, classes, steps=cfg.steps, **common),
+        "insertion": insertion(ends, x, maps, classes, steps=cfg.steps, **common),
     }
-    road = road_curves(model, x, maps, classes, percentages=cfg.road_percentages, **common)
-    out["road_morf"], out["road_lerf"] = road.score("morf"), road.score("lerf")
+    k = min(cfg.road_images, x.shape[0])
+    if k >= 1:
+        road = road_curves(model, x[:k], maps[:k], classes[:k], percentages=cfg.road_percentages, **common)
+        out["road_morf"], out["road_lerf"] = road.score("morf"), road.score("lerf")
     out["sparseness"] = sparseness(maps)
     return {k: v.numpy().astype(np.float64) for k, v in out.items()}
 
@@ -296,7 +306,11 @@ def compare_signature(model: nn.Module, sample: Sample, classes: Scored, cfg: Co
     """What decides the numbers of a comparison (a rerun with the same signature continues): the
     sampled inputs, their ground truth and targets, the model's weights, the settings and the seed.
     The method list is not in it (each method keeps its own maps and stages)."""
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("progress", "overwrite", "overlay_images", "bootstrap")}
+    settings = {
+        k: v
+        for k, v in vars(cfg).items()
+        if k not in ("progress", "overwrite", "overlay_images", "bootstrap", "forward_batch")
+    }
     card = card_of(model)
     return {
         "sample_sha256": tensor_digest(sample.x, sample.names),
@@ -329,9 +343,11 @@ def measure(
     def put(name: str, got: dict[str, np.ndarray]) -> None:
         values.update({(name, k): v for k, v in got.items() if not (k.startswith("curve.") or k == "steps")})
 
+    shared = SharedForwards(model)
     for name, m in maps.items():
         bar.stage(name, "faithfulness")
-        put(name, store.stage(name, "faithfulness", partial(faithfulness_values, model, x, classes, m, cfg, seed)))
+        faith = partial(faithfulness_values, model, x, classes, m, (cfg, seed, shared))
+        put(name, store.stage(name, "faithfulness", faith))
         if sample.masks is not None:
             bar.stage(name, "localization")
             put(name, store.stage(name, "localization", partial(localization_values, m, sample, x, seed)))

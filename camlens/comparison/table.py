@@ -33,15 +33,20 @@ def build_table(values: Values, n_boot: int, seed: int, clean: np.ndarray | None
     ROAD MoRF and LeRF, with ``r`` the random map on the same resample and ``best`` 0 (deletion,
     MoRF) or 1 (insertion, LeRF: a probability's best). ``clean``: the unperturbed images' scores
     when they are not probabilities (a target object's score): then ``best`` of insertion and LeRF
-    is their mean on the same resample."""
+    is their mean on the same resample (of the same first images, for a metric measured on fewer)."""
     rng = np.random.default_rng(seed)
     n_max = max(v.shape[0] for v in values.values())
     draws = rng.random((max(n_boot, 1), n_max))
-    top: float | np.ndarray = 1.0
-    if clean is not None:
-        n = clean.shape[0]
+
+    def top(n: int) -> float | np.ndarray:
+        """The best score of the first ``n`` images (a metric on fewer images, ROAD, uses the first)
+        on the same resamples as their values."""
+        if clean is None:
+            return 1.0
+        c = clean[:n]
         idx = (draws[:, :n] * n).astype(int) if n > 1 and n_boot > 0 else None
-        top = np.concatenate([[clean.mean()], clean[idx].mean(-1) if idx is not None else [clean.mean()]])
+        return np.concatenate([[c.mean()], c[idx].mean(-1) if idx is not None else [c.mean()]])
+
     rows = []
     boots: dict[tuple[str, str], np.ndarray] = {}
     for (method, metric), v in values.items():
@@ -55,7 +60,7 @@ def build_table(values: Values, n_boot: int, seed: int, clean: np.ndarray | None
         parts = []
         for metric in FAITHFULNESS:
             if (method, metric) in boots and ("random", metric) in boots:
-                best = top if METRICS[metric].better == "higher" else 0.0
+                best = top(values[method, metric].shape[0]) if METRICS[metric].better == "higher" else 0.0
                 parts.append(_gain(boots[method, metric], boots["random", metric], best))
         if parts and method != "random":
             g = np.mean(parts, axis=0)

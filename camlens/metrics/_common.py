@@ -24,7 +24,8 @@ Conventions used by every metric in :mod:`camlens.metrics`:
   order is the stable sort of the randomly permuted pixels, so a constant map behaves like a
   random pixel order and results are reproducible (independent of device and batching). No metric
   divides by a map's range, so no map gives NaN.
-* **Memory.** Perturbed images are built and scored ``batch_size`` at a time: memory does not grow
+* **Memory.** Perturbed images are built and scored ``batch_size`` at a time (default 4 on the CPU,
+  64 on an accelerator: :func:`metric_batch`): memory does not grow
   with the number of steps. Results are CPU tensors.
 """
 
@@ -45,6 +46,7 @@ from camlens.api.explanation import Explanation
 from camlens.attribution.registry import get_method
 from camlens.base._util import eval_mode, gaussian_kernel1d
 from camlens.base._util import gaussian_blur as _blur
+from camlens.base.defaults import EXPLAIN_BATCH, forward_batch
 from camlens.base.errors import InputError, TargetError
 from camlens.core.engine import model_input
 from camlens.core.inputs import prepare_inputs
@@ -72,8 +74,10 @@ def _check_logits(out: Any) -> torch.Tensor:
     return select_output(out)[0]
 
 
-def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """``model(x)`` in eval mode and inference mode, ``batch_size`` images at a time (float32)."""
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """``model(x)`` in eval mode and inference mode, ``batch_size`` images at a time (float32;
+    default :func:`metric_batch`)."""
+    batch_size = metric_batch(batch_size, x.device)
     outs = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
@@ -171,9 +175,12 @@ def explain_targets(classes: torch.Tensor | TargetScores, rows: slice) -> Any:
     return classes[rows, None] if classes.dim() == 1 else classes[rows]
 
 
-def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def class_probs(
+    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """Softmax probability of ``classes[i]`` for image ``x[i]``, ``(N,)`` on the CPU (a
     :class:`TargetScores`: the target's score)."""
+    batch_size = metric_batch(batch_size, x.device)
     out = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
@@ -187,23 +194,77 @@ def scored_batches(
     items: Sequence[tuple[int, Any]],
     make: Callable[[list[tuple[int, Any]]], torch.Tensor],
     classes: torch.Tensor,
-    batch_size: int,
+    batch_size: int | None,
 ) -> torch.Tensor:
     """Score many perturbed images without holding them all: ``items`` are ``(image index, step)``
-    pairs, ``make(chunk)`` builds the ``(B, C, H, W)`` batch of one chunk; returns ``(len(items),)``
-    target-class probabilities (a :class:`TargetScores`: the target's scores) on the CPU."""
+    pairs, ``make(chunk)`` builds the ``(B, C, H, W)`` batch of one chunk (``batch_size`` items,
+    default :func:`metric_batch` on the model's device); returns ``(len(items),)`` target-class
+    probabilities (a :class:`TargetScores`: the target's scores) on the CPU."""
+    batch_size = metric_batch(batch_size, _device_of(model))
     out = torch.empty(len(items))
+    forward = ChannelsLastForward(model)
     with eval_mode(model), torch.inference_mode():
         for i in range(0, len(items), batch_size):
             chunk = list(items[i : i + batch_size])
             xb = make(chunk)
-            out[i : i + len(chunk)] = _scores(model(model_input(xb)), classes, [n for n, _ in chunk])
+            out[i : i + len(chunk)] = _scores(forward(xb), classes, [n for n, _ in chunk])
     return out
+
+
+class ChannelsLastForward:
+    """``model(x)`` for many batches of perturbed images. On the CPU, a CNN's convolutions run 1.2-2x
+    faster on a channels-last batch (EfficientNet-Lite0, 8 images: 22 -> 13 ms per image), so a 4-D
+    batch is handed over in that layout (a copy: the caller's tensor is never changed) -- once the
+    first batch has given the same output both ways (relative difference <= 1e-4); a model that
+    refuses it (``x.view`` on a non-contiguous tensor) or gives other numbers keeps the plain layout.
+    The first batch's output is always the plain one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last: bool | None = None if convolutional and _device_of(model).type == "cpu" else False
+
+    def __call__(self, xb: Any) -> Any:
+        if self.channels_last is False or not isinstance(xb, torch.Tensor) or xb.dim() != 4:
+            return self.model(model_input(xb))
+        if self.channels_last:
+            return self.model(xb.clone(memory_format=torch.channels_last))
+        plain = self.model(model_input(xb))
+        try:
+            fast = self.model(xb.clone(memory_format=torch.channels_last))
+        except RuntimeError:
+            self.channels_last = False
+            return plain
+        self.channels_last = _same_output(plain, fast)
+        return plain
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= 1e-4 * max(scale, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------
 # inputs, targets and maps
 # --------------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def metric_batch(batch_size: int | None, device: torch.device) -> int:
+    """``batch_size``, checked; ``None``: the default number of perturbed copies per forward on
+    ``device`` (:func:`camlens.base.defaults.forward_batch`: 4 on the CPU, whose cache small
+    batches fit, 64 on an accelerator)."""
+    return forward_batch(device.type) if batch_size is None else check_batch_size(batch_size)
+
+
 def check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
@@ -211,7 +272,11 @@ def check_batch_size(batch_size: int) -> int:
 
 
 def resolve_classes(
-    model: nn.Module | None, x: torch.Tensor, targets: Any, batch_size: int = 32, logits: torch.Tensor | None = None
+    model: nn.Module | None,
+    x: torch.Tensor,
+    targets: Any,
+    batch_size: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Targets -> ``(N,)`` long class ids (first target of each image), on the CPU.
 
@@ -424,13 +489,14 @@ def prepare(
     targets: Any = None,
     *,
     preprocess=None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     explain_options: dict[str, Any] | ExplainRequest | None = None,
     need_classes: bool = True,
 ) -> Prepared:
     """Resolve ``inputs``, ``targets`` and ``maps`` of a metric call (see the module docstring)."""
-    batch_size = check_batch_size(batch_size)
+    if batch_size is not None:
+        check_batch_size(batch_size)
     if isinstance(model, str):
         model = load_model(model)
     if model is not None and not isinstance(model, nn.Module):
@@ -463,7 +529,7 @@ def prepare(
             if model is None:
                 raise InputError(f"maps={maps!r} names a method: pass the model to compute its maps")
             assert classes is not None  # resolved above for method maps
-            m = explain_maps(model, x, maps, classes, batch_size, explain_options)
+            m = explain_maps(model, x, maps, classes, batch_size or EXPLAIN_BATCH, explain_options)
     else:
         m = as_maps(maps, x.shape[0], size, x.device)
     return Prepared(x, m, classes, images)

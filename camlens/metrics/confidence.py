@@ -35,7 +35,7 @@ def confidence_pair(
     targets: Any = None,
     *,
     substrate: Substrate = "zero",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     preprocess=None,
     explain_options: dict[str, Any] | ExplainRequest | None = None,

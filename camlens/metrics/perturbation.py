@@ -162,7 +162,7 @@ def deletion_curve(
     *,
     steps: int = 50,
     substrate: Substrate = "zero",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     preprocess=None,
     explain_options: dict[str, Any] | ExplainRequest | None = None,
@@ -177,7 +177,7 @@ def deletion_curve(
         targets: class per image (default: top-1 of the clean image).
         steps: number of removal steps ``S`` (``S + 1`` points, ``S + 1`` forwards per image).
         substrate: what removed pixels become (see :func:`camlens.metrics.make_substrate`).
-        batch_size: perturbed images per forward pass.
+        batch_size: perturbed images per forward pass (default: 4 on the CPU, 64 on an accelerator).
         seed: seed of the random tie-break (and of the ``"random"`` baseline).
         preprocess: preprocessing for image inputs (default: the model's).
         explain_options: keyword arguments for :func:`camlens.explain` when ``maps`` is a method name.
@@ -205,7 +205,7 @@ def insertion_curve(
     *,
     steps: int = 50,
     substrate: Substrate = "blur",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     preprocess=None,
     explain_options: dict[str, Any] | ExplainRequest | None = None,

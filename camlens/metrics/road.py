@@ -9,11 +9,12 @@ neighbours :math:`1/12`), removed neighbours being unknowns too:
 
 .. math:: \sum_{j \in N(i)} w_{ij}\,(v_i - v_j) = 0 \quad \text{for every removed } i,
 
-a sparse symmetric linear system (one right-hand side per channel) solved with SciPy's sparse
-LU; Gaussian noise of standard deviation ``noise`` (in the model's input space) is then added
-to the imputed pixels. A tiny ridge :math:`\varepsilon (v_i - \mu)` (:math:`\varepsilon = 10^{-8}`,
-:math:`\mu` the mean of the kept pixels, 0 if none) keeps the system solvable when a removed region
-touches no kept pixel (e.g. 100 % removal) and is otherwise negligible.
+a sparse symmetric, strictly diagonally dominant linear system (one right-hand side per channel)
+solved with SciPy's sparse LU (SuperLU, symmetric mode); Gaussian noise of standard deviation
+``noise`` (in the model's input space) is then added to the imputed pixels. A tiny ridge
+:math:`\varepsilon (v_i - \mu)` (:math:`\varepsilon = 10^{-8}`, :math:`\mu` the mean of the kept
+pixels, 0 if none) keeps the system solvable when a removed region touches no kept pixel (e.g.
+100 % removal) and is otherwise negligible.
 
 For each percentage :math:`p`, **MoRF** (most relevant first) removes the :math:`p` most relevant
 pixels and **LeRF** (least relevant first) the :math:`p` least relevant, ranked by the map (ties
@@ -114,7 +115,10 @@ def _impute_one(img: np.ndarray, removed: np.ndarray, offsets=None) -> np.ndarra
     cols.append(np.arange(n))
     vals.append(diag)
     a = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-    sol = spla.splu(a).solve(np.ascontiguousarray(rhs))
+    # symmetric and strictly diagonally dominant: no pivoting needed, so SuperLU may keep the
+    # symmetric minimum-degree ordering of A + A^T (1.4x faster than its default column ordering)
+    lu = spla.splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    sol = lu.solve(np.ascontiguousarray(rhs))
     out[:, unknown] = sol.T
     return out.reshape(img.shape)
 
@@ -235,7 +239,7 @@ def road_curves(
     percentages=DEFAULT_PERCENTAGES,
     orders: tuple[str, ...] = ("morf", "lerf"),
     noise: float = 0.01,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     seed: int = 0,
     preprocess=None,
     explain_options: dict[str, Any] | ExplainRequest | None = None,

@@ -228,3 +228,20 @@ def test_report_opens_offline_in_chromium_and_is_not_blank(run, tmp_path):
     img = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert img.std() > 10  # text, tables and figures, not a blank page
     assert (img < 128).mean() > 0.01
+
+
+def test_road_is_scored_on_the_first_road_images_and_the_rest_on_all():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    cfg = CompareConfig(**{**vars(SMALL), "road_images": 2, "sanity_images": 0, "sensitivity_images": 0})
+    res = compare(model, x, "saliency", seed=1, config=cfg)
+    maps, cls = res.maps["saliency"], res.classes
+    assert int(res.row("saliency", "road_morf")["n"]) == 2 and int(res.row("saliency", "deletion")["n"]) == 3
+    opts = {"seed": 1, "percentages": (0.5,)}
+    morf = road(model, x[:2], maps[:2], cls[:2], order="morf", **opts)
+    lerf = road(model, x[:2], maps[:2], cls[:2], order="lerf", **opts)
+    assert _mean(res, "saliency", "road_morf") == pytest.approx(float(morf.mean()))
+    assert _mean(res, "saliency", "road_lerf") == pytest.approx(float(lerf.mean()))
+    delete = deletion(model, x, maps, cls, steps=4, seed=1)
+    assert _mean(res, "saliency", "deletion") == pytest.approx(float(delete.mean()))

@@ -190,10 +190,10 @@ def test_cli_no_budgets_clears_them(tmp_path, monkeypatch):
     base = ["compare", str(x), "--model", "resnet18", "--weights", "random", "--quiet", "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(main, [*base, "--no-budgets"])
     assert r.exit_code == 0, r.output
-    assert seen["config"].method_options("rise") == {} and seen["targets"] is None
+    assert seen["config"].method_options("rise") == {"progress": False} and seen["targets"] is None
     assert "reused: gradcam: faithfulness" in r.output
     CliRunner().invoke(main, base)
-    assert seen["config"].method_options("rise") == {"n_masks": 128}
+    assert seen["config"].method_options("rise") == {"progress": False, "n_masks": 64}
 
 
 def test_a_zoo_detector_defaults_to_its_own_top_detection():

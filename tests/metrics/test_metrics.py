@@ -155,6 +155,91 @@ def test_deletion_batches_are_bounded(lin):
     assert torch.allclose(a, b)
 
 
+def test_the_default_batch_is_small_on_the_cpu():
+    from camlens.base.defaults import forward_batch
+
+    assert forward_batch("cpu") == 4 and forward_batch("cuda") == 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    lin = PixelLinear(torch.ones(1, 2, 2, dtype=torch.float64))
+    M.deletion(lin, x, x[:, 0], 0, steps=4)
+    assert lin.seen[1:] == [4, 4, 4, 3]  # after the target pass: 15 perturbed images, 4 per forward
+
+
+class ReadsMemoryOrder(nn.Module):
+    """A CNN whose head reads the raw memory of its input (as a custom C++ op might): another layout
+    gives other numbers, silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        raw = torch.as_strided(x, (x.shape[0], 12), (x.stride(0), 1))  # the first 12 values in memory
+        return torch.stack([raw.sum(1) + self.conv(x).mean((1, 2, 3)), torch.zeros(x.shape[0])], 1)
+
+
+class ViewsItsFeatures(nn.Module):
+    """A CNN that flattens with ``view`` (refused on a channels-last tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(x.shape[0], -1))
+
+
+def _plain_deletion(model, x, maps, cls, steps):
+    """Deletion probabilities of the plain layout, one image per forward (the reference)."""
+    from camlens.metrics._common import pixel_rank
+
+    rank = pixel_rank(maps, 0).view(x.shape[0], 1, *x.shape[2:])
+    n = maps[0].numel()
+    out = torch.zeros(x.shape[0], steps + 1)
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            for k in range(steps + 1):
+                keep = rank[i : i + 1] >= round(k * n / steps)
+                xi = torch.where(keep, x[i : i + 1], torch.zeros(()))
+                out[i, k] = model(xi.contiguous()).softmax(1)[0, int(cls[i])]
+    return out
+
+
+@pytest.mark.parametrize("make", [ReadsMemoryOrder, ViewsItsFeatures, None], ids=["memory", "view", "cnn"])
+def test_channels_last_only_where_it_gives_the_same_scores(make):
+    torch.manual_seed(0)
+    if make is None:
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+        )
+        model = nn.Sequential(model, nn.Flatten()).eval()
+    else:
+        model = make().eval()
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    before = x.clone()
+    maps = x.abs().sum(1)
+    cls = torch.tensor([0, 1, 0, 1, 0]) if make is not ViewsItsFeatures else torch.tensor([0, 1, 2, 0, 1])
+    curve = M.deletion_curve(model, x, maps, cls, steps=6, batch_size=4)
+    torch.testing.assert_close(curve.probs, _plain_deletion(model, x, maps, cls, 6), rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, before) and x.is_contiguous()
+
+
+def test_channels_last_forward_decides_on_the_first_batch():
+    from camlens.metrics._common import ChannelsLastForward
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for model, expected in ((cnn, True), (ReadsMemoryOrder().eval(), False), (ViewsItsFeatures().eval(), False)):
+        f = ChannelsLastForward(model)
+        with torch.no_grad():
+            f(x[:, :, :6, :6] if isinstance(model, ViewsItsFeatures) else x)
+        assert f.channels_last is expected, model
+    assert ChannelsLastForward(PixelLinear(torch.ones(1, 2, 2))).channels_last is False  # no convolution
+
+
 def test_constant_and_zero_maps_never_nan(lin, x22):
     for maps in (torch.zeros(1, 2, 2), torch.full((1, 2, 2), 7.0)):
         vals = [
