@@ -251,10 +251,11 @@ def _same_output(a: Any, b: Any) -> bool:
 # inputs, targets and maps
 # --------------------------------------------------------------------------------------------
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
