@@ -73,7 +73,7 @@ def _targets(net: Any, prompt: str | None) -> Any:
 @common_model_options
 @click.option("--methods", default="all", show_default=True, help="comma-separated method names, or all")
 @click.option("--images", default=32, show_default=True, help="images sampled from DATA")
-@click.option("--steps", default=None, type=int, help="deletion/insertion steps  [default: 5]")
+@click.option("--steps", default=None, type=int, help="deletion/insertion steps  [default: 4]")
 @click.option("--truth", is_flag=True, help="score against the true masks of a tetromino dataset folder")
 @click.option(
     "--gt",
@@ -129,8 +129,8 @@ def compare_cmd(
 
     \b
     Budgets, sized so that the whole comparison of 32 photos with every method that applies to
-    EfficientNet-Lite0 takes under 10 minutes on 2 CPU cores: deletion and insertion in 5 steps
-    on every sampled image, ROAD on the first 8, max-sensitivity on the first 4 (3 noisy draws),
+    EfficientNet-Lite0 takes under 10 minutes on 2 CPU cores: deletion and insertion in 4 steps
+    on every sampled image, ROAD on the first 6, max-sensitivity on the first 4 (3 noisy draws),
     the sanity check on the first 2; and the slow methods with fewer samples than their own
     defaults (LIME and KernelSHAP: ~1 s per photo instead of ~14 s; --no-budgets lifts these):
       rise n_masks=64, scorecam max_channels=16, smoothgrad n_samples=4,

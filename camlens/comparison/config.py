@@ -42,7 +42,7 @@ class CompareConfig:
         steps: deletion / insertion steps (``steps + 1`` forwards per image and map).
         road_percentages: fractions removed by ROAD MoRF and LeRF.
         road_images: images scored by ROAD (the first of the sample): its noisy linear imputation
-            solves a sparse system per image, fraction and order (~0.6 s per image and map on 2 cores).
+            solves a sparse system per image, fraction and order (~0.5 s per image and map on 2 cores).
         sanity_images, sanity_layers: images and top units randomized by the cascading check.
         sanity_threshold: a method whose maps keep a Spearman rank correlation (of ``|map|``) with
             the original above this, on average over the steps of the cascade, is flagged.
@@ -63,9 +63,9 @@ class CompareConfig:
     """
 
     images: int = 32
-    steps: int = 5
+    steps: int = 4
     road_percentages: tuple[float, ...] = (0.25, 0.5, 0.75)
-    road_images: int = 8
+    road_images: int = 6
     sanity_images: int = 2
     sanity_layers: int = 3
     sanity_threshold: float = 0.8
@@ -254,15 +254,14 @@ class CompareResult:
         )
         if self.config.truth:
             cols = (*cols[:1], "top_k_precision", *cols[1:])
-        head = f"{'#':>2}  {'method':<22}" + "".join(f"{c[:18]:>20}" for c in cols)
+        names = [*self.ranking, *self.baselines]
+        grid = [[_cell(self.row(m, c)) for c in cols] for m in names]
+        widths = [max([len(c), *(len(row[j]) for row in grid)]) + 2 for j, c in enumerate(cols)]
+        head = f"{'#':>2}  {'method':<22}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True))
         lines = [head, "-" * len(head)]
-        for k, m in enumerate([*self.ranking, *self.baselines], 1):
-            cells = []
-            for c in cols:
-                r = self.row(m, c)
-                cells.append("-" if r is None else f"{r['mean']:.3g} [{r['low']:.2g},{r['high']:.2g}]")
+        for k, (m, cells) in enumerate(zip(names, grid, strict=True), 1):
             rank = str(k) if m in self.ranking else "-"
-            lines.append(f"{rank:>2}  {m:<22}" + "".join(f"{c:>20}" for c in cells))
+            lines.append(f"{rank:>2}  {m:<22}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         lines.append("")
         lines += [f"{m}: {self.verdicts[m]}" for m in self.ranking]
         lines += [f"{m}: flagged: {why}" for m, why in self.flags.items() if m not in self.ranking]
@@ -275,3 +274,12 @@ class CompareResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _cell(r: Any) -> str:
+    """A summary cell: the mean and its 95 % interval; the mean alone for one measurement (cost)."""
+    if r is None:
+        return "-"
+    if int(r["n"]) <= 1 or r["low"] == r["high"]:
+        return f"{r['mean']:.3g}"
+    return f"{r['mean']:.3g} [{r['low']:.2g}, {r['high']:.2g}]"

@@ -2,7 +2,7 @@
 
 Deletion and insertion score the same images for every method at their ends: the clean image
 (deletion with nothing removed, insertion with everything restored), the all-removed image and the
-blurred one. With 5 steps that is 4 of the 12 forwards per image and method. :class:`SharedForwards`
+blurred one. With 4 steps that is 4 of the 10 forwards per image and method. :class:`SharedForwards`
 wraps the model, keys each input row by a digest of its bytes and computes only the rows it has not
 seen: the metric functions run unchanged (the comparison adds no second implementation) and their
 numbers are the model's own outputs for those rows.

@@ -245,3 +245,22 @@ def test_road_is_scored_on_the_first_road_images_and_the_rest_on_all():
     assert _mean(res, "saliency", "road_lerf") == pytest.approx(float(lerf.mean()))
     delete = deletion(model, x, maps, cls, steps=4, seed=1)
     assert _mean(res, "saliency", "deletion") == pytest.approx(float(delete.mean()))
+
+
+def test_the_summary_columns_stay_apart_and_a_cost_has_no_interval():
+    from camlens.comparison.config import CompareResult
+
+    rows = [
+        ("lime", "faithfulness_gain", 0.335, 0.22, 0.44, 32),
+        ("lime", "ms_per_image", 949.123, 949.123, 949.123, 1),
+        ("lime", "randomization_similarity", -0.0291, -0.21, 0.3, 2),
+    ]
+    t = pd.DataFrame(rows, columns=["method", "metric", "mean", "low", "high", "n"])
+    res = CompareResult(t, {}, None, ["lime"], {"lime": "v"}, {}, {}, None, None, [], None, 0, CompareConfig())
+    head, _, line = res.summary().splitlines()[:3]
+    assert line.split()[-1] == "949" and "[9.5e+02" not in line  # one measurement: the mean alone
+    assert "0.335 [0.22, 0.44]" in line and "-0.0291 [-0.21, 0.3]" in line
+    for col in ("faithfulness_gain", "randomization_similarity", "ms_per_image"):
+        assert f" {col}" in head  # whole names, each with a space before it
+    for cell in ("0.335 [0.22, 0.44]", "-0.0291 [-0.21, 0.3]"):
+        assert f" {cell}" in line  # never run into the previous column
