@@ -38,7 +38,12 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _fmt(r: Any) -> str:
-    return "–" if r is None else f"{r['mean']:.3g} <span class=small>[{r['low']:.3g}, {r['high']:.3g}]</span>"
+    """The mean and its 95 % interval; the mean alone for one measurement (a method's cost)."""
+    if r is None:
+        return "–"
+    if int(r["n"]) <= 1 or r["low"] == r["high"]:
+        return f"{r['mean']:.3g}"
+    return f"{r['mean']:.3g} <span class=small>[{r['low']:.3g}, {r['high']:.3g}]</span>"
 
 
 def _ranking_html(res: CompareResult) -> str:
@@ -126,8 +131,9 @@ def _definitions_html(res: CompareResult) -> str:
 
 
 def _budgets(res: CompareResult) -> str:
-    used = [m for m in res.ranking if res.config.method_options(m)]
-    return "; ".join(f"{m} {res.config.method_options(m)}" for m in used) or "none"
+    """The options each method ran with (its budget and the user's), without the progress switch."""
+    opts = {m: {k: v for k, v in res.config.method_options(m).items() if k != "progress"} for m in res.ranking}
+    return "; ".join(f"{m} {o}" for m, o in opts.items() if o) or "none"
 
 
 def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
@@ -135,10 +141,11 @@ def report_html(res: CompareResult, model_name: str, preprocess: Any) -> str:
     v = versions()
     sanity = _sanity_png(res)
     cfg = res.config
+    took = f"{res.elapsed_s:.0f} s on this machine" + (" (this call; the rest reused)" if res.reused else "")
     sections = [
         f"<h1>Which map should I trust? — {html.escape(model_name)}</h1>",
         f"<p class=small>camlens {html.escape(v['camlens'])} · torch {html.escape(v['torch'])} · "
-        f"{res.x.shape[0]} images · seed {res.seed} · {res.elapsed_s:.0f} s on this machine · intervals: "
+        f"{res.x.shape[0]} images · seed {res.seed} · {took} · intervals: "
         f"bootstrap 95 % over images ({cfg.bootstrap} resamples)</p>",
         f"<p class=small>sample budgets of the slow methods: {html.escape(_budgets(res))}</p>",
         f"<p class=small>continued an interrupted or earlier run; reused: {html.escape(res.reused)}</p>"
