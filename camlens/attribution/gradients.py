@@ -12,8 +12,8 @@ For an input :math:`x` ``(C, H, W)`` and a target score :math:`f_c` (a logit, or
   preprocessed input). ``base=`` picks the wrapped method :math:`A`: ``saliency`` (default),
   ``deconvnet``, ``guided_backprop``, ``input_x_gradient`` (:math:`(x+\epsilon)\odot\nabla f(x+\epsilon)`)
   or ``integrated_gradients`` (each noisy copy integrated from the baseline).
-  ``batch_size`` noisy images run per forward, across images (default: 4 on the CPU, 64 on an
-  accelerator, :func:`camlens.base.defaults.forward_batch`); with ``base="integrated_gradients"``,
+  ``batch_size`` noisy images run per forward, across images (default: 8 on the CPU, 64 on an
+  accelerator, :func:`camlens.base.defaults.method_batch`); with ``base="integrated_gradients"``,
   ``extras["completeness_error"]`` is the mean over the noisy copies. The noise of sample :math:`j` is drawn
   from a generator seeded with ``(seed, j)`` (one ``(C, H, W)`` draw shared by all images, scaled by
   each image's :math:`\sigma`; drawn on the CPU), so an image's result does not depend on the rest
@@ -59,7 +59,7 @@ import torch
 
 from camlens.attribution.registry import Cost, MethodOutput, get_method, register
 from camlens.base._util import gaussian_blur
-from camlens.base.defaults import forward_batch
+from camlens.base.defaults import method_batch
 from camlens.base.errors import MethodError
 from camlens.core.engine import ForwardPass, gradient_pass, model_input
 from camlens.core.extra import rows
@@ -225,7 +225,7 @@ def smoothgrad(
     if base_name not in SMOOTHABLE:
         raise MethodError(f"smoothgrad cannot wrap {base!r}; base must be one of {', '.join(SMOOTHABLE)}")
     S = _check_positive("n_samples", n_samples)
-    bs = forward_batch(ctx.x.device.type) if batch_size is None else _check_positive("batch_size", batch_size)
+    bs = method_batch(ctx.x.device.type) if batch_size is None else _check_positive("batch_size", batch_size)
     if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
         raise MethodError(f"noise_level must be a finite fraction >= 0 of the input range, not {noise_level!r}")
     if seed is None:
@@ -361,6 +361,6 @@ def integrated_gradients(
     batch_size: int | None = None,
     reduce: str | None = None,
 ) -> MethodOutput:
-    bs = forward_batch(ctx.x.device.type) if batch_size is None else _check_positive("batch_size", batch_size)
+    bs = method_batch(ctx.x.device.type) if batch_size is None else _check_positive("batch_size", batch_size)
     attr, extras = _integrated(ctx, ctx.x.detach(), baseline, steps, quadrature, bs, ctx.scores.detach())
     return pixel_output(attr, reduce, "integrated_gradients", extras)

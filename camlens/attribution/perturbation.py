@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from camlens.attribution.registry import DETECTORS, Cost, MethodOutput, register
-from camlens.base.defaults import forward_batch
+from camlens.base.defaults import method_batch
 from camlens.base.errors import MethodError
 from camlens.core.extra import rows as image_rows
 from camlens.targets import Detection, take_rows
@@ -61,7 +61,7 @@ from camlens.targets import Detection, take_rows
 
 def _batch_size(batch_size: int | None, x: torch.Tensor) -> int:
     if batch_size is None:
-        return forward_batch(x.device.type)
+        return method_batch(x.device.type)
     if batch_size < 1:
         raise MethodError("batch_size must be >= 1")
     return int(batch_size)

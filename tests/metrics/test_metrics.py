@@ -156,9 +156,10 @@ def test_deletion_batches_are_bounded(lin):
 
 
 def test_the_default_batch_is_small_on_the_cpu():
-    from camlens.base.defaults import forward_batch
+    from camlens.base.defaults import forward_batch, method_batch
 
     assert forward_batch("cpu") == 4 and forward_batch("cuda") == 64
+    assert method_batch("cpu") == 8 and method_batch("cuda") == 64
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
     lin = PixelLinear(torch.ones(1, 2, 2, dtype=torch.float64))
