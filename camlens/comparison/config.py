@@ -276,10 +276,13 @@ class CompareResult:
         return self.summary()
 
 
+def has_interval(r: Any) -> bool:
+    """Whether a table row has a 95 % interval worth printing (not one measurement, such as a cost)."""
+    return int(r["n"]) > 1 and r["low"] != r["high"]
+
+
 def _cell(r: Any) -> str:
-    """A summary cell: the mean and its 95 % interval; the mean alone for one measurement (cost)."""
+    """A summary cell: the mean and its 95 % interval (the mean alone without one)."""
     if r is None:
         return "-"
-    if int(r["n"]) <= 1 or r["low"] == r["high"]:
-        return f"{r['mean']:.3g}"
-    return f"{r['mean']:.3g} [{r['low']:.2g}, {r['high']:.2g}]"
+    return f"{r['mean']:.3g} [{r['low']:.2g}, {r['high']:.2g}]" if has_interval(r) else f"{r['mean']:.3g}"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from camlens._version import versions
 from camlens.base.fsio import atomic_write, check_targets, safe_out_dir
-from camlens.comparison.config import METRICS, CompareResult
+from camlens.comparison.config import METRICS, CompareResult, has_interval
 from camlens.metrics import plot_sanity
 from camlens.viz import denormalize, figure_png, overlay
 
@@ -38,10 +38,10 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _fmt(r: Any) -> str:
-    """The mean and its 95 % interval; the mean alone for one measurement (a method's cost)."""
+    """The mean and its 95 % interval (the mean alone without one, :func:`has_interval`)."""
     if r is None:
         return "–"
-    if int(r["n"]) <= 1 or r["low"] == r["high"]:
+    if not has_interval(r):
         return f"{r['mean']:.3g}"
     return f"{r['mean']:.3g} <span class=small>[{r['low']:.3g}, {r['high']:.3g}]</span>"
 

@@ -348,6 +348,8 @@ def measure(
         bar.stage(name, "faithfulness")
         faith = partial(faithfulness_values, model, x, classes, m, (cfg, seed, shared))
         put(name, store.stage(name, "faithfulness", faith))
+        if shared.misses:  # the first method computed: the rows every method shares are kept
+            shared.freeze()
         if sample.masks is not None:
             bar.stage(name, "localization")
             put(name, store.stage(name, "localization", partial(localization_values, m, sample, x, seed)))

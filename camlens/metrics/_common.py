@@ -44,7 +44,7 @@ from torch import nn
 from camlens.api.explainer import ExplainRequest, explain, run_request
 from camlens.api.explanation import Explanation
 from camlens.attribution.registry import get_method
-from camlens.base._util import eval_mode, gaussian_kernel1d
+from camlens.base._util import eval_mode, gaussian_kernel1d, model_device
 from camlens.base._util import gaussian_blur as _blur
 from camlens.base.defaults import EXPLAIN_BATCH, forward_batch
 from camlens.base.errors import InputError, TargetError
@@ -200,7 +200,7 @@ def scored_batches(
     pairs, ``make(chunk)`` builds the ``(B, C, H, W)`` batch of one chunk (``batch_size`` items,
     default :func:`metric_batch` on the model's device); returns ``(len(items),)`` target-class
     probabilities (a :class:`TargetScores`: the target's scores) on the CPU."""
-    batch_size = metric_batch(batch_size, _device_of(model))
+    batch_size = metric_batch(batch_size, model_device(model))
     out = torch.empty(len(items))
     forward = ChannelsLastForward(model)
     with eval_mode(model), torch.inference_mode():
@@ -222,7 +222,7 @@ class ChannelsLastForward:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-        self.channels_last: bool | None = None if convolutional and _device_of(model).type == "cpu" else False
+        self.channels_last: bool | None = None if convolutional and model_device(model).type == "cpu" else False
 
     def __call__(self, xb: Any) -> Any:
         if self.channels_last is False or not isinstance(xb, torch.Tensor) or xb.dim() != 4:
@@ -250,15 +250,6 @@ def _same_output(a: Any, b: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # inputs, targets and maps
 # --------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def metric_batch(batch_size: int | None, device: torch.device) -> int:
     """``batch_size``, checked; ``None``: the default number of perturbed copies per forward on
     ``device`` (:func:`camlens.base.defaults.forward_batch`: 4 on the CPU, whose cache small

@@ -74,3 +74,18 @@ def test_a_second_method_computes_only_its_own_rows():
     # images) and each image's clean row (deletion's start is insertion's end); the second map: only
     # its 2 x (4 + 4) interior points are new
     assert shared.misses == (12 - 1) + (12 - 2) + 2 * 8
+
+
+def test_after_freeze_seen_rows_come_back_and_new_ones_are_not_kept():
+    torch.manual_seed(0)
+    model = Counting().eval()
+    shared = SharedForwards(model)
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        shared(x)
+        shared.freeze()
+        for _ in range(2):  # y twice: computed both times; x read back
+            out = shared(torch.cat([x[:1], y]))
+        ref = model(torch.cat([x[:1], y]))
+    torch.testing.assert_close(out, ref)
+    assert (shared.misses, shared.hits) == (2 + 2 + 2, 2) and len(shared._memo) == 2
